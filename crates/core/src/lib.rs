@@ -1,0 +1,25 @@
+//! The sans-IO heart of atlas-voice: everything about a conversation that can be decided
+//! without touching a socket, a file or the clock.
+//!
+//! # Layout
+//! - [`turns`]: the turn state machine — end of turn, barge-in, backchannels.
+//! - [`history`]: the bounded conversation history sent to the LLM.
+//! - [`splitter`]: cuts streamed LLM text into clauses and sentences for speech synthesis.
+//! - [`resample`]: streaming sample-rate conversion of 16-bit PCM.
+//! - [`audio`]: PCM helpers, chunk validation and the audio clock that maps stream positions
+//!   to arrival times.
+//! - [`pacing`]: keeps outgoing audio a bounded lead ahead of real-time playback.
+//! - [`latency`]: per-turn timestamps and the latency breakdown derived from them.
+//!
+//! # Invariants
+//! - No IO and no `Instant::now()`: time is always an argument, so tests are deterministic and
+//!   run faster than real time.
+//! - No knowledge of JSON or of any provider's wire format.
+
+pub mod audio;
+pub mod history;
+pub mod latency;
+pub mod pacing;
+pub mod resample;
+pub mod splitter;
+pub mod turns;

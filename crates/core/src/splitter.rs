@@ -1,0 +1,217 @@
+//! Cuts streamed LLM text into speakable pieces.
+//!
+//! The first piece of a reply is cut at the first clause boundary (a comma after "Sure,") so
+//! synthesis can start after a few tokens; later pieces are whole sentences, which sound more
+//! natural, unless a sentence runs long, when it is cut at a clause boundary or, failing that,
+//! at a space. A boundary counts only once the character after the punctuation is known to be
+//! whitespace, so "3.5" and "1,000" are never cut.
+
+/// Where to cut.
+#[derive(Clone, Debug)]
+pub struct SplitterConfig {
+    /// Minimum length of the first piece before a clause boundary may end it.
+    pub first_clause_min_chars: usize,
+    /// Minimum length of a later piece before a clause boundary may end it.
+    pub clause_min_chars: usize,
+    /// A piece longer than this is cut at the last space.
+    pub max_chars: usize,
+}
+
+impl Default for SplitterConfig {
+    fn default() -> Self {
+        SplitterConfig {
+            first_clause_min_chars: 4,
+            clause_min_chars: 80,
+            max_chars: 240,
+        }
+    }
+}
+
+/// Streaming sentence/clause splitter for one reply.
+#[derive(Debug)]
+pub struct SentenceSplitter {
+    config: SplitterConfig,
+    /// Text received but not yet emitted.
+    buf: String,
+    /// Pieces emitted so far.
+    emitted: usize,
+}
+
+const ABBREVIATIONS: [&str; 13] = [
+    "mr", "mrs", "ms", "dr", "st", "prof", "sr", "jr", "vs", "etc", "e.g", "i.e", "approx",
+];
+
+impl SentenceSplitter {
+    /// A splitter with `config`.
+    pub fn new(config: SplitterConfig) -> Self {
+        SentenceSplitter {
+            config,
+            buf: String::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Adds streamed text and appends every completed piece to `out`.
+    pub fn push(&mut self, delta: &str, out: &mut Vec<String>) {
+        self.buf.push_str(delta);
+        while let Some(end) = self.boundary() {
+            let piece: String = self.buf.drain(..end).collect();
+            self.emit(piece, out);
+        }
+    }
+
+    /// Ends the reply: the remaining text, if it holds anything speakable.
+    pub fn finish(&mut self) -> Option<String> {
+        let rest = std::mem::take(&mut self.buf);
+        let mut out = Vec::new();
+        self.emit(rest, &mut out);
+        out.pop()
+    }
+
+    fn emit(&mut self, piece: String, out: &mut Vec<String>) {
+        let trimmed = piece.trim();
+        if trimmed.chars().any(char::is_alphanumeric) {
+            self.emitted += 1;
+            out.push(trimmed.to_owned());
+        }
+    }
+
+    /// Byte index just past the first boundary in the buffer, if any.
+    fn boundary(&self) -> Option<usize> {
+        let clause_min = if self.emitted == 0 {
+            self.config.first_clause_min_chars
+        } else {
+            self.config.clause_min_chars
+        };
+        let buf = self.buf.as_str();
+        let mut chars = buf.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            let Some(&(j, next)) = chars.peek() else {
+                break;
+            };
+            if c == '\n' {
+                return Some(j);
+            }
+            if !next.is_whitespace() {
+                continue;
+            }
+            let len = buf[..i].trim_start().chars().count() + 1;
+            match c {
+                '.' if !ends_with_abbreviation(&buf[..i]) => return Some(j),
+                '!' | '?' | '…' => return Some(j),
+                ',' | ';' | ':' | '—' if len >= clause_min => return Some(j),
+                _ => {}
+            }
+        }
+        if buf.len() > self.config.max_chars {
+            let cut = buf[..self.config.max_chars]
+                .rfind(char::is_whitespace)
+                .filter(|&k| k > 0)
+                .unwrap_or_else(|| floor_char_boundary(buf, self.config.max_chars));
+            return Some(cut.max(1));
+        }
+        None
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+fn ends_with_abbreviation(before_dot: &str) -> bool {
+    let word = before_dot
+        .rsplit(|c: char| c.is_whitespace() || c == '(' || c == '"')
+        .next()
+        .unwrap_or("");
+    if word.chars().count() == 1 && word.chars().all(|c| c.is_uppercase()) {
+        return true; // an initial, as in "J. Smith"
+    }
+    let lower = word.to_lowercase();
+    ABBREVIATIONS.contains(&lower.as_str())
+}
+
+/// Removes markup a speech synthesiser would read aloud (`*`, `#`, backticks, `_`).
+pub fn speakable(text: &str) -> String {
+    text.chars()
+        .filter(|c| !matches!(c, '*' | '#' | '`' | '_'))
+        .collect::<String>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split_all(deltas: &[&str]) -> Vec<String> {
+        let mut s = SentenceSplitter::new(SplitterConfig::default());
+        let mut out = Vec::new();
+        for d in deltas {
+            s.push(d, &mut out);
+        }
+        out.extend(s.finish());
+        out
+    }
+
+    #[test]
+    fn first_clause_then_sentences() {
+        let out = split_all(&[
+            "Sure", ",", " the", " weather", " in", " Paris", " is", " mild", ",", " about",
+            " 18", " degrees", ".", " Bring", " a", " jacket", "!", " Anything", " else", "?",
+        ]);
+        assert_eq!(
+            out,
+            vec![
+                "Sure,",
+                "the weather in Paris is mild, about 18 degrees.",
+                "Bring a jacket!",
+                "Anything else?"
+            ]
+        );
+    }
+
+    #[test]
+    fn boundary_waits_for_whitespace() {
+        let mut s = SentenceSplitter::new(SplitterConfig::default());
+        let mut out = Vec::new();
+        s.push("It costs 3.", &mut out);
+        assert!(out.is_empty(), "must not cut before seeing what follows the dot");
+        s.push("5 euros, or 1,000 cents. Fine", &mut out);
+        assert_eq!(out, vec!["It costs 3.5 euros,", "or 1,000 cents."]);
+        assert_eq!(s.finish().as_deref(), Some("Fine"));
+    }
+
+    #[test]
+    fn abbreviations_and_initials_do_not_cut() {
+        let out = split_all(&["Dr. Smith met J. Doe at St. Mary's. Then left."]);
+        assert_eq!(out, vec!["Dr. Smith met J. Doe at St. Mary's.", "Then left."]);
+    }
+
+    #[test]
+    fn long_runs_are_cut_at_a_space() {
+        let long = "word ".repeat(100);
+        let out = split_all(&[&long]);
+        assert!(out.len() > 1);
+        assert!(out.iter().all(|p| p.len() <= 240));
+        assert_eq!(out.join(" ").split_whitespace().count(), 100);
+    }
+
+    #[test]
+    fn punctuation_only_pieces_are_dropped() {
+        let out = split_all(&["Hello. ... ! Bye."]);
+        assert_eq!(out, vec!["Hello.", "Bye."]);
+    }
+
+    #[test]
+    fn multibyte_text_is_safe() {
+        let long = "é".repeat(500);
+        let out = split_all(&[&long]);
+        assert_eq!(out.concat().chars().count(), 500);
+    }
+
+    #[test]
+    fn markup_is_removed() {
+        assert_eq!(speakable("**Bold** `code` # title"), "Bold code  title");
+    }
+}

@@ -1,0 +1,431 @@
+//! The turn state machine: when the user's turn ends, when the user barges in, and which
+//! short utterances ("mm-hm", "okay") are backchannels that must not interrupt.
+//!
+//! Inputs are recognition signals and client commands; outputs are [`Action`]s the caller
+//! carries out. The machine knows nothing of providers: cloud endpointing (Deepgram
+//! `speech_final` / `UtteranceEnd`), a local VAD and push-to-talk all arrive as [`Input`]s.
+
+use std::time::Instant;
+
+/// Behaviour switches.
+#[derive(Clone, Debug)]
+pub struct TurnConfig {
+    /// Phrases that, said alone while the assistant speaks, do not interrupt it.
+    pub backchannels: Vec<String>,
+    /// Interrupt as soon as speech starts (for engines without streaming transcripts),
+    /// instead of waiting for the first words.
+    pub interrupt_on_speech_start: bool,
+    /// Fewest letters a transcript needs before it can interrupt (filters noise blips).
+    pub min_interrupt_chars: usize,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        TurnConfig {
+            backchannels: [
+                "mm-hm", "mhm", "mm", "hmm", "uh-huh", "uh huh", "okay", "ok", "yeah", "yep",
+                "right", "i see", "got it",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+            interrupt_on_speech_start: false,
+            min_interrupt_chars: 2,
+        }
+    }
+}
+
+/// What happened.
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    /// Interim transcript of the words not yet final.
+    Partial {
+        /// The interim text.
+        text: &'a str,
+    },
+    /// Final transcript of a stretch of speech.
+    Final {
+        /// The final text (may be empty).
+        text: &'a str,
+        /// The recogniser's endpointing says the utterance ended.
+        speech_final: bool,
+        /// When the user stopped speaking, if the caller can tell.
+        end_of_speech: Option<Instant>,
+    },
+    /// The recogniser saw a gap after the last word (Deepgram `UtteranceEnd`).
+    UtteranceEnd {
+        /// When the user stopped speaking, if the caller can tell.
+        end_of_speech: Option<Instant>,
+    },
+    /// Voice activity began.
+    SpeechStarted,
+    /// Push-to-talk released (`input.commit`).
+    Commit,
+    /// The client asked to stop the reply (`response.cancel`).
+    Cancel,
+    /// The reply for `turn_id` finished on its own.
+    ResponseFinished {
+        /// The turn.
+        turn_id: u64,
+    },
+}
+
+/// What the caller must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Show the user's words so far.
+    Partial(String),
+    /// Ask the recogniser to finalise what it has (push-to-talk).
+    Finalize,
+    /// Stop the reply for `turn_id` at once.
+    Interrupt {
+        /// The turn being cut off.
+        turn_id: u64,
+    },
+    /// The user's turn is complete: reply to it.
+    EndOfTurn {
+        /// New turn number, from 1.
+        turn_id: u64,
+        /// The user's words.
+        text: String,
+        /// When the user stopped speaking, if known.
+        end_of_speech: Option<Instant>,
+    },
+}
+
+/// Turn-taking state of one session.
+#[derive(Debug)]
+pub struct Turns {
+    config: TurnConfig,
+    /// Backchannel phrases split into words, for matching.
+    backchannel_words: Vec<Vec<String>>,
+    /// Final text of the user's turn in progress.
+    pending: String,
+    /// Latest interim text not yet covered by a final.
+    partial: String,
+    /// End of speech of the latest final, if known.
+    pending_eos: Option<Instant>,
+    /// Push-to-talk released; end the turn at the next final.
+    commit_requested: bool,
+    /// Number of the last turn started.
+    last_turn: u64,
+    /// The turn whose reply is in flight.
+    responding: Option<u64>,
+}
+
+impl Turns {
+    /// A fresh state machine; `last_turn` lets a resumed session continue its numbering.
+    pub fn new(config: TurnConfig, last_turn: u64) -> Self {
+        let backchannel_words = config.backchannels.iter().map(|p| words(p)).collect();
+        Turns {
+            config,
+            backchannel_words,
+            pending: String::new(),
+            partial: String::new(),
+            pending_eos: None,
+            commit_requested: false,
+            last_turn,
+            responding: None,
+        }
+    }
+
+    /// The turn whose reply is in flight, if any.
+    pub fn responding(&self) -> Option<u64> {
+        self.responding
+    }
+
+    /// Number of the last turn started.
+    pub fn last_turn(&self) -> u64 {
+        self.last_turn
+    }
+
+    /// Feeds one input; the resulting actions are appended to `out` in the order to perform them.
+    pub fn handle(&mut self, input: Input<'_>, out: &mut Vec<Action>) {
+        match input {
+            Input::Partial { text } => {
+                let text = text.trim();
+                if text.is_empty() {
+                    return;
+                }
+                self.partial.clear();
+                self.partial.push_str(text);
+                self.maybe_interrupt(text, out);
+                out.push(Action::Partial(self.display()));
+            }
+            Input::Final {
+                text,
+                speech_final,
+                end_of_speech,
+            } => {
+                let text = text.trim();
+                self.partial.clear();
+                if !text.is_empty() {
+                    if !self.pending.is_empty() {
+                        self.pending.push(' ');
+                    }
+                    self.pending.push_str(text);
+                    self.pending_eos = end_of_speech.or(self.pending_eos);
+                    self.maybe_interrupt(text, out);
+                }
+                if speech_final || std::mem::take(&mut self.commit_requested) {
+                    self.end_turn(out);
+                }
+            }
+            Input::UtteranceEnd { end_of_speech } => {
+                if self.pending_eos.is_none() {
+                    self.pending_eos = end_of_speech;
+                }
+                self.end_turn(out);
+            }
+            Input::SpeechStarted => {
+                if self.config.interrupt_on_speech_start
+                    && let Some(turn_id) = self.responding.take()
+                {
+                    out.push(Action::Interrupt { turn_id });
+                }
+            }
+            Input::Commit => {
+                if self.partial.is_empty() && !self.pending.is_empty() {
+                    self.end_turn(out);
+                } else {
+                    self.commit_requested = true;
+                    out.push(Action::Finalize);
+                }
+            }
+            Input::Cancel => {
+                if let Some(turn_id) = self.responding.take() {
+                    out.push(Action::Interrupt { turn_id });
+                }
+            }
+            Input::ResponseFinished { turn_id } => {
+                if self.responding == Some(turn_id) {
+                    self.responding = None;
+                }
+            }
+        }
+    }
+
+    fn display(&self) -> String {
+        match (self.pending.is_empty(), self.partial.is_empty()) {
+            (true, _) => self.partial.clone(),
+            (false, true) => self.pending.clone(),
+            (false, false) => format!("{} {}", self.pending, self.partial),
+        }
+    }
+
+    fn maybe_interrupt(&mut self, text: &str, out: &mut Vec<Action>) {
+        let Some(turn_id) = self.responding else {
+            return;
+        };
+        let letters = text.chars().filter(|c| c.is_alphanumeric()).count();
+        if letters < self.config.min_interrupt_chars || self.is_backchannel(&self.display()) {
+            return;
+        }
+        self.responding = None;
+        out.push(Action::Interrupt { turn_id });
+    }
+
+    fn end_turn(&mut self, out: &mut Vec<Action>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let text = std::mem::take(&mut self.pending);
+        let end_of_speech = self.pending_eos.take();
+        self.partial.clear();
+        if let Some(turn_id) = self.responding {
+            if self.is_backchannel(&text) {
+                return; // "mm-hm" while the assistant talks: not a turn
+            }
+            self.responding = None;
+            out.push(Action::Interrupt { turn_id });
+        }
+        self.last_turn += 1;
+        self.responding = Some(self.last_turn);
+        out.push(Action::EndOfTurn {
+            turn_id: self.last_turn,
+            text,
+            end_of_speech,
+        });
+    }
+
+    /// Whether `text` consists only of backchannel phrases.
+    fn is_backchannel(&self, text: &str) -> bool {
+        let ws = words(text);
+        if ws.is_empty() {
+            return false;
+        }
+        let mut i = 0;
+        'outer: while i < ws.len() {
+            for phrase in &self.backchannel_words {
+                if !phrase.is_empty() && ws[i..].starts_with(phrase) {
+                    i += phrase.len();
+                    continue 'outer;
+                }
+            }
+            return false;
+        }
+        true
+    }
+}
+
+/// Lower-cased words with punctuation removed and hyphens treated as spaces.
+fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| c.is_whitespace() || c == '-')
+        .map(|w| {
+            w.chars()
+                .filter(|c| c.is_alphanumeric() || *c == '\'')
+                .flat_map(char::to_lowercase)
+                .collect::<String>()
+        })
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(t: &mut Turns, input: Input<'_>) -> Vec<Action> {
+        let mut out = Vec::new();
+        t.handle(input, &mut out);
+        out
+    }
+
+    fn fin(text: &str, speech_final: bool) -> Input<'_> {
+        Input::Final {
+            text,
+            speech_final,
+            end_of_speech: None,
+        }
+    }
+
+    #[test]
+    fn finals_accumulate_until_speech_final() {
+        let mut t = Turns::new(TurnConfig::default(), 0);
+        assert_eq!(
+            run(&mut t, Input::Partial { text: "what is" }),
+            vec![Action::Partial("what is".into())]
+        );
+        assert!(run(&mut t, fin("What is the weather", false)).is_empty());
+        assert_eq!(
+            run(&mut t, Input::Partial { text: "in" }),
+            vec![Action::Partial("What is the weather in".into())]
+        );
+        let eos = Instant::now();
+        let out = run(
+            &mut t,
+            Input::Final {
+                text: "in Paris?",
+                speech_final: true,
+                end_of_speech: Some(eos),
+            },
+        );
+        assert_eq!(
+            out,
+            vec![Action::EndOfTurn {
+                turn_id: 1,
+                text: "What is the weather in Paris?".into(),
+                end_of_speech: Some(eos)
+            }]
+        );
+        assert_eq!(t.responding(), Some(1));
+    }
+
+    #[test]
+    fn utterance_end_closes_a_turn_without_speech_final() {
+        let mut t = Turns::new(TurnConfig::default(), 0);
+        run(&mut t, fin("Hello there", false));
+        let out = run(&mut t, Input::UtteranceEnd { end_of_speech: None });
+        assert!(matches!(&out[..], [Action::EndOfTurn { turn_id: 1, .. }]));
+        // A second UtteranceEnd with nothing pending does nothing.
+        assert!(run(&mut t, Input::UtteranceEnd { end_of_speech: None }).is_empty());
+        // Empty speech_final with nothing pending does nothing.
+        assert!(run(&mut t, fin("", true)).is_empty());
+    }
+
+    #[test]
+    fn speech_during_a_reply_interrupts_it() {
+        let mut t = Turns::new(TurnConfig::default(), 0);
+        run(&mut t, fin("Tell me a story", true));
+        assert_eq!(
+            run(&mut t, Input::Partial { text: "wait stop" }),
+            vec![
+                Action::Interrupt { turn_id: 1 },
+                Action::Partial("wait stop".into())
+            ]
+        );
+        assert_eq!(t.responding(), None);
+        let out = run(&mut t, fin("Wait, stop.", true));
+        assert!(matches!(&out[..], [Action::EndOfTurn { turn_id: 2, .. }]));
+    }
+
+    #[test]
+    fn backchannels_do_not_interrupt() {
+        let mut t = Turns::new(TurnConfig::default(), 0);
+        run(&mut t, fin("Tell me a story", true));
+        assert_eq!(
+            run(&mut t, Input::Partial { text: "mm-hm" }),
+            vec![Action::Partial("mm-hm".into())]
+        );
+        assert!(run(&mut t, fin("Mm-hm, okay.", true)).is_empty());
+        assert_eq!(t.responding(), Some(1));
+        // Once the reply is over, "okay" is a turn of its own.
+        run(&mut t, Input::ResponseFinished { turn_id: 1 });
+        let out = run(&mut t, fin("Okay.", true));
+        assert!(matches!(&out[..], [Action::EndOfTurn { turn_id: 2, .. }]));
+    }
+
+    #[test]
+    fn noise_blips_do_not_interrupt() {
+        let mut t = Turns::new(TurnConfig::default(), 0);
+        run(&mut t, fin("Hi", true));
+        let out = run(&mut t, Input::Partial { text: "a" });
+        assert_eq!(out, vec![Action::Partial("a".into())]);
+        assert_eq!(t.responding(), Some(1));
+    }
+
+    #[test]
+    fn push_to_talk_finalizes_then_ends_the_turn() {
+        let mut t = Turns::new(TurnConfig::default(), 0);
+        run(&mut t, Input::Partial { text: "book a table" });
+        assert_eq!(run(&mut t, Input::Commit), vec![Action::Finalize]);
+        let out = run(&mut t, fin("Book a table.", false));
+        assert!(matches!(&out[..], [Action::EndOfTurn { turn_id: 1, text, .. }] if text == "Book a table."));
+        // Commit with final text already pending ends the turn at once.
+        run(&mut t, Input::ResponseFinished { turn_id: 1 });
+        run(&mut t, fin("For two.", false));
+        let out = run(&mut t, Input::Commit);
+        assert!(matches!(&out[..], [Action::EndOfTurn { turn_id: 2, .. }]));
+    }
+
+    #[test]
+    fn cancel_and_stale_finish() {
+        let mut t = Turns::new(TurnConfig::default(), 4);
+        run(&mut t, fin("Go on", true));
+        assert_eq!(t.responding(), Some(5));
+        run(&mut t, Input::ResponseFinished { turn_id: 3 });
+        assert_eq!(t.responding(), Some(5));
+        assert_eq!(
+            run(&mut t, Input::Cancel),
+            vec![Action::Interrupt { turn_id: 5 }]
+        );
+        assert!(run(&mut t, Input::Cancel).is_empty());
+    }
+
+    #[test]
+    fn vad_interrupts_when_configured() {
+        let mut t = Turns::new(
+            TurnConfig {
+                interrupt_on_speech_start: true,
+                ..TurnConfig::default()
+            },
+            0,
+        );
+        assert!(run(&mut t, Input::SpeechStarted).is_empty());
+        run(&mut t, fin("Hello", true));
+        assert_eq!(
+            run(&mut t, Input::SpeechStarted),
+            vec![Action::Interrupt { turn_id: 1 }]
+        );
+    }
+}

@@ -1,0 +1,696 @@
+//! Wire types of the atlas-voice client protocol, version 1.
+//!
+//! # Layout
+//! - [`ClientMessage`]: the JSON text frames a client sends, parsed by [`parse_client_message`].
+//! - [`ServerEvent`]: the JSON text frames the server sends.
+//! - [`ErrorCode`] and [`close`]: stable error codes and WebSocket close codes.
+//!
+//! This crate is the only place that knows the JSON shapes of the protocol; the server and the
+//! client both depend on it so the two can never drift apart. `docs/protocol.md` documents the
+//! same shapes for people.
+
+use serde::{Deserialize, Serialize};
+
+/// The WebSocket subprotocol a client offers and the server selects.
+pub const SUBPROTOCOL: &str = "atlas-voice.v1";
+/// Prefix of the subprotocol entry a browser may use to carry its access token.
+pub const BEARER_SUBPROTOCOL_PREFIX: &str = "bearer.";
+/// Path of the voice endpoint.
+pub const VOICE_PATH: &str = "/v1/voice";
+/// Largest text frame the server accepts, in bytes.
+pub const MAX_TEXT_FRAME_BYTES: usize = 16 * 1024;
+
+/// WebSocket close codes used by the server.
+pub mod close {
+    /// Normal end (`session.end` or server-side completion).
+    pub const NORMAL: u16 = 1000;
+    /// Server going away (drain); the client should resume elsewhere.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Policy violation (persistent abuse, protocol misuse).
+    pub const POLICY: u16 = 1008;
+    /// Internal error on the server.
+    pub const INTERNAL: u16 = 1011;
+    /// Token expired and was not refreshed.
+    pub const TOKEN_EXPIRED: u16 = 4401;
+    /// Session budget exhausted.
+    pub const BUDGET_EXHAUSTED: u16 = 4402;
+    /// No client activity for the idle timeout.
+    pub const IDLE_TIMEOUT: u16 = 4408;
+    /// Replaced by a resumed connection.
+    pub const REPLACED: u16 = 4409;
+    /// Maximum session duration reached.
+    pub const MAX_DURATION: u16 = 4410;
+}
+
+/// Audio sample encoding. Only 16-bit little-endian PCM is defined in version 1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AudioEncoding {
+    /// Signed 16-bit little-endian PCM, mono.
+    #[default]
+    PcmS16le,
+}
+
+/// An audio stream's format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AudioFormat {
+    /// Sample encoding.
+    #[serde(default)]
+    pub encoding: AudioEncoding,
+    /// Samples per second.
+    pub sample_rate: u32,
+}
+
+impl AudioFormat {
+    /// Default input format: 16 kHz PCM.
+    pub const DEFAULT_INPUT: AudioFormat = AudioFormat {
+        encoding: AudioEncoding::PcmS16le,
+        sample_rate: 16_000,
+    };
+    /// Default output format: 24 kHz PCM.
+    pub const DEFAULT_OUTPUT: AudioFormat = AudioFormat {
+        encoding: AudioEncoding::PcmS16le,
+        sample_rate: 24_000,
+    };
+    /// Sample rates accepted for input and output audio.
+    pub const SUPPORTED_RATES: [u32; 4] = [8_000, 16_000, 24_000, 48_000];
+}
+
+/// Optional description of the client, recorded with the session.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    /// Client name, e.g. `atlas-voice-web`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Client version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// `session.start`: the first message of every connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionStart {
+    /// Format of the binary audio the client will send.
+    #[serde(default = "default_input")]
+    pub input_audio: AudioFormat,
+    /// Format of the binary audio the client wants back.
+    #[serde(default = "default_output")]
+    pub output_audio: AudioFormat,
+    /// Voice for speech synthesis; the server default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voice: Option<String>,
+    /// BCP-47 language of the user's speech; the server default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    /// The application's conversation this session belongs to (recorded, not interpreted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_id: Option<String>,
+    /// Client description (recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<ClientInfo>,
+}
+
+fn default_input() -> AudioFormat {
+    AudioFormat::DEFAULT_INPUT
+}
+fn default_output() -> AudioFormat {
+    AudioFormat::DEFAULT_OUTPUT
+}
+
+impl Default for SessionStart {
+    fn default() -> Self {
+        SessionStart {
+            input_audio: AudioFormat::DEFAULT_INPUT,
+            output_audio: AudioFormat::DEFAULT_OUTPUT,
+            voice: None,
+            language: None,
+            conversation_id: None,
+            client: None,
+        }
+    }
+}
+
+/// A JSON text frame sent by the client.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum ClientMessage {
+    /// Start the session (first message).
+    #[serde(rename = "session.start")]
+    SessionStart(SessionStart),
+    /// Push-to-talk: the user finished speaking.
+    #[serde(rename = "input.commit")]
+    InputCommit,
+    /// Stop the reply in flight.
+    #[serde(rename = "response.cancel")]
+    ResponseCancel,
+    /// A fresh access token replacing the one the connection was opened with.
+    #[serde(rename = "auth.refresh")]
+    AuthRefresh {
+        /// The new JWT.
+        token: String,
+    },
+    /// Application-level ping; answered with `pong` carrying the same id.
+    #[serde(rename = "ping")]
+    Ping {
+        /// Opaque value echoed in the `pong`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+    },
+    /// End the session normally.
+    #[serde(rename = "session.end")]
+    SessionEnd,
+}
+
+impl ClientMessage {
+    /// The message's `type` string.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ClientMessage::SessionStart(_) => "session.start",
+            ClientMessage::InputCommit => "input.commit",
+            ClientMessage::ResponseCancel => "response.cancel",
+            ClientMessage::AuthRefresh { .. } => "auth.refresh",
+            ClientMessage::Ping { .. } => "ping",
+            ClientMessage::SessionEnd => "session.end",
+        }
+    }
+}
+
+/// Why a client text frame could not be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParseError {
+    /// The frame exceeds [`MAX_TEXT_FRAME_BYTES`].
+    TooLarge {
+        /// Size of the frame.
+        len: usize,
+    },
+    /// Not a JSON object.
+    MalformedJson,
+    /// A JSON object without a string `type`.
+    MissingType,
+    /// A `type` this protocol version does not define (bounded copy of the value).
+    UnknownType(String),
+    /// A known type whose fields are wrong.
+    InvalidFields {
+        /// The message type.
+        message_type: &'static str,
+        /// What is wrong, for the client.
+        detail: String,
+    },
+}
+
+impl ParseError {
+    /// The error code reported to the client.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ParseError::TooLarge { .. } => ErrorCode::MessageTooLarge,
+            ParseError::MalformedJson | ParseError::MissingType => ErrorCode::InvalidMessage,
+            ParseError::UnknownType(_) => ErrorCode::UnknownMessageType,
+            ParseError::InvalidFields { .. } => ErrorCode::InvalidMessage,
+        }
+    }
+}
+
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParseError::TooLarge { len } => write!(
+                f,
+                "text frame of {len} bytes exceeds the limit of {MAX_TEXT_FRAME_BYTES} bytes"
+            ),
+            ParseError::MalformedJson => f.write_str("text frame is not a JSON object"),
+            ParseError::MissingType => f.write_str("message has no string \"type\" field"),
+            ParseError::UnknownType(t) => write!(f, "unknown message type \"{t}\""),
+            ParseError::InvalidFields {
+                message_type,
+                detail,
+            } => write!(f, "invalid {message_type} message: {detail}"),
+        }
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+const KNOWN_TYPES: [&str; 6] = [
+    "session.start",
+    "input.commit",
+    "response.cancel",
+    "auth.refresh",
+    "ping",
+    "session.end",
+];
+
+/// Parses one client text frame, telling malformed JSON, unknown types and bad fields apart.
+pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
+    if text.len() > MAX_TEXT_FRAME_BYTES {
+        return Err(ParseError::TooLarge { len: text.len() });
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|_| ParseError::MalformedJson)?;
+    if !value.is_object() {
+        return Err(ParseError::MalformedJson);
+    }
+    let ty = match value.get("type") {
+        Some(serde_json::Value::String(s)) => s.as_str(),
+        _ => return Err(ParseError::MissingType),
+    };
+    let Some(known) = KNOWN_TYPES.iter().find(|k| **k == ty) else {
+        let mut shown: String = ty.chars().take(64).collect();
+        if shown.len() < ty.len() {
+            shown.push('…');
+        }
+        return Err(ParseError::UnknownType(shown));
+    };
+    serde_json::from_value(value).map_err(|e| ParseError::InvalidFields {
+        message_type: known,
+        detail: e.to_string(),
+    })
+}
+
+/// Session limits announced in `session.started`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Maximum session length in seconds.
+    pub max_duration_s: u64,
+    /// Session budget in dollars; absent when unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_usd: Option<f64>,
+    /// Idle timeout in seconds.
+    #[serde(default)]
+    pub idle_timeout_s: u64,
+    /// How long a dropped session waits for a resume, in seconds.
+    #[serde(default)]
+    pub resume_window_s: u64,
+}
+
+/// Per-turn latency breakdown in milliseconds; a stage that did not run is absent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencyBreakdown {
+    /// End of the user's speech → final transcript.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_of_speech_to_final: Option<u64>,
+    /// LLM request sent → first token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm_first_token: Option<u64>,
+    /// First TTS request sent → first audio byte.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tts_first_audio: Option<u64>,
+    /// End of the user's speech (or end of turn) → first reply audio sent to the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_first_audio: Option<u64>,
+}
+
+/// Stable error codes carried by `error` events and HTTP refusals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// A binary frame of the wrong size or odd length.
+    AudioChunkInvalid,
+    /// Malformed JSON, missing type or invalid fields.
+    InvalidMessage,
+    /// A message type this version does not define.
+    UnknownMessageType,
+    /// A text frame over the size limit.
+    MessageTooLarge,
+    /// A message that needs a started session arrived before `session.start`.
+    SessionNotStarted,
+    /// A second `session.start`.
+    SessionAlreadyStarted,
+    /// Requested audio format not supported.
+    UnsupportedAudioFormat,
+    /// Too many frames per second.
+    RateLimited,
+    /// Missing, invalid or expired credentials.
+    Unauthorized,
+    /// Valid credentials without the right role.
+    Forbidden,
+    /// Token expired and was not refreshed.
+    TokenExpired,
+    /// Too many concurrent sessions for this user.
+    TooManySessions,
+    /// Too many connection attempts from one address.
+    TooManyAttempts,
+    /// The server is draining.
+    Draining,
+    /// The server is at capacity.
+    AtCapacity,
+    /// Resume token unknown or expired.
+    ResumeFailed,
+    /// Speech recognition failed.
+    SttFailed,
+    /// The language model failed.
+    LlmFailed,
+    /// Speech synthesis failed.
+    TtsFailed,
+    /// Local engines are saturated.
+    EnginesBusy,
+    /// The session budget is exhausted.
+    BudgetExhausted,
+    /// The client does not read fast enough.
+    SlowConsumer,
+    /// No activity for the idle timeout.
+    IdleTimeout,
+    /// Maximum duration reached.
+    MaxDuration,
+    /// Something went wrong on the server.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code's string form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::AudioChunkInvalid => "audio_chunk_invalid",
+            ErrorCode::InvalidMessage => "invalid_message",
+            ErrorCode::UnknownMessageType => "unknown_message_type",
+            ErrorCode::MessageTooLarge => "message_too_large",
+            ErrorCode::SessionNotStarted => "session_not_started",
+            ErrorCode::SessionAlreadyStarted => "session_already_started",
+            ErrorCode::UnsupportedAudioFormat => "unsupported_audio_format",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::TooManySessions => "too_many_sessions",
+            ErrorCode::TooManyAttempts => "too_many_attempts",
+            ErrorCode::Draining => "draining",
+            ErrorCode::AtCapacity => "at_capacity",
+            ErrorCode::ResumeFailed => "resume_failed",
+            ErrorCode::SttFailed => "stt_failed",
+            ErrorCode::LlmFailed => "llm_failed",
+            ErrorCode::TtsFailed => "tts_failed",
+            ErrorCode::EnginesBusy => "engines_busy",
+            ErrorCode::BudgetExhausted => "budget_exhausted",
+            ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::MaxDuration => "max_duration",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// Body of an HTTP refusal before the upgrade: `{"error":{"code","message"}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpErrorBody {
+    /// The error.
+    pub error: HttpError,
+}
+
+/// The error inside [`HttpErrorBody`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpError {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// Short human-readable message.
+    pub message: String,
+}
+
+/// Why the server is ending a session (`session.ending`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndingReason {
+    /// Maximum duration approaching or reached.
+    MaxDuration,
+    /// The server is draining; resume elsewhere.
+    Draining,
+    /// Budget exhausted.
+    Budget,
+    /// Token expiring without refresh.
+    TokenExpiring,
+    /// Idle timeout approaching or reached.
+    Idle,
+}
+
+/// Usage and running cost of a session.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Running cost in dollars; absent ("unknown") when a model is missing from the price catalog.
+    pub cost_usd: Option<f64>,
+    /// Seconds of audio streamed to speech recognition.
+    pub stt_seconds: f64,
+    /// LLM input tokens.
+    pub llm_input_tokens: u64,
+    /// LLM output tokens.
+    pub llm_output_tokens: u64,
+    /// Characters synthesised.
+    pub tts_chars: u64,
+}
+
+/// A JSON text frame sent by the server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum ServerEvent {
+    /// The session is ready.
+    #[serde(rename = "session.started")]
+    SessionStarted {
+        /// Session id.
+        session_id: String,
+        /// Token to resume this session after a dropped connection.
+        resume_token: String,
+        /// Limits in force.
+        limits: Limits,
+        /// Input format in use.
+        input_audio: AudioFormat,
+        /// Output format in use.
+        output_audio: AudioFormat,
+    },
+    /// A dropped session was resumed.
+    #[serde(rename = "session.resumed")]
+    SessionResumed {
+        /// Session id (same as before).
+        session_id: String,
+        /// Fresh resume token.
+        resume_token: String,
+        /// Limits in force.
+        limits: Limits,
+        /// Input format in use.
+        input_audio: AudioFormat,
+        /// Output format in use.
+        output_audio: AudioFormat,
+        /// Turns completed so far.
+        turns: u64,
+    },
+    /// Interim transcript of the turn in progress.
+    #[serde(rename = "transcript.partial")]
+    TranscriptPartial {
+        /// Text so far.
+        text: String,
+    },
+    /// Final transcript of a user turn.
+    #[serde(rename = "transcript.final")]
+    TranscriptFinal {
+        /// Turn number, from 1.
+        turn_id: u64,
+        /// The user's words.
+        text: String,
+    },
+    /// The assistant started replying.
+    #[serde(rename = "response.started")]
+    ResponseStarted {
+        /// Turn number.
+        turn_id: u64,
+    },
+    /// More reply text.
+    #[serde(rename = "response.text.delta")]
+    ResponseTextDelta {
+        /// Turn number.
+        turn_id: u64,
+        /// The new text.
+        text: String,
+    },
+    /// The reply finished (or was interrupted).
+    #[serde(rename = "response.done")]
+    ResponseDone {
+        /// Turn number.
+        turn_id: u64,
+        /// Whether the reply was cut off.
+        interrupted: bool,
+        /// Latency breakdown.
+        latency_ms: LatencyBreakdown,
+    },
+    /// The reply was cut off: flush playback; no more audio for this turn follows.
+    #[serde(rename = "response.interrupted")]
+    ResponseInterrupted {
+        /// Turn number.
+        turn_id: u64,
+    },
+    /// Running usage and cost.
+    #[serde(rename = "usage")]
+    Usage(Usage),
+    /// Spend crossed the warning fraction of the budget.
+    #[serde(rename = "budget.warning")]
+    BudgetWarning {
+        /// Dollars spent.
+        spent_usd: f64,
+        /// The budget.
+        budget_usd: f64,
+    },
+    /// The server will end the session soon.
+    #[serde(rename = "session.ending")]
+    SessionEnding {
+        /// Why.
+        reason: EndingReason,
+        /// Seconds until the close.
+        seconds_left: u64,
+    },
+    /// Something went wrong.
+    #[serde(rename = "error")]
+    Error {
+        /// Stable code.
+        code: ErrorCode,
+        /// Short message.
+        message: String,
+        /// Whether the connection closes after this.
+        fatal: bool,
+    },
+    /// Answer to `ping`.
+    #[serde(rename = "pong")]
+    Pong {
+        /// The ping's id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<serde_json::Value>,
+    },
+}
+
+impl ServerEvent {
+    /// Builds an `error` event.
+    pub fn error(code: ErrorCode, message: impl Into<String>, fatal: bool) -> Self {
+        ServerEvent::Error {
+            code,
+            message: message.into(),
+            fatal,
+        }
+    }
+
+    /// Serialises the event to its JSON text.
+    pub fn to_json(&self) -> String {
+        // Serialising these plain data types cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"type\":\"error\"}"))
+    }
+}
+
+/// Parses one server text frame (used by clients).
+pub fn parse_server_event(text: &str) -> Result<ServerEvent, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_start_uses_defaults() {
+        let m = parse_client_message(r#"{"type":"session.start"}"#).unwrap();
+        assert_eq!(m, ClientMessage::SessionStart(SessionStart::default()));
+    }
+
+    #[test]
+    fn session_start_spec_example_parses() {
+        let m = parse_client_message(
+            r#"{"type":"session.start","input_audio":{"encoding":"pcm_s16le","sample_rate":16000},
+               "output_audio":{"encoding":"pcm_s16le","sample_rate":24000}}"#,
+        )
+        .unwrap();
+        let ClientMessage::SessionStart(s) = m else {
+            panic!("wrong variant")
+        };
+        assert_eq!(s.input_audio.sample_rate, 16_000);
+        assert_eq!(s.output_audio.sample_rate, 24_000);
+    }
+
+    #[test]
+    fn errors_are_told_apart() {
+        assert_eq!(
+            parse_client_message("{not json"),
+            Err(ParseError::MalformedJson)
+        );
+        assert_eq!(parse_client_message("[1,2]"), Err(ParseError::MalformedJson));
+        assert_eq!(
+            parse_client_message(r#"{"kind":"x"}"#),
+            Err(ParseError::MissingType)
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"dance"}"#),
+            Err(ParseError::UnknownType("dance".into()))
+        );
+        let e = parse_client_message(r#"{"type":"auth.refresh"}"#).unwrap_err();
+        assert!(matches!(e, ParseError::InvalidFields { message_type: "auth.refresh", .. }));
+        assert_eq!(e.code(), ErrorCode::InvalidMessage);
+        let e = parse_client_message(
+            r#"{"type":"session.start","input_audio":{"encoding":"opus","sample_rate":16000}}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ParseError::InvalidFields { .. }));
+    }
+
+    #[test]
+    fn unknown_type_is_bounded() {
+        let long = "x".repeat(10_000);
+        let e = parse_client_message(&format!(r#"{{"type":"{long}"}}"#)).unwrap_err();
+        let ParseError::UnknownType(t) = e else {
+            panic!("wrong error")
+        };
+        assert!(t.chars().count() <= 65);
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_parsing() {
+        let big = format!(r#"{{"type":"ping","id":"{}"}}"#, "a".repeat(MAX_TEXT_FRAME_BYTES));
+        assert!(matches!(
+            parse_client_message(&big),
+            Err(ParseError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn server_events_match_spec_shapes() {
+        let done = ServerEvent::ResponseDone {
+            turn_id: 1,
+            interrupted: false,
+            latency_ms: LatencyBreakdown {
+                end_of_speech_to_final: Some(150),
+                llm_first_token: Some(300),
+                tts_first_audio: Some(200),
+                to_first_audio: Some(662),
+            },
+        };
+        let v: serde_json::Value = serde_json::from_str(&done.to_json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"response.done","turn_id":1,"interrupted":false,
+                "latency_ms":{"end_of_speech_to_final":150,"llm_first_token":300,"tts_first_audio":200,"to_first_audio":662}})
+        );
+        let err = ServerEvent::error(ErrorCode::AudioChunkInvalid, "odd length", false);
+        let v: serde_json::Value = serde_json::from_str(&err.to_json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"error","code":"audio_chunk_invalid","message":"odd length","fatal":false})
+        );
+        let usage = ServerEvent::Usage(Usage {
+            cost_usd: Some(0.0123),
+            stt_seconds: 12.4,
+            llm_input_tokens: 830,
+            llm_output_tokens: 64,
+            tts_chars: 170,
+        });
+        let v: serde_json::Value = serde_json::from_str(&usage.to_json()).unwrap();
+        assert_eq!(v["type"], "usage");
+        assert_eq!(v["llm_input_tokens"], 830);
+        assert_eq!(parse_server_event(&usage.to_json()).unwrap(), usage);
+    }
+
+    #[test]
+    fn error_code_strings_match_serde() {
+        for code in [
+            ErrorCode::AudioChunkInvalid,
+            ErrorCode::TooManySessions,
+            ErrorCode::SttFailed,
+            ErrorCode::Internal,
+        ] {
+            assert_eq!(
+                serde_json::to_value(code).unwrap(),
+                serde_json::Value::String(code.as_str().into())
+            );
+        }
+    }
+}

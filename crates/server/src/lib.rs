@@ -1,1 +1,21 @@
+//! The atlas-voice server: HTTP and WebSocket front, sessions, and the glue between the
+//! sans-IO core and the provider adapters.
+//!
+//! # Layout
+//! - [`config`]: layered configuration and its validation.
+//! - [`auth`]: access-token verification and credential extraction.
+//! - [`engines`]: builds the provider adapters from the configuration.
+//! - [`app`]: application state, router, listener and graceful drain.
+//! - [`session`]: one connection — handshake, session loop, replies, the outbound writer.
+//! - [`error`]: refusals before the upgrade, as HTTP statuses with JSON bodies.
 
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod engines;
+pub mod error;
+pub mod session;
+
+pub use app::Application;
+pub use config::Config;
+pub use engines::Engines;

@@ -1,0 +1,513 @@
+//! Configuration: defaults ← file ← environment, validated at start.
+//!
+//! Keys are the environment names of the operator interface, lower-cased and without the
+//! `ATLAS_` prefix (`ATLAS_MAX_SESSIONS_PER_USER` ↔ `max_sessions_per_user`); the provider
+//! keys and `DATABASE_URL` / `REDIS_URL` keep their conventional unprefixed names. A TOML file
+//! (`--config` or `ATLAS_CONFIG`) may set the same keys. Every secret may instead be read from
+//! a file named by `<NAME>_FILE` (Docker and Fly secrets).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+/// Which speech recogniser to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SttKind {
+    /// In-process engine (offline default).
+    Local,
+    /// Deepgram live streaming.
+    Deepgram,
+}
+
+/// Which language model to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LlmKind {
+    /// In-process engine (offline default).
+    Local,
+    /// Anthropic Messages.
+    Anthropic,
+    /// Any OpenAI-compatible Chat Completions server.
+    Openai,
+}
+
+/// Which speech synthesiser to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TtsKind {
+    /// In-process engine (offline default).
+    Local,
+    /// OpenAI speech.
+    Openai,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The development-only JWT secret, accepted only when `dev` is on.
+pub const DEV_JWT_SECRET: &str = "atlas-voice-development-secret-do-not-use-in-production";
+
+/// The whole server configuration.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the server listens on.
+    pub listen: SocketAddr,
+    /// Development mode: built-in JWT secret, relaxed checks. Never in production.
+    pub dev: bool,
+    /// `sqlite://…` or `postgres://…`.
+    pub database_url: String,
+    /// Enables scale-out mode.
+    pub redis_url: Option<String>,
+    /// HS256 secret for access tokens (Supabase "JWT secret").
+    #[serde(serialize_with = "redact")]
+    pub jwt_secret: Option<SecretString>,
+    /// JWKS endpoint for asymmetric tokens.
+    pub jwks_url: Option<String>,
+    /// Expected `aud`.
+    pub jwt_audience: String,
+    /// Expected `iss`; unchecked when unset.
+    pub jwt_issuer: Option<String>,
+    /// Speech recogniser.
+    pub stt: SttKind,
+    /// Language model.
+    pub llm: LlmKind,
+    /// Speech synthesiser.
+    pub tts: TtsKind,
+    /// Deepgram key.
+    #[serde(serialize_with = "redact")]
+    pub deepgram_api_key: Option<SecretString>,
+    /// Anthropic key.
+    #[serde(serialize_with = "redact")]
+    pub anthropic_api_key: Option<SecretString>,
+    /// OpenAI (or compatible server) key.
+    #[serde(serialize_with = "redact")]
+    pub openai_api_key: Option<SecretString>,
+    /// Deepgram base URL.
+    pub deepgram_url: String,
+    /// Anthropic base URL.
+    pub anthropic_url: String,
+    /// OpenAI base URL (speech, and chat unless `openai_chat_url` is set).
+    pub openai_url: String,
+    /// Base URL of the OpenAI-compatible chat server when it differs from `openai_url`
+    /// (e.g. Ollama at `http://127.0.0.1:11434/v1`).
+    pub openai_chat_url: Option<String>,
+    /// Speech model.
+    pub stt_model: String,
+    /// Language model.
+    pub llm_model: String,
+    /// Speech synthesis model.
+    pub tts_model: String,
+    /// Default voice.
+    pub tts_voice: String,
+    /// Default language of the user's speech.
+    pub stt_language: Option<String>,
+    /// Silence (ms) after which the recogniser ends an utterance.
+    pub stt_endpointing_ms: u32,
+    /// Gap (ms) after the last word that ends a turn even without endpointing.
+    pub stt_utterance_end_ms: u32,
+    /// System prompt (server configuration, never client input).
+    pub system_prompt: String,
+    /// Reply length cap in tokens.
+    pub llm_max_tokens: u32,
+    /// Conversation messages kept for the LLM.
+    pub history_max_messages: usize,
+    /// Conversation characters kept for the LLM (about four per token).
+    pub history_max_chars: usize,
+    /// How far reply audio may run ahead of real-time playback, in ms.
+    pub playback_lead_ms: u64,
+    /// Sentences synthesised ahead of the one playing.
+    pub tts_prefetch: usize,
+    /// Deadline for a provider's response headers, in seconds.
+    pub provider_timeout_s: u64,
+    /// Longest silence inside a provider stream, in seconds.
+    pub provider_idle_timeout_s: u64,
+    /// Retries for a failed provider request.
+    pub provider_max_retries: usize,
+    /// Concurrent sessions per user.
+    pub max_sessions_per_user: u32,
+    /// Close a session after this long without client activity.
+    pub idle_timeout_s: u64,
+    /// Maximum session length.
+    pub max_duration_s: u64,
+    /// How long a dropped session waits for a resume.
+    pub resume_window_s: u64,
+    /// WebSocket ping cadence.
+    pub heartbeat_interval_s: u64,
+    /// Close when a pong is this late.
+    pub heartbeat_timeout_s: u64,
+    /// Per-session budget in dollars (0 = unlimited).
+    pub session_budget_usd: f64,
+    /// Fraction of the budget at which `budget.warning` is sent.
+    pub budget_warn_fraction: f64,
+    /// Optional per-user daily budget in dollars.
+    pub user_daily_budget_usd: Option<f64>,
+    /// Smallest accepted binary frame.
+    pub audio_chunk_min_bytes: usize,
+    /// Largest accepted binary frame.
+    pub audio_chunk_max_bytes: usize,
+    /// Graceful shutdown deadline.
+    pub drain_timeout_s: u64,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+fn redact<S: serde::Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_some("[redacted]"),
+        None => s.serialize_none(),
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            dev: false,
+            database_url: "sqlite://./data/atlas-voice.db".into(),
+            redis_url: None,
+            jwt_secret: None,
+            jwks_url: None,
+            jwt_audience: "authenticated".into(),
+            jwt_issuer: None,
+            stt: SttKind::Local,
+            llm: LlmKind::Local,
+            tts: TtsKind::Local,
+            deepgram_api_key: None,
+            anthropic_api_key: None,
+            openai_api_key: None,
+            deepgram_url: "wss://api.deepgram.com".into(),
+            anthropic_url: "https://api.anthropic.com".into(),
+            openai_url: "https://api.openai.com/v1".into(),
+            openai_chat_url: None,
+            stt_model: "nova-3".into(),
+            llm_model: "claude-haiku-4-5".into(),
+            tts_model: "tts-1".into(),
+            tts_voice: "alloy".into(),
+            stt_language: None,
+            stt_endpointing_ms: 300,
+            stt_utterance_end_ms: 1000,
+            system_prompt: "You are a friendly voice assistant. Answer in one to three short spoken \
+                sentences. Use plain words: no lists, markdown, emoji or URLs."
+                .into(),
+            llm_max_tokens: 300,
+            history_max_messages: 40,
+            history_max_chars: 24_000,
+            playback_lead_ms: 300,
+            tts_prefetch: 2,
+            provider_timeout_s: 15,
+            provider_idle_timeout_s: 15,
+            provider_max_retries: 2,
+            max_sessions_per_user: 3,
+            idle_timeout_s: 600,
+            max_duration_s: 1800,
+            resume_window_s: 60,
+            heartbeat_interval_s: 30,
+            heartbeat_timeout_s: 10,
+            session_budget_usd: 5.0,
+            budget_warn_fraction: 0.8,
+            user_daily_budget_usd: None,
+            audio_chunk_min_bytes: 100,
+            audio_chunk_max_bytes: 102_400,
+            drain_timeout_s: 30,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Environment variables read without the `ATLAS_` prefix.
+const UNPREFIXED: [&str; 5] = [
+    "DATABASE_URL",
+    "REDIS_URL",
+    "DEEPGRAM_API_KEY",
+    "ANTHROPIC_API_KEY",
+    "OPENAI_API_KEY",
+];
+
+/// Secrets that may be given as `<NAME>_FILE`.
+const SECRET_FILES: [(&str, &str); 4] = [
+    ("ATLAS_JWT_SECRET_FILE", "jwt_secret"),
+    ("DEEPGRAM_API_KEY_FILE", "deepgram_api_key"),
+    ("ANTHROPIC_API_KEY_FILE", "anthropic_api_key"),
+    ("OPENAI_API_KEY_FILE", "openai_api_key"),
+];
+
+/// Every environment variable the server reads (deployment files are checked against it).
+pub fn known_env_vars() -> Vec<String> {
+    let mut names: Vec<String> = serde_json::to_value(Config::default())
+        .ok()
+        .and_then(|v| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|k| {
+            let upper = k.to_uppercase();
+            if UNPREFIXED.contains(&upper.as_str()) {
+                upper
+            } else {
+                format!("ATLAS_{upper}")
+            }
+        })
+        .collect();
+    names.extend(SECRET_FILES.iter().map(|(env, _)| (*env).to_owned()));
+    names.push("ATLAS_CONFIG".into());
+    names.push("RUST_LOG".into());
+    names.sort();
+    names
+}
+
+/// A configuration problem, with a message that says what to change.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Loads defaults, then `file` (or `ATLAS_CONFIG`) if given, then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let from_env = std::env::var_os("ATLAS_CONFIG").map(std::path::PathBuf::from);
+        if let Some(path) = file.map(Path::to_path_buf).or(from_env) {
+            if !path.exists() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment
+            .merge(
+                Env::prefixed("ATLAS_")
+                    .ignore(&["CONFIG", "JWT_SECRET_FILE"])
+                    .lowercase(true),
+            )
+            .merge(Env::raw().only(&UNPREFIXED).lowercase(true));
+        for (env, key) in SECRET_FILES {
+            if let Some(path) = std::env::var_os(env) {
+                let value = std::fs::read_to_string(&path).map_err(|e| {
+                    ConfigError(format!(
+                        "{env} names {}, which cannot be read: {e}",
+                        Path::new(&path).display()
+                    ))
+                })?;
+                figment = figment.merge(Serialized::default(key, value.trim().to_owned()));
+            }
+        }
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError(describe_figment_error(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values and combinations, failing with a message naming the variable to fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |m: String| Err(ConfigError(m));
+        if self.jwt_secret.is_none() && self.jwks_url.is_none() && !self.dev {
+            return fail(
+                "set ATLAS_JWT_SECRET (your Supabase project's JWT secret) or ATLAS_JWKS_URL; \
+                 ATLAS_DEV=true uses a built-in development secret"
+                    .into(),
+            );
+        }
+        let need = |kind: &str, key: &Option<SecretString>, var: &str| {
+            if key.is_none() {
+                Err(ConfigError(format!("{kind} needs {var} (or {var}_FILE)")))
+            } else {
+                Ok(())
+            }
+        };
+        if self.stt == SttKind::Deepgram {
+            need("ATLAS_STT=deepgram", &self.deepgram_api_key, "DEEPGRAM_API_KEY")?;
+        }
+        if self.llm == LlmKind::Anthropic {
+            need("ATLAS_LLM=anthropic", &self.anthropic_api_key, "ANTHROPIC_API_KEY")?;
+        }
+        if self.tts == TtsKind::Openai {
+            need("ATLAS_TTS=openai", &self.openai_api_key, "OPENAI_API_KEY")?;
+        }
+        if self.audio_chunk_min_bytes < 2 || self.audio_chunk_min_bytes > self.audio_chunk_max_bytes
+        {
+            return fail(format!(
+                "ATLAS_AUDIO_CHUNK_MIN_BYTES ({}) must be at least 2 and at most ATLAS_AUDIO_CHUNK_MAX_BYTES ({})",
+                self.audio_chunk_min_bytes, self.audio_chunk_max_bytes
+            ));
+        }
+        if self.audio_chunk_max_bytes > 1024 * 1024 {
+            return fail("ATLAS_AUDIO_CHUNK_MAX_BYTES must be at most 1 MiB".into());
+        }
+        if !(self.session_budget_usd.is_finite() && self.session_budget_usd >= 0.0) {
+            return fail("ATLAS_SESSION_BUDGET_USD must be a non-negative number".into());
+        }
+        if !(self.budget_warn_fraction > 0.0 && self.budget_warn_fraction <= 1.0) {
+            return fail("ATLAS_BUDGET_WARN_FRACTION must be in (0, 1]".into());
+        }
+        if let Some(b) = self.user_daily_budget_usd
+            && !(b.is_finite() && b >= 0.0)
+        {
+            return fail("ATLAS_USER_DAILY_BUDGET_USD must be a non-negative number".into());
+        }
+        for (name, v) in [
+            ("ATLAS_MAX_DURATION_S", self.max_duration_s),
+            ("ATLAS_IDLE_TIMEOUT_S", self.idle_timeout_s),
+            ("ATLAS_HEARTBEAT_INTERVAL_S", self.heartbeat_interval_s),
+            ("ATLAS_HEARTBEAT_TIMEOUT_S", self.heartbeat_timeout_s),
+            ("ATLAS_PROVIDER_TIMEOUT_S", self.provider_timeout_s),
+            ("ATLAS_PROVIDER_IDLE_TIMEOUT_S", self.provider_idle_timeout_s),
+        ] {
+            if v == 0 {
+                return fail(format!("{name} must be at least 1"));
+            }
+        }
+        if self.max_sessions_per_user == 0 {
+            return fail("ATLAS_MAX_SESSIONS_PER_USER must be at least 1".into());
+        }
+        if self.tts_prefetch == 0 || self.tts_prefetch > 8 {
+            return fail("ATLAS_TTS_PREFETCH must be between 1 and 8".into());
+        }
+        if self.llm_max_tokens == 0 {
+            return fail("ATLAS_LLM_MAX_TOKENS must be at least 1".into());
+        }
+        if self.system_prompt.len() > 32 * 1024 {
+            return fail("ATLAS_SYSTEM_PROMPT is longer than 32 KiB".into());
+        }
+        for (name, url, schemes) in [
+            ("ATLAS_DEEPGRAM_URL", &self.deepgram_url, &["ws", "wss"][..]),
+            ("ATLAS_ANTHROPIC_URL", &self.anthropic_url, &["http", "https"][..]),
+            ("ATLAS_OPENAI_URL", &self.openai_url, &["http", "https"][..]),
+        ] {
+            match url::Url::parse(url) {
+                Ok(u) if schemes.contains(&u.scheme()) => {}
+                _ => {
+                    return fail(format!(
+                        "{name} must be a {} URL, got {url:?}",
+                        schemes.join("/")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Per-call timeouts and retries for the HTTP providers.
+    pub fn http_settings(&self) -> atlas_providers::HttpSettings {
+        atlas_providers::HttpSettings {
+            response_timeout: Duration::from_secs(self.provider_timeout_s),
+            idle_timeout: Duration::from_secs(self.provider_idle_timeout_s),
+            max_retries: self.provider_max_retries,
+            ..atlas_providers::HttpSettings::default()
+        }
+    }
+}
+
+fn describe_figment_error(e: figment::Error) -> String {
+    let mut parts = Vec::new();
+    for err in e {
+        let key = err.path.join(".");
+        let var = if key.is_empty() {
+            String::new()
+        } else if UNPREFIXED.contains(&key.to_uppercase().as_str()) {
+            key.to_uppercase()
+        } else {
+            format!("ATLAS_{}", key.to_uppercase())
+        };
+        match &err.kind {
+            figment::error::Kind::UnknownField(field, _) => {
+                parts.push(format!("unknown setting {field:?}"))
+            }
+            kind if var.is_empty() => parts.push(kind.to_string()),
+            kind => parts.push(format!("{var}: {kind}")),
+        }
+    }
+    parts.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_operator_interface() {
+        let c = Config::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.max_sessions_per_user, 3);
+        assert_eq!((c.idle_timeout_s, c.max_duration_s, c.resume_window_s), (600, 1800, 60));
+        assert_eq!((c.heartbeat_interval_s, c.heartbeat_timeout_s), (30, 10));
+        assert_eq!(c.session_budget_usd, 5.0);
+        assert_eq!((c.audio_chunk_min_bytes, c.audio_chunk_max_bytes), (100, 102_400));
+        assert_eq!(c.stt_model, "nova-3");
+        assert_eq!(c.llm_model, "claude-haiku-4-5");
+    }
+
+    #[test]
+    fn validation_names_the_variable() {
+        let c = Config::default();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("ATLAS_JWT_SECRET"), "{e}");
+        let c = Config {
+            dev: true,
+            stt: SttKind::Deepgram,
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("DEEPGRAM_API_KEY"), "{e}");
+        let c = Config {
+            dev: true,
+            audio_chunk_min_bytes: 500,
+            audio_chunk_max_bytes: 100,
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("ATLAS_AUDIO_CHUNK_MIN_BYTES"));
+        let c = Config {
+            dev: true,
+            deepgram_url: "http://x".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("ATLAS_DEEPGRAM_URL"));
+    }
+
+    #[test]
+    fn secrets_are_redacted_when_serialised() {
+        let c = Config {
+            jwt_secret: Some(SecretString::from("hunter2")),
+            ..Config::default()
+        };
+        let s = serde_json::to_string(&c).unwrap();
+        assert!(!s.contains("hunter2"));
+        assert!(s.contains("[redacted]"));
+    }
+
+    #[test]
+    fn env_var_list_covers_the_spec_names() {
+        let names = known_env_vars();
+        for n in [
+            "ATLAS_LISTEN",
+            "DATABASE_URL",
+            "REDIS_URL",
+            "ATLAS_JWT_SECRET",
+            "ATLAS_JWKS_URL",
+            "ATLAS_STT",
+            "DEEPGRAM_API_KEY",
+            "ATLAS_DEEPGRAM_URL",
+            "ATLAS_TTS_VOICE",
+            "ATLAS_MAX_SESSIONS_PER_USER",
+            "ATLAS_USER_DAILY_BUDGET_USD",
+            "ATLAS_DRAIN_TIMEOUT_S",
+            "ATLAS_LOG_FORMAT",
+        ] {
+            assert!(names.iter().any(|x| x == n), "{n} missing");
+        }
+    }
+}

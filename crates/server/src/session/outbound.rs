@@ -1,0 +1,208 @@
+//! The single writer of a connection: serialises events, forwards audio, closes.
+//!
+//! Every frame to the client goes through one bounded queue drained by this task, which is
+//! therefore the one place that can guarantee ordering rules: after `response.interrupted`
+//! for a turn, no audio of that turn (or an earlier one) is written, even if it was queued
+//! before the interruption was decided.
+
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message};
+use bytes::Bytes;
+use futures_util::{Sink, SinkExt};
+use tokio::sync::mpsc;
+
+use atlas_protocol::ServerEvent;
+
+/// Frames queued for the client.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A JSON event.
+    Event(ServerEvent),
+    /// Reply audio of `turn_id`.
+    Audio {
+        /// Turn the audio belongs to.
+        turn_id: u64,
+        /// PCM bytes at the client's output rate.
+        pcm: Bytes,
+    },
+    /// A WebSocket ping (heartbeat).
+    Ping,
+    /// Close the connection with this code and reason; nothing after it is written.
+    Close {
+        /// WebSocket close code.
+        code: u16,
+        /// Short reason.
+        reason: &'static str,
+    },
+}
+
+/// The client stopped reading or went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// The queue is full: the client reads too slowly.
+    Full,
+    /// The writer has stopped.
+    Closed,
+}
+
+/// Handle for queueing frames.
+#[derive(Clone, Debug)]
+pub struct OutboundTx {
+    tx: mpsc::Sender<Outbound>,
+}
+
+impl OutboundTx {
+    /// Wraps the queue's sender.
+    pub fn new(tx: mpsc::Sender<Outbound>) -> Self {
+        OutboundTx { tx }
+    }
+
+    /// Queues an event without waiting; a full queue means a slow consumer.
+    pub fn event(&self, event: ServerEvent) -> Result<(), SendError> {
+        self.tx.try_send(Outbound::Event(event)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SendError::Full,
+            mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+        })
+    }
+
+    /// Queues audio, waiting for room (reply audio is paced, so waiting is bounded).
+    pub async fn audio(&self, turn_id: u64, pcm: Bytes) -> Result<(), SendError> {
+        self.tx
+            .send(Outbound::Audio { turn_id, pcm })
+            .await
+            .map_err(|_| SendError::Closed)
+    }
+
+    /// Queues a heartbeat ping.
+    pub fn ping(&self) -> Result<(), SendError> {
+        self.tx.try_send(Outbound::Ping).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SendError::Full,
+            mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+        })
+    }
+
+    /// Queues the close frame (waits briefly for room).
+    pub async fn close(&self, code: u16, reason: &'static str) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.tx.send(Outbound::Close { code, reason }),
+        )
+        .await;
+    }
+
+    /// Resolves when the writer has stopped.
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
+/// How the writer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriterExit {
+    /// A close frame was written (or the queue ended).
+    Closed,
+    /// A write took longer than the deadline: the client is not reading.
+    SlowConsumer,
+    /// The connection failed.
+    Gone,
+}
+
+/// Drains `rx` into `sink` until a close, a failure, or a write slower than `send_timeout`.
+pub async fn run_writer<S>(
+    mut sink: S,
+    mut rx: mpsc::Receiver<Outbound>,
+    send_timeout: Duration,
+) -> WriterExit
+where
+    S: Sink<Message> + Unpin,
+{
+    let mut last_interrupted = 0u64;
+    while let Some(item) = rx.recv().await {
+        let frame = match item {
+            Outbound::Event(event) => {
+                if let ServerEvent::ResponseInterrupted { turn_id } = &event {
+                    last_interrupted = last_interrupted.max(*turn_id);
+                }
+                Message::Text(event.to_json().into())
+            }
+            Outbound::Audio { turn_id, pcm } => {
+                if turn_id <= last_interrupted {
+                    continue;
+                }
+                Message::Binary(pcm)
+            }
+            Outbound::Ping => Message::Ping(Bytes::new()),
+            Outbound::Close { code, reason } => {
+                let frame = Message::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                }));
+                let _ = tokio::time::timeout(send_timeout, sink.send(frame)).await;
+                let _ = tokio::time::timeout(send_timeout, sink.close()).await;
+                return WriterExit::Closed;
+            }
+        };
+        match tokio::time::timeout(send_timeout, sink.send(frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return WriterExit::Gone,
+            Err(_) => return WriterExit::SlowConsumer,
+        }
+    }
+    let _ = tokio::time::timeout(send_timeout, sink.close()).await;
+    WriterExit::Closed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    #[tokio::test]
+    async fn drops_audio_of_interrupted_turns() {
+        let (sink_tx, sink_rx) = futures::channel::mpsc::channel::<Message>(64);
+        let (tx, rx) = mpsc::channel(16);
+        let out = OutboundTx::new(tx);
+        out.audio(1, Bytes::from_static(b"a1")).await.unwrap();
+        out.event(ServerEvent::ResponseInterrupted { turn_id: 1 }).unwrap();
+        out.audio(1, Bytes::from_static(b"late")).await.unwrap();
+        out.audio(2, Bytes::from_static(b"a2")).await.unwrap();
+        out.close(1000, "bye").await;
+        let exit = run_writer(sink_tx, rx, Duration::from_secs(1)).await;
+        assert_eq!(exit, WriterExit::Closed);
+        let frames: Vec<Message> = sink_rx.collect().await;
+        let binaries: Vec<&[u8]> = frames
+            .iter()
+            .filter_map(|m| match m {
+                Message::Binary(b) => Some(&b[..]),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(binaries, vec![&b"a1"[..], &b"a2"[..]]);
+        assert!(matches!(frames.last(), Some(Message::Close(Some(f))) if f.code == 1000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_reads_is_detected() {
+        // A sink with room for one frame that is never drained.
+        let (sink_tx, _sink_rx) = futures::channel::mpsc::channel::<Message>(0);
+        let (tx, rx) = mpsc::channel(16);
+        let out = OutboundTx::new(tx);
+        for i in 0..5 {
+            out.audio(1, Bytes::from(vec![i; 4])).await.unwrap();
+        }
+        let exit = run_writer(sink_tx, rx, Duration::from_secs(2)).await;
+        assert_eq!(exit, WriterExit::SlowConsumer);
+    }
+
+    #[tokio::test]
+    async fn full_queue_reports_slow_consumer() {
+        let (tx, _rx) = mpsc::channel(1);
+        let out = OutboundTx::new(tx);
+        out.event(ServerEvent::Pong { id: None }).unwrap();
+        assert_eq!(
+            out.event(ServerEvent::Pong { id: None }),
+            Err(SendError::Full)
+        );
+    }
+}

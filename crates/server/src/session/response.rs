@@ -1,0 +1,319 @@
+//! One assistant reply: LLM stream → splitter → TTS per sentence (the next sentence's request
+//! overlapping the current one's playback) → resampling → paced audio to the client.
+//!
+//! The reply runs as one task made of three cooperating futures joined with `try_join!`:
+//! the LLM reader, the TTS starter (which spawns one synthesis task per sentence into a
+//! `JoinSet`, at most `prefetch` at a time) and the forwarder (which plays the sentences'
+//! audio strictly in order). Barge-in aborts the task: dropping it drops the LLM stream, the
+//! `JoinSet` (aborting every synthesis request) and the channels, so nothing in flight is
+//! awaited. Progress — the text whose audio was completely sent, usage, timestamps — lives
+//! in a shared [`Progress`] the session reads after the task has ended.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use atlas_core::audio::{pcm_from_le_bytes, pcm_to_le_bytes, samples_to_duration};
+use atlas_core::latency::{TurnTimings, mark};
+use atlas_core::pacing::Pacer;
+use atlas_core::resample::StreamResampler;
+use atlas_core::splitter::{SentenceSplitter, SplitterConfig, speakable};
+use atlas_protocol::{ErrorCode, ServerEvent};
+use atlas_providers::ProviderError;
+use atlas_providers::llm::{LlmEvent, LlmProvider, LlmRequest, LlmUsage};
+use atlas_providers::tts::{TtsProvider, TtsRequest};
+
+use super::outbound::OutboundTx;
+
+/// Everything a reply needs.
+pub struct ResponseCtx {
+    /// Turn number.
+    pub turn_id: u64,
+    /// Language model.
+    pub llm: Arc<dyn LlmProvider>,
+    /// Speech synthesiser.
+    pub tts: Arc<dyn TtsProvider>,
+    /// The request (system prompt + bounded history).
+    pub request: LlmRequest,
+    /// Voice chosen by the client, if any.
+    pub voice: Option<String>,
+    /// Client's output sample rate.
+    pub out_rate: u32,
+    /// Queue to the client.
+    pub outbound: OutboundTx,
+    /// Audio lead over real-time playback.
+    pub lead: Duration,
+    /// Sentences synthesised at once.
+    pub prefetch: usize,
+    /// Splitting rules.
+    pub splitter: SplitterConfig,
+}
+
+/// Why a reply stopped early.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// Code for the client.
+    pub code: ErrorCode,
+    /// Bounded label for logs and metrics.
+    pub label: &'static str,
+    /// Detail for the log only.
+    pub detail: String,
+}
+
+impl Failure {
+    fn provider(code: ErrorCode, e: &ProviderError) -> Self {
+        Failure {
+            code,
+            label: e.label(),
+            detail: e.to_string(),
+        }
+    }
+
+    fn client_gone() -> Self {
+        Failure {
+            code: ErrorCode::SlowConsumer,
+            label: "client",
+            detail: "client queue closed or full".into(),
+        }
+    }
+}
+
+/// What a reply has done so far, shared with the session.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Stage timestamps.
+    pub timings: TurnTimings,
+    /// Text whose audio has been completely sent, sentence by sentence.
+    pub spoken: String,
+    /// All text the model produced.
+    pub generated: String,
+    /// Latest usage reported by the model.
+    pub llm_usage: LlmUsage,
+    /// Characters sent to synthesis.
+    pub tts_chars: u64,
+    /// Audio sent to the client.
+    pub audio_sent: Duration,
+    /// Set when the reply failed.
+    pub failure: Option<Failure>,
+}
+
+/// Locks the progress, tolerating a poisoned mutex (the data stays usable).
+pub fn lock(progress: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
+    progress.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A sentence being synthesised, handed to the forwarder in order.
+struct Job {
+    text: String,
+    audio: mpsc::Receiver<Result<Bytes, ProviderError>>,
+    /// Held until the sentence has been played out, bounding synthesis ahead of playback.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Runs the reply to completion (or failure, recorded in `progress`).
+pub async fn run(ctx: ResponseCtx, progress: Arc<Mutex<Progress>>) {
+    if let Err(failure) = run_inner(&ctx, &progress).await {
+        lock(&progress).failure = Some(failure);
+    }
+}
+
+async fn run_inner(ctx: &ResponseCtx, progress: &Arc<Mutex<Progress>>) -> Result<(), Failure> {
+    mark(&mut lock(progress).timings.llm_request, Instant::now().into_std());
+    let stream = ctx
+        .llm
+        .stream(ctx.request.clone())
+        .await
+        .map_err(|e| Failure::provider(ErrorCode::LlmFailed, &e))?;
+    let (sentence_tx, sentence_rx) = mpsc::channel::<String>(32);
+    let (job_tx, job_rx) = mpsc::channel::<Job>(ctx.prefetch);
+    tokio::try_join!(
+        read_llm(ctx, progress, stream, sentence_tx),
+        start_tts(ctx, progress, sentence_rx, job_tx),
+        forward_audio(ctx, progress, job_rx),
+    )?;
+    Ok(())
+}
+
+async fn read_llm(
+    ctx: &ResponseCtx,
+    progress: &Arc<Mutex<Progress>>,
+    mut stream: atlas_providers::llm::LlmStream,
+    sentences: mpsc::Sender<String>,
+) -> Result<(), Failure> {
+    let mut splitter = SentenceSplitter::new(ctx.splitter.clone());
+    let mut ready = Vec::new();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(LlmEvent::Delta(text)) => {
+                {
+                    let mut p = lock(progress);
+                    mark(&mut p.timings.llm_first_token, Instant::now().into_std());
+                    p.generated.push_str(&text);
+                }
+                splitter.push(&text, &mut ready);
+                ctx.outbound
+                    .event(ServerEvent::ResponseTextDelta {
+                        turn_id: ctx.turn_id,
+                        text,
+                    })
+                    .map_err(|_| Failure::client_gone())?;
+                for s in ready.drain(..) {
+                    if sentences.send(s).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(LlmEvent::Usage(u)) => lock(progress).llm_usage = u,
+            Ok(LlmEvent::Done { .. }) => break,
+            Err(e) => return Err(Failure::provider(ErrorCode::LlmFailed, &e)),
+        }
+    }
+    if let Some(rest) = splitter.finish() {
+        let _ = sentences.send(rest).await;
+    }
+    Ok(())
+}
+
+async fn start_tts(
+    ctx: &ResponseCtx,
+    progress: &Arc<Mutex<Progress>>,
+    mut sentences: mpsc::Receiver<String>,
+    jobs: mpsc::Sender<Job>,
+) -> Result<(), Failure> {
+    let permits = Arc::new(Semaphore::new(ctx.prefetch));
+    let mut synth = JoinSet::new();
+    while let Some(text) = sentences.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let (audio_tx, audio_rx) = mpsc::channel(32);
+        let request = TtsRequest {
+            text: speakable(&text),
+            voice: ctx.voice.clone(),
+        };
+        lock(progress).tts_chars += request.text.chars().count() as u64;
+        synth.spawn(synthesize(ctx.tts.clone(), request, audio_tx, progress.clone()));
+        let job = Job {
+            text,
+            audio: audio_rx,
+            _permit: permit,
+        };
+        if jobs.send(job).await.is_err() {
+            break;
+        }
+    }
+    drop(jobs);
+    // Keep the synthesis tasks alive until each has delivered its audio.
+    while synth.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn synthesize(
+    tts: Arc<dyn TtsProvider>,
+    request: TtsRequest,
+    audio: mpsc::Sender<Result<Bytes, ProviderError>>,
+    progress: Arc<Mutex<Progress>>,
+) {
+    mark(&mut lock(&progress).timings.tts_request, Instant::now().into_std());
+    let mut stream = match tts.synthesize(request).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = audio.send(Err(e)).await;
+            return;
+        }
+    };
+    while let Some(chunk) = stream.next().await {
+        let failed = chunk.is_err();
+        if chunk.is_ok() {
+            mark(&mut lock(&progress).timings.tts_first_audio, Instant::now().into_std());
+        }
+        if audio.send(chunk).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Largest audio frame sent to the client, in milliseconds.
+const MAX_FRAME_MS: u32 = 100;
+
+async fn forward_audio(
+    ctx: &ResponseCtx,
+    progress: &Arc<Mutex<Progress>>,
+    mut jobs: mpsc::Receiver<Job>,
+) -> Result<(), Failure> {
+    let in_rate = ctx.tts.sample_rate();
+    let mut resampler = StreamResampler::new(in_rate, ctx.out_rate).map_err(|e| Failure {
+        code: ErrorCode::Internal,
+        label: "resampler",
+        detail: e.to_string(),
+    })?;
+    let mut pacer = Pacer::new(ctx.lead);
+    let max_frame = (ctx.out_rate * MAX_FRAME_MS / 1000) as usize;
+    let mut samples_in = Vec::new();
+    let mut samples_out = Vec::new();
+    let mut carry: Option<u8> = None;
+    while let Some(mut job) = jobs.recv().await {
+        while let Some(chunk) = job.audio.recv().await {
+            let chunk = chunk.map_err(|e| Failure::provider(ErrorCode::TtsFailed, &e))?;
+            samples_in.clear();
+            let mut rest = &chunk[..];
+            if let Some(low) = carry.take() {
+                match rest.split_first() {
+                    Some((&high, tail)) => {
+                        samples_in.push(i16::from_le_bytes([low, high]));
+                        rest = tail;
+                    }
+                    None => carry = Some(low),
+                }
+            }
+            pcm_from_le_bytes(rest, &mut samples_in);
+            if rest.len() % 2 == 1 {
+                carry = rest.last().copied();
+            }
+            resampler.process(&samples_in, &mut samples_out);
+            send_frames(ctx, progress, &mut pacer, &mut samples_out, max_frame).await?;
+        }
+        carry = None;
+        resampler.flush(&mut samples_out);
+        send_frames(ctx, progress, &mut pacer, &mut samples_out, max_frame).await?;
+        let mut p = lock(progress);
+        if !p.spoken.is_empty() {
+            p.spoken.push(' ');
+        }
+        p.spoken.push_str(&job.text);
+    }
+    Ok(())
+}
+
+async fn send_frames(
+    ctx: &ResponseCtx,
+    progress: &Arc<Mutex<Progress>>,
+    pacer: &mut Pacer,
+    samples: &mut Vec<i16>,
+    max_frame: usize,
+) -> Result<(), Failure> {
+    for frame in samples.chunks(max_frame) {
+        let wait = pacer.delay(Instant::now().into_std());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let mut bytes = Vec::with_capacity(frame.len() * 2);
+        pcm_to_le_bytes(frame, &mut bytes);
+        ctx.outbound
+            .audio(ctx.turn_id, Bytes::from(bytes))
+            .await
+            .map_err(|_| Failure::client_gone())?;
+        let duration = samples_to_duration(frame.len() as u64, ctx.out_rate);
+        pacer.sent(duration);
+        let mut p = lock(progress);
+        mark(&mut p.timings.first_audio_sent, Instant::now().into_std());
+        p.audio_sent += duration;
+    }
+    samples.clear();
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! The session's connection to the speech recogniser: connects lazily without blocking the
+//! session loop, buffers audio while connecting, reconnects after a drop with backoff, and
+//! maps the recogniser's stream times back to session audio time across reconnections.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use atlas_providers::ProviderError;
+use atlas_providers::stt::{SttCommand, SttEvent, SttOptions, SttProvider, SttStream};
+
+type Connecting = Pin<Box<dyn Future<Output = Result<SttStream, ProviderError>> + Send>>;
+
+enum State {
+    /// Not connected; connect on the next audio (not before `retry_at`).
+    Idle,
+    /// Handshake in progress.
+    Connecting(Connecting),
+    /// Streaming.
+    Open(SttStream),
+}
+
+/// What the link reports to the session.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// A recognition result; times already mapped to session audio seconds.
+    Event(SttEvent),
+    /// The connection failed or dropped; it will be retried on the next audio.
+    Lost(ProviderError),
+}
+
+/// Most audio frames held while (re)connecting (about 5 s of 100 ms frames).
+const BACKLOG_FRAMES: usize = 50;
+
+/// The session's recogniser connection.
+pub struct SttLink {
+    provider: Arc<dyn SttProvider>,
+    options: SttOptions,
+    state: State,
+    /// Frames waiting for a connection, with their session audio position in seconds.
+    backlog: VecDeque<(Bytes, f64)>,
+    /// Session audio position of the first frame sent on the current connection.
+    offset_s: Option<f64>,
+    /// Consecutive failures (reset by a successful result).
+    failures: u32,
+    /// No reconnect before this.
+    retry_at: Option<Instant>,
+    /// Frames dropped because the recogniser fell behind.
+    pub dropped_frames: u64,
+}
+
+impl SttLink {
+    /// A link that will connect on the first audio.
+    pub fn new(provider: Arc<dyn SttProvider>, options: SttOptions) -> Self {
+        SttLink {
+            provider,
+            options,
+            state: State::Idle,
+            backlog: VecDeque::new(),
+            offset_s: None,
+            failures: 0,
+            retry_at: None,
+            dropped_frames: 0,
+        }
+    }
+
+    /// Consecutive failures so far.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Starts connecting now (at session start, to hide the handshake).
+    pub fn connect_now(&mut self) {
+        if matches!(self.state, State::Idle) {
+            let provider = self.provider.clone();
+            let options = self.options.clone();
+            self.state = State::Connecting(Box::pin(async move { provider.connect(options).await }));
+        }
+    }
+
+    /// Sends audio at session position `position_s`.
+    pub fn send_audio(&mut self, pcm: Bytes, position_s: f64) {
+        if let State::Open(stream) = &mut self.state {
+            self.offset_s.get_or_insert(position_s);
+            match stream.commands.try_send(SttCommand::Audio(pcm)) {
+                Ok(()) => return,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                    self.dropped_frames += 1;
+                    return;
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(SttCommand::Audio(pcm))) => {
+                    self.state = State::Idle;
+                    self.offset_s = None;
+                    self.queue(pcm, position_s);
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        } else {
+            self.queue(pcm, position_s);
+        }
+        if matches!(self.state, State::Idle) && self.retry_at.is_none_or(|t| Instant::now() >= t) {
+            self.connect_now();
+        }
+    }
+
+    fn queue(&mut self, pcm: Bytes, position_s: f64) {
+        if self.backlog.len() == BACKLOG_FRAMES {
+            self.backlog.pop_front();
+            self.dropped_frames += 1;
+        }
+        self.backlog.push_back((pcm, position_s));
+    }
+
+    /// Asks the recogniser to finalise what it has heard.
+    pub fn finalize(&mut self) {
+        if let State::Open(stream) = &self.state {
+            let _ = stream.commands.try_send(SttCommand::Finalize);
+        }
+    }
+
+    /// Closes the connection politely (the recogniser flushes and ends).
+    pub fn close(&mut self) {
+        if let State::Open(stream) = &self.state {
+            let _ = stream.commands.try_send(SttCommand::Close);
+        }
+        self.state = State::Idle;
+    }
+
+    /// The next thing that happens on the link; pending forever while idle.
+    pub async fn next(&mut self) -> LinkEvent {
+        loop {
+            match &mut self.state {
+                State::Idle => std::future::pending::<()>().await,
+                State::Connecting(fut) => match fut.await {
+                    Ok(stream) => {
+                        self.state = State::Open(stream);
+                        self.offset_s = None;
+                        self.flush_backlog();
+                    }
+                    Err(e) => return self.lost(e),
+                },
+                State::Open(stream) => match stream.events.recv().await {
+                    Some(Ok(event)) => {
+                        self.failures = 0;
+                        return LinkEvent::Event(self.map_times(event));
+                    }
+                    Some(Err(e)) => return self.lost(e),
+                    None => return self.lost(ProviderError::Closed("recogniser ended the stream".into())),
+                },
+            }
+        }
+    }
+
+    fn lost(&mut self, e: ProviderError) -> LinkEvent {
+        self.state = State::Idle;
+        self.offset_s = None;
+        self.failures += 1;
+        let backoff = Duration::from_millis(250 * (1 << self.failures.min(5)));
+        self.retry_at = Some(Instant::now() + backoff);
+        LinkEvent::Lost(e)
+    }
+
+    fn flush_backlog(&mut self) {
+        while let Some((pcm, position)) = self.backlog.pop_front() {
+            if let State::Open(stream) = &mut self.state {
+                self.offset_s.get_or_insert(position);
+                if stream.commands.try_send(SttCommand::Audio(pcm)).is_err() {
+                    self.dropped_frames += 1;
+                }
+            }
+        }
+    }
+
+    fn map_times(&self, event: SttEvent) -> SttEvent {
+        let offset = self.offset_s.unwrap_or(0.0);
+        let shift = |t: Option<f64>| t.map(|t| t + offset);
+        match event {
+            SttEvent::Final {
+                text,
+                speech_final,
+                from_finalize,
+                speech_end_s,
+            } => SttEvent::Final {
+                text,
+                speech_final,
+                from_finalize,
+                speech_end_s: shift(speech_end_s),
+            },
+            SttEvent::UtteranceEnd { last_word_end_s } => SttEvent::UtteranceEnd {
+                last_word_end_s: shift(last_word_end_s),
+            },
+            SttEvent::SpeechStarted { at_s } => SttEvent::SpeechStarted { at_s: shift(at_s) },
+            partial @ SttEvent::Partial { .. } => partial,
+        }
+    }
+}

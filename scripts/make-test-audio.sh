@@ -9,4 +9,4 @@ make() { # name text pad-before pad-after
   sox "$tmp/$1.wav" -r 16000 -c 1 -b 16 "$1_16k.wav" pad "$3" "$4"
 }
 make question "What is the weather like in Paris today?" 0.3 1.2
-make interrupt "Wait, stop. Tell me about Rome instead." 0.1 1.2
+make interrupt "Please tell me about Rome instead" 0.1 1.2

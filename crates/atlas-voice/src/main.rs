@@ -1,1 +1,243 @@
-fn main() {}
+//! The `atlas-voice` binary: `serve`, `fakes`, `call`, `token` and `loadtest`.
+
+mod bench;
+mod call;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
+use tracing_subscriber::EnvFilter;
+
+use atlas_fakes::{Fakes, FakesConfig};
+use atlas_server::config::{Config, DEV_JWT_SECRET, LlmKind, LogFormat, SttKind, TtsKind};
+use atlas_server::{Application, auth};
+
+#[derive(Parser)]
+#[command(name = "atlas-voice", version, about = "Real-time voice conversation server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Run fake Deepgram, Anthropic and OpenAI servers for development and tests.
+    Fakes(FakesArgs),
+    /// Talk to a server: stream a WAV file, save the reply audio.
+    Call(call::CallArgs),
+    /// Mint a development access token from the configured HS256 secret.
+    Token(TokenArgs),
+    /// Measure latency: sessions that speak and wait for the first reply audio.
+    Loadtest(bench::LoadtestArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Configuration file (TOML); the environment overrides it.
+    #[arg(long, env = "ATLAS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Development: start the provider fakes in-process and use them (implies dev mode).
+    #[arg(long)]
+    fakes: bool,
+}
+
+/// Latencies and behaviour of the provider fakes.
+#[derive(Args, Clone)]
+pub struct FakeLatencies {
+    /// STT: end of speech → final transcript, ms.
+    #[arg(long, default_value_t = 150)]
+    pub stt_final_ms: u64,
+    /// LLM: request → first token, ms.
+    #[arg(long, default_value_t = 300)]
+    pub llm_first_token_ms: u64,
+    /// LLM tokens per second after the first.
+    #[arg(long, default_value_t = 50.0)]
+    pub llm_tokens_per_s: f64,
+    /// TTS: request → first audio byte, ms.
+    #[arg(long, default_value_t = 200)]
+    pub tts_first_byte_ms: u64,
+    /// TTS streaming speed as a real-time factor.
+    #[arg(long, default_value_t = 4.0)]
+    pub tts_speed: f64,
+    /// TTS audio per input character, ms.
+    #[arg(long, default_value_t = 60)]
+    pub tts_ms_per_char: u32,
+}
+
+impl FakeLatencies {
+    /// The fakes' configuration for these latencies.
+    pub fn config(&self) -> FakesConfig {
+        let mut c = FakesConfig::default();
+        c.stt.final_delay = Duration::from_millis(self.stt_final_ms);
+        c.stt.silence_to_end = c.stt.silence_to_end.min(c.stt.final_delay);
+        c.llm.first_token = Duration::from_millis(self.llm_first_token_ms);
+        c.llm.tokens_per_s = self.llm_tokens_per_s;
+        c.tts.first_byte = Duration::from_millis(self.tts_first_byte_ms);
+        c.tts.speed = self.tts_speed;
+        c.tts.ms_per_char = self.tts_ms_per_char;
+        c
+    }
+}
+
+#[derive(Args)]
+struct FakesArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    listen: SocketAddr,
+    /// Require this API key from clients.
+    #[arg(long)]
+    api_key: Option<String>,
+    #[command(flatten)]
+    latencies: FakeLatencies,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// User id (`sub`).
+    #[arg(long, default_value = "dev-user")]
+    user: String,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl_s: u64,
+    /// Role claim.
+    #[arg(long, default_value = "authenticated")]
+    role: String,
+    /// Configuration file (for the secret and audience).
+    #[arg(long, env = "ATLAS_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Fakes(args) => {
+            init_logging(LogFormat::Text);
+            let mut config = args.latencies.config();
+            config.api_key = args.api_key;
+            let fakes = Fakes::start(config, args.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", args.listen))?;
+            println!("provider fakes listening on {}", fakes.addr());
+            println!("  ATLAS_DEEPGRAM_URL={}", fakes.deepgram_url());
+            println!("  ATLAS_ANTHROPIC_URL={}", fakes.anthropic_url());
+            println!("  ATLAS_OPENAI_URL={}", fakes.openai_url());
+            shutdown_signal().await;
+            fakes.shutdown().await;
+            Ok(())
+        }
+        Command::Call(args) => {
+            init_logging(LogFormat::Text);
+            call::run(args).await
+        }
+        Command::Token(args) => {
+            let config = Config::load_unvalidated(args.config.as_deref())?;
+            let secret = dev_or_configured_secret(&config)?;
+            let token = auth::mint_token(&secret, &args.user, &config.jwt_audience, &args.role, args.ttl_s)?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Loadtest(args) => {
+            init_logging(LogFormat::Text);
+            bench::run(args).await
+        }
+    }
+}
+
+/// The configured HS256 secret, or the development secret in dev mode.
+pub fn dev_or_configured_secret(config: &Config) -> anyhow::Result<SecretString> {
+    match (&config.jwt_secret, config.dev) {
+        (Some(s), _) => Ok(s.clone()),
+        (None, true) => Ok(SecretString::from(DEV_JWT_SECRET)),
+        (None, false) => anyhow::bail!(
+            "no ATLAS_JWT_SECRET configured (set it, or ATLAS_DEV=true for the development secret)"
+        ),
+    }
+}
+
+/// Points `config` at in-process fakes and turns on dev mode.
+pub fn wire_fakes(config: &mut Config, fakes: &Fakes) {
+    let key = || Some(SecretString::from("fake-key"));
+    config.dev = true;
+    config.stt = SttKind::Deepgram;
+    config.llm = LlmKind::Anthropic;
+    config.tts = TtsKind::Openai;
+    config.deepgram_url = fakes.deepgram_url();
+    config.anthropic_url = fakes.anthropic_url();
+    config.openai_url = fakes.openai_url();
+    config.deepgram_api_key = key();
+    config.anthropic_api_key = key();
+    config.openai_api_key = key();
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = Config::load_unvalidated(args.config.as_deref())?;
+    init_logging(config.log_format);
+    let fakes = if args.fakes {
+        let fakes = Fakes::start(FakesConfig::default(), SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        wire_fakes(&mut config, &fakes);
+        Some(fakes)
+    } else {
+        None
+    };
+    config.validate()?;
+    let app = Application::build(config.clone()).await?;
+    let addr = app.local_addr();
+    println!("atlas-voice listening on http://{addr}  (voice endpoint ws://{addr}/v1/voice)");
+    if fakes.is_some() {
+        let secret = dev_or_configured_secret(&config)?;
+        let token = auth::mint_token(&secret, "dev-user", &config.jwt_audience, "authenticated", 24 * 3600)?;
+        println!("development mode with provider fakes; try:");
+        println!("  atlas-voice call --url ws://{addr}/v1/voice --token {token} --input tests/audio/question_16k.wav --output reply.wav");
+    }
+    let stop = app.shutdown_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown signal received; draining");
+        stop.cancel();
+    });
+    app.run_until_stopped().await?;
+    if let Some(f) = fakes {
+        f.shutdown().await;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -87,7 +87,19 @@ impl SentenceSplitter {
         let mut chars = buf.char_indices().peekable();
         while let Some((i, c)) = chars.next() {
             let Some(&(j, next)) = chars.peek() else {
-                break;
+                // The buffer ends at punctuation. Cut now (instead of waiting a whole token for
+                // the next character) where the punctuation cannot be part of a number or an
+                // abbreviation: it follows a letter.
+                let prev = buf[..i].chars().next_back();
+                let after_letter = prev.is_some_and(char::is_alphabetic);
+                let len = buf[..i].trim_start().chars().count() + 1;
+                let end = i + c.len_utf8();
+                match c {
+                    '!' | '?' | '…' => return Some(end),
+                    '.' if after_letter && !ends_with_abbreviation(&buf[..i]) => return Some(end),
+                    ',' | ';' | ':' if after_letter && len >= clause_min => return Some(end),
+                    _ => break,
+                }
             };
             if c == '\n' {
                 return Some(j);
@@ -180,6 +192,20 @@ mod tests {
         s.push("5 euros, or 1,000 cents. Fine", &mut out);
         assert_eq!(out, vec!["It costs 3.5 euros,", "or 1,000 cents."]);
         assert_eq!(s.finish().as_deref(), Some("Fine"));
+    }
+
+    #[test]
+    fn cuts_at_the_end_of_the_buffer_when_unambiguous() {
+        let mut s = SentenceSplitter::new(SplitterConfig::default());
+        let mut out = Vec::new();
+        s.push("Sure,", &mut out);
+        assert_eq!(out, vec!["Sure,"]);
+        s.push(" it is 1,", &mut out);
+        assert_eq!(out.len(), 1, "a comma after a digit may be a thousands separator");
+        s.push("000 metres high. Dr.", &mut out);
+        assert_eq!(out, vec!["Sure,", "it is 1,000 metres high."]);
+        s.push(" Who? Yes", &mut out);
+        assert_eq!(out, vec!["Sure,", "it is 1,000 metres high.", "Dr. Who?"]);
     }
 
     #[test]

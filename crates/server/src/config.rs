@@ -274,8 +274,17 @@ pub fn known_env_vars() -> Vec<String> {
 pub struct ConfigError(pub String);
 
 impl Config {
-    /// Loads defaults, then `file` (or `ATLAS_CONFIG`) if given, then the environment.
+    /// Loads defaults, then `file` (or `ATLAS_CONFIG`) if given, then the environment, and
+    /// validates the result.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let config = Self::load_unvalidated(file)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Like [`Config::load`] without the final validation, for callers that adjust the
+    /// configuration first (they must call [`Config::validate`]).
+    pub fn load_unvalidated(file: Option<&Path>) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         let from_env = std::env::var_os("ATLAS_CONFIG").map(std::path::PathBuf::from);
         if let Some(path) = file.map(Path::to_path_buf).or(from_env) {
@@ -308,7 +317,6 @@ impl Config {
         let config: Config = figment
             .extract()
             .map_err(|e| ConfigError(describe_figment_error(e)))?;
-        config.validate()?;
         Ok(config)
     }
 

@@ -1,0 +1,262 @@
+//! `atlas-voice loadtest`: sessions that speak a question at real-time pace and measure the
+//! time from the end of their speech to the first reply audio.
+//!
+//! With `--spawn` the provider fakes and the server run in this process on loopback ports,
+//! wired together, with the fakes' latencies from the command line; otherwise `--url` and a
+//! token point at a running server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+use tokio::time::Instant;
+
+use atlas_client::{ConnectOptions, Incoming, connect, speech_end, stream_pcm, wav};
+use atlas_fakes::Fakes;
+use atlas_protocol::{AudioFormat, ClientMessage, ServerEvent, SessionStart};
+use atlas_server::config::Config;
+use atlas_server::{Application, auth};
+
+use crate::{FakeLatencies, dev_or_configured_secret, wire_fakes};
+
+/// Arguments of `loadtest`.
+#[derive(Args)]
+pub struct LoadtestArgs {
+    /// Start the fakes and a server in this process and measure against them.
+    #[arg(long)]
+    spawn: bool,
+    /// Voice endpoint of a running server (without --spawn).
+    #[arg(long)]
+    url: Option<String>,
+    /// Access token for a running server (without --spawn).
+    #[arg(long, env = "ATLAS_TOKEN")]
+    token: Option<String>,
+    /// Concurrent sessions.
+    #[arg(long, default_value_t = 1)]
+    sessions: usize,
+    /// Questions asked one after another by each session.
+    #[arg(long, default_value_t = 1)]
+    turns: usize,
+    /// Delay between session starts, ms.
+    #[arg(long, default_value_t = 50)]
+    ramp_ms: u64,
+    /// The question (16-bit PCM WAV at 8, 16, 24 or 48 kHz).
+    #[arg(long, default_value = "tests/audio/question_16k.wav")]
+    input: PathBuf,
+    /// Audio chunk length sent by each client, ms.
+    #[arg(long, default_value_t = 100)]
+    chunk_ms: u32,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    latencies: FakeLatencies,
+}
+
+#[derive(Default)]
+struct Sample {
+    /// End of speech → first reply audio at the client.
+    voice_to_voice: Vec<Duration>,
+    /// End of speech → `transcript.final` at the client.
+    to_final: Vec<Duration>,
+    /// The server's own `to_first_audio`.
+    server_reported: Vec<u64>,
+    errors: Vec<String>,
+}
+
+/// Runs the load test and prints the summary.
+pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
+    let (samples, rate) = wav::read(&args.input)?;
+    let eos = speech_end(&samples, rate, -40.0).context("the input has no speech")?;
+    let mut _keep = None;
+    let (url, token) = if args.spawn {
+        let fakes = Fakes::start(args.latencies.config(), SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let mut config = Config::load_unvalidated(None)?;
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        wire_fakes(&mut config, &fakes);
+        config.max_sessions_per_user = u32::MAX;
+        let app = Application::build(config.clone()).await?;
+        let addr = app.local_addr();
+        let stop = app.shutdown_token();
+        tokio::spawn(app.run_until_stopped());
+        let secret = dev_or_configured_secret(&config)?;
+        let token = auth::mint_token(&secret, "loadtest", &config.jwt_audience, "authenticated", 3600)?;
+        _keep = Some((fakes, stop));
+        (format!("ws://{addr}/v1/voice"), token)
+    } else {
+        (
+            args.url.clone().context("--url is required without --spawn")?,
+            args.token.clone().context("--token is required without --spawn")?,
+        )
+    };
+    let mut audio = samples;
+    audio.extend(std::iter::repeat_n(0i16, rate as usize * 2));
+    let audio = std::sync::Arc::new(audio);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..args.sessions {
+        let (url, token, audio) = (url.clone(), token.clone(), audio.clone());
+        let (turns, chunk_ms) = (args.turns, args.chunk_ms);
+        let delay = Duration::from_millis(args.ramp_ms * i as u64);
+        tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            one_session(&url, &token, &audio, rate, eos, turns, chunk_ms).await
+        });
+    }
+    let mut all = Sample::default();
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(s) => {
+                all.voice_to_voice.extend(s.voice_to_voice);
+                all.server_reported.extend(s.server_reported);
+                all.to_final.extend(s.to_final);
+                all.errors.extend(s.errors);
+            }
+            Err(e) => all.errors.push(e.to_string()),
+        }
+    }
+    report(&args, &all, started.elapsed());
+    if let Some((fakes, stop)) = _keep {
+        stop.cancel();
+        fakes.shutdown().await;
+    }
+    if all.voice_to_voice.is_empty() {
+        anyhow::bail!("no session got a reply");
+    }
+    Ok(())
+}
+
+async fn one_session(
+    url: &str,
+    token: &str,
+    audio: &[i16],
+    rate: u32,
+    eos: Duration,
+    turns: usize,
+    chunk_ms: u32,
+) -> Sample {
+    let mut out = Sample::default();
+    let mut conn = match connect(&ConnectOptions::new(url, token)).await {
+        Ok(c) => c,
+        Err(e) => {
+            out.errors.push(e.to_string());
+            return out;
+        }
+    };
+    let start = ClientMessage::SessionStart(SessionStart {
+        input_audio: AudioFormat { sample_rate: rate, ..AudioFormat::DEFAULT_INPUT },
+        ..SessionStart::default()
+    });
+    if let Err(e) = conn.sender.send(&start).await {
+        out.errors.push(e.to_string());
+        return out;
+    }
+    for _ in 0..turns {
+        let sender = conn.sender.clone();
+        let audio = audio.to_vec();
+        let streaming = tokio::spawn(async move { stream_pcm(&sender, &audio, rate, chunk_ms, 1.0).await });
+        let mut final_at = None;
+        let mut first_audio = None;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let item = match tokio::time::timeout_at(deadline, conn.incoming.recv()).await {
+                Ok(Some(i)) => i,
+                Ok(None) | Err(_) => {
+                    out.errors.push("no reply within 60 s".into());
+                    return out;
+                }
+            };
+            match item {
+                Incoming::Audio { at, .. } => {
+                    first_audio.get_or_insert(at);
+                }
+                Incoming::Event { event: ServerEvent::ResponseDone { latency_ms, .. }, .. } => {
+                    if let Some(v) = latency_ms.to_first_audio {
+                        out.server_reported.push(v);
+                    }
+                    break;
+                }
+                Incoming::Event { event: ServerEvent::Error { code, fatal: true, .. }, .. } => {
+                    out.errors.push(format!("fatal error {}", code.as_str()));
+                    return out;
+                }
+                Incoming::Event { event: ServerEvent::TranscriptFinal { .. }, at } => {
+                    final_at.get_or_insert(at);
+                }
+                Incoming::Closed { code, reason, .. } => {
+                    out.errors.push(format!("closed {code:?} {reason}"));
+                    return out;
+                }
+                _ => {}
+            }
+        }
+        let began = match streaming.await {
+            Ok(Ok(t)) => t,
+            _ => {
+                out.errors.push("audio streaming failed".into());
+                return out;
+            }
+        };
+        if let Some(first) = first_audio {
+            out.voice_to_voice.push(first.saturating_duration_since(began + eos));
+        }
+        if let Some(f) = final_at {
+            out.to_final.push(f.saturating_duration_since(began + eos));
+        }
+    }
+    let _ = conn.sender.send(&ClientMessage::SessionEnd).await;
+    out
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration) {
+    let mut v = s.voice_to_voice.clone();
+    v.sort();
+    let floor = Duration::from_millis(
+        args.latencies.stt_final_ms + args.latencies.llm_first_token_ms + args.latencies.tts_first_byte_ms,
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let (p50, p95, p99) = (percentile(&v, 0.5), percentile(&v, 0.95), percentile(&v, 0.99));
+    let max = v.last().copied().unwrap_or_default();
+    let overhead = |d: Duration| ms(d) - ms(floor);
+    let mut finals = s.to_final.clone();
+    finals.sort();
+    let mut server = s.server_reported.clone();
+    server.sort();
+    let server_p50 = server.get(server.len() / 2).copied().unwrap_or(0);
+    if args.json {
+        let out = json!({
+            "sessions": args.sessions, "turns": args.turns, "chunk_ms": args.chunk_ms,
+            "replies": v.len(), "errors": s.errors.len(),
+            "fakes_floor_ms": ms(floor),
+            "voice_to_voice_ms": {"p50": ms(p50), "p95": ms(p95), "p99": ms(p99), "max": ms(max)},
+            "overhead_ms": {"p50": overhead(p50), "p95": overhead(p95), "p99": overhead(p99)},
+            "end_of_speech_to_final_ms": {"p50": ms(percentile(&finals, 0.5)), "p99": ms(percentile(&finals, 0.99))},
+            "server_reported_to_first_audio_ms_p50": server_p50,
+            "elapsed_s": elapsed.as_secs_f64(),
+        });
+        println!("{out}");
+    } else {
+        println!("sessions {} × turns {} (chunk {} ms): {} replies, {} errors in {:.1} s",
+            args.sessions, args.turns, args.chunk_ms, v.len(), s.errors.len(), elapsed.as_secs_f64());
+        println!("end of speech → first reply audio: p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  max {:.0} ms",
+            ms(p50), ms(p95), ms(p99), ms(max));
+        println!("fakes' floor {:.0} ms → overhead p50 {:+.0} ms  p95 {:+.0} ms  p99 {:+.0} ms",
+            ms(floor), overhead(p50), overhead(p95), overhead(p99));
+        println!("end of speech → transcript.final: p50 {:.0} ms; server-reported to_first_audio p50 {server_p50} ms",
+            ms(percentile(&finals, 0.5)));
+        for e in s.errors.iter().take(5) {
+            println!("error: {e}");
+        }
+    }
+}

@@ -1,0 +1,928 @@
+//! Fake LLMs: Anthropic Messages (`POST /v1/messages`) and OpenAI Chat Completions
+//! (`POST /v1/chat/completions`), streaming (SSE) and non-streaming.
+//!
+//! Both reply with the same text ([`crate::LlmFakeConfig::reply`] or an echo of the last user
+//! message), split into whitespace-led tokens released at `first_token`, then every
+//! `1 / tokens_per_s`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::pacing::{Step, Timed, paced_body};
+use crate::state::Shared;
+use crate::{Fault, LlmFakeConfig, Target, errors, util};
+
+/// Mid-stream faults fire after this many text tokens.
+const FAULT_AFTER_TOKENS: usize = 3;
+
+/// What the two chat APIs have in common once validated.
+#[derive(Debug)]
+struct ChatRequest {
+    model: String,
+    max_tokens: Option<u64>,
+    stream: bool,
+    include_usage: bool,
+    /// Characters of the system prompt and of every message's text.
+    input_chars: usize,
+    /// Text of the last user message ("" when there is none).
+    last_user: String,
+}
+
+/// A 400 with OpenAI's `param` / `code` detail (Anthropic uses only the message).
+#[derive(Debug)]
+struct BadRequest {
+    message: String,
+    param: Option<String>,
+    code: Option<&'static str>,
+}
+
+impl BadRequest {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            param: None,
+            code: None,
+        }
+    }
+
+    fn param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    fn code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+}
+
+/// A mid-stream fault as the token loop sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MidFault {
+    Drop,
+    Error,
+}
+
+fn mid_fault(fault: &Option<Fault>) -> Option<MidFault> {
+    match fault {
+        Some(Fault::DropMidStream) => Some(MidFault::Drop),
+        Some(Fault::MidStreamError) => Some(MidFault::Error),
+        _ => None,
+    }
+}
+
+/// When each token of the reply is released.
+struct Plan {
+    tokens: Vec<String>,
+    /// Tokens actually emitted (`max_tokens` may cut the reply).
+    emitted: usize,
+    /// Whether `max_tokens` cut the reply.
+    truncated: bool,
+    input_tokens: u64,
+    first: Instant,
+    interval: Duration,
+}
+
+impl Plan {
+    fn new(config: &LlmFakeConfig, req: &ChatRequest, started: Instant) -> Self {
+        let reply = match &config.reply {
+            Some(reply) => reply.clone(),
+            None => format!(
+                "Sure, you asked: {}. This is a reply from the fake model. Is there anything else?",
+                req.last_user.trim()
+            ),
+        };
+        let tokens = tokenize(&reply);
+        let limit = req
+            .max_tokens
+            .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
+        let emitted = tokens.len().min(limit);
+        let interval = if config.tokens_per_s.is_finite() && config.tokens_per_s > 0.0 {
+            Duration::from_secs_f64(1.0 / config.tokens_per_s)
+        } else {
+            Duration::ZERO
+        };
+        Self {
+            truncated: emitted < tokens.len(),
+            tokens,
+            emitted,
+            input_tokens: util::estimate_tokens(req.input_chars),
+            first: started + config.first_token,
+            interval,
+        }
+    }
+
+    /// When token `i` is due.
+    fn token_at(&self, i: usize) -> Instant {
+        self.first + self.interval.mul_f64(i as f64)
+    }
+
+    /// When the last token is due (the first-token time for an empty reply).
+    fn end_at(&self) -> Instant {
+        self.token_at(self.emitted.saturating_sub(1))
+    }
+
+    fn text(&self) -> String {
+        self.tokens[..self.emitted].concat()
+    }
+
+    /// Pushes one step per emitted token (made by `delta`), or the fault step made by `fault`
+    /// after [`FAULT_AFTER_TOKENS`] tokens. Returns true when a fault was pushed (the stream
+    /// must end there).
+    fn push_tokens(
+        &self,
+        steps: &mut Vec<Timed>,
+        fault: Option<MidFault>,
+        delta: impl Fn(&str) -> String,
+        fault_step: impl Fn(MidFault, Instant) -> Timed,
+    ) -> bool {
+        for i in 0..self.emitted {
+            if i == FAULT_AFTER_TOKENS
+                && let Some(f) = fault
+            {
+                steps.push(fault_step(f, self.token_at(i)));
+                return true;
+            }
+            steps.push(Timed::data(self.token_at(i), delta(&self.tokens[i])));
+        }
+        if let Some(f) = fault {
+            steps.push(fault_step(f, self.token_at(self.emitted)));
+            return true;
+        }
+        false
+    }
+}
+
+/// Splits text into tokens: each token is a run of non-whitespace together with the whitespace
+/// before it (so punctuation stays attached and concatenating the tokens gives the text back).
+pub(crate) fn tokenize(text: &str) -> Vec<String> {
+    let mut tokens = Vec::new();
+    let mut current = String::new();
+    let mut in_word = false;
+    for ch in text.chars() {
+        if ch.is_whitespace() {
+            if in_word {
+                tokens.push(std::mem::take(&mut current));
+                in_word = false;
+            }
+        } else {
+            in_word = true;
+        }
+        current.push(ch);
+    }
+    if !current.is_empty() {
+        match tokens.last_mut() {
+            // Trailing whitespace belongs to the last token.
+            Some(last) if !in_word => last.push_str(&current),
+            _ => tokens.push(current),
+        }
+    }
+    tokens
+}
+
+fn sse_event(event: &str, data: &Value) -> String {
+    format!("event: {event}\ndata: {data}\n\n")
+}
+
+fn sse_response(steps: Vec<Timed>, shared: &Shared, id_header: (&'static str, String)) -> Response {
+    let mut response = paced_body(steps.into_iter(), shared.shutdown.clone()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Ok(v) = HeaderValue::from_str(&id_header.1) {
+        headers.insert(id_header.0, v);
+    }
+    response
+}
+
+/// Sleeps until `at`; false if the fakes shut down first.
+async fn sleep_until(shared: &Shared, at: Instant) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep_until(at) => true,
+        _ = shared.shutdown.cancelled() => false,
+    }
+}
+
+/// A 200 whose body aborts at `at` (non-streaming `DropMidStream`).
+fn aborted_response(shared: &Shared, at: Instant) -> Response {
+    let steps = vec![Timed {
+        at,
+        step: Step::Abort,
+    }];
+    let mut response = paced_body(steps.into_iter(), shared.shutdown.clone()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+// ---------------------------------------------------------------------------------------------
+// Anthropic
+
+/// `POST /v1/messages`.
+pub(crate) async fn anthropic_messages(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let fault = shared.take_fault(Target::Anthropic);
+    let parsed = serde_json::from_slice::<Value>(&body);
+    if let Ok(v) = &parsed {
+        shared.recorder.llm_request(Target::Anthropic, v.clone());
+    }
+    if let Some(Fault::Status {
+        status,
+        retry_after_s,
+    }) = fault
+    {
+        return errors::anthropic(status, None, retry_after_s);
+    }
+    if let Some(key) = &shared.config.api_key {
+        let given = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+        if given != Some(key.as_str()) {
+            return errors::anthropic(401, Some("invalid x-api-key"), None);
+        }
+    }
+    if !headers.contains_key("anthropic-version") {
+        return errors::anthropic(400, Some("anthropic-version: header is required"), None);
+    }
+    let body = match parsed {
+        Ok(v) => v,
+        Err(e) => {
+            return errors::anthropic(
+                400,
+                Some(&format!("There was an error parsing the body: {e}")),
+                None,
+            );
+        }
+    };
+    let req = match parse_anthropic(&body) {
+        Ok(req) => req,
+        Err(bad) => return errors::anthropic(400, Some(&bad.message), None),
+    };
+    let plan = Plan::new(&shared.config.llm, &req, started);
+    if req.stream {
+        anthropic_stream(&shared, &req, &plan, fault)
+    } else {
+        anthropic_message(&shared, &req, &plan, fault).await
+    }
+}
+
+fn parse_anthropic(v: &Value) -> Result<ChatRequest, BadRequest> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| BadRequest::new("body: Input should be a valid dictionary"))?;
+    let model = obj
+        .get("model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| BadRequest::new("model: Field required"))?;
+    let max_tokens = match obj.get("max_tokens") {
+        None => return Err(BadRequest::new("max_tokens: Field required")),
+        Some(m) => m.as_u64().filter(|&m| m >= 1).ok_or_else(|| {
+            BadRequest::new("max_tokens: Input should be an integer greater than or equal to 1")
+        })?,
+    };
+    let messages = obj
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| BadRequest::new("messages: Field required"))?;
+    if messages.is_empty() {
+        return Err(BadRequest::new(
+            "messages: at least one message is required",
+        ));
+    }
+    let mut input_chars = 0;
+    match obj.get("system") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => input_chars += s.chars().count(),
+        Some(Value::Array(blocks)) => {
+            input_chars += blocks_text(blocks, "system")?.chars().count();
+        }
+        Some(_) => {
+            return Err(BadRequest::new(
+                "system: Input should be a valid string or a list of text blocks",
+            ));
+        }
+    }
+    let mut last_user = String::new();
+    for (i, m) in messages.iter().enumerate() {
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| BadRequest::new(format!("messages.{i}.role: Field required")))?;
+        if role != "user" && role != "assistant" {
+            return Err(BadRequest::new(format!(
+                "messages.{i}.role: Input should be 'user' or 'assistant'"
+            )));
+        }
+        let text = match m.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(blocks)) => blocks_text(blocks, &format!("messages.{i}.content"))?,
+            Some(_) => {
+                return Err(BadRequest::new(format!(
+                    "messages.{i}.content: Input should be a valid string or a list of content blocks"
+                )));
+            }
+            None => {
+                return Err(BadRequest::new(format!(
+                    "messages.{i}.content: Field required"
+                )));
+            }
+        };
+        input_chars += text.chars().count();
+        if role == "user" {
+            last_user = text;
+        }
+    }
+    Ok(ChatRequest {
+        model: model.to_owned(),
+        max_tokens: Some(max_tokens),
+        stream: obj.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        include_usage: true,
+        input_chars,
+        last_user,
+    })
+}
+
+/// Text of Anthropic content blocks (text blocks joined by a space; other block types ignored).
+fn blocks_text(blocks: &[Value], path: &str) -> Result<String, BadRequest> {
+    let mut texts = Vec::new();
+    for (j, block) in blocks.iter().enumerate() {
+        let kind = block
+            .get("type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| BadRequest::new(format!("{path}.{j}.type: Field required")))?;
+        if kind == "text" {
+            let text = block
+                .get("text")
+                .and_then(Value::as_str)
+                .ok_or_else(|| BadRequest::new(format!("{path}.{j}.text: Field required")))?;
+            texts.push(text);
+        }
+    }
+    Ok(texts.join(" "))
+}
+
+fn anthropic_stream(
+    shared: &Shared,
+    req: &ChatRequest,
+    plan: &Plan,
+    fault: Option<Fault>,
+) -> Response {
+    let id = util::prefixed_id("msg_");
+    let now = Instant::now();
+    let message_start = sse_event(
+        "message_start",
+        &json!({
+            "type": "message_start",
+            "message": {
+                "id": id,
+                "type": "message",
+                "role": "assistant",
+                "model": req.model,
+                "content": [],
+                "stop_reason": null,
+                "stop_sequence": null,
+                "usage": {
+                    "input_tokens": plan.input_tokens,
+                    "cache_creation_input_tokens": 0,
+                    "cache_read_input_tokens": 0,
+                    "output_tokens": 1,
+                },
+            },
+        }),
+    );
+    let request_id = ("request-id", util::prefixed_id("req_"));
+    let mut steps = Vec::with_capacity(plan.emitted + 3);
+    if matches!(fault, Some(Fault::Stall)) {
+        steps.push(Timed::data(now, message_start));
+        steps.push(Timed {
+            at: now,
+            step: Step::Stall,
+        });
+        return sse_response(steps, shared, request_id);
+    }
+    let mut head = message_start;
+    head.push_str(&sse_event(
+        "content_block_start",
+        &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ));
+    head.push_str(&sse_event("ping", &json!({"type": "ping"})));
+    steps.push(Timed::data(now, head));
+
+    let faulted = plan.push_tokens(
+        &mut steps,
+        mid_fault(&fault),
+        |text| {
+            sse_event(
+                "content_block_delta",
+                &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+            )
+        },
+        |f, at| match f {
+            MidFault::Drop => Timed {
+                at,
+                step: Step::Abort,
+            },
+            MidFault::Error => Timed::data(
+                at,
+                sse_event(
+                    "error",
+                    &json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+                ),
+            ),
+        },
+    );
+    if !faulted {
+        let stop_reason = if plan.truncated {
+            "max_tokens"
+        } else {
+            "end_turn"
+        };
+        let mut tail = sse_event(
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": 0}),
+        );
+        tail.push_str(&sse_event(
+            "message_delta",
+            &json!({
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": null},
+                "usage": {"output_tokens": plan.emitted},
+            }),
+        ));
+        tail.push_str(&sse_event("message_stop", &json!({"type": "message_stop"})));
+        steps.push(Timed::data(plan.end_at(), tail));
+    }
+    sse_response(steps, shared, request_id)
+}
+
+async fn anthropic_message(
+    shared: &Shared,
+    req: &ChatRequest,
+    plan: &Plan,
+    fault: Option<Fault>,
+) -> Response {
+    match fault {
+        Some(Fault::Stall) => {
+            shared.shutdown.cancelled().await;
+            return errors::anthropic(500, None, None);
+        }
+        Some(Fault::MidStreamError) => return errors::anthropic(529, None, None),
+        Some(Fault::DropMidStream) => return aborted_response(shared, plan.first),
+        _ => {}
+    }
+    if !sleep_until(shared, plan.end_at()).await {
+        return errors::anthropic(500, None, None);
+    }
+    let body = json!({
+        "id": util::prefixed_id("msg_"),
+        "type": "message",
+        "role": "assistant",
+        "model": req.model,
+        "content": [{"type": "text", "text": plan.text()}],
+        "stop_reason": if plan.truncated { "max_tokens" } else { "end_turn" },
+        "stop_sequence": null,
+        "usage": {
+            "input_tokens": plan.input_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": plan.emitted,
+        },
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&util::prefixed_id("req_")) {
+        headers.insert("request-id", v);
+    }
+    (headers, body.to_string()).into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// OpenAI
+
+/// `POST /v1/chat/completions`.
+pub(crate) async fn openai_chat(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let fault = shared.take_fault(Target::OpenAiChat);
+    let parsed = serde_json::from_slice::<Value>(&body);
+    if let Ok(v) = &parsed {
+        shared.recorder.llm_request(Target::OpenAiChat, v.clone());
+    }
+    if let Some(Fault::Status {
+        status,
+        retry_after_s,
+    }) = fault
+    {
+        return errors::openai(status, None, None, None, retry_after_s);
+    }
+    if let Some(response) = check_bearer(&shared, &headers) {
+        return response;
+    }
+    let body = match parsed {
+        Ok(v) => v,
+        Err(e) => {
+            return errors::openai(
+                400,
+                Some(&format!(
+                    "We could not parse the JSON body of your request. ({e})"
+                )),
+                None,
+                None,
+                None,
+            );
+        }
+    };
+    let req = match parse_openai(&body) {
+        Ok(req) => req,
+        Err(bad) => {
+            return errors::openai(
+                400,
+                Some(&bad.message),
+                bad.param.as_deref(),
+                bad.code,
+                None,
+            );
+        }
+    };
+    let plan = Plan::new(&shared.config.llm, &req, started);
+    if req.stream {
+        openai_stream(&shared, &req, &plan, fault)
+    } else {
+        openai_completion(&shared, &req, &plan, fault).await
+    }
+}
+
+/// Checks `Authorization: Bearer <key>` when a key is configured (OpenAI chat and TTS);
+/// `Some` is the 401 to answer with.
+pub(crate) fn check_bearer(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
+    let Some(key) = &shared.config.api_key else {
+        return None;
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match given.and_then(|v| v.strip_prefix("Bearer ")) {
+        Some(token) if token.trim() == key => None,
+        Some(_) => Some(errors::openai(401, None, None, None, None)),
+        None => Some(errors::openai(
+            401,
+            Some(
+                "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            ),
+            None,
+            None,
+            None,
+        )),
+    }
+}
+
+fn parse_openai(v: &Value) -> Result<ChatRequest, BadRequest> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| BadRequest::new("Invalid request body: expected a JSON object."))?;
+    let model = obj
+        .get("model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| BadRequest::new("you must provide a model parameter"))?;
+    let messages = obj
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            BadRequest::new("Missing required parameter: 'messages'.")
+                .param("messages")
+                .code("missing_required_parameter")
+        })?;
+    if messages.is_empty() {
+        return Err(BadRequest::new(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+        )
+        .param("messages")
+        .code("empty_array"));
+    }
+    let mut input_chars = 0;
+    let mut last_user = String::new();
+    for (i, m) in messages.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
+            BadRequest::new(format!("Missing required parameter: 'messages[{i}].role'."))
+                .param(format!("messages[{i}].role"))
+                .code("missing_required_parameter")
+        })?;
+        if !matches!(
+            role,
+            "system" | "developer" | "user" | "assistant" | "tool" | "function"
+        ) {
+            return Err(BadRequest::new(format!(
+                "Invalid value: '{role}'. Supported values are: 'system', 'developer', 'assistant', 'user', 'tool', and 'function'."
+            ))
+            .param(format!("messages[{i}].role"))
+            .code("invalid_value"));
+        }
+        let text = match m.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => {
+                let mut texts = Vec::new();
+                for part in parts {
+                    if part.get("type").and_then(Value::as_str) == Some("text") {
+                        let text = part.get("text").and_then(Value::as_str).ok_or_else(|| {
+                            BadRequest::new(format!(
+                                "Missing required parameter: 'messages[{i}].content[].text'."
+                            ))
+                            .param(format!("messages[{i}].content"))
+                            .code("missing_required_parameter")
+                        })?;
+                        texts.push(text);
+                    }
+                }
+                texts.join(" ")
+            }
+            Some(Value::Null) | None if role == "assistant" => String::new(),
+            _ => {
+                return Err(BadRequest::new(format!(
+                    "Missing required parameter: 'messages[{i}].content'."
+                ))
+                .param(format!("messages[{i}].content"))
+                .code("missing_required_parameter"));
+            }
+        };
+        input_chars += text.chars().count();
+        if role == "user" {
+            last_user = text;
+        }
+    }
+    let max_tokens = match obj
+        .get("max_completion_tokens")
+        .filter(|v| !v.is_null())
+        .map(|v| ("max_completion_tokens", v))
+        .or_else(|| {
+            obj.get("max_tokens")
+                .filter(|v| !v.is_null())
+                .map(|v| ("max_tokens", v))
+        }) {
+        None => None,
+        Some((name, v)) => Some(v.as_u64().filter(|&m| m >= 1).ok_or_else(|| {
+            BadRequest::new(format!(
+                "Invalid '{name}': expected an integer greater than or equal to 1."
+            ))
+            .param(name)
+            .code("invalid_value")
+        })?),
+    };
+    let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let stream_options = obj.get("stream_options").filter(|v| !v.is_null());
+    if stream_options.is_some() && !stream {
+        return Err(BadRequest::new(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+        )
+        .param("stream_options")
+        .code("invalid_value"));
+    }
+    let include_usage = stream_options
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(ChatRequest {
+        model: model.to_owned(),
+        max_tokens,
+        stream,
+        include_usage,
+        input_chars,
+        last_user,
+    })
+}
+
+fn openai_usage(plan: &Plan) -> Value {
+    let completion = plan.emitted as u64;
+    json!({
+        "prompt_tokens": plan.input_tokens,
+        "completion_tokens": completion,
+        "total_tokens": plan.input_tokens + completion,
+    })
+}
+
+fn openai_stream(
+    shared: &Shared,
+    req: &ChatRequest,
+    plan: &Plan,
+    fault: Option<Fault>,
+) -> Response {
+    let id = util::prefixed_id("chatcmpl-");
+    let request_id = ("x-request-id", util::prefixed_id("req_"));
+    if matches!(fault, Some(Fault::Stall)) {
+        let steps = vec![Timed {
+            at: Instant::now(),
+            step: Step::Stall,
+        }];
+        return sse_response(steps, shared, request_id);
+    }
+    let created = util::unix_secs();
+    let include_usage = req.include_usage;
+    let chunk = |delta: Value, finish_reason: Value| {
+        let mut c = json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": req.model,
+            "system_fingerprint": null,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}],
+        });
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        format!("data: {c}\n\n")
+    };
+
+    let mut steps = Vec::with_capacity(plan.emitted + 3);
+    steps.push(Timed::data(
+        plan.first,
+        chunk(
+            json!({"role": "assistant", "content": "", "refusal": null}),
+            Value::Null,
+        ),
+    ));
+    let faulted = plan.push_tokens(
+        &mut steps,
+        mid_fault(&fault),
+        |text| chunk(json!({"content": text}), Value::Null),
+        |f, at| match f {
+            MidFault::Drop => Timed {
+                at,
+                step: Step::Abort,
+            },
+            MidFault::Error => Timed::data(
+                at,
+                format!(
+                    "data: {}\n\n",
+                    json!({"error": {
+                        "message": "The server had an error while processing your request. Sorry about that!",
+                        "type": "server_error",
+                        "param": null,
+                        "code": null,
+                    }})
+                ),
+            ),
+        },
+    );
+    if !faulted {
+        let finish = if plan.truncated { "length" } else { "stop" };
+        let mut tail = chunk(json!({}), json!(finish));
+        if include_usage {
+            let usage = json!({
+                "id": id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": req.model,
+                "system_fingerprint": null,
+                "choices": [],
+                "usage": openai_usage(plan),
+            });
+            tail.push_str(&format!("data: {usage}\n\n"));
+        }
+        tail.push_str("data: [DONE]\n\n");
+        steps.push(Timed::data(plan.end_at(), tail));
+    }
+    sse_response(steps, shared, request_id)
+}
+
+async fn openai_completion(
+    shared: &Shared,
+    req: &ChatRequest,
+    plan: &Plan,
+    fault: Option<Fault>,
+) -> Response {
+    match fault {
+        Some(Fault::Stall) => {
+            shared.shutdown.cancelled().await;
+            return errors::openai(500, None, None, None, None);
+        }
+        Some(Fault::MidStreamError) => return errors::openai(500, None, None, None, None),
+        Some(Fault::DropMidStream) => return aborted_response(shared, plan.first),
+        _ => {}
+    }
+    if !sleep_until(shared, plan.end_at()).await {
+        return errors::openai(500, None, None, None, None);
+    }
+    let body = json!({
+        "id": util::prefixed_id("chatcmpl-"),
+        "object": "chat.completion",
+        "created": util::unix_secs(),
+        "model": req.model,
+        "system_fingerprint": null,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": plan.text(), "refusal": null},
+            "logprobs": null,
+            "finish_reason": if plan.truncated { "length" } else { "stop" },
+        }],
+        "usage": openai_usage(plan),
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    (headers, body.to_string()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokenize_keeps_leading_space_and_punctuation() {
+        let toks = tokenize("Sure, you asked: hi.  Bye!");
+        assert_eq!(toks, vec!["Sure,", " you", " asked:", " hi.", "  Bye!"]);
+        assert_eq!(toks.concat(), "Sure, you asked: hi.  Bye!");
+        assert_eq!(tokenize(" lead trail "), vec![" lead", " trail "]);
+        assert!(tokenize("").is_empty());
+        assert_eq!(tokenize("   "), vec!["   "]);
+    }
+
+    #[test]
+    fn anthropic_parsing_counts_chars_and_finds_last_user() {
+        let body = json!({
+            "model": "claude-x",
+            "max_tokens": 100,
+            "system": "abcd",
+            "messages": [
+                {"role": "user", "content": "first"},
+                {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+                {"role": "user", "content": [{"type": "text", "text": "second"}, {"type": "image", "source": {}}]},
+            ],
+            "stream": true,
+        });
+        let req = parse_anthropic(&body).unwrap();
+        assert_eq!(req.last_user, "second");
+        assert_eq!(req.input_chars, 4 + 5 + 2 + 6);
+        assert!(req.stream);
+        assert_eq!(req.max_tokens, Some(100));
+        assert!(parse_anthropic(&json!({"model": "m", "messages": []})).is_err());
+        assert!(
+            parse_anthropic(&json!({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn openai_parsing_reads_limits_and_usage_flag() {
+        let body = json!({
+            "model": "gpt",
+            "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "hey"}],
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "max_completion_tokens": 7,
+        });
+        let req = parse_openai(&body).unwrap();
+        assert_eq!(req.max_tokens, Some(7));
+        assert!(req.include_usage);
+        assert_eq!(req.input_chars, 6);
+        let bad = parse_openai(&json!({"model": "gpt", "messages": []})).unwrap_err();
+        assert_eq!(bad.code, Some("empty_array"));
+        let bad = parse_openai(&json!({"model": "gpt", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": true}})).unwrap_err();
+        assert_eq!(bad.param.as_deref(), Some("stream_options"));
+    }
+
+    #[test]
+    fn plan_honours_max_tokens_and_timing() {
+        let config = LlmFakeConfig {
+            first_token: Duration::from_millis(100),
+            tokens_per_s: 10.0,
+            reply: Some("a b c d e".into()),
+        };
+        let req = ChatRequest {
+            model: "m".into(),
+            max_tokens: Some(3),
+            stream: true,
+            include_usage: false,
+            input_chars: 9,
+            last_user: String::new(),
+        };
+        let t0 = Instant::now();
+        let plan = Plan::new(&config, &req, t0);
+        assert_eq!(plan.emitted, 3);
+        assert!(plan.truncated);
+        assert_eq!(plan.text(), "a b c");
+        assert_eq!(plan.input_tokens, 3);
+        assert_eq!(plan.token_at(0), t0 + Duration::from_millis(100));
+        assert_eq!(plan.end_at(), t0 + Duration::from_millis(300));
+    }
+}

@@ -1,0 +1,1189 @@
+//! Exercises every fake over loopback with real clients (tokio-tungstenite, reqwest).
+
+use std::time::{Duration, Instant};
+
+use atlas_fakes::{Fakes, FakesConfig, Fault, LlmFakeConfig, SttFakeConfig, Target, TtsFakeConfig};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+const KEY: &str = "test-key";
+const QUERY: &str = "model=nova-3&encoding=linear16&sample_rate=16000&channels=1&interim_results=true&utterance_end_ms=1000&vad_events=true&endpointing=300&punctuate=true&smart_format=true";
+const DEFAULT_TRANSCRIPT: &str = "What is the weather like in Paris today?";
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn start(config: FakesConfig) -> Fakes {
+    Fakes::start(
+        FakesConfig {
+            api_key: Some(KEY.into()),
+            ..config
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+fn fast_llm() -> LlmFakeConfig {
+    LlmFakeConfig {
+        first_token: Duration::from_millis(60),
+        tokens_per_s: 400.0,
+        reply: None,
+    }
+}
+
+fn tone(ms: u64, amplitude: f64) -> Vec<u8> {
+    (0..ms * 16)
+        .flat_map(|i| {
+            let t = i as f64 / 16_000.0;
+            ((amplitude * 32767.0 * (std::f64::consts::TAU * 200.0 * t).sin()) as i16).to_le_bytes()
+        })
+        .collect()
+}
+
+fn silence(ms: u64) -> Vec<u8> {
+    vec![0; (ms * 32) as usize]
+}
+
+async fn connect_stt(fakes: &Fakes, query: &str, key: &str) -> Result<Ws, tungstenite::Error> {
+    let mut request = format!("{}/v1/listen?{query}", fakes.deepgram_url())
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Token {key}").parse().unwrap());
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// The next text message as JSON (skipping pings); `None` on close, error or end.
+async fn next_json(ws: &mut Ws) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("timed out waiting for a message")
+        {
+            Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(t.as_str()).unwrap()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            _ => return None,
+        }
+    }
+}
+
+/// Reads until the socket ends; returns the JSON messages and the close frame, if any.
+async fn read_to_end(ws: &mut Ws) -> (Vec<Value>, Option<(u16, String)>) {
+    let mut messages = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("timed out waiting for the end of the stream")
+        {
+            Some(Ok(Message::Text(t))) => messages.push(serde_json::from_str(t.as_str()).unwrap()),
+            Some(Ok(Message::Close(frame))) => {
+                let frame = frame.map(|f| (u16::from(f.code), f.reason.as_str().to_owned()));
+                return (messages, frame);
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return (messages, None),
+        }
+    }
+}
+
+fn transcript(results: &Value) -> &str {
+    results["channel"]["alternatives"][0]["transcript"]
+        .as_str()
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deepgram
+
+#[tokio::test]
+async fn stt_detects_speech_in_real_time_audio() {
+    let fakes = start(FakesConfig::default()).await;
+    let ws = connect_stt(&fakes, QUERY, KEY).await.unwrap();
+    let (mut sink, mut stream) = ws.split();
+
+    let reader = tokio::spawn(async move {
+        let mut received = Vec::new();
+        while let Some(msg) = stream.next().await {
+            match msg {
+                Ok(Message::Text(t)) => {
+                    received.push((
+                        Instant::now(),
+                        serde_json::from_str::<Value>(t.as_str()).unwrap(),
+                    ));
+                }
+                Ok(Message::Close(frame)) => {
+                    return (received, frame.map(|f| u16::from(f.code)));
+                }
+                Ok(_) => {}
+                Err(e) => panic!("socket error: {e}"),
+            }
+        }
+        (received, None)
+    });
+
+    // 300 ms silence, 1 s tone, 1.5 s silence, sent in real time as 20 ms messages.
+    let mut audio = silence(300);
+    audio.extend(tone(1000, 0.3));
+    audio.extend(silence(1500));
+    let t0 = Instant::now();
+    let mut end_of_speech_sent = None;
+    for (k, chunk) in audio.chunks(640).enumerate() {
+        let due = t0 + Duration::from_millis(20 * (k as u64 + 1));
+        tokio::time::sleep_until(due.into()).await;
+        sink.send(Message::binary(chunk.to_vec())).await.unwrap();
+        if (k + 1) * 20 == 1300 {
+            end_of_speech_sent = Some(Instant::now());
+        }
+    }
+    sink.send(Message::text(r#"{"type":"CloseStream"}"#))
+        .await
+        .unwrap();
+    let (received, close) = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(close, Some(1000));
+
+    let kinds: Vec<&str> = received
+        .iter()
+        .map(|(_, m)| m["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds[0], "SpeechStarted", "{kinds:?}");
+    assert!((received[0].1["timestamp"].as_f64().unwrap() - 0.3).abs() < 0.02);
+    assert_eq!(kinds.last(), Some(&"Metadata"));
+
+    let interims: Vec<&Value> = received
+        .iter()
+        .map(|(_, m)| m)
+        .filter(|m| m["type"] == "Results" && m["is_final"] == false)
+        .collect();
+    assert!(interims.len() >= 2, "{kinds:?}");
+    assert!(DEFAULT_TRANSCRIPT.starts_with(transcript(interims[0])));
+    assert!(!transcript(interims[0]).is_empty());
+
+    let final_pos = received
+        .iter()
+        .position(|(_, m)| m["speech_final"] == true)
+        .expect("a speech_final result");
+    let (final_at, fin) = &received[final_pos];
+    assert_eq!(fin["is_final"], true);
+    assert_eq!(transcript(fin), DEFAULT_TRANSCRIPT);
+    let words = fin["channel"]["alternatives"][0]["words"]
+        .as_array()
+        .unwrap();
+    assert_eq!(words.len(), 8);
+    assert_eq!(words[0]["word"], "what");
+    assert_eq!(words[7]["punctuated_word"], "today?");
+    assert!((words[0]["start"].as_f64().unwrap() - 0.3).abs() < 0.02);
+    assert!((words[7]["end"].as_f64().unwrap() - 1.3).abs() < 0.02);
+    // The final comes final_delay (150 ms) after the end of speech.
+    let latency = final_at.duration_since(end_of_speech_sent.unwrap());
+    assert!(
+        latency >= Duration::from_millis(140) && latency < Duration::from_secs(1),
+        "final latency {latency:?}"
+    );
+
+    let ue_pos = kinds
+        .iter()
+        .position(|k| *k == "UtteranceEnd")
+        .expect("UtteranceEnd");
+    assert!(ue_pos > final_pos);
+    assert!((received[ue_pos].1["last_word_end"].as_f64().unwrap() - 1.3).abs() < 0.02);
+
+    let metadata = &received.last().unwrap().1;
+    assert!((metadata["duration"].as_f64().unwrap() - 2.8).abs() < 0.001);
+    assert_eq!(metadata["channels"], 1);
+
+    let recorded = fakes.recorded();
+    assert_eq!(recorded.stt_connections, vec![QUERY.to_owned()]);
+    assert_eq!(recorded.stt_audio_bytes, audio.len() as u64);
+    assert_eq!(recorded.stt_close_streams, 1);
+    fakes.shutdown().await;
+}
+
+#[tokio::test]
+async fn stt_finalize_keepalive_and_transcript_cycling() {
+    let fakes = start(FakesConfig {
+        stt: SttFakeConfig {
+            transcripts: vec!["first one".into(), "second one".into()],
+            ..SttFakeConfig::default()
+        },
+        ..FakesConfig::default()
+    })
+    .await;
+    let mut ws = connect_stt(&fakes, "encoding=linear16&sample_rate=16000", KEY)
+        .await
+        .unwrap();
+    for transcript_expected in ["first one", "second one", "first one"] {
+        for chunk in tone(500, 0.3).chunks(640) {
+            ws.send(Message::binary(chunk.to_vec())).await.unwrap();
+        }
+        ws.send(Message::text(r#"{"type":"KeepAlive"}"#))
+            .await
+            .unwrap();
+        ws.send(Message::text(r#"{"type":"Finalize"}"#))
+            .await
+            .unwrap();
+        let result = next_json(&mut ws).await.unwrap();
+        assert_eq!(result["type"], "Results");
+        assert_eq!(result["is_final"], true);
+        assert_eq!(result["speech_final"], false);
+        assert_eq!(result["from_finalize"], true);
+        assert_eq!(transcript(&result), transcript_expected);
+    }
+    ws.send(Message::text(r#"{"type":"Unknown"}"#))
+        .await
+        .unwrap();
+    ws.send(Message::text(r#"{"type":"CloseStream"}"#))
+        .await
+        .unwrap();
+    let (messages, close) = read_to_end(&mut ws).await;
+    assert_eq!(messages.last().unwrap()["type"], "Metadata");
+    assert_eq!(close.map(|c| c.0), Some(1000));
+    let recorded = fakes.recorded();
+    assert_eq!(recorded.stt_keepalives, 3);
+    assert_eq!(recorded.stt_finalizes, 3);
+    assert_eq!(recorded.stt_close_streams, 1);
+}
+
+#[tokio::test]
+async fn stt_refuses_bad_upgrades_in_deepgram_shape() {
+    let fakes = start(FakesConfig::default()).await;
+    let refusal = |result: Result<Ws, tungstenite::Error>| match result {
+        Err(tungstenite::Error::Http(response)) => {
+            let body: Value = serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+            (response.status().as_u16(), response.headers().clone(), body)
+        }
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("upgrade unexpectedly accepted"),
+    };
+
+    let (status, _, body) = refusal(connect_stt(&fakes, QUERY, "wrong").await);
+    assert_eq!(status, 401);
+    assert_eq!(body["err_code"], "INVALID_AUTH");
+    assert!(body["request_id"].is_string());
+
+    let (status, headers, body) = refusal(connect_stt(&fakes, "encoding=opus", KEY).await);
+    assert_eq!(status, 400);
+    assert!(body["err_msg"].as_str().unwrap().contains("opus"));
+    assert!(headers.contains_key("dg-error"));
+
+    fakes.inject(
+        Target::Stt,
+        Fault::Status {
+            status: 429,
+            retry_after_s: Some(2),
+        },
+    );
+    let (status, headers, body) = refusal(connect_stt(&fakes, QUERY, KEY).await);
+    assert_eq!(status, 429);
+    assert_eq!(headers["retry-after"], "2");
+    assert_eq!(body["err_code"], "TOO_MANY_REQUESTS");
+    // One-shot: the next connection is accepted.
+    let mut ws = connect_stt(&fakes, QUERY, KEY).await.unwrap();
+    ws.close(None).await.unwrap();
+    assert_eq!(fakes.recorded().stt_connections.len(), 4);
+}
+
+#[tokio::test]
+async fn stt_faults_and_inactivity() {
+    let fakes = start(FakesConfig {
+        stt: SttFakeConfig {
+            inactivity_timeout: Duration::from_millis(400),
+            ..SttFakeConfig::default()
+        },
+        ..FakesConfig::default()
+    })
+    .await;
+    let speech = tone(1000, 0.3);
+
+    // DropMidStream: one interim, then the TCP connection goes away without a close frame.
+    fakes.inject(Target::Stt, Fault::DropMidStream);
+    let mut ws = connect_stt(&fakes, QUERY, KEY).await.unwrap();
+    for chunk in speech.chunks(640) {
+        if ws.send(Message::binary(chunk.to_vec())).await.is_err() {
+            break;
+        }
+    }
+    let (messages, close) = read_to_end(&mut ws).await;
+    assert_eq!(close, None, "no close frame expected");
+    let results: Vec<&Value> = messages.iter().filter(|m| m["type"] == "Results").collect();
+    assert_eq!(results.len(), 1, "{messages:?}");
+    assert_eq!(results[0]["is_final"], false);
+
+    // MidStreamError: close 1011 DATA-0000 after the first interim.
+    fakes.inject(Target::Stt, Fault::MidStreamError);
+    let mut ws = connect_stt(&fakes, QUERY, KEY).await.unwrap();
+    for chunk in speech.chunks(640) {
+        if ws.send(Message::binary(chunk.to_vec())).await.is_err() {
+            break;
+        }
+    }
+    let (messages, close) = read_to_end(&mut ws).await;
+    assert_eq!(close, Some((1011, "DATA-0000".to_owned())));
+    assert_eq!(messages.last().unwrap()["is_final"], false);
+
+    // Stall: audio accepted, nothing ever sent.
+    fakes.inject(Target::Stt, Fault::Stall);
+    let mut ws = connect_stt(&fakes, QUERY, KEY).await.unwrap();
+    for chunk in speech
+        .iter()
+        .copied()
+        .chain(silence(1500))
+        .collect::<Vec<_>>()
+        .chunks(640)
+    {
+        ws.send(Message::binary(chunk.to_vec())).await.unwrap();
+    }
+    ws.send(Message::text(r#"{"type":"CloseStream"}"#))
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), ws.next())
+            .await
+            .is_err(),
+        "a stalled session must not answer"
+    );
+    drop(ws);
+
+    // Inactivity: nothing sent for the timeout closes with 1011 NET-0001.
+    let started = Instant::now();
+    let mut ws = connect_stt(&fakes, QUERY, KEY).await.unwrap();
+    let (messages, close) = read_to_end(&mut ws).await;
+    assert!(messages.is_empty());
+    assert_eq!(close, Some((1011, "NET-0001".to_owned())));
+    assert!(started.elapsed() >= Duration::from_millis(400));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Anthropic
+
+/// Parses an SSE body into `(event, data)` pairs (`event` is "" when absent).
+fn parse_sse(text: &str) -> Vec<(String, String)> {
+    text.split("\n\n")
+        .filter(|block| !block.trim().is_empty())
+        .map(|block| {
+            let mut event = String::new();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    event = v.to_owned();
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data = v.to_owned();
+                }
+            }
+            (event, data)
+        })
+        .collect()
+}
+
+fn anthropic_request(
+    client: &reqwest::Client,
+    fakes: &Fakes,
+    body: &Value,
+) -> reqwest::RequestBuilder {
+    client
+        .post(format!("{}/v1/messages", fakes.anthropic_url()))
+        .header("x-api-key", KEY)
+        .header("anthropic-version", "2023-06-01")
+        .json(body)
+}
+
+#[tokio::test]
+async fn anthropic_stream_event_order_timing_and_usage() {
+    let fakes = start(FakesConfig {
+        llm: fast_llm(),
+        ..FakesConfig::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let body = json!({
+        "model": "claude-test",
+        "max_tokens": 256,
+        "system": "Be brief.",
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": [{"type": "text", "text": "Hello there"}]},
+        ],
+        "stream": true,
+    });
+    let started = Instant::now();
+    let response = anthropic_request(&client, &fakes, &body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut first_delta_at = None;
+    let mut text = String::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+        if first_delta_at.is_none() && text.contains("text_delta") {
+            first_delta_at = Some(started.elapsed());
+        }
+    }
+    assert!(first_delta_at.unwrap() >= Duration::from_millis(55));
+
+    let events = parse_sse(&text);
+    let names: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(
+        &names[..3],
+        ["message_start", "content_block_start", "ping"]
+    );
+    assert_eq!(
+        &names[names.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
+    let data: Vec<Value> = events
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
+    for ((name, _), d) in events.iter().zip(&data) {
+        assert_eq!(d["type"], name.as_str());
+    }
+    let start = &data[0]["message"];
+    assert_eq!(start["role"], "assistant");
+    assert_eq!(start["model"], "claude-test");
+    assert_eq!(start["content"], json!([]));
+    assert!(start["stop_reason"].is_null());
+    // "Be brief." + "Hi" + "Hello!" + "Hello there" = 9 + 2 + 6 + 11 = 28 chars -> 7 tokens.
+    assert_eq!(start["usage"]["input_tokens"], 7);
+    let deltas: Vec<&str> = data
+        .iter()
+        .filter(|d| d["type"] == "content_block_delta")
+        .map(|d| d["delta"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        deltas.concat(),
+        "Sure, you asked: Hello there. This is a reply from the fake model. Is there anything else?"
+    );
+    assert_eq!(deltas[1], " you");
+    let message_delta = &data[data.len() - 2];
+    assert_eq!(message_delta["delta"]["stop_reason"], "end_turn");
+    assert_eq!(message_delta["usage"]["output_tokens"], deltas.len());
+
+    // max_tokens cuts the reply.
+    let mut short = body.clone();
+    short["max_tokens"] = json!(4);
+    let text = anthropic_request(&client, &fakes, &short)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data: Vec<Value> = parse_sse(&text)
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
+    let deltas = data
+        .iter()
+        .filter(|d| d["type"] == "content_block_delta")
+        .count();
+    assert_eq!(deltas, 4);
+    let message_delta = &data[data.len() - 2];
+    assert_eq!(message_delta["delta"]["stop_reason"], "max_tokens");
+    assert_eq!(message_delta["usage"]["output_tokens"], 4);
+
+    // Non-streaming returns a Message.
+    let mut plain = body.clone();
+    plain["stream"] = json!(false);
+    let message: Value = anthropic_request(&client, &fakes, &plain)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(message["type"], "message");
+    assert!(
+        message["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Sure, you asked: Hello there.")
+    );
+    assert_eq!(message["stop_reason"], "end_turn");
+
+    let recorded = fakes.recorded();
+    assert_eq!(recorded.llm_requests.len(), 3);
+    assert_eq!(recorded.llm_requests[0], (Target::Anthropic, body));
+}
+
+#[tokio::test]
+async fn anthropic_errors_and_faults() {
+    let fakes = start(FakesConfig {
+        llm: fast_llm(),
+        ..FakesConfig::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let body = json!({"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "Hey"}], "stream": true});
+    let error_of = |v: &Value| v["error"]["type"].as_str().unwrap().to_owned();
+
+    let response = client
+        .post(format!("{}/v1/messages", fakes.anthropic_url()))
+        .header("x-api-key", KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let v: Value = response.json().await.unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(error_of(&v), "invalid_request_error");
+
+    let response = client
+        .post(format!("{}/v1/messages", fakes.anthropic_url()))
+        .header("x-api-key", "nope")
+        .header("anthropic-version", "2023-06-01")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        error_of(&response.json().await.unwrap()),
+        "authentication_error"
+    );
+
+    let response = anthropic_request(&client, &fakes, &json!({"model": "m", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+
+    fakes.inject(
+        Target::Anthropic,
+        Fault::Status {
+            status: 429,
+            retry_after_s: Some(1),
+        },
+    );
+    fakes.inject(
+        Target::Anthropic,
+        Fault::Status {
+            status: 529,
+            retry_after_s: None,
+        },
+    );
+    let response = anthropic_request(&client, &fakes, &body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(
+        error_of(&response.json().await.unwrap()),
+        "rate_limit_error"
+    );
+    let response = anthropic_request(&client, &fakes, &body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 529);
+    assert!(!response.headers().contains_key("retry-after"));
+    assert_eq!(
+        error_of(&response.json().await.unwrap()),
+        "overloaded_error"
+    );
+    let response = anthropic_request(&client, &fakes, &body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.text().await.unwrap().contains("message_stop"));
+
+    // MidStreamError: three deltas, then an error event, no message_stop.
+    fakes.inject(Target::Anthropic, Fault::MidStreamError);
+    let text = anthropic_request(&client, &fakes, &body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events = parse_sse(&text);
+    let names: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| **n == "content_block_delta")
+            .count(),
+        3
+    );
+    assert_eq!(names.last(), Some(&"error"));
+    let error: Value = serde_json::from_str(&events.last().unwrap().1).unwrap();
+    assert_eq!(error_of(&error), "overloaded_error");
+
+    // DropMidStream: the body breaks after three deltas.
+    fakes.inject(Target::Anthropic, Fault::DropMidStream);
+    let response = anthropic_request(&client, &fakes, &body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut text = String::new();
+    let mut failed = false;
+    let mut chunks = response.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        match chunk {
+            Ok(bytes) => text.push_str(std::str::from_utf8(&bytes).unwrap()),
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed, "the body should end with an error");
+    assert_eq!(text.matches("event: content_block_delta").count(), 3);
+    assert!(!text.contains("message_stop"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// OpenAI chat
+
+/// `data:` payloads of an OpenAI stream.
+fn openai_data(text: &str) -> Vec<String> {
+    parse_sse(text).into_iter().map(|(_, d)| d).collect()
+}
+
+fn openai_request(
+    client: &reqwest::Client,
+    fakes: &Fakes,
+    body: &Value,
+) -> reqwest::RequestBuilder {
+    client
+        .post(format!("{}/chat/completions", fakes.openai_url()))
+        .bearer_auth(KEY)
+        .json(body)
+}
+
+#[tokio::test]
+async fn openai_stream_with_and_without_usage() {
+    let fakes = start(FakesConfig {
+        llm: fast_llm(),
+        ..FakesConfig::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let body = json!({
+        "model": "gpt-test",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "max_completion_tokens": 200,
+    });
+    let response = openai_request(&client, &fakes, &body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let data = openai_data(&response.text().await.unwrap());
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage_chunk = chunks.last().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    for chunk in &chunks[..chunks.len() - 1] {
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        assert_eq!(chunk["model"], "gpt-test");
+        assert!(chunk.as_object().unwrap().contains_key("usage"));
+        assert!(chunk["usage"].is_null());
+    }
+    let finish = &chunks[chunks.len() - 2]["choices"][0];
+    assert_eq!(finish["finish_reason"], "stop");
+    let content: Vec<&str> = chunks[1..chunks.len() - 2]
+        .iter()
+        .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        content.concat(),
+        "Sure, you asked: Hello there. This is a reply from the fake model. Is there anything else?"
+    );
+    // "Be brief." + "Hello there" = 20 chars -> 5 tokens.
+    assert_eq!(usage_chunk["usage"]["prompt_tokens"], 5);
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], content.len());
+    assert_eq!(usage_chunk["usage"]["total_tokens"], 5 + content.len());
+
+    // Without include_usage: no usage anywhere, still [DONE]; max_tokens -> "length".
+    let mut no_usage = body.clone();
+    no_usage.as_object_mut().unwrap().remove("stream_options");
+    no_usage
+        .as_object_mut()
+        .unwrap()
+        .remove("max_completion_tokens");
+    no_usage["max_tokens"] = json!(3);
+    let data = openai_data(
+        &openai_request(&client, &fakes, &no_usage)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks.iter().all(|c| c.get("usage").is_none()));
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
+    assert_eq!(chunks.len(), 1 + 3 + 1);
+
+    // Non-streaming completion.
+    let completion: Value = openai_request(
+        &client,
+        &fakes,
+        &json!({"model": "gpt-test", "messages": [{"role": "user", "content": "Yo"}]}),
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(completion["object"], "chat.completion");
+    assert_eq!(completion["choices"][0]["finish_reason"], "stop");
+    assert!(
+        completion["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("Sure, you asked: Yo.")
+    );
+
+    let recorded = fakes.recorded();
+    assert_eq!(recorded.llm_requests.len(), 3);
+    assert!(
+        recorded
+            .llm_requests
+            .iter()
+            .all(|(t, _)| *t == Target::OpenAiChat)
+    );
+    assert_eq!(recorded.llm_requests[1].1, no_usage);
+}
+
+#[tokio::test]
+async fn openai_errors_and_faults() {
+    let fakes = start(FakesConfig {
+        llm: LlmFakeConfig {
+            reply: Some("one two three four five six".into()),
+            ..fast_llm()
+        },
+        ..FakesConfig::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let body =
+        json!({"model": "gpt", "messages": [{"role": "user", "content": "x"}], "stream": true});
+
+    let response = client
+        .post(format!("{}/chat/completions", fakes.openai_url()))
+        .bearer_auth("wrong")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let v: Value = response.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    assert!(v["error"].as_object().unwrap().contains_key("param"));
+
+    let response = openai_request(&client, &fakes, &json!({"model": "gpt", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let v: Value = response.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(v["error"]["param"], "messages");
+
+    let response = client
+        .post(format!("{}/chat/completions", fakes.openai_url()))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+
+    fakes.inject(
+        Target::OpenAiChat,
+        Fault::Status {
+            status: 503,
+            retry_after_s: Some(3),
+        },
+    );
+    let response = openai_request(&client, &fakes, &body).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "3");
+    let v: Value = response.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "server_error");
+
+    fakes.inject(Target::OpenAiChat, Fault::MidStreamError);
+    let data = openai_data(
+        &openai_request(&client, &fakes, &body)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    // Role chunk, three tokens, then the error object; no [DONE].
+    assert_eq!(data.len(), 5, "{data:?}");
+    let error: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(error["error"]["type"], "server_error");
+    assert!(!data.iter().any(|d| d == "[DONE]"));
+
+    fakes.inject(Target::OpenAiChat, Fault::DropMidStream);
+    let response = openai_request(&client, &fakes, &body).send().await.unwrap();
+    assert!(response.text().await.is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// OpenAI TTS
+
+fn tts_request(client: &reqwest::Client, fakes: &Fakes, body: &Value) -> reqwest::RequestBuilder {
+    client
+        .post(format!("{}/audio/speech", fakes.openai_url()))
+        .bearer_auth(KEY)
+        .json(body)
+}
+
+#[tokio::test]
+async fn tts_streams_paced_pcm_of_the_right_length() {
+    let fakes = start(FakesConfig {
+        tts: TtsFakeConfig {
+            first_byte: Duration::from_millis(50),
+            speed: 10.0,
+            ..TtsFakeConfig::default()
+        },
+        ..FakesConfig::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let input = "Hello world, this is a test.";
+    let body = json!({"model": "gpt-4o-mini-tts", "input": input, "voice": "alloy", "response_format": "pcm"});
+    let started = Instant::now();
+    let response = tts_request(&client, &fakes, &body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "audio/pcm");
+    let mut pcm = Vec::new();
+    let mut first_at = None;
+    let mut chunks = response.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.unwrap();
+        if first_at.is_none() && !chunk.is_empty() {
+            first_at = Some(started.elapsed());
+        }
+        pcm.extend_from_slice(&chunk);
+    }
+    let elapsed = started.elapsed();
+    // 28 chars * 60 ms = 1.68 s at 24 kHz, 2 bytes per sample.
+    assert_eq!(pcm.len(), 28 * 60 * 24 * 2);
+    assert!(first_at.unwrap() >= Duration::from_millis(45));
+    // 17 chunks of 100 ms at 10x real time: >= 50 ms + 16 * 10 ms.
+    assert!(elapsed >= Duration::from_millis(200), "{elapsed:?}");
+    let samples: Vec<i16> = pcm
+        .chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    let peak = samples.iter().map(|s| s.unsigned_abs()).max().unwrap();
+    let peak_dbfs = 20.0 * (f64::from(peak) / 32768.0).log10();
+    assert!((-9.0..=-3.0).contains(&peak_dbfs), "peak {peak_dbfs} dBFS");
+    let voiced = samples.iter().filter(|s| s.unsigned_abs() > 300).count();
+    assert!(voiced > samples.len() / 3, "mostly audible");
+    assert!(
+        samples.iter().filter(|s| **s == 0).count() > 24 * 60,
+        "gaps between words"
+    );
+
+    // The request's speed shortens the audio.
+    let fast = json!({"model": "tts-1", "input": input, "voice": "alloy", "response_format": "pcm", "speed": 2.0});
+    let bytes = tts_request(&client, &fakes, &fast)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(bytes.len(), 28 * 30 * 24 * 2);
+
+    assert_eq!(
+        fakes.recorded().tts_inputs,
+        vec![input.to_owned(), input.to_owned()]
+    );
+}
+
+#[tokio::test]
+async fn tts_validation_and_faults() {
+    let fakes = start(FakesConfig {
+        tts: TtsFakeConfig {
+            first_byte: Duration::from_millis(10),
+            speed: 20.0,
+            ..TtsFakeConfig::default()
+        },
+        ..FakesConfig::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let ok = json!({"model": "tts-1", "input": "Some words to say here.", "voice": "alloy", "response_format": "pcm"});
+
+    let mut mp3 = ok.clone();
+    mp3["response_format"] = json!("mp3");
+    let mut empty = ok.clone();
+    empty["input"] = json!("");
+    let mut long = ok.clone();
+    long["input"] = json!("a".repeat(4097));
+    for (body, param) in [(mp3, "response_format"), (empty, "input"), (long, "input")] {
+        let response = tts_request(&client, &fakes, &body).send().await.unwrap();
+        assert_eq!(response.status(), 400);
+        let v: Value = response.json().await.unwrap();
+        assert_eq!(v["error"]["param"], param);
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+
+    let response = client
+        .post(format!("{}/audio/speech", fakes.openai_url()))
+        .json(&ok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+
+    fakes.inject(
+        Target::OpenAiTts,
+        Fault::Status {
+            status: 500,
+            retry_after_s: None,
+        },
+    );
+    let response = tts_request(&client, &fakes, &ok).send().await.unwrap();
+    assert_eq!(response.status(), 500);
+    let v: Value = response.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "server_error");
+
+    for fault in [Fault::DropMidStream, Fault::MidStreamError] {
+        fakes.inject(Target::OpenAiTts, fault);
+        let response = tts_request(&client, &fakes, &ok).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let mut received = 0;
+        let mut failed = false;
+        let mut chunks = response.bytes_stream();
+        while let Some(chunk) = chunks.next().await {
+            match chunk {
+                Ok(bytes) => received += bytes.len(),
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        assert!(failed);
+        assert_eq!(received, 4800, "exactly the first chunk");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Control routes, shutdown, concurrency
+
+#[tokio::test]
+async fn control_routes_queue_faults_and_report_recordings() {
+    let fakes = start(FakesConfig {
+        llm: fast_llm(),
+        ..FakesConfig::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let base = fakes.anthropic_url();
+
+    let response = client
+        .post(format!("{base}/_fakes/faults"))
+        .json(&json!({"target": "anthropic", "fault": {"kind": "status", "status": 500}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = client
+        .post(format!("{base}/_fakes/faults"))
+        .json(&json!({"target": "nope", "fault": {"kind": "stall"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+
+    let body = json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "q"}], "stream": true});
+    let response = anthropic_request(&client, &fakes, &body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 500);
+    let v: Value = response.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "api_error");
+
+    let recorded: Value = client
+        .get(format!("{base}/_fakes/recorded"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(recorded["llm_requests"], json!([["anthropic", body]]));
+    assert_eq!(recorded["stt_audio_bytes"], 0);
+
+    let response = client
+        .delete(format!("{base}/_fakes/recorded"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+    assert!(fakes.recorded().llm_requests.is_empty());
+
+    let response = client
+        .get(format!("{base}/v2/unknown"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+}
+
+#[tokio::test]
+async fn shutdown_ends_stalled_streams_and_sessions() {
+    let fakes = start(FakesConfig::default()).await;
+    let client = reqwest::Client::new();
+    fakes.inject(Target::OpenAiChat, Fault::Stall);
+    fakes.inject(Target::Anthropic, Fault::Stall);
+    fakes.inject(Target::Stt, Fault::Stall);
+
+    let body =
+        json!({"model": "gpt", "messages": [{"role": "user", "content": "x"}], "stream": true});
+    let chat = openai_request(&client, &fakes, &body).send().await.unwrap();
+    assert_eq!(chat.status(), 200);
+    let body = json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}], "stream": true});
+    let mut messages = anthropic_request(&client, &fakes, &body)
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    let first = tokio::time::timeout(Duration::from_secs(2), messages.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        std::str::from_utf8(&first)
+            .unwrap()
+            .starts_with("event: message_start")
+    );
+    let mut ws = connect_stt(&fakes, QUERY, KEY).await.unwrap();
+
+    let chat_body = tokio::spawn(async move { chat.text().await });
+    let anthropic_rest = tokio::spawn(async move { messages.next().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !chat_body.is_finished(),
+        "stalled stream must not end by itself"
+    );
+
+    tokio::time::timeout(Duration::from_secs(6), fakes.shutdown())
+        .await
+        .expect("shutdown finishes");
+    let chat_result = tokio::time::timeout(Duration::from_secs(2), chat_body)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(chat_result.is_err());
+    let rest = tokio::time::timeout(Duration::from_secs(2), anthropic_rest)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!matches!(rest, Some(Ok(_))));
+    let (messages, close) = read_to_end(&mut ws).await;
+    assert!(messages.is_empty());
+    assert_eq!(close.map(|c| c.0), Some(u16::from(CloseCode::Away)));
+}
+
+#[tokio::test]
+async fn many_concurrent_sessions() {
+    let fakes = start(FakesConfig {
+        llm: LlmFakeConfig {
+            first_token: Duration::from_millis(20),
+            tokens_per_s: 200.0,
+            reply: Some("A short reply for load.".into()),
+        },
+        ..FakesConfig::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..150 {
+        let client = client.clone();
+        let url = format!("{}/v1/messages", fakes.anthropic_url());
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"model": "m", "max_tokens": 50, "messages": [{"role": "user", "content": format!("q{i}")}], "stream": true});
+            let text = client
+                .post(url)
+                .header("x-api-key", KEY)
+                .header("anthropic-version", "2023-06-01")
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            assert!(text.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+        }));
+    }
+    let speech = tone(300, 0.3);
+    for _ in 0..100 {
+        let mut ws = connect_stt(&fakes, QUERY, KEY).await.unwrap();
+        let speech = speech.clone();
+        tasks.push(tokio::spawn(async move {
+            for chunk in speech.chunks(640) {
+                ws.send(Message::binary(chunk.to_vec())).await.unwrap();
+            }
+            ws.send(Message::text(r#"{"type":"CloseStream"}"#))
+                .await
+                .unwrap();
+            let (messages, close) = read_to_end(&mut ws).await;
+            assert_eq!(close.map(|c| c.0), Some(1000));
+            assert!(
+                messages
+                    .iter()
+                    .any(|m| m["is_final"] == true && transcript(m) == DEFAULT_TRANSCRIPT)
+            );
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let recorded = fakes.recorded();
+    assert_eq!(recorded.llm_requests.len(), 150);
+    assert_eq!(recorded.stt_connections.len(), 100);
+    assert_eq!(recorded.stt_close_streams, 100);
+}

@@ -73,7 +73,11 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
     let eos = speech_end(&samples, rate, -40.0).context("the input has no speech")?;
     let mut _keep = None;
     let (url, token) = if args.spawn {
-        let fakes = Fakes::start(args.latencies.config(), SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let fakes = Fakes::start(
+            args.latencies.config(),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        )
+        .await?;
         let mut config = Config::load_unvalidated(None)?;
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         wire_fakes(&mut config, &fakes);
@@ -83,13 +87,23 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
         let stop = app.shutdown_token();
         tokio::spawn(app.run_until_stopped());
         let secret = dev_or_configured_secret(&config)?;
-        let token = auth::mint_token(&secret, "loadtest", &config.jwt_audience, "authenticated", 3600)?;
+        let token = auth::mint_token(
+            &secret,
+            "loadtest",
+            &config.jwt_audience,
+            "authenticated",
+            3600,
+        )?;
         _keep = Some((fakes, stop));
         (format!("ws://{addr}/v1/voice"), token)
     } else {
         (
-            args.url.clone().context("--url is required without --spawn")?,
-            args.token.clone().context("--token is required without --spawn")?,
+            args.url
+                .clone()
+                .context("--url is required without --spawn")?,
+            args.token
+                .clone()
+                .context("--token is required without --spawn")?,
         )
     };
     let mut audio = samples;
@@ -147,7 +161,10 @@ async fn one_session(
         }
     };
     let start = ClientMessage::SessionStart(SessionStart {
-        input_audio: AudioFormat { sample_rate: rate, ..AudioFormat::DEFAULT_INPUT },
+        input_audio: AudioFormat {
+            sample_rate: rate,
+            ..AudioFormat::DEFAULT_INPUT
+        },
         ..SessionStart::default()
     });
     if let Err(e) = conn.sender.send(&start).await {
@@ -157,7 +174,8 @@ async fn one_session(
     for _ in 0..turns {
         let sender = conn.sender.clone();
         let audio = audio.to_vec();
-        let streaming = tokio::spawn(async move { stream_pcm(&sender, &audio, rate, chunk_ms, 1.0).await });
+        let streaming =
+            tokio::spawn(async move { stream_pcm(&sender, &audio, rate, chunk_ms, 1.0).await });
         let mut final_at = None;
         let mut first_audio = None;
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -173,17 +191,29 @@ async fn one_session(
                 Incoming::Audio { at, .. } => {
                     first_audio.get_or_insert(at);
                 }
-                Incoming::Event { event: ServerEvent::ResponseDone { latency_ms, .. }, .. } => {
+                Incoming::Event {
+                    event: ServerEvent::ResponseDone { latency_ms, .. },
+                    ..
+                } => {
                     if let Some(v) = latency_ms.to_first_audio {
                         out.server_reported.push(v);
                     }
                     break;
                 }
-                Incoming::Event { event: ServerEvent::Error { code, fatal: true, .. }, .. } => {
+                Incoming::Event {
+                    event:
+                        ServerEvent::Error {
+                            code, fatal: true, ..
+                        },
+                    ..
+                } => {
                     out.errors.push(format!("fatal error {}", code.as_str()));
                     return out;
                 }
-                Incoming::Event { event: ServerEvent::TranscriptFinal { .. }, at } => {
+                Incoming::Event {
+                    event: ServerEvent::TranscriptFinal { .. },
+                    at,
+                } => {
                     final_at.get_or_insert(at);
                 }
                 Incoming::Closed { code, reason, .. } => {
@@ -201,7 +231,8 @@ async fn one_session(
             }
         };
         if let Some(first) = first_audio {
-            out.voice_to_voice.push(first.saturating_duration_since(began + eos));
+            out.voice_to_voice
+                .push(first.saturating_duration_since(began + eos));
         }
         if let Some(f) = final_at {
             out.to_final.push(f.saturating_duration_since(began + eos));
@@ -223,10 +254,16 @@ fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration) {
     let mut v = s.voice_to_voice.clone();
     v.sort();
     let floor = Duration::from_millis(
-        args.latencies.stt_final_ms + args.latencies.llm_first_token_ms + args.latencies.tts_first_byte_ms,
+        args.latencies.stt_final_ms
+            + args.latencies.llm_first_token_ms
+            + args.latencies.tts_first_byte_ms,
     );
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let (p50, p95, p99) = (percentile(&v, 0.5), percentile(&v, 0.95), percentile(&v, 0.99));
+    let (p50, p95, p99) = (
+        percentile(&v, 0.5),
+        percentile(&v, 0.95),
+        percentile(&v, 0.99),
+    );
     let max = v.last().copied().unwrap_or_default();
     let overhead = |d: Duration| ms(d) - ms(floor);
     let mut finals = s.to_final.clone();
@@ -247,14 +284,33 @@ fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration) {
         });
         println!("{out}");
     } else {
-        println!("sessions {} × turns {} (chunk {} ms): {} replies, {} errors in {:.1} s",
-            args.sessions, args.turns, args.chunk_ms, v.len(), s.errors.len(), elapsed.as_secs_f64());
-        println!("end of speech → first reply audio: p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  max {:.0} ms",
-            ms(p50), ms(p95), ms(p99), ms(max));
-        println!("fakes' floor {:.0} ms → overhead p50 {:+.0} ms  p95 {:+.0} ms  p99 {:+.0} ms",
-            ms(floor), overhead(p50), overhead(p95), overhead(p99));
-        println!("end of speech → transcript.final: p50 {:.0} ms; server-reported to_first_audio p50 {server_p50} ms",
-            ms(percentile(&finals, 0.5)));
+        println!(
+            "sessions {} × turns {} (chunk {} ms): {} replies, {} errors in {:.1} s",
+            args.sessions,
+            args.turns,
+            args.chunk_ms,
+            v.len(),
+            s.errors.len(),
+            elapsed.as_secs_f64()
+        );
+        println!(
+            "end of speech → first reply audio: p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  max {:.0} ms",
+            ms(p50),
+            ms(p95),
+            ms(p99),
+            ms(max)
+        );
+        println!(
+            "fakes' floor {:.0} ms → overhead p50 {:+.0} ms  p95 {:+.0} ms  p99 {:+.0} ms",
+            ms(floor),
+            overhead(p50),
+            overhead(p95),
+            overhead(p99)
+        );
+        println!(
+            "end of speech → transcript.final: p50 {:.0} ms; server-reported to_first_audio p50 {server_p50} ms",
+            ms(percentile(&finals, 0.5))
+        );
         for e in s.errors.iter().take(5) {
             println!("error: {e}");
         }

@@ -54,38 +54,65 @@ pub async fn run(args: CallArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot connect to {}", args.url))?;
     conn.sender
         .send(&ClientMessage::SessionStart(SessionStart {
-            input_audio: AudioFormat { sample_rate: rate, ..AudioFormat::DEFAULT_INPUT },
-            output_audio: AudioFormat { sample_rate: args.output_rate, ..AudioFormat::DEFAULT_OUTPUT },
+            input_audio: AudioFormat {
+                sample_rate: rate,
+                ..AudioFormat::DEFAULT_INPUT
+            },
+            output_audio: AudioFormat {
+                sample_rate: args.output_rate,
+                ..AudioFormat::DEFAULT_OUTPUT
+            },
             ..SessionStart::default()
         }))
         .await?;
     let sender = conn.sender.clone();
-    let streaming = tokio::spawn(async move { stream_pcm(&sender, &samples, rate, 100, 1.0).await });
+    let streaming =
+        tokio::spawn(async move { stream_pcm(&sender, &samples, rate, 100, 1.0).await });
     let mut audio: Vec<i16> = Vec::new();
     let mut reply = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_s);
     let outcome = loop {
         let item = match tokio::time::timeout_at(deadline, conn.incoming.recv()).await {
-            Err(_) => break Err(anyhow::anyhow!("no complete reply within {} s", args.timeout_s)),
+            Err(_) => {
+                break Err(anyhow::anyhow!(
+                    "no complete reply within {} s",
+                    args.timeout_s
+                ));
+            }
             Ok(None) => break Err(anyhow::anyhow!("connection ended")),
             Ok(Some(item)) => item,
         };
         match item {
             Incoming::Audio { pcm, .. } => {
-                audio.extend(pcm.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]])));
+                audio.extend(
+                    pcm.chunks_exact(2)
+                        .map(|b| i16::from_le_bytes([b[0], b[1]])),
+                );
             }
             Incoming::Closed { code, reason, .. } => {
-                break Err(anyhow::anyhow!("server closed the connection ({code:?} {reason})"));
+                break Err(anyhow::anyhow!(
+                    "server closed the connection ({code:?} {reason})"
+                ));
             }
             Incoming::Event { event, .. } => {
                 if args.json {
                     println!("{}", event.to_json());
                 }
                 match event {
-                    ServerEvent::TranscriptFinal { text, .. } if !args.json => println!("you:       {text}"),
+                    ServerEvent::TranscriptFinal { text, .. } if !args.json => {
+                        println!("you:       {text}")
+                    }
                     ServerEvent::ResponseTextDelta { text, .. } => reply.push_str(&text),
-                    ServerEvent::Error { code, message, fatal } if !args.json => {
-                        eprintln!("error {}: {message}{}", code.as_str(), if fatal { " (fatal)" } else { "" });
+                    ServerEvent::Error {
+                        code,
+                        message,
+                        fatal,
+                    } if !args.json => {
+                        eprintln!(
+                            "error {}: {message}{}",
+                            code.as_str(),
+                            if fatal { " (fatal)" } else { "" }
+                        );
                     }
                     ServerEvent::ResponseDone { latency_ms, .. } => {
                         if !args.json {

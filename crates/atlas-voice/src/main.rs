@@ -13,11 +13,15 @@ use secrecy::SecretString;
 use tracing_subscriber::EnvFilter;
 
 use atlas_fakes::{Fakes, FakesConfig};
-use atlas_server::config::{Config, DEV_JWT_SECRET, LlmKind, LogFormat, SttKind, TtsKind};
+use atlas_server::config::{Config, DEV_JWT_SECRET, LogFormat};
 use atlas_server::{Application, auth};
 
 #[derive(Parser)]
-#[command(name = "atlas-voice", version, about = "Real-time voice conversation server")]
+#[command(
+    name = "atlas-voice",
+    version,
+    about = "Real-time voice conversation server"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -150,7 +154,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Token(args) => {
             let config = Config::load_unvalidated(args.config.as_deref())?;
             let secret = dev_or_configured_secret(&config)?;
-            let token = auth::mint_token(&secret, &args.user, &config.jwt_audience, &args.role, args.ttl_s)?;
+            let token = auth::mint_token(
+                &secret,
+                &args.user,
+                &config.jwt_audience,
+                &args.role,
+                args.ttl_s,
+            )?;
             println!("{token}");
             Ok(())
         }
@@ -174,24 +184,22 @@ pub fn dev_or_configured_secret(config: &Config) -> anyhow::Result<SecretString>
 
 /// Points `config` at in-process fakes and turns on dev mode.
 pub fn wire_fakes(config: &mut Config, fakes: &Fakes) {
-    let key = || Some(SecretString::from("fake-key"));
-    config.dev = true;
-    config.stt = SttKind::Deepgram;
-    config.llm = LlmKind::Anthropic;
-    config.tts = TtsKind::Openai;
-    config.deepgram_url = fakes.deepgram_url();
-    config.anthropic_url = fakes.anthropic_url();
-    config.openai_url = fakes.openai_url();
-    config.deepgram_api_key = key();
-    config.anthropic_api_key = key();
-    config.openai_api_key = key();
+    config.use_provider_urls(
+        fakes.deepgram_url(),
+        fakes.anthropic_url(),
+        fakes.openai_url(),
+    );
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = Config::load_unvalidated(args.config.as_deref())?;
     init_logging(config.log_format);
     let fakes = if args.fakes {
-        let fakes = Fakes::start(FakesConfig::default(), SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let fakes = Fakes::start(
+            FakesConfig::default(),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        )
+        .await?;
         wire_fakes(&mut config, &fakes);
         Some(fakes)
     } else {
@@ -203,9 +211,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("atlas-voice listening on http://{addr}  (voice endpoint ws://{addr}/v1/voice)");
     if fakes.is_some() {
         let secret = dev_or_configured_secret(&config)?;
-        let token = auth::mint_token(&secret, "dev-user", &config.jwt_audience, "authenticated", 24 * 3600)?;
+        let token = auth::mint_token(
+            &secret,
+            "dev-user",
+            &config.jwt_audience,
+            "authenticated",
+            24 * 3600,
+        )?;
         println!("development mode with provider fakes; try:");
-        println!("  atlas-voice call --url ws://{addr}/v1/voice --token {token} --input tests/audio/question_16k.wav --output reply.wav");
+        println!(
+            "  atlas-voice call --url ws://{addr}/v1/voice --token {token} --input tests/audio/question_16k.wav --output reply.wav"
+        );
     }
     let stop = app.shutdown_token();
     tokio::spawn(async move {
@@ -224,13 +240,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -201,7 +201,7 @@ pub async fn connect(options: &ConnectOptions) -> Result<Connection, ClientError
             .parse()
             .map_err(|_| ClientError::Connect("token is not a valid subprotocol".into()))?,
     );
-    let connecting = tokio_tungstenite::connect_async(request);
+    let connecting = tokio_tungstenite::connect_async_with_config(request, None, true);
     let (socket, response) = match tokio::time::timeout(options.timeout, connecting).await {
         Err(_) => return Err(ClientError::Timeout),
         Ok(Err(tungstenite::Error::Http(response))) => {
@@ -321,9 +321,8 @@ pub fn speech_end(samples: &[i16], rate: u32, threshold_dbfs: f32) -> Option<Dur
     let last = samples
         .chunks(frame)
         .enumerate()
-        .filter(|(_, c)| atlas_core::audio::rms_dbfs(c) > threshold_dbfs)
-        .map(|(i, _)| i)
-        .last()?;
+        .rfind(|(_, c)| atlas_core::audio::rms_dbfs(c) > threshold_dbfs)
+        .map(|(i, _)| i)?;
     Some(atlas_core::audio::samples_to_duration(
         ((last + 1) * frame).min(samples.len()) as u64,
         rate,

@@ -68,10 +68,16 @@ impl std::fmt::Display for ChunkError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
             ChunkError::TooSmall { len, min } => {
-                write!(f, "audio frame of {len} bytes is below the minimum of {min}")
+                write!(
+                    f,
+                    "audio frame of {len} bytes is below the minimum of {min}"
+                )
             }
             ChunkError::TooLarge { len, max } => {
-                write!(f, "audio frame of {len} bytes is above the maximum of {max}")
+                write!(
+                    f,
+                    "audio frame of {len} bytes is above the maximum of {max}"
+                )
             }
             ChunkError::OddLength { len } => write!(
                 f,
@@ -87,7 +93,7 @@ pub fn validate_chunk(len: usize, min: usize, max: usize) -> Result<(), ChunkErr
         Err(ChunkError::TooSmall { len, min })
     } else if len > max {
         Err(ChunkError::TooLarge { len, max })
-    } else if len % 2 != 0 {
+    } else if !len.is_multiple_of(2) {
         Err(ChunkError::OddLength { len })
     } else {
         Ok(())

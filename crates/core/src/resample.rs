@@ -204,8 +204,8 @@ mod tests {
             for &to in &rates {
                 let input = tone(from, 440.0, from as usize * 7 / 10 + 13);
                 let out = resample_in_pieces(&input, from, to, 977);
-                let expected = (input.len() as u64 * u64::from(to) + u64::from(from) / 2)
-                    / u64::from(from);
+                let expected =
+                    (input.len() as u64 * u64::from(to) + u64::from(from) / 2) / u64::from(from);
                 assert_eq!(out.len() as u64, expected, "{from} -> {to}");
             }
         }

@@ -169,8 +169,26 @@ mod tests {
     #[test]
     fn first_clause_then_sentences() {
         let out = split_all(&[
-            "Sure", ",", " the", " weather", " in", " Paris", " is", " mild", ",", " about",
-            " 18", " degrees", ".", " Bring", " a", " jacket", "!", " Anything", " else", "?",
+            "Sure",
+            ",",
+            " the",
+            " weather",
+            " in",
+            " Paris",
+            " is",
+            " mild",
+            ",",
+            " about",
+            " 18",
+            " degrees",
+            ".",
+            " Bring",
+            " a",
+            " jacket",
+            "!",
+            " Anything",
+            " else",
+            "?",
         ]);
         assert_eq!(
             out,
@@ -188,7 +206,10 @@ mod tests {
         let mut s = SentenceSplitter::new(SplitterConfig::default());
         let mut out = Vec::new();
         s.push("It costs 3.", &mut out);
-        assert!(out.is_empty(), "must not cut before seeing what follows the dot");
+        assert!(
+            out.is_empty(),
+            "must not cut before seeing what follows the dot"
+        );
         s.push("5 euros, or 1,000 cents. Fine", &mut out);
         assert_eq!(out, vec!["It costs 3.5 euros,", "or 1,000 cents."]);
         assert_eq!(s.finish().as_deref(), Some("Fine"));
@@ -201,7 +222,11 @@ mod tests {
         s.push("Sure,", &mut out);
         assert_eq!(out, vec!["Sure,"]);
         s.push(" it is 1,", &mut out);
-        assert_eq!(out.len(), 1, "a comma after a digit may be a thousands separator");
+        assert_eq!(
+            out.len(),
+            1,
+            "a comma after a digit may be a thousands separator"
+        );
         s.push("000 metres high. Dr.", &mut out);
         assert_eq!(out, vec!["Sure,", "it is 1,000 metres high."]);
         s.push(" Who? Yes", &mut out);
@@ -211,7 +236,10 @@ mod tests {
     #[test]
     fn abbreviations_and_initials_do_not_cut() {
         let out = split_all(&["Dr. Smith met J. Doe at St. Mary's. Then left."]);
-        assert_eq!(out, vec!["Dr. Smith met J. Doe at St. Mary's.", "Then left."]);
+        assert_eq!(
+            out,
+            vec!["Dr. Smith met J. Doe at St. Mary's.", "Then left."]
+        );
     }
 
     #[test]

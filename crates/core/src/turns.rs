@@ -335,10 +335,23 @@ mod tests {
     fn utterance_end_closes_a_turn_without_speech_final() {
         let mut t = Turns::new(TurnConfig::default(), 0);
         run(&mut t, fin("Hello there", false));
-        let out = run(&mut t, Input::UtteranceEnd { end_of_speech: None });
+        let out = run(
+            &mut t,
+            Input::UtteranceEnd {
+                end_of_speech: None,
+            },
+        );
         assert!(matches!(&out[..], [Action::EndOfTurn { turn_id: 1, .. }]));
         // A second UtteranceEnd with nothing pending does nothing.
-        assert!(run(&mut t, Input::UtteranceEnd { end_of_speech: None }).is_empty());
+        assert!(
+            run(
+                &mut t,
+                Input::UtteranceEnd {
+                    end_of_speech: None
+                }
+            )
+            .is_empty()
+        );
         // Empty speech_final with nothing pending does nothing.
         assert!(run(&mut t, fin("", true)).is_empty());
     }
@@ -387,10 +400,17 @@ mod tests {
     #[test]
     fn push_to_talk_finalizes_then_ends_the_turn() {
         let mut t = Turns::new(TurnConfig::default(), 0);
-        run(&mut t, Input::Partial { text: "book a table" });
+        run(
+            &mut t,
+            Input::Partial {
+                text: "book a table",
+            },
+        );
         assert_eq!(run(&mut t, Input::Commit), vec![Action::Finalize]);
         let out = run(&mut t, fin("Book a table.", false));
-        assert!(matches!(&out[..], [Action::EndOfTurn { turn_id: 1, text, .. }] if text == "Book a table."));
+        assert!(
+            matches!(&out[..], [Action::EndOfTurn { turn_id: 1, text, .. }] if text == "Book a table.")
+        );
         // Commit with final text already pending ends the turn at once.
         run(&mut t, Input::ResponseFinished { turn_id: 1 });
         run(&mut t, fin("For two.", false));

@@ -604,7 +604,10 @@ mod tests {
             parse_client_message("{not json"),
             Err(ParseError::MalformedJson)
         );
-        assert_eq!(parse_client_message("[1,2]"), Err(ParseError::MalformedJson));
+        assert_eq!(
+            parse_client_message("[1,2]"),
+            Err(ParseError::MalformedJson)
+        );
         assert_eq!(
             parse_client_message(r#"{"kind":"x"}"#),
             Err(ParseError::MissingType)
@@ -614,7 +617,13 @@ mod tests {
             Err(ParseError::UnknownType("dance".into()))
         );
         let e = parse_client_message(r#"{"type":"auth.refresh"}"#).unwrap_err();
-        assert!(matches!(e, ParseError::InvalidFields { message_type: "auth.refresh", .. }));
+        assert!(matches!(
+            e,
+            ParseError::InvalidFields {
+                message_type: "auth.refresh",
+                ..
+            }
+        ));
         assert_eq!(e.code(), ErrorCode::InvalidMessage);
         let e = parse_client_message(
             r#"{"type":"session.start","input_audio":{"encoding":"opus","sample_rate":16000}}"#,
@@ -635,7 +644,10 @@ mod tests {
 
     #[test]
     fn oversized_frame_is_refused_before_parsing() {
-        let big = format!(r#"{{"type":"ping","id":"{}"}}"#, "a".repeat(MAX_TEXT_FRAME_BYTES));
+        let big = format!(
+            r#"{{"type":"ping","id":"{}"}}"#,
+            "a".repeat(MAX_TEXT_FRAME_BYTES)
+        );
         assert!(matches!(
             parse_client_message(&big),
             Err(ParseError::TooLarge { .. })

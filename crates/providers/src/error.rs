@@ -44,7 +44,9 @@ impl ProviderError {
         match self {
             ProviderError::Connect(_) | ProviderError::Timeout(_) => true,
             // A 429 for an exhausted quota (OpenAI `insufficient_quota`) will not clear by waiting.
-            ProviderError::Status { status: 429, kind, .. } => kind != "insufficient_quota",
+            ProviderError::Status {
+                status: 429, kind, ..
+            } => kind != "insufficient_quota",
             ProviderError::Status { status, .. } => {
                 *status == 408 || *status == 409 || *status >= 500
             }

@@ -85,7 +85,10 @@ impl HttpSettings {
     }
 
     /// Sends `request` with the response deadline; maps transport failures.
-    pub async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ProviderError> {
+    pub async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ProviderError> {
         match tokio::time::timeout(self.response_timeout, request.send()).await {
             Err(_) => Err(ProviderError::Timeout("response headers")),
             Ok(Err(e)) if e.is_timeout() => Err(ProviderError::Timeout("connection")),
@@ -209,7 +212,10 @@ mod tests {
 
     #[tokio::test]
     async fn does_not_retry_client_errors_or_long_retry_after() {
-        for err in [status(400, None), status(429, Some(Duration::from_secs(60)))] {
+        for err in [
+            status(400, None),
+            status(429, Some(Duration::from_secs(60))),
+        ] {
             let calls = Arc::new(AtomicUsize::new(0));
             let c = calls.clone();
             let e = err.clone();
@@ -235,7 +241,10 @@ mod tests {
                 async { Err(status(503, None)) }
             })
             .await;
-        assert!(matches!(out, Err(ProviderError::Status { status: 503, .. })));
+        assert!(matches!(
+            out,
+            Err(ProviderError::Status { status: 503, .. })
+        ));
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 

@@ -10,6 +10,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -96,15 +97,22 @@ impl Application {
         let state = self.state.clone();
         let router = router(state.clone());
         let shutdown = state.shutdown.clone();
+        // Small frames (audio chunks, events) must not wait for Nagle's algorithm.
+        let listener = self.listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = axum::serve(
-            self.listener,
+            listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(async move { shutdown.cancelled().await });
         let result = server.await;
         state.sessions.close();
         let drain = Duration::from_secs(state.config.drain_timeout_s);
-        if tokio::time::timeout(drain, state.sessions.wait()).await.is_err() {
+        if tokio::time::timeout(drain, state.sessions.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 remaining = state.sessions.len(),
                 "drain timeout reached with sessions still open"
@@ -140,8 +148,12 @@ async fn index() -> Html<&'static str> {
 
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.shutdown.is_cancelled() {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Draining, "draining")
-            .into_response()
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Draining,
+            "draining",
+        )
+        .into_response()
     } else {
         "ready".into_response()
     }

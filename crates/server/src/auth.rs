@@ -187,7 +187,10 @@ pub fn extract_token<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Opti
     for v in headers.get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL) {
         if let Ok(v) = v.to_str() {
             for p in v.split(',') {
-                if let Some(t) = p.trim().strip_prefix(atlas_protocol::BEARER_SUBPROTOCOL_PREFIX) {
+                if let Some(t) = p
+                    .trim()
+                    .strip_prefix(atlas_protocol::BEARER_SUBPROTOCOL_PREFIX)
+                {
                     return Some(t.to_owned());
                 }
             }
@@ -215,7 +218,14 @@ mod tests {
     fn accepts_a_good_token_and_reads_sub() {
         let c = config();
         let a = Authenticator::new(&c);
-        let t = mint_token(c.jwt_secret.as_ref().unwrap(), "user-1", "authenticated", "authenticated", 60).unwrap();
+        let t = mint_token(
+            c.jwt_secret.as_ref().unwrap(),
+            "user-1",
+            "authenticated",
+            "authenticated",
+            60,
+        )
+        .unwrap();
         assert_eq!(a.verify(&t).unwrap().user_id, "user-1");
     }
 
@@ -228,7 +238,14 @@ mod tests {
         assert_eq!(a.verify(&anon).unwrap_err(), AuthError::Forbidden);
         let wrong_aud = mint_token(secret, "u", "other", "authenticated", 60).unwrap();
         assert_eq!(a.verify(&wrong_aud).unwrap_err(), AuthError::Invalid);
-        let other_key = mint_token(&SecretString::from("another-secret"), "u", "authenticated", "authenticated", 60).unwrap();
+        let other_key = mint_token(
+            &SecretString::from("another-secret"),
+            "u",
+            "authenticated",
+            "authenticated",
+            60,
+        )
+        .unwrap();
         assert_eq!(a.verify(&other_key).unwrap_err(), AuthError::Invalid);
         assert_eq!(a.verify("not.a.jwt").unwrap_err(), AuthError::Invalid);
         let mut tampered = mint_token(secret, "u", "authenticated", "authenticated", 60).unwrap();
@@ -243,10 +260,16 @@ mod tests {
         h.insert("authorization", "Bearer abc".parse().unwrap());
         assert_eq!(extract_token(&h, None).as_deref(), Some("abc"));
         let mut h = HeaderMap::new();
-        h.insert("sec-websocket-protocol", "atlas-voice.v1, bearer.xyz".parse().unwrap());
+        h.insert(
+            "sec-websocket-protocol",
+            "atlas-voice.v1, bearer.xyz".parse().unwrap(),
+        );
         assert_eq!(extract_token(&h, None).as_deref(), Some("xyz"));
         let h = HeaderMap::new();
-        assert_eq!(extract_token(&h, Some("resume=1&access_token=q%2Ev")).as_deref(), Some("q.v"));
+        assert_eq!(
+            extract_token(&h, Some("resume=1&access_token=q%2Ev")).as_deref(),
+            Some("q.v")
+        );
         assert_eq!(extract_token(&h, Some("resume=1")), None);
     }
 }

@@ -200,9 +200,10 @@ impl Default for Config {
             stt_language: None,
             stt_endpointing_ms: 300,
             stt_utterance_end_ms: 1000,
-            system_prompt: "You are a friendly voice assistant. Answer in one to three short spoken \
+            system_prompt:
+                "You are a friendly voice assistant. Answer in one to three short spoken \
                 sentences. Use plain words: no lists, markdown, emoji or URLs."
-                .into(),
+                    .into(),
             llm_max_tokens: 300,
             history_max_messages: 40,
             history_max_chars: 24_000,
@@ -338,10 +339,18 @@ impl Config {
             }
         };
         if self.stt == SttKind::Deepgram {
-            need("ATLAS_STT=deepgram", &self.deepgram_api_key, "DEEPGRAM_API_KEY")?;
+            need(
+                "ATLAS_STT=deepgram",
+                &self.deepgram_api_key,
+                "DEEPGRAM_API_KEY",
+            )?;
         }
         if self.llm == LlmKind::Anthropic {
-            need("ATLAS_LLM=anthropic", &self.anthropic_api_key, "ANTHROPIC_API_KEY")?;
+            need(
+                "ATLAS_LLM=anthropic",
+                &self.anthropic_api_key,
+                "ANTHROPIC_API_KEY",
+            )?;
         }
         if self.tts == TtsKind::Openai {
             need("ATLAS_TTS=openai", &self.openai_api_key, "OPENAI_API_KEY")?;
@@ -373,7 +382,10 @@ impl Config {
             ("ATLAS_HEARTBEAT_INTERVAL_S", self.heartbeat_interval_s),
             ("ATLAS_HEARTBEAT_TIMEOUT_S", self.heartbeat_timeout_s),
             ("ATLAS_PROVIDER_TIMEOUT_S", self.provider_timeout_s),
-            ("ATLAS_PROVIDER_IDLE_TIMEOUT_S", self.provider_idle_timeout_s),
+            (
+                "ATLAS_PROVIDER_IDLE_TIMEOUT_S",
+                self.provider_idle_timeout_s,
+            ),
         ] {
             if v == 0 {
                 return fail(format!("{name} must be at least 1"));
@@ -393,7 +405,11 @@ impl Config {
         }
         for (name, url, schemes) in [
             ("ATLAS_DEEPGRAM_URL", &self.deepgram_url, &["ws", "wss"][..]),
-            ("ATLAS_ANTHROPIC_URL", &self.anthropic_url, &["http", "https"][..]),
+            (
+                "ATLAS_ANTHROPIC_URL",
+                &self.anthropic_url,
+                &["http", "https"][..],
+            ),
             ("ATLAS_OPENAI_URL", &self.openai_url, &["http", "https"][..]),
         ] {
             match url::Url::parse(url) {
@@ -407,6 +423,22 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Uses the cloud adapters against the given base URLs (the provider fakes in development
+    /// and tests) with placeholder keys, in dev mode.
+    pub fn use_provider_urls(&mut self, deepgram: String, anthropic: String, openai: String) {
+        let key = || Some(SecretString::from("fake-key"));
+        self.dev = true;
+        self.stt = SttKind::Deepgram;
+        self.llm = LlmKind::Anthropic;
+        self.tts = TtsKind::Openai;
+        self.deepgram_url = deepgram;
+        self.anthropic_url = anthropic;
+        self.openai_url = openai;
+        self.deepgram_api_key = key();
+        self.anthropic_api_key = key();
+        self.openai_api_key = key();
     }
 
     /// Per-call timeouts and retries for the HTTP providers.
@@ -451,10 +483,16 @@ mod tests {
         let c = Config::default();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.max_sessions_per_user, 3);
-        assert_eq!((c.idle_timeout_s, c.max_duration_s, c.resume_window_s), (600, 1800, 60));
+        assert_eq!(
+            (c.idle_timeout_s, c.max_duration_s, c.resume_window_s),
+            (600, 1800, 60)
+        );
         assert_eq!((c.heartbeat_interval_s, c.heartbeat_timeout_s), (30, 10));
         assert_eq!(c.session_budget_usd, 5.0);
-        assert_eq!((c.audio_chunk_min_bytes, c.audio_chunk_max_bytes), (100, 102_400));
+        assert_eq!(
+            (c.audio_chunk_min_bytes, c.audio_chunk_max_bytes),
+            (100, 102_400)
+        );
         assert_eq!(c.stt_model, "nova-3");
         assert_eq!(c.llm_model, "claude-haiku-4-5");
     }
@@ -477,13 +515,23 @@ mod tests {
             audio_chunk_max_bytes: 100,
             ..Config::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("ATLAS_AUDIO_CHUNK_MIN_BYTES"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("ATLAS_AUDIO_CHUNK_MIN_BYTES")
+        );
         let c = Config {
             dev: true,
             deepgram_url: "http://x".into(),
             ..Config::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("ATLAS_DEEPGRAM_URL"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("ATLAS_DEEPGRAM_URL")
+        );
     }
 
     #[test]

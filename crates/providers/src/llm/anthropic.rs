@@ -71,15 +71,21 @@ struct Msg<'a> {
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Event {
-    MessageStart { message: StartMessage },
-    ContentBlockDelta { delta: Delta },
+    MessageStart {
+        message: StartMessage,
+    },
+    ContentBlockDelta {
+        delta: Delta,
+    },
     MessageDelta {
         delta: MessageDeltaBody,
         #[serde(default)]
         usage: Option<Usage>,
     },
     MessageStop,
-    Error { error: ErrorBody },
+    Error {
+        error: ErrorBody,
+    },
     #[serde(other)]
     Other,
 }
@@ -93,7 +99,9 @@ struct StartMessage {
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Delta {
-    TextDelta { text: String },
+    TextDelta {
+        text: String,
+    },
     #[serde(other)]
     Other,
 }
@@ -128,7 +136,10 @@ fn parse_error(v: &serde_json::Value) -> Option<(String, String)> {
     let e = v.get("error")?;
     Some((
         e.get("type")?.as_str()?.to_owned(),
-        e.get("message").and_then(|m| m.as_str()).unwrap_or("").to_owned(),
+        e.get("message")
+            .and_then(|m| m.as_str())
+            .unwrap_or("")
+            .to_owned(),
     ))
 }
 
@@ -264,7 +275,10 @@ impl LlmProvider for Anthropic {
                 }
             })
             .await?;
-        Ok(events_from_sse(body_with_idle_timeout(response, http.idle_timeout)))
+        Ok(events_from_sse(body_with_idle_timeout(
+            response,
+            http.idle_timeout,
+        )))
     }
 }
 
@@ -275,7 +289,8 @@ mod tests {
     fn fixture_stream(
         path: &str,
         piece: usize,
-    ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, ProviderError>> + Send + 'static {
+    ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, ProviderError>> + Send + 'static
+    {
         let data = std::fs::read(format!(
             "{}/tests/fixtures/{path}",
             env!("CARGO_MANIFEST_DIR")
@@ -295,17 +310,31 @@ mod tests {
     #[tokio::test]
     async fn documented_stream_in_any_chunking() {
         for piece in [1, 7, 64, 4096] {
-            let items = collect(events_from_sse(fixture_stream("anthropic/stream_basic.sse", piece))).await;
+            let items = collect(events_from_sse(fixture_stream(
+                "anthropic/stream_basic.sse",
+                piece,
+            )))
+            .await;
             let items: Vec<LlmEvent> = items.into_iter().map(Result::unwrap).collect();
             assert_eq!(
                 items,
                 vec![
-                    LlmEvent::Usage(LlmUsage { input_tokens: Some(11), output_tokens: Some(1), ..Default::default() }),
+                    LlmEvent::Usage(LlmUsage {
+                        input_tokens: Some(11),
+                        output_tokens: Some(1),
+                        ..Default::default()
+                    }),
                     LlmEvent::Delta("Hello".into()),
                     LlmEvent::Delta(" there".into()),
                     LlmEvent::Delta("!".into()),
-                    LlmEvent::Usage(LlmUsage { input_tokens: Some(11), output_tokens: Some(6), ..Default::default() }),
-                    LlmEvent::Done { stop_reason: Some("end_turn".into()) },
+                    LlmEvent::Usage(LlmUsage {
+                        input_tokens: Some(11),
+                        output_tokens: Some(6),
+                        ..Default::default()
+                    }),
+                    LlmEvent::Done {
+                        stop_reason: Some("end_turn".into())
+                    },
                 ],
                 "chunked by {piece}"
             );
@@ -314,9 +343,15 @@ mod tests {
 
     #[tokio::test]
     async fn documented_mid_stream_error() {
-        let items = collect(events_from_sse(fixture_stream("anthropic/stream_error.sse", 13))).await;
+        let items = collect(events_from_sse(fixture_stream(
+            "anthropic/stream_error.sse",
+            13,
+        )))
+        .await;
         let last = items.last().unwrap();
-        assert!(matches!(last, Err(ProviderError::Stream { kind, .. }) if kind == "overloaded_error"));
+        assert!(
+            matches!(last, Err(ProviderError::Stream { kind, .. }) if kind == "overloaded_error")
+        );
         let text: String = items
             .iter()
             .filter_map(|i| match i {
@@ -337,8 +372,15 @@ mod tests {
 
     #[test]
     fn documented_error_bodies() {
-        for (file, kind) in [("error_429.json", "rate_limit_error"), ("error_529.json", "overloaded_error")] {
-            let body = std::fs::read(format!("{}/tests/fixtures/anthropic/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        for (file, kind) in [
+            ("error_429.json", "rate_limit_error"),
+            ("error_529.json", "overloaded_error"),
+        ] {
+            let body = std::fs::read(format!(
+                "{}/tests/fixtures/anthropic/{file}",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap();
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
             assert_eq!(parse_error(&v).unwrap().0, kind);
         }
@@ -390,7 +432,10 @@ mod tests {
                 stop_reason: Some("end_turn".into())
             })
         );
-        assert_eq!(map_event(r#"{"type":"ping"}"#, &mut stop, &mut usage).unwrap(), None);
+        assert_eq!(
+            map_event(r#"{"type":"ping"}"#, &mut stop, &mut usage).unwrap(),
+            None
+        );
         assert_eq!(
             map_event(r#"{"type":"brand_new_event","x":1}"#, &mut stop, &mut usage).unwrap(),
             None

@@ -271,7 +271,10 @@ impl LlmProvider for OpenAiChat {
                 }
             })
             .await?;
-        Ok(events_from_sse(body_with_idle_timeout(response, http.idle_timeout)))
+        Ok(events_from_sse(body_with_idle_timeout(
+            response,
+            http.idle_timeout,
+        )))
     }
 }
 
@@ -282,7 +285,8 @@ mod tests {
     fn fixture_stream(
         path: &str,
         piece: usize,
-    ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, ProviderError>> + Send + 'static {
+    ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, ProviderError>> + Send + 'static
+    {
         let data = std::fs::read(format!(
             "{}/tests/fixtures/{path}",
             env!("CARGO_MANIFEST_DIR")
@@ -312,33 +316,64 @@ mod tests {
     #[tokio::test]
     async fn documented_stream_with_usage() {
         for piece in [3, 100, 100_000] {
-            let items = collect(events_from_sse(fixture_stream("openai/chat_stream_with_usage.sse", piece))).await;
+            let items = collect(events_from_sse(fixture_stream(
+                "openai/chat_stream_with_usage.sse",
+                piece,
+            )))
+            .await;
             assert!(text_of(&items).starts_with("I'm unable to provide real-time updates"));
             assert!(text_of(&items).ends_with("local San Francisco news station."));
             let n = items.len();
             assert_eq!(
                 items[n - 2].as_ref().unwrap(),
-                &LlmEvent::Usage(LlmUsage { input_tokens: Some(14), output_tokens: Some(47), ..Default::default() })
+                &LlmEvent::Usage(LlmUsage {
+                    input_tokens: Some(14),
+                    output_tokens: Some(47),
+                    ..Default::default()
+                })
             );
-            assert_eq!(items[n - 1].as_ref().unwrap(), &LlmEvent::Done { stop_reason: Some("stop".into()) });
+            assert_eq!(
+                items[n - 1].as_ref().unwrap(),
+                &LlmEvent::Done {
+                    stop_reason: Some("stop".into())
+                }
+            );
         }
     }
 
     #[tokio::test]
     async fn stream_without_usage() {
-        let items = collect(events_from_sse(fixture_stream("openai/chat_stream_no_usage.sse", 50))).await;
+        let items = collect(events_from_sse(fixture_stream(
+            "openai/chat_stream_no_usage.sse",
+            50,
+        )))
+        .await;
         assert_eq!(text_of(&items), "My name is Neo Vim.");
         assert!(!items.iter().any(|i| matches!(i, Ok(LlmEvent::Usage(_)))));
-        assert_eq!(items.last().unwrap().as_ref().unwrap(), &LlmEvent::Done { stop_reason: Some("stop".into()) });
+        assert_eq!(
+            items.last().unwrap().as_ref().unwrap(),
+            &LlmEvent::Done {
+                stop_reason: Some("stop".into())
+            }
+        );
     }
 
     #[test]
     fn quota_429_is_not_retried() {
-        let body = std::fs::read(format!("{}/tests/fixtures/openai/error_429.json", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let body = std::fs::read(format!(
+            "{}/tests/fixtures/openai/error_429.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let (kind, message) = parse_error(&v).unwrap();
         assert_eq!(kind, "insufficient_quota");
-        let e = ProviderError::Status { status: 429, kind, message, retry_after: None };
+        let e = ProviderError::Status {
+            status: 429,
+            kind,
+            message,
+            retry_after: None,
+        };
         assert!(!e.is_retryable());
     }
 

@@ -201,32 +201,33 @@ impl SttProvider for Deepgram {
             .parse()
             .map_err(|_| ProviderError::Connect("API key is not a valid header value".into()))?;
         request.headers_mut().insert("authorization", auth);
-        let connect = tokio_tungstenite::connect_async(request);
-        let (socket, _response) = match tokio::time::timeout(self.config.connect_timeout, connect).await {
-            Err(_) => return Err(ProviderError::Timeout("Deepgram handshake")),
-            Ok(Err(tungstenite::Error::Http(response))) => {
-                let status = response.status().as_u16();
-                let body = response
-                    .body()
-                    .as_deref()
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok());
-                let field = |k: &str| {
-                    body.as_ref()
-                        .and_then(|v| v.get(k))
-                        .and_then(|v| v.as_str())
-                        .unwrap_or("")
-                        .to_owned()
-                };
-                return Err(ProviderError::Status {
-                    status,
-                    kind: field("err_code"),
-                    message: field("err_msg"),
-                    retry_after: None,
-                });
-            }
-            Ok(Err(e)) => return Err(ProviderError::Connect(error_chain(&e))),
-            Ok(Ok(pair)) => pair,
-        };
+        let connect = tokio_tungstenite::connect_async_with_config(request, None, true);
+        let (socket, _response) =
+            match tokio::time::timeout(self.config.connect_timeout, connect).await {
+                Err(_) => return Err(ProviderError::Timeout("Deepgram handshake")),
+                Ok(Err(tungstenite::Error::Http(response))) => {
+                    let status = response.status().as_u16();
+                    let body = response
+                        .body()
+                        .as_deref()
+                        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok());
+                    let field = |k: &str| {
+                        body.as_ref()
+                            .and_then(|v| v.get(k))
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("")
+                            .to_owned()
+                    };
+                    return Err(ProviderError::Status {
+                        status,
+                        kind: field("err_code"),
+                        message: field("err_msg"),
+                        retry_after: None,
+                    });
+                }
+                Ok(Err(e)) => return Err(ProviderError::Connect(error_chain(&e))),
+                Ok(Ok(pair)) => pair,
+            };
         let (commands_tx, commands_rx) = mpsc::channel(64);
         let (events_tx, events_rx) = mpsc::channel(64);
         tokio::spawn(run(
@@ -354,7 +355,8 @@ mod tests {
                 speech_end_s: Some(1.4)
             })
         );
-        let empty_interim = r#"{"type":"Results","is_final":false,"channel":{"alternatives":[{"transcript":""}]}}"#;
+        let empty_interim =
+            r#"{"type":"Results","is_final":false,"channel":{"alternatives":[{"transcript":""}]}}"#;
         assert_eq!(map_message(empty_interim).unwrap(), None);
         assert_eq!(
             map_message(r#"{"type":"UtteranceEnd","channel":[0,1],"last_word_end":2.3}"#).unwrap(),
@@ -362,7 +364,10 @@ mod tests {
                 last_word_end_s: Some(2.3)
             })
         );
-        assert_eq!(map_message(r#"{"type":"SomethingNew","x":1}"#).unwrap(), None);
+        assert_eq!(
+            map_message(r#"{"type":"SomethingNew","x":1}"#).unwrap(),
+            None
+        );
         assert!(map_message("not json").is_err());
     }
 

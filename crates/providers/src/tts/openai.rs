@@ -115,6 +115,9 @@ impl TtsProvider for OpenAiTts {
                 }
             })
             .await?;
-        Ok(Box::pin(body_with_idle_timeout(response, http.idle_timeout)))
+        Ok(Box::pin(body_with_idle_timeout(
+            response,
+            http.idle_timeout,
+        )))
     }
 }

@@ -114,7 +114,11 @@ where
     let start = match await_start(&state, &mut stream, &outbound).await {
         Ok(start) => start,
         Err(reason) => {
-            let code = if reason == EndReason::StartTimeout { close::POLICY } else { close::NORMAL };
+            let code = if reason == EndReason::StartTimeout {
+                close::POLICY
+            } else {
+                close::NORMAL
+            };
             if reason != EndReason::Disconnected {
                 outbound.close(code, "no session.start").await;
             }
@@ -221,7 +225,11 @@ fn validate_start(state: &AppState, start: &SessionStart) -> Result<(), ServerEv
     {
         return invalid("language must be a BCP-47 tag such as en-US".into());
     }
-    if start.conversation_id.as_ref().is_some_and(|c| c.len() > 128) {
+    if start
+        .conversation_id
+        .as_ref()
+        .is_some_and(|c| c.len() > 128)
+    {
         return invalid("conversation_id is longer than 128 characters".into());
     }
     if let Some(client) = &start.client
@@ -286,8 +294,15 @@ impl Session {
         let stt = SttLink::new(
             state.engines.stt.clone(),
             SttOptions {
-                sample_rate: if input_resampler.is_some() { stt_rate } else { client_rate },
-                language: start.language.clone().or_else(|| config.stt_language.clone()),
+                sample_rate: if input_resampler.is_some() {
+                    stt_rate
+                } else {
+                    client_rate
+                },
+                language: start
+                    .language
+                    .clone()
+                    .or_else(|| config.stt_language.clone()),
             },
         );
         Session {
@@ -340,7 +355,9 @@ impl Session {
 
     /// Sends an event; a full queue ends the session as a slow consumer.
     fn emit(&self, event: ServerEvent) -> Result<(), EndReason> {
-        self.outbound.event(event).map_err(|_| EndReason::SlowConsumer)
+        self.outbound
+            .event(event)
+            .map_err(|_| EndReason::SlowConsumer)
     }
 
     async fn run<S>(&mut self, stream: &mut S) -> EndReason
@@ -396,9 +413,14 @@ impl Session {
 
     fn on_audio(&mut self, pcm: Bytes) -> Result<(), EndReason> {
         let c = &self.state.config;
-        if let Err(e) = validate_chunk(pcm.len(), c.audio_chunk_min_bytes, c.audio_chunk_max_bytes) {
+        if let Err(e) = validate_chunk(pcm.len(), c.audio_chunk_min_bytes, c.audio_chunk_max_bytes)
+        {
             self.count_invalid()?;
-            return self.emit(ServerEvent::error(ErrorCode::AudioChunkInvalid, e.to_string(), false));
+            return self.emit(ServerEvent::error(
+                ErrorCode::AudioChunkInvalid,
+                e.to_string(),
+                false,
+            ));
         }
         let samples = pcm.len() / 2;
         let position_s = self.clock.total_seconds();
@@ -442,7 +464,11 @@ impl Session {
                     "the new token belongs to another user",
                     false,
                 )),
-                Err(e) => self.emit(ServerEvent::error(ErrorCode::Unauthorized, e.to_string(), false)),
+                Err(e) => self.emit(ServerEvent::error(
+                    ErrorCode::Unauthorized,
+                    e.to_string(),
+                    false,
+                )),
             },
             ClientMessage::Ping { id } => self.emit(ServerEvent::Pong { id }),
             ClientMessage::SessionEnd => Err(EndReason::ClientEnded),
@@ -455,9 +481,19 @@ impl Session {
                 let at = |s: Option<f64>| s.and_then(|s| self.clock.instant_at(s));
                 match event {
                     SttEvent::Partial { text } => self.feed(Input::Partial { text: &text }).await,
-                    SttEvent::Final { text, speech_final, speech_end_s, .. } => {
+                    SttEvent::Final {
+                        text,
+                        speech_final,
+                        speech_end_s,
+                        ..
+                    } => {
                         let end_of_speech = at(speech_end_s);
-                        self.feed(Input::Final { text: &text, speech_final, end_of_speech }).await
+                        self.feed(Input::Final {
+                            text: &text,
+                            speech_final,
+                            end_of_speech,
+                        })
+                        .await
                     }
                     SttEvent::UtteranceEnd { last_word_end_s } => {
                         let end_of_speech = at(last_word_end_s);
@@ -478,7 +514,11 @@ impl Session {
                     },
                     fatal,
                 ))?;
-                if fatal { Err(EndReason::ProviderFailed) } else { Ok(()) }
+                if fatal {
+                    Err(EndReason::ProviderFailed)
+                } else {
+                    Ok(())
+                }
             }
         }
     }
@@ -496,9 +536,11 @@ impl Session {
                     Ok(())
                 }
                 Action::Interrupt { turn_id } => self.interrupt(turn_id).await,
-                Action::EndOfTurn { turn_id, text, end_of_speech } => {
-                    self.start_response(turn_id, text, end_of_speech)
-                }
+                Action::EndOfTurn {
+                    turn_id,
+                    text,
+                    end_of_speech,
+                } => self.start_response(turn_id, text, end_of_speech),
             };
             if result.is_err() {
                 break;
@@ -514,7 +556,10 @@ impl Session {
         text: String,
         end_of_speech: Option<std::time::Instant>,
     ) -> Result<(), EndReason> {
-        self.emit(ServerEvent::TranscriptFinal { turn_id, text: text.clone() })?;
+        self.emit(ServerEvent::TranscriptFinal {
+            turn_id,
+            text: text.clone(),
+        })?;
         self.history.push_user(&text);
         self.emit(ServerEvent::ResponseStarted { turn_id })?;
         let config = &self.state.config;
@@ -551,7 +596,11 @@ impl Session {
             splitter: SplitterConfig::default(),
         };
         let handle = tokio::spawn(response::run(ctx, progress.clone()).in_current_span());
-        self.response = Some(ActiveResponse { turn_id, handle, progress });
+        self.response = Some(ActiveResponse {
+            turn_id,
+            handle,
+            progress,
+        });
         Ok(())
     }
 
@@ -571,7 +620,8 @@ impl Session {
             return Ok(());
         };
         let mut out = Vec::new();
-        self.turns.handle(Input::ResponseFinished { turn_id }, &mut out);
+        self.turns
+            .handle(Input::ResponseFinished { turn_id }, &mut out);
         debug_assert!(out.is_empty());
         let failed = lock(&active.progress).failure.clone();
         if let Some(f) = &failed {
@@ -601,7 +651,11 @@ impl Session {
         let latency = breakdown(p.timings.latency());
         info!(turn_id, interrupted, spoken_chars = p.spoken.len(), latency_ms = ?latency, "reply done");
         drop(p);
-        self.emit(ServerEvent::ResponseDone { turn_id, interrupted, latency_ms: latency })?;
+        self.emit(ServerEvent::ResponseDone {
+            turn_id,
+            interrupted,
+            latency_ms: latency,
+        })?;
         self.emit(ServerEvent::Usage(self.usage.clone()))
     }
 

@@ -60,10 +60,12 @@ impl OutboundTx {
 
     /// Queues an event without waiting; a full queue means a slow consumer.
     pub fn event(&self, event: ServerEvent) -> Result<(), SendError> {
-        self.tx.try_send(Outbound::Event(event)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SendError::Full,
-            mpsc::error::TrySendError::Closed(_) => SendError::Closed,
-        })
+        self.tx
+            .try_send(Outbound::Event(event))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SendError::Full,
+                mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+            })
     }
 
     /// Queues audio, waiting for room (reply audio is paced, so waiting is bounded).
@@ -164,7 +166,8 @@ mod tests {
         let (tx, rx) = mpsc::channel(16);
         let out = OutboundTx::new(tx);
         out.audio(1, Bytes::from_static(b"a1")).await.unwrap();
-        out.event(ServerEvent::ResponseInterrupted { turn_id: 1 }).unwrap();
+        out.event(ServerEvent::ResponseInterrupted { turn_id: 1 })
+            .unwrap();
         out.audio(1, Bytes::from_static(b"late")).await.unwrap();
         out.audio(2, Bytes::from_static(b"a2")).await.unwrap();
         out.close(1000, "bye").await;

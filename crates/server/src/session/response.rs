@@ -123,7 +123,10 @@ pub async fn run(ctx: ResponseCtx, progress: Arc<Mutex<Progress>>) {
 }
 
 async fn run_inner(ctx: &ResponseCtx, progress: &Arc<Mutex<Progress>>) -> Result<(), Failure> {
-    mark(&mut lock(progress).timings.llm_request, Instant::now().into_std());
+    mark(
+        &mut lock(progress).timings.llm_request,
+        Instant::now().into_std(),
+    );
     let stream = ctx
         .llm
         .stream(ctx.request.clone())
@@ -197,7 +200,12 @@ async fn start_tts(
             voice: ctx.voice.clone(),
         };
         lock(progress).tts_chars += request.text.chars().count() as u64;
-        synth.spawn(synthesize(ctx.tts.clone(), request, audio_tx, progress.clone()));
+        synth.spawn(synthesize(
+            ctx.tts.clone(),
+            request,
+            audio_tx,
+            progress.clone(),
+        ));
         let job = Job {
             text,
             audio: audio_rx,
@@ -219,7 +227,10 @@ async fn synthesize(
     audio: mpsc::Sender<Result<Bytes, ProviderError>>,
     progress: Arc<Mutex<Progress>>,
 ) {
-    mark(&mut lock(&progress).timings.tts_request, Instant::now().into_std());
+    mark(
+        &mut lock(&progress).timings.tts_request,
+        Instant::now().into_std(),
+    );
     let mut stream = match tts.synthesize(request).await {
         Ok(s) => s,
         Err(e) => {
@@ -230,7 +241,10 @@ async fn synthesize(
     while let Some(chunk) = stream.next().await {
         let failed = chunk.is_err();
         if chunk.is_ok() {
-            mark(&mut lock(&progress).timings.tts_first_audio, Instant::now().into_std());
+            mark(
+                &mut lock(&progress).timings.tts_first_audio,
+                Instant::now().into_std(),
+            );
         }
         if audio.send(chunk).await.is_err() || failed {
             return;

@@ -79,7 +79,8 @@ impl SttLink {
         if matches!(self.state, State::Idle) {
             let provider = self.provider.clone();
             let options = self.options.clone();
-            self.state = State::Connecting(Box::pin(async move { provider.connect(options).await }));
+            self.state =
+                State::Connecting(Box::pin(async move { provider.connect(options).await }));
         }
     }
 
@@ -150,7 +151,10 @@ impl SttLink {
                         return LinkEvent::Event(self.map_times(event));
                     }
                     Some(Err(e)) => return self.lost(e),
-                    None => return self.lost(ProviderError::Closed("recogniser ended the stream".into())),
+                    None => {
+                        return self
+                            .lost(ProviderError::Closed("recogniser ended the stream".into()));
+                    }
                 },
             }
         }

@@ -1,0 +1,211 @@
+//! Provider faults injected through the fakes: the session recovers (retry) or the turn ends
+//! with a clear error, and the session goes on.
+
+use std::time::Duration;
+
+use atlas_client::Incoming;
+use atlas_fakes::{Fault, Target};
+use atlas_protocol::{ErrorCode, ServerEvent};
+
+use crate::helpers::*;
+
+/// Asks the question once (4× real time) and collects until `response.done` of `turn`.
+async fn ask(conn: &mut atlas_client::Connection, turn: u64) -> Vec<Incoming> {
+    let question = with_silence(speech("question_16k.wav"), 1.0);
+    let streaming = stream(conn, question, 4.0);
+    let items = collect_until(conn, Duration::from_secs(20), is_done(turn)).await;
+    streaming.abort();
+    items
+}
+
+fn done_interrupted(items: &[Incoming], turn: u64) -> bool {
+    items.iter().any(|i| {
+        matches!(event(i), Some(ServerEvent::ResponseDone { turn_id, interrupted: true, .. }) if *turn_id == turn)
+    })
+}
+
+#[tokio::test]
+async fn llm_429_with_retry_after_and_529_are_retried() {
+    let app = spawn_app().await;
+    app.fakes.inject(
+        Target::Anthropic,
+        Fault::Status {
+            status: 429,
+            retry_after_s: Some(1),
+        },
+    );
+    app.fakes.inject(
+        Target::Anthropic,
+        Fault::Status {
+            status: 529,
+            retry_after_s: None,
+        },
+    );
+    let (mut conn, _) = app.start("u", 24_000).await;
+    let items = ask(&mut conn, 1).await;
+    assert!(errors(&items).is_empty(), "{:#?}", summary(&items));
+    assert!(!done_interrupted(&items, 1));
+    assert!(audio_bytes(&items) > 0);
+    assert_eq!(
+        app.fakes.recorded().llm_requests.len(),
+        3,
+        "two failures, then success"
+    );
+}
+
+#[tokio::test]
+async fn llm_failing_past_the_retries_gives_a_clear_error_and_the_session_goes_on() {
+    let app = spawn_app().await;
+    for _ in 0..3 {
+        app.fakes.inject(
+            Target::Anthropic,
+            Fault::Status {
+                status: 500,
+                retry_after_s: None,
+            },
+        );
+    }
+    let (mut conn, _) = app.start("u", 24_000).await;
+    let items = ask(&mut conn, 1).await;
+    assert_eq!(
+        errors(&items),
+        vec![(ErrorCode::LlmFailed, false)],
+        "{:#?}",
+        summary(&items)
+    );
+    assert!(done_interrupted(&items, 1));
+    // The next turn works.
+    let items = ask(&mut conn, 2).await;
+    assert!(errors(&items).is_empty());
+    assert!(audio_bytes(&items) > 0);
+}
+
+#[tokio::test]
+async fn llm_mid_stream_error_and_dropped_stream_end_the_turn_only() {
+    let app = spawn_app().await;
+    app.fakes.inject(Target::Anthropic, Fault::MidStreamError);
+    app.fakes.inject(Target::Anthropic, Fault::DropMidStream);
+    let (mut conn, _) = app.start("u", 24_000).await;
+    for turn in 1..=2 {
+        let items = ask(&mut conn, turn).await;
+        assert_eq!(
+            errors(&items),
+            vec![(ErrorCode::LlmFailed, false)],
+            "turn {turn}: {:#?}",
+            summary(&items)
+        );
+        assert!(done_interrupted(&items, turn));
+    }
+    let items = ask(&mut conn, 3).await;
+    assert!(errors(&items).is_empty());
+    assert!(!done_interrupted(&items, 3));
+}
+
+#[tokio::test]
+async fn tts_stall_times_out_with_a_clear_error() {
+    let app = spawn_app_with(fast_fakes(), |c| c.provider_idle_timeout_s = 1).await;
+    app.fakes.inject(Target::OpenAiTts, Fault::Stall);
+    let (mut conn, _) = app.start("u", 24_000).await;
+    let items = ask(&mut conn, 1).await;
+    assert_eq!(
+        errors(&items),
+        vec![(ErrorCode::TtsFailed, false)],
+        "{:#?}",
+        summary(&items)
+    );
+    assert!(done_interrupted(&items, 1));
+    let items = ask(&mut conn, 2).await;
+    assert!(errors(&items).is_empty());
+}
+
+#[tokio::test]
+async fn tts_failure_mid_audio_and_http_error_end_the_turn_only() {
+    // One sentence synthesised at a time, so the injected failures hit one request and its
+    // retries deterministically.
+    let app = spawn_app_with(fast_fakes(), |c| c.tts_prefetch = 1).await;
+    app.fakes.inject(Target::OpenAiTts, Fault::DropMidStream);
+    let (mut conn, _) = app.start("u", 24_000).await;
+    let items = ask(&mut conn, 1).await;
+    assert_eq!(
+        errors(&items),
+        vec![(ErrorCode::TtsFailed, false)],
+        "{:#?}",
+        summary(&items)
+    );
+    for _ in 0..3 {
+        app.fakes.inject(
+            Target::OpenAiTts,
+            Fault::Status {
+                status: 503,
+                retry_after_s: None,
+            },
+        );
+    }
+    let items = ask(&mut conn, 2).await;
+    assert_eq!(
+        errors(&items),
+        vec![(ErrorCode::TtsFailed, false)],
+        "{:#?}",
+        summary(&items)
+    );
+    let items = ask(&mut conn, 3).await;
+    assert!(errors(&items).is_empty());
+}
+
+#[tokio::test]
+async fn stt_drop_mid_utterance_reconnects_and_the_session_goes_on() {
+    let app = spawn_app().await;
+    app.fakes.inject(Target::Stt, Fault::DropMidStream);
+    let (mut conn, _) = app.start("u", 24_000).await;
+    let question = with_silence(speech("question_16k.wav"), 1.0);
+    let streaming = stream(&conn, question, 4.0);
+    let items = collect_until(&mut conn, Duration::from_secs(10), |i| {
+        matches!(event(i), Some(ServerEvent::Error { .. }))
+    })
+    .await;
+    assert_eq!(errors(&items), vec![(ErrorCode::SttFailed, false)]);
+    streaming.await.unwrap();
+    // Speaking again reaches a fresh recogniser connection and gets a reply.
+    let items = ask(&mut conn, 1).await;
+    assert!(
+        items
+            .iter()
+            .any(|i| matches!(event(i), Some(ServerEvent::TranscriptFinal { .. })))
+    );
+    assert!(app.fakes.recorded().stt_connections.len() >= 2);
+}
+
+#[tokio::test]
+async fn stt_refusing_connections_ends_the_session_with_a_fatal_error() {
+    let app = spawn_app().await;
+    for _ in 0..10 {
+        app.fakes.inject(
+            Target::Stt,
+            Fault::Status {
+                status: 503,
+                retry_after_s: None,
+            },
+        );
+    }
+    let (mut conn, _) = app.start("u", 24_000).await;
+    let question = with_silence(speech("question_16k.wav"), 6.0);
+    let streaming = stream(&conn, question, 2.0);
+    let items = collect_until(&mut conn, Duration::from_secs(20), |i| {
+        matches!(i, Incoming::Closed { .. })
+    })
+    .await;
+    streaming.abort();
+    let errs = errors(&items);
+    assert!(
+        errs.iter().all(|(c, _)| *c == ErrorCode::SttFailed),
+        "{errs:?}"
+    );
+    assert_eq!(errs.last(), Some(&(ErrorCode::SttFailed, true)));
+    assert!(matches!(
+        items.last(),
+        Some(Incoming::Closed {
+            code: Some(1011),
+            ..
+        })
+    ));
+}

@@ -1,0 +1,239 @@
+//! Spawning the application and talking to it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use atlas_client::{ConnectOptions, Connection, Incoming, TokenCarrier, connect, stream_pcm, wav};
+use atlas_fakes::{Fakes, FakesConfig};
+use atlas_protocol::{AudioFormat, ClientMessage, ServerEvent, SessionStart};
+use atlas_server::{Application, Config, auth};
+
+pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+
+/// A running server and its fakes.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub fakes: Fakes,
+    pub shutdown: CancellationToken,
+    pub server: JoinHandle<std::io::Result<()>>,
+    pub config: Config,
+}
+
+/// Fakes with short latencies so tests finish quickly.
+pub fn fast_fakes() -> FakesConfig {
+    let mut c = FakesConfig::default();
+    c.llm.first_token = Duration::from_millis(80);
+    c.llm.tokens_per_s = 200.0;
+    c.tts.first_byte = Duration::from_millis(40);
+    c.tts.speed = 20.0;
+    c.tts.ms_per_char = 30;
+    c
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(fast_fakes(), |_| {}).await
+}
+
+pub async fn spawn_app_with(fakes: FakesConfig, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let fakes = Fakes::start(fakes, SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("fakes start");
+    let mut config = Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..Config::default()
+    };
+    config.use_provider_urls(
+        fakes.deepgram_url(),
+        fakes.anthropic_url(),
+        fakes.openai_url(),
+    );
+    config.dev = false;
+    config.jwt_secret = Some(SecretString::from(SECRET));
+    config.provider_idle_timeout_s = 2;
+    config.provider_timeout_s = 3;
+    tweak(&mut config);
+    let app = Application::build(config.clone())
+        .await
+        .expect("app builds");
+    let addr = app.local_addr();
+    let shutdown = app.shutdown_token();
+    let server = tokio::spawn(app.run_until_stopped());
+    TestApp {
+        addr,
+        fakes,
+        shutdown,
+        server,
+        config,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self) -> String {
+        format!("ws://{}/v1/voice", self.addr)
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        auth::mint_token(
+            &SecretString::from(SECRET),
+            user,
+            "authenticated",
+            "authenticated",
+            600,
+        )
+        .unwrap()
+    }
+
+    pub async fn connect(&self, user: &str) -> Connection {
+        connect(&ConnectOptions::new(self.url(), self.token(user)))
+            .await
+            .expect("connects")
+    }
+
+    pub async fn connect_with(&self, user: &str, carrier: TokenCarrier) -> Connection {
+        let mut o = ConnectOptions::new(self.url(), self.token(user));
+        o.carrier = carrier;
+        connect(&o).await.expect("connects")
+    }
+
+    /// Connects and starts a session with the given output rate; returns the session id.
+    pub async fn start(&self, user: &str, output_rate: u32) -> (Connection, String) {
+        let mut conn = self.connect(user).await;
+        conn.sender
+            .send(&start_message(16_000, output_rate))
+            .await
+            .unwrap();
+        let items = collect_until(&mut conn, Duration::from_secs(5), |i| {
+            matches!(event(i), Some(ServerEvent::SessionStarted { .. }))
+        })
+        .await;
+        let Some(ServerEvent::SessionStarted { session_id, .. }) = items.last().and_then(event)
+        else {
+            unreachable!()
+        };
+        let id = session_id.clone();
+        (conn, id)
+    }
+}
+
+pub fn start_message(input_rate: u32, output_rate: u32) -> ClientMessage {
+    ClientMessage::SessionStart(SessionStart {
+        input_audio: AudioFormat {
+            sample_rate: input_rate,
+            ..AudioFormat::DEFAULT_INPUT
+        },
+        output_audio: AudioFormat {
+            sample_rate: output_rate,
+            ..AudioFormat::DEFAULT_OUTPUT
+        },
+        ..SessionStart::default()
+    })
+}
+
+/// A speech fixture made with espeak-ng (see scripts/make-test-audio.sh), 16 kHz mono.
+pub fn speech(name: &str) -> Vec<i16> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/audio")
+        .join(name);
+    let (samples, rate) = wav::read(&path).expect("fixture");
+    assert_eq!(rate, 16_000);
+    samples
+}
+
+/// Streams `samples` (16 kHz) in 100 ms chunks at `pace` × real time, in the background.
+pub fn stream(conn: &Connection, samples: Vec<i16>, pace: f64) -> JoinHandle<()> {
+    let sender = conn.sender.clone();
+    tokio::spawn(async move {
+        let _ = stream_pcm(&sender, &samples, 16_000, 100, pace).await;
+    })
+}
+
+pub fn event(i: &Incoming) -> Option<&ServerEvent> {
+    match i {
+        Incoming::Event { event, .. } => Some(event),
+        _ => None,
+    }
+}
+
+/// Collects incoming items until `stop` matches one (included); panics on timeout or close.
+pub async fn collect_until(
+    conn: &mut Connection,
+    timeout: Duration,
+    mut stop: impl FnMut(&Incoming) -> bool,
+) -> Vec<Incoming> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut items = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, conn.incoming.recv()).await {
+            Ok(Some(item)) => {
+                let done = stop(&item);
+                let closed = matches!(item, Incoming::Closed { .. });
+                items.push(item);
+                if done {
+                    return items;
+                }
+                if closed {
+                    panic!(
+                        "connection closed before the expected item: {:#?}",
+                        summary(&items)
+                    );
+                }
+            }
+            Ok(None) => panic!("connection ended: {:#?}", summary(&items)),
+            Err(_) => panic!("timed out; got {:#?}", summary(&items)),
+        }
+    }
+}
+
+/// Items as short strings, audio frames folded, for failure messages.
+pub fn summary(items: &[Incoming]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for i in items {
+        match i {
+            Incoming::Audio { pcm, .. } => match out.last_mut() {
+                Some(last) if last.starts_with("audio") => {
+                    let n: usize = last[6..].trim_end_matches(" bytes").parse().unwrap_or(0);
+                    *last = format!("audio {} bytes", n + pcm.len());
+                }
+                _ => out.push(format!("audio {} bytes", pcm.len())),
+            },
+            Incoming::Event { event, .. } => out.push(event.to_json()),
+            Incoming::Closed { code, reason, .. } => out.push(format!("closed {code:?} {reason}")),
+        }
+    }
+    out
+}
+
+pub fn is_done(turn: u64) -> impl FnMut(&Incoming) -> bool {
+    move |i| matches!(event(i), Some(ServerEvent::ResponseDone { turn_id, .. }) if *turn_id == turn)
+}
+
+pub fn audio_bytes(items: &[Incoming]) -> usize {
+    items
+        .iter()
+        .map(|i| match i {
+            Incoming::Audio { pcm, .. } => pcm.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+pub fn errors(items: &[Incoming]) -> Vec<(atlas_protocol::ErrorCode, bool)> {
+    items
+        .iter()
+        .filter_map(|i| match event(i) {
+            Some(ServerEvent::Error { code, fatal, .. }) => Some((*code, *fatal)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Appends `secs` of silence.
+pub fn with_silence(mut samples: Vec<i16>, secs: f64) -> Vec<i16> {
+    samples.extend(std::iter::repeat_n(0, (16_000.0 * secs) as usize));
+    samples
+}

@@ -1,0 +1,258 @@
+//! The streaming pipeline end to end: speech in, transcript, reply text and audio out.
+
+use std::time::Duration;
+
+use atlas_client::Incoming;
+use atlas_fakes::{TTS_SAMPLE_RATE, Target};
+use atlas_protocol::{ServerEvent, Usage};
+
+use crate::helpers::*;
+
+/// Samples the fake TTS returns for `text` resampled to `rate` (the server preserves each
+/// sentence's duration exactly).
+fn expected_samples(inputs: &[String], ms_per_char: u32, rate: u32) -> u64 {
+    inputs
+        .iter()
+        .map(|t| {
+            let at_24k =
+                t.chars().count() as u64 * u64::from(ms_per_char) * u64::from(TTS_SAMPLE_RATE)
+                    / 1000;
+            (at_24k * u64::from(rate) + u64::from(TTS_SAMPLE_RATE) / 2) / u64::from(TTS_SAMPLE_RATE)
+        })
+        .sum()
+}
+
+async fn ask(app: &TestApp, user: &'static str, output_rate: u32) -> (Vec<Incoming>, String) {
+    let (mut conn, id) = app.start(user, output_rate).await;
+    let question = with_silence(speech("question_16k.wav"), 1.5);
+    let streaming = stream(&conn, question, 1.0);
+    let mut items = collect_until(&mut conn, Duration::from_secs(30), is_done(1)).await;
+    items.extend(
+        collect_until(&mut conn, Duration::from_secs(5), |i| {
+            matches!(event(i), Some(ServerEvent::Usage(_)))
+        })
+        .await,
+    );
+    streaming.abort();
+    (items, id)
+}
+
+#[tokio::test]
+async fn spoken_question_gets_a_spoken_reply_at_each_requested_rate() {
+    let app = spawn_app().await;
+    // Two sessions at once, at different output rates.
+    let (a, b) = tokio::join!(ask(&app, "user-a", 16_000), ask(&app, "user-b", 48_000));
+    assert_ne!(a.1, b.1, "sessions have distinct ids");
+    let recorded = app.fakes.recorded();
+    assert_eq!(recorded.llm_requests.len(), 2);
+    assert_eq!(recorded.stt_connections.len(), 2);
+    for ((items, _), rate) in [(a, 16_000u32), (b, 48_000u32)] {
+        let events: Vec<&ServerEvent> = items.iter().filter_map(event).collect();
+        let final_pos = events
+            .iter()
+            .position(|e| matches!(e, ServerEvent::TranscriptFinal { turn_id: 1, text } if text == "What is the weather like in Paris today?"))
+            .unwrap_or_else(|| panic!("no final transcript: {:#?}", summary(&items)));
+        let started_pos = events
+            .iter()
+            .position(|e| matches!(e, ServerEvent::ResponseStarted { turn_id: 1 }))
+            .expect("response.started");
+        assert!(final_pos < started_pos);
+        let text: String = events
+            .iter()
+            .filter_map(|e| match e {
+                ServerEvent::ResponseTextDelta { turn_id: 1, text } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            text.starts_with("Sure, you asked: What is the weather like in Paris today?"),
+            "{text}"
+        );
+
+        // Audio only between response.started and response.done.
+        let first_audio = items
+            .iter()
+            .position(|i| matches!(i, Incoming::Audio { .. }))
+            .expect("audio");
+        let done_at = items.iter().position(is_done(1)).unwrap();
+        let started_at = items
+            .iter()
+            .position(|i| matches!(event(i), Some(ServerEvent::ResponseStarted { .. })))
+            .unwrap();
+        assert!(started_at < first_audio && first_audio < done_at);
+        assert!(
+            !items[done_at..]
+                .iter()
+                .any(|i| matches!(i, Incoming::Audio { .. }))
+        );
+
+        // Every sentence was synthesised and delivered at the requested rate, full length.
+        let inputs: Vec<String> = recorded.tts_inputs.clone();
+        let per_session: Vec<String> = {
+            // Both sessions asked the same question, so each sentence appears twice.
+            let half = inputs.len() / 2;
+            let mut sorted = inputs.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(sorted.len(), half, "{inputs:?}");
+            sorted
+        };
+        assert_eq!(
+            per_session.join(" ").len(),
+            text.trim().len(),
+            "TTS got all of the text"
+        );
+        let samples = audio_bytes(&items) as u64 / 2;
+        let expected = expected_samples(&per_session, 30, rate);
+        assert!(
+            samples.abs_diff(expected) <= per_session.len() as u64,
+            "{samples} samples at {rate} Hz, expected {expected}"
+        );
+
+        let Some(ServerEvent::ResponseDone {
+            interrupted,
+            latency_ms,
+            ..
+        }) = event(&items[done_at])
+        else {
+            unreachable!()
+        };
+        assert!(!interrupted);
+        let eos = latency_ms.end_of_speech_to_final.expect("stt latency");
+        assert!(
+            eos >= 140,
+            "final {eos} ms after end of speech; the fake waits 150"
+        );
+        assert!(latency_ms.llm_first_token.expect("llm latency") >= 80);
+        assert!(latency_ms.tts_first_audio.expect("tts latency") >= 40);
+        assert!(latency_ms.to_first_audio.expect("total") >= 140 + 80 + 40);
+
+        let Some(ServerEvent::Usage(Usage {
+            llm_input_tokens,
+            llm_output_tokens,
+            tts_chars,
+            stt_seconds,
+            ..
+        })) = items.last().and_then(event)
+        else {
+            unreachable!()
+        };
+        assert!(*llm_input_tokens > 0 && *llm_output_tokens > 0);
+        assert_eq!(
+            *tts_chars as usize,
+            per_session.iter().map(|s| s.chars().count()).sum::<usize>()
+        );
+        assert!(*stt_seconds > 3.0, "{stt_seconds}");
+    }
+    // The LLM saw the server's system prompt and the user's words.
+    let (target, body) = &recorded.llm_requests[0];
+    assert_eq!(*target, Target::Anthropic);
+    assert_eq!(body["system"], app.config.system_prompt.as_str());
+    assert_eq!(body["messages"][0]["role"], "user");
+    assert_eq!(
+        body["messages"][0]["content"],
+        "What is the weather like in Paris today?"
+    );
+    assert_eq!(body["stream"], true);
+}
+
+#[tokio::test]
+async fn barge_in_stops_the_reply_and_keeps_only_what_was_spoken() {
+    // Realistic TTS length (60 ms per character) so the reply is still playing when the user
+    // speaks again.
+    let mut fakes = fast_fakes();
+    fakes.tts.ms_per_char = 60;
+    fakes.stt.transcripts = vec![
+        "What is the weather like in Paris today?".into(),
+        "Please tell me about Rome instead".into(),
+    ];
+    let app = spawn_app_with(fakes, |_| {}).await;
+    let (mut conn, _) = app.start("user-c", 24_000).await;
+    let question = with_silence(speech("question_16k.wav"), 0.5);
+    let streaming = stream(&conn, question, 1.0);
+    let mut items = collect_until(&mut conn, Duration::from_secs(20), |i| {
+        matches!(i, Incoming::Audio { .. })
+    })
+    .await;
+    streaming.await.unwrap();
+    // The reply is playing; the user speaks again.
+    let interruption = with_silence(speech("interrupt_16k.wav"), 1.5);
+    let streaming = stream(&conn, interruption, 1.0);
+    items.extend(collect_until(&mut conn, Duration::from_secs(30), is_done(2)).await);
+    streaming.abort();
+
+    let pos = |pred: &dyn Fn(&ServerEvent) -> bool| {
+        items
+            .iter()
+            .position(|i| event(i).is_some_and(pred))
+            .unwrap_or_else(|| panic!("missing event: {:#?}", summary(&items)))
+    };
+    let interrupted = pos(&|e| matches!(e, ServerEvent::ResponseInterrupted { turn_id: 1 }));
+    let done1 = pos(&|e| {
+        matches!(
+            e,
+            ServerEvent::ResponseDone {
+                turn_id: 1,
+                interrupted: true,
+                ..
+            }
+        )
+    });
+    let started2 = pos(&|e| matches!(e, ServerEvent::ResponseStarted { turn_id: 2 }));
+    assert!(interrupted < done1 && done1 < started2);
+    assert!(
+        !items[interrupted..started2]
+            .iter()
+            .any(|i| matches!(i, Incoming::Audio { .. })),
+        "no audio of the interrupted turn after response.interrupted"
+    );
+    // Less audio was sent for turn 1 than the full reply would have taken.
+    let turn1_audio = audio_bytes(&items[..interrupted]) as f64 / 2.0 / 24_000.0;
+    assert!(turn1_audio < 5.0, "{turn1_audio} s of turn-1 audio");
+
+    // The second LLM request carries the truncated assistant turn.
+    let recorded = app.fakes.recorded();
+    assert_eq!(recorded.llm_requests.len(), 2);
+    let messages = recorded.llm_requests[1].1["messages"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(messages.len(), 3, "{messages:?}");
+    assert_eq!(
+        messages[0]["content"],
+        "What is the weather like in Paris today?"
+    );
+    assert_eq!(messages[1]["role"], "assistant");
+    let spoken = messages[1]["content"].as_str().unwrap();
+    let full = "Sure, you asked: What is the weather like in Paris today?. This is a reply from the fake model. Is there anything else?";
+    assert!(
+        !spoken.is_empty() && full.starts_with(spoken) && spoken.len() < full.len(),
+        "{spoken:?}"
+    );
+    assert_eq!(messages[2]["content"], "Please tell me about Rome instead");
+}
+
+#[tokio::test]
+async fn push_to_talk_commit_ends_the_turn_without_waiting_for_endpointing() {
+    // A very slow end-of-speech detection: only input.commit can end the turn quickly.
+    let mut fakes = fast_fakes();
+    fakes.stt.final_delay = Duration::from_secs(20);
+    fakes.stt.silence_to_end = Duration::from_secs(20);
+    let app = spawn_app_with(fakes, |_| {}).await;
+    let (mut conn, _) = app.start("user-d", 24_000).await;
+    let question = with_silence(speech("question_16k.wav"), 0.3);
+    stream(&conn, question, 4.0).await.unwrap();
+    conn.sender
+        .send(&atlas_protocol::ClientMessage::InputCommit)
+        .await
+        .unwrap();
+    let items = collect_until(&mut conn, Duration::from_secs(10), is_done(1)).await;
+    assert!(items.iter().any(|i| matches!(
+        event(i),
+        Some(ServerEvent::TranscriptFinal { turn_id: 1, .. })
+    )));
+    assert!(
+        app.fakes.recorded().stt_finalizes >= 1,
+        "Finalize was sent to the recogniser"
+    );
+}

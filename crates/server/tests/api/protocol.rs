@@ -1,0 +1,277 @@
+//! The protocol's edges: refusals before the upgrade, credentials, bad input, close codes.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use secrecy::SecretString;
+use tokio_tungstenite::tungstenite::Message;
+
+use atlas_client::{ClientError, ConnectOptions, Incoming, TokenCarrier, connect};
+use atlas_protocol::{ClientMessage, ErrorCode, ServerEvent};
+use atlas_server::auth;
+
+use crate::helpers::*;
+
+async fn refusal(app: &TestApp, token: &str) -> (u16, String) {
+    match connect(&ConnectOptions::new(app.url(), token)).await {
+        Err(ClientError::Refused { status, code, .. }) => (status, code),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_credentials_are_refused_before_the_upgrade_with_json_errors() {
+    let app = spawn_app().await;
+    let secret = SecretString::from(SECRET);
+    assert_eq!(refusal(&app, "").await, (401, "unauthorized".into()));
+    assert_eq!(refusal(&app, "garbage").await, (401, "unauthorized".into()));
+    let other_key = auth::mint_token(
+        &SecretString::from("not-the-secret"),
+        "u",
+        "authenticated",
+        "authenticated",
+        60,
+    )
+    .unwrap();
+    assert_eq!(
+        refusal(&app, &other_key).await,
+        (401, "unauthorized".into())
+    );
+    let anon = auth::mint_token(&secret, "u", "authenticated", "anon", 60).unwrap();
+    assert_eq!(refusal(&app, &anon).await, (403, "forbidden".into()));
+    // A plain HTTP GET (no upgrade) with a good token gets a JSON 400.
+    let resp = reqwest::Client::new()
+        .get(format!("http://{}/v1/voice", app.addr))
+        .bearer_auth(app.token("u"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_message");
+    // Health endpoints.
+    let health = reqwest::get(format!("http://{}/healthz", app.addr))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = reqwest::get(format!("http://{}/readyz", app.addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+}
+
+#[tokio::test]
+async fn tokens_travel_in_header_subprotocol_or_query_and_v1_is_selected() {
+    let app = spawn_app().await;
+    for carrier in [
+        TokenCarrier::Header,
+        TokenCarrier::Subprotocol,
+        TokenCarrier::Query,
+    ] {
+        let mut conn = app.connect_with("u", carrier).await;
+        assert_eq!(
+            conn.protocol.as_deref(),
+            Some("atlas-voice.v1"),
+            "{carrier:?}"
+        );
+        conn.sender
+            .send(&start_message(16_000, 24_000))
+            .await
+            .unwrap();
+        collect_until(&mut conn, Duration::from_secs(5), |i| {
+            matches!(event(i), Some(ServerEvent::SessionStarted { .. }))
+        })
+        .await;
+    }
+}
+
+fn error_of(i: &Incoming) -> Option<(ErrorCode, bool)> {
+    match event(i) {
+        Some(ServerEvent::Error { code, fatal, .. }) => Some((*code, *fatal)),
+        _ => None,
+    }
+}
+
+async fn expect_error(conn: &mut atlas_client::Connection, code: ErrorCode) {
+    let items = collect_until(conn, Duration::from_secs(5), |i| error_of(i).is_some()).await;
+    assert_eq!(
+        error_of(items.last().unwrap()),
+        Some((code, false)),
+        "{:#?}",
+        summary(&items)
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_non_fatal_errors_and_loses_nothing() {
+    let app = spawn_app().await;
+    let mut conn = app.connect("u").await;
+    let sender = conn.sender.clone();
+    let send_raw = |m: Message| {
+        let s = sender.clone();
+        async move { s.send_raw(m).await.unwrap() }
+    };
+    // Before session.start.
+    send_raw(Message::Binary(Bytes::from(vec![0u8; 3200]))).await;
+    expect_error(&mut conn, ErrorCode::SessionNotStarted).await;
+    send_raw(Message::text(
+        r#"{"type":"session.start","input_audio":{"sample_rate":44100}}"#,
+    ))
+    .await;
+    expect_error(&mut conn, ErrorCode::UnsupportedAudioFormat).await;
+    send_raw(Message::text(
+        r#"{"type":"session.start","voice":"nobody"}"#,
+    ))
+    .await;
+    expect_error(&mut conn, ErrorCode::InvalidMessage).await;
+    conn.sender
+        .send(&start_message(16_000, 24_000))
+        .await
+        .unwrap();
+    collect_until(&mut conn, Duration::from_secs(5), |i| {
+        matches!(event(i), Some(ServerEvent::SessionStarted { .. }))
+    })
+    .await;
+    // After it.
+    let cases: Vec<(Message, ErrorCode)> = vec![
+        (Message::text("{not json"), ErrorCode::InvalidMessage),
+        (Message::text(r#"{"no_type":1}"#), ErrorCode::InvalidMessage),
+        (
+            Message::text(r#"{"type":"dance"}"#),
+            ErrorCode::UnknownMessageType,
+        ),
+        (
+            Message::text(format!(
+                r#"{{"type":"ping","id":"{}"}}"#,
+                "x".repeat(20_000)
+            )),
+            ErrorCode::MessageTooLarge,
+        ),
+        (
+            Message::text(r#"{"type":"session.start"}"#),
+            ErrorCode::SessionAlreadyStarted,
+        ),
+        (
+            Message::Binary(Bytes::from(vec![0u8; 101])),
+            ErrorCode::AudioChunkInvalid,
+        ),
+        (
+            Message::Binary(Bytes::from(vec![0u8; 98])),
+            ErrorCode::AudioChunkInvalid,
+        ),
+        (
+            Message::Binary(Bytes::from(vec![0u8; 200 * 1024])),
+            ErrorCode::AudioChunkInvalid,
+        ),
+    ];
+    for (msg, code) in cases {
+        send_raw(msg).await;
+        expect_error(&mut conn, code).await;
+    }
+    // Still alive: ping gets its pong with the same id.
+    conn.sender
+        .send(&ClientMessage::Ping {
+            id: Some(serde_json::json!(7)),
+        })
+        .await
+        .unwrap();
+    let items = collect_until(&mut conn, Duration::from_secs(5), |i| {
+        matches!(event(i), Some(ServerEvent::Pong { .. }))
+    })
+    .await;
+    assert!(
+        matches!(event(items.last().unwrap()), Some(ServerEvent::Pong { id: Some(v) }) if v == 7)
+    );
+    // Rejected chunks were not forwarded to the recogniser.
+    assert_eq!(app.fakes.recorded().stt_audio_bytes, 0);
+}
+
+#[tokio::test]
+async fn persistent_abuse_closes_with_1008() {
+    let app = spawn_app().await;
+    let (mut conn, _) = app.start("u", 24_000).await;
+    for _ in 0..60 {
+        conn.sender
+            .send_raw(Message::Binary(Bytes::from(vec![0u8; 101])))
+            .await
+            .unwrap();
+    }
+    let items = collect_until(&mut conn, Duration::from_secs(5), |i| {
+        matches!(i, Incoming::Closed { .. })
+    })
+    .await;
+    assert!(
+        matches!(
+            items.last(),
+            Some(Incoming::Closed {
+                code: Some(1008),
+                ..
+            })
+        ),
+        "{:#?}",
+        summary(&items)
+    );
+}
+
+#[tokio::test]
+async fn session_end_closes_normally() {
+    let app = spawn_app().await;
+    let (mut conn, _) = app.start("u", 24_000).await;
+    conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
+    let items = collect_until(&mut conn, Duration::from_secs(5), |i| {
+        matches!(i, Incoming::Closed { .. })
+    })
+    .await;
+    assert!(matches!(
+        items.last(),
+        Some(Incoming::Closed {
+            code: Some(1000),
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn drain_tells_sessions_to_resume_elsewhere_and_stops_in_time() {
+    let app = spawn_app_with(fast_fakes(), |c| c.drain_timeout_s = 5).await;
+    let (mut a, _) = app.start("a", 24_000).await;
+    let (mut b, _) = app.start("b", 24_000).await;
+    let began = std::time::Instant::now();
+    app.shutdown.cancel();
+    for conn in [&mut a, &mut b] {
+        let items = collect_until(conn, Duration::from_secs(5), |i| {
+            matches!(i, Incoming::Closed { .. })
+        })
+        .await;
+        assert!(items.iter().any(|i| matches!(
+            event(i),
+            Some(ServerEvent::SessionEnding {
+                reason: atlas_protocol::EndingReason::Draining,
+                ..
+            })
+        )));
+        assert!(
+            matches!(
+                items.last(),
+                Some(Incoming::Closed {
+                    code: Some(1001),
+                    ..
+                })
+            ),
+            "{:#?}",
+            summary(&items)
+        );
+    }
+    let stopped = tokio::time::timeout(Duration::from_secs(6), app.server).await;
+    assert!(matches!(stopped, Ok(Ok(Ok(())))));
+    assert!(began.elapsed() < Duration::from_secs(6));
+    // New connections are refused once draining.
+    assert!(
+        connect(&ConnectOptions::new(
+            format!("ws://{}/v1/voice", app.addr),
+            "t"
+        ))
+        .await
+        .is_err()
+    );
+}

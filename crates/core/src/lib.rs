@@ -10,6 +10,7 @@
 //!   to arrival times.
 //! - [`pacing`]: keeps outgoing audio a bounded lead ahead of real-time playback.
 //! - [`latency`]: per-turn timestamps and the latency breakdown derived from them.
+//! - [`timers`]: heartbeat, idle, maximum-duration, token-expiry and resume-window deadlines.
 //!
 //! # Invariants
 //! - No IO and no `Instant::now()`: time is always an argument, so tests are deterministic and
@@ -22,4 +23,5 @@ pub mod latency;
 pub mod pacing;
 pub mod resample;
 pub mod splitter;
+pub mod timers;
 pub mod turns;

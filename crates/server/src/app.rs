@@ -19,11 +19,19 @@ use tracing::info;
 
 use atlas_protocol::{ErrorCode, MAX_TEXT_FRAME_BYTES, SUBPROTOCOL, VOICE_PATH};
 
-use crate::auth::{Authenticator, extract_token};
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+
+use axum::extract::ConnectInfo;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use crate::auth::{AuthError, Authenticator, extract_token};
 use crate::config::Config;
 use crate::engines::Engines;
 use crate::error::ApiError;
-use crate::session::serve_connection;
+use crate::metrics;
+use crate::registry::{AdmitError, Registry};
+use crate::session::{Upgrade, handle_upgrade};
 
 /// Shared state of the running server.
 #[derive(Clone)]
@@ -41,6 +49,12 @@ pub struct Inner {
     pub shutdown: CancellationToken,
     /// Tracks live sessions so the drain can wait for them.
     pub sessions: TaskTracker,
+    /// Admission, capacity and the resume directory.
+    pub registry: Arc<Registry>,
+    /// Connection attempts per client address.
+    pub connect_limiter: DefaultKeyedRateLimiter<IpAddr>,
+    /// Renders `/metrics`.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl std::ops::Deref for AppState {
@@ -69,8 +83,15 @@ impl Application {
         let listener = TcpListener::bind(config.listen).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on {} (ATLAS_LISTEN): {e}", config.listen)
         })?;
+        let quota = Quota::per_second(
+            NonZeroU32::new(config.connect_rate_per_s).unwrap_or(NonZeroU32::MIN),
+        )
+        .allow_burst(NonZeroU32::new(config.connect_burst).unwrap_or(NonZeroU32::MIN));
         let state = AppState(Arc::new(Inner {
             auth: Authenticator::new(&config),
+            registry: Registry::new(config.max_sessions_per_user, config.max_sessions),
+            connect_limiter: RateLimiter::keyed(quota),
+            metrics: metrics::install(),
             config,
             engines,
             shutdown: CancellationToken::new(),
@@ -129,6 +150,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(index))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_page))
         .route(VOICE_PATH, get(voice))
         .layer(
             // Spans carry the path only: query strings may hold access tokens.
@@ -159,30 +181,136 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+async fn metrics_page(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [("content-type", "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "metrics are handled by the embedding program",
+        )
+            .into_response(),
+    }
+}
+
+/// The client's address: the configured proxy header when present, else the peer.
+fn client_ip(state: &AppState, headers: &HeaderMap, peer: SocketAddr) -> IpAddr {
+    state
+        .config
+        .client_ip_header
+        .as_deref()
+        .and_then(|h| headers.get(h))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(peer.ip())
+}
+
+fn refuse(reason: &'static str, e: ApiError) -> ApiError {
+    metrics::refused(reason);
+    tracing::info!(reason, "connection refused");
+    e
+}
+
 async fn voice(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     if state.shutdown.is_cancelled() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Draining,
-            "the server is draining; connect to another instance",
+        return Err(refuse(
+            "draining",
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Draining,
+                "the server is draining; connect to another instance",
+            ),
         ));
     }
-    let token = extract_token(&headers, query.as_deref()).ok_or(crate::auth::AuthError::Missing)?;
-    let identity = state.auth.verify(&token).inspect_err(|e| {
-        tracing::info!(reason = e.label(), "connection refused");
-    })?;
+    if state
+        .connect_limiter
+        .check_key(&client_ip(&state, &headers, peer))
+        .is_err()
+    {
+        return Err(refuse(
+            "rate_limited",
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::TooManyAttempts,
+                "too many connection attempts from this address; retry with backoff",
+            ),
+        ));
+    }
+    let token = extract_token(&headers, query.as_deref())
+        .ok_or_else(|| refuse("missing_token", AuthError::Missing.into()))?;
+    let identity = state
+        .auth
+        .verify(&token)
+        .await
+        .map_err(|e| refuse(e.label(), e.into()))?;
     let upgrade = upgrade.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::InvalidMessage,
-            format!("a WebSocket upgrade is required: {e}"),
+        refuse(
+            "not_websocket",
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidMessage,
+                format!("a WebSocket upgrade is required: {e}"),
+            ),
         )
     })?;
+    let resume = query.as_deref().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "resume")
+            .map(|(_, v)| v.into_owned())
+    });
+    // Limits are decided here, before the upgrade. A resume takes no new place: the session
+    // kept its own while detached, so reconnecting never resets a limit.
+    let kind = match resume {
+        Some(token) => match state.registry.find_resume(&token, &identity.user_id) {
+            Some(entry) => Upgrade::Resume(entry),
+            None => {
+                return Err(refuse(
+                    "resume_failed",
+                    ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        ErrorCode::ResumeFailed,
+                        "unknown or expired resume token; start a new session",
+                    ),
+                ));
+            }
+        },
+        None => match state.registry.admit(&identity.user_id) {
+            Ok(permit) => Upgrade::New(permit),
+            Err(AdmitError::TooManySessions) => {
+                return Err(refuse(
+                    "too_many_sessions",
+                    ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        ErrorCode::TooManySessions,
+                        format!(
+                            "at most {} concurrent sessions per user",
+                            state.config.max_sessions_per_user
+                        ),
+                    ),
+                ));
+            }
+            Err(AdmitError::AtCapacity) => {
+                return Err(refuse(
+                    "at_capacity",
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        ErrorCode::AtCapacity,
+                        "the server is at capacity; retry shortly or connect elsewhere",
+                    ),
+                ));
+            }
+        },
+    };
     let max_message = (state.config.audio_chunk_max_bytes * 4)
         .max(1024 * 1024)
         .max(MAX_TEXT_FRAME_BYTES * 2);
@@ -191,5 +319,7 @@ async fn voice(
         .protocols([SUBPROTOCOL])
         .max_message_size(max_message)
         .max_frame_size(max_message)
-        .on_upgrade(move |socket| sessions.track_future(serve_connection(socket, state, identity))))
+        .on_upgrade(move |socket| {
+            sessions.track_future(handle_upgrade(socket, state, identity, kind))
+        }))
 }

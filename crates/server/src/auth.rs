@@ -4,9 +4,12 @@
 //! entry or the `access_token` query parameter. They are never logged: only the user id and
 //! the failure kind are.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::HeaderMap;
+use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -82,19 +85,139 @@ impl AuthError {
     }
 }
 
-/// Verifies access tokens.
+/// Verifies access tokens: HS256 with the configured secret, and asymmetric tokens (RS256,
+/// ES256 …) with keys from the JWKS endpoint.
 pub struct Authenticator {
     /// HS256 key, when configured.
     hs256: Option<DecodingKey>,
-    /// Checks shared by every algorithm.
-    validation: Validation,
+    /// Expected audience.
+    audience: String,
+    /// Expected issuer, when configured.
+    issuer: Option<String>,
+    /// Key set for asymmetric tokens, when configured.
+    jwks: Option<Jwks>,
 }
 
-fn now_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// How long fetched keys are trusted before a refetch.
+pub const JWKS_TTL: Duration = Duration::from_secs(600);
+
+/// A remote key set with caching and rate-limited refetches.
+struct Jwks {
+    url: String,
+    client: reqwest::Client,
+    /// Unknown `kid`s trigger a refetch at most this often.
+    min_refetch: Duration,
+    cache: RwLock<JwksCache>,
+    /// Serialises fetches so a burst of tokens causes one request.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct JwksCache {
+    keys: HashMap<String, (DecodingKey, Algorithm)>,
+    fetched_at: Option<Instant>,
+    last_attempt: Option<Instant>,
+}
+
+impl Jwks {
+    fn lookup(&self, kid: &str) -> (Option<(DecodingKey, Algorithm)>, bool, bool) {
+        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        let fresh = cache.fetched_at.is_some_and(|t| t.elapsed() < JWKS_TTL);
+        let may_refetch = cache
+            .last_attempt
+            .is_none_or(|t| t.elapsed() >= self.min_refetch);
+        (cache.keys.get(kid).cloned(), fresh, may_refetch)
+    }
+
+    /// The key for `kid`, fetching the set when it is stale or `kid` is new (rate-limited).
+    async fn key(&self, kid: &str) -> Option<(DecodingKey, Algorithm)> {
+        let (key, fresh, may_refetch) = self.lookup(kid);
+        if fresh && key.is_some() {
+            return key;
+        }
+        if !may_refetch && fresh {
+            return None; // unknown kid, refetched too recently
+        }
+        let _guard = self.fetching.lock().await;
+        // Another task may have fetched while this one waited.
+        let (key, fresh, may_refetch) = self.lookup(kid);
+        if (fresh && key.is_some()) || !may_refetch {
+            return key;
+        }
+        self.fetch().await;
+        self.lookup(kid).0
+    }
+
+    async fn fetch(&self) {
+        let started = Instant::now();
+        let result = async {
+            let response = self
+                .client
+                .get(&self.url)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("HTTP {}", response.status()));
+            }
+            let bytes = response.bytes().await.map_err(|e| e.to_string())?;
+            if bytes.len() > 256 * 1024 {
+                return Err("key set larger than 256 KiB".into());
+            }
+            serde_json::from_slice::<JwkSet>(&bytes).map_err(|e| e.to_string())
+        }
+        .await;
+        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        cache.last_attempt = Some(started);
+        match result {
+            Ok(set) => {
+                let keys: HashMap<_, _> = set
+                    .keys
+                    .iter()
+                    .filter_map(|jwk| {
+                        let kid = jwk.common.key_id.clone()?;
+                        let alg = jwk_algorithm(jwk)?;
+                        let key = DecodingKey::from_jwk(jwk).ok()?;
+                        Some((kid, (key, alg)))
+                    })
+                    .collect();
+                tracing::info!(keys = keys.len(), "fetched JWKS");
+                cache.keys = keys;
+                cache.fetched_at = Some(started);
+            }
+            // Keep serving the keys we have: an outage of the key server must not log
+            // everybody out.
+            Err(e) => tracing::warn!(error = %e, "JWKS fetch failed"),
+        }
+    }
+}
+
+/// The algorithm a JWK is for: its `alg`, or the default for its key type.
+fn jwk_algorithm(jwk: &Jwk) -> Option<Algorithm> {
+    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, KeyAlgorithm};
+    if let Some(alg) = jwk.common.key_algorithm {
+        return match alg {
+            KeyAlgorithm::RS256 => Some(Algorithm::RS256),
+            KeyAlgorithm::RS384 => Some(Algorithm::RS384),
+            KeyAlgorithm::RS512 => Some(Algorithm::RS512),
+            KeyAlgorithm::PS256 => Some(Algorithm::PS256),
+            KeyAlgorithm::ES256 => Some(Algorithm::ES256),
+            KeyAlgorithm::ES384 => Some(Algorithm::ES384),
+            KeyAlgorithm::EdDSA => Some(Algorithm::EdDSA),
+            _ => None, // symmetric keys are never taken from a JWKS
+        };
+    }
+    match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Some(Algorithm::RS256),
+        AlgorithmParameters::EllipticCurve(p) => match p.curve {
+            EllipticCurve::P256 => Some(Algorithm::ES256),
+            EllipticCurve::P384 => Some(Algorithm::ES384),
+            _ => None,
+        },
+        AlgorithmParameters::OctetKeyPair(_) => Some(Algorithm::EdDSA),
+        _ => None,
+    }
 }
 
 impl Authenticator {
@@ -106,38 +229,72 @@ impl Authenticator {
             .map(|s| s.expose_secret().to_owned())
             .or_else(|| config.dev.then(|| DEV_JWT_SECRET.to_owned()));
         let hs256 = secret.map(|s| DecodingKey::from_secret(s.as_bytes()));
-        let mut validation = Validation::new(Algorithm::HS256);
+        let jwks = config.jwks_url.as_ref().map(|url| Jwks {
+            url: url.clone(),
+            client: reqwest::Client::new(),
+            min_refetch: Duration::from_secs(config.jwks_min_refetch_s),
+            cache: RwLock::new(JwksCache::default()),
+            fetching: tokio::sync::Mutex::new(()),
+        });
+        Authenticator {
+            hs256,
+            audience: config.jwt_audience.clone(),
+            issuer: config.jwt_issuer.clone(),
+            jwks,
+        }
+    }
+
+    fn validation(&self, alg: Algorithm) -> Validation {
+        let mut validation = Validation::new(alg);
         validation.leeway = LEEWAY_S;
         validation.validate_nbf = true;
-        validation.set_audience(&[config.jwt_audience.as_str()]);
+        validation.set_audience(&[self.audience.as_str()]);
         validation.set_required_spec_claims(&["exp", "sub", "aud"]);
-        if let Some(iss) = &config.jwt_issuer {
+        if let Some(iss) = &self.issuer {
             validation.set_issuer(&[iss.as_str()]);
         }
-        Authenticator { hs256, validation }
+        validation
     }
 
     /// Verifies `token` and returns who it belongs to.
-    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+    pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        if token.len() > 16 * 1024 {
+            return Err(AuthError::Invalid);
+        }
+        // `alg: none` and unknown algorithms fail here.
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid)?;
         let key = match header.alg {
-            Algorithm::HS256 => self.hs256.as_ref().ok_or(AuthError::Invalid)?,
-            _ => return Err(AuthError::Invalid),
-        };
-        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind;
-            match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-                _ => AuthError::Invalid,
+            // The HS256 secret is the only key for HS256: a public key from the JWKS can never
+            // be used as an HMAC secret (algorithm confusion).
+            Algorithm::HS256 => self.hs256.clone().ok_or(AuthError::Invalid)?,
+            Algorithm::HS384 | Algorithm::HS512 => return Err(AuthError::Invalid),
+            alg => {
+                let jwks = self.jwks.as_ref().ok_or(AuthError::Invalid)?;
+                let kid = header.kid.as_deref().ok_or(AuthError::Invalid)?;
+                let (key, key_alg) = jwks.key(kid).await.ok_or(AuthError::Invalid)?;
+                if key_alg != alg {
+                    return Err(AuthError::Invalid);
+                }
+                key
             }
-        })?;
+        };
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation(header.alg))
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind;
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                    _ => AuthError::Invalid,
+                }
+            })?;
         let claims = data.claims;
         if claims.sub.trim().is_empty() || claims.sub.len() > 256 {
             return Err(AuthError::Invalid);
         }
         match claims.role.as_deref() {
-            Some("anon") => return Err(AuthError::Forbidden),
             Some("authenticated") | Some("service_role") | None => {}
             Some(_) => return Err(AuthError::Forbidden),
         }
@@ -146,6 +303,18 @@ impl Authenticator {
             expires_at: claims.exp,
         })
     }
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Seconds from now until the Unix time `at` (zero if past).
+pub fn seconds_until(at: u64) -> u64 {
+    at.saturating_sub(now_s())
 }
 
 /// Mints an HS256 token for `user_id` valid for `ttl_s` seconds (development and tests).
@@ -214,8 +383,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn accepts_a_good_token_and_reads_sub() {
+    #[tokio::test]
+    async fn accepts_a_good_token_and_reads_sub() {
         let c = config();
         let a = Authenticator::new(&c);
         let t = mint_token(
@@ -226,18 +395,18 @@ mod tests {
             60,
         )
         .unwrap();
-        assert_eq!(a.verify(&t).unwrap().user_id, "user-1");
+        assert_eq!(a.verify(&t).await.unwrap().user_id, "user-1");
     }
 
-    #[test]
-    fn refuses_bad_tokens() {
+    #[tokio::test]
+    async fn refuses_bad_tokens() {
         let c = config();
         let a = Authenticator::new(&c);
         let secret = c.jwt_secret.as_ref().unwrap();
         let anon = mint_token(secret, "u", "authenticated", "anon", 60).unwrap();
-        assert_eq!(a.verify(&anon).unwrap_err(), AuthError::Forbidden);
+        assert_eq!(a.verify(&anon).await.unwrap_err(), AuthError::Forbidden);
         let wrong_aud = mint_token(secret, "u", "other", "authenticated", 60).unwrap();
-        assert_eq!(a.verify(&wrong_aud).unwrap_err(), AuthError::Invalid);
+        assert_eq!(a.verify(&wrong_aud).await.unwrap_err(), AuthError::Invalid);
         let other_key = mint_token(
             &SecretString::from("another-secret"),
             "u",
@@ -246,12 +415,12 @@ mod tests {
             60,
         )
         .unwrap();
-        assert_eq!(a.verify(&other_key).unwrap_err(), AuthError::Invalid);
-        assert_eq!(a.verify("not.a.jwt").unwrap_err(), AuthError::Invalid);
+        assert_eq!(a.verify(&other_key).await.unwrap_err(), AuthError::Invalid);
+        assert_eq!(a.verify("not.a.jwt").await.unwrap_err(), AuthError::Invalid);
         let mut tampered = mint_token(secret, "u", "authenticated", "authenticated", 60).unwrap();
         tampered.pop();
         tampered.push('A');
-        assert!(a.verify(&tampered).is_err());
+        assert!(a.verify(&tampered).await.is_err());
     }
 
     #[test]

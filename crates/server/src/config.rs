@@ -77,6 +77,8 @@ pub struct Config {
     pub jwt_secret: Option<SecretString>,
     /// JWKS endpoint for asymmetric tokens.
     pub jwks_url: Option<String>,
+    /// Unknown key ids refetch the JWKS at most this often, in seconds.
+    pub jwks_min_refetch_s: u64,
     /// Expected `aud`.
     pub jwt_audience: String,
     /// Expected `iss`; unchecked when unset.
@@ -139,6 +141,21 @@ pub struct Config {
     pub provider_max_retries: usize,
     /// Concurrent sessions per user.
     pub max_sessions_per_user: u32,
+    /// Sessions this instance holds at most (attached and detached); more get 503.
+    pub max_sessions: usize,
+    /// Connection attempts allowed per client address per second (sustained).
+    pub connect_rate_per_s: u32,
+    /// Burst of connection attempts allowed per client address.
+    pub connect_burst: u32,
+    /// Header carrying the client address when behind a trusted proxy (e.g. `fly-client-ip`);
+    /// the socket's peer address otherwise.
+    pub client_ip_header: Option<String>,
+    /// Grace after token expiry before the session closes with 4401, in seconds.
+    pub token_grace_s: u64,
+    /// Warn this many seconds before the maximum duration.
+    pub max_duration_warning_s: u64,
+    /// Text and binary frames accepted per second before `rate_limited` errors.
+    pub max_frames_per_s: u32,
     /// Close a session after this long without client activity.
     pub idle_timeout_s: u64,
     /// Maximum session length.
@@ -181,6 +198,7 @@ impl Default for Config {
             redis_url: None,
             jwt_secret: None,
             jwks_url: None,
+            jwks_min_refetch_s: 30,
             jwt_audience: "authenticated".into(),
             jwt_issuer: None,
             stt: SttKind::Local,
@@ -213,6 +231,13 @@ impl Default for Config {
             provider_idle_timeout_s: 15,
             provider_max_retries: 2,
             max_sessions_per_user: 3,
+            max_sessions: 10_000,
+            connect_rate_per_s: 5,
+            connect_burst: 30,
+            client_ip_header: None,
+            token_grace_s: 10,
+            max_duration_warning_s: 60,
+            max_frames_per_s: 100,
             idle_timeout_s: 600,
             max_duration_s: 1800,
             resume_window_s: 60,
@@ -390,6 +415,17 @@ impl Config {
             if v == 0 {
                 return fail(format!("{name} must be at least 1"));
             }
+        }
+        if self.max_sessions == 0 || self.connect_rate_per_s == 0 || self.connect_burst == 0 {
+            return fail(
+                "ATLAS_MAX_SESSIONS, ATLAS_CONNECT_RATE_PER_S and ATLAS_CONNECT_BURST must be at least 1"
+                    .into(),
+            );
+        }
+        if self.max_frames_per_s < 10 {
+            return fail(
+                "ATLAS_MAX_FRAMES_PER_S must be at least 10 (20 ms audio needs 50)".into(),
+            );
         }
         if self.max_sessions_per_user == 0 {
             return fail("ATLAS_MAX_SESSIONS_PER_USER must be at least 1".into());

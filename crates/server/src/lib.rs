@@ -6,7 +6,10 @@
 //! - [`auth`]: access-token verification and credential extraction.
 //! - [`engines`]: builds the provider adapters from the configuration.
 //! - [`app`]: application state, router, listener and graceful drain.
-//! - [`session`]: one connection — handshake, session loop, replies, the outbound writer.
+//! - [`registry`]: per-user admission, capacity and the resume directory.
+//! - [`metrics`]: Prometheus metrics with bounded labels.
+//! - [`session`]: one session — handshake, session loop (which outlives connections for
+//!   resume), replies, the outbound writer.
 //! - [`error`]: refusals before the upgrade, as HTTP statuses with JSON bodies.
 
 pub mod app;
@@ -14,6 +17,8 @@ pub mod auth;
 pub mod config;
 pub mod engines;
 pub mod error;
+pub mod metrics;
+pub mod registry;
 pub mod session;
 
 pub use app::Application;

@@ -16,28 +16,34 @@ use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket};
 use bytes::Bytes;
+use futures_util::stream::SplitStream;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 
-use atlas_core::audio::{AudioClock, pcm_from_le_bytes, pcm_to_le_bytes, validate_chunk};
+use atlas_core::audio::{
+    AudioClock, ChunkError, pcm_from_le_bytes, pcm_to_le_bytes, validate_chunk,
+};
 use atlas_core::history::{History, HistoryLimits, Role};
 use atlas_core::latency::Latency;
 use atlas_core::resample::StreamResampler;
 use atlas_core::splitter::SplitterConfig;
+use atlas_core::timers::{SessionTimers, TimerAction, TimerConfig, TimerEnd};
 use atlas_core::turns::{Action, Input, TurnConfig, Turns};
 use atlas_protocol::{
-    AudioFormat, ClientMessage, ErrorCode, LatencyBreakdown, Limits, ServerEvent, SessionStart,
-    Usage, close, parse_client_message,
+    AudioFormat, ClientMessage, EndingReason, ErrorCode, LatencyBreakdown, Limits, ServerEvent,
+    SessionStart, Usage, close, parse_client_message,
 };
 use atlas_providers::llm::{ChatMessage, ChatRole, LlmRequest};
 use atlas_providers::stt::{SttEvent, SttOptions};
 
 use crate::app::AppState;
-use crate::auth::Identity;
-use outbound::{OutboundTx, run_writer};
+use crate::auth::{Identity, seconds_until};
+use crate::metrics;
+use crate::registry::{ResumeEntry, SessionPermit};
+use outbound::{OutboundTx, WriterExit, run_writer};
 use response::{Progress, ResponseCtx, lock};
 use stt_link::{LinkEvent, SttLink};
 
@@ -49,26 +55,34 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Invalid frames tolerated before the connection is closed with 1008.
 const MAX_INVALID_FRAMES: u32 = 50;
+/// Seconds in a row over the frame-rate cap before the connection is closed with 1008.
+const MAX_FLOOD_SECONDS: u32 = 5;
 /// Consecutive recogniser failures before the session gives up.
 const MAX_STT_FAILURES: u32 = 4;
 
-/// Why the session loop ended.
+/// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
     /// The client sent `session.end`.
     ClientEnded,
-    /// The connection dropped or the client closed it.
+    /// The connection dropped before the session started.
     Disconnected,
     /// The server is draining.
     Draining,
     /// Protocol abuse.
     Policy,
-    /// The client does not read.
-    SlowConsumer,
     /// A provider failed beyond recovery.
     ProviderFailed,
     /// No `session.start` in time.
     StartTimeout,
+    /// No client activity for the idle timeout.
+    IdleTimeout,
+    /// Maximum duration reached.
+    MaxDuration,
+    /// The access token expired without a refresh.
+    TokenExpired,
+    /// Dropped and not resumed within the window.
+    ResumeExpired,
 }
 
 impl EndReason {
@@ -79,60 +93,127 @@ impl EndReason {
             EndReason::Disconnected => "disconnected",
             EndReason::Draining => "draining",
             EndReason::Policy => "policy",
-            EndReason::SlowConsumer => "slow_consumer",
             EndReason::ProviderFailed => "provider_failed",
             EndReason::StartTimeout => "start_timeout",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::MaxDuration => "max_duration",
+            EndReason::TokenExpired => "token_expired",
+            EndReason::ResumeExpired => "resume_expired",
         }
     }
 }
 
-/// Serves one upgraded connection until it ends.
-pub async fn serve_connection(socket: WebSocket, state: AppState, identity: Identity) {
-    let (sink, stream) = socket.split();
+impl From<TimerEnd> for EndReason {
+    fn from(t: TimerEnd) -> Self {
+        match t {
+            TimerEnd::Idle => EndReason::IdleTimeout,
+            TimerEnd::MaxDuration => EndReason::MaxDuration,
+            TimerEnd::TokenExpired => EndReason::TokenExpired,
+            TimerEnd::ResumeWindowExpired => EndReason::ResumeExpired,
+        }
+    }
+}
+
+/// A client connection that completed the `session.start` handshake.
+pub struct Connection {
+    /// Frames from the client.
+    pub stream: SplitStream<WebSocket>,
+    /// Queue to the client.
+    pub outbound: OutboundTx,
+    /// The writer task draining that queue.
+    pub writer: JoinHandle<WriterExit>,
+    /// The client's `session.start`.
+    pub start: SessionStart,
+    /// Who connected.
+    pub identity: Identity,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("user_id", &self.identity.user_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an upgraded connection is for.
+pub enum Upgrade {
+    /// A new session, already admitted.
+    New(SessionPermit),
+    /// Resuming the session behind this entry.
+    Resume(ResumeEntry),
+}
+
+/// Serves one upgraded connection: the handshake, then either a new session (which runs
+/// here until it ends) or a hand-over to the session being resumed.
+pub async fn handle_upgrade(
+    socket: WebSocket,
+    state: AppState,
+    identity: Identity,
+    upgrade: Upgrade,
+) {
+    let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
     let writer = tokio::spawn(run_writer(sink, rx, SEND_TIMEOUT));
     let outbound = OutboundTx::new(tx);
-    let session_id = uuid::Uuid::new_v4().to_string();
-    let span = tracing::info_span!("session", session_id = %session_id);
-    let reason = run_session(state, identity, session_id, stream, outbound)
-        .instrument(span.clone())
-        .await;
-    let exit = tokio::time::timeout(Duration::from_secs(3), writer).await;
-    span.in_scope(|| info!(reason = reason.label(), writer = ?exit.ok().and_then(Result::ok), "session ended"));
-}
-
-async fn run_session<S>(
-    state: AppState,
-    identity: Identity,
-    session_id: String,
-    mut stream: S,
-    outbound: OutboundTx,
-) -> EndReason
-where
-    S: Stream<Item = Result<Message, axum::Error>> + Unpin,
-{
     let start = match await_start(&state, &mut stream, &outbound).await {
         Ok(start) => start,
         Err(reason) => {
-            let code = if reason == EndReason::StartTimeout {
-                close::POLICY
-            } else {
-                close::NORMAL
-            };
-            if reason != EndReason::Disconnected {
-                outbound.close(code, "no session.start").await;
+            match reason {
+                EndReason::StartTimeout | EndReason::Policy => {
+                    outbound
+                        .close(close::POLICY, "no valid session.start")
+                        .await
+                }
+                EndReason::ClientEnded => outbound.close(close::NORMAL, "session ended").await,
+                _ => {}
             }
-            return reason;
+            drop(outbound);
+            let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+            if let Upgrade::New(_) = upgrade {
+                metrics::session_ended(reason.label());
+            }
+            return;
         }
     };
-    let mut session = Session::new(&state, identity, session_id, &start, outbound.clone());
-    info!(user_id = %session.identity.user_id, input_rate = start.input_audio.sample_rate,
-        output_rate = start.output_audio.sample_rate, "session started");
-    session.announce();
-    session.stt.connect_now();
-    let reason = session.run(&mut stream).await;
-    session.finish(reason).await;
-    reason
+    let conn = Connection {
+        stream,
+        outbound,
+        writer,
+        start,
+        identity,
+    };
+    match upgrade {
+        Upgrade::New(permit) => run_session(state, conn, permit).await,
+        Upgrade::Resume(entry) => {
+            if let Err(mpsc::error::SendError(conn)) = entry.attach.send(conn).await {
+                let _ = conn.outbound.event(ServerEvent::error(
+                    ErrorCode::ResumeFailed,
+                    "the session has ended; start a new one",
+                    true,
+                ));
+                conn.outbound.close(close::NORMAL, "session ended").await;
+            }
+        }
+    }
+}
+
+async fn run_session(state: AppState, first: Connection, permit: SessionPermit) {
+    let session_id = uuid::Uuid::new_v4().to_string();
+    let span = tracing::info_span!("session", session_id = %session_id);
+    async move {
+        let mut session = Session::new(&state, session_id, first, permit);
+        info!(user_id = %session.identity.user_id, "session started");
+        let reason = session.run().await;
+        session.finish(reason).await;
+        info!(
+            reason = reason.label(),
+            turns = session.turns.last_turn(),
+            "session ended"
+        );
+    }
+    .instrument(span)
+    .await
 }
 
 /// Waits for a valid `session.start`, answering anything else with a non-fatal error.
@@ -190,7 +271,7 @@ where
             return Err(EndReason::Policy);
         }
         if outbound.event(error).is_err() {
-            return Err(EndReason::SlowConsumer);
+            return Err(EndReason::Disconnected);
         }
     }
 }
@@ -252,12 +333,44 @@ struct ActiveResponse {
     progress: Arc<Mutex<Progress>>,
 }
 
-/// The state of one started session.
+/// The attached connection.
+struct Link {
+    stream: SplitStream<WebSocket>,
+    outbound: OutboundTx,
+    writer: JoinHandle<WriterExit>,
+}
+
+enum LinkInput {
+    Frame(Option<Result<Message, axum::Error>>),
+    WriterGone,
+}
+
+/// The next thing from the attached connection; pending forever while detached.
+async fn link_next(link: &mut Option<Link>) -> LinkInput {
+    match link {
+        None => std::future::pending().await,
+        Some(l) => tokio::select! {
+            m = l.stream.next() => LinkInput::Frame(m),
+            _ = l.outbound.closed() => LinkInput::WriterGone,
+        },
+    }
+}
+
+/// The state of one session. It outlives connections: when the client drops, the session
+/// detaches and waits for a resume.
 struct Session {
     state: AppState,
     identity: Identity,
     id: String,
-    outbound: OutboundTx,
+    permit: SessionPermit,
+    /// Current resume token (rotated on every resume).
+    resume_token: String,
+    /// New connections resuming this session.
+    attach_rx: mpsc::Receiver<Connection>,
+    attach_tx: mpsc::Sender<Connection>,
+    link: Option<Link>,
+    /// The client stopped reading; detach after the current step.
+    link_broken: bool,
     input: AudioFormat,
     output: AudioFormat,
     voice: Option<String>,
@@ -270,31 +383,96 @@ struct Session {
     input_resampler: Option<StreamResampler>,
     response: Option<ActiveResponse>,
     usage: Usage,
+    timers: SessionTimers,
     invalid_frames: u32,
+    /// Frame-rate accounting: the current one-second window, frames in it, and how many
+    /// windows in a row went over the cap.
+    rate_window: Instant,
+    rate_frames: u32,
+    flood_windows: u32,
     /// Reusable buffers for input resampling.
     scratch_in: Vec<i16>,
     scratch_out: Vec<i16>,
     actions: Vec<Action>,
 }
 
+fn expiry_instant(exp: u64) -> std::time::Instant {
+    std::time::Instant::now() + Duration::from_secs(seconds_until(exp))
+}
+
 impl Session {
-    fn new(
-        state: &AppState,
-        identity: Identity,
-        id: String,
-        start: &SessionStart,
-        outbound: OutboundTx,
-    ) -> Self {
+    fn new(state: &AppState, id: String, first: Connection, permit: SessionPermit) -> Self {
         let config = &state.config;
+        let now = std::time::Instant::now();
+        let timers = SessionTimers::new(
+            TimerConfig {
+                heartbeat_interval: Duration::from_secs(config.heartbeat_interval_s),
+                heartbeat_timeout: Duration::from_secs(config.heartbeat_timeout_s),
+                idle_timeout: Duration::from_secs(config.idle_timeout_s),
+                max_duration: Duration::from_secs(config.max_duration_s),
+                max_duration_warning: Duration::from_secs(config.max_duration_warning_s),
+                token_grace: Duration::from_secs(config.token_grace_s),
+                resume_window: Duration::from_secs(config.resume_window_s),
+            },
+            now,
+            expiry_instant(first.identity.expires_at),
+        );
+        let (attach_tx, attach_rx) = mpsc::channel(4);
+        let mut session = Session {
+            state: state.clone(),
+            identity: first.identity.clone(),
+            id,
+            permit,
+            resume_token: String::new(),
+            attach_rx,
+            attach_tx,
+            link: None,
+            link_broken: false,
+            input: first.start.input_audio,
+            output: first.start.output_audio,
+            voice: None,
+            turns: Turns::new(TurnConfig::default(), 0),
+            history: History::new(HistoryLimits {
+                max_messages: config.history_max_messages,
+                max_chars: config.history_max_chars,
+            }),
+            stt: SttLink::new(
+                state.engines.stt.clone(),
+                SttOptions {
+                    sample_rate: 16_000,
+                    language: None,
+                },
+            ),
+            clock: AudioClock::new(16_000, 600),
+            input_resampler: None,
+            response: None,
+            usage: Usage::default(),
+            timers,
+            invalid_frames: 0,
+            rate_window: Instant::now(),
+            rate_frames: 0,
+            flood_windows: 0,
+            scratch_in: Vec::new(),
+            scratch_out: Vec::new(),
+            actions: Vec::new(),
+        };
+        session.attach(first, false);
+        session
+    }
+
+    /// Sets up audio for a connection's `session.start` (a resume may change formats).
+    fn configure_media(&mut self, start: &SessionStart) {
+        let config = &self.state.config;
         let client_rate = start.input_audio.sample_rate;
-        let stt_rate = state.engines.stt.input_rate(client_rate);
-        let input_resampler = (stt_rate != client_rate)
+        let stt_rate = self.state.engines.stt.input_rate(client_rate);
+        self.input_resampler = (stt_rate != client_rate)
             .then(|| StreamResampler::new(client_rate, stt_rate).ok())
             .flatten();
-        let stt = SttLink::new(
-            state.engines.stt.clone(),
+        self.stt.close();
+        self.stt = SttLink::new(
+            self.state.engines.stt.clone(),
             SttOptions {
-                sample_rate: if input_resampler.is_some() {
+                sample_rate: if self.input_resampler.is_some() {
                     stt_rate
                 } else {
                     client_rate
@@ -305,32 +483,10 @@ impl Session {
                     .or_else(|| config.stt_language.clone()),
             },
         );
-        Session {
-            state: state.clone(),
-            identity,
-            id,
-            outbound,
-            input: start.input_audio,
-            output: start.output_audio,
-            voice: start.voice.clone(),
-            turns: Turns::new(TurnConfig::default(), 0),
-            history: History::new(HistoryLimits {
-                max_messages: config.history_max_messages,
-                max_chars: config.history_max_chars,
-            }),
-            stt,
-            clock: AudioClock::new(client_rate, 600),
-            input_resampler,
-            response: None,
-            usage: Usage {
-                cost_usd: None,
-                ..Usage::default()
-            },
-            invalid_frames: 0,
-            scratch_in: Vec::new(),
-            scratch_out: Vec::new(),
-            actions: Vec::new(),
-        }
+        self.clock = AudioClock::new(client_rate, 600);
+        self.input = start.input_audio;
+        self.output = start.output_audio;
+        self.voice = start.voice.clone();
     }
 
     fn limits(&self) -> Limits {
@@ -343,65 +499,250 @@ impl Session {
         }
     }
 
-    fn announce(&self) {
-        let _ = self.outbound.event(ServerEvent::SessionStarted {
-            session_id: self.id.clone(),
-            resume_token: uuid::Uuid::new_v4().simple().to_string(),
-            limits: self.limits(),
-            input_audio: self.input,
-            output_audio: self.output,
+    /// Attaches a connection (the first, or a resume), replacing any still attached.
+    fn attach(&mut self, conn: Connection, resumed: bool) {
+        if let Some(old) = self.link.take() {
+            info!("replacing the attached connection with a resumed one");
+            let outbound = old.outbound.clone();
+            tokio::spawn(async move {
+                let _ = outbound.event(ServerEvent::error(
+                    ErrorCode::Internal,
+                    "this connection was replaced by a resumed one",
+                    true,
+                ));
+                outbound
+                    .close(close::REPLACED, "replaced by a resumed connection")
+                    .await;
+            });
+            drop(old.writer);
+        }
+        self.configure_media(&conn.start);
+        if conn.identity.expires_at != self.identity.expires_at {
+            self.timers
+                .token_refreshed(expiry_instant(conn.identity.expires_at));
+        }
+        self.identity = conn.identity;
+        self.link = Some(Link {
+            stream: conn.stream,
+            outbound: conn.outbound,
+            writer: conn.writer,
         });
+        self.link_broken = false;
+        self.timers.attached(std::time::Instant::now());
+        self.permit.set_detached(false);
+        // A fresh resume token for every connection: an old token is useless once used.
+        let registry = &self.state.registry;
+        if !self.resume_token.is_empty() {
+            registry.remove_resume(&self.resume_token);
+        }
+        self.resume_token = new_resume_token();
+        registry.register_resume(
+            &self.resume_token,
+            ResumeEntry {
+                session_id: self.id.clone(),
+                user_id: self.identity.user_id.clone(),
+                attach: self.attach_tx.clone(),
+            },
+        );
+        self.refresh_gauges();
+        let event = if resumed {
+            metrics::resumed();
+            info!(turns = self.turns.last_turn(), "session resumed");
+            ServerEvent::SessionResumed {
+                session_id: self.id.clone(),
+                resume_token: self.resume_token.clone(),
+                limits: self.limits(),
+                input_audio: self.input,
+                output_audio: self.output,
+                turns: self.turns.last_turn(),
+            }
+        } else {
+            ServerEvent::SessionStarted {
+                session_id: self.id.clone(),
+                resume_token: self.resume_token.clone(),
+                limits: self.limits(),
+                input_audio: self.input,
+                output_audio: self.output,
+            }
+        };
+        self.emit(event);
+        if resumed {
+            self.emit(ServerEvent::Usage(self.usage.clone()));
+        }
+        self.stt.connect_now();
     }
 
-    /// Sends an event; a full queue ends the session as a slow consumer.
-    fn emit(&self, event: ServerEvent) -> Result<(), EndReason> {
-        self.outbound
-            .event(event)
-            .map_err(|_| EndReason::SlowConsumer)
+    /// The connection is gone: cut the reply (recorded as cut), stop the recogniser, and wait
+    /// for a resume.
+    async fn detach(&mut self, why: &'static str) {
+        let Some(link) = self.link.take() else {
+            return;
+        };
+        info!(why, "connection lost; waiting for a resume");
+        drop(link.outbound);
+        link.writer.abort();
+        if let Some(turn_id) = self.turns.responding() {
+            let _ = self.feed(Input::Cancel).await;
+            debug!(turn_id, "reply cut by the disconnect");
+        }
+        self.stt.close();
+        self.timers.detached(std::time::Instant::now());
+        self.permit.set_detached(true);
+        self.refresh_gauges();
     }
 
-    async fn run<S>(&mut self, stream: &mut S) -> EndReason
-    where
-        S: Stream<Item = Result<Message, axum::Error>> + Unpin,
-    {
+    fn refresh_gauges(&self) {
+        let r = &self.state.registry;
+        metrics::sessions(r.active(), r.detached());
+    }
+
+    /// Sends an event to the attached client, if any; a full queue marks a slow consumer.
+    fn emit(&mut self, event: ServerEvent) {
+        if let Some(link) = &self.link
+            && link.outbound.event(event).is_err()
+        {
+            self.link_broken = true;
+        }
+    }
+
+    async fn run(&mut self) -> EndReason {
         let shutdown = self.state.shutdown.clone();
         loop {
+            let deadline = Instant::from_std(self.timers.next_deadline());
             let step = tokio::select! {
                 _ = shutdown.cancelled() => Err(EndReason::Draining),
-                msg = stream.next() => match msg {
-                    None | Some(Err(_)) => Err(EndReason::Disconnected),
-                    Some(Ok(m)) => self.on_client(m).await,
+                input = link_next(&mut self.link) => match input {
+                    LinkInput::Frame(Some(Ok(m))) => self.on_client(m).await,
+                    LinkInput::Frame(_) => {
+                        self.detach("connection closed").await;
+                        Ok(())
+                    }
+                    LinkInput::WriterGone => {
+                        self.detach("client stopped reading").await;
+                        Ok(())
+                    }
                 },
+                Some(conn) = self.attach_rx.recv() => {
+                    self.attach(conn, true);
+                    Ok(())
+                }
                 event = self.stt.next() => self.on_stt(event).await,
                 turn_id = response_finished(&mut self.response) => self.on_response_finished(turn_id),
-                _ = self.outbound.closed() => Err(EndReason::SlowConsumer),
+                _ = tokio::time::sleep_until(deadline) => self.on_timers().await,
             };
             if let Err(reason) = step {
                 return reason;
             }
+            if std::mem::take(&mut self.link_broken) {
+                warn!("client queue full; dropping the connection");
+                self.detach("slow consumer").await;
+            }
         }
     }
 
+    async fn on_timers(&mut self) -> Result<(), EndReason> {
+        while let Some(action) = self.timers.poll(std::time::Instant::now()) {
+            match action {
+                TimerAction::Ping => {
+                    if let Some(link) = &self.link
+                        && link.outbound.ping().is_err()
+                    {
+                        self.link_broken = true;
+                    }
+                }
+                TimerAction::HeartbeatTimeout => {
+                    warn!("heartbeat pong overdue; dropping the connection");
+                    if let Some(link) = &self.link {
+                        link.outbound
+                            .close(close::GOING_AWAY, "heartbeat timeout")
+                            .await;
+                    }
+                    self.detach("heartbeat timeout").await;
+                }
+                TimerAction::WarnMaxDuration { seconds_left } => {
+                    self.emit(ServerEvent::SessionEnding {
+                        reason: EndingReason::MaxDuration,
+                        seconds_left,
+                    });
+                }
+                TimerAction::End(end) => return Err(end.into()),
+            }
+        }
+        Ok(())
+    }
+
     async fn on_client(&mut self, msg: Message) -> Result<(), EndReason> {
+        let now = std::time::Instant::now();
+        if let Message::Pong(_) = msg {
+            self.timers.pong();
+            return Ok(());
+        }
+        self.timers.activity(now);
+        if matches!(msg, Message::Binary(_) | Message::Text(_)) && !self.within_frame_rate()? {
+            return Ok(());
+        }
         match msg {
             Message::Binary(pcm) => self.on_audio(pcm),
             Message::Text(text) => match parse_client_message(text.as_str()) {
                 Ok(m) => self.on_message(m).await,
                 Err(e) => {
+                    metrics::message_rejected(e.code().as_str());
                     self.count_invalid()?;
-                    self.emit(ServerEvent::error(e.code(), e.to_string(), false))
+                    self.emit(ServerEvent::error(e.code(), e.to_string(), false));
+                    Ok(())
                 }
             },
-            Message::Close(_) => Err(EndReason::Disconnected),
+            Message::Close(_) => {
+                self.detach("client closed the connection").await;
+                Ok(())
+            }
             Message::Ping(_) | Message::Pong(_) => Ok(()),
         }
+    }
+
+    /// Counts the frame against the per-second cap: frames over it are dropped with a
+    /// `rate_limited` error; `MAX_FLOOD_SECONDS` seconds in a row over it close with 1008.
+    fn within_frame_rate(&mut self) -> Result<bool, EndReason> {
+        let now = Instant::now();
+        if now.duration_since(self.rate_window) >= Duration::from_secs(1) {
+            if self.rate_frames > self.state.config.max_frames_per_s {
+                self.flood_windows += 1;
+            } else {
+                self.flood_windows = 0;
+            }
+            self.rate_window = now;
+            self.rate_frames = 0;
+        }
+        self.rate_frames += 1;
+        let cap = self.state.config.max_frames_per_s;
+        if self.rate_frames <= cap {
+            return Ok(true);
+        }
+        if self.flood_windows >= MAX_FLOOD_SECONDS {
+            warn!("frame flood; closing");
+            self.emit(ServerEvent::error(
+                ErrorCode::RateLimited,
+                "too many frames per second",
+                true,
+            ));
+            return Err(EndReason::Policy);
+        }
+        if self.rate_frames == cap + 1 {
+            self.emit(ServerEvent::error(
+                ErrorCode::RateLimited,
+                format!("more than {cap} frames per second; extra frames are dropped"),
+                false,
+            ));
+        }
+        metrics::chunk_rejected("rate");
+        Ok(false)
     }
 
     fn count_invalid(&mut self) -> Result<(), EndReason> {
         self.invalid_frames += 1;
         if self.invalid_frames > MAX_INVALID_FRAMES {
             warn!("too many invalid frames; closing");
-            let _ = self.outbound.event(ServerEvent::error(
+            self.emit(ServerEvent::error(
                 ErrorCode::InvalidMessage,
                 "too many invalid frames",
                 true,
@@ -415,17 +756,25 @@ impl Session {
         let c = &self.state.config;
         if let Err(e) = validate_chunk(pcm.len(), c.audio_chunk_min_bytes, c.audio_chunk_max_bytes)
         {
+            metrics::chunk_rejected(match e {
+                ChunkError::TooSmall { .. } => "too_small",
+                ChunkError::TooLarge { .. } => "too_large",
+                ChunkError::OddLength { .. } => "odd_length",
+            });
             self.count_invalid()?;
-            return self.emit(ServerEvent::error(
+            self.emit(ServerEvent::error(
                 ErrorCode::AudioChunkInvalid,
                 e.to_string(),
                 false,
             ));
+            return Ok(());
         }
+        metrics::AUDIO.frames_in.increment(1);
+        metrics::AUDIO.bytes_in.increment(pcm.len() as u64);
         let samples = pcm.len() / 2;
         let position_s = self.clock.total_seconds();
-        self.clock.push(samples, Instant::now().into_std());
-        self.usage.stt_seconds = self.clock.total_seconds();
+        self.clock.push(samples, std::time::Instant::now());
+        self.usage.stt_seconds += samples as f64 / f64::from(self.input.sample_rate);
         let forwarded = match self.input_resampler.as_mut() {
             None => pcm,
             Some(r) => {
@@ -446,31 +795,41 @@ impl Session {
 
     async fn on_message(&mut self, msg: ClientMessage) -> Result<(), EndReason> {
         match msg {
-            ClientMessage::SessionStart(_) => self.emit(ServerEvent::error(
-                ErrorCode::SessionAlreadyStarted,
-                "the session has already started",
-                false,
-            )),
+            ClientMessage::SessionStart(_) => {
+                self.emit(ServerEvent::error(
+                    ErrorCode::SessionAlreadyStarted,
+                    "the session has already started",
+                    false,
+                ));
+                Ok(())
+            }
             ClientMessage::InputCommit => self.feed(Input::Commit).await,
             ClientMessage::ResponseCancel => self.feed(Input::Cancel).await,
-            ClientMessage::AuthRefresh { token } => match self.state.auth.verify(&token) {
-                Ok(identity) if identity.user_id == self.identity.user_id => {
-                    debug!("access token refreshed");
-                    self.identity = identity;
-                    Ok(())
+            ClientMessage::AuthRefresh { token } => {
+                match self.state.auth.verify(&token).await {
+                    Ok(identity) if identity.user_id == self.identity.user_id => {
+                        debug!("access token refreshed");
+                        self.timers
+                            .token_refreshed(expiry_instant(identity.expires_at));
+                        self.identity = identity;
+                    }
+                    Ok(_) => self.emit(ServerEvent::error(
+                        ErrorCode::Unauthorized,
+                        "the new token belongs to another user",
+                        false,
+                    )),
+                    Err(e) => self.emit(ServerEvent::error(
+                        ErrorCode::Unauthorized,
+                        e.to_string(),
+                        false,
+                    )),
                 }
-                Ok(_) => self.emit(ServerEvent::error(
-                    ErrorCode::Unauthorized,
-                    "the new token belongs to another user",
-                    false,
-                )),
-                Err(e) => self.emit(ServerEvent::error(
-                    ErrorCode::Unauthorized,
-                    e.to_string(),
-                    false,
-                )),
-            },
-            ClientMessage::Ping { id } => self.emit(ServerEvent::Pong { id }),
+                Ok(())
+            }
+            ClientMessage::Ping { id } => {
+                self.emit(ServerEvent::Pong { id });
+                Ok(())
+            }
             ClientMessage::SessionEnd => Err(EndReason::ClientEnded),
         }
     }
@@ -503,6 +862,7 @@ impl Session {
                 }
             }
             LinkEvent::Lost(e) => {
+                metrics::provider_error("stt", e.label());
                 warn!(error = %e, kind = e.label(), failures = self.stt.failures(), "speech recognition connection lost");
                 let fatal = self.stt.failures() >= MAX_STT_FAILURES;
                 self.emit(ServerEvent::error(
@@ -513,7 +873,7 @@ impl Session {
                         "speech recognition connection lost; reconnecting"
                     },
                     fatal,
-                ))?;
+                ));
                 if fatal {
                     Err(EndReason::ProviderFailed)
                 } else {
@@ -527,27 +887,20 @@ impl Session {
     async fn feed(&mut self, input: Input<'_>) -> Result<(), EndReason> {
         let mut actions = std::mem::take(&mut self.actions);
         self.turns.handle(input, &mut actions);
-        let mut result = Ok(());
         for action in actions.drain(..) {
-            result = match action {
+            match action {
                 Action::Partial(text) => self.emit(ServerEvent::TranscriptPartial { text }),
-                Action::Finalize => {
-                    self.stt.finalize();
-                    Ok(())
-                }
+                Action::Finalize => self.stt.finalize(),
                 Action::Interrupt { turn_id } => self.interrupt(turn_id).await,
                 Action::EndOfTurn {
                     turn_id,
                     text,
                     end_of_speech,
                 } => self.start_response(turn_id, text, end_of_speech),
-            };
-            if result.is_err() {
-                break;
             }
         }
         self.actions = actions;
-        result
+        Ok(())
     }
 
     fn start_response(
@@ -555,13 +908,13 @@ impl Session {
         turn_id: u64,
         text: String,
         end_of_speech: Option<std::time::Instant>,
-    ) -> Result<(), EndReason> {
+    ) {
         self.emit(ServerEvent::TranscriptFinal {
             turn_id,
             text: text.clone(),
-        })?;
+        });
         self.history.push_user(&text);
-        self.emit(ServerEvent::ResponseStarted { turn_id })?;
+        self.emit(ServerEvent::ResponseStarted { turn_id });
         let config = &self.state.config;
         let request = LlmRequest {
             system: config.system_prompt.clone(),
@@ -581,8 +934,11 @@ impl Session {
         };
         let mut progress = Progress::default();
         progress.timings.end_of_speech = end_of_speech;
-        progress.timings.end_of_turn = Some(Instant::now().into_std());
+        progress.timings.end_of_turn = Some(std::time::Instant::now());
         let progress = Arc::new(Mutex::new(progress));
+        let Some(link) = &self.link else {
+            return;
+        };
         let ctx = ResponseCtx {
             turn_id,
             llm: self.state.engines.llm.clone(),
@@ -590,7 +946,7 @@ impl Session {
             request,
             voice: self.voice.clone(),
             out_rate: self.output.sample_rate,
-            outbound: self.outbound.clone(),
+            outbound: link.outbound.clone(),
             lead: Duration::from_millis(config.playback_lead_ms),
             prefetch: config.tts_prefetch,
             splitter: SplitterConfig::default(),
@@ -601,18 +957,18 @@ impl Session {
             handle,
             progress,
         });
-        Ok(())
     }
 
     /// Barge-in or cancel: abort the reply at once and keep only what was spoken.
-    async fn interrupt(&mut self, turn_id: u64) -> Result<(), EndReason> {
+    async fn interrupt(&mut self, turn_id: u64) {
         let Some(active) = self.response.take_if(|r| r.turn_id == turn_id) else {
-            return Ok(());
+            return;
         };
         active.handle.abort();
         let _ = active.handle.await;
-        self.emit(ServerEvent::ResponseInterrupted { turn_id })?;
-        self.complete(turn_id, &active.progress, true)
+        self.emit(ServerEvent::ResponseInterrupted { turn_id });
+        metrics::turn("interrupted");
+        self.complete(turn_id, &active.progress, true);
     }
 
     fn on_response_finished(&mut self, turn_id: u64) -> Result<(), EndReason> {
@@ -622,25 +978,33 @@ impl Session {
         let mut out = Vec::new();
         self.turns
             .handle(Input::ResponseFinished { turn_id }, &mut out);
-        debug_assert!(out.is_empty());
         let failed = lock(&active.progress).failure.clone();
-        if let Some(f) = &failed {
-            warn!(turn_id, code = f.code.as_str(), kind = f.label, detail = %f.detail, "reply failed");
-            if f.code == ErrorCode::SlowConsumer {
-                return Err(EndReason::SlowConsumer);
+        match &failed {
+            Some(f) if f.code == ErrorCode::SlowConsumer => {
+                self.link_broken = true;
+                metrics::turn("client_gone");
             }
-            self.emit(ServerEvent::error(f.code, failure_message(f.code), false))?;
+            Some(f) => {
+                warn!(turn_id, code = f.code.as_str(), kind = f.label, detail = %f.detail, "reply failed");
+                metrics::provider_error(
+                    if f.code == ErrorCode::LlmFailed {
+                        "llm"
+                    } else {
+                        "tts"
+                    },
+                    f.label,
+                );
+                metrics::turn("failed");
+                self.emit(ServerEvent::error(f.code, failure_message(f.code), false));
+            }
+            None => metrics::turn("completed"),
         }
-        self.complete(turn_id, &active.progress, failed.is_some())
+        self.complete(turn_id, &active.progress, failed.is_some());
+        Ok(())
     }
 
     /// Records a finished or cut reply: history, usage, `response.done`.
-    fn complete(
-        &mut self,
-        turn_id: u64,
-        progress: &Mutex<Progress>,
-        interrupted: bool,
-    ) -> Result<(), EndReason> {
+    fn complete(&mut self, turn_id: u64, progress: &Mutex<Progress>, interrupted: bool) {
         let p = lock(progress);
         self.history.push_assistant(&p.spoken);
         self.usage.llm_input_tokens += p.llm_usage.input_tokens.unwrap_or(0)
@@ -648,45 +1012,89 @@ impl Session {
             + p.llm_usage.cache_creation_input_tokens.unwrap_or(0);
         self.usage.llm_output_tokens += p.llm_usage.output_tokens.unwrap_or(0);
         self.usage.tts_chars += p.tts_chars;
-        let latency = breakdown(p.timings.latency());
+        let latency = p.timings.latency();
+        for (stage, d) in [
+            ("stt_final", latency.end_of_speech_to_final),
+            ("llm_first_token", latency.llm_first_token),
+            ("tts_first_audio", latency.tts_first_audio),
+            ("first_audio", latency.to_first_audio),
+        ] {
+            if let Some(d) = d {
+                metrics::stage_latency(stage, d);
+            }
+        }
+        let latency = breakdown(latency);
         info!(turn_id, interrupted, spoken_chars = p.spoken.len(), latency_ms = ?latency, "reply done");
         drop(p);
         self.emit(ServerEvent::ResponseDone {
             turn_id,
             interrupted,
             latency_ms: latency,
-        })?;
-        self.emit(ServerEvent::Usage(self.usage.clone()))
+        });
+        self.emit(ServerEvent::Usage(self.usage.clone()));
     }
 
-    /// Ends the session: stop the reply, close the recogniser, close the socket.
+    /// Ends the session: stop the reply, close the recogniser, tell the client why, close.
     async fn finish(&mut self, reason: EndReason) {
-        if let Some(active) = self.response.take() {
-            active.handle.abort();
-            let _ = active.handle.await;
-            let p = lock(&active.progress);
-            self.history.push_assistant(&p.spoken);
+        if self.turns.responding().is_some() {
+            let _ = self.feed(Input::Cancel).await;
         }
         self.stt.close();
-        let (code, text) = match reason {
-            EndReason::ClientEnded => (close::NORMAL, "session ended"),
+        self.state.registry.remove_resume(&self.resume_token);
+        metrics::session_ended(reason.label());
+        let (code, text, error) = match reason {
+            EndReason::ClientEnded => (close::NORMAL, "session ended", None),
             EndReason::Draining => {
-                let _ = self.outbound.event(ServerEvent::SessionEnding {
-                    reason: atlas_protocol::EndingReason::Draining,
+                self.emit(ServerEvent::SessionEnding {
+                    reason: EndingReason::Draining,
                     seconds_left: 0,
                 });
-                (close::GOING_AWAY, "server draining")
+                (close::GOING_AWAY, "server draining", None)
             }
-            EndReason::Policy => (close::POLICY, "policy violation"),
-            EndReason::ProviderFailed => (close::INTERNAL, "provider unavailable"),
-            EndReason::SlowConsumer | EndReason::Disconnected | EndReason::StartTimeout => {
-                (close::POLICY, "connection closed")
+            EndReason::Policy => (close::POLICY, "policy violation", None),
+            EndReason::ProviderFailed => (close::INTERNAL, "provider unavailable", None),
+            EndReason::IdleTimeout => (
+                close::IDLE_TIMEOUT,
+                "idle timeout",
+                Some((ErrorCode::IdleTimeout, "no activity for the idle timeout")),
+            ),
+            EndReason::MaxDuration => (
+                close::MAX_DURATION,
+                "maximum duration reached",
+                Some((
+                    ErrorCode::MaxDuration,
+                    "the session reached its maximum duration",
+                )),
+            ),
+            EndReason::TokenExpired => (
+                close::TOKEN_EXPIRED,
+                "token expired",
+                Some((
+                    ErrorCode::TokenExpired,
+                    "the access token expired; send auth.refresh before expiry",
+                )),
+            ),
+            EndReason::ResumeExpired | EndReason::Disconnected | EndReason::StartTimeout => {
+                (close::NORMAL, "session ended", None)
             }
         };
-        if !matches!(reason, EndReason::Disconnected | EndReason::SlowConsumer) {
-            self.outbound.close(code, text).await;
+        if let Some((code, message)) = error {
+            self.emit(ServerEvent::error(code, message, true));
+        }
+        if let Some(link) = self.link.take() {
+            link.outbound.close(code, text).await;
+            drop(link.outbound);
+            let _ = tokio::time::timeout(Duration::from_secs(2), link.writer).await;
         }
     }
+}
+
+fn new_resume_token() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 async fn response_finished(response: &mut Option<ActiveResponse>) -> u64 {

@@ -1,0 +1,93 @@
+//! Prometheus metrics. Labels come from bounded sets only: no user ids, no session ids, no
+//! error strings.
+
+use std::sync::{LazyLock, OnceLock};
+use std::time::Duration;
+
+use metrics::{Counter, counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once); `None` if another recorder was
+/// installed by an embedding program.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
+            ];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}
+
+/// Counters touched for every audio frame, resolved once.
+pub struct AudioCounters {
+    /// Frames received from clients.
+    pub frames_in: Counter,
+    /// Bytes received from clients.
+    pub bytes_in: Counter,
+    /// Frames sent to clients.
+    pub frames_out: Counter,
+    /// Bytes sent to clients.
+    pub bytes_out: Counter,
+}
+
+/// The audio counters (created after [`install`]).
+pub static AUDIO: LazyLock<AudioCounters> = LazyLock::new(|| AudioCounters {
+    frames_in: counter!("atlas_audio_frames_in_total"),
+    bytes_in: counter!("atlas_audio_bytes_in_total"),
+    frames_out: counter!("atlas_audio_frames_out_total"),
+    bytes_out: counter!("atlas_audio_bytes_out_total"),
+});
+
+/// Live and detached sessions of this instance.
+pub fn sessions(active: usize, detached: usize) {
+    gauge!("atlas_sessions_active").set(active as f64);
+    gauge!("atlas_sessions_detached").set(detached as f64);
+}
+
+/// A session ended.
+pub fn session_ended(reason: &'static str) {
+    counter!("atlas_sessions_ended_total", "reason" => reason).increment(1);
+}
+
+/// A connection attempt was refused before the upgrade.
+pub fn refused(reason: &'static str) {
+    counter!("atlas_connections_refused_total", "reason" => reason).increment(1);
+}
+
+/// A session was resumed on this instance.
+pub fn resumed() {
+    counter!("atlas_sessions_resumed_total").increment(1);
+}
+
+/// A binary frame was rejected.
+pub fn chunk_rejected(reason: &'static str) {
+    counter!("atlas_audio_chunks_rejected_total", "reason" => reason).increment(1);
+}
+
+/// A text frame was rejected.
+pub fn message_rejected(code: &'static str) {
+    counter!("atlas_messages_rejected_total", "code" => code).increment(1);
+}
+
+/// A provider call failed.
+pub fn provider_error(stage: &'static str, kind: &'static str) {
+    counter!("atlas_provider_errors_total", "stage" => stage, "kind" => kind).increment(1);
+}
+
+/// One stage's latency in a turn.
+pub fn stage_latency(stage: &'static str, d: Duration) {
+    histogram!("atlas_stage_latency_seconds", "stage" => stage).record(d.as_secs_f64());
+}
+
+/// A turn's reply ended.
+pub fn turn(outcome: &'static str) {
+    counter!("atlas_turns_total", "outcome" => outcome).increment(1);
+}

@@ -1,0 +1,203 @@
+//! Live sessions of this instance: per-user admission (atomic, detached sessions included),
+//! the total-capacity cap, and the resume directory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+use crate::session::Connection;
+
+/// Why a new session was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmitError {
+    /// The user already has the maximum number of sessions.
+    TooManySessions,
+    /// The instance holds its maximum number of sessions.
+    AtCapacity,
+}
+
+/// Where a resume token leads.
+#[derive(Clone, Debug)]
+pub struct ResumeEntry {
+    /// The session.
+    pub session_id: String,
+    /// Its owner; only they may resume it.
+    pub user_id: String,
+    /// Hands a new connection to the session.
+    pub attach: mpsc::Sender<Connection>,
+}
+
+#[derive(Default)]
+struct Inner {
+    per_user: HashMap<String, u32>,
+    total: usize,
+    detached: usize,
+    resumable: HashMap<String, ResumeEntry>,
+}
+
+/// The registry; shared by all connections.
+pub struct Registry {
+    inner: Mutex<Inner>,
+    max_per_user: u32,
+    max_total: usize,
+}
+
+/// A session's place in the registry; dropping it frees the place.
+pub struct SessionPermit {
+    registry: Arc<Registry>,
+    user_id: String,
+    detached: bool,
+}
+
+impl std::fmt::Debug for SessionPermit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionPermit")
+            .field("user_id", &self.user_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// A registry admitting `max_per_user` sessions per user and `max_total` in all.
+    pub fn new(max_per_user: u32, max_total: usize) -> Arc<Self> {
+        Arc::new(Registry {
+            inner: Mutex::new(Inner::default()),
+            max_per_user,
+            max_total,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits a new session for `user_id`, or says why not. Check and increment happen
+    /// under one lock, so concurrent attempts can never exceed the cap.
+    pub fn admit(self: &Arc<Self>, user_id: &str) -> Result<SessionPermit, AdmitError> {
+        let mut inner = self.lock();
+        if inner.total >= self.max_total {
+            return Err(AdmitError::AtCapacity);
+        }
+        let count = inner.per_user.entry(user_id.to_owned()).or_insert(0);
+        if *count >= self.max_per_user {
+            return Err(AdmitError::TooManySessions);
+        }
+        *count += 1;
+        inner.total += 1;
+        Ok(SessionPermit {
+            registry: self.clone(),
+            user_id: user_id.to_owned(),
+            detached: false,
+        })
+    }
+
+    /// Sessions of this instance (attached and detached).
+    pub fn active(&self) -> usize {
+        self.lock().total
+    }
+
+    /// Sessions waiting for a resume.
+    pub fn detached(&self) -> usize {
+        self.lock().detached
+    }
+
+    /// Sessions of `user_id`.
+    pub fn sessions_of(&self, user_id: &str) -> u32 {
+        self.lock().per_user.get(user_id).copied().unwrap_or(0)
+    }
+
+    /// Makes `token` resume the session described by `entry`.
+    pub fn register_resume(&self, token: &str, entry: ResumeEntry) {
+        self.lock().resumable.insert(token.to_owned(), entry);
+    }
+
+    /// The session `token` resumes, if it exists and belongs to `user_id`.
+    pub fn find_resume(&self, token: &str, user_id: &str) -> Option<ResumeEntry> {
+        self.lock()
+            .resumable
+            .get(token)
+            .filter(|e| e.user_id == user_id)
+            .cloned()
+    }
+
+    /// Forgets `token`.
+    pub fn remove_resume(&self, token: &str) {
+        self.lock().resumable.remove(token);
+    }
+}
+
+impl SessionPermit {
+    /// Marks the session detached (awaiting resume) or attached again.
+    pub fn set_detached(&mut self, detached: bool) {
+        if self.detached != detached {
+            self.detached = detached;
+            let mut inner = self.registry.lock();
+            if detached {
+                inner.detached += 1;
+            } else {
+                inner.detached -= 1;
+            }
+        }
+    }
+}
+
+impl Drop for SessionPermit {
+    fn drop(&mut self) {
+        let mut inner = self.registry.lock();
+        if self.detached {
+            inner.detached -= 1;
+        }
+        inner.total -= 1;
+        if let Some(c) = inner.per_user.get_mut(&self.user_id) {
+            *c -= 1;
+            if *c == 0 {
+                inner.per_user.remove(&self.user_id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_user_and_total_caps() {
+        let r = Registry::new(2, 3);
+        let a1 = r.admit("a").unwrap();
+        let _a2 = r.admit("a").unwrap();
+        assert_eq!(r.admit("a").unwrap_err(), AdmitError::TooManySessions);
+        let _b1 = r.admit("b").unwrap();
+        assert_eq!(r.admit("c").unwrap_err(), AdmitError::AtCapacity);
+        drop(a1);
+        assert_eq!(r.sessions_of("a"), 1);
+        let _a3 = r.admit("a").unwrap();
+        assert_eq!(r.active(), 3);
+    }
+
+    #[test]
+    fn detached_sessions_still_count() {
+        let r = Registry::new(1, 10);
+        let mut p = r.admit("a").unwrap();
+        p.set_detached(true);
+        assert_eq!(r.detached(), 1);
+        assert_eq!(r.admit("a").unwrap_err(), AdmitError::TooManySessions);
+        drop(p);
+        assert_eq!((r.active(), r.detached()), (0, 0));
+        assert!(r.admit("a").is_ok());
+    }
+
+    #[test]
+    fn concurrent_admission_never_exceeds_the_cap() {
+        let r = Registry::new(3, 1000);
+        let permits: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..50).map(|_| s.spawn(|| r.admit("u").ok())).collect();
+            handles
+                .into_iter()
+                .filter_map(|h| h.join().unwrap())
+                .collect()
+        });
+        assert_eq!(permits.len(), 3);
+    }
+}

@@ -159,6 +159,17 @@ pub struct Connection {
     pub incoming: mpsc::Receiver<Incoming>,
     /// The subprotocol the server selected.
     pub protocol: Option<String>,
+    /// The reader and writer tasks; aborting both drops the socket without a close frame.
+    tasks: [tokio::task::AbortHandle; 2],
+}
+
+impl Connection {
+    /// Drops the connection abruptly, as a lost network would: no close frame.
+    pub fn abort(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 /// Opens a connection.
@@ -231,7 +242,7 @@ pub async fn connect(options: &ConnectOptions) -> Result<Connection, ClientError
     let (mut sink, mut stream) = socket.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(64);
     let (in_tx, in_rx) = mpsc::channel::<Incoming>(1024);
-    tokio::spawn(async move {
+    let writer = tokio::spawn(async move {
         while let Some(msg) = out_rx.recv().await {
             let closing = matches!(msg, Message::Close(_));
             if sink.send(msg).await.is_err() || closing {
@@ -239,7 +250,7 @@ pub async fn connect(options: &ConnectOptions) -> Result<Connection, ClientError
             }
         }
     });
-    tokio::spawn(async move {
+    let reader = tokio::spawn(async move {
         loop {
             let item = match stream.next().await {
                 Some(Ok(Message::Text(text))) => match parse_server_event(text.as_str()) {
@@ -283,6 +294,7 @@ pub async fn connect(options: &ConnectOptions) -> Result<Connection, ClientError
         sender: Sender { tx: out_tx },
         incoming: in_rx,
         protocol,
+        tasks: [writer.abort_handle(), reader.abort_handle()],
     })
 }
 

@@ -53,7 +53,6 @@ pub enum AudioEncoding {
 
 /// An audio stream's format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AudioFormat {
     /// Sample encoding.
     #[serde(default)]
@@ -424,7 +423,8 @@ pub enum EndingReason {
 /// Usage and running cost of a session.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
-    /// Running cost in dollars; absent ("unknown") when a model is missing from the price catalog.
+    /// Running cost in dollars; `null` ("cost unknown") when a model in use is missing from
+    /// the price catalog.
     pub cost_usd: Option<f64>,
     /// Seconds of audio streamed to speech recognition.
     pub stt_seconds: f64,

@@ -579,8 +579,10 @@ impl Session {
             return;
         };
         info!(why, "connection lost; waiting for a resume");
+        // The writer drains what is queued (a close frame, say) and stops by itself once
+        // every sender is gone; a dead socket ends it through the send timeout.
         drop(link.outbound);
-        link.writer.abort();
+        drop(link.writer);
         if let Some(turn_id) = self.turns.responding() {
             let _ = self.feed(Input::Cancel).await;
             debug!(turn_id, "reply cut by the disconnect");

@@ -1,7 +1,11 @@
 //! Integration tests: the real server on a loopback port, wired to the provider fakes, driven
 //! by the real client library.
 
+mod auth;
 mod faults;
+mod gateway;
 mod helpers;
+mod observability;
 mod pipeline;
 mod protocol;
+mod timers;

@@ -52,6 +52,13 @@ pub struct LoadtestArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// Soak mode: this many short sessions one after another (connect, start, ping, end),
+    /// sampling memory and live sessions as it goes.
+    #[arg(long)]
+    soak: Option<usize>,
+    /// Process id of the server, for memory samples (defaults to this process with --spawn).
+    #[arg(long)]
+    server_pid: Option<u32>,
     #[command(flatten)]
     latencies: FakeLatencies,
 }
@@ -69,8 +76,6 @@ struct Sample {
 
 /// Runs the load test and prints the summary.
 pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
-    let (samples, rate) = wav::read(&args.input)?;
-    let eos = speech_end(&samples, rate, -40.0).context("the input has no speech")?;
     let mut _keep = None;
     let (url, token) = if args.spawn {
         let fakes = Fakes::start(
@@ -82,6 +87,9 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         wire_fakes(&mut config, &fakes);
         config.max_sessions_per_user = u32::MAX;
+        // Every simulated client comes from 127.0.0.1.
+        config.connect_rate_per_s = u32::MAX;
+        config.connect_burst = u32::MAX;
         let app = Application::build(config.clone()).await?;
         let addr = app.local_addr();
         let stop = app.shutdown_token();
@@ -106,6 +114,17 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
                 .context("--token is required without --spawn")?,
         )
     };
+    if let Some(n) = args.soak {
+        let pid = args.server_pid.or(args.spawn.then(std::process::id));
+        let result = soak(&url, &token, n, pid, args.json).await;
+        if let Some((fakes, stop)) = _keep {
+            stop.cancel();
+            fakes.shutdown().await;
+        }
+        return result;
+    }
+    let (samples, rate) = wav::read(&args.input)?;
+    let eos = speech_end(&samples, rate, -40.0).context("the input has no speech")?;
     let mut audio = samples;
     audio.extend(std::iter::repeat_n(0i16, rate as usize * 2));
     let audio = std::sync::Arc::new(audio);
@@ -313,6 +332,130 @@ fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration) {
         );
         for e in s.errors.iter().take(5) {
             println!("error: {e}");
+        }
+    }
+}
+
+/// Resident memory of `pid` in KiB, from /proc.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// `atlas_sessions_active` from the server's /metrics.
+async fn live_sessions(http_base: &str) -> Option<f64> {
+    let body = reqwest::get(format!("{http_base}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    body.lines()
+        .find(|l| l.starts_with("atlas_sessions_active "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+async fn soak(
+    url: &str,
+    token: &str,
+    n: usize,
+    pid: Option<u32>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let http_base = url
+        .replacen("ws://", "http://", 1)
+        .replacen("wss://", "https://", 1)
+        .trim_end_matches("/v1/voice")
+        .to_owned();
+    let started = Instant::now();
+    let mut samples: Vec<(usize, Option<u64>, Option<f64>)> = Vec::new();
+    let mut errors = 0usize;
+    let every = (n / 10).max(1);
+    for i in 0..n {
+        if let Err(e) = short_session(url, token).await {
+            errors += 1;
+            if errors <= 3 {
+                eprintln!("session {i}: {e}");
+            }
+        }
+        if (i + 1) % every == 0 || i + 1 == n {
+            // Let the server finish closing the last session before sampling.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            samples.push((
+                i + 1,
+                pid.and_then(rss_kib),
+                live_sessions(&http_base).await,
+            ));
+        }
+    }
+    let elapsed = started.elapsed();
+    let first_rss = samples.iter().find_map(|s| s.1);
+    let last_rss = samples.last().and_then(|s| s.1);
+    if json {
+        let rows: Vec<_> = samples
+            .iter()
+            .map(|(k, rss, live)| json!({"sessions": k, "rss_kib": rss, "live_sessions": live}))
+            .collect();
+        println!(
+            "{}",
+            json!({"soak_sessions": n, "errors": errors, "elapsed_s": elapsed.as_secs_f64(), "samples": rows})
+        );
+    } else {
+        println!(
+            "soak: {n} sequential sessions, {errors} errors, {:.1} s ({:.2} ms per session)",
+            elapsed.as_secs_f64(),
+            elapsed.as_secs_f64() * 1000.0 / n as f64
+        );
+        for (k, rss, live) in &samples {
+            println!(
+                "  after {k:>6}: rss {:>8} KiB, live sessions {}",
+                rss.map(|r| r.to_string()).unwrap_or_else(|| "?".into()),
+                live.map(|l| l.to_string()).unwrap_or_else(|| "?".into())
+            );
+        }
+        if let (Some(a), Some(b)) = (first_rss, last_rss) {
+            println!(
+                "  rss change from the first to the last sample: {:+} KiB",
+                b as i64 - a as i64
+            );
+        }
+    }
+    if errors > 0 {
+        anyhow::bail!("{errors} sessions failed");
+    }
+    Ok(())
+}
+
+async fn short_session(url: &str, token: &str) -> anyhow::Result<()> {
+    let mut conn = connect(&ConnectOptions::new(url, token)).await?;
+    conn.sender
+        .send(&ClientMessage::SessionStart(SessionStart::default()))
+        .await?;
+    conn.sender.send(&ClientMessage::Ping { id: None }).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut ended = false;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.incoming.recv()).await {
+            Err(_) => anyhow::bail!("timed out"),
+            Ok(None) => anyhow::bail!("connection ended early"),
+            Ok(Some(Incoming::Event {
+                event: ServerEvent::Pong { .. },
+                ..
+            })) if !ended => {
+                conn.sender.send(&ClientMessage::SessionEnd).await?;
+                ended = true;
+            }
+            Ok(Some(Incoming::Closed {
+                code: Some(1000), ..
+            })) if ended => return Ok(()),
+            Ok(Some(Incoming::Closed { code, reason, .. })) => {
+                anyhow::bail!("closed {code:?} {reason}")
+            }
+            Ok(Some(_)) => {}
         }
     }
 }

@@ -266,6 +266,33 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
     })
 }
 
+/// The fuzzing property, shared by the fuzz target and the corpus replay test: parsing
+/// arbitrary bytes never panics, oversized frames are refused, and every accepted message
+/// survives a serialise/parse round trip unchanged.
+#[doc(hidden)]
+pub fn fuzz_check(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match parse_client_message(text) {
+        Ok(msg) => {
+            assert!(text.len() <= MAX_TEXT_FRAME_BYTES);
+            let again = serde_json::to_string(&msg).expect("messages serialise");
+            assert_eq!(
+                parse_client_message(&again).as_ref(),
+                Ok(&msg),
+                "round trip of {text:?}"
+            );
+        }
+        Err(ParseError::TooLarge { len }) => assert!(len > MAX_TEXT_FRAME_BYTES),
+        Err(ParseError::UnknownType(t)) => assert!(t.chars().count() <= 65),
+        Err(e) => {
+            // Every refusal renders a message.
+            assert!(!e.to_string().is_empty());
+        }
+    }
+}
+
 /// Session limits announced in `session.started`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Limits {

@@ -72,6 +72,11 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Publishes the session gauges (called with the lock held, after a change).
+    fn publish(inner: &Inner) {
+        crate::metrics::sessions(inner.total, inner.detached);
+    }
+
     /// Admits a new session for `user_id`, or says why not. Check and increment happen
     /// under one lock, so concurrent attempts can never exceed the cap.
     pub fn admit(self: &Arc<Self>, user_id: &str) -> Result<SessionPermit, AdmitError> {
@@ -85,6 +90,7 @@ impl Registry {
         }
         *count += 1;
         inner.total += 1;
+        Self::publish(&inner);
         Ok(SessionPermit {
             registry: self.clone(),
             user_id: user_id.to_owned(),
@@ -138,6 +144,7 @@ impl SessionPermit {
             } else {
                 inner.detached -= 1;
             }
+            Registry::publish(&inner);
         }
     }
 }
@@ -155,6 +162,7 @@ impl Drop for SessionPermit {
                 inner.per_user.remove(&self.user_id);
             }
         }
+        Registry::publish(&inner);
     }
 }
 

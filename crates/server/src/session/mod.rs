@@ -544,7 +544,6 @@ impl Session {
                 attach: self.attach_tx.clone(),
             },
         );
-        self.refresh_gauges();
         let event = if resumed {
             metrics::resumed();
             info!(turns = self.turns.last_turn(), "session resumed");
@@ -590,12 +589,6 @@ impl Session {
         self.stt.close();
         self.timers.detached(std::time::Instant::now());
         self.permit.set_detached(true);
-        self.refresh_gauges();
-    }
-
-    fn refresh_gauges(&self) {
-        let r = &self.state.registry;
-        metrics::sessions(r.active(), r.detached());
     }
 
     /// Sends an event to the attached client, if any; a full queue marks a slow consumer.

@@ -45,3 +45,77 @@ async fn metrics_count_sessions_audio_and_refusals_without_identities() {
     assert!(!body.contains(&session_id));
     assert!(!body.contains("not-a-valid-token"));
 }
+
+/// A writer that keeps everything logged in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// A current-thread runtime: the thread-local subscriber below sees every task.
+#[tokio::test(flavor = "current_thread")]
+async fn tokens_never_reach_the_logs() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .json()
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let app = spawn_app().await;
+    let good = app.token("log-user");
+    let mut o = ConnectOptions::new(app.url(), good.clone());
+    o.carrier = TokenCarrier::Query;
+    let mut conn = connect(&o).await.unwrap();
+    conn.sender
+        .send(&start_message(16_000, 24_000))
+        .await
+        .unwrap();
+    let refresh = app.token("log-user");
+    conn.sender
+        .send(&ClientMessage::AuthRefresh {
+            token: refresh.clone(),
+        })
+        .await
+        .unwrap();
+    conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
+    collect_until(&mut conn, Duration::from_secs(5), |i| {
+        matches!(i, Incoming::Closed { .. })
+    })
+    .await;
+    let mut bad = ConnectOptions::new(
+        app.url(),
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2VjcmV0LXNpZ25hdHVyZQ",
+    );
+    bad.carrier = TokenCarrier::Query;
+    assert!(connect(&bad).await.is_err());
+    app.shutdown.cancel();
+    let _ = app.server.await;
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("session started"),
+        "the capture works: {logs}"
+    );
+    assert!(logs.contains("connection refused"));
+    for secret in [
+        good.as_str(),
+        refresh.as_str(),
+        "c2VjcmV0LXNpZ25hdHVyZQ",
+        SECRET,
+        "fake-key",
+    ] {
+        let signature = secret.rsplit('.').next().unwrap();
+        assert!(!logs.contains(signature), "a secret leaked into the logs");
+    }
+}

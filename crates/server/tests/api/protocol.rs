@@ -275,3 +275,127 @@ async fn drain_tells_sessions_to_resume_elsewhere_and_stops_in_time() {
         .is_err()
     );
 }
+
+#[tokio::test]
+async fn frame_floods_are_dropped_with_an_error_then_closed_with_1008() {
+    let app = spawn_app_with(fast_fakes(), |c| c.max_frames_per_s = 20).await;
+    let (mut conn, _) = app.start("u", 24_000).await;
+    // 60 pings in well under a second: the 21st onwards is dropped, with one error.
+    for _ in 0..60 {
+        conn.sender
+            .send(&ClientMessage::Ping { id: None })
+            .await
+            .unwrap();
+    }
+    let items = collect_until(&mut conn, Duration::from_secs(5), |i| error_of(i).is_some()).await;
+    assert_eq!(
+        error_of(items.last().unwrap()),
+        Some((ErrorCode::RateLimited, false))
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut pongs = items
+        .iter()
+        .filter(|i| matches!(event(i), Some(ServerEvent::Pong { .. })))
+        .count();
+    while let Ok(Some(i)) =
+        tokio::time::timeout(Duration::from_millis(200), conn.incoming.recv()).await
+    {
+        if matches!(event(&i), Some(ServerEvent::Pong { .. })) {
+            pongs += 1;
+        }
+    }
+    assert_eq!(pongs, 20, "only frames within the cap were answered");
+    // Keep flooding for several seconds: the connection is closed for abuse.
+    let sender = conn.sender.clone();
+    let flood = tokio::spawn(async move {
+        for _ in 0..400 {
+            if sender
+                .send(&ClientMessage::Ping { id: None })
+                .await
+                .is_err()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let items = collect_until(&mut conn, Duration::from_secs(12), |i| {
+        matches!(i, Incoming::Closed { .. })
+    })
+    .await;
+    flood.abort();
+    assert!(
+        items
+            .iter()
+            .any(|i| error_of(i) == Some((ErrorCode::RateLimited, true)))
+    );
+    assert!(
+        matches!(
+            items.last(),
+            Some(Incoming::Closed {
+                code: Some(1008),
+                ..
+            })
+        ),
+        "{:#?}",
+        summary(&items[items.len().saturating_sub(3)..])
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_dropped_and_its_session_detached() {
+    // A very long reply, synthesised as fast as possible and sent without pacing, to a client
+    // whose socket receive buffer is tiny and who never reads.
+    let mut fakes = fast_fakes();
+    fakes.llm.reply = Some("This sentence is long enough to be spoken for a while. ".repeat(70));
+    fakes.llm.tokens_per_s = 0.0;
+    fakes.tts.speed = 0.0;
+    fakes.tts.ms_per_char = 60;
+    let app = spawn_app_with(fakes, |c| {
+        c.playback_lead_ms = 3_600_000;
+        c.llm_max_tokens = 4000;
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(app.addr).await.unwrap();
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(app.url())
+            .unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", app.token("slow")).parse().unwrap(),
+    );
+    let (ws, _) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
+    let (mut sink, _stream) = futures_util::StreamExt::split(ws);
+    use futures_util::SinkExt;
+    sink.send(Message::text(r#"{"type":"session.start"}"#))
+        .await
+        .unwrap();
+    // Speak, at 4× real time, without ever reading.
+    let question = with_silence(speech("question_16k.wav"), 1.0);
+    for chunk in question.chunks(1600) {
+        let bytes: Vec<u8> = chunk.iter().flat_map(|s| s.to_le_bytes()).collect();
+        sink.send(Message::Binary(Bytes::from(bytes)))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // The server's writer stalls, gives up after its send deadline, and the session detaches.
+    let metrics_url = format!("http://{}/metrics", app.addr);
+    let mut detached = false;
+    for _ in 0..60 {
+        let body = reqwest::get(&metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if body.lines().any(|l| l == "atlas_sessions_detached 1") {
+            detached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(detached, "the slow consumer was not dropped");
+}

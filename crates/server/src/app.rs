@@ -127,7 +127,20 @@ impl Application {
             router.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(async move { shutdown.cancelled().await });
+        // The per-address limiter keeps a cell per address it has seen: prune idle ones.
+        let pruner = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    every.tick().await;
+                    state.connect_limiter.retain_recent();
+                    state.connect_limiter.shrink_to_fit();
+                }
+            })
+        };
         let result = server.await;
+        pruner.abort();
         state.sessions.close();
         let drain = Duration::from_secs(state.config.drain_timeout_s);
         if tokio::time::timeout(drain, state.sessions.wait())

@@ -618,8 +618,15 @@ impl Session {
                     }
                 },
                 Some(conn) = self.attach_rx.recv() => {
+                    // A reply still playing on the old connection is cut (and recorded as
+                    // cut) before the new connection takes over.
+                    let cut = if self.link.is_some() && self.turns.responding().is_some() {
+                        self.feed(Input::Cancel).await
+                    } else {
+                        Ok(())
+                    };
                     self.attach(conn, true);
-                    Ok(())
+                    cut
                 }
                 event = self.stt.next() => self.on_stt(event).await,
                 turn_id = response_finished(&mut self.response) => self.on_response_finished(turn_id),
@@ -674,6 +681,16 @@ impl Session {
         }
         self.timers.activity(now);
         if matches!(msg, Message::Binary(_) | Message::Text(_)) && !self.within_frame_rate()? {
+            // Over the cap frames are dropped unread, except an explicit end of session.
+            if let Message::Text(text) = &msg
+                && text.len() < 256
+                && matches!(
+                    parse_client_message(text.as_str()),
+                    Ok(ClientMessage::SessionEnd)
+                )
+            {
+                return Err(EndReason::ClientEnded);
+            }
             return Ok(());
         }
         match msg {

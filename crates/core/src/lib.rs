@@ -6,6 +6,7 @@
 //! - [`history`]: the bounded conversation history sent to the LLM.
 //! - [`splitter`]: cuts streamed LLM text into clauses and sentences for speech synthesis.
 //! - [`resample`]: streaming sample-rate conversion of 16-bit PCM.
+//! - [`cost`]: integer micro-dollar cost arithmetic and the budget rule.
 //! - [`audio`]: PCM helpers, chunk validation and the audio clock that maps stream positions
 //!   to arrival times.
 //! - [`pacing`]: keeps outgoing audio a bounded lead ahead of real-time playback.
@@ -18,6 +19,7 @@
 //! - No knowledge of JSON or of any provider's wire format.
 
 pub mod audio;
+pub mod cost;
 pub mod history;
 pub mod latency;
 pub mod pacing;

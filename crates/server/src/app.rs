@@ -55,6 +55,12 @@ pub struct Inner {
     pub connect_limiter: DefaultKeyedRateLimiter<IpAddr>,
     /// Renders `/metrics`.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Unit prices of the configured engines (unset where the catalog does not know a model).
+    pub prices: atlas_core::cost::Prices,
+    /// Version of the price catalog in use, recorded with sessions.
+    pub catalog_version: String,
+    /// The engines' (provider, model) per stage.
+    pub models: crate::catalog::Models,
 }
 
 impl std::ops::Deref for AppState {
@@ -83,6 +89,32 @@ impl Application {
         let listener = TcpListener::bind(config.listen).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on {} (ATLAS_LISTEN): {e}", config.listen)
         })?;
+        let catalog = crate::catalog::Catalog::load(config.price_catalog.as_deref())?;
+        let models = crate::catalog::Models {
+            stt: (
+                engines.stt.provider().to_owned(),
+                engines.stt.model().to_owned(),
+            ),
+            llm: (
+                engines.llm.provider().to_owned(),
+                engines.llm.model().to_owned(),
+            ),
+            tts: (
+                engines.tts.provider().to_owned(),
+                engines.tts.model().to_owned(),
+            ),
+        };
+        let prices = catalog.prices(&models);
+        if prices
+            .cost(&atlas_core::cost::Consumption::default())
+            .total
+            .is_none()
+        {
+            tracing::warn!(
+                ?models,
+                "a model is missing from the price catalog: costs are reported as unknown and budgets cannot be enforced"
+            );
+        }
         let quota = Quota::per_second(
             NonZeroU32::new(config.connect_rate_per_s).unwrap_or(NonZeroU32::MIN),
         )
@@ -90,6 +122,9 @@ impl Application {
         let state = AppState(Arc::new(Inner {
             auth: Authenticator::new(&config),
             registry: Registry::new(config.max_sessions_per_user, config.max_sessions),
+            prices,
+            catalog_version: catalog.version().to_owned(),
+            models,
             connect_limiter: RateLimiter::keyed(quota),
             metrics: metrics::install(),
             config,
@@ -297,6 +332,31 @@ async fn voice(
                 ));
             }
         },
+        // Refuse a session that could not afford even one reply today.
+        None if state.config.user_daily_budget_usd.is_some_and(|b| {
+            let one_reply = state
+                .prices
+                .reply_estimate(
+                    state.config.system_prompt.len() as u64 / 4,
+                    u64::from(state.config.llm_max_tokens),
+                )
+                .unwrap_or(0);
+            state
+                .registry
+                .spent_today(&identity.user_id)
+                .saturating_add(one_reply)
+                > atlas_core::cost::from_usd(b)
+        }) =>
+        {
+            return Err(refuse(
+                "budget_exhausted",
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ErrorCode::BudgetExhausted,
+                    "today's budget for this user is spent",
+                ),
+            ));
+        }
         None => match state.registry.admit(&identity.user_id) {
             Ok(permit) => Upgrade::New(permit),
             Err(AdmitError::TooManySessions) => {

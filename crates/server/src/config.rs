@@ -172,6 +172,8 @@ pub struct Config {
     pub budget_warn_fraction: f64,
     /// Optional per-user daily budget in dollars.
     pub user_daily_budget_usd: Option<f64>,
+    /// Price catalog file replacing the built-in one.
+    pub price_catalog: Option<std::path::PathBuf>,
     /// Smallest accepted binary frame.
     pub audio_chunk_min_bytes: usize,
     /// Largest accepted binary frame.
@@ -246,6 +248,7 @@ impl Default for Config {
             session_budget_usd: 5.0,
             budget_warn_fraction: 0.8,
             user_daily_budget_usd: None,
+            price_catalog: None,
             audio_chunk_min_bytes: 100,
             audio_chunk_max_bytes: 102_400,
             drain_timeout_s: 30,

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`config`]: layered configuration and its validation.
 //! - [`auth`]: access-token verification and credential extraction.
+//! - [`catalog`]: the price catalog.
 //! - [`engines`]: builds the provider adapters from the configuration.
 //! - [`app`]: application state, router, listener and graceful drain.
 //! - [`registry`]: per-user admission, capacity and the resume directory.
@@ -14,6 +15,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod catalog;
 pub mod config;
 pub mod engines;
 pub mod error;

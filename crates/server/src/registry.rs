@@ -31,6 +31,8 @@ pub struct ResumeEntry {
 #[derive(Default)]
 struct Inner {
     per_user: HashMap<String, u32>,
+    /// Spend per user for the current UTC day: (day number, micro-dollars).
+    spend: HashMap<String, (u64, u64)>,
     total: usize,
     detached: usize,
     resumable: HashMap<String, ResumeEntry>,
@@ -113,6 +115,34 @@ impl Registry {
         self.lock().per_user.get(user_id).copied().unwrap_or(0)
     }
 
+    /// Adds `micros` to `user_id`'s spend today.
+    pub fn add_spend(&self, user_id: &str, micros: u64) {
+        if micros == 0 {
+            return;
+        }
+        let today = utc_day();
+        let mut inner = self.lock();
+        // Forget earlier days once the map grows.
+        if inner.spend.len() > 100_000 {
+            inner.spend.retain(|_, (day, _)| *day == today);
+        }
+        let entry = inner.spend.entry(user_id.to_owned()).or_insert((today, 0));
+        if entry.0 != today {
+            *entry = (today, 0);
+        }
+        entry.1 = entry.1.saturating_add(micros);
+    }
+
+    /// What `user_id` has spent today on this instance, in micro-dollars.
+    pub fn spent_today(&self, user_id: &str) -> u64 {
+        let today = utc_day();
+        self.lock()
+            .spend
+            .get(user_id)
+            .filter(|(day, _)| *day == today)
+            .map_or(0, |(_, m)| *m)
+    }
+
     /// Makes `token` resume the session described by `entry`.
     pub fn register_resume(&self, token: &str, entry: ResumeEntry) {
         self.lock().resumable.insert(token.to_owned(), entry);
@@ -131,6 +161,12 @@ impl Registry {
     pub fn remove_resume(&self, token: &str) {
         self.lock().resumable.remove(token);
     }
+}
+
+fn utc_day() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86_400)
 }
 
 impl SessionPermit {

@@ -26,6 +26,7 @@ use tracing::{Instrument, debug, info, warn};
 use atlas_core::audio::{
     AudioClock, ChunkError, pcm_from_le_bytes, pcm_to_le_bytes, validate_chunk,
 };
+use atlas_core::cost::{Budget, BudgetState, Consumption, Cost, from_usd, to_usd};
 use atlas_core::history::{History, HistoryLimits, Role};
 use atlas_core::latency::Latency;
 use atlas_core::resample::StreamResampler;
@@ -79,6 +80,8 @@ pub enum EndReason {
     IdleTimeout,
     /// Maximum duration reached.
     MaxDuration,
+    /// The session or daily budget is spent.
+    BudgetExhausted,
     /// The access token expired without a refresh.
     TokenExpired,
     /// Dropped and not resumed within the window.
@@ -97,6 +100,7 @@ impl EndReason {
             EndReason::StartTimeout => "start_timeout",
             EndReason::IdleTimeout => "idle_timeout",
             EndReason::MaxDuration => "max_duration",
+            EndReason::BudgetExhausted => "budget_exhausted",
             EndReason::TokenExpired => "token_expired",
             EndReason::ResumeExpired => "resume_expired",
         }
@@ -383,6 +387,15 @@ struct Session {
     input_resampler: Option<StreamResampler>,
     response: Option<ActiveResponse>,
     usage: Usage,
+    /// What the session used, for costing.
+    consumption: Consumption,
+    /// Its cost so far.
+    cost: Cost,
+    /// Spend already added to the user's daily total.
+    reported_spend: u64,
+    budget: Budget,
+    /// Set when a check decides the session must end (acted on after the current step).
+    pending_end: Option<EndReason>,
     timers: SessionTimers,
     invalid_frames: u32,
     /// Frame-rate accounting: the current one-second window, frames in it, and how many
@@ -447,6 +460,14 @@ impl Session {
             input_resampler: None,
             response: None,
             usage: Usage::default(),
+            consumption: Consumption::default(),
+            cost: Cost::default(),
+            reported_spend: 0,
+            budget: Budget::new(
+                (config.session_budget_usd > 0.0).then(|| from_usd(config.session_budget_usd)),
+                config.budget_warn_fraction,
+            ),
+            pending_end: None,
             timers,
             invalid_frames: 0,
             rate_window: Instant::now(),
@@ -635,6 +656,9 @@ impl Session {
             if let Err(reason) = step {
                 return reason;
             }
+            if let Some(reason) = self.pending_end.take() {
+                return reason;
+            }
             if std::mem::take(&mut self.link_broken) {
                 warn!("client queue full; dropping the connection");
                 self.detach("slow consumer").await;
@@ -787,6 +811,14 @@ impl Session {
         let position_s = self.clock.total_seconds();
         self.clock.push(samples, std::time::Instant::now());
         self.usage.stt_seconds += samples as f64 / f64::from(self.input.sample_rate);
+        let stt_ms = (self.usage.stt_seconds * 1000.0) as u64;
+        // Recognition is billed while the user talks: re-check the budget every second.
+        if stt_ms / 1000 != self.consumption.stt_ms / 1000 {
+            self.consumption.stt_ms = stt_ms;
+            self.update_cost(0);
+        } else {
+            self.consumption.stt_ms = stt_ms;
+        }
         let forwarded = match self.input_resampler.as_mut() {
             None => pcm,
             Some(r) => {
@@ -926,6 +958,20 @@ impl Session {
             text: text.clone(),
         });
         self.history.push_user(&text);
+        // Stop before starting work that would exceed the budget.
+        let prompt_chars: usize = self.history.messages().map(|m| m.text.len()).sum::<usize>()
+            + self.state.config.system_prompt.len();
+        let estimate = self
+            .state
+            .prices
+            .reply_estimate(
+                prompt_chars as u64 / 4,
+                u64::from(self.state.config.llm_max_tokens),
+            )
+            .unwrap_or(0);
+        if self.update_cost(estimate) {
+            return;
+        }
         self.emit(ServerEvent::ResponseStarted { turn_id });
         let config = &self.state.config;
         let request = LlmRequest {
@@ -1024,6 +1070,12 @@ impl Session {
             + p.llm_usage.cache_creation_input_tokens.unwrap_or(0);
         self.usage.llm_output_tokens += p.llm_usage.output_tokens.unwrap_or(0);
         self.usage.tts_chars += p.tts_chars;
+        self.consumption.llm_input_tokens += p.llm_usage.input_tokens.unwrap_or(0);
+        self.consumption.llm_output_tokens += p.llm_usage.output_tokens.unwrap_or(0);
+        self.consumption.llm_cache_read_tokens += p.llm_usage.cache_read_input_tokens.unwrap_or(0);
+        self.consumption.llm_cache_write_tokens +=
+            p.llm_usage.cache_creation_input_tokens.unwrap_or(0);
+        self.consumption.tts_chars += p.tts_chars;
         let latency = p.timings.latency();
         for (stage, d) in [
             ("stt_final", latency.end_of_speech_to_final),
@@ -1043,7 +1095,53 @@ impl Session {
             interrupted,
             latency_ms: latency,
         });
+        self.update_cost(0);
         self.emit(ServerEvent::Usage(self.usage.clone()));
+    }
+
+    /// Recomputes the cost from the usage totals, adds the increase to the user's daily
+    /// spend, and applies the session and daily budgets to `spent + next` (the estimate of the
+    /// work about to start). Returns true when the session must end.
+    fn update_cost(&mut self, next: u64) -> bool {
+        self.cost = self.state.prices.cost(&self.consumption);
+        self.usage.cost_usd = self.cost.total.map(to_usd);
+        let Some(spent) = self.cost.total else {
+            return false; // unknown cost: budgets cannot apply (warned at start)
+        };
+        if spent > self.reported_spend {
+            self.state
+                .registry
+                .add_spend(&self.identity.user_id, spent - self.reported_spend);
+            self.reported_spend = spent;
+        }
+        let mut state = self.budget.check(spent, next);
+        if let Some(daily) = self.state.config.user_daily_budget_usd {
+            let today = self.state.registry.spent_today(&self.identity.user_id);
+            if today.saturating_add(next) > from_usd(daily) || today >= from_usd(daily) {
+                state = BudgetState::Exhausted;
+            }
+        }
+        match state {
+            BudgetState::Ok => false,
+            BudgetState::Warn => {
+                if let Some(limit) = self.budget.limit() {
+                    self.emit(ServerEvent::BudgetWarning {
+                        spent_usd: to_usd(spent),
+                        budget_usd: to_usd(limit),
+                    });
+                }
+                false
+            }
+            BudgetState::Exhausted => {
+                info!(
+                    spent_usd = to_usd(spent),
+                    next_usd = to_usd(next),
+                    "budget exhausted"
+                );
+                self.pending_end = Some(EndReason::BudgetExhausted);
+                true
+            }
+        }
     }
 
     /// Ends the session: stop the reply, close the recogniser, tell the client why, close.
@@ -1070,6 +1168,21 @@ impl Session {
                 "idle timeout",
                 Some((ErrorCode::IdleTimeout, "no activity for the idle timeout")),
             ),
+            EndReason::BudgetExhausted => {
+                self.emit(ServerEvent::SessionEnding {
+                    reason: EndingReason::Budget,
+                    seconds_left: 0,
+                });
+                self.emit(ServerEvent::Usage(self.usage.clone()));
+                (
+                    close::BUDGET_EXHAUSTED,
+                    "budget exhausted",
+                    Some((
+                        ErrorCode::BudgetExhausted,
+                        "the budget for this session is spent",
+                    )),
+                )
+            }
             EndReason::MaxDuration => (
                 close::MAX_DURATION,
                 "maximum duration reached",

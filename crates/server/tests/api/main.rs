@@ -2,6 +2,7 @@
 //! by the real client library.
 
 mod auth;
+mod budget;
 mod faults;
 mod gateway;
 mod helpers;

@@ -1,0 +1,191 @@
+//! Cost metering and budgets against the fakes and the built-in price catalog.
+
+use std::time::Duration;
+
+use atlas_client::Incoming;
+use atlas_protocol::{ErrorCode, ServerEvent, Usage};
+
+use crate::helpers::*;
+
+/// nova-3 $0.0043/min, claude-haiku-4-5 $1/$5 per MTok, tts-1 $15/MChar, in micro-dollars.
+fn expected_micros(u: &Usage) -> u64 {
+    let stt_ms = (u.stt_seconds * 1000.0) as u64;
+    let stt = (stt_ms * 4_300 + 30_000) / 60_000;
+    let llm =
+        (u.llm_input_tokens * 1_000_000 + u.llm_output_tokens * 5_000_000 + 500_000) / 1_000_000;
+    let tts = u.tts_chars * 15;
+    stt + llm + tts
+}
+
+fn usages(items: &[Incoming]) -> Vec<Usage> {
+    items
+        .iter()
+        .filter_map(|i| match event(i) {
+            Some(ServerEvent::Usage(u)) => Some(u.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn usage_events_carry_the_catalog_cost_of_what_was_used() {
+    let app = spawn_app().await;
+    let (mut conn, _) = app.start("payer", 24_000).await;
+    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
+    let mut items = collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
+    items.extend(
+        collect_until(&mut conn, Duration::from_secs(5), |i| {
+            matches!(event(i), Some(ServerEvent::Usage(_)))
+        })
+        .await,
+    );
+    let usage = usages(&items).pop().unwrap();
+    assert!(usage.llm_input_tokens > 0 && usage.llm_output_tokens > 0 && usage.tts_chars > 0);
+    let cost = usage.cost_usd.expect("every model is in the catalog");
+    let micros = (cost * 1_000_000.0).round() as u64;
+    // STT seconds in the event are rounded; allow a micro-dollar either way.
+    assert!(
+        micros.abs_diff(expected_micros(&usage)) <= 1,
+        "{micros} vs {}",
+        expected_micros(&usage)
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_model_makes_the_cost_unknown_not_zero() {
+    let app = spawn_app_with(fast_fakes(), |c| c.llm_model = "claude-unreleased".into()).await;
+    let (mut conn, _) = app.start("payer", 24_000).await;
+    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
+    let mut items = collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
+    items.extend(
+        collect_until(&mut conn, Duration::from_secs(5), |i| {
+            matches!(event(i), Some(ServerEvent::Usage(_)))
+        })
+        .await,
+    );
+    assert_eq!(usages(&items).pop().unwrap().cost_usd, None);
+}
+
+#[tokio::test]
+async fn a_tiny_budget_warns_then_ends_the_session_before_overspending() {
+    let app = spawn_app_with(fast_fakes(), |c| {
+        c.session_budget_usd = 0.008;
+        c.budget_warn_fraction = 0.25;
+        c.llm_max_tokens = 100;
+    })
+    .await;
+    let (mut conn, _) = app.start("thrifty", 24_000).await;
+    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
+    let items = collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
+    let warning = collect_until(&mut conn, Duration::from_secs(5), |i| {
+        matches!(event(i), Some(ServerEvent::BudgetWarning { .. }))
+    })
+    .await;
+    let Some(ServerEvent::BudgetWarning {
+        spent_usd,
+        budget_usd,
+    }) = warning.last().and_then(event)
+    else {
+        unreachable!()
+    };
+    assert_eq!(*budget_usd, 0.008);
+    assert!(*spent_usd >= 0.002 && *spent_usd < 0.008, "{spent_usd}");
+    assert!(
+        items
+            .iter()
+            .any(|i| matches!(event(i), Some(ServerEvent::ResponseStarted { turn_id: 1 })))
+    );
+    // The next reply would exceed the budget: the session ends before it starts.
+    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
+    let items = collect_until(&mut conn, Duration::from_secs(20), |i| {
+        matches!(i, Incoming::Closed { .. })
+    })
+    .await;
+    assert!(
+        !items
+            .iter()
+            .any(|i| matches!(event(i), Some(ServerEvent::ResponseStarted { turn_id: 2 }))),
+        "{:#?}",
+        summary(&items)
+    );
+    assert!(items.iter().any(|i| matches!(
+        event(i),
+        Some(ServerEvent::SessionEnding {
+            reason: atlas_protocol::EndingReason::Budget,
+            ..
+        })
+    )));
+    assert!(items.iter().any(|i| matches!(
+        event(i),
+        Some(ServerEvent::Error {
+            code: ErrorCode::BudgetExhausted,
+            fatal: true,
+            ..
+        })
+    )));
+    assert!(matches!(
+        items.last(),
+        Some(Incoming::Closed {
+            code: Some(4402),
+            ..
+        })
+    ));
+    let spent = usages(&items).pop().and_then(|u| u.cost_usd).unwrap();
+    assert!(spent <= 0.008, "never spends past the budget: {spent}");
+    assert_eq!(
+        app.fakes.recorded().llm_requests.len(),
+        1,
+        "no LLM work was started for turn 2"
+    );
+}
+
+#[tokio::test]
+async fn the_daily_budget_holds_across_sessions() {
+    // One reply is estimated at about $0.0066 (100 output tokens, 400 characters of speech);
+    // $0.008 a day affords the first reply (about $0.007 with the audio) but not a second.
+    let app = spawn_app_with(fast_fakes(), |c| {
+        c.user_daily_budget_usd = Some(0.008);
+        c.llm_max_tokens = 100;
+    })
+    .await;
+    let (mut conn, _) = app.start("daily", 24_000).await;
+    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
+    collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
+    // The second question in the same session would exceed the day's budget.
+    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
+    let items = collect_until(&mut conn, Duration::from_secs(20), |i| {
+        matches!(i, Incoming::Closed { .. })
+    })
+    .await;
+    assert!(
+        matches!(
+            items.last(),
+            Some(Incoming::Closed {
+                code: Some(4402),
+                ..
+            })
+        ),
+        "{:#?}",
+        summary(&items)
+    );
+    // A new session of the same user is refused before the upgrade; another user is not.
+    match atlas_client::connect(&atlas_client::ConnectOptions::new(
+        app.url(),
+        app.token("daily"),
+    ))
+    .await
+    {
+        Err(atlas_client::ClientError::Refused {
+            status: 429, code, ..
+        }) => assert_eq!(code, "budget_exhausted"),
+        other => panic!("expected a refusal: {other:?}"),
+    }
+    assert!(
+        atlas_client::connect(&atlas_client::ConnectOptions::new(
+            app.url(),
+            app.token("other")
+        ))
+        .await
+        .is_ok()
+    );
+}

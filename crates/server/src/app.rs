@@ -61,6 +61,8 @@ pub struct Inner {
     pub catalog_version: String,
     /// The engines' (provider, model) per stage.
     pub models: crate::catalog::Models,
+    /// Session records.
+    pub recorder: crate::recorder::Recorder,
 }
 
 impl std::ops::Deref for AppState {
@@ -74,6 +76,9 @@ impl std::ops::Deref for AppState {
 pub struct Application {
     listener: TcpListener,
     state: AppState,
+    /// Stops the recorder after the sessions have flushed their records.
+    recorder_stop: CancellationToken,
+    recorder_task: tokio::task::JoinHandle<()>,
 }
 
 impl Application {
@@ -115,6 +120,15 @@ impl Application {
                 "a model is missing from the price catalog: costs are reported as unknown and budgets cannot be enforced"
             );
         }
+        let recorder_stop = CancellationToken::new();
+        let (recorder, recorder_task) = crate::recorder::Recorder::start(
+            &config.database_url,
+            &config.spool_dir,
+            config.db_auto_migrate,
+            recorder_stop.clone(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("database ({}): {e}", redact_url(&config.database_url)))?;
         let quota = Quota::per_second(
             NonZeroU32::new(config.connect_rate_per_s).unwrap_or(NonZeroU32::MIN),
         )
@@ -125,6 +139,7 @@ impl Application {
             prices,
             catalog_version: catalog.version().to_owned(),
             models,
+            recorder,
             connect_limiter: RateLimiter::keyed(quota),
             metrics: metrics::install(),
             config,
@@ -132,7 +147,12 @@ impl Application {
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
         }));
-        Ok(Application { listener, state })
+        Ok(Application {
+            listener,
+            state,
+            recorder_stop,
+            recorder_task,
+        })
     }
 
     /// The bound address (port 0 resolves here).
@@ -187,6 +207,9 @@ impl Application {
                 "drain timeout reached with sessions still open"
             );
         }
+        // Sessions have submitted their final records; let the recorder write them.
+        self.recorder_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.recorder_task).await;
         info!("server stopped");
         result
     }
@@ -224,8 +247,26 @@ async fn readyz(State(state): State<AppState>) -> Response {
             "draining",
         )
         .into_response()
+    } else if !state.recorder.ready().await {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal,
+            "the database is unreachable (records are being spooled)",
+        )
+        .into_response()
     } else {
         "ready".into_response()
+    }
+}
+
+/// The URL without its password, for messages.
+fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
     }
 }
 

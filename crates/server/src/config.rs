@@ -172,6 +172,12 @@ pub struct Config {
     pub budget_warn_fraction: f64,
     /// Optional per-user daily budget in dollars.
     pub user_daily_budget_usd: Option<f64>,
+    /// Apply pending migrations at start.
+    pub db_auto_migrate: bool,
+    /// Where records wait while the database is unreachable.
+    pub spool_dir: std::path::PathBuf,
+    /// How often a running session's record is checkpointed, in seconds.
+    pub checkpoint_interval_s: u64,
     /// Price catalog file replacing the built-in one.
     pub price_catalog: Option<std::path::PathBuf>,
     /// Smallest accepted binary frame.
@@ -249,6 +255,9 @@ impl Default for Config {
             budget_warn_fraction: 0.8,
             user_daily_budget_usd: None,
             price_catalog: None,
+            db_auto_migrate: true,
+            spool_dir: "./data/spool".into(),
+            checkpoint_interval_s: 60,
             audio_chunk_min_bytes: 100,
             audio_chunk_max_bytes: 102_400,
             drain_timeout_s: 30,
@@ -429,6 +438,10 @@ impl Config {
             return fail(
                 "ATLAS_MAX_FRAMES_PER_S must be at least 10 (20 ms audio needs 50)".into(),
             );
+        }
+        atlas_store::backend_of(&self.database_url).map_err(|e| ConfigError(e.to_string()))?;
+        if self.checkpoint_interval_s == 0 {
+            return fail("ATLAS_CHECKPOINT_INTERVAL_S must be at least 1".into());
         }
         if self.max_sessions_per_user == 0 {
             return fail("ATLAS_MAX_SESSIONS_PER_USER must be at least 1".into());

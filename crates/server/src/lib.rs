@@ -8,6 +8,7 @@
 //! - [`engines`]: builds the provider adapters from the configuration.
 //! - [`app`]: application state, router, listener and graceful drain.
 //! - [`registry`]: per-user admission, capacity and the resume directory.
+//! - [`recorder`]: session records to the database, or the spool while it is down.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
 //! - [`session`]: one session — handshake, session loop (which outlives connections for
 //!   resume), replies, the outbound writer.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod engines;
 pub mod error;
 pub mod metrics;
+pub mod recorder;
 pub mod registry;
 pub mod session;
 

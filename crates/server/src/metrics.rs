@@ -91,3 +91,13 @@ pub fn stage_latency(stage: &'static str, d: Duration) {
 pub fn turn(outcome: &'static str) {
     counter!("atlas_turns_total", "outcome" => outcome).increment(1);
 }
+
+/// A session record went to the spool instead of the database.
+pub fn record_spooled() {
+    counter!("atlas_records_spooled_total").increment(1);
+}
+
+/// Spend, in micro-dollars, by stage.
+pub fn spend(stage: &'static str, micros: u64) {
+    counter!("atlas_spend_microdollars_total", "stage" => stage).increment(micros);
+}

@@ -396,6 +396,18 @@ struct Session {
     budget: Budget,
     /// Set when a check decides the session must end (acted on after the current step).
     pending_end: Option<EndReason>,
+    /// Wall-clock start, for the record.
+    started_wall: chrono::DateTime<chrono::Utc>,
+    /// Completed turns, for the record.
+    turn_records: Vec<atlas_store::TurnRecord>,
+    /// What the user said in the turn being answered.
+    current_user_text: String,
+    conversation_id: Option<String>,
+    client: Option<atlas_protocol::ClientInfo>,
+    /// Next checkpoint of the record.
+    next_checkpoint: Instant,
+    /// Spend per stage already counted in the metrics.
+    metered: [u64; 3],
     timers: SessionTimers,
     invalid_frames: u32,
     /// Frame-rate accounting: the current one-second window, frames in it, and how many
@@ -468,6 +480,13 @@ impl Session {
                 config.budget_warn_fraction,
             ),
             pending_end: None,
+            started_wall: chrono::Utc::now(),
+            turn_records: Vec::new(),
+            current_user_text: String::new(),
+            conversation_id: first.start.conversation_id.clone(),
+            client: first.start.client.clone(),
+            next_checkpoint: Instant::now() + Duration::from_secs(config.checkpoint_interval_s),
+            metered: [0; 3],
             timers,
             invalid_frames: 0,
             rate_window: Instant::now(),
@@ -652,6 +671,11 @@ impl Session {
                 event = self.stt.next() => self.on_stt(event).await,
                 turn_id = response_finished(&mut self.response) => self.on_response_finished(turn_id),
                 _ = tokio::time::sleep_until(deadline) => self.on_timers().await,
+                _ = tokio::time::sleep_until(self.next_checkpoint) => {
+                    self.state.recorder.submit(self.snapshot(None));
+                    self.next_checkpoint += Duration::from_secs(self.state.config.checkpoint_interval_s);
+                    Ok(())
+                }
             };
             if let Err(reason) = step {
                 return reason;
@@ -958,6 +982,7 @@ impl Session {
             text: text.clone(),
         });
         self.history.push_user(&text);
+        self.current_user_text = text.clone();
         // Stop before starting work that would exceed the budget.
         let prompt_chars: usize = self.history.messages().map(|m| m.text.len()).sum::<usize>()
             + self.state.config.system_prompt.len();
@@ -1089,6 +1114,20 @@ impl Session {
         }
         let latency = breakdown(latency);
         info!(turn_id, interrupted, spoken_chars = p.spoken.len(), latency_ms = ?latency, "reply done");
+        let ms = |v: Option<u64>| v.and_then(|v| i32::try_from(v).ok());
+        self.turn_records.push(atlas_store::TurnRecord {
+            session_id: self.record_id(),
+            turn_index: i32::try_from(turn_id).unwrap_or(i32::MAX),
+            user_id: self.identity.user_id.clone(),
+            user_text: std::mem::take(&mut self.current_user_text),
+            assistant_text: p.spoken.clone(),
+            interrupted,
+            eos_to_final_ms: ms(latency.end_of_speech_to_final),
+            llm_first_token_ms: ms(latency.llm_first_token),
+            tts_first_audio_ms: ms(latency.tts_first_audio),
+            to_first_audio_ms: ms(latency.to_first_audio),
+            created_at: chrono::Utc::now(),
+        });
         drop(p);
         self.emit(ServerEvent::ResponseDone {
             turn_id,
@@ -1104,6 +1143,21 @@ impl Session {
     /// work about to start). Returns true when the session must end.
     fn update_cost(&mut self, next: u64) -> bool {
         self.cost = self.state.prices.cost(&self.consumption);
+        for (i, (stage, value)) in [
+            ("stt", self.cost.stt),
+            ("llm", self.cost.llm),
+            ("tts", self.cost.tts),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if let Some(v) = value
+                && v > self.metered[i]
+            {
+                metrics::spend(stage, v - self.metered[i]);
+                self.metered[i] = v;
+            }
+        }
         self.usage.cost_usd = self.cost.total.map(to_usd);
         let Some(spent) = self.cost.total else {
             return false; // unknown cost: budgets cannot apply (warned at start)
@@ -1144,11 +1198,52 @@ impl Session {
         }
     }
 
+    fn record_id(&self) -> uuid::Uuid {
+        uuid::Uuid::parse_str(&self.id).unwrap_or_default()
+    }
+
+    /// The session's record as it stands (`ended`: the final one).
+    fn snapshot(&self, ended: Option<EndReason>) -> atlas_store::Snapshot {
+        let micros = |v: Option<u64>| v.and_then(|v| i64::try_from(v).ok());
+        let count = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let now = chrono::Utc::now();
+        let models = &self.state.models;
+        atlas_store::Snapshot {
+            session: atlas_store::SessionRecord {
+                id: self.record_id(),
+                user_id: self.identity.user_id.clone(),
+                conversation_id: self.conversation_id.clone(),
+                started_at: self.started_wall,
+                ended_at: ended.map(|_| now),
+                duration_ms: (now - self.started_wall).num_milliseconds().max(0),
+                end_reason: ended.map(|r| r.label().to_owned()),
+                turns: i32::try_from(self.turns.last_turn()).unwrap_or(i32::MAX),
+                stt_seconds: self.usage.stt_seconds,
+                llm_input_tokens: count(self.usage.llm_input_tokens),
+                llm_output_tokens: count(self.usage.llm_output_tokens),
+                tts_chars: count(self.usage.tts_chars),
+                stt_cost_micros: micros(self.cost.stt),
+                llm_cost_micros: micros(self.cost.llm),
+                tts_cost_micros: micros(self.cost.tts),
+                total_cost_micros: micros(self.cost.total),
+                stt_model: Some(models.stt.1.clone()),
+                llm_model: Some(models.llm.1.clone()),
+                tts_model: Some(models.tts.1.clone()),
+                price_catalog_version: Some(self.state.catalog_version.clone()),
+                client_name: self.client.as_ref().and_then(|c| c.name.clone()),
+                client_version: self.client.as_ref().and_then(|c| c.version.clone()),
+            },
+            turns: self.turn_records.clone(),
+        }
+    }
+
     /// Ends the session: stop the reply, close the recogniser, tell the client why, close.
     async fn finish(&mut self, reason: EndReason) {
         if self.turns.responding().is_some() {
             let _ = self.feed(Input::Cancel).await;
         }
+        self.update_cost(0);
+        self.state.recorder.submit(self.snapshot(Some(reason)));
         self.stt.close();
         self.state.registry.remove_resume(&self.resume_token);
         metrics::session_ended(reason.label());

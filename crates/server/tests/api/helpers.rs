@@ -22,6 +22,8 @@ pub struct TestApp {
     pub shutdown: CancellationToken,
     pub server: JoinHandle<std::io::Result<()>>,
     pub config: Config,
+    /// Holds the test's SQLite file and spool; removed when the test ends.
+    pub data_dir: tempfile::TempDir,
 }
 
 /// Fakes with short latencies so tests finish quickly.
@@ -56,6 +58,9 @@ pub async fn spawn_app_with(fakes: FakesConfig, tweak: impl FnOnce(&mut Config))
     config.jwt_secret = Some(SecretString::from(SECRET));
     config.provider_idle_timeout_s = 2;
     config.provider_timeout_s = 3;
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    config.database_url = format!("sqlite://{}/atlas.db", data_dir.path().display());
+    config.spool_dir = data_dir.path().join("spool");
     tweak(&mut config);
     let app = Application::build(config.clone())
         .await
@@ -69,6 +74,7 @@ pub async fn spawn_app_with(fakes: FakesConfig, tweak: impl FnOnce(&mut Config))
         shutdown,
         server,
         config,
+        data_dir,
     }
 }
 

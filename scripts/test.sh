@@ -13,6 +13,36 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# The integration tests use a real PostgreSQL (fresh database per test) on 127.0.0.1:5432
+# (override with ATLAS_TEST_POSTGRES_URL). Start the local cluster if it is not running.
+pg_up() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
+if [ -z "${ATLAS_TEST_POSTGRES_URL:-}" ] && ! pg_up; then
+  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "== installing PostgreSQL"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+      # Loopback connections without a password, as on the development machines.
+      for hba in /etc/postgresql/*/main/pg_hba.conf; do
+        sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+      done
+    else
+      echo "PostgreSQL is needed on 127.0.0.1:5432 (or set ATLAS_TEST_POSTGRES_URL)" >&2
+      exit 1
+    fi
+  fi
+  echo "== starting PostgreSQL"
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  for _ in $(seq 50); do pg_up && break; sleep 0.2; done
+fi
+if [ -z "${ATLAS_TEST_POSTGRES_URL:-}" ]; then
+  # Trust authentication for the local superuser, as the tests connect without a password.
+  if ! psql -h 127.0.0.1 -U postgres -d test -Atc 'select 1' >/dev/null 2>&1; then
+    psql -h 127.0.0.1 -U postgres -Atc 'create database test' >/dev/null 2>&1 \
+      || su postgres -c "psql -Atc 'create database test'" >/dev/null 2>&1 || true
+  fi
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

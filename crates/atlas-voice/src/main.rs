@@ -2,6 +2,7 @@
 
 mod bench;
 mod call;
+mod db;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,6 +40,8 @@ enum Command {
     Token(TokenArgs),
     /// Measure latency: sessions that speak and wait for the first reply audio.
     Loadtest(bench::LoadtestArgs),
+    /// Database migrations: new, list, status, up, diff, lint.
+    Db(db::DbArgs),
 }
 
 #[derive(Args)]
@@ -167,6 +170,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Loadtest(args) => {
             init_logging(LogFormat::Text);
             bench::run(args).await
+        }
+        Command::Db(args) => {
+            let code = db::run(args).await?;
+            std::process::exit(code);
         }
     }
 }

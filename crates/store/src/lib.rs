@@ -179,6 +179,19 @@ impl Store {
         }
     }
 
+    /// Runs one administrative statement outside a transaction (e.g. `create database`).
+    pub fn execute_admin<'a>(&'a self, sql: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            match self {
+                #[cfg(feature = "sqlite")]
+                Store::Sqlite(p) => sqlx::raw_sql(sql).execute(p).await.map(|_| ()),
+                #[cfg(feature = "postgres")]
+                Store::Postgres(p) => sqlx::raw_sql(sql).execute(p).await.map(|_| ()),
+            }
+            .map_err(StoreError::from)
+        })
+    }
+
     /// Closes the pool.
     pub async fn close(&self) {
         match self {

@@ -130,3 +130,46 @@ pub fn diff(expected: &Schema, live: &Schema) -> Vec<String> {
     }
     out
 }
+
+/// The schema `migrations` produce, built in a scratch database next to `url` (an in-memory
+/// SQLite database, or a temporary Postgres database created and dropped here, which needs
+/// the CREATEDB privilege).
+pub fn expected<'a>(
+    url: &'a str,
+    migrations: &'a [crate::migrate::Migration],
+) -> BoxFuture<'a, Result<Schema, StoreError>> {
+    Box::pin(async move {
+        match crate::backend_of(url)? {
+            crate::Backend::Sqlite => {
+                let scratch = Store::connect("sqlite::memory:").await?;
+                crate::migrate::up(&scratch, migrations, false).await?;
+                let schema = introspect(&scratch).await;
+                scratch.close().await;
+                schema
+            }
+            crate::Backend::Postgres => {
+                let admin = Store::connect(url).await?;
+                let name = format!("atlas_diff_{}", uuid::Uuid::new_v4().simple());
+                admin
+                    .execute_admin(&format!("create database {name}"))
+                    .await?;
+                let mut scratch_url = url::Url::parse(url)
+                    .map_err(|e| StoreError::Config(format!("DATABASE_URL: {e}")))?;
+                scratch_url.set_path(&format!("/{name}"));
+                let result = async {
+                    let scratch = Store::connect(scratch_url.as_str()).await?;
+                    crate::migrate::up(&scratch, migrations, false).await?;
+                    let schema = introspect(&scratch).await;
+                    scratch.close().await;
+                    schema
+                }
+                .await;
+                let _ = admin
+                    .execute_admin(&format!("drop database if exists {name} with (force)"))
+                    .await;
+                admin.close().await;
+                result
+            }
+        }
+    })
+}

@@ -23,7 +23,7 @@ pub struct TestApp {
     pub server: JoinHandle<std::io::Result<()>>,
     pub config: Config,
     /// Holds the test's SQLite file and spool; removed when the test ends.
-    pub data_dir: tempfile::TempDir,
+    pub _data_dir: tempfile::TempDir,
 }
 
 /// Fakes with short latencies so tests finish quickly.
@@ -74,7 +74,7 @@ pub async fn spawn_app_with(fakes: FakesConfig, tweak: impl FnOnce(&mut Config))
         shutdown,
         server,
         config,
-        data_dir,
+        _data_dir: data_dir,
     }
 }
 

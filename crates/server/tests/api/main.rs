@@ -9,4 +9,5 @@ mod helpers;
 mod observability;
 mod pipeline;
 mod protocol;
+mod records;
 mod timers;

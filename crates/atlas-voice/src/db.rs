@@ -1,0 +1,213 @@
+//! `atlas-voice db`: create, list, check, apply, compare and lint migrations.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use atlas_store::migrate::{self, Migration, Severity, State};
+use atlas_store::{Backend, Store, backend_of, is_local, schema};
+
+/// Arguments of `db`.
+#[derive(Args)]
+pub struct DbArgs {
+    /// Database (defaults to DATABASE_URL / the configuration).
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    database_url: Option<String>,
+    /// Project root holding `supabase/migrations` and `supabase/sqlite-migrations`.
+    #[arg(long, default_value = ".", global = true)]
+    root: PathBuf,
+    #[command(subcommand)]
+    command: DbCommand,
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Create a new migration pair (Postgres and SQLite) named NAME.
+    New {
+        /// What the migration does, e.g. add_language_column.
+        name: String,
+    },
+    /// List the migration files with their statement counts.
+    List,
+    /// Show each migration as applied, pending, changed-since-applied or missing-from-disk.
+    Status,
+    /// Apply pending migrations, each in a transaction.
+    Up {
+        /// Show what would be applied without applying it.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not ask for confirmation on a remote database.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Compare the live schema with the schema the migrations produce.
+    Diff,
+    /// Check names, header comments, idempotency and destructive statements.
+    Lint,
+}
+
+fn folder(root: &std::path::Path, backend: Backend) -> PathBuf {
+    root.join(match backend {
+        Backend::Postgres => migrate::POSTGRES_FOLDER,
+        Backend::Sqlite => migrate::SQLITE_FOLDER,
+    })
+}
+
+fn load(root: &std::path::Path, backend: Backend) -> anyhow::Result<(Vec<String>, Vec<Migration>)> {
+    Ok(migrate::load_dir(&folder(root, backend))?)
+}
+
+/// Runs a `db` subcommand; returns the process exit code.
+pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
+    let url = || -> anyhow::Result<String> {
+        match &args.database_url {
+            Some(u) => Ok(u.clone()),
+            None => Ok(atlas_server::Config::load_unvalidated(None)?.database_url),
+        }
+    };
+    match args.command {
+        DbCommand::New { name } => {
+            for p in migrate::new_migration(&args.root, &name, chrono::Utc::now())? {
+                println!("created {}", p.display());
+            }
+            Ok(0)
+        }
+        DbCommand::List => {
+            for backend in [Backend::Postgres, Backend::Sqlite] {
+                let (_, ms) = load(&args.root, backend)?;
+                println!(
+                    "{} ({} migrations in {}):",
+                    label(backend),
+                    ms.len(),
+                    folder(&args.root, backend).display()
+                );
+                for m in &ms {
+                    println!(
+                        "  {}  {:<32} {} statements",
+                        m.version,
+                        m.name,
+                        m.statements.len()
+                    );
+                }
+            }
+            Ok(0)
+        }
+        DbCommand::Lint => {
+            let mut errors = 0;
+            let mut warnings = 0;
+            for backend in [Backend::Postgres, Backend::Sqlite] {
+                let (names, ms) = load(&args.root, backend)?;
+                for issue in migrate::lint(&names, &ms) {
+                    let tag = match issue.severity {
+                        Severity::Error => {
+                            errors += 1;
+                            "error"
+                        }
+                        Severity::Warning => {
+                            warnings += 1;
+                            "warning"
+                        }
+                    };
+                    println!(
+                        "{tag}: {}/{}: {}",
+                        label(backend),
+                        issue.file,
+                        issue.message
+                    );
+                }
+            }
+            println!("{errors} errors, {warnings} warnings");
+            Ok(if errors > 0 { 1 } else { 0 })
+        }
+        DbCommand::Status => {
+            let url = url()?;
+            let backend = backend_of(&url)?;
+            let (_, ms) = load(&args.root, backend)?;
+            let store = Store::connect(&url).await?;
+            let states = migrate::status(&store, &ms).await?;
+            for s in &states {
+                println!("{}  {:<32} {}", s.version, s.name, s.state.as_str());
+            }
+            let count = |st: State| states.iter().filter(|s| s.state == st).count();
+            println!(
+                "{} applied, {} pending, {} changed since applied, {} missing from disk",
+                count(State::Applied),
+                count(State::Pending),
+                count(State::Changed),
+                count(State::MissingFromDisk)
+            );
+            Ok(
+                if count(State::Changed) + count(State::MissingFromDisk) > 0 {
+                    1
+                } else {
+                    0
+                },
+            )
+        }
+        DbCommand::Up { dry_run, yes } => {
+            let url = url()?;
+            let backend = backend_of(&url)?;
+            let (_, ms) = load(&args.root, backend)?;
+            let store = Store::connect(&url).await?;
+            let pending = migrate::up(&store, &ms, true).await?;
+            if pending.is_empty() {
+                println!("nothing to apply");
+                return Ok(0);
+            }
+            for v in &pending {
+                let m = ms.iter().find(|m| &m.version == v).expect("listed");
+                println!(
+                    "{} {}",
+                    if dry_run { "would apply" } else { "applying" },
+                    m.file_name
+                );
+            }
+            if dry_run {
+                return Ok(0);
+            }
+            if !is_local(&url) && !yes && !confirm("apply these migrations to a remote database?")?
+            {
+                println!("cancelled");
+                return Ok(1);
+            }
+            let done = migrate::up(&store, &ms, false).await?;
+            println!("applied {} migrations", done.len());
+            Ok(0)
+        }
+        DbCommand::Diff => {
+            let url = url()?;
+            let backend = backend_of(&url)?;
+            let (_, ms) = load(&args.root, backend)?;
+            let store = Store::connect(&url).await?;
+            let live = schema::introspect(&store).await?;
+            let expected = schema::expected(&url, &ms).await?;
+            let lines = schema::diff(&expected, &live);
+            if lines.is_empty() {
+                println!("the live schema matches the migrations");
+                Ok(0)
+            } else {
+                println!("differences (+ only in the database, - missing from it, ~ changed):");
+                for l in &lines {
+                    println!("  {l}");
+                }
+                Ok(1)
+            }
+        }
+    }
+}
+
+fn label(b: Backend) -> &'static str {
+    match b {
+        Backend::Postgres => "postgres",
+        Backend::Sqlite => "sqlite",
+    }
+}
+
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    print!("{question} [y/N] ");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(matches!(line.trim(), "y" | "Y" | "yes"))
+}

@@ -1,0 +1,497 @@
+//! Durable records in real SQLite and PostgreSQL databases (a fresh database per test):
+//! contents, spooling while the database is unreachable, row-level security.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::Row;
+
+use atlas_client::Incoming;
+use atlas_protocol::{ClientMessage, ServerEvent, Usage};
+use atlas_store::{SessionRecord, Snapshot, Store};
+
+use crate::helpers::*;
+
+fn admin_url() -> String {
+    std::env::var("ATLAS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh Postgres database, dropped at the end of the test.
+pub struct PgDb {
+    pub name: String,
+}
+
+impl PgDb {
+    pub async fn new() -> PgDb {
+        let name = format!("atlas_t_{}", uuid::Uuid::new_v4().simple());
+        let admin = Store::connect(&admin_url()).await.unwrap();
+        admin
+            .execute_admin(&format!("create database {name}"))
+            .await
+            .unwrap();
+        admin.close().await;
+        PgDb { name }
+    }
+
+    pub fn url(&self) -> String {
+        self.url_via(SocketAddr::from(([127, 0, 0, 1], 5432)))
+    }
+
+    pub fn url_via(&self, addr: SocketAddr) -> String {
+        let mut u = url::Url::parse(&admin_url()).unwrap();
+        u.set_port(Some(addr.port())).unwrap();
+        u.set_path(&format!("/{}", self.name));
+        u.to_string()
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(admin) = Store::connect(&admin_url()).await {
+                    let _ = admin
+                        .execute_admin(&format!("drop database if exists {name} with (force)"))
+                        .await;
+                    admin.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A TCP proxy to Postgres that can be cut (the database "goes down") and restored.
+struct Proxy {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (u, c) = (up.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !u.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                c.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Proxy { addr, up, conns }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One question, one reply, then `session.end`; returns the last usage event and session id.
+async fn one_turn_session(app: &TestApp) -> (Usage, String) {
+    let (mut conn, id) = app
+        .start("0b3a1c52-8d6e-4f61-9a4f-2f5f7d1e9c01", 24_000)
+        .await;
+    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
+    collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
+    let items = collect_until(&mut conn, Duration::from_secs(5), |i| {
+        matches!(event(i), Some(ServerEvent::Usage(_)))
+    })
+    .await;
+    let Some(ServerEvent::Usage(usage)) = items.last().and_then(event).cloned() else {
+        unreachable!()
+    };
+    conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
+    collect_until(&mut conn, Duration::from_secs(5), |i| {
+        matches!(i, Incoming::Closed { .. })
+    })
+    .await;
+    (usage, id)
+}
+
+/// Polls until `f` returns Some, for up to `secs`.
+async fn eventually<T, F, Fut>(secs: u64, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+fn assert_row_matches(row: &SessionRow, usage: &Usage) {
+    assert_eq!(row.llm_input_tokens as u64, usage.llm_input_tokens);
+    assert_eq!(row.llm_output_tokens as u64, usage.llm_output_tokens);
+    assert_eq!(row.tts_chars as u64, usage.tts_chars);
+    assert!((row.stt_seconds - usage.stt_seconds).abs() < 0.01);
+    // nova-3 $0.0043/min, claude-haiku-4-5 $1/$5 per MTok, tts-1 $15/MChar.
+    let stt = ((row.stt_seconds * 1000.0) as i64 * 4_300 + 30_000) / 60_000;
+    let llm = (row.llm_input_tokens * 1_000_000 + row.llm_output_tokens * 5_000_000 + 500_000)
+        / 1_000_000;
+    let tts = row.tts_chars * 15;
+    assert_eq!(row.stt_cost_micros, Some(stt));
+    assert_eq!(row.llm_cost_micros, Some(llm));
+    assert_eq!(row.tts_cost_micros, Some(tts));
+    assert_eq!(row.total_cost_micros, Some(stt + llm + tts));
+    assert_eq!(row.end_reason.as_deref(), Some("client_ended"));
+    assert_eq!(row.turns, 1);
+    assert_eq!(row.llm_model.as_deref(), Some("claude-haiku-4-5"));
+    assert!(row.price_catalog_version.is_some());
+}
+
+#[derive(Debug)]
+struct SessionRow {
+    stt_seconds: f64,
+    llm_input_tokens: i64,
+    llm_output_tokens: i64,
+    tts_chars: i64,
+    stt_cost_micros: Option<i64>,
+    llm_cost_micros: Option<i64>,
+    tts_cost_micros: Option<i64>,
+    total_cost_micros: Option<i64>,
+    end_reason: Option<String>,
+    turns: i64,
+    llm_model: Option<String>,
+    price_catalog_version: Option<String>,
+}
+
+const SESSION_QUERY: &str = "select stt_seconds, llm_input_tokens, llm_output_tokens, tts_chars, stt_cost_micros, \
+    llm_cost_micros, tts_cost_micros, total_cost_micros, end_reason, turns, llm_model, price_catalog_version \
+    from voice_sessions";
+
+macro_rules! session_row {
+    ($r:expr) => {
+        SessionRow {
+            stt_seconds: $r.get(0),
+            llm_input_tokens: $r.get(1),
+            llm_output_tokens: $r.get(2),
+            tts_chars: $r.get(3),
+            stt_cost_micros: $r.get(4),
+            llm_cost_micros: $r.get(5),
+            tts_cost_micros: $r.get(6),
+            total_cost_micros: $r.get(7),
+            end_reason: $r.get(8),
+            turns: i64::from($r.get::<i32, _>(9)),
+            llm_model: $r.get(10),
+            price_catalog_version: $r.get(11),
+        }
+    };
+}
+
+#[tokio::test]
+async fn sqlite_a_session_leaves_exactly_one_matching_record() {
+    let app = spawn_app().await;
+    let (usage, id) = one_turn_session(&app).await;
+    let pool = sqlx::SqlitePool::connect(&app.config.database_url)
+        .await
+        .unwrap();
+    let rows = eventually(5, || async {
+        let rows = sqlx::query(SESSION_QUERY).fetch_all(&pool).await.ok()?;
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await
+    .expect("a record");
+    assert_eq!(rows.len(), 1);
+    assert_row_matches(&session_row!(rows[0]), &usage);
+    let turn =
+        sqlx::query("select session_id, user_text, assistant_text, interrupted from voice_turns")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(turn.len(), 1);
+    assert_eq!(turn[0].get::<String, _>(0), id);
+    assert_eq!(
+        turn[0].get::<String, _>(1),
+        "What is the weather like in Paris today?"
+    );
+    assert!(turn[0].get::<String, _>(2).starts_with("Sure, you asked"));
+    assert!(!turn[0].get::<bool, _>(3));
+}
+
+#[tokio::test]
+async fn postgres_a_session_leaves_exactly_one_matching_record() {
+    let db = PgDb::new().await;
+    let url = db.url();
+    let app = spawn_app_with(fast_fakes(), move |c| c.database_url = url).await;
+    let (usage, id) = one_turn_session(&app).await;
+    let pool = sqlx::PgPool::connect(&db.url()).await.unwrap();
+    let rows = eventually(5, || async {
+        let rows = sqlx::query(SESSION_QUERY).fetch_all(&pool).await.ok()?;
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await
+    .expect("a record");
+    assert_eq!(rows.len(), 1);
+    assert_row_matches(&session_row!(rows[0]), &usage);
+    let n: i64 = sqlx::query_scalar("select count(*) from voice_turns where session_id = $1::uuid")
+        .bind(&id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn postgres_down_mid_session_spools_then_replays_exactly_once() {
+    let db = PgDb::new().await;
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 5432))).await;
+    let url = db.url_via(proxy.addr);
+    let app = spawn_app_with(fast_fakes(), move |c| c.database_url = url).await;
+    let (mut conn, _) = app
+        .start("0b3a1c52-8d6e-4f61-9a4f-2f5f7d1e9c01", 24_000)
+        .await;
+    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
+    collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
+    // The database goes away mid-session.
+    proxy.cut();
+    conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
+    collect_until(&mut conn, Duration::from_secs(5), |i| {
+        matches!(i, Incoming::Closed { .. })
+    })
+    .await;
+    let spool = app.config.spool_dir.clone();
+    let spooled = eventually(10, || {
+        let spool = spool.clone();
+        async move {
+            let n = std::fs::read_dir(&spool)
+                .ok()?
+                .filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count();
+            (n == 1).then_some(())
+        }
+    })
+    .await;
+    assert!(spooled.is_some(), "the record was spooled");
+    // The database comes back: the spool is replayed, exactly one row.
+    proxy.restore();
+    let pool = sqlx::PgPool::connect(&db.url()).await.unwrap();
+    let n = eventually(20, || async {
+        let n: i64 = sqlx::query_scalar("select count(*) from voice_sessions")
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+        (n > 0).then_some(n)
+    })
+    .await;
+    assert_eq!(n, Some(1));
+    tokio::time::sleep(Duration::from_secs(6)).await; // another replay round changes nothing
+    let n: i64 = sqlx::query_scalar("select count(*) from voice_sessions")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let turns: i64 = sqlx::query_scalar("select count(*) from voice_turns")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(turns, 1);
+    let left = std::fs::read_dir(&app.config.spool_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .count();
+    assert_eq!(left, 0, "the spool is empty again");
+    pool.close().await;
+}
+
+fn record(user: &str) -> Snapshot {
+    let now = chrono::Utc::now();
+    Snapshot {
+        session: SessionRecord {
+            id: uuid::Uuid::new_v4(),
+            user_id: user.into(),
+            conversation_id: None,
+            started_at: now,
+            ended_at: Some(now),
+            duration_ms: 1000,
+            end_reason: Some("client_ended".into()),
+            turns: 0,
+            stt_seconds: 1.0,
+            llm_input_tokens: 1,
+            llm_output_tokens: 1,
+            tts_chars: 1,
+            stt_cost_micros: Some(1),
+            llm_cost_micros: Some(1),
+            tts_cost_micros: Some(1),
+            total_cost_micros: Some(3),
+            stt_model: None,
+            llm_model: None,
+            tts_model: None,
+            price_catalog_version: None,
+            client_name: None,
+            client_version: None,
+        },
+        turns: vec![],
+    }
+}
+
+#[tokio::test]
+async fn postgres_row_level_security_isolates_users() {
+    let db = PgDb::new().await;
+    let store = Store::connect(&db.url()).await.unwrap();
+    let applied = atlas_store::migrate::up(
+        &store,
+        &atlas_store::migrate::embedded(atlas_store::Backend::Postgres),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(applied.len(), 3);
+    let a = "11111111-1111-4111-8111-111111111111";
+    let b = "22222222-2222-4222-8222-222222222222";
+    for user in [a, a, b] {
+        store.write(&record(user)).await.unwrap();
+    }
+    let pool = sqlx::PgPool::connect(&db.url()).await.unwrap();
+    let count_as = |role: &'static str, sub: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query(&format!("set local role {role}"))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            sqlx::query("select set_config('request.jwt.claims', $1, true)")
+                .bind(format!(r#"{{"sub":"{sub}","role":"{role}"}}"#))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let r: Result<i64, _> = sqlx::query_scalar("select count(*) from voice_sessions")
+                .fetch_one(&mut *tx)
+                .await;
+            r.ok()
+        }
+    };
+    assert_eq!(
+        count_as("authenticated", a).await,
+        Some(2),
+        "A reads only A's rows"
+    );
+    assert_eq!(
+        count_as("authenticated", b).await,
+        Some(1),
+        "B reads only B's rows"
+    );
+    assert_eq!(count_as("anon", a).await, None, "anon reads nothing");
+    // Only the service role writes.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("set local role authenticated")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let denied = sqlx::query("update voice_sessions set turns = 99")
+        .execute(&mut *tx)
+        .await;
+    assert!(denied.is_err(), "authenticated users cannot write");
+    drop(tx);
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("set local role service_role")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let updated = sqlx::query("update voice_sessions set turns = 5")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(
+        updated.rows_affected(),
+        3,
+        "the service role writes every row"
+    );
+    pool.close().await;
+    store.close().await;
+}
+
+#[tokio::test]
+async fn postgres_db_status_lint_and_diff_report_each_state() {
+    use atlas_store::migrate::{self, State};
+    let db = PgDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../supabase/migrations");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    let store = Store::connect(&db.url()).await.unwrap();
+    let (_, ms) = migrate::load_dir(dir.path()).unwrap();
+    migrate::up(&store, &ms, false).await.unwrap();
+    // Change one applied file, delete another, add a new one.
+    let shim = dir.path().join("20261124000001_auth_shim.sql");
+    let mut text = std::fs::read_to_string(&shim).unwrap();
+    text.push_str("\ngrant usage on schema auth to public;\n");
+    std::fs::write(&shim, text).unwrap();
+    std::fs::remove_file(dir.path().join("20261124000003_row_level_security.sql")).unwrap();
+    std::fs::write(
+        dir.path().join("20261125000000_add_notes.sql"),
+        "-- Purpose: free-text notes on sessions.\nalter table public.voice_sessions add column notes text;\n",
+    )
+    .unwrap();
+    let (names, ms) = migrate::load_dir(dir.path()).unwrap();
+    let states: Vec<(String, State)> = migrate::status(&store, &ms)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.version, s.state))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("20261124000001".into(), State::Changed),
+            ("20261124000002".into(), State::Applied),
+            ("20261124000003".into(), State::MissingFromDisk),
+            ("20261125000000".into(), State::Pending),
+        ]
+    );
+    // Lint: the new migration is not idempotent.
+    let issues = migrate::lint(&names, &ms);
+    assert!(issues.iter().any(|i| i.file.contains("add_notes") && i.message.contains("ADD COLUMN IF NOT EXISTS")), "{issues:#?}");
+    // Diff: a column added by hand shows up.
+    sqlx::raw_sql("alter table voice_sessions add column added_by_hand integer")
+        .execute(&sqlx::PgPool::connect(&db.url()).await.unwrap())
+        .await
+        .unwrap();
+    let embedded = migrate::embedded(atlas_store::Backend::Postgres);
+    let live = atlas_store::schema::introspect(&store).await.unwrap();
+    let expected = atlas_store::schema::expected(&db.url(), &embedded)
+        .await
+        .unwrap();
+    let diff = atlas_store::schema::diff(&expected, &live);
+    assert_eq!(
+        diff,
+        vec!["+ column voice_sessions.added_by_hand (integer)".to_string()]
+    );
+    store.close().await;
+}

@@ -107,6 +107,9 @@ pub struct Config {
     /// Base URL of the OpenAI-compatible chat server when it differs from `openai_url`
     /// (e.g. Ollama at `http://127.0.0.1:11434/v1`).
     pub openai_chat_url: Option<String>,
+    /// Ask OpenAI-compatible servers for usage in the stream (turn off for servers that
+    /// reject `stream_options`; usage is then estimated from the text).
+    pub openai_include_usage: bool,
     /// Speech model.
     pub stt_model: String,
     /// Language model.
@@ -219,6 +222,7 @@ impl Default for Config {
             anthropic_url: "https://api.anthropic.com".into(),
             openai_url: "https://api.openai.com/v1".into(),
             openai_chat_url: None,
+            openai_include_usage: true,
             stt_model: "nova-3".into(),
             llm_model: "claude-haiku-4-5".into(),
             tts_model: "tts-1".into(),

@@ -65,7 +65,7 @@ impl Engines {
                     .unwrap_or_else(|| config.openai_url.clone()),
                 api_key: config.openai_api_key.clone(),
                 model: config.llm_model.clone(),
-                include_usage: true,
+                include_usage: config.openai_include_usage,
                 provider: "openai",
                 http: http.clone(),
             })),

@@ -1015,7 +1015,11 @@ impl Session {
             max_tokens: config.llm_max_tokens,
             temperature: None,
         };
-        let mut progress = Progress::default();
+        let mut progress = Progress {
+            prompt_chars: request.system.len()
+                + request.messages.iter().map(|m| m.text.len()).sum::<usize>(),
+            ..Progress::default()
+        };
         progress.timings.end_of_speech = end_of_speech;
         progress.timings.end_of_turn = Some(std::time::Instant::now());
         let progress = Arc::new(Mutex::new(progress));
@@ -1088,7 +1092,16 @@ impl Session {
 
     /// Records a finished or cut reply: history, usage, `response.done`.
     fn complete(&mut self, turn_id: u64, progress: &Mutex<Progress>, interrupted: bool) {
-        let p = lock(progress);
+        let mut p = lock(progress);
+        // Servers that report no usage (some OpenAI-compatible ones) are measured instead:
+        // about four characters per token.
+        if p.llm_usage.input_tokens.is_none()
+            && p.llm_usage.output_tokens.is_none()
+            && !p.generated.is_empty()
+        {
+            p.llm_usage.input_tokens = Some(p.prompt_chars.div_ceil(4) as u64);
+            p.llm_usage.output_tokens = Some(p.generated.len().div_ceil(4) as u64);
+        }
         self.history.push_assistant(&p.spoken);
         self.usage.llm_input_tokens += p.llm_usage.input_tokens.unwrap_or(0)
             + p.llm_usage.cache_read_input_tokens.unwrap_or(0)

@@ -92,6 +92,9 @@ pub struct Progress {
     pub spoken: String,
     /// All text the model produced.
     pub generated: String,
+    /// Characters of the prompt (system + history), to estimate tokens when the provider
+    /// reports no usage.
+    pub prompt_chars: usize,
     /// Latest usage reported by the model.
     pub llm_usage: LlmUsage,
     /// Characters sent to synthesis.

@@ -189,3 +189,34 @@ async fn the_daily_budget_holds_across_sessions() {
         .is_ok()
     );
 }
+
+#[tokio::test]
+async fn a_chat_server_that_reports_no_usage_is_measured_instead() {
+    let app = spawn_app_with(fast_fakes(), |c| {
+        c.llm = atlas_server::config::LlmKind::Openai;
+        c.llm_model = "gpt-4o-mini".into();
+        c.openai_include_usage = false;
+    })
+    .await;
+    let (mut conn, _) = app.start("payer", 24_000).await;
+    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
+    let mut items = collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
+    items.extend(
+        collect_until(&mut conn, Duration::from_secs(5), |i| {
+            matches!(event(i), Some(ServerEvent::Usage(_)))
+        })
+        .await,
+    );
+    let recorded = app.fakes.recorded();
+    assert_eq!(recorded.llm_requests[0].0, atlas_fakes::Target::OpenAiChat);
+    assert!(recorded.llm_requests[0].1.get("stream_options").is_none());
+    let usage = usages(&items).pop().unwrap();
+    // The reply is about 118 characters: about 30 tokens.
+    assert!(
+        (20..=40).contains(&usage.llm_output_tokens),
+        "{}",
+        usage.llm_output_tokens
+    );
+    assert!(usage.llm_input_tokens > 10);
+    assert!(usage.cost_usd.is_some());
+}

@@ -495,3 +495,24 @@ async fn postgres_db_status_lint_and_diff_report_each_state() {
     );
     store.close().await;
 }
+
+#[tokio::test]
+async fn long_sessions_are_checkpointed_while_they_run() {
+    let app = spawn_app_with(fast_fakes(), |c| c.checkpoint_interval_s = 1).await;
+    let (_conn, id) = app
+        .start("0b3a1c52-8d6e-4f61-9a4f-2f5f7d1e9c01", 24_000)
+        .await;
+    let pool = sqlx::SqlitePool::connect(&app.config.database_url)
+        .await
+        .unwrap();
+    let row = eventually(5, || async {
+        sqlx::query("select id, ended_at from voice_sessions")
+            .fetch_optional(&pool)
+            .await
+            .ok()?
+    })
+    .await
+    .expect("a checkpoint");
+    assert_eq!(row.get::<String, _>(0), id);
+    assert_eq!(row.get::<Option<String>, _>(1), None, "still running");
+}

@@ -623,3 +623,84 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod deployment_files {
+    //! The deployment files set only variables the server knows.
+
+    use super::known_env_vars;
+
+    fn root(file: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(file);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn is_var(name: &str) -> bool {
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+    }
+
+    fn check(file: &str, names: Vec<String>) {
+        let known = known_env_vars();
+        assert!(!names.is_empty(), "{file} sets no variables?");
+        for n in names {
+            assert!(
+                known.contains(&n),
+                "{file} sets {n}, which the server does not read"
+            );
+        }
+    }
+
+    #[test]
+    fn env_example_uses_known_variables() {
+        let names = root(".env.example")
+            .lines()
+            .map(|l| l.trim_start_matches('#').trim())
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim().to_owned()))
+            .filter(|k| is_var(k))
+            .collect();
+        check(".env.example", names);
+    }
+
+    #[test]
+    fn fly_toml_uses_known_variables() {
+        let text = root("fly.toml");
+        let env = text
+            .split("[env]")
+            .nth(1)
+            .expect("an [env] section")
+            .split("\n[")
+            .next()
+            .unwrap_or("");
+        let names = env
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim().to_owned()))
+            .filter(|k| is_var(k))
+            .collect();
+        check("fly.toml", names);
+        assert!(text.contains("kill_signal = \"SIGTERM\""));
+        assert!(text.contains("path = \"/healthz\"") && text.contains("path = \"/readyz\""));
+    }
+
+    #[test]
+    fn dockerfile_uses_known_variables() {
+        let text = root("Dockerfile");
+        let env_block = text.split("\nENV ").nth(1).expect("an ENV instruction");
+        let mut names = Vec::new();
+        for line in env_block.lines() {
+            let l = line.trim().trim_end_matches('\\').trim();
+            if let Some((k, _)) = l.split_once('=') {
+                names.push(k.trim().to_owned());
+            }
+            if !line.trim_end().ends_with('\\') {
+                break;
+            }
+        }
+        check("Dockerfile", names);
+        assert!(text.contains("USER atlas"), "runs as a non-root user");
+    }
+}

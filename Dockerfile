@@ -1,0 +1,35 @@
+# syntax=docker/dockerfile:1
+# atlas-voice: multi-stage build, non-root runtime.
+# Build:  docker build -t atlas-voice .
+# Run:    docker run -p 8080:8080 --env-file .env atlas-voice
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+# Dependencies first, for layer caching.
+COPY Cargo.toml Cargo.lock ./
+COPY crates crates
+COPY supabase supabase
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p atlas-voice \
+    && cp target/release/atlas-voice /atlas-voice
+
+FROM debian:bookworm-slim AS runtime
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates tini \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --home-dir /app --create-home atlas
+WORKDIR /app
+COPY --from=build /atlas-voice /usr/local/bin/atlas-voice
+# SQLite file and the record spool live here; mount a volume to keep them.
+RUN mkdir -p /app/data && chown -R atlas:atlas /app
+USER atlas
+ENV ATLAS_LISTEN=0.0.0.0:8080 \
+    ATLAS_LOG_FORMAT=json \
+    DATABASE_URL=sqlite:///app/data/atlas-voice.db \
+    ATLAS_SPOOL_DIR=/app/data/spool
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=3s CMD ["/bin/sh", "-c", "exec 3<>/dev/tcp/127.0.0.1/8080"]
+# tini forwards SIGTERM so the server drains (session.ending + close 1001) before exiting.
+ENTRYPOINT ["/usr/bin/tini", "--", "atlas-voice"]
+CMD ["serve"]

@@ -5,8 +5,11 @@
 //!   stream of timestamped [`Incoming`] items (events, reply audio, the close).
 //! - [`stream_pcm`] sends 16-bit PCM in fixed-size chunks at real-time pace, as a microphone
 //!   would.
+//! - [`voice`]: [`voice::VoiceSession`], the resilient session: typed events, heartbeat,
+//!   reconnection with exponential backoff and resume.
 //! - [`wav`] reads and writes WAV files.
 
+pub mod voice;
 pub mod wav;
 
 use std::time::Duration;

@@ -3,6 +3,7 @@
 
 mod auth;
 mod budget;
+mod client;
 mod faults;
 mod gateway;
 mod helpers;

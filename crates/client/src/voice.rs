@@ -273,6 +273,16 @@ mod tests {
         assert_eq!(d, vec![1, 2, 4, 8, 16, 30, 30]);
     }
 
+    use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+
+    /// Accepts the handshake selecting the protocol (the signature is tungstenite's).
+    #[allow(clippy::result_large_err)]
+    fn select_protocol(_req: &Request, mut resp: Response) -> Result<Response, ErrorResponse> {
+        resp.headers_mut()
+            .insert("sec-websocket-protocol", "atlas-voice.v1".parse().unwrap());
+        Ok(resp)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn gives_up_after_five_attempts_on_the_backoff_schedule() {
         // A server that accepts one connection, then vanishes.
@@ -280,11 +290,6 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let select_protocol = |_req: &tokio_tungstenite::tungstenite::handshake::server::Request,
-                                   mut resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
-                resp.headers_mut().insert("sec-websocket-protocol", "atlas-voice.v1".parse().unwrap());
-                Ok(resp)
-            };
             let mut ws = tokio_tungstenite::accept_hdr_async(tcp, select_protocol)
                 .await
                 .unwrap();

@@ -84,6 +84,25 @@ impl HttpSettings {
             .await
     }
 
+    /// Sends the request `build` makes, retrying per this policy, until a success status;
+    /// error responses become [`ProviderError::Status`] via `parse_error`.
+    pub(crate) async fn send_with_retry(
+        &self,
+        what: &'static str,
+        build: impl Fn() -> reqwest::RequestBuilder,
+        parse_error: fn(&serde_json::Value) -> Option<(String, String)>,
+    ) -> Result<reqwest::Response, ProviderError> {
+        self.retry(what, || async {
+            let response = self.send(build()).await?;
+            if response.status().is_success() {
+                Ok(response)
+            } else {
+                Err(status_error(response, parse_error).await)
+            }
+        })
+        .await
+    }
+
     /// Sends `request` with the response deadline; maps transport failures.
     pub async fn send(
         &self,
@@ -120,7 +139,7 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
 
 /// Reads an error response into [`ProviderError::Status`], using `parse` to pull the
 /// provider's (type, message) out of its JSON body.
-pub(crate) async fn status_error(
+async fn status_error(
     response: reqwest::Response,
     parse: fn(&serde_json::Value) -> Option<(String, String)>,
 ) -> ProviderError {

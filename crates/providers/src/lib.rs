@@ -23,3 +23,37 @@ mod http;
 
 pub use error::ProviderError;
 pub use http::HttpSettings;
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Feeding documented payloads to the stream parsers.
+
+    use futures_util::StreamExt;
+
+    use crate::ProviderError;
+    use crate::llm::{LlmEvent, LlmStream};
+
+    /// The fixture file at `path` (under `tests/fixtures/`) as a byte stream cut into
+    /// `piece`-byte chunks, so parsers are tested across arbitrary chunk boundaries.
+    pub fn fixture_stream(
+        path: &str,
+        piece: usize,
+    ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, ProviderError>> + Send + 'static
+    {
+        let data = std::fs::read(format!(
+            "{}/tests/fixtures/{path}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        let chunks: Vec<Result<bytes::Bytes, ProviderError>> = data
+            .chunks(piece)
+            .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+            .collect();
+        futures_util::stream::iter(chunks)
+    }
+
+    /// Every item of a completion stream.
+    pub async fn collect(stream: LlmStream) -> Vec<Result<LlmEvent, ProviderError>> {
+        stream.collect().await
+    }
+}

@@ -11,7 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use super::{ChatRole, LlmEvent, LlmProvider, LlmRequest, LlmStream, LlmUsage};
-use crate::http::{body_with_idle_timeout, status_error};
+use crate::http::body_with_idle_timeout;
 use crate::{HttpSettings, ProviderError};
 
 /// The API version this adapter speaks.
@@ -258,22 +258,19 @@ impl LlmProvider for Anthropic {
         let body = serde_json::to_vec(&body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
         let http = &self.config.http;
         let response = http
-            .retry("anthropic.messages", || async {
-                let req = self
-                    .client
-                    .post(&self.url)
-                    .header("x-api-key", self.config.api_key.expose_secret())
-                    .header("anthropic-version", API_VERSION)
-                    .header("content-type", "application/json")
-                    .header("accept", "text/event-stream")
-                    .body(body.clone());
-                let response = http.send(req).await?;
-                if response.status().is_success() {
-                    Ok(response)
-                } else {
-                    Err(status_error(response, parse_error).await)
-                }
-            })
+            .send_with_retry(
+                "anthropic.messages",
+                || {
+                    self.client
+                        .post(&self.url)
+                        .header("x-api-key", self.config.api_key.expose_secret())
+                        .header("anthropic-version", API_VERSION)
+                        .header("content-type", "application/json")
+                        .header("accept", "text/event-stream")
+                        .body(body.clone())
+                },
+                parse_error,
+            )
             .await?;
         Ok(events_from_sse(body_with_idle_timeout(
             response,
@@ -285,27 +282,7 @@ impl LlmProvider for Anthropic {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fixture_stream(
-        path: &str,
-        piece: usize,
-    ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, ProviderError>> + Send + 'static
-    {
-        let data = std::fs::read(format!(
-            "{}/tests/fixtures/{path}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap();
-        let chunks: Vec<Result<bytes::Bytes, ProviderError>> = data
-            .chunks(piece)
-            .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
-            .collect();
-        futures_util::stream::iter(chunks)
-    }
-
-    async fn collect(stream: LlmStream) -> Vec<Result<LlmEvent, ProviderError>> {
-        stream.collect().await
-    }
+    use crate::test_support::{collect, fixture_stream};
 
     #[tokio::test]
     async fn documented_stream_in_any_chunking() {

@@ -12,7 +12,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use super::{ChatRole, LlmEvent, LlmProvider, LlmRequest, LlmStream, LlmUsage};
-use crate::http::{body_with_idle_timeout, status_error};
+use crate::http::body_with_idle_timeout;
 use crate::{HttpSettings, ProviderError};
 
 /// Settings of the OpenAI-compatible adapter.
@@ -253,23 +253,22 @@ impl LlmProvider for OpenAiChat {
         let body = serde_json::to_vec(&body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
         let http = &self.config.http;
         let response = http
-            .retry("openai.chat", || async {
-                let mut req = self
-                    .client
-                    .post(&self.url)
-                    .header("content-type", "application/json")
-                    .header("accept", "text/event-stream")
-                    .body(body.clone());
-                if let Some(key) = &self.config.api_key {
-                    req = req.bearer_auth(key.expose_secret());
-                }
-                let response = http.send(req).await?;
-                if response.status().is_success() {
-                    Ok(response)
-                } else {
-                    Err(status_error(response, parse_error).await)
-                }
-            })
+            .send_with_retry(
+                "openai.chat",
+                || {
+                    let req = self
+                        .client
+                        .post(&self.url)
+                        .header("content-type", "application/json")
+                        .header("accept", "text/event-stream")
+                        .body(body.clone());
+                    match &self.config.api_key {
+                        Some(key) => req.bearer_auth(key.expose_secret()),
+                        None => req,
+                    }
+                },
+                parse_error,
+            )
             .await?;
         Ok(events_from_sse(body_with_idle_timeout(
             response,
@@ -281,27 +280,7 @@ impl LlmProvider for OpenAiChat {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fixture_stream(
-        path: &str,
-        piece: usize,
-    ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, ProviderError>> + Send + 'static
-    {
-        let data = std::fs::read(format!(
-            "{}/tests/fixtures/{path}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap();
-        let chunks: Vec<Result<bytes::Bytes, ProviderError>> = data
-            .chunks(piece)
-            .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
-            .collect();
-        futures_util::stream::iter(chunks)
-    }
-
-    async fn collect(stream: LlmStream) -> Vec<Result<LlmEvent, ProviderError>> {
-        stream.collect().await
-    }
+    use crate::test_support::{collect, fixture_stream};
 
     fn text_of(items: &[Result<LlmEvent, ProviderError>]) -> String {
         items

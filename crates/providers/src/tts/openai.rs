@@ -6,7 +6,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
 use super::{AudioStream, TtsProvider, TtsRequest};
-use crate::http::{body_with_idle_timeout, status_error};
+use crate::http::body_with_idle_timeout;
 use crate::{HttpSettings, ProviderError};
 
 /// Sample rate of OpenAI's `pcm` format.
@@ -100,20 +100,17 @@ impl TtsProvider for OpenAiTts {
         let body = serde_json::to_vec(&body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
         let http = &self.config.http;
         let response = http
-            .retry("openai.speech", || async {
-                let req = self
-                    .client
-                    .post(&self.url)
-                    .bearer_auth(self.config.api_key.expose_secret())
-                    .header("content-type", "application/json")
-                    .body(body.clone());
-                let response = http.send(req).await?;
-                if response.status().is_success() {
-                    Ok(response)
-                } else {
-                    Err(status_error(response, parse_error).await)
-                }
-            })
+            .send_with_retry(
+                "openai.speech",
+                || {
+                    self.client
+                        .post(&self.url)
+                        .bearer_auth(self.config.api_key.expose_secret())
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                },
+                parse_error,
+            )
             .await?;
         Ok(Box::pin(body_with_idle_timeout(
             response,

@@ -43,6 +43,17 @@ if [ -z "${ATLAS_TEST_POSTGRES_URL:-}" ]; then
   fi
 fi
 
+# The web page is tested in Debian's headless Chromium driven through chromedriver.
+if ! command -v chromedriver >/dev/null 2>&1 || ! [ -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing chromium and chromium-driver"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "the browser test needs Debian's chromium and chromium-driver" >&2
+    exit 1
+  fi
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

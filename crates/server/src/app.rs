@@ -8,7 +8,7 @@ use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, Request, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
@@ -219,6 +219,9 @@ impl Application {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(index))
+        .route("/app.js", get(app_js))
+        .route("/worklet.js", get(worklet_js))
+        .route("/dev/token", axum::routing::post(dev_token))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_page))
@@ -232,11 +235,73 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn index() -> Html<&'static str> {
-    Html(
-        "<!doctype html><title>atlas-voice</title><h1>atlas-voice</h1>\
-         <p>The voice endpoint is <code>/v1/voice</code>. Try <code>atlas-voice call</code>.</p>",
+/// The web client: plain HTML and JavaScript compiled into the binary, no build step.
+async fn index() -> Response {
+    static_file(
+        "text/html; charset=utf-8",
+        include_str!("../static/index.html"),
     )
+}
+
+async fn app_js() -> Response {
+    static_file(
+        "text/javascript; charset=utf-8",
+        include_str!("../static/app.js"),
+    )
+}
+
+async fn worklet_js() -> Response {
+    static_file(
+        "text/javascript; charset=utf-8",
+        include_str!("../static/worklet.js"),
+    )
+}
+
+fn static_file(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            ("content-type", content_type),
+            ("cache-control", "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Development only: a short-lived token for a fresh user id, so the page works without
+/// an account. Refused (404) unless `ATLAS_DEV=true`.
+async fn dev_token(State(state): State<AppState>) -> Response {
+    if !state.config.dev {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::Forbidden,
+            "development tokens are disabled; sign in with Supabase",
+        )
+        .into_response();
+    }
+    let secret = state
+        .config
+        .jwt_secret
+        .clone()
+        .unwrap_or_else(|| secrecy::SecretString::from(crate::config::DEV_JWT_SECRET));
+    let user = uuid::Uuid::new_v4().to_string();
+    match crate::auth::mint_token(
+        &secret,
+        &user,
+        &state.config.jwt_audience,
+        "authenticated",
+        3600,
+    ) {
+        Ok(token) => {
+            axum::Json(serde_json::json!({ "token": token, "user_id": user })).into_response()
+        }
+        Err(_) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            "cannot mint a token",
+        )
+        .into_response(),
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -2,6 +2,7 @@
 //! by the real client library.
 
 mod auth;
+mod browser;
 mod budget;
 mod client;
 mod faults;

@@ -119,3 +119,49 @@ async fn tokens_never_reach_the_logs() {
         assert!(!logs.contains(signature), "a secret leaked into the logs");
     }
 }
+
+#[tokio::test]
+async fn the_page_is_served_and_dev_tokens_exist_only_in_dev_mode() {
+    let prod = spawn_app().await;
+    let page = reqwest::get(format!("http://{}/", prod.addr))
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("/app.js"));
+    for path in ["/app.js", "/worklet.js"] {
+        let r = reqwest::get(format!("http://{}{path}", prod.addr))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/javascript")
+        );
+    }
+    let client = reqwest::Client::new();
+    let refused = client
+        .post(format!("http://{}/dev/token", prod.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 404, "no development tokens in production");
+
+    let dev = spawn_app_with(fast_fakes(), |c| c.dev = true).await;
+    let body: serde_json::Value = client
+        .post(format!("http://{}/dev/token", dev.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = body["token"].as_str().unwrap();
+    // The token it hands out opens a session.
+    assert!(
+        atlas_client::connect(&ConnectOptions::new(dev.url(), token))
+            .await
+            .is_ok()
+    );
+}

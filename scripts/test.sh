@@ -43,6 +43,23 @@ if [ -z "${ATLAS_TEST_POSTGRES_URL:-}" ]; then
   fi
 fi
 
+# The scale-out tests use a real Redis on 127.0.0.1:6379.
+redis_up() { (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; }
+if ! redis_up; then
+  if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "== installing Redis"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    else
+      echo "Redis is needed on 127.0.0.1:6379" >&2
+      exit 1
+    fi
+  fi
+  echo "== starting Redis"
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no >/dev/null
+  for _ in $(seq 50); do redis_up && break; sleep 0.2; done
+fi
+
 # The web page is tested in Debian's headless Chromium driven through chromedriver.
 if ! command -v chromedriver >/dev/null 2>&1 || ! [ -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

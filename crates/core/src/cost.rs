@@ -144,6 +144,16 @@ impl Budget {
         self.limit
     }
 
+    /// Whether the warning was given.
+    pub fn warned(&self) -> bool {
+        self.warned
+    }
+
+    /// Records that the warning was given already (a session continued elsewhere).
+    pub fn mark_warned(&mut self) {
+        self.warned = true;
+    }
+
     /// Checks `spent` (and, before starting work, `spent + next`).
     pub fn check(&mut self, spent: Micros, next: Micros) -> BudgetState {
         let Some(limit) = self.limit else {

@@ -61,6 +61,7 @@ mod control;
 mod errors;
 mod llm;
 mod pacing;
+pub mod proxy;
 mod state;
 mod stt;
 mod tts;

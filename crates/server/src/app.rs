@@ -63,6 +63,8 @@ pub struct Inner {
     pub models: crate::catalog::Models,
     /// Session records.
     pub recorder: crate::recorder::Recorder,
+    /// Shared state across instances, when `REDIS_URL` is set.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl std::ops::Deref for AppState {
@@ -129,6 +131,17 @@ impl Application {
         )
         .await
         .map_err(|e| anyhow::anyhow!("database ({}): {e}", redact_url(&config.database_url)))?;
+        let cluster = match &config.redis_url {
+            Some(url) => Some(Arc::new(
+                crate::cluster::Cluster::connect(
+                    url,
+                    &config.redis_prefix,
+                    Duration::from_secs(config.lease_ttl_s),
+                )
+                .map_err(|e| anyhow::anyhow!("REDIS_URL: {e}"))?,
+            )),
+            None => None,
+        };
         let quota = Quota::per_second(
             NonZeroU32::new(config.connect_rate_per_s).unwrap_or(NonZeroU32::MIN),
         )
@@ -140,6 +153,7 @@ impl Application {
             catalog_version: catalog.version().to_owned(),
             models,
             recorder,
+            cluster,
             connect_limiter: RateLimiter::keyed(quota),
             metrics: metrics::install(),
             config,
@@ -424,49 +438,86 @@ async fn voice(
     });
     // Limits are decided here, before the upgrade. A resume takes no new place: the session
     // kept its own while detached, so reconnecting never resets a limit.
+    let unavailable = |e: crate::cluster::ClusterError| {
+        tracing::warn!(error = %e, "scale-out store unavailable");
+        refuse(
+            "cluster_unavailable",
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::AtCapacity,
+                "the session service is temporarily unavailable; retry shortly",
+            ),
+        )
+    };
     let kind = match resume {
         Some(token) => match state.registry.find_resume(&token, &identity.user_id) {
             Some(entry) => Upgrade::Resume(entry),
             None => {
-                return Err(refuse(
-                    "resume_failed",
-                    ApiError::new(
-                        StatusCode::NOT_FOUND,
-                        ErrorCode::ResumeFailed,
-                        "unknown or expired resume token; start a new session",
-                    ),
-                ));
+                // Perhaps the session was dropped on another instance.
+                let claimed = match &state.cluster {
+                    Some(cluster) => cluster
+                        .claim_resume(&token, &identity.user_id)
+                        .await
+                        .map_err(unavailable)?,
+                    None => None,
+                };
+                match claimed {
+                    Some(moved) => match state.registry.admit_moved(&identity.user_id) {
+                        Ok(permit) => Upgrade::Adopt(permit, Box::new(moved)),
+                        Err(_) => {
+                            return Err(refuse(
+                                "at_capacity",
+                                ApiError::new(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    ErrorCode::AtCapacity,
+                                    "the server is at capacity; retry shortly or connect elsewhere",
+                                ),
+                            ));
+                        }
+                    },
+                    None => {
+                        return Err(refuse(
+                            "resume_failed",
+                            ApiError::new(
+                                StatusCode::NOT_FOUND,
+                                ErrorCode::ResumeFailed,
+                                "unknown or expired resume token; start a new session",
+                            ),
+                        ));
+                    }
+                }
             }
         },
-        // Refuse a session that could not afford even one reply today.
-        None if state.config.user_daily_budget_usd.is_some_and(|b| {
-            let one_reply = state
-                .prices
-                .reply_estimate(
-                    state.config.system_prompt.len() as u64 / 4,
-                    u64::from(state.config.llm_max_tokens),
-                )
-                .unwrap_or(0);
-            state
-                .registry
-                .spent_today(&identity.user_id)
-                .saturating_add(one_reply)
-                > atlas_core::cost::from_usd(b)
-        }) =>
-        {
-            return Err(refuse(
-                "budget_exhausted",
-                ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    ErrorCode::BudgetExhausted,
-                    "today's budget for this user is spent",
-                ),
-            ));
-        }
-        None => match state.registry.admit(&identity.user_id) {
-            Ok(permit) => Upgrade::New(permit),
-            Err(AdmitError::TooManySessions) => {
-                return Err(refuse(
+        None => {
+            // Refuse a session that could not afford even one reply today.
+            if let Some(daily) = state.config.user_daily_budget_usd {
+                let spent = match &state.cluster {
+                    Some(cluster) => cluster
+                        .spent_today(&identity.user_id)
+                        .await
+                        .map_err(unavailable)?,
+                    None => state.registry.spent_today(&identity.user_id),
+                };
+                let one_reply = state
+                    .prices
+                    .reply_estimate(
+                        state.config.system_prompt.len() as u64 / 4,
+                        u64::from(state.config.llm_max_tokens),
+                    )
+                    .unwrap_or(0);
+                if spent.saturating_add(one_reply) > atlas_core::cost::from_usd(daily) {
+                    return Err(refuse(
+                        "budget_exhausted",
+                        ApiError::new(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            ErrorCode::BudgetExhausted,
+                            "today's budget for this user is spent",
+                        ),
+                    ));
+                }
+            }
+            let too_many = || {
+                refuse(
                     "too_many_sessions",
                     ApiError::new(
                         StatusCode::TOO_MANY_REQUESTS,
@@ -476,19 +527,39 @@ async fn voice(
                             state.config.max_sessions_per_user
                         ),
                     ),
-                ));
+                )
+            };
+            let permit = match state.registry.admit(&identity.user_id) {
+                Ok(permit) => permit,
+                Err(AdmitError::TooManySessions) => return Err(too_many()),
+                Err(AdmitError::AtCapacity) => {
+                    return Err(refuse(
+                        "at_capacity",
+                        ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            ErrorCode::AtCapacity,
+                            "the server is at capacity; retry shortly or connect elsewhere",
+                        ),
+                    ));
+                }
+            };
+            let session_id = uuid::Uuid::new_v4().to_string();
+            // Across instances, the per-user limit is decided by one atomic script.
+            if let Some(cluster) = &state.cluster {
+                let admitted = cluster
+                    .admit(
+                        &identity.user_id,
+                        &session_id,
+                        state.config.max_sessions_per_user,
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                if !admitted {
+                    return Err(too_many());
+                }
             }
-            Err(AdmitError::AtCapacity) => {
-                return Err(refuse(
-                    "at_capacity",
-                    ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        ErrorCode::AtCapacity,
-                        "the server is at capacity; retry shortly or connect elsewhere",
-                    ),
-                ));
-            }
-        },
+            Upgrade::New(permit, session_id)
+        }
     };
     let max_message = (state.config.audio_chunk_max_bytes * 4)
         .max(1024 * 1024)

@@ -72,6 +72,11 @@ pub struct Config {
     pub database_url: String,
     /// Enables scale-out mode.
     pub redis_url: Option<String>,
+    /// Prefix of every Redis key (several deployments can share one Redis).
+    pub redis_prefix: String,
+    /// Seconds a session's lease lasts without a refresh (a crashed instance's sessions
+    /// free their places after this).
+    pub lease_ttl_s: u64,
     /// HS256 secret for access tokens (Supabase "JWT secret").
     #[serde(serialize_with = "redact")]
     pub jwt_secret: Option<SecretString>,
@@ -207,6 +212,8 @@ impl Default for Config {
             dev: false,
             database_url: "sqlite://./data/atlas-voice.db".into(),
             redis_url: None,
+            redis_prefix: "atlas".into(),
+            lease_ttl_s: 15,
             jwt_secret: None,
             jwks_url: None,
             jwks_min_refetch_s: 30,
@@ -444,6 +451,9 @@ impl Config {
             );
         }
         atlas_store::backend_of(&self.database_url).map_err(|e| ConfigError(e.to_string()))?;
+        if self.lease_ttl_s < 2 {
+            return fail("ATLAS_LEASE_TTL_S must be at least 2".into());
+        }
         if self.checkpoint_interval_s == 0 {
             return fail("ATLAS_CHECKPOINT_INTERVAL_S must be at least 1".into());
         }

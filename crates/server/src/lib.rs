@@ -5,6 +5,7 @@
 //! - [`config`]: layered configuration and its validation.
 //! - [`auth`]: access-token verification and credential extraction.
 //! - [`catalog`]: the price catalog.
+//! - [`cluster`]: scale-out through Redis: leases, daily budget, resume directory.
 //! - [`engines`]: builds the provider adapters from the configuration.
 //! - [`app`]: application state, router, listener and graceful drain.
 //! - [`registry`]: per-user admission, capacity and the resume directory.
@@ -17,6 +18,7 @@
 pub mod app;
 pub mod auth;
 pub mod catalog;
+pub mod cluster;
 pub mod config;
 pub mod engines;
 pub mod error;

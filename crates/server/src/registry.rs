@@ -82,12 +82,26 @@ impl Registry {
     /// Admits a new session for `user_id`, or says why not. Check and increment happen
     /// under one lock, so concurrent attempts can never exceed the cap.
     pub fn admit(self: &Arc<Self>, user_id: &str) -> Result<SessionPermit, AdmitError> {
+        self.admit_checked(user_id, true)
+    }
+
+    /// Admits a session that already holds its user's place elsewhere in the cluster (a
+    /// resume arriving from another instance): only this instance's capacity is checked.
+    pub fn admit_moved(self: &Arc<Self>, user_id: &str) -> Result<SessionPermit, AdmitError> {
+        self.admit_checked(user_id, false)
+    }
+
+    fn admit_checked(
+        self: &Arc<Self>,
+        user_id: &str,
+        per_user: bool,
+    ) -> Result<SessionPermit, AdmitError> {
         let mut inner = self.lock();
         if inner.total >= self.max_total {
             return Err(AdmitError::AtCapacity);
         }
         let count = inner.per_user.entry(user_id.to_owned()).or_insert(0);
-        if *count >= self.max_per_user {
+        if per_user && *count >= self.max_per_user {
             return Err(AdmitError::TooManySessions);
         }
         *count += 1;
@@ -131,6 +145,14 @@ impl Registry {
             *entry = (today, 0);
         }
         entry.1 = entry.1.saturating_add(micros);
+    }
+
+    /// Sets `user_id`'s spend today to the cluster-wide total (scale-out mode).
+    pub fn set_spent_today(&self, user_id: &str, micros: u64) {
+        let today = utc_day();
+        self.lock()
+            .spend
+            .insert(user_id.to_owned(), (today, micros));
     }
 
     /// What `user_id` has spent today on this instance, in micro-dollars.

@@ -142,10 +142,12 @@ impl std::fmt::Debug for Connection {
 
 /// What an upgraded connection is for.
 pub enum Upgrade {
-    /// A new session, already admitted.
-    New(SessionPermit),
-    /// Resuming the session behind this entry.
+    /// A new session, already admitted, with its id.
+    New(SessionPermit, String),
+    /// Resuming the session behind this entry (on this instance).
     Resume(ResumeEntry),
+    /// Resuming a session that was dropped on another instance.
+    Adopt(SessionPermit, Box<crate::cluster::ResumeState>),
 }
 
 /// Serves one upgraded connection: the handshake, then either a new session (which runs
@@ -174,8 +176,11 @@ pub async fn handle_upgrade(
             }
             drop(outbound);
             let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-            if let Upgrade::New(_) = upgrade {
+            if let Upgrade::New(_, session_id) = &upgrade {
                 metrics::session_ended(reason.label());
+                if let Some(cluster) = &state.cluster {
+                    let _ = cluster.release(&identity.user_id, session_id).await;
+                }
             }
             return;
         }
@@ -188,7 +193,13 @@ pub async fn handle_upgrade(
         identity,
     };
     match upgrade {
-        Upgrade::New(permit) => run_session(state, conn, permit).await,
+        Upgrade::New(permit, session_id) => {
+            run_session(state, conn, permit, session_id, None).await
+        }
+        Upgrade::Adopt(permit, moved) => {
+            let session_id = moved.session_id.clone();
+            run_session(state, conn, permit, session_id, Some(*moved)).await
+        }
         Upgrade::Resume(entry) => {
             if let Err(mpsc::error::SendError(conn)) = entry.attach.send(conn).await {
                 let _ = conn.outbound.event(ServerEvent::error(
@@ -202,11 +213,16 @@ pub async fn handle_upgrade(
     }
 }
 
-async fn run_session(state: AppState, first: Connection, permit: SessionPermit) {
-    let session_id = uuid::Uuid::new_v4().to_string();
+async fn run_session(
+    state: AppState,
+    first: Connection,
+    permit: SessionPermit,
+    session_id: String,
+    moved: Option<crate::cluster::ResumeState>,
+) {
     let span = tracing::info_span!("session", session_id = %session_id);
     async move {
-        let mut session = Session::new(&state, session_id, first, permit);
+        let mut session = Session::new(&state, session_id, first, permit, moved);
         info!(user_id = %session.identity.user_id, "session started");
         let reason = session.run().await;
         session.finish(reason).await;
@@ -408,6 +424,8 @@ struct Session {
     next_checkpoint: Instant,
     /// Spend per stage already counted in the metrics.
     metered: [u64; 3],
+    /// Another instance took the session over (scale-out): end without a record.
+    moved: bool,
     timers: SessionTimers,
     invalid_frames: u32,
     /// Frame-rate accounting: the current one-second window, frames in it, and how many
@@ -426,7 +444,13 @@ fn expiry_instant(exp: u64) -> std::time::Instant {
 }
 
 impl Session {
-    fn new(state: &AppState, id: String, first: Connection, permit: SessionPermit) -> Self {
+    fn new(
+        state: &AppState,
+        id: String,
+        first: Connection,
+        permit: SessionPermit,
+        moved: Option<crate::cluster::ResumeState>,
+    ) -> Self {
         let config = &state.config;
         let now = std::time::Instant::now();
         let timers = SessionTimers::new(
@@ -487,6 +511,7 @@ impl Session {
             client: first.start.client.clone(),
             next_checkpoint: Instant::now() + Duration::from_secs(config.checkpoint_interval_s),
             metered: [0; 3],
+            moved: false,
             timers,
             invalid_frames: 0,
             rate_window: Instant::now(),
@@ -496,8 +521,84 @@ impl Session {
             scratch_out: Vec::new(),
             actions: Vec::new(),
         };
-        session.attach(first, false);
+        let resumed = moved.is_some();
+        if let Some(m) = moved {
+            session.restore(m);
+        }
+        if let Some(cluster) = session.state.cluster.clone() {
+            let (user, sid) = (session.identity.user_id.clone(), session.id.clone());
+            let ttl = Duration::from_secs(config.resume_window_s) + cluster.lease_ttl();
+            tokio::spawn(async move {
+                let _ = cluster.set_owner(&sid, ttl).await;
+                let _ = cluster.refresh(&user, &sid).await;
+            });
+        }
+        session.attach(first, resumed);
         session
+    }
+
+    /// Continues a session moved from another instance: conversation, usage, budget, turns.
+    fn restore(&mut self, m: crate::cluster::ResumeState) {
+        for (is_user, text) in &m.history {
+            if *is_user {
+                self.history.push_user(text);
+            } else {
+                self.history.push_assistant(text);
+            }
+        }
+        self.usage = m.usage;
+        let [stt_ms, input, output, read, write, tts] = m.consumption;
+        self.consumption = Consumption {
+            stt_ms,
+            llm_input_tokens: input,
+            llm_output_tokens: output,
+            llm_cache_read_tokens: read,
+            llm_cache_write_tokens: write,
+            tts_chars: tts,
+        };
+        self.reported_spend = m.reported_spend;
+
+        if m.budget_warned {
+            self.budget.mark_warned();
+        }
+        self.turns = Turns::new(TurnConfig::default(), m.last_turn);
+        self.turn_records = m.turn_records;
+        self.started_wall = m.started_wall;
+        self.conversation_id = m.conversation_id;
+        self.client = m.client;
+        self.cost = self.state.prices.cost(&self.consumption);
+        // The first instance counted the spend so far in its metrics.
+        self.metered = [self.cost.stt, self.cost.llm, self.cost.tts].map(|c| c.unwrap_or(0));
+    }
+
+    /// What another instance needs to continue this session.
+    fn resume_state(&self) -> crate::cluster::ResumeState {
+        let c = &self.consumption;
+        crate::cluster::ResumeState {
+            session_id: self.id.clone(),
+            user_id: self.identity.user_id.clone(),
+            started_wall: self.started_wall,
+            history: self
+                .history
+                .messages()
+                .map(|m| (m.role == Role::User, m.text.clone()))
+                .collect(),
+            usage: self.usage.clone(),
+            consumption: [
+                c.stt_ms,
+                c.llm_input_tokens,
+                c.llm_output_tokens,
+                c.llm_cache_read_tokens,
+                c.llm_cache_write_tokens,
+                c.tts_chars,
+            ],
+            reported_spend: self.reported_spend,
+            budget_warned: self.budget.warned(),
+            last_turn: self.turns.last_turn(),
+            turn_records: self.turn_records.clone(),
+            conversation_id: self.conversation_id.clone(),
+            client: self.client.clone(),
+        }
     }
 
     /// Sets up audio for a connection's `session.start` (a resume may change formats).
@@ -574,6 +675,12 @@ impl Session {
         let registry = &self.state.registry;
         if !self.resume_token.is_empty() {
             registry.remove_resume(&self.resume_token);
+            if let Some(cluster) = self.state.cluster.clone() {
+                let old = self.resume_token.clone();
+                tokio::spawn(async move {
+                    let _ = cluster.remove_resume(&old).await;
+                });
+            }
         }
         self.resume_token = new_resume_token();
         registry.register_resume(
@@ -629,6 +736,17 @@ impl Session {
         self.stt.close();
         self.timers.detached(std::time::Instant::now());
         self.permit.set_detached(true);
+        // Another instance may take the session over within the resume window.
+        if let Some(cluster) = self.state.cluster.clone() {
+            let state = self.resume_state();
+            let token = self.resume_token.clone();
+            let window = Duration::from_secs(self.state.config.resume_window_s);
+            tokio::spawn(async move {
+                if let Err(e) = cluster.publish_resume(&token, &state, window).await {
+                    warn!(error = %e, "could not publish the session for resume elsewhere");
+                }
+            });
+        }
     }
 
     /// Sends an event to the attached client, if any; a full queue marks a slow consumer.
@@ -642,6 +760,12 @@ impl Session {
 
     async fn run(&mut self) -> EndReason {
         let shutdown = self.state.shutdown.clone();
+        let cluster = self.state.cluster.clone();
+        let lease_every = cluster
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |c| c.lease_ttl() / 3);
+        let mut lease_tick = tokio::time::interval(lease_every);
+        lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = Instant::from_std(self.timers.next_deadline());
             let step = tokio::select! {
@@ -671,6 +795,7 @@ impl Session {
                 event = self.stt.next() => self.on_stt(event).await,
                 turn_id = response_finished(&mut self.response) => self.on_response_finished(turn_id),
                 _ = tokio::time::sleep_until(deadline) => self.on_timers().await,
+                _ = lease_tick.tick(), if cluster.is_some() => self.on_lease_tick().await,
                 _ = tokio::time::sleep_until(self.next_checkpoint) => {
                     self.state.recorder.submit(self.snapshot(None));
                     self.next_checkpoint += Duration::from_secs(self.state.config.checkpoint_interval_s);
@@ -688,6 +813,28 @@ impl Session {
                 self.detach("slow consumer").await;
             }
         }
+    }
+
+    /// Scale-out: refresh the lease; while detached, notice a takeover by another instance.
+    async fn on_lease_tick(&mut self) -> Result<(), EndReason> {
+        let Some(cluster) = self.state.cluster.clone() else {
+            return Ok(());
+        };
+        if self.link.is_none()
+            && let Ok(Some(owner)) = cluster.owner(&self.id).await
+            && owner != cluster.instance
+        {
+            info!("the session resumed on another instance");
+            self.moved = true;
+            return Err(EndReason::ResumeExpired);
+        }
+        let (user, sid) = (self.identity.user_id.clone(), self.id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = cluster.refresh(&user, &sid).await {
+                warn!(error = %e, "lease refresh failed");
+            }
+        });
+        Ok(())
     }
 
     async fn on_timers(&mut self) -> Result<(), EndReason> {
@@ -1176,10 +1323,25 @@ impl Session {
             return false; // unknown cost: budgets cannot apply (warned at start)
         };
         if spent > self.reported_spend {
-            self.state
-                .registry
-                .add_spend(&self.identity.user_id, spent - self.reported_spend);
+            let delta = spent - self.reported_spend;
             self.reported_spend = spent;
+            match self.state.cluster.clone() {
+                // Across instances: the total comes back from Redis into the local cache the
+                // budget check reads.
+                Some(cluster) => {
+                    let (state, user) = (self.state.clone(), self.identity.user_id.clone());
+                    tokio::spawn(async move {
+                        match cluster.add_spend(&user, delta).await {
+                            Ok(total) => state.registry.set_spent_today(&user, total),
+                            Err(e) => {
+                                warn!(error = %e, "could not record spend in the shared store");
+                                state.registry.add_spend(&user, delta);
+                            }
+                        }
+                    });
+                }
+                None => self.state.registry.add_spend(&self.identity.user_id, delta),
+            }
         }
         let mut state = self.budget.check(spent, next);
         if let Some(daily) = self.state.config.user_daily_budget_usd {
@@ -1255,8 +1417,24 @@ impl Session {
         if self.turns.responding().is_some() {
             let _ = self.feed(Input::Cancel).await;
         }
+        if self.moved {
+            // Another instance owns the session now: it writes the record and holds the lease.
+            self.state.registry.remove_resume(&self.resume_token);
+            return;
+        }
         self.update_cost(0);
         self.state.recorder.submit(self.snapshot(Some(reason)));
+        if let Some(cluster) = self.state.cluster.clone() {
+            let (user, sid, token) = (
+                self.identity.user_id.clone(),
+                self.id.clone(),
+                self.resume_token.clone(),
+            );
+            tokio::spawn(async move {
+                let _ = cluster.release(&user, &sid).await;
+                let _ = cluster.remove_resume(&token).await;
+            });
+        }
         self.stt.close();
         self.state.registry.remove_resume(&self.resume_token);
         metrics::session_ended(reason.label());

@@ -67,7 +67,7 @@ async fn the_web_page_talks_plays_the_reply_and_resumes_after_a_cut() {
     atlas_client::wav::write(&wav, &with_silence(speech("question_16k.wav"), 9.0), 16_000).unwrap();
 
     let app = spawn_app_with(fast_fakes(), |c| c.dev = true).await;
-    let proxy = Proxy::start(app.addr).await;
+    let proxy = Proxy::start(app.addr).await.unwrap();
     let port = free_port();
     let _driver = Driver(
         Command::new("chromedriver")

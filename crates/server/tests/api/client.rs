@@ -51,7 +51,7 @@ async fn a_connection_cut_mid_reply_reconnects_and_resumes_with_history() {
     let mut fakes = fast_fakes();
     fakes.tts.ms_per_char = 60;
     let app = spawn_app_with(fakes, |_| {}).await;
-    let proxy = Proxy::start(app.addr).await;
+    let proxy = Proxy::start(app.addr).await.unwrap();
     let options = ConnectOptions::new(
         format!("ws://{}/v1/voice", proxy.addr),
         app.token("roaming"),

@@ -221,7 +221,9 @@ async fn postgres_a_session_leaves_exactly_one_matching_record() {
 #[tokio::test]
 async fn postgres_down_mid_session_spools_then_replays_exactly_once() {
     let db = PgDb::new().await;
-    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 5432))).await;
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 5432)))
+        .await
+        .unwrap();
     let url = db.url_via(proxy.addr);
     let app = spawn_app_with(fast_fakes(), move |c| c.database_url = url).await;
     let (mut conn, _) = app

@@ -351,3 +351,54 @@ async fn without_redis_new_sessions_are_refused_and_live_ones_continue() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn a_draining_instance_hands_its_sessions_to_another() {
+    let fakes = Fakes::start(fast_fakes(), SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let p = prefix();
+    let a = spawn(&fakes, REDIS, &p, &[]);
+    let b = spawn(&fakes, REDIS, &p, &[]);
+    let (mut conn, started) = start(&a.url(), "mover", None).await.unwrap();
+    let ServerEvent::SessionStarted {
+        session_id,
+        resume_token,
+        ..
+    } = started
+    else {
+        unreachable!()
+    };
+    ask(&mut conn, 1).await;
+    // Deploy: A is told to stop.
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(a.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), conn.incoming.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Incoming::Closed { code, .. } => break code,
+            _ => {}
+        }
+    };
+    assert_eq!(close, Some(1001), "going away: resume elsewhere");
+    let (mut conn, resumed) = start(&b.url(), "mover", Some(&resume_token))
+        .await
+        .expect("resumed on B");
+    let ServerEvent::SessionResumed {
+        session_id: id,
+        turns,
+        ..
+    } = resumed
+    else {
+        panic!("{resumed:?}")
+    };
+    assert_eq!((id, turns), (session_id, 1));
+    ask(&mut conn, 2).await;
+}

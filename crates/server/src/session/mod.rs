@@ -1424,7 +1424,20 @@ impl Session {
         }
         self.update_cost(0);
         self.state.recorder.submit(self.snapshot(Some(reason)));
-        if let Some(cluster) = self.state.cluster.clone() {
+        // Draining with scale-out: hand the session to whichever instance the client
+        // reconnects to (its final record will replace this one), keeping its place.
+        if reason == EndReason::Draining
+            && let Some(cluster) = self.state.cluster.clone()
+        {
+            let state = self.resume_state();
+            let window = Duration::from_secs(self.state.config.resume_window_s);
+            if let Err(e) = cluster
+                .publish_resume(&self.resume_token, &state, window)
+                .await
+            {
+                warn!(error = %e, "could not hand the session over for resume elsewhere");
+            }
+        } else if let Some(cluster) = self.state.cluster.clone() {
             let (user, sid, token) = (
                 self.identity.user_id.clone(),
                 self.id.clone(),

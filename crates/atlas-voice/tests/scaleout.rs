@@ -378,13 +378,12 @@ async fn a_draining_instance_hands_its_sessions_to_another() {
         .unwrap();
     assert!(status.success());
     let close = loop {
-        match tokio::time::timeout(Duration::from_secs(10), conn.incoming.recv())
+        let item = tokio::time::timeout(Duration::from_secs(10), conn.incoming.recv())
             .await
             .unwrap()
-            .unwrap()
-        {
-            Incoming::Closed { code, .. } => break code,
-            _ => {}
+            .unwrap();
+        if let Incoming::Closed { code, .. } = item {
+            break code;
         }
     };
     assert_eq!(close, Some(1001), "going away: resume elsewhere");

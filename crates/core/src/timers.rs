@@ -90,6 +90,15 @@ impl SessionTimers {
         self.started
     }
 
+    /// Moves the start back (a session continued from another instance keeps its age, so
+    /// reconnecting never extends the maximum duration).
+    pub fn started_earlier(&mut self, by: Duration) {
+        if let Some(t) = self.started.checked_sub(by) {
+            self.started = t;
+            self.warned = self.config.max_duration <= self.config.max_duration_warning;
+        }
+    }
+
     /// The client did something (any frame except pongs).
     pub fn activity(&mut self, now: Instant) {
         self.last_activity = now;
@@ -254,6 +263,21 @@ mod tests {
         assert_eq!(t.next_deadline(), t0 + S(1800));
         assert_eq!(
             t.poll(t0 + S(1800)),
+            Some(TimerAction::End(TimerEnd::MaxDuration))
+        );
+    }
+
+    #[test]
+    fn a_moved_session_keeps_its_age() {
+        let t0 = Instant::now() + S(10_000);
+        let mut c = config();
+        c.idle_timeout = S(100_000);
+        c.heartbeat_interval = S(100_000);
+        let mut t = SessionTimers::new(c, t0, t0 + S(100_000));
+        t.started_earlier(S(1790));
+        assert_eq!(t.next_deadline(), t0 + S(10));
+        assert_eq!(
+            t.poll(t0 + S(10)),
             Some(TimerAction::End(TimerEnd::MaxDuration))
         );
     }

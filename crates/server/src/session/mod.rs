@@ -564,6 +564,10 @@ impl Session {
         self.turns = Turns::new(TurnConfig::default(), m.last_turn);
         self.turn_records = m.turn_records;
         self.started_wall = m.started_wall;
+        // The session keeps its age: moving never extends the maximum duration.
+        if let Ok(age) = (chrono::Utc::now() - m.started_wall).to_std() {
+            self.timers.started_earlier(age);
+        }
         self.conversation_id = m.conversation_id;
         self.client = m.client;
         self.cost = self.state.prices.cost(&self.consumption);

@@ -275,6 +275,12 @@ mod tests {
         c.heartbeat_interval = S(100_000);
         let mut t = SessionTimers::new(c, t0, t0 + S(100_000));
         t.started_earlier(S(1790));
+        // Already inside the warning period: the new connection is warned at once.
+        assert!(t.next_deadline() <= t0);
+        assert_eq!(
+            t.poll(t0),
+            Some(TimerAction::WarnMaxDuration { seconds_left: 10 })
+        );
         assert_eq!(t.next_deadline(), t0 + S(10));
         assert_eq!(
             t.poll(t0 + S(10)),

@@ -128,6 +128,8 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
     let mut audio = samples;
     audio.extend(std::iter::repeat_n(0i16, rate as usize * 2));
     let audio = std::sync::Arc::new(audio);
+    let server_pid = args.server_pid.or(args.spawn.then(std::process::id));
+    let cpu_before = server_pid.and_then(cpu_seconds);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.sessions {
@@ -151,7 +153,12 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
             Err(e) => all.errors.push(e.to_string()),
         }
     }
-    report(&args, &all, started.elapsed());
+    let resources = server_pid.map(|pid| ServerSample {
+        cpu_s: cpu_seconds(pid).zip(cpu_before).map(|(a, b)| a - b),
+        rss_kib: rss_kib(pid),
+        peak_rss_kib: peak_rss_kib(pid),
+    });
+    report(&args, &all, started.elapsed(), resources);
     if let Some((fakes, stop)) = _keep {
         stop.cancel();
         fakes.shutdown().await;
@@ -269,7 +276,33 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration) {
+/// The server's resource use over the run.
+struct ServerSample {
+    cpu_s: Option<f64>,
+    rss_kib: Option<u64>,
+    peak_rss_kib: Option<u64>,
+}
+
+/// User + system CPU seconds of `pid`, from /proc.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Peak resident memory of `pid` in KiB.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration, resources: Option<ServerSample>) {
     let mut v = s.voice_to_voice.clone();
     v.sort();
     let floor = Duration::from_millis(
@@ -300,6 +333,9 @@ fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration) {
             "end_of_speech_to_final_ms": {"p50": ms(percentile(&finals, 0.5)), "p99": ms(percentile(&finals, 0.99))},
             "server_reported_to_first_audio_ms_p50": server_p50,
             "elapsed_s": elapsed.as_secs_f64(),
+            "server_cpu_s": resources.as_ref().and_then(|x| x.cpu_s),
+            "server_rss_kib": resources.as_ref().and_then(|x| x.rss_kib),
+            "server_peak_rss_kib": resources.as_ref().and_then(|x| x.peak_rss_kib),
         });
         println!("{out}");
     } else {
@@ -330,6 +366,17 @@ fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration) {
             "end of speech → transcript.final: p50 {:.0} ms; server-reported to_first_audio p50 {server_p50} ms",
             ms(percentile(&finals, 0.5))
         );
+        if let Some(x) = &resources {
+            let per_session = x.rss_kib.map(|r| r / args.sessions.max(1) as u64);
+            println!(
+                "server: {:.2} CPU s ({:.2} cores over the run), rss {} KiB (peak {} KiB, {} KiB per session)",
+                x.cpu_s.unwrap_or(0.0),
+                x.cpu_s.unwrap_or(0.0) / elapsed.as_secs_f64(),
+                x.rss_kib.unwrap_or(0),
+                x.peak_rss_kib.unwrap_or(0),
+                per_session.unwrap_or(0)
+            );
+        }
         for e in s.errors.iter().take(5) {
             println!("error: {e}");
         }

@@ -56,6 +56,13 @@ pub struct LoadtestArgs {
     /// sampling memory and live sessions as it goes.
     #[arg(long)]
     soak: Option<usize>,
+    /// Idle mode: hold this many connected sessions that send no audio, and sample the
+    /// server's memory and CPU while they sit there.
+    #[arg(long)]
+    idle: Option<usize>,
+    /// How long idle sessions are held, in seconds.
+    #[arg(long, default_value_t = 10)]
+    hold_s: u64,
     /// Process id of the server, for memory samples (defaults to this process with --spawn).
     #[arg(long)]
     server_pid: Option<u32>,
@@ -114,6 +121,15 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
                 .context("--token is required without --spawn")?,
         )
     };
+    if let Some(n) = args.idle {
+        let pid = args.server_pid.or(args.spawn.then(std::process::id));
+        let result = idle(&url, &token, n, args.hold_s, pid).await;
+        if let Some((fakes, stop)) = _keep {
+            stop.cancel();
+            fakes.shutdown().await;
+        }
+        return result;
+    }
     if let Some(n) = args.soak {
         let pid = args.server_pid.or(args.spawn.then(std::process::id));
         let result = soak(&url, &token, n, pid, args.json).await;
@@ -505,4 +521,94 @@ async fn short_session(url: &str, token: &str) -> anyhow::Result<()> {
             Ok(Some(_)) => {}
         }
     }
+}
+
+async fn open_idle(url: String, token: String) -> anyhow::Result<atlas_client::Connection> {
+    let mut conn = connect(&ConnectOptions::new(url, token)).await?;
+    conn.sender
+        .send(&ClientMessage::SessionStart(SessionStart::default()))
+        .await?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), conn.incoming.recv()).await {
+            Ok(Some(Incoming::Event {
+                event: ServerEvent::SessionStarted { .. },
+                ..
+            })) => return Ok(conn),
+            Ok(Some(Incoming::Closed { code, reason, .. })) => {
+                anyhow::bail!("closed {code:?} {reason}")
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => anyhow::bail!("no session.started"),
+        }
+    }
+}
+
+async fn idle(
+    url: &str,
+    token: &str,
+    n: usize,
+    hold_s: u64,
+    pid: Option<u32>,
+) -> anyhow::Result<()> {
+    let rss_before = pid.and_then(rss_kib);
+    let began = Instant::now();
+    let mut conns = Vec::with_capacity(n);
+    let mut errors = 0usize;
+    // Open in batches so the accept queue is never flooded.
+    for batch in (0..n).collect::<Vec<_>>().chunks(250) {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in batch {
+            set.spawn(open_idle(url.to_owned(), token.to_owned()));
+        }
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok(c)) => conns.push(c),
+                Ok(Err(e)) => {
+                    errors += 1;
+                    if errors <= 3 {
+                        eprintln!("session failed: {e}");
+                    }
+                }
+                Err(e) => {
+                    errors += 1;
+                    eprintln!("task failed: {e}");
+                }
+            }
+        }
+    }
+    let opened_in = began.elapsed();
+    let cpu_before = pid.and_then(cpu_seconds);
+    let rss_open = pid.and_then(rss_kib);
+    tokio::time::sleep(Duration::from_secs(hold_s)).await;
+    let cpu_idle = pid
+        .and_then(cpu_seconds)
+        .zip(cpu_before)
+        .map(|(a, b)| a - b);
+    let rss_held = pid.and_then(rss_kib);
+    let open_now = conns.len();
+    for c in &conns {
+        let _ = c.sender.send(&ClientMessage::SessionEnd).await;
+    }
+    drop(conns);
+    println!(
+        "idle: {open_now} of {n} sessions open ({errors} failed) in {:.1} s, held {hold_s} s",
+        opened_in.as_secs_f64()
+    );
+    if let (Some(before), Some(held)) = (rss_before, rss_held) {
+        println!(
+            "server rss: {before} KiB before, {} KiB open, {held} KiB after holding: {:.1} KiB per idle session",
+            rss_open.unwrap_or(0),
+            (held.saturating_sub(before)) as f64 / open_now.max(1) as f64
+        );
+    }
+    if let Some(cpu) = cpu_idle {
+        println!(
+            "server cpu while idle: {cpu:.2} s over {hold_s} s ({:.3} cores)",
+            cpu / hold_s.max(1) as f64
+        );
+    }
+    if errors > 0 {
+        anyhow::bail!("{errors} sessions failed to open");
+    }
+    Ok(())
 }

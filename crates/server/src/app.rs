@@ -567,6 +567,11 @@ async fn voice(
     let sessions = state.sessions.clone();
     Ok(upgrade
         .protocols([SUBPROTOCOL])
+        // Small buffers: an idle session should cost kilobytes, not the 128 KiB defaults
+        // (larger frames still arrive; the read buffer grows as needed). Writing without
+        // batching keeps latency low.
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
         .max_message_size(max_message)
         .max_frame_size(max_message)
         .on_upgrade(move |socket| {

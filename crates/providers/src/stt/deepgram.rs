@@ -201,7 +201,11 @@ impl SttProvider for Deepgram {
             .parse()
             .map_err(|_| ProviderError::Connect("API key is not a valid header value".into()))?;
         request.headers_mut().insert("authorization", auth);
-        let connect = tokio_tungstenite::connect_async_with_config(request, None, true);
+        // Small buffers per connection (Deepgram's messages are small JSON); no write batching.
+        let ws_config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(16 * 1024)
+            .write_buffer_size(0);
+        let connect = tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true);
         let (socket, _response) =
             match tokio::time::timeout(self.config.connect_timeout, connect).await {
                 Err(_) => return Err(ProviderError::Timeout("Deepgram handshake")),

@@ -719,7 +719,8 @@ impl Session {
         if resumed {
             self.emit(ServerEvent::Usage(self.usage.clone()));
         }
-        self.stt.connect_now();
+        // The recogniser connection opens with the first audio frame (buffered meanwhile), so
+        // idle sessions hold no provider connection.
     }
 
     /// The connection is gone: cut the reply (recorded as cut), stop the recogniser, and wait

@@ -771,10 +771,23 @@ impl Session {
             .map_or(Duration::from_secs(3600), |c| c.lease_ttl() / 3);
         let mut lease_tick = tokio::time::interval(lease_every);
         lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The loop runs once per audio frame: its timers and the shutdown wait are created once
+        // and only reset when their deadline moves, instead of registering new ones per frame.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let timer = tokio::time::sleep_until(Instant::from_std(self.timers.next_deadline()));
+        tokio::pin!(timer);
+        let checkpoint = tokio::time::sleep_until(self.next_checkpoint);
+        tokio::pin!(checkpoint);
         loop {
+            // Only an earlier deadline needs a reset: a later one (activity postponing the idle
+            // timeout on every frame) is caught when the timer fires early and finds nothing due.
             let deadline = Instant::from_std(self.timers.next_deadline());
+            if deadline < timer.deadline() {
+                timer.as_mut().reset(deadline);
+            }
             let step = tokio::select! {
-                _ = shutdown.cancelled() => Err(EndReason::Draining),
+                _ = &mut cancelled => Err(EndReason::Draining),
                 input = link_next(&mut self.link) => match input {
                     LinkInput::Frame(Some(Ok(m))) => self.on_client(m).await,
                     LinkInput::Frame(_) => {
@@ -799,11 +812,19 @@ impl Session {
                 }
                 event = self.stt.next() => self.on_stt(event).await,
                 turn_id = response_finished(&mut self.response) => self.on_response_finished(turn_id),
-                _ = tokio::time::sleep_until(deadline) => self.on_timers().await,
+                _ = &mut timer => {
+                    let step = self.on_timers().await;
+                    // Never spin on a deadline that did not move.
+                    let next = Instant::from_std(self.timers.next_deadline())
+                        .max(Instant::now() + Duration::from_millis(10));
+                    timer.as_mut().reset(next);
+                    step
+                }
                 _ = lease_tick.tick(), if cluster.is_some() => self.on_lease_tick().await,
-                _ = tokio::time::sleep_until(self.next_checkpoint) => {
+                _ = &mut checkpoint => {
                     self.state.recorder.submit(self.snapshot(None));
                     self.next_checkpoint += Duration::from_secs(self.state.config.checkpoint_interval_s);
+                    checkpoint.as_mut().reset(self.next_checkpoint);
                     Ok(())
                 }
             };

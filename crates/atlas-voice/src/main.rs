@@ -216,6 +216,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let app = Application::build(config.clone()).await?;
     let addr = app.local_addr();
     println!("atlas-voice listening on http://{addr}  (voice endpoint ws://{addr}/v1/voice)");
+    println!("open http://{addr}/ in a browser, press Start and speak");
     if fakes.is_some() {
         let secret = dev_or_configured_secret(&config)?;
         let token = auth::mint_token(
@@ -225,7 +226,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "authenticated",
             24 * 3600,
         )?;
-        println!("development mode with provider fakes; try:");
+        println!("development mode with provider fakes; from a terminal:");
         println!(
             "  atlas-voice call --url ws://{addr}/v1/voice --token {token} --input tests/audio/question_16k.wav --output reply.wav"
         );

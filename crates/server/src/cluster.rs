@@ -48,13 +48,12 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 ";
 
+// Refreshing (re-)adds the lease: an instance refreshes only sessions it owns, including one
+// it adopted after the previous owner's lease had lapsed.
 const REFRESH: &str = r"
-if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
-  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return 1
-end
-return 0
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
 ";
 
 const CLAIM: &str = r"

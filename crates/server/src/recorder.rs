@@ -137,14 +137,17 @@ async fn run(
                     );
                 }
                 if migrated && !send(spool.is_empty()).await {
-                    let r = send(spool.replay(&store)).await;
+                    let r = send(spool.replay(&store, WRITE_TIMEOUT)).await;
                     healthy.store(r.remaining == 0, Ordering::Relaxed);
                 }
             }
             _ = shutdown.cancelled() => {
-                // Drain what is queued, then stop.
+                // Shutting down: queued records go to the local spool (fast and durable) and
+                // reach the database on the next start.
                 while let Ok(snap) = rx.try_recv() {
-                    send(write_or_spool(&store, &spool, &healthy, migrated, snap)).await;
+                    if let Err(e) = send(spool.put(&snap)).await {
+                        tracing::error!(error = %e, "record could not be spooled");
+                    }
                 }
                 break;
             }
@@ -165,7 +168,11 @@ async fn write_or_spool(
             Ok(Ok(()))
         );
     healthy.store(written, Ordering::Relaxed);
-    if !written {
+    if written {
+        // An older snapshot of this session may be waiting in the spool: it must not be
+        // replayed over the newer one.
+        send(spool.remove(snap.session.id)).await;
+    } else {
         tracing::warn!(session_id = %snap.session.id, "database unavailable; record spooled");
         crate::metrics::record_spooled();
         if let Err(e) = send(spool.put(&snap)).await {

@@ -54,6 +54,12 @@ impl Spool {
         Ok(())
     }
 
+    /// Removes a session's spooled snapshot (a newer one reached the database directly, so
+    /// the spooled one must never be replayed over it).
+    pub async fn remove(&self, session_id: uuid::Uuid) {
+        let _ = tokio::fs::remove_file(self.dir.join(format!("{session_id}.json"))).await;
+    }
+
     /// Spooled records waiting.
     pub async fn len(&self) -> usize {
         self.files().await.len()
@@ -85,7 +91,7 @@ impl Spool {
 
     /// Writes every spooled record to `store`, removing each once written. A file that cannot
     /// be parsed is moved aside (`.bad`) rather than retried forever.
-    pub async fn replay(&self, store: &Store) -> Replay {
+    pub async fn replay(&self, store: &Store, write_timeout: std::time::Duration) -> Replay {
         let mut result = Replay::default();
         for path in self.files().await {
             let snap = match tokio::fs::read(&path)
@@ -100,14 +106,16 @@ impl Spool {
                     continue;
                 }
             };
-            match store.write(&snap).await {
-                Ok(()) => {
+            match tokio::time::timeout(write_timeout, store.write(&snap)).await {
+                Ok(Ok(())) => {
                     let _ = tokio::fs::remove_file(&path).await;
                     result.written += 1;
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, "spool replay deferred");
+                _ => {
+                    // The database is still unavailable: try the rest next time.
+                    tracing::debug!("spool replay deferred");
                     result.remaining += 1;
+                    break;
                 }
             }
         }

@@ -440,7 +440,7 @@ struct Session {
 }
 
 fn expiry_instant(exp: u64) -> std::time::Instant {
-    std::time::Instant::now() + Duration::from_secs(seconds_until(exp))
+    Instant::now().into_std() + Duration::from_secs(seconds_until(exp))
 }
 
 impl Session {
@@ -452,7 +452,7 @@ impl Session {
         moved: Option<crate::cluster::ResumeState>,
     ) -> Self {
         let config = &state.config;
-        let now = std::time::Instant::now();
+        let now = Instant::now().into_std();
         let timers = SessionTimers::new(
             TimerConfig {
                 heartbeat_interval: Duration::from_secs(config.heartbeat_interval_s),
@@ -673,7 +673,7 @@ impl Session {
             writer: conn.writer,
         });
         self.link_broken = false;
-        self.timers.attached(std::time::Instant::now());
+        self.timers.attached(Instant::now().into_std());
         self.permit.set_detached(false);
         // A fresh resume token for every connection: an old token is useless once used.
         let registry = &self.state.registry;
@@ -739,7 +739,7 @@ impl Session {
             debug!(turn_id, "reply cut by the disconnect");
         }
         self.stt.close();
-        self.timers.detached(std::time::Instant::now());
+        self.timers.detached(Instant::now().into_std());
         self.permit.set_detached(true);
         // Another instance may take the session over within the resume window.
         if let Some(cluster) = self.state.cluster.clone() {
@@ -823,7 +823,7 @@ impl Session {
                 _ = lease_tick.tick(), if cluster.is_some() => self.on_lease_tick().await,
                 _ = &mut checkpoint => {
                     self.state.recorder.submit(self.snapshot(None));
-                    self.next_checkpoint += Duration::from_secs(self.state.config.checkpoint_interval_s);
+                    self.next_checkpoint = Instant::now() + Duration::from_secs(self.state.config.checkpoint_interval_s);
                     checkpoint.as_mut().reset(self.next_checkpoint);
                     Ok(())
                 }
@@ -864,7 +864,7 @@ impl Session {
     }
 
     async fn on_timers(&mut self) -> Result<(), EndReason> {
-        while let Some(action) = self.timers.poll(std::time::Instant::now()) {
+        while let Some(action) = self.timers.poll(Instant::now().into_std()) {
             match action {
                 TimerAction::Ping => {
                     if let Some(link) = &self.link
@@ -895,7 +895,7 @@ impl Session {
     }
 
     async fn on_client(&mut self, msg: Message) -> Result<(), EndReason> {
-        let now = std::time::Instant::now();
+        let now = Instant::now().into_std();
         if let Message::Pong(_) = msg {
             self.timers.pong();
             return Ok(());
@@ -1006,7 +1006,7 @@ impl Session {
         metrics::AUDIO.bytes_in.increment(pcm.len() as u64);
         let samples = pcm.len() / 2;
         let position_s = self.clock.total_seconds();
-        self.clock.push(samples, std::time::Instant::now());
+        self.clock.push(samples, Instant::now().into_std());
         self.usage.stt_seconds += samples as f64 / f64::from(self.input.sample_rate);
         let stt_ms = (self.usage.stt_seconds * 1000.0) as u64;
         // Recognition is billed while the user talks: re-check the budget every second.
@@ -1194,7 +1194,7 @@ impl Session {
             ..Progress::default()
         };
         progress.timings.end_of_speech = end_of_speech;
-        progress.timings.end_of_turn = Some(std::time::Instant::now());
+        progress.timings.end_of_turn = Some(Instant::now().into_std());
         let progress = Arc::new(Mutex::new(progress));
         let Some(link) = &self.link else {
             return;
@@ -1268,12 +1268,19 @@ impl Session {
         let mut p = lock(progress);
         // Servers that report no usage (some OpenAI-compatible ones) are measured instead:
         // about four characters per token.
-        if p.llm_usage.input_tokens.is_none()
-            && p.llm_usage.output_tokens.is_none()
-            && !p.generated.is_empty()
-        {
-            p.llm_usage.input_tokens = Some(p.prompt_chars.div_ceil(4) as u64);
-            p.llm_usage.output_tokens = Some(p.generated.len().div_ceil(4) as u64);
+        // Usage the provider did not (finally) report is measured from the text, about four
+        // characters a token: servers that report nothing, and replies cut before the final
+        // report (Anthropic sends the output count at the end of the stream).
+        if !p.generated.is_empty() {
+            let generated = p.generated.len().div_ceil(4) as u64;
+            let output = p.llm_usage.output_tokens;
+            p.llm_usage.output_tokens = match (output, p.llm_done) {
+                (Some(reported), true) => Some(reported),
+                (reported, _) => Some(reported.unwrap_or(0).max(generated)),
+            };
+            if p.llm_usage.input_tokens.is_none() {
+                p.llm_usage.input_tokens = Some(p.prompt_chars.div_ceil(4) as u64);
+            }
         }
         self.history.push_assistant(&p.spoken);
         self.usage.llm_input_tokens += p.llm_usage.input_tokens.unwrap_or(0)
@@ -1442,6 +1449,14 @@ impl Session {
     async fn finish(&mut self, reason: EndReason) {
         if self.turns.responding().is_some() {
             let _ = self.feed(Input::Cancel).await;
+        }
+        // A takeover may have happened after the last ownership check.
+        if !self.moved
+            && let Some(cluster) = self.state.cluster.clone()
+            && let Ok(Some(owner)) = cluster.owner(&self.id).await
+            && owner != cluster.instance
+        {
+            self.moved = true;
         }
         if self.moved {
             // Another instance owns the session now: it writes the record and holds the lease.

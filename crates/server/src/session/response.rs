@@ -95,6 +95,8 @@ pub struct Progress {
     /// Characters of the prompt (system + history), to estimate tokens when the provider
     /// reports no usage.
     pub prompt_chars: usize,
+    /// The model finished its stream (so its usage report is final).
+    pub llm_done: bool,
     /// Latest usage reported by the model.
     pub llm_usage: LlmUsage,
     /// Characters sent to synthesis.
@@ -175,7 +177,10 @@ async fn read_llm(
                 }
             }
             Ok(LlmEvent::Usage(u)) => lock(progress).llm_usage = u,
-            Ok(LlmEvent::Done { .. }) => break,
+            Ok(LlmEvent::Done { .. }) => {
+                lock(progress).llm_done = true;
+                break;
+            }
             Err(e) => return Err(Failure::provider(ErrorCode::LlmFailed, &e)),
         }
     }

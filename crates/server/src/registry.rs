@@ -33,6 +33,8 @@ struct Inner {
     per_user: HashMap<String, u32>,
     /// Spend per user for the current UTC day: (day number, micro-dollars).
     spend: HashMap<String, (u64, u64)>,
+    /// The day the spend map was last pruned of earlier days.
+    spend_day: u64,
     total: usize,
     detached: usize,
     resumable: HashMap<String, ResumeEntry>,
@@ -136,10 +138,7 @@ impl Registry {
         }
         let today = utc_day();
         let mut inner = self.lock();
-        // Forget earlier days once the map grows.
-        if inner.spend.len() > 100_000 {
-            inner.spend.retain(|_, (day, _)| *day == today);
-        }
+        prune_spend(&mut inner, today);
         let entry = inner.spend.entry(user_id.to_owned()).or_insert((today, 0));
         if entry.0 != today {
             *entry = (today, 0);
@@ -150,9 +149,9 @@ impl Registry {
     /// Sets `user_id`'s spend today to the cluster-wide total (scale-out mode).
     pub fn set_spent_today(&self, user_id: &str, micros: u64) {
         let today = utc_day();
-        self.lock()
-            .spend
-            .insert(user_id.to_owned(), (today, micros));
+        let mut inner = self.lock();
+        prune_spend(&mut inner, today);
+        inner.spend.insert(user_id.to_owned(), (today, micros));
     }
 
     /// What `user_id` has spent today on this instance, in micro-dollars.
@@ -182,6 +181,14 @@ impl Registry {
     /// Forgets `token`.
     pub fn remove_resume(&self, token: &str) {
         self.lock().resumable.remove(token);
+    }
+}
+
+/// Forgets earlier days' spend once per day.
+fn prune_spend(inner: &mut Inner, today: u64) {
+    if inner.spend_day != today {
+        inner.spend.retain(|_, (day, _)| *day == today);
+        inner.spend_day = today;
     }
 }
 

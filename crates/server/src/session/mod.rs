@@ -1168,6 +1168,20 @@ impl Session {
             )
             .unwrap_or(0);
         if self.update_cost(estimate) {
+            // The turn was heard but not answered: keep it in the record.
+            self.turn_records.push(atlas_store::TurnRecord {
+                session_id: self.record_id(),
+                turn_index: i32::try_from(turn_id).unwrap_or(i32::MAX),
+                user_id: self.identity.user_id.clone(),
+                user_text: std::mem::take(&mut self.current_user_text),
+                assistant_text: String::new(),
+                interrupted: true,
+                eos_to_final_ms: None,
+                llm_first_token_ms: None,
+                tts_first_audio_ms: None,
+                to_first_audio_ms: None,
+                created_at: chrono::Utc::now(),
+            });
             return;
         }
         self.emit(ServerEvent::ResponseStarted { turn_id });
@@ -1447,6 +1461,19 @@ impl Session {
 
     /// Ends the session: stop the reply, close the recogniser, tell the client why, close.
     async fn finish(&mut self, reason: EndReason) {
+        // No resume can reach this session any more; one already on its way is told so.
+        self.state.registry.remove_resume(&self.resume_token);
+        self.attach_rx.close();
+        while let Ok(conn) = self.attach_rx.try_recv() {
+            tokio::spawn(async move {
+                let _ = conn.outbound.event(ServerEvent::error(
+                    ErrorCode::ResumeFailed,
+                    "the session has ended; start a new one",
+                    true,
+                ));
+                conn.outbound.close(close::NORMAL, "session ended").await;
+            });
+        }
         if self.turns.responding().is_some() {
             let _ = self.feed(Input::Cancel).await;
         }

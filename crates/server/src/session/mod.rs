@@ -440,7 +440,9 @@ struct Session {
 }
 
 fn expiry_instant(exp: u64) -> std::time::Instant {
-    Instant::now().into_std() + Duration::from_secs(seconds_until(exp))
+    // Clamped so that an absurd `exp` can never overflow the clock arithmetic.
+    let secs = seconds_until(exp).min(10 * 365 * 86_400);
+    Instant::now().into_std() + Duration::from_secs(secs)
 }
 
 impl Session {

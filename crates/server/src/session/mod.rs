@@ -426,6 +426,9 @@ struct Session {
     metered: [u64; 3],
     /// Another instance took the session over (scale-out): end without a record.
     moved: bool,
+    /// The publication of this session's resume state (scale-out), which a later cleanup of
+    /// the same token must wait for.
+    resume_publish: Option<JoinHandle<()>>,
     timers: SessionTimers,
     invalid_frames: u32,
     /// Frame-rate accounting: the current one-second window, frames in it, and how many
@@ -514,6 +517,7 @@ impl Session {
             next_checkpoint: Instant::now() + Duration::from_secs(config.checkpoint_interval_s),
             metered: [0; 3],
             moved: false,
+            resume_publish: None,
             timers,
             invalid_frames: 0,
             rate_window: Instant::now(),
@@ -683,7 +687,12 @@ impl Session {
             registry.remove_resume(&self.resume_token);
             if let Some(cluster) = self.state.cluster.clone() {
                 let old = self.resume_token.clone();
+                // The delete must not overtake the publication of the same token.
+                let published = self.resume_publish.take();
                 tokio::spawn(async move {
+                    if let Some(p) = published {
+                        let _ = p.await;
+                    }
                     let _ = cluster.remove_resume(&old).await;
                 });
             }
@@ -748,11 +757,11 @@ impl Session {
             let state = self.resume_state();
             let token = self.resume_token.clone();
             let window = Duration::from_secs(self.state.config.resume_window_s);
-            tokio::spawn(async move {
+            self.resume_publish = Some(tokio::spawn(async move {
                 if let Err(e) = cluster.publish_resume(&token, &state, window).await {
                     warn!(error = %e, "could not publish the session for resume elsewhere");
                 }
-            });
+            }));
         }
     }
 

@@ -3,6 +3,7 @@
 mod bench;
 mod call;
 mod db;
+mod models;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,6 +43,8 @@ enum Command {
     Loadtest(bench::LoadtestArgs),
     /// Database migrations: new, list, status, up, diff, lint.
     Db(db::DbArgs),
+    /// Local engines' models: fetch, verify, list.
+    Models(models::ModelsArgs),
 }
 
 #[derive(Args)]
@@ -173,6 +176,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Db(args) => {
             let code = db::run(args).await?;
+            std::process::exit(code);
+        }
+        Command::Models(args) => {
+            let code = tokio::task::spawn_blocking(move || models::run(args)).await??;
             std::process::exit(code);
         }
     }

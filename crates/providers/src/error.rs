@@ -35,6 +35,9 @@ pub enum ProviderError {
     /// The provider sent something this adapter does not understand.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A local engine's queue is full; the request was not started.
+    #[error("engine busy: {0}")]
+    Busy(String),
 }
 
 impl ProviderError {
@@ -52,6 +55,11 @@ impl ProviderError {
             }
             _ => false,
         }
+    }
+
+    /// Whether a local engine turned the request away because its queue is full.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, ProviderError::Busy(_))
     }
 
     /// The provider's `retry-after`, if it gave one.
@@ -79,6 +87,7 @@ impl ProviderError {
             ProviderError::Stream { .. } => "stream_error",
             ProviderError::Closed(_) => "closed",
             ProviderError::Protocol(_) => "protocol",
+            ProviderError::Busy(_) => "busy",
         }
     }
 }

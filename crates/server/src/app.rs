@@ -86,7 +86,7 @@ pub struct Application {
 impl Application {
     /// Builds the adapters from `config` and binds the listener.
     pub async fn build(config: Config) -> anyhow::Result<Application> {
-        let engines = Engines::from_config(&config)?;
+        let engines = Engines::from_config(&config).await?;
         Self::build_with(config, engines).await
     }
 

@@ -131,6 +131,24 @@ pub struct Config {
     pub stt_utterance_end_ms: u32,
     /// System prompt (server configuration, never client input).
     pub system_prompt: String,
+    /// Where `atlas-voice models fetch` put the local models.
+    pub models_dir: std::path::PathBuf,
+    /// Directory holding the engine worker binaries; next to the server binary when unset.
+    pub engine_dir: Option<std::path::PathBuf>,
+    /// Local speech model: `whisper-tiny.en` (default) or `whisper-base`.
+    pub local_stt_model: String,
+    /// System prompt for the local language model, which follows a short one best.
+    pub local_system_prompt: String,
+    /// Reply length cap for the local language model, in tokens.
+    pub local_max_tokens: u32,
+    /// Sentences after which the local language model stops.
+    pub local_max_sentences: u32,
+    /// espeak-ng voice for local speech synthesis.
+    pub local_tts_voice: String,
+    /// espeak-ng speaking rate, words per minute.
+    pub local_tts_wpm: u32,
+    /// Requests each local engine holds (running and waiting); more get `engines_busy`.
+    pub local_queue: usize,
     /// Reply length cap in tokens.
     pub llm_max_tokens: u32,
     /// Conversation messages kept for the LLM.
@@ -242,6 +260,16 @@ impl Default for Config {
                 sentences. Use plain words: no lists, markdown, emoji or URLs."
                     .into(),
             llm_max_tokens: 300,
+            models_dir: "models".into(),
+            engine_dir: None,
+            local_stt_model: "whisper-tiny.en".into(),
+            local_system_prompt: "You are a helpful voice assistant. Answer in one short sentence."
+                .into(),
+            local_max_tokens: 48,
+            local_max_sentences: 2,
+            local_tts_voice: "en-us".into(),
+            local_tts_wpm: 175,
+            local_queue: 4,
             history_max_messages: 40,
             history_max_chars: 24_000,
             playback_lead_ms: 300,
@@ -402,6 +430,21 @@ impl Config {
         }
         if self.tts == TtsKind::Openai {
             need("ATLAS_TTS=openai", &self.openai_api_key, "OPENAI_API_KEY")?;
+        }
+        if !matches!(self.local_stt_model.as_str(), "whisper-tiny.en" | "whisper-base") {
+            return fail(format!(
+                "ATLAS_LOCAL_STT_MODEL must be whisper-tiny.en or whisper-base, not {:?}",
+                self.local_stt_model
+            ));
+        }
+        if self.local_queue == 0 || self.local_queue > 1024 {
+            return fail("ATLAS_LOCAL_QUEUE must be between 1 and 1024".into());
+        }
+        if self.local_max_tokens == 0 || self.local_max_sentences == 0 {
+            return fail("ATLAS_LOCAL_MAX_TOKENS and ATLAS_LOCAL_MAX_SENTENCES must be at least 1".into());
+        }
+        if !(80..=450).contains(&self.local_tts_wpm) {
+            return fail("ATLAS_LOCAL_TTS_WPM must be between 80 and 450".into());
         }
         if self.audio_chunk_min_bytes < 2 || self.audio_chunk_min_bytes > self.audio_chunk_max_bytes
         {

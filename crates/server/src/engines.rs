@@ -13,6 +13,13 @@ use atlas_providers::stt::deepgram::{Deepgram, DeepgramConfig};
 use atlas_providers::tts::TtsProvider;
 use atlas_providers::tts::openai::{OpenAiTts, OpenAiTtsConfig};
 
+use atlas_local::llm::LocalLlm;
+use atlas_local::models;
+use atlas_local::stt::LocalStt;
+use atlas_local::tts::Espeak;
+use atlas_local::vad::EndpointConfig;
+use atlas_local::worker::{Worker, WorkerConfig};
+
 use crate::config::{Config, ConfigError, LlmKind, SttKind, TtsKind};
 
 /// The three engines every session uses, shared by all sessions.
@@ -26,17 +33,14 @@ pub struct Engines {
     pub tts: Arc<dyn TtsProvider>,
 }
 
-const LOCAL_UNAVAILABLE: &str = "the local engines are not part of this build yet; choose cloud \
-    providers (ATLAS_STT=deepgram, ATLAS_LLM=anthropic or openai, ATLAS_TTS=openai) or run \
-    `atlas-voice serve --fakes` to try the server against the built-in provider fakes";
-
 fn key(k: &Option<SecretString>) -> SecretString {
     k.clone().unwrap_or_else(|| SecretString::from(""))
 }
 
 impl Engines {
-    /// Builds the adapters named by `config` (no network traffic).
-    pub fn from_config(config: &Config) -> Result<Engines, ConfigError> {
+    /// Builds the adapters named by `config` (no network traffic); local engines are started
+    /// and their models loaded.
+    pub async fn from_config(config: &Config) -> Result<Engines, ConfigError> {
         let http = config.http_settings();
         let stt: Arc<dyn SttProvider> = match config.stt {
             SttKind::Deepgram => Arc::new(Deepgram::new(DeepgramConfig {
@@ -49,7 +53,24 @@ impl Engines {
                 connect_timeout: Duration::from_secs(config.provider_timeout_s.min(10)),
                 keepalive_interval: Duration::from_secs(3),
             })),
-            SttKind::Local => return Err(ConfigError(LOCAL_UNAVAILABLE.into())),
+            SttKind::Local => {
+                let model = models::require(
+                    &config.models_dir,
+                    if config.local_stt_model == "whisper-base" {
+                        "whisper-base"
+                    } else {
+                        "whisper-tiny.en"
+                    },
+                    "the local speech recognition model",
+                )
+                .map_err(|e| ConfigError(e.to_string()))?;
+                let worker = start_worker(config, "speech recognition", "atlas-voice-stt", &model, &[]).await?;
+                let endpoint = EndpointConfig {
+                    end_silence_ms: config.stt_endpointing_ms.max(100),
+                    ..EndpointConfig::default()
+                };
+                Arc::new(LocalStt::new(worker, config.local_stt_model.clone(), endpoint))
+            }
         };
         let llm: Arc<dyn LlmProvider> = match config.llm {
             LlmKind::Anthropic => Arc::new(Anthropic::new(AnthropicConfig {
@@ -69,7 +90,26 @@ impl Engines {
                 provider: "openai",
                 http: http.clone(),
             })),
-            LlmKind::Local => return Err(ConfigError(LOCAL_UNAVAILABLE.into())),
+            LlmKind::Local => {
+                let model = models::require(&config.models_dir, "smollm2", "the local language model")
+                    .map_err(|e| ConfigError(e.to_string()))?;
+                let sentences = config.local_max_sentences.to_string();
+                let worker = start_worker(
+                    config,
+                    "language model",
+                    "atlas-voice-llm",
+                    &model,
+                    &["--sentences", &sentences],
+                )
+                .await?;
+                Arc::new(LocalLlm::new(
+                    worker,
+                    "smollm2",
+                    Some(config.local_system_prompt.clone()),
+                    config.local_max_tokens,
+                    0.7,
+                ))
+            }
         };
         let tts: Arc<dyn TtsProvider> = match config.tts {
             TtsKind::Openai => Arc::new(OpenAiTts::new(OpenAiTtsConfig {
@@ -79,8 +119,56 @@ impl Engines {
                 voice: config.tts_voice.clone(),
                 http,
             })),
-            TtsKind::Local => return Err(ConfigError(LOCAL_UNAVAILABLE.into())),
+            TtsKind::Local => Arc::new(
+                Espeak::new("espeak-ng", &config.local_tts_voice, config.local_tts_wpm, 4)
+                    .await
+                    .map_err(|e| ConfigError(format!("local speech synthesis: {e}")))?,
+            ),
         };
         Ok(Engines { stt, llm, tts })
     }
+}
+
+/// Where the engine worker binaries are: `ATLAS_ENGINE_DIR`, else next to this program (or
+/// one level up, for test binaries in `target/*/deps`).
+fn engine_program(config: &Config, name: &str) -> Result<std::path::PathBuf, ConfigError> {
+    let mut dirs = Vec::new();
+    if let Some(dir) = &config.engine_dir {
+        dirs.push(dir.clone());
+    } else if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(|p| p.to_path_buf())) {
+        dirs.push(dir.clone());
+        if let Some(parent) = dir.parent() {
+            dirs.push(parent.to_path_buf());
+        }
+    }
+    dirs.iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "the engine worker {name} is not in {}; build it with `cargo build --release` \
+                 (or point ATLAS_ENGINE_DIR at it)",
+                dirs.first().map(|d| d.display().to_string()).unwrap_or_default()
+            ))
+        })
+}
+
+async fn start_worker(
+    config: &Config,
+    name: &'static str,
+    program: &str,
+    model: &std::path::Path,
+    extra: &[&str],
+) -> Result<Arc<Worker>, ConfigError> {
+    let mut args: Vec<std::ffi::OsString> = vec!["--model".into(), model.into()];
+    args.extend(extra.iter().map(Into::into));
+    Worker::start(WorkerConfig {
+        name,
+        program: engine_program(config, program)?,
+        args,
+        queue: config.local_queue,
+        start_timeout: Duration::from_secs(120),
+    })
+    .await
+    .map_err(|e| ConfigError(format!("starting the local {name} engine: {e}")))
 }

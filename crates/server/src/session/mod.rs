@@ -485,7 +485,7 @@ impl Session {
             input: first.start.input_audio,
             output: first.start.output_audio,
             voice: None,
-            turns: Turns::new(TurnConfig::default(), 0),
+            turns: Turns::new(turn_config(state), 0),
             history: History::new(HistoryLimits {
                 max_messages: config.history_max_messages,
                 max_chars: config.history_max_chars,
@@ -567,7 +567,7 @@ impl Session {
         if m.budget_warned {
             self.budget.mark_warned();
         }
-        self.turns = Turns::new(TurnConfig::default(), m.last_turn);
+        self.turns = Turns::new(turn_config(&self.state), m.last_turn);
         self.turn_records = m.turn_records;
         self.started_wall = m.started_wall;
         // The session keeps its age: moving never extends the maximum duration.
@@ -1113,6 +1113,16 @@ impl Session {
                     SttEvent::SpeechStarted { .. } => self.feed(Input::SpeechStarted).await,
                 }
             }
+            LinkEvent::Lost(e) if e.is_busy() => {
+                metrics::provider_error("stt", e.label());
+                warn!(error = %e, "speech recognition queue full; utterance dropped");
+                self.emit(ServerEvent::error(
+                    ErrorCode::EnginesBusy,
+                    "the speech engine is busy and missed that; please say it again in a moment",
+                    false,
+                ));
+                Ok(())
+            }
             LinkEvent::Lost(e) => {
                 metrics::provider_error("stt", e.label());
                 warn!(error = %e, kind = e.label(), failures = self.stt.failures(), "speech recognition connection lost");
@@ -1614,6 +1624,7 @@ fn failure_message(code: ErrorCode) -> &'static str {
     match code {
         ErrorCode::LlmFailed => "the language model failed; please try again",
         ErrorCode::TtsFailed => "speech synthesis failed; the reply was cut short",
+        ErrorCode::EnginesBusy => "the local engines are busy; please try again in a moment",
         _ => "the reply failed",
     }
 }
@@ -1625,5 +1636,14 @@ fn breakdown(l: Latency) -> LatencyBreakdown {
         llm_first_token: ms(l.llm_first_token),
         tts_first_audio: ms(l.tts_first_audio),
         to_first_audio: ms(l.to_first_audio),
+    }
+}
+
+/// Turn-taking settings for the configured recogniser: without interim transcripts (the
+/// local recogniser) the user barges in as soon as the voice detector hears speech.
+fn turn_config(state: &AppState) -> TurnConfig {
+    TurnConfig {
+        interrupt_on_speech_start: state.engines.stt.provider() == "local",
+        ..TurnConfig::default()
     }
 }

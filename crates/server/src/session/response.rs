@@ -68,7 +68,11 @@ pub struct Failure {
 impl Failure {
     fn provider(code: ErrorCode, e: &ProviderError) -> Self {
         Failure {
-            code,
+            code: if e.is_busy() {
+                ErrorCode::EnginesBusy
+            } else {
+                code
+            },
             label: e.label(),
             detail: e.to_string(),
         }

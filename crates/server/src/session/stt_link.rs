@@ -163,6 +163,11 @@ impl SttLink {
     fn lost(&mut self, e: ProviderError) -> LinkEvent {
         self.state = State::Idle;
         self.offset_s = None;
+        if e.is_busy() {
+            // A full local queue is not a broken recogniser: reconnect at once.
+            self.retry_at = None;
+            return LinkEvent::Lost(e);
+        }
         self.failures += 1;
         let backoff = Duration::from_millis(250 * (1 << self.failures.min(5)));
         self.retry_at = Some(Instant::now() + backoff);

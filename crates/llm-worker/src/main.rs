@@ -62,7 +62,11 @@ fn ends_sentence(text: &str) -> bool {
 
 impl Engine<'_> {
     /// Renders the conversation, dropping the oldest turns until it fits with room to reply.
-    fn prompt(&self, messages: &[Message], max_tokens: u32) -> anyhow::Result<Vec<llama_cpp_2::token::LlamaToken>> {
+    fn prompt(
+        &self,
+        messages: &[Message],
+        max_tokens: u32,
+    ) -> anyhow::Result<Vec<llama_cpp_2::token::LlamaToken>> {
         let budget = (self.args.context as usize).saturating_sub(max_tokens as usize + 8);
         let mut skip = 0;
         loop {
@@ -72,7 +76,9 @@ impl Engine<'_> {
                 .chain(rest)
                 .map(|m| LlamaChatMessage::new(m.role.clone(), m.text.clone()))
                 .collect::<Result<Vec<_>, _>>()?;
-            let text = self.model.apply_chat_template(&self.template, &chat, true)?;
+            let text = self
+                .model
+                .apply_chat_template(&self.template, &chat, true)?;
             let tokens = self.model.vocab().tokenize(text.as_bytes(), true, true);
             if tokens.len() <= budget {
                 return Ok(tokens);
@@ -138,7 +144,10 @@ impl Engine<'_> {
                 }
                 if !text.is_empty() {
                     reply.push_str(&text);
-                    ipc::reply(&Reply::Delta { id, text: text.clone() })?;
+                    ipc::reply(&Reply::Delta {
+                        id,
+                        text: text.clone(),
+                    })?;
                     if ends_sentence(&text) {
                         sentences += 1;
                         if sentences >= self.args.sentences {
@@ -169,7 +178,10 @@ impl Engine<'_> {
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     if !args.model.is_file() {
-        bail!("model file {} does not exist (run `atlas-voice models fetch`)", args.model.display());
+        bail!(
+            "model file {} does not exist (run `atlas-voice models fetch`)",
+            args.model.display()
+        );
     }
     let mut backend = LlamaBackend::init()?;
     backend.void_logs();
@@ -183,7 +195,9 @@ fn main() -> anyhow::Result<()> {
         .with_n_batch(args.context)
         .with_n_threads(args.threads)
         .with_n_threads_batch(args.threads);
-    let ctx = model.new_context(&backend, params).context("creating the context")?;
+    let ctx = model
+        .new_context(&backend, params)
+        .context("creating the context")?;
     let mut engine = Engine {
         model: &model,
         template,
@@ -191,7 +205,14 @@ fn main() -> anyhow::Result<()> {
         args: &args,
     };
     ipc::reply(&Reply::Ready {
-        model: format!("{} (GGUF, {} token context)", args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), args.context),
+        model: format!(
+            "{} (GGUF, {} token context)",
+            args.model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            args.context
+        ),
     })?;
 
     let (requests, cancelled) = ipc::spawn_stdin_reader();

@@ -142,7 +142,9 @@ fn parse_ct2(buf: &[u8]) -> Result<HashMap<String, Var<'_>>, ConvertError> {
     }
     let spec = r.string()?;
     if spec != "WhisperSpec" {
-        return Err(ConvertError::Model(format!("expected a Whisper model, found {spec}")));
+        return Err(ConvertError::Model(format!(
+            "expected a Whisper model, found {spec}"
+        )));
     }
     let _revision = r.u32()?;
     let count = r.u32()? as usize;
@@ -190,8 +192,8 @@ fn unicode_to_byte() -> HashMap<char, u8> {
 
 /// The regular (non-special) tokens as bytes, in id order: ids below `<|endoftext|>`.
 fn vocabulary(tokenizer_json: &[u8]) -> Result<Vec<Vec<u8>>, ConvertError> {
-    let tok: serde_json::Value =
-        serde_json::from_slice(tokenizer_json).map_err(|e| ConvertError::Tokenizer(e.to_string()))?;
+    let tok: serde_json::Value = serde_json::from_slice(tokenizer_json)
+        .map_err(|e| ConvertError::Tokenizer(e.to_string()))?;
     let vocab = tok["model"]["vocab"]
         .as_object()
         .ok_or_else(|| ConvertError::Tokenizer("no model.vocab".into()))?;
@@ -207,7 +209,8 @@ fn vocabulary(tokenizer_json: &[u8]) -> Result<Vec<Vec<u8>>, ConvertError> {
     for (text, id) in vocab {
         let id = id
             .as_u64()
-            .ok_or_else(|| ConvertError::Tokenizer("non-numeric id".into()))? as usize;
+            .ok_or_else(|| ConvertError::Tokenizer("non-numeric id".into()))?
+            as usize;
         if id >= eot {
             continue;
         }
@@ -286,7 +289,13 @@ struct Emitter<'v, 'a, W: Write> {
 
 impl<W: Write> Emitter<'_, '_, W> {
     /// Writes `src` (or rows `part.0` of `part.1` equal parts of it) as `name`.
-    fn put(&mut self, name: &str, src: &str, part: Option<(usize, usize)>, kind: Kind) -> Result<(), ConvertError> {
+    fn put(
+        &mut self,
+        name: &str,
+        src: &str,
+        part: Option<(usize, usize)>,
+        kind: Kind,
+    ) -> Result<(), ConvertError> {
         let v = self
             .vars
             .get(src)
@@ -321,12 +330,22 @@ impl<W: Write> Emitter<'_, '_, W> {
     }
 
     fn layer_norm(&mut self, name: &str, src: &str) -> Result<(), ConvertError> {
-        self.put(&format!("{name}.weight"), &format!("{src}/gamma"), WHOLE, F32)?;
+        self.put(
+            &format!("{name}.weight"),
+            &format!("{src}/gamma"),
+            WHOLE,
+            F32,
+        )?;
         self.put(&format!("{name}.bias"), &format!("{src}/beta"), WHOLE, F32)
     }
 
     fn linear(&mut self, name: &str, src: &str) -> Result<(), ConvertError> {
-        self.put(&format!("{name}.weight"), &format!("{src}/weight"), WHOLE, F16)?;
+        self.put(
+            &format!("{name}.weight"),
+            &format!("{src}/weight"),
+            WHOLE,
+            F16,
+        )?;
         self.put(&format!("{name}.bias"), &format!("{src}/bias"), WHOLE, F32)
     }
 }
@@ -341,7 +360,13 @@ impl<W: Write> Writer<W> {
     }
 
     /// One tensor; `dims` in PyTorch order (outermost first).
-    fn tensor(&mut self, name: &str, dims: &[usize], f32_data: bool, data: &[u8]) -> std::io::Result<()> {
+    fn tensor(
+        &mut self,
+        name: &str,
+        dims: &[usize],
+        f32_data: bool,
+        data: &[u8],
+    ) -> std::io::Result<()> {
         self.i32(dims.len() as i32)?;
         self.i32(name.len() as i32)?;
         self.i32(if f32_data { 0 } else { 1 })?;
@@ -355,7 +380,11 @@ impl<W: Write> Writer<W> {
 
 /// Converts a CTranslate2 Whisper model (`model_bin`, with `tokenizer.json`) and writes the
 /// ggml file to `out`. Returns the number of tensors written.
-pub fn ct2_to_ggml(model_bin: &[u8], tokenizer_json: &[u8], out: impl Write) -> Result<usize, ConvertError> {
+pub fn ct2_to_ggml(
+    model_bin: &[u8],
+    tokenizer_json: &[u8],
+    out: impl Write,
+) -> Result<usize, ConvertError> {
     let vars = parse_ct2(model_bin)?;
     let get = |name: &str| {
         vars.get(name)
@@ -367,7 +396,11 @@ pub fn ct2_to_ggml(model_bin: &[u8], tokenizer_json: &[u8], out: impl Write) -> 
     let enc_pos = get("encoder/position_encodings/encodings")?;
     let dec_pos = get("decoder/position_encodings/encodings")?;
     let conv1 = get("encoder/conv1/weight")?;
-    if embeddings.dims.len() != 2 || enc_pos.dims.len() != 2 || dec_pos.dims.len() != 2 || conv1.dims.len() != 3 {
+    if embeddings.dims.len() != 2
+        || enc_pos.dims.len() != 2
+        || dec_pos.dims.len() != 2
+        || conv1.dims.len() != 3
+    {
         return Err(ConvertError::Model("unexpected tensor ranks".into()));
     }
     let count_layers = |prefix: &str| {
@@ -429,32 +462,93 @@ pub fn ct2_to_ggml(model_bin: &[u8], tokenizer_json: &[u8], out: impl Write) -> 
         vars: &vars,
         written: 0,
     };
-    e.put("encoder.positional_embedding", "encoder/position_encodings/encodings", WHOLE, F32)?;
+    e.put(
+        "encoder.positional_embedding",
+        "encoder/position_encodings/encodings",
+        WHOLE,
+        F32,
+    )?;
     for conv in ["conv1", "conv2"] {
-        e.put(&format!("encoder.{conv}.weight"), &format!("encoder/{conv}/weight"), WHOLE, F16)?;
+        e.put(
+            &format!("encoder.{conv}.weight"),
+            &format!("encoder/{conv}/weight"),
+            WHOLE,
+            F16,
+        )?;
         // whisper.cpp keeps the convolution biases as [n, 1].
-        e.put(&format!("encoder.{conv}.bias"), &format!("encoder/{conv}/bias"), WHOLE, Kind::Column)?;
+        e.put(
+            &format!("encoder.{conv}.bias"),
+            &format!("encoder/{conv}/bias"),
+            WHOLE,
+            Kind::Column,
+        )?;
     }
     for (side, n_layers) in [("encoder", n_audio_layer), ("decoder", n_text_layer)] {
         for i in 0..n_layers {
             let b = format!("{side}.blocks.{i}");
             let c = format!("{side}/layer_{i}");
-            e.layer_norm(&format!("{b}.attn_ln"), &format!("{c}/self_attention/layer_norm"))?;
+            e.layer_norm(
+                &format!("{b}.attn_ln"),
+                &format!("{c}/self_attention/layer_norm"),
+            )?;
             let qkv = format!("{c}/self_attention/linear_0");
-            e.put(&format!("{b}.attn.query.weight"), &format!("{qkv}/weight"), Some((0, 3)), F16)?;
-            e.put(&format!("{b}.attn.query.bias"), &format!("{qkv}/bias"), Some((0, 3)), F32)?;
-            e.put(&format!("{b}.attn.key.weight"), &format!("{qkv}/weight"), Some((1, 3)), F16)?;
-            e.put(&format!("{b}.attn.value.weight"), &format!("{qkv}/weight"), Some((2, 3)), F16)?;
-            e.put(&format!("{b}.attn.value.bias"), &format!("{qkv}/bias"), Some((2, 3)), F32)?;
-            e.linear(&format!("{b}.attn.out"), &format!("{c}/self_attention/linear_1"))?;
+            e.put(
+                &format!("{b}.attn.query.weight"),
+                &format!("{qkv}/weight"),
+                Some((0, 3)),
+                F16,
+            )?;
+            e.put(
+                &format!("{b}.attn.query.bias"),
+                &format!("{qkv}/bias"),
+                Some((0, 3)),
+                F32,
+            )?;
+            e.put(
+                &format!("{b}.attn.key.weight"),
+                &format!("{qkv}/weight"),
+                Some((1, 3)),
+                F16,
+            )?;
+            e.put(
+                &format!("{b}.attn.value.weight"),
+                &format!("{qkv}/weight"),
+                Some((2, 3)),
+                F16,
+            )?;
+            e.put(
+                &format!("{b}.attn.value.bias"),
+                &format!("{qkv}/bias"),
+                Some((2, 3)),
+                F32,
+            )?;
+            e.linear(
+                &format!("{b}.attn.out"),
+                &format!("{c}/self_attention/linear_1"),
+            )?;
             if side == "decoder" {
                 let a = format!("{c}/attention");
                 e.layer_norm(&format!("{b}.cross_attn_ln"), &format!("{a}/layer_norm"))?;
                 e.linear(&format!("{b}.cross_attn.query"), &format!("{a}/linear_0"))?;
                 let kv = format!("{a}/linear_1");
-                e.put(&format!("{b}.cross_attn.key.weight"), &format!("{kv}/weight"), Some((0, 2)), F16)?;
-                e.put(&format!("{b}.cross_attn.value.weight"), &format!("{kv}/weight"), Some((1, 2)), F16)?;
-                e.put(&format!("{b}.cross_attn.value.bias"), &format!("{kv}/bias"), Some((1, 2)), F32)?;
+                e.put(
+                    &format!("{b}.cross_attn.key.weight"),
+                    &format!("{kv}/weight"),
+                    Some((0, 2)),
+                    F16,
+                )?;
+                e.put(
+                    &format!("{b}.cross_attn.value.weight"),
+                    &format!("{kv}/weight"),
+                    Some((1, 2)),
+                    F16,
+                )?;
+                e.put(
+                    &format!("{b}.cross_attn.value.bias"),
+                    &format!("{kv}/bias"),
+                    Some((1, 2)),
+                    F32,
+                )?;
                 e.linear(&format!("{b}.cross_attn.out"), &format!("{a}/linear_2"))?;
             }
             e.layer_norm(&format!("{b}.mlp_ln"), &format!("{c}/ffn/layer_norm"))?;
@@ -463,8 +557,18 @@ pub fn ct2_to_ggml(model_bin: &[u8], tokenizer_json: &[u8], out: impl Write) -> 
         }
     }
     e.layer_norm("encoder.ln_post", "encoder/layer_norm")?;
-    e.put("decoder.positional_embedding", "decoder/position_encodings/encodings", WHOLE, F32)?;
-    e.put("decoder.token_embedding.weight", "decoder/embeddings/weight", WHOLE, F16)?;
+    e.put(
+        "decoder.positional_embedding",
+        "decoder/position_encodings/encodings",
+        WHOLE,
+        F32,
+    )?;
+    e.put(
+        "decoder.token_embedding.weight",
+        "decoder/embeddings/weight",
+        WHOLE,
+        F16,
+    )?;
     e.layer_norm("decoder.ln", "decoder/layer_norm")?;
     let written = e.written;
     let mut w = e.w;

@@ -94,7 +94,11 @@ pub enum Reply {
 }
 
 /// Writes one frame.
-pub fn write_frame<T: Serialize>(out: &mut impl Write, header: &T, payload: &[u8]) -> io::Result<()> {
+pub fn write_frame<T: Serialize>(
+    out: &mut impl Write,
+    header: &T,
+    payload: &[u8],
+) -> io::Result<()> {
     let header = serde_json::to_vec(header).map_err(io::Error::other)?;
     out.write_all(&frame_bytes(&header, payload))?;
     out.flush()
@@ -158,7 +162,10 @@ pub async fn read_frame_async<T: for<'de> Deserialize<'de>>(
     }
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_HEADER {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "header over the limit"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "header over the limit",
+        ));
     }
     let mut header = vec![0u8; len];
     input.read_exact(&mut header).await?;
@@ -168,7 +175,10 @@ pub async fn read_frame_async<T: for<'de> Deserialize<'de>>(
     input.read_exact(&mut len).await?;
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_PAYLOAD {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "payload over the limit"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "payload over the limit",
+        ));
     }
     let mut payload = vec![0u8; len];
     input.read_exact(&mut payload).await?;

@@ -23,7 +23,13 @@ pub struct LocalLlm {
 
 impl LocalLlm {
     /// An adapter over a started language model worker.
-    pub fn new(worker: Arc<Worker>, model: impl Into<String>, system: Option<String>, max_tokens: u32, temperature: f32) -> Self {
+    pub fn new(
+        worker: Arc<Worker>,
+        model: impl Into<String>,
+        system: Option<String>,
+        max_tokens: u32,
+        temperature: f32,
+    ) -> Self {
         LocalLlm {
             worker,
             model: model.into(),
@@ -51,13 +57,15 @@ impl LlmProvider for LocalLlm {
             role: "system".into(),
             text: system,
         });
-        messages.extend(request.messages.into_iter().map(|m| Message {
-            role: match m.role {
-                ChatRole::User => "user",
-                ChatRole::Assistant => "assistant",
+        messages.extend(request.messages.into_iter().map(|m| {
+            Message {
+                role: match m.role {
+                    ChatRole::User => "user",
+                    ChatRole::Assistant => "assistant",
+                }
+                .into(),
+                text: m.text,
             }
-            .into(),
-            text: m.text,
         }));
         let max_tokens = request.max_tokens.min(self.max_tokens).max(1);
         let temperature = request.temperature.unwrap_or(self.temperature);
@@ -102,7 +110,9 @@ impl LlmProvider for LocalLlm {
                         kind: "generation_failed".into(),
                         message,
                     }),
-                    Ok(other) => Err(ProviderError::Protocol(format!("unexpected reply {other:?}"))),
+                    Ok(other) => Err(ProviderError::Protocol(format!(
+                        "unexpected reply {other:?}"
+                    ))),
                     Err(e) => Err(e),
                 };
                 let stop = event.is_err();

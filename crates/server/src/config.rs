@@ -431,7 +431,10 @@ impl Config {
         if self.tts == TtsKind::Openai {
             need("ATLAS_TTS=openai", &self.openai_api_key, "OPENAI_API_KEY")?;
         }
-        if !matches!(self.local_stt_model.as_str(), "whisper-tiny.en" | "whisper-base") {
+        if !matches!(
+            self.local_stt_model.as_str(),
+            "whisper-tiny.en" | "whisper-base"
+        ) {
             return fail(format!(
                 "ATLAS_LOCAL_STT_MODEL must be whisper-tiny.en or whisper-base, not {:?}",
                 self.local_stt_model
@@ -441,7 +444,9 @@ impl Config {
             return fail("ATLAS_LOCAL_QUEUE must be between 1 and 1024".into());
         }
         if self.local_max_tokens == 0 || self.local_max_sentences == 0 {
-            return fail("ATLAS_LOCAL_MAX_TOKENS and ATLAS_LOCAL_MAX_SENTENCES must be at least 1".into());
+            return fail(
+                "ATLAS_LOCAL_MAX_TOKENS and ATLAS_LOCAL_MAX_SENTENCES must be at least 1".into(),
+            );
         }
         if !(80..=450).contains(&self.local_tts_wpm) {
             return fail("ATLAS_LOCAL_TTS_WPM must be between 80 and 450".into());

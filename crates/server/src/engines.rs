@@ -64,12 +64,18 @@ impl Engines {
                     "the local speech recognition model",
                 )
                 .map_err(|e| ConfigError(e.to_string()))?;
-                let worker = start_worker(config, "speech recognition", "atlas-voice-stt", &model, &[]).await?;
+                let worker =
+                    start_worker(config, "speech recognition", "atlas-voice-stt", &model, &[])
+                        .await?;
                 let endpoint = EndpointConfig {
                     end_silence_ms: config.stt_endpointing_ms.max(100),
                     ..EndpointConfig::default()
                 };
-                Arc::new(LocalStt::new(worker, config.local_stt_model.clone(), endpoint))
+                Arc::new(LocalStt::new(
+                    worker,
+                    config.local_stt_model.clone(),
+                    endpoint,
+                ))
             }
         };
         let llm: Arc<dyn LlmProvider> = match config.llm {
@@ -91,8 +97,9 @@ impl Engines {
                 http: http.clone(),
             })),
             LlmKind::Local => {
-                let model = models::require(&config.models_dir, "smollm2", "the local language model")
-                    .map_err(|e| ConfigError(e.to_string()))?;
+                let model =
+                    models::require(&config.models_dir, "smollm2", "the local language model")
+                        .map_err(|e| ConfigError(e.to_string()))?;
                 let sentences = config.local_max_sentences.to_string();
                 let worker = start_worker(
                     config,
@@ -120,9 +127,14 @@ impl Engines {
                 http,
             })),
             TtsKind::Local => Arc::new(
-                Espeak::new("espeak-ng", &config.local_tts_voice, config.local_tts_wpm, 4)
-                    .await
-                    .map_err(|e| ConfigError(format!("local speech synthesis: {e}")))?,
+                Espeak::new(
+                    "espeak-ng",
+                    &config.local_tts_voice,
+                    config.local_tts_wpm,
+                    4,
+                )
+                .await
+                .map_err(|e| ConfigError(format!("local speech synthesis: {e}")))?,
             ),
         };
         Ok(Engines { stt, llm, tts })
@@ -135,7 +147,10 @@ fn engine_program(config: &Config, name: &str) -> Result<std::path::PathBuf, Con
     let mut dirs = Vec::new();
     if let Some(dir) = &config.engine_dir {
         dirs.push(dir.clone());
-    } else if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(|p| p.to_path_buf())) {
+    } else if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|p| p.to_path_buf()))
+    {
         dirs.push(dir.clone());
         if let Some(parent) = dir.parent() {
             dirs.push(parent.to_path_buf());
@@ -148,7 +163,9 @@ fn engine_program(config: &Config, name: &str) -> Result<std::path::PathBuf, Con
             ConfigError(format!(
                 "the engine worker {name} is not in {}; build it with `cargo build --release` \
                  (or point ATLAS_ENGINE_DIR at it)",
-                dirs.first().map(|d| d.display().to_string()).unwrap_or_default()
+                dirs.first()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default()
             ))
         })
 }

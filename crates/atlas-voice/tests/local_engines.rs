@@ -436,7 +436,7 @@ async fn a_full_queue_turns_work_away_and_a_dead_worker_comes_back() {
         .unwrap();
     assert!(killed.success());
     let mut ticket = ticket;
-    let err = ticket.next().await.err().expect("the request fails");
+    let err = ticket.next().await.expect_err("the request fails");
     assert!(err.to_string().contains("stopped"), "{err}");
     drop(ticket);
     let stt = LocalStt::new(stt, "whisper-tiny.en", EndpointConfig::default());
@@ -471,8 +471,7 @@ async fn espeak_speaks_and_refuses_unknown_voices() {
     assert!(err.to_string().contains("klingon"));
     let err = Espeak::new("/nonexistent/espeak-ng", "en-us", 175, 1)
         .await
-        .err()
-        .expect("missing program");
+        .expect_err("missing program");
     assert!(
         err.to_string().contains("apt-get install -y espeak-ng"),
         "{err}"

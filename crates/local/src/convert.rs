@@ -447,7 +447,7 @@ pub fn ct2_to_ggml(
     let n_bins = 201;
     let filters = mel_filters(16_000.0, 400, n_mels);
     w.i32(n_mels as i32)?;
-    w.i32(n_bins as i32)?;
+    w.i32(n_bins)?;
     for v in filters {
         w.out.write_all(&v.to_le_bytes())?;
     }
@@ -574,4 +574,224 @@ pub fn ct2_to_ggml(
     let mut w = e.w;
     w.out.flush()?;
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATE: usize = 4;
+    const MELS: usize = 80;
+
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&((s.len() + 1) as u16).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+        out.push(0);
+    }
+
+    /// A tiny CTranslate2 Whisper model: one layer each side, f16 weights.
+    fn model(skip: Option<&str>) -> Vec<u8> {
+        let mut vars: Vec<(String, Vec<usize>)> = vec![
+            ("encoder/conv1/weight".into(), vec![STATE, MELS, 3]),
+            ("encoder/conv1/bias".into(), vec![STATE]),
+            ("encoder/conv2/weight".into(), vec![STATE, STATE, 3]),
+            ("encoder/conv2/bias".into(), vec![STATE]),
+            (
+                "encoder/position_encodings/encodings".into(),
+                vec![6, STATE],
+            ),
+            (
+                "decoder/position_encodings/encodings".into(),
+                vec![5, STATE],
+            ),
+            ("decoder/embeddings/weight".into(), vec![7, STATE]),
+        ];
+        let ln = |p: &str| {
+            vec![
+                (format!("{p}/gamma"), vec![STATE]),
+                (format!("{p}/beta"), vec![STATE]),
+            ]
+        };
+        let lin = |p: &str, o: usize, i: usize| {
+            vec![
+                (format!("{p}/weight"), vec![o, i]),
+                (format!("{p}/bias"), vec![o]),
+            ]
+        };
+        for side in ["encoder", "decoder"] {
+            let c = format!("{side}/layer_0");
+            vars.extend(ln(&format!("{c}/self_attention/layer_norm")));
+            vars.extend(lin(
+                &format!("{c}/self_attention/linear_0"),
+                3 * STATE,
+                STATE,
+            ));
+            vars.extend(lin(&format!("{c}/self_attention/linear_1"), STATE, STATE));
+            vars.extend(ln(&format!("{c}/ffn/layer_norm")));
+            vars.extend(lin(&format!("{c}/ffn/linear_0"), 4 * STATE, STATE));
+            vars.extend(lin(&format!("{c}/ffn/linear_1"), STATE, 4 * STATE));
+            if side == "decoder" {
+                vars.extend(ln(&format!("{c}/attention/layer_norm")));
+                vars.extend(lin(&format!("{c}/attention/linear_0"), STATE, STATE));
+                vars.extend(lin(&format!("{c}/attention/linear_1"), 2 * STATE, STATE));
+                vars.extend(lin(&format!("{c}/attention/linear_2"), STATE, STATE));
+            }
+            vars.extend(ln(&format!("{side}/layer_norm")));
+        }
+        vars.retain(|(n, _)| Some(n.as_str()) != skip);
+        let mut out = Vec::new();
+        out.extend_from_slice(&6u32.to_le_bytes());
+        string(&mut out, "WhisperSpec");
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&((vars.len() + 2) as u32).to_le_bytes());
+        for (name, dims) in &vars {
+            string(&mut out, name);
+            out.push(dims.len() as u8);
+            for d in dims {
+                out.extend_from_slice(&(*d as u32).to_le_bytes());
+            }
+            out.push(4);
+            let n: usize = dims.iter().product();
+            out.extend_from_slice(&((n * 2) as u32).to_le_bytes());
+            for i in 0..n {
+                out.extend_from_slice(&f16::from_f32(i as f32 / 8.0).to_le_bytes());
+            }
+        }
+        for side in ["encoder", "decoder"] {
+            string(&mut out, &format!("{side}/num_heads"));
+            out.push(0);
+            out.push(2);
+            out.extend_from_slice(&2u32.to_le_bytes());
+            out.extend_from_slice(&2i16.to_le_bytes());
+        }
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out
+    }
+
+    const TOKENIZER: &str = r#"{"model":{"vocab":{"!":0,"Ġa":1,"Ã©":2,"<|endoftext|>":3}},
+        "added_tokens":[{"id":3,"content":"<|endoftext|>"}]}"#;
+
+    fn i32_at(b: &[u8], at: usize) -> i32 {
+        i32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    }
+
+    #[test]
+    fn a_model_converts_to_the_ggml_layout() {
+        let mut out = Vec::new();
+        let tensors = ct2_to_ggml(&model(None), TOKENIZER.as_bytes(), &mut out).unwrap();
+        // 2 conv × 2 + 2 positional + token embedding + 2 final norms × 2
+        // + encoder block 15 + decoder block 24.
+        assert_eq!(tensors, 4 + 2 + 1 + 4 + 15 + 24);
+        assert_eq!(
+            u32::from_le_bytes(out[0..4].try_into().unwrap()),
+            GGML_MAGIC
+        );
+        let hparams: Vec<i32> = (0..11).map(|i| i32_at(&out, 4 + 4 * i)).collect();
+        assert_eq!(hparams, vec![7, 6, 4, 2, 1, 5, 4, 2, 1, 80, 1]);
+        let mut at = 48;
+        assert_eq!((i32_at(&out, at), i32_at(&out, at + 4)), (80, 201));
+        at += 8 + 80 * 201 * 4;
+        // Byte-level tokens become raw bytes: "Ġa" is " a", "Ã©" is the UTF-8 of "é".
+        assert_eq!(i32_at(&out, at), 3);
+        at += 4;
+        let mut tokens = Vec::new();
+        for _ in 0..3 {
+            let len = i32_at(&out, at) as usize;
+            tokens.push(out[at + 4..at + 4 + len].to_vec());
+            at += 4 + len;
+        }
+        assert_eq!(
+            tokens,
+            vec![b"!".to_vec(), b" a".to_vec(), "é".as_bytes().to_vec()]
+        );
+        // First tensor: the encoder's positional embedding, f32, dims reversed.
+        assert_eq!((i32_at(&out, at), i32_at(&out, at + 8)), (2, 0));
+        assert_eq!(
+            (i32_at(&out, at + 12), i32_at(&out, at + 16)),
+            (STATE as i32, 6)
+        );
+        let name_len = i32_at(&out, at + 4) as usize;
+        assert_eq!(
+            &out[at + 20..at + 20 + name_len],
+            b"encoder.positional_embedding"
+        );
+        let first = at + 20 + name_len;
+        assert_eq!(
+            f32::from_le_bytes(out[first + 4..first + 8].try_into().unwrap()),
+            0.125
+        );
+    }
+
+    #[test]
+    fn fused_projections_are_split() {
+        let mut out = Vec::new();
+        ct2_to_ggml(&model(None), TOKENIZER.as_bytes(), &mut out).unwrap();
+        let find = |name: &str| {
+            let pos = out
+                .windows(name.len())
+                .position(|w| w == name.as_bytes())
+                .unwrap();
+            pos + name.len()
+        };
+        // The key projection is rows STATE..2*STATE of the fused weight: its first value is
+        // element STATE*STATE of the ramp the test model stores.
+        let key = find("encoder.blocks.0.attn.key.weight");
+        let v = f16::from_le_bytes([out[key], out[key + 1]]).to_f32();
+        assert_eq!(v, (STATE * STATE) as f32 / 8.0);
+        let value_bias = find("decoder.blocks.0.cross_attn.value.bias");
+        let v = f32::from_le_bytes(out[value_bias..value_bias + 4].try_into().unwrap());
+        assert_eq!(v, STATE as f32 / 8.0);
+        assert!(
+            out.windows(b"attn.key.bias".len())
+                .all(|w| w != b"attn.key.bias")
+        );
+    }
+
+    #[test]
+    fn broken_inputs_are_refused_with_the_reason() {
+        let err = ct2_to_ggml(
+            &model(Some("decoder/layer_norm/beta")),
+            TOKENIZER.as_bytes(),
+            Vec::new(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("decoder/layer_norm/beta missing"),
+            "{err}"
+        );
+        let full = model(None);
+        let err =
+            ct2_to_ggml(&full[..full.len() / 2], TOKENIZER.as_bytes(), Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        let err = ct2_to_ggml(&full, br#"{"model":{}}"#, Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("tokenizer.json"), "{err}");
+        let mut other = full.clone();
+        other[6..17].copy_from_slice(b"OtherSpec!!");
+        let err = ct2_to_ggml(&other, TOKENIZER.as_bytes(), Vec::new()).unwrap_err();
+        assert!(
+            err.to_string().contains("expected a Whisper model"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn mel_filters_are_normalised_triangles() {
+        let f = mel_filters(16_000.0, 400, 80);
+        assert_eq!(f.len(), 80 * 201);
+        for m in 0..80 {
+            let row = &f[m * 201..(m + 1) * 201];
+            assert!(row.iter().all(|&w| w >= 0.0));
+            let peak = row.iter().cloned().fold(0.0f32, f32::max);
+            assert!(peak > 0.0, "filter {m} is empty");
+            // Slaney normalisation: area (in Hz) of each triangle ≈ 1.
+            let area: f32 = row.iter().sum::<f32>() * 40.0;
+            assert!((0.5..1.5).contains(&area), "filter {m} area {area}");
+        }
+        // Filters rise in frequency.
+        let argmax = |m: usize| {
+            let row = &f[m * 201..(m + 1) * 201];
+            (0..201).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap()
+        };
+        assert!(argmax(10) < argmax(40) && argmax(40) < argmax(79));
+    }
 }

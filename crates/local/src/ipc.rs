@@ -185,6 +185,44 @@ pub async fn read_frame_async<T: for<'de> Deserialize<'de>>(
     Ok(Some((header, payload)))
 }
 
+/// Ids of cancelled requests, shared between a worker's reader thread and its engine.
+pub type Cancelled = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<u64>>>;
+
+/// Worker side: reads requests from standard input on a thread of its own, so cancellations
+/// are seen while a request runs. Returns the queue of requests (closed at end of input) and
+/// the set of cancelled ids.
+pub fn spawn_stdin_reader() -> (std::sync::mpsc::Receiver<(Request, Vec<u8>)>, Cancelled) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cancelled: Cancelled = std::sync::Arc::default();
+    let seen = cancelled.clone();
+    std::thread::spawn(move || {
+        let mut stdin = io::stdin().lock();
+        loop {
+            match read_frame::<Request>(&mut stdin) {
+                Ok(Some((Request::Cancel { id }, _))) => {
+                    seen.lock().expect("cancel lock").insert(id);
+                }
+                Ok(Some(request)) => {
+                    if tx.send(request).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    eprintln!("bad request frame: {e}");
+                    return;
+                }
+            }
+        }
+    });
+    (rx, cancelled)
+}
+
+/// Worker side: writes one reply to standard output.
+pub fn reply(reply: &Reply) -> io::Result<()> {
+    write_frame(&mut io::stdout().lock(), reply, &[])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,43 +260,4 @@ mod tests {
         let err = read_frame::<Request>(&mut &buf[..]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
-}
-
-/// Worker side: reads requests from standard input on a thread of its own, so cancellations
-/// are seen while a request runs. Returns the queue of requests (closed at end of input) and
-/// the set of cancelled ids.
-pub fn spawn_stdin_reader() -> (
-    std::sync::mpsc::Receiver<(Request, Vec<u8>)>,
-    std::sync::Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
-) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let cancelled: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<u64>>> =
-        std::sync::Arc::default();
-    let seen = cancelled.clone();
-    std::thread::spawn(move || {
-        let mut stdin = io::stdin().lock();
-        loop {
-            match read_frame::<Request>(&mut stdin) {
-                Ok(Some((Request::Cancel { id }, _))) => {
-                    seen.lock().expect("cancel lock").insert(id);
-                }
-                Ok(Some(request)) => {
-                    if tx.send(request).is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    eprintln!("bad request frame: {e}");
-                    return;
-                }
-            }
-        }
-    });
-    (rx, cancelled)
-}
-
-/// Worker side: writes one reply to standard output.
-pub fn reply(reply: &Reply) -> io::Result<()> {
-    write_frame(&mut io::stdout().lock(), reply, &[])
 }

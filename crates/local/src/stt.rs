@@ -121,6 +121,13 @@ impl SttProvider for LocalStt {
     }
 }
 
+type Transcription =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, ProviderError>> + Send>>;
+
+/// The transcription in progress, the stream sample where its speech ended, and whether it
+/// answers a `Finalize`.
+type Running = (Transcription, u64, bool);
+
 struct Job {
     utterance: Utterance,
     from_finalize: bool,
@@ -145,13 +152,7 @@ impl StreamTask {
     async fn run(mut self, mut commands: mpsc::Receiver<SttCommand>) {
         let mut queue: VecDeque<Job> = VecDeque::new();
         let mut closing = false;
-        let mut running: Option<(
-            std::pin::Pin<
-                Box<dyn std::future::Future<Output = Result<String, ProviderError>> + Send>,
-            >,
-            u64,
-            bool,
-        )> = None;
+        let mut running: Option<Running> = None;
         loop {
             if running.is_none() {
                 if let Some(job) = queue.pop_front() {

@@ -10,8 +10,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # The workspace builds for the machine it is on (.cargo/config.toml); an image must run on
-# other machines: any x86-64 CPU with AVX2 (x86-64-v3), which every current server has.
-ENV RUSTFLAGS="-C target-cpu=x86-64-v3"
+# other machines: any x86-64 CPU with AVX2 (x86-64-v3), which every current server has
+# (override with --build-arg RUSTFLAGS=...).
+ARG RUSTFLAGS="-C target-cpu=x86-64-v3"
 # Dependencies first, for layer caching.
 COPY Cargo.toml Cargo.lock ./
 COPY crates crates

@@ -64,9 +64,19 @@ impl Engines {
                     "the local speech recognition model",
                 )
                 .map_err(|e| ConfigError(e.to_string()))?;
-                let worker =
-                    start_worker(config, "speech recognition", "atlas-voice-stt", &model, &[])
-                        .await?;
+                let threads = match config.local_stt_threads {
+                    0 => std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
+                    n => n,
+                }
+                .to_string();
+                let worker = start_worker(
+                    config,
+                    "speech recognition",
+                    "atlas-voice-stt",
+                    &model,
+                    &["--threads", &threads],
+                )
+                .await?;
                 let endpoint = EndpointConfig {
                     end_silence_ms: config.stt_endpointing_ms.max(100),
                     ..EndpointConfig::default()
@@ -101,12 +111,13 @@ impl Engines {
                     models::require(&config.models_dir, "smollm2", "the local language model")
                         .map_err(|e| ConfigError(e.to_string()))?;
                 let sentences = config.local_max_sentences.to_string();
+                let threads = config.local_llm_threads.max(1).to_string();
                 let worker = start_worker(
                     config,
                     "language model",
                     "atlas-voice-llm",
                     &model,
-                    &["--sentences", &sentences],
+                    &["--sentences", &sentences, "--threads", &threads],
                 )
                 .await?;
                 Arc::new(LocalLlm::new(

@@ -91,6 +91,10 @@ fn main() -> anyhow::Result<()> {
         params.set_single_segment(true);
         params.set_no_timestamps(true);
         params.set_suppress_blank(true);
+        // Bounded work per utterance: no re-decoding at higher temperatures, and a cap on
+        // tokens so a decoding loop cannot hold the engine for seconds.
+        params.set_temperature_inc(0.0);
+        params.set_max_tokens(128);
         params.set_print_special(false);
         params.set_print_progress(false);
         params.set_print_realtime(false);

@@ -14,9 +14,11 @@ use clap::Args;
 use serde_json::json;
 use tokio::time::Instant;
 
-use atlas_client::{ConnectOptions, Incoming, connect, speech_end, stream_pcm, wav};
+use futures_util::{SinkExt, StreamExt};
+
+use atlas_client::{ConnectOptions, Incoming, WsMessage, connect, open_socket, speech_end, wav};
 use atlas_fakes::Fakes;
-use atlas_protocol::{AudioFormat, ClientMessage, ServerEvent, SessionStart};
+use atlas_protocol::{AudioFormat, ClientMessage, ServerEvent, SessionStart, parse_server_event};
 use atlas_server::config::Config;
 use atlas_server::{Application, auth};
 
@@ -63,12 +65,19 @@ pub struct LoadtestArgs {
     /// How long idle sessions are held, in seconds.
     #[arg(long, default_value_t = 10)]
     hold_s: u64,
-    /// Process id of the server, for memory samples (defaults to this process with --spawn).
+    /// Process id of the server, for its CPU and memory (defaults to this process with
+    /// --spawn).
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Process id of the provider fakes, for their CPU (to show they are not the bottleneck).
+    #[arg(long)]
+    fakes_pid: Option<u32>,
     #[command(flatten)]
     latencies: FakeLatencies,
 }
+
+/// A frame is *late* when it leaves the load generator more than this behind its schedule.
+const LATE_FRAME: Duration = Duration::from_millis(10);
 
 #[derive(Default)]
 struct Sample {
@@ -79,6 +88,58 @@ struct Sample {
     /// The server's own `to_first_audio`.
     server_reported: Vec<u64>,
     errors: Vec<String>,
+    /// How far behind its real-time schedule each audio frame was handed to the socket.
+    send_lag: Vec<Duration>,
+    /// Reply audio frames received.
+    reply_frames: u64,
+    /// Reply frames that arrived after the audio before them had finished playing: the
+    /// listener hears a gap.
+    reply_underruns: u64,
+    /// Total length of those gaps.
+    reply_gap: Duration,
+}
+
+impl Sample {
+    fn merge(&mut self, other: Sample) {
+        self.voice_to_voice.extend(other.voice_to_voice);
+        self.to_final.extend(other.to_final);
+        self.server_reported.extend(other.server_reported);
+        self.errors.extend(other.errors);
+        self.send_lag.extend(other.send_lag);
+        self.reply_frames += other.reply_frames;
+        self.reply_underruns += other.reply_underruns;
+        self.reply_gap += other.reply_gap;
+    }
+}
+
+/// The question and its silence, cut into the frames a live microphone would send.
+struct Frames {
+    /// Frame payloads (shared, never copied per session).
+    data: Vec<bytes::Bytes>,
+    /// When each frame is due, from the start of the stream: when its last sample would have
+    /// been captured.
+    due: Vec<Duration>,
+}
+
+impl Frames {
+    fn new(samples: &[i16], rate: u32, chunk_ms: u32) -> Self {
+        let per_chunk = (rate * chunk_ms / 1000).max(1) as usize;
+        let mut data = Vec::new();
+        let mut due = Vec::new();
+        let mut sent = 0usize;
+        for chunk in samples.chunks(per_chunk) {
+            sent += chunk.len();
+            let mut bytes = Vec::with_capacity((chunk.len() * 2).max(100));
+            for s in chunk {
+                bytes.extend_from_slice(&s.to_le_bytes());
+            }
+            // Pad a short last chunk to the server's minimum frame.
+            bytes.resize(bytes.len().max(100), 0);
+            data.push(bytes::Bytes::from(bytes));
+            due.push(Duration::from_secs_f64(sent as f64 / f64::from(rate)));
+        }
+        Frames { data, due }
+    }
 }
 
 /// Runs the load test and prints the summary.
@@ -143,38 +204,51 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
     let eos = speech_end(&samples, rate, -40.0).context("the input has no speech")?;
     let mut audio = samples;
     audio.extend(std::iter::repeat_n(0i16, rate as usize * 2));
-    let audio = std::sync::Arc::new(audio);
+    let frames = std::sync::Arc::new(Frames::new(&audio, rate, args.chunk_ms));
     let server_pid = args.server_pid.or(args.spawn.then(std::process::id));
+    let http_base = http_base(&url);
+    let dropped_before = server_counter(&http_base, "atlas_audio_frames_dropped_total").await;
     let cpu_before = server_pid.and_then(cpu_seconds);
+    let own_cpu_before = cpu_seconds(std::process::id());
+    let fakes_cpu_before = args.fakes_pid.and_then(cpu_seconds);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.sessions {
-        let (url, token, audio) = (url.clone(), token.clone(), audio.clone());
-        let (turns, chunk_ms) = (args.turns, args.chunk_ms);
+        let (url, token, frames) = (url.clone(), token.clone(), frames.clone());
+        let turns = args.turns;
         let delay = Duration::from_millis(args.ramp_ms * i as u64);
         tasks.spawn(async move {
             tokio::time::sleep(delay).await;
-            one_session(&url, &token, &audio, rate, eos, turns, chunk_ms).await
+            one_session(&url, &token, &frames, rate, eos, turns).await
         });
     }
     let mut all = Sample::default();
     while let Some(r) = tasks.join_next().await {
         match r {
-            Ok(s) => {
-                all.voice_to_voice.extend(s.voice_to_voice);
-                all.server_reported.extend(s.server_reported);
-                all.to_final.extend(s.to_final);
-                all.errors.extend(s.errors);
-            }
+            Ok(s) => all.merge(s),
             Err(e) => all.errors.push(e.to_string()),
         }
     }
-    let resources = server_pid.map(|pid| ServerSample {
-        cpu_s: cpu_seconds(pid).zip(cpu_before).map(|(a, b)| a - b),
-        rss_kib: rss_kib(pid),
-        peak_rss_kib: peak_rss_kib(pid),
-    });
-    report(&args, &all, started.elapsed(), resources);
+    let elapsed = started.elapsed();
+    let dropped_after = server_counter(&http_base, "atlas_audio_frames_dropped_total").await;
+    let resources = Resources {
+        server_cpu_s: server_pid
+            .and_then(cpu_seconds)
+            .zip(cpu_before)
+            .map(|(a, b)| a - b),
+        rss_kib: server_pid.and_then(rss_kib),
+        peak_rss_kib: server_pid.and_then(peak_rss_kib),
+        loadgen_cpu_s: cpu_seconds(std::process::id())
+            .zip(own_cpu_before)
+            .map(|(a, b)| a - b),
+        fakes_cpu_s: args
+            .fakes_pid
+            .and_then(cpu_seconds)
+            .zip(fakes_cpu_before)
+            .map(|(a, b)| a - b),
+        server_dropped_frames: dropped_after.zip(dropped_before).map(|(a, b)| a - b),
+    };
+    report(&args, &all, elapsed, &resources);
     if let Some((fakes, stop)) = _keep {
         stop.cancel();
         fakes.shutdown().await;
@@ -185,93 +259,135 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One simulated client: speaks the question `turns` times at real-time pace and times the
+/// replies. It drives its socket itself, in one task, so that the load generator's own cost
+/// per frame (one timer wake-up and one write) stays far below the server's.
 async fn one_session(
     url: &str,
     token: &str,
-    audio: &[i16],
+    frames: &Frames,
     rate: u32,
     eos: Duration,
     turns: usize,
-    chunk_ms: u32,
 ) -> Sample {
     let mut out = Sample::default();
-    let mut conn = match connect(&ConnectOptions::new(url, token)).await {
-        Ok(c) => c,
+    let mut ws = match open_socket(&ConnectOptions::new(url, token)).await {
+        Ok((ws, _)) => ws,
         Err(e) => {
             out.errors.push(e.to_string());
             return out;
         }
     };
+    let output = AudioFormat::DEFAULT_OUTPUT;
     let start = ClientMessage::SessionStart(SessionStart {
         input_audio: AudioFormat {
             sample_rate: rate,
             ..AudioFormat::DEFAULT_INPUT
         },
+        output_audio: output,
         ..SessionStart::default()
     });
-    if let Err(e) = conn.sender.send(&start).await {
+    if let Err(e) = ws.send(WsMessage::text(json_text(&start))).await {
         out.errors.push(e.to_string());
         return out;
     }
+    let output_bytes_per_s = f64::from(output.sample_rate) * 2.0;
+    let next_frame = tokio::time::sleep(Duration::ZERO);
+    let give_up = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(next_frame, give_up);
     for _ in 0..turns {
-        let sender = conn.sender.clone();
-        let audio = audio.to_vec();
-        let streaming =
-            tokio::spawn(async move { stream_pcm(&sender, &audio, rate, chunk_ms, 1.0).await });
+        let began = Instant::now();
+        let mut next = 0;
+        next_frame.as_mut().reset(began + frames.due[0]);
+        give_up.as_mut().reset(began + Duration::from_secs(60));
         let mut final_at = None;
         let mut first_audio = None;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let item = match tokio::time::timeout_at(deadline, conn.incoming.recv()).await {
-                Ok(Some(i)) => i,
-                Ok(None) | Err(_) => {
+        // When the reply audio received so far will have finished playing.
+        let mut playing_until: Option<Instant> = None;
+        let mut done = false;
+        enum Step {
+            Send,
+            Received(Option<Result<WsMessage, atlas_client::WsError>>),
+            GiveUp,
+        }
+        while !done || next < frames.data.len() {
+            let step = tokio::select! {
+                _ = &mut next_frame, if next < frames.data.len() => Step::Send,
+                m = ws.next() => Step::Received(m),
+                _ = &mut give_up => Step::GiveUp,
+            };
+            match step {
+                Step::Send => {
+                    let due = began + frames.due[next];
+                    out.send_lag
+                        .push(Instant::now().saturating_duration_since(due));
+                    if let Err(e) = ws.send(WsMessage::Binary(frames.data[next].clone())).await {
+                        out.errors.push(format!("sending audio: {e}"));
+                        return out;
+                    }
+                    next += 1;
+                    if let Some(d) = frames.due.get(next) {
+                        next_frame.as_mut().reset(began + *d);
+                    }
+                }
+                Step::Received(Some(Ok(WsMessage::Binary(pcm)))) => {
+                    let at = Instant::now();
+                    let length = Duration::from_secs_f64(pcm.len() as f64 / output_bytes_per_s);
+                    first_audio.get_or_insert(at);
+                    out.reply_frames += 1;
+                    let resume = match playing_until {
+                        Some(end) if at > end + Duration::from_millis(1) => {
+                            out.reply_underruns += 1;
+                            out.reply_gap += at - end;
+                            at
+                        }
+                        Some(end) => end,
+                        None => at,
+                    };
+                    playing_until = Some(resume + length);
+                }
+                Step::Received(Some(Ok(WsMessage::Text(text)))) => {
+                    match parse_server_event(text.as_str()) {
+                        Ok(ServerEvent::TranscriptFinal { .. }) => {
+                            final_at.get_or_insert(Instant::now());
+                        }
+                        Ok(ServerEvent::ResponseDone { latency_ms, .. }) => {
+                            out.server_reported.extend(latency_ms.to_first_audio);
+                            done = true;
+                        }
+                        Ok(ServerEvent::Error {
+                            code, fatal: true, ..
+                        }) => {
+                            out.errors.push(format!("fatal error {}", code.as_str()));
+                            return out;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            out.errors.push(format!("unparseable event: {e}"));
+                            return out;
+                        }
+                    }
+                }
+                Step::Received(Some(Ok(WsMessage::Close(frame)))) => {
+                    out.errors.push(format!("closed {frame:?}"));
+                    return out;
+                }
+                // Pings are answered by the WebSocket layer.
+                Step::Received(Some(Ok(_))) => {}
+                Step::Received(Some(Err(e))) => {
+                    out.errors.push(format!("connection failed: {e}"));
+                    return out;
+                }
+                Step::Received(None) => {
+                    out.errors.push("connection ended".into());
+                    return out;
+                }
+                Step::GiveUp => {
                     out.errors.push("no reply within 60 s".into());
                     return out;
                 }
-            };
-            match item {
-                Incoming::Audio { at, .. } => {
-                    first_audio.get_or_insert(at);
-                }
-                Incoming::Event {
-                    event: ServerEvent::ResponseDone { latency_ms, .. },
-                    ..
-                } => {
-                    if let Some(v) = latency_ms.to_first_audio {
-                        out.server_reported.push(v);
-                    }
-                    break;
-                }
-                Incoming::Event {
-                    event:
-                        ServerEvent::Error {
-                            code, fatal: true, ..
-                        },
-                    ..
-                } => {
-                    out.errors.push(format!("fatal error {}", code.as_str()));
-                    return out;
-                }
-                Incoming::Event {
-                    event: ServerEvent::TranscriptFinal { .. },
-                    at,
-                } => {
-                    final_at.get_or_insert(at);
-                }
-                Incoming::Closed { code, reason, .. } => {
-                    out.errors.push(format!("closed {code:?} {reason}"));
-                    return out;
-                }
-                _ => {}
             }
         }
-        let began = match streaming.await {
-            Ok(Ok(t)) => t,
-            _ => {
-                out.errors.push("audio streaming failed".into());
-                return out;
-            }
-        };
         if let Some(first) = first_audio {
             out.voice_to_voice
                 .push(first.saturating_duration_since(began + eos));
@@ -280,8 +396,48 @@ async fn one_session(
             out.to_final.push(f.saturating_duration_since(began + eos));
         }
     }
-    let _ = conn.sender.send(&ClientMessage::SessionEnd).await;
+    let _ = ws
+        .send(WsMessage::text(json_text(&ClientMessage::SessionEnd)))
+        .await;
+    let _ = ws.close(None).await;
     out
+}
+
+fn json_text(msg: &ClientMessage) -> String {
+    serde_json::to_string(msg).expect("client messages serialise")
+}
+
+/// The server's HTTP base (for /metrics) from its voice endpoint.
+fn http_base(url: &str) -> String {
+    url.replacen("ws://", "http://", 1)
+        .replacen("wss://", "https://", 1)
+        .split('?')
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches("/v1/voice")
+        .to_owned()
+}
+
+/// A counter from the server's /metrics (summed over its label sets); `None` when the page
+/// cannot be read, 0 when the counter has not been touched yet.
+async fn server_counter(http_base: &str, name: &str) -> Option<f64> {
+    let body = reqwest::get(format!("{http_base}/metrics"))
+        .await
+        .ok()?
+        .error_for_status()
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(
+        body.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -292,11 +448,16 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-/// The server's resource use over the run.
-struct ServerSample {
-    cpu_s: Option<f64>,
+/// Resource use over the run.
+struct Resources {
+    server_cpu_s: Option<f64>,
     rss_kib: Option<u64>,
     peak_rss_kib: Option<u64>,
+    /// This process (with --spawn it holds the server and the fakes too).
+    loadgen_cpu_s: Option<f64>,
+    fakes_cpu_s: Option<f64>,
+    /// Input frames the server dropped (from its /metrics).
+    server_dropped_frames: Option<f64>,
 }
 
 /// User + system CPU seconds of `pid`, from /proc.
@@ -318,7 +479,7 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration, resources: Option<ServerSample>) {
+fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration, r: &Resources) {
     let mut v = s.voice_to_voice.clone();
     v.sort();
     let floor = Duration::from_millis(
@@ -339,6 +500,11 @@ fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration, resources: Option<
     let mut server = s.server_reported.clone();
     server.sort();
     let server_p50 = server.get(server.len() / 2).copied().unwrap_or(0);
+    let mut lag = s.send_lag.clone();
+    lag.sort();
+    let late = lag.iter().filter(|l| **l > LATE_FRAME).count();
+    let lag_max = lag.last().copied().unwrap_or_default();
+    let per_session = r.rss_kib.map(|x| x / args.sessions.max(1) as u64);
     if args.json {
         let out = json!({
             "sessions": args.sessions, "turns": args.turns, "chunk_ms": args.chunk_ms,
@@ -348,54 +514,94 @@ fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration, resources: Option<
             "overhead_ms": {"p50": overhead(p50), "p95": overhead(p95), "p99": overhead(p99)},
             "end_of_speech_to_final_ms": {"p50": ms(percentile(&finals, 0.5)), "p99": ms(percentile(&finals, 0.99))},
             "server_reported_to_first_audio_ms_p50": server_p50,
+            "frames_sent": lag.len(),
+            "send_lag_ms": {"p50": ms(percentile(&lag, 0.5)), "p99": ms(percentile(&lag, 0.99)), "max": ms(lag_max)},
+            "late_frames": late,
+            "late_frame_threshold_ms": ms(LATE_FRAME),
+            "server_dropped_frames": r.server_dropped_frames,
+            "reply_frames": s.reply_frames,
+            "reply_underruns": s.reply_underruns,
+            "reply_gap_ms": ms(s.reply_gap),
             "elapsed_s": elapsed.as_secs_f64(),
-            "server_cpu_s": resources.as_ref().and_then(|x| x.cpu_s),
-            "server_rss_kib": resources.as_ref().and_then(|x| x.rss_kib),
-            "server_peak_rss_kib": resources.as_ref().and_then(|x| x.peak_rss_kib),
+            "server_cpu_s": r.server_cpu_s,
+            "server_rss_kib": r.rss_kib,
+            "server_peak_rss_kib": r.peak_rss_kib,
+            "loadgen_cpu_s": r.loadgen_cpu_s,
+            "fakes_cpu_s": r.fakes_cpu_s,
         });
         println!("{out}");
-    } else {
+        return;
+    }
+    println!(
+        "sessions {} × turns {} (chunk {} ms): {} replies, {} errors in {:.1} s",
+        args.sessions,
+        args.turns,
+        args.chunk_ms,
+        v.len(),
+        s.errors.len(),
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "end of speech → first reply audio: p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  max {:.0} ms",
+        ms(p50),
+        ms(p95),
+        ms(p99),
+        ms(max)
+    );
+    println!(
+        "fakes' floor {:.0} ms → overhead p50 {:+.0} ms  p95 {:+.0} ms  p99 {:+.0} ms",
+        ms(floor),
+        overhead(p50),
+        overhead(p95),
+        overhead(p99)
+    );
+    println!(
+        "end of speech → transcript.final: p50 {:.0} ms; server-reported to_first_audio p50 {server_p50} ms",
+        ms(percentile(&finals, 0.5))
+    );
+    println!(
+        "audio in: {} frames, send lag p50 {:.1} ms p99 {:.1} ms max {:.1} ms, {late} late (> {:.0} ms); dropped by the server: {}",
+        lag.len(),
+        ms(percentile(&lag, 0.5)),
+        ms(percentile(&lag, 0.99)),
+        ms(lag_max),
+        ms(LATE_FRAME),
+        r.server_dropped_frames
+            .map(|d| format!("{d:.0}"))
+            .unwrap_or_else(|| "unknown (no /metrics)".into()),
+    );
+    println!(
+        "audio out: {} reply frames, {} underruns (gaps totalling {:.0} ms)",
+        s.reply_frames,
+        s.reply_underruns,
+        ms(s.reply_gap)
+    );
+    let secs = elapsed.as_secs_f64();
+    if let Some(cpu) = r.server_cpu_s {
         println!(
-            "sessions {} × turns {} (chunk {} ms): {} replies, {} errors in {:.1} s",
-            args.sessions,
-            args.turns,
-            args.chunk_ms,
-            v.len(),
-            s.errors.len(),
-            elapsed.as_secs_f64()
+            "server: {cpu:.2} CPU s ({:.2} cores over the run), rss {} KiB (peak {} KiB, {} KiB per session)",
+            cpu / secs,
+            r.rss_kib.unwrap_or(0),
+            r.peak_rss_kib.unwrap_or(0),
+            per_session.unwrap_or(0)
         );
+    }
+    if let Some(cpu) = r.loadgen_cpu_s {
         println!(
-            "end of speech → first reply audio: p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  max {:.0} ms",
-            ms(p50),
-            ms(p95),
-            ms(p99),
-            ms(max)
+            "load generator: {cpu:.2} CPU s ({:.2} cores){}",
+            cpu / secs,
+            if args.spawn {
+                " — includes the server and the fakes (--spawn)"
+            } else {
+                ""
+            }
         );
-        println!(
-            "fakes' floor {:.0} ms → overhead p50 {:+.0} ms  p95 {:+.0} ms  p99 {:+.0} ms",
-            ms(floor),
-            overhead(p50),
-            overhead(p95),
-            overhead(p99)
-        );
-        println!(
-            "end of speech → transcript.final: p50 {:.0} ms; server-reported to_first_audio p50 {server_p50} ms",
-            ms(percentile(&finals, 0.5))
-        );
-        if let Some(x) = &resources {
-            let per_session = x.rss_kib.map(|r| r / args.sessions.max(1) as u64);
-            println!(
-                "server: {:.2} CPU s ({:.2} cores over the run), rss {} KiB (peak {} KiB, {} KiB per session)",
-                x.cpu_s.unwrap_or(0.0),
-                x.cpu_s.unwrap_or(0.0) / elapsed.as_secs_f64(),
-                x.rss_kib.unwrap_or(0),
-                x.peak_rss_kib.unwrap_or(0),
-                per_session.unwrap_or(0)
-            );
-        }
-        for e in s.errors.iter().take(5) {
-            println!("error: {e}");
-        }
+    }
+    if let Some(cpu) = r.fakes_cpu_s {
+        println!("fakes: {cpu:.2} CPU s ({:.2} cores)", cpu / secs);
+    }
+    for e in s.errors.iter().take(5) {
+        println!("error: {e}");
     }
 }
 
@@ -429,11 +635,7 @@ async fn soak(
     pid: Option<u32>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let http_base = url
-        .replacen("ws://", "http://", 1)
-        .replacen("wss://", "https://", 1)
-        .trim_end_matches("/v1/voice")
-        .to_owned();
+    let http_base = http_base(url);
     let started = Instant::now();
     let mut samples: Vec<(usize, Option<u64>, Option<f64>)> = Vec::new();
     let mut errors = 0usize;

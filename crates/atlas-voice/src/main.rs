@@ -18,6 +18,13 @@ use atlas_fakes::{Fakes, FakesConfig};
 use atlas_server::config::{Config, DEV_JWT_SECRET, LogFormat};
 use atlas_server::{Application, auth};
 
+/// mimalloc instead of the system allocator: under load the server allocates and frees small
+/// buffers for every frame on two worker threads, where glibc's per-thread arenas spent
+/// measurable time in locking and in growing their heaps (see docs/benchmarks.md). Transparent
+/// huge pages are turned off for the process in `main` (see there).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "atlas-voice",
@@ -133,8 +140,17 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// mimalloc asks for transparent huge pages on its arenas; when it later returns memory and
+/// takes it back, each fault zeroes a whole 2 MiB page. Under load that zeroing was 15 % of the
+/// server's CPU (docs/benchmarks.md), so the process opts out. Failure only costs speed.
+fn disable_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes plain integer arguments and touches no memory of ours.
+    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    disable_transparent_huge_pages();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args).await,

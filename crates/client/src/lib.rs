@@ -175,8 +175,25 @@ impl Connection {
     }
 }
 
+/// The WebSocket of an open connection, for callers that drive it themselves.
+pub type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
+
 /// Opens a connection.
 pub async fn connect(options: &ConnectOptions) -> Result<Connection, ClientError> {
+    let (socket, protocol) = open_socket(options).await?;
+    Ok(spawn_connection(socket, protocol))
+}
+
+/// Opens the WebSocket (authenticated as `options` says) without starting the reader and
+/// writer tasks of [`connect`]: the caller reads and writes it directly, one task per
+/// connection (the load generator does, to keep its own cost per frame small). Returns the
+/// socket and the subprotocol the server selected.
+pub async fn open_socket(
+    options: &ConnectOptions,
+) -> Result<(Socket, Option<String>), ClientError> {
     let mut url = url::Url::parse(&options.url).map_err(|e| ClientError::Connect(e.to_string()))?;
     {
         let mut q = url.query_pairs_mut();
@@ -215,7 +232,13 @@ pub async fn connect(options: &ConnectOptions) -> Result<Connection, ClientError
             .parse()
             .map_err(|_| ClientError::Connect("token is not a valid subprotocol".into()))?,
     );
-    let connecting = tokio_tungstenite::connect_async_with_config(request, None, true);
+    // The server's frames are small (events, 20–100 ms of audio): a 16 KiB read buffer
+    // (tungstenite zero-fills the free part of it on every read, so the 128 KiB default
+    // costs a large memset per frame), and each message written as soon as it is sent.
+    let ws_config = tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(0);
+    let connecting = tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true);
     let (socket, response) = match tokio::time::timeout(options.timeout, connecting).await {
         Err(_) => return Err(ClientError::Timeout),
         Ok(Err(tungstenite::Error::Http(response))) => {
@@ -242,6 +265,10 @@ pub async fn connect(options: &ConnectOptions) -> Result<Connection, ClientError
         .get("sec-websocket-protocol")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    Ok((socket, protocol))
+}
+
+fn spawn_connection(socket: Socket, protocol: Option<String>) -> Connection {
     let (mut sink, mut stream) = socket.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(64);
     let (in_tx, in_rx) = mpsc::channel::<Incoming>(1024);
@@ -293,12 +320,12 @@ pub async fn connect(options: &ConnectOptions) -> Result<Connection, ClientError
             }
         }
     });
-    Ok(Connection {
+    Connection {
         sender: Sender { tx: out_tx },
         incoming: in_rx,
         protocol,
         tasks: [writer.abort_handle(), reader.abort_handle()],
-    })
+    }
 }
 
 /// Sends `samples` (16-bit mono at `rate`) in chunks of `chunk_ms`, each one when its last

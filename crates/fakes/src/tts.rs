@@ -5,10 +5,14 @@
 //! voiced segment (a harmonic tone whose pitch depends on the word, with a syllable-rate
 //! amplitude modulation and soft attack/release), whitespace becomes silence, and each input
 //! character lasts `ms_per_char` (divided by the request's `speed`). Peaks are at about -6 dBFS.
-//! Samples are computed chunk by chunk, so a long reply never sits in memory whole.
+//! Utterances up to 30 s are rendered once and kept in a small cache (under load every
+//! simulated client asks for the same few sentences, and synthesising every sample again was
+//! the fakes' largest cost); longer ones are computed chunk by chunk, so they never sit in
+//! memory whole.
 
+use std::collections::HashMap;
 use std::f64::consts::TAU;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -166,9 +170,75 @@ pub(crate) fn total_samples(config: &TtsFakeConfig, input: &str, speed: f64) -> 
     (ms * f64::from(TTS_SAMPLE_RATE) / 1000.0).round() as u64
 }
 
+/// Longest utterance kept whole in the render cache, in samples (30 s).
+const CACHE_MAX_SAMPLES: u64 = 30 * TTS_SAMPLE_RATE as u64;
+/// Total size of the render cache; it is emptied when a new render would exceed it.
+const CACHE_MAX_BYTES: usize = 32 << 20;
+
+#[derive(Default)]
+struct RenderCache {
+    entries: HashMap<(String, u64), Bytes>,
+    bytes: usize,
+}
+
+/// The whole rendering of `input` over `total` samples, from the cache when possible; `None`
+/// for utterances too long to keep whole.
+fn cached_render(input: &str, total: u64) -> Option<Bytes> {
+    static CACHE: OnceLock<Mutex<RenderCache>> = OnceLock::new();
+    if total > CACHE_MAX_SAMPLES {
+        return None;
+    }
+    let cache = CACHE.get_or_init(Mutex::default);
+    let key = (input.to_owned(), total);
+    let hit = cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entries
+        .get(&key)
+        .cloned();
+    if hit.is_some() {
+        return hit;
+    }
+    let pcm = Synth::new(input, total).render(0, total);
+    let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if c.bytes + pcm.len() > CACHE_MAX_BYTES {
+        c.entries.clear();
+        c.bytes = 0;
+    }
+    if c.entries.insert(key, pcm.clone()).is_none() {
+        c.bytes += pcm.len();
+    }
+    Some(pcm)
+}
+
+/// Where a source's samples come from.
+enum Audio {
+    /// Rendered whole (and shared through the cache).
+    Whole(Bytes),
+    /// Rendered chunk by chunk.
+    Chunked(Synth),
+}
+
+impl Audio {
+    fn new(input: &str, total: u64) -> Self {
+        match cached_render(input, total) {
+            Some(pcm) => Audio::Whole(pcm),
+            None => Audio::Chunked(Synth::new(input, total)),
+        }
+    }
+
+    /// Samples `[pos, pos + n)` as s16le.
+    fn samples(&self, pos: u64, n: u64) -> Bytes {
+        match self {
+            Audio::Whole(pcm) => pcm.slice(pos as usize * 2..(pos + n) as usize * 2),
+            Audio::Chunked(synth) => synth.render(pos, n),
+        }
+    }
+}
+
 /// Streams the synthesised PCM as [`Timed`] chunks, applying faults.
 struct PcmSource {
-    synth: Synth,
+    audio: Audio,
     pos: u64,
     total: u64,
     chunk_samples: u64,
@@ -196,7 +266,7 @@ impl PcmSource {
             Duration::ZERO
         };
         Self {
-            synth: Synth::new(input, total),
+            audio: Audio::new(input, total),
             pos: 0,
             total,
             chunk_samples,
@@ -239,7 +309,7 @@ impl Iterator for PcmSource {
             return None;
         }
         let n = self.chunk_samples.min(self.total - self.pos);
-        let data = self.synth.render(self.pos, n);
+        let data = self.audio.samples(self.pos, n);
         self.pos += n;
         self.sent_chunks += 1;
         Some(Timed::data(at, data))
@@ -284,6 +354,18 @@ fn voice_table() -> &'static [f32; TABLE] {
             .collect();
         for (slot, v) in t.iter_mut().zip(raw) {
             *slot = (v / peak) as f32;
+        }
+        t
+    })
+}
+
+/// One period of a cosine.
+fn cosine_table() -> &'static [f32; TABLE] {
+    static TABLE_CELL: OnceLock<[f32; TABLE]> = OnceLock::new();
+    TABLE_CELL.get_or_init(|| {
+        let mut t = [0f32; TABLE];
+        for (i, slot) in t.iter_mut().enumerate() {
+            *slot = (TAU * i as f64 / TABLE as f64).cos() as f32;
         }
         t
     })
@@ -337,6 +419,7 @@ impl Synth {
     /// Renders samples `[pos, pos + n)` as s16le.
     pub(crate) fn render(&self, pos: u64, n: u64) -> Bytes {
         let voice = voice_table();
+        let cosine = cosine_table();
         let rate = f64::from(TTS_SAMPLE_RATE);
         let mut out = BytesMut::with_capacity(n as usize * 2);
         let mut seg = self.segments.partition_point(|s| s.end <= pos);
@@ -348,11 +431,16 @@ impl Synth {
                 Some(s) if s.start <= idx => {
                     let k = (idx - s.start) as f64;
                     let to_end = (s.end - 1 - idx) as f64;
-                    let ramp = (k.min(to_end) / RAMP).min(1.0);
-                    // Raised-cosine attack/release.
-                    let envelope = 0.5 - 0.5 * (std::f64::consts::PI * ramp).cos();
+                    let edge = k.min(to_end);
+                    // Raised-cosine attack/release (trigonometry only inside the ramps: this
+                    // loop runs for every sample of every concurrent reply under load).
+                    let envelope = if edge < RAMP {
+                        0.5 - 0.5 * (std::f64::consts::PI * edge / RAMP).cos()
+                    } else {
+                        1.0
+                    };
                     let t = k / rate;
-                    let syllables = 0.7 + 0.3 * (0.5 + 0.5 * (TAU * SYLLABLE_HZ * t).cos());
+                    let syllables = 0.7 + 0.3 * (0.5 + 0.5 * table_lookup(cosine, SYLLABLE_HZ * t));
                     PEAK * envelope * syllables * table_lookup(voice, s.f0 * t)
                 }
                 _ => 0.0,
@@ -407,6 +495,27 @@ mod tests {
             pos += n;
         }
         assert_eq!(chunked.freeze(), a);
+    }
+
+    #[test]
+    fn short_utterances_are_rendered_once_and_long_ones_in_chunks() {
+        let total = total_samples(&TtsFakeConfig::default(), "cached sentence", 1.0);
+        let a = Audio::new("cached sentence", total);
+        let b = Audio::new("cached sentence", total);
+        let (Audio::Whole(x), Audio::Whole(y)) = (&a, &b) else {
+            panic!("a short utterance is kept whole");
+        };
+        // The second source shares the first one's buffer.
+        assert_eq!(x.as_ptr(), y.as_ptr());
+        // Slices of the whole equal the chunk-by-chunk rendering.
+        let synth = Synth::new("cached sentence", total);
+        assert_eq!(a.samples(100, 2_400), synth.render(100, 2_400));
+        let long = Audio::new("long", CACHE_MAX_SAMPLES + 1);
+        assert!(matches!(long, Audio::Chunked(_)));
+        assert_eq!(
+            long.samples(0, 1_000),
+            Synth::new("long", CACHE_MAX_SAMPLES + 1).render(0, 1_000)
+        );
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct AudioCounters {
     pub frames_out: Counter,
     /// Bytes sent to clients.
     pub bytes_out: Counter,
+    /// Input frames dropped because the recogniser fell behind or was unreachable for long.
+    pub frames_dropped: Counter,
 }
 
 /// The audio counters (created after [`install`]).
@@ -44,6 +46,7 @@ pub static AUDIO: LazyLock<AudioCounters> = LazyLock::new(|| AudioCounters {
     bytes_in: counter!("atlas_audio_bytes_in_total"),
     frames_out: counter!("atlas_audio_frames_out_total"),
     bytes_out: counter!("atlas_audio_bytes_out_total"),
+    frames_dropped: counter!("atlas_audio_frames_dropped_total"),
 });
 
 /// Live and detached sessions of this instance.

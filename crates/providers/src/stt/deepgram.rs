@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -247,6 +248,53 @@ impl SttProvider for Deepgram {
     }
 }
 
+/// Largest message made by joining queued audio frames (Deepgram takes any size; 250 ms of
+/// 16 kHz audio).
+const MAX_BATCH_BYTES: usize = 8_000;
+
+async fn next_command(
+    commands: &mut mpsc::Receiver<SttCommand>,
+    held: &mut Option<SttCommand>,
+) -> Option<SttCommand> {
+    match held.take() {
+        Some(cmd) => Some(cmd),
+        None => commands.recv().await,
+    }
+}
+
+/// Joins `first` with the audio frames already waiting behind it, so that a recogniser
+/// connection that fell behind catches up with one write instead of one per frame. Nothing
+/// waits for more audio: when the queue is empty (the normal case) `first` goes out as it is.
+/// A non-audio command found in the queue is kept in `held`, so order is preserved.
+fn coalesce(
+    first: Bytes,
+    commands: &mut mpsc::Receiver<SttCommand>,
+    held: &mut Option<SttCommand>,
+) -> Bytes {
+    let mut batch: Option<BytesMut> = None;
+    while batch.as_ref().map_or(first.len(), BytesMut::len) < MAX_BATCH_BYTES {
+        match commands.try_recv() {
+            Ok(SttCommand::Audio(more)) => {
+                let b = batch.get_or_insert_with(|| {
+                    let mut b = BytesMut::with_capacity(MAX_BATCH_BYTES + more.len());
+                    b.extend_from_slice(&first);
+                    b
+                });
+                b.extend_from_slice(&more);
+            }
+            Ok(other) => {
+                *held = Some(other);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    match batch {
+        Some(b) => b.freeze(),
+        None => first,
+    }
+}
+
 async fn run<S>(
     socket: S,
     mut commands: mpsc::Receiver<SttCommand>,
@@ -264,11 +312,16 @@ async fn run<S>(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let close_deadline = tokio::time::sleep(Duration::from_secs(86_400));
     tokio::pin!(close_deadline);
+    // A command taken from the queue behind a batch of audio, handled next.
+    let mut held: Option<SttCommand> = None;
     loop {
         tokio::select! {
-            cmd = commands.recv(), if !closing => {
+            cmd = next_command(&mut commands, &mut held), if !closing => {
                 let sent = match cmd {
-                    Some(SttCommand::Audio(bytes)) => sink.send(Message::Binary(bytes)).await,
+                    Some(SttCommand::Audio(bytes)) => {
+                        let batch = coalesce(bytes, &mut commands, &mut held);
+                        sink.send(Message::Binary(batch)).await
+                    }
                     Some(SttCommand::Finalize) => sink.send(Message::text(FINALIZE)).await,
                     Some(SttCommand::Close) | None => {
                         closing = true;
@@ -338,6 +391,42 @@ async fn run<S>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn queued_audio_is_joined_in_order_and_commands_keep_their_place() {
+        let (tx, mut rx) = mpsc::channel(16);
+        // Nothing queued: the frame goes out as it is (no copy, no wait).
+        let alone = coalesce(Bytes::from_static(b"aa"), &mut rx, &mut None);
+        assert_eq!(&alone[..], b"aa");
+        for cmd in [
+            SttCommand::Audio(Bytes::from_static(b"bb")),
+            SttCommand::Audio(Bytes::from_static(b"cc")),
+            SttCommand::Finalize,
+            SttCommand::Audio(Bytes::from_static(b"dd")),
+        ] {
+            tx.try_send(cmd).unwrap();
+        }
+        let mut held = None;
+        let batch = coalesce(Bytes::from_static(b"aa"), &mut rx, &mut held);
+        assert_eq!(&batch[..], b"aabbcc");
+        // The finalize stops the batch and is handled before the audio behind it.
+        assert!(matches!(
+            next_command(&mut rx, &mut held).await,
+            Some(SttCommand::Finalize)
+        ));
+        match next_command(&mut rx, &mut held).await {
+            Some(SttCommand::Audio(b)) => assert_eq!(&b[..], b"dd"),
+            _ => panic!("expected the last frame"),
+        }
+        // A batch never grows far past the cap.
+        for _ in 0..16 {
+            tx.try_send(SttCommand::Audio(Bytes::from(vec![0u8; 1_000])))
+                .unwrap();
+        }
+        let big = coalesce(Bytes::from(vec![0u8; 1_000]), &mut rx, &mut held);
+        assert_eq!(big.len(), MAX_BATCH_BYTES);
+        assert!(held.is_none());
+    }
 
     #[test]
     fn maps_results() {

@@ -110,7 +110,14 @@ pub enum WriterExit {
     Gone,
 }
 
+/// Most frames written before one flush.
+const MAX_BATCH: usize = 32;
+
 /// Drains `rx` into `sink` until a close, a failure, or a write slower than `send_timeout`.
+///
+/// Frames already waiting in the queue are written together and flushed once (one system
+/// call for a burst such as the first 300 ms of a reply plus its events); a lone frame is
+/// flushed at once, so batching never delays anything.
 pub async fn run_writer<S>(
     mut sink: S,
     mut rx: mpsc::Receiver<Outbound>,
@@ -120,32 +127,44 @@ where
     S: Sink<Message> + Unpin,
 {
     let mut last_interrupted = 0u64;
-    while let Some(item) = rx.recv().await {
-        let frame = match item {
-            Outbound::Event(event) => {
-                if let ServerEvent::ResponseInterrupted { turn_id } = &event {
-                    last_interrupted = last_interrupted.max(*turn_id);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut batched = 0;
+        while let Some(item) = next.take() {
+            let frame = match item {
+                Outbound::Event(event) => {
+                    if let ServerEvent::ResponseInterrupted { turn_id } = &event {
+                        last_interrupted = last_interrupted.max(*turn_id);
+                    }
+                    Some(Message::Text(event.to_json().into()))
                 }
-                Message::Text(event.to_json().into())
-            }
-            Outbound::Audio { turn_id, pcm } => {
-                if turn_id <= last_interrupted {
-                    continue;
+                Outbound::Audio { turn_id, pcm } => {
+                    (turn_id > last_interrupted).then_some(Message::Binary(pcm))
                 }
-                Message::Binary(pcm)
+                Outbound::Ping => Some(Message::Ping(Bytes::new())),
+                Outbound::Close { code, reason } => {
+                    let frame = Message::Close(Some(CloseFrame {
+                        code,
+                        reason: reason.into(),
+                    }));
+                    // `send` flushes what was fed before the close frame too.
+                    let _ = tokio::time::timeout(send_timeout, sink.send(frame)).await;
+                    let _ = tokio::time::timeout(send_timeout, sink.close()).await;
+                    return WriterExit::Closed;
+                }
+            };
+            if let Some(frame) = frame {
+                match tokio::time::timeout(send_timeout, sink.feed(frame)).await {
+                    Ok(Ok(())) => batched += 1,
+                    Ok(Err(_)) => return WriterExit::Gone,
+                    Err(_) => return WriterExit::SlowConsumer,
+                }
             }
-            Outbound::Ping => Message::Ping(Bytes::new()),
-            Outbound::Close { code, reason } => {
-                let frame = Message::Close(Some(CloseFrame {
-                    code,
-                    reason: reason.into(),
-                }));
-                let _ = tokio::time::timeout(send_timeout, sink.send(frame)).await;
-                let _ = tokio::time::timeout(send_timeout, sink.close()).await;
-                return WriterExit::Closed;
+            if batched < MAX_BATCH {
+                next = rx.try_recv().ok();
             }
-        };
-        match tokio::time::timeout(send_timeout, sink.send(frame)).await {
+        }
+        match tokio::time::timeout(send_timeout, sink.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return WriterExit::Gone,
             Err(_) => return WriterExit::SlowConsumer,
@@ -196,6 +215,82 @@ mod tests {
         }
         let exit = run_writer(sink_tx, rx, Duration::from_secs(2)).await;
         assert_eq!(exit, WriterExit::SlowConsumer);
+    }
+
+    /// A sink that records frames and counts flushes.
+    #[derive(Default)]
+    struct Counting {
+        frames: Vec<Message>,
+        flushes: usize,
+    }
+
+    impl Sink<Message> for Counting {
+        type Error = std::convert::Infallible;
+        fn poll_ready(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn start_send(
+            mut self: std::pin::Pin<&mut Self>,
+            item: Message,
+        ) -> Result<(), Self::Error> {
+            self.frames.push(item);
+            Ok(())
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            self.flushes += 1;
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_frames_go_out_in_order_with_one_flush_per_burst() {
+        let (tx, rx) = mpsc::channel(64);
+        let out = OutboundTx::new(tx);
+        for i in 0..5u8 {
+            out.audio(1, Bytes::from(vec![i; 4])).await.unwrap();
+        }
+        out.event(ServerEvent::Pong { id: None }).unwrap();
+        let mut sink = Counting::default();
+        let writer = tokio::spawn(async move {
+            let exit = run_writer(&mut sink, rx, Duration::from_secs(1)).await;
+            (exit, sink)
+        });
+        // Let the burst go out, then send a lone frame and close.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        out.audio(1, Bytes::from_static(b"alone")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        out.close(1000, "bye").await;
+        let (exit, sink) = writer.await.unwrap();
+        assert_eq!(exit, WriterExit::Closed);
+        let kinds: Vec<String> = sink
+            .frames
+            .iter()
+            .map(|m| match m {
+                Message::Binary(b) if b.len() == 4 => format!("a{}", b[0]),
+                Message::Binary(b) => String::from_utf8_lossy(b).into_owned(),
+                Message::Text(_) => "event".into(),
+                Message::Close(_) => "close".into(),
+                _ => "other".into(),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["a0", "a1", "a2", "a3", "a4", "event", "alone", "close"]
+        );
+        // One flush for the burst of six, one for the lone frame, one for the close.
+        assert_eq!(sink.flushes, 3, "{kinds:?}");
     }
 
     #[tokio::test]

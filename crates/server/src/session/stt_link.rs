@@ -69,6 +69,12 @@ impl SttLink {
         }
     }
 
+    /// Counts a frame the recogniser will never hear.
+    fn dropped(&mut self) {
+        self.dropped_frames += 1;
+        crate::metrics::AUDIO.frames_dropped.increment(1);
+    }
+
     /// Consecutive failures so far.
     pub fn failures(&self) -> u32 {
         self.failures
@@ -91,7 +97,7 @@ impl SttLink {
             match stream.commands.try_send(SttCommand::Audio(pcm)) {
                 Ok(()) => return,
                 Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                    self.dropped_frames += 1;
+                    self.dropped();
                     return;
                 }
                 Err(tokio::sync::mpsc::error::TrySendError::Closed(SttCommand::Audio(pcm))) => {
@@ -112,7 +118,7 @@ impl SttLink {
     fn queue(&mut self, pcm: Bytes, position_s: f64) {
         if self.backlog.len() == BACKLOG_FRAMES {
             self.backlog.pop_front();
-            self.dropped_frames += 1;
+            self.dropped();
         }
         self.backlog.push_back((pcm, position_s));
     }
@@ -179,7 +185,7 @@ impl SttLink {
             if let State::Open(stream) = &mut self.state {
                 self.offset_s.get_or_insert(position);
                 if stream.commands.try_send(SttCommand::Audio(pcm)).is_err() {
-                    self.dropped_frames += 1;
+                    self.dropped();
                 }
             }
         }

@@ -302,8 +302,7 @@ async fn one_session(
         give_up.as_mut().reset(began + Duration::from_secs(60));
         let mut final_at = None;
         let mut first_audio = None;
-        // When the reply audio received so far will have finished playing.
-        let mut playing_until: Option<Instant> = None;
+        let mut playback = Playback::default();
         let mut done = false;
         enum Step {
             Send,
@@ -335,16 +334,10 @@ async fn one_session(
                     let length = Duration::from_secs_f64(pcm.len() as f64 / output_bytes_per_s);
                     first_audio.get_or_insert(at);
                     out.reply_frames += 1;
-                    let resume = match playing_until {
-                        Some(end) if at > end + Duration::from_millis(1) => {
-                            out.reply_underruns += 1;
-                            out.reply_gap += at - end;
-                            at
-                        }
-                        Some(end) => end,
-                        None => at,
-                    };
-                    playing_until = Some(resume + length);
+                    if let Some(gap) = playback.arrive(at, length) {
+                        out.reply_underruns += 1;
+                        out.reply_gap += gap;
+                    }
                 }
                 Step::Received(Some(Ok(WsMessage::Text(text)))) => {
                     match parse_server_event(text.as_str()) {
@@ -403,6 +396,28 @@ async fn one_session(
     out
 }
 
+/// A listener's playback of reply audio: it starts with the first frame and plays each frame
+/// right after the one before, as long as frames arrive in time.
+#[derive(Default)]
+struct Playback {
+    /// When the audio received so far will have finished playing.
+    until: Option<Instant>,
+}
+
+impl Playback {
+    /// A frame of `length` arrived at `at`; returns the silence the listener heard before it
+    /// when the audio before it had already run out (more than 1 ms earlier).
+    fn arrive(&mut self, at: Instant, length: Duration) -> Option<Duration> {
+        let (start, gap) = match self.until {
+            Some(end) if at > end + Duration::from_millis(1) => (at, Some(at - end)),
+            Some(end) => (end.max(at), None),
+            None => (at, None),
+        };
+        self.until = Some(start + length);
+        gap
+    }
+}
+
 fn json_text(msg: &ClientMessage) -> String {
     serde_json::to_string(msg).expect("client messages serialise")
 }
@@ -429,15 +444,18 @@ async fn server_counter(http_base: &str, name: &str) -> Option<f64> {
         .text()
         .await
         .ok()?;
-    Some(
-        body.lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum(),
-    )
+    Some(counter_value(&body, name))
+}
+
+/// The sum of `name` over its label sets in a Prometheus text page.
+fn counter_value(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -813,4 +831,60 @@ async fn idle(
         anyhow::bail!("{errors} sessions failed to open");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn playback_counts_the_gaps_a_listener_hears() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut p = Playback::default();
+        // Three 100 ms frames at once, then one just in time: no gap.
+        assert_eq!(p.arrive(t0, ms(100)), None);
+        assert_eq!(p.arrive(t0, ms(100)), None);
+        assert_eq!(p.arrive(t0, ms(100)), None);
+        assert_eq!(p.arrive(t0 + ms(300), ms(100)), None);
+        // The next one is 50 ms late: the listener heard 50 ms of silence.
+        assert_eq!(p.arrive(t0 + ms(450), ms(100)), Some(ms(50)));
+        // Playback resumed with it, so a frame at its end is on time again.
+        assert_eq!(p.arrive(t0 + ms(550), ms(100)), None);
+    }
+
+    #[test]
+    fn frames_follow_the_microphone_and_meet_the_minimum_size() {
+        let samples = vec![1i16; 16_000 + 100];
+        let f = Frames::new(&samples, 16_000, 20);
+        assert_eq!(f.data.len(), 51);
+        assert_eq!(f.data[0].len(), 640);
+        assert_eq!(f.due[0], Duration::from_millis(20));
+        // The short last chunk (100 samples) is due when its last sample is captured, and a
+        // chunk below the server's 100-byte minimum is padded.
+        assert_eq!(f.data[50].len(), 200);
+        assert_eq!(f.due[50], Duration::from_secs_f64(16_100.0 / 16_000.0));
+        let tiny = Frames::new(&[1i16; 10], 16_000, 20);
+        assert_eq!(tiny.data[0].len(), 100);
+    }
+
+    #[test]
+    fn metrics_page_and_endpoint_parsing() {
+        let page = "# TYPE atlas_audio_frames_dropped_total counter\n\
+                    atlas_audio_frames_dropped_total 7\n\
+                    atlas_audio_frames_dropped_total_other 100\n\
+                    atlas_turns_total{outcome=\"completed\"} 3\n\
+                    atlas_turns_total{outcome=\"failed\"} 2\n";
+        assert_eq!(counter_value(page, "atlas_audio_frames_dropped_total"), 7.0);
+        assert_eq!(counter_value(page, "atlas_turns_total"), 5.0);
+        assert_eq!(counter_value(page, "atlas_missing_total"), 0.0);
+        assert_eq!(
+            http_base("ws://127.0.0.1:8080/v1/voice?x=1"),
+            "http://127.0.0.1:8080"
+        );
+        assert_eq!(
+            http_base("wss://voice.example/v1/voice"),
+            "https://voice.example"
+        );
+    }
 }

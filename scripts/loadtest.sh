@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Concurrency: SESSIONS simulated clients (started RAMP_MS apart) speak the test question in
+# CHUNK_MS frames at real-time pace to a server in its own process, wired to the provider
+# fakes in a third process, all on loopback. Prints latency, late/dropped frames, reply-audio
+# gaps and each process's CPU; extra arguments go to `atlas-voice loadtest` (e.g. --json).
+# Usage: scripts/loadtest.sh [SESSIONS] [CHUNK_MS] [RAMP_MS] [loadtest args...]
+#        (defaults 1000 20 5; loopback only; stops by itself)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/atlas-voice/target}"
+n="${1:-1000}"
+chunk="${2:-20}"
+ramp="${3:-5}"
+shift $(($# < 3 ? $# : 3))
+cargo build --release --locked -p atlas-voice >&2
+bin="$CARGO_TARGET_DIR/release/atlas-voice"
+fakes_port=19090
+server_port=18080
+data=$(mktemp -d)
+RUST_LOG=warn "$bin" fakes --listen "127.0.0.1:$fakes_port" >/dev/null &
+fakes_pid=$!
+export ATLAS_LISTEN="127.0.0.1:$server_port" ATLAS_DEV=true \
+  ATLAS_STT=deepgram ATLAS_LLM=anthropic ATLAS_TTS=openai \
+  DEEPGRAM_API_KEY=fake ANTHROPIC_API_KEY=fake OPENAI_API_KEY=fake \
+  ATLAS_DEEPGRAM_URL="ws://127.0.0.1:$fakes_port" ATLAS_ANTHROPIC_URL="http://127.0.0.1:$fakes_port" \
+  ATLAS_OPENAI_URL="http://127.0.0.1:$fakes_port/v1" \
+  ATLAS_CONNECT_RATE_PER_S=1000000 ATLAS_CONNECT_BURST=1000000 \
+  ATLAS_MAX_SESSIONS_PER_USER=100000 DATABASE_URL="sqlite://$data/atlas-voice.db"
+RUST_LOG=warn "$bin" serve >/dev/null &
+server_pid=$!
+trap 'kill "$server_pid" "$fakes_pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$data"' EXIT
+for _ in $(seq 100); do
+  curl -sf "http://127.0.0.1:$server_port/healthz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+token=$("$bin" token --user loadtest)
+"$bin" loadtest --url "ws://127.0.0.1:$server_port/v1/voice" --token "$token" \
+  --sessions "$n" --chunk-ms "$chunk" --ramp-ms "$ramp" \
+  --server-pid "$server_pid" --fakes-pid "$fakes_pid" "$@"

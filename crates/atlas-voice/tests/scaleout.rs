@@ -435,7 +435,10 @@ async fn start_on(conn: &mut Connection) -> Outcome {
                 ..
             }) => return Outcome::Resumed(session_id),
             Some(Incoming::Event {
-                event: ServerEvent::Error { code, fatal: true, .. },
+                event:
+                    ServerEvent::Error {
+                        code, fatal: true, ..
+                    },
                 ..
             }) => error = Some(code.as_str().to_owned()),
             Some(Incoming::Closed { code, .. }) => return Outcome::Refused(error, code),
@@ -526,7 +529,9 @@ async fn a_session_survives_kill_9_of_its_instance() {
     let (mut conn, started) = start(&a.url(), "survivor", None).await.unwrap();
     let (session_id, resume_token) = ids(started);
     ask(&mut conn, 1).await;
-    // The usage the client saw after the turn.
+    // The turn's state is replicated as the turn ends (queued before `response.done`); give
+    // the write its round trip to Redis, then A dies without a word.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     a.child.kill().unwrap();
     a.child.wait().unwrap();
     let killed = Instant::now();
@@ -569,7 +574,10 @@ async fn a_session_survives_kill_9_of_its_instance() {
             _ => {}
         }
     };
-    assert!(usage.llm_input_tokens > 0 && usage.llm_output_tokens > 0, "{usage:?}");
+    assert!(
+        usage.llm_input_tokens > 0 && usage.llm_output_tokens > 0,
+        "{usage:?}"
+    );
     ask(&mut conn, 2).await;
     let recorded = fakes.recorded();
     let messages = recorded.llm_requests.last().unwrap().1["messages"]

@@ -26,12 +26,12 @@ use axum::extract::ConnectInfo;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::auth::{AuthError, Authenticator, extract_token};
+use crate::cluster::Claim;
 use crate::config::Config;
 use crate::engines::Engines;
 use crate::error::ApiError;
 use crate::metrics;
 use crate::registry::{AdmitError, Registry};
-use crate::cluster::Claim;
 use crate::session::{ToSession, Upgrade, handle_upgrade};
 
 /// Shared state of the running server.

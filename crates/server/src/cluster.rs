@@ -49,7 +49,8 @@ pub enum ClusterError {
 
 // Every script reads the time from Redis, so instances with skewed clocks agree on leases.
 // `now` in milliseconds.
-const NOW: &str = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n";
+const NOW: &str =
+    "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n";
 
 // A new session: a place under the user's limit, and ownership at epoch 1.
 // KEYS: leases, session. ARGV: session id, max, lease ttl ms, instance, session ttl ms, user.
@@ -280,7 +281,11 @@ impl Cluster {
 
     /// Admits a new session for `user_id` if the user holds fewer live leases than the
     /// limit, and makes this instance its owner.
-    pub async fn admit(&self, user_id: &str, session_id: &str) -> Result<Option<Owned>, ClusterError> {
+    pub async fn admit(
+        &self,
+        user_id: &str,
+        session_id: &str,
+    ) -> Result<Option<Owned>, ClusterError> {
         let mut conn = self.conn.clone();
         let ok: i64 = timed(
             Self::script(ADMIT)

@@ -231,7 +231,9 @@ impl Ledger {
         Usage {
             cost_usd: self.cost.total.map(to_usd),
             stt_seconds: self.stt_seconds,
-            llm_input_tokens: c.llm_input_tokens + c.llm_cache_read_tokens + c.llm_cache_write_tokens,
+            llm_input_tokens: c.llm_input_tokens
+                + c.llm_cache_read_tokens
+                + c.llm_cache_write_tokens,
             llm_output_tokens: c.llm_output_tokens,
             tts_chars: c.tts_chars,
         }

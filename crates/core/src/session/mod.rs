@@ -640,8 +640,10 @@ impl Session {
             match action {
                 TimerAction::Ping => self.out.push_back(Output::Ping),
                 TimerAction::HeartbeatTimeout => {
-                    self.out
-                        .push_back(Output::CloseConnection(close::GOING_AWAY, "heartbeat timeout"));
+                    self.out.push_back(Output::CloseConnection(
+                        close::GOING_AWAY,
+                        "heartbeat timeout",
+                    ));
                     self.detach(now);
                 }
                 TimerAction::WarnMaxDuration { seconds_left } => {
@@ -1002,12 +1004,7 @@ impl Session {
         }
     }
 
-    fn start_reply(
-        &mut self,
-        turn_id: u64,
-        text: String,
-        end_of_speech: Option<Instant>,
-    ) {
+    fn start_reply(&mut self, turn_id: u64, text: String, end_of_speech: Option<Instant>) {
         self.send(ServerEvent::TranscriptFinal {
             turn_id,
             text: text.clone(),
@@ -1107,6 +1104,11 @@ impl Session {
             latency: latency.clone(),
             outcome,
         }));
+        if self.phase == Phase::Live && self.lease.is_some() && self.attached {
+            // Replicated after every turn, so the session survives its instance; queued
+            // before the client hears the turn is done.
+            self.out.push_back(Output::Publish);
+        }
         self.send(ServerEvent::ResponseDone {
             turn_id,
             interrupted,
@@ -1118,10 +1120,6 @@ impl Session {
             Phase::Ending(reason) => return self.finish(reason),
             Phase::Ended => return,
             Phase::Live => {}
-        }
-        if self.lease.is_some() && self.attached {
-            // Replicated after every turn, so the session survives its instance.
-            self.out.push_back(Output::Publish);
         }
         if verdict == Verdict::Exhausted {
             return self.end(EndReason::BudgetExhausted);
@@ -1166,12 +1164,16 @@ impl Session {
 
     fn finish(&mut self, reason: EndReason) {
         self.phase = Phase::Ended;
-        if let Some((old, _)) = self.previous_token.take() {
-            self.out.push_back(Output::RetireToken(old));
-        }
-        if !self.token.is_empty() {
-            self.out
-                .push_back(Output::RetireToken(std::mem::take(&mut self.token)));
+        let handover = reason == EndReason::Draining && self.lease.is_some();
+        // A handed-over session stays resumable by its tokens on another instance.
+        if !handover {
+            if let Some((old, _)) = self.previous_token.take() {
+                self.out.push_back(Output::RetireToken(old));
+            }
+            if !self.token.is_empty() {
+                self.out
+                    .push_back(Output::RetireToken(std::mem::take(&mut self.token)));
+            }
         }
         self.out.push_back(Output::CloseRecogniser);
         let record = reason != EndReason::Moved;
@@ -1201,7 +1203,7 @@ impl Session {
         self.out.push_back(Output::Finish(Finish {
             reason,
             record,
-            handover: reason == EndReason::Draining && self.lease.is_some(),
+            handover,
         }));
     }
 }

@@ -197,7 +197,10 @@ fn attach_announces_the_session_and_registers_its_token() {
         now,
     );
     let out: Vec<_> = std::iter::from_fn(|| s.poll_output()).collect();
-    assert!(has(&out, |o| matches!(o, Output::RegisterToken(t) if t == "t1")));
+    assert!(has(
+        &out,
+        |o| matches!(o, Output::RegisterToken(t) if t == "t1")
+    ));
     assert!(matches!(
         events(&out)[..],
         [ServerEvent::SessionStarted { session_id, resume_token, .. }] if session_id == "s1" && resume_token == "t1"
@@ -243,7 +246,10 @@ fn barge_in_aborts_and_keeps_only_what_was_spoken() {
     let mut h = Harness::new(config());
     h.say("Tell me a story");
     let out = h.feed(Input::Heard(Heard::Partial("wait stop")));
-    assert!(has(&out, |o| matches!(o, Output::AbortReply { turn_id: 1 })));
+    assert!(has(&out, |o| matches!(
+        o,
+        Output::AbortReply { turn_id: 1 }
+    )));
     let mut o = outcome(1, "Once upon", 0);
     o.llm.finished = false;
     o.llm.reported.output = None;
@@ -283,7 +289,10 @@ fn detach_cuts_the_reply_and_waits_for_the_resume_window() {
     let mut h = Harness::new(config());
     h.say("Hello");
     let out = h.feed(Input::Detach);
-    assert!(has(&out, |o| matches!(o, Output::AbortReply { turn_id: 1 })));
+    assert!(has(&out, |o| matches!(
+        o,
+        Output::AbortReply { turn_id: 1 }
+    )));
     assert!(has(&out, |o| matches!(o, Output::CloseRecogniser)));
     assert!(!h.s.is_attached());
     let out = h.feed(Input::ReplyEnded(outcome(1, "", 0)));
@@ -296,9 +305,11 @@ fn detach_cuts_the_reply_and_waits_for_the_resume_window() {
         events(&out)[0],
         ServerEvent::SessionResumed { session_id, turns: 1, resume_token, .. } if session_id == "s1" && resume_token == "t2"
     ));
-    assert!(events(&out)
-        .iter()
-        .any(|e| matches!(e, ServerEvent::Usage(u) if u.llm_input_tokens == 100)));
+    assert!(
+        events(&out)
+            .iter()
+            .any(|e| matches!(e, ServerEvent::Usage(u) if u.llm_input_tokens == 100))
+    );
     // The cut reply had spoken nothing: only the person's words stay in the history.
     assert_eq!(h.s.history().count(), 1);
 }
@@ -329,11 +340,17 @@ fn the_previous_token_stays_valid_until_the_client_uses_the_new_one() {
     let mut h = Harness::new(config());
     h.feed(Input::Detach);
     let out = h.attach(true, "t2");
-    assert!(has(&out, |o| matches!(o, Output::RegisterToken(t) if t == "t2")));
+    assert!(has(
+        &out,
+        |o| matches!(o, Output::RegisterToken(t) if t == "t2")
+    ));
     // Not retired yet: session.resumed may be lost, and the client retries with t1.
     assert!(!has(&out, |o| matches!(o, Output::RetireToken(_))));
     let out = h.feed(Input::Ping(None));
-    assert!(has(&out, |o| matches!(o, Output::RetireToken(t) if t == "t1")));
+    assert!(has(
+        &out,
+        |o| matches!(o, Output::RetireToken(t) if t == "t1")
+    ));
 }
 
 #[test]
@@ -345,9 +362,15 @@ fn a_lost_session_resumed_is_retried_with_the_old_token_then_the_grace_ends_it()
     h.feed(Input::Detach);
     let out = h.attach(true, "t3");
     // t1 is useless once a newer resume happened; t2 is now the previous token.
-    assert!(has(&out, |o| matches!(o, Output::RetireToken(t) if t == "t1")));
+    assert!(has(
+        &out,
+        |o| matches!(o, Output::RetireToken(t) if t == "t1")
+    ));
     let out = h.advance(31 * S);
-    assert!(has(&out, |o| matches!(o, Output::RetireToken(t) if t == "t2")));
+    assert!(has(
+        &out,
+        |o| matches!(o, Output::RetireToken(t) if t == "t2")
+    ));
 }
 
 #[test]
@@ -474,7 +497,10 @@ fn token_expiry_ends_unless_refreshed() {
     let out = h.advance(3609 * S);
     assert!(finish(&out).is_none());
     let out = h.advance(2 * S);
-    assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::TokenExpired));
+    assert_eq!(
+        finish(&out).map(|f| f.reason),
+        Some(EndReason::TokenExpired)
+    );
     assert_eq!(error_code(&out), Some(ErrorCode::TokenExpired));
 
     let mut h = Harness::new(c);
@@ -511,7 +537,11 @@ fn budget_warns_once_then_stops_before_overspending() {
     h.say("one");
     // A costly reply: 5,000 output tokens = 25,000 µ$, past the 80 % warning.
     let out = h.reply_done(1, "ok", 5_000);
-    assert!(events(&out).iter().any(|e| matches!(e, ServerEvent::BudgetWarning { .. })));
+    assert!(
+        events(&out)
+            .iter()
+            .any(|e| matches!(e, ServerEvent::BudgetWarning { .. }))
+    );
     // The next reply would pass the budget: refused before starting, session ends 4402.
     let out = h.say("two");
     assert!(!has(&out, |o| matches!(o, Output::StartReply { .. })));
@@ -519,8 +549,15 @@ fn budget_warns_once_then_stops_before_overspending() {
     assert_eq!(f.reason, EndReason::BudgetExhausted);
     assert!(f.record);
     assert_eq!(f.reason.close().0, close::BUDGET_EXHAUSTED);
-    assert!(has(&out, |o| matches!(o, Output::Turn(t) if t.outcome == "refused" && t.user_text == "two")));
-    assert!(!events(&out).iter().any(|e| matches!(e, ServerEvent::BudgetWarning { .. })));
+    assert!(has(
+        &out,
+        |o| matches!(o, Output::Turn(t) if t.outcome == "refused" && t.user_text == "two")
+    ));
+    assert!(
+        !events(&out)
+            .iter()
+            .any(|e| matches!(e, ServerEvent::BudgetWarning { .. }))
+    );
 }
 
 #[test]
@@ -652,7 +689,10 @@ fn ending_mid_reply_records_the_cut_reply_first() {
     let mut h = Harness::new(config());
     h.say("Hello");
     let out = h.feed(Input::End);
-    assert!(has(&out, |o| matches!(o, Output::AbortReply { turn_id: 1 })));
+    assert!(has(&out, |o| matches!(
+        o,
+        Output::AbortReply { turn_id: 1 }
+    )));
     assert_eq!(finish(&out), None);
     let out = h.feed(Input::ReplyEnded(outcome(1, "Hi", 1)));
     let turn_at = out.iter().position(|o| matches!(o, Output::Turn(_)));
@@ -727,7 +767,10 @@ fn a_stale_owner_writes_nothing_more() {
     let mut h = Harness::new(clustered());
     h.say("Hello");
     let out = h.feed(Input::OwnershipLost);
-    assert!(has(&out, |o| matches!(o, Output::AbortReply { turn_id: 1 })));
+    assert!(has(&out, |o| matches!(
+        o,
+        Output::AbortReply { turn_id: 1 }
+    )));
     let out = h.feed(Input::ReplyEnded(outcome(1, "Hi", 5)));
     let f = finish(&out).unwrap();
     assert_eq!(
@@ -780,7 +823,10 @@ fn a_typed_turn_is_answered_like_speech() {
         turn_id: 1,
         text: "What time is it?".into()
     }));
-    assert!(has(&out, |o| matches!(o, Output::StartReply { turn_id: 1, .. })));
+    assert!(has(&out, |o| matches!(
+        o,
+        Output::StartReply { turn_id: 1, .. }
+    )));
     assert!(h.feed(Input::Text("   ")).is_empty());
 }
 
@@ -789,6 +835,9 @@ fn a_replacing_connection_cuts_the_reply() {
     let mut h = Harness::new(config());
     h.say("Hello");
     let out = h.attach(true, "t2");
-    assert!(has(&out, |o| matches!(o, Output::AbortReply { turn_id: 1 })));
+    assert!(has(&out, |o| matches!(
+        o,
+        Output::AbortReply { turn_id: 1 }
+    )));
     assert!(h.s.is_attached());
 }

@@ -29,8 +29,8 @@ use atlas_core::history::{HistoryLimits, Role};
 use atlas_core::resample::StreamResampler;
 use atlas_core::session::ledger::{LlmBill, ReportedTokens, SpendDelta};
 use atlas_core::session::{
-    Config as MachineConfig, Finish, Heard, Input, LeaseAnswer, Output, ReplyFailure,
-    ReplyOutcome, Session as Machine, TurnLog,
+    Config as MachineConfig, Finish, Heard, Input, LeaseAnswer, Output, ReplyFailure, ReplyOutcome,
+    Session as Machine, TurnLog,
 };
 use atlas_core::splitter::SplitterConfig;
 use atlas_core::timers::TimerConfig;
@@ -323,6 +323,8 @@ enum ClusterOp {
     RegisterToken(String),
     RetireToken(String),
     Spend(u64),
+    /// The session ended for good: free its place.
+    Release,
 }
 
 /// Shared-store writes queued per session.
@@ -333,6 +335,8 @@ struct Shared {
     cluster: Arc<Cluster>,
     owned: Arc<Mutex<Owned>>,
     ops: mpsc::Sender<ClusterOp>,
+    /// The task carrying the writes out.
+    writer: JoinHandle<()>,
 }
 
 /// Runs a session's shared-store writes in order, each fenced by the current epoch.
@@ -365,6 +369,7 @@ async fn run_cluster_ops(
             ClusterOp::RetireToken(t) => {
                 log_fenced(cluster.retire_token(&me, &t).await, "retire token")
             }
+            ClusterOp::Release => log_fenced(cluster.release(&me).await, "release"),
             ClusterOp::Spend(micros) => match cluster.add_spend(&me, micros).await {
                 Ok(Fenced::Done(total)) => {
                     let _ = answers.send(Answer::DailySpent(total)).await;
@@ -540,7 +545,7 @@ impl Driver {
             (Some(cluster), Some(owned)) => {
                 let owned = Arc::new(Mutex::new(owned));
                 let (ops, ops_rx) = mpsc::channel(CLUSTER_QUEUE);
-                state.sessions.spawn(
+                let writer = state.sessions.spawn(
                     run_cluster_ops(cluster.clone(), owned.clone(), ops_rx, answers_tx.clone())
                         .in_current_span(),
                 );
@@ -548,6 +553,7 @@ impl Driver {
                     cluster: cluster.clone(),
                     owned,
                     ops,
+                    writer,
                 })
             }
             _ => None,
@@ -654,7 +660,11 @@ impl Driver {
     /// was overtaken by a later one is refused.
     async fn attach(&mut self, conn: Connection, resumed: bool) -> Result<(), Finish> {
         if resumed && let Some(shared) = &self.shared {
-            let me = shared.owned.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let me = shared
+                .owned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             let sent_at = now();
             let answer = match shared.cluster.refresh(&me).await {
                 Ok(Fenced::Done(true)) => LeaseAnswer::Extended,
@@ -767,7 +777,10 @@ impl Driver {
             }
             // Only an earlier deadline needs a reset: a later one (activity postponing the idle
             // timeout on every frame) is caught when the timer fires early and finds nothing due.
-            let deadline = self.machine.poll_timeout().map_or_else(far, Instant::from_std);
+            let deadline = self
+                .machine
+                .poll_timeout()
+                .map_or_else(far, Instant::from_std);
             if deadline < timer.deadline() {
                 timer.as_mut().reset(deadline);
             }
@@ -830,9 +843,9 @@ impl Driver {
                 self.identity = identity;
                 Input::TokenRefreshed(Ok(expiry))
             }
-            Answer::TokenRefreshed(Ok(_)) => Input::TokenRefreshed(Err(
-                "the new token belongs to another user".to_owned(),
-            )),
+            Answer::TokenRefreshed(Ok(_)) => {
+                Input::TokenRefreshed(Err("the new token belongs to another user".to_owned()))
+            }
             Answer::TokenRefreshed(Err(message)) => Input::TokenRefreshed(Err(message)),
         };
         self.feed(input).await;
@@ -1222,22 +1235,28 @@ impl Driver {
         if finish.record {
             self.state.recorder.submit(self.snapshot(Some(reason)));
         }
-        // The shared-store writes queued so far go first (tokens, spend), in order.
-        let shared = self.shared.take();
-        if let Some(shared) = shared {
-            let owned = shared.owned.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            drop(shared.ops);
-            if finish.handover {
-                // Draining: hand the session to whichever instance the client reconnects to
-                // (its final record will replace this one), keeping its place.
-                if let Err(e) = shared.cluster.publish(&owned, &self.resume_state()).await {
-                    warn!(error = %e, "could not hand the session over for resume elsewhere");
-                }
+        // The last shared-store writes go behind the ones queued so far (tokens, spend), in
+        // order. A hand-over (drain) is awaited so the next owner finds the latest state.
+        if let Some(shared) = self.shared.take() {
+            let last = if finish.handover {
+                Some(ClusterOp::Publish(Box::new(self.resume_state())))
             } else if finish.record {
-                let cluster = shared.cluster.clone();
-                self.state.sessions.spawn(async move {
-                    let _ = cluster.release(&owned).await;
-                });
+                Some(ClusterOp::Release)
+            } else {
+                None
+            };
+            if let Some(op) = last
+                && shared.ops.send(op).await.is_err()
+            {
+                warn!("shared-store writer gone; last write dropped");
+            }
+            drop(shared.ops);
+            if finish.handover
+                && tokio::time::timeout(Duration::from_secs(5), shared.writer)
+                    .await
+                    .is_err()
+            {
+                warn!("could not hand the session over for resume elsewhere in time");
             }
         }
         metrics::session_ended(reason.label());

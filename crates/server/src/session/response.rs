@@ -138,14 +138,10 @@ async fn run_inner(ctx: &ResponseCtx, progress: &Arc<Mutex<Progress>>) -> Result
         &mut lock(progress).timings.llm_request,
         Instant::now().into_std(),
     );
-    let stream = ctx
-        .llm
-        .stream(ctx.request.clone())
-        .await
-        .map_err(|e| {
-            lock(progress).llm_refused = true;
-            Failure::provider(ErrorCode::LlmFailed, &e)
-        })?;
+    let stream = ctx.llm.stream(ctx.request.clone()).await.map_err(|e| {
+        lock(progress).llm_refused = true;
+        Failure::provider(ErrorCode::LlmFailed, &e)
+    })?;
     let (sentence_tx, sentence_rx) = mpsc::channel::<String>(32);
     let (job_tx, job_rx) = mpsc::channel::<Job>(ctx.prefetch);
     tokio::try_join!(

@@ -3,16 +3,13 @@
 //! (`atlas-voice models fetch`, which `scripts/test.sh` runs) and the worker binaries (built
 //! by `cargo build` / `cargo nextest run --workspace`).
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use secrecy::SecretString;
 
 use atlas_client::{ConnectOptions, Connection, Incoming, connect, stream_pcm, wav};
 use atlas_local::ipc::Request;
@@ -24,7 +21,7 @@ use atlas_protocol::{AudioFormat, ClientMessage, ErrorCode, ServerEvent, Session
 use atlas_providers::llm::{ChatMessage, ChatRole, LlmEvent, LlmProvider, LlmRequest};
 use atlas_providers::tts::{TtsProvider, TtsRequest};
 
-const SECRET: &str = "local-engines-test-secret-0123456789abcdef";
+use atlas_testkit::{ServerProcess, token};
 
 fn models_dir() -> PathBuf {
     let dir = std::env::var_os("ATLAS_MODELS_DIR")
@@ -101,81 +98,17 @@ fn words(text: &str) -> Vec<String> {
         .collect()
 }
 
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
+/// `atlas-voice serve` on the local engines with the pinned models, plus `extra`.
+fn serve(extra: &[(&str, &str)]) -> Result<ServerProcess, String> {
+    let mut env = vec![("ATLAS_MODELS_DIR", models_dir().display().to_string())];
+    env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    atlas_testkit::serve(Path::new(env!("CARGO_BIN_EXE_atlas-voice")), &env)
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(extra: &[(&str, &str)]) -> Result<Server, String> {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_atlas-voice"));
-    cmd.arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "warn")
-        .env("ATLAS_LISTEN", "127.0.0.1:0")
-        .env("ATLAS_JWT_SECRET", SECRET)
-        .env("ATLAS_MODELS_DIR", models_dir())
-        .env(
-            "DATABASE_URL",
-            format!("sqlite://{}/atlas.db", dir.path().display()),
-        )
-        .env("ATLAS_SPOOL_DIR", dir.path().join("spool"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("the atlas-voice binary");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        match lines.next() {
-            Some(Ok(line)) => {
-                if let Some(rest) = line.strip_prefix("atlas-voice listening on http://") {
-                    break rest.split_whitespace().next().unwrap().parse().unwrap();
-                }
-            }
-            _ => {
-                let mut err = String::new();
-                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-                let _ = child.wait();
-                return Err(err);
-            }
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || for _ in BufReader::new(stderr).lines() {});
-    Ok(Server {
-        child,
-        addr,
-        _dir: dir,
-    })
-}
-
-async fn session(server: &Server) -> Connection {
-    let token = atlas_server::auth::mint_token(
-        &SecretString::from(SECRET),
-        "local-user",
-        "authenticated",
-        "authenticated",
-        600,
-    )
-    .unwrap();
-    let conn = connect(&ConnectOptions::new(
-        format!("ws://{}/v1/voice", server.addr),
-        token,
-    ))
-    .await
-    .unwrap();
+async fn session(server: &ServerProcess) -> Connection {
+    let conn = connect(&ConnectOptions::new(server.url(), token("local-user")))
+        .await
+        .unwrap();
     conn.sender
         .send(&ClientMessage::SessionStart(SessionStart {
             output_audio: AudioFormat {

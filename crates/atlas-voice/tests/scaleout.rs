@@ -2,111 +2,31 @@
 //! key prefix): the per-user limit across instances, leases freed after a crash, a resume on
 //! the other instance, the daily budget across instances, and Redis going away.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-use secrecy::SecretString;
 
 use atlas_client::{ClientError, ConnectOptions, Connection, Incoming, connect, stream_pcm, wav};
 use atlas_fakes::proxy::Proxy;
-use atlas_fakes::{Fakes, FakesConfig};
+use atlas_fakes::Fakes;
 use atlas_protocol::{ClientMessage, ServerEvent, SessionStart};
 
-const SECRET: &str = "scale-out-test-secret-0123456789abcdef";
-
-struct Instance {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Instance {
-    fn url(&self) -> String {
-        format!("ws://{}/v1/voice", self.addr)
-    }
-}
-
-fn fast_fakes() -> FakesConfig {
-    let mut c = FakesConfig::default();
-    c.llm.first_token = Duration::from_millis(80);
-    c.llm.tokens_per_s = 200.0;
-    c.tts.first_byte = Duration::from_millis(40);
-    c.tts.speed = 20.0;
-    c.tts.ms_per_char = 30;
-    c
-}
+use atlas_testkit::{ServerProcess as Instance, fake_providers, fast_fakes, serve, token};
 
 fn spawn(fakes: &Fakes, redis: &str, prefix: &str, extra: &[(&str, &str)]) -> Instance {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_atlas-voice"));
-    cmd.arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "warn")
-        .env("ATLAS_LISTEN", "127.0.0.1:0")
-        .env("ATLAS_JWT_SECRET", SECRET)
-        .env("ATLAS_STT", "deepgram")
-        .env("ATLAS_LLM", "anthropic")
-        .env("ATLAS_TTS", "openai")
-        .env("DEEPGRAM_API_KEY", "k")
-        .env("ANTHROPIC_API_KEY", "k")
-        .env("OPENAI_API_KEY", "k")
-        .env("ATLAS_DEEPGRAM_URL", fakes.deepgram_url())
-        .env("ATLAS_ANTHROPIC_URL", fakes.anthropic_url())
-        .env("ATLAS_OPENAI_URL", fakes.openai_url())
-        .env("REDIS_URL", redis)
-        .env("ATLAS_REDIS_PREFIX", prefix)
-        .env("ATLAS_LEASE_TTL_S", "2")
-        .env("ATLAS_CONNECT_BURST", "1000")
-        .env(
-            "DATABASE_URL",
-            format!("sqlite://{}/atlas.db", dir.path().display()),
-        )
-        .env("ATLAS_SPOOL_DIR", dir.path().join("spool"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("the atlas-voice binary");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("the server printed its address")
-            .unwrap();
-        if let Some(rest) = line.strip_prefix("atlas-voice listening on http://") {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Instance {
-        child,
-        addr,
-        _dir: dir,
-    }
-}
-
-fn token(user: &str) -> String {
-    atlas_server::auth::mint_token(
-        &SecretString::from(SECRET),
-        user,
-        "authenticated",
-        "authenticated",
-        600,
+    let mut env = fake_providers(fakes);
+    env.extend([
+        ("REDIS_URL", redis.to_owned()),
+        ("ATLAS_REDIS_PREFIX", prefix.to_owned()),
+        ("ATLAS_LEASE_TTL_S", "2".to_owned()),
+        ("ATLAS_CONNECT_BURST", "1000".to_owned()),
+    ]);
+    env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    serve(
+        std::path::Path::new(env!("CARGO_BIN_EXE_atlas-voice")),
+        &env,
     )
-    .unwrap()
+    .expect("the server starts")
 }
 
 fn prefix() -> String {

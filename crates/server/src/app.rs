@@ -23,7 +23,7 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 
 use axum::extract::ConnectInfo;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{Quota, RateLimiter};
 
 use crate::auth::{AuthError, Authenticator, extract_token};
 use crate::cluster::Claim;
@@ -34,46 +34,7 @@ use crate::metrics;
 use crate::registry::{AdmitError, Registry};
 use crate::session::{ToSession, Upgrade, handle_upgrade};
 
-/// Shared state of the running server.
-#[derive(Clone)]
-pub struct AppState(Arc<Inner>);
-
-/// What [`AppState`] holds.
-pub struct Inner {
-    /// Validated configuration.
-    pub config: Config,
-    /// Token verifier.
-    pub auth: Authenticator,
-    /// Provider adapters.
-    pub engines: Engines,
-    /// Cancelled when the server starts draining.
-    pub shutdown: CancellationToken,
-    /// Tracks live sessions so the drain can wait for them.
-    pub sessions: TaskTracker,
-    /// Admission, capacity and the resume directory.
-    pub registry: Arc<Registry>,
-    /// Connection attempts per client address.
-    pub connect_limiter: DefaultKeyedRateLimiter<IpAddr>,
-    /// Renders `/metrics`.
-    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    /// Unit prices of the configured engines (unset where the catalog does not know a model).
-    pub prices: atlas_core::cost::Prices,
-    /// Version of the price catalog in use, recorded with sessions.
-    pub catalog_version: String,
-    /// The engines' (provider, model) per stage.
-    pub models: crate::catalog::Models,
-    /// Session records.
-    pub recorder: crate::recorder::Recorder,
-    /// Shared state across instances, when `REDIS_URL` is set.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
-}
-
-impl std::ops::Deref for AppState {
-    type Target = Inner;
-    fn deref(&self) -> &Inner {
-        &self.0
-    }
-}
+pub use crate::state::{AppState, Inner};
 
 /// The application, bound to its port and ready to run.
 pub struct Application {

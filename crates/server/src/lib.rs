@@ -5,14 +5,17 @@
 //! - [`config`]: layered configuration and its validation.
 //! - [`auth`]: access-token verification and credential extraction.
 //! - [`catalog`]: the price catalog.
-//! - [`cluster`]: scale-out through Redis: leases, daily budget, resume directory.
+//! - [`cluster`]: scale-out through Redis: leases, fenced ownership, replicated resume state,
+//!   daily budget.
 //! - [`engines`]: builds the provider adapters from the configuration.
-//! - [`app`]: application state, router, listener and graceful drain.
+//! - [`state`]: the shared state handed to handlers and sessions.
+//! - [`app`]: router, listener, the checks before the upgrade, graceful drain.
+//! - [`handoff`]: a connection that completed its handshake, on its way to its session.
 //! - [`registry`]: per-user admission, capacity and the resume directory.
 //! - [`recorder`]: session records to the database, or the spool while it is down.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
-//! - [`session`]: one session — handshake, session loop (which outlives connections for
-//!   resume), replies, the outbound writer.
+//! - [`session`]: the driver of one session — handshake, then the loop that feeds the core's
+//!   session machine and carries out its decisions; replies; the outbound writer.
 //! - [`error`]: refusals before the upgrade, as HTTP statuses with JSON bodies.
 
 pub mod app;
@@ -22,10 +25,12 @@ pub mod cluster;
 pub mod config;
 pub mod engines;
 pub mod error;
+pub mod handoff;
 pub mod metrics;
 pub mod recorder;
 pub mod registry;
 pub mod session;
+pub mod state;
 
 pub use app::Application;
 pub use config::Config;

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use crate::session::ToSession;
+use crate::handoff::ToSession;
 
 /// Why a new session was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

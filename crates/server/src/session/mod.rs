@@ -21,6 +21,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
 use atlas_core::audio::{AudioClock, pcm_from_le_bytes, pcm_to_le_bytes};
@@ -44,11 +45,12 @@ use atlas_providers::stt::{SttEvent, SttOptions};
 
 pub use atlas_core::session::EndReason;
 
-use crate::app::AppState;
 use crate::auth::{Identity, seconds_until};
 use crate::cluster::{Cluster, Fenced, Owned, ResumeState};
+pub use crate::handoff::{Connection, ToSession};
 use crate::metrics;
 use crate::registry::{ResumeEntry, SessionPermit};
+use crate::state::AppState;
 use outbound::{OutboundTx, WriterExit, run_writer};
 use response::{Progress, ResponseCtx, lock};
 use stt_link::{LinkEvent, SttLink};
@@ -68,28 +70,6 @@ const MAX_STT_FAILURES: u32 = 4;
 /// How long a replaced resume token still resumes the session when the client never shows
 /// it received the new one (its `session.resumed` was lost).
 const TOKEN_HANDOVER_GRACE: Duration = Duration::from_secs(30);
-
-/// A client connection that completed the `session.start` handshake.
-pub struct Connection {
-    /// Frames from the client.
-    pub stream: SplitStream<WebSocket>,
-    /// Queue to the client.
-    pub outbound: OutboundTx,
-    /// The writer task draining that queue.
-    pub writer: JoinHandle<WriterExit>,
-    /// The client's `session.start`.
-    pub start: SessionStart,
-    /// Who connected.
-    pub identity: Identity,
-}
-
-impl std::fmt::Debug for Connection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection")
-            .field("user_id", &self.identity.user_id)
-            .finish_non_exhaustive()
-    }
-}
 
 /// What an upgraded connection is for.
 pub enum Upgrade {
@@ -111,7 +91,7 @@ pub async fn handle_upgrade(
 ) {
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
-    let writer = tokio::spawn(run_writer(sink, rx, SEND_TIMEOUT));
+    let writer = state.sessions.spawn(run_writer(sink, rx, SEND_TIMEOUT));
     let outbound = OutboundTx::new(tx);
     let start = match await_start(&state, &mut stream, &outbound).await {
         Ok(start) => start,
@@ -400,14 +380,6 @@ fn log_fenced(r: Result<Fenced<()>, crate::cluster::ClusterError>, what: &'stati
     }
 }
 
-/// Messages to a running session from the connections resuming it.
-pub enum ToSession {
-    /// This instance claimed the session again for a resume, at this epoch.
-    Claimed(u64),
-    /// A connection completed its handshake and resumes the session.
-    Attach(Connection),
-}
-
 /// The driver of one session: owns its sockets, provider links, tasks and clock, feeds the
 /// [`Machine`] and carries out what it decides.
 struct Driver {
@@ -681,6 +653,7 @@ impl Driver {
             if matches!(answer, LeaseAnswer::Stale | LeaseAnswer::NoPlace) {
                 info!("a later claim owns the session; refusing this connection");
                 refuse_connection(
+                    &self.state.sessions,
                     conn,
                     ErrorCode::ResumeFailed,
                     "this session was resumed by another connection",
@@ -1224,6 +1197,7 @@ impl Driver {
         while let Ok(msg) = self.attach_rx.try_recv() {
             if let ToSession::Attach(conn) = msg {
                 refuse_connection(
+                    &self.state.sessions,
                     conn,
                     ErrorCode::ResumeFailed,
                     "the session has ended; start a new one",
@@ -1270,8 +1244,14 @@ impl Driver {
 }
 
 /// Tells a connection that cannot attach why, and closes it.
-fn refuse_connection(conn: Connection, code: ErrorCode, message: &'static str, close_code: u16) {
-    tokio::spawn(async move {
+fn refuse_connection(
+    tasks: &TaskTracker,
+    conn: Connection,
+    code: ErrorCode,
+    message: &'static str,
+    close_code: u16,
+) {
+    tasks.spawn(async move {
         let _ = conn.outbound.event(ServerEvent::error(code, message, true));
         conn.outbound.close(close_code, "resume refused").await;
         drop(conn.outbound);

@@ -1,113 +1,46 @@
 //! Spawning the application and talking to it.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use secrecy::SecretString;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use atlas_client::{ConnectOptions, Connection, Incoming, TokenCarrier, connect, stream_pcm, wav};
-use atlas_fakes::{Fakes, FakesConfig};
 use atlas_protocol::{AudioFormat, ClientMessage, ServerEvent, SessionStart};
-use atlas_server::{Application, Config, auth};
 
-pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
-
-/// A running server and its fakes.
-pub struct TestApp {
-    pub addr: SocketAddr,
-    pub fakes: Fakes,
-    pub shutdown: CancellationToken,
-    pub server: JoinHandle<std::io::Result<()>>,
-    pub config: Config,
-    /// Holds the test's SQLite file and spool; removed when the test ends.
-    pub _data_dir: tempfile::TempDir,
-}
-
-/// Fakes with short latencies so tests finish quickly.
-pub fn fast_fakes() -> FakesConfig {
-    let mut c = FakesConfig::default();
-    c.llm.first_token = Duration::from_millis(80);
-    c.llm.tokens_per_s = 200.0;
-    c.tts.first_byte = Duration::from_millis(40);
-    c.tts.speed = 20.0;
-    c.tts.ms_per_char = 30;
-    c
-}
+pub use atlas_testkit::{SECRET, TestApp, fast_fakes, spawn_app_with};
 
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(fast_fakes(), |_| {}).await
 }
 
-pub async fn spawn_app_with(fakes: FakesConfig, tweak: impl FnOnce(&mut Config)) -> TestApp {
-    let fakes = Fakes::start(fakes, SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .expect("fakes start");
-    let mut config = Config {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        ..Config::default()
-    };
-    config.use_provider_urls(
-        fakes.deepgram_url(),
-        fakes.anthropic_url(),
-        fakes.openai_url(),
-    );
-    config.dev = false;
-    config.jwt_secret = Some(SecretString::from(SECRET));
-    config.provider_idle_timeout_s = 2;
-    config.provider_timeout_s = 3;
-    let data_dir = tempfile::tempdir().expect("temp dir");
-    config.database_url = format!("sqlite://{}/atlas.db", data_dir.path().display());
-    config.spool_dir = data_dir.path().join("spool");
-    tweak(&mut config);
-    let app = Application::build(config.clone())
-        .await
-        .expect("app builds");
-    let addr = app.local_addr();
-    let shutdown = app.shutdown_token();
-    let server = tokio::spawn(app.run_until_stopped());
-    TestApp {
-        addr,
-        fakes,
-        shutdown,
-        server,
-        config,
-        _data_dir: data_dir,
-    }
+/// What the tests do with a running server.
+pub(crate) trait AppExt {
+    fn token(&self, user: &str) -> String;
+    async fn connect(&self, user: &str) -> Connection;
+    async fn connect_with(&self, user: &str, carrier: TokenCarrier) -> Connection;
+    async fn start(&self, user: &str, output_rate: u32) -> (Connection, String);
 }
 
-impl TestApp {
-    pub fn url(&self) -> String {
-        format!("ws://{}/v1/voice", self.addr)
+impl AppExt for TestApp {
+    fn token(&self, user: &str) -> String {
+        atlas_testkit::token(user)
     }
 
-    pub fn token(&self, user: &str) -> String {
-        auth::mint_token(
-            &SecretString::from(SECRET),
-            user,
-            "authenticated",
-            "authenticated",
-            600,
-        )
-        .unwrap()
-    }
-
-    pub async fn connect(&self, user: &str) -> Connection {
+    async fn connect(&self, user: &str) -> Connection {
         connect(&ConnectOptions::new(self.url(), self.token(user)))
             .await
             .expect("connects")
     }
 
-    pub async fn connect_with(&self, user: &str, carrier: TokenCarrier) -> Connection {
+    async fn connect_with(&self, user: &str, carrier: TokenCarrier) -> Connection {
         let mut o = ConnectOptions::new(self.url(), self.token(user));
         o.carrier = carrier;
         connect(&o).await.expect("connects")
     }
 
     /// Connects and starts a session with the given output rate; returns the session id.
-    pub async fn start(&self, user: &str, output_rate: u32) -> (Connection, String) {
+    async fn start(&self, user: &str, output_rate: u32) -> (Connection, String) {
         let mut conn = self.connect(user).await;
         conn.sender
             .send(&start_message(16_000, output_rate))

@@ -1,0 +1,130 @@
+//! The shared-store scripts against the real Redis (each test under its own key prefix):
+//! fenced ownership and leases that are taken back only under the user's limit.
+
+use std::time::Duration;
+
+use atlas_server::cluster::{Claim, Cluster, Fenced, Owned};
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+
+fn prefix() -> String {
+    format!("atlas-test-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn cluster(prefix: &str, max: u32) -> Cluster {
+    Cluster::connect(
+        REDIS,
+        prefix,
+        Duration::from_secs(15),
+        Duration::from_secs(60),
+        Duration::from_secs(1800),
+        max,
+    )
+    .unwrap()
+}
+
+async fn raw() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Makes `session`'s lease look lapsed, as if its instance had stopped refreshing it.
+async fn lapse(prefix: &str, user: &str, session: &str) {
+    let mut conn = raw().await;
+    let _: i64 = redis::cmd("ZADD")
+        .arg(format!("{prefix}:leases:{user}"))
+        .arg(1)
+        .arg(session)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+async fn admit(c: &Cluster, user: &str, session: &str) -> Option<Owned> {
+    c.admit(user, session).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_claim_fences_every_write_of_the_previous_owner() {
+    let p = prefix();
+    let a = cluster(&p, 3);
+    let b = cluster(&p, 3);
+    let first = admit(&a, "u", "s1").await.expect("admitted");
+    assert_eq!(first.epoch, 1);
+    assert_eq!(
+        a.register_token(&first, "t1").await.unwrap(),
+        Fenced::Done(())
+    );
+    let Claim::Claimed {
+        owned: second,
+        previous_owner,
+        state,
+    } = b.claim("t1", "u").await.unwrap()
+    else {
+        panic!("the token resumes the session")
+    };
+    assert_eq!(previous_owner, a.instance);
+    assert!(state.is_none(), "nothing was published yet");
+    assert_eq!((second.session_id.as_str(), second.epoch), ("s1", 2));
+    // Every write of the stale owner is refused.
+    assert_eq!(a.refresh(&first).await.unwrap(), Fenced::Stale);
+    assert_eq!(a.add_spend(&first, 5).await.unwrap(), Fenced::Stale);
+    assert_eq!(a.register_token(&first, "t9").await.unwrap(), Fenced::Stale);
+    assert_eq!(a.retire_token(&first, "t1").await.unwrap(), Fenced::Stale);
+    assert_eq!(a.release(&first).await.unwrap(), Fenced::Stale);
+    // The new owner's go through.
+    assert_eq!(b.refresh(&second).await.unwrap(), Fenced::Done(true));
+    assert_eq!(b.add_spend(&second, 5).await.unwrap(), Fenced::Done(5));
+    // The stale owner's token was not retired; a later claim still finds the session.
+    let Claim::Claimed { owned: third, .. } = a.claim("t1", "u").await.unwrap() else {
+        panic!("still resumable")
+    };
+    assert_eq!(third.epoch, 3);
+    assert_eq!(b.refresh(&second).await.unwrap(), Fenced::Stale);
+    assert_eq!(a.release(&third).await.unwrap(), Fenced::Done(()));
+    assert!(matches!(a.claim("t1", "u").await.unwrap(), Claim::Unknown));
+}
+
+#[tokio::test]
+async fn tokens_resume_only_their_user_s_sessions() {
+    let p = prefix();
+    let a = cluster(&p, 3);
+    let owned = admit(&a, "alice", "s1").await.unwrap();
+    a.register_token(&owned, "t1").await.unwrap();
+    assert!(matches!(
+        a.claim("t1", "mallory").await.unwrap(),
+        Claim::Unknown
+    ));
+    assert!(matches!(
+        a.claim("nope", "alice").await.unwrap(),
+        Claim::Unknown
+    ));
+    assert_eq!(a.refresh(&owned).await.unwrap(), Fenced::Done(true));
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_is_taken_back_only_under_the_limit() {
+    let p = prefix();
+    let a = cluster(&p, 3);
+    let s1 = admit(&a, "u", "s1").await.unwrap();
+    a.register_token(&s1, "t1").await.unwrap();
+    admit(&a, "u", "s2").await.unwrap();
+    admit(&a, "u", "s3").await.unwrap();
+    assert!(admit(&a, "u", "s4").await.is_none(), "three places taken");
+    // s1's instance could not refresh it (Redis unreachable from there): its lease lapses
+    // and a new session gets the place.
+    lapse(&p, "u", "s1").await;
+    let s4 = admit(&a, "u", "s4")
+        .await
+        .expect("the lapsed place is free");
+    // s1's late refresh must not make it a fourth session, and neither may a resume.
+    assert_eq!(a.refresh(&s1).await.unwrap(), Fenced::Done(false));
+    assert!(matches!(a.claim("t1", "u").await.unwrap(), Claim::NoPlace));
+    // Once a place is free again, a refresh takes it back.
+    a.release(&s4).await.unwrap();
+    assert_eq!(a.refresh(&s1).await.unwrap(), Fenced::Done(true));
+    assert!(admit(&a, "u", "s5").await.is_none());
+}

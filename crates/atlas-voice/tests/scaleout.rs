@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use atlas_client::{ClientError, ConnectOptions, Connection, Incoming, connect, stream_pcm, wav};
-use atlas_fakes::proxy::Proxy;
 use atlas_fakes::Fakes;
+use atlas_fakes::proxy::Proxy;
 use atlas_protocol::{ClientMessage, ServerEvent, SessionStart};
 
 use atlas_testkit::{ServerProcess as Instance, fake_providers, fast_fakes, serve, token};

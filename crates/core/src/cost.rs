@@ -92,17 +92,27 @@ impl Prices {
         }
     }
 
-    /// An upper estimate of one more reply: `input_tokens` of prompt, up to `max_tokens` of
-    /// output, and four characters of speech per output token.
-    pub fn reply_estimate(&self, input_tokens: u64, max_tokens: u64) -> Option<Micros> {
+    /// An upper estimate of one more reply: a prompt of `prompt_chars` characters, up to
+    /// `max_tokens` of output, all of it spoken.
+    pub fn reply_estimate(&self, prompt_chars: usize, max_tokens: u64) -> Option<Micros> {
         let c = self.cost(&Consumption {
-            llm_input_tokens: input_tokens,
+            llm_input_tokens: estimate_tokens(prompt_chars),
             llm_output_tokens: max_tokens,
-            tts_chars: max_tokens * 4,
+            tts_chars: max_tokens * CHARS_PER_TOKEN as u64,
             ..Consumption::default()
         });
         Some(c.llm?.saturating_add(c.tts?))
     }
+}
+
+/// Characters per token, for the places where a provider reports no token count: prompts of
+/// servers that report no usage, replies cut before the provider's final report, and the
+/// estimate of a reply not yet started. Written once, here.
+pub const CHARS_PER_TOKEN: usize = 4;
+
+/// Tokens in `chars` characters of text, rounded up.
+pub fn estimate_tokens(chars: usize) -> u64 {
+    chars.div_ceil(CHARS_PER_TOKEN) as u64
 }
 
 /// What the budget says.

@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::engines::Engines;
 use crate::error::ApiError;
 use crate::metrics;
-use crate::registry::{AdmitError, Registry};
+use crate::registry::Registry;
 use crate::session::{ToSession, Upgrade, handle_upgrade};
 
 pub use crate::state::{AppState, Inner};
@@ -401,145 +401,12 @@ async fn voice(
             .find(|(k, _)| k == "resume")
             .map(|(_, v)| v.into_owned())
     });
-    // Limits are decided here, before the upgrade. A resume takes no new place: the session
-    // kept its own while detached, so reconnecting never resets a limit.
-    let unavailable = |e: crate::cluster::ClusterError| {
-        tracing::warn!(error = %e, "scale-out store unavailable");
-        refuse(
-            "cluster_unavailable",
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::AtCapacity,
-                "the session service is temporarily unavailable; retry shortly",
-            ),
-        )
-    };
-    let not_found = || {
-        refuse(
-            "resume_failed",
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                ErrorCode::ResumeFailed,
-                "unknown or expired resume token; start a new session",
-            ),
-        )
-    };
-    let at_capacity = || {
-        refuse(
-            "at_capacity",
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::AtCapacity,
-                "the server is at capacity; retry shortly or connect elsewhere",
-            ),
-        )
-    };
-    let too_many = || {
-        refuse(
-            "too_many_sessions",
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                ErrorCode::TooManySessions,
-                format!(
-                    "at most {} concurrent sessions per user",
-                    state.config.max_sessions_per_user
-                ),
-            ),
-        )
-    };
-    let kind = match (resume, &state.cluster) {
-        // Without scale-out, this instance's registry knows every session.
-        (Some(token), None) => match state.registry.find_resume(&token, &identity.user_id) {
-            Some(entry) => Upgrade::Resume(entry),
-            None => return Err(not_found()),
-        },
-        // With scale-out every resume, local ones included, is one atomic claim that makes
-        // this instance the owner at a new epoch; the previous owner is fenced off.
-        (Some(token), Some(cluster)) => {
-            match cluster
-                .claim(&token, &identity.user_id)
-                .await
-                .map_err(unavailable)?
-            {
-                Claim::Unknown => return Err(not_found()),
-                Claim::NoPlace => return Err(too_many()),
-                Claim::Claimed {
-                    owned,
-                    previous_owner,
-                    state: published,
-                } => {
-                    let local = (previous_owner == cluster.instance)
-                        .then(|| {
-                            state
-                                .registry
-                                .find_session(&owned.session_id, &identity.user_id)
-                        })
-                        .flatten();
-                    match (local, published) {
-                        (Some(entry), _) => {
-                            // The session learns its new epoch before the handshake ends.
-                            let _ = entry.attach.try_send(ToSession::Claimed(owned.epoch));
-                            Upgrade::Resume(entry)
-                        }
-                        (None, Some(published)) => {
-                            match state.registry.admit_moved(&identity.user_id) {
-                                Ok(permit) => Upgrade::Adopt(permit, owned, published),
-                                Err(_) => return Err(at_capacity()),
-                            }
-                        }
-                        (None, None) => return Err(not_found()),
-                    }
-                }
-            }
-        }
-        (None, _) => {
-            // Refuse a session that could not afford even one reply today.
-            if let Some(daily) = state.config.user_daily_budget_usd {
-                let spent = match &state.cluster {
-                    Some(cluster) => cluster
-                        .spent_today(&identity.user_id)
-                        .await
-                        .map_err(unavailable)?,
-                    None => state.registry.spent_today(&identity.user_id),
-                };
-                let one_reply = state
-                    .prices
-                    .reply_estimate(
-                        state.config.system_prompt.len() as u64 / 4,
-                        u64::from(state.config.llm_max_tokens),
-                    )
-                    .unwrap_or(0);
-                if spent.saturating_add(one_reply) > atlas_core::cost::from_usd(daily) {
-                    return Err(refuse(
-                        "budget_exhausted",
-                        ApiError::new(
-                            StatusCode::TOO_MANY_REQUESTS,
-                            ErrorCode::BudgetExhausted,
-                            "today's budget for this user is spent",
-                        ),
-                    ));
-                }
-            }
-            let permit = match state.registry.admit(&identity.user_id) {
-                Ok(permit) => permit,
-                Err(AdmitError::TooManySessions) => return Err(too_many()),
-                Err(AdmitError::AtCapacity) => return Err(at_capacity()),
-            };
-            let session_id = uuid::Uuid::new_v4().to_string();
-            // Across instances, the per-user limit is decided by one atomic script.
-            let owned = match &state.cluster {
-                Some(cluster) => Some(
-                    cluster
-                        .admit(&identity.user_id, &session_id)
-                        .await
-                        .map_err(unavailable)?
-                        .ok_or_else(too_many)?,
-                ),
-                None => None,
-            };
-            Upgrade::New(permit, session_id, owned)
-        }
-    };
+    // Limits are decided here, before the upgrade.
+    let kind = match resume {
+        Some(token) => admission::resume(&state, &token, &identity.user_id).await,
+        None => admission::admit(&state, &identity.user_id).await,
+    }
+    .map_err(|r| refuse(r.label(), r.into_error(&state)))?;
     let max_message = (state.config.audio_chunk_max_bytes * 4)
         .max(1024 * 1024)
         .max(MAX_TEXT_FRAME_BYTES * 2);

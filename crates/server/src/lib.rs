@@ -8,6 +8,7 @@
 //! - [`cluster`]: scale-out through Redis: leases, fenced ownership, replicated resume state,
 //!   daily budget.
 //! - [`engines`]: builds the provider adapters from the configuration.
+//! - [`admission`]: before the upgrade, whether a connection may start or resume a session.
 //! - [`state`]: the shared state handed to handlers and sessions.
 //! - [`app`]: router, listener, the checks before the upgrade, graceful drain.
 //! - [`handoff`]: a connection that completed its handshake, on its way to its session.
@@ -18,6 +19,7 @@
 //!   session machine and carries out its decisions; replies; the outbound writer.
 //! - [`error`]: refusals before the upgrade, as HTTP statuses with JSON bodies.
 
+pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod catalog;

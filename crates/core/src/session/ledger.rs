@@ -7,16 +7,7 @@
 use atlas_protocol::Usage;
 
 use crate::cost::{Budget, BudgetState, Consumption, Cost, Micros, Prices, to_usd};
-
-/// Characters per token, for the places where a provider reports no token count: prompts of
-/// servers that report no usage, replies cut before the provider's final report, and the
-/// estimate of a reply not yet started. Written once, here.
-pub const CHARS_PER_TOKEN: usize = 4;
-
-/// Tokens in `chars` characters of text, rounded up.
-pub fn estimate_tokens(chars: usize) -> u64 {
-    chars.div_ceil(CHARS_PER_TOKEN) as u64
-}
+pub use crate::cost::{CHARS_PER_TOKEN, estimate_tokens};
 
 /// Token counts of one language-model request, as far as the provider reported them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -267,16 +258,12 @@ impl Ledger {
         delta
     }
 
-    /// An upper estimate of one more reply: a prompt of `prompt_chars`, up to `max_tokens` of
-    /// output, spoken in full.
+    /// An upper estimate of one more reply (see [`Prices::reply_estimate`]); nothing when a
+    /// price is unknown.
     pub fn reply_estimate(&self, prompt_chars: usize, max_tokens: u64) -> Micros {
-        let c = self.prices.cost(&Consumption {
-            llm_input_tokens: estimate_tokens(prompt_chars),
-            llm_output_tokens: max_tokens,
-            tts_chars: max_tokens * CHARS_PER_TOKEN as u64,
-            ..Consumption::default()
-        });
-        c.llm.unwrap_or(0).saturating_add(c.tts.unwrap_or(0))
+        self.prices
+            .reply_estimate(prompt_chars, max_tokens)
+            .unwrap_or(0)
     }
 
     /// Checks the budgets with `next` (an estimate of the work about to start) on top of the

@@ -9,6 +9,7 @@
 
 pub mod outbound;
 pub mod response;
+pub mod shared;
 pub mod stt_link;
 
 use std::sync::{Arc, Mutex};
@@ -53,6 +54,7 @@ use crate::registry::{ResumeEntry, SessionPermit};
 use crate::state::AppState;
 use outbound::{OutboundTx, WriterExit, run_writer};
 use response::{Progress, ResponseCtx, lock};
+use shared::{Answer, CLUSTER_QUEUE, ClusterOp, Shared, run_cluster_ops};
 use stt_link::{LinkEvent, SttLink};
 
 /// Frames queued for one client.
@@ -283,100 +285,6 @@ async fn link_next(link: &mut Option<Link>) -> LinkInput {
             m = l.stream.next() => LinkInput::Frame(m),
             _ = l.outbound.closed() => LinkInput::WriterGone,
         },
-    }
-}
-
-/// Answers of work the driver runs off the session loop (shared-store writes, token checks).
-#[derive(Debug)]
-enum Answer {
-    Lease(LeaseAnswer, std::time::Instant),
-    DailySpent(u64),
-    TokenRefreshed(Result<Identity, String>),
-    /// A fenced write found that another claim owns the session.
-    Stale,
-}
-
-/// Writes to the shared store for one session, carried out in order by one task.
-enum ClusterOp {
-    Refresh(std::time::Instant),
-    Publish(Box<ResumeState>),
-    RegisterToken(String),
-    RetireToken(String),
-    Spend(u64),
-    /// The session ended for good: free its place.
-    Release,
-}
-
-/// Shared-store writes queued per session.
-const CLUSTER_QUEUE: usize = 64;
-
-/// The session's link to the shared store (scale-out): its ownership and its write queue.
-struct Shared {
-    cluster: Arc<Cluster>,
-    owned: Arc<Mutex<Owned>>,
-    ops: mpsc::Sender<ClusterOp>,
-    /// The task carrying the writes out.
-    writer: JoinHandle<()>,
-}
-
-/// Runs a session's shared-store writes in order, each fenced by the current epoch.
-async fn run_cluster_ops(
-    cluster: Arc<Cluster>,
-    owned: Arc<Mutex<Owned>>,
-    mut ops: mpsc::Receiver<ClusterOp>,
-    answers: mpsc::Sender<Answer>,
-) {
-    while let Some(op) = ops.recv().await {
-        let me = owned.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let stale = match op {
-            ClusterOp::Refresh(sent_at) => {
-                let answer = match cluster.refresh(&me).await {
-                    Ok(Fenced::Done(true)) => LeaseAnswer::Extended,
-                    Ok(Fenced::Done(false)) => LeaseAnswer::NoPlace,
-                    Ok(Fenced::Stale) => LeaseAnswer::Stale,
-                    Err(e) => {
-                        warn!(error = %e, "lease refresh failed");
-                        LeaseAnswer::Unreachable
-                    }
-                };
-                let _ = answers.send(Answer::Lease(answer, sent_at)).await;
-                false
-            }
-            ClusterOp::Publish(state) => log_fenced(cluster.publish(&me, &state).await, "publish"),
-            ClusterOp::RegisterToken(t) => {
-                log_fenced(cluster.register_token(&me, &t).await, "register token")
-            }
-            ClusterOp::RetireToken(t) => {
-                log_fenced(cluster.retire_token(&me, &t).await, "retire token")
-            }
-            ClusterOp::Release => log_fenced(cluster.release(&me).await, "release"),
-            ClusterOp::Spend(micros) => match cluster.add_spend(&me, micros).await {
-                Ok(Fenced::Done(total)) => {
-                    let _ = answers.send(Answer::DailySpent(total)).await;
-                    false
-                }
-                Ok(Fenced::Stale) => true,
-                Err(e) => {
-                    warn!(error = %e, "could not record spend in the shared store");
-                    false
-                }
-            },
-        };
-        if stale {
-            let _ = answers.send(Answer::Stale).await;
-        }
-    }
-}
-
-/// True when the write was refused as stale.
-fn log_fenced(r: Result<Fenced<()>, crate::cluster::ClusterError>, what: &'static str) -> bool {
-    match r {
-        Ok(Fenced::Done(())) => false,
-        Ok(Fenced::Stale) => true,
-        Err(e) => {
-            warn!(error = %e, what, "shared store write failed");
-            false
-        }
     }
 }
 

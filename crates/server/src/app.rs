@@ -26,13 +26,13 @@ use axum::extract::ConnectInfo;
 use governor::{Quota, RateLimiter};
 
 use crate::auth::{AuthError, Authenticator, extract_token};
-use crate::cluster::Claim;
+use crate::admission;
 use crate::config::Config;
 use crate::engines::Engines;
 use crate::error::ApiError;
 use crate::metrics;
 use crate::registry::Registry;
-use crate::session::{ToSession, Upgrade, handle_upgrade};
+use crate::session::handle_upgrade;
 
 pub use crate::state::{AppState, Inner};
 

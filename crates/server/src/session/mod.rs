@@ -47,7 +47,7 @@ use atlas_providers::stt::{SttEvent, SttOptions};
 pub use atlas_core::session::EndReason;
 
 use crate::auth::{Identity, seconds_until};
-use crate::cluster::{Cluster, Fenced, Owned, ResumeState};
+use crate::cluster::{Fenced, Owned, ResumeState};
 pub use crate::handoff::{Connection, ToSession};
 use crate::metrics;
 use crate::registry::{ResumeEntry, SessionPermit};

@@ -1057,6 +1057,14 @@ impl Session {
             }
             ClientMessage::InputCommit => self.feed(Input::Commit).await,
             ClientMessage::ResponseCancel => self.feed(Input::Cancel).await,
+            ClientMessage::InputText { .. } => {
+                self.emit(ServerEvent::error(
+                    ErrorCode::InvalidMessage,
+                    "input.text is not handled by this server yet",
+                    false,
+                ));
+                Ok(())
+            }
             ClientMessage::AuthRefresh { token } => {
                 match self.state.auth.verify(&token).await {
                     Ok(identity) if identity.user_id == self.identity.user_id => {

@@ -40,6 +40,7 @@ import { refreshDelayMs, tokenTimes } from "./token.js";
  *   closed: ClosedEvent,
  *   "microphone.error": MicrophoneError,
  *   "token.error": { message: string },
+ *   "token.refreshed": { expiresAt: number | null },
  * }} VoiceEventMap
  */
 
@@ -710,6 +711,7 @@ export class VoiceClient {
     }
     this.token = next;
     const sent = this.sessionOpen() && this.send({ type: "auth.refresh", token: next });
+    if (sent) this.emit("token.refreshed", { expiresAt: tokenTimes(next)?.exp ?? null });
     this.scheduleRefresh();
     return sent;
   }

@@ -271,6 +271,7 @@ test("the token is refreshed before it expires, through getToken", async () => {
   const w = new World();
   let ttl = 40;
   const c = connect({ url: URL_, getToken: () => w.token(ttl), environment: w.env });
+  const log = record(c);
   await w.start();
   const s = w.socket;
   // 40 s token: refreshed 10 s (a quarter of its life) before exp.
@@ -290,6 +291,7 @@ test("the token is refreshed before it expires, through getToken", async () => {
   await w.advance(1);
   assert.equal(s.messages().filter((m) => m.type === "auth.refresh").length, 3);
   assert.equal(c.state, "listening");
+  assert.equal(log.filter(([t]) => t === "token.refreshed").length, 3);
 });
 
 test("refreshAuth with a token from the app sends it at once; an unchanged one is not sent", async () => {

@@ -132,7 +132,10 @@ export function connect(options) {
 }
 
 /** @typedef {{ ws: WebSocket, opened: boolean, resuming: boolean, session: boolean,
- *   lastFatal: string | null, draining: boolean }} Link */
+ *   lastFatal: string | null, draining: boolean, heardAt: number }} Link */
+
+/** A protocol ping this often while connected; silence for 2.5 intervals counts as a drop. */
+const HEARTBEAT_MS = 15000;
 
 export class VoiceClient {
   /** @param {ConnectOptions} options */
@@ -170,6 +173,8 @@ export class VoiceClient {
     this.reconnectTimer = null;
     /** @private @type {unknown} */
     this.refreshTimer = null;
+    /** @private @type {unknown} */
+    this.heartbeatTimer = null;
     /** @private @type {string | null} */
     this.token = null;
     /** @private @type {string | null} */
@@ -320,11 +325,16 @@ export class VoiceClient {
     const ws = new this.env.WebSocket(url, [SUBPROTOCOL, BEARER_PREFIX + token]);
     ws.binaryType = "arraybuffer";
     /** @type {Link} */
-    const conn = { ws, opened: false, resuming, session: false, lastFatal: null, draining: false };
+    const conn = {
+      ws, opened: false, resuming, session: false, lastFatal: null, draining: false,
+      heardAt: this.env.now(),
+    };
     this.conn = conn;
     ws.onopen = () => {
       if (this.conn !== conn) return;
       conn.opened = true;
+      conn.heardAt = this.env.now();
+      this.heartbeat(conn);
       const o = this.options;
       this.send({
         type: "session.start",
@@ -338,12 +348,34 @@ export class VoiceClient {
     };
     ws.onmessage = (e) => {
       if (this.conn !== conn) return;
+      conn.heardAt = this.env.now();
       if (typeof e.data === "string") this.onText(conn, e.data);
       else if (conn.session && this.player && e.data instanceof ArrayBuffer) {
         this.player.enqueue(e.data);
       }
     };
     ws.onclose = (e) => this.onClose(conn, e.code, e.reason);
+  }
+
+  /**
+   * Pings the server while the connection is open. A network that silently stops carrying
+   * anything (no close, no error) would otherwise hold the client for minutes.
+   * @private
+   * @param {Link} conn
+   */
+  heartbeat(conn) {
+    this.heartbeatTimer = this.env.setTimeout(() => {
+      this.heartbeatTimer = null;
+      if (this.conn !== conn) return;
+      if (this.env.now() - conn.heardAt > HEARTBEAT_MS * 2.5) {
+        conn.ws.onclose = null;
+        conn.ws.close();
+        this.onClose(conn, 1006, "no answer from the server");
+        return;
+      }
+      this.send({ type: "ping" });
+      this.heartbeat(conn);
+    }, HEARTBEAT_MS);
   }
 
   /**
@@ -400,6 +432,7 @@ export class VoiceClient {
     this.conn = null;
     this.lastCode = code;
     this.clearRefresh();
+    this.clearHeartbeat();
     if (this.link === "closed") return;
     // A reply cut by the lost connection never gets its response.done.
     this.turnOpen = false;
@@ -490,6 +523,7 @@ export class VoiceClient {
     if (this.reconnectTimer !== null) this.env.clearTimeout(this.reconnectTimer);
     this.reconnectTimer = null;
     this.clearRefresh();
+    this.clearHeartbeat();
     if (this.mic) this.mic.close();
     this.mic = null;
     if (this.player) this.player.close();
@@ -668,6 +702,12 @@ export class VoiceClient {
       this.refreshTimer = null;
       void this.refreshAuth();
     }, delay);
+  }
+
+  /** @private */
+  clearHeartbeat() {
+    if (this.heartbeatTimer !== null) this.env.clearTimeout(this.heartbeatTimer);
+    this.heartbeatTimer = null;
   }
 
   /** @private */

@@ -377,3 +377,22 @@ test("bad options are refused", () => {
   assert.throws(() => connect({ url: "http://x/v1/voice", getToken: () => "t" }), TypeError);
   assert.throws(() => connect({ url: URL_ }), TypeError);
 });
+
+test("a connection that goes silent is given up after 2.5 heartbeats and resumed", async () => {
+  const w = new World();
+  const { c } = client(w);
+  await w.start("s1", "r1");
+  await w.advance(60_000);
+  assert.equal(w.sockets.length, 1, "pings answered: the connection stays");
+  assert.ok(w.socket.messages().filter((m) => m.type === "ping").length >= 3);
+  w.silent = true;
+  const old = w.socket;
+  await w.advance(30_000);
+  assert.equal(old.closedByClient, null, "two unanswered pings are not yet a drop");
+  await w.advance(15_000);
+  assert.notEqual(old.closedByClient, null, "the third is: the dead socket is closed");
+  await w.advance(1000);
+  assert.equal(w.sockets.length, 2, "and the session resumed on a new one");
+  assert.equal(w.socket.url.searchParams.get("resume"), "r1");
+  assert.equal(c.state, "reconnecting");
+});

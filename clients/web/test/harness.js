@@ -31,7 +31,10 @@ export class World {
       }
       send(data) {
         if (this.readyState !== 1) throw new Error("send on a socket that is not open");
-        this.sent.push(typeof data === "string" ? JSON.parse(data) : data);
+        const msg = typeof data === "string" ? JSON.parse(data) : data;
+        this.sent.push(msg);
+        // A live server answers pings; a dead network (world.silent) does not.
+        if (msg.type === "ping" && !world.silent) queueMicrotask(() => this.event({ type: "pong" }));
       }
       close(code, reason) {
         this.closedByClient = { code, reason };

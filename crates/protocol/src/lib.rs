@@ -298,11 +298,10 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
             message_type: known,
             detail: e.to_string(),
         })?;
-    msg.validate()
-        .map_err(|detail| ParseError::InvalidFields {
-            message_type: known,
-            detail,
-        })?;
+    msg.validate().map_err(|detail| ParseError::InvalidFields {
+        message_type: known,
+        detail,
+    })?;
     Ok(msg)
 }
 
@@ -716,13 +715,18 @@ mod tests {
         // Exactly the limit in characters (multi-byte ones count once) is fine.
         let longest = "é".repeat(MAX_INPUT_TEXT_CHARS);
         assert!(
-            parse_client_message(&format!(r#"{{"type":"input.text","text":"{longest}"}}"#))
-                .is_ok()
+            parse_client_message(&format!(r#"{{"type":"input.text","text":"{longest}"}}"#)).is_ok()
         );
         for (bad, why) in [
             (r#"{"type":"input.text"}"#.to_owned(), "missing field"),
-            (r#"{"type":"input.text","text":42}"#.to_owned(), "invalid type"),
-            (r#"{"type":"input.text","text":"  \n "}"#.to_owned(), "text is empty"),
+            (
+                r#"{"type":"input.text","text":42}"#.to_owned(),
+                "invalid type",
+            ),
+            (
+                r#"{"type":"input.text","text":"  \n "}"#.to_owned(),
+                "text is empty",
+            ),
             (
                 format!(
                     r#"{{"type":"input.text","text":"{}"}}"#,

@@ -268,15 +268,39 @@ async fn app_js() -> Response {
 
 /// The modules of `@atlas-voice/client`, by file name.
 const SDK_FILES: [(&str, &str); 9] = [
-    ("index.js", include_str!("../../../clients/web/src/index.js")),
-    ("client.js", include_str!("../../../clients/web/src/client.js")),
-    ("capture.js", include_str!("../../../clients/web/src/capture.js")),
+    (
+        "index.js",
+        include_str!("../../../clients/web/src/index.js"),
+    ),
+    (
+        "client.js",
+        include_str!("../../../clients/web/src/client.js"),
+    ),
+    (
+        "capture.js",
+        include_str!("../../../clients/web/src/capture.js"),
+    ),
     ("dsp.js", include_str!("../../../clients/web/src/dsp.js")),
-    ("playback.js", include_str!("../../../clients/web/src/playback.js")),
-    ("protocol.js", include_str!("../../../clients/web/src/protocol.js")),
-    ("reconnect.js", include_str!("../../../clients/web/src/reconnect.js")),
-    ("state.js", include_str!("../../../clients/web/src/state.js")),
-    ("token.js", include_str!("../../../clients/web/src/token.js")),
+    (
+        "playback.js",
+        include_str!("../../../clients/web/src/playback.js"),
+    ),
+    (
+        "protocol.js",
+        include_str!("../../../clients/web/src/protocol.js"),
+    ),
+    (
+        "reconnect.js",
+        include_str!("../../../clients/web/src/reconnect.js"),
+    ),
+    (
+        "state.js",
+        include_str!("../../../clients/web/src/state.js"),
+    ),
+    (
+        "token.js",
+        include_str!("../../../clients/web/src/token.js"),
+    ),
 ];
 
 async fn sdk_file(Path(file): Path<String>) -> Response {
@@ -357,10 +381,10 @@ async fn dev_token(State(state): State<AppState>, body: axum::body::Bytes) -> Re
         "authenticated",
         ttl,
     ) {
-        Ok(token) => axum::Json(
-            serde_json::json!({ "token": token, "user_id": user, "expires_in": ttl }),
-        )
-        .into_response(),
+        Ok(token) => {
+            axum::Json(serde_json::json!({ "token": token, "user_id": user, "expires_in": ttl }))
+                .into_response()
+        }
         Err(_) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Internal,

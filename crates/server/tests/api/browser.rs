@@ -242,7 +242,9 @@ async fn a_spoken_turn_is_shown_played_and_costed_and_a_cut_connection_resumes()
     assert_eq!(browser.text("budget").await, " of $5.00");
     // The state follows the turn back to listening once the reply has played.
     browser
-        .wait_for(20, "listening after the reply", |s| s["state"] == "listening")
+        .wait_for(20, "listening after the reply", |s| {
+            s["state"] == "listening"
+        })
         .await;
     if let Ok(path) = std::env::var("ATLAS_SCREENSHOT") {
         std::fs::write(path, browser.client.screenshot().await.unwrap()).unwrap();
@@ -277,7 +279,10 @@ async fn stop_then_start_begins_a_new_session_at_once() {
             strings(&s["sessions"]).len() == 2 && s["state"] == "listening"
         })
         .await;
-    assert!(began.elapsed() < Duration::from_secs(3), "at once, no retries");
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "at once, no retries"
+    );
     assert_ne!(s["sessionId"], first["sessionId"]);
     assert_eq!(s["resumed"], false);
     assert!(s["reconnects"].is_null(), "no reconnect attempt: {s}");
@@ -302,10 +307,7 @@ async fn a_drain_without_redis_starts_a_fresh_session_on_the_other_instance() {
         .await;
     assert_ne!(s["sessionId"], first["sessionId"]);
     assert_eq!(s["resumed"], false);
-    assert!(
-        notices(&s).iter().any(|n| n.contains("restarting")),
-        "{s}"
-    );
+    assert!(notices(&s).iter().any(|n| n.contains("restarting")), "{s}");
     assert!(s["closed"].is_null(), "{s}");
     browser.close().await;
 }

@@ -131,7 +131,10 @@ async fn the_page_is_served_and_dev_tokens_exist_only_in_dev_mode() {
     // The page and every module of the SDK it runs on, served byte for byte as they are in
     // the repository.
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let mut files = vec![("/app.js".to_owned(), repo.join("crates/server/static/app.js"))];
+    let mut files = vec![(
+        "/app.js".to_owned(),
+        repo.join("crates/server/static/app.js"),
+    )];
     for entry in std::fs::read_dir(repo.join("clients/web/src")).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_str().unwrap().to_owned();

@@ -75,11 +75,11 @@ function line(cls, who, text) {
   li.className = cls;
   const w = document.createElement("span");
   w.className = "who";
-  w.textContent = who;
+  w.textContent = who + ":";
   const t = document.createElement("span");
   t.className = "text";
   t.textContent = text;
-  li.append(w, t);
+  li.append(w, " ", t);
   $("log").append(li);
   li.scrollIntoView({ block: "nearest" });
   return li;

@@ -230,16 +230,16 @@ async fn a_spoken_turn_is_shown_played_and_costed_and_a_cut_connection_resumes()
         .await;
     let log = browser.text("log").await;
     assert!(
-        log.contains("You What is the weather like in Paris today?"),
+        log.contains("You: What is the weather like in Paris today?"),
         "{log}"
     );
-    assert!(log.contains("Assistant "), "{log}");
+    assert!(log.contains("Assistant: "), "{log}");
     assert!(log.contains("first audio "), "latency breakdown: {log}");
     assert!(log.contains(" ms"), "{log}");
     // The running cost with the session budget.
     let cost = browser.text("cost").await;
     assert_eq!(cost, format!("${:.4}", s["costUsd"].as_f64().unwrap()));
-    assert_eq!(browser.text("budget").await, " of $5.00");
+    assert_eq!(browser.text("budget").await.trim(), "of $5.00");
     // The state follows the turn back to listening once the reply has played.
     browser
         .wait_for(20, "listening after the reply", |s| {
@@ -247,7 +247,9 @@ async fn a_spoken_turn_is_shown_played_and_costed_and_a_cut_connection_resumes()
         })
         .await;
     if let Ok(path) = std::env::var("ATLAS_SCREENSHOT") {
-        std::fs::write(path, browser.client.screenshot().await.unwrap()).unwrap();
+        // The page's content, without the empty window below it.
+        let body = browser.client.find(Locator::Css("html")).await.unwrap();
+        std::fs::write(path, body.screenshot().await.unwrap()).unwrap();
     }
 
     // Cut the connection mid-session; the page reconnects and resumes.
@@ -414,7 +416,7 @@ async fn typed_text_is_answered() {
         .await;
     assert!(s["errors"].as_array().unwrap().is_empty(), "{s}");
     let log = browser.text("log").await;
-    assert!(log.contains("You Tell me a joke"), "{log}");
+    assert!(log.contains("You: Tell me a joke"), "{log}");
     assert_eq!(field.prop("value").await.unwrap().as_deref(), Some(""));
     browser.close().await;
 }

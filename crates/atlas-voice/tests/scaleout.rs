@@ -401,3 +401,230 @@ async fn a_draining_instance_hands_its_sessions_to_another() {
     assert_eq!((id, turns), (session_id, 1));
     ask(&mut conn, 2).await;
 }
+
+/// Opens a connection (the upgrade, with its limits and claims) without starting it.
+async fn open(url: &str, user: &str, resume: Option<&str>) -> Result<Connection, (u16, String)> {
+    let mut o = ConnectOptions::new(url, token(user));
+    o.resume = resume.map(str::to_owned);
+    match connect(&o).await {
+        Ok(c) => Ok(c),
+        Err(ClientError::Refused { status, code, .. }) => Err((status, code)),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// What a connection hears after `session.start`: the session event, or the refusal.
+enum Outcome {
+    Resumed(String),
+    Refused(Option<String>, Option<u16>),
+}
+
+async fn start_on(conn: &mut Connection) -> Outcome {
+    conn.sender
+        .send(&ClientMessage::SessionStart(SessionStart::default()))
+        .await
+        .unwrap();
+    let mut error = None;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), conn.incoming.recv())
+            .await
+            .expect("an answer to session.start")
+        {
+            Some(Incoming::Event {
+                event: ServerEvent::SessionResumed { session_id, .. },
+                ..
+            }) => return Outcome::Resumed(session_id),
+            Some(Incoming::Event {
+                event:
+                    ServerEvent::Error {
+                        code, fatal: true, ..
+                    },
+                ..
+            }) => error = Some(code.as_str().to_owned()),
+            Some(Incoming::Closed { code, .. }) => return Outcome::Refused(error, code),
+            None => return Outcome::Refused(error, None),
+            _ => {}
+        }
+    }
+}
+
+/// Whether the connection still answers a ping.
+async fn alive(conn: &mut Connection) -> bool {
+    if conn
+        .sender
+        .send(&ClientMessage::Ping { id: None })
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    loop {
+        match tokio::time::timeout(Duration::from_secs(3), conn.incoming.recv()).await {
+            Ok(Some(Incoming::Event {
+                event: ServerEvent::Pong { .. },
+                ..
+            })) => return true,
+            Ok(Some(Incoming::Closed { .. })) | Ok(None) | Err(_) => return false,
+            _ => {}
+        }
+    }
+}
+
+fn ids(started: ServerEvent) -> (String, String) {
+    match started {
+        ServerEvent::SessionStarted {
+            session_id,
+            resume_token,
+            ..
+        }
+        | ServerEvent::SessionResumed {
+            session_id,
+            resume_token,
+            ..
+        } => (session_id, resume_token),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn racing_resumes_on_two_instances_yield_one_live_session() {
+    let fakes = Fakes::start(fast_fakes(), SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let p = prefix();
+    let a = spawn(&fakes, REDIS, &p, &[]);
+    let b = spawn(&fakes, REDIS, &p, &[]);
+    let (conn, started) = start(&a.url(), "racer", None).await.unwrap();
+    let (session_id, resume_token) = ids(started);
+    conn.abort();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Connection 1 resumes on A and waits; connection 2 resumes on B and starts at once.
+    let mut first = open(&a.url(), "racer", Some(&resume_token)).await.unwrap();
+    let mut second = open(&b.url(), "racer", Some(&resume_token)).await.unwrap();
+    let second_outcome = start_on(&mut second).await;
+    let first_outcome = start_on(&mut first).await;
+    let Outcome::Resumed(id) = second_outcome else {
+        panic!("the later claim must win");
+    };
+    assert_eq!(id, session_id);
+    match first_outcome {
+        Outcome::Resumed(_) => panic!("two connections got session.resumed for one session"),
+        Outcome::Refused(code, close) => {
+            assert_eq!(code.as_deref(), Some("resume_failed"));
+            assert!(matches!(close, Some(4409) | Some(1000)), "{close:?}");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(alive(&mut second).await, "the winner keeps the session");
+}
+
+#[tokio::test]
+async fn a_session_survives_kill_9_of_its_instance() {
+    let fakes = Fakes::start(fast_fakes(), SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let p = prefix();
+    let mut a = spawn(&fakes, REDIS, &p, &[]);
+    let b = spawn(&fakes, REDIS, &p, &[]);
+    let (mut conn, started) = start(&a.url(), "survivor", None).await.unwrap();
+    let (session_id, resume_token) = ids(started);
+    ask(&mut conn, 1).await;
+    // The turn's state is replicated as the turn ends (queued before `response.done`); give
+    // the write its round trip to Redis, then A dies without a word.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let killed = Instant::now();
+    // The client library's schedule: 1, 2, 4, 8, 16 s.
+    let mut resumed = None;
+    for delay in [1u64, 2, 4, 8, 16] {
+        tokio::time::sleep(Duration::from_secs(delay)).await;
+        match start(&b.url(), "survivor", Some(&resume_token)).await {
+            Ok(ok) => {
+                resumed = Some(ok);
+                break;
+            }
+            Err((status, _)) if status == 503 || status == 429 => continue,
+            Err(e) => panic!("resume after the crash refused: {e:?}"),
+        }
+    }
+    let (mut conn, event) = resumed.expect("resumed within the reconnect schedule");
+    let ServerEvent::SessionResumed {
+        session_id: id,
+        turns,
+        ..
+    } = event
+    else {
+        panic!("{event:?}")
+    };
+    assert_eq!((id, turns), (session_id, 1));
+    assert!(killed.elapsed() < Duration::from_secs(31));
+    // Usage comes right after session.resumed: the first turn's tokens are still counted.
+    let usage = loop {
+        match tokio::time::timeout(Duration::from_secs(5), conn.incoming.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Incoming::Event {
+                event: ServerEvent::Usage(u),
+                ..
+            } => break u,
+            Incoming::Closed { code, .. } => panic!("closed {code:?}"),
+            _ => {}
+        }
+    };
+    assert!(
+        usage.llm_input_tokens > 0 && usage.llm_output_tokens > 0,
+        "{usage:?}"
+    );
+    ask(&mut conn, 2).await;
+    let recorded = fakes.recorded();
+    let messages = recorded.llm_requests.last().unwrap().1["messages"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(messages.len(), 3, "the history survived: {messages:?}");
+}
+
+#[tokio::test]
+async fn a_redis_outage_during_lease_refresh_never_admits_a_fourth_session() {
+    let fakes = Fakes::start(fast_fakes(), SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let p = prefix();
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 6379)))
+        .await
+        .unwrap();
+    // A reaches Redis through a proxy that will fail; B directly.
+    let a = spawn(&fakes, &format!("redis://{}", proxy.addr), &p, &[]);
+    let b = spawn(&fakes, REDIS, &p, &[]);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(start(&a.url(), "holder", None).await.unwrap().0);
+    }
+    proxy.cut();
+    // While A cannot refresh its leases, B tries for a fourth session again and again. It may
+    // only get one once A's three have ended (they end when their leases run out).
+    let began = Instant::now();
+    let admitted = loop {
+        if let Ok((conn, _)) = start(&b.url(), "holder", None).await {
+            break conn;
+        }
+        assert!(began.elapsed() < Duration::from_secs(15), "never admitted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for conn in &mut held {
+        let closed = loop {
+            match tokio::time::timeout(Duration::from_millis(200), conn.incoming.recv()).await {
+                Ok(Some(Incoming::Closed { code, .. })) => break code,
+                Ok(Some(_)) => continue,
+                Ok(None) => break None,
+                Err(_) => panic!("a 4th session was admitted while the 3rd was live"),
+            }
+        };
+        assert_eq!(closed, Some(1011), "ended for its lapsed lease");
+    }
+    drop(admitted);
+    proxy.restore();
+}

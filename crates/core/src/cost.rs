@@ -25,7 +25,7 @@ pub struct Prices {
 }
 
 /// What a session used.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Consumption {
     /// Audio streamed to recognition, in milliseconds.
     pub stt_ms: u64,

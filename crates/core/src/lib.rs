@@ -12,6 +12,8 @@
 //! - [`pacing`]: keeps outgoing audio a bounded lead ahead of real-time playback.
 //! - [`latency`]: per-turn timestamps and the latency breakdown derived from them.
 //! - [`timers`]: heartbeat, idle, maximum-duration, token-expiry and resume-window deadlines.
+//! - [`session`]: the session machine — every decision about one session (attach, resume,
+//!   abuse limits, timers, the cost ledger and budgets), driven by a thin IO driver.
 //!
 //! # Invariants
 //! - No IO and no `Instant::now()`: time is always an argument, so tests are deterministic and
@@ -24,6 +26,7 @@ pub mod history;
 pub mod latency;
 pub mod pacing;
 pub mod resample;
+pub mod session;
 pub mod splitter;
 pub mod timers;
 pub mod turns;

@@ -63,6 +63,11 @@ pub enum Input<'a> {
     Commit,
     /// The client asked to stop the reply (`response.cancel`).
     Cancel,
+    /// A typed user turn: complete by itself, answered like a final transcript.
+    Text {
+        /// What the user typed.
+        text: &'a str,
+    },
     /// The reply for `turn_id` finished on its own.
     ResponseFinished {
         /// The turn.
@@ -196,6 +201,17 @@ impl Turns {
                 if let Some(turn_id) = self.responding.take() {
                     out.push(Action::Interrupt { turn_id });
                 }
+            }
+            Input::Text { text } => {
+                let text = text.trim();
+                if text.is_empty() {
+                    return;
+                }
+                if !self.pending.is_empty() {
+                    self.pending.push(' ');
+                }
+                self.pending.push_str(text);
+                self.end_turn(out);
             }
             Input::ResponseFinished { turn_id } => {
                 if self.responding == Some(turn_id) {

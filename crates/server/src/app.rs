@@ -26,12 +26,13 @@ use axum::extract::ConnectInfo;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::auth::{AuthError, Authenticator, extract_token};
+use crate::cluster::Claim;
 use crate::config::Config;
 use crate::engines::Engines;
 use crate::error::ApiError;
 use crate::metrics;
 use crate::registry::{AdmitError, Registry};
-use crate::session::{Upgrade, handle_upgrade};
+use crate::session::{ToSession, Upgrade, handle_upgrade};
 
 /// Shared state of the running server.
 #[derive(Clone)]
@@ -137,6 +138,9 @@ impl Application {
                     url,
                     &config.redis_prefix,
                     Duration::from_secs(config.lease_ttl_s),
+                    Duration::from_secs(config.resume_window_s),
+                    Duration::from_secs(config.max_duration_s),
+                    config.max_sessions_per_user,
                 )
                 .map_err(|e| anyhow::anyhow!("REDIS_URL: {e}"))?,
             )),
@@ -525,46 +529,85 @@ async fn voice(
             ),
         )
     };
-    let kind = match resume {
-        Some(token) => match state.registry.find_resume(&token, &identity.user_id) {
+    let not_found = || {
+        refuse(
+            "resume_failed",
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::ResumeFailed,
+                "unknown or expired resume token; start a new session",
+            ),
+        )
+    };
+    let at_capacity = || {
+        refuse(
+            "at_capacity",
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::AtCapacity,
+                "the server is at capacity; retry shortly or connect elsewhere",
+            ),
+        )
+    };
+    let too_many = || {
+        refuse(
+            "too_many_sessions",
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::TooManySessions,
+                format!(
+                    "at most {} concurrent sessions per user",
+                    state.config.max_sessions_per_user
+                ),
+            ),
+        )
+    };
+    let kind = match (resume, &state.cluster) {
+        // Without scale-out, this instance's registry knows every session.
+        (Some(token), None) => match state.registry.find_resume(&token, &identity.user_id) {
             Some(entry) => Upgrade::Resume(entry),
-            None => {
-                // Perhaps the session was dropped on another instance.
-                let claimed = match &state.cluster {
-                    Some(cluster) => cluster
-                        .claim_resume(&token, &identity.user_id)
-                        .await
-                        .map_err(unavailable)?,
-                    None => None,
-                };
-                match claimed {
-                    Some(moved) => match state.registry.admit_moved(&identity.user_id) {
-                        Ok(permit) => Upgrade::Adopt(permit, Box::new(moved)),
-                        Err(_) => {
-                            return Err(refuse(
-                                "at_capacity",
-                                ApiError::new(
-                                    StatusCode::SERVICE_UNAVAILABLE,
-                                    ErrorCode::AtCapacity,
-                                    "the server is at capacity; retry shortly or connect elsewhere",
-                                ),
-                            ));
+            None => return Err(not_found()),
+        },
+        // With scale-out every resume, local ones included, is one atomic claim that makes
+        // this instance the owner at a new epoch; the previous owner is fenced off.
+        (Some(token), Some(cluster)) => {
+            match cluster
+                .claim(&token, &identity.user_id)
+                .await
+                .map_err(unavailable)?
+            {
+                Claim::Unknown => return Err(not_found()),
+                Claim::NoPlace => return Err(too_many()),
+                Claim::Claimed {
+                    owned,
+                    previous_owner,
+                    state: published,
+                } => {
+                    let local = (previous_owner == cluster.instance)
+                        .then(|| {
+                            state
+                                .registry
+                                .find_session(&owned.session_id, &identity.user_id)
+                        })
+                        .flatten();
+                    match (local, published) {
+                        (Some(entry), _) => {
+                            // The session learns its new epoch before the handshake ends.
+                            let _ = entry.attach.try_send(ToSession::Claimed(owned.epoch));
+                            Upgrade::Resume(entry)
                         }
-                    },
-                    None => {
-                        return Err(refuse(
-                            "resume_failed",
-                            ApiError::new(
-                                StatusCode::NOT_FOUND,
-                                ErrorCode::ResumeFailed,
-                                "unknown or expired resume token; start a new session",
-                            ),
-                        ));
+                        (None, Some(published)) => {
+                            match state.registry.admit_moved(&identity.user_id) {
+                                Ok(permit) => Upgrade::Adopt(permit, owned, published),
+                                Err(_) => return Err(at_capacity()),
+                            }
+                        }
+                        (None, None) => return Err(not_found()),
                     }
                 }
             }
-        },
-        None => {
+        }
+        (None, _) => {
             // Refuse a session that could not afford even one reply today.
             if let Some(daily) = state.config.user_daily_budget_usd {
                 let spent = match &state.cluster {
@@ -592,49 +635,24 @@ async fn voice(
                     ));
                 }
             }
-            let too_many = || {
-                refuse(
-                    "too_many_sessions",
-                    ApiError::new(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        ErrorCode::TooManySessions,
-                        format!(
-                            "at most {} concurrent sessions per user",
-                            state.config.max_sessions_per_user
-                        ),
-                    ),
-                )
-            };
             let permit = match state.registry.admit(&identity.user_id) {
                 Ok(permit) => permit,
                 Err(AdmitError::TooManySessions) => return Err(too_many()),
-                Err(AdmitError::AtCapacity) => {
-                    return Err(refuse(
-                        "at_capacity",
-                        ApiError::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            ErrorCode::AtCapacity,
-                            "the server is at capacity; retry shortly or connect elsewhere",
-                        ),
-                    ));
-                }
+                Err(AdmitError::AtCapacity) => return Err(at_capacity()),
             };
             let session_id = uuid::Uuid::new_v4().to_string();
             // Across instances, the per-user limit is decided by one atomic script.
-            if let Some(cluster) = &state.cluster {
-                let admitted = cluster
-                    .admit(
-                        &identity.user_id,
-                        &session_id,
-                        state.config.max_sessions_per_user,
-                    )
-                    .await
-                    .map_err(unavailable)?;
-                if !admitted {
-                    return Err(too_many());
-                }
-            }
-            Upgrade::New(permit, session_id)
+            let owned = match &state.cluster {
+                Some(cluster) => Some(
+                    cluster
+                        .admit(&identity.user_id, &session_id)
+                        .await
+                        .map_err(unavailable)?
+                        .ok_or_else(too_many)?,
+                ),
+                None => None,
+            };
+            Upgrade::New(permit, session_id, owned)
         }
     };
     let max_message = (state.config.audio_chunk_max_bytes * 4)

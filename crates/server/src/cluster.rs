@@ -1,15 +1,28 @@
 //! Scale-out coordination through Redis (`REDIS_URL`): the per-user session limit across
-//! instances (an atomic script over a sorted set of leases), leases that expire on their own
-//! when an instance dies, the daily budget across instances, and the resume directory that lets
-//! a session dropped on one instance resume on another.
+//! instances, fenced ownership of each session, its replicated resume state, and the daily
+//! budget across instances.
+//!
+//! **One owner at a time.** Creating a session and claiming it by a resume token (on any
+//! instance, the owner's own included) are single atomic scripts; a claim bumps the session's
+//! ownership epoch. Every write an instance makes for a session — lease refresh, resume state,
+//! tokens, spend, release — runs a script that first checks the writer's epoch and refuses a
+//! stale one, so an owner that lost its session can neither serve (it learns at its next write
+//! and closes the connection with 4409) nor write.
+//!
+//! **Sessions survive their instance.** The owner publishes the session's state after every
+//! turn and on detach; after a crash, a resume on any instance claims it with history, usage
+//! and budget intact.
 //!
 //! Keys (under `ATLAS_REDIS_PREFIX`, default `atlas`):
-//! - `{p}:leases:{user}` — sorted set: session id → lease expiry (Unix ms). Admission drops
-//!   expired leases and admits while the set is below the limit; instances refresh their
-//!   sessions' leases every third of the TTL.
+//! - `{p}:leases:{user}` — sorted set: session id → lease expiry (Unix ms, Redis's clock).
+//!   Admission drops expired leases and admits while the set is below the limit; owners refresh
+//!   every third of the TTL; a lapsed lease is taken back only under the limit. A session whose
+//!   lease could not be refreshed for its whole TTL ends on its instance before Redis would
+//!   give its place away.
+//! - `{p}:session:{id}` — hash: `user`, `owner` (instance), `epoch`, `state` (JSON), kept for a
+//!   lease plus a resume window after the last refresh.
+//! - `{p}:token:{token}` — the session a resume token leads to.
 //! - `{p}:spend:{user}:{day}` — micro-dollars spent on that UTC day (expires after two days).
-//! - `{p}:resume:{token}` — a detached session's state (JSON), for the resume window.
-//! - `{p}:owner:{session}` — the instance that owns the session now.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,36 +47,133 @@ pub enum ClusterError {
     Decode(String),
 }
 
+// Every script reads the time from Redis, so instances with skewed clocks agree on leases.
+// `now` in milliseconds.
+const NOW: &str =
+    "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n";
+
+// A new session: a place under the user's limit, and ownership at epoch 1.
+// KEYS: leases, session. ARGV: session id, max, lease ttl ms, instance, session ttl ms, user.
 const ADMIT: &str = r"
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
-  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-  return 1
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 4)
+redis.call('HSET', KEYS[2], 'user', ARGV[6], 'owner', ARGV[4], 'epoch', 1)
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return 1
+";
+
+// Resume (on any instance, the owner's included): one atomic claim that bumps the epoch. A
+// lease that lapsed (its instance died) is taken back only under the user's limit.
+// KEYS: token. ARGV: user, max, lease ttl ms, instance, session ttl ms, key prefix.
+// Returns {0} unknown, {-1} no place, {1, session id, epoch, previous owner, state}.
+const CLAIM: &str = r"
+local sid = redis.call('GET', KEYS[1])
+if not sid then return {0} end
+local hk = ARGV[6] .. ':session:' .. sid
+local h = redis.call('HMGET', hk, 'user', 'owner', 'state')
+if not h[1] or h[1] ~= ARGV[1] then return {0} end
+local lk = ARGV[6] .. ':leases:' .. ARGV[1]
+redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
+if not redis.call('ZSCORE', lk, sid) and redis.call('ZCARD', lk) >= tonumber(ARGV[2]) then
+  return {-1}
 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
-  return 0
+redis.call('ZADD', lk, now + tonumber(ARGV[3]), sid)
+redis.call('PEXPIRE', lk, tonumber(ARGV[3]) * 4)
+local epoch = redis.call('HINCRBY', hk, 'epoch', 1)
+redis.call('HSET', hk, 'owner', ARGV[4])
+redis.call('PEXPIRE', hk, ARGV[5])
+return {1, sid, epoch, h[2] or '', h[3] or ''}
+";
+
+// The fence every write passes: the caller's epoch must still be the session's.
+const FENCE: &str = "if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end\n";
+
+// Lease refresh. KEYS: session, leases. ARGV: epoch, session id, lease ttl ms, max,
+// session ttl ms. Returns 1, -1 stale, -2 lapsed without a place.
+const REFRESH: &str = r"
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if not redis.call('ZSCORE', KEYS[2], ARGV[2]) and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then
+  return -2
 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]) * 4)
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 ";
 
-// Refreshing (re-)adds the lease: an instance refreshes only sessions it owns, including one
-// it adopted after the previous owner's lease had lapsed.
-const REFRESH: &str = r"
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+// KEYS: session. ARGV: epoch, state, session ttl ms.
+const PUBLISH: &str = r"
+redis.call('HSET', KEYS[1], 'state', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
-const CLAIM: &str = r"
-local v = redis.call('GET', KEYS[1])
-if not v then return false end
-local ok, state = pcall(cjson.decode, v)
-if not ok or state['user_id'] ~= ARGV[1] then return false end
-redis.call('DEL', KEYS[1])
-return v
+// KEYS: session, token. ARGV: epoch, session id, token ttl ms.
+const REGISTER_TOKEN: &str = r"
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
 ";
+
+// KEYS: session, token. ARGV: epoch, session id.
+const RETIRE_TOKEN: &str = r"
+if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+return 1
+";
+
+// KEYS: session, spend. ARGV: epoch, micros. Returns the day's total.
+const ADD_SPEND: &str = r"
+local total = redis.call('INCRBY', KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[2], 172800)
+return total
+";
+
+// KEYS: session, leases. ARGV: epoch, session id.
+const RELEASE: &str = r"
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('DEL', KEYS[1])
+return 1
+";
+
+/// Ownership of one session by this instance: its id and epoch. Every write for the session
+/// carries it and is refused once another claim bumped the epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owned {
+    /// The session.
+    pub session_id: String,
+    /// Its owner.
+    pub user_id: String,
+    /// The epoch of this instance's claim.
+    pub epoch: u64,
+}
+
+/// A fenced write's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fenced<T> {
+    /// Done.
+    Done(T),
+    /// Another claim owns the session now; nothing was written.
+    Stale,
+}
+
+/// What a claim found.
+#[derive(Debug)]
+pub enum Claim {
+    /// The token resumes nothing (unknown, expired, or another user's).
+    Unknown,
+    /// The session's lease lapsed and the user's places are taken.
+    NoPlace,
+    /// Claimed.
+    Claimed {
+        /// This instance's ownership.
+        owned: Owned,
+        /// The instance that owned it before (this one for a local resume).
+        previous_owner: String,
+        /// The state the previous owner published, if any.
+        state: Option<Box<ResumeState>>,
+    },
+}
 
 /// What a session needs to continue on another instance.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -74,18 +184,8 @@ pub struct ResumeState {
     pub user_id: String,
     /// Start of the session.
     pub started_wall: chrono::DateTime<chrono::Utc>,
-    /// Conversation, oldest first: (is the user, text).
-    pub history: Vec<(bool, String)>,
-    /// Usage and running cost.
-    pub usage: atlas_protocol::Usage,
-    /// What was used, for costing: stt ms, llm in, out, cache read, cache write, tts chars.
-    pub consumption: [u64; 6],
-    /// Spend already added to the daily total.
-    pub reported_spend: u64,
-    /// Whether the budget warning was sent.
-    pub budget_warned: bool,
-    /// Turns so far.
-    pub last_turn: u64,
+    /// Conversation, turns and the ledger.
+    pub carried: atlas_core::session::Carried,
     /// The turns' records (the final record is written by the last owner).
     pub turn_records: Vec<atlas_store::TurnRecord>,
     /// Application conversation id.
@@ -101,6 +201,12 @@ pub struct Cluster {
     /// This instance's id.
     pub instance: String,
     lease_ttl: Duration,
+    /// How long a session's shared record outlives its last refresh: a lease and a resume
+    /// window, so a crashed owner's session can be resumed for the whole window.
+    session_ttl: Duration,
+    /// How long a resume token is kept (the longest session plus a resume window).
+    token_ttl: Duration,
+    max_per_user: u32,
 }
 
 fn now_ms() -> u64 {
@@ -121,7 +227,14 @@ async fn timed<T>(
 
 impl Cluster {
     /// Connects lazily: the server starts while Redis is down (and refuses new sessions).
-    pub fn connect(url: &str, prefix: &str, lease_ttl: Duration) -> Result<Cluster, ClusterError> {
+    pub fn connect(
+        url: &str,
+        prefix: &str,
+        lease_ttl: Duration,
+        resume_window: Duration,
+        max_duration: Duration,
+        max_per_user: u32,
+    ) -> Result<Cluster, ClusterError> {
         let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
@@ -134,6 +247,9 @@ impl Cluster {
             prefix: prefix.to_owned(),
             instance: uuid::Uuid::new_v4().to_string(),
             lease_ttl,
+            session_ttl: lease_ttl + resume_window,
+            token_ttl: max_duration + resume_window,
+            max_per_user,
         })
     }
 
@@ -151,66 +267,200 @@ impl Cluster {
         k
     }
 
-    /// Admits `session_id` for `user_id` if the user holds fewer than `max` live leases.
+    fn script(body: &str) -> redis::Script {
+        redis::Script::new(&format!("{NOW}{body}"))
+    }
+
+    fn fenced(body: &str) -> redis::Script {
+        redis::Script::new(&format!("{NOW}{FENCE}{body}"))
+    }
+
+    fn ms(d: Duration) -> u64 {
+        d.as_millis() as u64
+    }
+
+    /// Admits a new session for `user_id` if the user holds fewer live leases than the
+    /// limit, and makes this instance its owner.
     pub async fn admit(
         &self,
         user_id: &str,
         session_id: &str,
-        max: u32,
-    ) -> Result<bool, ClusterError> {
-        let now = now_ms();
-        let ttl = self.lease_ttl.as_millis() as u64;
+    ) -> Result<Option<Owned>, ClusterError> {
         let mut conn = self.conn.clone();
-        let script = redis::Script::new(ADMIT);
         let ok: i64 = timed(
-            script
+            Self::script(ADMIT)
                 .key(self.key(&["leases", user_id]))
-                .arg(now)
-                .arg(now + ttl)
+                .key(self.key(&["session", session_id]))
                 .arg(session_id)
-                .arg(max)
-                .arg(ttl * 4)
+                .arg(self.max_per_user)
+                .arg(Self::ms(self.lease_ttl))
+                .arg(&self.instance)
+                .arg(Self::ms(self.session_ttl))
+                .arg(user_id)
                 .invoke_async(&mut conn),
         )
         .await?;
-        Ok(ok == 1)
+        Ok((ok == 1).then(|| Owned {
+            session_id: session_id.to_owned(),
+            user_id: user_id.to_owned(),
+            epoch: 1,
+        }))
     }
 
-    /// Extends the lease of a live session.
-    pub async fn refresh(&self, user_id: &str, session_id: &str) -> Result<(), ClusterError> {
-        let now = now_ms();
-        let ttl = self.lease_ttl.as_millis() as u64;
+    /// Claims the session behind a resume token for `user_id`: one atomic step that bumps the
+    /// ownership epoch, so of racing claims the last one owns the session and every earlier
+    /// owner's writes are refused from then on.
+    pub async fn claim(&self, token: &str, user_id: &str) -> Result<Claim, ClusterError> {
         let mut conn = self.conn.clone();
-        let _: i64 = timed(
-            redis::Script::new(REFRESH)
-                .key(self.key(&["leases", user_id]))
-                .arg(now + ttl)
-                .arg(session_id)
-                .arg(ttl * 4)
+        let v: redis::Value = timed(
+            Self::script(CLAIM)
+                .key(self.key(&["token", token]))
+                .arg(user_id)
+                .arg(self.max_per_user)
+                .arg(Self::ms(self.lease_ttl))
+                .arg(&self.instance)
+                .arg(Self::ms(self.session_ttl))
+                .arg(&self.prefix)
                 .invoke_async(&mut conn),
         )
         .await?;
-        Ok(())
+        let decode = |e: &dyn std::fmt::Display| ClusterError::Decode(e.to_string());
+        let (code, rest): (i64, Vec<redis::Value>) = match v {
+            redis::Value::Array(mut items) if !items.is_empty() => {
+                let code = redis::from_redis_value(items.remove(0)).map_err(|e| decode(&e))?;
+                (code, items)
+            }
+            other => return Err(ClusterError::Decode(format!("claim answered {other:?}"))),
+        };
+        match code {
+            0 => Ok(Claim::Unknown),
+            -1 => Ok(Claim::NoPlace),
+            _ => {
+                let (session_id, epoch, previous_owner, state): (String, u64, String, String) =
+                    redis::from_redis_value(redis::Value::Array(rest)).map_err(|e| decode(&e))?;
+                let state = if state.is_empty() {
+                    None
+                } else {
+                    Some(Box::new(
+                        serde_json::from_str(&state).map_err(|e| decode(&e))?,
+                    ))
+                };
+                Ok(Claim::Claimed {
+                    owned: Owned {
+                        session_id,
+                        user_id: user_id.to_owned(),
+                        epoch,
+                    },
+                    previous_owner,
+                    state,
+                })
+            }
+        }
     }
 
-    /// Frees a session's place.
-    pub async fn release(&self, user_id: &str, session_id: &str) -> Result<(), ClusterError> {
+    async fn run_fenced<T: redis::FromRedisValue>(
+        &self,
+        script: redis::ScriptInvocation<'_>,
+    ) -> Result<Fenced<T>, ClusterError> {
         let mut conn = self.conn.clone();
-        let _: i64 = timed(conn.zrem(self.key(&["leases", user_id]), session_id)).await?;
-        Ok(())
+        let v: redis::Value = timed(script.invoke_async(&mut conn)).await?;
+        if matches!(v, redis::Value::Int(-1)) {
+            return Ok(Fenced::Stale);
+        }
+        redis::from_redis_value(v)
+            .map(Fenced::Done)
+            .map_err(|e| ClusterError::Decode(e.to_string()))
+    }
+
+    /// Extends the session's lease. `Done(false)`: the lease had lapsed and the user's places
+    /// are taken meanwhile, so the session must end.
+    pub async fn refresh(&self, owned: &Owned) -> Result<Fenced<bool>, ClusterError> {
+        let script = Self::fenced(REFRESH);
+        let mut inv = script.prepare_invoke();
+        inv.key(self.key(&["session", &owned.session_id]))
+            .key(self.key(&["leases", &owned.user_id]))
+            .arg(owned.epoch)
+            .arg(&owned.session_id)
+            .arg(Self::ms(self.lease_ttl))
+            .arg(self.max_per_user)
+            .arg(Self::ms(self.session_ttl));
+        Ok(match self.run_fenced::<i64>(inv).await? {
+            Fenced::Done(v) => Fenced::Done(v == 1),
+            Fenced::Stale => Fenced::Stale,
+        })
+    }
+
+    /// Publishes the session's state, from which any instance can continue it.
+    pub async fn publish(
+        &self,
+        owned: &Owned,
+        state: &ResumeState,
+    ) -> Result<Fenced<()>, ClusterError> {
+        let body = serde_json::to_string(state).map_err(|e| ClusterError::Decode(e.to_string()))?;
+        let script = Self::fenced(PUBLISH);
+        let mut inv = script.prepare_invoke();
+        inv.key(self.key(&["session", &owned.session_id]))
+            .arg(owned.epoch)
+            .arg(body)
+            .arg(Self::ms(self.session_ttl));
+        Ok(self.run_fenced::<i64>(inv).await?.map(|_| ()))
+    }
+
+    /// Makes `token` resume the session.
+    pub async fn register_token(
+        &self,
+        owned: &Owned,
+        token: &str,
+    ) -> Result<Fenced<()>, ClusterError> {
+        let script = Self::fenced(REGISTER_TOKEN);
+        let mut inv = script.prepare_invoke();
+        inv.key(self.key(&["session", &owned.session_id]))
+            .key(self.key(&["token", token]))
+            .arg(owned.epoch)
+            .arg(&owned.session_id)
+            .arg(Self::ms(self.token_ttl));
+        Ok(self.run_fenced::<i64>(inv).await?.map(|_| ()))
+    }
+
+    /// `token` no longer resumes the session.
+    pub async fn retire_token(
+        &self,
+        owned: &Owned,
+        token: &str,
+    ) -> Result<Fenced<()>, ClusterError> {
+        let script = Self::fenced(RETIRE_TOKEN);
+        let mut inv = script.prepare_invoke();
+        inv.key(self.key(&["session", &owned.session_id]))
+            .key(self.key(&["token", token]))
+            .arg(owned.epoch)
+            .arg(&owned.session_id);
+        Ok(self.run_fenced::<i64>(inv).await?.map(|_| ()))
+    }
+
+    /// Adds the session's spend to its user's day; returns the day's total.
+    pub async fn add_spend(&self, owned: &Owned, micros: u64) -> Result<Fenced<u64>, ClusterError> {
+        let script = Self::fenced(ADD_SPEND);
+        let mut inv = script.prepare_invoke();
+        inv.key(self.key(&["session", &owned.session_id]))
+            .key(self.key(&["spend", &owned.user_id, &Self::day()]))
+            .arg(owned.epoch)
+            .arg(micros);
+        self.run_fenced::<u64>(inv).await
+    }
+
+    /// Frees the session's place and forgets it.
+    pub async fn release(&self, owned: &Owned) -> Result<Fenced<()>, ClusterError> {
+        let script = Self::fenced(RELEASE);
+        let mut inv = script.prepare_invoke();
+        inv.key(self.key(&["session", &owned.session_id]))
+            .key(self.key(&["leases", &owned.user_id]))
+            .arg(owned.epoch)
+            .arg(&owned.session_id);
+        Ok(self.run_fenced::<i64>(inv).await?.map(|_| ()))
     }
 
     fn day() -> String {
         (now_ms() / 86_400_000).to_string()
-    }
-
-    /// Adds spend to the user's day; returns the day's total.
-    pub async fn add_spend(&self, user_id: &str, micros: u64) -> Result<u64, ClusterError> {
-        let key = self.key(&["spend", user_id, &Self::day()]);
-        let mut conn = self.conn.clone();
-        let total: u64 = timed(conn.incr(&key, micros)).await?;
-        let _: bool = timed(conn.expire(&key, 2 * 86_400)).await?;
-        Ok(total)
     }
 
     /// The user's spend today across instances.
@@ -219,66 +469,13 @@ impl Cluster {
         let v: Option<u64> = timed(conn.get(self.key(&["spend", user_id, &Self::day()]))).await?;
         Ok(v.unwrap_or(0))
     }
+}
 
-    /// Publishes a detached session's state under `token` for `ttl`, and claims ownership.
-    pub async fn publish_resume(
-        &self,
-        token: &str,
-        state: &ResumeState,
-        ttl: Duration,
-    ) -> Result<(), ClusterError> {
-        let body = serde_json::to_string(state).map_err(|e| ClusterError::Decode(e.to_string()))?;
-        let ms = ttl.as_millis() as u64;
-        let mut conn = self.conn.clone();
-        let _: () = timed(conn.pset_ex(self.key(&["resume", token]), body, ms)).await?;
-        self.set_owner(&state.session_id, ttl + self.lease_ttl)
-            .await
-    }
-
-    /// Takes the state behind `token` if it belongs to `user_id` (at most one taker).
-    pub async fn claim_resume(
-        &self,
-        token: &str,
-        user_id: &str,
-    ) -> Result<Option<ResumeState>, ClusterError> {
-        let mut conn = self.conn.clone();
-        let v: Option<String> = timed(
-            redis::Script::new(CLAIM)
-                .key(self.key(&["resume", token]))
-                .arg(user_id)
-                .invoke_async(&mut conn),
-        )
-        .await?;
-        match v {
-            None => Ok(None),
-            Some(v) => serde_json::from_str(&v)
-                .map(Some)
-                .map_err(|e| ClusterError::Decode(e.to_string())),
+impl<T> Fenced<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Fenced<U> {
+        match self {
+            Fenced::Done(v) => Fenced::Done(f(v)),
+            Fenced::Stale => Fenced::Stale,
         }
-    }
-
-    /// Forgets a resume token (the session resumed locally or ended).
-    pub async fn remove_resume(&self, token: &str) -> Result<(), ClusterError> {
-        let mut conn = self.conn.clone();
-        let _: i64 = timed(conn.del(self.key(&["resume", token]))).await?;
-        Ok(())
-    }
-
-    /// Records this instance as the session's owner.
-    pub async fn set_owner(&self, session_id: &str, ttl: Duration) -> Result<(), ClusterError> {
-        let mut conn = self.conn.clone();
-        let _: () = timed(conn.pset_ex(
-            self.key(&["owner", session_id]),
-            &self.instance,
-            ttl.as_millis() as u64,
-        ))
-        .await?;
-        Ok(())
-    }
-
-    /// The session's owner, if recorded.
-    pub async fn owner(&self, session_id: &str) -> Result<Option<String>, ClusterError> {
-        let mut conn = self.conn.clone();
-        timed(conn.get(self.key(&["owner", session_id]))).await
     }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use crate::session::Connection;
+use crate::session::ToSession;
 
 /// Why a new session was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,15 +17,23 @@ pub enum AdmitError {
     AtCapacity,
 }
 
-/// Where a resume token leads.
-#[derive(Clone, Debug)]
+/// A live session of this instance, as a resume reaches it.
+#[derive(Clone)]
 pub struct ResumeEntry {
     /// The session.
     pub session_id: String,
     /// Its owner; only they may resume it.
     pub user_id: String,
-    /// Hands a new connection to the session.
-    pub attach: mpsc::Sender<Connection>,
+    /// Hands a new connection (or a newer claim) to the session.
+    pub attach: mpsc::Sender<ToSession>,
+}
+
+impl std::fmt::Debug for ResumeEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResumeEntry")
+            .field("session_id", &self.session_id)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Default)]
@@ -37,7 +45,10 @@ struct Inner {
     spend_day: u64,
     total: usize,
     detached: usize,
-    resumable: HashMap<String, ResumeEntry>,
+    /// Live sessions by id.
+    live: HashMap<String, ResumeEntry>,
+    /// Resume tokens → session id (without scale-out; with it, Redis keeps them).
+    tokens: HashMap<String, String>,
 }
 
 /// The registry; shared by all connections.
@@ -164,23 +175,48 @@ impl Registry {
             .map_or(0, |(_, m)| *m)
     }
 
-    /// Makes `token` resume the session described by `entry`.
-    pub fn register_resume(&self, token: &str, entry: ResumeEntry) {
-        self.lock().resumable.insert(token.to_owned(), entry);
+    /// Makes a live session reachable for resumes.
+    pub fn register_session(&self, session_id: &str, entry: ResumeEntry) {
+        self.lock().live.insert(session_id.to_owned(), entry);
     }
 
-    /// The session `token` resumes, if it exists and belongs to `user_id`.
-    pub fn find_resume(&self, token: &str, user_id: &str) -> Option<ResumeEntry> {
+    /// The session is over: no resume reaches it any more.
+    pub fn remove_session(&self, session_id: &str) {
+        let mut inner = self.lock();
+        inner.live.remove(session_id);
+        inner.tokens.retain(|_, sid| sid != session_id);
+    }
+
+    /// Makes `token` resume `session_id`.
+    pub fn register_token(&self, token: &str, session_id: &str) {
         self.lock()
-            .resumable
-            .get(token)
+            .tokens
+            .insert(token.to_owned(), session_id.to_owned());
+    }
+
+    /// Forgets `token`.
+    pub fn remove_token(&self, token: &str) {
+        self.lock().tokens.remove(token);
+    }
+
+    /// The live session `session_id`, if it belongs to `user_id`.
+    pub fn find_session(&self, session_id: &str, user_id: &str) -> Option<ResumeEntry> {
+        self.lock()
+            .live
+            .get(session_id)
             .filter(|e| e.user_id == user_id)
             .cloned()
     }
 
-    /// Forgets `token`.
-    pub fn remove_resume(&self, token: &str) {
-        self.lock().resumable.remove(token);
+    /// The session `token` resumes, if it exists and belongs to `user_id`.
+    pub fn find_resume(&self, token: &str, user_id: &str) -> Option<ResumeEntry> {
+        let inner = self.lock();
+        let sid = inner.tokens.get(token)?;
+        inner
+            .live
+            .get(sid)
+            .filter(|e| e.user_id == user_id)
+            .cloned()
     }
 }
 

@@ -23,25 +23,30 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 
-use atlas_core::audio::{
-    AudioClock, ChunkError, pcm_from_le_bytes, pcm_to_le_bytes, validate_chunk,
-};
-use atlas_core::cost::{Budget, BudgetState, Consumption, Cost, from_usd, to_usd};
-use atlas_core::history::{History, HistoryLimits, Role};
-use atlas_core::latency::Latency;
+use atlas_core::audio::{AudioClock, pcm_from_le_bytes, pcm_to_le_bytes};
+use atlas_core::cost::{from_usd, to_usd};
+use atlas_core::history::{HistoryLimits, Role};
 use atlas_core::resample::StreamResampler;
+use atlas_core::session::ledger::{LlmBill, ReportedTokens, SpendDelta};
+use atlas_core::session::{
+    Config as MachineConfig, Finish, Heard, Input, LeaseAnswer, Output, ReplyFailure, ReplyOutcome,
+    Session as Machine, TurnLog,
+};
 use atlas_core::splitter::SplitterConfig;
-use atlas_core::timers::{SessionTimers, TimerAction, TimerConfig, TimerEnd};
-use atlas_core::turns::{Action, Input, TurnConfig, Turns};
+use atlas_core::timers::TimerConfig;
+use atlas_core::turns::TurnConfig;
 use atlas_protocol::{
-    AudioFormat, ClientMessage, EndingReason, ErrorCode, LatencyBreakdown, Limits, ServerEvent,
-    SessionStart, Usage, close, parse_client_message,
+    AudioFormat, ClientMessage, ErrorCode, Limits, ServerEvent, SessionStart, close,
+    parse_client_message,
 };
 use atlas_providers::llm::{ChatMessage, ChatRole, LlmRequest};
 use atlas_providers::stt::{SttEvent, SttOptions};
 
+pub use atlas_core::session::EndReason;
+
 use crate::app::AppState;
 use crate::auth::{Identity, seconds_until};
+use crate::cluster::{Cluster, Fenced, Owned, ResumeState};
 use crate::metrics;
 use crate::registry::{ResumeEntry, SessionPermit};
 use outbound::{OutboundTx, WriterExit, run_writer};
@@ -60,63 +65,9 @@ const MAX_INVALID_FRAMES: u32 = 50;
 const MAX_FLOOD_SECONDS: u32 = 5;
 /// Consecutive recogniser failures before the session gives up.
 const MAX_STT_FAILURES: u32 = 4;
-
-/// Why a session ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
-    /// The client sent `session.end`.
-    ClientEnded,
-    /// The connection dropped before the session started.
-    Disconnected,
-    /// The server is draining.
-    Draining,
-    /// Protocol abuse.
-    Policy,
-    /// A provider failed beyond recovery.
-    ProviderFailed,
-    /// No `session.start` in time.
-    StartTimeout,
-    /// No client activity for the idle timeout.
-    IdleTimeout,
-    /// Maximum duration reached.
-    MaxDuration,
-    /// The session or daily budget is spent.
-    BudgetExhausted,
-    /// The access token expired without a refresh.
-    TokenExpired,
-    /// Dropped and not resumed within the window.
-    ResumeExpired,
-}
-
-impl EndReason {
-    /// Bounded label for logs, metrics and records.
-    pub fn label(self) -> &'static str {
-        match self {
-            EndReason::ClientEnded => "client_ended",
-            EndReason::Disconnected => "disconnected",
-            EndReason::Draining => "draining",
-            EndReason::Policy => "policy",
-            EndReason::ProviderFailed => "provider_failed",
-            EndReason::StartTimeout => "start_timeout",
-            EndReason::IdleTimeout => "idle_timeout",
-            EndReason::MaxDuration => "max_duration",
-            EndReason::BudgetExhausted => "budget_exhausted",
-            EndReason::TokenExpired => "token_expired",
-            EndReason::ResumeExpired => "resume_expired",
-        }
-    }
-}
-
-impl From<TimerEnd> for EndReason {
-    fn from(t: TimerEnd) -> Self {
-        match t {
-            TimerEnd::Idle => EndReason::IdleTimeout,
-            TimerEnd::MaxDuration => EndReason::MaxDuration,
-            TimerEnd::TokenExpired => EndReason::TokenExpired,
-            TimerEnd::ResumeWindowExpired => EndReason::ResumeExpired,
-        }
-    }
-}
+/// How long a replaced resume token still resumes the session when the client never shows
+/// it received the new one (its `session.resumed` was lost).
+const TOKEN_HANDOVER_GRACE: Duration = Duration::from_secs(30);
 
 /// A client connection that completed the `session.start` handshake.
 pub struct Connection {
@@ -142,12 +93,12 @@ impl std::fmt::Debug for Connection {
 
 /// What an upgraded connection is for.
 pub enum Upgrade {
-    /// A new session, already admitted, with its id.
-    New(SessionPermit, String),
+    /// A new session, already admitted, with its id (and, with scale-out, its ownership).
+    New(SessionPermit, String, Option<Owned>),
     /// Resuming the session behind this entry (on this instance).
     Resume(ResumeEntry),
-    /// Resuming a session that was dropped on another instance.
-    Adopt(SessionPermit, Box<crate::cluster::ResumeState>),
+    /// Continuing a session another instance owned (dropped, drained or crashed there).
+    Adopt(SessionPermit, Owned, Box<ResumeState>),
 }
 
 /// Serves one upgraded connection: the handshake, then either a new session (which runs
@@ -176,10 +127,10 @@ pub async fn handle_upgrade(
             }
             drop(outbound);
             let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-            if let Upgrade::New(_, session_id) = &upgrade {
+            if let Upgrade::New(_, _, owned) = &upgrade {
                 metrics::session_ended(reason.label());
-                if let Some(cluster) = &state.cluster {
-                    let _ = cluster.release(&identity.user_id, session_id).await;
+                if let (Some(cluster), Some(owned)) = (&state.cluster, owned) {
+                    let _ = cluster.release(owned).await;
                 }
             }
             return;
@@ -193,15 +144,17 @@ pub async fn handle_upgrade(
         identity,
     };
     match upgrade {
-        Upgrade::New(permit, session_id) => {
-            run_session(state, conn, permit, session_id, None).await
+        Upgrade::New(permit, session_id, owned) => {
+            run_session(state, conn, permit, session_id, owned, None).await
         }
-        Upgrade::Adopt(permit, moved) => {
+        Upgrade::Adopt(permit, owned, moved) => {
             let session_id = moved.session_id.clone();
-            run_session(state, conn, permit, session_id, Some(*moved)).await
+            run_session(state, conn, permit, session_id, Some(owned), Some(*moved)).await
         }
         Upgrade::Resume(entry) => {
-            if let Err(mpsc::error::SendError(conn)) = entry.attach.send(conn).await {
+            if let Err(mpsc::error::SendError(ToSession::Attach(conn))) =
+                entry.attach.send(ToSession::Attach(conn)).await
+            {
                 let _ = conn.outbound.event(ServerEvent::error(
                     ErrorCode::ResumeFailed,
                     "the session has ended; start a new one",
@@ -211,29 +164,6 @@ pub async fn handle_upgrade(
             }
         }
     }
-}
-
-async fn run_session(
-    state: AppState,
-    first: Connection,
-    permit: SessionPermit,
-    session_id: String,
-    moved: Option<crate::cluster::ResumeState>,
-) {
-    let span = tracing::info_span!("session", session_id = %session_id);
-    async move {
-        let mut session = Session::new(&state, session_id, first, permit, moved);
-        info!(user_id = %session.identity.user_id, "session started");
-        let reason = session.run().await;
-        session.finish(reason).await;
-        info!(
-            reason = reason.label(),
-            turns = session.turns.last_turn(),
-            "session ended"
-        );
-    }
-    .instrument(span)
-    .await
 }
 
 /// Waits for a valid `session.start`, answering anything else with a non-fatal error.
@@ -376,70 +306,139 @@ async fn link_next(link: &mut Option<Link>) -> LinkInput {
     }
 }
 
-/// The state of one session. It outlives connections: when the client drops, the session
-/// detaches and waits for a resume.
-struct Session {
+/// Answers of work the driver runs off the session loop (shared-store writes, token checks).
+#[derive(Debug)]
+enum Answer {
+    Lease(LeaseAnswer, std::time::Instant),
+    DailySpent(u64),
+    TokenRefreshed(Result<Identity, String>),
+    /// A fenced write found that another claim owns the session.
+    Stale,
+}
+
+/// Writes to the shared store for one session, carried out in order by one task.
+enum ClusterOp {
+    Refresh(std::time::Instant),
+    Publish(Box<ResumeState>),
+    RegisterToken(String),
+    RetireToken(String),
+    Spend(u64),
+    /// The session ended for good: free its place.
+    Release,
+}
+
+/// Shared-store writes queued per session.
+const CLUSTER_QUEUE: usize = 64;
+
+/// The session's link to the shared store (scale-out): its ownership and its write queue.
+struct Shared {
+    cluster: Arc<Cluster>,
+    owned: Arc<Mutex<Owned>>,
+    ops: mpsc::Sender<ClusterOp>,
+    /// The task carrying the writes out.
+    writer: JoinHandle<()>,
+}
+
+/// Runs a session's shared-store writes in order, each fenced by the current epoch.
+async fn run_cluster_ops(
+    cluster: Arc<Cluster>,
+    owned: Arc<Mutex<Owned>>,
+    mut ops: mpsc::Receiver<ClusterOp>,
+    answers: mpsc::Sender<Answer>,
+) {
+    while let Some(op) = ops.recv().await {
+        let me = owned.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let stale = match op {
+            ClusterOp::Refresh(sent_at) => {
+                let answer = match cluster.refresh(&me).await {
+                    Ok(Fenced::Done(true)) => LeaseAnswer::Extended,
+                    Ok(Fenced::Done(false)) => LeaseAnswer::NoPlace,
+                    Ok(Fenced::Stale) => LeaseAnswer::Stale,
+                    Err(e) => {
+                        warn!(error = %e, "lease refresh failed");
+                        LeaseAnswer::Unreachable
+                    }
+                };
+                let _ = answers.send(Answer::Lease(answer, sent_at)).await;
+                false
+            }
+            ClusterOp::Publish(state) => log_fenced(cluster.publish(&me, &state).await, "publish"),
+            ClusterOp::RegisterToken(t) => {
+                log_fenced(cluster.register_token(&me, &t).await, "register token")
+            }
+            ClusterOp::RetireToken(t) => {
+                log_fenced(cluster.retire_token(&me, &t).await, "retire token")
+            }
+            ClusterOp::Release => log_fenced(cluster.release(&me).await, "release"),
+            ClusterOp::Spend(micros) => match cluster.add_spend(&me, micros).await {
+                Ok(Fenced::Done(total)) => {
+                    let _ = answers.send(Answer::DailySpent(total)).await;
+                    false
+                }
+                Ok(Fenced::Stale) => true,
+                Err(e) => {
+                    warn!(error = %e, "could not record spend in the shared store");
+                    false
+                }
+            },
+        };
+        if stale {
+            let _ = answers.send(Answer::Stale).await;
+        }
+    }
+}
+
+/// True when the write was refused as stale.
+fn log_fenced(r: Result<Fenced<()>, crate::cluster::ClusterError>, what: &'static str) -> bool {
+    match r {
+        Ok(Fenced::Done(())) => false,
+        Ok(Fenced::Stale) => true,
+        Err(e) => {
+            warn!(error = %e, what, "shared store write failed");
+            false
+        }
+    }
+}
+
+/// Messages to a running session from the connections resuming it.
+pub enum ToSession {
+    /// This instance claimed the session again for a resume, at this epoch.
+    Claimed(u64),
+    /// A connection completed its handshake and resumes the session.
+    Attach(Connection),
+}
+
+/// The driver of one session: owns its sockets, provider links, tasks and clock, feeds the
+/// [`Machine`] and carries out what it decides.
+struct Driver {
     state: AppState,
+    machine: Machine,
     identity: Identity,
-    id: String,
     permit: SessionPermit,
-    /// Current resume token (rotated on every resume).
-    resume_token: String,
-    /// New connections resuming this session.
-    attach_rx: mpsc::Receiver<Connection>,
-    attach_tx: mpsc::Sender<Connection>,
+    /// Connections resuming this session.
+    attach_rx: mpsc::Receiver<ToSession>,
     link: Option<Link>,
     /// The client stopped reading; detach after the current step.
     link_broken: bool,
-    input: AudioFormat,
-    output: AudioFormat,
     voice: Option<String>,
-    turns: Turns,
-    history: History,
     stt: SttLink,
     /// Maps input audio positions to capture times (at the client's input rate).
     clock: AudioClock,
     /// Converts client audio to the recogniser's rate when they differ.
     input_resampler: Option<StreamResampler>,
     response: Option<ActiveResponse>,
-    usage: Usage,
-    /// What the session used, for costing.
-    consumption: Consumption,
-    /// Its cost so far.
-    cost: Cost,
-    /// Spend already added to the user's daily total.
-    reported_spend: u64,
-    budget: Budget,
-    /// Set when a check decides the session must end (acted on after the current step).
-    pending_end: Option<EndReason>,
     /// Wall-clock start, for the record.
     started_wall: chrono::DateTime<chrono::Utc>,
     /// Completed turns, for the record.
     turn_records: Vec<atlas_store::TurnRecord>,
-    /// What the user said in the turn being answered.
-    current_user_text: String,
     conversation_id: Option<String>,
     client: Option<atlas_protocol::ClientInfo>,
-    /// Next checkpoint of the record.
-    next_checkpoint: Instant,
-    /// Spend per stage already counted in the metrics.
-    metered: [u64; 3],
-    /// Another instance took the session over (scale-out): end without a record.
-    moved: bool,
-    /// The publication of this session's resume state (scale-out), which a later cleanup of
-    /// the same token must wait for.
-    resume_publish: Option<JoinHandle<()>>,
-    timers: SessionTimers,
-    invalid_frames: u32,
-    /// Frame-rate accounting: the current one-second window, frames in it, and how many
-    /// windows in a row went over the cap.
-    rate_window: Instant,
-    rate_frames: u32,
-    flood_windows: u32,
+    shared: Option<Shared>,
+    answers_rx: mpsc::Receiver<Answer>,
+    answers_tx: mpsc::Sender<Answer>,
     /// Reusable buffers for input resampling.
     scratch_in: Vec<i16>,
     scratch_out: Vec<i16>,
-    actions: Vec<Action>,
 }
 
 fn expiry_instant(exp: u64) -> std::time::Instant {
@@ -448,48 +447,134 @@ fn expiry_instant(exp: u64) -> std::time::Instant {
     Instant::now().into_std() + Duration::from_secs(secs)
 }
 
-impl Session {
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// The machine's settings from the server's configuration.
+pub fn machine_config(state: &AppState) -> MachineConfig {
+    let c = &state.config;
+    let budget = (c.session_budget_usd > 0.0).then(|| from_usd(c.session_budget_usd));
+    MachineConfig {
+        timers: TimerConfig {
+            heartbeat_interval: Duration::from_secs(c.heartbeat_interval_s),
+            heartbeat_timeout: Duration::from_secs(c.heartbeat_timeout_s),
+            idle_timeout: Duration::from_secs(c.idle_timeout_s),
+            max_duration: Duration::from_secs(c.max_duration_s),
+            max_duration_warning: Duration::from_secs(c.max_duration_warning_s),
+            token_grace: Duration::from_secs(c.token_grace_s),
+            resume_window: Duration::from_secs(c.resume_window_s),
+        },
+        turns: turn_config(state),
+        history: HistoryLimits {
+            max_messages: c.history_max_messages,
+            max_chars: c.history_max_chars,
+        },
+        prices: state.prices,
+        session_budget: budget,
+        budget_warn_fraction: c.budget_warn_fraction,
+        daily_budget: c.user_daily_budget_usd.map(from_usd),
+        chunk_min_bytes: c.audio_chunk_min_bytes,
+        chunk_max_bytes: c.audio_chunk_max_bytes,
+        max_frames_per_s: c.max_frames_per_s,
+        max_invalid_frames: MAX_INVALID_FRAMES,
+        max_flood_seconds: MAX_FLOOD_SECONDS,
+        max_recogniser_failures: MAX_STT_FAILURES,
+        system_prompt_chars: c.system_prompt.len(),
+        llm_max_tokens: c.llm_max_tokens,
+        checkpoint_interval: Duration::from_secs(c.checkpoint_interval_s),
+        token_handover_grace: TOKEN_HANDOVER_GRACE,
+        lease_ttl: state.cluster.as_ref().map(|c| c.lease_ttl()),
+        limits: Limits {
+            max_duration_s: c.max_duration_s,
+            budget_usd: budget.map(to_usd),
+            idle_timeout_s: c.idle_timeout_s,
+            resume_window_s: c.resume_window_s,
+        },
+    }
+}
+
+async fn run_session(
+    state: AppState,
+    first: Connection,
+    permit: SessionPermit,
+    session_id: String,
+    owned: Option<Owned>,
+    moved: Option<ResumeState>,
+) {
+    let span = tracing::info_span!("session", session_id = %session_id);
+    async move {
+        let resumed = moved.is_some();
+        let mut driver = Driver::new(&state, session_id, &first, permit, owned, moved);
+        info!(user_id = %driver.identity.user_id, resumed, "session started");
+        let finish = match driver.attach(first, resumed).await {
+            Ok(()) => driver.run().await,
+            Err(f) => f,
+        };
+        driver.finish(finish).await;
+        info!(
+            reason = finish.reason.label(),
+            turns = driver.machine.last_turn(),
+            "session ended"
+        );
+    }
+    .instrument(span)
+    .await
+}
+
+impl Driver {
     fn new(
         state: &AppState,
         id: String,
-        first: Connection,
+        first: &Connection,
         permit: SessionPermit,
-        moved: Option<crate::cluster::ResumeState>,
+        owned: Option<Owned>,
+        moved: Option<ResumeState>,
     ) -> Self {
-        let config = &state.config;
-        let now = Instant::now().into_std();
-        let timers = SessionTimers::new(
-            TimerConfig {
-                heartbeat_interval: Duration::from_secs(config.heartbeat_interval_s),
-                heartbeat_timeout: Duration::from_secs(config.heartbeat_timeout_s),
-                idle_timeout: Duration::from_secs(config.idle_timeout_s),
-                max_duration: Duration::from_secs(config.max_duration_s),
-                max_duration_warning: Duration::from_secs(config.max_duration_warning_s),
-                token_grace: Duration::from_secs(config.token_grace_s),
-                resume_window: Duration::from_secs(config.resume_window_s),
-            },
-            now,
-            expiry_instant(first.identity.expires_at),
-        );
+        let carried = moved.as_ref().map(|m| {
+            // The session keeps its age: moving never extends the maximum duration.
+            let age = (chrono::Utc::now() - m.started_wall)
+                .to_std()
+                .unwrap_or_default();
+            (m.carried.clone(), age)
+        });
+        let machine = Machine::new(id.clone(), machine_config(state), now(), carried);
         let (attach_tx, attach_rx) = mpsc::channel(4);
-        let mut session = Session {
+        let (answers_tx, answers_rx) = mpsc::channel(CLUSTER_QUEUE);
+        let shared = match (&state.cluster, owned) {
+            (Some(cluster), Some(owned)) => {
+                let owned = Arc::new(Mutex::new(owned));
+                let (ops, ops_rx) = mpsc::channel(CLUSTER_QUEUE);
+                let writer = state.sessions.spawn(
+                    run_cluster_ops(cluster.clone(), owned.clone(), ops_rx, answers_tx.clone())
+                        .in_current_span(),
+                );
+                Some(Shared {
+                    cluster: cluster.clone(),
+                    owned,
+                    ops,
+                    writer,
+                })
+            }
+            _ => None,
+        };
+        state.registry.register_session(
+            &id,
+            ResumeEntry {
+                session_id: id.clone(),
+                user_id: first.identity.user_id.clone(),
+                attach: attach_tx,
+            },
+        );
+        let mut driver = Driver {
             state: state.clone(),
+            machine,
             identity: first.identity.clone(),
-            id,
             permit,
-            resume_token: String::new(),
             attach_rx,
-            attach_tx,
             link: None,
             link_broken: false,
-            input: first.start.input_audio,
-            output: first.start.output_audio,
             voice: None,
-            turns: Turns::new(turn_config(state), 0),
-            history: History::new(HistoryLimits {
-                max_messages: config.history_max_messages,
-                max_chars: config.history_max_chars,
-            }),
             stt: SttLink::new(
                 state.engines.stt.clone(),
                 SttOptions {
@@ -500,111 +585,43 @@ impl Session {
             clock: AudioClock::new(16_000, 600),
             input_resampler: None,
             response: None,
-            usage: Usage::default(),
-            consumption: Consumption::default(),
-            cost: Cost::default(),
-            reported_spend: 0,
-            budget: Budget::new(
-                (config.session_budget_usd > 0.0).then(|| from_usd(config.session_budget_usd)),
-                config.budget_warn_fraction,
-            ),
-            pending_end: None,
             started_wall: chrono::Utc::now(),
             turn_records: Vec::new(),
-            current_user_text: String::new(),
             conversation_id: first.start.conversation_id.clone(),
             client: first.start.client.clone(),
-            next_checkpoint: Instant::now() + Duration::from_secs(config.checkpoint_interval_s),
-            metered: [0; 3],
-            moved: false,
-            resume_publish: None,
-            timers,
-            invalid_frames: 0,
-            rate_window: Instant::now(),
-            rate_frames: 0,
-            flood_windows: 0,
+            shared,
+            answers_rx,
+            answers_tx,
             scratch_in: Vec::new(),
             scratch_out: Vec::new(),
-            actions: Vec::new(),
         };
-        let resumed = moved.is_some();
         if let Some(m) = moved {
-            session.restore(m);
+            driver.started_wall = m.started_wall;
+            driver.turn_records = m.turn_records;
+            driver.conversation_id = m.conversation_id;
+            driver.client = m.client;
         }
-        if let Some(cluster) = session.state.cluster.clone() {
-            let (user, sid) = (session.identity.user_id.clone(), session.id.clone());
-            let ttl = Duration::from_secs(config.resume_window_s) + cluster.lease_ttl();
-            tokio::spawn(async move {
-                let _ = cluster.set_owner(&sid, ttl).await;
-                let _ = cluster.refresh(&user, &sid).await;
-            });
-        }
-        session.attach(first, resumed);
-        session
-    }
-
-    /// Continues a session moved from another instance: conversation, usage, budget, turns.
-    fn restore(&mut self, m: crate::cluster::ResumeState) {
-        for (is_user, text) in &m.history {
-            if *is_user {
-                self.history.push_user(text);
-            } else {
-                self.history.push_assistant(text);
+        // The machine learns the user's spend today (the shared counter answers through the
+        // session's write queue).
+        match &driver.shared {
+            Some(shared) => {
+                let _ = shared.ops.try_send(ClusterOp::Spend(0));
+            }
+            None => {
+                let today = driver.state.registry.spent_today(&driver.identity.user_id);
+                driver.machine.handle(Input::DailySpent(today), now());
             }
         }
-        self.usage = m.usage;
-        let [stt_ms, input, output, read, write, tts] = m.consumption;
-        self.consumption = Consumption {
-            stt_ms,
-            llm_input_tokens: input,
-            llm_output_tokens: output,
-            llm_cache_read_tokens: read,
-            llm_cache_write_tokens: write,
-            tts_chars: tts,
-        };
-        self.reported_spend = m.reported_spend;
-
-        if m.budget_warned {
-            self.budget.mark_warned();
-        }
-        self.turns = Turns::new(turn_config(&self.state), m.last_turn);
-        self.turn_records = m.turn_records;
-        self.started_wall = m.started_wall;
-        // The session keeps its age: moving never extends the maximum duration.
-        if let Ok(age) = (chrono::Utc::now() - m.started_wall).to_std() {
-            self.timers.started_earlier(age);
-        }
-        self.conversation_id = m.conversation_id;
-        self.client = m.client;
-        self.cost = self.state.prices.cost(&self.consumption);
-        // The first instance counted the spend so far in its metrics.
-        self.metered = [self.cost.stt, self.cost.llm, self.cost.tts].map(|c| c.unwrap_or(0));
+        driver
     }
 
     /// What another instance needs to continue this session.
-    fn resume_state(&self) -> crate::cluster::ResumeState {
-        let c = &self.consumption;
-        crate::cluster::ResumeState {
-            session_id: self.id.clone(),
+    fn resume_state(&self) -> ResumeState {
+        ResumeState {
+            session_id: self.machine.id().to_owned(),
             user_id: self.identity.user_id.clone(),
             started_wall: self.started_wall,
-            history: self
-                .history
-                .messages()
-                .map(|m| (m.role == Role::User, m.text.clone()))
-                .collect(),
-            usage: self.usage.clone(),
-            consumption: [
-                c.stt_ms,
-                c.llm_input_tokens,
-                c.llm_output_tokens,
-                c.llm_cache_read_tokens,
-                c.llm_cache_write_tokens,
-                c.tts_chars,
-            ],
-            reported_spend: self.reported_spend,
-            budget_warned: self.budget.warned(),
-            last_turn: self.turns.last_turn(),
+            carried: self.machine.carried(),
             turn_records: self.turn_records.clone(),
             conversation_id: self.conversation_id.clone(),
             client: self.client.clone(),
@@ -635,27 +652,50 @@ impl Session {
             },
         );
         self.clock = AudioClock::new(client_rate, 600);
-        self.input = start.input_audio;
-        self.output = start.output_audio;
         self.voice = start.voice.clone();
     }
 
-    fn limits(&self) -> Limits {
-        let c = &self.state.config;
-        Limits {
-            max_duration_s: c.max_duration_s,
-            budget_usd: (c.session_budget_usd > 0.0).then_some(c.session_budget_usd),
-            idle_timeout_s: c.idle_timeout_s,
-            resume_window_s: c.resume_window_s,
+    /// Attaches a connection (the first, or a resume), replacing any still attached. With
+    /// scale-out, the ownership claimed for it is confirmed first: a connection whose claim
+    /// was overtaken by a later one is refused.
+    async fn attach(&mut self, conn: Connection, resumed: bool) -> Result<(), Finish> {
+        if resumed && let Some(shared) = &self.shared {
+            let me = shared
+                .owned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let sent_at = now();
+            let answer = match shared.cluster.refresh(&me).await {
+                Ok(Fenced::Done(true)) => LeaseAnswer::Extended,
+                Ok(Fenced::Done(false)) => LeaseAnswer::NoPlace,
+                Ok(Fenced::Stale) => LeaseAnswer::Stale,
+                // The claim succeeded moments ago; a stale claim is still caught by the fence
+                // on the next write.
+                Err(e) => {
+                    warn!(error = %e, "could not confirm the session's ownership");
+                    LeaseAnswer::Unreachable
+                }
+            };
+            self.feed(Input::Lease { answer, sent_at }).await;
+            if matches!(answer, LeaseAnswer::Stale | LeaseAnswer::NoPlace) {
+                info!("a later claim owns the session; refusing this connection");
+                refuse_connection(
+                    conn,
+                    ErrorCode::ResumeFailed,
+                    "this session was resumed by another connection",
+                    close::REPLACED,
+                );
+                return match self.drain_outputs().await {
+                    Some(f) => Err(f),
+                    None => Ok(()),
+                };
+            }
         }
-    }
-
-    /// Attaches a connection (the first, or a resume), replacing any still attached.
-    fn attach(&mut self, conn: Connection, resumed: bool) {
         if let Some(old) = self.link.take() {
             info!("replacing the attached connection with a resumed one");
             let outbound = old.outbound.clone();
-            tokio::spawn(async move {
+            self.state.sessions.spawn(async move {
                 let _ = outbound.event(ServerEvent::error(
                     ErrorCode::Internal,
                     "this connection was replaced by a resumed one",
@@ -668,10 +708,7 @@ impl Session {
             drop(old.writer);
         }
         self.configure_media(&conn.start);
-        if conn.identity.expires_at != self.identity.expires_at {
-            self.timers
-                .token_refreshed(expiry_instant(conn.identity.expires_at));
-        }
+        let expiry = expiry_instant(conn.identity.expires_at);
         self.identity = conn.identity;
         self.link = Some(Link {
             stream: conn.stream,
@@ -679,63 +716,34 @@ impl Session {
             writer: conn.writer,
         });
         self.link_broken = false;
-        self.timers.attached(Instant::now().into_std());
         self.permit.set_detached(false);
-        // A fresh resume token for every connection: an old token is useless once used.
-        let registry = &self.state.registry;
-        if !self.resume_token.is_empty() {
-            registry.remove_resume(&self.resume_token);
-            if let Some(cluster) = self.state.cluster.clone() {
-                let old = self.resume_token.clone();
-                // The delete must not overtake the publication of the same token.
-                let published = self.resume_publish.take();
-                tokio::spawn(async move {
-                    if let Some(p) = published {
-                        let _ = p.await;
-                    }
-                    let _ = cluster.remove_resume(&old).await;
-                });
-            }
-        }
-        self.resume_token = new_resume_token();
-        registry.register_resume(
-            &self.resume_token,
-            ResumeEntry {
-                session_id: self.id.clone(),
-                user_id: self.identity.user_id.clone(),
-                attach: self.attach_tx.clone(),
-            },
-        );
-        let event = if resumed {
-            metrics::resumed();
-            info!(turns = self.turns.last_turn(), "session resumed");
-            ServerEvent::SessionResumed {
-                session_id: self.id.clone(),
-                resume_token: self.resume_token.clone(),
-                limits: self.limits(),
-                input_audio: self.input,
-                output_audio: self.output,
-                turns: self.turns.last_turn(),
-            }
-        } else {
-            ServerEvent::SessionStarted {
-                session_id: self.id.clone(),
-                resume_token: self.resume_token.clone(),
-                limits: self.limits(),
-                input_audio: self.input,
-                output_audio: self.output,
-            }
-        };
-        self.emit(event);
         if resumed {
-            self.emit(ServerEvent::Usage(self.usage.clone()));
+            metrics::resumed();
+            info!(turns = self.machine.last_turn(), "session resumed");
         }
+        self.feed(Input::Attach {
+            resumed,
+            token: new_resume_token(),
+            token_expiry: expiry,
+            input: conn.start.input_audio,
+            output: conn.start.output_audio,
+        })
+        .await;
         // The recogniser connection opens with the first audio frame (buffered meanwhile), so
         // idle sessions hold no provider connection.
+        match self.drain_outputs().await {
+            Some(f) => Err(f),
+            None => Ok(()),
+        }
     }
 
-    /// The connection is gone: cut the reply (recorded as cut), stop the recogniser, and wait
-    /// for a resume.
+    /// Feeds the machine one input, now.
+    async fn feed(&mut self, input: Input<'_>) {
+        self.machine.handle(input, now());
+    }
+
+    /// The connection is gone: tell the machine (which cuts the reply and starts the resume
+    /// window).
     async fn detach(&mut self, why: &'static str) {
         let Some(link) = self.link.take() else {
             return;
@@ -745,23 +753,209 @@ impl Session {
         // every sender is gone; a dead socket ends it through the send timeout.
         drop(link.outbound);
         drop(link.writer);
-        if let Some(turn_id) = self.turns.responding() {
-            let _ = self.feed(Input::Cancel).await;
-            debug!(turn_id, "reply cut by the disconnect");
-        }
-        self.stt.close();
-        self.timers.detached(Instant::now().into_std());
         self.permit.set_detached(true);
-        // Another instance may take the session over within the resume window.
-        if let Some(cluster) = self.state.cluster.clone() {
-            let state = self.resume_state();
-            let token = self.resume_token.clone();
-            let window = Duration::from_secs(self.state.config.resume_window_s);
-            self.resume_publish = Some(tokio::spawn(async move {
-                if let Err(e) = cluster.publish_resume(&token, &state, window).await {
-                    warn!(error = %e, "could not publish the session for resume elsewhere");
+        self.machine.handle(Input::Detach, now());
+    }
+
+    async fn run(&mut self) -> Finish {
+        let shutdown = self.state.shutdown.clone();
+        // The loop runs once per audio frame: its timer and the shutdown wait are created once
+        // and only reset when the deadline moves, instead of registering new ones per frame.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let far = || Instant::now() + Duration::from_secs(86_400);
+        let timer = tokio::time::sleep_until(far());
+        tokio::pin!(timer);
+        loop {
+            if let Some(finish) = self.drain_outputs().await {
+                return finish;
+            }
+            if std::mem::take(&mut self.link_broken) {
+                warn!("client queue full; dropping the connection");
+                self.detach("slow consumer").await;
+                continue;
+            }
+            // Only an earlier deadline needs a reset: a later one (activity postponing the idle
+            // timeout on every frame) is caught when the timer fires early and finds nothing due.
+            let deadline = self
+                .machine
+                .poll_timeout()
+                .map_or_else(far, Instant::from_std);
+            if deadline < timer.deadline() {
+                timer.as_mut().reset(deadline);
+            }
+            tokio::select! {
+                _ = &mut cancelled, if !self.machine.is_ended() => self.feed(Input::Shutdown).await,
+                input = link_next(&mut self.link) => match input {
+                    LinkInput::Frame(Some(Ok(m))) => self.on_client(m).await,
+                    LinkInput::Frame(_) => self.detach("connection closed").await,
+                    LinkInput::WriterGone => self.detach("client stopped reading").await,
+                },
+                Some(msg) = self.attach_rx.recv() => match msg {
+                    ToSession::Claimed(epoch) => self.set_epoch(epoch),
+                    ToSession::Attach(conn) => {
+                        if let Err(finish) = self.attach(conn, true).await {
+                            return finish;
+                        }
+                    }
+                },
+                event = self.stt.next() => self.on_stt(event).await,
+                turn_id = response_finished(&mut self.response) => self.on_response_finished(turn_id).await,
+                Some(answer) = self.answers_rx.recv() => self.on_answer(answer).await,
+                _ = &mut timer => {
+                    self.machine.handle_timeout(now());
+                    // Never spin on a deadline that did not move.
+                    let next = self
+                        .machine
+                        .poll_timeout()
+                        .map_or_else(far, Instant::from_std)
+                        .max(Instant::now() + Duration::from_millis(10));
+                    timer.as_mut().reset(next);
                 }
-            }));
+            }
+        }
+    }
+
+    fn set_epoch(&mut self, epoch: u64) {
+        if let Some(shared) = &self.shared {
+            let mut owned = shared.owned.lock().unwrap_or_else(|e| e.into_inner());
+            owned.epoch = owned.epoch.max(epoch);
+        }
+    }
+
+    async fn on_answer(&mut self, answer: Answer) {
+        let input = match answer {
+            Answer::Lease(answer, sent_at) => Input::Lease { answer, sent_at },
+            Answer::DailySpent(total) => {
+                // The local cache the admission check reads.
+                self.state
+                    .registry
+                    .set_spent_today(&self.identity.user_id, total);
+                Input::DailySpent(total)
+            }
+            Answer::Stale => {
+                info!("another claim owns the session now");
+                Input::OwnershipLost
+            }
+            Answer::TokenRefreshed(Ok(identity)) if identity.user_id == self.identity.user_id => {
+                debug!("access token refreshed");
+                let expiry = expiry_instant(identity.expires_at);
+                self.identity = identity;
+                Input::TokenRefreshed(Ok(expiry))
+            }
+            Answer::TokenRefreshed(Ok(_)) => {
+                Input::TokenRefreshed(Err("the new token belongs to another user".to_owned()))
+            }
+            Answer::TokenRefreshed(Err(message)) => Input::TokenRefreshed(Err(message)),
+        };
+        self.feed(input).await;
+    }
+
+    /// Carries out everything the machine decided; returns the finish once it is over.
+    async fn drain_outputs(&mut self) -> Option<Finish> {
+        while let Some(output) = self.machine.poll_output() {
+            match output {
+                Output::Send(event) => self.emit(event),
+                Output::Ping => {
+                    if let Some(link) = &self.link
+                        && link.outbound.ping().is_err()
+                    {
+                        self.link_broken = true;
+                    }
+                }
+                Output::Forward(pcm) => self.forward_audio(pcm),
+                Output::Rejected(reason) => metrics::chunk_rejected(reason),
+                Output::Finalize => self.stt.finalize(),
+                Output::CloseRecogniser => self.stt.close(),
+                Output::StartReply {
+                    turn_id,
+                    end_of_speech,
+                } => self.start_response(turn_id, end_of_speech),
+                Output::AbortReply { turn_id } => self.abort_response(turn_id).await,
+                Output::Turn(log) => self.record_turn(log),
+                Output::Spend(delta) => self.spend(delta),
+                Output::Checkpoint => self.state.recorder.submit(self.snapshot(None)),
+                Output::Publish => {
+                    let state = Box::new(self.resume_state());
+                    self.cluster_op(ClusterOp::Publish(state));
+                }
+                Output::RefreshLease => {
+                    let sent_at = now();
+                    if !self.cluster_op(ClusterOp::Refresh(sent_at)) {
+                        self.machine.handle(
+                            Input::Lease {
+                                answer: LeaseAnswer::Unreachable,
+                                sent_at,
+                            },
+                            now(),
+                        );
+                    }
+                }
+                Output::RegisterToken(token) => {
+                    if self.shared.is_some() {
+                        self.cluster_op(ClusterOp::RegisterToken(token));
+                    } else {
+                        self.state
+                            .registry
+                            .register_token(&token, self.machine.id());
+                    }
+                }
+                Output::RetireToken(token) => {
+                    if self.shared.is_some() {
+                        self.cluster_op(ClusterOp::RetireToken(token));
+                    } else {
+                        self.state.registry.remove_token(&token);
+                    }
+                }
+                Output::CloseConnection(code, reason) => {
+                    if let Some(link) = self.link.take() {
+                        link.outbound.close(code, reason).await;
+                        drop(link.outbound);
+                        drop(link.writer);
+                        self.permit.set_detached(true);
+                    }
+                }
+                Output::Finish(finish) => return Some(finish),
+            }
+        }
+        None
+    }
+
+    /// Queues a shared-store write; false when there is no room (or no shared store).
+    fn cluster_op(&self, op: ClusterOp) -> bool {
+        match &self.shared {
+            Some(shared) => match shared.ops.try_send(op) {
+                Ok(()) => true,
+                Err(_) => {
+                    warn!("shared-store write queue full; write dropped");
+                    false
+                }
+            },
+            None => false,
+        }
+    }
+
+    fn spend(&mut self, delta: SpendDelta) {
+        for (stage, micros) in [("stt", delta.stt), ("llm", delta.llm), ("tts", delta.tts)] {
+            if micros > 0 {
+                metrics::spend(stage, micros);
+            }
+        }
+        if delta.daily == 0 {
+            return;
+        }
+        if self.shared.is_some() {
+            // Across instances: the total comes back from Redis.
+            if !self.cluster_op(ClusterOp::Spend(delta.daily)) {
+                self.state
+                    .registry
+                    .add_spend(&self.identity.user_id, delta.daily);
+            }
+        } else {
+            let user = &self.identity.user_id;
+            self.state.registry.add_spend(user, delta.daily);
+            let today = self.state.registry.spent_today(user);
+            self.machine.handle(Input::DailySpent(today), now());
         }
     }
 
@@ -774,259 +968,48 @@ impl Session {
         }
     }
 
-    async fn run(&mut self) -> EndReason {
-        let shutdown = self.state.shutdown.clone();
-        let cluster = self.state.cluster.clone();
-        let lease_every = cluster
-            .as_ref()
-            .map_or(Duration::from_secs(3600), |c| c.lease_ttl() / 3);
-        let mut lease_tick = tokio::time::interval(lease_every);
-        lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The loop runs once per audio frame: its timers and the shutdown wait are created once
-        // and only reset when their deadline moves, instead of registering new ones per frame.
-        let cancelled = shutdown.cancelled();
-        tokio::pin!(cancelled);
-        let timer = tokio::time::sleep_until(Instant::from_std(self.timers.next_deadline()));
-        tokio::pin!(timer);
-        let checkpoint = tokio::time::sleep_until(self.next_checkpoint);
-        tokio::pin!(checkpoint);
-        loop {
-            // Only an earlier deadline needs a reset: a later one (activity postponing the idle
-            // timeout on every frame) is caught when the timer fires early and finds nothing due.
-            let deadline = Instant::from_std(self.timers.next_deadline());
-            if deadline < timer.deadline() {
-                timer.as_mut().reset(deadline);
-            }
-            let step = tokio::select! {
-                _ = &mut cancelled => Err(EndReason::Draining),
-                input = link_next(&mut self.link) => match input {
-                    LinkInput::Frame(Some(Ok(m))) => self.on_client(m).await,
-                    LinkInput::Frame(_) => {
-                        self.detach("connection closed").await;
-                        Ok(())
-                    }
-                    LinkInput::WriterGone => {
-                        self.detach("client stopped reading").await;
-                        Ok(())
-                    }
-                },
-                Some(conn) = self.attach_rx.recv() => {
-                    // A reply still playing on the old connection is cut (and recorded as
-                    // cut) before the new connection takes over.
-                    let cut = if self.link.is_some() && self.turns.responding().is_some() {
-                        self.feed(Input::Cancel).await
-                    } else {
-                        Ok(())
-                    };
-                    self.attach(conn, true);
-                    cut
-                }
-                event = self.stt.next() => self.on_stt(event).await,
-                turn_id = response_finished(&mut self.response) => self.on_response_finished(turn_id),
-                _ = &mut timer => {
-                    let step = self.on_timers().await;
-                    // Never spin on a deadline that did not move.
-                    let next = Instant::from_std(self.timers.next_deadline())
-                        .max(Instant::now() + Duration::from_millis(10));
-                    timer.as_mut().reset(next);
-                    step
-                }
-                _ = lease_tick.tick(), if cluster.is_some() => self.on_lease_tick().await,
-                _ = &mut checkpoint => {
-                    self.state.recorder.submit(self.snapshot(None));
-                    self.next_checkpoint = Instant::now() + Duration::from_secs(self.state.config.checkpoint_interval_s);
-                    checkpoint.as_mut().reset(self.next_checkpoint);
-                    Ok(())
-                }
-            };
-            if let Err(reason) = step {
-                return reason;
-            }
-            if let Some(reason) = self.pending_end.take() {
-                return reason;
-            }
-            if std::mem::take(&mut self.link_broken) {
-                warn!("client queue full; dropping the connection");
-                self.detach("slow consumer").await;
-            }
-        }
-    }
-
-    /// Scale-out: refresh the lease; while detached, notice a takeover by another instance.
-    async fn on_lease_tick(&mut self) -> Result<(), EndReason> {
-        let Some(cluster) = self.state.cluster.clone() else {
-            return Ok(());
-        };
-        if self.link.is_none()
-            && let Ok(Some(owner)) = cluster.owner(&self.id).await
-            && owner != cluster.instance
-        {
-            info!("the session resumed on another instance");
-            self.moved = true;
-            return Err(EndReason::ResumeExpired);
-        }
-        let (user, sid) = (self.identity.user_id.clone(), self.id.clone());
-        tokio::spawn(async move {
-            if let Err(e) = cluster.refresh(&user, &sid).await {
-                warn!(error = %e, "lease refresh failed");
-            }
-        });
-        Ok(())
-    }
-
-    async fn on_timers(&mut self) -> Result<(), EndReason> {
-        while let Some(action) = self.timers.poll(Instant::now().into_std()) {
-            match action {
-                TimerAction::Ping => {
-                    if let Some(link) = &self.link
-                        && link.outbound.ping().is_err()
-                    {
-                        self.link_broken = true;
-                    }
-                }
-                TimerAction::HeartbeatTimeout => {
-                    warn!("heartbeat pong overdue; dropping the connection");
-                    if let Some(link) = &self.link {
-                        link.outbound
-                            .close(close::GOING_AWAY, "heartbeat timeout")
-                            .await;
-                    }
-                    self.detach("heartbeat timeout").await;
-                }
-                TimerAction::WarnMaxDuration { seconds_left } => {
-                    self.emit(ServerEvent::SessionEnding {
-                        reason: EndingReason::MaxDuration,
-                        seconds_left,
-                    });
-                }
-                TimerAction::End(end) => return Err(end.into()),
-            }
-        }
-        Ok(())
-    }
-
-    async fn on_client(&mut self, msg: Message) -> Result<(), EndReason> {
-        let now = Instant::now().into_std();
-        if let Message::Pong(_) = msg {
-            self.timers.pong();
-            return Ok(());
-        }
-        self.timers.activity(now);
-        if matches!(msg, Message::Binary(_) | Message::Text(_)) && !self.within_frame_rate()? {
-            // Over the cap frames are dropped unread, except an explicit end of session.
-            if let Message::Text(text) = &msg
-                && text.len() < 256
-                && matches!(
-                    parse_client_message(text.as_str()),
-                    Ok(ClientMessage::SessionEnd)
-                )
-            {
-                return Err(EndReason::ClientEnded);
-            }
-            return Ok(());
-        }
-        match msg {
-            Message::Binary(pcm) => self.on_audio(pcm),
+    async fn on_client(&mut self, msg: Message) {
+        let input = match msg {
+            Message::Pong(_) => Input::Pong,
+            Message::Ping(_) => return,
+            Message::Close(_) => return self.detach("client closed the connection").await,
+            Message::Binary(pcm) => Input::Audio(pcm),
             Message::Text(text) => match parse_client_message(text.as_str()) {
-                Ok(m) => self.on_message(m).await,
+                Ok(ClientMessage::SessionStart(_)) => Input::StartAgain,
+                Ok(ClientMessage::InputCommit) => Input::Commit,
+                Ok(ClientMessage::ResponseCancel) => Input::Cancel,
+                Ok(ClientMessage::InputText { text }) => {
+                    // A typed turn: the machine answers it like a final transcript.
+                    return self.feed(Input::Text(&text)).await;
+                }
+                Ok(ClientMessage::Ping { id }) => Input::Ping(id),
+                Ok(ClientMessage::SessionEnd) => Input::End,
+                Ok(ClientMessage::AuthRefresh { token }) => {
+                    // Verified off the loop (a key fetch must not stall audio).
+                    let (auth, answers) = (self.state.clone(), self.answers_tx.clone());
+                    self.state.sessions.spawn(
+                        async move {
+                            let result = auth.auth.verify(&token).await.map_err(|e| e.to_string());
+                            let _ = answers.send(Answer::TokenRefreshed(result)).await;
+                        }
+                        .in_current_span(),
+                    );
+                    return;
+                }
                 Err(e) => {
                     metrics::message_rejected(e.code().as_str());
-                    self.count_invalid()?;
-                    self.emit(ServerEvent::error(e.code(), e.to_string(), false));
-                    Ok(())
+                    Input::Invalid(e.code(), e.to_string())
                 }
             },
-            Message::Close(_) => {
-                self.detach("client closed the connection").await;
-                Ok(())
-            }
-            Message::Ping(_) | Message::Pong(_) => Ok(()),
-        }
+        };
+        self.feed(input).await;
     }
 
-    /// Counts the frame against the per-second cap: frames over it are dropped with a
-    /// `rate_limited` error; `MAX_FLOOD_SECONDS` seconds in a row over it close with 1008.
-    fn within_frame_rate(&mut self) -> Result<bool, EndReason> {
-        let now = Instant::now();
-        if now.duration_since(self.rate_window) >= Duration::from_secs(1) {
-            if self.rate_frames > self.state.config.max_frames_per_s {
-                self.flood_windows += 1;
-            } else {
-                self.flood_windows = 0;
-            }
-            self.rate_window = now;
-            self.rate_frames = 0;
-        }
-        self.rate_frames += 1;
-        let cap = self.state.config.max_frames_per_s;
-        if self.rate_frames <= cap {
-            return Ok(true);
-        }
-        if self.flood_windows >= MAX_FLOOD_SECONDS {
-            warn!("frame flood; closing");
-            self.emit(ServerEvent::error(
-                ErrorCode::RateLimited,
-                "too many frames per second",
-                true,
-            ));
-            return Err(EndReason::Policy);
-        }
-        if self.rate_frames == cap + 1 {
-            self.emit(ServerEvent::error(
-                ErrorCode::RateLimited,
-                format!("more than {cap} frames per second; extra frames are dropped"),
-                false,
-            ));
-        }
-        metrics::chunk_rejected("rate");
-        Ok(false)
-    }
-
-    fn count_invalid(&mut self) -> Result<(), EndReason> {
-        self.invalid_frames += 1;
-        if self.invalid_frames > MAX_INVALID_FRAMES {
-            warn!("too many invalid frames; closing");
-            self.emit(ServerEvent::error(
-                ErrorCode::InvalidMessage,
-                "too many invalid frames",
-                true,
-            ));
-            return Err(EndReason::Policy);
-        }
-        Ok(())
-    }
-
-    fn on_audio(&mut self, pcm: Bytes) -> Result<(), EndReason> {
-        let c = &self.state.config;
-        if let Err(e) = validate_chunk(pcm.len(), c.audio_chunk_min_bytes, c.audio_chunk_max_bytes)
-        {
-            metrics::chunk_rejected(match e {
-                ChunkError::TooSmall { .. } => "too_small",
-                ChunkError::TooLarge { .. } => "too_large",
-                ChunkError::OddLength { .. } => "odd_length",
-            });
-            self.count_invalid()?;
-            self.emit(ServerEvent::error(
-                ErrorCode::AudioChunkInvalid,
-                e.to_string(),
-                false,
-            ));
-            return Ok(());
-        }
+    fn forward_audio(&mut self, pcm: Bytes) {
         metrics::AUDIO.frames_in.increment(1);
         metrics::AUDIO.bytes_in.increment(pcm.len() as u64);
-        let samples = pcm.len() / 2;
         let position_s = self.clock.total_seconds();
-        self.clock.push(samples, Instant::now().into_std());
-        self.usage.stt_seconds += samples as f64 / f64::from(self.input.sample_rate);
-        let stt_ms = (self.usage.stt_seconds * 1000.0) as u64;
-        // Recognition is billed while the user talks: re-check the budget every second.
-        if stt_ms / 1000 != self.consumption.stt_ms / 1000 {
-            self.consumption.stt_ms = stt_ms;
-            self.update_cost(0);
-        } else {
-            self.consumption.stt_ms = stt_ms;
-        }
+        self.clock.push(pcm.len() / 2, now());
         let forwarded = match self.input_resampler.as_mut() {
             None => pcm,
             Some(r) => {
@@ -1042,184 +1025,53 @@ impl Session {
         if !forwarded.is_empty() {
             self.stt.send_audio(forwarded, position_s);
         }
-        Ok(())
     }
 
-    async fn on_message(&mut self, msg: ClientMessage) -> Result<(), EndReason> {
-        match msg {
-            ClientMessage::SessionStart(_) => {
-                self.emit(ServerEvent::error(
-                    ErrorCode::SessionAlreadyStarted,
-                    "the session has already started",
-                    false,
-                ));
-                Ok(())
-            }
-            ClientMessage::InputCommit => self.feed(Input::Commit).await,
-            ClientMessage::ResponseCancel => self.feed(Input::Cancel).await,
-            ClientMessage::InputText { .. } => {
-                self.emit(ServerEvent::error(
-                    ErrorCode::InvalidMessage,
-                    "input.text is not handled by this server yet",
-                    false,
-                ));
-                Ok(())
-            }
-            ClientMessage::AuthRefresh { token } => {
-                match self.state.auth.verify(&token).await {
-                    Ok(identity) if identity.user_id == self.identity.user_id => {
-                        debug!("access token refreshed");
-                        self.timers
-                            .token_refreshed(expiry_instant(identity.expires_at));
-                        self.identity = identity;
-                    }
-                    Ok(_) => self.emit(ServerEvent::error(
-                        ErrorCode::Unauthorized,
-                        "the new token belongs to another user",
-                        false,
-                    )),
-                    Err(e) => self.emit(ServerEvent::error(
-                        ErrorCode::Unauthorized,
-                        e.to_string(),
-                        false,
-                    )),
-                }
-                Ok(())
-            }
-            ClientMessage::Ping { id } => {
-                self.emit(ServerEvent::Pong { id });
-                Ok(())
-            }
-            ClientMessage::SessionEnd => Err(EndReason::ClientEnded),
-        }
-    }
-
-    async fn on_stt(&mut self, event: LinkEvent) -> Result<(), EndReason> {
+    async fn on_stt(&mut self, event: LinkEvent) {
         match event {
             LinkEvent::Event(event) => {
                 let at = |s: Option<f64>| s.and_then(|s| self.clock.instant_at(s));
-                match event {
-                    SttEvent::Partial { text } => self.feed(Input::Partial { text: &text }).await,
+                let heard = match &event {
+                    SttEvent::Partial { text } => Heard::Partial(text),
                     SttEvent::Final {
                         text,
                         speech_final,
                         speech_end_s,
                         ..
-                    } => {
-                        let end_of_speech = at(speech_end_s);
-                        self.feed(Input::Final {
-                            text: &text,
-                            speech_final,
-                            end_of_speech,
-                        })
-                        .await
-                    }
-                    SttEvent::UtteranceEnd { last_word_end_s } => {
-                        let end_of_speech = at(last_word_end_s);
-                        self.feed(Input::UtteranceEnd { end_of_speech }).await
-                    }
-                    SttEvent::SpeechStarted { .. } => self.feed(Input::SpeechStarted).await,
-                }
-            }
-            LinkEvent::Lost(e) if e.is_busy() => {
-                metrics::provider_error("stt", e.label());
-                warn!(error = %e, "speech recognition queue full; utterance dropped");
-                self.emit(ServerEvent::error(
-                    ErrorCode::EnginesBusy,
-                    "the speech engine is busy and missed that; please say it again in a moment",
-                    false,
-                ));
-                Ok(())
+                    } => Heard::Final {
+                        text,
+                        speech_final: *speech_final,
+                        end_of_speech: at(*speech_end_s),
+                    },
+                    SttEvent::UtteranceEnd { last_word_end_s } => Heard::UtteranceEnd {
+                        end_of_speech: at(*last_word_end_s),
+                    },
+                    SttEvent::SpeechStarted { .. } => Heard::SpeechStarted,
+                };
+                self.machine.handle(Input::Heard(heard), now());
             }
             LinkEvent::Lost(e) => {
                 metrics::provider_error("stt", e.label());
                 warn!(error = %e, kind = e.label(), failures = self.stt.failures(), "speech recognition connection lost");
-                let fatal = self.stt.failures() >= MAX_STT_FAILURES;
-                self.emit(ServerEvent::error(
-                    ErrorCode::SttFailed,
-                    if fatal {
-                        "speech recognition is unavailable"
-                    } else {
-                        "speech recognition connection lost; reconnecting"
-                    },
-                    fatal,
-                ));
-                if fatal {
-                    Err(EndReason::ProviderFailed)
-                } else {
-                    Ok(())
-                }
+                let input = Input::RecogniserLost {
+                    busy: e.is_busy(),
+                    failures: self.stt.failures(),
+                };
+                self.feed(input).await;
             }
         }
     }
 
-    /// Feeds the turn machine and carries out its actions in order.
-    async fn feed(&mut self, input: Input<'_>) -> Result<(), EndReason> {
-        let mut actions = std::mem::take(&mut self.actions);
-        self.turns.handle(input, &mut actions);
-        for action in actions.drain(..) {
-            match action {
-                Action::Partial(text) => self.emit(ServerEvent::TranscriptPartial { text }),
-                Action::Finalize => self.stt.finalize(),
-                Action::Interrupt { turn_id } => self.interrupt(turn_id).await,
-                Action::EndOfTurn {
-                    turn_id,
-                    text,
-                    end_of_speech,
-                } => self.start_response(turn_id, text, end_of_speech),
-            }
-        }
-        self.actions = actions;
-        Ok(())
-    }
-
-    fn start_response(
-        &mut self,
-        turn_id: u64,
-        text: String,
-        end_of_speech: Option<std::time::Instant>,
-    ) {
-        self.emit(ServerEvent::TranscriptFinal {
-            turn_id,
-            text: text.clone(),
-        });
-        self.history.push_user(&text);
-        self.current_user_text = text.clone();
-        // Stop before starting work that would exceed the budget.
-        let prompt_chars: usize = self.history.messages().map(|m| m.text.len()).sum::<usize>()
-            + self.state.config.system_prompt.len();
-        let estimate = self
-            .state
-            .prices
-            .reply_estimate(
-                prompt_chars as u64 / 4,
-                u64::from(self.state.config.llm_max_tokens),
-            )
-            .unwrap_or(0);
-        if self.update_cost(estimate) {
-            // The turn was heard but not answered: keep it in the record.
-            self.turn_records.push(atlas_store::TurnRecord {
-                session_id: self.record_id(),
-                turn_index: i32::try_from(turn_id).unwrap_or(i32::MAX),
-                user_id: self.identity.user_id.clone(),
-                user_text: std::mem::take(&mut self.current_user_text),
-                assistant_text: String::new(),
-                interrupted: true,
-                eos_to_final_ms: None,
-                llm_first_token_ms: None,
-                tts_first_audio_ms: None,
-                to_first_audio_ms: None,
-                created_at: chrono::Utc::now(),
-            });
+    fn start_response(&mut self, turn_id: u64, end_of_speech: Option<std::time::Instant>) {
+        let Some(link) = &self.link else {
             return;
-        }
-        self.emit(ServerEvent::ResponseStarted { turn_id });
+        };
         let config = &self.state.config;
         let request = LlmRequest {
             system: config.system_prompt.clone(),
             messages: self
-                .history
-                .messages()
+                .machine
+                .history()
                 .map(|m| ChatMessage {
                     role: match m.role {
                         Role::User => ChatRole::User,
@@ -1237,24 +1089,24 @@ impl Session {
             ..Progress::default()
         };
         progress.timings.end_of_speech = end_of_speech;
-        progress.timings.end_of_turn = Some(Instant::now().into_std());
+        progress.timings.end_of_turn = Some(now());
         let progress = Arc::new(Mutex::new(progress));
-        let Some(link) = &self.link else {
-            return;
-        };
         let ctx = ResponseCtx {
             turn_id,
             llm: self.state.engines.llm.clone(),
             tts: self.state.engines.tts.clone(),
             request,
             voice: self.voice.clone(),
-            out_rate: self.output.sample_rate,
+            out_rate: self.machine.output_format().sample_rate,
             outbound: link.outbound.clone(),
             lead: Duration::from_millis(config.playback_lead_ms),
             prefetch: config.tts_prefetch,
             splitter: SplitterConfig::default(),
         };
-        let handle = tokio::spawn(response::run(ctx, progress.clone()).in_current_span());
+        let handle = self
+            .state
+            .sessions
+            .spawn(response::run(ctx, progress.clone()).in_current_span());
         self.response = Some(ActiveResponse {
             turn_id,
             handle,
@@ -1262,195 +1114,73 @@ impl Session {
         });
     }
 
-    /// Barge-in or cancel: abort the reply at once and keep only what was spoken.
-    async fn interrupt(&mut self, turn_id: u64) {
+    /// Barge-in, cancel, detach or end: abort the reply at once and report what it achieved.
+    async fn abort_response(&mut self, turn_id: u64) {
         let Some(active) = self.response.take_if(|r| r.turn_id == turn_id) else {
+            // Never started (no connection): nothing was spent.
+            let outcome = outcome_of(turn_id, &Progress::default());
+            self.machine.handle(Input::ReplyEnded(outcome), now());
             return;
         };
         active.handle.abort();
         let _ = active.handle.await;
-        self.emit(ServerEvent::ResponseInterrupted { turn_id });
-        metrics::turn("interrupted");
-        self.complete(turn_id, &active.progress, true);
+        let outcome = outcome_of(turn_id, &lock(&active.progress));
+        self.machine.handle(Input::ReplyEnded(outcome), now());
     }
 
-    fn on_response_finished(&mut self, turn_id: u64) -> Result<(), EndReason> {
+    async fn on_response_finished(&mut self, turn_id: u64) {
         let Some(active) = self.response.take() else {
-            return Ok(());
+            return;
         };
-        let mut out = Vec::new();
-        self.turns
-            .handle(Input::ResponseFinished { turn_id }, &mut out);
-        let failed = lock(&active.progress).failure.clone();
-        match &failed {
-            Some(f) if f.code == ErrorCode::SlowConsumer => {
-                self.link_broken = true;
-                metrics::turn("client_gone");
-            }
-            Some(f) => {
-                warn!(turn_id, code = f.code.as_str(), kind = f.label, detail = %f.detail, "reply failed");
-                metrics::provider_error(
-                    if f.code == ErrorCode::LlmFailed {
-                        "llm"
-                    } else {
-                        "tts"
-                    },
-                    f.label,
-                );
-                metrics::turn("failed");
-                self.emit(ServerEvent::error(f.code, failure_message(f.code), false));
-            }
-            None => metrics::turn("completed"),
+        let outcome = outcome_of(turn_id, &lock(&active.progress));
+        if let Some(f) = &lock(&active.progress).failure
+            && f.code != ErrorCode::SlowConsumer
+        {
+            warn!(turn_id, code = f.code.as_str(), kind = f.label, detail = %f.detail, "reply failed");
+            metrics::provider_error(
+                if f.code == ErrorCode::LlmFailed {
+                    "llm"
+                } else {
+                    "tts"
+                },
+                f.label,
+            );
         }
-        self.complete(turn_id, &active.progress, failed.is_some());
-        Ok(())
+        self.feed(Input::ReplyEnded(outcome)).await;
     }
 
-    /// Records a finished or cut reply: history, usage, `response.done`.
-    fn complete(&mut self, turn_id: u64, progress: &Mutex<Progress>, interrupted: bool) {
-        let mut p = lock(progress);
-        // Servers that report no usage (some OpenAI-compatible ones) are measured instead:
-        // about four characters per token.
-        // Usage the provider did not (finally) report is measured from the text, about four
-        // characters a token: servers that report nothing, and replies cut before the final
-        // report (Anthropic sends the output count at the end of the stream).
-        if !p.generated.is_empty() {
-            let generated = p.generated.len().div_ceil(4) as u64;
-            let output = p.llm_usage.output_tokens;
-            p.llm_usage.output_tokens = match (output, p.llm_done) {
-                (Some(reported), true) => Some(reported),
-                (reported, _) => Some(reported.unwrap_or(0).max(generated)),
-            };
-            if p.llm_usage.input_tokens.is_none() {
-                p.llm_usage.input_tokens = Some(p.prompt_chars.div_ceil(4) as u64);
-            }
-        }
-        self.history.push_assistant(&p.spoken);
-        self.usage.llm_input_tokens += p.llm_usage.input_tokens.unwrap_or(0)
-            + p.llm_usage.cache_read_input_tokens.unwrap_or(0)
-            + p.llm_usage.cache_creation_input_tokens.unwrap_or(0);
-        self.usage.llm_output_tokens += p.llm_usage.output_tokens.unwrap_or(0);
-        self.usage.tts_chars += p.tts_chars;
-        self.consumption.llm_input_tokens += p.llm_usage.input_tokens.unwrap_or(0);
-        self.consumption.llm_output_tokens += p.llm_usage.output_tokens.unwrap_or(0);
-        self.consumption.llm_cache_read_tokens += p.llm_usage.cache_read_input_tokens.unwrap_or(0);
-        self.consumption.llm_cache_write_tokens +=
-            p.llm_usage.cache_creation_input_tokens.unwrap_or(0);
-        self.consumption.tts_chars += p.tts_chars;
-        let latency = p.timings.latency();
-        for (stage, d) in [
-            ("stt_final", latency.end_of_speech_to_final),
-            ("llm_first_token", latency.llm_first_token),
-            ("tts_first_audio", latency.tts_first_audio),
-            ("first_audio", latency.to_first_audio),
+    fn record_turn(&mut self, log: TurnLog) {
+        metrics::turn(log.outcome);
+        let l = &log.latency;
+        for (stage, ms) in [
+            ("stt_final", l.end_of_speech_to_final),
+            ("llm_first_token", l.llm_first_token),
+            ("tts_first_audio", l.tts_first_audio),
+            ("first_audio", l.to_first_audio),
         ] {
-            if let Some(d) = d {
-                metrics::stage_latency(stage, d);
+            if let Some(ms) = ms {
+                metrics::stage_latency(stage, Duration::from_millis(ms));
             }
         }
-        let latency = breakdown(latency);
-        info!(turn_id, interrupted, spoken_chars = p.spoken.len(), latency_ms = ?latency, "reply done");
+        info!(turn_id = log.turn_id, outcome = log.outcome, spoken_chars = log.assistant_text.len(), latency_ms = ?log.latency, "turn done");
         let ms = |v: Option<u64>| v.and_then(|v| i32::try_from(v).ok());
         self.turn_records.push(atlas_store::TurnRecord {
             session_id: self.record_id(),
-            turn_index: i32::try_from(turn_id).unwrap_or(i32::MAX),
+            turn_index: i32::try_from(log.turn_id).unwrap_or(i32::MAX),
             user_id: self.identity.user_id.clone(),
-            user_text: std::mem::take(&mut self.current_user_text),
-            assistant_text: p.spoken.clone(),
-            interrupted,
-            eos_to_final_ms: ms(latency.end_of_speech_to_final),
-            llm_first_token_ms: ms(latency.llm_first_token),
-            tts_first_audio_ms: ms(latency.tts_first_audio),
-            to_first_audio_ms: ms(latency.to_first_audio),
+            user_text: log.user_text,
+            assistant_text: log.assistant_text,
+            interrupted: log.interrupted,
+            eos_to_final_ms: ms(log.latency.end_of_speech_to_final),
+            llm_first_token_ms: ms(log.latency.llm_first_token),
+            tts_first_audio_ms: ms(log.latency.tts_first_audio),
+            to_first_audio_ms: ms(log.latency.to_first_audio),
             created_at: chrono::Utc::now(),
         });
-        drop(p);
-        self.emit(ServerEvent::ResponseDone {
-            turn_id,
-            interrupted,
-            latency_ms: latency,
-        });
-        self.update_cost(0);
-        self.emit(ServerEvent::Usage(self.usage.clone()));
-    }
-
-    /// Recomputes the cost from the usage totals, adds the increase to the user's daily
-    /// spend, and applies the session and daily budgets to `spent + next` (the estimate of the
-    /// work about to start). Returns true when the session must end.
-    fn update_cost(&mut self, next: u64) -> bool {
-        self.cost = self.state.prices.cost(&self.consumption);
-        for (i, (stage, value)) in [
-            ("stt", self.cost.stt),
-            ("llm", self.cost.llm),
-            ("tts", self.cost.tts),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            if let Some(v) = value
-                && v > self.metered[i]
-            {
-                metrics::spend(stage, v - self.metered[i]);
-                self.metered[i] = v;
-            }
-        }
-        self.usage.cost_usd = self.cost.total.map(to_usd);
-        let Some(spent) = self.cost.total else {
-            return false; // unknown cost: budgets cannot apply (warned at start)
-        };
-        if spent > self.reported_spend {
-            let delta = spent - self.reported_spend;
-            self.reported_spend = spent;
-            match self.state.cluster.clone() {
-                // Across instances: the total comes back from Redis into the local cache the
-                // budget check reads.
-                Some(cluster) => {
-                    let (state, user) = (self.state.clone(), self.identity.user_id.clone());
-                    tokio::spawn(async move {
-                        match cluster.add_spend(&user, delta).await {
-                            Ok(total) => state.registry.set_spent_today(&user, total),
-                            Err(e) => {
-                                warn!(error = %e, "could not record spend in the shared store");
-                                state.registry.add_spend(&user, delta);
-                            }
-                        }
-                    });
-                }
-                None => self.state.registry.add_spend(&self.identity.user_id, delta),
-            }
-        }
-        let mut state = self.budget.check(spent, next);
-        if let Some(daily) = self.state.config.user_daily_budget_usd {
-            let today = self.state.registry.spent_today(&self.identity.user_id);
-            if today.saturating_add(next) > from_usd(daily) || today >= from_usd(daily) {
-                state = BudgetState::Exhausted;
-            }
-        }
-        match state {
-            BudgetState::Ok => false,
-            BudgetState::Warn => {
-                if let Some(limit) = self.budget.limit() {
-                    self.emit(ServerEvent::BudgetWarning {
-                        spent_usd: to_usd(spent),
-                        budget_usd: to_usd(limit),
-                    });
-                }
-                false
-            }
-            BudgetState::Exhausted => {
-                info!(
-                    spent_usd = to_usd(spent),
-                    next_usd = to_usd(next),
-                    "budget exhausted"
-                );
-                self.pending_end = Some(EndReason::BudgetExhausted);
-                true
-            }
-        }
     }
 
     fn record_id(&self) -> uuid::Uuid {
-        uuid::Uuid::parse_str(&self.id).unwrap_or_default()
+        uuid::Uuid::parse_str(self.machine.id()).unwrap_or_default()
     }
 
     /// The session's record as it stands (`ended`: the final one).
@@ -1459,6 +1189,8 @@ impl Session {
         let count = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let now = chrono::Utc::now();
         let models = &self.state.models;
+        let usage = self.machine.ledger().usage();
+        let cost = self.machine.ledger().cost();
         atlas_store::Snapshot {
             session: atlas_store::SessionRecord {
                 id: self.record_id(),
@@ -1468,15 +1200,15 @@ impl Session {
                 ended_at: ended.map(|_| now),
                 duration_ms: (now - self.started_wall).num_milliseconds().max(0),
                 end_reason: ended.map(|r| r.label().to_owned()),
-                turns: i32::try_from(self.turns.last_turn()).unwrap_or(i32::MAX),
-                stt_seconds: self.usage.stt_seconds,
-                llm_input_tokens: count(self.usage.llm_input_tokens),
-                llm_output_tokens: count(self.usage.llm_output_tokens),
-                tts_chars: count(self.usage.tts_chars),
-                stt_cost_micros: micros(self.cost.stt),
-                llm_cost_micros: micros(self.cost.llm),
-                tts_cost_micros: micros(self.cost.tts),
-                total_cost_micros: micros(self.cost.total),
+                turns: i32::try_from(self.machine.last_turn()).unwrap_or(i32::MAX),
+                stt_seconds: usage.stt_seconds,
+                llm_input_tokens: count(usage.llm_input_tokens),
+                llm_output_tokens: count(usage.llm_output_tokens),
+                tts_chars: count(usage.tts_chars),
+                stt_cost_micros: micros(cost.stt),
+                llm_cost_micros: micros(cost.llm),
+                tts_cost_micros: micros(cost.tts),
+                total_cost_micros: micros(cost.total),
                 stt_model: Some(models.stt.1.clone()),
                 llm_model: Some(models.llm.1.clone()),
                 tts_model: Some(models.tts.1.clone()),
@@ -1488,125 +1220,96 @@ impl Session {
         }
     }
 
-    /// Ends the session: stop the reply, close the recogniser, tell the client why, close.
-    async fn finish(&mut self, reason: EndReason) {
+    /// Carries out the machine's finish: record, hand-over or release, close.
+    async fn finish(&mut self, finish: Finish) {
         // No resume can reach this session any more; one already on its way is told so.
-        self.state.registry.remove_resume(&self.resume_token);
+        self.state.registry.remove_session(self.machine.id());
         self.attach_rx.close();
-        while let Ok(conn) = self.attach_rx.try_recv() {
-            tokio::spawn(async move {
-                let _ = conn.outbound.event(ServerEvent::error(
+        while let Ok(msg) = self.attach_rx.try_recv() {
+            if let ToSession::Attach(conn) = msg {
+                refuse_connection(
+                    conn,
                     ErrorCode::ResumeFailed,
                     "the session has ended; start a new one",
-                    true,
-                ));
-                conn.outbound.close(close::NORMAL, "session ended").await;
-            });
+                    close::NORMAL,
+                );
+            }
         }
-        if self.turns.responding().is_some() {
-            let _ = self.feed(Input::Cancel).await;
+        let reason = finish.reason;
+        if finish.record {
+            self.state.recorder.submit(self.snapshot(Some(reason)));
         }
-        // A takeover may have happened after the last ownership check.
-        if !self.moved
-            && let Some(cluster) = self.state.cluster.clone()
-            && let Ok(Some(owner)) = cluster.owner(&self.id).await
-            && owner != cluster.instance
-        {
-            self.moved = true;
-        }
-        if self.moved {
-            // Another instance owns the session now: it writes the record and holds the lease.
-            self.state.registry.remove_resume(&self.resume_token);
-            return;
-        }
-        self.update_cost(0);
-        self.state.recorder.submit(self.snapshot(Some(reason)));
-        // Draining with scale-out: hand the session to whichever instance the client
-        // reconnects to (its final record will replace this one), keeping its place.
-        if reason == EndReason::Draining
-            && let Some(cluster) = self.state.cluster.clone()
-        {
-            let state = self.resume_state();
-            let window = Duration::from_secs(self.state.config.resume_window_s);
-            if let Err(e) = cluster
-                .publish_resume(&self.resume_token, &state, window)
-                .await
+        // The last shared-store writes go behind the ones queued so far (tokens, spend), in
+        // order. A hand-over (drain) is awaited so the next owner finds the latest state.
+        if let Some(shared) = self.shared.take() {
+            let last = if finish.handover {
+                Some(ClusterOp::Publish(Box::new(self.resume_state())))
+            } else if finish.record {
+                Some(ClusterOp::Release)
+            } else {
+                None
+            };
+            if let Some(op) = last
+                && shared.ops.send(op).await.is_err()
             {
-                warn!(error = %e, "could not hand the session over for resume elsewhere");
+                warn!("shared-store writer gone; last write dropped");
             }
-        } else if let Some(cluster) = self.state.cluster.clone() {
-            let (user, sid, token) = (
-                self.identity.user_id.clone(),
-                self.id.clone(),
-                self.resume_token.clone(),
-            );
-            tokio::spawn(async move {
-                let _ = cluster.release(&user, &sid).await;
-                let _ = cluster.remove_resume(&token).await;
-            });
+            drop(shared.ops);
+            if finish.handover
+                && tokio::time::timeout(Duration::from_secs(5), shared.writer)
+                    .await
+                    .is_err()
+            {
+                warn!("could not hand the session over for resume elsewhere in time");
+            }
         }
-        self.stt.close();
-        self.state.registry.remove_resume(&self.resume_token);
         metrics::session_ended(reason.label());
-        let (code, text, error) = match reason {
-            EndReason::ClientEnded => (close::NORMAL, "session ended", None),
-            EndReason::Draining => {
-                self.emit(ServerEvent::SessionEnding {
-                    reason: EndingReason::Draining,
-                    seconds_left: 0,
-                });
-                (close::GOING_AWAY, "server draining", None)
-            }
-            EndReason::Policy => (close::POLICY, "policy violation", None),
-            EndReason::ProviderFailed => (close::INTERNAL, "provider unavailable", None),
-            EndReason::IdleTimeout => (
-                close::IDLE_TIMEOUT,
-                "idle timeout",
-                Some((ErrorCode::IdleTimeout, "no activity for the idle timeout")),
-            ),
-            EndReason::BudgetExhausted => {
-                self.emit(ServerEvent::SessionEnding {
-                    reason: EndingReason::Budget,
-                    seconds_left: 0,
-                });
-                self.emit(ServerEvent::Usage(self.usage.clone()));
-                (
-                    close::BUDGET_EXHAUSTED,
-                    "budget exhausted",
-                    Some((
-                        ErrorCode::BudgetExhausted,
-                        "the budget for this session is spent",
-                    )),
-                )
-            }
-            EndReason::MaxDuration => (
-                close::MAX_DURATION,
-                "maximum duration reached",
-                Some((
-                    ErrorCode::MaxDuration,
-                    "the session reached its maximum duration",
-                )),
-            ),
-            EndReason::TokenExpired => (
-                close::TOKEN_EXPIRED,
-                "token expired",
-                Some((
-                    ErrorCode::TokenExpired,
-                    "the access token expired; send auth.refresh before expiry",
-                )),
-            ),
-            EndReason::ResumeExpired | EndReason::Disconnected | EndReason::StartTimeout => {
-                (close::NORMAL, "session ended", None)
-            }
-        };
-        if let Some((code, message)) = error {
-            self.emit(ServerEvent::error(code, message, true));
-        }
         if let Some(link) = self.link.take() {
+            let (code, text) = reason.close();
             link.outbound.close(code, text).await;
             drop(link.outbound);
             let _ = tokio::time::timeout(Duration::from_secs(2), link.writer).await;
         }
+    }
+}
+
+/// Tells a connection that cannot attach why, and closes it.
+fn refuse_connection(conn: Connection, code: ErrorCode, message: &'static str, close_code: u16) {
+    tokio::spawn(async move {
+        let _ = conn.outbound.event(ServerEvent::error(code, message, true));
+        conn.outbound.close(close_code, "resume refused").await;
+        drop(conn.outbound);
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.writer).await;
+    });
+}
+
+/// What a reply achieved, from its progress.
+fn outcome_of(turn_id: u64, p: &Progress) -> ReplyOutcome {
+    let u = &p.llm_usage;
+    ReplyOutcome {
+        turn_id,
+        spoken: p.spoken.clone(),
+        llm: LlmBill {
+            billable: p.timings.llm_request.is_some() && !p.llm_refused,
+            finished: p.llm_done,
+            prompt_chars: p.prompt_chars,
+            generated_chars: p.generated.len(),
+            reported: ReportedTokens {
+                input: u.input_tokens,
+                output: u.output_tokens,
+                cache_read: u.cache_read_input_tokens,
+                cache_write: u.cache_creation_input_tokens,
+            },
+        },
+        tts_chars: p.tts_chars,
+        latency: p.timings.latency(),
+        failure: p.failure.as_ref().map(|f| {
+            if f.code == ErrorCode::SlowConsumer {
+                ReplyFailure::ClientGone
+            } else {
+                ReplyFailure::Provider(f.code)
+            }
+        }),
     }
 }
 
@@ -1625,25 +1328,6 @@ async fn response_finished(response: &mut Option<ActiveResponse>) -> u64 {
             active.turn_id
         }
         None => std::future::pending().await,
-    }
-}
-
-fn failure_message(code: ErrorCode) -> &'static str {
-    match code {
-        ErrorCode::LlmFailed => "the language model failed; please try again",
-        ErrorCode::TtsFailed => "speech synthesis failed; the reply was cut short",
-        ErrorCode::EnginesBusy => "the local engines are busy; please try again in a moment",
-        _ => "the reply failed",
-    }
-}
-
-fn breakdown(l: Latency) -> LatencyBreakdown {
-    let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
-    LatencyBreakdown {
-        end_of_speech_to_final: ms(l.end_of_speech_to_final),
-        llm_first_token: ms(l.llm_first_token),
-        tts_first_audio: ms(l.tts_first_audio),
-        to_first_audio: ms(l.to_first_audio),
     }
 }
 

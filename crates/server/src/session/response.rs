@@ -101,6 +101,8 @@ pub struct Progress {
     pub prompt_chars: usize,
     /// The model finished its stream (so its usage report is final).
     pub llm_done: bool,
+    /// The model's provider refused the request (an error status: nothing to bill).
+    pub llm_refused: bool,
     /// Latest usage reported by the model.
     pub llm_usage: LlmUsage,
     /// Characters sent to synthesis.
@@ -136,11 +138,10 @@ async fn run_inner(ctx: &ResponseCtx, progress: &Arc<Mutex<Progress>>) -> Result
         &mut lock(progress).timings.llm_request,
         Instant::now().into_std(),
     );
-    let stream = ctx
-        .llm
-        .stream(ctx.request.clone())
-        .await
-        .map_err(|e| Failure::provider(ErrorCode::LlmFailed, &e))?;
+    let stream = ctx.llm.stream(ctx.request.clone()).await.map_err(|e| {
+        lock(progress).llm_refused = true;
+        Failure::provider(ErrorCode::LlmFailed, &e)
+    })?;
     let (sentence_tx, sentence_rx) = mpsc::channel::<String>(32);
     let (job_tx, job_rx) = mpsc::channel::<Job>(ctx.prefetch);
     tokio::try_join!(

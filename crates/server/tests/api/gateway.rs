@@ -181,7 +181,16 @@ async fn a_dropped_session_resumes_with_its_history_usage_and_limits() {
         "usage survived"
     );
     assert!(after.stt_seconds >= before.stt_seconds);
-    // The old token no longer works.
+    // The client's first message on the new connection shows it holds the new token: from
+    // then on the old token no longer works.
+    conn.sender
+        .send(&ClientMessage::Ping { id: None })
+        .await
+        .unwrap();
+    collect_until(&mut conn, Duration::from_secs(5), |i| {
+        matches!(event(i), Some(ServerEvent::Pong { .. }))
+    })
+    .await;
     assert_eq!(
         resume(&app, "r", &token).await.unwrap_err(),
         (404, "resume_failed".into())
@@ -278,4 +287,29 @@ async fn a_reply_cut_by_a_drop_is_kept_only_as_far_as_it_was_spoken() {
         !spoken.is_empty() && full.starts_with(spoken) && spoken.len() < full.len(),
         "{spoken:?}"
     );
+}
+
+#[tokio::test]
+async fn a_lost_session_resumed_can_be_retried_with_the_previous_token() {
+    let app = spawn_app().await;
+    let (conn, id, first_token) = start_collecting(&app, "retry").await;
+    conn.abort();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The resume succeeds on the server, but the connection breaks before the client reads
+    // session.resumed: the client still holds only the first token.
+    let lost = resume(&app, "retry", &first_token).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lost.abort();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = resume(&app, "retry", &first_token)
+        .await
+        .expect("the previous token still resumes the session");
+    let items = collect_until(&mut again, Duration::from_secs(5), |i| {
+        matches!(event(i), Some(ServerEvent::SessionResumed { .. }))
+    })
+    .await;
+    let Some(ServerEvent::SessionResumed { session_id, .. }) = items.last().and_then(event) else {
+        unreachable!()
+    };
+    assert_eq!(session_id, &id);
 }

@@ -42,18 +42,53 @@ async fn idle_sessions_are_closed_with_4408() {
 async fn activity_keeps_a_session_alive() {
     let app = spawn_app_with(fast_fakes(), |c| c.idle_timeout_s = 1).await;
     let (mut conn, _) = app.start("u", 24_000).await;
+    // A person with the microphone open: silence is still audio.
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(400)).await;
         conn.sender
-            .send(&ClientMessage::Ping { id: None })
+            .audio(bytes::Bytes::from(vec![0u8; 3200]))
             .await
             .unwrap();
     }
+    conn.sender
+        .send(&ClientMessage::Ping { id: None })
+        .await
+        .unwrap();
     let items = collect_until(&mut conn, Duration::from_secs(2), |i| {
         matches!(event(i), Some(ServerEvent::Pong { .. }))
     })
     .await;
     assert!(!items.iter().any(|i| matches!(i, Incoming::Closed { .. })));
+}
+
+#[tokio::test]
+async fn pings_alone_do_not_keep_a_session_alive() {
+    let app = spawn_app_with(fast_fakes(), |c| c.idle_timeout_s = 2).await;
+    let (mut conn, _) = app.start("u", 24_000).await;
+    let started = tokio::time::Instant::now();
+    let pinger = {
+        let sender = conn.sender.clone();
+        tokio::spawn(async move {
+            for _ in 0..40 {
+                if sender
+                    .send(&ClientMessage::Ping { id: None })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    let items = collect_until(&mut conn, Duration::from_secs(6), |i| {
+        matches!(i, Incoming::Closed { .. })
+    })
+    .await;
+    pinger.abort();
+    assert!(fatal_error(&items, ErrorCode::IdleTimeout));
+    assert!(closed_with(&items, 4408), "{:#?}", summary(&items));
+    assert!(started.elapsed() < Duration::from_secs(4));
 }
 
 #[tokio::test]

@@ -1,0 +1,1232 @@
+//! The session machine: every decision about one voice session, without IO.
+//!
+//! A driver (the WebSocket server, later telephony) feeds [`Input`]s with the time they
+//! happened ([`Session::handle`]), wakes the machine at [`Session::poll_timeout`]
+//! ([`Session::handle_timeout`]), and carries out what [`Session::poll_output`] returns: events
+//! to send, audio to forward, replies to start or abort, records to write, shared state to
+//! publish, the close. The driver owns sockets, provider links, tasks and the clock; it
+//! decides nothing.
+//!
+//! The machine owns:
+//! - attach / detach / resume, and the resume token's hand-over (the previous token stays valid
+//!   until the client has shown it holds the new one);
+//! - the abuse limits (invalid frames, frame floods);
+//! - the timers: heartbeat, idle (only a person's activity counts), maximum duration, token
+//!   expiry, resume window, checkpoints and, with scale-out, the lease;
+//! - one [`Ledger`](ledger::Ledger): consumption → cost → session and daily budget;
+//! - turn-taking through [`Turns`] and the bounded [`History`].
+
+pub mod ledger;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use atlas_protocol::{
+    AudioFormat, EndingReason, ErrorCode, LatencyBreakdown, Limits, ServerEvent, close,
+};
+
+use crate::audio::{ChunkError, validate_chunk};
+use crate::cost::{Micros, Prices};
+use crate::history::{History, HistoryLimits, Message, Role};
+use crate::latency::Latency;
+use crate::timers::{SessionTimers, TimerAction, TimerConfig, TimerEnd};
+use crate::turns::{self, Action, TurnConfig, Turns};
+use ledger::{Ledger, LedgerState, LlmBill, SpendDelta, Verdict};
+
+/// Settings of every session on a server.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Heartbeat, idle, duration, token and resume-window timers.
+    pub timers: TimerConfig,
+    /// Turn-taking.
+    pub turns: TurnConfig,
+    /// Conversation context bounds.
+    pub history: HistoryLimits,
+    /// Unit prices of the engines in use.
+    pub prices: Prices,
+    /// Per-session budget.
+    pub session_budget: Option<Micros>,
+    /// Fraction of the budget at which `budget.warning` is sent.
+    pub budget_warn_fraction: f64,
+    /// Per-user daily budget.
+    pub daily_budget: Option<Micros>,
+    /// Smallest accepted audio frame, in bytes.
+    pub chunk_min_bytes: usize,
+    /// Largest accepted audio frame, in bytes.
+    pub chunk_max_bytes: usize,
+    /// Frames per second a client may send; more are dropped.
+    pub max_frames_per_s: u32,
+    /// Invalid frames tolerated before the connection is closed with 1008.
+    pub max_invalid_frames: u32,
+    /// Seconds in a row over the frame-rate cap before the connection is closed with 1008.
+    pub max_flood_seconds: u32,
+    /// Consecutive recogniser failures before the session gives up.
+    pub max_recogniser_failures: u32,
+    /// Characters of the system prompt (for the estimate of a reply's cost).
+    pub system_prompt_chars: usize,
+    /// Output token cap of a reply.
+    pub llm_max_tokens: u32,
+    /// Interval between record checkpoints.
+    pub checkpoint_interval: Duration,
+    /// How long a replaced resume token stays valid when the client never uses the new one.
+    pub token_handover_grace: Duration,
+    /// Scale-out: lifetime of the session's lease without a refresh (refreshed every third).
+    pub lease_ttl: Option<Duration>,
+    /// Limits as told to the client.
+    pub limits: Limits,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// The client sent `session.end`.
+    ClientEnded,
+    /// The connection dropped before the session started.
+    Disconnected,
+    /// The server is draining.
+    Draining,
+    /// Protocol abuse.
+    Policy,
+    /// A provider failed beyond recovery.
+    ProviderFailed,
+    /// No `session.start` in time.
+    StartTimeout,
+    /// No activity of the person for the idle timeout.
+    IdleTimeout,
+    /// Maximum duration reached.
+    MaxDuration,
+    /// The session or daily budget is spent.
+    BudgetExhausted,
+    /// The access token expired without a refresh.
+    TokenExpired,
+    /// Dropped and not resumed within the window.
+    ResumeExpired,
+    /// Another connection or instance claimed the session: this owner is stale.
+    Moved,
+    /// The session's lease lapsed (the shared store was unreachable for its lifetime) and its
+    /// place may have been given away.
+    LeaseLost,
+}
+
+impl EndReason {
+    /// Bounded label for logs, metrics and records.
+    pub fn label(self) -> &'static str {
+        match self {
+            EndReason::ClientEnded => "client_ended",
+            EndReason::Disconnected => "disconnected",
+            EndReason::Draining => "draining",
+            EndReason::Policy => "policy",
+            EndReason::ProviderFailed => "provider_failed",
+            EndReason::StartTimeout => "start_timeout",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::MaxDuration => "max_duration",
+            EndReason::BudgetExhausted => "budget_exhausted",
+            EndReason::TokenExpired => "token_expired",
+            EndReason::ResumeExpired => "resume_expired",
+            EndReason::Moved => "moved",
+            EndReason::LeaseLost => "lease_lost",
+        }
+    }
+
+    /// The WebSocket close code and reason the client gets.
+    pub fn close(self) -> (u16, &'static str) {
+        match self {
+            EndReason::ClientEnded => (close::NORMAL, "session ended"),
+            EndReason::Draining => (close::GOING_AWAY, "server draining"),
+            EndReason::Policy | EndReason::StartTimeout => (close::POLICY, "policy violation"),
+            EndReason::ProviderFailed => (close::INTERNAL, "provider unavailable"),
+            EndReason::IdleTimeout => (close::IDLE_TIMEOUT, "idle timeout"),
+            EndReason::MaxDuration => (close::MAX_DURATION, "maximum duration reached"),
+            EndReason::BudgetExhausted => (close::BUDGET_EXHAUSTED, "budget exhausted"),
+            EndReason::TokenExpired => (close::TOKEN_EXPIRED, "token expired"),
+            EndReason::Moved => (close::REPLACED, "session continued elsewhere"),
+            EndReason::LeaseLost => (close::INTERNAL, "session lost its place"),
+            EndReason::ResumeExpired | EndReason::Disconnected => (close::NORMAL, "session ended"),
+        }
+    }
+
+    /// The fatal error the client is told before the close, if any.
+    fn error(self) -> Option<(ErrorCode, &'static str)> {
+        Some(match self {
+            EndReason::IdleTimeout => (ErrorCode::IdleTimeout, "no activity for the idle timeout"),
+            EndReason::BudgetExhausted => (
+                ErrorCode::BudgetExhausted,
+                "the budget for this session is spent",
+            ),
+            EndReason::MaxDuration => (
+                ErrorCode::MaxDuration,
+                "the session reached its maximum duration",
+            ),
+            EndReason::TokenExpired => (
+                ErrorCode::TokenExpired,
+                "the access token expired; send auth.refresh before expiry",
+            ),
+            EndReason::Moved => (
+                ErrorCode::ResumeFailed,
+                "this session was resumed by another connection",
+            ),
+            EndReason::LeaseLost => (
+                ErrorCode::Internal,
+                "the session service lost track of this session; start a new one",
+            ),
+            _ => return None,
+        })
+    }
+}
+
+impl From<TimerEnd> for EndReason {
+    fn from(t: TimerEnd) -> Self {
+        match t {
+            TimerEnd::Idle => EndReason::IdleTimeout,
+            TimerEnd::MaxDuration => EndReason::MaxDuration,
+            TimerEnd::TokenExpired => EndReason::TokenExpired,
+            TimerEnd::ResumeWindowExpired => EndReason::ResumeExpired,
+        }
+    }
+}
+
+/// Recognition signals the machine reacts to.
+#[derive(Clone, Copy, Debug)]
+pub enum Heard<'a> {
+    /// Interim transcript.
+    Partial(&'a str),
+    /// Final transcript of a stretch of speech.
+    Final {
+        /// The text.
+        text: &'a str,
+        /// The recogniser says the utterance ended.
+        speech_final: bool,
+        /// When the person stopped speaking, if known.
+        end_of_speech: Option<Instant>,
+    },
+    /// A gap after the last word.
+    UtteranceEnd {
+        /// When the person stopped speaking, if known.
+        end_of_speech: Option<Instant>,
+    },
+    /// Voice activity began.
+    SpeechStarted,
+}
+
+/// Why a reply stopped early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyFailure {
+    /// A provider failed (code for the client: `llm_failed`, `tts_failed`, `engines_busy`).
+    Provider(ErrorCode),
+    /// The client stopped reading.
+    ClientGone,
+}
+
+/// What a reply achieved, reported by the driver when its task ended.
+#[derive(Clone, Debug)]
+pub struct ReplyOutcome {
+    /// The turn.
+    pub turn_id: u64,
+    /// Text whose audio was completely sent.
+    pub spoken: String,
+    /// The language-model request's bill.
+    pub llm: LlmBill,
+    /// Characters sent to synthesis.
+    pub tts_chars: u64,
+    /// Stage latencies.
+    pub latency: Latency,
+    /// Set when it stopped early on its own.
+    pub failure: Option<ReplyFailure>,
+}
+
+/// Answer of the shared store to a lease refresh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseAnswer {
+    /// Extended.
+    Extended,
+    /// Another owner holds the session now.
+    Stale,
+    /// The lease had lapsed and the user's places are taken.
+    NoPlace,
+    /// The store did not answer.
+    Unreachable,
+}
+
+/// Something that happened.
+#[derive(Clone, Debug)]
+pub enum Input<'a> {
+    /// A connection completed its `session.start` and is attached (the first, or a resume,
+    /// replacing any connection still attached).
+    Attach {
+        /// A resume (`session.resumed`) rather than a new session.
+        resumed: bool,
+        /// The connection's resume token (fresh, generated by the driver).
+        token: String,
+        /// When the connection's access token expires.
+        token_expiry: Instant,
+        /// Input audio format.
+        input: AudioFormat,
+        /// Output audio format.
+        output: AudioFormat,
+    },
+    /// The attached connection is gone (closed, stopped reading, missed its pong).
+    Detach,
+    /// A binary audio frame.
+    Audio(Bytes),
+    /// Push-to-talk released.
+    Commit,
+    /// Stop the reply.
+    Cancel,
+    /// A typed user turn.
+    Text(&'a str),
+    /// Application ping with its opaque id.
+    Ping(Option<serde_json::Value>),
+    /// `session.start` on a started session.
+    StartAgain,
+    /// End the session.
+    End,
+    /// A message that could not be parsed (code and message for the client).
+    Invalid(ErrorCode, String),
+    /// The transport's heartbeat answer.
+    Pong,
+    /// A refreshed access token, verified by the driver: its expiry, or why it was refused.
+    TokenRefreshed(Result<Instant, String>),
+    /// Recognition.
+    Heard(Heard<'a>),
+    /// The recogniser connection failed (`busy`: the engine queue was full; `failures`: in a
+    /// row).
+    RecogniserLost {
+        /// The engine was busy (the utterance was dropped; not a failure of the link).
+        busy: bool,
+        /// Consecutive failures.
+        failures: u32,
+    },
+    /// A reply's task ended (finished, failed, or aborted on request).
+    ReplyEnded(ReplyOutcome),
+    /// A lease refresh sent at `sent_at` was answered.
+    Lease {
+        /// The answer.
+        answer: LeaseAnswer,
+        /// When the refresh was sent (the lease runs from then at the latest).
+        sent_at: Instant,
+    },
+    /// Another connection or instance claimed the session.
+    OwnershipLost,
+    /// The user's spend today across sessions.
+    DailySpent(Micros),
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// A completed (or cut, or refused) turn, for the record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TurnLog {
+    /// Turn number.
+    pub turn_id: u64,
+    /// What the person said.
+    pub user_text: String,
+    /// What the assistant said, as far as it was heard.
+    pub assistant_text: String,
+    /// Cut off, failed or not answered.
+    pub interrupted: bool,
+    /// Latency breakdown.
+    pub latency: LatencyBreakdown,
+    /// Bounded outcome label: `completed`, `interrupted`, `failed`, `client_gone`, `refused`.
+    pub outcome: &'static str,
+}
+
+/// How the session finished and what the driver still owes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finish {
+    /// Why.
+    pub reason: EndReason,
+    /// Write the final record and release the session's place.
+    pub record: bool,
+    /// Keep the session's place and publish it for a resume on another instance (drain with
+    /// scale-out) instead of releasing it.
+    pub handover: bool,
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug)]
+pub enum Output {
+    /// Send an event to the attached client.
+    Send(ServerEvent),
+    /// Send a transport-level ping.
+    Ping,
+    /// Forward accepted audio to the recogniser.
+    Forward(Bytes),
+    /// An audio frame was refused (bounded label for metrics).
+    Rejected(&'static str),
+    /// Ask the recogniser to finalise what it has (push-to-talk).
+    Finalize,
+    /// Close the recogniser connection (detached or ending).
+    CloseRecogniser,
+    /// Start replying to `turn_id` with the current history.
+    StartReply {
+        /// The turn.
+        turn_id: u64,
+        /// When the person stopped speaking, if known.
+        end_of_speech: Option<Instant>,
+    },
+    /// Abort the reply to `turn_id` at once and report its outcome ([`Input::ReplyEnded`]).
+    AbortReply {
+        /// The turn.
+        turn_id: u64,
+    },
+    /// A turn is complete.
+    Turn(TurnLog),
+    /// Spend to meter and to add to the user's daily total (answer with
+    /// [`Input::DailySpent`]).
+    Spend(SpendDelta),
+    /// Write a checkpoint of the record.
+    Checkpoint,
+    /// Publish the session's resume state to the shared store (scale-out).
+    Publish,
+    /// Refresh the lease (answer with [`Input::Lease`]).
+    RefreshLease,
+    /// Make `token` resume this session.
+    RegisterToken(String),
+    /// `token` no longer resumes this session.
+    RetireToken(String),
+    /// Close the attached connection with `code` (the session itself goes on, detached).
+    CloseConnection(u16, &'static str),
+    /// The session is over: close the connection with the reason's code and finish.
+    Finish(Finish),
+}
+
+/// What another instance needs to continue the session (apart from the record's own data).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Carried {
+    /// Turns so far.
+    pub last_turn: u64,
+    /// Conversation, oldest first.
+    pub history: Vec<CarriedMessage>,
+    /// Consumption and budget state.
+    pub ledger: LedgerState,
+}
+
+/// One message of a carried history.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CarriedMessage {
+    /// Who said it.
+    pub role: CarriedRole,
+    /// What was said.
+    pub text: String,
+}
+
+/// Speaker of a carried message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CarriedRole {
+    /// The person.
+    User,
+    /// The assistant.
+    Assistant,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Live,
+    /// Ending; waiting for the aborted reply's outcome.
+    Ending(EndReason),
+    Ended,
+}
+
+/// Frame accounting for the abuse limits.
+#[derive(Clone, Copy, Debug)]
+struct Abuse {
+    invalid: u32,
+    window_start: Instant,
+    frames: u32,
+    flood_windows: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Lease {
+    ttl: Duration,
+    next_refresh: Instant,
+    valid_until: Instant,
+    in_flight: bool,
+}
+
+/// One session's state.
+#[derive(Debug)]
+pub struct Session {
+    id: String,
+    config: Config,
+    phase: Phase,
+    attached: bool,
+    /// Resume token of the attached connection.
+    token: String,
+    /// The token it replaced, valid until the client shows it has the new one or the grace
+    /// runs out.
+    previous_token: Option<(String, Instant)>,
+    input: AudioFormat,
+    output: AudioFormat,
+    turns: Turns,
+    history: History,
+    timers: SessionTimers,
+    ledger: Ledger,
+    abuse: Abuse,
+    /// What the person said in the turn being answered.
+    user_text: String,
+    /// The reply in flight and whether the machine asked for it to be aborted.
+    reply: Option<(u64, bool)>,
+    next_checkpoint: Instant,
+    lease: Option<Lease>,
+    out: VecDeque<Output>,
+    actions: Vec<Action>,
+}
+
+impl Session {
+    /// A new session created at `now` (attach its first connection with [`Input::Attach`]).
+    /// `age` moves the start back for a session continued from elsewhere.
+    pub fn new(
+        id: String,
+        config: Config,
+        now: Instant,
+        carried: Option<(Carried, Duration)>,
+    ) -> Self {
+        let ledger = Ledger::new(
+            config.prices,
+            config.session_budget,
+            config.budget_warn_fraction,
+        )
+        .with_daily_limit(config.daily_budget);
+        let lease = config.lease_ttl.map(|ttl| Lease {
+            ttl,
+            // Claimed just now by the driver.
+            next_refresh: now + ttl / 3,
+            valid_until: now + ttl,
+            in_flight: false,
+        });
+        let mut session = Session {
+            id,
+            turns: Turns::new(config.turns.clone(), 0),
+            history: History::new(config.history),
+            timers: SessionTimers::new(config.timers, now, now + Duration::from_secs(3600)),
+            ledger,
+            abuse: Abuse {
+                invalid: 0,
+                window_start: now,
+                frames: 0,
+                flood_windows: 0,
+            },
+            phase: Phase::Live,
+            attached: false,
+            token: String::new(),
+            previous_token: None,
+            input: AudioFormat::DEFAULT_INPUT,
+            output: AudioFormat::DEFAULT_OUTPUT,
+            user_text: String::new(),
+            reply: None,
+            next_checkpoint: now + config.checkpoint_interval,
+            lease,
+            out: VecDeque::new(),
+            actions: Vec::new(),
+            config,
+        };
+        if let Some((carried, age)) = carried {
+            session.restore(carried, age);
+        }
+        session
+    }
+
+    fn restore(&mut self, c: Carried, age: Duration) {
+        for m in &c.history {
+            match m.role {
+                CarriedRole::User => self.history.push_user(&m.text),
+                CarriedRole::Assistant => self.history.push_assistant(&m.text),
+            }
+        }
+        self.turns = Turns::new(self.config.turns.clone(), c.last_turn);
+        self.ledger.restore(c.ledger);
+        // A continued session keeps its age: moving never extends the maximum duration.
+        self.timers.started_earlier(age);
+    }
+
+    /// What another instance needs to continue this session.
+    pub fn carried(&self) -> Carried {
+        Carried {
+            last_turn: self.turns.last_turn(),
+            history: self
+                .history
+                .messages()
+                .map(|m| CarriedMessage {
+                    role: match m.role {
+                        Role::User => CarriedRole::User,
+                        Role::Assistant => CarriedRole::Assistant,
+                    },
+                    text: m.text.clone(),
+                })
+                .collect(),
+            ledger: self.ledger.state(),
+        }
+    }
+
+    /// The session id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The conversation to send to the model.
+    pub fn history(&self) -> impl ExactSizeIterator<Item = &Message> {
+        self.history.messages()
+    }
+
+    /// The cost ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Turns started so far.
+    pub fn last_turn(&self) -> u64 {
+        self.turns.last_turn()
+    }
+
+    /// Whether a connection is attached.
+    pub fn is_attached(&self) -> bool {
+        self.attached
+    }
+
+    /// Whether the session is over.
+    pub fn is_ended(&self) -> bool {
+        self.phase == Phase::Ended
+    }
+
+    /// The attached connection's resume token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The input audio format in use.
+    pub fn input_format(&self) -> AudioFormat {
+        self.input
+    }
+
+    /// The output audio format in use.
+    pub fn output_format(&self) -> AudioFormat {
+        self.output
+    }
+
+    /// The next thing for the driver to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must run next (`None` once ended).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        // Ending waits only for the aborted reply's outcome, which the driver reports at once.
+        if self.phase != Phase::Live {
+            return None;
+        }
+        let mut t = self.timers.next_deadline().min(self.next_checkpoint);
+        if let Some(lease) = &self.lease {
+            t = t.min(lease.valid_until);
+            if !lease.in_flight {
+                t = t.min(lease.next_refresh);
+            }
+        }
+        if let Some((_, until)) = &self.previous_token {
+            t = t.min(*until);
+        }
+        Some(t)
+    }
+
+    /// Acts on every deadline that has passed at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.phase != Phase::Live {
+            return;
+        }
+        while let Some(action) = self.timers.poll(now) {
+            match action {
+                TimerAction::Ping => self.out.push_back(Output::Ping),
+                TimerAction::HeartbeatTimeout => {
+                    self.out.push_back(Output::CloseConnection(
+                        close::GOING_AWAY,
+                        "heartbeat timeout",
+                    ));
+                    self.detach(now);
+                }
+                TimerAction::WarnMaxDuration { seconds_left } => {
+                    self.send(ServerEvent::SessionEnding {
+                        reason: EndingReason::MaxDuration,
+                        seconds_left,
+                    })
+                }
+                TimerAction::End(end) => return self.end(end.into()),
+            }
+        }
+        if self
+            .previous_token
+            .as_ref()
+            .is_some_and(|(_, until)| now >= *until)
+        {
+            self.retire_previous_token();
+        }
+        if let Some(lease) = &mut self.lease {
+            if now >= lease.valid_until {
+                // The store may have given this place away: fail closed.
+                return self.end(EndReason::LeaseLost);
+            }
+            if !lease.in_flight && now >= lease.next_refresh {
+                lease.in_flight = true;
+                self.out.push_back(Output::RefreshLease);
+            }
+        }
+        if now >= self.next_checkpoint {
+            self.next_checkpoint = now + self.config.checkpoint_interval;
+            self.out.push_back(Output::Checkpoint);
+        }
+    }
+
+    /// Feeds one input that happened at `now`.
+    pub fn handle(&mut self, input: Input<'_>, now: Instant) {
+        match self.phase {
+            Phase::Ended => return,
+            // Ending: only the aborted reply's outcome is still awaited.
+            Phase::Ending(_) => {
+                if let Input::ReplyEnded(outcome) = input {
+                    self.reply_ended(outcome, now);
+                }
+                return;
+            }
+            Phase::Live => {}
+        }
+        if self.is_client_frame(&input) {
+            if self.attached && self.previous_token.is_some() {
+                // The client speaks on the new connection: it has the new token.
+                self.retire_previous_token();
+            }
+            if !self.within_frame_rate(&input, now) {
+                return;
+            }
+        }
+        match input {
+            Input::Attach {
+                resumed,
+                token,
+                token_expiry,
+                input,
+                output,
+            } => self.attach(resumed, token, token_expiry, input, output, now),
+            Input::Detach => self.detach(now),
+            Input::Audio(pcm) => self.audio(pcm, now),
+            Input::Commit => {
+                self.timers.activity(now);
+                self.turn(turns::Input::Commit);
+            }
+            Input::Cancel => {
+                self.timers.activity(now);
+                self.turn(turns::Input::Cancel);
+            }
+            Input::Text(text) => {
+                self.timers.activity(now);
+                self.turn(turns::Input::Text { text });
+            }
+            Input::Ping(id) => self.send(ServerEvent::Pong { id }),
+            Input::StartAgain => {
+                self.timers.activity(now);
+                self.send(ServerEvent::error(
+                    ErrorCode::SessionAlreadyStarted,
+                    "the session has already started",
+                    false,
+                ));
+            }
+            Input::End => self.end(EndReason::ClientEnded),
+            Input::Invalid(code, message) => {
+                if self.count_invalid() {
+                    self.send(ServerEvent::error(code, message, false));
+                }
+            }
+            Input::Pong => self.timers.pong(),
+            Input::TokenRefreshed(Ok(expiry)) => self.timers.token_refreshed(expiry),
+            Input::TokenRefreshed(Err(message)) => {
+                self.send(ServerEvent::error(ErrorCode::Unauthorized, message, false))
+            }
+            Input::Heard(heard) => {
+                let input = match heard {
+                    Heard::Partial(text) => turns::Input::Partial { text },
+                    Heard::Final {
+                        text,
+                        speech_final,
+                        end_of_speech,
+                    } => turns::Input::Final {
+                        text,
+                        speech_final,
+                        end_of_speech,
+                    },
+                    Heard::UtteranceEnd { end_of_speech } => {
+                        turns::Input::UtteranceEnd { end_of_speech }
+                    }
+                    Heard::SpeechStarted => turns::Input::SpeechStarted,
+                };
+                self.turn(input);
+            }
+            Input::RecogniserLost { busy: true, .. } => self.send(ServerEvent::error(
+                ErrorCode::EnginesBusy,
+                "the speech engine is busy and missed that; please say it again in a moment",
+                false,
+            )),
+            Input::RecogniserLost { failures, .. } => {
+                let fatal = failures >= self.config.max_recogniser_failures;
+                self.send(ServerEvent::error(
+                    ErrorCode::SttFailed,
+                    if fatal {
+                        "speech recognition is unavailable"
+                    } else {
+                        "speech recognition connection lost; reconnecting"
+                    },
+                    fatal,
+                ));
+                if fatal {
+                    self.end(EndReason::ProviderFailed);
+                }
+            }
+            Input::ReplyEnded(outcome) => self.reply_ended(outcome, now),
+            Input::Lease { answer, sent_at } => self.lease_answered(answer, sent_at, now),
+            Input::OwnershipLost => self.end(EndReason::Moved),
+            Input::DailySpent(total) => {
+                self.ledger.set_daily_spent(total);
+                if self.ledger.check(0) == Verdict::Exhausted {
+                    self.end(EndReason::BudgetExhausted);
+                }
+            }
+            Input::Shutdown => self.end(EndReason::Draining),
+        }
+    }
+
+    fn is_client_frame(&self, input: &Input<'_>) -> bool {
+        matches!(
+            input,
+            Input::Audio(_)
+                | Input::Commit
+                | Input::Cancel
+                | Input::Text(_)
+                | Input::Ping(_)
+                | Input::StartAgain
+                | Input::Invalid(..)
+                | Input::End
+        )
+    }
+
+    /// Counts a client frame against the per-second cap: frames over it are dropped with a
+    /// `rate_limited` error; `max_flood_seconds` seconds in a row over it close with 1008.
+    /// An explicit end of session always gets through.
+    fn within_frame_rate(&mut self, input: &Input<'_>, now: Instant) -> bool {
+        let cap = self.config.max_frames_per_s;
+        let a = &mut self.abuse;
+        if now.saturating_duration_since(a.window_start) >= Duration::from_secs(1) {
+            if a.frames > cap {
+                a.flood_windows += 1;
+            } else {
+                a.flood_windows = 0;
+            }
+            a.window_start = now;
+            a.frames = 0;
+        }
+        a.frames += 1;
+        if a.frames <= cap || matches!(input, Input::End) {
+            return true;
+        }
+        if a.flood_windows >= self.config.max_flood_seconds {
+            self.send(ServerEvent::error(
+                ErrorCode::RateLimited,
+                "too many frames per second",
+                true,
+            ));
+            self.end(EndReason::Policy);
+            return false;
+        }
+        if a.frames == cap + 1 {
+            self.send(ServerEvent::error(
+                ErrorCode::RateLimited,
+                format!("more than {cap} frames per second; extra frames are dropped"),
+                false,
+            ));
+        }
+        self.out.push_back(Output::Rejected("rate"));
+        false
+    }
+
+    /// Counts an invalid frame; false when the session ends for it.
+    fn count_invalid(&mut self) -> bool {
+        self.abuse.invalid += 1;
+        if self.abuse.invalid > self.config.max_invalid_frames {
+            self.send(ServerEvent::error(
+                ErrorCode::InvalidMessage,
+                "too many invalid frames",
+                true,
+            ));
+            self.end(EndReason::Policy);
+            return false;
+        }
+        true
+    }
+
+    fn send(&mut self, event: ServerEvent) {
+        if self.attached {
+            self.out.push_back(Output::Send(event));
+        }
+    }
+
+    fn attach(
+        &mut self,
+        resumed: bool,
+        token: String,
+        token_expiry: Instant,
+        input: AudioFormat,
+        output: AudioFormat,
+        now: Instant,
+    ) {
+        if self.attached {
+            // The reply was playing on the replaced connection: cut it (recorded as cut).
+            self.abort_reply();
+        }
+        self.input = input;
+        self.output = output;
+        self.timers.token_refreshed(token_expiry);
+        self.timers.attached(now);
+        self.attached = true;
+        if let Some((old, _)) = self.previous_token.take() {
+            // Two resumes in a row: the older token is useless now.
+            self.out.push_back(Output::RetireToken(old));
+        }
+        let previous = std::mem::replace(&mut self.token, token.clone());
+        if !previous.is_empty() {
+            self.previous_token = Some((previous, now + self.config.token_handover_grace));
+        }
+        self.out.push_back(Output::RegisterToken(token.clone()));
+        let limits = self.config.limits.clone();
+        let event = if resumed {
+            ServerEvent::SessionResumed {
+                session_id: self.id.clone(),
+                resume_token: token,
+                limits,
+                input_audio: input,
+                output_audio: output,
+                turns: self.turns.last_turn(),
+            }
+        } else {
+            ServerEvent::SessionStarted {
+                session_id: self.id.clone(),
+                resume_token: token,
+                limits,
+                input_audio: input,
+                output_audio: output,
+            }
+        };
+        self.send(event);
+        if resumed {
+            self.send(ServerEvent::Usage(self.ledger.usage()));
+        }
+        if self.lease.is_some() {
+            self.out.push_back(Output::Publish);
+        }
+    }
+
+    fn retire_previous_token(&mut self) {
+        if let Some((old, _)) = self.previous_token.take() {
+            self.out.push_back(Output::RetireToken(old));
+        }
+    }
+
+    fn detach(&mut self, now: Instant) {
+        if !self.attached {
+            return;
+        }
+        self.abort_reply();
+        self.attached = false;
+        self.timers.detached(now);
+        self.out.push_back(Output::CloseRecogniser);
+        if self.lease.is_some() {
+            self.out.push_back(Output::Publish);
+        }
+    }
+
+    fn audio(&mut self, pcm: Bytes, now: Instant) {
+        let c = &self.config;
+        if let Err(e) = validate_chunk(pcm.len(), c.chunk_min_bytes, c.chunk_max_bytes) {
+            self.out.push_back(Output::Rejected(match e {
+                ChunkError::TooSmall { .. } => "too_small",
+                ChunkError::TooLarge { .. } => "too_large",
+                ChunkError::OddLength { .. } => "odd_length",
+            }));
+            if self.count_invalid() {
+                self.send(ServerEvent::error(
+                    ErrorCode::AudioChunkInvalid,
+                    e.to_string(),
+                    false,
+                ));
+            }
+            return;
+        }
+        self.timers.activity(now);
+        let seconds = (pcm.len() / 2) as f64 / f64::from(self.input.sample_rate);
+        if self.ledger.add_audio(seconds) {
+            // Recognition is billed while the person talks: re-check the budget every second.
+            self.settle();
+            if self.ledger.check(0) == Verdict::Exhausted {
+                return self.end(EndReason::BudgetExhausted);
+            }
+        }
+        self.out.push_back(Output::Forward(pcm));
+    }
+
+    /// Feeds the turn machine and acts on what it decides.
+    fn turn(&mut self, input: turns::Input<'_>) {
+        let mut actions = std::mem::take(&mut self.actions);
+        self.turns.handle(input, &mut actions);
+        for action in actions.drain(..) {
+            match action {
+                Action::Partial(text) => self.send(ServerEvent::TranscriptPartial { text }),
+                Action::Finalize => self.out.push_back(Output::Finalize),
+                Action::Interrupt { turn_id } => {
+                    if self.reply.is_some_and(|(t, _)| t == turn_id) {
+                        self.abort_reply();
+                    }
+                }
+                Action::EndOfTurn {
+                    turn_id,
+                    text,
+                    end_of_speech,
+                } => self.start_reply(turn_id, text, end_of_speech),
+            }
+        }
+        self.actions = actions;
+    }
+
+    fn abort_reply(&mut self) {
+        if let Some((turn_id, aborted)) = &mut self.reply
+            && !*aborted
+        {
+            *aborted = true;
+            let turn_id = *turn_id;
+            self.out.push_back(Output::AbortReply { turn_id });
+        }
+    }
+
+    fn start_reply(&mut self, turn_id: u64, text: String, end_of_speech: Option<Instant>) {
+        self.send(ServerEvent::TranscriptFinal {
+            turn_id,
+            text: text.clone(),
+        });
+        self.history.push_user(&text);
+        self.user_text = text;
+        // Stop before starting work that would exceed the budget.
+        let prompt_chars = self.config.system_prompt_chars
+            + self.history.messages().map(|m| m.text.len()).sum::<usize>();
+        let estimate = self
+            .ledger
+            .reply_estimate(prompt_chars, u64::from(self.config.llm_max_tokens));
+        if self.budget_verdict(estimate) == Verdict::Exhausted {
+            // Heard but not answered: kept in the record.
+            self.unanswered(turn_id);
+            return self.end(EndReason::BudgetExhausted);
+        }
+        if !self.attached {
+            return self.unanswered(turn_id);
+        }
+        self.send(ServerEvent::ResponseStarted { turn_id });
+        self.reply = Some((turn_id, false));
+        self.out.push_back(Output::StartReply {
+            turn_id,
+            end_of_speech,
+        });
+    }
+
+    fn unanswered(&mut self, turn_id: u64) {
+        let mut ignored = Vec::new();
+        self.turns
+            .handle(turns::Input::ResponseFinished { turn_id }, &mut ignored);
+        self.out.push_back(Output::Turn(TurnLog {
+            turn_id,
+            user_text: std::mem::take(&mut self.user_text),
+            assistant_text: String::new(),
+            interrupted: true,
+            latency: LatencyBreakdown::default(),
+            outcome: "refused",
+        }));
+    }
+
+    /// Settles the ledger, then checks the budgets with `next` on top; sends the warning.
+    fn budget_verdict(&mut self, next: Micros) -> Verdict {
+        self.settle();
+        let verdict = self.ledger.check(next);
+        if let Verdict::Warn { spent, limit } = verdict {
+            self.send(ServerEvent::BudgetWarning {
+                spent_usd: crate::cost::to_usd(spent),
+                budget_usd: crate::cost::to_usd(limit),
+            });
+        }
+        verdict
+    }
+
+    fn settle(&mut self) {
+        let delta = self.ledger.settle();
+        if !delta.is_zero() && self.writes_allowed() {
+            self.out.push_back(Output::Spend(delta));
+        }
+    }
+
+    /// A stale owner writes nothing more for the session.
+    fn writes_allowed(&self) -> bool {
+        self.phase != Phase::Ending(EndReason::Moved)
+    }
+
+    fn reply_ended(&mut self, o: ReplyOutcome, now: Instant) {
+        let Some((turn_id, aborted)) = self.reply.take_if(|(t, _)| *t == o.turn_id) else {
+            return;
+        };
+        let mut ignored = Vec::new();
+        self.turns
+            .handle(turns::Input::ResponseFinished { turn_id }, &mut ignored);
+        let outcome = if aborted {
+            self.send(ServerEvent::ResponseInterrupted { turn_id });
+            "interrupted"
+        } else {
+            match o.failure {
+                Some(ReplyFailure::ClientGone) => "client_gone",
+                Some(ReplyFailure::Provider(code)) => {
+                    self.send(ServerEvent::error(code, failure_message(code), false));
+                    "failed"
+                }
+                None => "completed",
+            }
+        };
+        let interrupted = aborted || o.failure.is_some();
+        self.ledger.add_reply(&o.llm, o.tts_chars);
+        self.history.push_assistant(&o.spoken);
+        let latency = breakdown(o.latency);
+        self.out.push_back(Output::Turn(TurnLog {
+            turn_id,
+            user_text: std::mem::take(&mut self.user_text),
+            assistant_text: o.spoken,
+            interrupted,
+            latency: latency.clone(),
+            outcome,
+        }));
+        if self.phase == Phase::Live && self.lease.is_some() && self.attached {
+            // Replicated after every turn, so the session survives its instance; queued
+            // before the client hears the turn is done.
+            self.out.push_back(Output::Publish);
+        }
+        self.send(ServerEvent::ResponseDone {
+            turn_id,
+            interrupted,
+            latency_ms: latency,
+        });
+        let verdict = self.budget_verdict(0);
+        self.send(ServerEvent::Usage(self.ledger.usage()));
+        match self.phase {
+            Phase::Ending(reason) => return self.finish(reason),
+            Phase::Ended => return,
+            Phase::Live => {}
+        }
+        if verdict == Verdict::Exhausted {
+            return self.end(EndReason::BudgetExhausted);
+        }
+        if o.failure == Some(ReplyFailure::ClientGone) {
+            self.detach(now);
+        }
+    }
+
+    fn lease_answered(&mut self, answer: LeaseAnswer, sent_at: Instant, now: Instant) {
+        let Some(lease) = &mut self.lease else {
+            return;
+        };
+        lease.in_flight = false;
+        match answer {
+            LeaseAnswer::Extended => {
+                lease.valid_until = lease.valid_until.max(sent_at + lease.ttl);
+                lease.next_refresh = sent_at + lease.ttl / 3;
+            }
+            LeaseAnswer::Unreachable => {
+                // Try again soon; the session ends if the lease runs out meanwhile.
+                lease.next_refresh = now + (lease.ttl / 6).max(Duration::from_millis(100));
+            }
+            LeaseAnswer::Stale => self.end(EndReason::Moved),
+            LeaseAnswer::NoPlace => self.end(EndReason::LeaseLost),
+        }
+    }
+
+    /// Decides that the session ends; a reply in flight is aborted first (and recorded as
+    /// cut) unless another owner took over.
+    fn end(&mut self, reason: EndReason) {
+        if self.phase != Phase::Live {
+            return;
+        }
+        self.phase = Phase::Ending(reason);
+        if self.reply.is_some() {
+            self.abort_reply();
+        } else {
+            self.finish(reason);
+        }
+    }
+
+    fn finish(&mut self, reason: EndReason) {
+        self.phase = Phase::Ended;
+        let handover = reason == EndReason::Draining && self.lease.is_some();
+        // A handed-over session stays resumable by its tokens on another instance.
+        if !handover {
+            if let Some((old, _)) = self.previous_token.take() {
+                self.out.push_back(Output::RetireToken(old));
+            }
+            if !self.token.is_empty() {
+                self.out
+                    .push_back(Output::RetireToken(std::mem::take(&mut self.token)));
+            }
+        }
+        self.out.push_back(Output::CloseRecogniser);
+        let record = reason != EndReason::Moved;
+        if record {
+            let delta = self.ledger.settle();
+            if !delta.is_zero() {
+                self.out.push_back(Output::Spend(delta));
+            }
+        }
+        match reason {
+            EndReason::Draining => self.send(ServerEvent::SessionEnding {
+                reason: EndingReason::Draining,
+                seconds_left: 0,
+            }),
+            EndReason::BudgetExhausted => {
+                self.send(ServerEvent::SessionEnding {
+                    reason: EndingReason::Budget,
+                    seconds_left: 0,
+                });
+                self.send(ServerEvent::Usage(self.ledger.usage()));
+            }
+            _ => {}
+        }
+        if let Some((code, message)) = reason.error() {
+            self.send(ServerEvent::error(code, message, true));
+        }
+        self.out.push_back(Output::Finish(Finish {
+            reason,
+            record,
+            handover,
+        }));
+    }
+}
+
+fn failure_message(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::LlmFailed => "the language model failed; please try again",
+        ErrorCode::TtsFailed => "speech synthesis failed; the reply was cut short",
+        ErrorCode::EnginesBusy => "the local engines are busy; please try again in a moment",
+        _ => "the reply failed",
+    }
+}
+
+/// A latency breakdown in milliseconds.
+pub fn breakdown(l: Latency) -> LatencyBreakdown {
+    let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+    LatencyBreakdown {
+        end_of_speech_to_final: ms(l.end_of_speech_to_final),
+        llm_first_token: ms(l.llm_first_token),
+        tts_first_audio: ms(l.tts_first_audio),
+        to_first_audio: ms(l.to_first_audio),
+    }
+}
+
+#[cfg(test)]
+mod tests;

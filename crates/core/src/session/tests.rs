@@ -1,0 +1,843 @@
+//! The session machine under simulated time: every test runs in microseconds.
+
+use super::ledger::ReportedTokens;
+use super::*;
+use crate::cost::from_usd;
+
+const S: Duration = Duration::from_secs(1);
+
+fn config() -> Config {
+    Config {
+        timers: TimerConfig {
+            heartbeat_interval: 30 * S,
+            heartbeat_timeout: 10 * S,
+            idle_timeout: 600 * S,
+            max_duration: 1800 * S,
+            max_duration_warning: 60 * S,
+            token_grace: 10 * S,
+            resume_window: 60 * S,
+        },
+        turns: TurnConfig::default(),
+        history: HistoryLimits {
+            max_messages: 40,
+            max_chars: 20_000,
+        },
+        prices: Prices {
+            stt_per_minute: Some(4_300),
+            llm_input_per_mtok: Some(1_000_000),
+            llm_output_per_mtok: Some(5_000_000),
+            llm_cache_read_per_mtok: None,
+            llm_cache_write_per_mtok: None,
+            tts_per_mchar: Some(15_000_000),
+        },
+        session_budget: Some(from_usd(5.0)),
+        budget_warn_fraction: 0.8,
+        daily_budget: None,
+        chunk_min_bytes: 100,
+        chunk_max_bytes: 102_400,
+        max_frames_per_s: 100,
+        max_invalid_frames: 50,
+        max_flood_seconds: 5,
+        max_recogniser_failures: 4,
+        system_prompt_chars: 100,
+        llm_max_tokens: 200,
+        checkpoint_interval: 60 * S,
+        token_handover_grace: 30 * S,
+        lease_ttl: None,
+        limits: Limits {
+            max_duration_s: 1800,
+            budget_usd: Some(5.0),
+            idle_timeout_s: 600,
+            resume_window_s: 60,
+        },
+    }
+}
+
+/// A session under test with its own clock.
+struct Harness {
+    s: Session,
+    now: Instant,
+    start: Instant,
+    /// Answer heartbeat pings (a healthy client).
+    pong: bool,
+}
+
+impl Harness {
+    fn new(config: Config) -> Self {
+        let now = Instant::now();
+        let mut h = Harness {
+            s: Session::new("s1".into(), config, now, None),
+            now,
+            start: now,
+            pong: true,
+        };
+        h.attach(false, "t1");
+        h.drain();
+        h
+    }
+
+    fn attach(&mut self, resumed: bool, token: &str) -> Vec<Output> {
+        self.feed(Input::Attach {
+            resumed,
+            token: token.into(),
+            token_expiry: self.start + 3600 * S,
+            input: AudioFormat::DEFAULT_INPUT,
+            output: AudioFormat::DEFAULT_OUTPUT,
+        })
+    }
+
+    fn feed(&mut self, input: Input<'_>) -> Vec<Output> {
+        self.s.handle(input, self.now);
+        self.drain()
+    }
+
+    fn drain(&mut self) -> Vec<Output> {
+        std::iter::from_fn(|| self.s.poll_output()).collect()
+    }
+
+    /// Advances the clock by `d`, waking the machine at every deadline on the way.
+    fn advance(&mut self, d: Duration) -> Vec<Output> {
+        let until = self.now + d;
+        let mut out = Vec::new();
+        while let Some(t) = self.s.poll_timeout() {
+            if t > until {
+                break;
+            }
+            self.now = t.max(self.now);
+            self.s.handle_timeout(self.now);
+            let step = self.drain();
+            if self.pong && has(&step, |o| matches!(o, Output::Ping)) {
+                self.s.handle(Input::Pong, self.now);
+            }
+            out.extend(step);
+        }
+        self.now = until;
+        out
+    }
+
+    /// 100 ms of 16 kHz audio.
+    fn audio(&mut self) -> Vec<Output> {
+        self.feed(Input::Audio(Bytes::from(vec![0u8; 3200])))
+    }
+
+    /// Says `text` and ends the turn; returns the outputs.
+    fn say(&mut self, text: &str) -> Vec<Output> {
+        self.feed(Input::Heard(Heard::Final {
+            text,
+            speech_final: true,
+            end_of_speech: None,
+        }))
+    }
+
+    fn reply_done(&mut self, turn_id: u64, spoken: &str, output_tokens: u64) -> Vec<Output> {
+        self.feed(Input::ReplyEnded(outcome(turn_id, spoken, output_tokens)))
+    }
+}
+
+fn outcome(turn_id: u64, spoken: &str, output_tokens: u64) -> ReplyOutcome {
+    ReplyOutcome {
+        turn_id,
+        spoken: spoken.into(),
+        llm: LlmBill {
+            billable: true,
+            finished: true,
+            prompt_chars: 400,
+            generated_chars: spoken.len(),
+            reported: ReportedTokens {
+                input: Some(100),
+                output: Some(output_tokens),
+                ..ReportedTokens::default()
+            },
+        },
+        tts_chars: spoken.len() as u64,
+        latency: Latency::default(),
+        failure: None,
+    }
+}
+
+fn finish(out: &[Output]) -> Option<Finish> {
+    out.iter().find_map(|o| match o {
+        Output::Finish(f) => Some(*f),
+        _ => None,
+    })
+}
+
+fn events(out: &[Output]) -> Vec<&ServerEvent> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Send(e) => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
+fn has(out: &[Output], pred: impl Fn(&Output) -> bool) -> bool {
+    out.iter().any(pred)
+}
+
+fn error_code(out: &[Output]) -> Option<ErrorCode> {
+    events(out).into_iter().find_map(|e| match e {
+        ServerEvent::Error { code, .. } => Some(*code),
+        _ => None,
+    })
+}
+
+#[test]
+fn attach_announces_the_session_and_registers_its_token() {
+    let now = Instant::now();
+    let mut s = Session::new("s1".into(), config(), now, None);
+    s.handle(
+        Input::Attach {
+            resumed: false,
+            token: "t1".into(),
+            token_expiry: now + 3600 * S,
+            input: AudioFormat::DEFAULT_INPUT,
+            output: AudioFormat::DEFAULT_OUTPUT,
+        },
+        now,
+    );
+    let out: Vec<_> = std::iter::from_fn(|| s.poll_output()).collect();
+    assert!(has(
+        &out,
+        |o| matches!(o, Output::RegisterToken(t) if t == "t1")
+    ));
+    assert!(matches!(
+        events(&out)[..],
+        [ServerEvent::SessionStarted { session_id, resume_token, .. }] if session_id == "s1" && resume_token == "t1"
+    ));
+    assert!(s.is_attached());
+}
+
+#[test]
+fn a_turn_starts_a_reply_and_its_end_is_billed_and_recorded() {
+    let mut h = Harness::new(config());
+    let out = h.say("What is the weather?");
+    assert!(has(&out, |o| matches!(
+        o,
+        Output::StartReply { turn_id: 1, .. }
+    )));
+    assert_eq!(h.s.history().count(), 1);
+    let out = h.reply_done(1, "Sunny.", 10);
+    let turn = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Turn(t) => Some(t.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        (
+            turn.user_text.as_str(),
+            turn.assistant_text.as_str(),
+            turn.outcome
+        ),
+        ("What is the weather?", "Sunny.", "completed")
+    );
+    assert!(has(&out, |o| matches!(o, Output::Spend(d) if d.llm > 0)));
+    assert!(events(&out).iter().any(|e| matches!(
+        e,
+        ServerEvent::Usage(u) if u.llm_input_tokens == 100 && u.llm_output_tokens == 10
+    )));
+    assert_eq!(h.s.history().count(), 2);
+}
+
+#[test]
+fn barge_in_aborts_and_keeps_only_what_was_spoken() {
+    let mut h = Harness::new(config());
+    h.say("Tell me a story");
+    let out = h.feed(Input::Heard(Heard::Partial("wait stop")));
+    assert!(has(&out, |o| matches!(
+        o,
+        Output::AbortReply { turn_id: 1 }
+    )));
+    let mut o = outcome(1, "Once upon", 0);
+    o.llm.finished = false;
+    o.llm.reported.output = None;
+    o.llm.generated_chars = 40;
+    let out = h.feed(Input::ReplyEnded(o));
+    assert!(events(&out).contains(&&ServerEvent::ResponseInterrupted { turn_id: 1 }));
+    // Output measured from the generated text when the provider's count is not final.
+    assert_eq!(h.s.ledger().usage().llm_output_tokens, 10);
+    assert_eq!(h.s.history().last().unwrap().text, "Once upon");
+}
+
+#[test]
+fn a_reply_cut_before_its_first_token_still_pays_for_the_prompt() {
+    let mut h = Harness::new(config());
+    h.say("Hello");
+    h.feed(Input::Cancel);
+    let out = h.feed(Input::ReplyEnded(ReplyOutcome {
+        turn_id: 1,
+        spoken: String::new(),
+        llm: LlmBill {
+            billable: true,
+            finished: false,
+            prompt_chars: 400,
+            generated_chars: 0,
+            reported: ReportedTokens::default(),
+        },
+        tts_chars: 0,
+        latency: Latency::default(),
+        failure: None,
+    }));
+    assert_eq!(h.s.ledger().usage().llm_input_tokens, 100);
+    assert!(has(&out, |o| matches!(o, Output::Spend(d) if d.llm == 100)));
+}
+
+#[test]
+fn detach_cuts_the_reply_and_waits_for_the_resume_window() {
+    let mut h = Harness::new(config());
+    h.say("Hello");
+    let out = h.feed(Input::Detach);
+    assert!(has(&out, |o| matches!(
+        o,
+        Output::AbortReply { turn_id: 1 }
+    )));
+    assert!(has(&out, |o| matches!(o, Output::CloseRecogniser)));
+    assert!(!h.s.is_attached());
+    let out = h.feed(Input::ReplyEnded(outcome(1, "", 0)));
+    // Nothing is sent to a detached client.
+    assert!(events(&out).is_empty());
+    // Resumed inside the window: same session, history and usage intact.
+    h.advance(59 * S);
+    let out = h.attach(true, "t2");
+    assert!(matches!(
+        events(&out)[0],
+        ServerEvent::SessionResumed { session_id, turns: 1, resume_token, .. } if session_id == "s1" && resume_token == "t2"
+    ));
+    assert!(
+        events(&out)
+            .iter()
+            .any(|e| matches!(e, ServerEvent::Usage(u) if u.llm_input_tokens == 100))
+    );
+    // The cut reply had spoken nothing: only the person's words stay in the history.
+    assert_eq!(h.s.history().count(), 1);
+}
+
+#[test]
+fn the_resume_window_ends_a_detached_session() {
+    let mut h = Harness::new(config());
+    h.feed(Input::Detach);
+    let out = h.advance(59 * S);
+    assert_eq!(finish(&out), None);
+    let out = h.advance(2 * S);
+    assert_eq!(
+        finish(&out),
+        Some(Finish {
+            reason: EndReason::ResumeExpired,
+            record: true,
+            handover: false
+        })
+    );
+    assert!(h.s.is_ended());
+    assert_eq!(h.s.poll_timeout(), None);
+    // Nothing after the end.
+    assert!(h.attach(true, "t2").is_empty());
+}
+
+#[test]
+fn the_previous_token_stays_valid_until_the_client_uses_the_new_one() {
+    let mut h = Harness::new(config());
+    h.feed(Input::Detach);
+    let out = h.attach(true, "t2");
+    assert!(has(
+        &out,
+        |o| matches!(o, Output::RegisterToken(t) if t == "t2")
+    ));
+    // Not retired yet: session.resumed may be lost, and the client retries with t1.
+    assert!(!has(&out, |o| matches!(o, Output::RetireToken(_))));
+    let out = h.feed(Input::Ping(None));
+    assert!(has(
+        &out,
+        |o| matches!(o, Output::RetireToken(t) if t == "t1")
+    ));
+}
+
+#[test]
+fn a_lost_session_resumed_is_retried_with_the_old_token_then_the_grace_ends_it() {
+    let mut h = Harness::new(config());
+    h.feed(Input::Detach);
+    h.attach(true, "t2");
+    // The client never got session.resumed; it resumes again (with t1, still valid).
+    h.feed(Input::Detach);
+    let out = h.attach(true, "t3");
+    // t1 is useless once a newer resume happened; t2 is now the previous token.
+    assert!(has(
+        &out,
+        |o| matches!(o, Output::RetireToken(t) if t == "t1")
+    ));
+    let out = h.advance(31 * S);
+    assert!(has(
+        &out,
+        |o| matches!(o, Output::RetireToken(t) if t == "t2")
+    ));
+}
+
+#[test]
+fn pings_do_not_keep_a_session_alive() {
+    let mut c = config();
+    c.timers.idle_timeout = 3 * S;
+    let mut h = Harness::new(c);
+    let mut ended = None;
+    for _ in 0..24 {
+        let mut out = h.feed(Input::Ping(None));
+        out.extend(h.advance(S / 2));
+        if let Some(f) = finish(&out) {
+            ended = Some((f, h.now - h.start));
+            break;
+        }
+    }
+    let (f, at) = ended.expect("the idle timeout ended the session");
+    assert_eq!(f.reason, EndReason::IdleTimeout);
+    assert!(at <= 3 * S + S / 2, "{at:?}");
+    assert_eq!(f.reason.close().0, close::IDLE_TIMEOUT);
+}
+
+#[test]
+fn audio_and_user_messages_are_activity() {
+    let mut c = config();
+    c.timers.idle_timeout = 3 * S;
+    let mut h = Harness::new(c);
+    for _ in 0..10 {
+        h.advance(2 * S);
+        let out = h.audio();
+        assert!(finish(&out).is_none());
+    }
+    h.advance(2 * S);
+    assert!(finish(&h.feed(Input::Commit)).is_none());
+    h.advance(2 * S);
+    assert!(finish(&h.feed(Input::Text("hi"))).is_none());
+    h.reply_done(1, "Hello.", 2);
+    let out = h.advance(4 * S);
+    assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::IdleTimeout));
+}
+
+#[test]
+fn heartbeat_pings_and_a_missed_pong_detaches() {
+    let mut h = Harness::new(config());
+    h.pong = false;
+    let out = h.advance(30 * S);
+    assert!(has(&out, |o| matches!(o, Output::Ping)));
+    h.feed(Input::Pong);
+    let out = h.advance(30 * S);
+    assert!(has(&out, |o| matches!(o, Output::Ping)));
+    let out = h.advance(11 * S);
+    assert!(has(&out, |o| matches!(
+        o,
+        Output::CloseConnection(close::GOING_AWAY, _)
+    )));
+    assert!(!h.s.is_attached());
+    assert!(!h.s.is_ended());
+}
+
+#[test]
+fn maximum_duration_warns_then_ends() {
+    let mut c = config();
+    c.timers.idle_timeout = 10_000 * S;
+    let mut h = Harness::new(c);
+    let mut warned = false;
+    let mut ended = None;
+    for _ in 0..1800 {
+        let mut out = h.audio();
+        out.extend(h.advance(S));
+        warned |= events(&out).iter().any(|e| {
+            matches!(
+                e,
+                ServerEvent::SessionEnding {
+                    reason: EndingReason::MaxDuration,
+                    seconds_left: 60
+                }
+            )
+        });
+        if let Some(f) = finish(&out) {
+            ended = Some((f.reason, h.now - h.start));
+            break;
+        }
+    }
+    assert!(warned);
+    let (reason, at) = ended.unwrap();
+    assert_eq!(reason, EndReason::MaxDuration);
+    assert_eq!(at, 1800 * S);
+}
+
+#[test]
+fn a_continued_session_keeps_its_age() {
+    let now = Instant::now();
+    let carried = Carried {
+        last_turn: 3,
+        history: vec![
+            CarriedMessage {
+                role: CarriedRole::User,
+                text: "hi".into(),
+            },
+            CarriedMessage {
+                role: CarriedRole::Assistant,
+                text: "hello".into(),
+            },
+        ],
+        ledger: LedgerState::default(),
+    };
+    let mut c = config();
+    c.timers.idle_timeout = 10_000 * S;
+    let mut s = Session::new("s1".into(), c, now, Some((carried, 1790 * S)));
+    assert_eq!(s.last_turn(), 3);
+    assert_eq!(s.history().count(), 2);
+    s.handle_timeout(now + 10 * S);
+    let out: Vec<_> = std::iter::from_fn(|| s.poll_output()).collect();
+    assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::MaxDuration));
+}
+
+#[test]
+fn token_expiry_ends_unless_refreshed() {
+    let mut c = config();
+    c.timers.idle_timeout = 10_000 * S;
+    c.timers.max_duration = 20_000 * S;
+    let mut h = Harness::new(c.clone());
+    // Expires at +3600 s, grace 10 s.
+    let out = h.advance(3609 * S);
+    assert!(finish(&out).is_none());
+    let out = h.advance(2 * S);
+    assert_eq!(
+        finish(&out).map(|f| f.reason),
+        Some(EndReason::TokenExpired)
+    );
+    assert_eq!(error_code(&out), Some(ErrorCode::TokenExpired));
+
+    let mut h = Harness::new(c);
+    h.advance(3500 * S);
+    let later = h.start + 7200 * S;
+    h.feed(Input::TokenRefreshed(Ok(later)));
+    let out = h.advance(200 * S);
+    assert!(finish(&out).is_none());
+    let out = h.feed(Input::TokenRefreshed(Err("bad signature".into())));
+    assert_eq!(error_code(&out), Some(ErrorCode::Unauthorized));
+    assert!(finish(&out).is_none());
+}
+
+#[test]
+fn checkpoints_come_on_schedule() {
+    let mut c = config();
+    c.timers.idle_timeout = 10_000 * S;
+    let mut h = Harness::new(c);
+    let out = h.advance(181 * S);
+    assert_eq!(
+        out.iter()
+            .filter(|o| matches!(o, Output::Checkpoint))
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn budget_warns_once_then_stops_before_overspending() {
+    let mut c = config();
+    // One reply estimate: 200 output tokens (1,000 µ$) + 800 chars of speech (12,000 µ$).
+    c.session_budget = Some(30_000);
+    let mut h = Harness::new(c);
+    h.say("one");
+    // A costly reply: 5,000 output tokens = 25,000 µ$, past the 80 % warning.
+    let out = h.reply_done(1, "ok", 5_000);
+    assert!(
+        events(&out)
+            .iter()
+            .any(|e| matches!(e, ServerEvent::BudgetWarning { .. }))
+    );
+    // The next reply would pass the budget: refused before starting, session ends 4402.
+    let out = h.say("two");
+    assert!(!has(&out, |o| matches!(o, Output::StartReply { .. })));
+    let f = finish(&out).unwrap();
+    assert_eq!(f.reason, EndReason::BudgetExhausted);
+    assert!(f.record);
+    assert_eq!(f.reason.close().0, close::BUDGET_EXHAUSTED);
+    assert!(has(
+        &out,
+        |o| matches!(o, Output::Turn(t) if t.outcome == "refused" && t.user_text == "two")
+    ));
+    assert!(
+        !events(&out)
+            .iter()
+            .any(|e| matches!(e, ServerEvent::BudgetWarning { .. }))
+    );
+}
+
+#[test]
+fn recognition_is_budgeted_while_the_person_talks() {
+    let mut c = config();
+    c.session_budget = Some(100); // $0.0001: 1.4 s of recognition
+    let mut h = Harness::new(c);
+    let mut forwarded = 0;
+    let mut ended = None;
+    for _ in 0..100 {
+        let out = h.audio();
+        forwarded += out
+            .iter()
+            .filter(|o| matches!(o, Output::Forward(_)))
+            .count();
+        if let Some(f) = finish(&out) {
+            ended = Some(f.reason);
+            break;
+        }
+    }
+    assert_eq!(ended, Some(EndReason::BudgetExhausted));
+    assert!(forwarded < 30, "{forwarded}");
+}
+
+#[test]
+fn the_daily_budget_spans_sessions() {
+    let mut c = config();
+    c.daily_budget = Some(from_usd(1.0));
+    let mut h = Harness::new(c);
+    // Other sessions of the user spent almost all of today's budget.
+    let out = h.feed(Input::DailySpent(from_usd(0.999)));
+    assert!(finish(&out).is_none());
+    let out = h.say("hello");
+    assert_eq!(
+        finish(&out).map(|f| f.reason),
+        Some(EndReason::BudgetExhausted)
+    );
+}
+
+#[test]
+fn spend_is_reported_for_the_daily_total_once() {
+    let mut h = Harness::new(config());
+    h.say("one");
+    let out = h.reply_done(1, "ok", 100);
+    let daily: u64 = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Spend(d) => Some(d.daily),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(daily, h.s.ledger().cost().total.unwrap());
+}
+
+#[test]
+fn invalid_frames_get_errors_then_a_policy_close() {
+    let mut h = Harness::new(config());
+    for i in 0..50 {
+        let out = h.feed(Input::Audio(Bytes::from_static(&[0u8; 101])));
+        assert_eq!(error_code(&out), Some(ErrorCode::AudioChunkInvalid), "{i}");
+        assert!(has(&out, |o| matches!(o, Output::Rejected("odd_length"))));
+        assert!(!has(&out, |o| matches!(o, Output::Forward(_))));
+    }
+    let out = h.feed(Input::Invalid(ErrorCode::InvalidMessage, "bad".into()));
+    assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::Policy));
+    assert_eq!(EndReason::Policy.close().0, close::POLICY);
+}
+
+#[test]
+fn floods_are_dropped_then_closed() {
+    let mut h = Harness::new(config());
+    let mut dropped = 0;
+    let mut ended = None;
+    'outer: for second in 0..10 {
+        for _ in 0..150 {
+            let out = h.audio();
+            dropped += out
+                .iter()
+                .filter(|o| matches!(o, Output::Rejected("rate")))
+                .count();
+            if let Some(f) = finish(&out) {
+                ended = Some((f.reason, second));
+                break 'outer;
+            }
+        }
+        h.advance(S);
+    }
+    assert!(dropped >= 50 * 5);
+    assert_eq!(ended, Some((EndReason::Policy, 5)));
+}
+
+#[test]
+fn session_end_gets_through_a_flood() {
+    let mut h = Harness::new(config());
+    for _ in 0..150 {
+        h.audio();
+    }
+    let out = h.feed(Input::End);
+    assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::ClientEnded));
+}
+
+#[test]
+fn recogniser_failures_end_the_session_after_four() {
+    let mut h = Harness::new(config());
+    let out = h.feed(Input::RecogniserLost {
+        busy: true,
+        failures: 0,
+    });
+    assert_eq!(error_code(&out), Some(ErrorCode::EnginesBusy));
+    for n in 1..4 {
+        let out = h.feed(Input::RecogniserLost {
+            busy: false,
+            failures: n,
+        });
+        assert!(finish(&out).is_none());
+    }
+    let out = h.feed(Input::RecogniserLost {
+        busy: false,
+        failures: 4,
+    });
+    assert_eq!(
+        finish(&out).map(|f| f.reason),
+        Some(EndReason::ProviderFailed)
+    );
+}
+
+#[test]
+fn ending_mid_reply_records_the_cut_reply_first() {
+    let mut h = Harness::new(config());
+    h.say("Hello");
+    let out = h.feed(Input::End);
+    assert!(has(&out, |o| matches!(
+        o,
+        Output::AbortReply { turn_id: 1 }
+    )));
+    assert_eq!(finish(&out), None);
+    let out = h.feed(Input::ReplyEnded(outcome(1, "Hi", 1)));
+    let turn_at = out.iter().position(|o| matches!(o, Output::Turn(_)));
+    let finish_at = out.iter().position(|o| matches!(o, Output::Finish(_)));
+    assert!(turn_at.unwrap() < finish_at.unwrap());
+    assert!(has(&out, |o| matches!(o, Output::Turn(t) if t.interrupted)));
+}
+
+fn clustered() -> Config {
+    let mut c = config();
+    c.lease_ttl = Some(15 * S);
+    c.timers.idle_timeout = 10_000 * S;
+    c
+}
+
+#[test]
+fn resume_state_is_published_after_each_turn_and_on_detach() {
+    let mut h = Harness::new(clustered());
+    h.say("one");
+    let out = h.reply_done(1, "ok", 1);
+    assert!(has(&out, |o| matches!(o, Output::Publish)));
+    let out = h.feed(Input::Detach);
+    assert!(has(&out, |o| matches!(o, Output::Publish)));
+}
+
+#[test]
+fn leases_are_refreshed_and_a_lapse_fails_closed() {
+    let mut h = Harness::new(clustered());
+    let out = h.advance(5 * S);
+    assert!(has(&out, |o| matches!(o, Output::RefreshLease)));
+    // No second refresh while one is in flight.
+    assert!(!has(&h.advance(S), |o| matches!(o, Output::RefreshLease)));
+    let sent = h.start + 5 * S;
+    h.feed(Input::Lease {
+        answer: LeaseAnswer::Extended,
+        sent_at: sent,
+    });
+    // The store goes away: refreshes fail, retried; the session ends when the lease runs
+    // out, before the store could give its place to another session.
+    let mut ended = None;
+    for _ in 0..100 {
+        let out = h.advance(S);
+        if has(&out, |o| matches!(o, Output::RefreshLease)) {
+            h.feed(Input::Lease {
+                answer: LeaseAnswer::Unreachable,
+                sent_at: h.now,
+            });
+        }
+        if let Some(f) = finish(&out) {
+            ended = Some((f.reason, h.now));
+            break;
+        }
+    }
+    let (reason, at) = ended.unwrap();
+    assert_eq!(reason, EndReason::LeaseLost);
+    assert!(at <= sent + 15 * S, "{:?}", at - sent);
+}
+
+#[test]
+fn a_lapsed_lease_without_a_place_ends_the_session() {
+    let mut h = Harness::new(clustered());
+    h.advance(5 * S);
+    let out = h.feed(Input::Lease {
+        answer: LeaseAnswer::NoPlace,
+        sent_at: h.now,
+    });
+    assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::LeaseLost));
+}
+
+#[test]
+fn a_stale_owner_writes_nothing_more() {
+    let mut h = Harness::new(clustered());
+    h.say("Hello");
+    let out = h.feed(Input::OwnershipLost);
+    assert!(has(&out, |o| matches!(
+        o,
+        Output::AbortReply { turn_id: 1 }
+    )));
+    let out = h.feed(Input::ReplyEnded(outcome(1, "Hi", 5)));
+    let f = finish(&out).unwrap();
+    assert_eq!(
+        f,
+        Finish {
+            reason: EndReason::Moved,
+            record: false,
+            handover: false
+        }
+    );
+    assert_eq!(f.reason.close().0, close::REPLACED);
+    assert!(!has(&out, |o| matches!(
+        o,
+        Output::Spend(_) | Output::Publish | Output::Checkpoint
+    )));
+    // A stale lease answer also ends it as moved.
+    let mut h = Harness::new(clustered());
+    h.advance(5 * S);
+    let out = h.feed(Input::Lease {
+        answer: LeaseAnswer::Stale,
+        sent_at: h.now,
+    });
+    assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::Moved));
+}
+
+#[test]
+fn drain_hands_over_with_scale_out_and_records_without() {
+    let mut h = Harness::new(clustered());
+    let f = finish(&h.feed(Input::Shutdown)).unwrap();
+    assert!(f.handover && f.record);
+    let mut h = Harness::new(config());
+    let out = h.feed(Input::Shutdown);
+    let f = finish(&out).unwrap();
+    assert!(!f.handover && f.record);
+    assert_eq!(f.reason.close().0, close::GOING_AWAY);
+    assert!(events(&out).iter().any(|e| matches!(
+        e,
+        ServerEvent::SessionEnding {
+            reason: EndingReason::Draining,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn a_typed_turn_is_answered_like_speech() {
+    let mut h = Harness::new(config());
+    let out = h.feed(Input::Text("  What time is it?  "));
+    assert!(events(&out).contains(&&ServerEvent::TranscriptFinal {
+        turn_id: 1,
+        text: "What time is it?".into()
+    }));
+    assert!(has(&out, |o| matches!(
+        o,
+        Output::StartReply { turn_id: 1, .. }
+    )));
+    assert!(h.feed(Input::Text("   ")).is_empty());
+}
+
+#[test]
+fn a_replacing_connection_cuts_the_reply() {
+    let mut h = Harness::new(config());
+    h.say("Hello");
+    let out = h.attach(true, "t2");
+    assert!(has(&out, |o| matches!(
+        o,
+        Output::AbortReply { turn_id: 1 }
+    )));
+    assert!(h.s.is_attached());
+}

@@ -17,6 +17,8 @@ ARG RUSTFLAGS="-C target-cpu=x86-64-v3"
 COPY Cargo.toml Cargo.lock ./
 COPY crates crates
 COPY supabase supabase
+# The built-in page serves the browser SDK's modules, compiled into the binary.
+COPY clients/web/src clients/web/src
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p atlas-voice -p atlas-voice-stt -p atlas-voice-llm \

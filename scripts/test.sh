@@ -71,6 +71,21 @@ if ! command -v chromedriver >/dev/null 2>&1 || ! [ -x /usr/bin/chromium ]; then
   fi
 fi
 
+# The browser SDK (clients/web): its one development dependency (TypeScript, pinned by
+# package-lock.json), the type check of its JSDoc and of the shipped declarations, and its
+# unit tests under node's own test runner. Node.js 18 or newer.
+if ! command -v npm >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing Node.js and npm"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+  else
+    echo "the browser SDK's checks need Node.js 18+ and npm" >&2
+    exit 1
+  fi
+fi
+echo "== clients/web: npm ci, type check, unit tests"
+(cd clients/web && npm ci --no-audit --no-fund --loglevel=error && npm run --silent check && npm test)
+
 # The local engines: build tools for whisper.cpp and llama.cpp, espeak-ng, pip for models.
 scripts/setup-local.sh
 

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 pub struct Proxy {
     /// Where clients connect.
     pub addr: SocketAddr,
+    upstream: Arc<Mutex<SocketAddr>>,
     up: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
@@ -21,16 +22,18 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let up = Arc::new(AtomicBool::new(true));
+        let upstream = Arc::new(Mutex::new(upstream));
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (u, c) = (up.clone(), conns.clone());
+        let (u, c, target) = (up.clone(), conns.clone(), upstream.clone());
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if !u.load(Ordering::SeqCst) {
                     drop(client);
                     continue;
                 }
+                let to = *target.lock().unwrap_or_else(|e| e.into_inner());
                 let task = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(to).await {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                     }
                 });
@@ -39,7 +42,18 @@ impl Proxy {
                     .push(task.abort_handle());
             }
         });
-        Ok(Proxy { addr, up, conns })
+        Ok(Proxy {
+            addr,
+            upstream,
+            up,
+            conns,
+        })
+    }
+
+    /// Sends new connections to `upstream` from now on (a load balancer moving traffic to
+    /// another instance); connections already open stay where they are.
+    pub fn set_upstream(&self, upstream: SocketAddr) {
+        *self.upstream.lock().unwrap_or_else(|e| e.into_inner()) = upstream;
     }
 
     /// Drops every connection and refuses new ones.

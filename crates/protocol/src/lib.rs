@@ -19,6 +19,8 @@ pub const BEARER_SUBPROTOCOL_PREFIX: &str = "bearer.";
 pub const VOICE_PATH: &str = "/v1/voice";
 /// Largest text frame the server accepts, in bytes.
 pub const MAX_TEXT_FRAME_BYTES: usize = 16 * 1024;
+/// Longest typed user turn (`input.text`), in characters.
+pub const MAX_INPUT_TEXT_CHARS: usize = 4_000;
 
 /// WebSocket close codes used by the server.
 pub mod close {
@@ -140,6 +142,13 @@ pub enum ClientMessage {
     /// Push-to-talk: the user finished speaking.
     #[serde(rename = "input.commit")]
     InputCommit,
+    /// A typed user turn, answered like a spoken one.
+    #[serde(rename = "input.text")]
+    InputText {
+        /// The user's words: not blank, at most [`MAX_INPUT_TEXT_CHARS`] characters, no
+        /// control characters except tab and line breaks.
+        text: String,
+    },
     /// Stop the reply in flight.
     #[serde(rename = "response.cancel")]
     ResponseCancel,
@@ -167,11 +176,34 @@ impl ClientMessage {
         match self {
             ClientMessage::SessionStart(_) => "session.start",
             ClientMessage::InputCommit => "input.commit",
+            ClientMessage::InputText { .. } => "input.text",
             ClientMessage::ResponseCancel => "response.cancel",
             ClientMessage::AuthRefresh { .. } => "auth.refresh",
             ClientMessage::Ping { .. } => "ping",
             ClientMessage::SessionEnd => "session.end",
         }
+    }
+
+    /// Checks the bounds serde cannot express; the reason is shown to the client.
+    fn validate(&self) -> Result<(), String> {
+        if let ClientMessage::InputText { text } = self {
+            if text.trim().is_empty() {
+                return Err("text is empty".into());
+            }
+            let chars = text.chars().count();
+            if chars > MAX_INPUT_TEXT_CHARS {
+                return Err(format!(
+                    "text has {chars} characters; at most {MAX_INPUT_TEXT_CHARS} are allowed"
+                ));
+            }
+            if text
+                .chars()
+                .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+            {
+                return Err("text contains control characters".into());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -230,9 +262,10 @@ impl std::fmt::Display for ParseError {
 
 impl std::error::Error for ParseError {}
 
-const KNOWN_TYPES: [&str; 6] = [
+const KNOWN_TYPES: [&str; 7] = [
     "session.start",
     "input.commit",
+    "input.text",
     "response.cancel",
     "auth.refresh",
     "ping",
@@ -260,10 +293,16 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
         }
         return Err(ParseError::UnknownType(shown));
     };
-    serde_json::from_value(value).map_err(|e| ParseError::InvalidFields {
+    let msg: ClientMessage =
+        serde_json::from_value(value).map_err(|e| ParseError::InvalidFields {
+            message_type: known,
+            detail: e.to_string(),
+        })?;
+    msg.validate().map_err(|detail| ParseError::InvalidFields {
         message_type: known,
-        detail: e.to_string(),
-    })
+        detail,
+    })?;
+    Ok(msg)
 }
 
 /// The fuzzing property, shared by the fuzz target and the corpus replay test: parsing
@@ -657,6 +696,63 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, ParseError::InvalidFields { .. }));
+    }
+
+    #[test]
+    fn input_text_is_parsed_and_bounded() {
+        assert_eq!(
+            parse_client_message(r#"{"type":"input.text","text":"What is the weather?"}"#),
+            Ok(ClientMessage::InputText {
+                text: "What is the weather?".into()
+            })
+        );
+        let m = ClientMessage::InputText {
+            text: "two\nlines\tand é".into(),
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(json, r#"{"type":"input.text","text":"two\nlines\tand é"}"#);
+        assert_eq!(parse_client_message(&json), Ok(m));
+        // Exactly the limit in characters (multi-byte ones count once) is fine.
+        let longest = "é".repeat(MAX_INPUT_TEXT_CHARS);
+        assert!(
+            parse_client_message(&format!(r#"{{"type":"input.text","text":"{longest}"}}"#)).is_ok()
+        );
+        for (bad, why) in [
+            (r#"{"type":"input.text"}"#.to_owned(), "missing field"),
+            (
+                r#"{"type":"input.text","text":42}"#.to_owned(),
+                "invalid type",
+            ),
+            (
+                r#"{"type":"input.text","text":"  \n "}"#.to_owned(),
+                "text is empty",
+            ),
+            (
+                format!(
+                    r#"{{"type":"input.text","text":"{}"}}"#,
+                    "a".repeat(MAX_INPUT_TEXT_CHARS + 1)
+                ),
+                "at most 4000",
+            ),
+            (
+                r#"{"type":"input.text","text":"hi\u0000there"}"#.to_owned(),
+                "control characters",
+            ),
+        ] {
+            let e = parse_client_message(&bad).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ParseError::InvalidFields {
+                        message_type: "input.text",
+                        ..
+                    }
+                ),
+                "{bad}: {e:?}"
+            );
+            assert_eq!(e.code(), ErrorCode::InvalidMessage);
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

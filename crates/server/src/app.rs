@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{RawQuery, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -199,7 +199,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/app.js", get(app_js))
-        .route("/worklet.js", get(worklet_js))
+        .route("/sdk/{file}", get(sdk_file))
         .route("/dev/token", axum::routing::post(dev_token))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -214,7 +214,9 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The web client: plain HTML and JavaScript compiled into the binary, no build step.
+/// The web client: plain HTML and JavaScript compiled into the binary, no build step. The page
+/// runs on the browser SDK (`clients/web`, `@atlas-voice/client`), whose ES modules are served
+/// from `/sdk/` exactly as they are in the repository, so the page cannot drift from it.
 async fn index() -> Response {
     static_file(
         "text/html; charset=utf-8",
@@ -229,11 +231,48 @@ async fn app_js() -> Response {
     )
 }
 
-async fn worklet_js() -> Response {
-    static_file(
-        "text/javascript; charset=utf-8",
-        include_str!("../static/worklet.js"),
-    )
+/// The modules of `@atlas-voice/client`, by file name.
+const SDK_FILES: [(&str, &str); 9] = [
+    (
+        "index.js",
+        include_str!("../../../clients/web/src/index.js"),
+    ),
+    (
+        "client.js",
+        include_str!("../../../clients/web/src/client.js"),
+    ),
+    (
+        "capture.js",
+        include_str!("../../../clients/web/src/capture.js"),
+    ),
+    ("dsp.js", include_str!("../../../clients/web/src/dsp.js")),
+    (
+        "playback.js",
+        include_str!("../../../clients/web/src/playback.js"),
+    ),
+    (
+        "protocol.js",
+        include_str!("../../../clients/web/src/protocol.js"),
+    ),
+    (
+        "reconnect.js",
+        include_str!("../../../clients/web/src/reconnect.js"),
+    ),
+    (
+        "state.js",
+        include_str!("../../../clients/web/src/state.js"),
+    ),
+    (
+        "token.js",
+        include_str!("../../../clients/web/src/token.js"),
+    ),
+];
+
+async fn sdk_file(Path(file): Path<String>) -> Response {
+    match SDK_FILES.iter().find(|(name, _)| *name == file) {
+        Some((_, body)) => static_file("text/javascript; charset=utf-8", body),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 fn static_file(content_type: &'static str, body: &'static str) -> Response {
@@ -247,9 +286,18 @@ fn static_file(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-/// Development only: a short-lived token for a fresh user id, so the page works without
-/// an account. Refused (404) unless `ATLAS_DEV=true`.
-async fn dev_token(State(state): State<AppState>) -> Response {
+/// What `POST /dev/token` may be asked: a token for a user it minted one for before (the
+/// page refreshes its token this way); a fresh user id without it.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevTokenRequest {
+    user_id: Option<String>,
+}
+
+/// Development only: a short-lived token (`ATLAS_DEV_TOKEN_TTL_S`) for a fresh user id, or for
+/// the `user_id` in the JSON body, so the page works without an account. Refused (404) unless
+/// `ATLAS_DEV=true`.
+async fn dev_token(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
     if !state.config.dev {
         return ApiError::new(
             StatusCode::NOT_FOUND,
@@ -263,16 +311,44 @@ async fn dev_token(State(state): State<AppState>) -> Response {
         .jwt_secret
         .clone()
         .unwrap_or_else(|| secrecy::SecretString::from(crate::config::DEV_JWT_SECRET));
-    let user = uuid::Uuid::new_v4().to_string();
+    let asked = if body.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice::<DevTokenRequest>(&body) {
+            Ok(r) => r.user_id,
+            Err(e) => {
+                return ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::InvalidMessage,
+                    format!("invalid request: {e}"),
+                )
+                .into_response();
+            }
+        }
+    };
+    let user = match asked {
+        None => uuid::Uuid::new_v4().to_string(),
+        Some(id) if uuid::Uuid::parse_str(&id).is_ok() && id.len() == 36 => id,
+        Some(_) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidMessage,
+                "user_id must be a user id this endpoint minted (a UUID)",
+            )
+            .into_response();
+        }
+    };
+    let ttl = state.config.dev_token_ttl_s;
     match crate::auth::mint_token(
         &secret,
         &user,
         &state.config.jwt_audience,
         "authenticated",
-        3600,
+        ttl,
     ) {
         Ok(token) => {
-            axum::Json(serde_json::json!({ "token": token, "user_id": user })).into_response()
+            axum::Json(serde_json::json!({ "token": token, "user_id": user, "expires_in": ttl }))
+                .into_response()
         }
         Err(_) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

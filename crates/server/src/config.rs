@@ -68,6 +68,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Development mode: built-in JWT secret, relaxed checks. Never in production.
     pub dev: bool,
+    /// Lifetime of the development tokens `POST /dev/token` mints, in seconds (10–86,400).
+    pub dev_token_ttl_s: u64,
     /// `sqlite://…` or `postgres://…`.
     pub database_url: String,
     /// Enables scale-out mode.
@@ -233,6 +235,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             dev: false,
+            dev_token_ttl_s: 3600,
             database_url: "sqlite://./data/atlas-voice.db".into(),
             redis_url: None,
             redis_prefix: "atlas".into(),
@@ -446,6 +449,9 @@ impl Config {
                 "ATLAS_LOCAL_STT_MODEL must be whisper-tiny.en or whisper-base, not {:?}",
                 self.local_stt_model
             ));
+        }
+        if !(10..=86_400).contains(&self.dev_token_ttl_s) {
+            return fail("ATLAS_DEV_TOKEN_TTL_S must be between 10 and 86400".into());
         }
         if self.local_queue == 0 || self.local_queue > 1024 {
             return fail("ATLAS_LOCAL_QUEUE must be between 1 and 1024".into());

@@ -1,218 +1,297 @@
-// atlas-voice web client: no build step, no dependencies.
-// Protocol: docs/protocol.md. State for tests and debugging: window.atlasState.
-"use strict";
-
-const OUTPUT_RATE = 24000;
-const TERMINAL_CLOSES = new Set([1000, 1008, 4401, 4402, 4408, 4409, 4410]);
-const BACKOFF = { initial: 1000, max: 30000, attempts: 5 };
-
-const state = (window.atlasState = {
-  state: "idle", sessionId: null, resumeToken: null, resumed: false,
-  transcripts: [], replies: [], audioChunksPlayed: 0, costUsd: 0, errors: [],
-});
+// The built-in page, on the browser SDK (@atlas-voice/client, served from /sdk/ as it is in
+// clients/web/src). State for tests and debugging: window.atlasState.
+import {
+  connect, listDevices, microphoneAvailable, outputDeviceSelectable,
+} from "/sdk/index.js";
 
 const $ = (id) => document.getElementById(id);
-let ws = null;
-let token = null;
-let mic = null;          // { ctx, node, stream }
-let player = null;       // { ctx, next, sources }
-let attempts = 0;
-let stopping = false;
-let replyEl = null;
 
+/** What the page shows, readable from tests. */
+const state = (window.atlasState = {
+  state: "idle", sessionId: null, sessions: [], resumed: false, transcripts: [], replies: [],
+  costUsd: 0, budgetUsd: null, errors: [], notices: [], tokenRefreshes: 0, closed: null,
+  get audioChunksPlayed() {
+    return voice ? voice.chunksPlayed : 0;
+  },
+});
+
+/** @type {import("/sdk/index.js").VoiceClient | null} */
+let voice = null;
+let devUser = null;
+let replyEl = null;
+let micOk = microphoneAvailable();
+
+// A token pasted into an earlier version of this page was kept in localStorage; forget it.
+localStorage.removeItem("atlas-token");
+
+if (!micOk) $("insecure").hidden = false;
+if (!outputDeviceSelectable()) $("speaker-label").hidden = true;
+
+// ---- access token: handed over in the URL (#access_token=…), a development token, or pasted
+async function getToken() {
+  const handed = new URLSearchParams(location.hash.slice(1)).get("access_token");
+  if (handed) return handed;
+  const pasted = $("token").value.trim();
+  if (pasted) return pasted;
+  const r = await fetch("/dev/token", {
+    method: "POST",
+    headers: devUser ? { "content-type": "application/json" } : {},
+    body: devUser ? JSON.stringify({ user_id: devUser }) : undefined,
+  }).catch(() => null);
+  if (r && r.ok) {
+    const body = await r.json();
+    devUser = body.user_id;
+    return body.token;
+  }
+  $("token-bar").hidden = false;
+  $("token").focus();
+  throw new Error("paste a Supabase access token first");
+}
+
+// A newer pasted token replaces the session's one at once.
+$("token").addEventListener("change", () => {
+  const t = $("token").value.trim();
+  if (voice && t) void voice.refreshAuth(t);
+});
+
+// ---- what the page shows
 function setState(s) {
   state.state = s;
   $("state").textContent = s;
   $("state").dataset.state = s;
 }
 
-async function getToken() {
-  const fromHash = new URLSearchParams(location.hash.slice(1)).get("access_token");
-  if (fromHash) return fromHash;
-  const dev = await fetch("/dev/token", { method: "POST" }).catch(() => null);
-  if (dev && dev.ok) return (await dev.json()).token;
-  // Production: a Supabase session token, pasted or handed over by the host app.
-  $("token-bar").hidden = false;
-  const typed = $("token").value.trim() || localStorage.getItem("atlas-token");
-  if (!typed) throw new Error("paste a Supabase access token first");
-  localStorage.setItem("atlas-token", typed);
-  return typed;
+function notice(kind, text) {
+  state.notices.push({ kind, text });
+  const li = document.createElement("li");
+  li.className = kind;
+  li.textContent = text;
+  $("notices").prepend(li);
+  while ($("notices").children.length > 4) $("notices").lastChild.remove();
 }
 
-function line(cls, text) {
-  const el = document.createElement("div");
-  el.className = "turn " + cls;
-  el.textContent = text;
-  $("log").insertBefore(el, $("partial"));
-  return el;
+function line(cls, who, text) {
+  const li = document.createElement("li");
+  li.className = cls;
+  const w = document.createElement("span");
+  w.className = "who";
+  w.textContent = who + ":";
+  const t = document.createElement("span");
+  t.className = "text";
+  t.textContent = text;
+  li.append(w, " ", t);
+  $("log").append(li);
+  li.scrollIntoView({ block: "nearest" });
+  return li;
 }
 
-// ---- playback: a small jitter buffer of scheduled AudioBuffers, flushed on interruption
-function ensurePlayer() {
-  if (player) return player;
-  const ctx = new AudioContext({ sampleRate: OUTPUT_RATE });
-  player = { ctx, next: 0, sources: new Set() };
-  return player;
+function money(v) {
+  return "$" + v.toFixed(4);
 }
 
-function play(arrayBuffer) {
-  const p = ensurePlayer();
-  const pcm = new Int16Array(arrayBuffer);
-  if (pcm.length === 0) return;
-  const buf = p.ctx.createBuffer(1, pcm.length, OUTPUT_RATE);
-  const ch = buf.getChannelData(0);
-  for (let i = 0; i < pcm.length; i++) ch[i] = pcm[i] / 0x8000;
-  const src = p.ctx.createBufferSource();
-  src.buffer = buf;
-  src.connect(p.ctx.destination);
-  const at = Math.max(p.ctx.currentTime + 0.06, p.next); // 60 ms jitter buffer
-  src.start(at);
-  p.next = at + buf.duration;
-  p.sources.add(src);
-  src.onended = () => p.sources.delete(src);
-  state.audioChunksPlayed++;
+function latencyText(l) {
+  const parts = [];
+  if (l.to_first_audio != null) parts.push(`first audio ${l.to_first_audio} ms`);
+  if (l.end_of_speech_to_final != null) parts.push(`turn end ${l.end_of_speech_to_final} ms`);
+  if (l.llm_first_token != null) parts.push(`LLM ${l.llm_first_token} ms`);
+  if (l.tts_first_audio != null) parts.push(`TTS ${l.tts_first_audio} ms`);
+  return parts.join(" · ");
 }
 
-function flushPlayback() {
-  if (!player) return;
-  for (const s of player.sources) { try { s.stop(); } catch (_) {} }
-  player.sources.clear();
-  player.next = 0;
+function setRunning(running) {
+  $("start").disabled = running;
+  $("stop").disabled = !running;
+  $("mute").disabled = !running || !micOk;
+  $("cancel").disabled = !running;
+  $("talk").disabled = !running || !micOk;
+  $("text").disabled = !running;
+  $("send").disabled = !running;
 }
 
-// ---- microphone: AudioWorklet → 16 kHz 100 ms chunks → WebSocket
-async function startMic() {
-  const stream = await navigator.mediaDevices.getUserMedia({
-    audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true },
+async function fillDevices() {
+  const { inputs, outputs } = await listDevices().catch(() => ({ inputs: [], outputs: [] }));
+  for (const [select, devices] of [[$("mic"), inputs], [$("speaker"), outputs]]) {
+    const chosen = select.value;
+    select.replaceChildren(new Option("Default", ""));
+    devices.filter((d) => d.deviceId && d.deviceId !== "default").forEach((d, i) => {
+      select.append(new Option(d.label || `Device ${i + 1}`, d.deviceId));
+    });
+    select.value = [...select.options].some((o) => o.value === chosen) ? chosen : "";
+  }
+}
+if (navigator.mediaDevices) navigator.mediaDevices.addEventListener?.("devicechange", fillDevices);
+void fillDevices();
+
+// ---- the conversation
+function start() {
+  setRunning(true);
+  setState("connecting");
+  state.closed = null;
+  replyEl = null;
+  const v = connect({
+    url: `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/v1/voice`,
+    getToken,
+    microphone: micOk ? { deviceId: $("mic").value || undefined } : false,
+    outputDeviceId: $("speaker").value || undefined,
+    pushToTalk: $("ptt").checked,
+    client: { name: "atlas-voice-web", version: "2" },
   });
-  const ctx = new AudioContext();
-  await ctx.audioWorklet.addModule("/worklet.js");
-  const source = ctx.createMediaStreamSource(stream);
-  const node = new AudioWorkletNode(ctx, "capture-processor");
-  node.port.onmessage = (e) => {
-    if (ws && ws.readyState === WebSocket.OPEN && state.sessionId) ws.send(e.data);
+  voice = v;
+  const mine = (fn) => (ev) => {
+    if (voice === v) fn(ev);
   };
-  source.connect(node);
-  mic = { ctx, node, stream };
-}
-
-function stopMic() {
-  if (!mic) return;
-  mic.stream.getTracks().forEach((t) => t.stop());
-  mic.ctx.close();
-  mic = null;
-}
-
-// ---- connection with reconnect and resume
-function connect() {
-  const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  const resume = state.resumeToken ? "?resume=" + encodeURIComponent(state.resumeToken) : "";
-  ws = new WebSocket(`${proto}//${location.host}/v1/voice${resume}`, ["atlas-voice.v1", "bearer." + token]);
-  ws.binaryType = "arraybuffer";
-  ws.onopen = () => {
-    ws.send(JSON.stringify({
-      type: "session.start",
-      input_audio: { encoding: "pcm_s16le", sample_rate: 16000 },
-      output_audio: { encoding: "pcm_s16le", sample_rate: OUTPUT_RATE },
-      client: { name: "atlas-voice-web", version: "1" },
-    }));
-  };
-  ws.onmessage = (e) => (typeof e.data === "string" ? onEvent(JSON.parse(e.data)) : play(e.data));
-  ws.onclose = (e) => onClose(e.code, e.reason);
-}
-
-function onEvent(ev) {
-  switch (ev.type) {
-    case "session.started":
-    case "session.resumed":
-      state.sessionId = ev.session_id;
-      state.resumeToken = ev.resume_token;
-      if (ev.type === "session.resumed") state.resumed = true;
-      attempts = 0;
-      setState("connected");
-      break;
-    case "transcript.partial":
-      $("partial").textContent = ev.text;
-      break;
-    case "transcript.final":
-      $("partial").textContent = "";
-      state.transcripts.push(ev.text);
-      line("you", ev.text);
-      break;
-    case "response.started":
-      replyEl = line("assistant", "");
-      state.replies.push("");
-      break;
-    case "response.text.delta":
-      if (replyEl) replyEl.textContent += ev.text;
-      state.replies[state.replies.length - 1] += ev.text;
-      break;
-    case "response.interrupted":
-      flushPlayback();
-      if (replyEl) replyEl.classList.add("cut");
-      break;
-    case "response.done":
-      if (ev.latency_ms && ev.latency_ms.to_first_audio != null)
-        $("latency").textContent = `first audio ${ev.latency_ms.to_first_audio} ms`;
-      break;
-    case "usage":
-      if (ev.cost_usd != null) { state.costUsd = ev.cost_usd; $("cost").textContent = "$" + ev.cost_usd.toFixed(4); }
-      else $("cost").textContent = "unknown";
-      break;
-    case "error":
-      state.errors.push(ev.code);
-      if (ev.fatal) line("meta", `error: ${ev.message}`);
-      break;
-    case "session.ending":
-      line("meta", `session ending (${ev.reason})`);
-      break;
-  }
-}
-
-function onClose(code, reason) {
-  ws = null;
-  if (stopping || TERMINAL_CLOSES.has(code)) {
+  v.on("state", mine(setState));
+  v.on("level", mine((level) => ($("level").value = level)));
+  v.on("session.started", mine((ev) => {
+    state.sessionId = ev.session_id;
+    state.sessions.push(ev.session_id);
+    state.resumed = false;
+    state.budgetUsd = ev.limits.budget_usd ?? null;
+    $("budget").textContent = ev.limits.budget_usd != null ? ` of $${ev.limits.budget_usd.toFixed(2)}` : "";
+    $("session").textContent = `session ${ev.session_id.slice(0, 8)}`;
+    void fillDevices(); // labels become readable once the microphone is allowed
+  }));
+  v.on("session.resumed", mine((ev) => {
+    state.sessionId = ev.session_id;
+    state.resumed = true;
+    notice("info", "reconnected; the conversation continues");
+  }));
+  v.on("transcript.partial", mine((ev) => ($("partial").textContent = ev.text)));
+  v.on("transcript.final", mine((ev) => {
+    $("partial").textContent = "";
+    state.transcripts.push(ev.text);
+    line("you", "You", ev.text);
+  }));
+  v.on("response.started", mine(() => {
+    replyEl = line("assistant", "Assistant", "");
+    state.replies.push("");
+  }));
+  v.on("response.text.delta", mine((ev) => {
+    if (replyEl) replyEl.querySelector(".text").textContent += ev.text;
+    state.replies[state.replies.length - 1] += ev.text;
+  }));
+  v.on("response.done", mine((ev) => {
+    if (!replyEl) return;
+    if (ev.interrupted) {
+      const cut = document.createElement("span");
+      cut.className = "cut";
+      cut.textContent = " (interrupted)";
+      replyEl.append(cut);
+    }
+    const text = latencyText(ev.latency_ms);
+    if (text) {
+      const l = document.createElement("span");
+      l.className = "latency";
+      l.textContent = text;
+      replyEl.append(l);
+    }
+    replyEl = null;
+  }));
+  v.on("usage", mine((ev) => {
+    if (ev.cost_usd === null) {
+      $("cost").textContent = "unknown";
+    } else {
+      state.costUsd = ev.cost_usd;
+      $("cost").textContent = money(ev.cost_usd);
+    }
+  }));
+  v.on("budget.warning", mine((ev) => {
+    notice("warning", `${money(ev.spent_usd)} of the ${money(ev.budget_usd)} budget spent`);
+  }));
+  v.on("session.ending", mine((ev) => {
+    const why = {
+      draining: "the server is restarting; moving the conversation",
+      max_duration: `the session ends in ${ev.seconds_left} s (maximum length)`,
+      budget: "the budget is spent",
+      idle: "the session is idle",
+      token_expiring: "the sign-in is expiring",
+    }[ev.reason] ?? ev.reason;
+    notice("info", why);
+  }));
+  v.on("error", mine((ev) => {
+    state.errors.push(ev.code);
+    notice(ev.fatal ? "error" : "warning", ev.message);
+  }));
+  v.on("microphone.error", mine((e) => {
+    micOk = false;
+    setRunning(true);
+    notice("error", `${e.message}; you can still type`);
+  }));
+  v.on("token.error", mine((e) => notice("error", e.message)));
+  v.on("token.refreshed", mine(() => state.tokenRefreshes++));
+  v.on("reconnecting", mine((ev) => {
+    $("partial").textContent = "";
+    replyEl = null;
+    state.reconnects = (state.reconnects ?? 0) + 1;
+    if (ev.attempt === 1) notice("info", "connection lost; reconnecting");
+  }));
+  v.on("closed", mine((ev) => {
+    state.closed = ev;
     setState("closed");
-    stopMic();
-    $("start").disabled = false;
-    $("stop").disabled = true;
-    return;
-  }
-  attempts++;
-  if (attempts > BACKOFF.attempts || !state.resumeToken) {
-    setState("error");
-    line("meta", "connection lost; could not reconnect");
-    stopMic();
-    $("start").disabled = false;
-    return;
-  }
-  const delay = Math.min(BACKOFF.initial * 2 ** (attempts - 1), BACKOFF.max);
-  setState("reconnecting");
-  flushPlayback();
-  setTimeout(connect, delay);
+    setRunning(false);
+    $("level").value = 0;
+    if (!ev.byClient) notice("error", `the conversation ended: ${ev.reason}`);
+  }));
 }
 
-$("start").onclick = async () => {
-  $("start").disabled = true;
-  stopping = false;
-  try {
-    token = await getToken();
-    ensurePlayer();
-    await player.ctx.resume();
-    await startMic();
-    setState("connecting");
-    connect();
-    $("stop").disabled = false;
-  } catch (err) {
-    setState("error");
-    line("meta", String(err.message || err));
-    $("start").disabled = false;
-  }
-};
+$("start").addEventListener("click", start);
+$("stop").addEventListener("click", () => {
+  if (voice) voice.disconnect();
+});
+$("mute").addEventListener("click", () => {
+  if (!voice) return;
+  const muted = !voice.isMuted;
+  voice.setMuted(muted);
+  $("mute").setAttribute("aria-pressed", String(muted));
+  $("mute").textContent = muted ? "Unmute" : "Mute";
+});
+$("cancel").addEventListener("click", () => voice && voice.cancelResponse());
+$("ptt").addEventListener("change", () => {
+  $("talk").hidden = !$("ptt").checked;
+  if (voice) voice.setPushToTalk($("ptt").checked);
+});
+$("mic").addEventListener("change", () => {
+  if (voice) void voice.setInputDevice($("mic").value);
+});
+$("speaker").addEventListener("change", () => {
+  if (voice) voice.setOutputDevice($("speaker").value).catch((e) => notice("error", e.message));
+});
 
-$("stop").onclick = () => {
-  stopping = true;
-  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "session.end" }));
-  stopMic();
-  flushPlayback();
+// Push-to-talk: hold the button (pointer, or Space / Enter while it has the focus).
+const talk = $("talk");
+const down = () => {
+  if (!voice || talk.classList.contains("held")) return;
+  talk.classList.add("held");
+  talk.textContent = "Talking…";
+  voice.startTalking();
 };
+const up = () => {
+  if (!talk.classList.contains("held")) return;
+  talk.classList.remove("held");
+  talk.textContent = "Hold to talk";
+  if (voice) voice.stopTalking();
+};
+talk.addEventListener("pointerdown", down);
+talk.addEventListener("pointerup", up);
+talk.addEventListener("pointerleave", up);
+talk.addEventListener("keydown", (e) => {
+  if ((e.key === " " || e.key === "Enter") && !e.repeat) {
+    e.preventDefault();
+    down();
+  }
+});
+talk.addEventListener("keyup", (e) => {
+  if (e.key === " " || e.key === "Enter") up();
+});
+
+$("text-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("text").value;
+  if (!voice || !text.trim()) return;
+  try {
+    voice.sendText(text);
+    $("text").value = "";
+  } catch (err) {
+    notice("error", err.message);
+  }
+});

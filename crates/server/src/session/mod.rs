@@ -859,6 +859,10 @@ impl Driver {
                 Ok(ClientMessage::SessionStart(_)) => Input::StartAgain,
                 Ok(ClientMessage::InputCommit) => Input::Commit,
                 Ok(ClientMessage::ResponseCancel) => Input::Cancel,
+                Ok(ClientMessage::InputText { text }) => {
+                    // A typed turn: the machine answers it like a final transcript.
+                    return self.feed(Input::Text(&text)).await;
+                }
                 Ok(ClientMessage::Ping { id }) => Input::Ping(id),
                 Ok(ClientMessage::SessionEnd) => Input::End,
                 Ok(ClientMessage::AuthRefresh { token }) => {

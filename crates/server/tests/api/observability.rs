@@ -128,17 +128,42 @@ async fn the_page_is_served_and_dev_tokens_exist_only_in_dev_mode() {
         .unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("/app.js"));
-    for path in ["/app.js", "/worklet.js"] {
-        let r = reqwest::get(format!("http://{}{path}", prod.addr))
+    // The page and every module of the SDK it runs on, served byte for byte as they are in
+    // the repository.
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut files = vec![(
+        "/app.js".to_owned(),
+        repo.join("crates/server/static/app.js"),
+    )];
+    for entry in std::fs::read_dir(repo.join("clients/web/src")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        files.push((format!("/sdk/{name}"), path));
+    }
+    assert!(files.len() > 5, "{files:?}");
+    for (url, file) in files {
+        let r = reqwest::get(format!("http://{}{url}", prod.addr))
             .await
             .unwrap();
-        assert_eq!(r.status(), 200);
+        assert_eq!(r.status(), 200, "{url} is served");
         assert!(
             r.headers()["content-type"]
                 .to_str()
                 .unwrap()
                 .starts_with("text/javascript")
         );
+        assert_eq!(
+            r.text().await.unwrap(),
+            std::fs::read_to_string(&file).unwrap(),
+            "{url} is {}",
+            file.display()
+        );
+    }
+    for missing in ["/sdk/nope.js", "/sdk/..%2Fapp.js", "/worklet.js"] {
+        let r = reqwest::get(format!("http://{}{missing}", prod.addr))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{missing}");
     }
     let client = reqwest::Client::new();
     let refused = client
@@ -148,7 +173,11 @@ async fn the_page_is_served_and_dev_tokens_exist_only_in_dev_mode() {
         .unwrap();
     assert_eq!(refused.status(), 404, "no development tokens in production");
 
-    let dev = spawn_app_with(fast_fakes(), |c| c.dev = true).await;
+    let dev = spawn_app_with(fast_fakes(), |c| {
+        c.dev = true;
+        c.dev_token_ttl_s = 120;
+    })
+    .await;
     let body: serde_json::Value = client
         .post(format!("http://{}/dev/token", dev.addr))
         .send()
@@ -158,10 +187,49 @@ async fn the_page_is_served_and_dev_tokens_exist_only_in_dev_mode() {
         .await
         .unwrap();
     let token = body["token"].as_str().unwrap();
+    assert_eq!(body["expires_in"], 120);
     // The token it hands out opens a session.
     assert!(
         atlas_client::connect(&ConnectOptions::new(dev.url(), token))
             .await
             .is_ok()
     );
+    // A fresh token for the same user (the page's token refresh).
+    let user = body["user_id"].as_str().unwrap();
+    let again: serde_json::Value = client
+        .post(format!("http://{}/dev/token", dev.addr))
+        .json(&serde_json::json!({ "user_id": user }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["user_id"], user);
+    use base64::Engine as _;
+    let payload = again["token"].as_str().unwrap().split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["sub"], user);
+    assert_eq!(
+        claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+        120
+    );
+    for bad in [
+        serde_json::json!({ "user_id": "admin" }),
+        serde_json::json!({ "user_id": "x".repeat(10_000) }),
+        serde_json::json!({ "user": "a" }),
+    ] {
+        let r = client
+            .post(format!("http://{}/dev/token", dev.addr))
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+    }
 }

@@ -1452,6 +1452,7 @@ impl Session {
         let now = chrono::Utc::now();
         let models = &self.state.models;
         atlas_store::Snapshot {
+            seq: 0, // numbered by the recorder
             session: atlas_store::SessionRecord {
                 id: self.record_id(),
                 user_id: self.identity.user_id.clone(),

@@ -193,7 +193,10 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
                         })
                     })
                     .collect();
-                println!("{}", serde_json::json!({ "backend": label(backend), "migrations": rows }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "backend": label(backend), "migrations": rows })
+                );
             } else {
                 for s in &states {
                     println!("{}  {:<32} {}", s.version, s.name, s.state.as_str());
@@ -253,7 +256,10 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
             let expected = schema::expected(&url, &ms).await?;
             let lines = schema::diff(&expected, &live);
             if args.json {
-                println!("{}", serde_json::json!({ "backend": label(backend), "differences": lines }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "backend": label(backend), "differences": lines })
+                );
                 Ok(if lines.is_empty() { 0 } else { 1 })
             } else if lines.is_empty() {
                 println!("the live schema matches the migrations");

@@ -134,7 +134,10 @@ async fn pull_turns_drift_into_a_migration_pair_that_leaves_no_drift() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("applied 1 migrations"), "{out}");
     let (code, out, _) = db(root, &live.url(), &["diff", "--json"]);
-    assert_eq!((code, json(&out)["differences"].clone()), (0, serde_json::json!([])));
+    assert_eq!(
+        (code, json(&out)["differences"].clone()),
+        (0, serde_json::json!([]))
+    );
     let (code, out, _) = db(root, &live.url(), &["status", "--json"]);
     assert_eq!(code, 0);
     let states = json(&out)["migrations"].clone();
@@ -163,12 +166,18 @@ async fn pull_turns_drift_into_a_migration_pair_that_leaves_no_drift() {
     let (code, out, err) = db(root, &sqlite_url, &["up"]);
     assert_eq!(code, 0, "{out}{err}");
     let (code, out, _) = db(root, &sqlite_url, &["diff", "--json"]);
-    assert_eq!((code, json(&out)["differences"].clone()), (0, serde_json::json!([])));
+    assert_eq!(
+        (code, json(&out)["differences"].clone()),
+        (0, serde_json::json!([]))
+    );
     let s = atlas_store::schema::introspect(&Store::connect(&sqlite_url).await.unwrap())
         .await
         .unwrap();
     assert!(s.columns["voice_sessions"].contains_key("notes"));
-    assert!(s.indexes.contains("voice_sessions.voice_sessions_notes_idx"));
+    assert!(
+        s.indexes
+            .contains("voice_sessions.voice_sessions_notes_idx")
+    );
     // Nothing more to pull.
     let (code, out, _) = db(root, &live.url(), &["pull"]);
     assert_eq!(code, 0);
@@ -185,7 +194,10 @@ async fn list_counts_migrations_per_month_and_kind_as_json() {
     let listed = pg["migrations"].as_array().unwrap().len();
     assert!(listed >= 4);
     let months = pg["by_month"].as_array().unwrap();
-    let total: u64 = months.iter().map(|m| m["migrations"].as_u64().unwrap()).sum();
+    let total: u64 = months
+        .iter()
+        .map(|m| m["migrations"].as_u64().unwrap())
+        .sum();
     assert_eq!(total as usize, listed);
     assert!(months[0]["kinds"]["create table"].as_u64().unwrap() >= 2);
     let (code, out, _) = db(root.path(), "sqlite::memory:", &["list"]);

@@ -38,12 +38,7 @@ impl Proxy {
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let (stalled, _) = watch::channel(false);
         let delay_us = Arc::new(AtomicU64::new(0));
-        let (u, c, s, d) = (
-            up.clone(),
-            conns.clone(),
-            stalled.clone(),
-            delay_us.clone(),
-        );
+        let (u, c, s, d) = (up.clone(), conns.clone(), stalled.clone(), delay_us.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if !u.load(Ordering::SeqCst) {

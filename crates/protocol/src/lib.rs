@@ -699,12 +699,15 @@ mod tests {
         for (field, json) in [
             ("conversation_id", r#""conversation_id":"a\u0000b""#),
             ("client.name", r#""client":{"name":"web\u0007"}"#),
-            ("client.version", r#""client":{"name":"web","version":"1.0\n"}"#),
+            (
+                "client.version",
+                r#""client":{"name":"web","version":"1.0\n"}"#,
+            ),
             ("voice", r#""voice":"alloy\u001b[31m""#),
             ("language", r#""language":"en\u0085""#),
         ] {
-            let e = parse_client_message(&format!(r#"{{"type":"session.start",{json}}}"#))
-                .unwrap_err();
+            let e =
+                parse_client_message(&format!(r#"{{"type":"session.start",{json}}}"#)).unwrap_err();
             assert_eq!(e.code(), ErrorCode::InvalidMessage, "{field}");
             assert!(
                 e.to_string()

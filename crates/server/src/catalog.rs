@@ -263,8 +263,16 @@ mod tests {
     fn current_model_ids_are_priced() {
         let c = Catalog::load(None).unwrap();
         for (stt, llm, tts) in [
-            ("nova-3", ("anthropic", "claude-sonnet-4-5-20250929"), "gpt-4o-mini-tts"),
-            ("nova-2", ("anthropic", "claude-opus-4-1-20250805"), "tts-1-hd"),
+            (
+                "nova-3",
+                ("anthropic", "claude-sonnet-4-5-20250929"),
+                "gpt-4o-mini-tts",
+            ),
+            (
+                "nova-2",
+                ("anthropic", "claude-opus-4-1-20250805"),
+                "tts-1-hd",
+            ),
             ("nova-3", ("openai", "gpt-5-mini"), "tts-1"),
             ("nova-3", ("openai", "gpt-4.1-2025-04-14"), "tts-1"),
         ] {
@@ -285,8 +293,14 @@ mod tests {
         let missing = unpriced(&m, &c.prices(&m));
         assert_eq!(missing, vec!["stt deepgram/nova-9", "tts openai/tts-9"]);
         let msg = unpriced_refusal(&missing);
-        assert!(msg.contains("stt deepgram/nova-9, tts openai/tts-9"), "{msg}");
-        assert!(msg.contains("[stt.deepgram] \"nova-9\" = { per_minute = … }"), "{msg}");
+        assert!(
+            msg.contains("stt deepgram/nova-9, tts openai/tts-9"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("[stt.deepgram] \"nova-9\" = { per_minute = … }"),
+            "{msg}"
+        );
         assert!(msg.contains("ATLAS_PRICE_CATALOG") && msg.contains("ATLAS_ALLOW_UNPRICED=true"));
     }
 

@@ -6,7 +6,7 @@
 //! unless the snapshot is newer, so nothing written out of order (spilled to the spool when
 //! the queue is full, replayed later) can replace a newer record.
 //!
-//! Failures are told apart by the database's error code ([`StoreError::is_permanent`]): a
+//! Failures are told apart by the database's error code ([`atlas_store::StoreError::is_permanent`]): a
 //! record the database refuses for good is quarantined (moved aside with the error, counted,
 //! logged once) and never blocks the others; any other failure marks the database down, and
 //! the writer spools new records without trying it until a replay of the spool, retried with
@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use atlas_store::migrate;
 use atlas_store::spool::Spool;
-use atlas_store::{Snapshot, Store, StoreError};
+use atlas_store::{Snapshot, Store};
 
 /// Handle for submitting records.
 #[derive(Clone)]
@@ -355,7 +355,8 @@ impl Writer {
 
     async fn maintain_inner(&mut self) {
         if !self.migrated {
-            match tokio::time::timeout(Duration::from_secs(10), apply_migrations(&self.store)).await {
+            match tokio::time::timeout(Duration::from_secs(10), apply_migrations(&self.store)).await
+            {
                 Ok(Ok(())) => {
                     self.migrated = true;
                     self.db_up();

@@ -224,7 +224,12 @@ impl Store {
     /// nothing.
     pub fn write<'a>(&'a self, snap: &'a Snapshot) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            match self.write_batch(std::slice::from_ref(snap)).await?.rejected.pop() {
+            match self
+                .write_batch(std::slice::from_ref(snap))
+                .await?
+                .rejected
+                .pop()
+            {
                 Some((_, e)) => Err(e),
                 None => Ok(()),
             }

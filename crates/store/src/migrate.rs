@@ -617,11 +617,13 @@ pub fn counts(migrations: &[Migration]) -> Vec<MonthCounts> {
     let mut by_month: std::collections::BTreeMap<String, MonthCounts> = Default::default();
     for m in migrations {
         let month = format!("{}-{}", &m.version[..4], &m.version[4..6]);
-        let entry = by_month.entry(month.clone()).or_insert_with(|| MonthCounts {
-            month,
-            migrations: 0,
-            kinds: Default::default(),
-        });
+        let entry = by_month
+            .entry(month.clone())
+            .or_insert_with(|| MonthCounts {
+                month,
+                migrations: 0,
+                kinds: Default::default(),
+            });
         entry.migrations += 1;
         for s in &m.statements {
             *entry.kinds.entry(statement_kind(s)).or_default() += 1;
@@ -736,7 +738,10 @@ mod tests {
         let names = vec!["20260101000000_c.sql".to_owned()];
         assert!(lint(Backend::Sqlite, &names, &ms).is_empty());
         let pg = lint(Backend::Postgres, &names, &ms);
-        assert!(format!("{pg:?}").contains("ADD COLUMN IF NOT EXISTS"), "{pg:?}");
+        assert!(
+            format!("{pg:?}").contains("ADD COLUMN IF NOT EXISTS"),
+            "{pg:?}"
+        );
     }
 
     #[test]

@@ -355,9 +355,14 @@ pub(crate) async fn write_sqlite(
     pool: &sqlx::SqlitePool,
     snaps: &[&Snapshot],
 ) -> Result<(), StoreError> {
-    write_with_plan!(pool, snaps, Backend::Sqlite, bind_sqlite, String, |id: String| {
-        Uuid::parse_str(&id).ok()
-    })
+    write_with_plan!(
+        pool,
+        snaps,
+        Backend::Sqlite,
+        bind_sqlite,
+        String,
+        |id: String| { Uuid::parse_str(&id).ok() }
+    )
 }
 
 #[cfg(feature = "postgres")]
@@ -376,7 +381,10 @@ mod tests {
     fn one_plan_serves_both_backends() {
         let pg = sessions_sql(Backend::Postgres, 2);
         let lite = sessions_sql(Backend::Sqlite, 2);
-        assert!(pg.contains("($25, $26,") && pg.ends_with("returning id"), "{pg}");
+        assert!(
+            pg.contains("($25, $26,") && pg.ends_with("returning id"),
+            "{pg}"
+        );
         assert!(lite.contains("(?25, ?26,") && lite.starts_with("insert into voice_sessions "));
         for sql in [&pg, &lite] {
             assert!(sql.contains("voice_sessions.record_seq < excluded.record_seq"));

@@ -248,10 +248,15 @@ fn portable_default(d: &str) -> Option<String> {
     };
     let numeric = base.parse::<f64>().is_ok();
     let quoted = base.len() >= 2 && base.starts_with('\'') && base.ends_with('\'');
-    (numeric || quoted || matches!(base, "true" | "false" | "null" | "NULL")).then(|| base.to_owned())
+    (numeric || quoted || matches!(base, "true" | "false" | "null" | "NULL"))
+        .then(|| base.to_owned())
 }
 
-async fn column_def(store: &Store, table: &str, column: &str) -> Result<Option<ColumnDef>, StoreError> {
+async fn column_def(
+    store: &Store,
+    table: &str,
+    column: &str,
+) -> Result<Option<ColumnDef>, StoreError> {
     match store {
         #[cfg(feature = "postgres")]
         Store::Postgres(p) => {
@@ -362,12 +367,16 @@ pub fn pull<'a>(
                 let (pg_type, lite_type) = if from_pg {
                     (def.sql_type.clone(), sqlite_type(&def.sql_type).to_owned())
                 } else {
-                    (postgres_type(&def.sql_type).to_owned(), def.sql_type.clone())
+                    (
+                        postgres_type(&def.sql_type).to_owned(),
+                        def.sql_type.clone(),
+                    )
                 };
                 let default = def.default.as_deref().and_then(portable_default);
                 if def.default.is_some() && default.is_none() {
                     // An expression default (now(), a sequence…) needs a hand-written migration.
-                    out.skipped.push(format!("{line}: default {:?} is not portable", def.default));
+                    out.skipped
+                        .push(format!("{line}: default {:?} is not portable", def.default));
                     continue;
                 }
                 let mut tail = String::new();
@@ -376,7 +385,8 @@ pub fn pull<'a>(
                 }
                 if def.not_null {
                     if default.is_none() {
-                        out.skipped.push(format!("{line}: NOT NULL without a default"));
+                        out.skipped
+                            .push(format!("{line}: NOT NULL without a default"));
                         continue;
                     }
                     tail.push_str(" not null");

@@ -61,7 +61,11 @@ async fn an_unpriced_model_with_a_budget_refuses_to_start_and_names_the_fix() {
         listen: "127.0.0.1:0".parse().unwrap(),
         ..atlas_server::Config::default()
     };
-    config.use_provider_urls(fakes.deepgram_url(), fakes.anthropic_url(), fakes.openai_url());
+    config.use_provider_urls(
+        fakes.deepgram_url(),
+        fakes.anthropic_url(),
+        fakes.openai_url(),
+    );
     config.jwt_secret = Some(secrecy::SecretString::from(SECRET));
     config.database_url = format!("sqlite://{}/atlas.db", dir.path().display());
     config.spool_dir = dir.path().join("spool");
@@ -72,16 +76,27 @@ async fn an_unpriced_model_with_a_budget_refuses_to_start_and_names_the_fix() {
         .err()
         .expect("refuses to start")
         .to_string();
-    assert!(err.contains("tts openai/gpt-4o-mini-tts-2099-01-01x"), "{err}");
+    assert!(
+        err.contains("tts openai/gpt-4o-mini-tts-2099-01-01x"),
+        "{err}"
+    );
     assert!(err.contains("ATLAS_PRICE_CATALOG"), "{err}");
     assert!(err.contains("ATLAS_ALLOW_UNPRICED=true"), "{err}");
     // A daily budget alone is a budget too.
     config.session_budget_usd = 0.0;
     config.user_daily_budget_usd = Some(1.0);
-    assert!(atlas_server::Application::build(config.clone()).await.is_err());
+    assert!(
+        atlas_server::Application::build(config.clone())
+            .await
+            .is_err()
+    );
     // Without any budget there is nothing to enforce: it starts.
     config.user_daily_budget_usd = None;
-    assert!(atlas_server::Application::build(config.clone()).await.is_ok());
+    assert!(
+        atlas_server::Application::build(config.clone())
+            .await
+            .is_ok()
+    );
     // Priced by a catalog override file: it starts with the budget.
     let catalog = dir.path().join("prices.toml");
     let text = atlas_server::catalog::BUILT_IN.replace(
@@ -118,7 +133,10 @@ async fn the_unpriced_opt_in_is_shown_in_readiness_and_metrics() {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("atlas_unpriced_models_allowed"), "{metrics}");
+    assert!(
+        metrics.contains("atlas_unpriced_models_allowed"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -65,17 +65,20 @@ fn snapshot(id: uuid::Uuid, seq: u64, ended: bool, turns: i32) -> Snapshot {
 
 /// A database under test: its URL for the recorder and a way to query it.
 enum Db {
-    Sqlite(String, tempfile::TempDir),
+    Sqlite {
+        url: String,
+        _dir: tempfile::TempDir,
+    },
     Postgres(PgDb),
 }
 
 impl Db {
     fn sqlite() -> Db {
         let dir = tempfile::tempdir().unwrap();
-        Db::Sqlite(
-            format!("sqlite://{}/atlas.db", dir.path().display()),
-            dir,
-        )
+        Db::Sqlite {
+            url: format!("sqlite://{}/atlas.db", dir.path().display()),
+            _dir: dir,
+        }
     }
 
     async fn postgres() -> Db {
@@ -84,14 +87,14 @@ impl Db {
 
     fn url(&self) -> String {
         match self {
-            Db::Sqlite(u, _) => u.clone(),
+            Db::Sqlite { url: u, .. } => u.clone(),
             Db::Postgres(db) => db.url(),
         }
     }
 
     fn url_via(&self, addr: SocketAddr) -> String {
         match self {
-            Db::Sqlite(u, _) => u.clone(),
+            Db::Sqlite { url: u, .. } => u.clone(),
             Db::Postgres(db) => db.url_via(addr),
         }
     }
@@ -102,7 +105,7 @@ impl Db {
                  (select count(*) from voice_turns t where t.session_id = s.id) \
                  from voice_sessions s order by 1";
         let rows = match self {
-            Db::Sqlite(u, _) => {
+            Db::Sqlite { url: u, .. } => {
                 let pool = sqlx::SqlitePool::connect(u).await.unwrap();
                 let rows = sqlx::query(q).fetch_all(&pool).await.unwrap_or_default();
                 let out = rows
@@ -141,7 +144,10 @@ impl Db {
     }
 }
 
-async fn start_recorder(url: &str, spool: &Path) -> (Recorder, tokio::task::JoinHandle<()>, CancellationToken) {
+async fn start_recorder(
+    url: &str,
+    spool: &Path,
+) -> (Recorder, tokio::task::JoinHandle<()>, CancellationToken) {
     let stop = CancellationToken::new();
     let (r, task) = Recorder::start(url, spool, 100_000, true, stop.clone())
         .await
@@ -257,7 +263,11 @@ async fn a_final_record_is_never_replaced_by_an_older_checkpoint(db: Db) {
     let rows = db.sessions().await;
     assert!(settled, "{rows:?}, spooled {}", spool.len().await);
     for r in &rows {
-        assert_eq!((r.1, r.2, r.3), (true, 3, 3), "the final record stands: {r:?}");
+        assert_eq!(
+            (r.1, r.2, r.3),
+            (true, 3, 3),
+            "the final record stands: {r:?}"
+        );
     }
     // A later replay round changes nothing.
     stop.cancel();
@@ -322,7 +332,13 @@ async fn shutdown_with_a_stalled_database_loses_nothing() {
         .collect();
     let all: std::collections::BTreeSet<String> = ids.iter().map(|i| i.to_string()).collect();
     let accounted: std::collections::BTreeSet<String> = ended.union(&spooled).cloned().collect();
-    assert_eq!(accounted, all, "ended rows {} + spooled {}", ended.len(), spooled.len());
+    assert_eq!(
+        accounted,
+        all,
+        "ended rows {} + spooled {}",
+        ended.len(),
+        spooled.len()
+    );
     // The next start replays the spool: every session ends with its final record.
     let (_r, task, stop) = start_recorder(&db.url(), &spool_dir).await;
     assert!(
@@ -357,14 +373,22 @@ async fn readiness_rides_out_a_database_outage_while_the_spool_has_room() {
     })
     .await;
     let (status, body) = readyz(&app).await;
-    assert_eq!((status, body["database"].as_str()), (200, Some("up")), "{body}");
+    assert_eq!(
+        (status, body["database"].as_str()),
+        (200, Some("up")),
+        "{body}"
+    );
     // A stalled database does not slow readiness down: no round trip per request.
     proxy.stall();
     for _ in 0..20 {
         let t = tokio::time::Instant::now();
         let (status, _) = readyz(&app).await;
         assert_eq!(status, 200);
-        assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
     }
     proxy.resume();
     proxy.cut();

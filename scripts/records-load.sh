@@ -11,8 +11,12 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/atlas-voice/target}"
 n="${1:-200}"
 delay="${2:-50}"
 hold="${3:-20}"
-cargo build --release --locked -p atlas-voice >&2
-bin="$CARGO_TARGET_DIR/release/atlas-voice"
+# ATLAS_VOICE_BIN=path/to/atlas-voice skips the build (e.g. a debug build made for the tests).
+if [ -z "${ATLAS_VOICE_BIN:-}" ]; then
+  cargo build --release --locked -p atlas-voice >&2
+fi
+bin="${ATLAS_VOICE_BIN:-$CARGO_TARGET_DIR/release/atlas-voice}"
+unset ATLAS_VOICE_BIN
 fakes_port=19091
 proxy_port=15433
 server_port=18081
@@ -45,6 +49,7 @@ for _ in $(seq 100); do
   curl -sf "http://127.0.0.1:$server_port/readyz" >/dev/null 2>&1 && break
   sleep 0.1
 done
+echo "== one query through the proxy: $( { /usr/bin/time -f '%e s' psql -h 127.0.0.1 -p "$proxy_port" -U postgres -d "$db" -Atc 'select 1' >/dev/null; } 2>&1 )"
 token=$("$bin" token --user loadtest)
 # Hold the sessions; stop the server while they are still open.
 "$bin" loadtest --url "ws://127.0.0.1:$server_port/v1/voice" --token "$token" \
@@ -60,13 +65,14 @@ stopped=$(date +%s.%N)
 kill "$load_pid" 2>/dev/null || true
 wait "$load_pid" 2>/dev/null || true
 echo "== drain took $(echo "$stopped - $started" | bc) s"
-spooled=$(find "$data/spool" -maxdepth 1 -name '*.json' 2>/dev/null | wc -l)
-quarantined=$(find "$data/spool/quarantine" -name '*.json' 2>/dev/null | wc -l)
+count_json() { if [ -d "$1" ]; then find "$1" -maxdepth 1 -name '*.json' | wc -l; else echo 0; fi; }
+spooled=$(count_json "$data/spool")
+quarantined=$(count_json "$data/spool/quarantine")
 q() { psql -h 127.0.0.1 -U postgres -d "$db" -Atc "$1"; }
 rows=$(q "select count(*) from voice_sessions")
 distinct=$(q "select count(distinct id) from voice_sessions")
 open=$(q "select count(*) from voice_sessions where ended_at is null")
-reasons=$(q "select end_reason || ' ' || count(*) from voice_sessions group by 1 order by 1" | tr '\n' ',')
+reasons=$(q "select coalesce(end_reason, 'none') || ' ' || n from (select end_reason, count(*) n from voice_sessions group by 1) c order by 1" | tr '\n' ' ')
 echo "== sessions $n, rows $rows (distinct ids $distinct), ended_at null $open, spooled $spooled, quarantined $quarantined; end reasons: $reasons"
 if [ "$rows" = "$n" ] && [ "$distinct" = "$n" ] && [ "$open" = 0 ] && [ "$spooled" = 0 ] && [ "$quarantined" = 0 ]; then
   echo "OK: nothing lost"

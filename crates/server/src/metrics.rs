@@ -100,6 +100,11 @@ pub fn records_spooled(n: usize) {
     counter!("atlas_records_spooled_total").increment(n as u64);
 }
 
+/// Session records written to the database (checkpoints and final records).
+pub fn records_written(n: usize) {
+    counter!("atlas_records_written_total").increment(n as u64);
+}
+
 /// Session records the database refused for good, moved to the spool's quarantine.
 pub fn records_quarantined(n: usize) {
     counter!("atlas_records_quarantined_total").increment(n as u64);

@@ -13,8 +13,9 @@
 //! backoff, gets through. The writer keeps the database state for `/readyz` and the metrics,
 //! so readiness never costs a database round trip.
 //!
-//! On shutdown every queued record is written (if the database answers within
-//! [`FLUSH_DB_BUDGET`]) or spooled, and the writer waits for spills still in flight.
+//! On shutdown the write in flight, the records still queued and the spool get
+//! [`FLUSH_DB_BUDGET`] together to reach the database; whatever has not by then is spooled
+//! (nothing queued is dropped), and the writer waits for spills still in flight.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -97,7 +98,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const REPLAY_ROUND: usize = 1_000;
 /// Snapshots taken from the queue per write.
 const BATCH: usize = 256;
-/// At shutdown, how long the queue left may wait for the database before it is spooled.
+/// At shutdown, how long the records left may wait for the database before they are spooled.
 pub const FLUSH_DB_BUDGET: Duration = Duration::from_secs(2);
 
 /// The sequence of the next snapshot: microseconds since the epoch, strictly increasing in
@@ -169,6 +170,7 @@ impl Recorder {
             // Replay what a previous run left at once.
             next_attempt: Instant::now(),
             shutdown,
+            flush_deadline: None,
         };
         let task = tokio::spawn(writer.run(rx, spills));
         Ok((recorder, task))
@@ -230,6 +232,8 @@ struct Writer {
     /// When the spool is replayed next (and, while the database is down, tried again).
     next_attempt: Instant,
     shutdown: CancellationToken,
+    /// Set when shutdown begins: the end of [`FLUSH_DB_BUDGET`].
+    flush_deadline: Option<Instant>,
 }
 
 impl Writer {
@@ -264,6 +268,13 @@ impl Writer {
         );
     }
 
+    /// The moment shutdown stops waiting for the database.
+    fn flush_deadline(&mut self) -> Instant {
+        *self
+            .flush_deadline
+            .get_or_insert_with(|| Instant::now() + FLUSH_DB_BUDGET)
+    }
+
     fn db_usable(&self) -> bool {
         self.migrated && self.health.db_up.load(Ordering::Relaxed)
     }
@@ -290,11 +301,22 @@ impl Writer {
     /// Writes a batch of live snapshots, or spools it.
     async fn deliver(&mut self, batch: Vec<Snapshot>) {
         if self.db_usable() {
-            let write = tokio::time::timeout(WRITE_TIMEOUT, self.store.write_batch(&batch));
+            let store = self.store.clone();
+            let mut write = std::pin::pin!(tokio::time::timeout(
+                WRITE_TIMEOUT,
+                store.write_batch(&batch)
+            ));
             let result = tokio::select! {
-                r = write => Some(r),
-                // Shutting down with the write stalled: spool rather than wait.
+                r = &mut write => Some(r),
                 _ = self.shutdown.cancelled() => None,
+            };
+            // Shutting down mid-write: the write may finish within the shutdown budget;
+            // a stalled one is abandoned and its records spooled.
+            let result = match result {
+                Some(r) => Some(r),
+                None => tokio::time::timeout_at(self.flush_deadline(), write)
+                    .await
+                    .ok(),
             };
             match result {
                 Some(Ok(Ok(outcome))) => {
@@ -312,6 +334,7 @@ impl Writer {
 
     /// Quarantines the records of `batch` the database refused for good.
     async fn quarantine(&self, batch: &[Snapshot], outcome: atlas_store::BatchOutcome) {
+        crate::metrics::records_written(batch.len() - outcome.rejected.len());
         for (i, e) in outcome.rejected {
             let snap = &batch[i];
             tracing::error!(session_id = %snap.session.id, seq = snap.seq, error = %e.detail(),
@@ -379,6 +402,7 @@ impl Writer {
             return;
         }
         let r = send(self.spool.replay(&self.store, WRITE_TIMEOUT, REPLAY_ROUND)).await;
+        crate::metrics::records_written(r.written);
         crate::metrics::records_quarantined(r.quarantined);
         self.health.set_spooled(r.remaining);
         match r.failed {
@@ -396,23 +420,36 @@ impl Writer {
         }
     }
 
-    /// Shutdown: writes `rest` if the database answers within [`FLUSH_DB_BUDGET`], else
-    /// spools it.
+    /// Shutdown: writes `rest`, then replays the spool, as far as the database answers within
+    /// [`FLUSH_DB_BUDGET`]; spools what is left of `rest`.
     async fn flush(&mut self, rest: Vec<Snapshot>) {
-        if rest.is_empty() {
-            return;
-        }
-        if self.db_usable() {
-            match tokio::time::timeout(FLUSH_DB_BUDGET, self.store.write_batch(&rest)).await {
-                Ok(Ok(outcome)) => {
-                    self.quarantine(&rest, outcome).await;
-                    return;
+        let deadline = self.flush_deadline();
+        if !rest.is_empty() {
+            let mut written = false;
+            if self.db_usable() {
+                let store = self.store.clone();
+                match tokio::time::timeout_at(deadline, store.write_batch(&rest)).await {
+                    Ok(Ok(outcome)) => {
+                        self.quarantine(&rest, outcome).await;
+                        written = true;
+                    }
+                    Ok(Err(e)) => self.db_down(&e),
+                    Err(_) => self.db_down(&"database write timed out at shutdown"),
                 }
-                Ok(Err(e)) => self.db_down(&e),
-                Err(_) => self.db_down(&"database write timed out at shutdown"),
+            }
+            if !written {
+                self.spool_all(&rest).await;
             }
         }
-        self.spool_all(&rest).await;
+        // Leave as little as possible in the spool for the next start.
+        if self.db_usable() && self.health.spooled.load(Ordering::Relaxed) > 0 {
+            let replay = self.spool.replay(&self.store, WRITE_TIMEOUT, usize::MAX);
+            if let Ok(r) = tokio::time::timeout_at(deadline, send(replay)).await {
+                crate::metrics::records_written(r.written);
+                crate::metrics::records_quarantined(r.quarantined);
+                self.health.set_spooled(r.remaining);
+            }
+        }
     }
 }
 

@@ -101,15 +101,15 @@ impl Db {
 
     /// (id, ended, turns column, turn rows) per session, sorted by id.
     async fn sessions(&self) -> Vec<(String, bool, i64, i64)> {
-        let q = "select cast(s.id as text), s.ended_at is not null, s.turns, \
+        const Q: &str = "select cast(s.id as text), s.ended_at is not null, s.turns, \
                  (select count(*) from voice_turns t where t.session_id = s.id) \
                  from voice_sessions s order by 1";
-        let rows = match self {
-            Db::Sqlite { url: u, .. } => {
-                let pool = sqlx::SqlitePool::connect(u).await.unwrap();
-                let rows = sqlx::query(q).fetch_all(&pool).await.unwrap_or_default();
-                let out = rows
-                    .iter()
+        macro_rules! read {
+            ($pool:expr) => {{
+                let pool = $pool;
+                let rows = sqlx::query(Q).fetch_all(&pool).await.unwrap_or_default();
+                pool.close().await;
+                rows.iter()
                     .map(|r| {
                         (
                             r.get::<String, _>(0),
@@ -118,29 +118,13 @@ impl Db {
                             r.get::<i64, _>(3),
                         )
                     })
-                    .collect();
-                pool.close().await;
-                out
-            }
-            Db::Postgres(db) => {
-                let pool = sqlx::PgPool::connect(&db.url()).await.unwrap();
-                let rows = sqlx::query(q).fetch_all(&pool).await.unwrap_or_default();
-                let out = rows
-                    .iter()
-                    .map(|r| {
-                        (
-                            r.get::<String, _>(0),
-                            r.get::<bool, _>(1),
-                            i64::from(r.get::<i32, _>(2)),
-                            r.get::<i64, _>(3),
-                        )
-                    })
-                    .collect();
-                pool.close().await;
-                out
-            }
-        };
-        rows
+                    .collect()
+            }};
+        }
+        match self {
+            Db::Sqlite { url, .. } => read!(sqlx::SqlitePool::connect(url).await.unwrap()),
+            Db::Postgres(db) => read!(sqlx::PgPool::connect(&db.url()).await.unwrap()),
+        }
     }
 }
 

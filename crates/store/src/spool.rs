@@ -65,14 +65,6 @@ impl Spool {
         write_atomically(&self.dir, &name, &body).await
     }
 
-    /// Saves several snapshots.
-    pub async fn put_all(&self, snaps: &[Snapshot]) -> Result<(), StoreError> {
-        for s in snaps {
-            self.put(s).await?;
-        }
-        Ok(())
-    }
-
     /// Moves `snap` to quarantine with `error` beside it.
     pub async fn quarantine(&self, snap: &Snapshot, error: &str) -> Result<(), StoreError> {
         let name = format!("{}.{:020}.json", snap.session.id, snap.seq);

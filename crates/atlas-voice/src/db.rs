@@ -17,6 +17,9 @@ pub struct DbArgs {
     /// Project root holding `supabase/migrations` and `supabase/sqlite-migrations`.
     #[arg(long, default_value = ".", global = true)]
     root: PathBuf,
+    /// Print JSON for scripts (status, list, lint, diff).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: DbCommand,
 }
@@ -28,7 +31,8 @@ enum DbCommand {
         /// What the migration does, e.g. add_language_column.
         name: String,
     },
-    /// List the migration files with their statement counts.
+    /// List the migration files with their statement counts, and the counts per month and
+    /// statement kind.
     List,
     /// Show each migration as applied, pending, changed-since-applied or missing-from-disk.
     Status,
@@ -45,6 +49,13 @@ enum DbCommand {
     Diff,
     /// Check names, header comments, idempotency and destructive statements.
     Lint,
+    /// Turn drift found by `diff` (columns and indexes added to the live database by hand)
+    /// into a new migration pair.
+    Pull {
+        /// Name of the new migration.
+        #[arg(default_value = "pulled_from_database")]
+        name: String,
+    },
 }
 
 fn folder(root: &std::path::Path, backend: Backend) -> PathBuf {
@@ -74,8 +85,26 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
             Ok(0)
         }
         DbCommand::List => {
+            let mut report = serde_json::Map::new();
             for backend in [Backend::Postgres, Backend::Sqlite] {
                 let (_, ms) = load(&args.root, backend)?;
+                let counts = migrate::counts(&ms);
+                if args.json {
+                    report.insert(
+                        label(backend).into(),
+                        serde_json::json!({
+                            "folder": folder(&args.root, backend),
+                            "migrations": ms.iter().map(|m| serde_json::json!({
+                                "version": m.version, "name": m.name,
+                                "statements": m.statements.len(),
+                            })).collect::<Vec<_>>(),
+                            "by_month": counts.iter().map(|c| serde_json::json!({
+                                "month": c.month, "migrations": c.migrations, "kinds": c.kinds,
+                            })).collect::<Vec<_>>(),
+                        }),
+                    );
+                    continue;
+                }
                 println!(
                     "{} ({} migrations in {}):",
                     label(backend),
@@ -90,15 +119,29 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
                         m.statements.len()
                     );
                 }
+                for c in &counts {
+                    let kinds: Vec<String> =
+                        c.kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
+                    println!(
+                        "  {}: {} migrations; {}",
+                        c.month,
+                        c.migrations,
+                        kinds.join(", ")
+                    );
+                }
+            }
+            if args.json {
+                println!("{}", serde_json::Value::Object(report));
             }
             Ok(0)
         }
         DbCommand::Lint => {
             let mut errors = 0;
             let mut warnings = 0;
+            let mut found = Vec::new();
             for backend in [Backend::Postgres, Backend::Sqlite] {
                 let (names, ms) = load(&args.root, backend)?;
-                for issue in migrate::lint(&names, &ms) {
+                for issue in migrate::lint(backend, &names, &ms) {
                     let tag = match issue.severity {
                         Severity::Error => {
                             errors += 1;
@@ -109,15 +152,29 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
                             "warning"
                         }
                     };
-                    println!(
-                        "{tag}: {}/{}: {}",
-                        label(backend),
-                        issue.file,
-                        issue.message
-                    );
+                    if args.json {
+                        found.push(serde_json::json!({
+                            "backend": label(backend), "file": issue.file,
+                            "severity": tag, "message": issue.message,
+                        }));
+                    } else {
+                        println!(
+                            "{tag}: {}/{}: {}",
+                            label(backend),
+                            issue.file,
+                            issue.message
+                        );
+                    }
                 }
             }
-            println!("{errors} errors, {warnings} warnings");
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"errors": errors, "warnings": warnings, "issues": found})
+                );
+            } else {
+                println!("{errors} errors, {warnings} warnings");
+            }
             Ok(if errors > 0 { 1 } else { 0 })
         }
         DbCommand::Status => {
@@ -126,17 +183,32 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
             let (_, ms) = load(&args.root, backend)?;
             let store = Store::connect(&url).await?;
             let states = migrate::status(&store, &ms).await?;
-            for s in &states {
-                println!("{}  {:<32} {}", s.version, s.name, s.state.as_str());
-            }
             let count = |st: State| states.iter().filter(|s| s.state == st).count();
-            println!(
-                "{} applied, {} pending, {} changed since applied, {} missing from disk",
-                count(State::Applied),
-                count(State::Pending),
-                count(State::Changed),
-                count(State::MissingFromDisk)
-            );
+            if args.json {
+                let rows: Vec<serde_json::Value> = states
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "version": s.version, "name": s.name, "state": s.state.as_str(),
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({ "backend": label(backend), "migrations": rows })
+                );
+            } else {
+                for s in &states {
+                    println!("{}  {:<32} {}", s.version, s.name, s.state.as_str());
+                }
+                println!(
+                    "{} applied, {} pending, {} changed since applied, {} missing from disk",
+                    count(State::Applied),
+                    count(State::Pending),
+                    count(State::Changed),
+                    count(State::MissingFromDisk)
+                );
+            }
             Ok(
                 if count(State::Changed) + count(State::MissingFromDisk) > 0 {
                     1
@@ -183,7 +255,13 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
             let live = schema::introspect(&store).await?;
             let expected = schema::expected(&url, &ms).await?;
             let lines = schema::diff(&expected, &live);
-            if lines.is_empty() {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "backend": label(backend), "differences": lines })
+                );
+                Ok(if lines.is_empty() { 0 } else { 1 })
+            } else if lines.is_empty() {
                 println!("the live schema matches the migrations");
                 Ok(0)
             } else {
@@ -193,6 +271,37 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
                 }
                 Ok(1)
             }
+        }
+        DbCommand::Pull { name } => {
+            let url = url()?;
+            let backend = backend_of(&url)?;
+            let (_, ms) = load(&args.root, backend)?;
+            let store = Store::connect(&url).await?;
+            let live = schema::introspect(&store).await?;
+            let expected = schema::expected(&url, &ms).await?;
+            let pull = schema::pull(&store, &expected, &live).await?;
+            for s in &pull.skipped {
+                eprintln!("not pulled (write a migration by hand): {s}");
+            }
+            if pull.is_empty() {
+                println!("nothing to pull: no column or index was added by hand");
+                return Ok(if pull.skipped.is_empty() { 0 } else { 1 });
+            }
+            let paths = migrate::new_migration(&args.root, &name, chrono::Utc::now())?;
+            for (path, backend) in paths.iter().zip([Backend::Postgres, Backend::Sqlite]) {
+                let statements = match backend {
+                    Backend::Postgres => &pull.postgres,
+                    Backend::Sqlite => &pull.sqlite,
+                };
+                std::fs::write(path, schema::pull_file(statements, backend, &pull.pulled))?;
+                println!("wrote {}", path.display());
+            }
+            println!(
+                "pulled {} change(s); the database already has them: `db up` records them \
+                 (the statements are idempotent)",
+                pull.pulled.len()
+            );
+            Ok(0)
         }
     }
 }

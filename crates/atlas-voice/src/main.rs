@@ -112,6 +112,13 @@ struct FakesArgs {
     api_key: Option<String>,
     #[command(flatten)]
     latencies: FakeLatencies,
+    /// Also run a TCP proxy to a database, as `LISTEN=UPSTREAM` (e.g.
+    /// `127.0.0.1:15432=127.0.0.1:5432`), to test against a slow database.
+    #[arg(long)]
+    db_proxy: Option<String>,
+    /// Delay each request through the database proxy by this many milliseconds.
+    #[arg(long, default_value_t = 0)]
+    db_delay_ms: u64,
 }
 
 #[derive(Args)]
@@ -165,6 +172,24 @@ async fn main() -> anyhow::Result<()> {
             println!("  ATLAS_DEEPGRAM_URL={}", fakes.deepgram_url());
             println!("  ATLAS_ANTHROPIC_URL={}", fakes.anthropic_url());
             println!("  ATLAS_OPENAI_URL={}", fakes.openai_url());
+            let _proxy = match args.db_proxy.as_deref().map(|p| p.split_once('=')) {
+                None => None,
+                Some(Some((listen, upstream))) => {
+                    let proxy = atlas_fakes::proxy::Proxy::start_on(
+                        listen.parse().context("--db-proxy LISTEN")?,
+                        upstream.parse().context("--db-proxy UPSTREAM")?,
+                    )
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                    proxy.set_delay(Duration::from_millis(args.db_delay_ms));
+                    println!(
+                        "database proxy {listen} -> {upstream}, {} ms per request",
+                        args.db_delay_ms
+                    );
+                    Some(proxy)
+                }
+                Some(None) => anyhow::bail!("--db-proxy takes LISTEN=UPSTREAM"),
+            };
             shutdown_signal().await;
             fakes.shutdown().await;
             Ok(())

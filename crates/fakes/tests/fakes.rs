@@ -1187,3 +1187,53 @@ async fn many_concurrent_sessions() {
     assert_eq!(recorded.stt_connections.len(), 100);
     assert_eq!(recorded.stt_close_streams, 100);
 }
+
+/// An echo server on loopback: what it receives, it sends back.
+async fn echo_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn round_trip(s: &mut tokio::net::TcpStream) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = Instant::now();
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    t.elapsed()
+}
+
+#[tokio::test]
+async fn the_proxy_delays_requests_and_stalls_without_dropping_connections() {
+    let proxy = atlas_fakes::proxy::Proxy::start(echo_server().await)
+        .await
+        .unwrap();
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    round_trip(&mut s).await;
+    proxy.set_delay(Duration::from_millis(150));
+    assert!(round_trip(&mut s).await >= Duration::from_millis(150));
+    proxy.set_delay(Duration::ZERO);
+    // Stalled: the bytes are held, the connection stays open; resumed: they arrive.
+    proxy.stall();
+    let mut stalled = Box::pin(round_trip(&mut s));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut stalled)
+            .await
+            .is_err(),
+        "nothing comes back while stalled"
+    );
+    proxy.resume();
+    tokio::time::timeout(Duration::from_secs(5), stalled)
+        .await
+        .expect("held bytes flow once resumed");
+}

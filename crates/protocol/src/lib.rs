@@ -186,6 +186,9 @@ impl ClientMessage {
 
     /// Checks the bounds serde cannot express; the reason is shown to the client.
     fn validate(&self) -> Result<(), String> {
+        if let ClientMessage::SessionStart(start) = self {
+            start.check_clean()?;
+        }
         if let ClientMessage::InputText { text } = self {
             if text.trim().is_empty() {
                 return Err("text is empty".into());
@@ -303,6 +306,32 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
         detail,
     })?;
     Ok(msg)
+}
+
+/// Whether `s` is free of control characters (NUL, C0, DEL, C1), which storage refuses or
+/// mangles and no legitimate identifier holds.
+pub fn is_clean_text(s: &str) -> bool {
+    !s.chars().any(char::is_control)
+}
+
+impl SessionStart {
+    /// Refuses control characters in the strings the server records or echoes
+    /// (`conversation_id`, `client.name`, `client.version`, `voice`, `language`).
+    pub fn check_clean(&self) -> Result<(), String> {
+        let client = self.client.as_ref();
+        for (field, value) in [
+            ("conversation_id", self.conversation_id.as_deref()),
+            ("client.name", client.and_then(|c| c.name.as_deref())),
+            ("client.version", client.and_then(|c| c.version.as_deref())),
+            ("voice", self.voice.as_deref()),
+            ("language", self.language.as_deref()),
+        ] {
+            if value.is_some_and(|v| !is_clean_text(v)) {
+                return Err(format!("{field} must not contain control characters"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The fuzzing property, shared by the fuzz target and the corpus replay test: parsing
@@ -753,6 +782,34 @@ mod tests {
             assert_eq!(e.code(), ErrorCode::InvalidMessage);
             assert!(e.to_string().contains(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn control_characters_in_recorded_strings_are_refused_per_field() {
+        for (field, json) in [
+            ("conversation_id", r#""conversation_id":"a\u0000b""#),
+            ("client.name", r#""client":{"name":"web\u0007"}"#),
+            (
+                "client.version",
+                r#""client":{"name":"web","version":"1.0\n"}"#,
+            ),
+            ("voice", r#""voice":"alloy\u001b[31m""#),
+            ("language", r#""language":"en\u0085""#),
+        ] {
+            let e =
+                parse_client_message(&format!(r#"{{"type":"session.start",{json}}}"#)).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::InvalidMessage, "{field}");
+            assert!(
+                e.to_string()
+                    .contains(&format!("{field} must not contain control characters")),
+                "{field}: {e}"
+            );
+        }
+        // Ordinary text, including non-ASCII, passes.
+        let ok = parse_client_message(
+            r#"{"type":"session.start","conversation_id":"conv-é-42","client":{"name":"atlas web","version":"1.2.3"}}"#,
+        );
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]

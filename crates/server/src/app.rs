@@ -25,8 +25,8 @@ use std::num::NonZeroU32;
 use axum::extract::ConnectInfo;
 use governor::{Quota, RateLimiter};
 
-use crate::auth::{AuthError, Authenticator, extract_token};
 use crate::admission;
+use crate::auth::{AuthError, Authenticator, extract_token};
 use crate::config::Config;
 use crate::engines::Engines;
 use crate::error::ApiError;
@@ -74,20 +74,24 @@ impl Application {
             ),
         };
         let prices = catalog.prices(&models);
-        if prices
-            .cost(&atlas_core::cost::Consumption::default())
-            .total
-            .is_none()
-        {
+        let unpriced = crate::catalog::unpriced(&models, &prices);
+        let budgets = config.session_budget_usd > 0.0
+            || config.user_daily_budget_usd.is_some_and(|b| b > 0.0);
+        if !unpriced.is_empty() {
+            if budgets && !config.allow_unpriced {
+                anyhow::bail!(crate::catalog::unpriced_refusal(&unpriced));
+            }
             tracing::warn!(
-                ?models,
-                "a model is missing from the price catalog: costs are reported as unknown and budgets cannot be enforced"
+                ?unpriced,
+                budgets,
+                "a model is missing from the price catalog: its cost is reported as unknown and budgets cannot limit it"
             );
         }
         let recorder_stop = CancellationToken::new();
         let (recorder, recorder_task) = crate::recorder::Recorder::start(
             &config.database_url,
             &config.spool_dir,
+            config.spool_max_records,
             config.db_auto_migrate,
             recorder_stop.clone(),
         )
@@ -126,6 +130,7 @@ impl Application {
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
         }));
+        metrics::unpriced_models_allowed(!unpriced.is_empty() && state.config.allow_unpriced);
         Ok(Application {
             listener,
             state,
@@ -359,23 +364,40 @@ async fn dev_token(State(state): State<AppState>, body: axum::body::Bytes) -> Re
     }
 }
 
+/// Readiness means "can take sessions": not draining, and records have somewhere to go (the
+/// database, or room in the spool). The record writer keeps the database state, so this costs
+/// no database round trip; the details say what it is.
 async fn readyz(State(state): State<AppState>) -> Response {
+    let records = state.recorder.health();
+    let unpriced = crate::catalog::unpriced(&state.models, &state.prices);
+    let details = serde_json::json!({
+        "database": if records.database_up { "up" } else { "down" },
+        "spooled_records": records.spooled_records,
+        "spool_max_records": records.spool_max_records,
+        "unpriced_models_allowed": !unpriced.is_empty() && state.config.allow_unpriced,
+        "unpriced_models": unpriced,
+    });
+    let refuse = |code: ErrorCode, message: String| {
+        let body = serde_json::json!({
+            "error": { "code": code, "message": message },
+            "details": details,
+        });
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+    };
     if state.shutdown.is_cancelled() {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Draining,
-            "draining",
-        )
-        .into_response()
-    } else if !state.recorder.ready().await {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
+        refuse(ErrorCode::Draining, "draining".into())
+    } else if !records.can_take_sessions() {
+        refuse(
             ErrorCode::Internal,
-            "the database is unreachable (records are being spooled)",
+            format!(
+                "the database is unreachable and the spool holds {} records (ATLAS_SPOOL_MAX_RECORDS = {})",
+                records.spooled_records, records.spool_max_records
+            ),
         )
-        .into_response()
     } else {
-        "ready".into_response()
+        let mut body = details.clone();
+        body["status"] = "ready".into();
+        axum::Json(body).into_response()
     }
 }
 

@@ -291,7 +291,11 @@ impl Authenticator {
                 }
             })?;
         let claims = data.claims;
-        if claims.sub.trim().is_empty() || claims.sub.len() > 256 {
+        // `sub` is recorded as the owner of every session row: no control characters.
+        if claims.sub.trim().is_empty()
+            || claims.sub.len() > 256
+            || !atlas_protocol::is_clean_text(&claims.sub)
+        {
             return Err(AuthError::Invalid);
         }
         match claims.role.as_deref() {
@@ -417,9 +421,12 @@ mod tests {
         .unwrap();
         assert_eq!(a.verify(&other_key).await.unwrap_err(), AuthError::Invalid);
         assert_eq!(a.verify("not.a.jwt").await.unwrap_err(), AuthError::Invalid);
+        let nul_sub = mint_token(secret, "u\0v", "authenticated", "authenticated", 60).unwrap();
+        assert_eq!(a.verify(&nul_sub).await.unwrap_err(), AuthError::Invalid);
         let mut tampered = mint_token(secret, "u", "authenticated", "authenticated", 60).unwrap();
-        tampered.pop();
-        tampered.push('A');
+        // Change the signature's last character (to a different one).
+        let last = tampered.pop();
+        tampered.push(if last == Some('A') { 'B' } else { 'A' });
         assert!(a.verify(&tampered).await.is_err());
     }
 

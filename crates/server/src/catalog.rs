@@ -163,6 +163,49 @@ impl Catalog {
     }
 }
 
+/// The configured models the catalog has no price for, as `stage provider/model`.
+pub fn unpriced(models: &Models, prices: &Prices) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut check = |priced: bool, stage: &str, (provider, model): &(String, String)| {
+        if !priced {
+            out.push(format!("{stage} {provider}/{model}"));
+        }
+    };
+    check(prices.stt_per_minute.is_some(), "stt", &models.stt);
+    check(
+        prices.llm_input_per_mtok.is_some() && prices.llm_output_per_mtok.is_some(),
+        "llm",
+        &models.llm,
+    );
+    check(prices.tts_per_mchar.is_some(), "tts", &models.tts);
+    out
+}
+
+/// Why the server refuses to start with budgets set and `unpriced` models, and what to do.
+pub fn unpriced_refusal(unpriced: &[String]) -> String {
+    let example = unpriced
+        .first()
+        .map(|m| {
+            let (stage, rest) = m.split_once(' ').unwrap_or(("llm", m));
+            let (provider, model) = rest.split_once('/').unwrap_or((rest, ""));
+            let price = match stage {
+                "stt" => "{ per_minute = … }",
+                "tts" => "{ per_mchar = … }",
+                _ => "{ input_per_mtok = …, output_per_mtok = … }",
+            };
+            format!("[{stage}.{provider}] \"{model}\" = {price}")
+        })
+        .unwrap_or_default();
+    format!(
+        "a budget is set (ATLAS_SESSION_BUDGET_USD or ATLAS_USER_DAILY_BUDGET_USD) but the price \
+         catalog has no price for {}, so budgets could not limit its spending. Price it in a \
+         catalog file (a copy of the built-in crates/server/prices.toml with e.g. `{example}`) \
+         named by ATLAS_PRICE_CATALOG, or set ATLAS_ALLOW_UNPRICED=true to run with its cost \
+         unknown and budgets not enforced",
+        unpriced.join(", ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,7 +226,7 @@ mod tests {
             ("anthropic", "claude-3-haiku-20240307"),
             "tts-1",
         ));
-        assert_eq!(p.stt_per_minute, Some(4_300));
+        assert_eq!(p.stt_per_minute, Some(4_800));
         assert_eq!(p.llm_input_per_mtok, Some(250_000));
         assert_eq!(p.llm_output_per_mtok, Some(1_250_000));
         assert_eq!(p.tts_per_mchar, Some(15_000_000));
@@ -214,6 +257,51 @@ mod tests {
             (p.stt_per_minute, p.llm_output_per_mtok, p.tts_per_mchar),
             (Some(0), Some(0), Some(0))
         );
+    }
+
+    #[test]
+    fn current_model_ids_are_priced() {
+        let c = Catalog::load(None).unwrap();
+        for (stt, llm, tts) in [
+            (
+                "nova-3",
+                ("anthropic", "claude-sonnet-4-5-20250929"),
+                "gpt-4o-mini-tts",
+            ),
+            (
+                "nova-2",
+                ("anthropic", "claude-opus-4-1-20250805"),
+                "tts-1-hd",
+            ),
+            ("nova-3", ("openai", "gpt-5-mini"), "tts-1"),
+            ("nova-3", ("openai", "gpt-4.1-2025-04-14"), "tts-1"),
+        ] {
+            let m = models(stt, llm, tts);
+            assert_eq!(unpriced(&m, &c.prices(&m)), Vec::<String>::new(), "{m:?}");
+        }
+        // A dated id takes its own family's price, not a shorter family's.
+        let m = models("nova-3", ("anthropic", "claude-opus-4-5-20251101"), "tts-1");
+        assert_eq!(c.prices(&m).llm_input_per_mtok, Some(5_000_000));
+        let m = models("nova-3", ("anthropic", "claude-opus-4-1-20250805"), "tts-1");
+        assert_eq!(c.prices(&m).llm_input_per_mtok, Some(15_000_000));
+    }
+
+    #[test]
+    fn unpriced_models_are_named_with_the_fix() {
+        let c = Catalog::load(None).unwrap();
+        let m = models("nova-9", ("anthropic", "claude-haiku-4-5"), "tts-9");
+        let missing = unpriced(&m, &c.prices(&m));
+        assert_eq!(missing, vec!["stt deepgram/nova-9", "tts openai/tts-9"]);
+        let msg = unpriced_refusal(&missing);
+        assert!(
+            msg.contains("stt deepgram/nova-9, tts openai/tts-9"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("[stt.deepgram] \"nova-9\" = { per_minute = … }"),
+            "{msg}"
+        );
+        assert!(msg.contains("ATLAS_PRICE_CATALOG") && msg.contains("ATLAS_ALLOW_UNPRICED=true"));
     }
 
     #[test]

@@ -209,10 +209,16 @@ pub struct Config {
     pub db_auto_migrate: bool,
     /// Where records wait while the database is unreachable.
     pub spool_dir: std::path::PathBuf,
+    /// Above this many records waiting in the spool the instance stops reporting ready
+    /// (records are still spooled).
+    pub spool_max_records: usize,
     /// How often a running session's record is checkpointed, in seconds.
     pub checkpoint_interval_s: u64,
     /// Price catalog file replacing the built-in one.
     pub price_catalog: Option<std::path::PathBuf>,
+    /// Start even though a budget is set and a configured model has no price (its cost is
+    /// then unknown and budgets cannot stop it).
+    pub allow_unpriced: bool,
     /// Smallest accepted binary frame.
     pub audio_chunk_min_bytes: usize,
     /// Largest accepted binary frame.
@@ -304,8 +310,10 @@ impl Default for Config {
             budget_warn_fraction: 0.8,
             user_daily_budget_usd: None,
             price_catalog: None,
+            allow_unpriced: false,
             db_auto_migrate: true,
             spool_dir: "./data/spool".into(),
+            spool_max_records: 100_000,
             checkpoint_interval_s: 60,
             audio_chunk_min_bytes: 100,
             audio_chunk_max_bytes: 102_400,
@@ -514,6 +522,9 @@ impl Config {
         atlas_store::backend_of(&self.database_url).map_err(|e| ConfigError(e.to_string()))?;
         if self.lease_ttl_s < 2 {
             return fail("ATLAS_LEASE_TTL_S must be at least 2".into());
+        }
+        if self.spool_max_records == 0 {
+            return fail("ATLAS_SPOOL_MAX_RECORDS must be at least 1".into());
         }
         if self.checkpoint_interval_s == 0 {
             return fail("ATLAS_CHECKPOINT_INTERVAL_S must be at least 1".into());

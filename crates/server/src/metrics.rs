@@ -95,9 +95,34 @@ pub fn turn(outcome: &'static str) {
     counter!("atlas_turns_total", "outcome" => outcome).increment(1);
 }
 
-/// A session record went to the spool instead of the database.
-pub fn record_spooled() {
-    counter!("atlas_records_spooled_total").increment(1);
+/// Session records that went to the spool instead of the database.
+pub fn records_spooled(n: usize) {
+    counter!("atlas_records_spooled_total").increment(n as u64);
+}
+
+/// Session records written to the database (checkpoints and final records).
+pub fn records_written(n: usize) {
+    counter!("atlas_records_written_total").increment(n as u64);
+}
+
+/// Session records the database refused for good, moved to the spool's quarantine.
+pub fn records_quarantined(n: usize) {
+    counter!("atlas_records_quarantined_total").increment(n as u64);
+}
+
+/// Whether the last database attempt of the record writer succeeded.
+pub fn database_up(up: bool) {
+    gauge!("atlas_database_up").set(if up { 1.0 } else { 0.0 });
+}
+
+/// Records waiting in the spool.
+pub fn spool_records(n: usize) {
+    gauge!("atlas_spool_records").set(n as f64);
+}
+
+/// Whether the operator allowed models without a price while budgets are set.
+pub fn unpriced_models_allowed(allowed: bool) {
+    gauge!("atlas_unpriced_models_allowed").set(if allowed { 1.0 } else { 0.0 });
 }
 
 /// Spend, in micro-dollars, by stage.

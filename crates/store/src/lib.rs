@@ -36,6 +36,61 @@ pub enum StoreError {
     Io(String),
 }
 
+impl StoreError {
+    /// Whether the database refused this record for good (bad encoding, a violated
+    /// constraint, a value it cannot hold), so writing it again can never succeed. Everything
+    /// else (connection, timeout, lock, disk, permissions, missing table) may pass later.
+    ///
+    /// Decided by the database's own error code: on PostgreSQL the SQLSTATE classes `22`
+    /// (data exception, e.g. a NUL byte in text) and `23` (integrity constraint violation); on
+    /// SQLite the primary result codes `SQLITE_TOOBIG`, `SQLITE_CONSTRAINT` and
+    /// `SQLITE_MISMATCH`. A value the driver cannot encode is permanent as well.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            StoreError::Database(sqlx::Error::Encode(_)) => true,
+            StoreError::Database(sqlx::Error::Database(e)) => {
+                #[cfg(feature = "postgres")]
+                if let Some(pg) = e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                    return matches!(pg.code().get(..2), Some("22" | "23"));
+                }
+                #[cfg(feature = "sqlite")]
+                if e.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                    let extended: i32 = e.code().and_then(|c| c.parse().ok()).unwrap_or(0);
+                    // SQLITE_TOOBIG, SQLITE_CONSTRAINT, SQLITE_MISMATCH.
+                    return matches!(extended & 0xff, 18..=20);
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+}
+
+impl StoreError {
+    /// The message with the database's error code, for the quarantine and logs
+    /// (`… [SQLSTATE 22021]`, `… [SQLite 787]`).
+    pub fn detail(&self) -> String {
+        if let StoreError::Database(sqlx::Error::Database(e)) = self {
+            #[cfg(feature = "postgres")]
+            if let Some(pg) = e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                return format!("{self} [SQLSTATE {}]", pg.code());
+            }
+            if let Some(code) = e.code() {
+                return format!("{self} [SQLite {code}]");
+            }
+        }
+        self.to_string()
+    }
+}
+
+/// What a batch write did: every record not listed was written (or was older than the stored
+/// row, which is kept).
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Records the database refused for good, by index in the batch, with the error.
+    pub rejected: Vec<(usize, StoreError)>,
+}
+
 /// A boxed `Send` future. The public async entry points return these so that callers can
 /// spawn them: it makes the compiler check `Send` for sqlx's executor futures at their
 /// definition, where the lifetimes are concrete.
@@ -164,18 +219,74 @@ impl Store {
         .map_err(StoreError::from)
     }
 
-    /// Writes a session and its turns in one transaction; writing the same snapshot again
-    /// changes nothing (rows are keyed by session id and turn index).
+    /// Writes a session and its turns in one transaction. A row is replaced only by a
+    /// snapshot with a higher sequence, so writing the same or an older snapshot again changes
+    /// nothing.
     pub fn write<'a>(&'a self, snap: &'a Snapshot) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.write_inner(snap))
+        Box::pin(async move {
+            match self
+                .write_batch(std::slice::from_ref(snap))
+                .await?
+                .rejected
+                .pop()
+            {
+                Some((_, e)) => Err(e),
+                None => Ok(()),
+            }
+        })
     }
 
-    async fn write_inner(&self, snap: &Snapshot) -> Result<(), StoreError> {
+    /// Writes several snapshots in one transaction. Of several snapshots of one session only
+    /// the newest is written (it supersedes the others). When the database refuses the batch
+    /// for good, each record is written on its own so that only the records at fault are
+    /// rejected ([`BatchOutcome::rejected`]); a transient failure fails the call and nothing
+    /// can be assumed written.
+    pub fn write_batch<'a>(
+        &'a self,
+        snaps: &'a [Snapshot],
+    ) -> BoxFuture<'a, Result<BatchOutcome, StoreError>> {
+        Box::pin(async move {
+            let mut outcome = BatchOutcome::default();
+            let mut newest: std::collections::HashMap<uuid::Uuid, usize> =
+                std::collections::HashMap::new();
+            for (i, s) in snaps.iter().enumerate() {
+                let slot = newest.entry(s.session.id).or_insert(i);
+                if snaps[*slot].seq < s.seq {
+                    *slot = i;
+                }
+            }
+            let mut keep: Vec<usize> = newest.into_values().collect();
+            keep.sort_unstable();
+            let batch: Vec<&Snapshot> = keep.iter().map(|&i| &snaps[i]).collect();
+            if batch.is_empty() {
+                return Ok(outcome);
+            }
+            match self.write_inner(&batch).await {
+                Ok(()) => return Ok(outcome),
+                Err(e) if !e.is_permanent() => return Err(e),
+                Err(e) if batch.len() == 1 => {
+                    outcome.rejected.push((keep[0], e));
+                    return Ok(outcome);
+                }
+                Err(_) => {}
+            }
+            for (&i, snap) in keep.iter().zip(&batch) {
+                match self.write_inner(std::slice::from_ref(snap)).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_permanent() => outcome.rejected.push((i, e)),
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(outcome)
+        })
+    }
+
+    async fn write_inner(&self, snaps: &[&Snapshot]) -> Result<(), StoreError> {
         match self {
             #[cfg(feature = "sqlite")]
-            Store::Sqlite(p) => records::write_sqlite(p, snap).await,
+            Store::Sqlite(p) => records::write_sqlite(p, snaps).await,
             #[cfg(feature = "postgres")]
-            Store::Postgres(p) => records::write_postgres(p, snap).await,
+            Store::Postgres(p) => records::write_postgres(p, snaps).await,
         }
     }
 

@@ -442,8 +442,10 @@ fn normalise(s: &str) -> String {
         .to_lowercase()
 }
 
-/// Checks names, header comments, idempotency and destructive statements.
-pub fn lint(file_names: &[String], migrations: &[Migration]) -> Vec<LintIssue> {
+/// Checks names, header comments, idempotency and destructive statements. SQLite has no
+/// `ADD COLUMN IF NOT EXISTS`: its migrations are applied once each by the server (recorded in
+/// its ledger), so a plain `ADD COLUMN` is accepted there.
+pub fn lint(backend: Backend, file_names: &[String], migrations: &[Migration]) -> Vec<LintIssue> {
     let mut issues = Vec::new();
     let mut push = |file: &str, severity, message: String| {
         issues.push(LintIssue {
@@ -535,7 +537,10 @@ pub fn lint(file_names: &[String], migrations: &[Migration]) -> Vec<LintIssue> {
                     format!("not idempotent (guard it in a DO block): {first}…"),
                 );
             }
-            if s.contains(" add column ") && !s.contains(" add column if not exists ") {
+            if backend == Backend::Postgres
+                && s.contains(" add column ")
+                && !s.contains(" add column if not exists ")
+            {
                 push(
                     f,
                     Severity::Error,
@@ -580,6 +585,51 @@ pub fn lint(file_names: &[String], migrations: &[Migration]) -> Vec<LintIssue> {
         }
     }
     issues
+}
+
+/// Migrations and statements of one month, for `db list`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MonthCounts {
+    /// `YYYY-MM` of the migrations' versions.
+    pub month: String,
+    /// Migrations in that month.
+    pub migrations: usize,
+    /// Statements by kind (`create table`, `create index`, `alter table`, `create policy`…).
+    pub kinds: std::collections::BTreeMap<String, usize>,
+}
+
+/// The kind of a statement: its verb and object, e.g. `create index` for
+/// `CREATE UNIQUE INDEX …`, `create function` for `CREATE OR REPLACE FUNCTION …`.
+pub fn statement_kind(stmt: &str) -> String {
+    let s = normalise(stmt);
+    let mut words = s
+        .split(|c: char| c.is_whitespace() || c == '(' || c == '$')
+        .filter(|w| !w.is_empty() && !matches!(*w, "or" | "replace" | "unique" | "concurrently"));
+    let first = words.next().unwrap_or("");
+    match first {
+        "create" | "alter" | "drop" => format!("{first} {}", words.next().unwrap_or("")),
+        _ => first.to_owned(),
+    }
+}
+
+/// Counts per month and statement kind, oldest month first.
+pub fn counts(migrations: &[Migration]) -> Vec<MonthCounts> {
+    let mut by_month: std::collections::BTreeMap<String, MonthCounts> = Default::default();
+    for m in migrations {
+        let month = format!("{}-{}", &m.version[..4], &m.version[4..6]);
+        let entry = by_month
+            .entry(month.clone())
+            .or_insert_with(|| MonthCounts {
+                month,
+                migrations: 0,
+                kinds: Default::default(),
+            });
+        entry.migrations += 1;
+        for s in &m.statements {
+            *entry.kinds.entry(statement_kind(s)).or_default() += 1;
+        }
+    }
+    by_month.into_values().collect()
 }
 
 /// Creates a new migration pair (Postgres and SQLite) stamped with `now`; returns the paths.
@@ -656,7 +706,7 @@ mod tests {
             let ms = embedded(backend);
             assert!(!ms.is_empty());
             let names: Vec<String> = ms.iter().map(|m| m.file_name.clone()).collect();
-            let issues = lint(&names, &ms);
+            let issues = lint(backend, &names, &ms);
             assert!(issues.is_empty(), "{backend:?}: {issues:#?}");
         }
     }
@@ -670,7 +720,7 @@ mod tests {
             "20260101000000_bad.sql".to_owned(),
             "2026_oops.sql".to_owned(),
         ];
-        let issues = lint(&names, &ms);
+        let issues = lint(Backend::Postgres, &names, &ms);
         let text = format!("{issues:#?}");
         assert!(text.contains("name must be"), "{text}");
         assert!(text.contains("start with a comment"));
@@ -679,6 +729,42 @@ mod tests {
         assert!(text.contains("DROP POLICY IF EXISTS"));
         assert!(text.contains("drops a column"));
         assert!(text.contains("deletes every row"));
+    }
+
+    #[test]
+    fn sqlite_may_add_columns_without_if_not_exists_postgres_may_not() {
+        let sql = "-- Purpose: a column.\nalter table t add column c integer;\n";
+        let ms = vec![from_parts("20260101000000_c.sql", sql).unwrap()];
+        let names = vec!["20260101000000_c.sql".to_owned()];
+        assert!(lint(Backend::Sqlite, &names, &ms).is_empty());
+        let pg = lint(Backend::Postgres, &names, &ms);
+        assert!(
+            format!("{pg:?}").contains("ADD COLUMN IF NOT EXISTS"),
+            "{pg:?}"
+        );
+    }
+
+    #[test]
+    fn counts_group_by_month_and_statement_kind() {
+        let a = from_parts(
+            "20261101000000_a.sql",
+            "-- a\ncreate table if not exists t (x int);\ncreate unique index if not exists i on t (x);\n",
+        )
+        .unwrap();
+        let b = from_parts(
+            "20261124000000_b.sql",
+            "-- b\ncreate or replace function f() returns int language sql as $$ select 1 $$;\ncreate index if not exists j on t (x);\n",
+        )
+        .unwrap();
+        let c = from_parts("20261201000000_c.sql", "-- c\ngrant select on t to anon;\n").unwrap();
+        let counts = counts(&[a, b, c]);
+        assert_eq!(counts.len(), 2);
+        assert_eq!(counts[0].month, "2026-11");
+        assert_eq!(counts[0].migrations, 2);
+        assert_eq!(counts[0].kinds.get("create index"), Some(&2));
+        assert_eq!(counts[0].kinds.get("create table"), Some(&1));
+        assert_eq!(counts[0].kinds.get("create function"), Some(&1));
+        assert_eq!(counts[1].kinds.get("grant"), Some(&1));
     }
 
     #[test]

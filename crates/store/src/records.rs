@@ -4,7 +4,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::StoreError;
+use crate::{Backend, StoreError};
 
 /// One row of `voice_sessions`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -85,6 +85,11 @@ pub struct TurnRecord {
 /// A session and its turns, written together.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
+    /// Order of this snapshot among its session's snapshots: a row is only ever replaced by a
+    /// snapshot with a higher sequence. Assigned by the server's recorder when the snapshot is
+    /// submitted; 0 in records spooled by older versions.
+    #[serde(default)]
+    pub seq: u64,
     /// The session row.
     pub session: SessionRecord,
     /// Its turns.
@@ -95,159 +100,298 @@ fn ts(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-const SESSION_COLUMNS: &str = "id, user_id, conversation_id, started_at, ended_at, duration_ms, \
-    end_reason, turns, stt_seconds, llm_input_tokens, llm_output_tokens, tts_chars, \
-    stt_cost_micros, llm_cost_micros, tts_cost_micros, total_cost_micros, stt_model, llm_model, \
-    tts_model, price_catalog_version, client_name, client_version, updated_at";
+/// One value of a row, typed once for both backends.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Val<'a> {
+    Id(Uuid),
+    Text(&'a str),
+    OptText(Option<&'a str>),
+    Int(i64),
+    OptInt(Option<i64>),
+    Int32(i32),
+    OptInt32(Option<i32>),
+    Real(f64),
+    Bool(bool),
+    Time(DateTime<Utc>),
+    OptTime(Option<DateTime<Utc>>),
+}
 
-const SESSION_UPDATES: &str = "user_id = excluded.user_id, conversation_id = excluded.conversation_id, \
-    started_at = excluded.started_at, ended_at = excluded.ended_at, duration_ms = excluded.duration_ms, \
-    end_reason = excluded.end_reason, turns = excluded.turns, stt_seconds = excluded.stt_seconds, \
-    llm_input_tokens = excluded.llm_input_tokens, llm_output_tokens = excluded.llm_output_tokens, \
-    tts_chars = excluded.tts_chars, stt_cost_micros = excluded.stt_cost_micros, \
-    llm_cost_micros = excluded.llm_cost_micros, tts_cost_micros = excluded.tts_cost_micros, \
-    total_cost_micros = excluded.total_cost_micros, stt_model = excluded.stt_model, \
-    llm_model = excluded.llm_model, tts_model = excluded.tts_model, \
-    price_catalog_version = excluded.price_catalog_version, client_name = excluded.client_name, \
-    client_version = excluded.client_version, updated_at = excluded.updated_at";
+// The statement plan shared by both backends: column lists, the values bound for each row in
+// column order, and the SQL built from them.
 
-const TURN_COLUMNS: &str = "session_id, turn_index, user_id, user_text, assistant_text, interrupted, \
-    eos_to_final_ms, llm_first_token_ms, tts_first_audio_ms, to_first_audio_ms, created_at";
+const SESSION_COLUMNS: [&str; 24] = [
+    "id",
+    "user_id",
+    "conversation_id",
+    "started_at",
+    "ended_at",
+    "duration_ms",
+    "end_reason",
+    "turns",
+    "stt_seconds",
+    "llm_input_tokens",
+    "llm_output_tokens",
+    "tts_chars",
+    "stt_cost_micros",
+    "llm_cost_micros",
+    "tts_cost_micros",
+    "total_cost_micros",
+    "stt_model",
+    "llm_model",
+    "tts_model",
+    "price_catalog_version",
+    "client_name",
+    "client_version",
+    "record_seq",
+    "updated_at",
+];
 
-const TURN_UPDATES: &str = "user_id = excluded.user_id, user_text = excluded.user_text, \
-    assistant_text = excluded.assistant_text, interrupted = excluded.interrupted, \
-    eos_to_final_ms = excluded.eos_to_final_ms, llm_first_token_ms = excluded.llm_first_token_ms, \
-    tts_first_audio_ms = excluded.tts_first_audio_ms, to_first_audio_ms = excluded.to_first_audio_ms, \
-    created_at = excluded.created_at";
+const TURN_COLUMNS: [&str; 11] = [
+    "session_id",
+    "turn_index",
+    "user_id",
+    "user_text",
+    "assistant_text",
+    "interrupted",
+    "eos_to_final_ms",
+    "llm_first_token_ms",
+    "tts_first_audio_ms",
+    "to_first_audio_ms",
+    "created_at",
+];
 
-fn placeholders(n: usize, dollar: bool) -> String {
-    (1..=n)
-        .map(|i| {
-            if dollar {
-                format!("${i}")
-            } else {
-                format!("?{i}")
-            }
+/// Session rows per statement (24 parameters each).
+pub(crate) const SESSION_ROWS: usize = 100;
+/// Turn rows per statement (11 parameters each).
+pub(crate) const TURN_ROWS: usize = 500;
+
+pub(crate) fn session_values(snap: &Snapshot, now: DateTime<Utc>) -> [Val<'_>; 24] {
+    let s = &snap.session;
+    [
+        Val::Id(s.id),
+        Val::Text(&s.user_id),
+        Val::OptText(s.conversation_id.as_deref()),
+        Val::Time(s.started_at),
+        Val::OptTime(s.ended_at),
+        Val::Int(s.duration_ms),
+        Val::OptText(s.end_reason.as_deref()),
+        Val::Int32(s.turns),
+        Val::Real(s.stt_seconds),
+        Val::Int(s.llm_input_tokens),
+        Val::Int(s.llm_output_tokens),
+        Val::Int(s.tts_chars),
+        Val::OptInt(s.stt_cost_micros),
+        Val::OptInt(s.llm_cost_micros),
+        Val::OptInt(s.tts_cost_micros),
+        Val::OptInt(s.total_cost_micros),
+        Val::OptText(s.stt_model.as_deref()),
+        Val::OptText(s.llm_model.as_deref()),
+        Val::OptText(s.tts_model.as_deref()),
+        Val::OptText(s.price_catalog_version.as_deref()),
+        Val::OptText(s.client_name.as_deref()),
+        Val::OptText(s.client_version.as_deref()),
+        Val::Int(i64::try_from(snap.seq).unwrap_or(i64::MAX)),
+        Val::Time(now),
+    ]
+}
+
+pub(crate) fn turn_values(t: &TurnRecord) -> [Val<'_>; 11] {
+    [
+        Val::Id(t.session_id),
+        Val::Int32(t.turn_index),
+        Val::Text(&t.user_id),
+        Val::Text(&t.user_text),
+        Val::Text(&t.assistant_text),
+        Val::Bool(t.interrupted),
+        Val::OptInt32(t.eos_to_final_ms),
+        Val::OptInt32(t.llm_first_token_ms),
+        Val::OptInt32(t.tts_first_audio_ms),
+        Val::OptInt32(t.to_first_audio_ms),
+        Val::Time(t.created_at),
+    ]
+}
+
+fn values_clause(backend: Backend, rows: usize, width: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let cells: Vec<String> = (1..=width)
+                .map(|c| match backend {
+                    Backend::Postgres => format!("${}", r * width + c),
+                    Backend::Sqlite => format!("?{}", r * width + c),
+                })
+                .collect();
+            format!("({})", cells.join(", "))
         })
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-#[cfg(feature = "sqlite")]
-pub(crate) async fn write_sqlite(
-    pool: &sqlx::SqlitePool,
-    snap: &Snapshot,
-) -> Result<(), StoreError> {
-    let s = &snap.session;
-    let mut tx = pool.begin().await?;
-    let sql = format!(
-        "insert into voice_sessions ({SESSION_COLUMNS}) values ({}) on conflict (id) do update set {SESSION_UPDATES}",
-        placeholders(23, false)
-    );
-    sqlx::query(&sql)
-        .bind(s.id.to_string())
-        .bind(&s.user_id)
-        .bind(&s.conversation_id)
-        .bind(ts(&s.started_at))
-        .bind(s.ended_at.as_ref().map(ts))
-        .bind(s.duration_ms)
-        .bind(&s.end_reason)
-        .bind(s.turns)
-        .bind(s.stt_seconds)
-        .bind(s.llm_input_tokens)
-        .bind(s.llm_output_tokens)
-        .bind(s.tts_chars)
-        .bind(s.stt_cost_micros)
-        .bind(s.llm_cost_micros)
-        .bind(s.tts_cost_micros)
-        .bind(s.total_cost_micros)
-        .bind(&s.stt_model)
-        .bind(&s.llm_model)
-        .bind(&s.tts_model)
-        .bind(&s.price_catalog_version)
-        .bind(&s.client_name)
-        .bind(&s.client_version)
-        .bind(ts(&Utc::now()))
-        .execute(&mut *tx)
-        .await?;
-    let sql = format!(
-        "insert into voice_turns ({TURN_COLUMNS}) values ({}) on conflict (session_id, turn_index) do update set {TURN_UPDATES}",
-        placeholders(11, false)
-    );
-    for t in &snap.turns {
-        sqlx::query(&sql)
-            .bind(t.session_id.to_string())
-            .bind(t.turn_index)
-            .bind(&t.user_id)
-            .bind(&t.user_text)
-            .bind(&t.assistant_text)
-            .bind(t.interrupted)
-            .bind(t.eos_to_final_ms)
-            .bind(t.llm_first_token_ms)
-            .bind(t.tts_first_audio_ms)
-            .bind(t.to_first_audio_ms)
-            .bind(ts(&t.created_at))
-            .execute(&mut *tx)
-            .await?;
+fn updates(columns: &[&str], key: &[&str]) -> String {
+    columns
+        .iter()
+        .filter(|c| !key.contains(c))
+        .map(|c| format!("{c} = excluded.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn table(backend: Backend, name: &str) -> String {
+    match backend {
+        Backend::Postgres => format!("public.{name}"),
+        Backend::Sqlite => name.to_owned(),
     }
-    tx.commit().await?;
-    Ok(())
+}
+
+/// Upserts `rows` sessions, replacing a stored row only with a newer sequence; returns the
+/// ids of the rows written.
+pub(crate) fn sessions_sql(backend: Backend, rows: usize) -> String {
+    format!(
+        "insert into {} ({}) values {} on conflict (id) do update set {} \
+         where voice_sessions.record_seq is null or voice_sessions.record_seq < excluded.record_seq \
+         returning id",
+        table(backend, "voice_sessions"),
+        SESSION_COLUMNS.join(", "),
+        values_clause(backend, rows, SESSION_COLUMNS.len()),
+        updates(&SESSION_COLUMNS, &["id"]),
+    )
+}
+
+/// Upserts `rows` turns.
+pub(crate) fn turns_sql(backend: Backend, rows: usize) -> String {
+    format!(
+        "insert into {} ({}) values {} on conflict (session_id, turn_index) do update set {}",
+        table(backend, "voice_turns"),
+        TURN_COLUMNS.join(", "),
+        values_clause(backend, rows, TURN_COLUMNS.len()),
+        updates(&TURN_COLUMNS, &["session_id", "turn_index"]),
+    )
+}
+
+#[cfg(feature = "sqlite")]
+pub(crate) fn bind_sqlite<'q>(
+    q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    v: Val<'q>,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    // SQLite keeps ids and timestamps as text (RFC 3339, UTC).
+    match v {
+        Val::Id(x) => q.bind(x.to_string()),
+        Val::Text(x) => q.bind(x),
+        Val::OptText(x) => q.bind(x),
+        Val::Int(x) => q.bind(x),
+        Val::OptInt(x) => q.bind(x),
+        Val::Int32(x) => q.bind(x),
+        Val::OptInt32(x) => q.bind(x),
+        Val::Real(x) => q.bind(x),
+        Val::Bool(x) => q.bind(x),
+        Val::Time(x) => q.bind(ts(&x)),
+        Val::OptTime(x) => q.bind(x.as_ref().map(ts)),
+    }
 }
 
 #[cfg(feature = "postgres")]
-pub(crate) async fn write_postgres(pool: &sqlx::PgPool, snap: &Snapshot) -> Result<(), StoreError> {
-    let s = &snap.session;
-    let mut tx = pool.begin().await?;
-    let sql = format!(
-        "insert into public.voice_sessions ({SESSION_COLUMNS}) values ({}) on conflict (id) do update set {SESSION_UPDATES}",
-        placeholders(23, true)
-    );
-    sqlx::query(&sql)
-        .bind(s.id)
-        .bind(&s.user_id)
-        .bind(&s.conversation_id)
-        .bind(s.started_at)
-        .bind(s.ended_at)
-        .bind(s.duration_ms)
-        .bind(&s.end_reason)
-        .bind(s.turns)
-        .bind(s.stt_seconds)
-        .bind(s.llm_input_tokens)
-        .bind(s.llm_output_tokens)
-        .bind(s.tts_chars)
-        .bind(s.stt_cost_micros)
-        .bind(s.llm_cost_micros)
-        .bind(s.tts_cost_micros)
-        .bind(s.total_cost_micros)
-        .bind(&s.stt_model)
-        .bind(&s.llm_model)
-        .bind(&s.tts_model)
-        .bind(&s.price_catalog_version)
-        .bind(&s.client_name)
-        .bind(&s.client_version)
-        .bind(Utc::now())
-        .execute(&mut *tx)
-        .await?;
-    let sql = format!(
-        "insert into public.voice_turns ({TURN_COLUMNS}) values ({}) on conflict (session_id, turn_index) do update set {TURN_UPDATES}",
-        placeholders(11, true)
-    );
-    for t in &snap.turns {
-        sqlx::query(&sql)
-            .bind(t.session_id)
-            .bind(t.turn_index)
-            .bind(&t.user_id)
-            .bind(&t.user_text)
-            .bind(&t.assistant_text)
-            .bind(t.interrupted)
-            .bind(t.eos_to_final_ms)
-            .bind(t.llm_first_token_ms)
-            .bind(t.tts_first_audio_ms)
-            .bind(t.to_first_audio_ms)
-            .bind(t.created_at)
-            .execute(&mut *tx)
-            .await?;
+pub(crate) fn bind_postgres<'q>(
+    q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    v: Val<'q>,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    match v {
+        Val::Id(x) => q.bind(x),
+        Val::Text(x) => q.bind(x),
+        Val::OptText(x) => q.bind(x),
+        Val::Int(x) => q.bind(x),
+        Val::OptInt(x) => q.bind(x),
+        Val::Int32(x) => q.bind(x),
+        Val::OptInt32(x) => q.bind(x),
+        Val::Real(x) => q.bind(x),
+        Val::Bool(x) => q.bind(x),
+        Val::Time(x) => q.bind(x),
+        Val::OptTime(x) => q.bind(x),
     }
-    tx.commit().await?;
-    Ok(())
+}
+
+/// Writes `snaps` (at most one per session) in one transaction with the shared plan: the
+/// sessions first, then the turns of the sessions whose rows were written (an older snapshot
+/// changes nothing).
+macro_rules! write_with_plan {
+    ($pool:expr, $snaps:expr, $backend:expr, $bind:path, $id:ty, $parse:expr) => {{
+        use sqlx::Row as _;
+        let now = Utc::now();
+        let mut tx = $pool.begin().await?;
+        let mut written = std::collections::HashSet::new();
+        for chunk in $snaps.chunks(SESSION_ROWS) {
+            let sql = sessions_sql($backend, chunk.len());
+            let mut q = sqlx::query(&sql).persistent(false);
+            for snap in chunk {
+                for v in session_values(snap, now) {
+                    q = $bind(q, v);
+                }
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                let id: $id = row.try_get(0)?;
+                written.insert($parse(id));
+            }
+        }
+        let turns: Vec<&TurnRecord> = $snaps
+            .iter()
+            .filter(|s| written.contains(&Some(s.session.id)))
+            .flat_map(|s| s.turns.iter())
+            .collect();
+        for chunk in turns.chunks(TURN_ROWS) {
+            let sql = turns_sql($backend, chunk.len());
+            let mut q = sqlx::query(&sql).persistent(false);
+            for t in chunk {
+                for v in turn_values(t) {
+                    q = $bind(q, v);
+                }
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }};
+}
+
+#[cfg(feature = "sqlite")]
+pub(crate) async fn write_sqlite(
+    pool: &sqlx::SqlitePool,
+    snaps: &[&Snapshot],
+) -> Result<(), StoreError> {
+    write_with_plan!(
+        pool,
+        snaps,
+        Backend::Sqlite,
+        bind_sqlite,
+        String,
+        |id: String| { Uuid::parse_str(&id).ok() }
+    )
+}
+
+#[cfg(feature = "postgres")]
+pub(crate) async fn write_postgres(
+    pool: &sqlx::PgPool,
+    snaps: &[&Snapshot],
+) -> Result<(), StoreError> {
+    write_with_plan!(pool, snaps, Backend::Postgres, bind_postgres, Uuid, Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_plan_serves_both_backends() {
+        let pg = sessions_sql(Backend::Postgres, 2);
+        let lite = sessions_sql(Backend::Sqlite, 2);
+        assert!(
+            pg.contains("($25, $26,") && pg.ends_with("returning id"),
+            "{pg}"
+        );
+        assert!(lite.contains("(?25, ?26,") && lite.starts_with("insert into voice_sessions "));
+        for sql in [&pg, &lite] {
+            assert!(sql.contains("voice_sessions.record_seq < excluded.record_seq"));
+            assert!(!sql.contains("id = excluded.id"));
+        }
+        let t = turns_sql(Backend::Postgres, 1);
+        assert!(t.contains("user_text = excluded.user_text"));
+        assert!(!t.contains("turn_index = excluded"));
+    }
 }

@@ -1073,6 +1073,7 @@ impl Driver {
         let usage = self.machine.ledger().usage();
         let cost = self.machine.ledger().cost();
         atlas_store::Snapshot {
+            seq: 0, // numbered by the recorder
             session: atlas_store::SessionRecord {
                 id: self.record_id(),
                 user_id: self.identity.user_id.clone(),

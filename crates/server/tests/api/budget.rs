@@ -7,10 +7,10 @@ use atlas_protocol::{ErrorCode, ServerEvent, Usage};
 
 use crate::helpers::*;
 
-/// nova-3 $0.0043/min, claude-haiku-4-5 $1/$5 per MTok, tts-1 $15/MChar, in micro-dollars.
+/// nova-3 $0.0048/min, claude-haiku-4-5 $1/$5 per MTok, tts-1 $15/MChar, in micro-dollars.
 fn expected_micros(u: &Usage) -> u64 {
     let stt_ms = (u.stt_seconds * 1000.0) as u64;
-    let stt = (stt_ms * 4_300 + 30_000) / 60_000;
+    let stt = (stt_ms * 4_800 + 30_000) / 60_000;
     let llm =
         (u.llm_input_tokens * 1_000_000 + u.llm_output_tokens * 5_000_000 + 500_000) / 1_000_000;
     let tts = u.tts_chars * 15;
@@ -52,8 +52,100 @@ async fn usage_events_carry_the_catalog_cost_of_what_was_used() {
 }
 
 #[tokio::test]
+async fn an_unpriced_model_with_a_budget_refuses_to_start_and_names_the_fix() {
+    let fakes = atlas_fakes::Fakes::start(fast_fakes(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = atlas_server::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..atlas_server::Config::default()
+    };
+    config.use_provider_urls(
+        fakes.deepgram_url(),
+        fakes.anthropic_url(),
+        fakes.openai_url(),
+    );
+    config.jwt_secret = Some(secrecy::SecretString::from(SECRET));
+    config.database_url = format!("sqlite://{}/atlas.db", dir.path().display());
+    config.spool_dir = dir.path().join("spool");
+    config.tts_model = "gpt-4o-mini-tts-2099-01-01x".into();
+    config.session_budget_usd = 0.0001;
+    let err = atlas_server::Application::build(config.clone())
+        .await
+        .err()
+        .expect("refuses to start")
+        .to_string();
+    assert!(
+        err.contains("tts openai/gpt-4o-mini-tts-2099-01-01x"),
+        "{err}"
+    );
+    assert!(err.contains("ATLAS_PRICE_CATALOG"), "{err}");
+    assert!(err.contains("ATLAS_ALLOW_UNPRICED=true"), "{err}");
+    // A daily budget alone is a budget too.
+    config.session_budget_usd = 0.0;
+    config.user_daily_budget_usd = Some(1.0);
+    assert!(
+        atlas_server::Application::build(config.clone())
+            .await
+            .is_err()
+    );
+    // Without any budget there is nothing to enforce: it starts.
+    config.user_daily_budget_usd = None;
+    assert!(
+        atlas_server::Application::build(config.clone())
+            .await
+            .is_ok()
+    );
+    // Priced by a catalog override file: it starts with the budget.
+    let catalog = dir.path().join("prices.toml");
+    let text = atlas_server::catalog::BUILT_IN.replace(
+        "[tts.openai]\n",
+        "[tts.openai]\n\"gpt-4o-mini-tts-2099-01-01x\" = { per_mchar = 12.0 }\n",
+    );
+    std::fs::write(&catalog, text).unwrap();
+    config.price_catalog = Some(catalog);
+    config.session_budget_usd = 0.0001;
+    assert!(atlas_server::Application::build(config).await.is_ok());
+}
+
+#[tokio::test]
+async fn the_unpriced_opt_in_is_shown_in_readiness_and_metrics() {
+    let app = spawn_app_with(fast_fakes(), |c| {
+        c.llm_model = "claude-unreleased".into();
+        c.allow_unpriced = true;
+    })
+    .await;
+    let body: serde_json::Value = reqwest::get(format!("http://{}/readyz", app.addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["unpriced_models_allowed"], true, "{body}");
+    assert_eq!(
+        body["unpriced_models"],
+        serde_json::json!(["llm anthropic/claude-unreleased"])
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", app.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("atlas_unpriced_models_allowed"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn an_unknown_model_makes_the_cost_unknown_not_zero() {
-    let app = spawn_app_with(fast_fakes(), |c| c.llm_model = "claude-unreleased".into()).await;
+    let app = spawn_app_with(fast_fakes(), |c| {
+        c.llm_model = "claude-unreleased".into();
+        c.allow_unpriced = true;
+    })
+    .await;
     let (mut conn, _) = app.start("payer", 24_000).await;
     stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
     let mut items = collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;

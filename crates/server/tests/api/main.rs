@@ -6,6 +6,7 @@ mod browser;
 mod budget;
 mod client;
 mod cluster;
+mod durability;
 mod faults;
 mod gateway;
 mod helpers;

@@ -399,3 +399,33 @@ async fn a_client_that_never_reads_is_dropped_and_its_session_detached() {
     }
     assert!(detached, "the slow consumer was not dropped");
 }
+
+#[tokio::test]
+async fn control_characters_in_recorded_strings_are_refused_at_start() {
+    let app = spawn_app().await;
+    let mut conn = app.connect("u").await;
+    for field in [
+        r#""conversation_id":"a\u0000b""#,
+        r#""client":{"name":"web\u0000"}"#,
+        r#""client":{"name":"web","version":"1\u0000"}"#,
+        r#""voice":"alloy\u0000""#,
+        r#""language":"en\u0000""#,
+    ] {
+        conn.sender
+            .send_raw(Message::text(format!(
+                r#"{{"type":"session.start",{field}}}"#
+            )))
+            .await
+            .unwrap();
+        expect_error(&mut conn, ErrorCode::InvalidMessage).await;
+    }
+    // The connection is still usable: a clean start succeeds.
+    conn.sender
+        .send(&start_message(16_000, 24_000))
+        .await
+        .unwrap();
+    collect_until(&mut conn, Duration::from_secs(5), |i| {
+        matches!(event(i), Some(ServerEvent::SessionStarted { .. }))
+    })
+    .await;
+}

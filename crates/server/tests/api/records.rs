@@ -110,8 +110,8 @@ fn assert_row_matches(row: &SessionRow, usage: &Usage) {
     assert_eq!(row.llm_output_tokens as u64, usage.llm_output_tokens);
     assert_eq!(row.tts_chars as u64, usage.tts_chars);
     assert!((row.stt_seconds - usage.stt_seconds).abs() < 0.01);
-    // nova-3 $0.0043/min, claude-haiku-4-5 $1/$5 per MTok, tts-1 $15/MChar.
-    let stt = ((row.stt_seconds * 1000.0) as i64 * 4_300 + 30_000) / 60_000;
+    // nova-3 $0.0048/min, claude-haiku-4-5 $1/$5 per MTok, tts-1 $15/MChar.
+    let stt = ((row.stt_seconds * 1000.0) as i64 * 4_800 + 30_000) / 60_000;
     let llm = (row.llm_input_tokens * 1_000_000 + row.llm_output_tokens * 5_000_000 + 500_000)
         / 1_000_000;
     let tts = row.tts_chars * 15;
@@ -287,6 +287,7 @@ async fn postgres_down_mid_session_spools_then_replays_exactly_once() {
 fn record(user: &str) -> Snapshot {
     let now = chrono::Utc::now();
     Snapshot {
+        seq: 1,
         session: SessionRecord {
             id: uuid::Uuid::new_v4(),
             user_id: user.into(),
@@ -326,7 +327,7 @@ async fn postgres_row_level_security_isolates_users() {
     )
     .await
     .unwrap();
-    assert_eq!(applied.len(), 3);
+    assert_eq!(applied.len(), 4);
     let a = "11111111-1111-4111-8111-111111111111";
     let b = "22222222-2222-4222-8222-222222222222";
     for user in [a, a, b] {
@@ -430,10 +431,11 @@ async fn postgres_db_status_lint_and_diff_report_each_state() {
             ("20261124000002".into(), State::Applied),
             ("20261124000003".into(), State::MissingFromDisk),
             ("20261125000000".into(), State::Pending),
+            ("20261126000000".into(), State::Applied),
         ]
     );
     // Lint: the new migration is not idempotent.
-    let issues = migrate::lint(&names, &ms);
+    let issues = migrate::lint(atlas_store::Backend::Postgres, &names, &ms);
     assert!(issues.iter().any(|i| i.file.contains("add_notes") && i.message.contains("ADD COLUMN IF NOT EXISTS")), "{issues:#?}");
     // Diff: a column added by hand shows up.
     sqlx::raw_sql("alter table voice_sessions add column added_by_hand integer")

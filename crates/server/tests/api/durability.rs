@@ -1,0 +1,425 @@
+//! Records that hold under pressure, on real PostgreSQL and SQLite: a record the database
+//! refuses for good is quarantined while the others replay; snapshots written out of order
+//! never replace a newer one; shutdown with a stalled database loses nothing; readiness
+//! without a database round trip.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::Row;
+use tokio_util::sync::CancellationToken;
+
+use atlas_server::recorder::Recorder;
+use atlas_store::spool::Spool;
+use atlas_store::{SessionRecord, Snapshot, TurnRecord};
+
+use crate::helpers::*;
+use crate::records::PgDb;
+
+fn snapshot(id: uuid::Uuid, seq: u64, ended: bool, turns: i32) -> Snapshot {
+    let now = chrono::Utc::now();
+    Snapshot {
+        seq,
+        session: SessionRecord {
+            id,
+            user_id: "0b3a1c52-8d6e-4f61-9a4f-2f5f7d1e9c01".into(),
+            conversation_id: Some("conv".into()),
+            started_at: now,
+            ended_at: ended.then_some(now),
+            duration_ms: i64::from(turns) * 1000,
+            end_reason: ended.then(|| "client_ended".into()),
+            turns,
+            stt_seconds: f64::from(turns),
+            llm_input_tokens: 10,
+            llm_output_tokens: 10,
+            tts_chars: 10,
+            stt_cost_micros: Some(1),
+            llm_cost_micros: Some(1),
+            tts_cost_micros: Some(1),
+            total_cost_micros: Some(3),
+            stt_model: Some("nova-3".into()),
+            llm_model: Some("claude-haiku-4-5".into()),
+            tts_model: Some("tts-1".into()),
+            price_catalog_version: Some("test".into()),
+            client_name: None,
+            client_version: None,
+        },
+        turns: (1..=turns)
+            .map(|i| TurnRecord {
+                session_id: id,
+                turn_index: i,
+                user_id: "0b3a1c52-8d6e-4f61-9a4f-2f5f7d1e9c01".into(),
+                user_text: format!("question {i}"),
+                assistant_text: format!("answer {i}"),
+                interrupted: false,
+                eos_to_final_ms: Some(100),
+                llm_first_token_ms: None,
+                tts_first_audio_ms: None,
+                to_first_audio_ms: None,
+                created_at: now,
+            })
+            .collect(),
+    }
+}
+
+/// A database under test: its URL for the recorder and a way to query it.
+enum Db {
+    Sqlite {
+        url: String,
+        _dir: tempfile::TempDir,
+    },
+    Postgres(PgDb),
+}
+
+impl Db {
+    fn sqlite() -> Db {
+        let dir = tempfile::tempdir().unwrap();
+        Db::Sqlite {
+            url: format!("sqlite://{}/atlas.db", dir.path().display()),
+            _dir: dir,
+        }
+    }
+
+    async fn postgres() -> Db {
+        Db::Postgres(PgDb::new().await)
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Db::Sqlite { url: u, .. } => u.clone(),
+            Db::Postgres(db) => db.url(),
+        }
+    }
+
+    fn url_via(&self, addr: SocketAddr) -> String {
+        match self {
+            Db::Sqlite { url: u, .. } => u.clone(),
+            Db::Postgres(db) => db.url_via(addr),
+        }
+    }
+
+    /// (id, ended, turns column, turn rows) per session, sorted by id.
+    async fn sessions(&self) -> Vec<(String, bool, i64, i64)> {
+        const Q: &str = "select cast(s.id as text), s.ended_at is not null, s.turns, \
+                 (select count(*) from voice_turns t where t.session_id = s.id) \
+                 from voice_sessions s order by 1";
+        macro_rules! read {
+            ($pool:expr) => {{
+                let pool = $pool;
+                let rows = sqlx::query(Q).fetch_all(&pool).await.unwrap_or_default();
+                pool.close().await;
+                rows.iter()
+                    .map(|r| {
+                        (
+                            r.get::<String, _>(0),
+                            r.get::<bool, _>(1),
+                            i64::from(r.get::<i32, _>(2)),
+                            r.get::<i64, _>(3),
+                        )
+                    })
+                    .collect()
+            }};
+        }
+        match self {
+            Db::Sqlite { url, .. } => read!(sqlx::SqlitePool::connect(url).await.unwrap()),
+            Db::Postgres(db) => read!(sqlx::PgPool::connect(&db.url()).await.unwrap()),
+        }
+    }
+}
+
+async fn start_recorder(
+    url: &str,
+    spool: &Path,
+) -> (Recorder, tokio::task::JoinHandle<()>, CancellationToken) {
+    let stop = CancellationToken::new();
+    let (r, task) = Recorder::start(url, spool, 100_000, true, stop.clone())
+        .await
+        .unwrap();
+    (r, task, stop)
+}
+
+/// Polls `f` every 50 ms for up to `secs` seconds until it holds.
+async fn until<F, Fut>(secs: u64, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+fn files(dir: &Path, suffix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(suffix) && !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// 50 good records and one the database refuses for good sit in the spool; the replay writes
+/// the 50 and quarantines the one, with its error.
+async fn poison_is_quarantined_while_the_rest_replay(db: Db, poison: Snapshot, error_hint: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::new(dir.path().join("spool"));
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let id = uuid::Uuid::new_v4();
+        ids.push(id);
+        spool.put(&snapshot(id, 10 + i, true, 2)).await.unwrap();
+    }
+    spool.put(&poison).await.unwrap();
+    let (_recorder, task, stop) = start_recorder(&db.url(), spool.dir()).await;
+    let replayed = until(20, || async { spool.is_empty().await }).await;
+    assert!(replayed, "the spool drains; left: {}", spool.len().await);
+    let rows = db.sessions().await;
+    assert_eq!(rows.len(), 50, "every good record is written");
+    assert!(rows.iter().all(|r| r.1 && r.2 == 2 && r.3 == 2), "{rows:?}");
+    let q = spool.quarantine_dir();
+    let quarantined = files(&q, ".json");
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    assert!(quarantined[0].starts_with(&poison.session.id.to_string()));
+    let error = std::fs::read_to_string(q.join(format!("{}.error", quarantined[0]))).unwrap();
+    assert!(error.contains(error_hint), "{error}");
+    // Nothing is retried: a later round leaves the quarantine and the rows as they are.
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(files(&q, ".json").len(), 1);
+    assert_eq!(db.sessions().await.len(), 50);
+}
+
+#[tokio::test]
+async fn postgres_a_poison_record_is_quarantined_while_50_others_replay() {
+    // A NUL byte in text: PostgreSQL refuses it (SQLSTATE 22021) however often it is tried.
+    let mut poison = snapshot(uuid::Uuid::new_v4(), 1, true, 1);
+    poison.session.conversation_id = Some("a\0b".into());
+    poison_is_quarantined_while_the_rest_replay(Db::postgres().await, poison, "22021").await;
+}
+
+#[tokio::test]
+async fn sqlite_a_poison_record_is_quarantined_while_50_others_replay() {
+    // A turn of a session that does not exist: a foreign-key violation.
+    let mut poison = snapshot(uuid::Uuid::new_v4(), 1, true, 1);
+    poison.turns[0].session_id = uuid::Uuid::new_v4();
+    poison_is_quarantined_while_the_rest_replay(Db::sqlite(), poison, "FOREIGN KEY").await;
+}
+
+/// The queue overflows: some snapshots are spilled to the spool, some written directly, in no
+/// particular order. Session A's checkpoints spill and its final record goes through the
+/// queue; session B's checkpoints go through the queue and its final record spills. Both end
+/// with their final record.
+async fn a_final_record_is_never_replaced_by_an_older_checkpoint(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let spool_dir = dir.path().join("spool");
+    let (recorder, task, stop) = start_recorder(&db.url(), &spool_dir).await;
+    let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    // Without yielding, nothing drains the 1,024-slot queue: fill it with B's checkpoints.
+    for turn in 0..1024 {
+        recorder.submit(snapshot(b, 0, false, turn % 3));
+    }
+    // The queue is full: A's checkpoints and B's final record spill to the spool.
+    for turn in 0..20 {
+        recorder.submit(snapshot(a, 0, false, turn % 3));
+    }
+    recorder.submit(snapshot(b, 0, true, 3));
+    // Once the queue has drained, A's final record goes through it.
+    let b_written = until(20, || async {
+        db.sessions().await.iter().any(|r| r.0 == b.to_string())
+    })
+    .await;
+    assert!(b_written);
+    recorder.submit(snapshot(a, 0, true, 3));
+    let spool = Spool::new(&spool_dir);
+    let settled = until(30, || async {
+        let rows = db.sessions().await;
+        spool.is_empty().await && rows.len() == 2 && rows.iter().all(|r| r.1)
+    })
+    .await;
+    let rows = db.sessions().await;
+    assert!(settled, "{rows:?}, spooled {}", spool.len().await);
+    for r in &rows {
+        assert_eq!(
+            (r.1, r.2, r.3),
+            (true, 3, 3),
+            "the final record stands: {r:?}"
+        );
+    }
+    // A later replay round changes nothing.
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(db.sessions().await, rows);
+}
+
+#[tokio::test]
+async fn postgres_queue_overflow_never_replaces_a_final_record() {
+    a_final_record_is_never_replaced_by_an_older_checkpoint(Db::postgres().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_queue_overflow_never_replaces_a_final_record() {
+    a_final_record_is_never_replaced_by_an_older_checkpoint(Db::sqlite()).await;
+}
+
+#[tokio::test]
+async fn shutdown_with_a_stalled_database_loses_nothing() {
+    let db = Db::postgres().await;
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 5432)))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spool_dir = dir.path().join("spool");
+    let (recorder, task, stop) = start_recorder(&db.url_via(proxy.addr), &spool_dir).await;
+    let ids: Vec<uuid::Uuid> = (0..50).map(|_| uuid::Uuid::new_v4()).collect();
+    // Half the sessions checkpoint while the database answers.
+    for id in &ids[..25] {
+        recorder.submit(snapshot(*id, 0, false, 1));
+    }
+    assert!(until(20, || async { db.sessions().await.len() == 25 }).await);
+    // The database stalls: connections stay open, nothing comes back.
+    proxy.stall();
+    for id in &ids {
+        recorder.submit(snapshot(*id, 0, true, 2));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = tokio::time::Instant::now();
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the writer stops within its budget although the database hangs")
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took <= atlas_server::recorder::FLUSH_DB_BUDGET + Duration::from_secs(1),
+        "{took:?}"
+    );
+    // Rows ended + records spooled = sessions, each exactly once.
+    proxy.resume();
+    let ended: std::collections::BTreeSet<String> = db
+        .sessions()
+        .await
+        .into_iter()
+        .filter(|r| r.1)
+        .map(|r| r.0)
+        .collect();
+    let spooled: std::collections::BTreeSet<String> = files(&spool_dir, ".json")
+        .into_iter()
+        .map(|n| n.split('.').next().unwrap().to_owned())
+        .collect();
+    let all: std::collections::BTreeSet<String> = ids.iter().map(|i| i.to_string()).collect();
+    let accounted: std::collections::BTreeSet<String> = ended.union(&spooled).cloned().collect();
+    assert_eq!(
+        accounted,
+        all,
+        "ended rows {} + spooled {}",
+        ended.len(),
+        spooled.len()
+    );
+    // The next start replays the spool: every session ends with its final record.
+    let (_r, task, stop) = start_recorder(&db.url(), &spool_dir).await;
+    assert!(
+        until(20, || async {
+            let rows = db.sessions().await;
+            rows.len() == 50 && rows.iter().all(|r| r.1 && r.3 == 2)
+        })
+        .await
+    );
+    assert!(files(&spool_dir, ".json").is_empty());
+    stop.cancel();
+    task.await.unwrap();
+}
+
+async fn readyz(app: &TestApp) -> (u16, serde_json::Value) {
+    let resp = reqwest::get(format!("http://{}/readyz", app.addr))
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn readiness_rides_out_a_database_outage_while_the_spool_has_room() {
+    let db = PgDb::new().await;
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 5432)))
+        .await
+        .unwrap();
+    let url = db.url_via(proxy.addr);
+    let app = spawn_app_with(fast_fakes(), move |c| {
+        c.database_url = url;
+        c.spool_max_records = 2;
+    })
+    .await;
+    let (status, body) = readyz(&app).await;
+    assert_eq!(
+        (status, body["database"].as_str()),
+        (200, Some("up")),
+        "{body}"
+    );
+    // A stalled database does not slow readiness down: no round trip per request.
+    proxy.stall();
+    for _ in 0..20 {
+        let t = tokio::time::Instant::now();
+        let (status, _) = readyz(&app).await;
+        assert_eq!(status, 200);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    proxy.resume();
+    proxy.cut();
+    // A session ends while the database is down: its record is spooled, the instance stays
+    // ready (the spool has room) and says the database is down.
+    let (conn, _) = app.start("u1", 24_000).await;
+    conn.sender
+        .send(&atlas_protocol::ClientMessage::SessionEnd)
+        .await
+        .unwrap();
+    let down = until(10, || async {
+        let (s, b) = readyz(&app).await;
+        s == 200 && b["database"] == "down" && b["spooled_records"] == 1
+    })
+    .await;
+    assert!(down, "{}", readyz(&app).await.1);
+    let metrics = reqwest::get(format!("http://{}/metrics", app.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // (The metrics registry is shared by every test in this process: names only.)
+    assert!(metrics.contains("atlas_database_up"), "{metrics}");
+    assert!(metrics.contains("atlas_spool_records"));
+    // A second one fills the spool to its limit: now the instance is out of rotation.
+    let (conn, _) = app.start("u2", 24_000).await;
+    conn.sender
+        .send(&atlas_protocol::ClientMessage::SessionEnd)
+        .await
+        .unwrap();
+    let full = until(10, || async { readyz(&app).await.0 == 503 }).await;
+    let (_, body) = readyz(&app).await;
+    assert!(full, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ATLAS_SPOOL_MAX_RECORDS"),
+        "{body}"
+    );
+    // The database returns: the spool is replayed and the instance is ready again.
+    proxy.restore();
+    let back = until(40, || async {
+        let (s, b) = readyz(&app).await;
+        s == 200 && b["database"] == "up" && b["spooled_records"] == 0
+    })
+    .await;
+    assert!(back, "{}", readyz(&app).await.1);
+}

@@ -3,7 +3,7 @@
 # CHUNK_MS frames at real-time pace to a server in its own process, wired to the provider
 # fakes in a third process, all on loopback. Prints latency, late/dropped frames, reply-audio
 # gaps and each process's CPU; extra arguments go to `atlas-voice loadtest` (e.g. --json).
-# Usage: [ATLAS_BIN=path] scripts/loadtest.sh [SESSIONS] [CHUNK_MS] [RAMP_MS] [loadtest args...]
+# Usage: [LOADTEST_BIN=path] scripts/loadtest.sh [SESSIONS] [CHUNK_MS] [RAMP_MS] [loadtest args...]
 #        (defaults 1000 20 5; loopback only; stops by itself)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,9 +12,9 @@ n="${1:-1000}"
 chunk="${2:-20}"
 ramp="${3:-5}"
 shift $(($# < 3 ? $# : 3))
-# ATLAS_BIN runs a given build instead (A/B comparisons of two builds on the same machine).
-if [ -n "${ATLAS_BIN:-}" ]; then
-  bin="$ATLAS_BIN"
+# LOADTEST_BIN runs a given build instead (A/B comparisons of two builds on the same machine).
+if [ -n "${LOADTEST_BIN:-}" ]; then
+  bin="$LOADTEST_BIN"
 else
   cargo build --release --locked -p atlas-voice >&2
   bin="$CARGO_TARGET_DIR/release/atlas-voice"

@@ -5,6 +5,7 @@ mod auth;
 mod browser;
 mod budget;
 mod client;
+mod edge;
 mod faults;
 mod gateway;
 mod helpers;

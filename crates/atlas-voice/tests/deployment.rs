@@ -177,8 +177,7 @@ fn the_docs_name_the_commands_and_targets_the_files_use() {
     assert!(docs.contains("--target local"));
     let last_stage = dockerfile
         .lines()
-        .filter(|l| l.starts_with("FROM "))
-        .last()
+        .rfind(|l| l.starts_with("FROM "))
         .unwrap();
     assert!(
         last_stage.ends_with(" AS cloud"),

@@ -60,6 +60,18 @@ if ! redis_up; then
   for _ in $(seq 50); do redis_up && break; sleep 0.2; done
 fi
 
+# The rediss:// test makes a CA and a server certificate with openssl and runs redis-server
+# with TLS on a port of its own.
+if ! command -v openssl >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing openssl and redis-tools"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl redis-tools >/dev/null
+  else
+    echo "the rediss:// test needs openssl and redis-cli" >&2
+    exit 1
+  fi
+fi
+
 # The web page is tested in Debian's headless Chromium driven through chromedriver.
 if ! command -v chromedriver >/dev/null 2>&1 || ! [ -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -72,6 +72,13 @@ pub struct LoadtestArgs {
     /// Process id of the provider fakes, for their CPU (to show they are not the bottleneck).
     #[arg(long)]
     fakes_pid: Option<u32>,
+    /// Also hold this many slow sockets (request line only, or nothing) against the server
+    /// once every session has started, reopening each one the server closes.
+    #[arg(long)]
+    slowloris: Option<usize>,
+    /// The header timeout the server is expected to enforce on the slow sockets, seconds.
+    #[arg(long, default_value_t = 10)]
+    slowloris_limit_s: u64,
     #[command(flatten)]
     latencies: FakeLatencies,
 }
@@ -212,6 +219,29 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
     let own_cpu_before = cpu_seconds(std::process::id());
     let fakes_cpu_before = args.fakes_pid.and_then(cpu_seconds);
     let started = Instant::now();
+    let slow_stop = tokio_util::sync::CancellationToken::new();
+    let slow = match args.slowloris {
+        Some(n) => {
+            let host = http_base
+                .trim_start_matches("http://")
+                .trim_start_matches("https://")
+                .to_owned();
+            let addr = tokio::net::lookup_host(&host)
+                .await?
+                .next()
+                .context("the server's address")?;
+            let (stop, limit) = (
+                slow_stop.clone(),
+                Duration::from_secs(args.slowloris_limit_s),
+            );
+            let after = Duration::from_millis(args.ramp_ms * args.sessions as u64);
+            Some(tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                crate::slowloris::run(addr, n, limit, stop).await
+            }))
+        }
+        None => None,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.sessions {
         let (url, token, frames) = (url.clone(), token.clone(), frames.clone());
@@ -230,6 +260,11 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
         }
     }
     let elapsed = started.elapsed();
+    slow_stop.cancel();
+    let slow = match slow {
+        Some(task) => Some(task.await?),
+        None => None,
+    };
     let dropped_after = server_counter(&http_base, "atlas_audio_frames_dropped_total").await;
     let resources = Resources {
         server_cpu_s: server_pid
@@ -249,6 +284,23 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
         server_dropped_frames: dropped_after.zip(dropped_before).map(|(a, b)| a - b),
     };
     report(&args, &all, elapsed, &resources);
+    if let Some(s) = &slow {
+        if args.json {
+            println!("{}", json!({ "slowloris": s.to_json() }));
+        } else {
+            println!(
+                "slow sockets: {} opened, {} closed by the server (open → closed p50 {} ms, p99 {} ms, max {} ms), {} still open past {} s, {} connect errors",
+                s.opened,
+                s.closed,
+                s.close_p50_ms,
+                s.close_p99_ms,
+                s.close_max_ms,
+                s.open_past_limit,
+                args.slowloris_limit_s,
+                s.connect_errors
+            );
+        }
+    }
     if let Some((fakes, stop)) = _keep {
         stop.cancel();
         fakes.shutdown().await;

@@ -1,7 +1,7 @@
 //! `atlas-voice db`: create, list, check, apply, compare and lint migrations.
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 
@@ -14,9 +14,11 @@ pub struct DbArgs {
     /// Database (defaults to DATABASE_URL / the configuration).
     #[arg(long, env = "DATABASE_URL", global = true)]
     database_url: Option<String>,
-    /// Project root holding `supabase/migrations` and `supabase/sqlite-migrations`.
-    #[arg(long, default_value = ".", global = true)]
-    root: PathBuf,
+    /// Read the migrations from this project root (holding `supabase/migrations` and
+    /// `supabase/sqlite-migrations`) instead of the ones compiled into the binary: for
+    /// development, to see edits without rebuilding. `new` writes there (default: `.`).
+    #[arg(long, global = true)]
+    root: Option<PathBuf>,
     /// Print JSON for scripts (status, list, lint, diff).
     #[arg(long, global = true)]
     json: bool,
@@ -58,15 +60,31 @@ enum DbCommand {
     },
 }
 
-fn folder(root: &std::path::Path, backend: Backend) -> PathBuf {
+fn folder(root: &Path, backend: Backend) -> PathBuf {
     root.join(match backend {
         Backend::Postgres => migrate::POSTGRES_FOLDER,
         Backend::Sqlite => migrate::SQLITE_FOLDER,
     })
 }
 
-fn load(root: &std::path::Path, backend: Backend) -> anyhow::Result<(Vec<String>, Vec<Migration>)> {
-    Ok(migrate::load_dir(&folder(root, backend))?)
+/// The file names (all of them, for lint) and migrations: from `root` when given, else the
+/// ones compiled into the binary.
+fn load(root: Option<&Path>, backend: Backend) -> anyhow::Result<(Vec<String>, Vec<Migration>)> {
+    match root {
+        Some(root) => Ok(migrate::load_dir(&folder(root, backend))?),
+        None => {
+            let ms = migrate::embedded(backend);
+            Ok((ms.iter().map(|m| m.file_name.clone()).collect(), ms))
+        }
+    }
+}
+
+/// Where the migrations are read from, for messages.
+fn source(root: Option<&Path>, backend: Backend) -> String {
+    match root {
+        Some(root) => folder(root, backend).display().to_string(),
+        None => "this binary".into(),
+    }
 }
 
 /// Runs a `db` subcommand; returns the process exit code.
@@ -77,9 +95,11 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
             None => Ok(atlas_server::Config::load_unvalidated(None)?.database_url),
         }
     };
+    let root = args.root.as_deref();
     match args.command {
         DbCommand::New { name } => {
-            for p in migrate::new_migration(&args.root, &name, chrono::Utc::now())? {
+            let root = root.unwrap_or(Path::new("."));
+            for p in migrate::new_migration(root, &name, chrono::Utc::now())? {
                 println!("created {}", p.display());
             }
             Ok(0)
@@ -87,13 +107,13 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
         DbCommand::List => {
             let mut report = serde_json::Map::new();
             for backend in [Backend::Postgres, Backend::Sqlite] {
-                let (_, ms) = load(&args.root, backend)?;
+                let (_, ms) = load(root, backend)?;
                 let counts = migrate::counts(&ms);
                 if args.json {
                     report.insert(
                         label(backend).into(),
                         serde_json::json!({
-                            "folder": folder(&args.root, backend),
+                            "folder": source(root, backend),
                             "migrations": ms.iter().map(|m| serde_json::json!({
                                 "version": m.version, "name": m.name,
                                 "statements": m.statements.len(),
@@ -109,7 +129,7 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
                     "{} ({} migrations in {}):",
                     label(backend),
                     ms.len(),
-                    folder(&args.root, backend).display()
+                    source(root, backend)
                 );
                 for m in &ms {
                     println!(
@@ -140,7 +160,7 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
             let mut warnings = 0;
             let mut found = Vec::new();
             for backend in [Backend::Postgres, Backend::Sqlite] {
-                let (names, ms) = load(&args.root, backend)?;
+                let (names, ms) = load(root, backend)?;
                 for issue in migrate::lint(backend, &names, &ms) {
                     let tag = match issue.severity {
                         Severity::Error => {
@@ -180,7 +200,7 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
         DbCommand::Status => {
             let url = url()?;
             let backend = backend_of(&url)?;
-            let (_, ms) = load(&args.root, backend)?;
+            let (_, ms) = load(root, backend)?;
             let store = Store::connect(&url).await?;
             let states = migrate::status(&store, &ms).await?;
             let count = |st: State| states.iter().filter(|s| s.state == st).count();
@@ -220,7 +240,7 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
         DbCommand::Up { dry_run, yes } => {
             let url = url()?;
             let backend = backend_of(&url)?;
-            let (_, ms) = load(&args.root, backend)?;
+            let (_, ms) = load(root, backend)?;
             let store = Store::connect(&url).await?;
             let pending = migrate::up(&store, &ms, true).await?;
             if pending.is_empty() {
@@ -250,7 +270,7 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
         DbCommand::Diff => {
             let url = url()?;
             let backend = backend_of(&url)?;
-            let (_, ms) = load(&args.root, backend)?;
+            let (_, ms) = load(root, backend)?;
             let store = Store::connect(&url).await?;
             let live = schema::introspect(&store).await?;
             let expected = schema::expected(&url, &ms).await?;
@@ -275,7 +295,7 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
         DbCommand::Pull { name } => {
             let url = url()?;
             let backend = backend_of(&url)?;
-            let (_, ms) = load(&args.root, backend)?;
+            let (_, ms) = load(root, backend)?;
             let store = Store::connect(&url).await?;
             let live = schema::introspect(&store).await?;
             let expected = schema::expected(&url, &ms).await?;
@@ -287,7 +307,8 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
                 println!("nothing to pull: no column or index was added by hand");
                 return Ok(if pull.skipped.is_empty() { 0 } else { 1 });
             }
-            let paths = migrate::new_migration(&args.root, &name, chrono::Utc::now())?;
+            let paths =
+                migrate::new_migration(root.unwrap_or(Path::new(".")), &name, chrono::Utc::now())?;
             for (path, backend) in paths.iter().zip([Backend::Postgres, Backend::Sqlite]) {
                 let statements = match backend {
                     Backend::Postgres => &pull.postgres,

@@ -1,9 +1,12 @@
-//! The `atlas-voice` binary: `serve`, `fakes`, `call`, `token` and `loadtest`.
+//! The `atlas-voice` binary: `serve`, `fakes`, `call`, `token`, `loadtest`, `db`, `models` and
+//! `healthcheck`.
 
 mod bench;
 mod call;
 mod db;
+mod health;
 mod models;
+mod slowloris;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,6 +55,8 @@ enum Command {
     Db(db::DbArgs),
     /// Local engines' models: fetch, verify, list.
     Models(models::ModelsArgs),
+    /// Exit 0 if the server on this machine answers /healthz (container health checks).
+    Healthcheck(health::HealthcheckArgs),
 }
 
 #[derive(Args)]
@@ -219,6 +224,10 @@ async fn main() -> anyhow::Result<()> {
             let code = db::run(args).await?;
             std::process::exit(code);
         }
+        Command::Healthcheck(args) => {
+            let code = health::run(args).await?;
+            std::process::exit(code);
+        }
         Command::Models(args) => {
             let code = tokio::task::spawn_blocking(move || models::run(args)).await??;
             std::process::exit(code);
@@ -266,7 +275,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("atlas-voice listening on http://{addr}  (voice endpoint ws://{addr}/v1/voice)");
     println!("open http://{addr}/ in a browser, press Start and speak");
     if fakes.is_some() {
-        let secret = dev_or_configured_secret(&config)?;
+        // `--fakes` implies dev mode, which accepts the development key.
+        let secret = SecretString::from(DEV_JWT_SECRET);
         let token = auth::mint_token(
             &secret,
             "dev-user",

@@ -3,7 +3,7 @@
 //! the other instance, the daily budget across instances, and Redis going away.
 
 use std::net::SocketAddr;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use atlas_client::{ClientError, ConnectOptions, Connection, Incoming, connect, stream_pcm, wav};
@@ -547,4 +547,165 @@ async fn a_redis_outage_during_lease_refresh_never_admits_a_fourth_session() {
     }
     drop(admitted);
     proxy.restore();
+}
+
+/// A Redis server speaking only TLS on a free loopback port, with a certificate from a CA
+/// made for the test (openssl); stopped on drop.
+struct TlsRedis {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TlsRedis {
+    fn start() -> TlsRedis {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=atlas-voice test CA",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        std::fs::write(
+            dir.path().join("san.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--tls-cert-file",
+                "server.pem",
+                "--tls-key-file",
+                "server.key",
+            ])
+            .args(["--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let redis = TlsRedis { child, port, dir };
+        let began = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                began.elapsed() < Duration::from_secs(10),
+                "redis-server did not open its TLS port"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        redis
+    }
+
+    fn ca(&self) -> String {
+        self.dir.path().join("ca.pem").display().to_string()
+    }
+
+    fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.port)
+    }
+
+    /// Keys under `prefix`, read with redis-cli over TLS.
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        let out = Command::new("redis-cli")
+            .args(["--tls", "--cacert", &self.ca(), "-h", "127.0.0.1"])
+            .args(["-p", &self.port.to_string(), "--scan", "--pattern"])
+            .arg(format!("{prefix}:*"))
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn rediss_urls_use_tls_and_verify_the_server() {
+    let fakes = Fakes::start(fast_fakes(), SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let redis = TlsRedis::start();
+    // The test's CA is trusted through the standard SSL_CERT_FILE.
+    let p = prefix();
+    let trusted = spawn(&fakes, &redis.url(), &p, &[("SSL_CERT_FILE", &redis.ca())]);
+    let (mut conn, _) = start(&trusted.url(), "tls-user", None).await.unwrap();
+    ask(&mut conn, 1).await;
+    let keys = redis.keys(&p);
+    assert!(!keys.is_empty(), "the session's lease is in the TLS Redis");
+    // With only the system's roots the self-made certificate is refused, and so are new
+    // sessions (Redis unavailable), as for any unreachable Redis.
+    let untrusted = spawn(&fakes, &redis.url(), &prefix(), &[]);
+    assert_eq!(
+        start(&untrusted.url(), "tls-user-2", None).await.err(),
+        Some((503, "at_capacity".into()))
+    );
 }

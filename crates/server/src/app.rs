@@ -10,20 +10,15 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::trace::TraceLayer;
 use tracing::info;
 
-use atlas_protocol::{ErrorCode, MAX_TEXT_FRAME_BYTES, SUBPROTOCOL, VOICE_PATH};
-
-use std::net::IpAddr;
-use std::num::NonZeroU32;
+use atlas_protocol::{ErrorCode, SUBPROTOCOL, VOICE_PATH};
 
 use axum::extract::ConnectInfo;
-use governor::{Quota, RateLimiter};
 
 use crate::admission;
 use crate::auth::{AuthError, Authenticator, extract_token};
@@ -55,6 +50,13 @@ impl Application {
     /// Binds the listener with the given engines (tests and embedders).
     pub async fn build_with(config: Config, engines: Engines) -> anyhow::Result<Application> {
         config.validate()?;
+        if config.dev && !config.listen.ip().is_loopback() {
+            tracing::error!(
+                listen = %config.listen,
+                "DEVELOPMENT MODE ON A PUBLIC ADDRESS (ATLAS_DEV_ALLOW_PUBLIC): anyone who can \
+                 reach this server can mint access tokens at /dev/token; never do this in production"
+            );
+        }
         let listener = TcpListener::bind(config.listen).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on {} (ATLAS_LISTEN): {e}", config.listen)
         })?;
@@ -111,10 +113,7 @@ impl Application {
             )),
             None => None,
         };
-        let quota = Quota::per_second(
-            NonZeroU32::new(config.connect_rate_per_s).unwrap_or(NonZeroU32::MIN),
-        )
-        .allow_burst(NonZeroU32::new(config.connect_burst).unwrap_or(NonZeroU32::MIN));
+        let connect_limiter = crate::client_addr::ConnectLimiter::from_config(&config)?;
         let state = AppState(Arc::new(Inner {
             auth: Authenticator::new(&config),
             registry: Registry::new(config.max_sessions_per_user, config.max_sessions),
@@ -123,7 +122,7 @@ impl Application {
             models,
             recorder,
             cluster,
-            connect_limiter: RateLimiter::keyed(quota),
+            connect_limiter,
             metrics: metrics::install(),
             config,
             engines,
@@ -157,15 +156,12 @@ impl Application {
         let state = self.state.clone();
         let router = router(state.clone());
         let shutdown = state.shutdown.clone();
-        // Small frames (audio chunks, events) must not wait for Nagle's algorithm.
-        let listener = self.listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let server = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { shutdown.cancelled().await });
+        let server = crate::edge::serve(
+            self.listener,
+            router,
+            shutdown,
+            crate::edge::EdgeLimits::from_config(&state.config),
+        );
         // The per-address limiter keeps a cell per address it has seen: prune idle ones.
         let pruner = {
             let state = state.clone();
@@ -173,8 +169,7 @@ impl Application {
                 let mut every = tokio::time::interval(Duration::from_secs(60));
                 loop {
                     every.tick().await;
-                    state.connect_limiter.retain_recent();
-                    state.connect_limiter.shrink_to_fit();
+                    state.connect_limiter.prune();
                 }
             })
         };
@@ -311,11 +306,9 @@ async fn dev_token(State(state): State<AppState>, body: axum::body::Bytes) -> Re
         )
         .into_response();
     }
-    let secret = state
-        .config
-        .jwt_secret
-        .clone()
-        .unwrap_or_else(|| secrecy::SecretString::from(crate::config::DEV_JWT_SECRET));
+    // Never the configured secret: development tokens are signed with the development-only
+    // key, which only a server in dev mode accepts.
+    let secret = secrecy::SecretString::from(crate::config::DEV_JWT_SECRET);
     let asked = if body.is_empty() {
         None
     } else {
@@ -427,19 +420,6 @@ async fn metrics_page(State(state): State<AppState>) -> Response {
     }
 }
 
-/// The client's address: the configured proxy header when present, else the peer.
-fn client_ip(state: &AppState, headers: &HeaderMap, peer: SocketAddr) -> IpAddr {
-    state
-        .config
-        .client_ip_header
-        .as_deref()
-        .and_then(|h| headers.get(h))
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(peer.ip())
-}
-
 fn refuse(reason: &'static str, e: ApiError) -> ApiError {
     metrics::refused(reason);
     tracing::info!(reason, "connection refused");
@@ -449,6 +429,7 @@ fn refuse(reason: &'static str, e: ApiError) -> ApiError {
 async fn voice(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    conn: Option<axum::Extension<crate::edge::Conn>>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
@@ -463,11 +444,7 @@ async fn voice(
             ),
         ));
     }
-    if state
-        .connect_limiter
-        .check_key(&client_ip(&state, &headers, peer))
-        .is_err()
-    {
+    if !state.connect_limiter.check(&headers, peer) {
         return Err(refuse(
             "rate_limited",
             ApiError::new(
@@ -505,9 +482,10 @@ async fn voice(
         None => admission::admit(&state, &identity.user_id).await,
     }
     .map_err(|r| refuse(r.label(), r.into_error(&state)))?;
-    let max_message = (state.config.audio_chunk_max_bytes * 4)
-        .max(1024 * 1024)
-        .max(MAX_TEXT_FRAME_BYTES * 2);
+    let max_message = crate::edge::max_ws_message(&state.config);
+    if let Some(axum::Extension(conn)) = conn {
+        conn.upgrading();
+    }
     let sessions = state.sessions.clone();
     Ok(upgrade
         .protocols([SUBPROTOCOL])

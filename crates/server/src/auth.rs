@@ -5,10 +5,12 @@
 //! the failure kind are.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::HeaderMap;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::{ExposeSecret, SecretString};
@@ -90,62 +92,93 @@ impl AuthError {
 pub struct Authenticator {
     /// HS256 key, when configured.
     hs256: Option<DecodingKey>,
+    /// The development-only HS256 key, in dev mode only.
+    dev_hs256: Option<DecodingKey>,
     /// Expected audience.
     audience: String,
     /// Expected issuer, when configured.
     issuer: Option<String>,
     /// Key set for asymmetric tokens, when configured.
-    jwks: Option<Jwks>,
+    jwks: Option<Arc<Jwks>>,
 }
 
 /// How long fetched keys are trusted before a refetch.
 pub const JWKS_TTL: Duration = Duration::from_secs(600);
 
 /// A remote key set with caching and rate-limited refetches.
+///
+/// Tokens whose key is cached never wait: a stale set is refreshed in the background while
+/// its keys keep serving. Only a token with an unknown `kid` waits, for the one fetch in
+/// flight (single-flight, run as its own task so a caller that gives up does not cancel it);
+/// no lock is held across the network call.
 struct Jwks {
     url: String,
     client: reqwest::Client,
     /// Unknown `kid`s trigger a refetch at most this often.
     min_refetch: Duration,
     cache: RwLock<JwksCache>,
-    /// Serialises fetches so a burst of tokens causes one request.
-    fetching: tokio::sync::Mutex<()>,
+    /// The fetch in flight, which every caller that needs it awaits.
+    inflight: Mutex<Option<Shared<BoxFuture<'static, ()>>>>,
 }
 
 #[derive(Default)]
 struct JwksCache {
     keys: HashMap<String, (DecodingKey, Algorithm)>,
     fetched_at: Option<Instant>,
+    /// When the last fetch started.
     last_attempt: Option<Instant>,
 }
 
 impl Jwks {
-    fn lookup(&self, kid: &str) -> (Option<(DecodingKey, Algorithm)>, bool, bool) {
+    fn lookup(&self, kid: &str) -> (Option<(DecodingKey, Algorithm)>, bool) {
         let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
         let fresh = cache.fetched_at.is_some_and(|t| t.elapsed() < JWKS_TTL);
-        let may_refetch = cache
-            .last_attempt
-            .is_none_or(|t| t.elapsed() >= self.min_refetch);
-        (cache.keys.get(kid).cloned(), fresh, may_refetch)
+        (cache.keys.get(kid).cloned(), fresh)
     }
 
-    /// The key for `kid`, fetching the set when it is stale or `kid` is new (rate-limited).
-    async fn key(&self, kid: &str) -> Option<(DecodingKey, Algorithm)> {
-        let (key, fresh, may_refetch) = self.lookup(kid);
-        if fresh && key.is_some() {
-            return key;
+    /// The key for `kid`: from the cache (refreshing a stale set in the background), else
+    /// after the fetch in flight or a new one (rate-limited).
+    async fn key(self: &Arc<Self>, kid: &str) -> Option<(DecodingKey, Algorithm)> {
+        let (key, fresh) = self.lookup(kid);
+        if let Some(key) = key {
+            if !fresh {
+                // Not awaited: the cached key serves while the set is refetched.
+                drop(self.fetch_shared());
+            }
+            return Some(key);
         }
-        if !may_refetch && fresh {
-            return None; // unknown kid, refetched too recently
-        }
-        let _guard = self.fetching.lock().await;
-        // Another task may have fetched while this one waited.
-        let (key, fresh, may_refetch) = self.lookup(kid);
-        if (fresh && key.is_some()) || !may_refetch {
-            return key;
-        }
-        self.fetch().await;
+        let fetch = self.fetch_shared()?;
+        fetch.await;
         self.lookup(kid).0
+    }
+
+    /// The fetch in flight, or a new one if the last began at least `min_refetch` ago.
+    fn fetch_shared(self: &Arc<Self>) -> Option<Shared<BoxFuture<'static, ()>>> {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(fetch) = inflight.as_ref() {
+            return Some(fetch.clone());
+        }
+        {
+            let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+            if cache
+                .last_attempt
+                .is_some_and(|t| t.elapsed() < self.min_refetch)
+            {
+                return None;
+            }
+            cache.last_attempt = Some(Instant::now());
+        }
+        let jwks = self.clone();
+        let task = tokio::spawn(async move {
+            jwks.fetch().await;
+            jwks.inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+        });
+        let fetch = task.map(|_| ()).boxed().shared();
+        *inflight = Some(fetch.clone());
+        Some(fetch)
     }
 
     async fn fetch(&self) {
@@ -168,8 +201,6 @@ impl Jwks {
             serde_json::from_slice::<JwkSet>(&bytes).map_err(|e| e.to_string())
         }
         .await;
-        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-        cache.last_attempt = Some(started);
         match result {
             Ok(set) => {
                 let keys: HashMap<_, _> = set
@@ -183,6 +214,7 @@ impl Jwks {
                     })
                     .collect();
                 tracing::info!(keys = keys.len(), "fetched JWKS");
+                let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
                 cache.keys = keys;
                 cache.fetched_at = Some(started);
             }
@@ -223,21 +255,26 @@ fn jwk_algorithm(jwk: &Jwk) -> Option<Algorithm> {
 impl Authenticator {
     /// Builds the verifier from the configuration.
     pub fn new(config: &Config) -> Self {
-        let secret = config
+        let hs256 = config
             .jwt_secret
             .as_ref()
-            .map(|s| s.expose_secret().to_owned())
-            .or_else(|| config.dev.then(|| DEV_JWT_SECRET.to_owned()));
-        let hs256 = secret.map(|s| DecodingKey::from_secret(s.as_bytes()));
-        let jwks = config.jwks_url.as_ref().map(|url| Jwks {
-            url: url.clone(),
-            client: reqwest::Client::new(),
-            min_refetch: Duration::from_secs(config.jwks_min_refetch_s),
-            cache: RwLock::new(JwksCache::default()),
-            fetching: tokio::sync::Mutex::new(()),
+            .filter(|s| s.expose_secret() != DEV_JWT_SECRET)
+            .map(|s| DecodingKey::from_secret(s.expose_secret().as_bytes()));
+        let dev_hs256 = config
+            .dev
+            .then(|| DecodingKey::from_secret(DEV_JWT_SECRET.as_bytes()));
+        let jwks = config.jwks_url.as_ref().map(|url| {
+            Arc::new(Jwks {
+                url: url.clone(),
+                client: reqwest::Client::new(),
+                min_refetch: Duration::from_secs(config.jwks_min_refetch_s),
+                cache: RwLock::new(JwksCache::default()),
+                inflight: Mutex::new(None),
+            })
         });
         Authenticator {
             hs256,
+            dev_hs256,
             audience: config.jwt_audience.clone(),
             issuer: config.jwt_issuer.clone(),
             jwks,
@@ -256,7 +293,11 @@ impl Authenticator {
         validation
     }
 
-    /// Verifies `token` and returns who it belongs to.
+    /// Verifies `token` and returns who it belongs to. Holds no lock while it waits: only a
+    /// token signed with a key not yet fetched waits, for the single fetch of the key set in
+    /// flight (at most 5 s); every other token is decided at once. A caller that must not wait
+    /// even then (a session loop refreshing its token) can run it as a task of its own:
+    /// [`AppState`](crate::app::AppState) is `'static`.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
@@ -266,10 +307,29 @@ impl Authenticator {
         }
         // `alg: none` and unknown algorithms fail here.
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid)?;
-        let key = match header.alg {
-            // The HS256 secret is the only key for HS256: a public key from the JWKS can never
-            // be used as an HMAC secret (algorithm confusion).
-            Algorithm::HS256 => self.hs256.clone().ok_or(AuthError::Invalid)?,
+        let validation = self.validation(header.alg);
+        let decode = |key: &DecodingKey| {
+            jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind;
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                    _ => AuthError::Invalid,
+                }
+            })
+        };
+        let data = match header.alg {
+            // The HS256 secrets are the only keys for HS256: a public key from the JWKS can never
+            // be used as an HMAC secret (algorithm confusion). The development key is one of
+            // them in dev mode only.
+            Algorithm::HS256 => {
+                let mut keys = self.hs256.iter().chain(self.dev_hs256.iter());
+                let first = keys.next().ok_or(AuthError::Invalid)?;
+                match (decode(first), keys.next()) {
+                    (Err(AuthError::Invalid), Some(second)) => decode(second),
+                    (result, _) => result,
+                }?
+            }
             Algorithm::HS384 | Algorithm::HS512 => return Err(AuthError::Invalid),
             alg => {
                 let jwks = self.jwks.as_ref().ok_or(AuthError::Invalid)?;
@@ -278,18 +338,9 @@ impl Authenticator {
                 if key_alg != alg {
                     return Err(AuthError::Invalid);
                 }
-                key
+                decode(&key)?
             }
         };
-        let data = jsonwebtoken::decode::<Claims>(token, &key, &self.validation(header.alg))
-            .map_err(|e| {
-                use jsonwebtoken::errors::ErrorKind;
-                match e.kind() {
-                    ErrorKind::ExpiredSignature => AuthError::Expired,
-                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-                    _ => AuthError::Invalid,
-                }
-            })?;
         let claims = data.claims;
         // `sub` is recorded as the owner of every session row: no control characters.
         if claims.sub.trim().is_empty()
@@ -424,10 +475,77 @@ mod tests {
         let nul_sub = mint_token(secret, "u\0v", "authenticated", "authenticated", 60).unwrap();
         assert_eq!(a.verify(&nul_sub).await.unwrap_err(), AuthError::Invalid);
         let mut tampered = mint_token(secret, "u", "authenticated", "authenticated", 60).unwrap();
-        // Change the signature's last character (to a different one).
+        // The last character carries signature bits; replace it with a different one (it
+        // may already be an 'A').
         let last = tampered.pop();
-        tampered.push(if last == Some('A') { 'B' } else { 'A' });
+        tampered.push(if last == Some('A') { 'E' } else { 'A' });
         assert!(a.verify(&tampered).await.is_err());
+    }
+
+    fn dev_token(user: &str) -> String {
+        mint_token(
+            &SecretString::from(DEV_JWT_SECRET),
+            user,
+            "authenticated",
+            "authenticated",
+            60,
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_development_key_is_accepted_in_dev_mode_only() {
+        // A JWKS-only production server: HS256 tokens, the development key's included, fail.
+        let jwks_only = Config {
+            jwks_url: Some("http://127.0.0.1:9/jwks.json".into()),
+            ..Config::default()
+        };
+        let a = Authenticator::new(&jwks_only);
+        assert_eq!(
+            a.verify(&dev_token("anyone")).await.unwrap_err(),
+            AuthError::Invalid
+        );
+        // With a production secret, still only that secret.
+        let a = Authenticator::new(&config());
+        assert_eq!(
+            a.verify(&dev_token("anyone")).await.unwrap_err(),
+            AuthError::Invalid
+        );
+        // Dev mode accepts both the development key and the configured secret.
+        let dev = Config {
+            dev: true,
+            ..config()
+        };
+        let a = Authenticator::new(&dev);
+        assert_eq!(a.verify(&dev_token("d")).await.unwrap().user_id, "d");
+        let real = mint_token(
+            dev.jwt_secret.as_ref().unwrap(),
+            "r",
+            "authenticated",
+            "authenticated",
+            60,
+        )
+        .unwrap();
+        assert_eq!(a.verify(&real).await.unwrap().user_id, "r");
+        // An expired development token is reported as expired, not as invalid.
+        let expired = {
+            let claims = Claims {
+                sub: "e".into(),
+                exp: now_s() - 3600,
+                nbf: None,
+                iat: None,
+                aud: Some(serde_json::Value::String("authenticated".into())),
+                iss: None,
+                role: None,
+            };
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(DEV_JWT_SECRET.as_bytes()),
+            )
+            .unwrap()
+        };
+        assert_eq!(a.verify(&expired).await.unwrap_err(), AuthError::Expired);
     }
 
     #[test]

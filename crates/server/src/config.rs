@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 /// Which speech recogniser to use.
@@ -57,7 +57,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// The development-only JWT secret, accepted only when `dev` is on.
+/// The development-only JWT secret: `/dev/token` signs with it, and only a server in dev mode
+/// accepts it. It is public; a production secret must differ.
 pub const DEV_JWT_SECRET: &str = "atlas-voice-development-secret-do-not-use-in-production";
 
 /// The whole server configuration.
@@ -66,10 +67,13 @@ pub const DEV_JWT_SECRET: &str = "atlas-voice-development-secret-do-not-use-in-p
 pub struct Config {
     /// Address the server listens on.
     pub listen: SocketAddr,
-    /// Development mode: built-in JWT secret, relaxed checks. Never in production.
+    /// Development mode: `/dev/token` and the development-only signing key. Listens only on
+    /// a loopback address unless `dev_allow_public` is set. Never in production.
     pub dev: bool,
     /// Lifetime of the development tokens `POST /dev/token` mints, in seconds (10–86,400).
     pub dev_token_ttl_s: u64,
+    /// Lets dev mode listen on a non-loopback address (logged loudly at start).
+    pub dev_allow_public: bool,
     /// `sqlite://…` or `postgres://…`.
     pub database_url: String,
     /// Enables scale-out mode.
@@ -180,9 +184,20 @@ pub struct Config {
     pub connect_rate_per_s: u32,
     /// Burst of connection attempts allowed per client address.
     pub connect_burst: u32,
-    /// Header carrying the client address when behind a trusted proxy (e.g. `fly-client-ip`);
-    /// the socket's peer address otherwise.
+    /// Header carrying the client address when behind a trusted proxy (e.g. `fly-client-ip`,
+    /// or `x-forwarded-for`); read only on connections from `trusted_proxies`.
     pub client_ip_header: Option<String>,
+    /// Comma-separated addresses or CIDR ranges of the proxies whose `client_ip_header` is
+    /// believed; from anywhere else the socket's peer address counts.
+    pub trusted_proxies: Option<String>,
+    /// A request head must arrive within this many seconds of the connection waiting for it
+    /// (slow or silent clients are closed).
+    pub http_header_timeout_s: u64,
+    /// Connections that have not authenticated for a session, at most; more are closed at once.
+    pub max_pending_connections: usize,
+    /// A started WebSocket frame or fragmented message must be complete within this many
+    /// seconds.
+    pub ws_message_timeout_s: u64,
     /// Grace after token expiry before the session closes with 4401, in seconds.
     pub token_grace_s: u64,
     /// Warn this many seconds before the maximum duration.
@@ -242,6 +257,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             dev: false,
             dev_token_ttl_s: 3600,
+            dev_allow_public: false,
             database_url: "sqlite://./data/atlas-voice.db".into(),
             redis_url: None,
             redis_prefix: "atlas".into(),
@@ -298,6 +314,10 @@ impl Default for Config {
             connect_rate_per_s: 5,
             connect_burst: 30,
             client_ip_header: None,
+            trusted_proxies: None,
+            http_header_timeout_s: 10,
+            max_pending_connections: 1024,
+            ws_message_timeout_s: 10,
             token_grace_s: 10,
             max_duration_warning_s: 60,
             max_frames_per_s: 100,
@@ -425,6 +445,25 @@ impl Config {
                     .into(),
             );
         }
+        if self.dev && !self.listen.ip().is_loopback() && !self.dev_allow_public {
+            return fail(format!(
+                "ATLAS_DEV=true serves development tokens and listens only on a loopback address, \
+                 not {}: set ATLAS_LISTEN=127.0.0.1:PORT (or, to expose a development server on \
+                 purpose, ATLAS_DEV_ALLOW_PUBLIC=true)",
+                self.listen
+            ));
+        }
+        if !self.dev
+            && self
+                .jwt_secret
+                .as_ref()
+                .is_some_and(|s| s.expose_secret() == DEV_JWT_SECRET)
+        {
+            return fail(
+                "ATLAS_JWT_SECRET is the public development secret; set your project's secret"
+                    .into(),
+            );
+        }
         let need = |kind: &str, key: &Option<SecretString>, var: &str| {
             if key.is_none() {
                 Err(ConfigError(format!("{kind} needs {var} (or {var}_FILE)")))
@@ -499,6 +538,8 @@ impl Config {
             ("ATLAS_HEARTBEAT_INTERVAL_S", self.heartbeat_interval_s),
             ("ATLAS_HEARTBEAT_TIMEOUT_S", self.heartbeat_timeout_s),
             ("ATLAS_PROVIDER_TIMEOUT_S", self.provider_timeout_s),
+            ("ATLAS_HTTP_HEADER_TIMEOUT_S", self.http_header_timeout_s),
+            ("ATLAS_WS_MESSAGE_TIMEOUT_S", self.ws_message_timeout_s),
             (
                 "ATLAS_PROVIDER_IDLE_TIMEOUT_S",
                 self.provider_idle_timeout_s,
@@ -508,9 +549,14 @@ impl Config {
                 return fail(format!("{name} must be at least 1"));
             }
         }
-        if self.max_sessions == 0 || self.connect_rate_per_s == 0 || self.connect_burst == 0 {
+        if self.max_sessions == 0
+            || self.connect_rate_per_s == 0
+            || self.connect_burst == 0
+            || self.max_pending_connections == 0
+        {
             return fail(
-                "ATLAS_MAX_SESSIONS, ATLAS_CONNECT_RATE_PER_S and ATLAS_CONNECT_BURST must be at least 1"
+                "ATLAS_MAX_SESSIONS, ATLAS_CONNECT_RATE_PER_S, ATLAS_CONNECT_BURST and \
+                 ATLAS_MAX_PENDING_CONNECTIONS must be at least 1"
                     .into(),
             );
         }
@@ -520,6 +566,7 @@ impl Config {
             );
         }
         atlas_store::backend_of(&self.database_url).map_err(|e| ConfigError(e.to_string()))?;
+        crate::client_addr::ClientAddr::from_config(self)?;
         if self.lease_ttl_s < 2 {
             return fail("ATLAS_LEASE_TTL_S must be at least 2".into());
         }
@@ -673,6 +720,61 @@ mod tests {
     }
 
     #[test]
+    fn dev_mode_refuses_a_public_address_unless_forced() {
+        let public = Config {
+            dev: true,
+            listen: "0.0.0.0:8080".parse().unwrap(),
+            ..Config::default()
+        };
+        let e = public.validate().unwrap_err().to_string();
+        assert!(e.contains("ATLAS_DEV_ALLOW_PUBLIC"), "{e}");
+        let v6 = Config {
+            listen: "[::]:8080".parse().unwrap(),
+            ..public.clone()
+        };
+        assert!(v6.validate().is_err());
+        let loopback = Config {
+            listen: "[::1]:8080".parse().unwrap(),
+            ..public.clone()
+        };
+        loopback.validate().unwrap();
+        let forced = Config {
+            dev_allow_public: true,
+            ..public
+        };
+        forced.validate().unwrap();
+        // Without dev mode a public address is the normal case.
+        let production = Config {
+            listen: "0.0.0.0:8080".parse().unwrap(),
+            jwks_url: Some("https://example.invalid/jwks.json".into()),
+            ..Config::default()
+        };
+        production.validate().unwrap();
+    }
+
+    #[test]
+    fn dev_mode_keeps_real_provider_keys_on_loopback() {
+        let c = Config {
+            dev: true,
+            stt: SttKind::Deepgram,
+            deepgram_api_key: Some(SecretString::from("real-key")),
+            jwt_secret: Some(SecretString::from("the-project-secret-0123456789")),
+            ..Config::default()
+        };
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_development_secret_is_refused_outside_dev_mode() {
+        let c = Config {
+            jwt_secret: Some(SecretString::from(DEV_JWT_SECRET)),
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("public development secret"), "{e}");
+    }
+
+    #[test]
     fn secrets_are_redacted_when_serialised() {
         let c = Config {
             jwt_secret: Some(SecretString::from("hunter2")),
@@ -771,15 +873,16 @@ mod deployment_files {
     #[test]
     fn dockerfile_uses_known_variables() {
         let text = root("Dockerfile");
-        let env_block = text.split("\nENV ").nth(1).expect("an ENV instruction");
         let mut names = Vec::new();
-        for line in env_block.lines() {
-            let l = line.trim().trim_end_matches('\\').trim();
-            if let Some((k, _)) = l.split_once('=') {
-                names.push(k.trim().to_owned());
-            }
-            if !line.trim_end().ends_with('\\') {
-                break;
+        for env_block in text.split("\nENV ").skip(1) {
+            for line in env_block.lines() {
+                let l = line.trim().trim_end_matches('\\').trim();
+                if let Some((k, _)) = l.split_once('=') {
+                    names.push(k.trim().to_owned());
+                }
+                if !line.trim_end().ends_with('\\') {
+                    break;
+                }
             }
         }
         check("Dockerfile", names);

@@ -12,6 +12,10 @@
 //! - [`state`]: the shared state handed to handlers and sessions.
 //! - [`app`]: router, listener, the checks before the upgrade, graceful drain.
 //! - [`handoff`]: a connection that completed its handshake, on its way to its session.
+//! - [`client_addr`]: the client's address behind trusted proxies, and the per-address
+//!   connection limiter.
+//! - [`edge`]: accepting connections: header timeout, unauthenticated-connection cap,
+//!   WebSocket message size and completion limits.
 //! - [`registry`]: per-user admission, capacity and the resume directory.
 //! - [`recorder`]: session records to the database, or the spool while it is down.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
@@ -23,8 +27,10 @@ pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod catalog;
+pub mod client_addr;
 pub mod cluster;
 pub mod config;
+pub mod edge;
 pub mod engines;
 pub mod error;
 pub mod handoff;

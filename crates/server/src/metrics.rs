@@ -65,6 +65,11 @@ pub fn refused(reason: &'static str) {
     counter!("atlas_connections_refused_total", "reason" => reason).increment(1);
 }
 
+/// The edge closed a connection (bounded reasons: `header_timeout`, `message_timeout`).
+pub fn edge_closed(reason: &'static str) {
+    counter!("atlas_connections_closed_total", "reason" => reason).increment(1);
+}
+
 /// A session was resumed on this instance.
 pub fn resumed() {
     counter!("atlas_sessions_resumed_total").increment(1);

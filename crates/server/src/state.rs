@@ -1,9 +1,7 @@
 //! The shared state of a running server, handed to every handler and session.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
-use governor::DefaultKeyedRateLimiter;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -31,7 +29,7 @@ pub struct Inner {
     /// Admission, capacity and the resume directory.
     pub registry: Arc<Registry>,
     /// Connection attempts per client address.
-    pub connect_limiter: DefaultKeyedRateLimiter<IpAddr>,
+    pub connect_limiter: crate::client_addr::ConnectLimiter,
     /// Renders `/metrics`.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Unit prices of the configured engines (unset where the catalog does not know a model).

@@ -243,3 +243,140 @@ async fn asymmetric_tokens_every_failure_case_and_key_rotation() {
         unauthorized()
     );
 }
+
+#[tokio::test]
+async fn development_tokens_never_carry_the_production_secret() {
+    // Dev mode on loopback with the project's real secret configured (developing against
+    // real accounts): /dev/token still signs with the development-only key.
+    let dev = spawn_app_with(fast_fakes(), |c| c.dev = true).await;
+    let body: Value = reqwest::Client::new()
+        .post(format!("http://{}/dev/token", dev.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = body["token"].as_str().unwrap().to_owned();
+    let mut validation = jsonwebtoken::Validation::new(Algorithm::HS256);
+    validation.set_audience(&["authenticated"]);
+    let with = |secret: &str| {
+        jsonwebtoken::decode::<Value>(
+            &token,
+            &jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+            &validation,
+        )
+    };
+    assert!(
+        with(SECRET).is_err(),
+        "not signed with the production secret"
+    );
+    assert!(with(atlas_server::config::DEV_JWT_SECRET).is_ok());
+    assert_eq!(outcome(&dev, &token).await, Ok(()), "dev mode accepts it");
+    // A production server with the same secret refuses it.
+    let prod = spawn_app().await;
+    assert_eq!(outcome(&prod, &token).await, unauthorized());
+    // And a production server with keys from a JWKS only, too.
+    let jwks = jwks_server(vec![]).await;
+    let jwks_only = spawn_app_with(fast_fakes(), |c| {
+        c.jwt_secret = None;
+        c.jwks_url = Some(format!("http://{}/jwks.json", jwks.addr));
+    })
+    .await;
+    assert_eq!(outcome(&jwks_only, &token).await, unauthorized());
+}
+
+#[tokio::test]
+async fn dev_mode_refuses_to_start_on_a_public_address() {
+    let fakes = atlas_fakes::Fakes::start(fast_fakes(), SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = atlas_server::Config::default();
+    config.use_provider_urls(
+        fakes.deepgram_url(),
+        fakes.anthropic_url(),
+        fakes.openai_url(),
+    );
+    config.database_url = format!("sqlite://{}/atlas.db", dir.path().display());
+    config.spool_dir = dir.path().join("spool");
+    config.listen = SocketAddr::from(([0, 0, 0, 0], 0));
+    let refused = atlas_server::Application::build(config.clone()).await;
+    let e = refused.err().expect("refused").to_string();
+    assert!(e.contains("ATLAS_DEV_ALLOW_PUBLIC"), "{e}");
+    // Forced, it starts (and says so loudly in the log).
+    config.dev_allow_public = true;
+    let app = atlas_server::Application::build(config).await.unwrap();
+    assert!(app.local_addr().ip().is_unspecified());
+}
+
+#[tokio::test]
+async fn a_slow_key_fetch_is_shared_and_holds_up_no_other_token() {
+    let old = es256("old");
+    let new = es256("new");
+    let keys = Arc::new(Mutex::new(json!({ "keys": [old.jwk.clone()] })));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    // Each response waits for a permit: the test decides when the key server answers.
+    let gate = Arc::new(tokio::sync::Semaphore::new(1));
+    let router = {
+        let (keys, fetches, gate) = (keys.clone(), fetches.clone(), gate.clone());
+        axum::Router::new().route(
+            "/jwks.json",
+            axum::routing::get(move || {
+                let (keys, fetches, gate) = (keys.clone(), fetches.clone(), gate.clone());
+                async move {
+                    fetches.fetch_add(1, Ordering::SeqCst);
+                    gate.acquire().await.unwrap().forget();
+                    axum::Json(keys.lock().unwrap().clone())
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let config = atlas_server::Config {
+        jwks_url: Some(format!("http://{addr}/jwks.json")),
+        jwt_issuer: Some("https://auth.example/v1".into()),
+        jwks_min_refetch_s: 0,
+        ..atlas_server::Config::default()
+    };
+    let auth = Arc::new(atlas_server::auth::Authenticator::new(&config));
+    let old_token = sign(&old, &claims("old-user"));
+    assert_eq!(
+        auth.verify(&old_token).await.unwrap().user_id,
+        "old-user",
+        "first fetch"
+    );
+
+    // The key is rotated; the key server is now slow (no permit).
+    *keys.lock().unwrap() = json!({ "keys": [old.jwk.clone(), new.jwk.clone()] });
+    let new_token = sign(&new, &claims("new-user"));
+    let waiting: Vec<_> = (0..20)
+        .map(|_| {
+            let (auth, token) = (auth.clone(), new_token.clone());
+            tokio::spawn(async move { auth.verify(&token).await })
+        })
+        .collect();
+    // Wait until the one fetch has reached the key server.
+    while fetches.load(Ordering::SeqCst) < 2 {
+        tokio::task::yield_now().await;
+    }
+    // Meanwhile a token whose key is cached is decided at once (no lock, no network).
+    let quick = tokio::time::timeout(std::time::Duration::from_secs(1), auth.verify(&old_token))
+        .await
+        .expect("not held up by the fetch in flight");
+    assert_eq!(quick.unwrap().user_id, "old-user");
+    for w in &waiting {
+        assert!(!w.is_finished(), "unknown-kid tokens wait for the fetch");
+    }
+    gate.add_permits(1);
+    for w in waiting {
+        assert_eq!(w.await.unwrap().unwrap().user_id, "new-user");
+    }
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        2,
+        "one fetch for twenty tokens"
+    );
+}

@@ -313,3 +313,69 @@ async fn a_lost_session_resumed_can_be_retried_with_the_previous_token() {
     };
     assert_eq!(session_id, &id);
 }
+
+/// Statuses of plain GETs to the voice endpoint carrying `header: value(i)`; the limiter
+/// answers before anything else looks at the request.
+async fn limited_count(app: &TestApp, header: &str, value: impl Fn(usize) -> String) -> usize {
+    let client = reqwest::Client::new();
+    let mut limited = 0;
+    for i in 0..10 {
+        let status = client
+            .get(format!("http://{}/v1/voice", app.addr))
+            .header(header, value(i))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 429 {
+            limited += 1;
+        }
+    }
+    limited
+}
+
+#[tokio::test]
+async fn forged_forwarding_headers_do_not_bypass_the_per_address_limit() {
+    let limits = |c: &mut atlas_server::Config| {
+        c.connect_burst = 5;
+        c.connect_rate_per_s = 1;
+    };
+    // The header is configured, but this client is not one of the trusted proxies: a new
+    // forged address per attempt changes nothing.
+    let direct = spawn_app_with(fast_fakes(), |c| {
+        limits(c);
+        c.client_ip_header = Some("x-forwarded-for".into());
+        c.trusted_proxies = Some("192.0.2.1".into());
+    })
+    .await;
+    let forged = |i| format!("203.0.113.{i}");
+    assert_eq!(limited_count(&direct, "x-forwarded-for", forged).await, 5);
+
+    // Behind a trusted proxy (here the test itself, on loopback) each forwarded client has
+    // its own allowance…
+    let proxied = spawn_app_with(fast_fakes(), |c| {
+        limits(c);
+        c.client_ip_header = Some("x-forwarded-for".into());
+        c.trusted_proxies = Some("127.0.0.0/8".into());
+    })
+    .await;
+    assert_eq!(limited_count(&proxied, "x-forwarded-for", forged).await, 0);
+    // …but a client that prepends forged entries is still the address the proxy saw.
+    let prepended = |i| format!("203.0.113.{i}, 198.51.100.7");
+    assert_eq!(
+        limited_count(&proxied, "x-forwarded-for", prepended).await,
+        5
+    );
+
+    // Fly's header by name, IPv6 clients per /64.
+    let fly = spawn_app_with(fast_fakes(), |c| {
+        limits(c);
+        c.client_ip_header = Some("fly-client-ip".into());
+        c.trusted_proxies = Some("127.0.0.1, ::1".into());
+    })
+    .await;
+    let same_block = |i| format!("2001:db8:5:6::{i:x}");
+    assert_eq!(limited_count(&fly, "fly-client-ip", same_block).await, 5);
+    let other_blocks = |i| format!("2001:db8:7:{i:x}::1");
+    assert_eq!(limited_count(&fly, "fly-client-ip", other_blocks).await, 0);
+}

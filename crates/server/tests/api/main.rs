@@ -7,6 +7,7 @@ mod budget;
 mod client;
 mod cluster;
 mod durability;
+mod edge;
 mod faults;
 mod gateway;
 mod helpers;

@@ -160,7 +160,8 @@ async fn bad_input_gets_non_fatal_errors_and_loses_nothing() {
             ErrorCode::AudioChunkInvalid,
         ),
         (
-            Message::Binary(Bytes::from(vec![0u8; 200 * 1024])),
+            // Over the audio cap, within the WebSocket message limit.
+            Message::Binary(Bytes::from(vec![0u8; 102_400 + 1024])),
             ErrorCode::AudioChunkInvalid,
         ),
     ];

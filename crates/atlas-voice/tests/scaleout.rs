@@ -11,7 +11,9 @@ use atlas_fakes::Fakes;
 use atlas_fakes::proxy::Proxy;
 use atlas_protocol::{ClientMessage, ServerEvent, SessionStart};
 
-use atlas_testkit::{ServerProcess as Instance, fake_providers, fast_fakes, serve, token};
+use atlas_testkit::{
+    ServerProcess as Instance, fake_providers, fast_fakes, serve, start_fakes, token,
+};
 
 fn spawn(fakes: &Fakes, redis: &str, prefix: &str, extra: &[(&str, &str)]) -> Instance {
     let mut env = fake_providers(fakes);
@@ -112,9 +114,7 @@ const REDIS: &str = "redis://127.0.0.1:6379";
 
 #[tokio::test]
 async fn the_user_limit_holds_across_instances_and_a_crash_frees_places_within_the_lease() {
-    let fakes = Fakes::start(fast_fakes(), SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
+    let fakes = start_fakes(fast_fakes()).await;
     let p = prefix();
     let mut a = spawn(&fakes, REDIS, &p, &[]);
     let b = spawn(&fakes, REDIS, &p, &[]);
@@ -150,9 +150,7 @@ async fn the_user_limit_holds_across_instances_and_a_crash_frees_places_within_t
 
 #[tokio::test]
 async fn a_session_dropped_on_one_instance_resumes_on_the_other_with_its_history() {
-    let fakes = Fakes::start(fast_fakes(), SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
+    let fakes = start_fakes(fast_fakes()).await;
     let p = prefix();
     let a = spawn(&fakes, REDIS, &p, &[]);
     let b = spawn(&fakes, REDIS, &p, &[]);
@@ -204,9 +202,7 @@ async fn a_session_dropped_on_one_instance_resumes_on_the_other_with_its_history
 
 #[tokio::test]
 async fn the_daily_budget_holds_across_instances() {
-    let fakes = Fakes::start(fast_fakes(), SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
+    let fakes = start_fakes(fast_fakes()).await;
     let p = prefix();
     let budget = [
         ("ATLAS_USER_DAILY_BUDGET_USD", "0.008"),
@@ -227,9 +223,7 @@ async fn the_daily_budget_holds_across_instances() {
 
 #[tokio::test]
 async fn without_redis_new_sessions_are_refused_and_live_ones_continue() {
-    let fakes = Fakes::start(fast_fakes(), SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
+    let fakes = start_fakes(fast_fakes()).await;
     let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 6379)))
         .await
         .unwrap();
@@ -274,9 +268,7 @@ async fn without_redis_new_sessions_are_refused_and_live_ones_continue() {
 
 #[tokio::test]
 async fn a_draining_instance_hands_its_sessions_to_another() {
-    let fakes = Fakes::start(fast_fakes(), SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
+    let fakes = start_fakes(fast_fakes()).await;
     let p = prefix();
     let a = spawn(&fakes, REDIS, &p, &[]);
     let b = spawn(&fakes, REDIS, &p, &[]);
@@ -408,9 +400,7 @@ fn ids(started: ServerEvent) -> (String, String) {
 
 #[tokio::test]
 async fn racing_resumes_on_two_instances_yield_one_live_session() {
-    let fakes = Fakes::start(fast_fakes(), SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
+    let fakes = start_fakes(fast_fakes()).await;
     let p = prefix();
     let a = spawn(&fakes, REDIS, &p, &[]);
     let b = spawn(&fakes, REDIS, &p, &[]);
@@ -440,9 +430,7 @@ async fn racing_resumes_on_two_instances_yield_one_live_session() {
 
 #[tokio::test]
 async fn a_session_survives_kill_9_of_its_instance() {
-    let fakes = Fakes::start(fast_fakes(), SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
+    let fakes = start_fakes(fast_fakes()).await;
     let p = prefix();
     let mut a = spawn(&fakes, REDIS, &p, &[]);
     let b = spawn(&fakes, REDIS, &p, &[]);
@@ -509,9 +497,7 @@ async fn a_session_survives_kill_9_of_its_instance() {
 
 #[tokio::test]
 async fn a_redis_outage_during_lease_refresh_never_admits_a_fourth_session() {
-    let fakes = Fakes::start(fast_fakes(), SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
+    let fakes = start_fakes(fast_fakes()).await;
     let p = prefix();
     let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 6379)))
         .await
@@ -690,9 +676,7 @@ impl TlsRedis {
 
 #[tokio::test]
 async fn rediss_urls_use_tls_and_verify_the_server() {
-    let fakes = Fakes::start(fast_fakes(), SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
+    let fakes = start_fakes(fast_fakes()).await;
     let redis = TlsRedis::start();
     // The test's CA is trusted through the standard SSL_CERT_FILE.
     let p = prefix();

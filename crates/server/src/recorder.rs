@@ -105,6 +105,18 @@ pub const FLUSH_DB_BUDGET: Duration = Duration::from_secs(2);
 /// this process. Per session this orders snapshots as they were submitted; across instances
 /// (a session resumed elsewhere after a drain) it follows the clock, which moves on by far
 /// more than the clocks of two instances disagree between a drain and the resume.
+/// Bits of the sequence below the ownership epoch: microseconds since 1970 fit in 52 bits
+/// until the year 2112.
+const EPOCH_SHIFT: u32 = 52;
+/// Epochs above this share the top value (their snapshots are ordered by time alone); the
+/// sequence stays within PostgreSQL's `bigint`.
+const MAX_EPOCH: u64 = (1 << (63 - EPOCH_SHIFT)) - 1;
+
+/// The sequence of a snapshot written at ownership `epoch` and time sequence `time_seq`.
+fn fenced_seq(epoch: u64, time_seq: u64) -> u64 {
+    (epoch.min(MAX_EPOCH) << EPOCH_SHIFT) | (time_seq & ((1 << EPOCH_SHIFT) - 1))
+}
+
 fn next_seq() -> u64 {
     static LAST: AtomicU64 = AtomicU64::new(0);
     let now = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0);
@@ -178,8 +190,13 @@ impl Recorder {
 
     /// Numbers the snapshot and queues it; never waits. If the queue is full (or the writer
     /// has stopped) the snapshot goes straight to the spool.
+    ///
+    /// On submission `snap.seq` holds the writer's ownership epoch of the session (0 without
+    /// scale-out); it becomes the high bits of the sequence, so a row written by a later owner
+    /// is never replaced by a snapshot of an owner that lost the session (fenced like every
+    /// other write for it), whatever the clocks say.
     pub fn submit(&self, mut snap: Snapshot) {
-        snap.seq = next_seq();
+        snap.seq = fenced_seq(snap.seq, next_seq());
         if let Err(
             mpsc::error::TrySendError::Full(snap) | mpsc::error::TrySendError::Closed(snap),
         ) = self.tx.try_send(snap)
@@ -456,6 +473,15 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_later_owner_s_snapshots_outrank_a_stale_owner_s() {
+        let stale_later_clock = fenced_seq(1, next_seq() + 10_000_000);
+        let new_owner = fenced_seq(2, next_seq());
+        assert!(new_owner > stale_later_clock);
+        assert!(fenced_seq(MAX_EPOCH + 5, 1) <= i64::MAX as u64);
+        assert_eq!(fenced_seq(0, 42), 42);
+    }
 
     #[test]
     fn sequences_strictly_increase_across_threads() {

@@ -1073,7 +1073,10 @@ impl Driver {
         let usage = self.machine.ledger().usage();
         let cost = self.machine.ledger().cost();
         atlas_store::Snapshot {
-            seq: 0, // numbered by the recorder
+            // The ownership epoch; the recorder completes the sequence.
+            seq: self.shared.as_ref().map_or(0, |s| {
+                s.owned.lock().unwrap_or_else(|e| e.into_inner()).epoch
+            }),
             session: atlas_store::SessionRecord {
                 id: self.record_id(),
                 user_id: self.identity.user_id.clone(),

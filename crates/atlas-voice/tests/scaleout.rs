@@ -176,14 +176,7 @@ async fn a_session_dropped_on_one_instance_resumes_on_the_other_with_its_history
             Err(e) => panic!("resume on B refused: {e:?}"),
         }
     };
-    let ServerEvent::SessionResumed {
-        session_id: resumed_id,
-        turns,
-        ..
-    } = resumed
-    else {
-        panic!("{resumed:?}")
-    };
+    let (resumed_id, turns) = resumed_as(resumed);
     assert_eq!(resumed_id, session_id);
     assert_eq!(turns, 1);
     ask(&mut conn, 2).await;
@@ -302,14 +295,7 @@ async fn a_draining_instance_hands_its_sessions_to_another() {
     let (mut conn, resumed) = start(&b.url(), "mover", Some(&resume_token))
         .await
         .expect("resumed on B");
-    let ServerEvent::SessionResumed {
-        session_id: id,
-        turns,
-        ..
-    } = resumed
-    else {
-        panic!("{resumed:?}")
-    };
+    let (id, turns) = resumed_as(resumed);
     assert_eq!((id, turns), (session_id, 1));
     ask(&mut conn, 2).await;
 }
@@ -379,6 +365,16 @@ async fn alive(conn: &mut Connection) -> bool {
             Ok(Some(Incoming::Closed { .. })) | Ok(None) | Err(_) => return false,
             _ => {}
         }
+    }
+}
+
+/// The session id and turn count of a `session.resumed`.
+fn resumed_as(event: ServerEvent) -> (String, u64) {
+    match event {
+        ServerEvent::SessionResumed {
+            session_id, turns, ..
+        } => (session_id, turns),
+        other => panic!("expected session.resumed, got {other:?}"),
     }
 }
 
@@ -457,14 +453,7 @@ async fn a_session_survives_kill_9_of_its_instance() {
         }
     }
     let (mut conn, event) = resumed.expect("resumed within the reconnect schedule");
-    let ServerEvent::SessionResumed {
-        session_id: id,
-        turns,
-        ..
-    } = event
-    else {
-        panic!("{event:?}")
-    };
+    let (id, turns) = resumed_as(event);
     assert_eq!((id, turns), (session_id, 1));
     assert!(killed.elapsed() < Duration::from_secs(31));
     // Usage comes right after session.resumed: the first turn's tokens are still counted.

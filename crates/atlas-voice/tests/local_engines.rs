@@ -18,7 +18,7 @@ use atlas_local::tts::{ESPEAK_RATE, Espeak};
 use atlas_local::vad::{EndpointConfig, Endpointer, VadEvent};
 use atlas_local::worker::{Worker, WorkerConfig};
 use atlas_protocol::{AudioFormat, ClientMessage, ErrorCode, ServerEvent, SessionStart};
-use atlas_providers::llm::{ChatMessage, ChatRole, LlmEvent, LlmProvider, LlmRequest};
+use atlas_providers::llm::{ChatMessage, LlmEvent, LlmProvider, LlmRequest};
 use atlas_providers::tts::{TtsProvider, TtsRequest};
 
 use atlas_testkit::{ServerProcess, token};
@@ -305,12 +305,10 @@ async fn a_full_queue_turns_work_away_and_a_dead_worker_comes_back() {
     let llm = llm_worker(1).await;
     let request = || LlmRequest {
         system: "You are a helpful voice assistant. Answer in one short sentence.".into(),
-        messages: vec![ChatMessage {
-            role: ChatRole::User,
-            text: "Name three colours.".into(),
-        }],
+        messages: vec![ChatMessage::user("Name three colours.")],
         max_tokens: 40,
         temperature: Some(0.5),
+        ..LlmRequest::default()
     };
     let provider = atlas_local::llm::LocalLlm::new(llm.clone(), "smollm2", None, 40, 0.5);
     let first = provider.stream(request()).await.unwrap();

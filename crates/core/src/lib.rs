@@ -12,13 +12,15 @@
 //! - [`pacing`]: keeps outgoing audio a bounded lead ahead of real-time playback.
 //! - [`latency`]: per-turn timestamps and the latency breakdown derived from them.
 //! - [`timers`]: heartbeat, idle, maximum-duration, token-expiry and resume-window deadlines.
+//! - [`tools`]: tool calls the model makes and their results (opaque text).
 //! - [`session`]: the session machine — every decision about one session (attach, resume,
 //!   abuse limits, timers, the cost ledger and budgets), driven by a thin IO driver.
 //!
 //! # Invariants
 //! - No IO and no `Instant::now()`: time is always an argument, so tests are deterministic and
 //!   run faster than real time.
-//! - No knowledge of JSON or of any provider's wire format.
+//! - No knowledge of JSON or of any provider's wire format (tool arguments and results pass
+//!   through as opaque text; the driver checks them against their schemas).
 
 pub mod audio;
 pub mod cost;
@@ -29,4 +31,5 @@ pub mod resample;
 pub mod session;
 pub mod splitter;
 pub mod timers;
+pub mod tools;
 pub mod turns;

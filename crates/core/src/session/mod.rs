@@ -32,6 +32,7 @@ use crate::cost::{Micros, Prices};
 use crate::history::{History, HistoryLimits, Message, Role};
 use crate::latency::Latency;
 use crate::timers::{SessionTimers, TimerAction, TimerConfig, TimerEnd};
+use crate::tools::{ToolCall, ToolResult};
 use crate::turns::{self, Action, TurnConfig, Turns};
 use ledger::{Ledger, LedgerState, LlmBill, SpendDelta, Verdict};
 
@@ -410,6 +411,12 @@ pub struct CarriedMessage {
     pub role: CarriedRole,
     /// What was said.
     pub text: String,
+    /// The assistant's tool calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The results of the previous message's calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_results: Vec<ToolResult>,
 }
 
 /// Speaker of a carried message.
@@ -531,12 +538,18 @@ impl Session {
     }
 
     fn restore(&mut self, c: Carried, age: Duration) {
-        for m in &c.history {
-            match m.role {
-                CarriedRole::User => self.history.push_user(&m.text),
-                CarriedRole::Assistant => self.history.push_assistant(&m.text),
-            }
-        }
+        self.history = History::restored(
+            self.config.history,
+            c.history.into_iter().map(|m| Message {
+                role: match m.role {
+                    CarriedRole::User => Role::User,
+                    CarriedRole::Assistant => Role::Assistant,
+                },
+                text: m.text,
+                tool_calls: m.tool_calls,
+                tool_results: m.tool_results,
+            }),
+        );
         self.turns = Turns::new(self.config.turns.clone(), c.last_turn);
         self.ledger.restore(c.ledger);
         // A continued session keeps its age: moving never extends the maximum duration.
@@ -556,6 +569,8 @@ impl Session {
                         Role::Assistant => CarriedRole::Assistant,
                     },
                     text: m.text.clone(),
+                    tool_calls: m.tool_calls.clone(),
+                    tool_results: m.tool_results.clone(),
                 })
                 .collect(),
             ledger: self.ledger.state(),

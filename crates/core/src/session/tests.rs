@@ -469,10 +469,14 @@ fn a_continued_session_keeps_its_age() {
             CarriedMessage {
                 role: CarriedRole::User,
                 text: "hi".into(),
+                tool_calls: Vec::new(),
+                tool_results: Vec::new(),
             },
             CarriedMessage {
                 role: CarriedRole::Assistant,
                 text: "hello".into(),
+                tool_calls: Vec::new(),
+                tool_results: Vec::new(),
             },
         ],
         ledger: LedgerState::default(),

@@ -3,31 +3,39 @@
 pub mod anthropic;
 pub mod openai_compat;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 
 use crate::ProviderError;
 
-/// Speaker of a chat message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChatRole {
-    /// The person.
-    User,
-    /// The assistant.
-    Assistant,
+pub use atlas_core::history::{Message as ChatMessage, Role as ChatRole};
+pub use atlas_core::tools::{ToolCall, ToolResult};
+
+/// A tool the model may call, as declared to it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ToolSpec {
+    /// Name (letters, digits, `_` and `-`, at most 64).
+    pub name: String,
+    /// What it does and when to use it, for the model.
+    pub description: String,
+    /// JSON Schema of its arguments (an object schema).
+    pub parameters: serde_json::Value,
 }
 
-/// One message of the conversation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChatMessage {
-    /// Speaker.
-    pub role: ChatRole,
-    /// Text.
-    pub text: String,
+/// Whether the model may call tools in this request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model decides.
+    #[default]
+    Auto,
+    /// Answer in words only (the tools stay declared, as the history may hold calls).
+    None,
 }
 
 /// A streamed completion request.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct LlmRequest {
     /// Server-configured system prompt.
     pub system: String,
@@ -37,6 +45,10 @@ pub struct LlmRequest {
     pub max_tokens: u32,
     /// Sampling temperature, provider default when `None`.
     pub temperature: Option<f32>,
+    /// Tools the model may call (empty: none declared).
+    pub tools: Arc<[ToolSpec]>,
+    /// Whether it may call them now.
+    pub tool_choice: ToolChoice,
 }
 
 /// Token counts as the provider reported them. Each report carries the latest totals.
@@ -57,6 +69,9 @@ pub struct LlmUsage {
 pub enum LlmEvent {
     /// More text.
     Delta(String),
+    /// A complete tool call (its argument fragments assembled), in the order the model made
+    /// them; the stream then ends with the provider's tool stop reason.
+    ToolCall(ToolCall),
     /// Updated usage totals.
     Usage(LlmUsage),
     /// The completion ended normally.

@@ -27,7 +27,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use atlas_core::audio::{AudioClock, pcm_from_le_bytes, pcm_to_le_bytes};
 use atlas_core::cost::{from_usd, to_usd};
-use atlas_core::history::{HistoryLimits, Role};
+use atlas_core::history::HistoryLimits;
 use atlas_core::resample::StreamResampler;
 use atlas_core::session::ledger::{LlmBill, ReportedTokens, SpendDelta};
 use atlas_core::session::{
@@ -41,7 +41,7 @@ use atlas_protocol::{
     AudioFormat, ClientMessage, ErrorCode, Limits, ServerEvent, SessionStart, close,
     parse_client_message,
 };
-use atlas_providers::llm::{ChatMessage, ChatRole, LlmRequest};
+use atlas_providers::llm::LlmRequest;
 use atlas_providers::stt::{SttEvent, SttOptions};
 
 pub use atlas_core::session::EndReason;
@@ -950,19 +950,10 @@ impl Driver {
         let config = &self.state.config;
         let request = LlmRequest {
             system: config.system_prompt.clone(),
-            messages: self
-                .machine
-                .history()
-                .map(|m| ChatMessage {
-                    role: match m.role {
-                        Role::User => ChatRole::User,
-                        Role::Assistant => ChatRole::Assistant,
-                    },
-                    text: m.text.clone(),
-                })
-                .collect(),
+            messages: self.machine.history().cloned().collect(),
             max_tokens: config.llm_max_tokens,
             temperature: None,
+            ..LlmRequest::default()
         };
         let mut progress = Progress {
             prompt_chars: request.system.len()

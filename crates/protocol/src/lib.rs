@@ -19,6 +19,12 @@ pub const BEARER_SUBPROTOCOL_PREFIX: &str = "bearer.";
 pub const VOICE_PATH: &str = "/v1/voice";
 /// Largest text frame the server accepts, in bytes.
 pub const MAX_TEXT_FRAME_BYTES: usize = 16 * 1024;
+
+/// Longest `call_id` a `tool.result` may name.
+pub const MAX_TOOL_CALL_ID_BYTES: usize = 128;
+
+/// Longest `error` of a `tool.result`, in characters.
+pub const MAX_TOOL_ERROR_CHARS: usize = 1000;
 /// Longest typed user turn (`input.text`), in characters.
 pub const MAX_INPUT_TEXT_CHARS: usize = 4_000;
 
@@ -168,6 +174,19 @@ pub enum ClientMessage {
     /// End the session normally.
     #[serde(rename = "session.end")]
     SessionEnd,
+    /// The application's answer to a `tool.call`: exactly one of `result` and `error`.
+    #[serde(rename = "tool.result")]
+    ToolResult {
+        /// The call answered (from `tool.call`).
+        call_id: String,
+        /// What the tool produced (any JSON value).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        result: Option<serde_json::Value>,
+        /// Why the tool failed, in words the assistant can relay (at most
+        /// [`MAX_TOOL_ERROR_CHARS`] characters).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 impl ClientMessage {
@@ -181,6 +200,7 @@ impl ClientMessage {
             ClientMessage::AuthRefresh { .. } => "auth.refresh",
             ClientMessage::Ping { .. } => "ping",
             ClientMessage::SessionEnd => "session.end",
+            ClientMessage::ToolResult { .. } => "tool.result",
         }
     }
 
@@ -188,6 +208,31 @@ impl ClientMessage {
     fn validate(&self) -> Result<(), String> {
         if let ClientMessage::SessionStart(start) = self {
             start.check_clean()?;
+        }
+        if let ClientMessage::ToolResult {
+            call_id,
+            result,
+            error,
+        } = self
+        {
+            if call_id.is_empty()
+                || call_id.len() > MAX_TOOL_CALL_ID_BYTES
+                || !is_clean_text(call_id)
+            {
+                return Err(format!(
+                    "call_id must be 1 to {MAX_TOOL_CALL_ID_BYTES} bytes without control characters"
+                ));
+            }
+            match (result, error) {
+                (Some(_), None) => {}
+                (None, Some(e)) if e.chars().count() > MAX_TOOL_ERROR_CHARS => {
+                    return Err(format!(
+                        "error is longer than {MAX_TOOL_ERROR_CHARS} characters"
+                    ));
+                }
+                (None, Some(_)) => {}
+                _ => return Err("exactly one of result and error must be given".into()),
+            }
         }
         if let ClientMessage::InputText { text } = self {
             if text.trim().is_empty() {
@@ -265,7 +310,7 @@ impl std::fmt::Display for ParseError {
 
 impl std::error::Error for ParseError {}
 
-const KNOWN_TYPES: [&str; 7] = [
+const KNOWN_TYPES: [&str; 8] = [
     "session.start",
     "input.commit",
     "input.text",
@@ -273,6 +318,7 @@ const KNOWN_TYPES: [&str; 7] = [
     "auth.refresh",
     "ping",
     "session.end",
+    "tool.result",
 ];
 
 /// Parses one client text frame, telling malformed JSON, unknown types and bad fields apart.
@@ -392,6 +438,9 @@ pub struct LatencyBreakdown {
     /// End of the user's speech (or end of turn) → first reply audio sent to the client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_first_audio: Option<u64>,
+    /// Time the turn waited for tools (all rounds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<u64>,
 }
 
 /// Stable error codes carried by `error` events and HTTP refusals.
@@ -602,6 +651,30 @@ pub enum ServerEvent {
         interrupted: bool,
         /// Latency breakdown.
         latency_ms: LatencyBreakdown,
+    },
+    /// The assistant calls a tool of the application: answer with `tool.result` before the
+    /// tool's time limit.
+    #[serde(rename = "tool.call")]
+    ToolCall {
+        /// Turn number.
+        turn_id: u64,
+        /// Id to answer with.
+        call_id: String,
+        /// The tool's name, as declared in the server's configuration.
+        name: String,
+        /// Arguments, checked against the tool's JSON Schema.
+        arguments: serde_json::Value,
+        /// Milliseconds the server waits for the answer.
+        timeout_ms: u64,
+    },
+    /// A `tool.call` is no longer awaited (its time ran out, or the turn was interrupted):
+    /// a late `tool.result` for it is refused.
+    #[serde(rename = "tool.cancelled")]
+    ToolCancelled {
+        /// The call.
+        call_id: String,
+        /// `timeout`, `interrupted` or `ended`.
+        reason: String,
     },
     /// The reply was cut off: flush playback; no more audio for this turn follows.
     #[serde(rename = "response.interrupted")]

@@ -32,7 +32,7 @@ use crate::cost::{Micros, Prices};
 use crate::history::{History, HistoryLimits, Message, Role};
 use crate::latency::Latency;
 use crate::timers::{SessionTimers, TimerAction, TimerConfig, TimerEnd};
-use crate::tools::{ToolCall, ToolResult};
+use crate::tools::{CheckedCall, ToolCall, ToolKind, ToolOutcome, ToolResult};
 use crate::turns::{self, Action, TurnConfig, Turns};
 use ledger::{Ledger, LedgerState, LlmBill, SpendDelta, Verdict};
 
@@ -77,6 +77,22 @@ pub struct Config {
     pub lease_ttl: Option<Duration>,
     /// Limits as told to the client.
     pub limits: Limits,
+    /// How tools are used (`None`: no tools declared).
+    pub tools: Option<ToolPolicy>,
+}
+
+/// How the model's tool calls are handled.
+#[derive(Clone, Debug)]
+pub struct ToolPolicy {
+    /// Most calls in one turn: further calls are refused, and once it is reached the next
+    /// request lets the model answer only in words.
+    pub max_calls_per_turn: u32,
+    /// Said while tools run when the model said nothing before calling ("One moment.").
+    pub acknowledgement: Option<String>,
+    /// Keep arguments and results in the records (otherwise only sizes and outcomes).
+    pub record_content: bool,
+    /// Largest result passed to the model, in bytes; a larger one fails the call.
+    pub max_result_bytes: usize,
 }
 
 /// Why a session ended.
@@ -225,7 +241,8 @@ pub enum ReplyFailure {
 pub struct ReplyOutcome {
     /// The turn.
     pub turn_id: u64,
-    /// Text whose audio was completely sent.
+    /// Text whose audio was completely sent, after the turn's last tool round (the words
+    /// before a tool call were reported with it).
     pub spoken: String,
     /// The language-model request's bill.
     pub llm: LlmBill,
@@ -308,6 +325,33 @@ pub enum Input<'a> {
         /// When the refresh was sent (the lease runs from then at the latest).
         sent_at: Instant,
     },
+    /// The model's request ended asking for tools (its words so far go on playing).
+    ToolCalls {
+        /// The turn.
+        turn_id: u64,
+        /// What the model said before calling.
+        text: String,
+        /// The calls, in the model's order, checked against the declared tools.
+        calls: Vec<CheckedCall>,
+        /// That request's bill.
+        llm: LlmBill,
+    },
+    /// The client application answered a `tool.call` (`Ok`: the result as JSON text;
+    /// `Err`: its error).
+    ToolResult {
+        /// The call.
+        call_id: &'a str,
+        /// The answer.
+        result: Result<String, String>,
+    },
+    /// A server tool's webhook answered (`Ok`: the result as JSON text; `Err`: why it
+    /// failed).
+    ToolFinished {
+        /// The call.
+        call_id: String,
+        /// The answer.
+        result: Result<String, String>,
+    },
     /// Another connection or instance claimed the session.
     OwnershipLost,
     /// The user's spend today across sessions.
@@ -331,6 +375,29 @@ pub struct TurnLog {
     pub latency: LatencyBreakdown,
     /// Bounded outcome label: `completed`, `interrupted`, `failed`, `client_gone`, `refused`.
     pub outcome: &'static str,
+}
+
+/// A tool call that ended, for the record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToolLog {
+    /// Turn number.
+    pub turn_id: u64,
+    /// The provider's call id.
+    pub call_id: String,
+    /// The tool's name as the model wrote it.
+    pub name: String,
+    /// Where it ran (`None`: refused before running).
+    pub kind: Option<ToolKind>,
+    /// Size of the arguments, in bytes.
+    pub arguments_bytes: usize,
+    /// From the model's request to the answer.
+    pub duration: Duration,
+    /// How it ended.
+    pub outcome: ToolOutcome,
+    /// The arguments, when the operator keeps content.
+    pub arguments: Option<String>,
+    /// The result or error told to the model, when the operator keeps content.
+    pub result: Option<String>,
 }
 
 /// How the session finished and what the driver still owes it.
@@ -372,6 +439,44 @@ pub enum Output {
         /// The turn.
         turn_id: u64,
     },
+    /// Run a tool: a server tool's webhook (answer with [`Input::ToolFinished`]), or a
+    /// `tool.call` to the client application for a client tool (it answers itself).
+    CallTool {
+        /// The turn.
+        turn_id: u64,
+        /// The call (arguments checked).
+        call: ToolCall,
+        /// Where it runs.
+        kind: ToolKind,
+        /// How long it is waited for.
+        timeout: Duration,
+    },
+    /// Stop waiting for a call: abort a server tool's request; tell the client
+    /// (`tool.cancelled`).
+    CancelTool {
+        /// The call.
+        call_id: String,
+        /// Where it runs.
+        kind: ToolKind,
+        /// `timeout`, `interrupted` or `ended`.
+        reason: &'static str,
+    },
+    /// Say `text` in the reply to `turn_id` now, while its tools run.
+    Acknowledge {
+        /// The turn.
+        turn_id: u64,
+        /// The words.
+        text: String,
+    },
+    /// Send the reply's next request with the current history (its tools answered).
+    ContinueReply {
+        /// The turn.
+        turn_id: u64,
+        /// Whether the model may call tools again (the turn's limit is not reached).
+        tools_allowed: bool,
+    },
+    /// A tool call ended.
+    ToolLog(ToolLog),
     /// A turn is complete.
     Turn(TurnLog),
     /// Spend to meter and to add to the user's daily total (answer with
@@ -446,6 +551,38 @@ struct Abuse {
     flood_windows: u32,
 }
 
+/// The reply in flight.
+#[derive(Debug)]
+struct Reply {
+    turn_id: u64,
+    /// The machine asked for it to be aborted.
+    aborted: bool,
+    /// Tool calls made this turn (against the limit).
+    calls_made: u32,
+    /// What the model said before its tool calls, this turn.
+    said: String,
+    /// Time spent waiting for tools, this turn.
+    tool_time: Duration,
+    acknowledged: bool,
+    /// The tool calls being waited for.
+    round: Option<ToolRound>,
+}
+
+#[derive(Debug)]
+struct ToolRound {
+    text: String,
+    started: Instant,
+    calls: Vec<PendingCall>,
+}
+
+#[derive(Debug)]
+struct PendingCall {
+    call: ToolCall,
+    kind: Option<ToolKind>,
+    deadline: Option<Instant>,
+    result: Option<ToolResult>,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Lease {
     ttl: Duration,
@@ -475,8 +612,10 @@ pub struct Session {
     abuse: Abuse,
     /// What the person said in the turn being answered.
     user_text: String,
-    /// The reply in flight and whether the machine asked for it to be aborted.
-    reply: Option<(u64, bool)>,
+    /// The reply in flight.
+    reply: Option<Reply>,
+    /// When the input being handled happened.
+    now: Instant,
     next_checkpoint: Instant,
     lease: Option<Lease>,
     out: VecDeque<Output>,
@@ -525,6 +664,7 @@ impl Session {
             output: AudioFormat::DEFAULT_OUTPUT,
             user_text: String::new(),
             reply: None,
+            now,
             next_checkpoint: now + config.checkpoint_interval,
             lease,
             out: VecDeque::new(),
@@ -643,6 +783,13 @@ impl Session {
         if let Some((_, until)) = &self.previous_token {
             t = t.min(*until);
         }
+        if let Some(round) = self.reply.as_ref().and_then(|r| r.round.as_ref()) {
+            for c in round.calls.iter().filter(|c| c.result.is_none()) {
+                if let Some(deadline) = c.deadline {
+                    t = t.min(deadline);
+                }
+            }
+        }
         Some(t)
     }
 
@@ -651,6 +798,8 @@ impl Session {
         if self.phase != Phase::Live {
             return;
         }
+        self.now = now;
+        self.expire_tools(now);
         while let Some(action) = self.timers.poll(now) {
             match action {
                 TimerAction::Ping => self.out.push_back(Output::Ping),
@@ -695,6 +844,7 @@ impl Session {
 
     /// Feeds one input that happened at `now`.
     pub fn handle(&mut self, input: Input<'_>, now: Instant) {
+        self.now = now;
         match self.phase {
             Phase::Ended => return,
             // Ending: only the aborted reply's outcome is still awaited.
@@ -797,6 +947,18 @@ impl Session {
                 }
             }
             Input::ReplyEnded(outcome) => self.reply_ended(outcome, now),
+            Input::ToolCalls {
+                turn_id,
+                text,
+                calls,
+                llm,
+            } => self.tool_calls(turn_id, text, calls, &llm, now),
+            Input::ToolResult { call_id, result } => {
+                self.tool_answered(call_id, result, ToolKind::Client, now)
+            }
+            Input::ToolFinished { call_id, result } => {
+                self.tool_answered(&call_id, result, ToolKind::Server, now)
+            }
             Input::Lease { answer, sent_at } => self.lease_answered(answer, sent_at, now),
             Input::OwnershipLost => self.end(EndReason::Moved),
             Input::DailySpent(total) => {
@@ -820,6 +982,7 @@ impl Session {
                 | Input::StartAgain
                 | Input::Invalid(..)
                 | Input::End
+                | Input::ToolResult { .. }
         )
     }
 
@@ -995,7 +1158,7 @@ impl Session {
                 Action::Partial(text) => self.send(ServerEvent::TranscriptPartial { text }),
                 Action::Finalize => self.out.push_back(Output::Finalize),
                 Action::Interrupt { turn_id } => {
-                    if self.reply.is_some_and(|(t, _)| t == turn_id) {
+                    if self.reply.as_ref().is_some_and(|r| r.turn_id == turn_id) {
                         self.abort_reply();
                     }
                 }
@@ -1010,13 +1173,306 @@ impl Session {
     }
 
     fn abort_reply(&mut self) {
-        if let Some((turn_id, aborted)) = &mut self.reply
-            && !*aborted
+        let reason = if self.phase == Phase::Live {
+            "interrupted"
+        } else {
+            "ended"
+        };
+        self.cancel_tools(reason);
+        if let Some(reply) = &mut self.reply
+            && !reply.aborted
         {
-            *aborted = true;
-            let turn_id = *turn_id;
+            reply.aborted = true;
+            let turn_id = reply.turn_id;
             self.out.push_back(Output::AbortReply { turn_id });
         }
+    }
+
+    /// The model asked for tools: refuse what must not run, start the rest.
+    fn tool_calls(
+        &mut self,
+        turn_id: u64,
+        text: String,
+        calls: Vec<CheckedCall>,
+        llm: &LlmBill,
+        now: Instant,
+    ) {
+        // Every request the provider served is paid for, whatever happens next.
+        self.ledger.add_reply(llm, 0);
+        let (max_calls, acknowledgement) = self.config.tools.as_ref().map_or((0, None), |p| {
+            (p.max_calls_per_turn, p.acknowledgement.clone())
+        });
+        let Some(reply) = self
+            .reply
+            .as_mut()
+            .filter(|r| r.turn_id == turn_id && !r.aborted && r.round.is_none())
+        else {
+            return;
+        };
+        let mut round = ToolRound {
+            text,
+            started: now,
+            calls: Vec::with_capacity(calls.len()),
+        };
+        let mut refused = Vec::new();
+        for CheckedCall { call, verdict } in calls {
+            let mut pending = PendingCall {
+                call,
+                kind: None,
+                deadline: None,
+                result: None,
+            };
+            let id = &pending.call.id;
+            if reply.calls_made >= max_calls {
+                pending.result = Some(ToolResult::error(
+                    id,
+                    "not run: the limit of tool calls for this turn is reached; answer with what you have",
+                ));
+                refused.push((round.calls.len(), ToolOutcome::OverLimit));
+            } else {
+                reply.calls_made += 1;
+                match verdict {
+                    Err(reason) => {
+                        pending.result = Some(ToolResult::error(id, format!("not run: {reason}")));
+                        refused.push((round.calls.len(), ToolOutcome::Invalid));
+                    }
+                    Ok((kind, timeout)) => {
+                        pending.kind = Some(kind);
+                        pending.deadline = Some(now + timeout);
+                        self.out.push_back(Output::CallTool {
+                            turn_id,
+                            call: pending.call.clone(),
+                            kind,
+                            timeout,
+                        });
+                    }
+                }
+            }
+            round.calls.push(pending);
+        }
+        let waiting = round.calls.iter().any(|c| c.result.is_none());
+        if waiting && round.text.trim().is_empty() && !reply.acknowledged {
+            if let Some(text) = acknowledgement {
+                reply.acknowledged = true;
+                self.out.push_back(Output::Acknowledge { turn_id, text });
+            }
+        }
+        reply.round = Some(round);
+        for (index, outcome) in refused {
+            self.log_tool(index, outcome, now);
+        }
+        self.continue_when_answered(now);
+    }
+
+    /// A tool answered.
+    fn tool_answered(
+        &mut self,
+        call_id: &str,
+        result: Result<String, String>,
+        kind: ToolKind,
+        now: Instant,
+    ) {
+        let max_bytes = self.config.tools.as_ref().map_or(0, |p| p.max_result_bytes);
+        let index = self
+            .reply
+            .as_ref()
+            .and_then(|r| r.round.as_ref())
+            .and_then(|round| {
+                round.calls.iter().position(|c| {
+                    c.call.id == call_id && c.result.is_none() && c.kind == Some(kind)
+                })
+            });
+        let Some(index) = index else {
+            // A late or unknown answer: a server tool's is dropped silently (it was
+            // cancelled); a client's is a protocol error.
+            if kind == ToolKind::Client && self.count_invalid() {
+                self.send(ServerEvent::error(
+                    ErrorCode::InvalidMessage,
+                    "no tool call with this call_id is waiting for a result",
+                    false,
+                ));
+            }
+            return;
+        };
+        let (result, outcome) = match result {
+            Ok(json) if json.len() > max_bytes => (
+                ToolResult::error(
+                    call_id,
+                    format!("the tool's result is larger than {max_bytes} bytes"),
+                ),
+                ToolOutcome::Failed,
+            ),
+            Ok(json) => (
+                ToolResult {
+                    call_id: call_id.to_owned(),
+                    content: json,
+                    is_error: false,
+                },
+                ToolOutcome::Ok,
+            ),
+            Err(message) => (ToolResult::error(call_id, message), ToolOutcome::Failed),
+        };
+        if let Some(call) = self.pending_mut(index) {
+            call.result = Some(result);
+        }
+        self.log_tool(index, outcome, now);
+        self.continue_when_answered(now);
+    }
+
+    fn pending_mut(&mut self, index: usize) -> Option<&mut PendingCall> {
+        self.reply
+            .as_mut()
+            .and_then(|r| r.round.as_mut())
+            .and_then(|round| round.calls.get_mut(index))
+    }
+
+    /// Calls past their time limit are answered with an error.
+    fn expire_tools(&mut self, now: Instant) {
+        let Some(round) = self.reply.as_mut().and_then(|r| r.round.as_mut()) else {
+            return;
+        };
+        let mut expired = Vec::new();
+        for (index, c) in round.calls.iter_mut().enumerate() {
+            if c.result.is_none()
+                && let (Some(deadline), Some(kind)) = (c.deadline, c.kind)
+                && now >= deadline
+            {
+                let waited = deadline.saturating_duration_since(round.started);
+                c.result = Some(ToolResult::error(
+                    &c.call.id,
+                    format!("the tool did not answer within {} ms", waited.as_millis()),
+                ));
+                self.out.push_back(Output::CancelTool {
+                    call_id: c.call.id.clone(),
+                    kind,
+                    reason: "timeout",
+                });
+                expired.push(index);
+            }
+        }
+        if expired.is_empty() {
+            return;
+        }
+        for index in expired {
+            self.log_tool(index, ToolOutcome::TimedOut, now);
+        }
+        self.continue_when_answered(now);
+    }
+
+    /// The turn is cut or the session ends while tools run: stop waiting, answer every call
+    /// with the reason (the history keeps each call next to its result).
+    fn cancel_tools(&mut self, reason: &'static str) {
+        let now = self.now;
+        let Some(round) = self.reply.as_mut().and_then(|r| r.round.as_mut()) else {
+            return;
+        };
+        let mut cancelled = Vec::new();
+        for (index, c) in round.calls.iter_mut().enumerate() {
+            if c.result.is_none() {
+                c.result = Some(ToolResult::error(
+                    &c.call.id,
+                    format!("cancelled: the turn was {reason}"),
+                ));
+                if let Some(kind) = c.kind {
+                    self.out.push_back(Output::CancelTool {
+                        call_id: c.call.id.clone(),
+                        kind,
+                        reason,
+                    });
+                }
+                cancelled.push(index);
+            }
+        }
+        for index in cancelled {
+            self.log_tool(index, ToolOutcome::Cancelled, now);
+        }
+        self.close_round(now);
+    }
+
+    fn log_tool(&mut self, index: usize, outcome: ToolOutcome, now: Instant) {
+        let record_content = self.config.tools.as_ref().is_some_and(|p| p.record_content);
+        let Some(reply) = &self.reply else {
+            return;
+        };
+        let Some(round) = &reply.round else {
+            return;
+        };
+        let Some(c) = round.calls.get(index) else {
+            return;
+        };
+        self.out.push_back(Output::ToolLog(ToolLog {
+            turn_id: reply.turn_id,
+            call_id: c.call.id.clone(),
+            name: c.call.name.clone(),
+            kind: c.kind,
+            arguments_bytes: c.call.arguments.len(),
+            duration: now.saturating_duration_since(round.started),
+            outcome,
+            arguments: record_content.then(|| c.call.arguments.clone()),
+            result: record_content
+                .then(|| c.result.as_ref().map(|r| r.content.clone()))
+                .flatten(),
+        }));
+    }
+
+    /// Once every call of the round is answered: the round enters the history and, budget
+    /// permitting, the model is asked again.
+    fn continue_when_answered(&mut self, now: Instant) {
+        let answered = self
+            .reply
+            .as_ref()
+            .and_then(|r| r.round.as_ref())
+            .is_some_and(|round| round.calls.iter().all(|c| c.result.is_some()));
+        if !answered {
+            return;
+        }
+        let Some((turn_id, calls_made)) = self.close_round(now) else {
+            return;
+        };
+        // The next request carries the results: stop before it would exceed the budget.
+        let prompt_chars = self.config.system_prompt_chars + self.history.chars();
+        let estimate = self
+            .ledger
+            .reply_estimate(prompt_chars, u64::from(self.config.llm_max_tokens));
+        if self.budget_verdict(estimate) == Verdict::Exhausted {
+            return self.end(EndReason::BudgetExhausted);
+        }
+        let max_calls = self
+            .config
+            .tools
+            .as_ref()
+            .map_or(0, |p| p.max_calls_per_turn);
+        self.out.push_back(Output::ContinueReply {
+            turn_id,
+            tools_allowed: calls_made < max_calls,
+        });
+    }
+
+    /// Moves the round (every call answered) into the history.
+    fn close_round(&mut self, now: Instant) -> Option<(u64, u32)> {
+        let reply = self.reply.as_mut()?;
+        let round = reply.round.take()?;
+        reply.tool_time += now.saturating_duration_since(round.started);
+        let text = round.text.trim();
+        if !text.is_empty() {
+            if !reply.said.is_empty() {
+                reply.said.push(' ');
+            }
+            reply.said.push_str(text);
+        }
+        let (calls, results) = round
+            .calls
+            .into_iter()
+            .map(|c| {
+                let result = c
+                    .result
+                    .unwrap_or_else(|| ToolResult::error(&c.call.id, "not answered"));
+                (c.call, result)
+            })
+            .unzip();
+        let ids = (reply.turn_id, reply.calls_made);
+        self.history.push_tool_round(&round.text, calls, results);
+        Some(ids)
     }
 
     fn start_reply(&mut self, turn_id: u64, text: String, end_of_speech: Option<Instant>) {
@@ -1041,7 +1497,15 @@ impl Session {
             return self.unanswered(turn_id);
         }
         self.send(ServerEvent::ResponseStarted { turn_id });
-        self.reply = Some((turn_id, false));
+        self.reply = Some(Reply {
+            turn_id,
+            aborted: false,
+            calls_made: 0,
+            said: String::new(),
+            tool_time: Duration::ZERO,
+            acknowledged: false,
+            round: None,
+        });
         self.out.push_back(Output::StartReply {
             turn_id,
             end_of_speech,
@@ -1088,9 +1552,14 @@ impl Session {
     }
 
     fn reply_ended(&mut self, o: ReplyOutcome, now: Instant) {
-        let Some((turn_id, aborted)) = self.reply.take_if(|(t, _)| *t == o.turn_id) else {
+        if self.reply.as_ref().is_some_and(|r| r.turn_id == o.turn_id) {
+            // Ended on its own while tools ran (the client went away, say).
+            self.cancel_tools("ended");
+        }
+        let Some(reply) = self.reply.take_if(|r| r.turn_id == o.turn_id) else {
             return;
         };
+        let (turn_id, aborted) = (reply.turn_id, reply.aborted);
         let mut ignored = Vec::new();
         self.turns
             .handle(turns::Input::ResponseFinished { turn_id }, &mut ignored);
@@ -1110,11 +1579,21 @@ impl Session {
         let interrupted = aborted || o.failure.is_some();
         self.ledger.add_reply(&o.llm, o.tts_chars);
         self.history.push_assistant(&o.spoken);
-        let latency = breakdown(o.latency);
+        let mut latency = breakdown(o.latency);
+        if reply.calls_made > 0 {
+            latency.tools = Some(reply.tool_time.as_millis() as u64);
+        }
+        let mut assistant_text = reply.said;
+        if !o.spoken.is_empty() {
+            if !assistant_text.is_empty() {
+                assistant_text.push(' ');
+            }
+            assistant_text.push_str(&o.spoken);
+        }
         self.out.push_back(Output::Turn(TurnLog {
             turn_id,
             user_text: std::mem::take(&mut self.user_text),
-            assistant_text: o.spoken,
+            assistant_text,
             interrupted,
             latency: latency.clone(),
             outcome,
@@ -1240,6 +1719,7 @@ pub fn breakdown(l: Latency) -> LatencyBreakdown {
         llm_first_token: ms(l.llm_first_token),
         tts_first_audio: ms(l.tts_first_audio),
         to_first_audio: ms(l.to_first_audio),
+        tools: None,
     }
 }
 

@@ -4,6 +4,8 @@ use super::ledger::ReportedTokens;
 use super::*;
 use crate::cost::from_usd;
 
+mod tools;
+
 const S: Duration = Duration::from_secs(1);
 
 fn config() -> Config {
@@ -44,6 +46,7 @@ fn config() -> Config {
         checkpoint_interval: 60 * S,
         token_handover_grace: 30 * S,
         lease_ttl: None,
+        tools: None,
         limits: Limits {
             max_duration_s: 1800,
             budget_usd: Some(5.0),

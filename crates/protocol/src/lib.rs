@@ -908,6 +908,69 @@ mod tests {
     }
 
     #[test]
+    fn tool_messages_round_trip_and_are_bounded() {
+        let ok = parse_client_message(
+            r#"{"type":"tool.result","call_id":"call_1","result":{"opened":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            ok,
+            ClientMessage::ToolResult {
+                call_id: "call_1".into(),
+                result: Some(serde_json::json!({"opened": true})),
+                error: None,
+            }
+        );
+        assert!(
+            parse_client_message(r#"{"type":"tool.result","call_id":"c","error":"no"}"#).is_ok()
+        );
+        for bad in [
+            r#"{"type":"tool.result","call_id":"c"}"#,
+            r#"{"type":"tool.result","call_id":"c","result":1,"error":"x"}"#,
+            r#"{"type":"tool.result","call_id":"","result":1}"#,
+            r#"{"type":"tool.result","result":1}"#,
+        ] {
+            assert!(
+                matches!(
+                    parse_client_message(bad),
+                    Err(ParseError::InvalidFields {
+                        message_type: "tool.result",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
+        let long = format!(
+            r#"{{"type":"tool.result","call_id":"c","error":"{}"}}"#,
+            "x".repeat(MAX_TOOL_ERROR_CHARS + 1)
+        );
+        assert!(parse_client_message(&long).is_err());
+        let call = ServerEvent::ToolCall {
+            turn_id: 2,
+            call_id: "call_1".into(),
+            name: "open_page".into(),
+            arguments: serde_json::json!({"page": "settings"}),
+            timeout_ms: 5000,
+        };
+        let v: serde_json::Value = serde_json::from_str(&call.to_json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"tool.call","turn_id":2,"call_id":"call_1","name":"open_page",
+                "arguments":{"page":"settings"},"timeout_ms":5000})
+        );
+        let cancelled = ServerEvent::ToolCancelled {
+            call_id: "call_1".into(),
+            reason: "timeout".into(),
+        };
+        let v: serde_json::Value = serde_json::from_str(&cancelled.to_json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"tool.cancelled","call_id":"call_1","reason":"timeout"})
+        );
+    }
+
+    #[test]
     fn server_events_match_spec_shapes() {
         let done = ServerEvent::ResponseDone {
             turn_id: 1,
@@ -917,6 +980,7 @@ mod tests {
                 llm_first_token: Some(300),
                 tts_first_audio: Some(200),
                 to_first_audio: Some(662),
+                ..LatencyBreakdown::default()
             },
         };
         let v: serde_json::Value = serde_json::from_str(&done.to_json()).unwrap();

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use clap::Args;
 use tokio::io::AsyncReadExt;
 
-use atlas_client::voice::{ReconnectPolicy, VoiceEvent, VoiceSession};
+use atlas_client::voice::{ReconnectPolicy, ToolScript, VoiceEvent, VoiceSession};
 use atlas_client::{ConnectOptions, wav};
 use atlas_core::resample::StreamResampler;
 use atlas_protocol::{AudioFormat, ClientMessage, ServerEvent, SessionStart};
@@ -42,6 +42,11 @@ pub struct CallArgs {
     /// Print every event as a JSON line instead of a transcript.
     #[arg(long)]
     json: bool,
+    /// Answers to the application's tools: a JSON file mapping each tool name to
+    /// `{"result": <any JSON>}` or `{"error": "<message>"}`; a `tool.call` for another tool is
+    /// answered with an error.
+    #[arg(long)]
+    tool_results: Option<PathBuf>,
 }
 
 async fn read_input(args: &CallArgs) -> anyhow::Result<(Vec<i16>, u32)> {
@@ -62,6 +67,15 @@ async fn read_input(args: &CallArgs) -> anyhow::Result<(Vec<i16>, u32)> {
 
 /// Runs one question-and-answer exchange.
 pub async fn run(args: CallArgs) -> anyhow::Result<()> {
+    let tools = match &args.tool_results {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            ToolScript::from_json(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => ToolScript::default(),
+    };
     let (mut samples, mut rate) = read_input(&args).await?;
     if !AudioFormat::SUPPORTED_RATES.contains(&rate) {
         let mut r = StreamResampler::new(rate, 16_000)?;
@@ -167,6 +181,13 @@ pub async fn run(args: CallArgs) -> anyhow::Result<()> {
                         println!("you:       {text}")
                     }
                     ServerEvent::ResponseTextDelta { text, .. } => reply.push_str(&text),
+                    ServerEvent::ToolCall { call_id, name, .. } => {
+                        let answer = tools.answer(&name);
+                        if !args.json {
+                            println!("tool:      {name} → {answer:?}");
+                        }
+                        let _ = session.tool_result(call_id, answer).await;
+                    }
                     ServerEvent::Error {
                         code,
                         message,

@@ -140,6 +140,66 @@ impl VoiceSession {
             .await
             .map_err(|_| ClientError::Closed)
     }
+
+    /// Answers a `tool.call`: the tool's result, or why it failed.
+    pub async fn tool_result(
+        &self,
+        call_id: impl Into<String>,
+        result: Result<serde_json::Value, String>,
+    ) -> Result<(), ClientError> {
+        self.send(tool_result(call_id.into(), result)).await
+    }
+}
+
+/// The `tool.result` message answering `call_id`.
+pub fn tool_result(call_id: String, result: Result<serde_json::Value, String>) -> ClientMessage {
+    let (result, error) = match result {
+        Ok(value) => (Some(value), None),
+        Err(message) => (None, Some(message)),
+    };
+    ClientMessage::ToolResult {
+        call_id,
+        result,
+        error,
+    }
+}
+
+/// Scripted answers to client tools, by tool name (for tests and the `call` command): the
+/// file holds a JSON object mapping each name to `{"result": <any JSON>}` or
+/// `{"error": "<message>"}`.
+#[derive(Clone, Debug, Default)]
+pub struct ToolScript {
+    answers: std::collections::HashMap<String, Result<serde_json::Value, String>>,
+}
+
+impl ToolScript {
+    /// Parses the script.
+    pub fn from_json(text: &str) -> Result<ToolScript, String> {
+        let map: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(text).map_err(|e| format!("not a JSON object: {e}"))?;
+        let mut answers = std::collections::HashMap::new();
+        for (name, entry) in map {
+            let answer = match (entry.get("result"), entry.get("error")) {
+                (Some(result), None) => Ok(result.clone()),
+                (None, Some(serde_json::Value::String(e))) => Err(e.clone()),
+                _ => {
+                    return Err(format!(
+                        "{name}: give exactly one of \"result\" (any JSON) or \"error\" (a string)"
+                    ));
+                }
+            };
+            answers.insert(name, answer);
+        }
+        Ok(ToolScript { answers })
+    }
+
+    /// The answer to a call of `name` (a tool without a script fails).
+    pub fn answer(&self, name: &str) -> Result<serde_json::Value, String> {
+        self.answers
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| Err(format!("the client has no answer for {name}")))
+    }
 }
 
 async fn run(
@@ -265,6 +325,27 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tool_script_answers_by_name() {
+        let script = ToolScript::from_json(
+            r#"{"open_page": {"result": {"opened": true}}, "pay": {"error": "declined"}}"#,
+        )
+        .unwrap();
+        assert_eq!(script.answer("open_page"), Ok(serde_json::json!({"opened": true})));
+        assert_eq!(script.answer("pay"), Err("declined".into()));
+        assert!(script.answer("other").unwrap_err().contains("no answer"));
+        assert!(ToolScript::from_json(r#"{"x": {}}"#).is_err());
+        assert!(ToolScript::from_json("[]").is_err());
+        assert_eq!(
+            tool_result("c1".into(), Err("no".into())),
+            ClientMessage::ToolResult {
+                call_id: "c1".into(),
+                result: None,
+                error: Some("no".into())
+            }
+        );
+    }
 
     #[test]
     fn backoff_schedule() {

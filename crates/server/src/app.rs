@@ -114,7 +114,9 @@ impl Application {
             None => None,
         };
         let connect_limiter = crate::client_addr::ConnectLimiter::from_config(&config)?;
+        let tools = crate::tools::Toolbox::from_config(&config)?;
         let state = AppState(Arc::new(Inner {
+            tools,
             auth: Authenticator::new(&config),
             registry: Registry::new(config.max_sessions_per_user, config.max_sessions),
             prices,

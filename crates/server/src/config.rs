@@ -242,6 +242,63 @@ pub struct Config {
     pub drain_timeout_s: u64,
     /// `text` or `json`.
     pub log_format: LogFormat,
+    /// Tools the assistant may call, declared as `[[tools]]` in the configuration file.
+    pub tools: Vec<ToolConfig>,
+    /// Signs every webhook call (HMAC-SHA256); required when a webhook tool is declared.
+    #[serde(serialize_with = "redact")]
+    pub tool_webhook_secret: Option<SecretString>,
+    /// Tool calls allowed in one turn; past it calls are refused and the model answers in
+    /// words.
+    pub tool_max_calls_per_turn: u32,
+    /// Said while tools run when the model said nothing before calling (empty: silence).
+    pub tool_acknowledgement: String,
+    /// Keep tool arguments and results in the records (otherwise only sizes and outcomes).
+    pub tool_record_content: bool,
+    /// Largest tool result passed to the model, in bytes; larger answers fail the call.
+    pub tool_max_result_bytes: usize,
+}
+
+/// Where a declared tool runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolRunner {
+    /// The server POSTs the call to the tool's `url`.
+    Webhook,
+    /// The client application answers `tool.call` with `tool.result`.
+    Client,
+}
+
+/// One tool the assistant may call.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolConfig {
+    /// Name the model calls it by: letters, digits, `_` and `-`, at most 64.
+    pub name: String,
+    /// What it does and when to use it, for the model.
+    pub description: String,
+    /// `webhook` or `client`.
+    pub kind: ToolRunner,
+    /// Webhook tools: the HTTPS endpoint (plain HTTP only on a loopback address).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// How long the call is waited for, in milliseconds (100–60,000).
+    #[serde(default = "default_tool_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Webhook tools: repeating the call is harmless, so a 502/503/504 is retried once
+    /// within the time limit (a refused connection is always retried: nothing was sent).
+    #[serde(default)]
+    pub idempotent: bool,
+    /// JSON Schema of the arguments (an object schema; checked before anything runs).
+    #[serde(default = "empty_object_schema")]
+    pub parameters: serde_json::Value,
+}
+
+fn default_tool_timeout_ms() -> u64 {
+    5_000
+}
+
+fn empty_object_schema() -> serde_json::Value {
+    serde_json::json!({"type": "object", "properties": {}})
 }
 
 fn redact<S: serde::Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
@@ -339,6 +396,12 @@ impl Default for Config {
             audio_chunk_max_bytes: 102_400,
             drain_timeout_s: 30,
             log_format: LogFormat::Text,
+            tools: Vec::new(),
+            tool_webhook_secret: None,
+            tool_max_calls_per_turn: 5,
+            tool_acknowledgement: String::new(),
+            tool_record_content: false,
+            tool_max_result_bytes: 16 * 1024,
         }
     }
 }
@@ -353,8 +416,9 @@ const UNPREFIXED: [&str; 5] = [
 ];
 
 /// Secrets that may be given as `<NAME>_FILE`.
-const SECRET_FILES: [(&str, &str); 4] = [
+const SECRET_FILES: [(&str, &str); 5] = [
     ("ATLAS_JWT_SECRET_FILE", "jwt_secret"),
+    ("ATLAS_TOOL_WEBHOOK_SECRET_FILE", "tool_webhook_secret"),
     ("DEEPGRAM_API_KEY_FILE", "deepgram_api_key"),
     ("ANTHROPIC_API_KEY_FILE", "anthropic_api_key"),
     ("OPENAI_API_KEY_FILE", "openai_api_key"),
@@ -414,7 +478,7 @@ impl Config {
         figment = figment
             .merge(
                 Env::prefixed("ATLAS_")
-                    .ignore(&["CONFIG", "JWT_SECRET_FILE"])
+                    .ignore(&["CONFIG", "JWT_SECRET_FILE", "TOOL_WEBHOOK_SECRET_FILE"])
                     .lowercase(true),
             )
             .merge(Env::raw().only(&UNPREFIXED).lowercase(true));
@@ -588,6 +652,7 @@ impl Config {
         if self.system_prompt.len() > 32 * 1024 {
             return fail("ATLAS_SYSTEM_PROMPT is longer than 32 KiB".into());
         }
+        self.validate_tools()?;
         for (name, url, schemes) in [
             ("ATLAS_DEEPGRAM_URL", &self.deepgram_url, &["ws", "wss"][..]),
             (
@@ -606,6 +671,117 @@ impl Config {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Checks the declared tools (their schemas are compiled by the tool catalog at start).
+    fn validate_tools(&self) -> Result<(), ConfigError> {
+        let fail = |m: String| Err(ConfigError(m));
+        if self.tools.is_empty() {
+            return Ok(());
+        }
+        if self.llm == LlmKind::Local {
+            return fail(
+                "tools need a model that can call them: the local model (SmolLM2) cannot; set \
+                 ATLAS_LLM=anthropic, or ATLAS_LLM=openai for an OpenAI-compatible server \
+                 (Ollama, llama.cpp server) with a tool-calling model"
+                    .into(),
+            );
+        }
+        if self.tools.len() > 64 {
+            return fail("at most 64 tools may be declared".into());
+        }
+        if !(1..=32).contains(&self.tool_max_calls_per_turn) {
+            return fail("ATLAS_TOOL_MAX_CALLS_PER_TURN must be between 1 and 32".into());
+        }
+        if !(64..=1024 * 1024).contains(&self.tool_max_result_bytes) {
+            return fail("ATLAS_TOOL_MAX_RESULT_BYTES must be between 64 and 1048576".into());
+        }
+        if self.tool_acknowledgement.len() > 200 {
+            return fail("ATLAS_TOOL_ACKNOWLEDGEMENT is longer than 200 bytes".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for t in &self.tools {
+            let valid_name = !t.name.is_empty()
+                && t.name.len() <= 64
+                && t.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid_name {
+                return fail(format!(
+                    "tool name {:?} must be 1 to 64 letters, digits, '_' or '-'",
+                    t.name
+                ));
+            }
+            if !names.insert(t.name.as_str()) {
+                return fail(format!("tool {:?} is declared twice", t.name));
+            }
+            if t.description.trim().is_empty() || t.description.len() > 4096 {
+                return fail(format!(
+                    "tool {:?} needs a description (at most 4096 bytes): the model reads it to \
+                     decide when to call the tool",
+                    t.name
+                ));
+            }
+            if !(100..=60_000).contains(&t.timeout_ms) {
+                return fail(format!(
+                    "tool {:?}: timeout_ms must be between 100 and 60000",
+                    t.name
+                ));
+            }
+            if t.parameters.get("type").and_then(|v| v.as_str()) != Some("object") {
+                return fail(format!(
+                    "tool {:?}: parameters must be a JSON Schema with \"type\": \"object\"",
+                    t.name
+                ));
+            }
+            match (t.kind, &t.url) {
+                (ToolRunner::Webhook, None) => {
+                    return fail(format!("webhook tool {:?} needs a url", t.name));
+                }
+                (ToolRunner::Webhook, Some(url)) => {
+                    let loopback = |u: &url::Url| match u.host() {
+                        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                        Some(url::Host::Domain(d)) => d == "localhost",
+                        None => false,
+                    };
+                    match url::Url::parse(url) {
+                        Ok(u) if u.scheme() == "https" => {}
+                        Ok(u) if u.scheme() == "http" && loopback(&u) => {}
+                        _ => {
+                            return fail(format!(
+                                "webhook tool {:?}: url must be https (http only on a loopback \
+                                 address), got {url:?}",
+                                t.name
+                            ));
+                        }
+                    }
+                    if self.tool_webhook_secret.is_none() {
+                        return fail(format!(
+                            "webhook tool {:?} needs ATLAS_TOOL_WEBHOOK_SECRET (or \
+                             ATLAS_TOOL_WEBHOOK_SECRET_FILE) to sign its calls",
+                            t.name
+                        ));
+                    }
+                }
+                (ToolRunner::Client, Some(_)) => {
+                    return fail(format!(
+                        "client tool {:?} has a url: client tools are answered by the \
+                         application, not called by the server",
+                        t.name
+                    ));
+                }
+                (ToolRunner::Client, None) => {}
+            }
+        }
+        if self
+            .tool_webhook_secret
+            .as_ref()
+            .is_some_and(|s| s.expose_secret().len() < 32)
+        {
+            return fail("ATLAS_TOOL_WEBHOOK_SECRET must be at least 32 characters".into());
         }
         Ok(())
     }

@@ -39,6 +39,7 @@ pub mod recorder;
 pub mod registry;
 pub mod session;
 pub mod state;
+pub mod tools;
 
 pub use app::Application;
 pub use config::Config;

@@ -95,6 +95,12 @@ pub fn stage_latency(stage: &'static str, d: Duration) {
     histogram!("atlas_stage_latency_seconds", "stage" => stage).record(d.as_secs_f64());
 }
 
+/// A tool call ended (`kind`: `server`, `client`, or `none` when refused before running).
+pub fn tool_call(kind: &'static str, outcome: &'static str, d: Duration) {
+    counter!("atlas_tool_calls_total", "kind" => kind, "outcome" => outcome).increment(1);
+    histogram!("atlas_tool_call_seconds", "kind" => kind).record(d.as_secs_f64());
+}
+
 /// A turn's reply ended.
 pub fn turn(outcome: &'static str) {
     counter!("atlas_turns_total", "outcome" => outcome).increment(1);

@@ -42,6 +42,8 @@ pub struct Inner {
     pub recorder: crate::recorder::Recorder,
     /// Shared state across instances, when `REDIS_URL` is set.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The tools the assistant may call, when any are declared.
+    pub tools: Option<Arc<crate::tools::Toolbox>>,
 }
 
 impl std::ops::Deref for AppState {

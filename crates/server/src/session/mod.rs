@@ -4,7 +4,8 @@
 //! - `mod.rs`: the loop — client frames, recogniser events, reply completion, shutdown —
 //!   feeding the sans-IO [`Turns`] machine and carrying out its actions.
 //! - `outbound.rs`: the single writer task and its bounded queue.
-//! - `response.rs`: one assistant reply (LLM → splitter → TTS → paced audio).
+//! - `response.rs`: one assistant reply (LLM → splitter → TTS → paced audio), its model
+//!   requests in rounds when the model calls tools.
 //! - `stt_link.rs`: the recogniser connection with buffering and reconnection.
 
 pub mod outbound;
@@ -32,16 +33,17 @@ use atlas_core::resample::StreamResampler;
 use atlas_core::session::ledger::{LlmBill, ReportedTokens, SpendDelta};
 use atlas_core::session::{
     Config as MachineConfig, Finish, Heard, Input, LeaseAnswer, Output, ReplyFailure, ReplyOutcome,
-    Session as Machine, TurnLog,
+    Session as Machine, ToolLog, ToolPolicy, TurnLog,
 };
 use atlas_core::splitter::SplitterConfig;
 use atlas_core::timers::TimerConfig;
+use atlas_core::tools::{CheckedCall, ToolCall, ToolKind};
 use atlas_core::turns::TurnConfig;
 use atlas_protocol::{
     AudioFormat, ClientMessage, ErrorCode, Limits, ServerEvent, SessionStart, close,
     parse_client_message,
 };
-use atlas_providers::llm::LlmRequest;
+use atlas_providers::llm::{LlmRequest, ToolChoice};
 use atlas_providers::stt::{SttEvent, SttOptions};
 
 pub use atlas_core::session::EndReason;
@@ -53,7 +55,7 @@ use crate::metrics;
 use crate::registry::{ResumeEntry, SessionPermit};
 use crate::state::AppState;
 use outbound::{OutboundTx, WriterExit, run_writer};
-use response::{Progress, ResponseCtx, lock};
+use response::{Channels, Control, Progress, ResponseCtx, ToolRound, lock};
 use shared::{Answer, CLUSTER_QUEUE, ClusterOp, Shared, run_cluster_ops};
 use stt_link::{LinkEvent, SttLink};
 
@@ -263,6 +265,18 @@ struct ActiveResponse {
     turn_id: u64,
     handle: JoinHandle<()>,
     progress: Arc<Mutex<Progress>>,
+    /// Tells the reply what to say and its next request.
+    control: mpsc::UnboundedSender<Control>,
+    /// Its rounds that ended in tool calls.
+    rounds: mpsc::Receiver<ToolRound>,
+}
+
+/// What a reply in flight reported.
+enum ResponseEvent {
+    /// It ended.
+    Finished(u64),
+    /// Its model asked for tools.
+    Round(u64, ToolRound),
 }
 
 /// The attached connection.
@@ -307,6 +321,10 @@ struct Driver {
     /// Converts client audio to the recogniser's rate when they differ.
     input_resampler: Option<StreamResampler>,
     response: Option<ActiveResponse>,
+    /// Server tools running, by call id.
+    tool_tasks: std::collections::HashMap<String, tokio::task::AbortHandle>,
+    /// Tool calls ended, for the record.
+    tool_logs: Vec<ToolLog>,
     /// Wall-clock start, for the record.
     started_wall: chrono::DateTime<chrono::Utc>,
     /// Completed turns, for the record.
@@ -365,6 +383,13 @@ pub fn machine_config(state: &AppState) -> MachineConfig {
         checkpoint_interval: Duration::from_secs(c.checkpoint_interval_s),
         token_handover_grace: TOKEN_HANDOVER_GRACE,
         lease_ttl: state.cluster.as_ref().map(|c| c.lease_ttl()),
+        tools: state.tools.as_ref().map(|_| ToolPolicy {
+            max_calls_per_turn: c.tool_max_calls_per_turn,
+            acknowledgement: Some(c.tool_acknowledgement.trim().to_owned())
+                .filter(|a| !a.is_empty()),
+            record_content: c.tool_record_content,
+            max_result_bytes: c.tool_max_result_bytes,
+        }),
         limits: Limits {
             max_duration_s: c.max_duration_s,
             budget_usd: budget.map(to_usd),
@@ -465,6 +490,8 @@ impl Driver {
             clock: AudioClock::new(16_000, 600),
             input_resampler: None,
             response: None,
+            tool_tasks: std::collections::HashMap::new(),
+            tool_logs: Vec::new(),
             started_wall: chrono::Utc::now(),
             turn_records: Vec::new(),
             conversation_id: first.start.conversation_id.clone(),
@@ -681,7 +708,10 @@ impl Driver {
                     }
                 },
                 event = self.stt.next() => self.on_stt(event).await,
-                turn_id = response_finished(&mut self.response) => self.on_response_finished(turn_id).await,
+                event = response_event(&mut self.response) => match event {
+                    ResponseEvent::Finished(turn_id) => self.on_response_finished(turn_id).await,
+                    ResponseEvent::Round(turn_id, round) => self.on_tool_round(turn_id, round),
+                },
                 Some(answer) = self.answers_rx.recv() => self.on_answer(answer).await,
                 _ = &mut timer => {
                     self.machine.handle_timeout(now());
@@ -728,6 +758,13 @@ impl Driver {
                 Input::TokenRefreshed(Err("the new token belongs to another user".to_owned()))
             }
             Answer::TokenRefreshed(Err(message)) => Input::TokenRefreshed(Err(message)),
+            Answer::ToolFinished(call_id, result) => {
+                if self.tool_tasks.remove(&call_id).is_none() {
+                    // Cancelled meanwhile.
+                    return;
+                }
+                Input::ToolFinished { call_id, result }
+            }
         };
         self.feed(input).await;
     }
@@ -753,6 +790,51 @@ impl Driver {
                     end_of_speech,
                 } => self.start_response(turn_id, end_of_speech),
                 Output::AbortReply { turn_id } => self.abort_response(turn_id).await,
+                Output::CallTool {
+                    turn_id,
+                    call,
+                    kind,
+                    timeout,
+                } => self.call_tool(turn_id, call, kind, timeout),
+                Output::CancelTool {
+                    call_id,
+                    kind,
+                    reason,
+                } => match kind {
+                    ToolKind::Server => {
+                        if let Some(task) = self.tool_tasks.remove(&call_id) {
+                            task.abort();
+                        }
+                    }
+                    ToolKind::Client => self.emit(ServerEvent::ToolCancelled {
+                        call_id,
+                        reason: reason.to_owned(),
+                    }),
+                },
+                Output::Acknowledge { turn_id, text } => {
+                    self.control_reply(turn_id, Control::Say(text));
+                }
+                Output::ContinueReply {
+                    turn_id,
+                    tools_allowed,
+                } => {
+                    let choice = if tools_allowed {
+                        ToolChoice::Auto
+                    } else {
+                        ToolChoice::None
+                    };
+                    let request = self.llm_request(choice);
+                    self.control_reply(turn_id, Control::Continue(request));
+                }
+                Output::ToolLog(log) => {
+                    metrics::tool_call(
+                        log.kind.map_or("none", ToolKind::label),
+                        log.outcome.label(),
+                        log.duration,
+                    );
+                    info!(turn_id = log.turn_id, tool = %log.name, outcome = log.outcome.label(), duration_ms = log.duration.as_millis() as u64, "tool call");
+                    self.tool_logs.push(log);
+                }
                 Output::Turn(log) => self.record_turn(log),
                 Output::Spend(delta) => self.spend(delta),
                 Output::Checkpoint => self.state.recorder.submit(self.snapshot(None)),
@@ -865,6 +947,22 @@ impl Driver {
                 }
                 Ok(ClientMessage::Ping { id }) => Input::Ping(id),
                 Ok(ClientMessage::SessionEnd) => Input::End,
+                Ok(ClientMessage::ToolResult {
+                    call_id,
+                    result,
+                    error,
+                }) => {
+                    let result = match (result, error) {
+                        (Some(value), _) => Ok(value.to_string()),
+                        (None, error) => Err(error.unwrap_or_default()),
+                    };
+                    return self
+                        .feed(Input::ToolResult {
+                            call_id: &call_id,
+                            result,
+                        })
+                        .await;
+                }
                 Ok(ClientMessage::AuthRefresh { token }) => {
                     // Verified off the loop (a key fetch must not stall audio).
                     let (auth, answers) = (self.state.clone(), self.answers_tx.clone());
@@ -943,21 +1041,35 @@ impl Driver {
         }
     }
 
-    fn start_response(&mut self, turn_id: u64, end_of_speech: Option<std::time::Instant>) {
-        let Some(link) = &self.link else {
-            return;
-        };
+    /// The model request for the conversation so far.
+    fn llm_request(&self, tool_choice: ToolChoice) -> LlmRequest {
         let config = &self.state.config;
-        let request = LlmRequest {
+        LlmRequest {
             system: config.system_prompt.clone(),
             messages: self.machine.history().cloned().collect(),
             max_tokens: config.llm_max_tokens,
             temperature: None,
-            ..LlmRequest::default()
+            tools: self
+                .state
+                .tools
+                .as_ref()
+                .map(|t| t.specs())
+                .unwrap_or_default(),
+            tool_choice,
+        }
+    }
+
+    fn start_response(&mut self, turn_id: u64, end_of_speech: Option<std::time::Instant>) {
+        if self.link.is_none() {
+            return;
+        }
+        let request = self.llm_request(ToolChoice::Auto);
+        let Some(link) = &self.link else {
+            return;
         };
+        let config = &self.state.config;
         let mut progress = Progress {
-            prompt_chars: request.system.len()
-                + request.messages.iter().map(|m| m.text.len()).sum::<usize>(),
+            prompt_chars: response::prompt_chars(&request),
             ..Progress::default()
         };
         progress.timings.end_of_speech = end_of_speech;
@@ -975,15 +1087,105 @@ impl Driver {
             prefetch: config.tts_prefetch,
             splitter: SplitterConfig::default(),
         };
+        let (control_tx, control) = mpsc::unbounded_channel();
+        let (rounds_tx, rounds) = mpsc::channel(1);
+        let channels = Channels {
+            control,
+            rounds: rounds_tx,
+        };
         let handle = self
             .state
             .sessions
-            .spawn(response::run(ctx, progress.clone()).in_current_span());
+            .spawn(response::run(ctx, progress.clone(), channels).in_current_span());
         self.response = Some(ActiveResponse {
             turn_id,
             handle,
             progress,
+            control: control_tx,
+            rounds,
         });
+    }
+
+    fn control_reply(&mut self, turn_id: u64, control: Control) {
+        if let Some(active) = self.response.as_ref().filter(|r| r.turn_id == turn_id) {
+            // A reply that already ended has nothing more to say.
+            let _ = active.control.send(control);
+        }
+    }
+
+    /// The model asked for tools: check each call against the declared tools, then let the
+    /// machine decide.
+    fn on_tool_round(&mut self, turn_id: u64, round: ToolRound) {
+        let calls: Vec<CheckedCall> = round
+            .calls
+            .into_iter()
+            .map(|call| match &self.state.tools {
+                Some(tools) => tools.check(call),
+                None => CheckedCall {
+                    call,
+                    verdict: Err("no tools are available".into()),
+                },
+            })
+            .collect();
+        let llm = LlmBill {
+            billable: true,
+            finished: round.finished,
+            prompt_chars: round.prompt_chars,
+            generated_chars: round.text.len(),
+            reported: reported_tokens(&round.usage),
+        };
+        self.machine.handle(
+            Input::ToolCalls {
+                turn_id,
+                text: round.text,
+                calls,
+                llm,
+            },
+            now(),
+        );
+    }
+
+    /// Runs a call the machine started: a server tool's webhook on a task of its own, or
+    /// `tool.call` to the client.
+    fn call_tool(&mut self, turn_id: u64, call: ToolCall, kind: ToolKind, timeout: Duration) {
+        match kind {
+            ToolKind::Client => {
+                // Checked against the schema already: the arguments are a JSON object.
+                let arguments =
+                    serde_json::from_str(&call.arguments).unwrap_or_else(|_| serde_json::json!({}));
+                self.emit(ServerEvent::ToolCall {
+                    turn_id,
+                    call_id: call.id,
+                    name: call.name,
+                    arguments,
+                    timeout_ms: timeout.as_millis() as u64,
+                });
+            }
+            ToolKind::Server => {
+                let Some(tools) = self.state.tools.clone() else {
+                    return;
+                };
+                let answers = self.answers_tx.clone();
+                let session_id = self.machine.id().to_owned();
+                let user_id = self.identity.user_id.clone();
+                let call_id = call.id.clone();
+                let task = self.state.sessions.spawn(
+                    async move {
+                        // The machine cancels the call at its deadline; this bound only keeps
+                        // a lost cancel from leaking the task.
+                        let result = tokio::time::timeout(
+                            timeout + Duration::from_secs(1),
+                            tools.call_webhook(&call, &session_id, &user_id),
+                        )
+                        .await
+                        .unwrap_or_else(|_| Err("the tool did not answer in time".into()));
+                        let _ = answers.send(Answer::ToolFinished(call.id, result)).await;
+                    }
+                    .in_current_span(),
+                );
+                self.tool_tasks.insert(call_id, task.abort_handle());
+            }
+        }
     }
 
     /// Barge-in, cancel, detach or end: abort the reply at once and report what it achieved.
@@ -1029,6 +1231,7 @@ impl Driver {
             ("llm_first_token", l.llm_first_token),
             ("tts_first_audio", l.tts_first_audio),
             ("first_audio", l.to_first_audio),
+            ("tools", l.tools),
         ] {
             if let Some(ms) = ms {
                 metrics::stage_latency(stage, Duration::from_millis(ms));
@@ -1166,23 +1369,26 @@ fn refuse_connection(
     });
 }
 
+fn reported_tokens(u: &atlas_providers::llm::LlmUsage) -> ReportedTokens {
+    ReportedTokens {
+        input: u.input_tokens,
+        output: u.output_tokens,
+        cache_read: u.cache_read_input_tokens,
+        cache_write: u.cache_creation_input_tokens,
+    }
+}
+
 /// What a reply achieved, from its progress.
 fn outcome_of(turn_id: u64, p: &Progress) -> ReplyOutcome {
-    let u = &p.llm_usage;
     ReplyOutcome {
         turn_id,
         spoken: p.spoken.clone(),
         llm: LlmBill {
-            billable: p.timings.llm_request.is_some() && !p.llm_refused,
+            billable: p.llm_sent && !p.llm_refused,
             finished: p.llm_done,
             prompt_chars: p.prompt_chars,
             generated_chars: p.generated.len(),
-            reported: ReportedTokens {
-                input: u.input_tokens,
-                output: u.output_tokens,
-                cache_read: u.cache_read_input_tokens,
-                cache_write: u.cache_creation_input_tokens,
-            },
+            reported: reported_tokens(&p.llm_usage),
         },
         tts_chars: p.tts_chars,
         latency: p.timings.latency(),
@@ -1204,12 +1410,12 @@ fn new_resume_token() -> String {
     )
 }
 
-async fn response_finished(response: &mut Option<ActiveResponse>) -> u64 {
+async fn response_event(response: &mut Option<ActiveResponse>) -> ResponseEvent {
     match response {
-        Some(active) => {
-            let _ = (&mut active.handle).await;
-            active.turn_id
-        }
+        Some(active) => tokio::select! {
+            Some(round) = active.rounds.recv() => ResponseEvent::Round(active.turn_id, round),
+            _ = &mut active.handle => ResponseEvent::Finished(active.turn_id),
+        },
         None => std::future::pending().await,
     }
 }

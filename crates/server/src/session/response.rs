@@ -2,7 +2,9 @@
 //! overlapping the current one's playback) → resampling → paced audio to the client.
 //!
 //! The reply runs as one task made of three cooperating futures joined with `try_join!`:
-//! the LLM reader, the TTS starter (which spawns one synthesis task per sentence into a
+//! the LLM reader (one model request per round: a round that ends in tool calls is reported
+//! to the session, and the reader waits for the session's next request while the words
+//! before the calls go on playing), the TTS starter (which spawns one synthesis task per sentence into a
 //! `JoinSet`, at most `prefetch` at a time) and the forwarder (which plays the sentences'
 //! audio strictly in order). Barge-in aborts the task: dropping it drops the LLM stream, the
 //! `JoinSet` (aborting every synthesis request) and the channels, so nothing in flight is
@@ -23,9 +25,10 @@ use atlas_core::latency::{TurnTimings, mark};
 use atlas_core::pacing::Pacer;
 use atlas_core::resample::StreamResampler;
 use atlas_core::splitter::{SentenceSplitter, SplitterConfig, speakable};
+use atlas_core::tools::ToolCall;
 use atlas_protocol::{ErrorCode, ServerEvent};
 use atlas_providers::ProviderError;
-use atlas_providers::llm::{LlmEvent, LlmProvider, LlmRequest, LlmUsage};
+use atlas_providers::llm::{ChatMessage, LlmEvent, LlmProvider, LlmRequest, LlmUsage};
 use atlas_providers::tts::{TtsProvider, TtsRequest};
 
 use super::outbound::OutboundTx;
@@ -87,15 +90,44 @@ impl Failure {
     }
 }
 
+/// What the session tells a running reply.
+#[derive(Debug)]
+pub enum Control {
+    /// Say this now (tools are running).
+    Say(String),
+    /// The tools answered: the next request of the round trip.
+    Continue(LlmRequest),
+}
+
+/// A model request that ended asking for tools.
+#[derive(Debug)]
+pub struct ToolRound {
+    /// What the model said before calling.
+    pub text: String,
+    /// The calls, in the model's order.
+    pub calls: Vec<ToolCall>,
+    /// That request's usage, as [`Progress`] held it.
+    pub usage: LlmUsage,
+    /// Characters of that request's prompt.
+    pub prompt_chars: usize,
+    /// The provider finished the stream.
+    pub finished: bool,
+}
+
 /// What a reply has done so far, shared with the session.
 #[derive(Debug, Default)]
 pub struct Progress {
     /// Stage timestamps.
     pub timings: TurnTimings,
-    /// Text whose audio has been completely sent, sentence by sentence.
+    /// Model requests that ended in tool calls so far.
+    pub round: u32,
+    /// Text of the current round whose audio has been completely sent, sentence by sentence
+    /// (earlier rounds' words went to the session with their calls).
     pub spoken: String,
-    /// All text the model produced.
+    /// Text the model produced in the current round.
     pub generated: String,
+    /// The current round's request was sent.
+    pub llm_sent: bool,
     /// Characters of the prompt (system + history), to estimate tokens when the provider
     /// reports no usage.
     pub prompt_chars: usize,
@@ -118,92 +150,159 @@ pub fn lock(progress: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
     progress.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Characters of a request's prompt (system prompt, text, calls and results).
+pub fn prompt_chars(request: &LlmRequest) -> usize {
+    request.system.len()
+        + request
+            .messages
+            .iter()
+            .map(ChatMessage::chars)
+            .sum::<usize>()
+}
+
+/// A sentence to speak: the model's, of round `Some(n)`, or an acknowledgement (`None`).
+type Sentence = (Option<u32>, String);
+
 /// A sentence being synthesised, handed to the forwarder in order.
 struct Job {
+    round: Option<u32>,
     text: String,
     audio: mpsc::Receiver<Result<Bytes, ProviderError>>,
     /// Held until the sentence has been played out, bounding synthesis ahead of playback.
     _permit: OwnedSemaphorePermit,
 }
 
+/// The session's side of a running reply.
+pub struct Channels {
+    /// What the session tells the reply.
+    pub control: mpsc::UnboundedReceiver<Control>,
+    /// Rounds that ended in tool calls.
+    pub rounds: mpsc::Sender<ToolRound>,
+}
+
 /// Runs the reply to completion (or failure, recorded in `progress`).
-pub async fn run(ctx: ResponseCtx, progress: Arc<Mutex<Progress>>) {
-    if let Err(failure) = run_inner(&ctx, &progress).await {
+pub async fn run(ctx: ResponseCtx, progress: Arc<Mutex<Progress>>, channels: Channels) {
+    if let Err(failure) = run_inner(&ctx, &progress, channels).await {
         lock(&progress).failure = Some(failure);
     }
 }
 
-async fn run_inner(ctx: &ResponseCtx, progress: &Arc<Mutex<Progress>>) -> Result<(), Failure> {
-    mark(
-        &mut lock(progress).timings.llm_request,
-        Instant::now().into_std(),
-    );
-    let stream = ctx.llm.stream(ctx.request.clone()).await.map_err(|e| {
-        lock(progress).llm_refused = true;
-        Failure::provider(ErrorCode::LlmFailed, &e)
-    })?;
-    let (sentence_tx, sentence_rx) = mpsc::channel::<String>(32);
+async fn run_inner(
+    ctx: &ResponseCtx,
+    progress: &Arc<Mutex<Progress>>,
+    channels: Channels,
+) -> Result<(), Failure> {
+    let (sentence_tx, sentence_rx) = mpsc::channel::<Sentence>(32);
     let (job_tx, job_rx) = mpsc::channel::<Job>(ctx.prefetch);
     tokio::try_join!(
-        read_llm(ctx, progress, stream, sentence_tx),
+        read_llm(ctx, progress, channels, sentence_tx),
         start_tts(ctx, progress, sentence_rx, job_tx),
         forward_audio(ctx, progress, job_rx),
     )?;
     Ok(())
 }
 
+/// Streams the model's rounds: text to the splitter (and the client), tool calls to the
+/// session, until a round ends without calls.
 async fn read_llm(
     ctx: &ResponseCtx,
     progress: &Arc<Mutex<Progress>>,
-    mut stream: atlas_providers::llm::LlmStream,
-    sentences: mpsc::Sender<String>,
+    mut channels: Channels,
+    sentences: mpsc::Sender<Sentence>,
 ) -> Result<(), Failure> {
-    let mut splitter = SentenceSplitter::new(ctx.splitter.clone());
+    let mut request = ctx.request.clone();
     let mut ready = Vec::new();
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(LlmEvent::Delta(text)) => {
-                {
-                    let mut p = lock(progress);
-                    mark(&mut p.timings.llm_first_token, Instant::now().into_std());
-                    p.generated.push_str(&text);
+    loop {
+        let round = {
+            let mut p = lock(progress);
+            mark(&mut p.timings.llm_request, Instant::now().into_std());
+            p.llm_sent = true;
+            p.round
+        };
+        let mut stream = ctx.llm.stream(request).await.map_err(|e| {
+            lock(progress).llm_refused = true;
+            Failure::provider(ErrorCode::LlmFailed, &e)
+        })?;
+        let mut splitter = SentenceSplitter::new(ctx.splitter.clone());
+        let mut calls = Vec::new();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(LlmEvent::Delta(text)) => {
+                    {
+                        let mut p = lock(progress);
+                        mark(&mut p.timings.llm_first_token, Instant::now().into_std());
+                        p.generated.push_str(&text);
+                    }
+                    splitter.push(&text, &mut ready);
+                    ctx.outbound
+                        .event(ServerEvent::ResponseTextDelta {
+                            turn_id: ctx.turn_id,
+                            text,
+                        })
+                        .map_err(|_| Failure::client_gone())?;
+                    for s in ready.drain(..) {
+                        if sentences.send((Some(round), s)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
                 }
-                splitter.push(&text, &mut ready);
-                ctx.outbound
-                    .event(ServerEvent::ResponseTextDelta {
-                        turn_id: ctx.turn_id,
-                        text,
-                    })
-                    .map_err(|_| Failure::client_gone())?;
-                for s in ready.drain(..) {
-                    if sentences.send(s).await.is_err() {
+                Ok(LlmEvent::ToolCall(call)) => calls.push(call),
+                Ok(LlmEvent::Usage(u)) => lock(progress).llm_usage = u,
+                Ok(LlmEvent::Done { .. }) => {
+                    lock(progress).llm_done = true;
+                    break;
+                }
+                Err(e) => return Err(Failure::provider(ErrorCode::LlmFailed, &e)),
+            }
+        }
+        // The round's last words are spoken now (while any tools run).
+        if let Some(rest) = splitter.finish() {
+            let _ = sentences.send((Some(round), rest)).await;
+        }
+        if calls.is_empty() {
+            return Ok(());
+        }
+        let report = {
+            let mut p = lock(progress);
+            p.round += 1;
+            p.spoken.clear();
+            p.llm_sent = false;
+            ToolRound {
+                text: std::mem::take(&mut p.generated),
+                calls,
+                usage: std::mem::take(&mut p.llm_usage),
+                prompt_chars: p.prompt_chars,
+                finished: std::mem::take(&mut p.llm_done),
+            }
+        };
+        if channels.rounds.send(report).await.is_err() {
+            return Ok(());
+        }
+        request = loop {
+            match channels.control.recv().await {
+                Some(Control::Say(text)) => {
+                    if sentences.send((None, text)).await.is_err() {
                         return Ok(());
                     }
                 }
+                Some(Control::Continue(next)) => break next,
+                // The turn was cut: the task is being aborted.
+                None => return Ok(()),
             }
-            Ok(LlmEvent::Usage(u)) => lock(progress).llm_usage = u,
-            Ok(LlmEvent::Done { .. }) => {
-                lock(progress).llm_done = true;
-                break;
-            }
-            Err(e) => return Err(Failure::provider(ErrorCode::LlmFailed, &e)),
-        }
+        };
+        lock(progress).prompt_chars = prompt_chars(&request);
     }
-    if let Some(rest) = splitter.finish() {
-        let _ = sentences.send(rest).await;
-    }
-    Ok(())
 }
 
 async fn start_tts(
     ctx: &ResponseCtx,
     progress: &Arc<Mutex<Progress>>,
-    mut sentences: mpsc::Receiver<String>,
+    mut sentences: mpsc::Receiver<Sentence>,
     jobs: mpsc::Sender<Job>,
 ) -> Result<(), Failure> {
     let permits = Arc::new(Semaphore::new(ctx.prefetch));
     let mut synth = JoinSet::new();
-    while let Some(text) = sentences.recv().await {
+    while let Some((round, text)) = sentences.recv().await {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
@@ -220,6 +319,7 @@ async fn start_tts(
             progress.clone(),
         ));
         let job = Job {
+            round,
             text,
             audio: audio_rx,
             _permit: permit,
@@ -309,10 +409,12 @@ async fn forward_audio(
         resampler.flush(&mut samples_out);
         send_frames(ctx, progress, &mut pacer, &mut samples_out, max_frame).await?;
         let mut p = lock(progress);
-        if !p.spoken.is_empty() {
-            p.spoken.push(' ');
+        if job.round.is_some_and(|r| r == p.round) {
+            if !p.spoken.is_empty() {
+                p.spoken.push(' ');
+            }
+            p.spoken.push_str(&job.text);
         }
-        p.spoken.push_str(&job.text);
     }
     Ok(())
 }

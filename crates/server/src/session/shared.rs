@@ -24,6 +24,8 @@ pub enum Answer {
     TokenRefreshed(Result<Identity, String>),
     /// A fenced write found that another claim owns the session.
     Stale,
+    /// A server tool's webhook answered (the result as JSON text, or why it failed).
+    ToolFinished(String, Result<String, String>),
 }
 
 /// Writes to the shared store for one session, carried out in order by one task.

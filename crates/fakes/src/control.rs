@@ -1,4 +1,5 @@
-//! Control routes: `POST /_fakes/faults`, `GET|DELETE /_fakes/recorded`, and the JSON 404.
+//! Control routes: `POST /_fakes/faults`, `POST /_fakes/scripts`, `GET|DELETE /_fakes/recorded`,
+//! and the JSON 404.
 
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use crate::state::Shared;
-use crate::{Fault, Target};
+use crate::{Fault, ScriptedReply, Target};
 
 /// Body of `POST /_fakes/faults`.
 #[derive(serde::Deserialize)]
@@ -21,9 +22,14 @@ struct FaultRequest {
 
 /// `POST /_fakes/faults`: queues a one-shot fault.
 pub(crate) async fn inject(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
-    match serde_json::from_slice::<FaultRequest>(&body) {
+    queue(&body, |req: FaultRequest| shared.inject(req.target, req.fault))
+}
+
+/// Parses a control request and hands it to `apply`; 400 with the parse error otherwise.
+fn queue<T: serde::de::DeserializeOwned>(body: &[u8], apply: impl FnOnce(T)) -> Response {
+    match serde_json::from_slice::<T>(body) {
         Ok(req) => {
-            shared.inject(req.target, req.fault);
+            apply(req);
             Json(json!({"ok": true})).into_response()
         }
         Err(e) => (
@@ -32,6 +38,18 @@ pub(crate) async fn inject(State(shared): State<Arc<Shared>>, body: Bytes) -> Re
         )
             .into_response(),
     }
+}
+
+/// Body of `POST /_fakes/scripts`.
+#[derive(serde::Deserialize)]
+struct ScriptRequest {
+    target: Target,
+    reply: ScriptedReply,
+}
+
+/// `POST /_fakes/scripts`: queues a scripted reply.
+pub(crate) async fn script(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    queue(&body, |req: ScriptRequest| shared.script(req.target, req.reply))
 }
 
 /// `GET /_fakes/recorded`: what the fakes received, as JSON.

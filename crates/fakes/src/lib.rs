@@ -21,7 +21,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
-//! use atlas_fakes::{Fakes, FakesConfig, Fault, Target};
+//! use atlas_fakes::{Fakes, FakesConfig, Fault, ScriptedReply, Target};
 //! let fakes = Fakes::start(FakesConfig::default(), "127.0.0.1:0".parse().unwrap()).await?;
 //! // Point the providers at the fakes:
 //! let _stt = fakes.deepgram_url(); // ws://127.0.0.1:PORT   (+ /v1/listen)
@@ -29,6 +29,8 @@
 //! let _oai = fakes.openai_url(); // http://127.0.0.1:PORT/v1 (+ /chat/completions, /audio/speech)
 //! // Make the next Anthropic request fail with a rate limit:
 //! fakes.inject(Target::Anthropic, Fault::Status { status: 429, retry_after_s: Some(1) });
+//! // Make the next OpenAI chat request answer with a tool call:
+//! fakes.script(Target::OpenAiChat, ScriptedReply::call("get_weather", r#"{"city":"Paris"}"#));
 //! fakes.shutdown().await;
 //! # Ok(()) }
 //! ```
@@ -38,7 +40,18 @@
 //! The same listener also serves:
 //! * `POST /_fakes/faults` with `{"target":"anthropic","fault":{"kind":"status","status":429,"retry_after_s":1}}`
 //!   queues a fault (same as [`Fakes::inject`]);
+//! * `POST /_fakes/scripts` with `{"target":"anthropic","reply":{"text":"One moment.","tool_calls":[{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}]}}`
+//!   queues a scripted reply (same as [`Fakes::script`]);
 //! * `GET /_fakes/recorded` returns [`Recorded`] as JSON; `DELETE /_fakes/recorded` clears it.
+//!
+//! # Tools
+//!
+//! Both chat fakes accept `tools` and `tool_choice` and check them, and the pairing of every
+//! call in the history with its result, as the real APIs do (400 in the provider's error
+//! shape). They call tools in three ways: a [`ScriptedReply`] queued per target, the rule
+//! [`LlmFakeConfig::tool_call`] (for load tests), and — when the request ends with tool
+//! results — a default reply that speaks the first result, so a test can hear it reach the
+//! answer.
 //!
 //! # Layout
 //!
@@ -157,7 +170,14 @@ pub struct LlmFakeConfig {
     pub tokens_per_s: f64,
     /// Fixed reply. `None` (default) replies
     /// `"Sure, you asked: {last user text}. This is a reply from the fake model. Is there anything else?"`.
+    ///
+    /// Whatever this says, a request whose last message carries tool results is answered
+    /// `"Here is what I found: {first result}."`, and a [`ScriptedReply`] comes first of all.
     pub reply: Option<String>,
+    /// A tool call made instead of the text reply whenever the request declares this tool
+    /// (and `tool_choice` allows it) and ends with the person's words (no tool results), as a
+    /// load test's model would. Default `None`.
+    pub tool_call: Option<ScriptedCall>,
 }
 
 impl Default for LlmFakeConfig {
@@ -166,6 +186,53 @@ impl Default for LlmFakeConfig {
             first_token: Duration::from_millis(300),
             tokens_per_s: 50.0,
             reply: None,
+            tool_call: None,
+        }
+    }
+}
+
+/// A tool call a fake LLM makes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct ScriptedCall {
+    /// The tool's name (not checked against the request's tools, so a test can make the model
+    /// call a tool that does not exist).
+    pub name: String,
+    /// The arguments exactly as streamed (may be invalid JSON on purpose). A non-streamed
+    /// Anthropic reply carries them as an object, `{}` when they are not one.
+    pub arguments: String,
+}
+
+/// The reply to one request, instead of the fake's own: text, then tool calls (each with a
+/// fresh provider-style id), ending with the tool stop reason (`tool_use` / `tool_calls`)
+/// when there are calls. `max_tokens` may cut the text; calls that do not fit whole are
+/// dropped (the stop reason is then the token limit's).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct ScriptedReply {
+    /// What the model says before calling (may be empty).
+    #[serde(default)]
+    pub text: String,
+    /// The calls, in order (several make parallel calls).
+    #[serde(default)]
+    pub tool_calls: Vec<ScriptedCall>,
+}
+
+impl ScriptedReply {
+    /// A reply that is text only.
+    pub fn text(text: impl Into<String>) -> Self {
+        Self {
+            text: text.into(),
+            tool_calls: Vec::new(),
+        }
+    }
+
+    /// A reply that is one tool call and nothing else.
+    pub fn call(name: impl Into<String>, arguments: impl Into<String>) -> Self {
+        Self {
+            text: String::new(),
+            tool_calls: vec![ScriptedCall {
+                name: name.into(),
+                arguments: arguments.into(),
+            }],
         }
     }
 }
@@ -242,8 +309,10 @@ pub enum Fault {
 /// What the fakes have received so far (snapshot; each list keeps the last [`RECORD_CAP`] entries).
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Recorded {
-    /// JSON bodies of LLM requests (Anthropic and OpenAI chat), in arrival order. Bodies that
-    /// are not valid JSON are not recorded.
+    /// JSON bodies of LLM requests (Anthropic and OpenAI chat), in arrival order, refused ones
+    /// included (tool calls and results as sent: Anthropic `tool_use` / `tool_result` blocks,
+    /// OpenAI `tool_calls` and `role: "tool"` messages). Bodies that are not valid JSON are not
+    /// recorded.
     pub llm_requests: Vec<(Target, serde_json::Value)>,
     /// `input` texts of TTS requests, in arrival order.
     pub tts_inputs: Vec<String>,
@@ -336,6 +405,13 @@ impl Fakes {
         self.shared.inject(target, fault);
     }
 
+    /// Queues the reply of the next answered request of `target` (FIFO per target; only
+    /// [`Target::Anthropic`] and [`Target::OpenAiChat`] use them). A request refused before it
+    /// is answered (an injected [`Fault::Status`], a 400) leaves the script queued.
+    pub fn script(&self, target: Target, reply: ScriptedReply) {
+        self.shared.script(target, reply);
+    }
+
     /// Snapshot of what the fakes have received so far.
     pub fn recorded(&self) -> Recorded {
         self.shared.recorder.snapshot()
@@ -376,6 +452,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/chat/completions", post(llm::openai_chat))
         .route("/v1/audio/speech", post(tts::speech))
         .route("/_fakes/faults", post(control::inject))
+        .route("/_fakes/scripts", post(control::script))
         .route(
             "/_fakes/recorded",
             get(control::recorded).delete(control::clear),

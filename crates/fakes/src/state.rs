@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 
 use crate::stt::Transcript;
-use crate::{FakesConfig, Fault, RECORD_CAP, Recorded, Target};
+use crate::{FakesConfig, Fault, RECORD_CAP, Recorded, ScriptedReply, Target};
 
 /// Everything the handlers share.
 pub(crate) struct Shared {
@@ -17,6 +17,8 @@ pub(crate) struct Shared {
     pub(crate) transcripts: Arc<[Transcript]>,
     /// One FIFO of pending faults per target.
     faults: Mutex<[VecDeque<Fault>; 4]>,
+    /// One FIFO of scripted replies per target.
+    scripts: Mutex<[VecDeque<ScriptedReply>; 4]>,
     /// What was received.
     pub(crate) recorder: Recorder,
     /// Cancelled when the fakes shut down; every stream and session watches it.
@@ -35,6 +37,7 @@ impl Shared {
             config,
             transcripts,
             faults: Mutex::new(Default::default()),
+            scripts: Mutex::new(Default::default()),
             recorder: Recorder::default(),
             shutdown: CancellationToken::new(),
         }
@@ -53,6 +56,19 @@ impl Shared {
             tracing::debug!(?target, ?fault, "fault applied");
         }
         fault
+    }
+}
+
+impl Shared {
+    /// Queues the reply of the next answered request of `target`.
+    pub(crate) fn script(&self, target: Target, reply: ScriptedReply) {
+        tracing::debug!(?target, calls = reply.tool_calls.len(), "reply scripted");
+        lock(&self.scripts)[index(target)].push_back(reply);
+    }
+
+    /// Takes the next scripted reply of `target`, if any.
+    pub(crate) fn take_script(&self, target: Target) -> Option<ScriptedReply> {
+        lock(&self.scripts)[index(target)].pop_front()
     }
 }
 
@@ -167,6 +183,23 @@ mod tests {
             shared.take_fault(Target::Stt),
             Some(Fault::DropMidStream)
         ));
+    }
+
+    #[test]
+    fn scripts_are_fifo_per_target() {
+        let shared = Shared::new(FakesConfig::default());
+        shared.script(Target::Anthropic, ScriptedReply::text("one"));
+        shared.script(Target::Anthropic, ScriptedReply::call("t", "{}"));
+        assert!(shared.take_script(Target::OpenAiChat).is_none());
+        assert_eq!(
+            shared.take_script(Target::Anthropic),
+            Some(ScriptedReply::text("one"))
+        );
+        assert_eq!(
+            shared.take_script(Target::Anthropic),
+            Some(ScriptedReply::call("t", "{}"))
+        );
+        assert!(shared.take_script(Target::Anthropic).is_none());
     }
 
     #[test]

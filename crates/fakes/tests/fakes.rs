@@ -2,7 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use atlas_fakes::{Fakes, FakesConfig, Fault, LlmFakeConfig, SttFakeConfig, Target, TtsFakeConfig};
+use atlas_fakes::{
+    Fakes, FakesConfig, Fault, LlmFakeConfig, ScriptedCall, ScriptedReply, SttFakeConfig, Target,
+    TtsFakeConfig,
+};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -33,6 +36,7 @@ fn fast_llm() -> LlmFakeConfig {
         first_token: Duration::from_millis(60),
         tokens_per_s: 400.0,
         reply: None,
+        tool_call: None,
     }
 }
 
@@ -1131,6 +1135,7 @@ async fn many_concurrent_sessions() {
             first_token: Duration::from_millis(20),
             tokens_per_s: 200.0,
             reply: Some("A short reply for load.".into()),
+            tool_call: None,
         },
         ..FakesConfig::default()
     })
@@ -1236,4 +1241,501 @@ async fn the_proxy_delays_requests_and_stalls_without_dropping_connections() {
     tokio::time::timeout(Duration::from_secs(5), stalled)
         .await
         .expect("held bytes flow once resumed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tools
+
+const PARIS: &str = r#"{"city":"Paris","unit":"celsius"}"#;
+/// Invalid JSON on purpose: the fakes stream what they are told.
+const BROKEN: &str = r#"{"city": "Ro"#;
+
+fn two_calls() -> ScriptedReply {
+    ScriptedReply {
+        text: "Let me check.".into(),
+        tool_calls: vec![
+            ScriptedCall {
+                name: "get_weather".into(),
+                arguments: PARIS.into(),
+            },
+            ScriptedCall {
+                name: "get_weather".into(),
+                arguments: BROKEN.into(),
+            },
+        ],
+    }
+}
+
+fn anthropic_tools() -> Value {
+    json!([{
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }])
+}
+
+fn openai_tools() -> Value {
+    json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }}])
+}
+
+fn sse_data(text: &str) -> Vec<Value> {
+    parse_sse(text)
+        .iter()
+        .filter(|(_, d)| d != "[DONE]")
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn anthropic_scripted_tool_calls_stream_as_tool_use_blocks() {
+    let fakes = start(FakesConfig {
+        llm: fast_llm(),
+        ..FakesConfig::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    fakes.script(Target::Anthropic, two_calls());
+    // A refused request leaves the script for the retry.
+    fakes.inject(
+        Target::Anthropic,
+        Fault::Status {
+            status: 429,
+            retry_after_s: None,
+        },
+    );
+    let body = json!({
+        "model": "claude-test",
+        "max_tokens": 256,
+        "messages": [{"role": "user", "content": "Weather in Paris and Rome?"}],
+        "tools": anthropic_tools(),
+        "tool_choice": {"type": "auto"},
+        "stream": true,
+    });
+    let refused = anthropic_request(&client, &fakes, &body).send().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let response = anthropic_request(&client, &fakes, &body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    let events = parse_sse(&text);
+    let data = sse_data(&text);
+    for ((name, _), d) in events.iter().zip(&data) {
+        assert_eq!(d["type"], name.as_str());
+    }
+    // Block by block: text at 0, then one tool_use block per call, each stopped before the
+    // next starts.
+    let blocks: Vec<(String, u64)> = data
+        .iter()
+        .filter(|d| d["type"] == "content_block_start" || d["type"] == "content_block_stop")
+        .map(|d| {
+            (
+                d["type"].as_str().unwrap().to_owned(),
+                d["index"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, u64)> = [
+        ("content_block_start", 0),
+        ("content_block_stop", 0),
+        ("content_block_start", 1),
+        ("content_block_stop", 1),
+        ("content_block_start", 2),
+        ("content_block_stop", 2),
+    ]
+    .iter()
+    .map(|(t, i)| (t.to_string(), *i))
+    .collect();
+    assert_eq!(blocks, expected);
+    let starts: Vec<&Value> = data
+        .iter()
+        .filter(|d| d["type"] == "content_block_start" && d["index"] != 0)
+        .map(|d| &d["content_block"])
+        .collect();
+    for start in &starts {
+        assert_eq!(start["type"], "tool_use");
+        assert_eq!(start["name"], "get_weather");
+        assert_eq!(start["input"], json!({}));
+        assert!(start["id"].as_str().unwrap().starts_with("toolu_"));
+    }
+    assert_ne!(starts[0]["id"], starts[1]["id"]);
+    let input = |index: u64| -> String {
+        data.iter()
+            .filter(|d| d["type"] == "content_block_delta" && d["index"] == index)
+            .map(|d| {
+                assert_eq!(d["delta"]["type"], "input_json_delta");
+                d["delta"]["partial_json"].as_str().unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(input(1), PARIS);
+    assert_eq!(input(2), BROKEN);
+    let said: String = data
+        .iter()
+        .filter(|d| d["type"] == "content_block_delta" && d["index"] == 0)
+        .map(|d| d["delta"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(said, "Let me check.");
+    let message_delta = &data[data.len() - 2];
+    assert_eq!(message_delta["delta"]["stop_reason"], "tool_use");
+    // 2 text tokens, PARIS in 3 fragments, BROKEN in 1.
+    assert_eq!(message_delta["usage"]["output_tokens"], 6);
+    assert_eq!(data[data.len() - 1]["type"], "message_stop");
+
+    // The script is used up: the next reply is text again.
+    let text = anthropic_request(&client, &fakes, &body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data = sse_data(&text);
+    assert!(!data.iter().any(|d| d["content_block"]["type"] == "tool_use"));
+    assert_eq!(data[data.len() - 2]["delta"]["stop_reason"], "end_turn");
+
+    // Non-streaming: a Message with tool_use blocks (input as an object, `{}` when the
+    // arguments are not one).
+    fakes.script(Target::Anthropic, two_calls());
+    let mut plain = body.clone();
+    plain["stream"] = json!(false);
+    let message: Value = anthropic_request(&client, &fakes, &plain)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(message["stop_reason"], "tool_use");
+    assert_eq!(message["content"][0], json!({"type": "text", "text": "Let me check."}));
+    assert_eq!(message["content"][1]["type"], "tool_use");
+    assert_eq!(message["content"][1]["input"], json!({"city": "Paris", "unit": "celsius"}));
+    assert_eq!(message["content"][2]["input"], json!({}));
+}
+
+#[tokio::test]
+async fn openai_scripted_tool_calls_stream_as_tool_call_deltas() {
+    let fakes = start(FakesConfig {
+        llm: fast_llm(),
+        ..FakesConfig::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let control = fakes.anthropic_url();
+    // Scripted over the control route this time: two calls and no words.
+    let response = client
+        .post(format!("{control}/_fakes/scripts"))
+        .json(&json!({"target": "open_ai_chat", "reply": {"tool_calls": [
+            {"name": "get_weather", "arguments": PARIS},
+            {"name": "get_weather", "arguments": BROKEN},
+        ]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = client
+        .post(format!("{control}/_fakes/scripts"))
+        .json(&json!({"target": "open_ai_chat", "reply": {"tool_calls": "many"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body = json!({
+        "model": "gpt-test",
+        "messages": [{"role": "user", "content": "Weather in Paris and Rome?"}],
+        "tools": openai_tools(),
+        "tool_choice": "auto",
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let text = openai_request(&client, &fakes, &body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    let chunks = sse_data(&text);
+    let first = &chunks[0]["choices"][0]["delta"];
+    assert_eq!(first["role"], "assistant");
+    assert!(first["content"].is_null());
+    // Per index: the first fragment names the call, the others carry argument pieces.
+    let mut calls: Vec<(String, String, String)> = Vec::new();
+    for chunk in &chunks {
+        let Some(choice) = chunk["choices"].get(0) else {
+            continue;
+        };
+        for fragment in choice["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            let index = fragment["index"].as_u64().unwrap() as usize;
+            if index == calls.len() {
+                assert_eq!(fragment["type"], "function");
+                calls.push((
+                    fragment["id"].as_str().unwrap().to_owned(),
+                    fragment["function"]["name"].as_str().unwrap().to_owned(),
+                    String::new(),
+                ));
+            } else {
+                assert!(fragment.get("id").is_none());
+                assert!(fragment["function"].get("name").is_none());
+            }
+            calls[index].2 += fragment["function"]["arguments"].as_str().unwrap();
+        }
+    }
+    assert_eq!(calls.len(), 2);
+    assert!(calls.iter().all(|c| c.0.starts_with("call_") && c.1 == "get_weather"));
+    assert_ne!(calls[0].0, calls[1].0);
+    assert_eq!(calls[0].2, PARIS);
+    assert_eq!(calls[1].2, BROKEN);
+    let n = chunks.len();
+    assert_eq!(chunks[n - 2]["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(chunks[n - 1]["choices"], json!([]));
+    assert_eq!(chunks[n - 1]["usage"]["completion_tokens"], 4);
+
+    // Non-streaming.
+    fakes.script(Target::OpenAiChat, ScriptedReply::call("get_weather", PARIS));
+    let plain = json!({"model": "gpt-test", "messages": body["messages"], "tools": openai_tools()});
+    let completion: Value = openai_request(&client, &fakes, &plain)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let choice = &completion["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert!(choice["message"]["content"].is_null());
+    assert_eq!(choice["message"]["tool_calls"][0]["function"]["arguments"], PARIS);
+    assert_eq!(choice["message"]["tool_calls"][0]["type"], "function");
+}
+
+#[tokio::test]
+async fn tool_results_are_checked_and_the_first_is_spoken() {
+    let fakes = start(FakesConfig {
+        llm: fast_llm(),
+        ..FakesConfig::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+
+    // Anthropic: results answer the calls of the message before, first thing.
+    let good = json!({
+        "model": "claude-test",
+        "max_tokens": 256,
+        "tools": anthropic_tools(),
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"city": "Paris"}},
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_01", "content": "21 C and sunny"},
+            ]},
+        ],
+        "stream": true,
+    });
+    let text = anthropic_request(&client, &fakes, &good)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let said: String = sse_data(&text)
+        .iter()
+        .filter(|d| d["type"] == "content_block_delta")
+        .map(|d| d["delta"]["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(said, "Here is what I found: 21 C and sunny.");
+    let refused = |body: Value, wanted: &'static str| {
+        let request = anthropic_request(&client, &fakes, &body);
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 400, "{wanted}");
+            let v: Value = response.json().await.unwrap();
+            assert_eq!(v["type"], "error");
+            assert_eq!(v["error"]["type"], "invalid_request_error");
+            let message = v["error"]["message"].as_str().unwrap();
+            assert!(message.contains(wanted), "{message} lacks {wanted}");
+        }
+    };
+    let mut stray = good.clone();
+    stray["messages"][2]["content"][0]["tool_use_id"] = json!("toolu_99");
+    refused(stray, "unexpected `tool_use_id` found in `tool_result` blocks: toolu_99").await;
+    let mut unanswered = good.clone();
+    unanswered["messages"][2] = json!({"role": "user", "content": "never mind"});
+    refused(unanswered, "`tool_use` ids were found without `tool_result` blocks immediately after: toolu_01").await;
+    let mut late = good.clone();
+    late["messages"][2]["content"] = json!([
+        {"type": "text", "text": "here:"},
+        {"type": "tool_result", "tool_use_id": "toolu_01", "content": "21 C"},
+    ]);
+    refused(late, "Did not find 1 `tool_result` block(s) at the beginning").await;
+    let mut undeclared = good.clone();
+    undeclared.as_object_mut().unwrap().remove("tools");
+    refused(undeclared, "must define tools").await;
+    let mut choice = good.clone();
+    choice["tool_choice"] = json!({"type": "sometimes"});
+    refused(choice, "Input tag 'sometimes'").await;
+    let mut malformed = good.clone();
+    malformed["tools"][0].as_object_mut().unwrap().remove("input_schema");
+    refused(malformed, "tools.0.input_schema: Field required").await;
+
+    // OpenAI: one `tool` message per call, right after the assistant message.
+    let good = json!({
+        "model": "gpt-test",
+        "tools": openai_tools(),
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_01", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+            ]},
+            {"role": "tool", "tool_call_id": "call_01", "content": "18 C and cloudy"},
+        ],
+        "stream": true,
+    });
+    let text = openai_request(&client, &fakes, &good)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let said: String = sse_data(&text)
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(said, "Here is what I found: 18 C and cloudy.");
+    let refused = |body: Value, param: &'static str, wanted: &'static str| {
+        let request = openai_request(&client, &fakes, &body);
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 400, "{wanted}");
+            let v: Value = response.json().await.unwrap();
+            assert_eq!(v["error"]["type"], "invalid_request_error");
+            assert_eq!(v["error"]["param"], param);
+            let message = v["error"]["message"].as_str().unwrap();
+            assert!(message.contains(wanted), "{message} lacks {wanted}");
+        }
+    };
+    let mut stray = good.clone();
+    stray["messages"][2]["tool_call_id"] = json!("call_99");
+    refused(stray, "messages.[2].tool_call_id", "'tool_call_id' of 'call_99' not found").await;
+    let mut orphan = good.clone();
+    orphan["messages"].as_array_mut().unwrap().remove(1);
+    refused(orphan, "messages.[1].role", "must be a response to a preceeding message with 'tool_calls'").await;
+    let mut unanswered = good.clone();
+    unanswered["messages"][2] = json!({"role": "user", "content": "never mind"});
+    refused(unanswered, "messages.[2].role", "did not have response messages: call_01").await;
+    let mut choice = good.clone();
+    choice["tool_choice"] = json!("sometimes");
+    refused(choice, "tool_choice", "Supported values are: 'none', 'auto', and 'required'").await;
+    let mut malformed = good.clone();
+    malformed["tools"][0]["function"]["name"] = json!("get weather");
+    refused(malformed, "tools[0].function.name", "does not match pattern").await;
+    let mut untooled = good.clone();
+    untooled.as_object_mut().unwrap().remove("tools");
+    untooled["tool_choice"] = json!("auto");
+    refused(untooled, "tool_choice", "only allowed when 'tools' are specified").await;
+
+    // Every body was recorded, refused ones too, tool results and all.
+    let recorded = fakes.recorded();
+    assert_eq!(recorded.llm_requests.len(), 14);
+    let (target, first) = &recorded.llm_requests[0];
+    assert_eq!(*target, Target::Anthropic);
+    assert_eq!(first["messages"][2]["content"][0]["content"], "21 C and sunny");
+    let (target, openai) = &recorded.llm_requests[7];
+    assert_eq!(*target, Target::OpenAiChat);
+    assert_eq!(openai["messages"][2]["role"], "tool");
+}
+
+#[tokio::test]
+async fn the_tool_call_rule_answers_plain_questions_when_the_tool_is_declared() {
+    let fakes = start(FakesConfig {
+        llm: LlmFakeConfig {
+            tool_call: Some(ScriptedCall {
+                name: "get_weather".into(),
+                arguments: PARIS.into(),
+            }),
+            ..fast_llm()
+        },
+        ..FakesConfig::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let ask = |tools: Option<Value>, choice: Option<&str>| {
+        let mut body = json!({
+            "model": "gpt-test",
+            "messages": [{"role": "user", "content": "Weather?"}],
+        });
+        if let Some(tools) = tools {
+            body["tools"] = tools;
+        }
+        if let Some(choice) = choice {
+            body["tool_choice"] = json!(choice);
+        }
+        let request = openai_request(&client, &fakes, &body);
+        async move {
+            let v: Value = request.send().await.unwrap().json().await.unwrap();
+            v["choices"][0].clone()
+        }
+    };
+    let choice = ask(Some(openai_tools()), None).await;
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["tool_calls"][0]["function"]["name"], "get_weather");
+    assert_eq!(choice["message"]["tool_calls"][0]["function"]["arguments"], PARIS);
+    // Not declared, or not allowed now: words.
+    for (tools, tool_choice) in [(None, None), (Some(openai_tools()), Some("none"))] {
+        let choice = ask(tools, tool_choice).await;
+        assert_eq!(choice["finish_reason"], "stop");
+        assert!(choice["message"]["content"].as_str().unwrap().starts_with("Sure, you asked: Weather?"));
+    }
+
+    // Anthropic, streamed: the call, then after its result the spoken answer.
+    let mut body = json!({
+        "model": "claude-test",
+        "max_tokens": 256,
+        "tools": anthropic_tools(),
+        "messages": [{"role": "user", "content": "Weather?"}],
+        "stream": true,
+    });
+    let text = anthropic_request(&client, &fakes, &body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data = sse_data(&text);
+    let start = data
+        .iter()
+        .find(|d| d["type"] == "content_block_start")
+        .unwrap();
+    assert_eq!(start["index"], 0);
+    assert_eq!(start["content_block"]["type"], "tool_use");
+    let id = start["content_block"]["id"].clone();
+    assert_eq!(data[data.len() - 2]["delta"]["stop_reason"], "tool_use");
+    body["messages"] = json!([
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": id, "name": "get_weather", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": id, "content": "{\"temp_c\":21}"}]},
+    ]);
+    let text = anthropic_request(&client, &fakes, &body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data = sse_data(&text);
+    let said: String = data
+        .iter()
+        .filter(|d| d["type"] == "content_block_delta")
+        .map(|d| d["delta"]["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(said, r#"Here is what I found: {"temp_c":21}."#);
+    assert_eq!(data[data.len() - 2]["delta"]["stop_reason"], "end_turn");
 }

@@ -4,6 +4,18 @@
 //! `chat.completion.chunk`, the stream ends with `data: [DONE]`. With
 //! `stream_options.include_usage` OpenAI sends one last chunk with empty `choices` and the
 //! usage; servers that ignore the option send no usage, which is reported as unknown.
+//!
+//! Tools: the request declares `tools: [{type:"function", function:{name, description,
+//! parameters}}]` and `tool_choice` (`"auto"` / `"none"`; the API refuses `tool_choice`
+//! without `tools`, so neither is sent when no tool is declared). Calls stream as
+//! `choices[0].delta.tool_calls[]` fragments, each with the call's `index`: the first
+//! fragment of a call carries `id`, `type` and `function.name`, the later ones pieces of
+//! `function.arguments` (a JSON string); the choice finishes with `finish_reason:
+//! "tool_calls"`. Several calls are several indices. The calls go back as the assistant
+//! message's `tool_calls` (`content` null when it said nothing) and each result as a `role:
+//! "tool"` message with its `tool_call_id` — one per call, right after the assistant message
+//! (the API refuses "messages with role 'tool' [that are not] a response to a preceeding
+//! message with 'tool_calls'" and an assistant message whose calls are not each answered).
 
 use async_trait::async_trait;
 use eventsource_stream::Eventsource;
@@ -11,7 +23,12 @@ use futures_util::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use super::{ChatRole, LlmEvent, LlmProvider, LlmRequest, LlmStream, LlmUsage};
+use std::borrow::Cow;
+
+use super::{
+    ChatMessage, ChatRole, LlmEvent, LlmProvider, LlmRequest, LlmStream, LlmUsage, ToolCall,
+    ToolChoice, ToolSpec,
+};
 use crate::http::body_with_idle_timeout;
 use crate::{HttpSettings, ProviderError};
 
@@ -63,6 +80,12 @@ struct Body<'a> {
     max_tokens: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
+    /// Declared only when there are tools (an empty list is not sent).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<Tool<'a>>,
+    /// Sent only with tools.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -71,9 +94,149 @@ struct StreamOptions {
 }
 
 #[derive(Serialize)]
+struct Tool<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: Function<'a>,
+}
+
+#[derive(Serialize)]
+struct Function<'a> {
+    name: &'a str,
+    description: &'a str,
+    parameters: &'a serde_json::Value,
+}
+
+#[derive(Serialize)]
 struct Msg<'a> {
     role: &'static str,
-    content: &'a str,
+    /// Null only for an assistant message that called tools without saying anything.
+    content: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<CallOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<&'a str>,
+}
+
+impl<'a> Msg<'a> {
+    fn text(role: &'static str, text: &'a str) -> Self {
+        Msg {
+            role,
+            content: Some(Cow::Borrowed(text)),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct CallOut<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: CallFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct CallFunction<'a> {
+    name: &'a str,
+    /// A JSON string, as the model wrote it.
+    arguments: &'a str,
+}
+
+/// Arguments as sent back: what the model wrote when it is a JSON object, else `{}` (the call
+/// was answered with an error and never ran; OpenAI-compatible servers such as Ollama refuse
+/// a history whose call arguments are not JSON).
+fn arguments_out(arguments: &str) -> &str {
+    match serde_json::from_str::<serde_json::Value>(arguments) {
+        Ok(serde_json::Value::Object(_)) => arguments,
+        _ => "{}",
+    }
+}
+
+/// Appends the wire messages of one history message.
+fn push_message<'a>(out: &mut Vec<Msg<'a>>, m: &'a ChatMessage) {
+    match m.role {
+        ChatRole::Assistant if !m.tool_calls.is_empty() => out.push(Msg {
+            role: "assistant",
+            content: (!m.text.is_empty()).then_some(Cow::Borrowed(m.text.as_str())),
+            tool_calls: m
+                .tool_calls
+                .iter()
+                .map(|c| CallOut {
+                    id: &c.id,
+                    kind: "function",
+                    function: CallFunction {
+                        name: &c.name,
+                        arguments: arguments_out(&c.arguments),
+                    },
+                })
+                .collect(),
+            tool_call_id: None,
+        }),
+        ChatRole::Assistant => out.push(Msg::text("assistant", &m.text)),
+        ChatRole::User => {
+            // One `tool` message per result (the API has no error flag: a failed call's
+            // content says so), then the person's words, if any.
+            for r in &m.tool_results {
+                out.push(Msg {
+                    role: "tool",
+                    content: Some(if r.is_error {
+                        Cow::Owned(format!("Error: {}", r.content))
+                    } else {
+                        Cow::Borrowed(r.content.as_str())
+                    }),
+                    tool_calls: Vec::new(),
+                    tool_call_id: Some(&r.call_id),
+                });
+            }
+            if m.tool_results.is_empty() || !m.text.is_empty() {
+                out.push(Msg::text("user", &m.text));
+            }
+        }
+    }
+}
+
+fn tools(specs: &[ToolSpec]) -> Vec<Tool<'_>> {
+    specs
+        .iter()
+        .map(|t| Tool {
+            kind: "function",
+            function: Function {
+                name: &t.name,
+                description: &t.description,
+                parameters: &t.parameters,
+            },
+        })
+        .collect()
+}
+
+/// The request body (shared with the tests).
+fn body<'a>(config: &'a OpenAiChatConfig, request: &'a LlmRequest) -> Body<'a> {
+    let mut messages = Vec::with_capacity(request.messages.len() + 1);
+    if !request.system.is_empty() {
+        messages.push(Msg::text("system", &request.system));
+    }
+    for m in &request.messages {
+        push_message(&mut messages, m);
+    }
+    let tools = tools(&request.tools);
+    let tool_choice = (!tools.is_empty()).then_some(match request.tool_choice {
+        ToolChoice::Auto => "auto",
+        ToolChoice::None => "none",
+    });
+    Body {
+        model: &config.model,
+        messages,
+        stream: true,
+        stream_options: config.include_usage.then_some(StreamOptions {
+            include_usage: true,
+        }),
+        max_tokens: request.max_tokens,
+        temperature: request.temperature,
+        tools,
+        tool_choice,
+    }
 }
 
 #[derive(Deserialize)]
@@ -98,6 +261,98 @@ struct Choice {
 struct DeltaBody {
     #[serde(default)]
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCallDelta {
+    /// Which call this fragment belongs to (required by the API; a server that omits it
+    /// streams one call at a time).
+    #[serde(default)]
+    index: u64,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<FunctionDelta>,
+}
+
+#[derive(Deserialize)]
+struct FunctionDelta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+}
+
+/// A call being assembled from its fragments.
+struct PendingCall {
+    index: u64,
+    id: String,
+    name: String,
+    arguments: String,
+}
+
+/// What the parser remembers between chunks.
+#[derive(Default)]
+struct StreamState {
+    finish: Option<String>,
+    /// Calls in the order their first fragment arrived.
+    calls: Vec<PendingCall>,
+}
+
+impl StreamState {
+    fn add_fragment(&mut self, fragment: ToolCallDelta) {
+        let id = fragment.id.filter(|id| !id.is_empty());
+        // The call this fragment continues: the latest one at its index, unless the fragment
+        // brings another id (some OpenAI-compatible servers reuse one index for every call).
+        let slot = self
+            .calls
+            .iter()
+            .rposition(|c| c.index == fragment.index)
+            .filter(|&i| id.as_ref().is_none_or(|id| self.calls[i].id.is_empty() || *id == self.calls[i].id));
+        let call = match slot {
+            Some(i) => &mut self.calls[i],
+            None => {
+                self.calls.push(PendingCall {
+                    index: fragment.index,
+                    id: String::new(),
+                    name: String::new(),
+                    arguments: String::new(),
+                });
+                self.calls.last_mut().expect("just pushed")
+            }
+        };
+        if let Some(id) = id {
+            call.id = id;
+        }
+        if let Some(function) = fragment.function {
+            if let Some(name) = function.name.filter(|n| !n.is_empty()) {
+                call.name = name;
+            }
+            if let Some(arguments) = function.arguments {
+                call.arguments.push_str(&arguments);
+            }
+        }
+    }
+
+    /// The assembled calls in index order (a stable sort keeps calls sharing an index in
+    /// arrival order).
+    fn take_calls(&mut self, out: &mut Vec<LlmEvent>) {
+        let mut calls = std::mem::take(&mut self.calls);
+        calls.sort_by_key(|c| c.index);
+        out.extend(calls.into_iter().map(|c| {
+            LlmEvent::ToolCall(ToolCall {
+                id: c.id,
+                name: c.name,
+                arguments: if c.arguments.trim().is_empty() {
+                    "{}".to_owned()
+                } else {
+                    c.arguments
+                },
+            })
+        }));
+    }
 }
 
 #[derive(Deserialize)]
@@ -140,7 +395,7 @@ fn parse_error(v: &serde_json::Value) -> Option<(String, String)> {
 /// Turns one `data:` payload into stream items, appended to `out`.
 fn map_chunk(
     data: &str,
-    finish: &mut Option<String>,
+    state: &mut StreamState,
     out: &mut Vec<LlmEvent>,
 ) -> Result<(), ProviderError> {
     let chunk: Chunk = serde_json::from_str(data)
@@ -156,13 +411,25 @@ fn map_chunk(
         });
     }
     for choice in chunk.choices {
-        if let Some(text) = choice.delta.and_then(|d| d.content)
-            && !text.is_empty()
-        {
-            out.push(LlmEvent::Delta(text));
+        if let Some(delta) = choice.delta {
+            if let Some(text) = delta.content
+                && !text.is_empty()
+            {
+                out.push(LlmEvent::Delta(text));
+            }
+            for fragment in delta.tool_calls.into_iter().flatten() {
+                state.add_fragment(fragment);
+            }
         }
-        if choice.finish_reason.is_some() {
-            *finish = choice.finish_reason;
+        if let Some(reason) = choice.finish_reason {
+            // The calls are complete when the choice finishes — unless the token limit cut
+            // them: then which of them are whole is unknown, and none may run.
+            if reason == "length" {
+                state.calls.clear();
+            } else {
+                state.take_calls(out);
+            }
+            state.finish = Some(reason);
         }
     }
     if let Some(u) = chunk.usage {
@@ -187,7 +454,7 @@ where
 {
     Box::pin(async_stream::stream! {
         let mut sse = std::pin::pin!(bytes.eventsource());
-        let mut finish = None;
+        let mut state = StreamState::default();
         let mut items = Vec::new();
         while let Some(item) = sse.next().await {
             let event = match item {
@@ -197,13 +464,18 @@ where
             };
             let data = event.data.trim();
             if data == "[DONE]" {
-                yield Ok(LlmEvent::Done { stop_reason: finish.take() });
+                // Calls of a server that never sent a finish reason end with the stream.
+                state.take_calls(&mut items);
+                for e in items.drain(..) {
+                    yield Ok(e);
+                }
+                yield Ok(LlmEvent::Done { stop_reason: state.finish.take() });
                 return;
             }
             if data.is_empty() {
                 continue;
             }
-            if let Err(e) = map_chunk(data, &mut finish, &mut items) {
+            if let Err(e) = map_chunk(data, &mut state, &mut items) {
                 yield Err(e);
                 return;
             }
@@ -226,30 +498,7 @@ impl LlmProvider for OpenAiChat {
     }
 
     async fn stream(&self, request: LlmRequest) -> Result<LlmStream, ProviderError> {
-        let mut messages = Vec::with_capacity(request.messages.len() + 1);
-        if !request.system.is_empty() {
-            messages.push(Msg {
-                role: "system",
-                content: &request.system,
-            });
-        }
-        messages.extend(request.messages.iter().map(|m| Msg {
-            role: match m.role {
-                ChatRole::User => "user",
-                ChatRole::Assistant => "assistant",
-            },
-            content: &m.text,
-        }));
-        let body = Body {
-            model: &self.config.model,
-            messages,
-            stream: true,
-            stream_options: self.config.include_usage.then_some(StreamOptions {
-                include_usage: true,
-            }),
-            max_tokens: request.max_tokens,
-            temperature: request.temperature,
-        };
+        let body = body(&self.config, &request);
         let body = serde_json::to_vec(&body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
         let http = &self.config.http;
         let response = http
@@ -358,34 +607,34 @@ mod tests {
 
     #[test]
     fn maps_chunks() {
-        let mut finish = None;
+        let mut state = StreamState::default();
         let mut out = Vec::new();
         map_chunk(
             r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":null}"#,
-            &mut finish,
+            &mut state,
             &mut out,
         )
         .unwrap();
         assert!(out.is_empty());
         map_chunk(
             r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#,
-            &mut finish,
+            &mut state,
             &mut out,
         )
         .unwrap();
         map_chunk(
             r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
-            &mut finish,
+            &mut state,
             &mut out,
         )
         .unwrap();
         map_chunk(
             r#"{"choices":[],"usage":{"prompt_tokens":20,"completion_tokens":2,"total_tokens":22,"prompt_tokens_details":{"cached_tokens":4}}}"#,
-            &mut finish,
+            &mut state,
             &mut out,
         )
         .unwrap();
-        assert_eq!(finish.as_deref(), Some("stop"));
+        assert_eq!(state.finish.as_deref(), Some("stop"));
         assert_eq!(
             out,
             vec![
@@ -400,10 +649,298 @@ mod tests {
         );
         let e = map_chunk(
             r#"{"error":{"message":"boom","type":"server_error","param":null,"code":null}}"#,
-            &mut finish,
+            &mut state,
             &mut out,
         )
         .unwrap_err();
         assert!(matches!(e, ProviderError::Stream { ref kind, .. } if kind == "server_error"));
+    }
+
+    fn call(id: &str, name: &str, arguments: &str) -> LlmEvent {
+        LlmEvent::ToolCall(ToolCall {
+            id: id.into(),
+            name: name.into(),
+            arguments: arguments.into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn documented_tool_call_stream_in_any_chunking() {
+        for piece in [5, 200, 100_000] {
+            let items = collect(events_from_sse(fixture_stream(
+                "openai/chat_stream_tool_call.sse",
+                piece,
+            )))
+            .await;
+            let items: Vec<LlmEvent> = items.into_iter().map(Result::unwrap).collect();
+            assert_eq!(
+                items,
+                vec![
+                    call(
+                        "call_c91SqDXlYFuETYv8mUHzz6pp",
+                        "GetWeatherArgs",
+                        r#"{"city":"Edinburgh","country":"UK","units":"c"}"#
+                    ),
+                    LlmEvent::Usage(LlmUsage {
+                        input_tokens: Some(76),
+                        output_tokens: Some(24),
+                        ..Default::default()
+                    }),
+                    LlmEvent::Done {
+                        stop_reason: Some("tool_calls".into())
+                    },
+                ],
+                "chunked by {piece}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn documented_parallel_tool_calls() {
+        let items = collect(events_from_sse(fixture_stream(
+            "openai/chat_stream_tool_calls_parallel.sse",
+            333,
+        )))
+        .await;
+        let items: Vec<LlmEvent> = items.into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            items,
+            vec![
+                call(
+                    "call_JMW1whyEaYG438VE1OIflxA2",
+                    "GetWeatherArgs",
+                    r#"{"city": "Edinburgh", "country": "GB", "units": "c"}"#
+                ),
+                call(
+                    "call_DNYTawLBoN8fj3KN6qU9N1Ou",
+                    "get_stock_price",
+                    r#"{"ticker": "AAPL", "exchange": "NASDAQ"}"#
+                ),
+                LlmEvent::Usage(LlmUsage {
+                    input_tokens: Some(149),
+                    output_tokens: Some(60),
+                    ..Default::default()
+                }),
+                LlmEvent::Done {
+                    stop_reason: Some("tool_calls".into())
+                },
+            ]
+        );
+    }
+
+    fn feed(chunks: &[&str]) -> (StreamState, Vec<LlmEvent>) {
+        let mut state = StreamState::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            map_chunk(c, &mut state, &mut out).unwrap();
+        }
+        (state, out)
+    }
+
+    #[test]
+    fn interleaved_fragments_are_assembled_per_index_and_reported_in_index_order() {
+        // The documented fragment shapes, with two calls' fragments interleaved and the
+        // second index opened first.
+        let (state, out) = feed(&[
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":"One moment."},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"id":"call_b","type":"function","function":{"name":"get_time","arguments":""}}]},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_a","type":"function","function":{"name":"get_weather","arguments":"{\"ci"}}]},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"{\"tz\":\"CET\"}"}},{"index":0,"function":{"arguments":"ty\":\"Paris\"}"}}]},"finish_reason":null}]}"#,
+        ]);
+        assert_eq!(out, vec![LlmEvent::Delta("One moment.".into())]);
+        assert_eq!(state.calls.len(), 2);
+        let (state, out) = {
+            let mut state = state;
+            let mut out = Vec::new();
+            map_chunk(
+                r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+                &mut state,
+                &mut out,
+            )
+            .unwrap();
+            (state, out)
+        };
+        assert_eq!(
+            out,
+            vec![
+                call("call_a", "get_weather", r#"{"city":"Paris"}"#),
+                call("call_b", "get_time", r#"{"tz":"CET"}"#),
+            ]
+        );
+        assert!(state.calls.is_empty());
+        assert_eq!(state.finish.as_deref(), Some("tool_calls"));
+    }
+
+    #[test]
+    fn a_new_id_at_a_used_index_is_another_call() {
+        // Some OpenAI-compatible servers send every call whole at index 0.
+        let (_, out) = feed(&[
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":"","tool_calls":[{"id":"call_1","index":0,"type":"function","function":{"name":"a","arguments":"{\"x\":1}"}}]},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":"","tool_calls":[{"id":"call_2","index":0,"type":"function","function":{"name":"b","arguments":""}}]},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":"tool_calls"}]}"#,
+        ]);
+        assert_eq!(
+            out,
+            vec![call("call_1", "a", r#"{"x":1}"#), call("call_2", "b", "{}")]
+        );
+    }
+
+    #[test]
+    fn calls_cut_by_the_token_limit_are_dropped() {
+        let (state, out) = feed(&[
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_a","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Par"}}]},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#,
+        ]);
+        assert!(out.is_empty());
+        assert!(state.calls.is_empty());
+        assert_eq!(state.finish.as_deref(), Some("length"));
+    }
+
+    #[tokio::test]
+    async fn calls_without_a_finish_reason_end_with_the_stream() {
+        let data = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_a\",\"type\":\"function\",\"function\":{\"name\":\"now\",\"arguments\":\"{}\"}}]},\"finish_reason\":null}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let stream = futures_util::stream::iter(vec![Ok(bytes::Bytes::from_static(
+            data.as_bytes(),
+        ))]);
+        let items: Vec<LlmEvent> = collect(events_from_sse(stream))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            items,
+            vec![
+                call("call_a", "now", "{}"),
+                LlmEvent::Done { stop_reason: None }
+            ]
+        );
+    }
+
+    fn config(include_usage: bool) -> OpenAiChatConfig {
+        OpenAiChatConfig {
+            base_url: "http://127.0.0.1:1/v1".into(),
+            api_key: None,
+            model: "gpt-4o-mini".into(),
+            include_usage,
+            provider: "openai",
+            http: HttpSettings::default(),
+        }
+    }
+
+    #[test]
+    fn request_declares_tools_and_maps_the_tool_rounds() {
+        use super::super::{ToolResult, ToolSpec};
+        let request = LlmRequest {
+            system: "Be brief.".into(),
+            messages: vec![
+                ChatMessage::user("Weather in Paris and Rome?"),
+                ChatMessage {
+                    tool_calls: vec![
+                        ToolCall {
+                            id: "call_a".into(),
+                            name: "get_weather".into(),
+                            arguments: r#"{"city":"Paris"}"#.into(),
+                        },
+                        ToolCall {
+                            id: "call_b".into(),
+                            name: "get_weather".into(),
+                            arguments: r#"{"city": "Ro"#.into(), // broken on purpose
+                        },
+                    ],
+                    ..ChatMessage::assistant("")
+                },
+                ChatMessage {
+                    tool_results: vec![
+                        ToolResult {
+                            call_id: "call_a".into(),
+                            content: r#"{"temp_c":21}"#.into(),
+                            is_error: false,
+                        },
+                        ToolResult::error("call_b", "arguments are not valid JSON"),
+                    ],
+                    ..ChatMessage::user("")
+                },
+                ChatMessage {
+                    tool_calls: vec![ToolCall {
+                        id: "call_c".into(),
+                        name: "get_weather".into(),
+                        arguments: r#"{"city":"Rome"}"#.into(),
+                    }],
+                    ..ChatMessage::assistant("Trying again.")
+                },
+                ChatMessage {
+                    tool_results: vec![ToolResult {
+                        call_id: "call_c".into(),
+                        content: r#"{"temp_c":25}"#.into(),
+                        is_error: false,
+                    }],
+                    ..ChatMessage::user("And tomorrow?")
+                },
+            ],
+            max_tokens: 300,
+            temperature: None,
+            tools: vec![ToolSpec {
+                name: "get_weather".into(),
+                description: "Current weather".into(),
+                parameters: serde_json::json!({"type": "object", "properties": {"city": {"type": "string"}}}),
+            }]
+            .into(),
+            tool_choice: ToolChoice::Auto,
+        };
+        let config = config(true);
+        let v = serde_json::to_value(body(&config, &request)).unwrap();
+        assert_eq!(
+            v["tools"],
+            serde_json::json!([{"type": "function", "function": {
+                "name": "get_weather",
+                "description": "Current weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            }}])
+        );
+        assert_eq!(v["tool_choice"], "auto");
+        assert_eq!(
+            v["messages"],
+            serde_json::json!([
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Weather in Paris and Rome?"},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+                    {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
+                ]},
+                {"role": "tool", "tool_call_id": "call_a", "content": "{\"temp_c\":21}"},
+                {"role": "tool", "tool_call_id": "call_b", "content": "Error: arguments are not valid JSON"},
+                {"role": "assistant", "content": "Trying again.", "tool_calls": [
+                    {"id": "call_c", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Rome\"}"}},
+                ]},
+                {"role": "tool", "tool_call_id": "call_c", "content": "{\"temp_c\":25}"},
+                {"role": "user", "content": "And tomorrow?"},
+            ])
+        );
+        let none = LlmRequest {
+            tool_choice: ToolChoice::None,
+            ..request
+        };
+        assert_eq!(
+            serde_json::to_value(body(&config, &none)).unwrap()["tool_choice"],
+            "none"
+        );
+    }
+
+    #[test]
+    fn request_without_tools_sends_neither_tools_nor_tool_choice() {
+        let request = LlmRequest {
+            messages: vec![ChatMessage::user("hi")],
+            max_tokens: 10,
+            ..Default::default()
+        };
+        let config = config(false);
+        let v = serde_json::to_value(body(&config, &request)).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, vec!["max_tokens", "messages", "model", "stream"]);
+        assert_eq!(v["messages"], serde_json::json!([{"role": "user", "content": "hi"}]));
     }
 }

@@ -1,9 +1,15 @@
 //! Fake LLMs: Anthropic Messages (`POST /v1/messages`) and OpenAI Chat Completions
 //! (`POST /v1/chat/completions`), streaming (SSE) and non-streaming.
 //!
-//! Both reply with the same text ([`crate::LlmFakeConfig::reply`] or an echo of the last user
-//! message), split into whitespace-led tokens released at `first_token`, then every
-//! `1 / tokens_per_s`.
+//! Both reply the same way (see [`Reply`]): with a scripted reply ([`crate::Fakes::script`]),
+//! with the first tool result when the request ends with results, with the configured tool
+//! call ([`crate::LlmFakeConfig::tool_call`]), or with text ([`crate::LlmFakeConfig::reply`] or
+//! an echo of the last user message). Text is split into whitespace-led tokens released at
+//! `first_token`, then every `1 / tokens_per_s`; tool calls follow the text, their arguments
+//! streamed in fragments at the same pace, in each API's wire format. Tools, `tool_choice`
+//! and the pairing of calls with results are validated as the real APIs do ([`tools`]).
+
+mod tools;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +21,10 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use self::tools::{Tools, Wire};
 use crate::pacing::{Step, Timed, paced_body};
 use crate::state::Shared;
-use crate::{Fault, LlmFakeConfig, Target, errors, util};
+use crate::{Fault, LlmFakeConfig, ScriptedCall, ScriptedReply, Target, errors, util};
 
 /// Mid-stream faults fire after this many text tokens.
 const FAULT_AFTER_TOKENS: usize = 3;
@@ -33,11 +40,19 @@ struct ChatRequest {
     input_chars: usize,
     /// Text of the last user message ("" when there is none).
     last_user: String,
+    /// Declared tools and `tool_choice`.
+    tools: Tools,
+    /// Contents of the tool results the last message carries (Anthropic `tool_result` blocks
+    /// of the last user message; OpenAI `tool` messages at the end, or just before a last user
+    /// message).
+    last_results: Vec<String>,
+    /// The last message is the person's words alone (no tool results).
+    ends_with_plain_user: bool,
 }
 
 /// A 400 with OpenAI's `param` / `code` detail (Anthropic uses only the message).
 #[derive(Debug)]
-struct BadRequest {
+pub(super) struct BadRequest {
     message: String,
     param: Option<String>,
     code: Option<&'static str>,
@@ -78,59 +93,165 @@ fn mid_fault(fault: &Option<Fault>) -> Option<MidFault> {
     }
 }
 
-/// When each token of the reply is released.
+/// What the fake answers one request with.
+#[derive(Debug, PartialEq, Eq)]
+struct Reply {
+    text: String,
+    calls: Vec<ScriptedCall>,
+}
+
+impl Reply {
+    /// The reply to `req`, in this order: the scripted reply; after tool results, the first
+    /// result spoken (`"Here is what I found: {content}."`); the configured tool call when the
+    /// request declares (and allows) that tool and ends with the person's words; the
+    /// configured text; an echo of the last user message.
+    fn choose(config: &LlmFakeConfig, req: &ChatRequest, scripted: Option<ScriptedReply>) -> Self {
+        if let Some(s) = scripted {
+            return Reply {
+                text: s.text,
+                calls: s.tool_calls,
+            };
+        }
+        let text = |text: String| Reply {
+            text,
+            calls: Vec::new(),
+        };
+        if let Some(first) = req.last_results.first() {
+            return text(format!("Here is what I found: {}.", first.trim()));
+        }
+        if let Some(call) = &config.tool_call
+            && req.ends_with_plain_user
+            && req.tools.allows(&call.name)
+        {
+            return Reply {
+                text: String::new(),
+                calls: vec![call.clone()],
+            };
+        }
+        text(match &config.reply {
+            Some(reply) => reply.clone(),
+            None => format!(
+                "Sure, you asked: {}. This is a reply from the fake model. Is there anything else?",
+                req.last_user.trim()
+            ),
+        })
+    }
+}
+
+/// A tool call of the reply, ready to stream.
+struct PlannedCall {
+    /// Id in the provider's style (`toolu_…`, `call_…`).
+    id: String,
+    name: String,
+    arguments: String,
+    /// `arguments` cut into the pieces streamed (none for empty arguments).
+    fragments: Vec<String>,
+}
+
+/// Characters of a streamed argument fragment.
+const FRAGMENT_CHARS: usize = 12;
+
+fn fragments(arguments: &str) -> Vec<String> {
+    let chars: Vec<char> = arguments.chars().collect();
+    chars
+        .chunks(FRAGMENT_CHARS)
+        .map(|c| c.iter().collect())
+        .collect()
+}
+
+/// When each token of the reply is released: the text's tokens, then the calls' argument
+/// fragments, one step each.
 struct Plan {
     tokens: Vec<String>,
     /// Tokens actually emitted (`max_tokens` may cut the reply).
     emitted: usize,
-    /// Whether `max_tokens` cut the reply.
+    /// Whether `max_tokens` cut the reply (its calls are then dropped whole).
     truncated: bool,
+    /// Tool calls after the text.
+    calls: Vec<PlannedCall>,
     input_tokens: u64,
     first: Instant,
     interval: Duration,
 }
 
 impl Plan {
-    fn new(config: &LlmFakeConfig, req: &ChatRequest, started: Instant) -> Self {
-        let reply = match &config.reply {
-            Some(reply) => reply.clone(),
-            None => format!(
-                "Sure, you asked: {}. This is a reply from the fake model. Is there anything else?",
-                req.last_user.trim()
-            ),
-        };
-        let tokens = tokenize(&reply);
+    fn new(
+        config: &LlmFakeConfig,
+        req: &ChatRequest,
+        reply: Reply,
+        call_prefix: &str,
+        started: Instant,
+    ) -> Self {
+        let tokens = tokenize(&reply.text);
         let limit = req
             .max_tokens
             .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
         let emitted = tokens.len().min(limit);
+        let mut calls: Vec<PlannedCall> = reply
+            .calls
+            .into_iter()
+            .map(|c| PlannedCall {
+                id: util::prefixed_id(call_prefix),
+                fragments: fragments(&c.arguments),
+                name: c.name,
+                arguments: c.arguments,
+            })
+            .collect();
+        let call_steps: usize = calls.iter().map(|c| c.fragments.len().max(1)).sum();
+        let mut truncated = emitted < tokens.len();
+        if !calls.is_empty() && emitted.saturating_add(call_steps) > limit {
+            truncated = true;
+            calls.clear();
+        }
         let interval = if config.tokens_per_s.is_finite() && config.tokens_per_s > 0.0 {
             Duration::from_secs_f64(1.0 / config.tokens_per_s)
         } else {
             Duration::ZERO
         };
         Self {
-            truncated: emitted < tokens.len(),
+            truncated,
             tokens,
             emitted,
+            calls,
             input_tokens: util::estimate_tokens(req.input_chars),
             first: started + config.first_token,
             interval,
         }
     }
 
-    /// When token `i` is due.
+    /// When step `i` (text token, then call fragment) is due.
     fn token_at(&self, i: usize) -> Instant {
         self.first + self.interval.mul_f64(i as f64)
     }
 
-    /// When the last token is due (the first-token time for an empty reply).
+    /// Steps of the calls (each call takes at least one).
+    fn call_steps(&self) -> usize {
+        self.calls.iter().map(|c| c.fragments.len().max(1)).sum()
+    }
+
+    /// When the last step is due (the first-token time for an empty reply).
     fn end_at(&self) -> Instant {
-        self.token_at(self.emitted.saturating_sub(1))
+        self.token_at((self.emitted + self.call_steps()).saturating_sub(1))
+    }
+
+    /// Output tokens reported: text tokens plus call fragments.
+    fn output_tokens(&self) -> usize {
+        self.emitted + self.call_steps()
     }
 
     fn text(&self) -> String {
         self.tokens[..self.emitted].concat()
+    }
+
+    /// The provider's stop reason: `(max_tokens, tool_use, end_turn)` style names given.
+    fn stop_reason(&self, names: [&'static str; 3]) -> &'static str {
+        if self.truncated {
+            names[0]
+        } else if !self.calls.is_empty() {
+            names[1]
+        } else {
+            names[2]
+        }
     }
 
     /// Pushes one step per emitted token (made by `delta`), or the fault step made by `fault`
@@ -157,6 +278,29 @@ impl Plan {
             return true;
         }
         false
+    }
+
+    /// Pushes the calls' steps: `start(call index, call)` with the call's first fragment (or
+    /// none), then `fragment(call index, piece)` for each later one.
+    fn push_calls(
+        &self,
+        steps: &mut Vec<Timed>,
+        start: impl Fn(usize, &PlannedCall, Option<&str>) -> String,
+        fragment: impl Fn(usize, &str) -> String,
+    ) {
+        let mut step = self.emitted;
+        for (k, call) in self.calls.iter().enumerate() {
+            let mut pieces = call.fragments.iter();
+            steps.push(Timed::data(
+                self.token_at(step),
+                start(k, call, pieces.next().map(String::as_str)),
+            ));
+            step += 1;
+            for piece in pieces {
+                steps.push(Timed::data(self.token_at(step), fragment(k, piece)));
+                step += 1;
+            }
+        }
     }
 }
 
@@ -272,7 +416,13 @@ pub(crate) async fn anthropic_messages(
         Ok(req) => req,
         Err(bad) => return errors::anthropic(400, Some(&bad.message), None),
     };
-    let plan = Plan::new(&shared.config.llm, &req, started);
+    // A scripted reply is used up only by a request that is answered.
+    let reply = Reply::choose(
+        &shared.config.llm,
+        &req,
+        shared.take_script(Target::Anthropic),
+    );
+    let plan = Plan::new(&shared.config.llm, &req, reply, "toolu_", started);
     if req.stream {
         anthropic_stream(&shared, &req, &plan, fault)
     } else {
@@ -316,7 +466,11 @@ fn parse_anthropic(v: &Value) -> Result<ChatRequest, BadRequest> {
             ));
         }
     }
+    let tools = tools::anthropic_tools(obj)?;
     let mut last_user = String::new();
+    let mut rounds = Vec::with_capacity(messages.len());
+    let mut last_results = Vec::new();
+    let mut ends_with_plain_user = false;
     for (i, m) in messages.iter().enumerate() {
         let role = m
             .get("role")
@@ -327,9 +481,14 @@ fn parse_anthropic(v: &Value) -> Result<ChatRequest, BadRequest> {
                 "messages.{i}.role: Input should be 'user' or 'assistant'"
             )));
         }
-        let text = match m.get("content") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(blocks)) => blocks_text(blocks, &format!("messages.{i}.content"))?,
+        let blocks = match m.get("content") {
+            Some(Value::String(s)) => tools::Blocks {
+                text: s.clone(),
+                ..Default::default()
+            },
+            Some(Value::Array(blocks)) => {
+                tools::anthropic_blocks(blocks, &format!("messages.{i}.content"))?
+            }
             Some(_) => {
                 return Err(BadRequest::new(format!(
                     "messages.{i}.content: Input should be a valid string or a list of content blocks"
@@ -341,11 +500,17 @@ fn parse_anthropic(v: &Value) -> Result<ChatRequest, BadRequest> {
                 )));
             }
         };
-        input_chars += text.chars().count();
+        input_chars += blocks.text.chars().count() + blocks.tool_chars;
+        last_results = blocks.result_texts;
+        ends_with_plain_user = role == "user" && last_results.is_empty();
         if role == "user" {
-            last_user = text;
+            last_user = blocks.text;
+        } else {
+            last_results.clear();
         }
+        rounds.push(blocks.round);
     }
+    tools::check_anthropic_rounds(&rounds, &tools)?;
     Ok(ChatRequest {
         model: model.to_owned(),
         max_tokens: Some(max_tokens),
@@ -353,26 +518,15 @@ fn parse_anthropic(v: &Value) -> Result<ChatRequest, BadRequest> {
         include_usage: true,
         input_chars,
         last_user,
+        tools,
+        last_results,
+        ends_with_plain_user,
     })
 }
 
-/// Text of Anthropic content blocks (text blocks joined by a space; other block types ignored).
+/// Text of Anthropic content blocks (text blocks joined by a space).
 fn blocks_text(blocks: &[Value], path: &str) -> Result<String, BadRequest> {
-    let mut texts = Vec::new();
-    for (j, block) in blocks.iter().enumerate() {
-        let kind = block
-            .get("type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| BadRequest::new(format!("{path}.{j}.type: Field required")))?;
-        if kind == "text" {
-            let text = block
-                .get("text")
-                .and_then(Value::as_str)
-                .ok_or_else(|| BadRequest::new(format!("{path}.{j}.text: Field required")))?;
-            texts.push(text);
-        }
-    }
-    Ok(texts.join(" "))
+    tools::anthropic_blocks(blocks, path).map(|b| b.text)
 }
 
 fn anthropic_stream(
@@ -414,11 +568,15 @@ fn anthropic_stream(
         });
         return sse_response(steps, shared, request_id);
     }
+    // A reply of calls alone has no text block; the calls' blocks follow any text block.
+    let text_block = plan.calls.is_empty() || plan.emitted > 0;
     let mut head = message_start;
-    head.push_str(&sse_event(
-        "content_block_start",
-        &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-    ));
+    if text_block {
+        head.push_str(&sse_event(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ));
+    }
     head.push_str(&sse_event("ping", &json!({"type": "ping"})));
     steps.push(Timed::data(now, head));
 
@@ -446,27 +604,68 @@ fn anthropic_stream(
         },
     );
     if !faulted {
-        let stop_reason = if plan.truncated {
-            "max_tokens"
-        } else {
-            "end_turn"
+        let first_call = usize::from(text_block);
+        let block_stop = |index: usize| {
+            sse_event(
+                "content_block_stop",
+                &json!({"type": "content_block_stop", "index": index}),
+            )
         };
-        let mut tail = sse_event(
-            "content_block_stop",
-            &json!({"type": "content_block_stop", "index": 0}),
+        let input_delta = |index: usize, partial: &str| {
+            sse_event(
+                "content_block_delta",
+                &json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": partial}}),
+            )
+        };
+        plan.push_calls(
+            &mut steps,
+            |k, call, first| {
+                let index = first_call + k;
+                // The block before this one ends first.
+                let mut out = if index > 0 {
+                    block_stop(index - 1)
+                } else {
+                    String::new()
+                };
+                out.push_str(&sse_event(
+                    "content_block_start",
+                    &json!({"type": "content_block_start", "index": index, "content_block": {
+                        "type": "tool_use", "id": call.id, "name": call.name, "input": {},
+                    }}),
+                ));
+                out.push_str(&input_delta(index, ""));
+                if let Some(piece) = first {
+                    out.push_str(&input_delta(index, piece));
+                }
+                out
+            },
+            |k, piece| input_delta(first_call + k, piece),
         );
+        let last_block = (first_call + plan.calls.len()).saturating_sub(1);
+        let mut tail = block_stop(last_block);
         tail.push_str(&sse_event(
             "message_delta",
             &json!({
                 "type": "message_delta",
-                "delta": {"stop_reason": stop_reason, "stop_sequence": null},
-                "usage": {"output_tokens": plan.emitted},
+                "delta": {
+                    "stop_reason": plan.stop_reason(["max_tokens", "tool_use", "end_turn"]),
+                    "stop_sequence": null,
+                },
+                "usage": {"output_tokens": plan.output_tokens()},
             }),
         ));
         tail.push_str(&sse_event("message_stop", &json!({"type": "message_stop"})));
         steps.push(Timed::data(plan.end_at(), tail));
     }
     sse_response(steps, shared, request_id)
+}
+
+/// The arguments of a call as a JSON object (`{}` when they are not one).
+fn input_object(arguments: &str) -> Value {
+    match serde_json::from_str::<Value>(arguments) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => json!({}),
+    }
 }
 
 async fn anthropic_message(
@@ -487,19 +686,27 @@ async fn anthropic_message(
     if !sleep_until(shared, plan.end_at()).await {
         return errors::anthropic(500, None, None);
     }
+    let mut content = Vec::with_capacity(plan.calls.len() + 1);
+    if plan.calls.is_empty() || plan.emitted > 0 {
+        content.push(json!({"type": "text", "text": plan.text()}));
+    }
+    // A non-streamed `input` is an object; arguments that are not one come back as `{}`.
+    content.extend(plan.calls.iter().map(|c| {
+        json!({"type": "tool_use", "id": c.id, "name": c.name, "input": input_object(&c.arguments)})
+    }));
     let body = json!({
         "id": util::prefixed_id("msg_"),
         "type": "message",
         "role": "assistant",
         "model": req.model,
-        "content": [{"type": "text", "text": plan.text()}],
-        "stop_reason": if plan.truncated { "max_tokens" } else { "end_turn" },
+        "content": content,
+        "stop_reason": plan.stop_reason(["max_tokens", "tool_use", "end_turn"]),
         "stop_sequence": null,
         "usage": {
             "input_tokens": plan.input_tokens,
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": 0,
-            "output_tokens": plan.emitted,
+            "output_tokens": plan.output_tokens(),
         },
     });
     let mut headers = HeaderMap::new();
@@ -564,7 +771,12 @@ pub(crate) async fn openai_chat(
             );
         }
     };
-    let plan = Plan::new(&shared.config.llm, &req, started);
+    let reply = Reply::choose(
+        &shared.config.llm,
+        &req,
+        shared.take_script(Target::OpenAiChat),
+    );
+    let plan = Plan::new(&shared.config.llm, &req, reply, "call_", started);
     if req.stream {
         openai_stream(&shared, &req, &plan, fault)
     } else {
@@ -619,8 +831,11 @@ fn parse_openai(v: &Value) -> Result<ChatRequest, BadRequest> {
         .param("messages")
         .code("empty_array"));
     }
+    let tools = tools::openai_tools(obj)?;
     let mut input_chars = 0;
     let mut last_user = String::new();
+    let mut wires = Vec::with_capacity(messages.len());
+    let mut texts = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
             BadRequest::new(format!("Missing required parameter: 'messages[{i}].role'."))
@@ -665,10 +880,41 @@ fn parse_openai(v: &Value) -> Result<ChatRequest, BadRequest> {
             }
         };
         input_chars += text.chars().count();
+        wires.push(match role {
+            "assistant" => {
+                let (ids, chars) = tools::openai_calls(m, i)?;
+                input_chars += chars;
+                Wire::Assistant(ids)
+            }
+            "tool" => {
+                let id = m.get("tool_call_id").and_then(Value::as_str).ok_or_else(|| {
+                    BadRequest::new(format!(
+                        "Missing required parameter: 'messages[{i}].tool_call_id'."
+                    ))
+                    .param(format!("messages[{i}].tool_call_id"))
+                    .code("missing_required_parameter")
+                })?;
+                Wire::Tool(id.to_owned())
+            }
+            _ => Wire::Other,
+        });
+        texts.push(text.clone());
         if role == "user" {
             last_user = text;
         }
     }
+    tools::check_openai_rounds(&wires)?;
+    // The results the last message carries: the tool messages at the end, or right before a
+    // last user message.
+    let last_role = |k: usize| messages[k].get("role").and_then(Value::as_str);
+    let n = messages.len();
+    let end = if last_role(n - 1) == Some("user") { n - 1 } else { n };
+    let mut first_result = end;
+    while first_result > 0 && matches!(wires[first_result - 1], Wire::Tool(_)) {
+        first_result -= 1;
+    }
+    let last_results = texts[first_result..end].to_vec();
+    let ends_with_plain_user = last_role(n - 1) == Some("user") && last_results.is_empty();
     let max_tokens = match obj
         .get("max_completion_tokens")
         .filter(|v| !v.is_null())
@@ -707,11 +953,14 @@ fn parse_openai(v: &Value) -> Result<ChatRequest, BadRequest> {
         include_usage,
         input_chars,
         last_user,
+        tools,
+        last_results,
+        ends_with_plain_user,
     })
 }
 
 fn openai_usage(plan: &Plan) -> Value {
-    let completion = plan.emitted as u64;
+    let completion = plan.output_tokens() as u64;
     json!({
         "prompt_tokens": plan.input_tokens,
         "completion_tokens": completion,
@@ -752,10 +1001,16 @@ fn openai_stream(
     };
 
     let mut steps = Vec::with_capacity(plan.emitted + 3);
+    // A reply of calls alone starts with `content: null`, as in OpenAI's recorded streams.
+    let content = if plan.emitted == 0 && !plan.calls.is_empty() {
+        Value::Null
+    } else {
+        json!("")
+    };
     steps.push(Timed::data(
         plan.first,
         chunk(
-            json!({"role": "assistant", "content": "", "refusal": null}),
+            json!({"role": "assistant", "content": content, "refusal": null}),
             Value::Null,
         ),
     ));
@@ -783,7 +1038,29 @@ fn openai_stream(
         },
     );
     if !faulted {
-        let finish = if plan.truncated { "length" } else { "stop" };
+        // Each call: its first fragment with `id`, `type` and `function.name`, then pieces of
+        // `function.arguments`, all under the call's `index`.
+        plan.push_calls(
+            &mut steps,
+            |k, call, first| {
+                chunk(
+                    json!({"tool_calls": [{
+                        "index": k,
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": first.unwrap_or("")},
+                    }]}),
+                    Value::Null,
+                )
+            },
+            |k, piece| {
+                chunk(
+                    json!({"tool_calls": [{"index": k, "function": {"arguments": piece}}]}),
+                    Value::Null,
+                )
+            },
+        );
+        let finish = plan.stop_reason(["length", "tool_calls", "stop"]);
         let mut tail = chunk(json!({}), json!(finish));
         if include_usage {
             let usage = json!({
@@ -821,6 +1098,17 @@ async fn openai_completion(
     if !sleep_until(shared, plan.end_at()).await {
         return errors::openai(500, None, None, None, None);
     }
+    let mut message = json!({"role": "assistant", "content": plan.text(), "refusal": null});
+    if !plan.calls.is_empty() {
+        if plan.emitted == 0 {
+            message["content"] = Value::Null;
+        }
+        message["tool_calls"] = plan
+            .calls
+            .iter()
+            .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+            .collect();
+    }
     let body = json!({
         "id": util::prefixed_id("chatcmpl-"),
         "object": "chat.completion",
@@ -829,9 +1117,9 @@ async fn openai_completion(
         "system_fingerprint": null,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": plan.text(), "refusal": null},
+            "message": message,
             "logprobs": null,
-            "finish_reason": if plan.truncated { "length" } else { "stop" },
+            "finish_reason": plan.stop_reason(["length", "tool_calls", "stop"]),
         }],
         "usage": openai_usage(plan),
     });
@@ -907,22 +1195,220 @@ mod tests {
             first_token: Duration::from_millis(100),
             tokens_per_s: 10.0,
             reply: Some("a b c d e".into()),
+            ..LlmFakeConfig::default()
         };
         let req = ChatRequest {
-            model: "m".into(),
             max_tokens: Some(3),
-            stream: true,
-            include_usage: false,
             input_chars: 9,
-            last_user: String::new(),
+            ..request()
         };
         let t0 = Instant::now();
-        let plan = Plan::new(&config, &req, t0);
+        let reply = Reply::choose(&config, &req, None);
+        let plan = Plan::new(&config, &req, reply, "call_", t0);
         assert_eq!(plan.emitted, 3);
         assert!(plan.truncated);
         assert_eq!(plan.text(), "a b c");
         assert_eq!(plan.input_tokens, 3);
         assert_eq!(plan.token_at(0), t0 + Duration::from_millis(100));
         assert_eq!(plan.end_at(), t0 + Duration::from_millis(300));
+    }
+
+    fn request() -> ChatRequest {
+        ChatRequest {
+            model: "m".into(),
+            max_tokens: None,
+            stream: true,
+            include_usage: false,
+            input_chars: 0,
+            last_user: "What is the weather?".into(),
+            tools: Tools {
+                names: vec!["get_weather".into()],
+                choice: tools::Choice::Auto,
+            },
+            last_results: Vec::new(),
+            ends_with_plain_user: true,
+        }
+    }
+
+    fn weather_call() -> ScriptedCall {
+        ScriptedCall {
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Paris"}"#.into(),
+        }
+    }
+
+    #[test]
+    fn reply_order_script_then_results_then_tool_rule_then_text() {
+        let config = LlmFakeConfig {
+            tool_call: Some(weather_call()),
+            reply: Some("Fixed.".into()),
+            ..LlmFakeConfig::default()
+        };
+        let req = request();
+        let script = ScriptedReply {
+            text: "Scripted.".into(),
+            tool_calls: Vec::new(),
+        };
+        assert_eq!(
+            Reply::choose(&config, &req, Some(script)),
+            Reply {
+                text: "Scripted.".into(),
+                calls: Vec::new()
+            }
+        );
+        // The rule: the tool is declared and the request ends with the person's words.
+        assert_eq!(
+            Reply::choose(&config, &req, None),
+            Reply {
+                text: String::new(),
+                calls: vec![weather_call()]
+            }
+        );
+        // After results: the first one is spoken.
+        let after = ChatRequest {
+            last_results: vec![r#"{"temp_c":21}"#.into(), "second".into()],
+            ends_with_plain_user: false,
+            ..request()
+        };
+        assert_eq!(
+            Reply::choose(&config, &after, None).text,
+            r#"Here is what I found: {"temp_c":21}."#
+        );
+        // Not declared, or not allowed: the configured text.
+        for tools in [
+            Tools::default(),
+            Tools {
+                names: vec!["get_weather".into()],
+                choice: tools::Choice::None,
+            },
+            Tools {
+                names: vec!["get_weather".into(), "other".into()],
+                choice: tools::Choice::Named("other".into()),
+            },
+        ] {
+            let req = ChatRequest {
+                tools,
+                ..request()
+            };
+            assert_eq!(Reply::choose(&config, &req, None).text, "Fixed.");
+        }
+    }
+
+    #[test]
+    fn plan_streams_call_fragments_after_the_text_and_drops_calls_that_do_not_fit() {
+        let config = LlmFakeConfig {
+            first_token: Duration::from_millis(100),
+            tokens_per_s: 10.0,
+            ..LlmFakeConfig::default()
+        };
+        let arguments = r#"{"city":"Paris","unit":"celsius"}"#; // 33 chars: 3 fragments
+        let reply = || Reply {
+            text: "One moment.".into(),
+            calls: vec![
+                ScriptedCall {
+                    name: "get_weather".into(),
+                    arguments: arguments.into(),
+                },
+                ScriptedCall {
+                    name: "get_time".into(),
+                    arguments: String::new(),
+                },
+            ],
+        };
+        let t0 = Instant::now();
+        let plan = Plan::new(&config, &request(), reply(), "toolu_", t0);
+        assert_eq!(plan.calls.len(), 2);
+        assert!(plan.calls[0].id.starts_with("toolu_"));
+        assert_eq!(plan.calls[0].fragments.concat(), arguments);
+        assert_eq!(plan.calls[0].fragments.len(), 3);
+        assert!(plan.calls[1].fragments.is_empty());
+        // 2 text tokens, 3 + 1 call steps.
+        assert_eq!(plan.output_tokens(), 6);
+        assert_eq!(plan.end_at(), t0 + Duration::from_millis(600));
+        assert_eq!(plan.stop_reason(["length", "tool_calls", "stop"]), "tool_calls");
+        let mut steps = Vec::new();
+        plan.push_calls(
+            &mut steps,
+            |k, call, first| format!("start {k} {} {}", call.name, first.unwrap_or("-")),
+            |k, piece| format!("piece {k} {piece}"),
+        );
+        assert_eq!(steps.len(), 4);
+        assert_eq!(steps[0].at, t0 + Duration::from_millis(300));
+        assert_eq!(steps[3].at, t0 + Duration::from_millis(600));
+        let short = ChatRequest {
+            max_tokens: Some(4),
+            ..request()
+        };
+        let plan = Plan::new(&config, &short, reply(), "toolu_", t0);
+        assert!(plan.calls.is_empty());
+        assert!(plan.truncated);
+        assert_eq!(plan.stop_reason(["length", "tool_calls", "stop"]), "length");
+    }
+
+    #[test]
+    fn anthropic_parsing_finds_tool_results_and_checks_their_calls() {
+        let tools = json!([{"name": "get_weather", "input_schema": {"type": "object"}}]);
+        let body = json!({
+            "model": "m",
+            "max_tokens": 50,
+            "tools": tools,
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "21 C"},
+                    {"type": "text", "text": "thanks"},
+                ]},
+            ],
+        });
+        let req = parse_anthropic(&body).unwrap();
+        assert_eq!(req.last_results, vec!["21 C"]);
+        assert!(!req.ends_with_plain_user);
+        assert_eq!(req.tools.names, vec!["get_weather"]);
+        let mut stray = body.clone();
+        stray["messages"][2]["content"][0]["tool_use_id"] = json!("toolu_9");
+        let e = parse_anthropic(&stray).unwrap_err();
+        assert!(e.message.contains("unexpected `tool_use_id`"), "{}", e.message);
+        let mut untooled = body.clone();
+        untooled.as_object_mut().unwrap().remove("tools");
+        let e = parse_anthropic(&untooled).unwrap_err();
+        assert!(e.message.contains("must define tools"), "{}", e.message);
+    }
+
+    #[test]
+    fn openai_parsing_finds_tool_results_and_checks_their_calls() {
+        let body = json!({
+            "model": "m",
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+            "tool_choice": "auto",
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+                ]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
+            ],
+        });
+        let req = parse_openai(&body).unwrap();
+        assert_eq!(req.last_results, vec!["21 C"]);
+        assert!(!req.ends_with_plain_user);
+        let mut with_text = body.clone();
+        with_text["messages"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"role": "user", "content": "and tomorrow?"}));
+        let req = parse_openai(&with_text).unwrap();
+        assert_eq!(req.last_results, vec!["21 C"]);
+        assert_eq!(req.last_user, "and tomorrow?");
+        let mut missing = body.clone();
+        missing["messages"].as_array_mut().unwrap().pop();
+        let e = parse_openai(&missing).unwrap_err();
+        assert!(e.message.contains("did not have response messages: call_1"), "{}", e.message);
+        let plain = parse_openai(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})).unwrap();
+        assert!(plain.ends_with_plain_user);
+        assert!(plain.last_results.is_empty());
     }
 }

@@ -71,8 +71,7 @@ pub async fn run(args: CallArgs) -> anyhow::Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
-            ToolScript::from_json(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            ToolScript::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
         }
         None => ToolScript::default(),
     };

@@ -332,7 +332,10 @@ mod tests {
             r#"{"open_page": {"result": {"opened": true}}, "pay": {"error": "declined"}}"#,
         )
         .unwrap();
-        assert_eq!(script.answer("open_page"), Ok(serde_json::json!({"opened": true})));
+        assert_eq!(
+            script.answer("open_page"),
+            Ok(serde_json::json!({"opened": true}))
+        );
         assert_eq!(script.answer("pay"), Err("declined".into()));
         assert!(script.answer("other").unwrap_err().contains("no answer"));
         assert!(ToolScript::from_json(r#"{"x": {}}"#).is_err());

@@ -22,7 +22,9 @@ struct FaultRequest {
 
 /// `POST /_fakes/faults`: queues a one-shot fault.
 pub(crate) async fn inject(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
-    queue(&body, |req: FaultRequest| shared.inject(req.target, req.fault))
+    queue(&body, |req: FaultRequest| {
+        shared.inject(req.target, req.fault)
+    })
 }
 
 /// Parses a control request and hands it to `apply`; 400 with the parse error otherwise.
@@ -49,7 +51,9 @@ struct ScriptRequest {
 
 /// `POST /_fakes/scripts`: queues a scripted reply.
 pub(crate) async fn script(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
-    queue(&body, |req: ScriptRequest| shared.script(req.target, req.reply))
+    queue(&body, |req: ScriptRequest| {
+        shared.script(req.target, req.reply)
+    })
 }
 
 /// `GET /_fakes/recorded`: what the fakes received, as JSON.

@@ -1315,9 +1315,15 @@ async fn anthropic_scripted_tool_calls_stream_as_tool_use_blocks() {
         "tool_choice": {"type": "auto"},
         "stream": true,
     });
-    let refused = anthropic_request(&client, &fakes, &body).send().await.unwrap();
+    let refused = anthropic_request(&client, &fakes, &body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(refused.status(), 429);
-    let response = anthropic_request(&client, &fakes, &body).send().await.unwrap();
+    let response = anthropic_request(&client, &fakes, &body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     let text = response.text().await.unwrap();
     let events = parse_sse(&text);
@@ -1393,7 +1399,11 @@ async fn anthropic_scripted_tool_calls_stream_as_tool_use_blocks() {
         .await
         .unwrap();
     let data = sse_data(&text);
-    assert!(!data.iter().any(|d| d["content_block"]["type"] == "tool_use"));
+    assert!(
+        !data
+            .iter()
+            .any(|d| d["content_block"]["type"] == "tool_use")
+    );
     assert_eq!(data[data.len() - 2]["delta"]["stop_reason"], "end_turn");
 
     // Non-streaming: a Message with tool_use blocks (input as an object, `{}` when the
@@ -1409,9 +1419,15 @@ async fn anthropic_scripted_tool_calls_stream_as_tool_use_blocks() {
         .await
         .unwrap();
     assert_eq!(message["stop_reason"], "tool_use");
-    assert_eq!(message["content"][0], json!({"type": "text", "text": "Let me check."}));
+    assert_eq!(
+        message["content"][0],
+        json!({"type": "text", "text": "Let me check."})
+    );
     assert_eq!(message["content"][1]["type"], "tool_use");
-    assert_eq!(message["content"][1]["input"], json!({"city": "Paris", "unit": "celsius"}));
+    assert_eq!(
+        message["content"][1]["input"],
+        json!({"city": "Paris", "unit": "celsius"})
+    );
     assert_eq!(message["content"][2]["input"], json!({}));
 }
 
@@ -1468,7 +1484,11 @@ async fn openai_scripted_tool_calls_stream_as_tool_call_deltas() {
         let Some(choice) = chunk["choices"].get(0) else {
             continue;
         };
-        for fragment in choice["delta"]["tool_calls"].as_array().into_iter().flatten() {
+        for fragment in choice["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             let index = fragment["index"].as_u64().unwrap() as usize;
             if index == calls.len() {
                 assert_eq!(fragment["type"], "function");
@@ -1485,7 +1505,11 @@ async fn openai_scripted_tool_calls_stream_as_tool_call_deltas() {
         }
     }
     assert_eq!(calls.len(), 2);
-    assert!(calls.iter().all(|c| c.0.starts_with("call_") && c.1 == "get_weather"));
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.0.starts_with("call_") && c.1 == "get_weather")
+    );
     assert_ne!(calls[0].0, calls[1].0);
     assert_eq!(calls[0].2, PARIS);
     assert_eq!(calls[1].2, BROKEN);
@@ -1495,7 +1519,10 @@ async fn openai_scripted_tool_calls_stream_as_tool_call_deltas() {
     assert_eq!(chunks[n - 1]["usage"]["completion_tokens"], 4);
 
     // Non-streaming.
-    fakes.script(Target::OpenAiChat, ScriptedReply::call("get_weather", PARIS));
+    fakes.script(
+        Target::OpenAiChat,
+        ScriptedReply::call("get_weather", PARIS),
+    );
     let plain = json!({"model": "gpt-test", "messages": body["messages"], "tools": openai_tools()});
     let completion: Value = openai_request(&client, &fakes, &plain)
         .send()
@@ -1507,7 +1534,10 @@ async fn openai_scripted_tool_calls_stream_as_tool_call_deltas() {
     let choice = &completion["choices"][0];
     assert_eq!(choice["finish_reason"], "tool_calls");
     assert!(choice["message"]["content"].is_null());
-    assert_eq!(choice["message"]["tool_calls"][0]["function"]["arguments"], PARIS);
+    assert_eq!(
+        choice["message"]["tool_calls"][0]["function"]["arguments"],
+        PARIS
+    );
     assert_eq!(choice["message"]["tool_calls"][0]["type"], "function");
 }
 
@@ -1564,16 +1594,28 @@ async fn tool_results_are_checked_and_the_first_is_spoken() {
     };
     let mut stray = good.clone();
     stray["messages"][2]["content"][0]["tool_use_id"] = json!("toolu_99");
-    refused(stray, "unexpected `tool_use_id` found in `tool_result` blocks: toolu_99").await;
+    refused(
+        stray,
+        "unexpected `tool_use_id` found in `tool_result` blocks: toolu_99",
+    )
+    .await;
     let mut unanswered = good.clone();
     unanswered["messages"][2] = json!({"role": "user", "content": "never mind"});
-    refused(unanswered, "`tool_use` ids were found without `tool_result` blocks immediately after: toolu_01").await;
+    refused(
+        unanswered,
+        "`tool_use` ids were found without `tool_result` blocks immediately after: toolu_01",
+    )
+    .await;
     let mut late = good.clone();
     late["messages"][2]["content"] = json!([
         {"type": "text", "text": "here:"},
         {"type": "tool_result", "tool_use_id": "toolu_01", "content": "21 C"},
     ]);
-    refused(late, "Did not find 1 `tool_result` block(s) at the beginning").await;
+    refused(
+        late,
+        "Did not find 1 `tool_result` block(s) at the beginning",
+    )
+    .await;
     let mut undeclared = good.clone();
     undeclared.as_object_mut().unwrap().remove("tools");
     refused(undeclared, "must define tools").await;
@@ -1581,7 +1623,10 @@ async fn tool_results_are_checked_and_the_first_is_spoken() {
     choice["tool_choice"] = json!({"type": "sometimes"});
     refused(choice, "Input tag 'sometimes'").await;
     let mut malformed = good.clone();
-    malformed["tools"][0].as_object_mut().unwrap().remove("input_schema");
+    malformed["tools"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("input_schema");
     refused(malformed, "tools.0.input_schema: Field required").await;
 
     // OpenAI: one `tool` message per call, right after the assistant message.
@@ -1606,7 +1651,11 @@ async fn tool_results_are_checked_and_the_first_is_spoken() {
         .unwrap();
     let said: String = sse_data(&text)
         .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
         .collect();
     assert_eq!(said, "Here is what I found: 18 C and cloudy.");
     let refused = |body: Value, param: &'static str, wanted: &'static str| {
@@ -1623,30 +1672,63 @@ async fn tool_results_are_checked_and_the_first_is_spoken() {
     };
     let mut stray = good.clone();
     stray["messages"][2]["tool_call_id"] = json!("call_99");
-    refused(stray, "messages.[2].tool_call_id", "'tool_call_id' of 'call_99' not found").await;
+    refused(
+        stray,
+        "messages.[2].tool_call_id",
+        "'tool_call_id' of 'call_99' not found",
+    )
+    .await;
     let mut orphan = good.clone();
     orphan["messages"].as_array_mut().unwrap().remove(1);
-    refused(orphan, "messages.[1].role", "must be a response to a preceeding message with 'tool_calls'").await;
+    refused(
+        orphan,
+        "messages.[1].role",
+        "must be a response to a preceeding message with 'tool_calls'",
+    )
+    .await;
     let mut unanswered = good.clone();
     unanswered["messages"][2] = json!({"role": "user", "content": "never mind"});
-    refused(unanswered, "messages.[2].role", "did not have response messages: call_01").await;
+    refused(
+        unanswered,
+        "messages.[2].role",
+        "did not have response messages: call_01",
+    )
+    .await;
     let mut choice = good.clone();
     choice["tool_choice"] = json!("sometimes");
-    refused(choice, "tool_choice", "Supported values are: 'none', 'auto', and 'required'").await;
+    refused(
+        choice,
+        "tool_choice",
+        "Supported values are: 'none', 'auto', and 'required'",
+    )
+    .await;
     let mut malformed = good.clone();
     malformed["tools"][0]["function"]["name"] = json!("get weather");
-    refused(malformed, "tools[0].function.name", "does not match pattern").await;
+    refused(
+        malformed,
+        "tools[0].function.name",
+        "does not match pattern",
+    )
+    .await;
     let mut untooled = good.clone();
     untooled.as_object_mut().unwrap().remove("tools");
     untooled["tool_choice"] = json!("auto");
-    refused(untooled, "tool_choice", "only allowed when 'tools' are specified").await;
+    refused(
+        untooled,
+        "tool_choice",
+        "only allowed when 'tools' are specified",
+    )
+    .await;
 
     // Every body was recorded, refused ones too, tool results and all.
     let recorded = fakes.recorded();
     assert_eq!(recorded.llm_requests.len(), 14);
     let (target, first) = &recorded.llm_requests[0];
     assert_eq!(*target, Target::Anthropic);
-    assert_eq!(first["messages"][2]["content"][0]["content"], "21 C and sunny");
+    assert_eq!(
+        first["messages"][2]["content"][0]["content"],
+        "21 C and sunny"
+    );
     let (target, openai) = &recorded.llm_requests[7];
     assert_eq!(*target, Target::OpenAiChat);
     assert_eq!(openai["messages"][2]["role"], "tool");
@@ -1685,13 +1767,24 @@ async fn the_tool_call_rule_answers_plain_questions_when_the_tool_is_declared() 
     };
     let choice = ask(Some(openai_tools()), None).await;
     assert_eq!(choice["finish_reason"], "tool_calls");
-    assert_eq!(choice["message"]["tool_calls"][0]["function"]["name"], "get_weather");
-    assert_eq!(choice["message"]["tool_calls"][0]["function"]["arguments"], PARIS);
+    assert_eq!(
+        choice["message"]["tool_calls"][0]["function"]["name"],
+        "get_weather"
+    );
+    assert_eq!(
+        choice["message"]["tool_calls"][0]["function"]["arguments"],
+        PARIS
+    );
     // Not declared, or not allowed now: words.
     for (tools, tool_choice) in [(None, None), (Some(openai_tools()), Some("none"))] {
         let choice = ask(tools, tool_choice).await;
         assert_eq!(choice["finish_reason"], "stop");
-        assert!(choice["message"]["content"].as_str().unwrap().starts_with("Sure, you asked: Weather?"));
+        assert!(
+            choice["message"]["content"]
+                .as_str()
+                .unwrap()
+                .starts_with("Sure, you asked: Weather?")
+        );
     }
 
     // Anthropic, streamed: the call, then after its result the spoken answer.

@@ -73,10 +73,7 @@ struct Completion {
     stop_reason: Option<String>,
 }
 
-async fn complete(
-    llm: &dyn LlmProvider,
-    request: LlmRequest,
-) -> Result<Completion, ProviderError> {
+async fn complete(llm: &dyn LlmProvider, request: LlmRequest) -> Result<Completion, ProviderError> {
     let mut stream = llm.stream(request).await?;
     let mut done = Completion {
         text: String::new(),
@@ -117,7 +114,9 @@ async fn tool_round_trip(fakes: &Fakes, llm: &dyn LlmProvider, target: Target, t
         },
     );
     let question = ChatMessage::user("Weather in Paris and Rome?");
-    let first = complete(llm, request(vec![question.clone()])).await.unwrap();
+    let first = complete(llm, request(vec![question.clone()]))
+        .await
+        .unwrap();
     assert_eq!(first.text, "Let me check.");
     assert_eq!(first.stop_reason.as_deref(), Some(tool_stop));
     assert_eq!(first.calls.len(), 2);
@@ -165,7 +164,13 @@ async fn tool_round_trip(fakes: &Fakes, llm: &dyn LlmProvider, target: Target, t
 #[tokio::test]
 async fn anthropic_tool_round_trip() {
     let fakes = fakes().await;
-    tool_round_trip(&fakes, anthropic(&fakes).as_ref(), Target::Anthropic, "tool_use").await;
+    tool_round_trip(
+        &fakes,
+        anthropic(&fakes).as_ref(),
+        Target::Anthropic,
+        "tool_use",
+    )
+    .await;
     // What the fake received for the answered round: tool_use blocks back in the assistant
     // message, tool_result blocks (results first) in the next user message.
     let recorded = fakes.recorded().llm_requests;
@@ -180,13 +185,22 @@ async fn anthropic_tool_round_trip() {
     assert_eq!(results[0]["tool_use_id"], calls[1]["id"]);
     assert_eq!(results[1]["is_error"], true);
     assert_eq!(body["tool_choice"], json!({"type": "auto"}));
-    assert_eq!(body["tools"][0]["input_schema"]["required"], json!(["city"]));
+    assert_eq!(
+        body["tools"][0]["input_schema"]["required"],
+        json!(["city"])
+    );
 }
 
 #[tokio::test]
 async fn openai_tool_round_trip() {
     let fakes = fakes().await;
-    tool_round_trip(&fakes, openai(&fakes).as_ref(), Target::OpenAiChat, "tool_calls").await;
+    tool_round_trip(
+        &fakes,
+        openai(&fakes).as_ref(),
+        Target::OpenAiChat,
+        "tool_calls",
+    )
+    .await;
     let recorded = fakes.recorded().llm_requests;
     let (_, body) = &recorded[1];
     let messages = body["messages"].as_array().unwrap();
@@ -199,7 +213,10 @@ async fn openai_tool_round_trip() {
     assert_eq!(calls[0]["function"]["arguments"], PARIS);
     assert_eq!(calls[1]["function"]["arguments"], "{}");
     assert_eq!(messages[3]["tool_call_id"], calls[0]["id"]);
-    assert_eq!(messages[4]["content"], "Error: arguments are not valid JSON");
+    assert_eq!(
+        messages[4]["content"],
+        "Error: arguments are not valid JSON"
+    );
     assert_eq!(body["tool_choice"], "auto");
     assert_eq!(body["tools"][0]["type"], "function");
 }

@@ -887,13 +887,16 @@ fn parse_openai(v: &Value) -> Result<ChatRequest, BadRequest> {
                 Wire::Assistant(ids)
             }
             "tool" => {
-                let id = m.get("tool_call_id").and_then(Value::as_str).ok_or_else(|| {
-                    BadRequest::new(format!(
-                        "Missing required parameter: 'messages[{i}].tool_call_id'."
-                    ))
-                    .param(format!("messages[{i}].tool_call_id"))
-                    .code("missing_required_parameter")
-                })?;
+                let id = m
+                    .get("tool_call_id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        BadRequest::new(format!(
+                            "Missing required parameter: 'messages[{i}].tool_call_id'."
+                        ))
+                        .param(format!("messages[{i}].tool_call_id"))
+                        .code("missing_required_parameter")
+                    })?;
                 Wire::Tool(id.to_owned())
             }
             _ => Wire::Other,
@@ -908,7 +911,11 @@ fn parse_openai(v: &Value) -> Result<ChatRequest, BadRequest> {
     // last user message.
     let last_role = |k: usize| messages[k].get("role").and_then(Value::as_str);
     let n = messages.len();
-    let end = if last_role(n - 1) == Some("user") { n - 1 } else { n };
+    let end = if last_role(n - 1) == Some("user") {
+        n - 1
+    } else {
+        n
+    };
     let mut first_result = end;
     while first_result > 0 && matches!(wires[first_result - 1], Wire::Tool(_)) {
         first_result -= 1;
@@ -1286,10 +1293,7 @@ mod tests {
                 choice: tools::Choice::Named("other".into()),
             },
         ] {
-            let req = ChatRequest {
-                tools,
-                ..request()
-            };
+            let req = ChatRequest { tools, ..request() };
             assert_eq!(Reply::choose(&config, &req, None).text, "Fixed.");
         }
     }
@@ -1325,7 +1329,10 @@ mod tests {
         // 2 text tokens, 3 + 1 call steps.
         assert_eq!(plan.output_tokens(), 6);
         assert_eq!(plan.end_at(), t0 + Duration::from_millis(600));
-        assert_eq!(plan.stop_reason(["length", "tool_calls", "stop"]), "tool_calls");
+        assert_eq!(
+            plan.stop_reason(["length", "tool_calls", "stop"]),
+            "tool_calls"
+        );
         let mut steps = Vec::new();
         plan.push_calls(
             &mut steps,
@@ -1371,7 +1378,11 @@ mod tests {
         let mut stray = body.clone();
         stray["messages"][2]["content"][0]["tool_use_id"] = json!("toolu_9");
         let e = parse_anthropic(&stray).unwrap_err();
-        assert!(e.message.contains("unexpected `tool_use_id`"), "{}", e.message);
+        assert!(
+            e.message.contains("unexpected `tool_use_id`"),
+            "{}",
+            e.message
+        );
         let mut untooled = body.clone();
         untooled.as_object_mut().unwrap().remove("tools");
         let e = parse_anthropic(&untooled).unwrap_err();
@@ -1406,8 +1417,14 @@ mod tests {
         let mut missing = body.clone();
         missing["messages"].as_array_mut().unwrap().pop();
         let e = parse_openai(&missing).unwrap_err();
-        assert!(e.message.contains("did not have response messages: call_1"), "{}", e.message);
-        let plain = parse_openai(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})).unwrap();
+        assert!(
+            e.message.contains("did not have response messages: call_1"),
+            "{}",
+            e.message
+        );
+        let plain =
+            parse_openai(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+                .unwrap();
         assert!(plain.ends_with_plain_user);
         assert!(plain.last_results.is_empty());
     }

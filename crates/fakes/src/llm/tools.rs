@@ -146,9 +146,10 @@ pub(super) fn anthropic_tools(obj: &Map<String, Value>) -> Result<Tools, BadRequ
                 "any" => Choice::Any,
                 "none" => Choice::None,
                 "tool" => {
-                    let name = choice.get("name").and_then(Value::as_str).ok_or_else(|| {
-                        BadRequest::new("tool_choice.tool.name: Field required")
-                    })?;
+                    let name = choice
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| BadRequest::new("tool_choice.tool.name: Field required"))?;
                     if !names.iter().any(|n| n == name) {
                         return Err(BadRequest::new(format!(
                             "tool_choice.tool.name: Tool '{name}' not found in the provided tools"
@@ -374,7 +375,12 @@ pub(super) fn openai_tools(obj: &Map<String, Value>) -> Result<Tools, BadRequest
         }
     }
     let choice = match obj.get("tool_choice") {
-        None | Some(Value::Null) => return Ok(Tools { names, choice: Choice::Auto }),
+        None | Some(Value::Null) => {
+            return Ok(Tools {
+                names,
+                choice: Choice::Auto,
+            });
+        }
         Some(Value::String(s)) => match s.as_str() {
             "auto" => Choice::Auto,
             "none" => Choice::None,
@@ -426,10 +432,7 @@ pub(super) fn openai_tools(obj: &Map<String, Value>) -> Result<Tools, BadRequest
 }
 
 /// The `tool_calls` of an assistant message: their ids, and the characters of their arguments.
-pub(super) fn openai_calls(
-    message: &Value,
-    i: usize,
-) -> Result<(Vec<String>, usize), BadRequest> {
+pub(super) fn openai_calls(message: &Value, i: usize) -> Result<(Vec<String>, usize), BadRequest> {
     let calls = match message.get("tool_calls") {
         None | Some(Value::Null) => return Ok((Vec::new(), 0)),
         Some(Value::Array(calls)) => calls,
@@ -564,12 +567,30 @@ mod tests {
         assert!(tools.allows("get_weather"));
         assert!(!tools.allows("other"));
         for (body, wanted) in [
-            (json!({"tools": [{"name": "a b", "input_schema": {"type": "object"}}]}), "tools.0.name"),
-            (json!({"tools": [{"name": "a"}]}), "tools.0.input_schema: Field required"),
-            (json!({"tools": [{"name": "a", "input_schema": {"type": "string"}}]}), "tools.0.input_schema.type"),
-            (json!({"tools": {"name": "a"}}), "tools: Input should be a valid list"),
-            (json!({"tool_choice": {"type": "sometimes"}}), "Input tag 'sometimes'"),
-            (json!({"tool_choice": {"type": "tool", "name": "nope"}}), "Tool 'nope' not found"),
+            (
+                json!({"tools": [{"name": "a b", "input_schema": {"type": "object"}}]}),
+                "tools.0.name",
+            ),
+            (
+                json!({"tools": [{"name": "a"}]}),
+                "tools.0.input_schema: Field required",
+            ),
+            (
+                json!({"tools": [{"name": "a", "input_schema": {"type": "string"}}]}),
+                "tools.0.input_schema.type",
+            ),
+            (
+                json!({"tools": {"name": "a"}}),
+                "tools: Input should be a valid list",
+            ),
+            (
+                json!({"tool_choice": {"type": "sometimes"}}),
+                "Input tag 'sometimes'",
+            ),
+            (
+                json!({"tool_choice": {"type": "tool", "name": "nope"}}),
+                "Tool 'nope' not found",
+            ),
         ] {
             let e = anthropic_tools(&obj(body)).unwrap_err();
             assert!(e.message.contains(wanted), "{} lacks {wanted}", e.message);
@@ -600,19 +621,40 @@ mod tests {
             names: vec!["t".into()],
             choice: Choice::Auto,
         };
-        let ok = [round(&[], &[], 0), round(&["a", "b"], &[], 0), round(&[], &["a", "b"], 2)];
+        let ok = [
+            round(&[], &[], 0),
+            round(&["a", "b"], &[], 0),
+            round(&[], &["a", "b"], 2),
+        ];
         check_anthropic_rounds(&ok, &tools).unwrap();
         let e = check_anthropic_rounds(&ok, &Tools::default()).unwrap_err();
         assert!(e.message.contains("must define tools"));
-        let missing = [round(&[], &[], 0), round(&["a", "b"], &[], 0), round(&[], &["a"], 1)];
+        let missing = [
+            round(&[], &[], 0),
+            round(&["a", "b"], &[], 0),
+            round(&[], &["a"], 1),
+        ];
         let e = check_anthropic_rounds(&missing, &tools).unwrap_err();
         assert!(e.message.starts_with("messages.1: `tool_use` ids were found without `tool_result` blocks immediately after: b."));
-        let late = [round(&[], &[], 0), round(&["a"], &[], 0), round(&[], &["a"], 0)];
+        let late = [
+            round(&[], &[], 0),
+            round(&["a"], &[], 0),
+            round(&[], &["a"], 0),
+        ];
         let e = check_anthropic_rounds(&late, &tools).unwrap_err();
-        assert!(e.message.starts_with("messages.2: Did not find 1 `tool_result` block(s)"));
-        let stray = [round(&[], &[], 0), round(&[], &[], 0), round(&[], &["x"], 1)];
+        assert!(
+            e.message
+                .starts_with("messages.2: Did not find 1 `tool_result` block(s)")
+        );
+        let stray = [
+            round(&[], &[], 0),
+            round(&[], &[], 0),
+            round(&[], &["x"], 1),
+        ];
         let e = check_anthropic_rounds(&stray, &tools).unwrap_err();
-        assert!(e.message.starts_with("messages.2.content.0: unexpected `tool_use_id` found in `tool_result` blocks: x."));
+        assert!(e.message.starts_with(
+            "messages.2.content.0: unexpected `tool_use_id` found in `tool_result` blocks: x."
+        ));
     }
 
     #[test]
@@ -625,11 +667,26 @@ mod tests {
         assert_eq!(tools.choice, Choice::Any);
         for (body, param) in [
             (json!({"tools": []}), "tools"),
-            (json!({"tools": [{"type": "function"}]}), "tools[0].function"),
-            (json!({"tools": [{"type": "web", "function": {"name": "a"}}]}), "tools[0].type"),
-            (json!({"tools": [{"type": "function", "function": {"name": "a b"}}]}), "tools[0].function.name"),
-            (json!({"tools": [{"type": "function", "function": {"name": "a", "parameters": "x"}}]}), "tools[0].function.parameters"),
-            (json!({"tools": [{"type": "function", "function": {"name": "a"}}], "tool_choice": "always"}), "tool_choice"),
+            (
+                json!({"tools": [{"type": "function"}]}),
+                "tools[0].function",
+            ),
+            (
+                json!({"tools": [{"type": "web", "function": {"name": "a"}}]}),
+                "tools[0].type",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "a b"}}]}),
+                "tools[0].function.name",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "a", "parameters": "x"}}]}),
+                "tools[0].function.parameters",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "a"}}], "tool_choice": "always"}),
+                "tool_choice",
+            ),
             (json!({"tool_choice": "auto"}), "tool_choice"),
         ] {
             let e = openai_tools(&obj(body)).unwrap_err();
@@ -640,11 +697,20 @@ mod tests {
     #[test]
     fn openai_rounds_pair_calls_with_tool_messages() {
         let calls = || Wire::Assistant(vec!["a".into(), "b".into()]);
-        let ok = [Wire::Other, calls(), Wire::Tool("b".into()), Wire::Tool("a".into()), Wire::Other];
+        let ok = [
+            Wire::Other,
+            calls(),
+            Wire::Tool("b".into()),
+            Wire::Tool("a".into()),
+            Wire::Other,
+        ];
         check_openai_rounds(&ok).unwrap();
         let stray = [Wire::Other, Wire::Tool("a".into())];
         let e = check_openai_rounds(&stray).unwrap_err();
-        assert!(e.message.contains("must be a response to a preceeding message with 'tool_calls'"));
+        assert!(
+            e.message
+                .contains("must be a response to a preceeding message with 'tool_calls'")
+        );
         assert_eq!(e.param.as_deref(), Some("messages.[1].role"));
         let wrong = [Wire::Other, calls(), Wire::Tool("c".into())];
         let e = check_openai_rounds(&wrong).unwrap_err();
@@ -653,7 +719,11 @@ mod tests {
         let e = check_openai_rounds(&short).unwrap_err();
         assert!(e.message.ends_with("did not have response messages: b"));
         assert_eq!(e.param.as_deref(), Some("messages.[3].role"));
-        let after_text = [Wire::Other, Wire::Assistant(Vec::new()), Wire::Tool("a".into())];
+        let after_text = [
+            Wire::Other,
+            Wire::Assistant(Vec::new()),
+            Wire::Tool("a".into()),
+        ];
         assert!(check_openai_rounds(&after_text).is_err());
     }
 }

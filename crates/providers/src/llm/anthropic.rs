@@ -423,9 +423,7 @@ fn map_event(data: &str, state: &mut StreamState) -> Result<Option<LlmEvent>, Pr
                 message: error.message,
             });
         }
-        Event::ContentBlockStart { .. }
-        | Event::ContentBlockDelta { .. }
-        | Event::Other => None,
+        Event::ContentBlockStart { .. } | Event::ContentBlockDelta { .. } | Event::Other => None,
     })
 }
 
@@ -619,10 +617,7 @@ mod tests {
                 stop_reason: Some("end_turn".into())
             })
         );
-        assert_eq!(
-            map_event(r#"{"type":"ping"}"#, &mut state).unwrap(),
-            None
-        );
+        assert_eq!(map_event(r#"{"type":"ping"}"#, &mut state).unwrap(), None);
         assert_eq!(
             map_event(r#"{"type":"brand_new_event","x":1}"#, &mut state).unwrap(),
             None
@@ -865,6 +860,9 @@ mod tests {
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort_unstable();
         assert_eq!(keys, vec!["max_tokens", "messages", "model", "stream"]);
-        assert_eq!(v["messages"], serde_json::json!([{"role": "user", "content": "hi"}]));
+        assert_eq!(
+            v["messages"],
+            serde_json::json!([{"role": "user", "content": "hi"}])
+        );
     }
 }

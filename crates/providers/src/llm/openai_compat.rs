@@ -310,7 +310,10 @@ impl StreamState {
             .calls
             .iter()
             .rposition(|c| c.index == fragment.index)
-            .filter(|&i| id.as_ref().is_none_or(|id| self.calls[i].id.is_empty() || *id == self.calls[i].id));
+            .filter(|&i| {
+                id.as_ref()
+                    .is_none_or(|id| self.calls[i].id.is_empty() || *id == self.calls[i].id)
+            });
         let call = match slot {
             Some(i) => &mut self.calls[i],
             None => {
@@ -802,9 +805,8 @@ mod tests {
             "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_a\",\"type\":\"function\",\"function\":{\"name\":\"now\",\"arguments\":\"{}\"}}]},\"finish_reason\":null}]}\n\n",
             "data: [DONE]\n\n",
         );
-        let stream = futures_util::stream::iter(vec![Ok(bytes::Bytes::from_static(
-            data.as_bytes(),
-        ))]);
+        let stream =
+            futures_util::stream::iter(vec![Ok(bytes::Bytes::from_static(data.as_bytes()))]);
         let items: Vec<LlmEvent> = collect(events_from_sse(stream))
             .await
             .into_iter()
@@ -941,6 +943,9 @@ mod tests {
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort_unstable();
         assert_eq!(keys, vec!["max_tokens", "messages", "model", "stream"]);
-        assert_eq!(v["messages"], serde_json::json!([{"role": "user", "content": "hi"}]));
+        assert_eq!(
+            v["messages"],
+            serde_json::json!([{"role": "user", "content": "hi"}])
+        );
     }
 }

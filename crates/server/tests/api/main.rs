@@ -16,3 +16,4 @@ mod pipeline;
 mod protocol;
 mod records;
 mod timers;
+mod tools;

@@ -3,7 +3,7 @@
 //! that keeps records safe while the database is unreachable.
 //!
 //! # Layout
-//! - [`records`]: the rows written (`voice_sessions`, `voice_turns`).
+//! - [`records`]: the rows written (`voice_sessions`, `voice_turns`, `voice_tool_calls`).
 //! - [`migrate`]: migration files, statement splitting, lint, status, apply, the ledger.
 //! - [`schema`]: live-schema introspection for `db diff`.
 //! - [`spool`]: the durable local spool and its replay.
@@ -17,7 +17,7 @@ pub mod spool;
 use std::str::FromStr;
 use std::time::Duration;
 
-pub use records::{SessionRecord, Snapshot, TurnRecord};
+pub use records::{SessionRecord, Snapshot, ToolCallRecord, TurnRecord};
 
 /// A database problem, with a message fit for an operator.
 #[derive(Debug, thiserror::Error)]

@@ -78,7 +78,40 @@ pub struct TurnRecord {
     pub tts_first_audio_ms: Option<i32>,
     /// End of speech → first audio, ms.
     pub to_first_audio_ms: Option<i32>,
+    /// Time the turn waited for its tool calls, ms (`None`: the turn called no tool, or it
+    /// was recorded by a version without tools).
+    #[serde(default)]
+    pub tools_ms: Option<i32>,
     /// When the turn ended.
+    pub created_at: DateTime<Utc>,
+}
+
+/// One tool call of a turn: one row of `voice_tool_calls`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolCallRecord {
+    /// Session id.
+    pub session_id: Uuid,
+    /// The turn that made the call.
+    pub turn_index: i32,
+    /// The provider's call id, unique within the session (at most 128 bytes, not empty).
+    pub call_id: String,
+    /// Owner (for row-level security).
+    pub user_id: String,
+    /// Tool name as the model wrote it (bounded by the server to 64 characters).
+    pub name: String,
+    /// `server` or `client`; `None` when the call was refused before running (unknown tool).
+    pub kind: Option<String>,
+    /// Size of the arguments as the model sent them, bytes.
+    pub arguments_bytes: i32,
+    /// Time from the call to its outcome, ms.
+    pub duration_ms: i32,
+    /// `ok`, `failed`, `timed_out`, `invalid`, `over_limit` or `cancelled`.
+    pub outcome: String,
+    /// The arguments, only when the operator keeps tool content.
+    pub arguments: Option<String>,
+    /// The result given to the model, only when the operator keeps tool content.
+    pub result: Option<String>,
+    /// When the call ended.
     pub created_at: DateTime<Utc>,
 }
 
@@ -94,6 +127,9 @@ pub struct Snapshot {
     pub session: SessionRecord,
     /// Its turns.
     pub turns: Vec<TurnRecord>,
+    /// Its tool calls; empty in records spooled by older versions.
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCallRecord>,
 }
 
 fn ts(t: &DateTime<Utc>) -> String {
@@ -146,7 +182,7 @@ const SESSION_COLUMNS: [&str; 24] = [
     "updated_at",
 ];
 
-const TURN_COLUMNS: [&str; 11] = [
+const TURN_COLUMNS: [&str; 12] = [
     "session_id",
     "turn_index",
     "user_id",
@@ -157,13 +193,31 @@ const TURN_COLUMNS: [&str; 11] = [
     "llm_first_token_ms",
     "tts_first_audio_ms",
     "to_first_audio_ms",
+    "tools_ms",
+    "created_at",
+];
+
+const TOOL_CALL_COLUMNS: [&str; 12] = [
+    "session_id",
+    "turn_index",
+    "call_id",
+    "user_id",
+    "name",
+    "kind",
+    "arguments_bytes",
+    "duration_ms",
+    "outcome",
+    "arguments",
+    "result",
     "created_at",
 ];
 
 /// Session rows per statement (24 parameters each).
 pub(crate) const SESSION_ROWS: usize = 100;
-/// Turn rows per statement (11 parameters each).
+/// Turn rows per statement (12 parameters each).
 pub(crate) const TURN_ROWS: usize = 500;
+/// Tool-call rows per statement (12 parameters each).
+pub(crate) const TOOL_CALL_ROWS: usize = 500;
 
 pub(crate) fn session_values(snap: &Snapshot, now: DateTime<Utc>) -> [Val<'_>; 24] {
     let s = &snap.session;
@@ -195,7 +249,7 @@ pub(crate) fn session_values(snap: &Snapshot, now: DateTime<Utc>) -> [Val<'_>; 2
     ]
 }
 
-pub(crate) fn turn_values(t: &TurnRecord) -> [Val<'_>; 11] {
+pub(crate) fn turn_values(t: &TurnRecord) -> [Val<'_>; 12] {
     [
         Val::Id(t.session_id),
         Val::Int32(t.turn_index),
@@ -207,7 +261,25 @@ pub(crate) fn turn_values(t: &TurnRecord) -> [Val<'_>; 11] {
         Val::OptInt32(t.llm_first_token_ms),
         Val::OptInt32(t.tts_first_audio_ms),
         Val::OptInt32(t.to_first_audio_ms),
+        Val::OptInt32(t.tools_ms),
         Val::Time(t.created_at),
+    ]
+}
+
+pub(crate) fn tool_call_values(c: &ToolCallRecord) -> [Val<'_>; 12] {
+    [
+        Val::Id(c.session_id),
+        Val::Int32(c.turn_index),
+        Val::Text(&c.call_id),
+        Val::Text(&c.user_id),
+        Val::Text(&c.name),
+        Val::OptText(c.kind.as_deref()),
+        Val::Int32(c.arguments_bytes),
+        Val::Int32(c.duration_ms),
+        Val::Text(&c.outcome),
+        Val::OptText(c.arguments.as_deref()),
+        Val::OptText(c.result.as_deref()),
+        Val::Time(c.created_at),
     ]
 }
 
@@ -267,6 +339,17 @@ pub(crate) fn turns_sql(backend: Backend, rows: usize) -> String {
     )
 }
 
+/// Upserts `rows` tool calls.
+pub(crate) fn tool_calls_sql(backend: Backend, rows: usize) -> String {
+    format!(
+        "insert into {} ({}) values {} on conflict (session_id, call_id) do update set {}",
+        table(backend, "voice_tool_calls"),
+        TOOL_CALL_COLUMNS.join(", "),
+        values_clause(backend, rows, TOOL_CALL_COLUMNS.len()),
+        updates(&TOOL_CALL_COLUMNS, &["session_id", "call_id"]),
+    )
+}
+
 #[cfg(feature = "sqlite")]
 pub(crate) fn bind_sqlite<'q>(
     q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
@@ -309,8 +392,8 @@ pub(crate) fn bind_postgres<'q>(
 }
 
 /// Writes `snaps` (at most one per session) in one transaction with the shared plan: the
-/// sessions first, then the turns of the sessions whose rows were written (an older snapshot
-/// changes nothing).
+/// sessions first, then the turns and tool calls of the sessions whose rows were written (an
+/// older snapshot changes nothing).
 macro_rules! write_with_plan {
     ($pool:expr, $snaps:expr, $backend:expr, $bind:path, $id:ty, $parse:expr) => {{
         use sqlx::Row as _;
@@ -330,16 +413,29 @@ macro_rules! write_with_plan {
                 written.insert($parse(id));
             }
         }
-        let turns: Vec<&TurnRecord> = $snaps
+        let fresh: Vec<&Snapshot> = $snaps
             .iter()
+            .copied()
             .filter(|s| written.contains(&Some(s.session.id)))
-            .flat_map(|s| s.turns.iter())
             .collect();
+        let turns: Vec<&TurnRecord> = fresh.iter().flat_map(|s| s.turns.iter()).collect();
         for chunk in turns.chunks(TURN_ROWS) {
             let sql = turns_sql($backend, chunk.len());
             let mut q = sqlx::query(&sql).persistent(false);
             for t in chunk {
                 for v in turn_values(t) {
+                    q = $bind(q, v);
+                }
+            }
+            q.execute(&mut *tx).await?;
+        }
+        let calls: Vec<&ToolCallRecord> =
+            fresh.iter().flat_map(|s| s.tool_calls.iter()).collect();
+        for chunk in calls.chunks(TOOL_CALL_ROWS) {
+            let sql = tool_calls_sql($backend, chunk.len());
+            let mut q = sqlx::query(&sql).persistent(false);
+            for c in chunk {
+                for v in tool_call_values(c) {
                     q = $bind(q, v);
                 }
             }
@@ -392,6 +488,53 @@ mod tests {
         }
         let t = turns_sql(Backend::Postgres, 1);
         assert!(t.contains("user_text = excluded.user_text"));
+        assert!(t.contains("tools_ms = excluded.tools_ms"));
         assert!(!t.contains("turn_index = excluded"));
+        let c = tool_calls_sql(Backend::Sqlite, 2);
+        assert!(c.starts_with("insert into voice_tool_calls (session_id, turn_index, call_id,"));
+        assert!(c.contains("(?13, ?14,") && c.contains("on conflict (session_id, call_id)"));
+        assert!(c.contains("outcome = excluded.outcome"));
+        assert!(!c.contains("call_id = excluded") && !c.contains("session_id = excluded"));
+        assert!(tool_calls_sql(Backend::Postgres, 1).contains("into public.voice_tool_calls"));
+    }
+
+    #[test]
+    fn records_spooled_before_tool_calls_still_load() {
+        // A snapshot as version 0.1 wrote it: no `tool_calls`, no `tools_ms`.
+        let old = r#"{"seq":3,"session":{"id":"7b6f1b52-3f0c-4a57-9a4e-0d8f3b2a1c10",
+            "user_id":"u","conversation_id":null,"started_at":"2026-11-27T08:00:00Z",
+            "ended_at":null,"duration_ms":10,"end_reason":null,"turns":1,"stt_seconds":1.0,
+            "llm_input_tokens":1,"llm_output_tokens":1,"tts_chars":1,"stt_cost_micros":null,
+            "llm_cost_micros":null,"tts_cost_micros":null,"total_cost_micros":null,
+            "stt_model":null,"llm_model":null,"tts_model":null,"price_catalog_version":null,
+            "client_name":null,"client_version":null},
+            "turns":[{"session_id":"7b6f1b52-3f0c-4a57-9a4e-0d8f3b2a1c10","turn_index":1,
+            "user_id":"u","user_text":"q","assistant_text":"a","interrupted":false,
+            "eos_to_final_ms":5,"llm_first_token_ms":null,"tts_first_audio_ms":null,
+            "to_first_audio_ms":null,"created_at":"2026-11-27T08:00:01Z"}]}"#;
+        let snap: Snapshot = serde_json::from_str(old).unwrap();
+        assert_eq!(snap.seq, 3);
+        assert!(snap.tool_calls.is_empty());
+        assert_eq!(snap.turns[0].tools_ms, None);
+        assert_eq!(snap.turns[0].eos_to_final_ms, Some(5));
+        // And a new one round-trips whole.
+        let mut new = snap.clone();
+        new.turns[0].tools_ms = Some(120);
+        new.tool_calls.push(ToolCallRecord {
+            session_id: new.session.id,
+            turn_index: 1,
+            call_id: "toolu_01".into(),
+            user_id: "u".into(),
+            name: "lookup_order".into(),
+            kind: Some("server".into()),
+            arguments_bytes: 17,
+            duration_ms: 120,
+            outcome: "ok".into(),
+            arguments: None,
+            result: None,
+            created_at: new.turns[0].created_at,
+        });
+        let back: Snapshot = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
     }
 }

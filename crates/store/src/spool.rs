@@ -268,6 +268,7 @@ mod tests {
                 client_version: None,
             },
             turns: vec![],
+            tool_calls: vec![],
         }
     }
 

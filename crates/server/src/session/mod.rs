@@ -1250,6 +1250,7 @@ impl Driver {
             llm_first_token_ms: ms(log.latency.llm_first_token),
             tts_first_audio_ms: ms(log.latency.tts_first_audio),
             to_first_audio_ms: ms(log.latency.to_first_audio),
+            tools_ms: None,
             created_at: chrono::Utc::now(),
         });
     }
@@ -1296,6 +1297,7 @@ impl Driver {
                 client_version: self.client.as_ref().and_then(|c| c.version.clone()),
             },
             turns: self.turn_records.clone(),
+            tool_calls: Vec::new(),
         }
     }
 

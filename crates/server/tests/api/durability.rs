@@ -57,9 +57,11 @@ fn snapshot(id: uuid::Uuid, seq: u64, ended: bool, turns: i32) -> Snapshot {
                 llm_first_token_ms: None,
                 tts_first_audio_ms: None,
                 to_first_audio_ms: None,
+                tools_ms: None,
                 created_at: now,
             })
             .collect(),
+        tool_calls: vec![],
     }
 }
 

@@ -188,6 +188,9 @@ pub struct ResumeState {
     pub carried: atlas_core::session::Carried,
     /// The turns' records (the final record is written by the last owner).
     pub turn_records: Vec<atlas_store::TurnRecord>,
+    /// Tool calls so far, for the record.
+    #[serde(default)]
+    pub tool_records: Vec<atlas_store::ToolCallRecord>,
     /// Application conversation id.
     pub conversation_id: Option<String>,
     /// Client description.

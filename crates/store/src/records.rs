@@ -429,8 +429,7 @@ macro_rules! write_with_plan {
             }
             q.execute(&mut *tx).await?;
         }
-        let calls: Vec<&ToolCallRecord> =
-            fresh.iter().flat_map(|s| s.tool_calls.iter()).collect();
+        let calls: Vec<&ToolCallRecord> = fresh.iter().flat_map(|s| s.tool_calls.iter()).collect();
         for chunk in calls.chunks(TOOL_CALL_ROWS) {
             let sql = tool_calls_sql($backend, chunk.len());
             let mut q = sqlx::query(&sql).persistent(false);

@@ -324,7 +324,7 @@ struct Driver {
     /// Server tools running, by call id.
     tool_tasks: std::collections::HashMap<String, tokio::task::AbortHandle>,
     /// Tool calls ended, for the record.
-    tool_logs: Vec<ToolLog>,
+    tool_records: Vec<atlas_store::ToolCallRecord>,
     /// Wall-clock start, for the record.
     started_wall: chrono::DateTime<chrono::Utc>,
     /// Completed turns, for the record.
@@ -491,7 +491,7 @@ impl Driver {
             input_resampler: None,
             response: None,
             tool_tasks: std::collections::HashMap::new(),
-            tool_logs: Vec::new(),
+            tool_records: Vec::new(),
             started_wall: chrono::Utc::now(),
             turn_records: Vec::new(),
             conversation_id: first.start.conversation_id.clone(),
@@ -505,6 +505,7 @@ impl Driver {
         if let Some(m) = moved {
             driver.started_wall = m.started_wall;
             driver.turn_records = m.turn_records;
+            driver.tool_records = m.tool_records;
             driver.conversation_id = m.conversation_id;
             driver.client = m.client;
         }
@@ -530,6 +531,7 @@ impl Driver {
             started_wall: self.started_wall,
             carried: self.machine.carried(),
             turn_records: self.turn_records.clone(),
+            tool_records: self.tool_records.clone(),
             conversation_id: self.conversation_id.clone(),
             client: self.client.clone(),
         }
@@ -826,15 +828,7 @@ impl Driver {
                     let request = self.llm_request(choice);
                     self.control_reply(turn_id, Control::Continue(request));
                 }
-                Output::ToolLog(log) => {
-                    metrics::tool_call(
-                        log.kind.map_or("none", ToolKind::label),
-                        log.outcome.label(),
-                        log.duration,
-                    );
-                    info!(turn_id = log.turn_id, tool = %log.name, outcome = log.outcome.label(), duration_ms = log.duration.as_millis() as u64, "tool call");
-                    self.tool_logs.push(log);
-                }
+                Output::ToolLog(log) => self.record_tool_call(log),
                 Output::Turn(log) => self.record_turn(log),
                 Output::Spend(delta) => self.spend(delta),
                 Output::Checkpoint => self.state.recorder.submit(self.snapshot(None)),
@@ -1116,9 +1110,20 @@ impl Driver {
     /// The model asked for tools: check each call against the declared tools, then let the
     /// machine decide.
     fn on_tool_round(&mut self, turn_id: u64, round: ToolRound) {
+        let mut seen = std::collections::HashSet::new();
+        let taken = self.tool_records.len();
         let calls: Vec<CheckedCall> = round
             .calls
             .into_iter()
+            .enumerate()
+            .map(|(i, mut call)| {
+                // Results are matched to calls by id: a server that sends none, a repeated
+                // one or an oversized one gets ids of ours (the history carries them back).
+                if call.id.is_empty() || call.id.len() > 128 || !seen.insert(call.id.clone()) {
+                    call.id = format!("call_{turn_id}_{}", taken + i);
+                }
+                call
+            })
             .map(|call| match &self.state.tools {
                 Some(tools) => tools.check(call),
                 None => CheckedCall {
@@ -1250,7 +1255,27 @@ impl Driver {
             llm_first_token_ms: ms(log.latency.llm_first_token),
             tts_first_audio_ms: ms(log.latency.tts_first_audio),
             to_first_audio_ms: ms(log.latency.to_first_audio),
-            tools_ms: None,
+            tools_ms: ms(log.latency.tools),
+            created_at: chrono::Utc::now(),
+        });
+    }
+
+    fn record_tool_call(&mut self, log: ToolLog) {
+        let kind = log.kind.map(ToolKind::label);
+        metrics::tool_call(kind.unwrap_or("none"), log.outcome.label(), log.duration);
+        info!(turn_id = log.turn_id, tool = %truncate(&log.name, 64), outcome = log.outcome.label(), duration_ms = log.duration.as_millis() as u64, "tool call");
+        self.tool_records.push(atlas_store::ToolCallRecord {
+            session_id: self.record_id(),
+            turn_index: i32::try_from(log.turn_id).unwrap_or(i32::MAX),
+            call_id: log.call_id,
+            user_id: self.identity.user_id.clone(),
+            name: truncate(&log.name, 64),
+            kind: kind.map(str::to_owned),
+            arguments_bytes: i32::try_from(log.arguments_bytes).unwrap_or(i32::MAX),
+            duration_ms: i32::try_from(log.duration.as_millis()).unwrap_or(i32::MAX),
+            outcome: log.outcome.label().to_owned(),
+            arguments: log.arguments,
+            result: log.result,
             created_at: chrono::Utc::now(),
         });
     }
@@ -1297,7 +1322,7 @@ impl Driver {
                 client_version: self.client.as_ref().and_then(|c| c.version.clone()),
             },
             turns: self.turn_records.clone(),
-            tool_calls: Vec::new(),
+            tool_calls: self.tool_records.clone(),
         }
     }
 

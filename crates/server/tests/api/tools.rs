@@ -623,3 +623,83 @@ async fn a_tool_loop_ends_the_session_when_the_budget_is_spent() {
     // Every model request of the loop was paid for and none was sent past the budget.
     assert_eq!(app.fakes.recorded().llm_requests.len(), rounds);
 }
+
+#[tokio::test]
+async fn tool_calls_are_recorded_with_their_outcomes_and_content_only_when_kept() {
+    for keep in [false, true] {
+        let hook = Hook::start().await;
+        let app = spawn_app_with(fast_fakes(), |c| {
+            declare(vec![webhook("lookup_order", &hook, 3000)])(c);
+            c.tool_record_content = keep;
+        })
+        .await;
+        app.fakes.script(
+            Target::Anthropic,
+            calls(vec![
+                call("lookup_order", r#"{"order_id":"A1"}"#),
+                call("no_such_tool", "{}"),
+            ]),
+        );
+        let (mut conn, session_id) = app.start("tool-records", 24_000).await;
+        let items = type_turn(&mut conn, "Where is my order?", 1).await;
+        let tools_ms = done(&items, 1).1.tools.unwrap();
+        conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
+        collect_until(&mut conn, Duration::from_secs(5), |i| {
+            matches!(i, Incoming::Closed { .. })
+        })
+        .await;
+        let pool = sqlx::SqlitePool::connect(&app.config.database_url)
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let rows = loop {
+            let rows: Vec<(String, String, Option<String>, i64, i64, String, Option<String>, Option<String>)> =
+                sqlx::query_as(
+                    "select name, user_id, kind, arguments_bytes, turn_index, outcome, arguments, result \
+                     from voice_tool_calls where session_id = ? order by name",
+                )
+                .bind(&session_id)
+                .fetch_all(&pool)
+                .await
+                .unwrap_or_default();
+            if rows.len() == 2 || tokio::time::Instant::now() > deadline {
+                break rows;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        let (name, user, kind, bytes, turn, outcome, arguments, result) = &rows[0];
+        assert_eq!(
+            (
+                name.as_str(),
+                user.as_str(),
+                kind.as_deref(),
+                *bytes,
+                *turn,
+                outcome.as_str()
+            ),
+            (
+                "lookup_order",
+                "tool-records",
+                Some("server"),
+                r#"{"order_id":"A1"}"#.len() as i64,
+                1,
+                "ok"
+            )
+        );
+        assert_eq!(arguments.is_some(), keep);
+        assert_eq!(result.as_ref().is_some_and(|r| r.contains("shipped")), keep);
+        let (name, _, kind, _, _, outcome, _, _) = &rows[1];
+        assert_eq!(
+            (name.as_str(), kind.as_deref(), outcome.as_str()),
+            ("no_such_tool", None, "invalid")
+        );
+        let turn_tools_ms: Option<i64> =
+            sqlx::query_scalar("select tools_ms from voice_turns where session_id = ?")
+                .bind(&session_id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(turn_tools_ms, Some(tools_ms as i64));
+    }
+}

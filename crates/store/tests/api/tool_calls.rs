@@ -91,7 +91,9 @@ async fn a_stale_snapshot_never_replaces_a_newer_call(db: Db) {
     stale.turns[0].tools_ms = Some(9);
     stale.tool_calls[0].outcome = "cancelled".into();
     stale.tool_calls[0].duration_ms = 9;
-    stale.tool_calls.push(call(&stale, 1, "call_stale", "failed"));
+    stale
+        .tool_calls
+        .push(call(&stale, 1, "call_stale", "failed"));
     store.write(&stale).await.unwrap();
     // The same sequence again is not newer either.
     let mut same = stale.clone();

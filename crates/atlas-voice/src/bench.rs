@@ -79,6 +79,10 @@ pub struct LoadtestArgs {
     /// The header timeout the server is expected to enforce on the slow sockets, seconds.
     #[arg(long, default_value_t = 10)]
     slowloris_limit_s: u64,
+    /// With --spawn: every question makes the model call a webhook tool that answers after
+    /// this many ms, so each turn is a tool turn (compare with a run without it).
+    #[arg(long)]
+    tool_ms: Option<u64>,
     #[command(flatten)]
     latencies: FakeLatencies,
 }
@@ -94,6 +98,8 @@ struct Sample {
     to_final: Vec<Duration>,
     /// The server's own `to_first_audio`.
     server_reported: Vec<u64>,
+    /// The server's own time waiting for tools, in tool turns.
+    tools_reported: Vec<u64>,
     errors: Vec<String>,
     /// How far behind its real-time schedule each audio frame was handed to the socket.
     send_lag: Vec<Duration>,
@@ -111,6 +117,7 @@ impl Sample {
         self.voice_to_voice.extend(other.voice_to_voice);
         self.to_final.extend(other.to_final);
         self.server_reported.extend(other.server_reported);
+        self.tools_reported.extend(other.tools_reported);
         self.errors.extend(other.errors);
         self.send_lag.extend(other.send_lag);
         self.reply_frames += other.reply_frames;
@@ -149,18 +156,49 @@ impl Frames {
     }
 }
 
+/// A webhook that answers every tool call after `delay` (the load test's tool).
+async fn start_webhook(delay: Duration) -> anyhow::Result<SocketAddr> {
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || async move {
+            tokio::time::sleep(delay).await;
+            axum::Json(json!({"status": "shipped"}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(addr)
+}
+
 /// Runs the load test and prints the summary.
 pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
     let mut _keep = None;
     let (url, token) = if args.spawn {
-        let fakes = Fakes::start(
-            args.latencies.config(),
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-        )
-        .await?;
+        let mut fakes_config = args.latencies.config();
+        if args.tool_ms.is_some() {
+            fakes_config.llm.tool_call = Some(atlas_fakes::ScriptedCall {
+                name: "lookup_order".into(),
+                arguments: r#"{"order_id":"A1"}"#.into(),
+            });
+        }
+        let fakes = Fakes::start(fakes_config, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let mut config = Config::load_unvalidated(None)?;
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         wire_fakes(&mut config, &fakes);
+        if let Some(ms) = args.tool_ms {
+            let hook = start_webhook(Duration::from_millis(ms)).await?;
+            config.tools = vec![atlas_server::config::ToolConfig {
+                name: "lookup_order".into(),
+                description: "Looks up an order by its id.".into(),
+                kind: atlas_server::config::ToolRunner::Webhook,
+                url: Some(format!("http://{hook}/hook")),
+                timeout_ms: ms + 5_000,
+                idempotent: true,
+                parameters: json!({"type": "object", "properties": {"order_id": {"type": "string"}}}),
+            }];
+            config.tool_webhook_secret = Some(secrecy::SecretString::from("x".repeat(32)));
+        }
         config.max_sessions_per_user = u32::MAX;
         // Every simulated client comes from 127.0.0.1.
         config.connect_rate_per_s = u32::MAX;
@@ -398,6 +436,7 @@ async fn one_session(
                         }
                         Ok(ServerEvent::ResponseDone { latency_ms, .. }) => {
                             out.server_reported.extend(latency_ms.to_first_audio);
+                            out.tools_reported.extend(latency_ms.tools);
                             done = true;
                         }
                         Ok(ServerEvent::Error {
@@ -552,10 +591,15 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration, r: &Resources) {
     let mut v = s.voice_to_voice.clone();
     v.sort();
+    // A tool turn adds the tool's own time and one more model request.
+    let tool_floor = args
+        .tool_ms
+        .map_or(0, |t| t + args.latencies.llm_first_token_ms);
     let floor = Duration::from_millis(
         args.latencies.stt_final_ms
             + args.latencies.llm_first_token_ms
-            + args.latencies.tts_first_byte_ms,
+            + args.latencies.tts_first_byte_ms
+            + tool_floor,
     );
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let (p50, p95, p99) = (
@@ -570,6 +614,9 @@ fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration, r: &Resources) {
     let mut server = s.server_reported.clone();
     server.sort();
     let server_p50 = server.get(server.len() / 2).copied().unwrap_or(0);
+    let mut tools = s.tools_reported.clone();
+    tools.sort();
+    let tools_p50 = tools.get(tools.len() / 2).copied();
     let mut lag = s.send_lag.clone();
     lag.sort();
     let late = lag.iter().filter(|l| **l > LATE_FRAME).count();
@@ -584,6 +631,8 @@ fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration, r: &Resources) {
             "overhead_ms": {"p50": overhead(p50), "p95": overhead(p95), "p99": overhead(p99)},
             "end_of_speech_to_final_ms": {"p50": ms(percentile(&finals, 0.5)), "p99": ms(percentile(&finals, 0.99))},
             "server_reported_to_first_audio_ms_p50": server_p50,
+            "tool_turns": tools.len(),
+            "server_reported_tools_ms_p50": tools_p50,
             "frames_sent": lag.len(),
             "send_lag_ms": {"p50": ms(percentile(&lag, 0.5)), "p99": ms(percentile(&lag, 0.99)), "max": ms(lag_max)},
             "late_frames": late,
@@ -629,6 +678,13 @@ fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration, r: &Resources) {
         "end of speech → transcript.final: p50 {:.0} ms; server-reported to_first_audio p50 {server_p50} ms",
         ms(percentile(&finals, 0.5))
     );
+    if let Some(t) = tools_p50 {
+        println!(
+            "tool turns: {} (the fakes' floor includes the tool's {} ms and one more model request); server-reported tool wait p50 {t} ms",
+            tools.len(),
+            args.tool_ms.unwrap_or(0)
+        );
+    }
     println!(
         "audio in: {} frames, send lag p50 {:.1} ms p99 {:.1} ms max {:.1} ms, {late} late (> {:.0} ms); dropped by the server: {}",
         lag.len(),

@@ -4,7 +4,7 @@
 import { Microphone } from "./capture.js";
 import { Player } from "./playback.js";
 import {
-  BEARER_PREFIX, MAX_INPUT_TEXT_CHARS, SUBPROTOCOL, parseServerEvent,
+  BEARER_PREFIX, MAX_INPUT_TEXT_CHARS, MAX_TOOL_ERROR_CHARS, SUBPROTOCOL, parseServerEvent,
 } from "./protocol.js";
 import { DEFAULT_RECONNECT, backoffDelay, decideAfterClose } from "./reconnect.js";
 import { deriveState } from "./state.js";
@@ -583,6 +583,34 @@ export class VoiceClient {
     }
     if (!this.sessionOpen()) throw new Error("not connected: wait for the session to start");
     this.send({ type: "input.text", text: trimmed });
+  }
+
+  /**
+   * Answers a `tool.call` of one of the server's client tools with what the tool produced
+   * (`tool.result`). Answer every call before its `timeout_ms`; a `tool.cancelled` means the
+   * answer is no longer wanted.
+   * @param {string} callId the `call_id` of the `tool.call`
+   * @param {unknown} result any JSON value
+   */
+  sendToolResult(callId, result) {
+    if (typeof callId !== "string" || callId.length === 0) throw new TypeError("callId is required");
+    if (result === undefined) throw new TypeError("result must be a JSON value");
+    if (!this.sessionOpen()) throw new Error("not connected: the call can no longer be answered");
+    this.send({ type: "tool.result", call_id: callId, result });
+  }
+
+  /**
+   * Answers a `tool.call` with why the tool failed; the assistant may tell the person.
+   * @param {string} callId the `call_id` of the `tool.call`
+   * @param {string} message at most 1,000 characters
+   */
+  sendToolError(callId, message) {
+    if (typeof callId !== "string" || callId.length === 0) throw new TypeError("callId is required");
+    if ([...message].length > MAX_TOOL_ERROR_CHARS) {
+      throw new RangeError(`the message is longer than ${MAX_TOOL_ERROR_CHARS} characters`);
+    }
+    if (!this.sessionOpen()) throw new Error("not connected: the call can no longer be answered");
+    this.send({ type: "tool.result", call_id: callId, error: message });
   }
 
   /** Stops the reply in flight (`response.cancel`); playback stops at once. */

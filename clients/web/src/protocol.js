@@ -10,6 +10,8 @@ export const BEARER_PREFIX = "bearer.";
 export const MAX_TEXT_FRAME_BYTES = 16384;
 /** Longest `input.text` the server accepts, in characters. */
 export const MAX_INPUT_TEXT_CHARS = 4000;
+/** Longest `error` of a `tool.result`, in characters. */
+export const MAX_TOOL_ERROR_CHARS = 1000;
 
 /** WebSocket close codes the server uses (docs/protocol.md section 8). */
 export const CloseCode = Object.freeze({
@@ -50,6 +52,7 @@ export const CloseCode = Object.freeze({
  * @property {number} [llm_first_token]
  * @property {number} [tts_first_audio]
  * @property {number} [to_first_audio]
+ * @property {number} [tools] time the turn waited for tools (only in tool turns)
  */
 
 /**
@@ -73,13 +76,17 @@ export const CloseCode = Object.freeze({
  *   seconds_left: number }} SessionEnding
  * @typedef {{ type: "error", code: ErrorCode, message: string, fatal: boolean }} ErrorEvent
  * @typedef {{ type: "pong", id?: unknown }} Pong
+ * @typedef {{ type: "tool.call", turn_id: number, call_id: string, name: string,
+ *   arguments: Record<string, unknown>, timeout_ms: number }} ToolCall
+ * @typedef {{ type: "tool.cancelled", call_id: string,
+ *   reason: "timeout" | "interrupted" | "ended" }} ToolCancelled
  */
 
 /**
  * Every event the server sends, told apart by `type`.
  * @typedef {SessionStarted | SessionResumed | TranscriptPartial | TranscriptFinal |
  *   ResponseStarted | ResponseTextDelta | ResponseDone | ResponseInterrupted | Usage |
- *   BudgetWarning | SessionEnding | ErrorEvent | Pong} ServerEvent
+ *   BudgetWarning | SessionEnding | ErrorEvent | Pong | ToolCall | ToolCancelled} ServerEvent
  */
 
 /**
@@ -97,13 +104,14 @@ export const CloseCode = Object.freeze({
  * Every message a client sends as a text frame.
  * @typedef {SessionStart | { type: "input.commit" } | { type: "input.text", text: string } |
  *   { type: "response.cancel" } | { type: "auth.refresh", token: string } |
- *   { type: "ping", id?: unknown } | { type: "session.end" }} ClientMessage
+ *   { type: "ping", id?: unknown } | { type: "session.end" } |
+ *   { type: "tool.result", call_id: string, result?: unknown, error?: string }} ClientMessage
  */
 
 const EVENT_TYPES = new Set([
   "session.started", "session.resumed", "transcript.partial", "transcript.final",
   "response.started", "response.text.delta", "response.done", "response.interrupted",
-  "usage", "budget.warning", "session.ending", "error", "pong",
+  "usage", "budget.warning", "session.ending", "error", "pong", "tool.call", "tool.cancelled",
 ]);
 
 /**

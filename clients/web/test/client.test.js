@@ -359,6 +359,31 @@ test("text input, cancel, and their validation", async () => {
   assert.equal(w.socket.messages()[1].text, "what time is it?");
 });
 
+test("client tools: tool.call is delivered and answered with a result or an error", async () => {
+  const w = new World();
+  const { c, log } = client(w);
+  assert.throws(() => c.sendToolResult("call_1", {}), /not connected/);
+  await w.start();
+  w.socket.event({
+    type: "tool.call", turn_id: 1, call_id: "call_1", name: "open_page",
+    arguments: { page: "settings" }, timeout_ms: 5000,
+  });
+  w.socket.event({ type: "tool.cancelled", call_id: "call_0", reason: "timeout" });
+  const calls = log.filter(([t]) => t === "tool.call").map(([, e]) => e);
+  assert.deepEqual(calls.map((e) => [e.name, e.arguments.page]), [["open_page", "settings"]]);
+  assert.deepEqual(log.filter(([t]) => t === "tool.cancelled").map(([, e]) => e.reason), ["timeout"]);
+  c.sendToolResult("call_1", { opened: true });
+  c.sendToolError("call_2", "not available offline");
+  assert.throws(() => c.sendToolResult("", 1), TypeError);
+  assert.throws(() => c.sendToolResult("call_3", undefined), TypeError);
+  assert.throws(() => c.sendToolError("call_3", "x".repeat(1001)), RangeError);
+  const sent = w.socket.messages().slice(1);
+  assert.deepEqual(sent, [
+    { type: "tool.result", call_id: "call_1", result: { opened: true } },
+    { type: "tool.result", call_id: "call_2", error: "not available offline" },
+  ]);
+});
+
 test("switching the microphone replaces the capture; a failure is reported", async () => {
   const w = new World();
   const { c, log } = client(w);

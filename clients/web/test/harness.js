@@ -175,7 +175,8 @@ export class World {
 export function record(client) {
   const log = [];
   for (const type of ["state", "reconnecting", "closed", "error", "budget.warning",
-    "microphone.error", "token.error", "token.refreshed", "transcript.final", "session.started", "session.resumed"]) {
+    "microphone.error", "token.error", "token.refreshed", "transcript.final", "session.started", "session.resumed",
+    "tool.call", "tool.cancelled"]) {
     client.on(type, (ev) => log.push([type, ev]));
   }
   return log;

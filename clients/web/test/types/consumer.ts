@@ -36,6 +36,11 @@ voice.on("level", (level: number) => console.log(level));
 voice.on("event", (ev: ServerEvent) => {
   if (ev.type === "budget.warning") console.log(ev.spent_usd, ev.budget_usd);
 });
+voice.on("tool.call", (ev) => {
+  const args: Record<string, unknown> = ev.arguments;
+  if (ev.name === "open_page") voice.sendToolResult(ev.call_id, { opened: args.page });
+  else voice.sendToolError(ev.call_id, `unknown tool ${ev.name}`);
+});
 voice.sendText("hello");
 voice.setMuted(true);
 voice.setPushToTalk(true);

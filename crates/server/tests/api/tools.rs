@@ -213,6 +213,26 @@ async fn type_turn(conn: &mut atlas_client::Connection, text: &str, turn: u64) -
     collect_until(conn, Duration::from_secs(15), is_done(turn)).await
 }
 
+/// A server declaring the tools `declared` makes (with the test webhook), a model whose next
+/// reply is `script`, and a started session of `user`.
+async fn scripted_session(
+    user: &str,
+    declared: impl FnOnce(&Hook) -> Vec<ToolConfig>,
+    tweak: impl FnOnce(&mut Config),
+    script: Vec<ScriptedCall>,
+) -> (Hook, TestApp, atlas_client::Connection) {
+    let hook = Hook::start().await;
+    let tools = declared(&hook);
+    let app = spawn_app_with(fast_fakes(), |c| {
+        declare(tools)(c);
+        tweak(c);
+    })
+    .await;
+    app.fakes.script(Target::Anthropic, calls(script));
+    let (conn, _) = app.start(user, 24_000).await;
+    (hook, app, conn)
+}
+
 /// The second model request's body (the one carrying the tool results).
 fn continued_request(app: &TestApp) -> Value {
     let recorded = app.fakes.recorded();
@@ -404,20 +424,16 @@ async fn a_client_tool_is_answered_by_the_client() {
 
 #[tokio::test]
 async fn parallel_calls_all_run_and_come_back_in_order() {
-    let hook = Hook::start().await;
-    let app = spawn_app_with(
-        fast_fakes(),
-        declare(vec![webhook("lookup_order", &hook, 3000)]),
-    )
-    .await;
-    app.fakes.script(
-        Target::Anthropic,
-        calls(vec![
+    let (hook, app, mut conn) = scripted_session(
+        "parallel",
+        |hook| vec![webhook("lookup_order", hook, 3000)],
+        |_| {},
+        vec![
             call("lookup_order", r#"{"order_id":"A1"}"#),
             call("lookup_order", r#"{"order_id":"B2"}"#),
-        ]),
-    );
-    let (mut conn, _) = app.start("parallel", 24_000).await;
+        ],
+    )
+    .await;
     let items = type_turn(&mut conn, "Where are my two orders?", 1).await;
     assert!(!done(&items, 1).0);
     let mut ids: Vec<String> = hook
@@ -435,23 +451,21 @@ async fn parallel_calls_all_run_and_come_back_in_order() {
 
 #[tokio::test]
 async fn a_tool_that_times_out_and_a_webhook_that_fails_are_told_to_the_model() {
-    let hook = Hook::start().await;
-    let app = spawn_app_with(
-        fast_fakes(),
-        declare(vec![
-            webhook("slow_lookup", &hook, 300),
-            webhook("broken_lookup", &hook, 3000),
-        ]),
-    )
-    .await;
-    app.fakes.script(
-        Target::Anthropic,
-        calls(vec![
+    let (_hook, app, mut conn) = scripted_session(
+        "failing-tools",
+        |hook| {
+            vec![
+                webhook("slow_lookup", hook, 300),
+                webhook("broken_lookup", hook, 3000),
+            ]
+        },
+        |_| {},
+        vec![
             call("slow_lookup", r#"{"order_id":"A1"}"#),
             call("broken_lookup", r#"{"order_id":"A1"}"#),
-        ]),
-    );
-    let (mut conn, _) = app.start("failing-tools", 24_000).await;
+        ],
+    )
+    .await;
     let began = tokio::time::Instant::now();
     let items = type_turn(&mut conn, "Where is my order?", 1).await;
     // The 5 s webhook was not waited for.
@@ -477,17 +491,13 @@ async fn a_tool_that_times_out_and_a_webhook_that_fails_are_told_to_the_model() 
 
 #[tokio::test]
 async fn arguments_failing_the_schema_never_reach_the_webhook() {
-    let hook = Hook::start().await;
-    let app = spawn_app_with(
-        fast_fakes(),
-        declare(vec![webhook("lookup_order", &hook, 3000)]),
+    let (hook, app, mut conn) = scripted_session(
+        "bad-arguments",
+        |hook| vec![webhook("lookup_order", hook, 3000)],
+        |_| {},
+        vec![call("lookup_order", r#"{"order_id":42}"#)],
     )
     .await;
-    app.fakes.script(
-        Target::Anthropic,
-        calls(vec![call("lookup_order", r#"{"order_id":42}"#)]),
-    );
-    let (mut conn, _) = app.start("bad-arguments", 24_000).await;
     let items = type_turn(&mut conn, "Where is my order?", 1).await;
     assert!(!done(&items, 1).0);
     assert!(hook.calls().is_empty(), "never called");
@@ -501,17 +511,13 @@ async fn arguments_failing_the_schema_never_reach_the_webhook() {
 
 #[tokio::test]
 async fn barge_in_during_a_tool_wait_cuts_the_turn_at_once() {
-    let hook = Hook::start().await;
-    let app = spawn_app_with(
-        fast_fakes(),
-        declare(vec![webhook("slow_lookup", &hook, 10_000)]),
+    let (hook, app, mut conn) = scripted_session(
+        "barge-in-tools",
+        |hook| vec![webhook("slow_lookup", hook, 10_000)],
+        |_| {},
+        vec![call("slow_lookup", r#"{"order_id":"A1"}"#)],
     )
     .await;
-    app.fakes.script(
-        Target::Anthropic,
-        calls(vec![call("slow_lookup", r#"{"order_id":"A1"}"#)]),
-    );
-    let (mut conn, _) = app.start("barge-in-tools", 24_000).await;
     conn.sender
         .send(&ClientMessage::InputText {
             text: "Where is my order?".into(),
@@ -554,21 +560,17 @@ async fn barge_in_during_a_tool_wait_cuts_the_turn_at_once() {
 
 #[tokio::test]
 async fn calls_beyond_the_per_turn_limit_are_refused_and_the_model_answers_in_words() {
-    let hook = Hook::start().await;
-    let app = spawn_app_with(fast_fakes(), |c| {
-        declare(vec![webhook("lookup_order", &hook, 3000)])(c);
-        c.tool_max_calls_per_turn = 2;
-    })
-    .await;
-    app.fakes.script(
-        Target::Anthropic,
-        calls(vec![
+    let (hook, app, mut conn) = scripted_session(
+        "tool-limit",
+        |hook| vec![webhook("lookup_order", hook, 3000)],
+        |c| c.tool_max_calls_per_turn = 2,
+        vec![
             call("lookup_order", r#"{"order_id":"A1"}"#),
             call("lookup_order", r#"{"order_id":"A2"}"#),
             call("lookup_order", r#"{"order_id":"A3"}"#),
-        ]),
-    );
-    let (mut conn, _) = app.start("tool-limit", 24_000).await;
+        ],
+    )
+    .await;
     let items = type_turn(&mut conn, "Check all my orders", 1).await;
     assert!(!done(&items, 1).0);
     assert_eq!(hook.calls().len(), 2);

@@ -859,6 +859,105 @@ mod tests {
     }
 
     #[test]
+    fn tools_are_validated_at_start() {
+        let hook = |url: &str| ToolConfig {
+            name: "lookup_order".into(),
+            description: "Looks up an order.".into(),
+            kind: ToolRunner::Webhook,
+            url: Some(url.into()),
+            timeout_ms: 5000,
+            idempotent: false,
+            parameters: empty_object_schema(),
+        };
+        let base = || Config {
+            dev: true,
+            llm: LlmKind::Anthropic,
+            anthropic_api_key: Some(SecretString::from("k")),
+            tools: vec![hook("https://api.example.com/hook")],
+            tool_webhook_secret: Some(SecretString::from("s".repeat(32))),
+            ..Config::default()
+        };
+        base().validate().unwrap();
+        let refused = |c: Config, expect: &str| {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(expect), "{expect}: {e}");
+        };
+        refused(
+            Config {
+                llm: LlmKind::Local,
+                ..base()
+            },
+            "the local model (SmolLM2) cannot",
+        );
+        refused(
+            Config {
+                tool_webhook_secret: None,
+                ..base()
+            },
+            "ATLAS_TOOL_WEBHOOK_SECRET",
+        );
+        refused(
+            Config {
+                tool_webhook_secret: Some(SecretString::from("short")),
+                ..base()
+            },
+            "at least 32 characters",
+        );
+        for url in ["http://api.example.com/hook", "ftp://x/", "not a url"] {
+            refused(
+                Config {
+                    tools: vec![hook(url)],
+                    ..base()
+                },
+                "must be https",
+            );
+        }
+        let mut loopback = base();
+        loopback.tools = vec![hook("http://127.0.0.1:9000/hook")];
+        loopback.validate().unwrap();
+        let mut twice = base();
+        twice.tools.push(twice.tools[0].clone());
+        refused(twice, "declared twice");
+        let mut bad_name = base();
+        bad_name.tools[0].name = "look up".into();
+        refused(bad_name, "letters, digits");
+        let mut not_object = base();
+        not_object.tools[0].parameters = serde_json::json!({"type": "string"});
+        refused(not_object, "\"type\": \"object\"");
+        let mut client_with_url = base();
+        client_with_url.tools[0].kind = ToolRunner::Client;
+        refused(client_with_url, "client tools are answered by the");
+        let mut slow = base();
+        slow.tools[0].timeout_ms = 120_000;
+        refused(slow, "timeout_ms");
+    }
+
+    #[test]
+    fn tools_come_from_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("atlas.toml");
+        std::fs::write(
+            &path,
+            r#"
+tool_acknowledgement = "One moment."
+
+[[tools]]
+name = "open_page"
+description = "Opens a page of the app."
+kind = "client"
+parameters = { type = "object", required = ["page"], properties = { page = { type = "string", enum = ["settings"] } } }
+"#,
+        )
+        .unwrap();
+        let c = Config::load_unvalidated(Some(&path)).unwrap();
+        assert_eq!(c.tools.len(), 1);
+        assert_eq!(c.tools[0].kind, ToolRunner::Client);
+        assert_eq!(c.tools[0].timeout_ms, 5000);
+        assert_eq!(c.tools[0].parameters["required"][0], "page");
+        assert_eq!(c.tool_acknowledgement, "One moment.");
+    }
+
+    #[test]
     fn validation_names_the_variable() {
         let c = Config::default();
         let e = c.validate().unwrap_err().to_string();

@@ -4,9 +4,9 @@
 //! The reply runs as one task made of three cooperating futures joined with `try_join!`:
 //! the LLM reader (one model request per round: a round that ends in tool calls is reported
 //! to the session, and the reader waits for the session's next request while the words
-//! before the calls go on playing), the TTS starter (which spawns one synthesis task per sentence into a
-//! `JoinSet`, at most `prefetch` at a time) and the forwarder (which plays the sentences'
-//! audio strictly in order). Barge-in aborts the task: dropping it drops the LLM stream, the
+//! before the calls go on playing), the TTS starter (which spawns one synthesis task per
+//! sentence into a `JoinSet`, at most `prefetch` at a time) and the forwarder (which plays
+//! the sentences' audio strictly in order). Barge-in aborts the task: dropping it drops the LLM stream, the
 //! `JoinSet` (aborting every synthesis request) and the channels, so nothing in flight is
 //! awaited. Progress — the text whose audio was completely sent, usage, timestamps — lives
 //! in a shared [`Progress`] the session reads after the task has ended.

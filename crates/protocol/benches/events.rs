@@ -22,6 +22,7 @@ fn events(c: &mut Criterion) {
             llm_first_token: Some(300),
             tts_first_audio: Some(200),
             to_first_audio: Some(655),
+            tools: None,
         },
     };
     c.bench_function("serialise response.done", |b| {

@@ -1251,11 +1251,13 @@ impl Session {
             round.calls.push(pending);
         }
         let waiting = round.calls.iter().any(|c| c.result.is_none());
-        if waiting && round.text.trim().is_empty() && !reply.acknowledged {
-            if let Some(text) = acknowledgement {
-                reply.acknowledged = true;
-                self.out.push_back(Output::Acknowledge { turn_id, text });
-            }
+        if waiting
+            && round.text.trim().is_empty()
+            && !reply.acknowledged
+            && let Some(text) = acknowledgement
+        {
+            reply.acknowledged = true;
+            self.out.push_back(Output::Acknowledge { turn_id, text });
         }
         reply.round = Some(round);
         for (index, outcome) in refused {

@@ -219,7 +219,7 @@ enum Event {
     ContentBlockDelta {
         #[serde(default)]
         index: u64,
-        delta: Delta,
+        delta: BlockDelta,
     },
     ContentBlockStop {
         index: u64,
@@ -257,15 +257,14 @@ enum StartBlock {
     Other,
 }
 
+/// A `content_block_delta`'s delta (`text_delta`, `input_json_delta`).
 #[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum Delta {
-    TextDelta {
-        text: String,
-    },
-    InputJsonDelta {
-        partial_json: String,
-    },
+#[serde(tag = "type")]
+enum BlockDelta {
+    #[serde(rename = "text_delta")]
+    Text { text: String },
+    #[serde(rename = "input_json_delta")]
+    InputJson { partial_json: String },
     #[serde(other)]
     Other,
 }
@@ -381,12 +380,12 @@ fn map_event(data: &str, state: &mut StreamState) -> Result<Option<LlmEvent>, Pr
             None
         }
         Event::ContentBlockDelta {
-            delta: Delta::TextDelta { text },
+            delta: BlockDelta::Text { text },
             ..
         } => Some(LlmEvent::Delta(text)),
         Event::ContentBlockDelta {
             index,
-            delta: Delta::InputJsonDelta { partial_json },
+            delta: BlockDelta::InputJson { partial_json },
         } => {
             // Input of a block that is not one of our tools (a server tool's) is ignored.
             if let Some(call) = state.calls.get_mut(&index) {

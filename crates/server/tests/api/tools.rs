@@ -626,6 +626,18 @@ async fn a_tool_loop_ends_the_session_when_the_budget_is_spent() {
     assert_eq!(app.fakes.recorded().llm_requests.len(), rounds);
 }
 
+/// name, user_id, kind, arguments_bytes, turn_index, outcome, arguments, result
+type ToolCallRow = (
+    String,
+    String,
+    Option<String>,
+    i64,
+    i64,
+    String,
+    Option<String>,
+    Option<String>,
+);
+
 #[tokio::test]
 async fn tool_calls_are_recorded_with_their_outcomes_and_content_only_when_kept() {
     for keep in [false, true] {
@@ -655,7 +667,7 @@ async fn tool_calls_are_recorded_with_their_outcomes_and_content_only_when_kept(
             .unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let rows = loop {
-            let rows: Vec<(String, String, Option<String>, i64, i64, String, Option<String>, Option<String>)> =
+            let rows: Vec<ToolCallRow> =
                 sqlx::query_as(
                     "select name, user_id, kind, arguments_bytes, turn_index, outcome, arguments, result \
                      from voice_tool_calls where session_id = ? order by name",

@@ -1375,8 +1375,15 @@ mod tests {
         assert_eq!(req.last_results, vec!["21 C"]);
         assert!(!req.ends_with_plain_user);
         assert_eq!(req.tools.names, vec!["get_weather"]);
+        // A result for a call that was never made (next to the right one).
         let mut stray = body.clone();
-        stray["messages"][2]["content"][0]["tool_use_id"] = json!("toolu_9");
+        stray["messages"][2]["content"]
+            .as_array_mut()
+            .unwrap()
+            .insert(
+                1,
+                json!({"type": "tool_result", "tool_use_id": "toolu_9", "content": "?"}),
+            );
         let e = parse_anthropic(&stray).unwrap_err();
         assert!(
             e.message.contains("unexpected `tool_use_id`"),

@@ -438,10 +438,9 @@ macro_rules! write_with_plan {
             .copied()
             .filter(|s| written.contains(&Some(s.session.id)))
             .collect();
-        let turns = last_per_key(
-            fresh.iter().flat_map(|s| s.turns.iter()),
-            |t| (t.session_id, t.turn_index),
-        );
+        let turns = last_per_key(fresh.iter().flat_map(|s| s.turns.iter()), |t| {
+            (t.session_id, t.turn_index)
+        });
         for chunk in turns.chunks(TURN_ROWS) {
             let sql = turns_sql($backend, chunk.len());
             let mut q = sqlx::query(&sql).persistent(false);
@@ -452,10 +451,9 @@ macro_rules! write_with_plan {
             }
             q.execute(&mut *tx).await?;
         }
-        let calls = last_per_key(
-            fresh.iter().flat_map(|s| s.tool_calls.iter()),
-            |c| (c.session_id, c.call_id.as_str()),
-        );
+        let calls = last_per_key(fresh.iter().flat_map(|s| s.tool_calls.iter()), |c| {
+            (c.session_id, c.call_id.as_str())
+        });
         for chunk in calls.chunks(TOOL_CALL_ROWS) {
             let sql = tool_calls_sql($backend, chunk.len());
             let mut q = sqlx::query(&sql).persistent(false);

@@ -391,6 +391,26 @@ pub(crate) fn bind_postgres<'q>(
     }
 }
 
+/// The rows of `rows` with the last of each key, in their order. One upsert statement may not
+/// touch a row twice (PostgreSQL refuses it with SQLSTATE 21000, which is no data error, so
+/// the record would block the writer instead of being quarantined): a snapshot naming one
+/// tool call twice keeps the later entry, as a later snapshot would replace the earlier row.
+pub(crate) fn last_per_key<'a, T, K: Eq + std::hash::Hash>(
+    rows: impl Iterator<Item = &'a T>,
+    key: impl Fn(&'a T) -> K,
+) -> Vec<&'a T> {
+    let rows: Vec<&T> = rows.collect();
+    let mut last = std::collections::HashMap::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        last.insert(key(r), i);
+    }
+    rows.iter()
+        .enumerate()
+        .filter(|(i, r)| last.get(&key(r)) == Some(i))
+        .map(|(_, r)| *r)
+        .collect()
+}
+
 /// Writes `snaps` (at most one per session) in one transaction with the shared plan: the
 /// sessions first, then the turns and tool calls of the sessions whose rows were written (an
 /// older snapshot changes nothing).
@@ -418,7 +438,9 @@ macro_rules! write_with_plan {
             .copied()
             .filter(|s| written.contains(&Some(s.session.id)))
             .collect();
-        let turns: Vec<&TurnRecord> = fresh.iter().flat_map(|s| s.turns.iter()).collect();
+        let turns = last_per_key(fresh.iter().flat_map(|s| s.turns.iter()), |t| {
+            (t.session_id, t.turn_index)
+        });
         for chunk in turns.chunks(TURN_ROWS) {
             let sql = turns_sql($backend, chunk.len());
             let mut q = sqlx::query(&sql).persistent(false);
@@ -429,7 +451,9 @@ macro_rules! write_with_plan {
             }
             q.execute(&mut *tx).await?;
         }
-        let calls: Vec<&ToolCallRecord> = fresh.iter().flat_map(|s| s.tool_calls.iter()).collect();
+        let calls = last_per_key(fresh.iter().flat_map(|s| s.tool_calls.iter()), |c| {
+            (c.session_id, c.call_id.as_str())
+        });
         for chunk in calls.chunks(TOOL_CALL_ROWS) {
             let sql = tool_calls_sql($backend, chunk.len());
             let mut q = sqlx::query(&sql).persistent(false);
@@ -495,6 +519,16 @@ mod tests {
         assert!(c.contains("outcome = excluded.outcome"));
         assert!(!c.contains("call_id = excluded") && !c.contains("session_id = excluded"));
         assert!(tool_calls_sql(Backend::Postgres, 1).contains("into public.voice_tool_calls"));
+    }
+
+    #[test]
+    fn last_per_key_keeps_the_last_of_each_key_in_order() {
+        let rows = [(1, 'a'), (2, 'b'), (1, 'c'), (3, 'd'), (2, 'e')];
+        let kept: Vec<char> = last_per_key(rows.iter(), |r| r.0)
+            .into_iter()
+            .map(|r| r.1)
+            .collect();
+        assert_eq!(kept, ['c', 'd', 'e']);
     }
 
     #[test]

@@ -137,6 +137,42 @@ async fn postgres_a_stale_snapshot_never_replaces_a_newer_call() {
     a_stale_snapshot_never_replaces_a_newer_call(Db::postgres().await).await;
 }
 
+/// A snapshot naming one call (or one turn) twice is written, not refused or retried forever:
+/// the later entry stands, as a later snapshot would replace the earlier row. (PostgreSQL
+/// refuses one upsert that touches a row twice, with an error that is no data error.)
+async fn a_call_named_twice_keeps_the_later_entry(db: Db) {
+    let store = db.store().await;
+    let mut snap = snapshot(Uuid::new_v4(), A, 1, 2);
+    let first = call(&snap, 1, "call_0", "timed_out");
+    let other = call(&snap, 1, "call_1", "ok");
+    let mut again = call(&snap, 2, "call_0", "ok");
+    again.duration_ms = 7;
+    snap.tool_calls = vec![first, other.clone(), again.clone()];
+    let mut turn = snap.turns[1].clone();
+    turn.tools_ms = Some(7);
+    snap.turns.push(turn);
+    store.write(&snap).await.unwrap();
+    assert_eq!(db.tool_calls().await, sorted(vec![other, again]));
+    assert_eq!(
+        db.turn_tools_ms().await,
+        vec![
+            (snap.session.id.to_string(), 1, None),
+            (snap.session.id.to_string(), 2, Some(7))
+        ]
+    );
+    store.close().await;
+}
+
+#[tokio::test]
+async fn sqlite_a_call_named_twice_keeps_the_later_entry() {
+    a_call_named_twice_keeps_the_later_entry(Db::sqlite()).await;
+}
+
+#[tokio::test]
+async fn postgres_a_call_named_twice_keeps_the_later_entry() {
+    a_call_named_twice_keeps_the_later_entry(Db::postgres().await).await;
+}
+
 /// The table's checks mirror the server's bounds: a row outside them is refused for good (the
 /// recorder quarantines such a record rather than retrying it), a row at the edge is kept.
 async fn checks_mirror_the_bounds(db: Db) {

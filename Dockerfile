@@ -23,10 +23,11 @@ COPY clients/web/src clients/web/src
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p atlas-voice -p atlas-voice-stt -p atlas-voice-llm \
+       -p atlas-voice-tts \
     && mkdir /out && cp target/release/atlas-voice target/release/atlas-voice-stt \
-       target/release/atlas-voice-llm /out/
+       target/release/atlas-voice-llm target/release/atlas-voice-tts /out/
 
-# The default local models, sha256-checked (about 175 MB): only the local image has them.
+# The default local models, sha256-checked (about 290 MB): only the local image has them.
 FROM build AS models
 RUN /out/atlas-voice models fetch --dir /models
 
@@ -53,7 +54,8 @@ HEALTHCHECK --interval=15s --timeout=3s CMD ["atlas-voice", "healthcheck"]
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["atlas-voice", "serve"]
 
-# The local engines: whisper.cpp and llama.cpp workers, espeak-ng and the models.
+# The local engines: the whisper.cpp, llama.cpp and neural-voice workers, espeak-ng (the
+# voice's phonemes, and the fallback voice), ONNX Runtime and the models.
 FROM base AS local
 RUN apt-get update \
     && apt-get install -y --no-install-recommends espeak-ng \

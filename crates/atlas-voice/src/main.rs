@@ -1,10 +1,12 @@
-//! The `atlas-voice` binary: `serve`, `fakes`, `call`, `token`, `loadtest`, `db`, `models` and
-//! `healthcheck`.
+//! The `atlas-voice` binary: `serve`, `fakes`, `call`, `token`, `loadtest`, `eval`, `db`,
+//! `models`, `llm-server` and `healthcheck`.
 
 mod bench;
 mod call;
 mod db;
+mod eval;
 mod health;
+mod llm_server;
 mod models;
 mod slowloris;
 
@@ -51,10 +53,16 @@ enum Command {
     Token(TokenArgs),
     /// Measure latency: sessions that speak and wait for the first reply audio.
     Loadtest(bench::LoadtestArgs),
+    /// Evaluate a running server with spoken prompts: word error rate, answer correctness,
+    /// complete sentences and latency.
+    Eval(eval::EvalArgs),
     /// Database migrations: new, list, status, up, diff, lint.
     Db(db::DbArgs),
     /// Local engines' models: fetch, verify, list.
     Models(models::ModelsArgs),
+    /// Serve a GGUF chat model (a stronger one than the default, say) at an OpenAI-compatible
+    /// endpoint, for `ATLAS_LLM=openai`.
+    LlmServer(llm_server::LlmServerArgs),
     /// Exit 0 if the server on this machine answers /healthz (container health checks).
     Healthcheck(health::HealthcheckArgs),
 }
@@ -220,6 +228,11 @@ async fn main() -> anyhow::Result<()> {
             init_logging(LogFormat::Text);
             bench::run(args).await
         }
+        Command::Eval(args) => {
+            init_logging(LogFormat::Text);
+            let code = eval::run(args).await?;
+            std::process::exit(code);
+        }
         Command::Db(args) => {
             let code = db::run(args).await?;
             std::process::exit(code);
@@ -231,6 +244,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Models(args) => {
             let code = tokio::task::spawn_blocking(move || models::run(args)).await??;
             std::process::exit(code);
+        }
+        Command::LlmServer(args) => {
+            init_logging(LogFormat::Text);
+            llm_server::run(args).await
         }
     }
 }

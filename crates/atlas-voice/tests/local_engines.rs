@@ -1,5 +1,5 @@
-//! The offline engines for real: the Whisper and SmolLM2 workers, espeak-ng and the earshot
-//! endpointer, driven through `atlas-voice serve` and directly. Needs the models
+//! The offline engines for real: the Whisper, SmolLM2 and neural-voice workers, espeak-ng
+//! and the earshot endpointer, driven through `atlas-voice serve` and directly. Needs the models
 //! (`atlas-voice models fetch`, which `scripts/test.sh` runs) and the worker binaries (built
 //! by `cargo build` / `cargo nextest run --workspace`).
 
@@ -30,6 +30,9 @@ fn models_dir() -> PathBuf {
     for file in [
         "whisper-tiny.en/ggml-model.bin",
         "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "piper-joe/en_US-joe-medium.onnx",
+        "piper-joe/en_US-joe-medium.onnx.json",
+        "onnxruntime/libonnxruntime.so.1.31.1",
     ] {
         assert!(
             dir.join(file).is_file(),
@@ -122,12 +125,33 @@ async fn session(server: &ServerProcess) -> Connection {
     conn
 }
 
+async fn tts_worker() -> Arc<Worker> {
+    Worker::start(WorkerConfig {
+        name: "speech synthesis",
+        program: worker_program("atlas-voice-tts"),
+        args: atlas_local::piper::worker_args(&models_dir()).unwrap(),
+        queue: 2,
+        start_timeout: Duration::from_secs(60),
+    })
+    .await
+    .unwrap()
+}
+
 #[derive(Default)]
 struct Turn {
     transcript: String,
+    /// Partial transcripts, in order, that came before the final one.
+    partials: Vec<String>,
     reply: String,
     audio: Vec<i16>,
     errors: Vec<ErrorCode>,
+}
+
+/// Whether a reply ends on a complete sentence.
+fn ends_a_sentence(text: &str) -> bool {
+    text.trim_end()
+        .trim_end_matches(['"', '\'', ')'])
+        .ends_with(['.', '!', '?'])
 }
 
 /// Collects one turn's events until `response.done`.
@@ -140,6 +164,9 @@ async fn collect_turn(conn: &mut Connection) -> Turn {
             .expect("the connection stays open");
         match incoming {
             Incoming::Event { event, .. } => match event {
+                ServerEvent::TranscriptPartial { text, .. } if turn.transcript.is_empty() => {
+                    turn.partials.push(text)
+                }
                 ServerEvent::TranscriptFinal { text, .. } => turn.transcript = text,
                 ServerEvent::ResponseTextDelta { text, .. } => turn.reply.push_str(&text),
                 ServerEvent::ResponseDone { .. } => return turn,
@@ -174,6 +201,21 @@ async fn a_spoken_question_gets_a_spoken_answer_that_transcribes_back_to_its_wor
     );
     assert!(turn.errors.is_empty(), "errors {:?}", turn.errors);
     assert!(!turn.reply.trim().is_empty(), "the reply has text");
+    // Words were shown while the question was being spoken, before the final transcript.
+    assert!(
+        !turn.partials.is_empty(),
+        "no partial transcript before the final {:?}",
+        turn.transcript
+    );
+    assert!(
+        turn.partials.iter().any(|p| {
+            let p = p.to_lowercase();
+            p.contains("what") || p.contains("weather")
+        }),
+        "partials {:?}",
+        turn.partials
+    );
+    assert!(ends_a_sentence(&turn.reply), "reply {:?}", turn.reply);
     let seconds = turn.audio.len() as f64 / 16_000.0;
     assert!(seconds >= 0.5, "reply audio is {seconds:.2} s");
 
@@ -183,6 +225,7 @@ async fn a_spoken_question_gets_a_spoken_answer_that_transcribes_back_to_its_wor
         stt_worker(2).await,
         "whisper-tiny.en",
         EndpointConfig::default(),
+        None,
     );
     let back = stt
         .transcribe(&turn.audio, Some("en".into()))
@@ -219,6 +262,19 @@ fn serve_without_models_says_which_command_fetches_them() {
     .expect("serve refuses to start");
     assert!(
         err.contains("atlas-voice models fetch smollm2"),
+        "error was: {err}"
+    );
+    let err = serve(&[
+        ("ATLAS_MODELS_DIR", empty.path().to_str().unwrap()),
+        ("ATLAS_STT", "deepgram"),
+        ("DEEPGRAM_API_KEY", "k"),
+        ("ATLAS_LLM", "anthropic"),
+        ("ANTHROPIC_API_KEY", "k"),
+    ])
+    .err()
+    .expect("serve refuses to start");
+    assert!(
+        err.contains("atlas-voice models fetch piper-joe"),
         "error was: {err}"
     );
 }
@@ -310,7 +366,14 @@ async fn a_full_queue_turns_work_away_and_a_dead_worker_comes_back() {
         temperature: Some(0.5),
         ..LlmRequest::default()
     };
-    let provider = atlas_local::llm::LocalLlm::new(llm.clone(), "smollm2", None, 40, 0.5);
+    let provider = atlas_local::llm::LocalLlm::new(
+        llm.clone(),
+        "smollm2",
+        atlas_local::llm::Decoding {
+            temperature: 0.5,
+            ..Default::default()
+        },
+    );
     let first = provider.stream(request()).await.unwrap();
     // The queue holds one request: the second is refused at once, not delayed.
     let busy = provider.stream(request()).await.err().expect("refused");
@@ -354,6 +417,7 @@ async fn a_full_queue_turns_work_away_and_a_dead_worker_comes_back() {
     let ticket = stt
         .submit(
             |id| Request::Transcribe {
+                partial: false,
                 id,
                 language: Some("en".into()),
             },
@@ -370,9 +434,119 @@ async fn a_full_queue_turns_work_away_and_a_dead_worker_comes_back() {
     let err = ticket.next().await.expect_err("the request fails");
     assert!(err.to_string().contains("stopped"), "{err}");
     drop(ticket);
-    let stt = LocalStt::new(stt, "whisper-tiny.en", EndpointConfig::default());
+    let stt = LocalStt::new(stt, "whisper-tiny.en", EndpointConfig::default(), None);
     let text = stt.transcribe(&spoken_question(), None).await.unwrap();
     assert!(text.to_lowercase().contains("weather"), "{text}");
+}
+
+/// 16-bit PCM bytes at `rate` as 16 kHz samples.
+fn to_16k(bytes: &[u8], rate: u32) -> Vec<i16> {
+    let samples: Vec<i16> = bytes
+        .chunks_exact(2)
+        .map(|c| i16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    let mut resampler = atlas_core::resample::StreamResampler::new(rate, 16_000).unwrap();
+    let mut out = Vec::new();
+    resampler.process(&samples, &mut out);
+    resampler.flush(&mut out);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_neural_voice_says_the_words_and_refuses_unknown_voices() {
+    use atlas_local::piper::{PIPER_RATE, PiperTts};
+    let tts = PiperTts::new(tts_worker().await, "piper-joe");
+    assert_eq!(tts.sample_rate(), PIPER_RATE);
+    assert!(tts.has_voice("joe") && !tts.has_voice("klingon"));
+    let text = "Paris is the capital of France. It is known for the Eiffel Tower.";
+    let stream = tts
+        .synthesize(TtsRequest {
+            text: text.into(),
+            voice: None,
+        })
+        .await
+        .unwrap();
+    // One chunk per sentence, so playback can start after the first.
+    let chunks: Vec<Bytes> = stream.map(|c| c.unwrap()).collect().await;
+    assert_eq!(chunks.len(), 2, "{} chunks", chunks.len());
+    let bytes: Vec<u8> = chunks.concat();
+    let seconds = bytes.len() as f64 / 2.0 / f64::from(PIPER_RATE);
+    assert!((2.0..9.0).contains(&seconds), "{seconds:.2} s of speech");
+
+    // Transcribed back by the local recogniser, the audio gives the text's words.
+    let stt = LocalStt::new(
+        stt_worker(2).await,
+        "whisper-tiny.en",
+        EndpointConfig::default(),
+        None,
+    );
+    let back = stt
+        .transcribe(&to_16k(&bytes, PIPER_RATE), Some("en".into()))
+        .await
+        .unwrap();
+    let said = words(text);
+    let heard = words(&back);
+    let found = said.iter().filter(|w| heard.contains(w)).count();
+    assert!(
+        found * 4 >= said.len() * 3,
+        "{text:?} came back as {back:?} ({found} of {} words)",
+        said.len()
+    );
+
+    let err = tts
+        .synthesize(TtsRequest {
+            text: "hi".into(),
+            voice: Some("klingon".into()),
+        })
+        .await
+        .err()
+        .expect("unknown voice");
+    assert!(err.to_string().contains("klingon"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_cut_by_the_token_cap_still_ends_on_a_complete_sentence() {
+    let llm = llm_worker(2).await;
+    for (max_tokens, soft_max_tokens) in [(12, 6), (24, 12), (64, 32)] {
+        let provider = atlas_local::llm::LocalLlm::new(
+            llm.clone(),
+            "smollm2",
+            atlas_local::llm::Decoding {
+                max_tokens,
+                soft_max_tokens,
+                ..Default::default()
+            },
+        );
+        let mut stream = provider
+            .stream(LlmRequest {
+                system: "You are a storyteller. Tell long, detailed stories.".into(),
+                messages: vec![ChatMessage::user(
+                    "Tell me a long story about a dragon who learns to bake bread.",
+                )],
+                max_tokens: 256,
+                ..LlmRequest::default()
+            })
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        let mut output_tokens = 0;
+        while let Some(event) = stream.next().await {
+            match event.unwrap() {
+                LlmEvent::Delta(text) => reply.push_str(&text),
+                LlmEvent::Usage(u) => output_tokens = u.output_tokens.unwrap_or(0),
+                _ => {}
+            }
+        }
+        assert!(!reply.trim().is_empty(), "cap {max_tokens}: empty reply");
+        assert!(
+            ends_a_sentence(&reply),
+            "cap {max_tokens}: {reply:?} does not end a sentence"
+        );
+        assert!(
+            output_tokens <= u64::from(max_tokens),
+            "cap {max_tokens}: {output_tokens} tokens"
+        );
+    }
 }
 
 #[tokio::test]
@@ -407,4 +581,98 @@ async fn espeak_speaks_and_refuses_unknown_voices() {
         err.to_string().contains("apt-get install -y espeak-ng"),
         "{err}"
     );
+}
+
+/// `atlas-voice llm-server` on the pinned SmolLM2, on a free loopback port.
+struct LlmServer {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Drop for LlmServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn llm_server() -> LlmServer {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_atlas-voice"))
+        .args(["llm-server", "--listen", "127.0.0.1:0", "--threads", "1"])
+        .env("ATLAS_MODELS_DIR", models_dir())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let base = loop {
+        let line = lines
+            .next()
+            .expect("llm-server prints its address")
+            .unwrap();
+        if let Some(url) = line.strip_prefix("atlas-voice llm-server listening on ") {
+            break url.trim().to_string();
+        }
+    };
+    LlmServer { child, base }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_openai_compatible_server_is_one_setting_away() {
+    let llm = llm_server();
+    let http = reqwest::Client::new();
+    let url = format!("{}/chat/completions", llm.base);
+
+    // The endpoint itself: a plain answer, and a refusal in OpenAI's error shape.
+    let answer: serde_json::Value = http
+        .post(&url)
+        .json(&serde_json::json!({
+            "model": "any",
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 24,
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(ends_a_sentence(text), "{answer}");
+    assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    let refused = http
+        .post(&url)
+        .json(&serde_json::json!({
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("tools"));
+
+    // The voice server pointed at it with ATLAS_LLM=openai answers a typed question through
+    // it (the adapter streams with usage).
+    let server = serve(&[
+        ("ATLAS_LLM", "openai"),
+        ("ATLAS_OPENAI_CHAT_URL", &llm.base),
+        ("ATLAS_LLM_MODEL", "SmolLM2-135M-Instruct.Q4_1"),
+        // Served on this machine: priced as free, so the default budget still applies.
+        ("ATLAS_OPENAI_CHAT_PROVIDER", "local"),
+    ])
+    .expect("serve starts against the local OpenAI-compatible server");
+    let mut conn = session(&server).await;
+    conn.sender
+        .send(&ClientMessage::InputText {
+            text: "What colour is the sky on a clear day?".into(),
+        })
+        .await
+        .unwrap();
+    let turn = collect_turn(&mut conn).await;
+    assert!(turn.errors.is_empty(), "errors {:?}", turn.errors);
+    assert!(ends_a_sentence(&turn.reply), "reply {:?}", turn.reply);
+    assert!(!turn.audio.is_empty(), "the reply was spoken");
 }

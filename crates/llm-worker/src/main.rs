@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use atlas_local::ipc::{self, Message, Reply, Request};
+use atlas_local::sentences::{Limits, SentenceGate, Stop};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -53,11 +54,16 @@ struct Engine<'m> {
     template: LlamaChatTemplate,
     ctx: llama_cpp_2::context::LlamaContext<'m>,
     args: &'m Args,
+    /// Tokens in the cache, in order (the last prompt and what was generated after it).
+    cached: Vec<llama_cpp_2::token::LlamaToken>,
 }
 
-/// Whether `text` ends a sentence.
-fn ends_sentence(text: &str) -> bool {
-    matches!(text.trim_end().chars().last(), Some('.' | '!' | '?'))
+/// How one reply is decoded.
+struct Decode {
+    max_tokens: u32,
+    soft_max_tokens: u32,
+    temperature: f32,
+    repeat_penalty: f32,
 }
 
 impl Engine<'_> {
@@ -94,33 +100,68 @@ impl Engine<'_> {
         &mut self,
         id: u64,
         messages: &[Message],
-        max_tokens: u32,
-        temperature: f32,
+        decode: &Decode,
         cancelled: &dyn Fn() -> bool,
     ) -> anyhow::Result<()> {
-        let tokens = self.prompt(messages, max_tokens)?;
-        self.ctx.clear_kv_cache();
+        let tokens = self.prompt(messages, decode.max_tokens)?;
+        // Reuse the cache for the prompt's unchanged beginning (the system prompt, and the
+        // conversation so far on later turns): only the new part is evaluated.
+        let keep = self
+            .cached
+            .iter()
+            .zip(&tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(tokens.len() - 1);
+        if keep == 0 {
+            self.ctx.clear_kv_cache();
+        } else {
+            self.ctx
+                .clear_kv_cache_seq(Some(0), Some(keep as u32), None)
+                .context("trimming the cache")?;
+        }
+        self.cached.clear();
         let mut batch = LlamaBatch::new(tokens.len().max(64), 1);
-        let last = tokens.len() as i32 - 1;
-        for (i, t) in tokens.iter().enumerate() {
-            batch.add(*t, i as i32, &[0], i as i32 == last)?;
+        let last = tokens.len() - 1;
+        for (i, t) in tokens.iter().enumerate().skip(keep) {
+            batch.add(*t, i as i32, &[0], i == last)?;
         }
         self.ctx.decode(&mut batch).context("prompt evaluation")?;
+        self.cached.extend_from_slice(&tokens);
         let vocab = self.model.vocab();
-        let mut sampler = LlamaSampler::chain_simple([
-            LlamaSampler::penalties(self.model.n_vocab(), 64, 1.15, 0.0, 0.0),
-            LlamaSampler::top_k(40),
-            LlamaSampler::top_p(0.9, 1),
-            LlamaSampler::temp(temperature.clamp(0.0, 2.0)),
-            LlamaSampler::dist(id as u32 ^ 0x5eed),
-        ]);
+        let penalties = LlamaSampler::penalties(
+            self.model.n_vocab(),
+            64,
+            decode.repeat_penalty.clamp(1.0, 2.0),
+            0.0,
+            0.0,
+        );
+        let mut sampler = if decode.temperature <= 0.0 {
+            LlamaSampler::chain_simple([penalties, LlamaSampler::greedy()])
+        } else {
+            LlamaSampler::chain_simple([
+                penalties,
+                LlamaSampler::top_k(40),
+                LlamaSampler::top_p(0.9, 1),
+                LlamaSampler::temp(decode.temperature.min(2.0)),
+                LlamaSampler::dist(id as u32 ^ 0x5eed),
+            ])
+        };
+        let mut gate = SentenceGate::new(Limits {
+            sentences: self.args.sentences,
+            soft_tokens: u64::from(decode.soft_max_tokens.max(1)),
+        });
         let mut pos = tokens.len() as i32;
         let mut pending: Vec<u8> = Vec::new();
-        let mut reply = String::new();
-        let mut sentences = 0;
         let mut generated = 0u64;
         let mut stop = "length";
-        while generated < max_tokens as u64 {
+        let send = |text: String| -> anyhow::Result<()> {
+            if !text.is_empty() {
+                ipc::reply(&Reply::Delta { id, text })?;
+            }
+            Ok(())
+        };
+        while generated < u64::from(decode.max_tokens) {
             if cancelled() {
                 stop = "cancelled";
                 break;
@@ -137,24 +178,13 @@ impl Engine<'_> {
                 Err(e) => e.valid_up_to(),
             };
             if valid > 0 {
-                let mut text = String::from_utf8_lossy(&pending[..valid]).into_owned();
+                let text = String::from_utf8_lossy(&pending[..valid]).into_owned();
                 pending.drain(..valid);
-                if reply.is_empty() {
-                    text = text.trim_start().to_string();
-                }
-                if !text.is_empty() {
-                    reply.push_str(&text);
-                    ipc::reply(&Reply::Delta {
-                        id,
-                        text: text.clone(),
-                    })?;
-                    if ends_sentence(&text) {
-                        sentences += 1;
-                        if sentences >= self.args.sentences {
-                            stop = "stop";
-                            break;
-                        }
-                    }
+                let (out, gate_stop) = gate.push(&text, generated);
+                send(out)?;
+                if gate_stop == Stop::Done {
+                    stop = "stop";
+                    break;
                 }
             }
             batch.clear();
@@ -164,6 +194,12 @@ impl Engine<'_> {
                 break;
             }
             self.ctx.decode(&mut batch).context("generation")?;
+            self.cached.push(token);
+        }
+        if stop != "cancelled" {
+            send(gate.finish(stop == "stop"))?;
+            // A reply cut at the cap still ends on a complete sentence.
+            stop = "stop";
         }
         ipc::reply(&Reply::Done {
             id,
@@ -203,6 +239,7 @@ fn main() -> anyhow::Result<()> {
         template,
         ctx,
         args: &args,
+        cached: Vec::new(),
     };
     ipc::reply(&Reply::Ready {
         model: format!(
@@ -221,10 +258,22 @@ fn main() -> anyhow::Result<()> {
             id,
             messages,
             max_tokens,
+            soft_max_tokens,
             temperature,
+            repeat_penalty,
         } = request
         else {
             continue;
+        };
+        let decode = Decode {
+            max_tokens,
+            soft_max_tokens: if soft_max_tokens == 0 {
+                max_tokens
+            } else {
+                soft_max_tokens
+            },
+            temperature,
+            repeat_penalty,
         };
         let is_cancelled = || cancelled.lock().expect("cancel lock").contains(&id);
         let result = if is_cancelled() {
@@ -236,7 +285,7 @@ fn main() -> anyhow::Result<()> {
             })
             .map_err(Into::into)
         } else {
-            engine.generate(id, &messages, max_tokens, temperature, &is_cancelled)
+            engine.generate(id, &messages, &decode, &is_cancelled)
         };
         cancelled.lock().expect("cancel lock").remove(&id);
         if let Err(e) = result {

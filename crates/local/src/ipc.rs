@@ -21,6 +21,10 @@ pub struct Message {
     pub text: String,
 }
 
+fn no_penalty() -> f32 {
+    1.0
+}
+
 /// Server to worker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -31,6 +35,10 @@ pub enum Request {
         id: u64,
         /// Language hint (`en`), the model's default when `None`.
         language: Option<String>,
+        /// An interim decode of an utterance still being spoken: cheaper settings, and it may
+        /// be cancelled while it runs.
+        #[serde(default)]
+        partial: bool,
     },
     /// Generate a reply to a conversation, streaming text.
     Generate {
@@ -38,10 +46,23 @@ pub enum Request {
         id: u64,
         /// Conversation, system message first.
         messages: Vec<Message>,
-        /// Output token cap.
+        /// Hard output token cap (an unfinished sentence there is dropped).
         max_tokens: u32,
-        /// Sampling temperature.
+        /// Past this many tokens, stop at the next sentence end (0: no soft cap).
+        #[serde(default)]
+        soft_max_tokens: u32,
+        /// Sampling temperature; 0 decodes greedily.
         temperature: f32,
+        /// Repetition penalty (1: none).
+        #[serde(default = "no_penalty")]
+        repeat_penalty: f32,
+    },
+    /// Speak `text` (one or more sentences), streaming audio sentence by sentence.
+    Synthesize {
+        /// Request id.
+        id: u64,
+        /// Text to speak.
+        text: String,
     },
     /// Stop request `id` (queued or running).
     Cancel {
@@ -83,6 +104,17 @@ pub enum Reply {
         input_tokens: u64,
         /// Generated tokens.
         output_tokens: u64,
+    },
+    /// Synthesised speech: the frame's payload is 16-bit little-endian mono PCM at the
+    /// voice's rate (one sentence per frame).
+    Audio {
+        /// Request id.
+        id: u64,
+        /// The request's last frame.
+        last: bool,
+        /// The PCM, carried as the frame's payload (not in the JSON header).
+        #[serde(skip)]
+        pcm: Vec<u8>,
     },
     /// The request failed.
     Failed {
@@ -218,9 +250,22 @@ pub fn spawn_stdin_reader() -> (std::sync::mpsc::Receiver<(Request, Vec<u8>)>, C
     (rx, cancelled)
 }
 
-/// Worker side: writes one reply to standard output.
+/// Worker side: writes one reply to standard output (an [`Reply::Audio`]'s PCM as the
+/// payload).
 pub fn reply(reply: &Reply) -> io::Result<()> {
-    write_frame(&mut io::stdout().lock(), reply, &[])
+    let payload = match reply {
+        Reply::Audio { pcm, .. } => pcm.as_slice(),
+        _ => &[],
+    };
+    write_frame(&mut io::stdout().lock(), reply, payload)
+}
+
+/// Server side: a reply with its payload put back where it belongs.
+pub fn with_payload(mut reply: Reply, payload: Vec<u8>) -> Reply {
+    if let Reply::Audio { pcm, .. } = &mut reply {
+        *pcm = payload;
+    }
+    reply
 }
 
 #[cfg(test)]
@@ -233,6 +278,7 @@ mod tests {
         let req = Request::Transcribe {
             id: 7,
             language: Some("en".into()),
+            partial: false,
         };
         write_frame(&mut buf, &req, &[1, 2, 3]).unwrap();
         let mut input = &buf[..];
@@ -240,6 +286,19 @@ mod tests {
         assert_eq!(got, req);
         assert_eq!(payload, vec![1, 2, 3]);
         assert!(read_frame::<Request>(&mut input).unwrap().is_none());
+    }
+
+    #[test]
+    fn audio_replies_carry_their_pcm_as_the_payload() {
+        let audio = Reply::Audio {
+            id: 3,
+            last: true,
+            pcm: vec![1, 0, 255, 255],
+        };
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &audio, &[1, 0, 255, 255]).unwrap();
+        let (got, payload): (Reply, Vec<u8>) = read_frame(&mut &buf[..]).unwrap().unwrap();
+        assert_eq!(with_payload(got, payload), audio);
     }
 
     #[test]

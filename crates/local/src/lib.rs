@@ -5,7 +5,8 @@
 //! - [`vad`]: voice activity detection and end-of-utterance endpointing.
 //! - [`worker`]: the engine worker processes (Whisper and the language model each run in a
 //!   process of their own, loaded once and shared by every session) with bounded queues.
-//! - [`stt`], [`llm`], [`tts`]: the provider adapters the server uses.
+//! - [`stt`], [`llm`], [`tts`] (espeak-ng), [`piper`] (the neural voice): the provider
+//!   adapters the server uses; [`sentences`]: the complete-sentence rule for local replies.
 //!
 //! Whisper (whisper.cpp) and the language model (llama.cpp) each bundle their own copy of
 //! ggml; linked into one binary they clash, so each runs in its own worker binary and speaks
@@ -16,6 +17,8 @@ pub mod convert;
 pub mod ipc;
 pub mod llm;
 pub mod models;
+pub mod piper;
+pub mod sentences;
 pub mod stt;
 pub mod tts;
 pub mod vad;

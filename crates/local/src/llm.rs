@@ -9,33 +9,49 @@ use atlas_providers::llm::{ChatRole, LlmEvent, LlmProvider, LlmRequest, LlmStrea
 use crate::ipc::{Message, Reply, Request};
 use crate::worker::Worker;
 
+/// How the local model decodes.
+#[derive(Clone, Debug)]
+pub struct Decoding {
+    /// Replaces the server's system prompt: small models follow a short one better.
+    pub system: Option<String>,
+    /// Hard output cap; an unfinished sentence there is dropped.
+    pub max_tokens: u32,
+    /// Past this many tokens the reply ends at the next sentence end.
+    pub soft_max_tokens: u32,
+    /// Sampling temperature when the request sets none; 0 decodes greedily.
+    pub temperature: f32,
+    /// Repetition penalty (1: none).
+    pub repeat_penalty: f32,
+}
+
+impl Default for Decoding {
+    /// The measured defaults for SmolLM2-135M (docs/benchmarks.md).
+    fn default() -> Self {
+        Decoding {
+            system: None,
+            max_tokens: 64,
+            soft_max_tokens: 32,
+            temperature: 0.0,
+            repeat_penalty: 1.1,
+        }
+    }
+}
+
 /// SmolLM2 (or any GGUF chat model) in the language model worker.
 #[derive(Debug)]
 pub struct LocalLlm {
     worker: Arc<Worker>,
     model: String,
-    /// Replaces the server's system prompt: small models follow a short one better.
-    system: Option<String>,
-    /// Output cap; small models wander in long replies.
-    max_tokens: u32,
-    temperature: f32,
+    decoding: Decoding,
 }
 
 impl LocalLlm {
     /// An adapter over a started language model worker.
-    pub fn new(
-        worker: Arc<Worker>,
-        model: impl Into<String>,
-        system: Option<String>,
-        max_tokens: u32,
-        temperature: f32,
-    ) -> Self {
+    pub fn new(worker: Arc<Worker>, model: impl Into<String>, decoding: Decoding) -> Self {
         LocalLlm {
             worker,
             model: model.into(),
-            system,
-            max_tokens,
-            temperature,
+            decoding,
         }
     }
 }
@@ -51,7 +67,8 @@ impl LlmProvider for LocalLlm {
     }
 
     async fn stream(&self, request: LlmRequest) -> Result<LlmStream, ProviderError> {
-        let system = self.system.clone().unwrap_or(request.system);
+        let d = &self.decoding;
+        let system = d.system.clone().unwrap_or(request.system);
         let mut messages = Vec::with_capacity(request.messages.len() + 1);
         messages.push(Message {
             role: "system".into(),
@@ -67,8 +84,10 @@ impl LlmProvider for LocalLlm {
                 text: m.text,
             }
         }));
-        let max_tokens = request.max_tokens.min(self.max_tokens).max(1);
-        let temperature = request.temperature.unwrap_or(self.temperature);
+        let max_tokens = request.max_tokens.min(d.max_tokens).max(1);
+        let soft_max_tokens = d.soft_max_tokens.min(max_tokens);
+        let temperature = request.temperature.unwrap_or(d.temperature);
+        let repeat_penalty = d.repeat_penalty;
         let mut ticket = self
             .worker
             .submit(
@@ -76,7 +95,9 @@ impl LlmProvider for LocalLlm {
                     id,
                     messages,
                     max_tokens,
+                    soft_max_tokens,
                     temperature,
+                    repeat_penalty,
                 },
                 &[],
             )

@@ -1,9 +1,11 @@
 //! Local speech recognition: the [`Endpointer`] finds utterances in the session's audio and
 //! the Whisper worker transcribes each one.
 //!
-//! Whisper is not a streaming recogniser, so there are no interim transcripts: the session
-//! hears `SpeechStarted` as soon as the detector is sure (for barge-in) and one final
-//! transcript per utterance, followed by `UtteranceEnd`.
+//! Whisper is not a streaming recogniser. The session hears `SpeechStarted` as soon as the
+//! detector is sure (for barge-in); while the person goes on speaking, the growing utterance
+//! is re-decoded at a bounded cadence ([`PartialCadence`]) for `Partial` transcripts — only
+//! when the engine is idle, one at a time, and cancelled (stopped inside the worker) when the
+//! utterance ends; then one final transcript per utterance, followed by `UtteranceEnd`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -17,21 +19,55 @@ use crate::ipc::{Reply, Request};
 use crate::vad::{EndpointConfig, Endpointer, RATE, Utterance, VadEvent};
 use crate::worker::Worker;
 
+/// When the growing utterance is decoded for a partial transcript.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartialCadence {
+    /// Speech (from the utterance's start) before the first partial, ms.
+    pub first_ms: u32,
+    /// New speech between two partials, ms.
+    pub every_ms: u32,
+}
+
+impl Default for PartialCadence {
+    fn default() -> Self {
+        PartialCadence {
+            first_ms: 700,
+            every_ms: 700,
+        }
+    }
+}
+
+impl PartialCadence {
+    /// Whether a partial is due for an utterance of `len` samples when the previous one was
+    /// taken at `last` samples (0: none yet).
+    pub fn due(&self, len: usize, last: usize) -> bool {
+        let samples = |ms: u32| ms as usize * RATE as usize / 1000;
+        len >= samples(self.first_ms) && len >= last + samples(self.every_ms)
+    }
+}
+
 /// Whisper behind a local endpointer.
 #[derive(Debug)]
 pub struct LocalStt {
     worker: Arc<Worker>,
     model: String,
     endpoint: EndpointConfig,
+    partials: Option<PartialCadence>,
 }
 
 impl LocalStt {
-    /// An adapter over a started Whisper worker.
-    pub fn new(worker: Arc<Worker>, model: impl Into<String>, endpoint: EndpointConfig) -> Self {
+    /// An adapter over a started Whisper worker; `partials` turns interim transcripts on.
+    pub fn new(
+        worker: Arc<Worker>,
+        model: impl Into<String>,
+        endpoint: EndpointConfig,
+        partials: Option<PartialCadence>,
+    ) -> Self {
         LocalStt {
             worker,
             model: model.into(),
             endpoint,
+            partials,
         }
     }
 
@@ -41,7 +77,7 @@ impl LocalStt {
         audio: &[i16],
         language: Option<String>,
     ) -> Result<String, ProviderError> {
-        transcribe(&self.worker, audio, language).await
+        transcribe(&self.worker, audio, language, false).await
     }
 }
 
@@ -49,10 +85,18 @@ async fn transcribe(
     worker: &Worker,
     audio: &[i16],
     language: Option<String>,
+    partial: bool,
 ) -> Result<String, ProviderError> {
     let payload: Vec<u8> = audio.iter().flat_map(|s| s.to_le_bytes()).collect();
     let mut ticket = worker
-        .submit(|id| Request::Transcribe { id, language }, &payload)
+        .submit(
+            |id| Request::Transcribe {
+                id,
+                language,
+                partial,
+            },
+            &payload,
+        )
         .await?;
     match ticket.next().await? {
         Reply::Transcript { text, .. } => Ok(clean(&text)),
@@ -115,6 +159,10 @@ impl SttProvider for LocalStt {
             carry: None,
             samples: Vec::with_capacity(4096),
             vad: Vec::new(),
+            cadence: self.partials,
+            partial: None,
+            partial_at: 0,
+            partial_text: String::new(),
         };
         tokio::spawn(session.run(command_rx));
         Ok(SttStream { commands, events })
@@ -142,6 +190,13 @@ struct StreamTask {
     carry: Option<u8>,
     samples: Vec<i16>,
     vad: Vec<VadEvent>,
+    cadence: Option<PartialCadence>,
+    /// The partial decode in flight (dropping it cancels it in the worker).
+    partial: Option<Transcription>,
+    /// Utterance length when the last partial was taken.
+    partial_at: usize,
+    /// The last partial sent, so an unchanged one is not repeated.
+    partial_text: String,
 }
 
 fn seconds(sample: u64) -> f64 {
@@ -161,7 +216,7 @@ impl StreamTask {
                     let end = job.utterance.speech_end;
                     let audio = job.utterance.audio;
                     running = Some((
-                        Box::pin(async move { transcribe(&worker, &audio, language).await }),
+                        Box::pin(async move { transcribe(&worker, &audio, language, false).await }),
                         end,
                         job.from_finalize,
                     ));
@@ -177,6 +232,7 @@ impl StreamTask {
                         self.endpointer.push(&samples, &mut self.vad);
                         self.samples = samples;
                         for event in std::mem::take(&mut self.vad) {
+                            self.reset_partial();
                             match event {
                                 VadEvent::SpeechStarted { at } => {
                                     let e = SttEvent::SpeechStarted { at_s: Some(seconds(at)) };
@@ -187,8 +243,12 @@ impl StreamTask {
                                 VadEvent::Utterance(utterance) => queue.push_back(Job { utterance, from_finalize: false }),
                             }
                         }
+                        if running.is_none() && queue.is_empty() {
+                            self.maybe_partial();
+                        }
                     }
                     Some(SttCommand::Finalize) => {
+                        self.reset_partial();
                         if let Some(utterance) = self.endpointer.flush() {
                             queue.push_back(Job { utterance, from_finalize: true });
                         } else if let Some(job) = queue.back_mut() {
@@ -204,11 +264,26 @@ impl StreamTask {
                     }
                     Some(SttCommand::Close) | None => {
                         closing = true;
+                        self.reset_partial();
                         if let Some(utterance) = self.endpointer.flush() {
                             queue.push_back(Job { utterance, from_finalize: false });
                         }
                     }
                 },
+                result = async { self.partial.as_mut().expect("guarded").as_mut().await }, if self.partial.is_some() => {
+                    self.partial = None;
+                    match result {
+                        Ok(text) if !text.is_empty() && text != self.partial_text => {
+                            self.partial_text.clone_from(&text);
+                            if self.events.send(Ok(SttEvent::Partial { text })).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        // A partial is a courtesy: the final transcript still comes.
+                        Err(e) => tracing::debug!(error = %e, "partial transcription failed"),
+                    }
+                }
                 result = async { running.as_mut().expect("guarded").0.as_mut().await }, if running.is_some() => {
                     let (_, end, from_finalize) = running.take().expect("guarded");
                     let end_s = Some(seconds(end));
@@ -229,6 +304,35 @@ impl StreamTask {
                 }
             }
         }
+    }
+
+    /// Forgets the current utterance's partial (cancelling one in flight).
+    fn reset_partial(&mut self) {
+        self.partial = None;
+        self.partial_at = 0;
+        self.partial_text.clear();
+    }
+
+    /// Starts a partial decode of the utterance so far if one is due and the engine is idle
+    /// (so partials never delay anyone's final transcript).
+    fn maybe_partial(&mut self) {
+        let Some(cadence) = self.cadence else { return };
+        if self.partial.is_some() || self.worker.in_flight() > 0 {
+            return;
+        }
+        let Some(audio) = self.endpointer.utterance_so_far() else {
+            return;
+        };
+        if !cadence.due(audio.len(), self.partial_at) {
+            return;
+        }
+        self.partial_at = audio.len();
+        let audio = audio.to_vec();
+        let worker = self.worker.clone();
+        let language = self.language.clone();
+        self.partial = Some(Box::pin(async move {
+            transcribe(&worker, &audio, language, true).await
+        }));
     }
 
     fn decode(&mut self, pcm: &[u8]) {
@@ -253,7 +357,20 @@ impl StreamTask {
 
 #[cfg(test)]
 mod tests {
-    use super::clean;
+    use super::{PartialCadence, clean};
+
+    #[test]
+    fn partials_come_at_a_bounded_cadence() {
+        let c = PartialCadence {
+            first_ms: 700,
+            every_ms: 500,
+        };
+        let ms = |n: usize| n * 16;
+        assert!(!c.due(ms(600), 0));
+        assert!(c.due(ms(700), 0));
+        assert!(!c.due(ms(1100), ms(700)));
+        assert!(c.due(ms(1200), ms(700)));
+    }
 
     #[test]
     fn annotations_are_removed() {

@@ -167,6 +167,11 @@ impl Endpointer {
         }
     }
 
+    /// The utterance being spoken so far (from its pre-roll), while speech goes on.
+    pub fn utterance_so_far(&self) -> Option<&[i16]> {
+        self.speaking.then_some(self.utterance.as_slice())
+    }
+
     /// Ends the utterance in progress now (push-to-talk release, end of stream); `None` when
     /// there is none.
     pub fn flush(&mut self) -> Option<Utterance> {

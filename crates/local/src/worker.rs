@@ -203,11 +203,13 @@ impl Worker {
         tokio::spawn(async move {
             loop {
                 match ipc::read_frame_async::<Reply>(&mut stdout).await {
-                    Ok(Some((reply, _))) => {
+                    Ok(Some((reply, payload))) => {
+                        let reply = ipc::with_payload(reply, payload);
                         let id = match &reply {
                             Reply::Transcript { id, .. }
                             | Reply::Delta { id, .. }
                             | Reply::Done { id, .. }
+                            | Reply::Audio { id, .. }
                             | Reply::Failed { id, .. } => *id,
                             Reply::Ready { .. } => continue,
                         };
@@ -294,14 +296,17 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// The next reply for this request. Ends the ticket after `Transcript`, `Done` or
-    /// `Failed`.
+    /// The next reply for this request. Ends the ticket after `Transcript`, `Done`, the last
+    /// `Audio` or `Failed`.
     pub async fn next(&mut self) -> Result<Reply, ProviderError> {
         match self.rx.recv().await {
             Some(reply) => {
                 if matches!(
                     reply,
-                    Reply::Transcript { .. } | Reply::Done { .. } | Reply::Failed { .. }
+                    Reply::Transcript { .. }
+                        | Reply::Done { .. }
+                        | Reply::Audio { last: true, .. }
+                        | Reply::Failed { .. }
                 ) {
                     self.finished = true;
                 }

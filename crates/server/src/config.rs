@@ -118,6 +118,10 @@ pub struct Config {
     /// Base URL of the OpenAI-compatible chat server when it differs from `openai_url`
     /// (e.g. Ollama at `http://127.0.0.1:11434/v1`).
     pub openai_chat_url: Option<String>,
+    /// Who serves `openai_chat_url`, for the price catalog: `openai` (priced as OpenAI's
+    /// models) or `local` (a model on your own machine, such as Ollama, a llama.cpp server or
+    /// `atlas-voice llm-server`: free, so budgets still hold).
+    pub openai_chat_provider: String,
     /// Ask OpenAI-compatible servers for usage in the stream (turn off for servers that
     /// reject `stream_options`; usage is then estimated from the text).
     pub openai_include_usage: bool,
@@ -143,13 +147,28 @@ pub struct Config {
     pub engine_dir: Option<std::path::PathBuf>,
     /// Local speech model: `whisper-tiny.en` (default) or `whisper-base`.
     pub local_stt_model: String,
+    /// Partial transcripts from the local recogniser: new speech (ms) between two re-decodes
+    /// of the growing utterance; 0 turns them off.
+    pub local_stt_partial_ms: u32,
     /// System prompt for the local language model, which follows a short one best.
     pub local_system_prompt: String,
-    /// Reply length cap for the local language model, in tokens.
+    /// Hard reply length cap for the local language model, in tokens: an unfinished sentence
+    /// at the cap is dropped, so replies end on a complete sentence.
     pub local_max_tokens: u32,
+    /// Soft cap: past this many tokens the local model stops at the next sentence end.
+    pub local_soft_max_tokens: u32,
+    /// Sampling temperature of the local model; 0 decodes greedily (the measured best for
+    /// short factual turns).
+    pub local_temperature: f32,
+    /// Repetition penalty of the local model (1 = none).
+    pub local_repeat_penalty: f32,
     /// Sentences after which the local language model stops.
     pub local_max_sentences: u32,
-    /// espeak-ng voice for local speech synthesis.
+    /// Local speech synthesis: `piper-joe` (the neural voice, default) or `espeak-ng`.
+    pub local_tts_model: String,
+    /// Threads of the neural voice's worker.
+    pub local_tts_threads: u32,
+    /// espeak-ng voice when `local_tts_model` is `espeak-ng`.
     pub local_tts_voice: String,
     /// espeak-ng speaking rate, words per minute.
     pub local_tts_wpm: u32,
@@ -334,6 +353,7 @@ impl Default for Config {
             anthropic_url: "https://api.anthropic.com".into(),
             openai_url: "https://api.openai.com/v1".into(),
             openai_chat_url: None,
+            openai_chat_provider: "openai".into(),
             openai_include_usage: true,
             stt_model: "nova-3".into(),
             llm_model: "claude-haiku-4-5".into(),
@@ -350,10 +370,16 @@ impl Default for Config {
             models_dir: "models".into(),
             engine_dir: None,
             local_stt_model: "whisper-tiny.en".into(),
+            local_stt_partial_ms: 700,
             local_system_prompt: "You are a helpful voice assistant. Answer in one short sentence."
                 .into(),
-            local_max_tokens: 48,
+            local_max_tokens: 64,
+            local_soft_max_tokens: 32,
+            local_temperature: 0.0,
+            local_repeat_penalty: 1.1,
             local_max_sentences: 2,
+            local_tts_model: "piper-joe".into(),
+            local_tts_threads: 1,
             local_tts_voice: "en-us".into(),
             local_tts_wpm: 175,
             local_queue: 4,
@@ -561,6 +587,15 @@ impl Config {
                 self.local_stt_model
             ));
         }
+        if !matches!(self.openai_chat_provider.as_str(), "openai" | "local") {
+            return fail(format!(
+                "ATLAS_OPENAI_CHAT_PROVIDER must be openai or local, not {:?}",
+                self.openai_chat_provider
+            ));
+        }
+        if self.local_stt_partial_ms != 0 && !(200..=10_000).contains(&self.local_stt_partial_ms) {
+            return fail("ATLAS_LOCAL_STT_PARTIAL_MS must be 0 (off) or 200 to 10000".into());
+        }
         if !(10..=86_400).contains(&self.dev_token_ttl_s) {
             return fail("ATLAS_DEV_TOKEN_TTL_S must be between 10 and 86400".into());
         }
@@ -571,6 +606,27 @@ impl Config {
             return fail(
                 "ATLAS_LOCAL_MAX_TOKENS and ATLAS_LOCAL_MAX_SENTENCES must be at least 1".into(),
             );
+        }
+        if self.local_soft_max_tokens == 0 || self.local_soft_max_tokens > self.local_max_tokens {
+            return fail(format!(
+                "ATLAS_LOCAL_SOFT_MAX_TOKENS ({}) must be between 1 and ATLAS_LOCAL_MAX_TOKENS ({})",
+                self.local_soft_max_tokens, self.local_max_tokens
+            ));
+        }
+        if !(0.0..=2.0).contains(&self.local_temperature) {
+            return fail("ATLAS_LOCAL_TEMPERATURE must be between 0 and 2".into());
+        }
+        if !(1.0..=2.0).contains(&self.local_repeat_penalty) {
+            return fail("ATLAS_LOCAL_REPEAT_PENALTY must be between 1 and 2".into());
+        }
+        if !matches!(self.local_tts_model.as_str(), "piper-joe" | "espeak-ng") {
+            return fail(format!(
+                "ATLAS_LOCAL_TTS_MODEL must be piper-joe or espeak-ng, not {:?}",
+                self.local_tts_model
+            ));
+        }
+        if !(1..=16).contains(&self.local_tts_threads) {
+            return fail("ATLAS_LOCAL_TTS_THREADS must be between 1 and 16".into());
         }
         if !(80..=450).contains(&self.local_tts_wpm) {
             return fail("ATLAS_LOCAL_TTS_WPM must be between 80 and 450".into());
@@ -955,6 +1011,71 @@ parameters = { type = "object", required = ["page"], properties = { page = { typ
         assert_eq!(c.tools[0].timeout_ms, 5000);
         assert_eq!(c.tools[0].parameters["required"][0], "page");
         assert_eq!(c.tool_acknowledgement, "One moment.");
+    }
+
+    #[test]
+    fn local_engine_settings_are_checked() {
+        let dev = || Config {
+            dev: true,
+            ..Config::default()
+        };
+        assert!(dev().validate().is_ok());
+        let cases: [(Config, &str); 6] = [
+            (
+                Config {
+                    local_tts_model: "festival".into(),
+                    ..dev()
+                },
+                "ATLAS_LOCAL_TTS_MODEL",
+            ),
+            (
+                Config {
+                    local_soft_max_tokens: 100,
+                    local_max_tokens: 64,
+                    ..dev()
+                },
+                "ATLAS_LOCAL_SOFT_MAX_TOKENS",
+            ),
+            (
+                Config {
+                    local_temperature: 3.0,
+                    ..dev()
+                },
+                "ATLAS_LOCAL_TEMPERATURE",
+            ),
+            (
+                Config {
+                    local_repeat_penalty: 0.5,
+                    ..dev()
+                },
+                "ATLAS_LOCAL_REPEAT_PENALTY",
+            ),
+            (
+                Config {
+                    local_stt_partial_ms: 50,
+                    ..dev()
+                },
+                "ATLAS_LOCAL_STT_PARTIAL_MS",
+            ),
+            (
+                Config {
+                    openai_chat_provider: "acme".into(),
+                    ..dev()
+                },
+                "ATLAS_OPENAI_CHAT_PROVIDER",
+            ),
+        ];
+        for (config, variable) in cases {
+            let e = config.validate().unwrap_err().to_string();
+            assert!(e.contains(variable), "{e}");
+        }
+        // Partials off and the fallback voice are valid choices.
+        let c = Config {
+            local_stt_partial_ms: 0,
+            local_tts_model: "espeak-ng".into(),
+            ..dev()
+        };
+        assert!(c.validate().is_ok());
     }
 
     #[test]

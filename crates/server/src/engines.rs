@@ -13,9 +13,10 @@ use atlas_providers::stt::deepgram::{Deepgram, DeepgramConfig};
 use atlas_providers::tts::TtsProvider;
 use atlas_providers::tts::openai::{OpenAiTts, OpenAiTtsConfig};
 
-use atlas_local::llm::LocalLlm;
+use atlas_local::llm::{Decoding, LocalLlm};
 use atlas_local::models;
-use atlas_local::stt::LocalStt;
+use atlas_local::piper::{self, PiperTts};
+use atlas_local::stt::{LocalStt, PartialCadence};
 use atlas_local::tts::Espeak;
 use atlas_local::vad::EndpointConfig;
 use atlas_local::worker::{Worker, WorkerConfig};
@@ -73,7 +74,7 @@ impl Engines {
                     config,
                     "speech recognition",
                     "atlas-voice-stt",
-                    &model,
+                    vec!["--model".into(), model.into()],
                     &["--threads", &threads],
                 )
                 .await?;
@@ -81,10 +82,15 @@ impl Engines {
                     end_silence_ms: config.stt_endpointing_ms.max(100),
                     ..EndpointConfig::default()
                 };
+                let partials = (config.local_stt_partial_ms > 0).then_some(PartialCadence {
+                    first_ms: config.local_stt_partial_ms,
+                    every_ms: config.local_stt_partial_ms,
+                });
                 Arc::new(LocalStt::new(
                     worker,
                     config.local_stt_model.clone(),
                     endpoint,
+                    partials,
                 ))
             }
         };
@@ -103,7 +109,11 @@ impl Engines {
                 api_key: config.openai_api_key.clone(),
                 model: config.llm_model.clone(),
                 include_usage: config.openai_include_usage,
-                provider: "openai",
+                provider: if config.openai_chat_provider == "local" {
+                    "local"
+                } else {
+                    "openai"
+                },
                 http: http.clone(),
             })),
             LlmKind::Local => {
@@ -116,16 +126,20 @@ impl Engines {
                     config,
                     "language model",
                     "atlas-voice-llm",
-                    &model,
+                    vec!["--model".into(), model.into()],
                     &["--sentences", &sentences, "--threads", &threads],
                 )
                 .await?;
                 Arc::new(LocalLlm::new(
                     worker,
                     "smollm2",
-                    Some(config.local_system_prompt.clone()),
-                    config.local_max_tokens,
-                    0.7,
+                    Decoding {
+                        system: Some(config.local_system_prompt.clone()),
+                        max_tokens: config.local_max_tokens,
+                        soft_max_tokens: config.local_soft_max_tokens,
+                        temperature: config.local_temperature,
+                        repeat_penalty: config.local_repeat_penalty,
+                    },
                 ))
             }
         };
@@ -137,7 +151,7 @@ impl Engines {
                 voice: config.tts_voice.clone(),
                 http,
             })),
-            TtsKind::Local => Arc::new(
+            TtsKind::Local if config.local_tts_model == "espeak-ng" => Arc::new(
                 Espeak::new(
                     "espeak-ng",
                     &config.local_tts_voice,
@@ -147,6 +161,20 @@ impl Engines {
                 .await
                 .map_err(|e| ConfigError(format!("local speech synthesis: {e}")))?,
             ),
+            TtsKind::Local => {
+                let args = piper::worker_args(&config.models_dir)
+                    .map_err(|e| ConfigError(e.to_string()))?;
+                let threads = config.local_tts_threads.to_string();
+                let worker = start_worker(
+                    config,
+                    "speech synthesis",
+                    "atlas-voice-tts",
+                    args,
+                    &["--threads", &threads],
+                )
+                .await?;
+                Arc::new(PiperTts::new(worker, config.local_tts_model.clone()))
+            }
         };
         Ok(Engines { stt, llm, tts })
     }
@@ -181,14 +209,15 @@ fn engine_program(config: &Config, name: &str) -> Result<std::path::PathBuf, Con
         })
 }
 
+/// Starts an engine worker: `args` are the model's (`--model FILE`, …), `extra` the
+/// settings after them.
 async fn start_worker(
     config: &Config,
     name: &'static str,
     program: &str,
-    model: &std::path::Path,
+    mut args: Vec<std::ffi::OsString>,
     extra: &[&str],
 ) -> Result<Arc<Worker>, ConfigError> {
-    let mut args: Vec<std::ffi::OsString> = vec!["--model".into(), model.into()];
     args.extend(extra.iter().map(Into::into));
     Worker::start(WorkerConfig {
         name,

@@ -2,6 +2,7 @@
 //! utterances the server sends over standard input (see `atlas_local::ipc`). Exits when its
 //! input closes.
 
+use std::ffi::c_void;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -40,6 +41,23 @@ fn parse_args() -> anyhow::Result<Args> {
     })
 }
 
+/// What whisper.cpp's abort callback looks at: whether request `id` has been cancelled.
+struct AbortCheck<'a> {
+    cancelled: &'a ipc::Cancelled,
+    id: u64,
+}
+
+/// whisper.cpp's abort callback: `data` is an [`AbortCheck`].
+unsafe extern "C" fn should_abort(data: *mut c_void) -> bool {
+    // SAFETY: whisper.cpp passes back the pointer set with `set_abort_callback_user_data`,
+    // which points at an `AbortCheck` alive for the whole decode.
+    let check = unsafe { &*(data as *const AbortCheck) };
+    check
+        .cancelled
+        .lock()
+        .is_ok_and(|ids| ids.contains(&check.id))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     if !args.model.is_file() {
@@ -68,7 +86,12 @@ fn main() -> anyhow::Result<()> {
     let (requests, cancelled) = ipc::spawn_stdin_reader();
     let mut samples: Vec<f32> = Vec::new();
     for (request, payload) in requests {
-        let Request::Transcribe { id, language } = request else {
+        let Request::Transcribe {
+            id,
+            language,
+            partial,
+        } = request
+        else {
             continue;
         };
         if cancelled.lock().expect("cancel lock").remove(&id) {
@@ -94,7 +117,22 @@ fn main() -> anyhow::Result<()> {
         // Bounded work per utterance: no re-decoding at higher temperatures, and a cap on
         // tokens so a decoding loop cannot hold the engine for seconds.
         params.set_temperature_inc(0.0);
-        params.set_max_tokens(128);
+        params.set_max_tokens(if partial { 48 } else { 128 });
+        // A cancelled request (a partial overtaken by the utterance's end, a session gone)
+        // stops between the model's steps instead of holding the engine. (whisper-rs's
+        // closure-taking `set_abort_callback_safe` hands whisper.cpp a pointer of the wrong
+        // type and leaks the closure, so the plain callback is used with a check that lives
+        // on this stack frame for the whole `full` call.)
+        let check = AbortCheck {
+            cancelled: &cancelled,
+            id,
+        };
+        // SAFETY: `check` outlives `state.full` below, the only call that uses the pointer,
+        // and `should_abort` only reads it.
+        unsafe {
+            params.set_abort_callback(Some(should_abort));
+            params.set_abort_callback_user_data(&check as *const AbortCheck as *mut c_void);
+        }
         params.set_print_special(false);
         params.set_print_progress(false);
         params.set_print_realtime(false);
@@ -102,12 +140,18 @@ fn main() -> anyhow::Result<()> {
         // Only part of the 30 s window goes through the encoder: the utterance plus a margin,
         // and at least ~10 s (512 positions), below which tiny.en's accuracy drops on short
         // questions. Three times faster than the full window for a few seconds of speech.
+        // Partials, shown while the person speaks and then replaced, use half that floor.
         let mel_frames = samples.len() / 160;
+        let floor = if partial { 256 } else { 512 };
         params.set_audio_ctx(
             args.audio_ctx
-                .unwrap_or((mel_frames / 2 + 128).clamp(512, 1500) as i32),
+                .unwrap_or((mel_frames / 2 + 128).clamp(floor, 1500) as i32),
         );
-        let reply = match state.full(params, &samples) {
+        let result = state.full(params, &samples);
+        if cancelled.lock().expect("cancel lock").remove(&id) {
+            continue;
+        }
+        let reply = match result {
             Ok(()) => {
                 let text: String = state
                     .as_iter()
@@ -123,7 +167,6 @@ fn main() -> anyhow::Result<()> {
                 message: e.to_string(),
             },
         };
-        cancelled.lock().expect("cancel lock").remove(&id);
         ipc::reply(&reply)?;
     }
     Ok(())

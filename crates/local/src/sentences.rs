@@ -73,6 +73,13 @@ fn ends_sentence(text: &str, i: usize, c: char) -> Option<bool> {
     }
 }
 
+/// Whether `text` ends with a sentence mark (closing quotes and brackets aside).
+fn has_final_mark(text: &str) -> bool {
+    text.trim_end()
+        .trim_end_matches(['"', '\'', ')', '”', '’'])
+        .ends_with(['.', '!', '?', '…'])
+}
+
 fn abbreviation(before: &str) -> bool {
     let word = before
         .rsplit(|c: char| c.is_whitespace())
@@ -105,7 +112,12 @@ impl SentenceGate {
         self.held.push_str(text);
         let mut out = String::new();
         while let Some(end) = self.first_end() {
-            let sentence: String = self.held.drain(..end).collect();
+            let mut sentence: String = self.held.drain(..end).collect();
+            // A line that ends without a mark (a list item) is closed as a sentence.
+            if sentence.ends_with('\n') && !has_final_mark(&sentence) {
+                let body = sentence.trim_end().len();
+                sentence.insert(body, '.');
+            }
             self.release(&sentence, &mut out);
             self.sentences += 1;
             if self.sentences >= self.limits.sentences || tokens >= self.limits.soft_tokens {
@@ -125,8 +137,7 @@ impl SentenceGate {
         if rest.is_empty() {
             return out;
         }
-        let last = rest.chars().next_back();
-        if natural && matches!(last, Some('.' | '!' | '?' | '…' | '"' | '\'' | ')')) {
+        if natural && has_final_mark(rest) {
             self.release(rest, &mut out);
         } else if natural {
             // The model stopped without a final mark: close its sentence.
@@ -309,6 +320,30 @@ mod tests {
         );
         let mut g = gate(2, 100);
         assert_eq!(run(&mut g, &["  ", "\n"], true).0, "");
+    }
+
+    #[test]
+    fn list_lines_and_quotes_are_closed_as_sentences() {
+        let mut g = gate(2, 100);
+        let (spoken, _) = run(
+            &mut g,
+            &[
+                "Try these:\n\n",
+                "* \"The Nightingale\" by Kristin Hannah\n",
+                "* More",
+            ],
+            true,
+        );
+        assert_eq!(
+            spoken,
+            "Try these:\n\n* \"The Nightingale\" by Kristin Hannah.\n* More."
+        );
+        let mut g = gate(2, 100);
+        let (spoken, _) = run(&mut g, &["The answer is \"Awful Person\""], true);
+        assert_eq!(spoken, "The answer is \"Awful Person\".");
+        let mut g = gate(2, 100);
+        let (spoken, _) = run(&mut g, &["He said \"hi.\""], true);
+        assert_eq!(spoken, "He said \"hi.\"");
     }
 
     #[test]

@@ -125,7 +125,38 @@ pub fn clean(text: &str) -> String {
             _ => {}
         }
     }
-    out.split_whitespace().collect::<Vec<_>>().join(" ")
+    let text = out.split_whitespace().collect::<Vec<_>>().join(" ");
+    without_repeats(&text)
+}
+
+/// Drops a sentence that repeats the one before it: Whisper sometimes loops on a short
+/// stretch of audio ("What is 3 times? What is 3 times? …"), which no one said.
+fn without_repeats(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut last = "";
+    // `text` has single spaces: a sentence ends at a mark followed by a space (so "3.5" is
+    // one word).
+    let mut start = 0;
+    let bytes = text.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        let end = i + 1 == bytes.len();
+        let boundary =
+            matches!(b, b'.' | b'?' | b'!') && bytes.get(i + 1).is_none_or(|n| *n == b' ');
+        if !(boundary || end) {
+            continue;
+        }
+        let sentence = text[start..=i].trim();
+        start = i + 1;
+        if sentence.is_empty() || sentence.eq_ignore_ascii_case(last) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(sentence);
+        last = sentence;
+    }
+    out
 }
 
 #[async_trait]
@@ -384,5 +415,16 @@ mod tests {
             "What is the capital of France?"
         );
         assert_eq!(clean("unbalanced ] bracket"), "unbalanced bracket");
+    }
+
+    #[test]
+    fn a_decoding_loop_is_cut_to_one_sentence() {
+        assert_eq!(
+            clean("What is 3 times? What is 3 times? what is 3 times? What is 3 time"),
+            "What is 3 times? What is 3 time"
+        );
+        assert_eq!(clean("No. No. Really, no."), "No. Really, no.");
+        assert_eq!(clean("It costs 3.5 dollars."), "It costs 3.5 dollars.");
+        assert_eq!(clean("Hello there"), "Hello there");
     }
 }

@@ -371,7 +371,7 @@ impl Default for Config {
             engine_dir: None,
             local_stt_model: "whisper-tiny.en".into(),
             local_stt_partial_ms: 700,
-            local_system_prompt: "You are a helpful voice assistant. Answer in one short sentence."
+            local_system_prompt: "You are a helpful voice assistant. Answer the question directly in one short, correct sentence."
                 .into(),
             local_max_tokens: 64,
             local_soft_max_tokens: 32,

@@ -176,8 +176,8 @@ pub struct Config {
     pub local_queue: usize,
     /// Threads of the Whisper worker (0: one per core).
     pub local_stt_threads: u32,
-    /// Threads of the language model worker. One keeps it from fighting Whisper for the cores
-    /// when both run; SmolLM2 loses little (first token 78 ms instead of 51).
+    /// Threads of the language model worker. Two: the stages of a turn mostly run one after
+    /// another, and both cores halve the first sentence's time (docs/benchmarks.md).
     pub local_llm_threads: u32,
     /// Reply length cap in tokens.
     pub llm_max_tokens: u32,
@@ -379,12 +379,12 @@ impl Default for Config {
             local_repeat_penalty: 1.1,
             local_max_sentences: 2,
             local_tts_model: "piper-joe".into(),
-            local_tts_threads: 1,
+            local_tts_threads: 2,
             local_tts_voice: "en-us".into(),
             local_tts_wpm: 175,
             local_queue: 4,
             local_stt_threads: 0,
-            local_llm_threads: 1,
+            local_llm_threads: 2,
             history_max_messages: 40,
             history_max_chars: 24_000,
             playback_lead_ms: 300,

@@ -513,14 +513,15 @@ fn json_text(msg: &ClientMessage) -> String {
     serde_json::to_string(msg).expect("client messages serialise")
 }
 
-/// The server's HTTP base (for /metrics) from its voice endpoint.
-fn http_base(url: &str) -> String {
+/// `http://host:port` of a voice endpoint URL (for /metrics and /dev/token).
+pub(crate) fn http_base(url: &str) -> String {
     url.replacen("ws://", "http://", 1)
         .replacen("wss://", "https://", 1)
         .split('?')
         .next()
         .unwrap_or_default()
-        .trim_end_matches("/v1/voice")
+        .trim_end_matches(atlas_protocol::VOICE_PATH)
+        .trim_end_matches('/')
         .to_owned()
 }
 

@@ -869,7 +869,7 @@ impl Tokens {
         if let Some(t) = token {
             return Ok(Tokens::Fixed(t));
         }
-        let endpoint = format!("{}/dev/token", http_base(url));
+        let endpoint = format!("{}/dev/token", crate::bench::http_base(url));
         let client = reqwest::Client::new();
         let (token, renew_at) = fetch_dev_token(&client, &endpoint).await?;
         Ok(Tokens::Dev {
@@ -923,18 +923,6 @@ async fn fetch_dev_token(
         .with_context(|| format!("{endpoint} answered something other than a token"))?;
     let renew_at = Instant::now() + Duration::from_secs(body.expires_in / 2);
     Ok((body.token, renew_at))
-}
-
-/// `http://host:port` of a voice endpoint URL.
-fn http_base(url: &str) -> String {
-    url.replacen("ws://", "http://", 1)
-        .replacen("wss://", "https://", 1)
-        .split('?')
-        .next()
-        .unwrap_or_default()
-        .trim_end_matches(atlas_protocol::VOICE_PATH)
-        .trim_end_matches('/')
-        .to_owned()
 }
 
 // ---------------------------------------------------------------------------------------------

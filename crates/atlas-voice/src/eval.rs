@@ -535,6 +535,7 @@ impl Synthesiser {
                 args: piper::worker_args(models_dir)?,
                 queue: 4,
                 start_timeout: Duration::from_secs(60),
+                nice: 0,
             })
             .await
             .context("cannot start the neural voice")?;

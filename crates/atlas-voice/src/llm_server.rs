@@ -95,6 +95,7 @@ pub async fn run(args: LlmServerArgs) -> anyhow::Result<()> {
         ],
         queue: args.queue.max(1),
         start_timeout: Duration::from_secs(300),
+        nice: 0,
     })
     .await
     .with_context(|| format!("loading {}", model.display()))?;

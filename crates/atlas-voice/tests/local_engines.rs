@@ -64,6 +64,7 @@ async fn stt_worker(queue: usize) -> Arc<Worker> {
         ],
         queue,
         start_timeout: Duration::from_secs(60),
+        nice: 0,
     })
     .await
     .unwrap()
@@ -81,6 +82,7 @@ async fn llm_worker(queue: usize) -> Arc<Worker> {
         ],
         queue,
         start_timeout: Duration::from_secs(60),
+        nice: 0,
     })
     .await
     .unwrap()
@@ -132,6 +134,7 @@ async fn tts_worker() -> Arc<Worker> {
         args: atlas_local::piper::worker_args(&models_dir()).unwrap(),
         queue: 2,
         start_timeout: Duration::from_secs(60),
+        nice: 0,
     })
     .await
     .unwrap()

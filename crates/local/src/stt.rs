@@ -110,6 +110,16 @@ async fn transcribe(
     }
 }
 
+/// The most tokens Whisper may produce for `samples` of 16 kHz audio: a fast speaker's rate
+/// (about 5 tokens a second) with a wide margin, and never more than 128 (48 for a partial).
+/// A decoding loop ("What is 3 times? What is 3 times? …") otherwise runs to the fixed cap
+/// and holds the engine for seconds on a two-second question.
+pub fn max_tokens(samples: usize, partial: bool) -> i32 {
+    let seconds = samples / 16_000 + 1;
+    let cap = if partial { 48 } else { 128 };
+    (16 + 8 * seconds).min(cap) as i32
+}
+
 /// Drops Whisper's non-speech annotations (`[BLANK_AUDIO]`, `(music)`, `*laughs*`) and
 /// collapses whitespace.
 pub fn clean(text: &str) -> String {
@@ -388,7 +398,18 @@ impl StreamTask {
 
 #[cfg(test)]
 mod tests {
-    use super::{PartialCadence, clean};
+    use super::{PartialCadence, clean, max_tokens};
+
+    #[test]
+    fn the_token_cap_follows_the_audio() {
+        // Two seconds of speech: room for ~40 tokens, three times a fast speaker's.
+        assert_eq!(max_tokens(2 * 16_000, false), 40);
+        assert!(max_tokens(2 * 16_000, false) >= 3 * 2 * 5);
+        // Long utterances and partials keep their fixed caps.
+        assert_eq!(max_tokens(30 * 16_000, false), 128);
+        assert_eq!(max_tokens(10 * 16_000, true), 48);
+        assert_eq!(max_tokens(0, false), 24);
+    }
 
     #[test]
     fn partials_come_at_a_bounded_cadence() {

@@ -33,6 +33,10 @@ pub struct WorkerConfig {
     pub queue: usize,
     /// How long loading the model may take.
     pub start_timeout: Duration,
+    /// How much lower than the server's its scheduling priority is (0: the same, up to 19).
+    /// The language model runs lower so that, when it generates the next sentence while the
+    /// voice speaks the first, the voice gets the cores first (docs/benchmarks.md).
+    pub nice: i32,
 }
 
 type Pending = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Reply>>>>;
@@ -114,19 +118,34 @@ impl Worker {
     async fn spawn(&self) -> Result<Arc<Running>, ProviderError> {
         let name = self.config.name;
         let program = &self.config.program;
-        let mut child = Command::new(program)
+        let mut command = Command::new(program);
+        command
             .args(&self.config.args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                ProviderError::Connect(format!(
-                    "could not start the {name} worker {}: {e} (build it with `cargo build --release`)",
-                    program.display()
-                ))
-            })?;
+            .kill_on_drop(true);
+        let nice = self.config.nice.clamp(0, 19);
+        if nice > 0 {
+            // SAFETY: runs in the child between fork and exec, where only async-signal-safe
+            // calls are allowed; `setpriority` is a plain system call and nothing is allocated.
+            // Set before exec, it holds for every thread the worker starts.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setpriority(libc::PRIO_PROCESS, 0, nice) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = command.spawn().map_err(|e| {
+            ProviderError::Connect(format!(
+                "could not start the {name} worker {}: {e} (build it with `cargo build --release`)",
+                program.display()
+            ))
+        })?;
         let mut stdin = child.stdin.take().expect("piped");
         let mut stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");

@@ -179,6 +179,10 @@ pub struct Config {
     /// Threads of the language model worker. Two: the stages of a turn mostly run one after
     /// another, and both cores halve the first sentence's time (docs/benchmarks.md).
     pub local_llm_threads: u32,
+    /// How much lower the language model worker's scheduling priority is than the other
+    /// workers' (0–19): it generates the next sentence while the voice speaks the first, and
+    /// the voice should win the cores (docs/benchmarks.md).
+    pub local_llm_nice: i32,
     /// Reply length cap in tokens.
     pub llm_max_tokens: u32,
     /// Conversation messages kept for the LLM.
@@ -212,7 +216,8 @@ pub struct Config {
     /// A request head must arrive within this many seconds of the connection waiting for it
     /// (slow or silent clients are closed).
     pub http_header_timeout_s: u64,
-    /// Connections that have not authenticated for a session, at most; more are closed at once.
+    /// Connections that have not authenticated for a session, at most; when all places are
+    /// taken, a new connection takes the place of the oldest, which is closed.
     pub max_pending_connections: usize,
     /// A started WebSocket frame or fragmented message must be complete within this many
     /// seconds.
@@ -385,6 +390,7 @@ impl Default for Config {
             local_queue: 4,
             local_stt_threads: 0,
             local_llm_threads: 2,
+            local_llm_nice: 10,
             history_max_messages: 40,
             history_max_chars: 24_000,
             playback_lead_ms: 300,
@@ -624,6 +630,9 @@ impl Config {
                 "ATLAS_LOCAL_TTS_MODEL must be piper-joe or espeak-ng, not {:?}",
                 self.local_tts_model
             ));
+        }
+        if !(0..=19).contains(&self.local_llm_nice) {
+            return fail("ATLAS_LOCAL_LLM_NICE must be between 0 and 19".into());
         }
         if !(1..=16).contains(&self.local_tts_threads) {
             return fail("ATLAS_LOCAL_TTS_THREADS must be between 1 and 16".into());

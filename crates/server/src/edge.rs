@@ -6,10 +6,13 @@
 //!   `ATLAS_HTTP_HEADER_TIMEOUT_S`, counted from when the connection starts waiting for it. A
 //!   client that sends nothing, only a request line, or nothing more after a response is closed
 //!   then (slowloris).
-//! - **Unauthenticated connections.** Every accepted connection takes a place from a fixed pool
+//! - **Unauthenticated connections.** Every accepted connection takes a place in a fixed pool
 //!   (`ATLAS_MAX_PENDING_CONNECTIONS`) and keeps it until it authenticates for a voice session or
-//!   closes; with the pool empty, new connections are closed at once. Established sessions have
-//!   given their place back, so a flood of idle sockets cannot disturb them.
+//!   closes. When every place is taken, a new connection takes the place of the *oldest* one,
+//!   which is closed: an attacker holding thousands of idle sockets cannot lock out a client
+//!   that finishes its request promptly (it would have to open sockets faster than the pool's
+//!   size per request time), and the server's descriptors stay bounded either way.
+//!   Established sessions have given their place back, so idle sockets cannot disturb them.
 //! - **Partial WebSocket messages.** After the upgrade, [`EdgeIo`] follows the client's frame
 //!   headers (it never buffers payload): a frame or a fragmented message that has started must
 //!   be complete within `ATLAS_WS_MESSAGE_TIMEOUT_S`, or the connection ends. Control frames
@@ -20,6 +23,7 @@
 //! the tracking, and is then bounded only by the message size limit and the session's idle
 //! timeout — and it has authenticated to get that far.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -34,7 +38,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -75,21 +78,81 @@ pub fn max_ws_message(config: &crate::Config) -> usize {
         + atlas_protocol::MAX_TEXT_FRAME_BYTES
 }
 
+/// The places of the connections that have not authenticated, oldest first.
+struct PendingPool {
+    max: usize,
+    places: Mutex<Places>,
+}
+
+#[derive(Default)]
+struct Places {
+    next: u64,
+    /// Place number → the signal that closes its connection.
+    held: BTreeMap<u64, CancellationToken>,
+}
+
+impl PendingPool {
+    fn new(max: usize) -> Arc<PendingPool> {
+        Arc::new(PendingPool {
+            max: max.max(1),
+            places: Mutex::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Places> {
+        self.places.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for a new connection; when all are taken, the oldest holder is told to close.
+    fn admit(self: &Arc<Self>) -> Place {
+        let mut places = self.lock();
+        if places.held.len() >= self.max
+            && let Some((_, oldest)) = places.held.pop_first()
+        {
+            oldest.cancel();
+            metrics::edge_closed("pending_evicted");
+        }
+        let id = places.next;
+        places.next += 1;
+        let evicted = CancellationToken::new();
+        places.held.insert(id, evicted.clone());
+        Place {
+            pool: self.clone(),
+            id,
+            evicted,
+        }
+    }
+}
+
+/// A connection's place in the [`PendingPool`], given back when dropped.
+struct Place {
+    pool: Arc<PendingPool>,
+    id: u64,
+    /// Cancelled when a newer connection took this place.
+    evicted: CancellationToken,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.pool.lock().held.remove(&self.id);
+    }
+}
+
 /// One accepted connection, found in the extensions of each of its requests.
 #[derive(Clone)]
 pub struct Conn(Arc<ConnShared>);
 
 struct ConnShared {
     /// The connection's place among the unauthenticated ones, until it authenticates.
-    pending: Mutex<Option<OwnedSemaphorePermit>>,
+    pending: Mutex<Option<Place>>,
     /// Set when the voice handler accepts the WebSocket upgrade.
     websocket: AtomicBool,
 }
 
 impl Conn {
-    fn new(permit: Option<OwnedSemaphorePermit>) -> Conn {
+    fn new(place: Place) -> Conn {
         Conn(Arc::new(ConnShared {
-            pending: Mutex::new(permit),
+            pending: Mutex::new(Some(place)),
             websocket: AtomicBool::new(false),
         }))
     }
@@ -124,7 +187,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     limits: EdgeLimits,
 ) -> io::Result<()> {
-    let pending = Arc::new(Semaphore::new(limits.max_pending));
+    let pending = PendingPool::new(limits.max_pending);
     let connections = TaskTracker::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -145,14 +208,11 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            metrics::refused("too_many_pending");
-            drop(tcp);
-            continue;
-        };
+        let place = pending.admit();
+        let evicted = place.evicted.clone();
         // Small frames (audio chunks, events) must not wait for Nagle's algorithm.
         let _ = tcp.set_nodelay(true);
-        let conn = Conn::new(Some(permit));
+        let conn = Conn::new(place);
         let io = TokioIo::new(EdgeIo::new(tcp, conn.clone(), limits.message_timeout));
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
@@ -166,6 +226,8 @@ pub async fn serve(
             let mut connection = std::pin::pin!(connection);
             let result = tokio::select! {
                 r = connection.as_mut() => r,
+                // A newer connection needed the place: close without a response.
+                _ = evicted.cancelled() => return,
                 _ = stop.cancelled() => {
                     // Finish the request in progress, then close.
                     connection.as_mut().graceful_shutdown();

@@ -76,6 +76,7 @@ impl Engines {
                     "atlas-voice-stt",
                     vec!["--model".into(), model.into()],
                     &["--threads", &threads],
+                    0,
                 )
                 .await?;
                 let endpoint = EndpointConfig {
@@ -128,6 +129,7 @@ impl Engines {
                     "atlas-voice-llm",
                     vec!["--model".into(), model.into()],
                     &["--sentences", &sentences, "--threads", &threads],
+                    config.local_llm_nice,
                 )
                 .await?;
                 Arc::new(LocalLlm::new(
@@ -171,6 +173,7 @@ impl Engines {
                     "atlas-voice-tts",
                     args,
                     &["--threads", &threads],
+                    0,
                 )
                 .await?;
                 Arc::new(PiperTts::new(worker, config.local_tts_model.clone()))
@@ -210,13 +213,14 @@ fn engine_program(config: &Config, name: &str) -> Result<std::path::PathBuf, Con
 }
 
 /// Starts an engine worker: `args` are the model's (`--model FILE`, …), `extra` the
-/// settings after them.
+/// settings after them, `nice` how much lower than the server it is scheduled.
 async fn start_worker(
     config: &Config,
     name: &'static str,
     program: &str,
     mut args: Vec<std::ffi::OsString>,
     extra: &[&str],
+    nice: i32,
 ) -> Result<Arc<Worker>, ConfigError> {
     args.extend(extra.iter().map(Into::into));
     Worker::start(WorkerConfig {
@@ -225,6 +229,7 @@ async fn start_worker(
         args,
         queue: config.local_queue,
         start_timeout: Duration::from_secs(120),
+        nice,
     })
     .await
     .map_err(|e| ConfigError(format!("starting the local {name} engine: {e}")))

@@ -65,7 +65,8 @@ pub fn refused(reason: &'static str) {
     counter!("atlas_connections_refused_total", "reason" => reason).increment(1);
 }
 
-/// The edge closed a connection (bounded reasons: `header_timeout`, `message_timeout`).
+/// The edge closed a connection (bounded reasons: `header_timeout`, `message_timeout`,
+/// `pending_evicted`).
 pub fn edge_closed(reason: &'static str) {
     counter!("atlas_connections_closed_total", "reason" => reason).increment(1);
 }

@@ -115,9 +115,10 @@ fn main() -> anyhow::Result<()> {
         params.set_no_timestamps(true);
         params.set_suppress_blank(true);
         // Bounded work per utterance: no re-decoding at higher temperatures, and a cap on
-        // tokens so a decoding loop cannot hold the engine for seconds.
+        // tokens in proportion to the audio so a decoding loop cannot hold the engine for
+        // seconds.
         params.set_temperature_inc(0.0);
-        params.set_max_tokens(if partial { 48 } else { 128 });
+        params.set_max_tokens(atlas_local::stt::max_tokens(payload.len() / 2, partial));
         // A cancelled request (a partial overtaken by the utterance's end, a session gone)
         // stops between the model's steps instead of holding the engine. (whisper-rs's
         // closure-taking `set_abort_callback_safe` hands whisper.cpp a pointer of the wrong

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds atlas-voice and starts it for a first try: no accounts, no API keys.
 # Installs the system packages the local engines need (scripts/setup-local.sh), builds the
-# server and its engine workers, fetches the pinned models into ./models (about 290 MB,
+# server and its engine workers, fetches the pinned models into ./models (246 MB,
 # checked against their sha256), and serves on the local engines in development mode:
 # Whisper tiny.en, SmolLM2-135M-Instruct and the Piper voice "joe". Open the printed URL and
 # press Start.

@@ -694,7 +694,13 @@ impl Driver {
             if deadline < timer.deadline() {
                 timer.as_mut().reset(deadline);
             }
+            // Polled in this order (not at random): a wake-up is almost always the client's
+            // next audio frame, and each branch polled before the ready one costs a channel
+            // check and a waker registration, 50 times a second per session. A client that
+            // floods its own connection can only delay its own session's other events, and
+            // the frame-rate limit ends that.
             tokio::select! {
+                biased;
                 _ = &mut cancelled, if !self.machine.is_ended() => self.feed(Input::Shutdown).await,
                 input = link_next(&mut self.link) => match input {
                     LinkInput::Frame(Some(Ok(m))) => self.on_client(m).await,

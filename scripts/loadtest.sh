@@ -3,8 +3,10 @@
 # CHUNK_MS frames at real-time pace to a server in its own process, wired to the provider
 # fakes in a third process, all on loopback. Prints latency, late/dropped frames, reply-audio
 # gaps and each process's CPU; extra arguments go to `atlas-voice loadtest` (e.g. --json).
-# Usage: [LOADTEST_BIN=path] scripts/loadtest.sh [SESSIONS] [CHUNK_MS] [RAMP_MS] [loadtest args...]
+# Usage: [LOADTEST_BIN=path] [LOADTEST_PIN=1] scripts/loadtest.sh [SESSIONS] [CHUNK_MS] [RAMP_MS] [loadtest args...]
 #        (defaults 1000 20 5; loopback only; stops by itself)
+# LOADTEST_PIN=1 runs the server on the first CPU and the fakes and the generator on the
+# others (taskset), so that a generator falling behind does not show up as server latency.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/atlas-voice/target}"
@@ -19,10 +21,16 @@ else
   cargo build --release --locked -p atlas-voice >&2
   bin="$CARGO_TARGET_DIR/release/atlas-voice"
 fi
+server_cpu=() client_cpu=()
+if [ -n "${LOADTEST_PIN:-}" ]; then
+  last=$(($(nproc) - 1))
+  [ "$last" -ge 1 ] || { echo "LOADTEST_PIN needs at least two CPUs" >&2; exit 1; }
+  server_cpu=(taskset -c 0) client_cpu=(taskset -c "1-$last")
+fi
 fakes_port=19090
 server_port=18080
 data=$(mktemp -d)
-RUST_LOG=warn "$bin" fakes --listen "127.0.0.1:$fakes_port" >/dev/null &
+RUST_LOG=warn "${client_cpu[@]}" "$bin" fakes --listen "127.0.0.1:$fakes_port" >/dev/null &
 fakes_pid=$!
 export ATLAS_LISTEN="127.0.0.1:$server_port" ATLAS_DEV=true \
   ATLAS_STT=deepgram ATLAS_LLM=anthropic ATLAS_TTS=openai \
@@ -31,7 +39,7 @@ export ATLAS_LISTEN="127.0.0.1:$server_port" ATLAS_DEV=true \
   ATLAS_OPENAI_URL="http://127.0.0.1:$fakes_port/v1" \
   ATLAS_CONNECT_RATE_PER_S=1000000 ATLAS_CONNECT_BURST=1000000 \
   ATLAS_MAX_SESSIONS_PER_USER=100000 DATABASE_URL="sqlite://$data/atlas-voice.db"
-RUST_LOG=warn "$bin" serve >/dev/null &
+RUST_LOG=warn "${server_cpu[@]}" "$bin" serve >/dev/null &
 server_pid=$!
 trap 'kill "$server_pid" "$fakes_pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$data"' EXIT
 for _ in $(seq 100); do
@@ -39,6 +47,6 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 token=$("$bin" token --user loadtest)
-"$bin" loadtest --url "ws://127.0.0.1:$server_port/v1/voice" --token "$token" \
+"${client_cpu[@]}" "$bin" loadtest --url "ws://127.0.0.1:$server_port/v1/voice" --token "$token" \
   --sessions "$n" --chunk-ms "$chunk" --ramp-ms "$ramp" \
   --server-pid "$server_pid" --fakes-pid "$fakes_pid" "$@"

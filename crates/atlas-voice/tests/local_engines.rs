@@ -187,7 +187,10 @@ async fn collect_turn(conn: &mut Connection) -> Turn {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spoken_question_gets_a_spoken_answer_that_transcribes_back_to_its_words() {
-    let server = serve(&[]).expect("serve starts on the local engines");
+    // Partials every 400 ms of speech (700 by default), so that one is decoded while the
+    // question is spoken even when the machine is busy with other tests.
+    let server =
+        serve(&[("ATLAS_LOCAL_STT_PARTIAL_MS", "400")]).expect("serve starts on the local engines");
     let mut conn = session(&server).await;
     let sender = conn.sender.clone();
     let question = spoken_question();

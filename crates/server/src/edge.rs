@@ -10,8 +10,9 @@
 //!   (`ATLAS_MAX_PENDING_CONNECTIONS`) and keeps it until it authenticates for a voice session or
 //!   closes. When every place is taken, a new connection takes the place of the *oldest* one,
 //!   which is closed: an attacker holding thousands of idle sockets cannot lock out a client
-//!   that finishes its request promptly (it would have to open sockets faster than the pool's
-//!   size per request time), and the server's descriptors stay bounded either way.
+//!   that finishes its request promptly (to push it out, the attacker would have to open more
+//!   connections than the pool holds within the time that client takes to send its request),
+//!   and the server's descriptors stay bounded either way.
 //!   Established sessions have given their place back, so idle sockets cannot disturb them.
 //! - **Partial WebSocket messages.** After the upgrade, [`EdgeIo`] follows the client's frame
 //!   headers (it never buffers payload): a frame or a fragmented message that has started must

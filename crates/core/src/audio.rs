@@ -23,11 +23,23 @@ pub fn pcm_to_le_bytes(samples: &[i16], out: &mut Vec<u8>) {
 
 /// Root-mean-square level in dBFS (−∞ for digital silence is reported as −120).
 pub fn rms_dbfs(samples: &[i16]) -> f32 {
-    if samples.is_empty() {
+    dbfs(samples.iter().copied(), samples.len())
+}
+
+/// [`rms_dbfs`] of 16-bit little-endian PCM bytes, read in place (a trailing odd byte is
+/// ignored).
+pub fn rms_dbfs_le(pcm: &[u8]) -> f32 {
+    let samples = pcm.chunks_exact(2);
+    let n = samples.len();
+    dbfs(samples.map(|b| i16::from_le_bytes([b[0], b[1]])), n)
+}
+
+fn dbfs(samples: impl Iterator<Item = i16>, n: usize) -> f32 {
+    if n == 0 {
         return -120.0;
     }
-    let sum: f64 = samples.iter().map(|&s| f64::from(s) * f64::from(s)).sum();
-    let rms = (sum / samples.len() as f64).sqrt() / 32768.0;
+    let sum: f64 = samples.map(|s| f64::from(s) * f64::from(s)).sum();
+    let rms = (sum / n as f64).sqrt() / 32768.0;
     if rms <= 1e-6 {
         -120.0
     } else {
@@ -178,6 +190,18 @@ mod tests {
         let mut back = Vec::new();
         pcm_from_le_bytes(&bytes, &mut back);
         assert_eq!(back, samples);
+    }
+
+    #[test]
+    fn levels_of_samples_and_of_their_bytes_agree() {
+        let samples: Vec<i16> = (0..320).map(|i| ((i % 40) * 400 - 8_000) as i16).collect();
+        let mut bytes = Vec::new();
+        pcm_to_le_bytes(&samples, &mut bytes);
+        let level = rms_dbfs(&samples);
+        assert!((-20.0..-10.0).contains(&level), "{level}");
+        assert_eq!(rms_dbfs_le(&bytes), level);
+        assert_eq!(rms_dbfs_le(&[0; 640]), -120.0);
+        assert_eq!(rms_dbfs_le(&[]), -120.0);
     }
 
     #[test]

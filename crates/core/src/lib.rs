@@ -10,6 +10,7 @@
 //! - [`audio`]: PCM helpers, chunk validation and the audio clock that maps stream positions
 //!   to arrival times.
 //! - [`pacing`]: keeps outgoing audio a bounded lead ahead of real-time playback.
+//! - [`uplink`]: which client audio frames may wait to reach the recogniser in one message.
 //! - [`latency`]: per-turn timestamps and the latency breakdown derived from them.
 //! - [`timers`]: heartbeat, idle, maximum-duration, token-expiry and resume-window deadlines.
 //! - [`tools`]: tool calls the model makes and their results (opaque text).
@@ -33,3 +34,4 @@ pub mod splitter;
 pub mod timers;
 pub mod tools;
 pub mod turns;
+pub mod uplink;

@@ -228,6 +228,9 @@ pub struct Config {
     pub max_duration_warning_s: u64,
     /// Text and binary frames accepted per second before `rate_limited` errors.
     pub max_frames_per_s: u32,
+    /// Most client audio, in milliseconds, joined into one message to the recogniser where
+    /// no reply waits for it (0: every frame at once); see `atlas_core::uplink`.
+    pub stt_batch_ms: u64,
     /// Close a session after this long without client activity.
     pub idle_timeout_s: u64,
     /// Maximum session length.
@@ -410,6 +413,7 @@ impl Default for Config {
             token_grace_s: 10,
             max_duration_warning_s: 60,
             max_frames_per_s: 100,
+            stt_batch_ms: 100,
             idle_timeout_s: 600,
             max_duration_s: 1800,
             resume_window_s: 60,
@@ -686,6 +690,12 @@ impl Config {
             return fail(
                 "ATLAS_MAX_SESSIONS, ATLAS_CONNECT_RATE_PER_S, ATLAS_CONNECT_BURST and \
                  ATLAS_MAX_PENDING_CONNECTIONS must be at least 1"
+                    .into(),
+            );
+        }
+        if self.stt_batch_ms > 250 {
+            return fail(
+                "ATLAS_STT_BATCH_MS must be at most 250 (the largest message recognisers recommend)"
                     .into(),
             );
         }

@@ -27,13 +27,14 @@ use atlas_protocol::{
     AudioFormat, EndingReason, ErrorCode, LatencyBreakdown, Limits, ServerEvent, close,
 };
 
-use crate::audio::{ChunkError, validate_chunk};
+use crate::audio::{ChunkError, rms_dbfs_le, validate_chunk};
 use crate::cost::{Micros, Prices};
 use crate::history::{History, HistoryLimits, Message, Role};
 use crate::latency::Latency;
 use crate::timers::{SessionTimers, TimerAction, TimerConfig, TimerEnd};
 use crate::tools::{CheckedCall, ToolCall, ToolKind, ToolOutcome, ToolResult};
 use crate::turns::{self, Action, TurnConfig, Turns};
+use crate::uplink::Uplink;
 use ledger::{Ledger, LedgerState, LlmBill, SpendDelta, Verdict};
 
 /// Settings of every session on a server.
@@ -65,6 +66,9 @@ pub struct Config {
     pub max_flood_seconds: u32,
     /// Consecutive recogniser failures before the session gives up.
     pub max_recogniser_failures: u32,
+    /// Most audio held back to reach the recogniser in one message (zero: every frame at
+    /// once); see [`crate::uplink`].
+    pub recogniser_batch: Duration,
     /// Characters of the system prompt (for the estimate of a reply's cost).
     pub system_prompt_chars: usize,
     /// Output token cap of a reply.
@@ -420,7 +424,15 @@ pub enum Output {
     /// Send a transport-level ping.
     Ping,
     /// Forward accepted audio to the recogniser.
-    Forward(Bytes),
+    Forward {
+        /// The frame.
+        pcm: Bytes,
+        /// It may wait to go in one message with the frames after it (until a frame that is
+        /// not held, [`Output::SendHeld`], a finalise or a close).
+        hold: bool,
+    },
+    /// Send the audio held for the recogniser now.
+    SendHeld,
     /// An audio frame was refused (bounded label for metrics).
     Rejected(&'static str),
     /// Ask the recogniser to finalise what it has (push-to-talk).
@@ -610,6 +622,7 @@ pub struct Session {
     timers: SessionTimers,
     ledger: Ledger,
     abuse: Abuse,
+    uplink: Uplink,
     /// What the person said in the turn being answered.
     user_text: String,
     /// The reply in flight.
@@ -650,6 +663,7 @@ impl Session {
             history: History::new(config.history),
             timers: SessionTimers::new(config.timers, now, now + Duration::from_secs(3600)),
             ledger,
+            uplink: Uplink::new(config.recogniser_batch),
             abuse: Abuse {
                 invalid: 0,
                 window_start: now,
@@ -774,6 +788,9 @@ impl Session {
             return None;
         }
         let mut t = self.timers.next_deadline().min(self.next_checkpoint);
+        if let Some(held) = self.uplink.deadline() {
+            t = t.min(held);
+        }
         if let Some(lease) = &self.lease {
             t = t.min(lease.valid_until);
             if !lease.in_flight {
@@ -800,6 +817,9 @@ impl Session {
         }
         self.now = now;
         self.expire_tools(now);
+        if self.uplink.expired(now) {
+            self.out.push_back(Output::SendHeld);
+        }
         while let Some(action) = self.timers.poll(now) {
             match action {
                 TimerAction::Ping => self.out.push_back(Output::Ping),
@@ -908,6 +928,15 @@ impl Session {
                 self.send(ServerEvent::error(ErrorCode::Unauthorized, message, false))
             }
             Input::Heard(heard) => {
+                if matches!(
+                    heard,
+                    Heard::Final {
+                        speech_final: true,
+                        ..
+                    } | Heard::UtteranceEnd { .. }
+                ) {
+                    self.uplink.end_heard();
+                }
                 let input = match heard {
                     Heard::Partial(text) => turns::Input::Partial { text },
                     Heard::Final {
@@ -1114,10 +1143,16 @@ impl Session {
         self.abort_reply();
         self.attached = false;
         self.timers.detached(now);
-        self.out.push_back(Output::CloseRecogniser);
+        self.close_recogniser();
         if self.lease.is_some() {
             self.out.push_back(Output::Publish);
         }
+    }
+
+    /// Closes the recogniser connection (the driver sends held audio first).
+    fn close_recogniser(&mut self) {
+        self.uplink.released();
+        self.out.push_back(Output::CloseRecogniser);
     }
 
     fn audio(&mut self, pcm: Bytes, now: Instant) {
@@ -1146,7 +1181,10 @@ impl Session {
                 return self.end(EndReason::BudgetExhausted);
             }
         }
-        self.out.push_back(Output::Forward(pcm));
+        let hold = self
+            .uplink
+            .hold(rms_dbfs_le(&pcm), Duration::from_secs_f64(seconds), now);
+        self.out.push_back(Output::Forward { pcm, hold });
     }
 
     /// Feeds the turn machine and acts on what it decides.
@@ -1156,7 +1194,11 @@ impl Session {
         for action in actions.drain(..) {
             match action {
                 Action::Partial(text) => self.send(ServerEvent::TranscriptPartial { text }),
-                Action::Finalize => self.out.push_back(Output::Finalize),
+                Action::Finalize => {
+                    // The driver sends held audio before the finalise.
+                    self.uplink.released();
+                    self.out.push_back(Output::Finalize);
+                }
                 Action::Interrupt { turn_id } => {
                     if self.reply.as_ref().is_some_and(|r| r.turn_id == turn_id) {
                         self.abort_reply();
@@ -1671,7 +1713,7 @@ impl Session {
                     .push_back(Output::RetireToken(std::mem::take(&mut self.token)));
             }
         }
-        self.out.push_back(Output::CloseRecogniser);
+        self.close_recogniser();
         let record = reason != EndReason::Moved;
         if record {
             let delta = self.ledger.settle();

@@ -7,6 +7,7 @@ use crate::cost::from_usd;
 mod tools;
 
 const S: Duration = Duration::from_secs(1);
+const MS: Duration = Duration::from_millis(1);
 
 fn config() -> Config {
     Config {
@@ -41,6 +42,7 @@ fn config() -> Config {
         max_invalid_frames: 50,
         max_flood_seconds: 5,
         max_recogniser_failures: 4,
+        recogniser_batch: 100 * MS,
         system_prompt_chars: 100,
         llm_max_tokens: 200,
         checkpoint_interval: 60 * S,
@@ -578,7 +580,7 @@ fn recognition_is_budgeted_while_the_person_talks() {
         let out = h.audio();
         forwarded += out
             .iter()
-            .filter(|o| matches!(o, Output::Forward(_)))
+            .filter(|o| matches!(o, Output::Forward { .. }))
             .count();
         if let Some(f) = finish(&out) {
             ended = Some(f.reason);
@@ -587,6 +589,56 @@ fn recognition_is_budgeted_while_the_person_talks() {
     }
     assert_eq!(ended, Some(EndReason::BudgetExhausted));
     assert!(forwarded < 30, "{forwarded}");
+}
+
+/// 20 ms of 16 kHz audio at a constant `amplitude` (0: digital silence).
+fn frame(amplitude: i16) -> Bytes {
+    Bytes::from(amplitude.to_le_bytes().repeat(320))
+}
+
+impl Harness {
+    /// `n` frames at `amplitude`, 20 ms apart: whether each may wait for the next.
+    fn frames(&mut self, amplitude: i16, n: usize) -> Vec<bool> {
+        (0..n)
+            .flat_map(|_| {
+                self.now += 20 * MS;
+                let out = self.feed(Input::Audio(frame(amplitude)));
+                out.into_iter().filter_map(|o| match o {
+                    Output::Forward { hold, .. } => Some(hold),
+                    _ => None,
+                })
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn audio_waits_for_the_recogniser_only_where_no_reply_depends_on_it() {
+    let mut h = Harness::new(config());
+    // Quiet before speech: four frames wait, the fifth takes all five (100 ms).
+    assert_eq!(h.frames(0, 5), [true, true, true, true, false]);
+    // Speech: its first frame goes at once (barge-in), the rest in batches.
+    let speech = h.frames(8_000, 11);
+    assert_eq!(&speech[..6], [false, true, true, true, true, false]);
+    // After speech every quiet frame goes at once: the recogniser is timing that silence,
+    // and the reply waits for it…
+    assert_eq!(h.frames(0, 8), [false; 8]);
+    // …until the recogniser reports the end.
+    let out = h.say("hello");
+    assert!(has(&out, |o| matches!(o, Output::StartReply { .. })));
+    assert_eq!(h.frames(0, 5), [true, true, true, true, false]);
+}
+
+#[test]
+fn held_audio_goes_by_its_deadline_when_the_client_stops_sending() {
+    let mut h = Harness::new(config());
+    assert_eq!(h.frames(0, 2), [true, true]);
+    let first = h.now - 20 * MS;
+    assert!(h.s.poll_timeout().unwrap() <= first + 100 * MS);
+    assert!(!has(&h.advance(79 * MS), |o| matches!(o, Output::SendHeld)));
+    assert!(has(&h.advance(MS), |o| matches!(o, Output::SendHeld)));
+    // Nothing is held any more.
+    assert!(!has(&h.advance(S), |o| matches!(o, Output::SendHeld)));
 }
 
 #[test]
@@ -626,7 +678,7 @@ fn invalid_frames_get_errors_then_a_policy_close() {
         let out = h.feed(Input::Audio(Bytes::from_static(&[0u8; 101])));
         assert_eq!(error_code(&out), Some(ErrorCode::AudioChunkInvalid), "{i}");
         assert!(has(&out, |o| matches!(o, Output::Rejected("odd_length"))));
-        assert!(!has(&out, |o| matches!(o, Output::Forward(_))));
+        assert!(!has(&out, |o| matches!(o, Output::Forward { .. })));
     }
     let out = h.feed(Input::Invalid(ErrorCode::InvalidMessage, "bad".into()));
     assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::Policy));

@@ -378,6 +378,7 @@ pub fn machine_config(state: &AppState) -> MachineConfig {
         max_invalid_frames: MAX_INVALID_FRAMES,
         max_flood_seconds: MAX_FLOOD_SECONDS,
         max_recogniser_failures: MAX_STT_FAILURES,
+        recogniser_batch: Duration::from_millis(c.stt_batch_ms),
         system_prompt_chars: c.system_prompt.len(),
         llm_max_tokens: c.llm_max_tokens,
         checkpoint_interval: Duration::from_secs(c.checkpoint_interval_s),
@@ -789,7 +790,8 @@ impl Driver {
                         self.link_broken = true;
                     }
                 }
-                Output::Forward(pcm) => self.forward_audio(pcm),
+                Output::Forward { pcm, hold } => self.forward_audio(pcm, hold),
+                Output::SendHeld => self.stt.send_held(),
                 Output::Rejected(reason) => metrics::chunk_rejected(reason),
                 Output::Finalize => self.stt.finalize(),
                 Output::CloseRecogniser => self.stt.close(),
@@ -984,7 +986,7 @@ impl Driver {
         self.feed(input).await;
     }
 
-    fn forward_audio(&mut self, pcm: Bytes) {
+    fn forward_audio(&mut self, pcm: Bytes, hold: bool) {
         metrics::AUDIO.frames_in.increment(1);
         metrics::AUDIO.bytes_in.increment(pcm.len() as u64);
         let position_s = self.clock.total_seconds();
@@ -1002,7 +1004,7 @@ impl Driver {
             }
         };
         if !forwarded.is_empty() {
-            self.stt.send_audio(forwarded, position_s);
+            self.stt.send_audio(forwarded, position_s, hold);
         }
     }
 

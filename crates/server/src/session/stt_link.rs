@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
 use atlas_providers::ProviderError;
@@ -34,16 +34,30 @@ pub enum LinkEvent {
     Lost(ProviderError),
 }
 
-/// Most audio frames held while (re)connecting (about 5 s of 100 ms frames).
-const BACKLOG_FRAMES: usize = 50;
+/// Most audio messages held while (re)connecting (about 5 s of 100 ms messages).
+const BACKLOG_MESSAGES: usize = 50;
+
+/// Audio on its way to the recogniser.
+struct Chunk {
+    pcm: Bytes,
+    /// Session audio position of its first sample, in seconds.
+    position_s: f64,
+    /// Client frames it joins.
+    frames: u64,
+}
 
 /// The session's recogniser connection.
 pub struct SttLink {
     provider: Arc<dyn SttProvider>,
     options: SttOptions,
     state: State,
-    /// Frames waiting for a connection, with their session audio position in seconds.
-    backlog: VecDeque<(Bytes, f64)>,
+    /// Messages waiting for a connection.
+    backlog: VecDeque<Chunk>,
+    /// Frames the session machine let wait, to go in one message with what follows.
+    held: BytesMut,
+    /// Session audio position of the held audio, and how many frames it joins.
+    held_at: f64,
+    held_frames: u64,
     /// Session audio position of the first frame sent on the current connection.
     offset_s: Option<f64>,
     /// Consecutive failures (reset by a successful result).
@@ -62,6 +76,9 @@ impl SttLink {
             options,
             state: State::Idle,
             backlog: VecDeque::new(),
+            held: BytesMut::new(),
+            held_at: 0.0,
+            held_frames: 0,
             offset_s: None,
             failures: 0,
             retry_at: None,
@@ -69,10 +86,10 @@ impl SttLink {
         }
     }
 
-    /// Counts a frame the recogniser will never hear.
-    fn dropped(&mut self) {
-        self.dropped_frames += 1;
-        crate::metrics::AUDIO.frames_dropped.increment(1);
+    /// Counts frames the recogniser will never hear.
+    fn dropped(&mut self, frames: u64) {
+        self.dropped_frames += frames;
+        crate::metrics::AUDIO.frames_dropped.increment(frames);
     }
 
     /// Consecutive failures so far.
@@ -90,48 +107,86 @@ impl SttLink {
         }
     }
 
-    /// Sends audio at session position `position_s`.
-    pub fn send_audio(&mut self, pcm: Bytes, position_s: f64) {
+    /// Sends a frame of audio at session position `position_s`, or keeps it (`hold`) to go
+    /// in one message with the frames after it.
+    pub fn send_audio(&mut self, pcm: Bytes, position_s: f64, hold: bool) {
+        if self.held.is_empty() {
+            if !hold {
+                return self.send(Chunk {
+                    pcm,
+                    position_s,
+                    frames: 1,
+                });
+            }
+            self.held_at = position_s;
+            // Room for a typical batch: five 20 ms frames and the one that sends them.
+            self.held.reserve(pcm.len() * 6);
+        }
+        self.held.extend_from_slice(&pcm);
+        self.held_frames += 1;
+        if !hold {
+            self.send_held();
+        }
+    }
+
+    /// Sends the held frames now.
+    pub fn send_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let chunk = Chunk {
+            pcm: self.held.split().freeze(),
+            position_s: self.held_at,
+            frames: std::mem::take(&mut self.held_frames),
+        };
+        self.send(chunk);
+    }
+
+    fn send(&mut self, chunk: Chunk) {
         if let State::Open(stream) = &mut self.state {
-            self.offset_s.get_or_insert(position_s);
-            match stream.commands.try_send(SttCommand::Audio(pcm)) {
+            self.offset_s.get_or_insert(chunk.position_s);
+            match stream.commands.try_send(SttCommand::Audio(chunk.pcm)) {
                 Ok(()) => return,
                 Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                    self.dropped();
+                    self.dropped(chunk.frames);
                     return;
                 }
                 Err(tokio::sync::mpsc::error::TrySendError::Closed(SttCommand::Audio(pcm))) => {
                     self.state = State::Idle;
                     self.offset_s = None;
-                    self.queue(pcm, position_s);
+                    self.queue(Chunk { pcm, ..chunk });
                 }
                 Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {}
             }
         } else {
-            self.queue(pcm, position_s);
+            self.queue(chunk);
         }
         if matches!(self.state, State::Idle) && self.retry_at.is_none_or(|t| Instant::now() >= t) {
             self.connect_now();
         }
     }
 
-    fn queue(&mut self, pcm: Bytes, position_s: f64) {
-        if self.backlog.len() == BACKLOG_FRAMES {
-            self.backlog.pop_front();
-            self.dropped();
+    fn queue(&mut self, chunk: Chunk) {
+        if self.backlog.len() == BACKLOG_MESSAGES
+            && let Some(oldest) = self.backlog.pop_front()
+        {
+            self.dropped(oldest.frames);
         }
-        self.backlog.push_back((pcm, position_s));
+        self.backlog.push_back(chunk);
     }
 
-    /// Asks the recogniser to finalise what it has heard.
+    /// Asks the recogniser to finalise what it has heard (after the held audio).
     pub fn finalize(&mut self) {
+        self.send_held();
         if let State::Open(stream) = &self.state {
             let _ = stream.commands.try_send(SttCommand::Finalize);
         }
     }
 
-    /// Closes the connection politely (the recogniser flushes and ends).
+    /// Closes the connection politely (the recogniser flushes and ends) after the held
+    /// audio.
     pub fn close(&mut self) {
+        self.send_held();
         if let State::Open(stream) = &self.state {
             let _ = stream.commands.try_send(SttCommand::Close);
         }
@@ -181,11 +236,15 @@ impl SttLink {
     }
 
     fn flush_backlog(&mut self) {
-        while let Some((pcm, position)) = self.backlog.pop_front() {
+        while let Some(chunk) = self.backlog.pop_front() {
             if let State::Open(stream) = &mut self.state {
-                self.offset_s.get_or_insert(position);
-                if stream.commands.try_send(SttCommand::Audio(pcm)).is_err() {
-                    self.dropped();
+                self.offset_s.get_or_insert(chunk.position_s);
+                if stream
+                    .commands
+                    .try_send(SttCommand::Audio(chunk.pcm))
+                    .is_err()
+                {
+                    self.dropped(chunk.frames);
                 }
             }
         }

@@ -1,0 +1,244 @@
+//! Which client audio frames may wait to go to the recogniser together.
+//!
+//! Browsers and phones send audio in 20 ms frames. Forwarding each in a message of its own
+//! costs a write (a system call, and a message for the recogniser to read) 50 times a second
+//! per session — measured, the largest single cost of a session on the server
+//! (docs/benchmarks.md). Recognisers take larger messages (Deepgram recommends 20–250 ms), and
+//! most of a session's audio is not urgent: the middle of speech only feeds interim
+//! transcripts, and the quiet while the person listens feeds nothing. Two moments are urgent:
+//! the audio right after the person stops, whose length the recogniser's end-of-speech
+//! detection counts (the reply waits for it), and the first audio of new speech (barge-in).
+//!
+//! So a frame may wait for the next ones, up to `max_hold` of audio, except that
+//! - a frame whose level crosses between voice and quiet goes at once, with everything held
+//!   before it;
+//! - after speech, quiet frames go one by one until the recogniser has reported the end of
+//!   that speech (or two seconds of quiet have passed: no recogniser counts longer);
+//! - held audio never waits longer than `max_hold` of wall time (a client that stopped
+//!   sending mid-batch).
+//!
+//! Voice and quiet are told apart by level against a noise floor that follows the quietest
+//! recent audio, so a noisy room is not mistaken for endless speech. A misjudged frame costs
+//! at most `max_hold` of delay, never audio.
+
+use std::time::{Duration, Instant};
+
+/// Voice is at least this far above the noise floor…
+const VOICE_ABOVE_FLOOR_DB: f32 = 12.0;
+/// …and at least this loud.
+const MIN_VOICE_DBFS: f32 = -50.0;
+/// The floor drops at once to quieter audio and rises this fast through louder audio.
+const FLOOR_RISE_DB_PER_S: f32 = 6.0;
+/// The floor before any audio.
+const INITIAL_FLOOR_DBFS: f32 = -60.0;
+/// Quiet after speech is urgent until the recogniser reports the end, or for this long.
+const END_WATCH: Duration = Duration::from_secs(2);
+
+/// The decision for one session's audio on its way to the recogniser.
+#[derive(Debug, Clone)]
+pub struct Uplink {
+    /// Most audio held, and longest wait (zero: every frame goes at once).
+    max_hold: Duration,
+    /// Audio held so far.
+    held: Duration,
+    /// When the held audio must go, whatever follows.
+    deadline: Option<Instant>,
+    /// Level of the background, in dBFS.
+    floor_dbfs: f32,
+    /// The last frame was voice.
+    voiced: bool,
+    /// Voice was heard and the recogniser has not reported its end yet.
+    awaiting_end: bool,
+    /// Quiet audio since the last voice.
+    quiet: Duration,
+}
+
+impl Uplink {
+    /// Holds at most `max_hold` of audio (zero turns holding off).
+    pub fn new(max_hold: Duration) -> Self {
+        Uplink {
+            max_hold,
+            held: Duration::ZERO,
+            deadline: None,
+            floor_dbfs: INITIAL_FLOOR_DBFS,
+            voiced: false,
+            awaiting_end: false,
+            quiet: Duration::ZERO,
+        }
+    }
+
+    /// A frame of `length` at `level_dbfs` arrived at `now`: `true` when it may wait for the
+    /// next frames, `false` when it must go now together with everything held before it.
+    pub fn hold(&mut self, level_dbfs: f32, length: Duration, now: Instant) -> bool {
+        let voiced = self.is_voice(level_dbfs, length);
+        let crossed = voiced != self.voiced;
+        self.voiced = voiced;
+        if voiced {
+            self.awaiting_end = true;
+            self.quiet = Duration::ZERO;
+        } else {
+            self.quiet += length;
+            self.awaiting_end &= self.quiet < END_WATCH;
+        }
+        let urgent = crossed || (!voiced && self.awaiting_end);
+        if urgent || self.held + length >= self.max_hold {
+            self.released();
+            return false;
+        }
+        self.held += length;
+        self.deadline.get_or_insert(now + self.max_hold);
+        true
+    }
+
+    /// The recogniser reported the end of the speech it heard: quiet may wait again.
+    pub fn end_heard(&mut self) {
+        self.awaiting_end = false;
+    }
+
+    /// When held audio must go, if any is held.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// `true` when held audio must go at `now`.
+    pub fn expired(&mut self, now: Instant) -> bool {
+        if self.deadline.is_some_and(|d| now >= d) {
+            self.released();
+            return true;
+        }
+        false
+    }
+
+    /// Whatever was held has gone (with a frame sent at once, a finalise or a close).
+    pub fn released(&mut self) {
+        self.held = Duration::ZERO;
+        self.deadline = None;
+    }
+
+    fn is_voice(&mut self, level_dbfs: f32, length: Duration) -> bool {
+        if level_dbfs < self.floor_dbfs {
+            self.floor_dbfs = level_dbfs;
+        } else {
+            let rise = FLOOR_RISE_DB_PER_S * length.as_secs_f32();
+            self.floor_dbfs = (self.floor_dbfs + rise).min(level_dbfs);
+        }
+        level_dbfs > (self.floor_dbfs + VOICE_ABOVE_FLOOR_DB).max(MIN_VOICE_DBFS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FRAME: Duration = Duration::from_millis(20);
+    const SPEECH: f32 = -20.0;
+    const SILENCE: f32 = -120.0;
+
+    struct Stream {
+        uplink: Uplink,
+        now: Instant,
+    }
+
+    impl Stream {
+        fn new(max_hold_ms: u64) -> Self {
+            Stream {
+                uplink: Uplink::new(Duration::from_millis(max_hold_ms)),
+                now: Instant::now(),
+            }
+        }
+
+        /// Feeds `n` frames at `level`, 20 ms apart; returns which were held.
+        fn frames(&mut self, n: usize, level: f32) -> Vec<bool> {
+            (0..n)
+                .map(|_| {
+                    self.now += FRAME;
+                    self.uplink.hold(level, FRAME, self.now)
+                })
+                .collect()
+        }
+    }
+
+    /// Sends per `held` flags: each `false` sends itself and every frame held before it.
+    fn messages(held: &[bool]) -> usize {
+        held.iter().filter(|h| !**h).count()
+    }
+
+    #[test]
+    fn steady_audio_goes_in_batches_of_the_hold() {
+        let mut s = Stream::new(100);
+        // Quiet before anyone spoke: four frames wait, the fifth completes 100 ms.
+        assert_eq!(
+            s.frames(10, SILENCE),
+            [true, true, true, true, false, true, true, true, true, false]
+        );
+        // Speech starts: its first frame goes at once (barge-in), then speech is batched.
+        let speech = s.frames(11, SPEECH);
+        assert!(!speech[0]);
+        assert_eq!(
+            &speech[1..],
+            [true, true, true, true, false, true, true, true, true, false]
+        );
+    }
+
+    #[test]
+    fn the_end_of_speech_goes_frame_by_frame_until_the_recogniser_heard_it() {
+        let mut s = Stream::new(100);
+        s.frames(30, SPEECH);
+        // The first quiet frame goes at once with the speech held before it, and so does every
+        // quiet frame after it: the recogniser is counting that silence.
+        assert_eq!(s.frames(12, SILENCE), [false; 12]);
+        s.uplink.end_heard();
+        assert_eq!(s.frames(5, SILENCE), [true, true, true, true, false]);
+        // A pause inside speech is watched the same way.
+        s.frames(3, SPEECH);
+        assert_eq!(s.frames(3, SILENCE), [false; 3]);
+    }
+
+    #[test]
+    fn held_audio_waits_no_longer_than_the_hold() {
+        let mut s = Stream::new(100);
+        assert_eq!(s.frames(2, SILENCE), [true, true]);
+        let first = s.now - FRAME;
+        assert_eq!(
+            s.uplink.deadline(),
+            Some(first + Duration::from_millis(100))
+        );
+        // The client stops sending: nothing is due before the deadline, then it is.
+        assert!(!s.uplink.expired(first + Duration::from_millis(99)));
+        assert!(s.uplink.expired(first + Duration::from_millis(100)));
+        assert_eq!(s.uplink.deadline(), None);
+        // Sent with a frame that went at once, the held audio has no deadline either.
+        s.frames(1, SILENCE);
+        s.frames(1, SPEECH);
+        assert_eq!(s.uplink.deadline(), None);
+    }
+
+    #[test]
+    fn frames_as_long_as_the_hold_and_a_zero_hold_never_wait() {
+        let mut s = Stream::new(100);
+        let long = Duration::from_millis(100);
+        assert!(!s.uplink.hold(SILENCE, long, s.now));
+        let mut off = Stream::new(0);
+        assert_eq!(off.frames(5, SILENCE), [false; 5]);
+        assert_eq!(off.frames(5, SPEECH), [false; 5]);
+    }
+
+    #[test]
+    fn a_noisy_room_is_not_taken_for_endless_speech() {
+        let mut s = Stream::new(100);
+        // Ten seconds of steady noise at −35 dBFS: voice at first (above the initial floor),
+        // quiet once the floor has risen to it (~2 s), watched as the end of that "speech" for
+        // two seconds although no recogniser reports one, then batched like any quiet.
+        let noise = s.frames(500, -35.0);
+        let late = &noise[300..];
+        assert!(messages(late) <= 200 / 5 + 1, "{}", messages(late));
+        // Speech 20 dB above the noise is voice; the noise after it is quiet again, and goes
+        // frame by frame until the recogniser reports the end.
+        assert!(!s.frames(1, -15.0)[0]);
+        s.frames(20, -15.0);
+        assert_eq!(s.frames(3, -35.0), [false; 3]);
+        // Batches of speech in between: far fewer messages than frames.
+        let speech = s.frames(50, -15.0);
+        assert!(messages(&speech) <= 11, "{}", messages(&speech));
+    }
+}

@@ -326,6 +326,8 @@ pub struct Recorded {
     pub stt_close_streams: u64,
     /// Audio bytes received over all STT connections.
     pub stt_audio_bytes: u64,
+    /// Binary messages received over all STT connections.
+    pub stt_audio_messages: u64,
 }
 
 /// A running set of fake providers on one listener. Dropping it stops the fakes too (without

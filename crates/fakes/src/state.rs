@@ -101,6 +101,7 @@ pub(crate) struct Recorder {
     pub(crate) stt_finalizes: AtomicU64,
     pub(crate) stt_close_streams: AtomicU64,
     pub(crate) stt_audio_bytes: AtomicU64,
+    pub(crate) stt_audio_messages: AtomicU64,
 }
 
 fn push_capped<T>(list: &mut VecDeque<T>, item: T) {
@@ -137,6 +138,7 @@ impl Recorder {
             stt_finalizes: self.stt_finalizes.load(Ordering::Relaxed),
             stt_close_streams: self.stt_close_streams.load(Ordering::Relaxed),
             stt_audio_bytes: self.stt_audio_bytes.load(Ordering::Relaxed),
+            stt_audio_messages: self.stt_audio_messages.load(Ordering::Relaxed),
         }
     }
 
@@ -147,6 +149,7 @@ impl Recorder {
             &self.stt_finalizes,
             &self.stt_close_streams,
             &self.stt_audio_bytes,
+            &self.stt_audio_messages,
         ] {
             counter.store(0, Ordering::Relaxed);
         }

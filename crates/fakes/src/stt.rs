@@ -216,6 +216,7 @@ async fn run(mut socket: WebSocket, mut session: Session, shared: Arc<Shared>) {
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Binary(data))) => {
                     Recorder::add(&shared.recorder.stt_audio_bytes, data.len() as u64);
+                    Recorder::add(&shared.recorder.stt_audio_messages, 1);
                     if data.is_empty() {
                         Recorder::add(&shared.recorder.stt_close_streams, 1);
                     }

@@ -209,6 +209,7 @@ async fn stt_detects_speech_in_real_time_audio() {
     let recorded = fakes.recorded();
     assert_eq!(recorded.stt_connections, vec![QUERY.to_owned()]);
     assert_eq!(recorded.stt_audio_bytes, audio.len() as u64);
+    assert_eq!(recorded.stt_audio_messages, audio.chunks(640).len() as u64);
     assert_eq!(recorded.stt_close_streams, 1);
     fakes.shutdown().await;
 }

@@ -256,3 +256,52 @@ async fn push_to_talk_commit_ends_the_turn_without_waiting_for_endpointing() {
         "Finalize was sent to the recogniser"
     );
 }
+
+/// 20 ms frames reach the recogniser joined into fewer messages where nothing waits for them —
+/// every byte, in order, and the turn still ends — and one by one when batching is off.
+#[tokio::test]
+async fn twenty_ms_frames_reach_the_recogniser_batched_and_whole() {
+    for batch_ms in [100, 0] {
+        let app = spawn_app_with(fast_fakes(), |c| c.stt_batch_ms = batch_ms).await;
+        let (mut conn, _) = app.start("u", 16_000).await;
+        let question = with_silence(speech("question_16k.wav"), 1.0);
+        let frames = question.chunks(320).len() as u64;
+        let bytes = question.len() as u64 * 2;
+        let sender = conn.sender.clone();
+        let streaming = tokio::spawn(async move {
+            atlas_client::stream_pcm(&sender, &question, 16_000, 20, 1.0).await
+        });
+        let items = collect_until(&mut conn, Duration::from_secs(30), is_done(1)).await;
+        assert!(
+            items.iter().filter_map(event).any(|e| matches!(
+                e,
+                ServerEvent::TranscriptFinal { turn_id: 1, text } if text.contains("Paris")
+            )),
+            "{:#?}",
+            summary(&items)
+        );
+        streaming.await.unwrap().unwrap();
+        // The last held audio goes by its deadline once the client stops sending.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while app.fakes.recorded().stt_audio_bytes < bytes && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let recorded = app.fakes.recorded();
+        assert_eq!(recorded.stt_audio_bytes, bytes, "batch {batch_ms} ms");
+        if batch_ms > 0 {
+            assert!(
+                recorded.stt_audio_messages * 2 < frames,
+                "{} messages for {frames} frames",
+                recorded.stt_audio_messages
+            );
+        } else {
+            // One message per frame (a recogniser link that fell behind may join a few).
+            assert!(
+                recorded.stt_audio_messages * 10 >= frames * 9,
+                "{} messages for {frames} frames",
+                recorded.stt_audio_messages
+            );
+        }
+    }
+}

@@ -18,7 +18,9 @@ use futures_util::{SinkExt, StreamExt};
 
 use atlas_client::{ConnectOptions, Incoming, WsMessage, connect, open_socket, speech_end, wav};
 use atlas_fakes::Fakes;
-use atlas_protocol::{AudioFormat, ClientMessage, ServerEvent, SessionStart, parse_server_event};
+use atlas_protocol::{
+    AudioFormat, ClientMessage, LatencyBreakdown, ServerEvent, SessionStart, parse_server_event,
+};
 use atlas_server::config::Config;
 use atlas_server::{Application, auth};
 
@@ -96,8 +98,8 @@ struct Sample {
     voice_to_voice: Vec<Duration>,
     /// End of speech → `transcript.final` at the client.
     to_final: Vec<Duration>,
-    /// The server's own `to_first_audio`.
-    server_reported: Vec<u64>,
+    /// The server's own latency breakdown of each turn.
+    server_reported: Vec<LatencyBreakdown>,
     /// The server's own time waiting for tools, in tool turns.
     tools_reported: Vec<u64>,
     errors: Vec<String>,
@@ -435,8 +437,8 @@ async fn one_session(
                             final_at.get_or_insert(Instant::now());
                         }
                         Ok(ServerEvent::ResponseDone { latency_ms, .. }) => {
-                            out.server_reported.extend(latency_ms.to_first_audio);
                             out.tools_reported.extend(latency_ms.tools);
+                            out.server_reported.push(latency_ms);
                             done = true;
                         }
                         Ok(ServerEvent::Error {
@@ -612,9 +614,24 @@ fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration, r: &Resources) {
     let overhead = |d: Duration| ms(d) - ms(floor);
     let mut finals = s.to_final.clone();
     finals.sort();
-    let mut server = s.server_reported.clone();
-    server.sort();
-    let server_p50 = server.get(server.len() / 2).copied().unwrap_or(0);
+    // The server's own view of each stage: where a tail comes from.
+    let stages: [(&str, fn(&LatencyBreakdown) -> Option<u64>); 4] = [
+        ("end_of_speech_to_final", |l| l.end_of_speech_to_final),
+        ("llm_first_token", |l| l.llm_first_token),
+        ("tts_first_audio", |l| l.tts_first_audio),
+        ("to_first_audio", |l| l.to_first_audio),
+    ];
+    let stages = stages.map(|(name, field)| {
+        let mut v: Vec<u64> = s.server_reported.iter().filter_map(field).collect();
+        v.sort_unstable();
+        let at = |p: f64| v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)));
+        (
+            name,
+            at(0.5).copied().unwrap_or(0),
+            at(0.99).copied().unwrap_or(0),
+        )
+    });
+    let server_p50 = stages[3].1;
     let mut tools = s.tools_reported.clone();
     tools.sort();
     let tools_p50 = tools.get(tools.len() / 2).copied();
@@ -632,6 +649,10 @@ fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration, r: &Resources) {
             "overhead_ms": {"p50": overhead(p50), "p95": overhead(p95), "p99": overhead(p99)},
             "end_of_speech_to_final_ms": {"p50": ms(percentile(&finals, 0.5)), "p99": ms(percentile(&finals, 0.99))},
             "server_reported_to_first_audio_ms_p50": server_p50,
+            "server_reported_ms": stages
+                .iter()
+                .map(|(name, p50, p99)| (name.to_string(), json!({"p50": p50, "p99": p99})))
+                .collect::<serde_json::Map<_, _>>(),
             "tool_turns": tools.len(),
             "server_reported_tools_ms_p50": tools_p50,
             "frames_sent": lag.len(),
@@ -678,6 +699,14 @@ fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration, r: &Resources) {
     println!(
         "end of speech → transcript.final: p50 {:.0} ms; server-reported to_first_audio p50 {server_p50} ms",
         ms(percentile(&finals, 0.5))
+    );
+    println!(
+        "server-reported stages p50 / p99: {}",
+        stages
+            .iter()
+            .map(|(name, p50, p99)| format!("{name} {p50} / {p99} ms"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     if let Some(t) = tools_p50 {
         println!(

@@ -591,6 +591,9 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// One stage of the server's latency breakdown.
+type StageOf = fn(&LatencyBreakdown) -> Option<u64>;
+
 fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration, r: &Resources) {
     let mut v = s.voice_to_voice.clone();
     v.sort();
@@ -615,7 +618,7 @@ fn report(args: &LoadtestArgs, s: &Sample, elapsed: Duration, r: &Resources) {
     let mut finals = s.to_final.clone();
     finals.sort();
     // The server's own view of each stage: where a tail comes from.
-    let stages: [(&str, fn(&LatencyBreakdown) -> Option<u64>); 4] = [
+    let stages: [(&str, StageOf); 4] = [
         ("end_of_speech_to_final", |l| l.end_of_speech_to_final),
         ("llm_first_token", |l| l.llm_first_token),
         ("tts_first_audio", |l| l.tts_first_audio),

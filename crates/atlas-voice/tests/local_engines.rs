@@ -242,8 +242,9 @@ async fn a_spoken_question_gets_a_spoken_answer_that_transcribes_back_to_its_wor
     let found = said.iter().filter(|w| heard.contains(w)).count();
     assert!(
         found * 2 >= said.len() && found > 0,
-        "reply {:?} came back as {:?} ({found} of {} words)",
+        "reply {:?} (to {:?}) came back as {:?} ({found} of {} words)",
         turn.reply,
+        turn.transcript,
         back,
         said.len()
     );

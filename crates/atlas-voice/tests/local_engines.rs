@@ -189,8 +189,16 @@ async fn collect_turn(conn: &mut Connection) -> Turn {
 async fn a_spoken_question_gets_a_spoken_answer_that_transcribes_back_to_its_words() {
     // Partials every 400 ms of speech (700 by default), so that one is decoded while the
     // question is spoken even when the machine is busy with other tests.
-    let server =
-        serve(&[("ATLAS_LOCAL_STT_PARTIAL_MS", "400")]).expect("serve starts on the local engines");
+    // The voice and the recogniser speak English only; the small model, asked about Paris,
+    // sometimes answers in French (seen under CPU contention), which no English voice can say
+    // back. The default prompt, told to answer in English.
+    let prompt = "You are a helpful voice assistant. Answer the question directly in one short, \
+                  correct sentence, in English.";
+    let server = serve(&[
+        ("ATLAS_LOCAL_STT_PARTIAL_MS", "400"),
+        ("ATLAS_LOCAL_SYSTEM_PROMPT", prompt),
+    ])
+    .expect("serve starts on the local engines");
     let mut conn = session(&server).await;
     let sender = conn.sender.clone();
     let question = spoken_question();

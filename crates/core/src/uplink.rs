@@ -67,10 +67,21 @@ impl Uplink {
         }
     }
 
-    /// A frame of `length` at `level_dbfs` arrived at `now`: `true` when it may wait for the
-    /// next frames, `false` when it must go now together with everything held before it.
-    pub fn hold(&mut self, level_dbfs: f32, length: Duration, now: Instant) -> bool {
-        let voiced = self.is_voice(level_dbfs, length);
+    /// A frame of `length` arrived at `now`: `true` when it may wait for the next frames,
+    /// `false` when it must go now together with everything held before it. Its level in dBFS
+    /// is only measured (`level_dbfs`) when a frame that long could be held at all.
+    pub fn hold(
+        &mut self,
+        level_dbfs: impl FnOnce() -> f32,
+        length: Duration,
+        now: Instant,
+    ) -> bool {
+        if length >= self.max_hold {
+            // Never held (holding off, or frames as long as the hold): nothing to decide.
+            self.released();
+            return false;
+        }
+        let voiced = self.is_voice(level_dbfs(), length);
         let crossed = voiced != self.voiced;
         self.voiced = voiced;
         if voiced {
@@ -152,7 +163,7 @@ mod tests {
             (0..n)
                 .map(|_| {
                     self.now += FRAME;
-                    self.uplink.hold(level, FRAME, self.now)
+                    self.uplink.hold(|| level, FRAME, self.now)
                 })
                 .collect()
         }
@@ -217,7 +228,7 @@ mod tests {
     fn frames_as_long_as_the_hold_and_a_zero_hold_never_wait() {
         let mut s = Stream::new(100);
         let long = Duration::from_millis(100);
-        assert!(!s.uplink.hold(SILENCE, long, s.now));
+        assert!(!s.uplink.hold(|| SILENCE, long, s.now));
         let mut off = Stream::new(0);
         assert_eq!(off.frames(5, SILENCE), [false; 5]);
         assert_eq!(off.frames(5, SPEECH), [false; 5]);

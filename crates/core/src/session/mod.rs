@@ -1183,7 +1183,7 @@ impl Session {
         }
         let hold = self
             .uplink
-            .hold(rms_dbfs_le(&pcm), Duration::from_secs_f64(seconds), now);
+            .hold(|| rms_dbfs_le(&pcm), Duration::from_secs_f64(seconds), now);
         self.out.push_back(Output::Forward { pcm, hold });
     }
 

@@ -28,6 +28,9 @@ import { refreshDelayMs, tokenTimes } from "./token.js";
  * @property {number | null} code the last close code from the server, `null` if none
  * @property {string} reason for people
  * @property {boolean} byClient `disconnect()` ended it
+ * @property {"get_token_failed"} [cause] set when `getToken` threw and the client could not
+ *   go on: at the first connection, or while reconnecting once the attempts or the session's
+ *   resume window ran out; `reason` then carries the last error's message
  */
 
 /**
@@ -162,6 +165,8 @@ export class VoiceClient {
     /** @private */ this.playing = false;
     /** @private @type {VoiceState} */
     this.current = "connecting";
+    /** The state last emitted. @private @type {VoiceState | null} */
+    this.announced = null;
 
     /** @private @type {Link | null} */
     this.conn = null;
@@ -212,6 +217,8 @@ export class VoiceClient {
     }
     if (options.microphone !== false) void this.openMicrophone();
     void this.open(false);
+    // Listeners are attached after connect() returns: announce `connecting` just after.
+    queueMicrotask(() => this.announce());
   }
 
   /** @private */
@@ -239,7 +246,10 @@ export class VoiceClient {
     return this.mic ? this.mic.deviceId : null;
   }
 
-  /** Reply frames scheduled for playback so far. */
+  /**
+   * Reply audio frames handed to the player so far (counted when scheduled, so frames later
+   * dropped by an interruption count too); 0 without playback and once closed.
+   */
   get chunksPlayed() {
     return this.player ? this.player.chunksPlayed : 0;
   }
@@ -278,16 +288,23 @@ export class VoiceClient {
 
   /** @private */
   update() {
-    const s = deriveState({
+    this.current = deriveState({
       link: this.link,
       session: !!(this.conn && this.conn.session),
       turnOpen: this.turnOpen,
       playing: this.playing,
     });
-    if (s !== this.current) {
-      this.current = s;
-      this.emit("state", s);
-    }
+    this.announce();
+  }
+
+  /**
+   * Emits `state` when the current state is not the one last emitted.
+   * @private
+   */
+  announce() {
+    if (this.current === this.announced) return;
+    this.announced = this.current;
+    this.emit("state", this.current);
   }
 
   // ---- connection ------------------------------------------------------------------------
@@ -304,8 +321,10 @@ export class VoiceClient {
       token = await this.options.getToken();
     } catch (e) {
       if (generation !== this.generation || this.link === "closed") return;
-      this.emit("token.error", { message: e instanceof Error ? e.message : String(e) });
-      token = null;
+      const message = e instanceof Error ? e.message : String(e);
+      this.emit("token.error", { message });
+      this.tokenFailed(resume, message);
+      return;
     }
     if (generation !== this.generation || this.link === "closed") return;
     if (!token) {
@@ -355,6 +374,22 @@ export class VoiceClient {
       }
     };
     ws.onclose = (e) => this.onClose(conn, e.code, e.reason);
+  }
+
+  /**
+   * `getToken` threw. While reconnecting to a session that can still be resumed (inside its
+   * resume window, attempts left), that is one failed attempt: the next follows the backoff,
+   * since a `getToken` that needs the network fails during the same outage. Otherwise the
+   * client is done.
+   * @private
+   * @param {boolean} resume whether this attempt was to resume the session
+   * @param {string} message
+   */
+  tokenFailed(resume, message) {
+    const retry = this.link === "reconnecting" && resume && this.withinResumeWindow() &&
+      this.attempt < this.policy.maxAttempts;
+    if (retry) this.schedule(true, false);
+    else this.finish(this.lastCode, `getToken failed: ${message}`, "get_token_failed");
   }
 
   /**
@@ -434,9 +469,6 @@ export class VoiceClient {
     this.clearRefresh();
     this.clearHeartbeat();
     if (this.link === "closed") return;
-    // A reply cut by the lost connection never gets its response.done.
-    this.turnOpen = false;
-    if (this.player) this.player.flush();
     const decision = decideAfterClose({
       code,
       opened: conn.opened,
@@ -445,10 +477,17 @@ export class VoiceClient {
       lastFatal: conn.lastFatal,
       draining: conn.draining,
     });
+    if (decision.action === "stop") {
+      this.finish(code, reason || decision.reason);
+      return;
+    }
+    // Reconnecting from here on (so stopping playback does not pass through `connecting`);
+    // a reply cut by the lost connection never gets its response.done.
+    this.link = "reconnecting";
+    this.turnOpen = false;
+    if (this.player) this.player.flush();
+    this.update();
     switch (decision.action) {
-      case "stop":
-        this.finish(code, reason || decision.reason);
-        return;
       case "fresh":
         this.resumeToken = null;
         this.schedule(false, conn.lastFatal === "resume_failed");
@@ -458,8 +497,6 @@ export class VoiceClient {
         this.schedule(true, false);
         return;
       case "probe": {
-        this.link = "reconnecting";
-        this.update();
         const generation = this.generation;
         void this.env.reachable(this.url).then((up) => {
           if (generation !== this.generation || this.link === "closed") return;
@@ -510,10 +547,11 @@ export class VoiceClient {
    * @private
    * @param {number | null} code
    * @param {string} reason
+   * @param {ClosedEvent["cause"]} [cause]
    */
-  finish(code, reason) {
+  finish(code, reason, cause) {
     this.stopEverything();
-    this.emit("closed", { code, reason, byClient: false });
+    this.emit("closed", { code, reason, byClient: false, ...(cause ? { cause } : {}) });
   }
 
   /** @private */

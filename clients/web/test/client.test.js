@@ -29,10 +29,55 @@ test("connects with the bearer subprotocol, starts a session and listens", async
   assert.deepEqual(start.output_audio, { encoding: "pcm_s16le", sample_rate: 24000 });
   assert.equal(c.state, "listening");
   assert.equal(c.sessionId, "s1");
-  assert.deepEqual(states(log), ["listening"]);
+  assert.deepEqual(states(log), ["connecting", "listening"]);
   // Microphone audio goes out only once the session has started.
   w.mics[0].sink.onChunk(new ArrayBuffer(3200));
   assert.equal(s.sent.filter((m) => m instanceof ArrayBuffer).length, 1);
+});
+
+test("a listener attached right after connect() hears connecting, then listening", async () => {
+  const w = new World();
+  const c = connect({ url: URL_, getToken: () => w.token(), environment: w.env });
+  const seen = [];
+  c.on("state", (s) => seen.push(s));
+  await w.settle();
+  assert.deepEqual(seen, ["connecting"], "announced before the session starts");
+  await w.start();
+  assert.deepEqual(seen, ["connecting", "listening"]);
+});
+
+test("connecting is announced while getToken is still pending", async () => {
+  const w = new World();
+  let release;
+  const c = connect({ url: URL_, environment: w.env, getToken: () => new Promise((r) => (release = r)) });
+  const log = record(c);
+  await w.settle();
+  assert.deepEqual(states(log), ["connecting"]);
+  assert.equal(w.sockets.length, 0, "no socket yet: the token is not there");
+  release(w.token());
+  await w.start();
+  assert.deepEqual(states(log), ["connecting", "listening"]);
+});
+
+test("disconnect right after connect() announces closed only", async () => {
+  const w = new World();
+  const { c, log } = client(w);
+  c.disconnect();
+  await w.settle();
+  assert.deepEqual(states(log), ["closed"]);
+});
+
+test("a drop while the reply plays goes from speaking straight to reconnecting", async () => {
+  const w = new World();
+  const { log } = client(w);
+  await w.start();
+  w.socket.event({ type: "response.started", turn_id: 1 });
+  w.socket.audio();
+  w.socket.drop(1006);
+  assert.deepEqual(states(log), ["connecting", "listening", "thinking", "speaking", "reconnecting"]);
+  await w.advance(1000);
+  await w.start("s1", "r2", "session.resumed");
+  assert.deepEqual(states(log).slice(-2), ["reconnecting", "listening"]);
 });
 
 test("the state follows the turn: thinking, speaking, interrupted, listening", async () => {
@@ -59,8 +104,8 @@ test("the state follows the turn: thinking, speaking, interrupted, listening", a
   w.player.drained();
   assert.equal(c.state, "listening");
   assert.deepEqual(states(log), [
-    "listening", "thinking", "speaking", "thinking", "listening", "thinking", "speaking",
-    "listening",
+    "connecting", "listening", "thinking", "speaking", "thinking", "listening", "thinking",
+    "speaking", "listening",
   ]);
 });
 
@@ -318,7 +363,96 @@ test("a failing getToken is reported and the client closes without a token", asy
   await w.settle();
   assert.equal(c.state, "closed");
   assert.deepEqual(log.filter(([t]) => t === "token.error").map(([, e]) => e.message), ["signed out"]);
+  assert.deepEqual(log.filter(([t]) => t === "closed").map(([, e]) => e), [{
+    code: null, reason: "getToken failed: signed out", byClient: false, cause: "get_token_failed",
+  }]);
   assert.equal(w.sockets.length, 0);
+});
+
+/** A getToken that fails (as offline) while `failures` is above zero. */
+function flakyToken(w) {
+  const t = { failures: 0, calls: 0 };
+  t.getToken = async () => {
+    t.calls++;
+    if (t.failures > 0) {
+      t.failures--;
+      throw new Error("offline");
+    }
+    return w.token();
+  };
+  return t;
+}
+
+test("a getToken failing during a reconnect is retried on the backoff and the session resumes", async () => {
+  const w = new World();
+  const t = flakyToken(w);
+  const c = connect({ url: URL_, getToken: t.getToken, environment: w.env });
+  const log = record(c);
+  await w.start("s1", "r1");
+  t.failures = 2;
+  w.socket.drop(1006);
+  await w.advance(1000); // attempt 1: getToken rejects
+  await w.advance(2000); // attempt 2: rejects again
+  assert.equal(c.state, "reconnecting");
+  assert.equal(w.sockets.length, 1, "no connection without a token");
+  await w.advance(4000); // attempt 3: a token
+  assert.equal(w.sockets.length, 2);
+  assert.equal(w.socket.url.searchParams.get("resume"), "r1", "the session is resumed");
+  await w.start("s1", "r2", "session.resumed");
+  assert.equal(c.state, "listening");
+  assert.equal(c.sessionId, "s1");
+  assert.deepEqual(log.filter(([k]) => k === "reconnecting").map(([, e]) => e), [
+    { attempt: 1, delayMs: 1000, resume: true },
+    { attempt: 2, delayMs: 2000, resume: true },
+    { attempt: 3, delayMs: 4000, resume: true },
+  ]);
+  assert.deepEqual(log.filter(([k]) => k === "token.error").map(([, e]) => e.message),
+    ["offline", "offline"]);
+  assert.equal(log.filter(([k]) => k === "closed").length, 0);
+});
+
+test("a getToken failing on every reconnect attempt closes with get_token_failed", async () => {
+  const w = new World();
+  const t = flakyToken(w);
+  const c = connect({ url: URL_, getToken: t.getToken, environment: w.env });
+  const log = record(c);
+  await w.start("s1", "r1");
+  t.failures = Infinity;
+  const began = w.time;
+  w.socket.drop(1006);
+  await w.advance(30_999);
+  assert.equal(c.state, "reconnecting", "still trying: 4 attempts at 1, 3, 7 and 15 s");
+  await w.advance(1);
+  assert.equal(t.calls, 1 + 5, "the first connection, then the 5 attempts");
+  assert.equal((w.time - began) / 1000, 31);
+  assert.equal(c.state, "closed");
+  assert.equal(w.sockets.length, 1);
+  const closed = log.filter(([k]) => k === "closed").map(([, e]) => e);
+  assert.deepEqual(closed, [{
+    code: 1006, reason: "getToken failed: offline", byClient: false, cause: "get_token_failed",
+  }]);
+});
+
+test("a getToken failing past the resume window closes with get_token_failed", async () => {
+  const w = new World();
+  const t = flakyToken(w);
+  const c = connect({
+    url: URL_, getToken: t.getToken, environment: w.env,
+    reconnect: { initialDelayMs: 40_000, maxDelayMs: 40_000 },
+  });
+  const log = record(c);
+  await w.start("s1", "r1"); // resume_window_s: 60
+  t.failures = Infinity;
+  w.socket.drop(1006);
+  await w.advance(40_000);
+  assert.equal(c.state, "reconnecting", "40 s: inside the window, tried again");
+  await w.advance(40_000);
+  assert.equal(c.state, "closed", "80 s: the session can no longer be resumed");
+  assert.equal(t.calls, 1 + 2);
+  const closed = log.filter(([k]) => k === "closed").map(([, e]) => e);
+  assert.equal(closed.length, 1);
+  assert.equal(closed[0].cause, "get_token_failed");
+  assert.match(closed[0].reason, /offline/);
 });
 
 test("push-to-talk: silence until pressed; release flushes the audio, then input.commit", async () => {

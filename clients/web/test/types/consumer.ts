@@ -32,6 +32,10 @@ voice.on("response.done", (ev) => {
 voice.on("usage", (ev) => console.log(ev.cost_usd === null ? "unknown" : ev.cost_usd.toFixed(4)));
 voice.on("error", (ev) => console.log(ev.code, ev.fatal));
 voice.on("closed", (ev) => console.log(ev.code, ev.reason, ev.byClient));
+voice.on("closed", (ev) => {
+  const cause: "get_token_failed" | undefined = ev.cause;
+  console.log(cause);
+});
 voice.on("level", (level: number) => console.log(level));
 voice.on("event", (ev: ServerEvent) => {
   if (ev.type === "budget.warning") console.log(ev.spent_usd, ev.budget_usd);
@@ -50,7 +54,8 @@ voice.cancelResponse();
 void voice.refreshAuth();
 void voice.setInputDevice("");
 void listDevices().then((d) => d.inputs.map((i) => i.label));
-console.log(microphoneAvailable(), voice.state, voice.sessionId);
+const played: number = voice.chunksPlayed;
+console.log(microphoneAvailable(), voice.state, voice.sessionId, played);
 voice.disconnect();
 
 // @ts-expect-error: unknown event names are refused

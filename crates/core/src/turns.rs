@@ -169,7 +169,9 @@ impl Turns {
                         self.pending.push(' ');
                     }
                     self.pending.push_str(text);
-                    self.pending_eos = end_of_speech.or(self.pending_eos);
+                    // The turn's speech ends with its latest words: a piece without timing
+                    // makes the end unknown rather than leaving an earlier piece's end.
+                    self.pending_eos = end_of_speech;
                     self.maybe_interrupt(text, out);
                 }
                 if speech_final || std::mem::take(&mut self.commit_requested) {
@@ -177,7 +179,9 @@ impl Turns {
                 }
             }
             Input::UtteranceEnd { end_of_speech } => {
-                if self.pending_eos.is_none() {
+                // Only for words still waiting: an UtteranceEnd that arrives after its turn
+                // ended must not date the next one.
+                if self.pending_eos.is_none() && !self.pending.is_empty() {
                     self.pending_eos = end_of_speech;
                 }
                 self.end_turn(out);
@@ -211,6 +215,8 @@ impl Turns {
                     self.pending.push(' ');
                 }
                 self.pending.push_str(text);
+                // A typed turn reports its own figures, from the moment it arrived.
+                self.pending_eos = None;
                 self.end_turn(out);
             }
             Input::ResponseFinished { turn_id } => {

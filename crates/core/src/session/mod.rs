@@ -308,6 +308,8 @@ pub enum Input<'a> {
     Invalid(ErrorCode, String),
     /// The transport's heartbeat answer.
     Pong,
+    /// `auth.refresh`: a new access token to verify ([`Output::VerifyToken`]).
+    Refresh(String),
     /// A refreshed access token, verified by the driver: its expiry, or why it was refused.
     TokenRefreshed(Result<Instant, String>),
     /// Recognition.
@@ -423,6 +425,9 @@ pub enum Output {
     Send(ServerEvent),
     /// Send a transport-level ping.
     Ping,
+    /// Verify an access token from `auth.refresh` off the session's loop (answer with
+    /// [`Input::TokenRefreshed`]); one at a time.
+    VerifyToken(String),
     /// Forward accepted audio to the recogniser.
     Forward {
         /// The frame.
@@ -567,6 +572,8 @@ struct Abuse {
 #[derive(Debug)]
 struct Reply {
     turn_id: u64,
+    /// What the person said in the turn being answered.
+    user_text: String,
     /// The machine asked for it to be aborted.
     aborted: bool,
     /// Tool calls made this turn (against the limit).
@@ -578,6 +585,15 @@ struct Reply {
     acknowledged: bool,
     /// The tool calls being waited for.
     round: Option<ToolRound>,
+}
+
+/// A turn that ended while a cut reply had not yet reported its outcome: it starts once
+/// that reply has been billed and its spoken words entered the history.
+#[derive(Debug)]
+struct WaitingTurn {
+    turn_id: u64,
+    text: String,
+    end_of_speech: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -593,6 +609,12 @@ struct PendingCall {
     kind: Option<ToolKind>,
     deadline: Option<Instant>,
     result: Option<ToolResult>,
+}
+
+#[derive(Debug, Default)]
+struct Refresh {
+    verifying: bool,
+    next: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -623,10 +645,12 @@ pub struct Session {
     ledger: Ledger,
     abuse: Abuse,
     uplink: Uplink,
-    /// What the person said in the turn being answered.
-    user_text: String,
-    /// The reply in flight.
+    /// The reply in flight (or cut and not yet reported): one at a time.
     reply: Option<Reply>,
+    /// The turn waiting for the cut reply's outcome.
+    waiting: Option<WaitingTurn>,
+    /// Token refreshes: one is being verified; the latest of those sent meanwhile waits.
+    refresh: Refresh,
     /// When the input being handled happened.
     now: Instant,
     next_checkpoint: Instant,
@@ -676,8 +700,9 @@ impl Session {
             previous_token: None,
             input: AudioFormat::DEFAULT_INPUT,
             output: AudioFormat::DEFAULT_OUTPUT,
-            user_text: String::new(),
             reply: None,
+            waiting: None,
+            refresh: Refresh::default(),
             now,
             next_checkpoint: now + config.checkpoint_interval,
             lease,
@@ -923,9 +948,25 @@ impl Session {
                 }
             }
             Input::Pong => self.timers.pong(),
-            Input::TokenRefreshed(Ok(expiry)) => self.timers.token_refreshed(expiry),
-            Input::TokenRefreshed(Err(message)) => {
-                self.send(ServerEvent::error(ErrorCode::Unauthorized, message, false))
+            Input::Refresh(token) => {
+                if self.refresh.verifying {
+                    self.refresh.next = Some(token);
+                } else {
+                    self.refresh.verifying = true;
+                    self.out.push_back(Output::VerifyToken(token));
+                }
+            }
+            Input::TokenRefreshed(answer) => {
+                match answer {
+                    Ok(expiry) => self.timers.token_refreshed(expiry),
+                    Err(message) => {
+                        self.send(ServerEvent::error(ErrorCode::Unauthorized, message, false))
+                    }
+                }
+                match self.refresh.next.take() {
+                    Some(token) => self.out.push_back(Output::VerifyToken(token)),
+                    None => self.refresh.verifying = false,
+                }
             }
             Input::Heard(heard) => {
                 if matches!(
@@ -1011,6 +1052,7 @@ impl Session {
                 | Input::StartAgain
                 | Input::Invalid(..)
                 | Input::End
+                | Input::Refresh(_)
                 | Input::ToolResult { .. }
         )
     }
@@ -1208,7 +1250,7 @@ impl Session {
                     turn_id,
                     text,
                     end_of_speech,
-                } => self.start_reply(turn_id, text, end_of_speech),
+                } => self.end_of_turn(turn_id, text, end_of_speech),
             }
         }
         self.actions = actions;
@@ -1519,13 +1561,32 @@ impl Session {
         Some(ids)
     }
 
-    fn start_reply(&mut self, turn_id: u64, text: String, end_of_speech: Option<Instant>) {
+    /// The person's turn is complete. Architecture invariant: one reply at a time — a turn
+    /// that ends while a reply is in flight cuts it and waits for its outcome, so every
+    /// request started is billed and the history keeps the order things were said in.
+    fn end_of_turn(&mut self, turn_id: u64, text: String, end_of_speech: Option<Instant>) {
         self.send(ServerEvent::TranscriptFinal {
             turn_id,
             text: text.clone(),
         });
+        if self.reply.is_none() {
+            return self.start_reply(turn_id, text, end_of_speech);
+        }
+        self.abort_reply();
+        let waiting = WaitingTurn {
+            turn_id,
+            text,
+            end_of_speech,
+        };
+        if let Some(superseded) = self.waiting.replace(waiting) {
+            // Said or typed, then overtaken before its reply could start: heard, not answered.
+            self.history.push_user(&superseded.text);
+            self.log_unanswered(superseded.turn_id, superseded.text, "interrupted");
+        }
+    }
+
+    fn start_reply(&mut self, turn_id: u64, text: String, end_of_speech: Option<Instant>) {
         self.history.push_user(&text);
-        self.user_text = text;
         // Stop before starting work that would exceed the budget.
         let prompt_chars = self.config.system_prompt_chars
             + self.history.messages().map(|m| m.text.len()).sum::<usize>();
@@ -1534,15 +1595,16 @@ impl Session {
             .reply_estimate(prompt_chars, u64::from(self.config.llm_max_tokens));
         if self.budget_verdict(estimate) == Verdict::Exhausted {
             // Heard but not answered: kept in the record.
-            self.unanswered(turn_id);
+            self.unanswered(turn_id, text);
             return self.end(EndReason::BudgetExhausted);
         }
         if !self.attached {
-            return self.unanswered(turn_id);
+            return self.unanswered(turn_id, text);
         }
         self.send(ServerEvent::ResponseStarted { turn_id });
         self.reply = Some(Reply {
             turn_id,
+            user_text: text,
             aborted: false,
             calls_made: 0,
             said: String::new(),
@@ -1556,17 +1618,21 @@ impl Session {
         });
     }
 
-    fn unanswered(&mut self, turn_id: u64) {
+    fn unanswered(&mut self, turn_id: u64, text: String) {
         let mut ignored = Vec::new();
         self.turns
             .handle(turns::Input::ResponseFinished { turn_id }, &mut ignored);
+        self.log_unanswered(turn_id, text, "refused");
+    }
+
+    fn log_unanswered(&mut self, turn_id: u64, user_text: String, outcome: &'static str) {
         self.out.push_back(Output::Turn(TurnLog {
             turn_id,
-            user_text: std::mem::take(&mut self.user_text),
+            user_text,
             assistant_text: String::new(),
             interrupted: true,
             latency: LatencyBreakdown::default(),
-            outcome: "refused",
+            outcome,
         }));
     }
 
@@ -1636,7 +1702,7 @@ impl Session {
         }
         self.out.push_back(Output::Turn(TurnLog {
             turn_id,
-            user_text: std::mem::take(&mut self.user_text),
+            user_text: reply.user_text,
             assistant_text,
             interrupted,
             latency: latency.clone(),
@@ -1664,6 +1730,9 @@ impl Session {
         }
         if o.failure == Some(ReplyFailure::ClientGone) {
             self.detach(now);
+        }
+        if let Some(next) = self.waiting.take() {
+            self.start_reply(next.turn_id, next.text, next.end_of_speech);
         }
     }
 
@@ -1702,6 +1771,10 @@ impl Session {
 
     fn finish(&mut self, reason: EndReason) {
         self.phase = Phase::Ended;
+        if let Some(w) = self.waiting.take() {
+            self.history.push_user(&w.text);
+            self.log_unanswered(w.turn_id, w.text, "refused");
+        }
         let handover = reason == EndReason::Draining && self.lease.is_some();
         // A handed-over session stays resumable by its tokens on another instance.
         if !handover {

@@ -4,6 +4,7 @@ use super::ledger::ReportedTokens;
 use super::*;
 use crate::cost::from_usd;
 
+mod findings;
 mod tools;
 
 const S: Duration = Duration::from_secs(1);

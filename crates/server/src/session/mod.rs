@@ -790,6 +790,17 @@ impl Driver {
                         self.link_broken = true;
                     }
                 }
+                Output::VerifyToken(token) => {
+                    // Verified off the loop (a key fetch must not stall audio).
+                    let (auth, answers) = (self.state.clone(), self.answers_tx.clone());
+                    self.state.sessions.spawn(
+                        async move {
+                            let result = auth.auth.verify(&token).await.map_err(|e| e.to_string());
+                            let _ = answers.send(Answer::TokenRefreshed(result)).await;
+                        }
+                        .in_current_span(),
+                    );
+                }
                 Output::Forward { pcm, hold } => self.forward_audio(pcm, hold),
                 Output::SendHeld => self.stt.send_held(),
                 Output::Rejected(reason) => metrics::chunk_rejected(reason),
@@ -965,18 +976,7 @@ impl Driver {
                         })
                         .await;
                 }
-                Ok(ClientMessage::AuthRefresh { token }) => {
-                    // Verified off the loop (a key fetch must not stall audio).
-                    let (auth, answers) = (self.state.clone(), self.answers_tx.clone());
-                    self.state.sessions.spawn(
-                        async move {
-                            let result = auth.auth.verify(&token).await.map_err(|e| e.to_string());
-                            let _ = answers.send(Answer::TokenRefreshed(result)).await;
-                        }
-                        .in_current_span(),
-                    );
-                    return;
-                }
+                Ok(ClientMessage::AuthRefresh { token }) => Input::Refresh(token),
                 Err(e) => {
                     metrics::message_rejected(e.code().as_str());
                     Input::Invalid(e.code(), e.to_string())

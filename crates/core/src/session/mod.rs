@@ -263,7 +263,11 @@ pub struct ReplyOutcome {
 pub enum LeaseAnswer {
     /// Extended.
     Extended,
-    /// Another owner holds the session now.
+    /// Extended, after the store had lost the session's entry (a restart without
+    /// persistence, a failover, an eviction) and took this owner's word for it: the session's
+    /// state and tokens must be published again.
+    Reasserted,
+    /// Another owner holds the session now (the store holds a higher epoch).
     Stale,
     /// The lease had lapsed and the user's places are taken.
     NoPlace,
@@ -1742,9 +1746,21 @@ impl Session {
         };
         lease.in_flight = false;
         match answer {
-            LeaseAnswer::Extended => {
+            LeaseAnswer::Extended | LeaseAnswer::Reasserted => {
                 lease.valid_until = lease.valid_until.max(sent_at + lease.ttl);
                 lease.next_refresh = sent_at + lease.ttl / 3;
+                if answer == LeaseAnswer::Reasserted {
+                    // Losing the store's data is not losing the session: make it resumable
+                    // again.
+                    self.out.push_back(Output::Publish);
+                    if !self.token.is_empty() {
+                        self.out
+                            .push_back(Output::RegisterToken(self.token.clone()));
+                    }
+                    if let Some((old, _)) = &self.previous_token {
+                        self.out.push_back(Output::RegisterToken(old.clone()));
+                    }
+                }
             }
             LeaseAnswer::Unreachable => {
                 // Try again soon; the session ends if the lease runs out meanwhile.

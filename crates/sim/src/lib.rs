@@ -1,0 +1,1177 @@
+//! Deterministic simulation of the session machine and its ownership, the way FoundationDB
+//! and TigerBeetle test: one seed decides the whole schedule — client behaviour, provider
+//! answers, shared-store faults, the clock — and invariants are checked after every step.
+//!
+//! # Layout
+//! - [`store`]: the shared store's semantics (the Redis scripts), with data loss.
+//! - this module: the world — two instances running [`Session`] machines for one user's
+//!   sessions with the real machine configuration, a driver that carries out their outputs
+//!   the way the server's does (replies as provider requests with usage, aborts reported at
+//!   once, fenced shared-store writes, the recorder), random clients, and the invariants.
+//!
+//! A failing seed prints `cargo run -p atlas-sim --release -- --seed N`, which replays it;
+//! [`shrink`] cuts the failing schedule down to a short sequence of actions.
+
+pub mod store;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use atlas_core::cost::{Prices, from_usd};
+use atlas_core::history::{HistoryLimits, Role};
+use atlas_core::latency::Latency;
+use atlas_core::session::ledger::{LlmBill, ReportedTokens};
+use atlas_core::session::{
+    Carried, Config, Heard, Input, LeaseAnswer, Output, ReplyOutcome, Session,
+};
+use atlas_core::timers::TimerConfig;
+use atlas_core::turns::TurnConfig;
+use atlas_protocol::{AudioFormat, Limits, ServerEvent};
+
+use store::{Refresh, Store, Write};
+
+/// Actions in one seed's schedule.
+pub const ACTIONS: usize = 200;
+
+/// Instances in the simulated cluster.
+const INSTANCES: usize = 2;
+/// Sessions one user may hold.
+const MAX_PER_USER: usize = 3;
+/// Lease lifetime (ms).
+const LEASE_TTL: u64 = 15_000;
+/// How long a claim waits for its handshake (ms).
+const CLAIM_TTL: u64 = 15_000;
+/// The session budget: a few dozen replies, so that budgets run out within a run.
+const BUDGET_USD: f64 = 0.05;
+/// Output tokens a request may produce at most (the configured cap).
+const MAX_TOKENS: u64 = 200;
+
+/// One thing that happens. Parameters are interpreted against the world's state when the
+/// action runs, so a schedule with actions removed (shrinking) still runs.
+#[derive(Clone, Copy, Debug)]
+pub enum Action {
+    /// A new session on an instance.
+    NewSession { instance: u8 },
+    /// A client acts on its session.
+    Client { session: u8, what: ClientAct },
+    /// A reply in flight finishes on its own.
+    ReplyFinishes { session: u8, tokens: u8 },
+    /// Time passes.
+    Advance { ms: u16 },
+    /// The shared store loses everything (restart without persistence).
+    StoreLosesData,
+    /// The shared store stops or starts answering.
+    StoreReachable(bool),
+}
+
+/// What a client does.
+#[derive(Clone, Copy, Debug)]
+pub enum ClientAct {
+    /// An audio frame (`valid`: of an accepted size).
+    Audio {
+        valid: bool,
+    },
+    /// A typed turn (`nul`: with a NUL in it).
+    Text {
+        nul: bool,
+    },
+    /// Words heard: a partial, a final, the endpoint.
+    Partial,
+    Final {
+        speech_final: bool,
+    },
+    UtteranceEnd,
+    SpeechStarted,
+    /// Push-to-talk released.
+    Commit,
+    /// Stop the reply.
+    Cancel,
+    /// `auth.refresh`.
+    Refresh,
+    /// A burst of frames (flood).
+    Flood {
+        frames: u8,
+    },
+    /// The connection drops.
+    Drop,
+    /// `session.end`.
+    End,
+    /// Reconnect with the resume token on an instance; `complete`: the handshake completes.
+    Resume {
+        instance: u8,
+        complete: bool,
+    },
+}
+
+/// A broken invariant.
+#[derive(Clone, Debug)]
+pub struct Violation {
+    /// Index of the action after which it was found.
+    pub step: usize,
+    /// Which invariant.
+    pub invariant: &'static str,
+    /// What was seen.
+    pub detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "after action {}: {}: {}",
+            self.step, self.invariant, self.detail
+        )
+    }
+}
+
+/// What a run did (for the seeds-per-second figure and coverage).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    /// Machine inputs fed.
+    pub inputs: u64,
+    /// Provider requests started.
+    pub requests: u64,
+    /// Resumes completed on another instance.
+    pub moves: u64,
+    /// Sessions recorded.
+    pub records: u64,
+}
+
+/// A provider request in flight.
+#[derive(Clone, Debug)]
+struct Request {
+    turn_id: u64,
+    input_tokens: u64,
+    produced: u64,
+    spoken: String,
+}
+
+/// One instance's copy of a session.
+struct Copy {
+    instance: usize,
+    machine: Session,
+    epoch: u64,
+    /// Ledger usage carried in (from the published state).
+    base: (u64, u64, u64),
+    /// Usage reported by the provider for this copy's requests (input, output, tts chars).
+    truth: (u64, u64, u64),
+    request: Option<Request>,
+    ended: bool,
+    /// Answers of the shared store still on their way: (due ms, answer, sent at).
+    lease_answers: Vec<(u64, LeaseAnswer, Instant)>,
+    verifying: Option<u64>,
+    turns: Vec<(u64, String)>,
+}
+
+/// One session across instances.
+struct SimSession {
+    sid: u64,
+    copies: Vec<Copy>,
+    /// The copy the client is attached to.
+    attached: Option<usize>,
+    /// The latest resume token the client heard.
+    token: Option<String>,
+    /// The database's row: the epoch of the final record it holds (a snapshot replaces the
+    /// row only if it is not older, as the store's sequence check does), and how many final
+    /// records were accepted for that epoch.
+    record: Option<(u64, u32)>,
+    /// Words the person said or typed, and words the assistant was heard to say.
+    said: HashSet<String>,
+    heard_partial: bool,
+}
+
+/// The world.
+pub struct World {
+    rng: StdRng,
+    t0: Instant,
+    now_ms: u64,
+    store: Store,
+    reachable: bool,
+    sessions: Vec<SimSession>,
+    states: Vec<(Carried, Vec<(u64, String)>)>,
+    next_sid: u64,
+    next_token: u64,
+    stats: Stats,
+    db_has_nul: bool,
+    /// Releases of ended sessions the store has not taken yet (retried, as the server does).
+    releases: Vec<(u64, u64, usize)>,
+}
+
+fn config() -> Config {
+    let s = Duration::from_secs;
+    Config {
+        timers: TimerConfig {
+            heartbeat_interval: s(30),
+            heartbeat_timeout: s(10),
+            idle_timeout: s(600),
+            max_duration: s(1800),
+            max_duration_warning: s(60),
+            token_grace: s(10),
+            resume_window: s(60),
+        },
+        turns: TurnConfig::default(),
+        history: HistoryLimits {
+            max_messages: 40,
+            max_chars: 20_000,
+        },
+        prices: Prices {
+            stt_per_minute: Some(4_300),
+            llm_input_per_mtok: Some(1_000_000),
+            llm_output_per_mtok: Some(5_000_000),
+            llm_cache_read_per_mtok: None,
+            llm_cache_write_per_mtok: None,
+            tts_per_mchar: Some(15_000_000),
+        },
+        session_budget: Some(from_usd(BUDGET_USD)),
+        budget_warn_fraction: 0.8,
+        daily_budget: None,
+        chunk_min_bytes: 100,
+        chunk_max_bytes: 102_400,
+        max_frames_per_s: 100,
+        max_invalid_frames: 50,
+        max_flood_seconds: 5,
+        max_recogniser_failures: 4,
+        recogniser_batch: Duration::from_millis(100),
+        system_prompt_chars: 100,
+        llm_max_tokens: MAX_TOKENS as u32,
+        checkpoint_interval: s(60),
+        token_handover_grace: s(30),
+        lease_ttl: Some(Duration::from_millis(LEASE_TTL)),
+        tools: None,
+        limits: Limits {
+            max_duration_s: 1800,
+            budget_usd: Some(BUDGET_USD),
+            idle_timeout_s: 600,
+            resume_window_s: 60,
+        },
+    }
+}
+
+const WORDS: &[&str] = &[
+    "what", "is", "the", "weather", "in", "paris", "tell", "me", "a", "story", "stop", "wait",
+    "okay", "mm-hm", "time",
+];
+
+impl World {
+    /// A world for `seed` (its own randomness: provider usage, delays).
+    pub fn new(seed: u64) -> Self {
+        World {
+            rng: StdRng::seed_from_u64(seed ^ 0x5eed_0f_a71a5),
+            t0: Instant::now(),
+            now_ms: 0,
+            store: Store::default(),
+            reachable: true,
+            sessions: Vec::new(),
+            states: Vec::new(),
+            next_sid: 1,
+            next_token: 1,
+            stats: Stats::default(),
+            db_has_nul: false,
+            releases: Vec::new(),
+        }
+    }
+
+    fn now(&self) -> Instant {
+        self.t0 + Duration::from_millis(self.now_ms)
+    }
+
+    fn words(&mut self, n: usize) -> String {
+        (0..n)
+            .map(|_| WORDS[self.rng.random_range(0..WORDS.len())])
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Runs `actions`, then lets every session end; checks the invariants after each step.
+    pub fn run(mut self, actions: &[Action]) -> Result<Stats, Violation> {
+        for (step, action) in actions.iter().enumerate() {
+            self.act(*action);
+            self.settle_all();
+            self.check(step)?;
+        }
+        // Every client goes away; every session must end and be recorded once.
+        for s in 0..self.sessions.len() {
+            self.client(s, ClientAct::Drop);
+        }
+        self.reachable = true;
+        for _ in 0..400 {
+            self.advance(30_000);
+            self.settle_all();
+            self.check(actions.len())?;
+        }
+        self.check_final(actions.len())?;
+        Ok(self.stats)
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::NewSession { instance } => self.new_session(instance as usize % INSTANCES),
+            Action::Client { session, what } => {
+                if !self.sessions.is_empty() {
+                    let s = session as usize % self.sessions.len();
+                    self.client(s, what);
+                }
+            }
+            Action::ReplyFinishes { session, tokens } => {
+                if !self.sessions.is_empty() {
+                    let s = session as usize % self.sessions.len();
+                    self.finish_reply(s, u64::from(tokens) % MAX_TOKENS + 1);
+                }
+            }
+            Action::Advance { ms } => self.advance(u64::from(ms)),
+            Action::StoreLosesData => self.store.lose_everything(self.now_ms),
+            Action::StoreReachable(up) => self.reachable = up,
+        }
+    }
+
+    fn new_token(&mut self) -> String {
+        self.next_token += 1;
+        format!("t{}", self.next_token)
+    }
+
+    fn new_session(&mut self, instance: usize) {
+        if !self.reachable {
+            return;
+        }
+        let sid = self.next_sid;
+        if !self
+            .store
+            .admit(sid, instance, MAX_PER_USER, LEASE_TTL, self.now_ms)
+        {
+            return;
+        }
+        self.next_sid += 1;
+        let machine = Session::new(sid.to_string(), config(), self.now(), None);
+        let copy = Copy {
+            instance,
+            machine,
+            epoch: 1,
+            base: (0, 0, 0),
+            truth: (0, 0, 0),
+            request: None,
+            ended: false,
+            lease_answers: Vec::new(),
+            verifying: None,
+            turns: Vec::new(),
+        };
+        self.sessions.push(SimSession {
+            sid,
+            copies: vec![copy],
+            attached: Some(0),
+            token: None,
+            record: None,
+            said: HashSet::new(),
+            heard_partial: false,
+        });
+        let s = self.sessions.len() - 1;
+        let token = self.new_token();
+        self.feed(s, 0, attach(false, token, self.now()));
+    }
+
+    /// Feeds one input to a copy and carries out what it decides.
+    fn feed(&mut self, s: usize, c: usize, input: Input<'_>) {
+        self.stats.inputs += 1;
+        let now = self.now();
+        self.sessions[s].copies[c].machine.handle(input, now);
+        self.drain(s, c);
+    }
+
+    fn client(&mut self, s: usize, what: ClientAct) {
+        let Some(c) = self.sessions[s].attached else {
+            if let ClientAct::Resume { instance, complete } = what {
+                self.resume(s, instance as usize % INSTANCES, complete);
+            }
+            return;
+        };
+        if self.sessions[s].copies[c].ended {
+            self.sessions[s].attached = None;
+            return;
+        }
+        match what {
+            ClientAct::Audio { valid } => {
+                let len = if valid { 3200 } else { 33 };
+                self.feed(s, c, Input::Audio(Bytes::from(vec![0u8; len])));
+            }
+            ClientAct::Text { nul } => {
+                let mut text = self.words(3);
+                if nul {
+                    text.push('\0');
+                }
+                self.remember_said(s, &text);
+                self.feed(s, c, Input::Text(&text));
+            }
+            ClientAct::Partial => {
+                let text = self.words(2);
+                self.remember_said(s, &text);
+                self.sessions[s].heard_partial = true;
+                self.feed(s, c, Input::Heard(Heard::Partial(&text)));
+            }
+            ClientAct::Final { speech_final } => {
+                let text = self.words(3);
+                self.remember_said(s, &text);
+                let eos = Some(self.now() - Duration::from_millis(150));
+                self.feed(
+                    s,
+                    c,
+                    Input::Heard(Heard::Final {
+                        text: &text,
+                        speech_final,
+                        end_of_speech: eos,
+                    }),
+                );
+            }
+            ClientAct::UtteranceEnd => {
+                let eos = Some(self.now() - Duration::from_millis(1000));
+                self.feed(
+                    s,
+                    c,
+                    Input::Heard(Heard::UtteranceEnd { end_of_speech: eos }),
+                );
+            }
+            ClientAct::SpeechStarted => self.feed(s, c, Input::Heard(Heard::SpeechStarted)),
+            ClientAct::Commit => self.feed(s, c, Input::Commit),
+            ClientAct::Cancel => self.feed(s, c, Input::Cancel),
+            ClientAct::Refresh => self.feed(s, c, Input::Refresh("header.payload.sig".into())),
+            ClientAct::Flood { frames } => {
+                for _ in 0..u32::from(frames) * 4 {
+                    self.feed(s, c, Input::Audio(Bytes::from(vec![0u8; 320])));
+                    if self.sessions[s].copies[c].ended {
+                        break;
+                    }
+                }
+            }
+            ClientAct::Drop => {
+                self.sessions[s].attached = None;
+                self.feed(s, c, Input::Detach);
+            }
+            ClientAct::End => self.feed(s, c, Input::End),
+            ClientAct::Resume { instance, complete } => {
+                // A second connection with the token while the first is live.
+                self.resume(s, instance as usize % INSTANCES, complete);
+            }
+        }
+    }
+
+    fn remember_said(&mut self, s: usize, text: &str) {
+        for w in text.split_whitespace() {
+            self.sessions[s]
+                .said
+                .insert(w.trim_matches('\0').to_owned());
+        }
+    }
+
+    /// A reconnect with the resume token: the two-step hand-over.
+    fn resume(&mut self, s: usize, instance: usize, complete: bool) {
+        let Some(token) = self.sessions[s].token.clone() else {
+            return;
+        };
+        if !self.reachable {
+            return;
+        }
+        let Ok((sid, epoch, owner, published)) = self.store.claim(
+            &token,
+            instance,
+            MAX_PER_USER,
+            LEASE_TTL,
+            CLAIM_TTL,
+            self.now_ms,
+        ) else {
+            return;
+        };
+        // The instance's registry holds the latest copy registered there.
+        let local = (owner == instance)
+            .then(|| {
+                self.sessions[s]
+                    .copies
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.instance == instance && !c.ended)
+                    .max_by_key(|(_, c)| c.epoch)
+                    .map(|(i, _)| i)
+            })
+            .flatten();
+        if local.is_none() && !published {
+            self.store.abandon(sid, epoch, instance);
+            return;
+        }
+        if !complete {
+            // The client is lost before its session.start.
+            self.store.abandon(sid, epoch, instance);
+            return;
+        }
+        let Some(state) = self.store.commit(sid, epoch, instance, self.now_ms) else {
+            return;
+        };
+        let token = self.new_token();
+        if let Some(c) = local {
+            // The same instance: the session itself takes the connection.
+            let copy = &mut self.sessions[s].copies[c];
+            copy.epoch = copy.epoch.max(epoch);
+            if let Some(old) = self.sessions[s].attached
+                && old != c
+            {
+                self.feed(s, old, Input::Detach);
+            }
+            self.sessions[s].attached = Some(c);
+            self.feed(s, c, attach(true, token, self.now()));
+            return;
+        }
+        let Some(state) = state else {
+            return;
+        };
+        let (carried, turns) = self.states[state].clone();
+        let usage = {
+            let c = carried.ledger.consumption;
+            (c.llm_input_tokens, c.llm_output_tokens, c.tts_chars)
+        };
+        let machine = Session::new(
+            sid.to_string(),
+            config(),
+            self.now(),
+            Some((carried, Duration::ZERO)),
+        );
+        self.sessions[s].copies.push(Copy {
+            instance,
+            machine,
+            epoch,
+            base: usage,
+            truth: (0, 0, 0),
+            request: None,
+            ended: false,
+            lease_answers: Vec::new(),
+            verifying: None,
+            turns,
+        });
+        self.stats.moves += 1;
+        let c = self.sessions[s].copies.len() - 1;
+        if let Some(old) = self.sessions[s].attached {
+            // The old connection is the same client's: it is gone.
+            self.sessions[s].attached = None;
+            self.feed(s, old, Input::Detach);
+        }
+        self.sessions[s].attached = Some(c);
+        self.feed(s, c, attach(true, token, self.now()));
+    }
+
+    fn finish_reply(&mut self, s: usize, tokens: u64) {
+        let Some(c) = self.sessions[s]
+            .copies
+            .iter()
+            .position(|c| c.request.is_some() && !c.ended)
+        else {
+            return;
+        };
+        let mut r = self.sessions[s].copies[c]
+            .request
+            .take()
+            .unwrap_or_else(|| unreachable!());
+        r.produced = tokens;
+        r.spoken = self.words(4);
+        let spoken = r.spoken.clone();
+        for w in spoken.split_whitespace() {
+            self.sessions[s].said.insert(w.to_owned());
+        }
+        let outcome = self.bill(s, c, &r, true);
+        self.feed(s, c, Input::ReplyEnded(outcome));
+    }
+
+    /// What the provider reports for a request, added to the copy's truth.
+    fn bill(&mut self, s: usize, c: usize, r: &Request, finished: bool) -> ReplyOutcome {
+        let tts = r.spoken.len() as u64;
+        let copy = &mut self.sessions[s].copies[c];
+        copy.truth.0 += r.input_tokens;
+        copy.truth.1 += r.produced;
+        copy.truth.2 += tts;
+        ReplyOutcome {
+            turn_id: r.turn_id,
+            spoken: r.spoken.clone(),
+            llm: LlmBill {
+                billable: true,
+                finished,
+                prompt_chars: r.input_tokens as usize * 4,
+                generated_chars: r.produced as usize * 4,
+                reported: ReportedTokens {
+                    input: Some(r.input_tokens),
+                    output: Some(r.produced),
+                    ..ReportedTokens::default()
+                },
+            },
+            tts_chars: tts,
+            latency: Latency::default(),
+            failure: None,
+        }
+    }
+
+    /// Carries out a copy's outputs the way the server's driver does.
+    fn drain(&mut self, s: usize, c: usize) {
+        while let Some(output) = self.sessions[s].copies[c].machine.poll_output() {
+            if std::env::var_os("ATLAS_SIM_TRACE").is_some() {
+                eprintln!(
+                    "[{} ms] session {} copy {c}: {output:?}",
+                    self.now_ms, self.sessions[s].sid
+                );
+            }
+            match output {
+                Output::Send(event) => match event {
+                    ServerEvent::SessionStarted { resume_token, .. }
+                    | ServerEvent::SessionResumed { resume_token, .. } => {
+                        if self.sessions[s].attached == Some(c) {
+                            self.sessions[s].token = Some(resume_token);
+                        }
+                    }
+                    _ => {}
+                },
+                Output::StartReply { turn_id, .. } => {
+                    let copy = &self.sessions[s].copies[c];
+                    assert!(
+                        copy.request.is_none(),
+                        "one reply at a time: turn {turn_id} started while another ran"
+                    );
+                    let input_tokens = self.rng.random_range(50..400);
+                    self.sessions[s].copies[c].request = Some(Request {
+                        turn_id,
+                        input_tokens,
+                        produced: 0,
+                        spoken: String::new(),
+                    });
+                    self.stats.requests += 1;
+                }
+                Output::AbortReply { turn_id } => {
+                    // Aborted at once; the provider bills what it did so far.
+                    let r = self.sessions[s].copies[c]
+                        .request
+                        .take_if(|r| r.turn_id == turn_id);
+                    let outcome = match r {
+                        Some(mut r) => {
+                            r.produced = self.rng.random_range(0..MAX_TOKENS / 2);
+                            if r.produced > 0 {
+                                r.spoken = self.words(2);
+                                let spoken = r.spoken.clone();
+                                for w in spoken.split_whitespace() {
+                                    self.sessions[s].said.insert(w.to_owned());
+                                }
+                            }
+                            self.bill(s, c, &r, false)
+                        }
+                        None => ReplyOutcome {
+                            turn_id,
+                            spoken: String::new(),
+                            llm: LlmBill::default(),
+                            tts_chars: 0,
+                            latency: Latency::default(),
+                            failure: None,
+                        },
+                    };
+                    let now = self.now();
+                    self.sessions[s].copies[c]
+                        .machine
+                        .handle(Input::ReplyEnded(outcome), now);
+                }
+                Output::VerifyToken(_) => {
+                    let copy = &mut self.sessions[s].copies[c];
+                    assert!(copy.verifying.is_none(), "two token verifications at once");
+                    copy.verifying = Some(self.now_ms + 20);
+                }
+                Output::Publish => {
+                    if self.write(s, c) {
+                        let copy = &self.sessions[s].copies[c];
+                        let state = (copy.machine.carried(), copy.turns.clone());
+                        self.states.push(state);
+                        let index = self.states.len() - 1;
+                        let sid = self.sessions[s].sid;
+                        if let Some(e) = self.store.sessions.get_mut(&sid) {
+                            e.state = Some(index);
+                        }
+                    }
+                }
+                Output::RefreshLease => {
+                    let sent = self.now();
+                    let (sid, epoch, instance) = self.ident(s, c);
+                    let answer = if self.reachable {
+                        match self.store.refresh(
+                            sid,
+                            epoch,
+                            instance,
+                            MAX_PER_USER,
+                            LEASE_TTL,
+                            self.now_ms,
+                        ) {
+                            Refresh::Extended(false) => LeaseAnswer::Extended,
+                            Refresh::Extended(true) => LeaseAnswer::Reasserted,
+                            Refresh::Stale => LeaseAnswer::Stale,
+                            Refresh::NoPlace => LeaseAnswer::NoPlace,
+                        }
+                    } else {
+                        LeaseAnswer::Unreachable
+                    };
+                    // Answers take a while (slow Redis).
+                    let due = self.now_ms + self.rng.random_range(1..400);
+                    self.sessions[s].copies[c]
+                        .lease_answers
+                        .push((due, answer, sent));
+                }
+                Output::RegisterToken(token) => {
+                    if self.write(s, c) {
+                        let sid = self.sessions[s].sid;
+                        self.store.tokens.insert(token, sid);
+                    }
+                }
+                Output::RetireToken(token) => {
+                    if self.write(s, c) {
+                        let sid = self.sessions[s].sid;
+                        if self.store.tokens.get(&token) == Some(&sid) {
+                            self.store.tokens.remove(&token);
+                        }
+                    }
+                }
+                Output::Spend(delta) => {
+                    if self.write(s, c) {
+                        self.store.spend += delta.daily;
+                    }
+                }
+                Output::Turn(log) => {
+                    let text = format!("{}|{}", log.user_text, log.assistant_text);
+                    self.sessions[s].copies[c].turns.push((log.turn_id, text));
+                }
+                Output::CloseConnection(..) => {
+                    if self.sessions[s].attached == Some(c) {
+                        self.sessions[s].attached = None;
+                    }
+                }
+                Output::Finish(f) => {
+                    let copy = &mut self.sessions[s].copies[c];
+                    copy.ended = true;
+                    if self.sessions[s].attached == Some(c) {
+                        self.sessions[s].attached = None;
+                    }
+                    if f.record {
+                        let epoch = self.sessions[s].copies[c].epoch;
+                        let row = &mut self.sessions[s].record;
+                        match row {
+                            Some((e, n)) if *e == epoch => *n += 1,
+                            Some((e, _)) if *e > epoch => {}
+                            _ => *row = Some((epoch, 1)),
+                        }
+                        self.stats.records += 1;
+                        // The recorder: every text passes the sanitising boundary.
+                        let turns = &self.sessions[s].copies[c].turns;
+                        if turns.iter().any(|(_, t)| sanitized(t).contains('\0')) {
+                            self.db_has_nul = true;
+                        }
+                    }
+                    if f.record && !f.handover {
+                        let release = self.ident(s, c);
+                        self.releases.push(release);
+                        self.retry_releases();
+                    }
+                }
+                Output::Ping
+                | Output::Forward { .. }
+                | Output::SendHeld
+                | Output::Rejected(_)
+                | Output::Finalize
+                | Output::CloseRecogniser
+                | Output::CallTool { .. }
+                | Output::CancelTool { .. }
+                | Output::Acknowledge { .. }
+                | Output::ContinueReply { .. }
+                | Output::ToolLog(_)
+                | Output::Checkpoint => {}
+            }
+        }
+    }
+
+    fn ident(&self, s: usize, c: usize) -> (u64, u64, usize) {
+        let copy = &self.sessions[s].copies[c];
+        (self.sessions[s].sid, copy.epoch, copy.instance)
+    }
+
+    /// A fenced write; a stale writer learns it lost the session.
+    fn write(&mut self, s: usize, c: usize) -> bool {
+        if !self.reachable {
+            return false;
+        }
+        let (sid, epoch, instance) = self.ident(s, c);
+        match self.store.fence(sid, epoch, instance) {
+            Write::Done | Write::Reasserted => true,
+            Write::Stale => {
+                let now = self.now();
+                self.sessions[s].copies[c]
+                    .machine
+                    .handle(Input::OwnershipLost, now);
+                false
+            }
+        }
+    }
+
+    /// An ended session's release is retried until the store takes it: until then its entry
+    /// and tokens could give it a second life on a resume.
+    fn retry_releases(&mut self) {
+        if self.reachable {
+            for (sid, epoch, instance) in std::mem::take(&mut self.releases) {
+                self.store.release(sid, epoch, instance);
+            }
+        }
+    }
+
+    /// Delivers answers that are due and wakes machines at their deadlines.
+    fn settle_all(&mut self) {
+        self.retry_releases();
+        for s in 0..self.sessions.len() {
+            for c in 0..self.sessions[s].copies.len() {
+                if self.sessions[s].copies[c].ended {
+                    continue;
+                }
+                let now_ms = self.now_ms;
+                let due: Vec<_> = {
+                    let answers = &mut self.sessions[s].copies[c].lease_answers;
+                    let (due, later) = answers.drain(..).partition(|(t, ..)| *t <= now_ms);
+                    *answers = later;
+                    due
+                };
+                for (_, answer, sent_at) in due {
+                    self.feed(s, c, Input::Lease { answer, sent_at });
+                }
+                if self.sessions[s].copies[c]
+                    .verifying
+                    .is_some_and(|t| t <= now_ms)
+                {
+                    self.sessions[s].copies[c].verifying = None;
+                    let expiry = self.now() + Duration::from_secs(3600);
+                    self.feed(s, c, Input::TokenRefreshed(Ok(expiry)));
+                }
+                let now = self.now();
+                if self.sessions[s].copies[c]
+                    .machine
+                    .poll_timeout()
+                    .is_some_and(|t| t <= now)
+                {
+                    self.sessions[s].copies[c].machine.handle_timeout(now);
+                    self.drain(s, c);
+                }
+            }
+        }
+    }
+
+    /// Moves the clock forward, stopping at every deadline and answer on the way.
+    fn advance(&mut self, ms: u64) {
+        let until = self.now_ms + ms;
+        loop {
+            let mut next = until;
+            for s in &self.sessions {
+                for c in s.copies.iter().filter(|c| !c.ended) {
+                    if let Some(t) = c.machine.poll_timeout() {
+                        let t = t.saturating_duration_since(self.t0).as_millis() as u64;
+                        next = next.min(t.max(self.now_ms + 1));
+                    }
+                    for (due, ..) in &c.lease_answers {
+                        next = next.min((*due).max(self.now_ms + 1));
+                    }
+                    if let Some(t) = c.verifying {
+                        next = next.min(t.max(self.now_ms + 1));
+                    }
+                }
+            }
+            self.now_ms = next;
+            self.settle_all();
+            if next >= until {
+                break;
+            }
+        }
+    }
+
+    /// The invariants, after every step.
+    fn check(&self, step: usize) -> Result<(), Violation> {
+        let fail = |invariant, detail: String| {
+            Err(Violation {
+                step,
+                invariant,
+                detail,
+            })
+        };
+        let budget = from_usd(BUDGET_USD);
+        let worst = config()
+            .prices
+            .reply_estimate(20_000 + 100, MAX_TOKENS)
+            .unwrap_or(0)
+            + config()
+                .prices
+                .cost(&atlas_core::cost::Consumption {
+                    tts_chars: 400,
+                    ..Default::default()
+                })
+                .total
+                .unwrap_or(0);
+        let mut live = 0;
+        for s in &self.sessions {
+            let mut owners = 0;
+            let stored = self.store.sessions.get(&s.sid).map(|e| e.epoch);
+            for c in &s.copies {
+                // Nothing free: the ledger holds exactly what the provider reported for every
+                // request this copy started and finished or cut.
+                let u = c.machine.ledger().usage();
+                let billed = (
+                    u.llm_input_tokens - c.base.0,
+                    u.llm_output_tokens - c.base.1,
+                    u.tts_chars - c.base.2,
+                );
+                if billed != c.truth {
+                    return fail(
+                        "every request billed exactly once",
+                        format!(
+                            "session {} on instance {}: ledger {billed:?}, provider {:?}",
+                            s.sid, c.instance, c.truth
+                        ),
+                    );
+                }
+                // Spend ≤ budget + one request's worst case.
+                let spent = c.machine.ledger().cost().total.unwrap_or(0);
+                if spent > budget + worst {
+                    return fail(
+                        "spend within the budget and one request",
+                        format!("session {} spent {spent} µ$", s.sid),
+                    );
+                }
+                if c.ended {
+                    if c.machine.poll_timeout().is_some() {
+                        return fail(
+                            "no timer armed on an ended session",
+                            format!("session {}", s.sid),
+                        );
+                    }
+                    if c.request.is_some() {
+                        return fail(
+                            "every request billed exactly once",
+                            format!("session {} ended with a request in flight", s.sid),
+                        );
+                    }
+                    continue;
+                }
+                if Some(c.epoch) == stored {
+                    owners += 1;
+                }
+                // History holds only what was said, typed or heard.
+                for m in c.machine.history() {
+                    for w in m.text.split_whitespace() {
+                        let w = w.trim_matches('\0');
+                        if !s.said.contains(w) {
+                            return fail(
+                                "history holds only what was said or heard",
+                                format!(
+                                    "session {}: {:?} word {w:?} never said",
+                                    s.sid,
+                                    if m.role == Role::User {
+                                        "user"
+                                    } else {
+                                        "assistant"
+                                    }
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+            if owners > 1 {
+                return fail(
+                    "at most one live owner",
+                    format!("session {}: {owners} copies hold the stored epoch", s.sid),
+                );
+            }
+            if let Some((epoch, n)) = s.record
+                && n > 1
+            {
+                return fail(
+                    "exactly one final record",
+                    format!("session {} recorded {n} times at epoch {epoch}", s.sid),
+                );
+            }
+            if s.copies
+                .iter()
+                .any(|c| !c.ended && c.epoch >= stored.unwrap_or(0))
+            {
+                live += 1;
+            }
+        }
+        // The user's live sessions stay under the cap (after the store lost its data, until
+        // every session has refreshed its lease once).
+        let grace = self
+            .store
+            .lost_at
+            .is_some_and(|t| self.now_ms < t + LEASE_TTL);
+        if live > MAX_PER_USER && !grace {
+            return fail(
+                "live sessions within the user's cap",
+                format!("{live} live sessions"),
+            );
+        }
+        if self.db_has_nul {
+            return fail("no NUL reaches the database", String::new());
+        }
+        Ok(())
+    }
+
+    /// After every client left and the windows ran out: every session ended, recorded once.
+    fn check_final(&self, step: usize) -> Result<(), Violation> {
+        for s in &self.sessions {
+            if let Some(c) = s.copies.iter().find(|c| !c.ended) {
+                return Err(Violation {
+                    step,
+                    invariant: "every session ends",
+                    detail: format!("session {} still live on instance {}", s.sid, c.instance),
+                });
+            }
+            let last = s.copies.iter().map(|c| c.epoch).max().unwrap_or(0);
+            if s.record.map(|(e, _)| e) != Some(last) {
+                return Err(Violation {
+                    step,
+                    invariant: "exactly one final record, by the last owner",
+                    detail: format!(
+                        "session {}: row {:?}, last owner's epoch {last}",
+                        s.sid, s.record
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The recorder's boundary: text bound for the database has no NUL.
+fn sanitized(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
+fn attach(resumed: bool, token: String, now: Instant) -> Input<'static> {
+    Input::Attach {
+        resumed,
+        token,
+        token_expiry: now + Duration::from_secs(3600),
+        input: AudioFormat::DEFAULT_INPUT,
+        output: AudioFormat::DEFAULT_OUTPUT,
+    }
+}
+
+/// The schedule a seed decides.
+pub fn schedule(seed: u64, len: usize) -> Vec<Action> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut actions = Vec::with_capacity(len);
+    for _ in 0..len {
+        let session = rng.random::<u8>();
+        let roll = rng.random_range(0..100);
+        let action = match roll {
+            0..4 => Action::NewSession {
+                instance: rng.random(),
+            },
+            4..14 => Action::Advance {
+                ms: rng.random_range(1..3000),
+            },
+            14..15 => Action::Advance {
+                ms: rng.random_range(10_000..65_000),
+            },
+            15..25 => Action::ReplyFinishes {
+                session,
+                tokens: rng.random(),
+            },
+            25 if rng.random_range(0..4) == 0 => Action::StoreLosesData,
+            26 => Action::StoreReachable(rng.random_range(0..3) != 0),
+            _ => Action::Client {
+                session,
+                what: match rng.random_range(0..100) {
+                    0..15 => ClientAct::Audio {
+                        valid: rng.random_range(0..10) != 0,
+                    },
+                    15..27 => ClientAct::Text {
+                        nul: rng.random_range(0..5) == 0,
+                    },
+                    27..37 => ClientAct::Partial,
+                    37..49 => ClientAct::Final {
+                        speech_final: rng.random(),
+                    },
+                    49..54 => ClientAct::UtteranceEnd,
+                    54..57 => ClientAct::SpeechStarted,
+                    57..62 => ClientAct::Commit,
+                    62..68 => ClientAct::Cancel,
+                    68..73 => ClientAct::Refresh,
+                    73..75 => ClientAct::Flood {
+                        frames: rng.random(),
+                    },
+                    75..84 => ClientAct::Drop,
+                    84..87 => ClientAct::End,
+                    _ => ClientAct::Resume {
+                        instance: rng.random(),
+                        complete: rng.random_range(0..4) != 0,
+                    },
+                },
+            },
+        };
+        actions.push(action);
+    }
+    actions
+}
+
+/// Runs a schedule; a panic (a broken assertion of the driver's contract) is a violation.
+pub fn run(seed: u64, actions: &[Action]) -> Result<Stats, Violation> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        World::new(seed).run(actions)
+    }))
+    .unwrap_or_else(|panic| {
+        let detail = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default();
+        Err(Violation {
+            step: actions.len(),
+            invariant: "the driver's contract",
+            detail,
+        })
+    })
+}
+
+/// Runs one seed's schedule of `len` actions.
+pub fn run_seed(seed: u64, len: usize) -> Result<Stats, Violation> {
+    run(seed, &schedule(seed, len))
+}
+
+/// Cuts a failing schedule down: drops chunks of actions while the same invariant still
+/// fails (delta debugging), so a failure reads as a short sequence.
+pub fn shrink(seed: u64, actions: &[Action], invariant: &str) -> Vec<Action> {
+    let fails = |a: &[Action]| run(seed, a).is_err_and(|v| v.invariant == invariant);
+    let mut current = actions.to_vec();
+    let mut chunk = current.len().div_ceil(2).max(1);
+    while chunk >= 1 {
+        let mut i = 0;
+        let mut removed = false;
+        while i < current.len() {
+            let end = (i + chunk).min(current.len());
+            let candidate: Vec<Action> = current[..i]
+                .iter()
+                .chain(&current[end..])
+                .copied()
+                .collect();
+            if fails(&candidate) {
+                current = candidate;
+                removed = true;
+            } else {
+                i += chunk;
+            }
+        }
+        if !removed {
+            if chunk == 1 {
+                break;
+            }
+            chunk /= 2;
+        }
+    }
+    current
+}
+
+/// The command that replays a seed.
+pub fn replay_command(seed: u64, len: usize) -> String {
+    format!("cargo run -p atlas-sim --release -- --seed {seed} --actions {len}")
+}

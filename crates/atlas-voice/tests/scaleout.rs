@@ -524,6 +524,115 @@ async fn a_redis_outage_during_lease_refresh_never_admits_a_fourth_session() {
     proxy.restore();
 }
 
+/// Forgets every key under `prefix`, as a Redis restarted without persistence would.
+async fn lose_redis_data(prefix: &str) {
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "the session had shared state");
+    let _: i64 = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// The final record of `session_id` in the SQLite file at `db`: (end reason, turns).
+async fn final_record(db: &std::path::Path, session_id: &str) -> Option<(String, i64)> {
+    let url = format!("sqlite://{}", db.display());
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(10) {
+        if let Ok(pool) = sqlx::SqlitePool::connect(&url).await {
+            let row: Option<(Option<String>, i64)> = sqlx::query_as(
+                "select end_reason, turns from voice_sessions where id = ? and ended_at is not null",
+            )
+            .bind(session_id)
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten();
+            pool.close().await;
+            if let Some((reason, turns)) = row {
+                return Some((reason.unwrap_or_default(), turns));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
+}
+
+/// Ends the session and waits for the close.
+async fn end(conn: &mut Connection) {
+    conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), conn.incoming.recv()).await {
+            Ok(Some(Incoming::Closed { .. })) | Ok(None) => break,
+            Ok(Some(_)) => {}
+            Err(_) => panic!("no close after session.end"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_redis_that_loses_its_data_does_not_end_the_session_or_its_record() {
+    let fakes = start_fakes(fast_fakes()).await;
+    let p = prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shared.db");
+    let url = format!("sqlite://{}", db.display());
+    let a = spawn(&fakes, REDIS, &p, &[("DATABASE_URL", &url)]);
+    let b = spawn(&fakes, REDIS, &p, &[("DATABASE_URL", &url)]);
+    let (mut conn, started) = start(&a.url(), "amnesia", None).await.unwrap();
+    let (session_id, resume_token) = ids(started);
+    ask(&mut conn, 1).await;
+    // Redis restarts empty (no persistence): the owner's entry, lease and tokens are gone.
+    lose_redis_data(&p).await;
+    // Several lease refreshes later (2 s leases, refreshed every 0.67 s) the session is live.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(alive(&mut conn).await, "the session survived the data loss");
+    ask(&mut conn, 2).await;
+    // It is resumable again (its token re-registered): on the other instance, with both turns.
+    conn.abort();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut conn, event) = start(&b.url(), "amnesia", Some(&resume_token))
+        .await
+        .expect("resumes after the data loss");
+    assert_eq!(resumed_as(event), (session_id.clone(), 2));
+    end(&mut conn).await;
+    let record = final_record(&db, &session_id).await;
+    assert_eq!(record, Some(("client_ended".to_owned(), 2)));
+}
+
+#[tokio::test]
+async fn a_resume_that_never_completes_leaves_the_session_with_its_owner() {
+    let fakes = start_fakes(fast_fakes()).await;
+    let p = prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shared.db");
+    let url = format!("sqlite://{}", db.display());
+    let a = spawn(&fakes, REDIS, &p, &[("DATABASE_URL", &url)]);
+    let b = spawn(&fakes, REDIS, &p, &[("DATABASE_URL", &url)]);
+    let (mut conn, started) = start(&a.url(), "flaky", None).await.unwrap();
+    let (session_id, resume_token) = ids(started);
+    ask(&mut conn, 1).await;
+    // B accepts a resume upgrade; the client is lost before its session.start.
+    let abandoned = open(&b.url(), "flaky", Some(&resume_token)).await.unwrap();
+    abandoned.abort();
+    // Well past the claim's deadline and many lease refreshes: the owner's connection lives.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(alive(&mut conn).await, "the owner kept its live connection");
+    ask(&mut conn, 2).await;
+    end(&mut conn).await;
+    assert_eq!(
+        final_record(&db, &session_id).await,
+        Some(("client_ended".to_owned(), 2))
+    );
+}
+
 /// A Redis server speaking only TLS on a free loopback port, with a certificate from a CA
 /// made for the test (openssl); stopped on drop.
 struct TlsRedis {

@@ -8,7 +8,6 @@ use atlas_protocol::ErrorCode;
 
 use crate::cluster::{Claim, ClusterError};
 use crate::error::ApiError;
-use crate::handoff::ToSession;
 use crate::registry::AdmitError;
 use crate::session::Upgrade;
 use crate::state::AppState;
@@ -101,36 +100,37 @@ pub async fn resume(state: &AppState, token: &str, user_id: &str) -> Result<Upgr
         return state
             .registry
             .find_resume(token, user_id)
-            .map(Upgrade::Resume)
+            .map(|entry| Upgrade::Resume(entry, None))
             .ok_or(Refusal::UnknownResume);
     };
-    // Scale-out: every resume, local ones included, is one atomic claim that makes this
-    // instance the owner at a new epoch; the previous owner is fenced off.
-    match cluster.claim(token, user_id).await? {
-        Claim::Unknown => Err(Refusal::UnknownResume),
-        Claim::NoPlace => Err(Refusal::TooManySessions),
-        Claim::Claimed {
-            owned,
-            previous_owner,
-            state: published,
-        } => {
-            let local = (previous_owner == cluster.instance)
-                .then(|| state.registry.find_session(&owned.session_id, user_id))
-                .flatten();
-            match (local, published) {
-                (Some(entry), _) => {
-                    // The session learns its new epoch before the handshake ends.
-                    let _ = entry.attach.try_send(ToSession::Claimed(owned.epoch));
-                    Ok(Upgrade::Resume(entry))
-                }
-                (None, Some(published)) => {
-                    let permit = state.registry.admit_moved(user_id)?;
-                    Ok(Upgrade::Adopt(permit, owned, published))
-                }
-                (None, None) => Err(Refusal::UnknownResume),
-            }
-        }
+    // Scale-out: every resume, local ones included, claims the session pending the client's
+    // handshake; the claim is committed (and the owner fenced off) only once the handshake is
+    // done, so a resume that never completes leaves the session with its owner.
+    let (claim, owner, published) = match cluster.claim(token, user_id).await? {
+        Claim::Unknown => return Err(Refusal::UnknownResume),
+        Claim::NoPlace => return Err(Refusal::TooManySessions),
+        Claim::Pending {
+            claim,
+            owner,
+            published,
+        } => (claim, owner, published),
+    };
+    let local = (owner == cluster.instance)
+        .then(|| state.registry.find_session(&claim.session_id, user_id))
+        .flatten();
+    let upgrade = match local {
+        Some(entry) => Ok(Upgrade::Resume(entry, Some(claim.clone()))),
+        None if published => state
+            .registry
+            .admit_moved(user_id)
+            .map(|permit| Upgrade::Adopt(permit, claim.clone()))
+            .map_err(Refusal::from),
+        None => Err(Refusal::UnknownResume),
+    };
+    if upgrade.is_err() {
+        let _ = cluster.abandon(&claim).await;
     }
+    upgrade
 }
 
 /// A new session: under the user's limit (here, or across instances) and the daily budget.

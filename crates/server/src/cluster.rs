@@ -2,12 +2,23 @@
 //! instances, fenced ownership of each session, its replicated resume state, and the daily
 //! budget across instances.
 //!
-//! **One owner at a time.** Creating a session and claiming it by a resume token (on any
-//! instance, the owner's own included) are single atomic scripts; a claim bumps the session's
-//! ownership epoch. Every write an instance makes for a session — lease refresh, resume state,
-//! tokens, spend, release — runs a script that first checks the writer's epoch and refuses a
-//! stale one, so an owner that lost its session can neither serve (it learns at its next write
-//! and closes the connection with 4409) nor write.
+//! **One owner at a time.** Creating a session is one atomic script. Taking it over by a resume
+//! token (on any instance, the owner's own included) is a two-step hand-over: the upgrade
+//! *claims* it (a pending claim with the next epoch and a short deadline, which changes
+//! nothing for the owner), and only when the resuming client has completed its
+//! `session.start` does the new owner *commit* the claim, which makes its epoch the session's
+//! and returns the latest published state. A claim that is never committed expires and the
+//! session stays with its owner; of racing claims only the latest can commit. Every write an
+//! instance makes for a session — lease refresh, resume state, tokens, spend, release — runs a
+//! script that first checks the writer's epoch: a higher epoch in the store (a positive sign
+//! of another owner) refuses it, so an owner that lost its session can neither serve (it
+//! learns at its next write and closes the connection with 4409) nor write.
+//!
+//! **Losing Redis's data is not losing the session.** A write that finds the session's entry
+//! gone (a restart without persistence, a failover, an eviction) re-asserts it with the
+//! writer's epoch instead of concluding that another owner took it; the lease refresh says so
+//! and the session publishes its state and its tokens again. "Moved" is concluded only from a
+//! higher epoch, never from absence.
 //!
 //! **Sessions survive their instance.** The owner publishes the session's state after every
 //! turn and on detach; after a crash, a resume on any instance claims it with history, usage
@@ -19,8 +30,9 @@
 //!   every third of the TTL; a lapsed lease is taken back only under the limit. A session whose
 //!   lease could not be refreshed for its whole TTL ends on its instance before Redis would
 //!   give its place away.
-//! - `{p}:session:{id}` — hash: `user`, `owner` (instance), `epoch`, `state` (JSON), kept for a
-//!   lease plus a resume window after the last refresh.
+//! - `{p}:session:{id}` — hash: `user`, `owner` (instance), `epoch`, `state` (JSON), and a
+//!   pending claim (`claim` epoch, `claimer` instance, `claim_until` ms), kept for a lease plus
+//!   a resume window after the last refresh.
 //! - `{p}:token:{token}` — the session a resume token leads to.
 //! - `{p}:spend:{user}:{day}` — micro-dollars spent on that UTC day (expires after two days).
 
@@ -32,6 +44,9 @@ use serde::{Deserialize, Serialize};
 
 /// Deadline for any Redis call: a person is waiting.
 const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// How long a claim waits for its client's `session.start` (the start timeout and a margin).
+pub const CLAIM_TTL: Duration = Duration::from_secs(15);
 
 /// A Redis problem.
 #[derive(Debug, thiserror::Error)]
@@ -64,15 +79,16 @@ redis.call('PEXPIRE', KEYS[2], ARGV[5])
 return 1
 ";
 
-// Resume (on any instance, the owner's included): one atomic claim that bumps the epoch. A
+// Resume, first step (on any instance, the owner's included): a pending claim with an epoch
+// above every epoch and claim so far, valid for the handshake; the owner is not touched. A
 // lease that lapsed (its instance died) is taken back only under the user's limit.
-// KEYS: token. ARGV: user, max, lease ttl ms, instance, session ttl ms, key prefix.
-// Returns {0} unknown, {-1} no place, {1, session id, epoch, previous owner, state}.
+// KEYS: token. ARGV: user, max, lease ttl ms, instance, session ttl ms, key prefix, claim ttl ms.
+// Returns {0} unknown, {-1} no place, {1, session id, claim epoch, owner, state}.
 const CLAIM: &str = r"
 local sid = redis.call('GET', KEYS[1])
 if not sid then return {0} end
 local hk = ARGV[6] .. ':session:' .. sid
-local h = redis.call('HMGET', hk, 'user', 'owner', 'state')
+local h = redis.call('HMGET', hk, 'user', 'owner', 'state', 'epoch', 'claim')
 if not h[1] or h[1] ~= ARGV[1] then return {0} end
 local lk = ARGV[6] .. ':leases:' .. ARGV[1]
 redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
@@ -81,58 +97,102 @@ if not redis.call('ZSCORE', lk, sid) and redis.call('ZCARD', lk) >= tonumber(ARG
 end
 redis.call('ZADD', lk, now + tonumber(ARGV[3]), sid)
 redis.call('PEXPIRE', lk, tonumber(ARGV[3]) * 4)
-local epoch = redis.call('HINCRBY', hk, 'epoch', 1)
-redis.call('HSET', hk, 'owner', ARGV[4])
+local claim = math.max(tonumber(h[4]) or 0, tonumber(h[5]) or 0) + 1
+redis.call('HSET', hk, 'claim', claim, 'claimer', ARGV[4], 'claim_until', now + tonumber(ARGV[7]))
 redis.call('PEXPIRE', hk, ARGV[5])
-return {1, sid, epoch, h[2] or '', h[3] or ''}
+return {1, sid, claim, h[2] or '', h[3] or ''}
 ";
 
-// The fence every write passes: the caller's epoch must still be the session's.
-const FENCE: &str = "if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return -1 end\n";
+// Resume, second step: the client completed its handshake; the claim (still the latest, not
+// expired) becomes the session's epoch and this instance its owner.
+// KEYS: session. ARGV: claim epoch, instance, session ttl ms.
+// Returns {0} lost (expired, overtaken, or the session ended), {1, state}.
+const COMMIT: &str = r"
+local h = redis.call('HMGET', KEYS[1], 'claim', 'claimer', 'claim_until', 'state')
+if not h[1] or h[1] ~= ARGV[1] or h[2] ~= ARGV[2] or tonumber(h[3]) < now then return {0} end
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'owner', ARGV[2])
+redis.call('HDEL', KEYS[1], 'claim', 'claimer', 'claim_until')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {1, h[4] or ''}
+";
 
-// Lease refresh. KEYS: session, leases. ARGV: epoch, session id, lease ttl ms, max,
-// session ttl ms. Returns 1, -1 stale, -2 lapsed without a place.
+// A claim whose client went away before its handshake: the session stays with its owner.
+// KEYS: session. ARGV: claim epoch, instance.
+const ABANDON: &str = r"
+local h = redis.call('HMGET', KEYS[1], 'claim', 'claimer')
+if h[1] == ARGV[1] and h[2] == ARGV[2] then
+  redis.call('HDEL', KEYS[1], 'claim', 'claimer', 'claim_until')
+end
+return 1
+";
+
+// The fence every write passes. A higher epoch in the store is another owner: refused. A
+// missing entry is data Redis lost: the writer re-asserts it (`reasserted` = 1). A lower one
+// is an older owner's re-assertion after such a loss: this writer's epoch replaces it.
+// ARGV: epoch, user, instance, session ttl ms; each script's own arguments follow.
+const FENCE: &str = r"
+local stored = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
+local mine = tonumber(ARGV[1])
+if stored and stored > mine then return -1 end
+local reasserted = 0
+if not stored then
+  redis.call('HSET', KEYS[1], 'user', ARGV[2], 'owner', ARGV[3], 'epoch', mine)
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  reasserted = 1
+elseif stored < mine then
+  redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'epoch', mine)
+end
+";
+
+// Lease refresh. KEYS: session, leases. ARGV: (fence), session id, lease ttl ms, max.
+// Returns 1, 2 re-asserted after data loss, -1 stale, -2 lapsed without a place.
 const REFRESH: &str = r"
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if not redis.call('ZSCORE', KEYS[2], ARGV[2]) and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then
+if not redis.call('ZSCORE', KEYS[2], ARGV[5]) and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[7]) then
   return -2
 end
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
-redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]) * 4)
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return 1
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[5])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[6]) * 4)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1 + reasserted
 ";
 
-// KEYS: session. ARGV: epoch, state, session ttl ms.
+// KEYS: session. ARGV: (fence), state.
 const PUBLISH: &str = r"
-redis.call('HSET', KEYS[1], 'state', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[1], 'state', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 ";
 
-// KEYS: session, token. ARGV: epoch, session id, token ttl ms.
+// KEYS: session, token. ARGV: (fence), session id, token ttl ms.
 const REGISTER_TOKEN: &str = r"
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6])
 return 1
 ";
 
-// KEYS: session, token. ARGV: epoch, session id.
+// KEYS: session, token. ARGV: (fence), session id.
 const RETIRE_TOKEN: &str = r"
-if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+if redis.call('GET', KEYS[2]) == ARGV[5] then redis.call('DEL', KEYS[2]) end
 return 1
 ";
 
-// KEYS: session, spend. ARGV: epoch, micros. Returns the day's total.
+// KEYS: session, spend. ARGV: (fence), micros. Returns the day's total.
 const ADD_SPEND: &str = r"
-local total = redis.call('INCRBY', KEYS[2], ARGV[2])
+local total = redis.call('INCRBY', KEYS[2], ARGV[5])
 redis.call('EXPIRE', KEYS[2], 172800)
 return total
 ";
 
-// KEYS: session, leases. ARGV: epoch, session id.
+// The session ended for good: its place is freed and its entry becomes a tombstone that
+// keeps only the epoch, for as long as an entry lives. A stale owner that has not learned it
+// lost the session meets that epoch (a positive sign) rather than an absence it would take
+// for lost data and re-assert; a claim finds no user and resumes nothing.
+// KEYS: session, leases. ARGV: (fence), session id.
 const RELEASE: &str = r"
-redis.call('ZREM', KEYS[2], ARGV[2])
-redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[5])
+redis.call('HDEL', KEYS[1], 'user', 'owner', 'state', 'claim', 'claimer', 'claim_until')
+redis.call('HSET', KEYS[1], 'ended', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 ";
 
@@ -164,15 +224,27 @@ pub enum Claim {
     Unknown,
     /// The session's lease lapsed and the user's places are taken.
     NoPlace,
-    /// Claimed.
-    Claimed {
-        /// This instance's ownership.
-        owned: Owned,
-        /// The instance that owned it before (this one for a local resume).
-        previous_owner: String,
-        /// The state the previous owner published, if any.
-        state: Option<Box<ResumeState>>,
+    /// Claimed, pending the client's handshake ([`Cluster::commit`]).
+    Pending {
+        /// The ownership this instance gets when it commits the claim.
+        claim: Owned,
+        /// The instance that owns it now (this one for a local resume).
+        owner: String,
+        /// Whether the owner published a state another instance can continue from.
+        published: bool,
     },
+}
+
+/// How a lease refresh went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refreshed {
+    /// Extended.
+    Extended,
+    /// The store had lost the session's entry; it was re-asserted (publish state and tokens
+    /// again).
+    Reasserted,
+    /// The lease had lapsed and the user's places are taken meanwhile.
+    NoPlace,
 }
 
 /// What a session needs to continue on another instance.
@@ -310,9 +382,8 @@ impl Cluster {
         }))
     }
 
-    /// Claims the session behind a resume token for `user_id`: one atomic step that bumps the
-    /// ownership epoch, so of racing claims the last one owns the session and every earlier
-    /// owner's writes are refused from then on.
+    /// Claims the session behind a resume token for `user_id`, pending the client's
+    /// handshake: nothing changes for the owner until [`commit`](Self::commit).
     pub async fn claim(&self, token: &str, user_id: &str) -> Result<Claim, ClusterError> {
         let mut conn = self.conn.clone();
         let v: redis::Value = timed(
@@ -324,41 +395,87 @@ impl Cluster {
                 .arg(&self.instance)
                 .arg(Self::ms(self.session_ttl))
                 .arg(&self.prefix)
+                .arg(Self::ms(CLAIM_TTL))
                 .invoke_async(&mut conn),
         )
         .await?;
-        let decode = |e: &dyn std::fmt::Display| ClusterError::Decode(e.to_string());
-        let (code, rest): (i64, Vec<redis::Value>) = match v {
-            redis::Value::Array(mut items) if !items.is_empty() => {
-                let code = redis::from_redis_value(items.remove(0)).map_err(|e| decode(&e))?;
-                (code, items)
-            }
-            other => return Err(ClusterError::Decode(format!("claim answered {other:?}"))),
-        };
+        let (code, rest) = split_code(v)?;
         match code {
             0 => Ok(Claim::Unknown),
             -1 => Ok(Claim::NoPlace),
             _ => {
-                let (session_id, epoch, previous_owner, state): (String, u64, String, String) =
-                    redis::from_redis_value(redis::Value::Array(rest)).map_err(|e| decode(&e))?;
-                let state = if state.is_empty() {
-                    None
-                } else {
-                    Some(Box::new(
-                        serde_json::from_str(&state).map_err(|e| decode(&e))?,
-                    ))
-                };
-                Ok(Claim::Claimed {
-                    owned: Owned {
+                let (session_id, epoch, owner, state): (String, u64, String, String) =
+                    redis::from_redis_value(redis::Value::Array(rest)).map_err(decode)?;
+                Ok(Claim::Pending {
+                    claim: Owned {
                         session_id,
                         user_id: user_id.to_owned(),
                         epoch,
                     },
-                    previous_owner,
-                    state,
+                    owner,
+                    published: !state.is_empty(),
                 })
             }
         }
+    }
+
+    /// Completes a hand-over once the resuming client's handshake is done: the claim becomes
+    /// the session's epoch. `None`: the claim was overtaken or expired, or the session ended
+    /// (its owner keeps it, or nobody does); otherwise the latest published state.
+    pub async fn commit(
+        &self,
+        claim: &Owned,
+    ) -> Result<Option<Option<Box<ResumeState>>>, ClusterError> {
+        let mut conn = self.conn.clone();
+        let v: redis::Value = timed(
+            Self::script(COMMIT)
+                .key(self.key(&["session", &claim.session_id]))
+                .arg(claim.epoch)
+                .arg(&self.instance)
+                .arg(Self::ms(self.session_ttl))
+                .invoke_async(&mut conn),
+        )
+        .await?;
+        let (code, rest) = split_code(v)?;
+        if code != 1 {
+            return Ok(None);
+        }
+        let (state,): (String,) =
+            redis::from_redis_value(redis::Value::Array(rest)).map_err(decode)?;
+        if state.is_empty() {
+            return Ok(Some(None));
+        }
+        let state = serde_json::from_str(&state).map_err(decode)?;
+        Ok(Some(Some(Box::new(state))))
+    }
+
+    /// Gives a claim up (its client left before the handshake): the owner keeps the session.
+    pub async fn abandon(&self, claim: &Owned) -> Result<(), ClusterError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = timed(
+            Self::script(ABANDON)
+                .key(self.key(&["session", &claim.session_id]))
+                .arg(claim.epoch)
+                .arg(&self.instance)
+                .invoke_async(&mut conn),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A fenced script's invocation with the fence's arguments in place.
+    fn fenced_invocation<'a>(
+        &self,
+        script: &'a redis::Script,
+        owned: &Owned,
+    ) -> redis::ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        inv.key(self.key(&["session", &owned.session_id]))
+            .arg(owned.epoch)
+            .arg(&owned.user_id)
+            .arg(&self.instance)
+            .arg(Self::ms(self.session_ttl));
+        inv
     }
 
     async fn run_fenced<T: redis::FromRedisValue>(
@@ -375,22 +492,19 @@ impl Cluster {
             .map_err(|e| ClusterError::Decode(e.to_string()))
     }
 
-    /// Extends the session's lease. `Done(false)`: the lease had lapsed and the user's places
-    /// are taken meanwhile, so the session must end.
-    pub async fn refresh(&self, owned: &Owned) -> Result<Fenced<bool>, ClusterError> {
+    /// Extends the session's lease (re-asserting its entry if the store lost it).
+    pub async fn refresh(&self, owned: &Owned) -> Result<Fenced<Refreshed>, ClusterError> {
         let script = Self::fenced(REFRESH);
-        let mut inv = script.prepare_invoke();
-        inv.key(self.key(&["session", &owned.session_id]))
-            .key(self.key(&["leases", &owned.user_id]))
-            .arg(owned.epoch)
+        let mut inv = self.fenced_invocation(&script, owned);
+        inv.key(self.key(&["leases", &owned.user_id]))
             .arg(&owned.session_id)
             .arg(Self::ms(self.lease_ttl))
-            .arg(self.max_per_user)
-            .arg(Self::ms(self.session_ttl));
-        Ok(match self.run_fenced::<i64>(inv).await? {
-            Fenced::Done(v) => Fenced::Done(v == 1),
-            Fenced::Stale => Fenced::Stale,
-        })
+            .arg(self.max_per_user);
+        Ok(self.run_fenced::<i64>(inv).await?.map(|v| match v {
+            1 => Refreshed::Extended,
+            2 => Refreshed::Reasserted,
+            _ => Refreshed::NoPlace,
+        }))
     }
 
     /// Publishes the session's state, from which any instance can continue it.
@@ -401,11 +515,8 @@ impl Cluster {
     ) -> Result<Fenced<()>, ClusterError> {
         let body = serde_json::to_string(state).map_err(|e| ClusterError::Decode(e.to_string()))?;
         let script = Self::fenced(PUBLISH);
-        let mut inv = script.prepare_invoke();
-        inv.key(self.key(&["session", &owned.session_id]))
-            .arg(owned.epoch)
-            .arg(body)
-            .arg(Self::ms(self.session_ttl));
+        let mut inv = self.fenced_invocation(&script, owned);
+        inv.arg(body);
         Ok(self.run_fenced::<i64>(inv).await?.map(|_| ()))
     }
 
@@ -416,10 +527,8 @@ impl Cluster {
         token: &str,
     ) -> Result<Fenced<()>, ClusterError> {
         let script = Self::fenced(REGISTER_TOKEN);
-        let mut inv = script.prepare_invoke();
-        inv.key(self.key(&["session", &owned.session_id]))
-            .key(self.key(&["token", token]))
-            .arg(owned.epoch)
+        let mut inv = self.fenced_invocation(&script, owned);
+        inv.key(self.key(&["token", token]))
             .arg(&owned.session_id)
             .arg(Self::ms(self.token_ttl));
         Ok(self.run_fenced::<i64>(inv).await?.map(|_| ()))
@@ -432,32 +541,25 @@ impl Cluster {
         token: &str,
     ) -> Result<Fenced<()>, ClusterError> {
         let script = Self::fenced(RETIRE_TOKEN);
-        let mut inv = script.prepare_invoke();
-        inv.key(self.key(&["session", &owned.session_id]))
-            .key(self.key(&["token", token]))
-            .arg(owned.epoch)
-            .arg(&owned.session_id);
+        let mut inv = self.fenced_invocation(&script, owned);
+        inv.key(self.key(&["token", token])).arg(&owned.session_id);
         Ok(self.run_fenced::<i64>(inv).await?.map(|_| ()))
     }
 
     /// Adds the session's spend to its user's day; returns the day's total.
     pub async fn add_spend(&self, owned: &Owned, micros: u64) -> Result<Fenced<u64>, ClusterError> {
         let script = Self::fenced(ADD_SPEND);
-        let mut inv = script.prepare_invoke();
-        inv.key(self.key(&["session", &owned.session_id]))
-            .key(self.key(&["spend", &owned.user_id, &Self::day()]))
-            .arg(owned.epoch)
+        let mut inv = self.fenced_invocation(&script, owned);
+        inv.key(self.key(&["spend", &owned.user_id, &Self::day()]))
             .arg(micros);
         self.run_fenced::<u64>(inv).await
     }
 
-    /// Frees the session's place and forgets it.
+    /// Frees the session's place; what remains is a tombstone with its epoch.
     pub async fn release(&self, owned: &Owned) -> Result<Fenced<()>, ClusterError> {
         let script = Self::fenced(RELEASE);
-        let mut inv = script.prepare_invoke();
-        inv.key(self.key(&["session", &owned.session_id]))
-            .key(self.key(&["leases", &owned.user_id]))
-            .arg(owned.epoch)
+        let mut inv = self.fenced_invocation(&script, owned);
+        inv.key(self.key(&["leases", &owned.user_id]))
             .arg(&owned.session_id);
         Ok(self.run_fenced::<i64>(inv).await?.map(|_| ()))
     }
@@ -471,6 +573,21 @@ impl Cluster {
         let mut conn = self.conn.clone();
         let v: Option<u64> = timed(conn.get(self.key(&["spend", user_id, &Self::day()]))).await?;
         Ok(v.unwrap_or(0))
+    }
+}
+
+fn decode(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Decode(e.to_string())
+}
+
+/// A script's `{code, ...}` answer.
+fn split_code(v: redis::Value) -> Result<(i64, Vec<redis::Value>), ClusterError> {
+    match v {
+        redis::Value::Array(mut items) if !items.is_empty() => {
+            let code = redis::from_redis_value(items.remove(0)).map_err(decode)?;
+            Ok((code, items))
+        }
+        other => Err(ClusterError::Decode(format!("answered {other:?}"))),
     }
 }
 

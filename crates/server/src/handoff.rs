@@ -7,6 +7,7 @@ use tokio::task::JoinHandle;
 use atlas_protocol::SessionStart;
 
 use crate::auth::Identity;
+use crate::cluster::Owned;
 use crate::session::outbound::{OutboundTx, WriterExit};
 
 /// A client connection that completed the `session.start` handshake.
@@ -21,6 +22,8 @@ pub struct Connection {
     pub start: SessionStart,
     /// Who connected.
     pub identity: Identity,
+    /// Scale-out: the pending claim this resume commits once attached.
+    pub claim: Option<Owned>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -29,12 +32,4 @@ impl std::fmt::Debug for Connection {
             .field("user_id", &self.identity.user_id)
             .finish_non_exhaustive()
     }
-}
-
-/// Messages to a running session from the connections resuming it.
-pub enum ToSession {
-    /// This instance claimed the session again for a resume, at this epoch.
-    Claimed(u64),
-    /// A connection completed its handshake and resumes the session.
-    Attach(Connection),
 }

@@ -195,8 +195,14 @@ impl Recorder {
     /// scale-out); it becomes the high bits of the sequence, so a row written by a later owner
     /// is never replaced by a snapshot of an owner that lost the session (fenced like every
     /// other write for it), whatever the clocks say.
+    ///
+    /// Text the database cannot hold (a NUL) is made storable here already, with the store's
+    /// own [`Snapshot::sanitize`], so that the spool and the quarantine hold what the database
+    /// will; the store's write path remains the boundary every write passes (spooled records
+    /// of older versions included). Nothing is copied when there is nothing to replace.
     pub fn submit(&self, mut snap: Snapshot) {
         snap.seq = fenced_seq(snap.seq, next_seq());
+        snap.sanitize();
         if let Err(
             mpsc::error::TrySendError::Full(snap) | mpsc::error::TrySendError::Closed(snap),
         ) = self.tx.try_send(snap)

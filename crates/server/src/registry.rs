@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use crate::handoff::ToSession;
+use crate::handoff::Connection;
 
 /// Why a new session was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,7 +25,7 @@ pub struct ResumeEntry {
     /// Its owner; only they may resume it.
     pub user_id: String,
     /// Hands a new connection (or a newer claim) to the session.
-    pub attach: mpsc::Sender<ToSession>,
+    pub attach: mpsc::Sender<Connection>,
 }
 
 impl std::fmt::Debug for ResumeEntry {
@@ -180,9 +180,18 @@ impl Registry {
         self.lock().live.insert(session_id.to_owned(), entry);
     }
 
-    /// The session is over: no resume reaches it any more.
+    /// The session is over here: no resume reaches it any more. Call it after closing the
+    /// session's attach queue: an entry whose queue is open belongs to a later copy of the same
+    /// session on this instance (continued here while a stale copy was still ending) and stays.
     pub fn remove_session(&self, session_id: &str) {
         let mut inner = self.lock();
+        if inner
+            .live
+            .get(session_id)
+            .is_some_and(|e| !e.attach.is_closed())
+        {
+            return;
+        }
         inner.live.remove(session_id);
         inner.tokens.retain(|_, sid| sid != session_id);
     }

@@ -5,19 +5,23 @@
 //! # Layout
 //! - [`records`]: the rows written (`voice_sessions`, `voice_turns`, `voice_tool_calls`).
 //! - [`migrate`]: migration files, statement splitting, lint, status, apply, the ledger.
+//! - [`sanitize`]: text bound for the database made storable (a NUL becomes U+FFFD).
 //! - [`schema`]: live-schema introspection for `db diff`.
 //! - [`spool`]: the durable local spool and its replay.
 //! - [`Store`]: connecting and writing.
 
 pub mod migrate;
 pub mod records;
+pub mod sanitize;
 pub mod schema;
 pub mod spool;
 
+use std::borrow::Cow;
 use std::str::FromStr;
 use std::time::Duration;
 
 pub use records::{SessionRecord, Snapshot, ToolCallRecord, TurnRecord};
+pub use sanitize::sanitize_text;
 
 /// A database problem, with a message fit for an operator.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +46,7 @@ impl StoreError {
     /// else (connection, timeout, lock, disk, permissions, missing table) may pass later.
     ///
     /// Decided by the database's own error code: on PostgreSQL the SQLSTATE classes `22`
-    /// (data exception, e.g. a NUL byte in text) and `23` (integrity constraint violation); on
+    /// (data exception, e.g. a number out of range) and `23` (integrity constraint violation); on
     /// SQLite the primary result codes `SQLITE_TOOBIG`, `SQLITE_CONSTRAINT` and
     /// `SQLITE_MISMATCH`. A value the driver cannot encode is permanent as well.
     pub fn is_permanent(&self) -> bool {
@@ -281,12 +285,20 @@ impl Store {
         })
     }
 
+    /// Writes `snaps` in one transaction: every write to the record tables goes through here.
+    ///
+    /// Architecture invariant: every text bound for the database passes `sanitize` here
+    /// ([`Snapshot::sanitized`]); the database never sees a NUL. Live records and spooled ones
+    /// (written by any version) alike, so a NUL never gets a record refused and quarantined.
+    /// A record with nothing to replace is borrowed as it is, not copied.
     async fn write_inner(&self, snaps: &[&Snapshot]) -> Result<(), StoreError> {
+        let storable: Vec<Cow<'_, Snapshot>> = snaps.iter().map(|s| s.sanitized()).collect();
+        let snaps: Vec<&Snapshot> = storable.iter().map(|s| &**s).collect();
         match self {
             #[cfg(feature = "sqlite")]
-            Store::Sqlite(p) => records::write_sqlite(p, snaps).await,
+            Store::Sqlite(p) => records::write_sqlite(p, &snaps).await,
             #[cfg(feature = "postgres")]
-            Store::Postgres(p) => records::write_postgres(p, snaps).await,
+            Store::Postgres(p) => records::write_postgres(p, &snaps).await,
         }
     }
 

@@ -49,8 +49,8 @@ use atlas_providers::stt::{SttEvent, SttOptions};
 pub use atlas_core::session::EndReason;
 
 use crate::auth::{Identity, seconds_until};
-use crate::cluster::{Fenced, Owned, ResumeState};
-pub use crate::handoff::{Connection, ToSession};
+use crate::cluster::{Owned, ResumeState};
+pub use crate::handoff::Connection;
 use crate::metrics;
 use crate::registry::{ResumeEntry, SessionPermit};
 use crate::state::AppState;
@@ -79,10 +79,12 @@ const TOKEN_HANDOVER_GRACE: Duration = Duration::from_secs(30);
 pub enum Upgrade {
     /// A new session, already admitted, with its id (and, with scale-out, its ownership).
     New(SessionPermit, String, Option<Owned>),
-    /// Resuming the session behind this entry (on this instance).
-    Resume(ResumeEntry),
-    /// Continuing a session another instance owned (dropped, drained or crashed there).
-    Adopt(SessionPermit, Owned, Box<ResumeState>),
+    /// Resuming the session behind this entry (on this instance), with scale-out the claim
+    /// to commit once the handshake is done.
+    Resume(ResumeEntry, Option<Owned>),
+    /// Continuing a session another instance owns (dropped, drained or crashed there): the
+    /// claim, committed once the handshake is done.
+    Adopt(SessionPermit, Owned),
 }
 
 /// Serves one upgraded connection: the handshake, then either a new session (which runs
@@ -111,14 +113,25 @@ pub async fn handle_upgrade(
             }
             drop(outbound);
             let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-            if let Upgrade::New(_, _, owned) = &upgrade {
-                metrics::session_ended(reason.label());
-                if let (Some(cluster), Some(owned)) = (&state.cluster, owned) {
-                    let _ = cluster.release(owned).await;
+            match (&upgrade, &state.cluster) {
+                (Upgrade::New(_, _, owned), cluster) => {
+                    metrics::session_ended(reason.label());
+                    if let (Some(cluster), Some(owned)) = (cluster, owned) {
+                        let _ = cluster.release(owned).await;
+                    }
                 }
+                // The resume never completed: the session stays with its owner.
+                (Upgrade::Adopt(_, claim) | Upgrade::Resume(_, Some(claim)), Some(cluster)) => {
+                    let _ = cluster.abandon(claim).await;
+                }
+                _ => {}
             }
             return;
         }
+    };
+    let claim = match &upgrade {
+        Upgrade::Resume(_, claim) => claim.clone(),
+        _ => None,
     };
     let conn = Connection {
         stream,
@@ -126,19 +139,15 @@ pub async fn handle_upgrade(
         writer,
         start,
         identity,
+        claim,
     };
     match upgrade {
         Upgrade::New(permit, session_id, owned) => {
             run_session(state, conn, permit, session_id, owned, None).await
         }
-        Upgrade::Adopt(permit, owned, moved) => {
-            let session_id = moved.session_id.clone();
-            run_session(state, conn, permit, session_id, Some(owned), Some(*moved)).await
-        }
-        Upgrade::Resume(entry) => {
-            if let Err(mpsc::error::SendError(ToSession::Attach(conn))) =
-                entry.attach.send(ToSession::Attach(conn)).await
-            {
+        Upgrade::Adopt(permit, claim) => adopt(state, conn, permit, claim).await,
+        Upgrade::Resume(entry, _) => {
+            if let Err(mpsc::error::SendError(conn)) = entry.attach.send(conn).await {
                 let _ = conn.outbound.event(ServerEvent::error(
                     ErrorCode::ResumeFailed,
                     "the session has ended; start a new one",
@@ -146,6 +155,32 @@ pub async fn handle_upgrade(
                 ));
                 conn.outbound.close(close::NORMAL, "session ended").await;
             }
+        }
+    }
+}
+
+/// Continues a session another instance owns: commits the claim (the client's handshake is
+/// done), then runs the session here from the state its owner published last.
+async fn adopt(state: AppState, conn: Connection, permit: SessionPermit, claim: Owned) {
+    let Some(cluster) = state.cluster.clone() else {
+        return;
+    };
+    match cluster.commit(&claim).await {
+        Ok(Some(Some(moved))) => {
+            let session_id = moved.session_id.clone();
+            run_session(state, conn, permit, session_id, Some(claim), Some(*moved)).await
+        }
+        outcome => {
+            if let Err(e) = outcome {
+                warn!(error = %e, "could not complete a resume's hand-over");
+            }
+            refuse_connection(
+                &state.sessions,
+                conn,
+                ErrorCode::ResumeFailed,
+                "this session was resumed by another connection or has ended",
+                close::REPLACED,
+            );
         }
     }
 }
@@ -310,7 +345,7 @@ struct Driver {
     identity: Identity,
     permit: SessionPermit,
     /// Connections resuming this session.
-    attach_rx: mpsc::Receiver<ToSession>,
+    attach_rx: mpsc::Receiver<Connection>,
     link: Option<Link>,
     /// The client stopped reading; detach after the current step.
     link_broken: bool,
@@ -569,26 +604,23 @@ impl Driver {
     /// scale-out, the ownership claimed for it is confirmed first: a connection whose claim
     /// was overtaken by a later one is refused.
     async fn attach(&mut self, conn: Connection, resumed: bool) -> Result<(), Finish> {
-        if resumed && let Some(shared) = &self.shared {
-            let me = shared
-                .owned
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            let sent_at = now();
-            let answer = match shared.cluster.refresh(&me).await {
-                Ok(Fenced::Done(true)) => LeaseAnswer::Extended,
-                Ok(Fenced::Done(false)) => LeaseAnswer::NoPlace,
-                Ok(Fenced::Stale) => LeaseAnswer::Stale,
-                // The claim succeeded moments ago; a stale claim is still caught by the fence
-                // on the next write.
+        if resumed
+            && let Some(shared) = &self.shared
+            && let Some(claim) = &conn.claim
+        {
+            // The client's handshake is done: the hand-over completes now, or this connection
+            // lost to a later claim (or the store cannot say) and the session goes on as it was.
+            let committed = match shared.cluster.commit(claim).await {
+                Ok(c) => c.is_some(),
                 Err(e) => {
-                    warn!(error = %e, "could not confirm the session's ownership");
-                    LeaseAnswer::Unreachable
+                    warn!(error = %e, "could not complete a resume's hand-over");
+                    false
                 }
             };
-            self.feed(Input::Lease { answer, sent_at }).await;
-            if matches!(answer, LeaseAnswer::Stale | LeaseAnswer::NoPlace) {
+            if committed {
+                let mut owned = shared.owned.lock().unwrap_or_else(|e| e.into_inner());
+                owned.epoch = owned.epoch.max(claim.epoch);
+            } else {
                 info!("a later claim owns the session; refusing this connection");
                 refuse_connection(
                     &self.state.sessions,
@@ -708,14 +740,11 @@ impl Driver {
                     LinkInput::Frame(_) => self.detach("connection closed").await,
                     LinkInput::WriterGone => self.detach("client stopped reading").await,
                 },
-                Some(msg) = self.attach_rx.recv() => match msg {
-                    ToSession::Claimed(epoch) => self.set_epoch(epoch),
-                    ToSession::Attach(conn) => {
-                        if let Err(finish) = self.attach(conn, true).await {
-                            return finish;
-                        }
+                Some(conn) = self.attach_rx.recv() => {
+                    if let Err(finish) = self.attach(conn, true).await {
+                        return finish;
                     }
-                },
+                }
                 event = self.stt.next() => self.on_stt(event).await,
                 event = response_event(&mut self.response) => match event {
                     ResponseEvent::Finished(turn_id) => self.on_response_finished(turn_id).await,
@@ -733,13 +762,6 @@ impl Driver {
                     timer.as_mut().reset(next);
                 }
             }
-        }
-    }
-
-    fn set_epoch(&mut self, epoch: u64) {
-        if let Some(shared) = &self.shared {
-            let mut owned = shared.owned.lock().unwrap_or_else(|e| e.into_inner());
-            owned.epoch = owned.epoch.max(epoch);
         }
     }
 
@@ -1337,18 +1359,16 @@ impl Driver {
     /// Carries out the machine's finish: record, hand-over or release, close.
     async fn finish(&mut self, finish: Finish) {
         // No resume can reach this session any more; one already on its way is told so.
-        self.state.registry.remove_session(self.machine.id());
         self.attach_rx.close();
-        while let Ok(msg) = self.attach_rx.try_recv() {
-            if let ToSession::Attach(conn) = msg {
-                refuse_connection(
-                    &self.state.sessions,
-                    conn,
-                    ErrorCode::ResumeFailed,
-                    "the session has ended; start a new one",
-                    close::NORMAL,
-                );
-            }
+        self.state.registry.remove_session(self.machine.id());
+        while let Ok(conn) = self.attach_rx.try_recv() {
+            refuse_connection(
+                &self.state.sessions,
+                conn,
+                ErrorCode::ResumeFailed,
+                "the session has ended; start a new one",
+                close::NORMAL,
+            );
         }
         let reason = finish.reason;
         if finish.record {

@@ -11,7 +11,7 @@ use tracing::warn;
 use atlas_core::session::LeaseAnswer;
 
 use crate::auth::Identity;
-use crate::cluster::{Cluster, ClusterError, Fenced, Owned, ResumeState};
+use crate::cluster::{Cluster, ClusterError, Fenced, Owned, Refreshed, ResumeState};
 
 /// Answers of work the driver runs off the session loop (shared-store writes, token checks).
 #[derive(Debug)]
@@ -71,8 +71,9 @@ pub async fn run_cluster_ops(
         let stale = match op {
             ClusterOp::Refresh(sent_at) => {
                 let answer = match cluster.refresh(&me).await {
-                    Ok(Fenced::Done(true)) => LeaseAnswer::Extended,
-                    Ok(Fenced::Done(false)) => LeaseAnswer::NoPlace,
+                    Ok(Fenced::Done(Refreshed::Extended)) => LeaseAnswer::Extended,
+                    Ok(Fenced::Done(Refreshed::Reasserted)) => LeaseAnswer::Reasserted,
+                    Ok(Fenced::Done(Refreshed::NoPlace)) => LeaseAnswer::NoPlace,
                     Ok(Fenced::Stale) => LeaseAnswer::Stale,
                     Err(e) => {
                         warn!(error = %e, "lease refresh failed");
@@ -89,7 +90,21 @@ pub async fn run_cluster_ops(
             ClusterOp::RetireToken(t) => {
                 log_fenced(cluster.retire_token(&me, &t).await, "retire token")
             }
-            ClusterOp::Release => log_fenced(cluster.release(&me).await, "release"),
+            ClusterOp::Release => {
+                // Until the store takes it, the ended session's entry and tokens could give it
+                // a second life on a resume: retried while the store is unreachable.
+                let mut delay = std::time::Duration::from_millis(100);
+                loop {
+                    match cluster.release(&me).await {
+                        Err(e) if delay < std::time::Duration::from_secs(10) => {
+                            warn!(error = %e, "could not release the session; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay *= 2;
+                        }
+                        r => break log_fenced(r, "release"),
+                    }
+                }
+            }
             ClusterOp::Spend(micros) => match cluster.add_spend(&me, micros).await {
                 Ok(Fenced::Done(total)) => {
                     let _ = answers.send(Answer::DailySpent(total)).await;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use atlas_server::cluster::{Claim, Cluster, Fenced, Owned};
+use atlas_server::cluster::{Claim, Cluster, Fenced, Owned, Refreshed};
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 
@@ -47,8 +47,37 @@ async fn admit(c: &Cluster, user: &str, session: &str) -> Option<Owned> {
     c.admit(user, session).await.unwrap()
 }
 
+/// Claims the session behind `token`, pending its handshake.
+async fn claim(c: &Cluster, token: &str, user: &str) -> (Owned, String, bool) {
+    match c.claim(token, user).await.unwrap() {
+        Claim::Pending {
+            claim,
+            owner,
+            published,
+        } => (claim, owner, published),
+        other => panic!("the token resumes the session: {other:?}"),
+    }
+}
+
+/// Forgets every key under `prefix`, as a Redis restarted without persistence would.
+async fn lose_everything(prefix: &str) {
+    let mut conn = raw().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for key in keys {
+        let _: i64 = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test]
-async fn a_claim_fences_every_write_of_the_previous_owner() {
+async fn a_committed_claim_fences_every_write_of_the_previous_owner() {
     let p = prefix();
     let a = cluster(&p, 3);
     let b = cluster(&p, 3);
@@ -58,17 +87,19 @@ async fn a_claim_fences_every_write_of_the_previous_owner() {
         a.register_token(&first, "t1").await.unwrap(),
         Fenced::Done(())
     );
-    let Claim::Claimed {
-        owned: second,
-        previous_owner,
-        state,
-    } = b.claim("t1", "u").await.unwrap()
-    else {
-        panic!("the token resumes the session")
-    };
-    assert_eq!(previous_owner, a.instance);
-    assert!(state.is_none(), "nothing was published yet");
+    let (second, owner, published) = claim(&b, "t1", "u").await;
+    assert_eq!(owner, a.instance);
+    assert!(!published, "nothing was published yet");
     assert_eq!((second.session_id.as_str(), second.epoch), ("s1", 2));
+    // Pending: the owner is untouched until the client's handshake is done.
+    assert_eq!(
+        a.refresh(&first).await.unwrap(),
+        Fenced::Done(Refreshed::Extended)
+    );
+    assert_eq!(
+        b.commit(&second).await.unwrap().map(|s| s.is_none()),
+        Some(true)
+    );
     // Every write of the stale owner is refused.
     assert_eq!(a.refresh(&first).await.unwrap(), Fenced::Stale);
     assert_eq!(a.add_spend(&first, 5).await.unwrap(), Fenced::Stale);
@@ -76,16 +107,82 @@ async fn a_claim_fences_every_write_of_the_previous_owner() {
     assert_eq!(a.retire_token(&first, "t1").await.unwrap(), Fenced::Stale);
     assert_eq!(a.release(&first).await.unwrap(), Fenced::Stale);
     // The new owner's go through.
-    assert_eq!(b.refresh(&second).await.unwrap(), Fenced::Done(true));
+    assert_eq!(
+        b.refresh(&second).await.unwrap(),
+        Fenced::Done(Refreshed::Extended)
+    );
     assert_eq!(b.add_spend(&second, 5).await.unwrap(), Fenced::Done(5));
     // The stale owner's token was not retired; a later claim still finds the session.
-    let Claim::Claimed { owned: third, .. } = a.claim("t1", "u").await.unwrap() else {
-        panic!("still resumable")
-    };
+    let (third, _, _) = claim(&a, "t1", "u").await;
     assert_eq!(third.epoch, 3);
+    assert!(a.commit(&third).await.unwrap().is_some());
     assert_eq!(b.refresh(&second).await.unwrap(), Fenced::Stale);
     assert_eq!(a.release(&third).await.unwrap(), Fenced::Done(()));
     assert!(matches!(a.claim("t1", "u").await.unwrap(), Claim::Unknown));
+    // A stale owner that never learned meets the ended session's epoch, not an absence it
+    // would re-assert as lost data (found by the simulation, seed 3).
+    assert_eq!(b.refresh(&second).await.unwrap(), Fenced::Stale);
+    assert_eq!(a.refresh(&first).await.unwrap(), Fenced::Stale);
+}
+
+#[tokio::test]
+async fn a_resume_that_never_completes_leaves_the_session_with_its_owner() {
+    let p = prefix();
+    let a = cluster(&p, 3);
+    let b = cluster(&p, 3);
+    let owned = admit(&a, "u", "s1").await.unwrap();
+    a.register_token(&owned, "t1").await.unwrap();
+    // B accepts a resume upgrade, and the client is lost before its session.start.
+    let (pending, _, _) = claim(&b, "t1", "u").await;
+    b.abandon(&pending).await.unwrap();
+    assert!(b.commit(&pending).await.unwrap().is_none(), "abandoned");
+    // The owner never noticed: every write of its goes through.
+    assert_eq!(
+        a.refresh(&owned).await.unwrap(),
+        Fenced::Done(Refreshed::Extended)
+    );
+    assert_eq!(a.add_spend(&owned, 5).await.unwrap(), Fenced::Done(5));
+    // Racing claims: only the latest can commit.
+    let (early, _, _) = claim(&b, "t1", "u").await;
+    let (late, _, _) = claim(&a, "t1", "u").await;
+    assert!(late.epoch > early.epoch);
+    assert!(b.commit(&early).await.unwrap().is_none());
+    assert!(a.commit(&late).await.unwrap().is_some());
+    // A session that ended while a claim was pending cannot be committed into a second life.
+    let (pending, _, _) = claim(&b, "t1", "u").await;
+    a.release(&late).await.unwrap();
+    assert!(b.commit(&pending).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn an_owner_re_asserts_a_session_the_store_lost() {
+    let p = prefix();
+    let a = cluster(&p, 3);
+    let owned = admit(&a, "u", "s1").await.unwrap();
+    a.register_token(&owned, "t1").await.unwrap();
+    // Redis restarts empty: absence is not a sign of another owner.
+    lose_everything(&p).await;
+    assert_eq!(
+        a.refresh(&owned).await.unwrap(),
+        Fenced::Done(Refreshed::Reasserted)
+    );
+    assert_eq!(
+        a.refresh(&owned).await.unwrap(),
+        Fenced::Done(Refreshed::Extended)
+    );
+    // Every other write re-asserts too instead of ending the session.
+    lose_everything(&p).await;
+    assert_eq!(a.add_spend(&owned, 5).await.unwrap(), Fenced::Done(5));
+    assert_eq!(
+        a.register_token(&owned, "t1").await.unwrap(),
+        Fenced::Done(())
+    );
+    // The re-registered token resumes it again, and a committed claim still fences the
+    // re-asserted owner.
+    let (claim, _, _) = claim(&a, "t1", "u").await;
+    assert_eq!(claim.epoch, 2);
+    assert!(a.commit(&claim).await.unwrap().is_some());
+    assert_eq!(a.refresh(&owned).await.unwrap(), Fenced::Stale);
 }
 
 #[tokio::test]
@@ -102,7 +199,10 @@ async fn tokens_resume_only_their_user_s_sessions() {
         a.claim("nope", "alice").await.unwrap(),
         Claim::Unknown
     ));
-    assert_eq!(a.refresh(&owned).await.unwrap(), Fenced::Done(true));
+    assert_eq!(
+        a.refresh(&owned).await.unwrap(),
+        Fenced::Done(Refreshed::Extended)
+    );
 }
 
 #[tokio::test]
@@ -121,10 +221,16 @@ async fn a_lapsed_lease_is_taken_back_only_under_the_limit() {
         .await
         .expect("the lapsed place is free");
     // s1's late refresh must not make it a fourth session, and neither may a resume.
-    assert_eq!(a.refresh(&s1).await.unwrap(), Fenced::Done(false));
+    assert_eq!(
+        a.refresh(&s1).await.unwrap(),
+        Fenced::Done(Refreshed::NoPlace)
+    );
     assert!(matches!(a.claim("t1", "u").await.unwrap(), Claim::NoPlace));
     // Once a place is free again, a refresh takes it back.
     a.release(&s4).await.unwrap();
-    assert_eq!(a.refresh(&s1).await.unwrap(), Fenced::Done(true));
+    assert_eq!(
+        a.refresh(&s1).await.unwrap(),
+        Fenced::Done(Refreshed::Extended)
+    );
     assert!(admit(&a, "u", "s5").await.is_none());
 }

@@ -201,10 +201,12 @@ async fn poison_is_quarantined_while_the_rest_replay(db: Db, poison: Snapshot, e
 
 #[tokio::test]
 async fn postgres_a_poison_record_is_quarantined_while_50_others_replay() {
-    // A NUL byte in text: PostgreSQL refuses it (SQLSTATE 22021) however often it is tried.
+    // A turn of a session that does not exist: PostgreSQL refuses it (SQLSTATE 23503, a
+    // foreign key) however often it is tried. (A NUL in text no longer poisons a record: the
+    // store's sanitising boundary replaces it.)
     let mut poison = snapshot(uuid::Uuid::new_v4(), 1, true, 1);
-    poison.session.conversation_id = Some("a\0b".into());
-    poison_is_quarantined_while_the_rest_replay(Db::postgres().await, poison, "22021").await;
+    poison.turns[0].session_id = uuid::Uuid::new_v4();
+    poison_is_quarantined_while_the_rest_replay(Db::postgres().await, poison, "23503").await;
 }
 
 #[tokio::test]

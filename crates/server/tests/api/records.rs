@@ -477,3 +477,100 @@ async fn long_sessions_are_checkpointed_while_they_run() {
     assert_eq!(row.get::<String, _>(0), id);
     assert_eq!(row.get::<Option<String>, _>(1), None, "still running");
 }
+
+/// Five typed turns, each sent once the reply before it has started speaking (issue 25,
+/// finding 1): every reply cut by the next turn is billed and recorded as its own turn.
+/// Returns the session id and the last usage event.
+async fn typed_turns_cutting_replies(app: &TestApp) -> (String, Usage) {
+    let (mut conn, id) = app
+        .start("0b3a1c52-8d6e-4f61-9a4f-2f5f7d1e9c01", 24_000)
+        .await;
+    for turn in 1..=5u64 {
+        conn.sender
+            .send(&ClientMessage::InputText {
+                text: format!("Question number {turn}?"),
+            })
+            .await
+            .unwrap();
+        let until_text = move |i: &Incoming| matches!(event(i), Some(ServerEvent::ResponseTextDelta { turn_id, .. }) if *turn_id == turn);
+        collect_until(&mut conn, Duration::from_secs(10), until_text).await;
+    }
+    collect_until(&mut conn, Duration::from_secs(20), is_done(5)).await;
+    let items = collect_until(&mut conn, Duration::from_secs(5), |i| {
+        matches!(event(i), Some(ServerEvent::Usage(_)))
+    })
+    .await;
+    let Some(ServerEvent::Usage(usage)) = items.last().and_then(event).cloned() else {
+        unreachable!()
+    };
+    conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
+    collect_until(&mut conn, Duration::from_secs(5), |i| {
+        matches!(i, Incoming::Closed { .. })
+    })
+    .await;
+    (id, usage)
+}
+
+fn assert_every_cut_reply_billed(app: &TestApp, usage: &Usage, turns: &[(bool, String)]) {
+    // Five requests reached the model, and five turns were recorded: four cut, one whole.
+    let requests = app.fakes.recorded().llm_requests.len();
+    assert_eq!(requests, 5);
+    assert_eq!(turns.len(), 5, "{turns:?}");
+    assert_eq!(turns.iter().filter(|(cut, _)| *cut).count(), 4, "{turns:?}");
+    // Each request paid for its prompt and for the words it produced before it was cut.
+    assert!(usage.llm_input_tokens >= 5, "{usage:?}");
+    assert!(usage.llm_output_tokens >= 5, "{usage:?}");
+}
+
+#[tokio::test]
+async fn sqlite_typed_turns_during_replies_bill_and_record_every_cut_reply() {
+    let app = spawn_app().await;
+    let (id, usage) = typed_turns_cutting_replies(&app).await;
+    let pool = sqlx::SqlitePool::connect(&app.config.database_url)
+        .await
+        .unwrap();
+    let turns = eventually(5, || async {
+        let rows = sqlx::query(
+            "select interrupted, user_text from voice_turns where session_id = ? order by turn_index",
+        )
+        .bind(&id)
+        .fetch_all(&pool)
+        .await
+        .ok()?;
+        (rows.len() >= 5).then(|| {
+            rows.iter()
+                .map(|r| (r.get::<bool, _>(0), r.get::<String, _>(1)))
+                .collect::<Vec<_>>()
+        })
+    })
+    .await
+    .unwrap_or_default();
+    assert_every_cut_reply_billed(&app, &usage, &turns);
+}
+
+#[tokio::test]
+async fn postgres_typed_turns_during_replies_bill_and_record_every_cut_reply() {
+    let db = PgDb::new().await;
+    let url = db.url();
+    let app = spawn_app_with(fast_fakes(), move |c| c.database_url = url).await;
+    let (id, usage) = typed_turns_cutting_replies(&app).await;
+    let pool = sqlx::PgPool::connect(&db.url()).await.unwrap();
+    let turns = eventually(5, || async {
+        let rows = sqlx::query(
+            "select interrupted, user_text from voice_turns where session_id = $1::uuid order by turn_index",
+        )
+        .bind(&id)
+        .fetch_all(&pool)
+        .await
+        .ok()?;
+        (rows.len() >= 5).then(|| {
+            rows.iter()
+                .map(|r| (r.get::<bool, _>(0), r.get::<String, _>(1)))
+                .collect::<Vec<_>>()
+        })
+    })
+    .await
+    .unwrap_or_default();
+    pool.close().await;
+    assert_every_cut_reply_billed(&app, &usage, &turns);
+}

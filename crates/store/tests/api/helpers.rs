@@ -148,6 +148,28 @@ impl Db {
         }
     }
 
+    /// The rows of `sql`, every column read as optional text (select text columns only).
+    pub async fn texts(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        macro_rules! read {
+            ($pool:expr) => {{
+                let pool = $pool;
+                let rows = sqlx::query(sql).fetch_all(&pool).await.unwrap();
+                pool.close().await;
+                rows.iter()
+                    .map(|r| {
+                        (0..r.len())
+                            .map(|i| r.get::<Option<String>, _>(i))
+                            .collect()
+                    })
+                    .collect()
+            }};
+        }
+        match self {
+            Db::Sqlite { url, .. } => read!(sqlx::SqlitePool::connect(url).await.unwrap()),
+            Db::Postgres { .. } => read!(sqlx::PgPool::connect(&self.url()).await.unwrap()),
+        }
+    }
+
     /// A single count.
     pub async fn count(&self, sql: &str) -> i64 {
         match self {

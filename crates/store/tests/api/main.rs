@@ -2,4 +2,5 @@
 //! PostgreSQL database (127.0.0.1:5432, or `ATLAS_TEST_POSTGRES_URL`) per test.
 
 mod helpers;
+mod sanitize;
 mod tool_calls;

@@ -261,7 +261,7 @@ impl World {
     /// A world for `seed` (its own randomness: provider usage, delays).
     pub fn new(seed: u64) -> Self {
         World {
-            rng: StdRng::seed_from_u64(seed ^ 0x5eed_0f_a71a5),
+            rng: StdRng::seed_from_u64(seed ^ 0x05ee_d0fa_71a5),
             t0: Instant::now(),
             now_ms: 0,
             store: Store::default(),
@@ -617,15 +617,12 @@ impl World {
                 );
             }
             match output {
-                Output::Send(event) => match event {
+                Output::Send(
                     ServerEvent::SessionStarted { resume_token, .. }
-                    | ServerEvent::SessionResumed { resume_token, .. } => {
-                        if self.sessions[s].attached == Some(c) {
-                            self.sessions[s].token = Some(resume_token);
-                        }
-                    }
-                    _ => {}
-                },
+                    | ServerEvent::SessionResumed { resume_token, .. },
+                ) if self.sessions[s].attached == Some(c) => {
+                    self.sessions[s].token = Some(resume_token);
+                }
                 Output::StartReply { turn_id, .. } => {
                     let copy = &self.sessions[s].copies[c];
                     assert!(
@@ -770,7 +767,8 @@ impl World {
                         self.retry_releases();
                     }
                 }
-                Output::Ping
+                Output::Send(_)
+                | Output::Ping
                 | Output::Forward { .. }
                 | Output::SendHeld
                 | Output::Rejected(_)

@@ -305,3 +305,42 @@ async fn twenty_ms_frames_reach_the_recogniser_batched_and_whole() {
         }
     }
 }
+
+/// Issue 25, finding 6: the recogniser's `UtteranceEnd` for a spoken turn arrives after that
+/// turn ended; a typed turn seconds later must report its own figures, not latency counted
+/// from the earlier end of speech.
+#[tokio::test]
+async fn a_typed_turn_after_a_spoken_one_reports_its_own_latency() {
+    let app = spawn_app().await;
+    let (mut conn, _) = app.start("u-latency", 24_000).await;
+    let question = with_silence(speech("question_16k.wav"), 2.5);
+    let streaming = stream(&conn, question, 1.0);
+    collect_until(&mut conn, Duration::from_secs(30), is_done(1)).await;
+    // The rest of the silence goes out (the UtteranceEnd comes a second after the last
+    // word), then the person waits before typing.
+    let _ = streaming.await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    conn.sender
+        .send(&atlas_protocol::ClientMessage::InputText {
+            text: "And tomorrow?".into(),
+        })
+        .await
+        .unwrap();
+    let items = collect_until(&mut conn, Duration::from_secs(15), is_done(2)).await;
+    let latency = items
+        .iter()
+        .find_map(|i| match event(i) {
+            Some(ServerEvent::ResponseDone {
+                turn_id: 2,
+                latency_ms,
+                ..
+            }) => Some(latency_ms.clone()),
+            _ => None,
+        })
+        .expect("response.done");
+    // A typed turn has no end of speech; first audio is counted from its arrival (these fakes
+    // answer in ~120 ms; the stale figure would be over 3 s).
+    assert_eq!(latency.end_of_speech_to_final, None, "{latency:?}");
+    let first_audio = latency.to_first_audio.expect("first audio");
+    assert!(first_audio < 2_500, "{latency:?}");
+}

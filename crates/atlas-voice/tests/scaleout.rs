@@ -577,18 +577,54 @@ async fn end(conn: &mut Connection) {
     }
 }
 
-#[tokio::test]
-async fn a_redis_that_loses_its_data_does_not_end_the_session_or_its_record() {
+/// Two instances sharing Redis (under `prefix`) and one SQLite file, and a session of `user`
+/// on the first that has had one turn.
+struct Pair {
+    a: Instance,
+    b: Instance,
+    db: std::path::PathBuf,
+    conn: Connection,
+    session_id: String,
+    resume_token: String,
+    _fakes: Fakes,
+    _dir: tempfile::TempDir,
+}
+
+async fn pair_with_one_turn(prefix: &str, user: &str) -> Pair {
     let fakes = start_fakes(fast_fakes()).await;
-    let p = prefix();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("shared.db");
     let url = format!("sqlite://{}", db.display());
-    let a = spawn(&fakes, REDIS, &p, &[("DATABASE_URL", &url)]);
-    let b = spawn(&fakes, REDIS, &p, &[("DATABASE_URL", &url)]);
-    let (mut conn, started) = start(&a.url(), "amnesia", None).await.unwrap();
+    let a = spawn(&fakes, REDIS, prefix, &[("DATABASE_URL", &url)]);
+    let b = spawn(&fakes, REDIS, prefix, &[("DATABASE_URL", &url)]);
+    let (mut conn, started) = start(&a.url(), user, None).await.unwrap();
     let (session_id, resume_token) = ids(started);
     ask(&mut conn, 1).await;
+    Pair {
+        a,
+        b,
+        db,
+        conn,
+        session_id,
+        resume_token,
+        _fakes: fakes,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn a_redis_that_loses_its_data_does_not_end_the_session_or_its_record() {
+    let p = prefix();
+    let Pair {
+        b,
+        db,
+        mut conn,
+        session_id,
+        resume_token,
+        a: _a,
+        _fakes,
+        _dir,
+    } = pair_with_one_turn(&p, "amnesia").await;
     // Redis restarts empty (no persistence): the owner's entry, lease and tokens are gone.
     lose_redis_data(&p).await;
     // Several lease refreshes later (2 s leases, refreshed every 0.67 s) the session is live.
@@ -609,16 +645,17 @@ async fn a_redis_that_loses_its_data_does_not_end_the_session_or_its_record() {
 
 #[tokio::test]
 async fn a_resume_that_never_completes_leaves_the_session_with_its_owner() {
-    let fakes = start_fakes(fast_fakes()).await;
     let p = prefix();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("shared.db");
-    let url = format!("sqlite://{}", db.display());
-    let a = spawn(&fakes, REDIS, &p, &[("DATABASE_URL", &url)]);
-    let b = spawn(&fakes, REDIS, &p, &[("DATABASE_URL", &url)]);
-    let (mut conn, started) = start(&a.url(), "flaky", None).await.unwrap();
-    let (session_id, resume_token) = ids(started);
-    ask(&mut conn, 1).await;
+    let Pair {
+        b,
+        db,
+        mut conn,
+        session_id,
+        resume_token,
+        a: _a,
+        _fakes,
+        _dir,
+    } = pair_with_one_turn(&p, "flaky").await;
     // B accepts a resume upgrade; the client is lost before its session.start.
     let abandoned = open(&b.url(), "flaky", Some(&resume_token)).await.unwrap();
     abandoned.abort();

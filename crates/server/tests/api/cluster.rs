@@ -234,3 +234,157 @@ async fn a_lapsed_lease_is_taken_back_only_under_the_limit() {
     );
     assert!(admit(&a, "u", "s5").await.is_none());
 }
+
+/// The simulation's shared store (`atlas_sim::store`) stands in for these scripts in a
+/// million seeds: random operation sequences get the same answers from both, so the model
+/// cannot drift from the scripts unnoticed.
+#[tokio::test]
+async fn the_scripts_answer_like_the_simulation_s_model() {
+    use atlas_server::cluster::{Refreshed, ResumeState};
+    use atlas_sim::store::{Refresh, Store, Write};
+
+    const MAX: usize = 2;
+    const TTL: u64 = 15_000;
+    let state = ResumeState {
+        session_id: String::new(),
+        user_id: "u".into(),
+        started_wall: chrono::Utc::now(),
+        carried: Default::default(),
+        turn_records: Vec::new(),
+        tool_records: Vec::new(),
+        conversation_id: None,
+        client: None,
+    };
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for round in 0..20 {
+        let p = prefix();
+        let nodes = [cluster(&p, MAX as u32), cluster(&p, MAX as u32)];
+        let mut model = Store::default();
+        // What each instance holds: (session, epoch) and its pending claim.
+        let mut held: Vec<Owned> = Vec::new();
+        let mut pending: Vec<(usize, Owned)> = Vec::new();
+        let mut tokens: Vec<(String, u64)> = Vec::new();
+        let mut fresh = 0u64;
+        for step in 0..60 {
+            let i = next(2) as usize;
+            let node = &nodes[i];
+            let ctx = format!("round {round} step {step} node {i}");
+            match next(8) {
+                0 => {
+                    fresh += 1;
+                    let real = node.admit("u", &fresh.to_string()).await.unwrap();
+                    let modelled = model.admit(fresh, i, MAX, TTL, 0);
+                    assert_eq!(real.is_some(), modelled, "{ctx}: admit");
+                    held.extend(real);
+                }
+                1 | 2 => {
+                    let Some(owned) = held.get(next(held.len().max(1) as u64) as usize).cloned()
+                    else {
+                        continue;
+                    };
+                    let sid: u64 = owned.session_id.parse().unwrap();
+                    let token = format!("t{step}");
+                    let real = node.register_token(&owned, &token).await.unwrap();
+                    let modelled = model.fence(sid, owned.epoch, i);
+                    if modelled != Write::Stale {
+                        model.tokens.insert(token.clone(), sid);
+                        tokens.push((token, sid));
+                    }
+                    assert_eq!(
+                        real == Fenced::Stale,
+                        modelled == Write::Stale,
+                        "{ctx}: register"
+                    );
+                }
+                3 => {
+                    let Some((token, _)) = tokens
+                        .get(next(tokens.len().max(1) as u64) as usize)
+                        .cloned()
+                    else {
+                        continue;
+                    };
+                    let real = node.claim(&token, "u").await.unwrap();
+                    let modelled = model.claim(&token, i, MAX, TTL, 15_000, 0);
+                    match (real, modelled) {
+                        (Claim::Unknown, Err(false)) | (Claim::NoPlace, Err(true)) => {}
+                        (
+                            Claim::Pending {
+                                claim, published, ..
+                            },
+                            Ok((_, epoch, _, was)),
+                        ) => {
+                            assert_eq!((claim.epoch, published), (epoch, was), "{ctx}: claim");
+                            pending.push((i, claim));
+                        }
+                        (real, modelled) => panic!("{ctx}: claim {real:?} vs {modelled:?}"),
+                    }
+                }
+                4 => {
+                    let Some((i, claim)) = pending.pop() else {
+                        continue;
+                    };
+                    let sid: u64 = claim.session_id.parse().unwrap();
+                    let real = nodes[i].commit(&claim).await.unwrap();
+                    let modelled = model.commit(sid, claim.epoch, i, 0);
+                    assert_eq!(real.is_some(), modelled.is_some(), "{ctx}: commit");
+                    if real.is_some() {
+                        held.push(claim);
+                    }
+                }
+                5 => {
+                    let Some(owned) = held.get(next(held.len().max(1) as u64) as usize).cloned()
+                    else {
+                        continue;
+                    };
+                    let sid: u64 = owned.session_id.parse().unwrap();
+                    let real = node.refresh(&owned).await.unwrap();
+                    let modelled = model.refresh(sid, owned.epoch, i, MAX, TTL, 0);
+                    let expected = match modelled {
+                        Refresh::Extended(false) => Fenced::Done(Refreshed::Extended),
+                        Refresh::Extended(true) => Fenced::Done(Refreshed::Reasserted),
+                        Refresh::NoPlace => Fenced::Done(Refreshed::NoPlace),
+                        Refresh::Stale => Fenced::Stale,
+                    };
+                    assert_eq!(real, expected, "{ctx}: refresh");
+                }
+                6 => {
+                    let Some(owned) = held.get(next(held.len().max(1) as u64) as usize).cloned()
+                    else {
+                        continue;
+                    };
+                    let sid: u64 = owned.session_id.parse().unwrap();
+                    let (real, modelled) = if next(2) == 0 {
+                        let real = node.release(&owned).await.unwrap();
+                        (real, model.release(sid, owned.epoch, i))
+                    } else {
+                        let real = node.publish(&owned, &state).await.unwrap();
+                        let w = model.fence(sid, owned.epoch, i);
+                        if w != Write::Stale
+                            && let Some(e) = model.sessions.get_mut(&sid)
+                        {
+                            e.state = Some(0);
+                        }
+                        (real, w)
+                    };
+                    assert_eq!(
+                        real == Fenced::Stale,
+                        modelled == Write::Stale,
+                        "{ctx}: fenced write"
+                    );
+                }
+                _ => {
+                    if next(4) == 0 {
+                        lose_everything(&p).await;
+                        model.lose_everything(0);
+                    }
+                }
+            }
+        }
+    }
+}

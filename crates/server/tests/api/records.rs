@@ -522,29 +522,31 @@ fn assert_every_cut_reply_billed(app: &TestApp, usage: &Usage, turns: &[(bool, S
     assert!(usage.llm_output_tokens >= 5, "{usage:?}");
 }
 
+/// The turns recorded for `id` (interrupted, user text), once there are five.
+async fn five_turns(url: &str, id: &str) -> Vec<(bool, String)> {
+    eventually(5, || async {
+        let rows: Vec<(bool, String)> = if url.starts_with("sqlite") {
+            let pool = sqlx::SqlitePool::connect(url).await.ok()?;
+            let q = "select interrupted, user_text from voice_turns where session_id = ? order by turn_index";
+            sqlx::query_as(q).bind(id).fetch_all(&pool).await.ok()?
+        } else {
+            let pool = sqlx::PgPool::connect(url).await.ok()?;
+            let q = "select interrupted, user_text from voice_turns where session_id = $1::uuid order by turn_index";
+            let rows = sqlx::query_as(q).bind(id).fetch_all(&pool).await.ok()?;
+            pool.close().await;
+            rows
+        };
+        (rows.len() >= 5).then_some(rows)
+    })
+    .await
+    .unwrap_or_default()
+}
+
 #[tokio::test]
 async fn sqlite_typed_turns_during_replies_bill_and_record_every_cut_reply() {
     let app = spawn_app().await;
     let (id, usage) = typed_turns_cutting_replies(&app).await;
-    let pool = sqlx::SqlitePool::connect(&app.config.database_url)
-        .await
-        .unwrap();
-    let turns = eventually(5, || async {
-        let rows = sqlx::query(
-            "select interrupted, user_text from voice_turns where session_id = ? order by turn_index",
-        )
-        .bind(&id)
-        .fetch_all(&pool)
-        .await
-        .ok()?;
-        (rows.len() >= 5).then(|| {
-            rows.iter()
-                .map(|r| (r.get::<bool, _>(0), r.get::<String, _>(1)))
-                .collect::<Vec<_>>()
-        })
-    })
-    .await
-    .unwrap_or_default();
+    let turns = five_turns(&app.config.database_url, &id).await;
     assert_every_cut_reply_billed(&app, &usage, &turns);
 }
 
@@ -554,23 +556,6 @@ async fn postgres_typed_turns_during_replies_bill_and_record_every_cut_reply() {
     let url = db.url();
     let app = spawn_app_with(fast_fakes(), move |c| c.database_url = url).await;
     let (id, usage) = typed_turns_cutting_replies(&app).await;
-    let pool = sqlx::PgPool::connect(&db.url()).await.unwrap();
-    let turns = eventually(5, || async {
-        let rows = sqlx::query(
-            "select interrupted, user_text from voice_turns where session_id = $1::uuid order by turn_index",
-        )
-        .bind(&id)
-        .fetch_all(&pool)
-        .await
-        .ok()?;
-        (rows.len() >= 5).then(|| {
-            rows.iter()
-                .map(|r| (r.get::<bool, _>(0), r.get::<String, _>(1)))
-                .collect::<Vec<_>>()
-        })
-    })
-    .await
-    .unwrap_or_default();
-    pool.close().await;
+    let turns = five_turns(&db.url(), &id).await;
     assert_every_cut_reply_billed(&app, &usage, &turns);
 }

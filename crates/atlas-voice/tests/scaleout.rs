@@ -580,7 +580,7 @@ async fn end(conn: &mut Connection) {
 /// Two instances sharing Redis (under `prefix`) and one SQLite file, and a session of `user`
 /// on the first that has had one turn.
 struct Pair {
-    a: Instance,
+    _a: Instance,
     b: Instance,
     db: std::path::PathBuf,
     conn: Connection,
@@ -601,7 +601,7 @@ async fn pair_with_one_turn(prefix: &str, user: &str) -> Pair {
     let (session_id, resume_token) = ids(started);
     ask(&mut conn, 1).await;
     Pair {
-        a,
+        _a: a,
         b,
         db,
         conn,
@@ -615,57 +615,49 @@ async fn pair_with_one_turn(prefix: &str, user: &str) -> Pair {
 #[tokio::test]
 async fn a_redis_that_loses_its_data_does_not_end_the_session_or_its_record() {
     let p = prefix();
-    let Pair {
-        b,
-        db,
-        mut conn,
-        session_id,
-        resume_token,
-        a: _a,
-        _fakes,
-        _dir,
-    } = pair_with_one_turn(&p, "amnesia").await;
+    let mut pair = pair_with_one_turn(&p, "amnesia").await;
+    let (session_id, resume_token) = (pair.session_id.clone(), pair.resume_token.clone());
     // Redis restarts empty (no persistence): the owner's entry, lease and tokens are gone.
     lose_redis_data(&p).await;
     // Several lease refreshes later (2 s leases, refreshed every 0.67 s) the session is live.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(alive(&mut conn).await, "the session survived the data loss");
-    ask(&mut conn, 2).await;
+    assert!(
+        alive(&mut pair.conn).await,
+        "the session survived the data loss"
+    );
+    ask(&mut pair.conn, 2).await;
     // It is resumable again (its token re-registered): on the other instance, with both turns.
-    conn.abort();
+    pair.conn.abort();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (mut conn, event) = start(&b.url(), "amnesia", Some(&resume_token))
+    let (mut conn, event) = start(&pair.b.url(), "amnesia", Some(&resume_token))
         .await
         .expect("resumes after the data loss");
     assert_eq!(resumed_as(event), (session_id.clone(), 2));
     end(&mut conn).await;
-    let record = final_record(&db, &session_id).await;
+    let record = final_record(&pair.db, &session_id).await;
     assert_eq!(record, Some(("client_ended".to_owned(), 2)));
 }
 
 #[tokio::test]
 async fn a_resume_that_never_completes_leaves_the_session_with_its_owner() {
     let p = prefix();
-    let Pair {
-        b,
-        db,
-        mut conn,
-        session_id,
-        resume_token,
-        a: _a,
-        _fakes,
-        _dir,
-    } = pair_with_one_turn(&p, "flaky").await;
+    let mut pair = pair_with_one_turn(&p, "flaky").await;
+    let (session_id, resume_token) = (pair.session_id.clone(), pair.resume_token.clone());
     // B accepts a resume upgrade; the client is lost before its session.start.
-    let abandoned = open(&b.url(), "flaky", Some(&resume_token)).await.unwrap();
+    let abandoned = open(&pair.b.url(), "flaky", Some(&resume_token))
+        .await
+        .unwrap();
     abandoned.abort();
     // Well past the claim's deadline and many lease refreshes: the owner's connection lives.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(alive(&mut conn).await, "the owner kept its live connection");
-    ask(&mut conn, 2).await;
-    end(&mut conn).await;
+    assert!(
+        alive(&mut pair.conn).await,
+        "the owner kept its live connection"
+    );
+    ask(&mut pair.conn, 2).await;
+    end(&mut pair.conn).await;
     assert_eq!(
-        final_record(&db, &session_id).await,
+        final_record(&pair.db, &session_id).await,
         Some(("client_ended".to_owned(), 2))
     );
 }

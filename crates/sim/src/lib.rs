@@ -22,15 +22,13 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use atlas_core::cost::{Prices, from_usd};
-use atlas_core::history::{HistoryLimits, Role};
+use atlas_core::cost::from_usd;
+use atlas_core::history::Role;
 use atlas_core::latency::Latency;
 use atlas_core::session::ledger::{LlmBill, ReportedTokens};
 use atlas_core::session::{
     Carried, Config, Heard, Input, LeaseAnswer, Output, ReplyOutcome, Session,
 };
-use atlas_core::timers::TimerConfig;
-use atlas_core::turns::TurnConfig;
 use atlas_protocol::{AudioFormat, Limits, ServerEvent};
 
 use store::{Refresh, Store, Write};
@@ -203,52 +201,16 @@ pub struct World {
 }
 
 fn config() -> Config {
-    let s = Duration::from_secs;
+    let reference = Config::reference();
     Config {
-        timers: TimerConfig {
-            heartbeat_interval: s(30),
-            heartbeat_timeout: s(10),
-            idle_timeout: s(600),
-            max_duration: s(1800),
-            max_duration_warning: s(60),
-            token_grace: s(10),
-            resume_window: s(60),
-        },
-        turns: TurnConfig::default(),
-        history: HistoryLimits {
-            max_messages: 40,
-            max_chars: 20_000,
-        },
-        prices: Prices {
-            stt_per_minute: Some(4_300),
-            llm_input_per_mtok: Some(1_000_000),
-            llm_output_per_mtok: Some(5_000_000),
-            llm_cache_read_per_mtok: None,
-            llm_cache_write_per_mtok: None,
-            tts_per_mchar: Some(15_000_000),
-        },
         session_budget: Some(from_usd(BUDGET_USD)),
-        budget_warn_fraction: 0.8,
-        daily_budget: None,
-        chunk_min_bytes: 100,
-        chunk_max_bytes: 102_400,
-        max_frames_per_s: 100,
-        max_invalid_frames: 50,
-        max_flood_seconds: 5,
-        max_recogniser_failures: 4,
-        recogniser_batch: Duration::from_millis(100),
-        system_prompt_chars: 100,
         llm_max_tokens: MAX_TOKENS as u32,
-        checkpoint_interval: s(60),
-        token_handover_grace: s(30),
         lease_ttl: Some(Duration::from_millis(LEASE_TTL)),
-        tools: None,
         limits: Limits {
-            max_duration_s: 1800,
             budget_usd: Some(BUDGET_USD),
-            idle_timeout_s: 600,
-            resume_window_s: 60,
+            ..reference.limits.clone()
         },
+        ..reference
     }
 }
 

@@ -11,52 +11,7 @@ const S: Duration = Duration::from_secs(1);
 const MS: Duration = Duration::from_millis(1);
 
 fn config() -> Config {
-    Config {
-        timers: TimerConfig {
-            heartbeat_interval: 30 * S,
-            heartbeat_timeout: 10 * S,
-            idle_timeout: 600 * S,
-            max_duration: 1800 * S,
-            max_duration_warning: 60 * S,
-            token_grace: 10 * S,
-            resume_window: 60 * S,
-        },
-        turns: TurnConfig::default(),
-        history: HistoryLimits {
-            max_messages: 40,
-            max_chars: 20_000,
-        },
-        prices: Prices {
-            stt_per_minute: Some(4_300),
-            llm_input_per_mtok: Some(1_000_000),
-            llm_output_per_mtok: Some(5_000_000),
-            llm_cache_read_per_mtok: None,
-            llm_cache_write_per_mtok: None,
-            tts_per_mchar: Some(15_000_000),
-        },
-        session_budget: Some(from_usd(5.0)),
-        budget_warn_fraction: 0.8,
-        daily_budget: None,
-        chunk_min_bytes: 100,
-        chunk_max_bytes: 102_400,
-        max_frames_per_s: 100,
-        max_invalid_frames: 50,
-        max_flood_seconds: 5,
-        max_recogniser_failures: 4,
-        recogniser_batch: 100 * MS,
-        system_prompt_chars: 100,
-        llm_max_tokens: 200,
-        checkpoint_interval: 60 * S,
-        token_handover_grace: 30 * S,
-        lease_ttl: None,
-        tools: None,
-        limits: Limits {
-            max_duration_s: 1800,
-            budget_usd: Some(5.0),
-            idle_timeout_s: 600,
-            resume_window_s: 60,
-        },
-    }
+    Config::reference()
 }
 
 /// A session under test with its own clock.

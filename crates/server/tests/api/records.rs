@@ -74,7 +74,13 @@ async fn one_turn_session(app: &TestApp) -> (Usage, String) {
         .await;
     stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
     collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
-    let items = collect_until(&mut conn, Duration::from_secs(5), |i| {
+    let usage = usage_then_end(&mut conn).await;
+    (usage, id)
+}
+
+/// The usage event that follows a reply; then `session.end` and the close.
+async fn usage_then_end(conn: &mut atlas_client::Connection) -> Usage {
+    let items = collect_until(conn, Duration::from_secs(5), |i| {
         matches!(event(i), Some(ServerEvent::Usage(_)))
     })
     .await;
@@ -82,11 +88,11 @@ async fn one_turn_session(app: &TestApp) -> (Usage, String) {
         unreachable!()
     };
     conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
-    collect_until(&mut conn, Duration::from_secs(5), |i| {
+    collect_until(conn, Duration::from_secs(5), |i| {
         matches!(i, Incoming::Closed { .. })
     })
     .await;
-    (usage, id)
+    usage
 }
 
 /// Polls until `f` returns Some, for up to `secs`.
@@ -496,18 +502,7 @@ async fn typed_turns_cutting_replies(app: &TestApp) -> (String, Usage) {
         collect_until(&mut conn, Duration::from_secs(10), until_text).await;
     }
     collect_until(&mut conn, Duration::from_secs(20), is_done(5)).await;
-    let items = collect_until(&mut conn, Duration::from_secs(5), |i| {
-        matches!(event(i), Some(ServerEvent::Usage(_)))
-    })
-    .await;
-    let Some(ServerEvent::Usage(usage)) = items.last().and_then(event).cloned() else {
-        unreachable!()
-    };
-    conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
-    collect_until(&mut conn, Duration::from_secs(5), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
+    let usage = usage_then_end(&mut conn).await;
     (id, usage)
 }
 

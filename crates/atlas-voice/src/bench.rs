@@ -85,6 +85,14 @@ pub struct LoadtestArgs {
     /// this many ms, so each turn is a tool turn (compare with a run without it).
     #[arg(long)]
     tool_ms: Option<u64>,
+    /// With --spawn: the accounting check. Each session barges in on a spoken reply, cuts a
+    /// reply with a typed turn, and a third of them end during a reply; then the fakes' bill
+    /// and the sessions' records must agree to the token (exit status 1 when not).
+    #[arg(long, requires = "spawn")]
+    mix: bool,
+    /// With --mix: the server's database (default: an SQLite file in a temporary folder).
+    #[arg(long, requires = "mix")]
+    database_url: Option<String>,
     #[command(flatten)]
     latencies: FakeLatencies,
 }
@@ -201,6 +209,14 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
             }];
             config.tool_webhook_secret = Some(secrecy::SecretString::from("x".repeat(32)));
         }
+        // The check's records go to a database of their own.
+        let scratch = args.mix.then(tempfile::tempdir).transpose()?;
+        if let Some(dir) = &scratch {
+            config.database_url = match &args.database_url {
+                Some(url) => url.clone(),
+                None => format!("sqlite://{}/records.db", dir.path().display()),
+            };
+        }
         config.max_sessions_per_user = u32::MAX;
         // Every simulated client comes from 127.0.0.1.
         config.connect_rate_per_s = u32::MAX;
@@ -210,15 +226,32 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
         let stop = app.shutdown_token();
         tokio::spawn(app.run_until_stopped());
         let secret = dev_or_configured_secret(&config)?;
-        let token = auth::mint_token(
-            &secret,
-            "loadtest",
-            &config.jwt_audience,
-            "authenticated",
-            3600,
-        )?;
+        let user = if args.mix {
+            crate::mix::USER
+        } else {
+            "loadtest"
+        };
+        let token = auth::mint_token(&secret, user, &config.jwt_audience, "authenticated", 3600)?;
+        let url = format!("ws://{addr}/v1/voice");
+        if args.mix {
+            let result = crate::mix::run(crate::mix::Check {
+                url: &url,
+                token: &token,
+                fakes: &fakes,
+                database_url: &config.database_url,
+                sessions: args.sessions,
+                ramp: Duration::from_millis(args.ramp_ms),
+                question: wav::read(&args.input)?,
+                json: args.json,
+            })
+            .await;
+            stop.cancel();
+            fakes.shutdown().await;
+            drop(scratch);
+            return result;
+        }
         _keep = Some((fakes, stop));
-        (format!("ws://{addr}/v1/voice"), token)
+        (url, token)
     } else {
         (
             args.url

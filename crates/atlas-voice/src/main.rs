@@ -7,6 +7,7 @@ mod db;
 mod eval;
 mod health;
 mod llm_server;
+mod mix;
 mod models;
 mod slowloris;
 

@@ -7,58 +7,7 @@ use std::process::Command;
 
 use atlas_store::Store;
 
-fn admin_url() -> String {
-    std::env::var("ATLAS_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-fn db_url(name: &str) -> String {
-    let admin = admin_url();
-    let (base, _) = admin.rsplit_once('/').unwrap();
-    format!("{base}/{name}")
-}
-
-/// A fresh database, dropped at the end.
-struct PgDb(String);
-
-impl PgDb {
-    async fn new() -> PgDb {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("atlas_cli_{}_{nanos}_{n}", std::process::id());
-        let admin = Store::connect(&admin_url()).await.unwrap();
-        admin
-            .execute_admin(&format!("create database {name}"))
-            .await
-            .unwrap();
-        admin.close().await;
-        PgDb(name)
-    }
-
-    fn url(&self) -> String {
-        db_url(&self.0)
-    }
-
-    async fn sql(&self, sql: &str) {
-        let store = Store::connect(&self.url()).await.unwrap();
-        store.execute_admin(sql).await.unwrap();
-        store.close().await;
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .arg(admin_url())
-            .arg("-qc")
-            .arg(format!("drop database if exists {} with (force)", self.0))
-            .output();
-    }
-}
+use atlas_testkit::PgDb;
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();

@@ -89,3 +89,94 @@ fn a_run_against_nothing_fails_and_says_why() {
     // Without /metrics the dropped-frame count is reported as unknown, not as zero.
     assert!(stdout.contains("unknown (no /metrics)"), "{stdout}");
 }
+
+/// Runs the accounting check (`loadtest --spawn --mix`) and returns its JSON summary.
+fn accounting_check(sessions: usize, database_url: Option<&str>) -> serde_json::Value {
+    let sessions = sessions.to_string();
+    let mut args = vec![
+        "loadtest",
+        "--spawn",
+        "--mix",
+        "--sessions",
+        &sessions,
+        "--ramp-ms",
+        "25",
+        "--json",
+    ];
+    if let Some(url) = database_url {
+        args.extend(["--database-url", url]);
+    }
+    let input = question();
+    args.extend(["--input", &input]);
+    let out = Command::new(env!("CARGO_BIN_EXE_atlas-voice"))
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| {
+            panic!(
+                "a JSON summary: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert!(
+        out.status.success(),
+        "{v}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    v
+}
+
+/// What every accounting check must show: each session took the early-ending paths, has its
+/// final record, and the providers' bill and the records agree to the token.
+fn assert_agrees(v: &serde_json::Value, sessions: u64) {
+    assert_eq!(v["session_errors"], 0, "{v}");
+    assert_eq!(v["disagreements"], serde_json::json!([]), "{v}");
+    assert_eq!(v["records"]["ended"], sessions, "{v}");
+    // Replies were cut (barge-in, typed turns, endings), and model streams were left early.
+    assert!(
+        v["interrupted_replies"].as_u64().unwrap() >= sessions,
+        "{v}"
+    );
+    assert!(
+        v["fakes"]["llm_cut_requests"].as_u64().unwrap() >= sessions,
+        "{v}"
+    );
+    // Four model requests per session at least: two spoken turns, two typed ones.
+    assert!(
+        v["fakes"]["llm_requests"].as_u64().unwrap() >= 4 * sessions,
+        "{v}"
+    );
+    let equal = |a: &str, b: &str| {
+        assert_eq!(v["fakes"][a], v["records"][b], "{a} vs {b}: {v}");
+    };
+    equal("llm_input_tokens", "llm_input_tokens");
+    equal("llm_output_tokens", "llm_output_tokens");
+    equal("tts_chars", "tts_chars");
+    let stt = v["fakes"]["stt_audio_seconds"].as_f64().unwrap();
+    assert!(
+        (stt - v["records"]["stt_seconds"].as_f64().unwrap()).abs() < 1e-3,
+        "{v}"
+    );
+}
+
+#[test]
+fn the_accounting_check_agrees_to_the_token_on_sqlite() {
+    let v = accounting_check(24, None);
+    assert_agrees(&v, 24);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_accounting_check_agrees_to_the_token_on_postgres() {
+    let db = atlas_testkit::PgDb::new().await;
+    let url = db.url();
+    let v = tokio::task::spawn_blocking(move || accounting_check(24, Some(&url)))
+        .await
+        .unwrap();
+    assert_agrees(&v, 24);
+}

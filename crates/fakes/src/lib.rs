@@ -328,6 +328,32 @@ pub struct Recorded {
     pub stt_audio_bytes: u64,
     /// Binary messages received over all STT connections.
     pub stt_audio_messages: u64,
+    /// What the fakes would bill for all of it.
+    pub usage: Usage,
+}
+
+/// What the fakes would bill, counted the way the providers bill (see each field). The ledger
+/// of a server wired to the fakes can be checked against it.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    /// Model requests accepted (answered with a 200), streaming or not.
+    pub llm_requests: u64,
+    /// Of those, streams the client left before their last event.
+    pub llm_cut_requests: u64,
+    /// Of those, streams still running (not billed yet).
+    pub llm_open_streams: u64,
+    /// Prompt tokens reported for every accepted request.
+    pub llm_input_tokens: u64,
+    /// Output tokens: as reported for a stream that finished; for a cut stream, the text sent
+    /// before the client left at one token per four characters (the fakes' own count, as a
+    /// provider bills a cancelled stream by its own count).
+    pub llm_output_tokens: u64,
+    /// Speech requests accepted.
+    pub tts_requests: u64,
+    /// Characters of their input.
+    pub tts_chars: u64,
+    /// Seconds of audio the recogniser received.
+    pub stt_audio_seconds: f64,
 }
 
 /// A running set of fake providers on one listener. Dropping it stops the fakes too (without

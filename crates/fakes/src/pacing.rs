@@ -7,10 +7,16 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::state::StreamBill;
+
 /// What a streaming body does at its next instant.
 pub(crate) enum Step {
     /// Write these bytes.
     Data(Bytes),
+    /// Write these bytes, which carry this many characters of generated text (billed).
+    Generated(Bytes, usize),
+    /// Write these bytes, the stream's last event, which reports this many output tokens.
+    Last(Bytes, u64),
     /// Abort the response (the body yields an I/O error, so hyper tears the connection down
     /// without finishing the chunked encoding).
     Abort,
@@ -31,37 +37,66 @@ impl Timed {
             step: Step::Data(data.into()),
         }
     }
+
+    /// Bytes carrying `chars` characters of generated text.
+    pub(crate) fn generated(at: Instant, data: impl Into<Bytes>, chars: usize) -> Self {
+        Self {
+            at,
+            step: Step::Generated(data.into(), chars),
+        }
+    }
+
+    /// The stream's last event, reporting `output_tokens`.
+    pub(crate) fn last(at: Instant, data: impl Into<Bytes>, output_tokens: u64) -> Self {
+        Self {
+            at,
+            step: Step::Last(data.into(), output_tokens),
+        }
+    }
 }
 
 /// A response body that plays `steps` at their instants. The body ends when the iterator does;
-/// on shutdown it aborts.
-pub(crate) fn paced_body<I>(steps: I, shutdown: CancellationToken) -> Body
+/// on shutdown it aborts. `bill`, when given, is settled by what was sent (see [`StreamBill`]),
+/// also when the client leaves and the body is dropped.
+pub(crate) fn paced_body<I>(steps: I, shutdown: CancellationToken, bill: Option<StreamBill>) -> Body
 where
     I: Iterator<Item = Timed> + Send + 'static,
 {
     let stream = futures_util::stream::unfold(
-        (steps, shutdown, false),
-        |(mut steps, shutdown, done)| async move {
+        (steps, shutdown, bill, false),
+        |(mut steps, shutdown, mut bill, done)| async move {
             if done {
                 return None;
             }
             let Timed { at, step } = steps.next()?;
             tokio::select! {
                 _ = tokio::time::sleep_until(at) => {}
-                _ = shutdown.cancelled() => return Some((Err(shutting_down()), (steps, shutdown, true))),
+                _ = shutdown.cancelled() => return Some((Err(shutting_down()), (steps, shutdown, bill, true))),
             }
             match step {
-                Step::Data(data) => Some((Ok(data), (steps, shutdown, false))),
+                Step::Data(data) => Some((Ok(data), (steps, shutdown, bill, false))),
+                Step::Generated(data, chars) => {
+                    if let Some(b) = &mut bill {
+                        b.generated(chars);
+                    }
+                    Some((Ok(data), (steps, shutdown, bill, false)))
+                }
+                Step::Last(data, tokens) => {
+                    if let Some(b) = &mut bill {
+                        b.finished(tokens);
+                    }
+                    Some((Ok(data), (steps, shutdown, bill, false)))
+                }
                 Step::Abort => Some((
                     Err(io::Error::new(
                         io::ErrorKind::ConnectionAborted,
                         "injected fault: connection dropped mid-stream",
                     )),
-                    (steps, shutdown, true),
+                    (steps, shutdown, bill, true),
                 )),
                 Step::Stall => {
                     shutdown.cancelled().await;
-                    Some((Err(shutting_down()), (steps, shutdown, true)))
+                    Some((Err(shutting_down()), (steps, shutdown, bill, true)))
                 }
             }
         },

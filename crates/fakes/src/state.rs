@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 
 use crate::stt::Transcript;
-use crate::{FakesConfig, Fault, RECORD_CAP, Recorded, ScriptedReply, Target};
+use crate::{FakesConfig, Fault, RECORD_CAP, Recorded, ScriptedReply, Target, Usage};
 
 /// Everything the handlers share.
 pub(crate) struct Shared {
@@ -102,6 +102,127 @@ pub(crate) struct Recorder {
     pub(crate) stt_close_streams: AtomicU64,
     pub(crate) stt_audio_bytes: AtomicU64,
     pub(crate) stt_audio_messages: AtomicU64,
+    /// What the providers would bill (shared with the streams that are still running).
+    pub(crate) usage: Arc<Meter>,
+}
+
+/// What the fakes would bill, the way the real providers bill: every accepted model request its
+/// prompt, and its output as reported when the stream finished or, when the client went away
+/// first, the text generated until then; every accepted speech request its characters; the
+/// recogniser the audio it received.
+#[derive(Default)]
+pub(crate) struct Meter {
+    llm_requests: AtomicU64,
+    llm_settled: AtomicU64,
+    llm_cut: AtomicU64,
+    llm_input_tokens: AtomicU64,
+    llm_output_tokens: AtomicU64,
+    tts_requests: AtomicU64,
+    tts_chars: AtomicU64,
+    stt_audio_ns: AtomicU64,
+}
+
+impl Meter {
+    /// A model request was accepted with a prompt of `input_tokens`.
+    pub(crate) fn llm_request(&self, input_tokens: u64) {
+        self.llm_requests.fetch_add(1, Ordering::Relaxed);
+        self.llm_input_tokens
+            .fetch_add(input_tokens, Ordering::Relaxed);
+    }
+
+    /// A model stream ended: `output_tokens` billed; `cut` when the client left before the end.
+    pub(crate) fn llm_output(&self, output_tokens: u64, cut: bool) {
+        self.llm_output_tokens
+            .fetch_add(output_tokens, Ordering::Relaxed);
+        self.llm_settled.fetch_add(1, Ordering::Relaxed);
+        if cut {
+            self.llm_cut.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A speech request was accepted with `chars` characters.
+    pub(crate) fn tts_request(&self, chars: usize) {
+        self.tts_requests.fetch_add(1, Ordering::Relaxed);
+        self.tts_chars.fetch_add(chars as u64, Ordering::Relaxed);
+    }
+
+    /// `bytes` of 16-bit mono audio at `rate` reached the recogniser.
+    pub(crate) fn stt_audio(&self, bytes: usize, rate: u32) {
+        let ns = (bytes as u128 / 2) * 1_000_000_000 / u128::from(rate.max(1));
+        self.stt_audio_ns
+            .fetch_add(u64::try_from(ns).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> Usage {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Usage {
+            llm_requests: get(&self.llm_requests),
+            llm_cut_requests: get(&self.llm_cut),
+            llm_open_streams: get(&self.llm_requests).saturating_sub(get(&self.llm_settled)),
+            llm_input_tokens: get(&self.llm_input_tokens),
+            llm_output_tokens: get(&self.llm_output_tokens),
+            tts_requests: get(&self.tts_requests),
+            tts_chars: get(&self.tts_chars),
+            stt_audio_seconds: get(&self.stt_audio_ns) as f64 / 1e9,
+        }
+    }
+
+    fn clear(&self) {
+        for c in [
+            &self.llm_requests,
+            &self.llm_settled,
+            &self.llm_cut,
+            &self.llm_input_tokens,
+            &self.llm_output_tokens,
+            &self.tts_requests,
+            &self.tts_chars,
+            &self.stt_audio_ns,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The bill of one model stream, settled when the stream ends or is dropped: the reported
+/// output when its last event was sent, otherwise the text generated so far at
+/// [`estimate_tokens`](crate::util::estimate_tokens)'s rate (what a provider bills for a
+/// cancelled stream is its own count; the fakes' count is this one).
+pub(crate) struct StreamBill {
+    meter: Arc<Meter>,
+    chars: usize,
+    settled: bool,
+}
+
+impl StreamBill {
+    pub(crate) fn new(meter: Arc<Meter>) -> Self {
+        Self {
+            meter,
+            chars: 0,
+            settled: false,
+        }
+    }
+
+    /// Text (or call arguments) of `chars` characters was sent.
+    pub(crate) fn generated(&mut self, chars: usize) {
+        self.chars += chars;
+    }
+
+    /// The stream's last event, reporting `output_tokens`, was sent.
+    pub(crate) fn finished(&mut self, output_tokens: u64) {
+        if !self.settled {
+            self.settled = true;
+            self.meter.llm_output(output_tokens, false);
+        }
+    }
+}
+
+impl Drop for StreamBill {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.meter
+                .llm_output(crate::util::estimate_tokens(self.chars), true);
+        }
+    }
 }
 
 fn push_capped<T>(list: &mut VecDeque<T>, item: T) {
@@ -139,11 +260,13 @@ impl Recorder {
             stt_close_streams: self.stt_close_streams.load(Ordering::Relaxed),
             stt_audio_bytes: self.stt_audio_bytes.load(Ordering::Relaxed),
             stt_audio_messages: self.stt_audio_messages.load(Ordering::Relaxed),
+            usage: self.usage.snapshot(),
         }
     }
 
     pub(crate) fn clear(&self) {
         *lock(&self.lists) = Lists::default();
+        self.usage.clear();
         for counter in [
             &self.stt_keepalives,
             &self.stt_finalizes,
@@ -159,6 +282,40 @@ impl Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_is_billed_once_by_what_it_sent() {
+        let meter = Arc::new(Meter::default());
+        meter.llm_request(10);
+        meter.llm_request(20);
+        meter.llm_request(30);
+        // Finished: the reported count, once.
+        let mut whole = StreamBill::new(meter.clone());
+        whole.generated(400);
+        whole.finished(7);
+        whole.finished(8);
+        drop(whole);
+        // Cut after 9 characters: three tokens at four characters each.
+        let mut cut = StreamBill::new(meter.clone());
+        cut.generated(5);
+        cut.generated(4);
+        drop(cut);
+        let open = meter.snapshot();
+        assert_eq!(open.llm_open_streams, 1);
+        drop(StreamBill::new(meter.clone()));
+        meter.stt_audio(32_000, 16_000);
+        meter.tts_request(12);
+        let u = meter.snapshot();
+        assert_eq!(u.llm_requests, 3);
+        assert_eq!(u.llm_input_tokens, 60);
+        assert_eq!(u.llm_output_tokens, 7 + 3);
+        assert_eq!(u.llm_cut_requests, 2);
+        assert_eq!(u.llm_open_streams, 0);
+        assert_eq!((u.tts_requests, u.tts_chars), (1, 12));
+        assert!((u.stt_audio_seconds - 1.0).abs() < 1e-9);
+        meter.clear();
+        assert_eq!(meter.snapshot(), Usage::default());
+    }
 
     #[test]
     fn faults_are_fifo_per_target() {

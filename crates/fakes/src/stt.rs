@@ -217,6 +217,7 @@ async fn run(mut socket: WebSocket, mut session: Session, shared: Arc<Shared>) {
                 Some(Ok(Message::Binary(data))) => {
                     Recorder::add(&shared.recorder.stt_audio_bytes, data.len() as u64);
                     Recorder::add(&shared.recorder.stt_audio_messages, 1);
+                    shared.recorder.usage.stt_audio(data.len(), session.sample_rate());
                     if data.is_empty() {
                         Recorder::add(&shared.recorder.stt_close_streams, 1);
                     }
@@ -383,6 +384,11 @@ fn r3(x: f64) -> f64 {
 }
 
 impl Session {
+    /// The audio's sample rate.
+    pub(crate) fn sample_rate(&self) -> u32 {
+        self.params.sample_rate
+    }
+
     pub(crate) fn new(
         shared: &Shared,
         params: ListenParams,

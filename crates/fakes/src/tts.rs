@@ -72,8 +72,12 @@ pub(crate) async fn speech(
     };
 
     let config = &shared.config.tts;
+    shared
+        .recorder
+        .usage
+        .tts_request(request.input.chars().count());
     let source = PcmSource::new(config, &request.input, request.speed, started, fault);
-    let mut response = paced_body(source, shared.shutdown.clone()).into_response();
+    let mut response = paced_body(source, shared.shutdown.clone(), None).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("audio/pcm"));
     if let Ok(v) = HeaderValue::from_str(&util::prefixed_id("req_")) {

@@ -302,6 +302,25 @@ impl Store {
         }
     }
 
+    /// What `user_id`'s recorded sessions consumed, summed over the sessions that have ended
+    /// (a load check compares it with what the providers billed).
+    pub fn usage_of<'a>(
+        &'a self,
+        user_id: &'a str,
+    ) -> BoxFuture<'a, Result<records::UserUsage, StoreError>> {
+        Box::pin(async move {
+            let sql = records::usage_sql(self.backend());
+            let row: records::UsageRow = match self {
+                #[cfg(feature = "sqlite")]
+                Store::Sqlite(p) => sqlx::query_as(&sql).bind(user_id).fetch_one(p).await,
+                #[cfg(feature = "postgres")]
+                Store::Postgres(p) => sqlx::query_as(&sql).bind(user_id).fetch_one(p).await,
+            }
+            .map_err(StoreError::from)?;
+            Ok(row.into())
+        })
+    }
+
     /// Runs one administrative statement outside a transaction (e.g. `create database`).
     pub fn execute_admin<'a>(&'a self, sql: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {

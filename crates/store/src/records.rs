@@ -314,6 +314,62 @@ fn table(backend: Backend, name: &str) -> String {
     }
 }
 
+/// What one user's ended sessions consumed, from their records.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct UserUsage {
+    /// Sessions recorded (ended or not).
+    pub sessions: i64,
+    /// Of those, sessions with a final record.
+    pub ended: i64,
+    /// Turns recorded for the ended sessions.
+    pub turns: i64,
+    /// Audio streamed to recognition, seconds.
+    pub stt_seconds: f64,
+    /// Model prompt tokens.
+    pub llm_input_tokens: i64,
+    /// Model output tokens.
+    pub llm_output_tokens: i64,
+    /// Characters sent to synthesis.
+    pub tts_chars: i64,
+}
+
+/// The row [`usage_sql`] returns.
+pub(crate) type UsageRow = (i64, i64, i64, f64, i64, i64, i64);
+
+impl From<UsageRow> for UserUsage {
+    fn from(r: UsageRow) -> Self {
+        Self {
+            sessions: r.0,
+            ended: r.1,
+            turns: r.2,
+            stt_seconds: r.3,
+            llm_input_tokens: r.4,
+            llm_output_tokens: r.5,
+            tts_chars: r.6,
+        }
+    }
+}
+
+/// Sums of one user's records (the user id is the one parameter).
+pub(crate) fn usage_sql(backend: Backend) -> String {
+    let (param, int, real) = match backend {
+        Backend::Postgres => ("$1", "bigint", "double precision"),
+        Backend::Sqlite => ("?", "integer", "real"),
+    };
+    let ended = "ended_at is not null";
+    format!(
+        "select cast(count(*) as {int}), \
+         cast(coalesce(sum(case when {ended} then 1 else 0 end), 0) as {int}), \
+         cast(coalesce(sum(case when {ended} then turns else 0 end), 0) as {int}), \
+         cast(coalesce(sum(case when {ended} then stt_seconds else 0 end), 0) as {real}), \
+         cast(coalesce(sum(case when {ended} then llm_input_tokens else 0 end), 0) as {int}), \
+         cast(coalesce(sum(case when {ended} then llm_output_tokens else 0 end), 0) as {int}), \
+         cast(coalesce(sum(case when {ended} then tts_chars else 0 end), 0) as {int}) \
+         from {} where user_id = {param}",
+        table(backend, "voice_sessions")
+    )
+}
+
 /// Upserts `rows` sessions, replacing a stored row only with a newer sequence; returns the
 /// ids of the rows written.
 pub(crate) fn sessions_sql(backend: Backend, rows: usize) -> String {

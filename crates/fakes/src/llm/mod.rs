@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use self::tools::{Tools, Wire};
 use crate::pacing::{Step, Timed, paced_body};
-use crate::state::Shared;
+use crate::state::{Shared, StreamBill};
 use crate::{Fault, LlmFakeConfig, ScriptedCall, ScriptedReply, Target, errors, util};
 
 /// Mid-stream faults fire after this many text tokens.
@@ -271,7 +271,12 @@ impl Plan {
                 steps.push(fault_step(f, self.token_at(i)));
                 return true;
             }
-            steps.push(Timed::data(self.token_at(i), delta(&self.tokens[i])));
+            let token = &self.tokens[i];
+            steps.push(Timed::generated(
+                self.token_at(i),
+                delta(token),
+                token.chars().count(),
+            ));
         }
         if let Some(f) = fault {
             steps.push(fault_step(f, self.token_at(self.emitted)));
@@ -291,13 +296,19 @@ impl Plan {
         let mut step = self.emitted;
         for (k, call) in self.calls.iter().enumerate() {
             let mut pieces = call.fragments.iter();
-            steps.push(Timed::data(
+            let first = pieces.next().map(String::as_str);
+            steps.push(Timed::generated(
                 self.token_at(step),
-                start(k, call, pieces.next().map(String::as_str)),
+                start(k, call, first),
+                first.map_or(0, |p| p.chars().count()),
             ));
             step += 1;
             for piece in pieces {
-                steps.push(Timed::data(self.token_at(step), fragment(k, piece)));
+                steps.push(Timed::generated(
+                    self.token_at(step),
+                    fragment(k, piece),
+                    piece.chars().count(),
+                ));
                 step += 1;
             }
         }
@@ -336,7 +347,9 @@ fn sse_event(event: &str, data: &Value) -> String {
 }
 
 fn sse_response(steps: Vec<Timed>, shared: &Shared, id_header: (&'static str, String)) -> Response {
-    let mut response = paced_body(steps.into_iter(), shared.shutdown.clone()).into_response();
+    let bill = StreamBill::new(shared.recorder.usage.clone());
+    let mut response =
+        paced_body(steps.into_iter(), shared.shutdown.clone(), Some(bill)).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -363,7 +376,7 @@ fn aborted_response(shared: &Shared, at: Instant) -> Response {
         at,
         step: Step::Abort,
     }];
-    let mut response = paced_body(steps.into_iter(), shared.shutdown.clone()).into_response();
+    let mut response = paced_body(steps.into_iter(), shared.shutdown.clone(), None).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -424,6 +437,7 @@ pub(crate) async fn anthropic_messages(
     );
     let plan = Plan::new(&shared.config.llm, &req, reply, "toolu_", started);
     if req.stream {
+        shared.recorder.usage.llm_request(plan.input_tokens);
         anthropic_stream(&shared, &req, &plan, fault)
     } else {
         anthropic_message(&shared, &req, &plan, fault).await
@@ -655,7 +669,11 @@ fn anthropic_stream(
             }),
         ));
         tail.push_str(&sse_event("message_stop", &json!({"type": "message_stop"})));
-        steps.push(Timed::data(plan.end_at(), tail));
+        steps.push(Timed::last(
+            plan.end_at(),
+            tail,
+            plan.output_tokens() as u64,
+        ));
     }
     sse_response(steps, shared, request_id)
 }
@@ -686,6 +704,11 @@ async fn anthropic_message(
     if !sleep_until(shared, plan.end_at()).await {
         return errors::anthropic(500, None, None);
     }
+    shared.recorder.usage.llm_request(plan.input_tokens);
+    shared
+        .recorder
+        .usage
+        .llm_output(plan.output_tokens() as u64, false);
     let mut content = Vec::with_capacity(plan.calls.len() + 1);
     if plan.calls.is_empty() || plan.emitted > 0 {
         content.push(json!({"type": "text", "text": plan.text()}));
@@ -778,6 +801,7 @@ pub(crate) async fn openai_chat(
     );
     let plan = Plan::new(&shared.config.llm, &req, reply, "call_", started);
     if req.stream {
+        shared.recorder.usage.llm_request(plan.input_tokens);
         openai_stream(&shared, &req, &plan, fault)
     } else {
         openai_completion(&shared, &req, &plan, fault).await
@@ -1082,7 +1106,11 @@ fn openai_stream(
             tail.push_str(&format!("data: {usage}\n\n"));
         }
         tail.push_str("data: [DONE]\n\n");
-        steps.push(Timed::data(plan.end_at(), tail));
+        steps.push(Timed::last(
+            plan.end_at(),
+            tail,
+            plan.output_tokens() as u64,
+        ));
     }
     sse_response(steps, shared, request_id)
 }
@@ -1105,6 +1133,11 @@ async fn openai_completion(
     if !sleep_until(shared, plan.end_at()).await {
         return errors::openai(500, None, None, None, None);
     }
+    shared.recorder.usage.llm_request(plan.input_tokens);
+    shared
+        .recorder
+        .usage
+        .llm_output(plan.output_tokens() as u64, false);
     let mut message = json!({"role": "assistant", "content": plan.text(), "refusal": null});
     if !plan.calls.is_empty() {
         if plan.emitted == 0 {

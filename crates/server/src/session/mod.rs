@@ -1233,7 +1233,7 @@ impl Driver {
         };
         active.handle.abort();
         let _ = active.handle.await;
-        let outcome = outcome_of(turn_id, &lock(&active.progress));
+        let outcome = settle(turn_id, &active.progress);
         self.machine.handle(Input::ReplyEnded(outcome), now());
     }
 
@@ -1241,7 +1241,7 @@ impl Driver {
         let Some(active) = self.response.take() else {
             return;
         };
-        let outcome = outcome_of(turn_id, &lock(&active.progress));
+        let outcome = settle(turn_id, &active.progress);
         if let Some(f) = &lock(&active.progress).failure
             && f.code != ErrorCode::SlowConsumer
         {
@@ -1431,6 +1431,14 @@ fn reported_tokens(u: &atlas_providers::llm::LlmUsage) -> ReportedTokens {
         cache_read: u.cache_read_input_tokens,
         cache_write: u.cache_creation_input_tokens,
     }
+}
+
+/// What a reply achieved: its bill is closed here, so a synthesis request not issued yet is
+/// never issued (see `response::synthesize`).
+fn settle(turn_id: u64, progress: &std::sync::Mutex<Progress>) -> ReplyOutcome {
+    let mut p = lock(progress);
+    p.settled = true;
+    outcome_of(turn_id, &p)
 }
 
 /// What a reply achieved, from its progress.

@@ -5,11 +5,13 @@
 //! the LLM reader (one model request per round: a round that ends in tool calls is reported
 //! to the session, and the reader waits for the session's next request while the words
 //! before the calls go on playing), the TTS starter (which spawns one synthesis task per
-//! sentence into a `JoinSet`, at most `prefetch` at a time) and the forwarder (which plays
-//! the sentences' audio strictly in order). Barge-in aborts the task: dropping it drops the LLM stream, the
-//! `JoinSet` (aborting every synthesis request) and the channels, so nothing in flight is
-//! awaited. Progress — the text whose audio was completely sent, usage, timestamps — lives
-//! in a shared [`Progress`] the session reads after the task has ended.
+//! sentence, at most `prefetch` at a time) and the forwarder (which plays the sentences' audio
+//! strictly in order). Barge-in aborts the task: dropping it drops the LLM stream and the
+//! channels, so nothing in flight is awaited; a synthesis request already issued finishes its
+//! handshake on its own and then finds nobody listening (so every request a provider
+//! received is billed: see `synthesize`). Progress — the text whose audio was completely
+//! sent, usage, timestamps — lives in a shared [`Progress`] the session reads after the task
+//! has ended, closing the reply's bill.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,7 +19,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use atlas_core::audio::{pcm_from_le_bytes, pcm_to_le_bytes, samples_to_duration};
@@ -137,8 +138,10 @@ pub struct Progress {
     pub llm_refused: bool,
     /// Latest usage reported by the model.
     pub llm_usage: LlmUsage,
-    /// Characters sent to synthesis.
+    /// Characters of the synthesis requests issued (and not refused).
     pub tts_chars: u64,
+    /// The reply's bill was taken (it ended or was cut): no more requests are issued.
+    pub settled: bool,
     /// Audio sent to the client.
     pub audio_sent: Duration,
     /// Set when the reply failed.
@@ -301,7 +304,6 @@ async fn start_tts(
     jobs: mpsc::Sender<Job>,
 ) -> Result<(), Failure> {
     let permits = Arc::new(Semaphore::new(ctx.prefetch));
-    let mut synth = JoinSet::new();
     while let Some((round, text)) = sentences.recv().await {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
@@ -311,8 +313,9 @@ async fn start_tts(
             text: speakable(&text),
             voice: ctx.voice.clone(),
         };
-        lock(progress).tts_chars += request.text.chars().count() as u64;
-        synth.spawn(synthesize(
+        // Not aborted with the reply: an issued request runs until the provider answers, so
+        // every request the provider receives is one the bill counted (see `synthesize`).
+        tokio::spawn(synthesize(
             ctx.tts.clone(),
             request,
             audio_tx,
@@ -328,9 +331,6 @@ async fn start_tts(
             break;
         }
     }
-    drop(jobs);
-    // Keep the synthesis tasks alive until each has delivered its audio.
-    while synth.join_next().await.is_some() {}
     Ok(())
 }
 
@@ -340,13 +340,25 @@ async fn synthesize(
     audio: mpsc::Sender<Result<Bytes, ProviderError>>,
     progress: Arc<Mutex<Progress>>,
 ) {
-    mark(
-        &mut lock(&progress).timings.tts_request,
-        Instant::now().into_std(),
-    );
+    // Billed as the provider bills: every request it receives, none it refused. A request is
+    // issued only while the reply's bill is open, and once issued it is not dropped before the
+    // provider answers, so what the provider received and what the bill counts are the same.
+    let chars = request.text.chars().count() as u64;
+    {
+        let mut p = lock(&progress);
+        if p.settled {
+            return;
+        }
+        mark(&mut p.timings.tts_request, Instant::now().into_std());
+        p.tts_chars += chars;
+    }
     let mut stream = match tts.synthesize(request).await {
         Ok(s) => s,
         Err(e) => {
+            if matches!(e, ProviderError::Status { .. } | ProviderError::Connect(_)) {
+                let mut p = lock(&progress);
+                p.tts_chars = p.tts_chars.saturating_sub(chars);
+            }
             let _ = audio.send(Err(e)).await;
             return;
         }

@@ -12,60 +12,7 @@ use atlas_store::{SessionRecord, Snapshot, Store};
 
 use crate::helpers::*;
 
-fn admin_url() -> String {
-    std::env::var("ATLAS_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-/// A fresh Postgres database, dropped at the end of the test.
-pub struct PgDb {
-    pub name: String,
-}
-
-impl PgDb {
-    pub async fn new() -> PgDb {
-        let name = format!("atlas_t_{}", uuid::Uuid::new_v4().simple());
-        let admin = Store::connect(&admin_url()).await.unwrap();
-        admin
-            .execute_admin(&format!("create database {name}"))
-            .await
-            .unwrap();
-        admin.close().await;
-        PgDb { name }
-    }
-
-    pub fn url(&self) -> String {
-        self.url_via(SocketAddr::from(([127, 0, 0, 1], 5432)))
-    }
-
-    pub fn url_via(&self, addr: SocketAddr) -> String {
-        let mut u = url::Url::parse(&admin_url()).unwrap();
-        u.set_port(Some(addr.port())).unwrap();
-        u.set_path(&format!("/{}", self.name));
-        u.to_string()
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(admin) = Store::connect(&admin_url()).await {
-                    let _ = admin
-                        .execute_admin(&format!("drop database if exists {name} with (force)"))
-                        .await;
-                    admin.close().await;
-                }
-            });
-        })
-        .join();
-    }
-}
+pub use atlas_testkit::PgDb;
 
 /// One question, one reply, then `session.end`; returns the last usage event and session id.
 async fn one_turn_session(app: &TestApp) -> (Usage, String) {

@@ -148,7 +148,8 @@ pub async fn admit(state: &AppState, user_id: &str) -> Result<Upgrade, Refusal> 
                 u64::from(state.config.llm_max_tokens),
             )
             .unwrap_or(0);
-        if spent.saturating_add(one_reply) > atlas_core::cost::from_usd(daily) {
+        let limit = atlas_core::cost::from_usd(daily);
+        if atlas_core::session::ledger::daily_exhausted(limit, spent, one_reply) {
             return Err(Refusal::BudgetExhausted);
         }
     }

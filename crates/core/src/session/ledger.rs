@@ -271,7 +271,7 @@ impl Ledger {
     /// server refuses to start in that case unless the operator allowed it.
     pub fn check(&mut self, next: Micros) -> Verdict {
         if let Some(daily) = self.daily_limit
-            && (self.daily_spent >= daily || self.daily_spent.saturating_add(next) > daily)
+            && daily_exhausted(daily, self.daily_spent, next)
         {
             return Verdict::Exhausted;
         }
@@ -289,10 +289,31 @@ impl Ledger {
     }
 }
 
+/// The daily budget's rule, for a session's next piece of work and for admitting a new
+/// session alike: the user's spend today is at the limit already, or `next` (an estimate of
+/// the work about to start) would take it over.
+pub fn daily_exhausted(limit: Micros, spent_today: Micros, next: Micros) -> bool {
+    spent_today >= limit || spent_today.saturating_add(next) > limit
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cost::from_usd;
+
+    #[test]
+    fn the_daily_rule_refuses_at_the_limit_and_over_it() {
+        assert!(!daily_exhausted(100, 0, 100));
+        assert!(!daily_exhausted(100, 99, 1));
+        assert!(daily_exhausted(100, 99, 2));
+        // Nothing more to start, but nothing left either (an unknown price estimates 0).
+        assert!(daily_exhausted(100, 100, 0));
+        assert!(daily_exhausted(100, u64::MAX, u64::MAX));
+        // The ledger applies the same rule.
+        let mut ledger = Ledger::new(prices(), None, 0.8).with_daily_limit(Some(100));
+        ledger.set_daily_spent(100);
+        assert_eq!(ledger.check(0), Verdict::Exhausted);
+    }
 
     fn prices() -> Prices {
         Prices {

@@ -40,6 +40,7 @@ pub mod registry;
 pub mod session;
 pub mod state;
 pub mod tools;
+pub mod transport;
 
 pub use app::Application;
 pub use config::Config;

@@ -27,9 +27,9 @@ use atlas_core::history::Role;
 use atlas_core::latency::Latency;
 use atlas_core::session::ledger::{LlmBill, ReportedTokens};
 use atlas_core::session::{
-    Carried, Config, Heard, Input, LeaseAnswer, Output, ReplyOutcome, Session,
+    Carried, Config, Event, Heard, Input, LeaseAnswer, Output, ReplyOutcome, Session,
 };
-use atlas_protocol::{AudioFormat, Limits, ServerEvent};
+use atlas_protocol::{AudioFormat, Limits};
 
 use store::{Refresh, Store, Write};
 
@@ -579,10 +579,9 @@ impl World {
                 );
             }
             match output {
-                Output::Send(
-                    ServerEvent::SessionStarted { resume_token, .. }
-                    | ServerEvent::SessionResumed { resume_token, .. },
-                ) if self.sessions[s].attached == Some(c) => {
+                Output::Event(Event::Ready { resume_token, .. })
+                    if self.sessions[s].attached == Some(c) =>
+                {
                     self.sessions[s].token = Some(resume_token);
                 }
                 Output::StartReply { turn_id, .. } => {
@@ -729,7 +728,7 @@ impl World {
                         self.retry_releases();
                     }
                 }
-                Output::Send(_)
+                Output::Event(_)
                 | Output::Ping
                 | Output::Forward { .. }
                 | Output::SendHeld

@@ -16,16 +16,17 @@
 //! - one [`Ledger`](ledger::Ledger): consumption → cost → session and daily budget;
 //! - turn-taking through [`Turns`] and the bounded [`History`].
 
+mod event;
 pub mod ledger;
+
+pub use event::Event;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use atlas_protocol::{
-    AudioFormat, EndingReason, ErrorCode, LatencyBreakdown, Limits, ServerEvent, close,
-};
+use atlas_protocol::{AudioFormat, EndingReason, ErrorCode, LatencyBreakdown, Limits, close};
 
 use crate::audio::{ChunkError, rms_dbfs_le, validate_chunk};
 use crate::cost::{Micros, Prices};
@@ -481,8 +482,8 @@ pub struct Finish {
 /// What the driver must do.
 #[derive(Clone, Debug)]
 pub enum Output {
-    /// Send an event to the attached client.
-    Send(ServerEvent),
+    /// Tell the attached client (each transport renders it on its wire).
+    Event(Event),
     /// Send a transport-level ping.
     Ping,
     /// Verify an access token from `auth.refresh` off the session's loop (answer with
@@ -915,12 +916,10 @@ impl Session {
                     ));
                     self.detach(now);
                 }
-                TimerAction::WarnMaxDuration { seconds_left } => {
-                    self.send(ServerEvent::SessionEnding {
-                        reason: EndingReason::MaxDuration,
-                        seconds_left,
-                    })
-                }
+                TimerAction::WarnMaxDuration { seconds_left } => self.send(Event::Ending {
+                    reason: EndingReason::MaxDuration,
+                    seconds_left,
+                }),
                 TimerAction::End(end) => return self.end(end.into()),
             }
         }
@@ -992,10 +991,10 @@ impl Session {
                 self.timers.activity(now);
                 self.turn(turns::Input::Text { text });
             }
-            Input::Ping(id) => self.send(ServerEvent::Pong { id }),
+            Input::Ping(id) => self.send(Event::Pong { id }),
             Input::StartAgain => {
                 self.timers.activity(now);
-                self.send(ServerEvent::error(
+                self.send(Event::problem(
                     ErrorCode::SessionAlreadyStarted,
                     "the session has already started",
                     false,
@@ -1004,7 +1003,7 @@ impl Session {
             Input::End => self.end(EndReason::ClientEnded),
             Input::Invalid(code, message) => {
                 if self.count_invalid() {
-                    self.send(ServerEvent::error(code, message, false));
+                    self.send(Event::problem(code, message, false));
                 }
             }
             Input::Pong => self.timers.pong(),
@@ -1020,7 +1019,7 @@ impl Session {
                 match answer {
                     Ok(expiry) => self.timers.token_refreshed(expiry),
                     Err(message) => {
-                        self.send(ServerEvent::error(ErrorCode::Unauthorized, message, false))
+                        self.send(Event::problem(ErrorCode::Unauthorized, message, false))
                     }
                 }
                 match self.refresh.next.take() {
@@ -1056,14 +1055,14 @@ impl Session {
                 };
                 self.turn(input);
             }
-            Input::RecogniserLost { busy: true, .. } => self.send(ServerEvent::error(
+            Input::RecogniserLost { busy: true, .. } => self.send(Event::problem(
                 ErrorCode::EnginesBusy,
                 "the speech engine is busy and missed that; please say it again in a moment",
                 false,
             )),
             Input::RecogniserLost { failures, .. } => {
                 let fatal = failures >= self.config.max_recogniser_failures;
-                self.send(ServerEvent::error(
+                self.send(Event::problem(
                     ErrorCode::SttFailed,
                     if fatal {
                         "speech recognition is unavailable"
@@ -1137,7 +1136,7 @@ impl Session {
             return true;
         }
         if a.flood_windows >= self.config.max_flood_seconds {
-            self.send(ServerEvent::error(
+            self.send(Event::problem(
                 ErrorCode::RateLimited,
                 "too many frames per second",
                 true,
@@ -1146,7 +1145,7 @@ impl Session {
             return false;
         }
         if a.frames == cap + 1 {
-            self.send(ServerEvent::error(
+            self.send(Event::problem(
                 ErrorCode::RateLimited,
                 format!("more than {cap} frames per second; extra frames are dropped"),
                 false,
@@ -1160,7 +1159,7 @@ impl Session {
     fn count_invalid(&mut self) -> bool {
         self.abuse.invalid += 1;
         if self.abuse.invalid > self.config.max_invalid_frames {
-            self.send(ServerEvent::error(
+            self.send(Event::problem(
                 ErrorCode::InvalidMessage,
                 "too many invalid frames",
                 true,
@@ -1171,9 +1170,9 @@ impl Session {
         true
     }
 
-    fn send(&mut self, event: ServerEvent) {
+    fn send(&mut self, event: Event) {
         if self.attached {
-            self.out.push_back(Output::Send(event));
+            self.out.push_back(Output::Event(event));
         }
     }
 
@@ -1205,27 +1204,16 @@ impl Session {
         }
         self.out.push_back(Output::RegisterToken(token.clone()));
         let limits = self.config.limits.clone();
-        let event = if resumed {
-            ServerEvent::SessionResumed {
-                session_id: self.id.clone(),
-                resume_token: token,
-                limits,
-                input_audio: input,
-                output_audio: output,
-                turns: self.turns.last_turn(),
-            }
-        } else {
-            ServerEvent::SessionStarted {
-                session_id: self.id.clone(),
-                resume_token: token,
-                limits,
-                input_audio: input,
-                output_audio: output,
-            }
-        };
-        self.send(event);
+        self.send(Event::Ready {
+            session_id: self.id.clone(),
+            resume_token: token,
+            resumed_turns: resumed.then(|| self.turns.last_turn()),
+            limits,
+            input_audio: input,
+            output_audio: output,
+        });
         if resumed {
-            self.send(ServerEvent::Usage(self.ledger.usage()));
+            self.send(Event::Usage(self.ledger.usage()));
         }
         if self.lease.is_some() {
             self.out.push_back(Output::Publish);
@@ -1266,7 +1254,7 @@ impl Session {
                 ChunkError::OddLength { .. } => "odd_length",
             }));
             if self.count_invalid() {
-                self.send(ServerEvent::error(
+                self.send(Event::problem(
                     ErrorCode::AudioChunkInvalid,
                     e.to_string(),
                     false,
@@ -1295,7 +1283,7 @@ impl Session {
         self.turns.handle(input, &mut actions);
         for action in actions.drain(..) {
             match action {
-                Action::Partial(text) => self.send(ServerEvent::TranscriptPartial { text }),
+                Action::Partial(text) => self.send(Event::Hearing { text }),
                 Action::Finalize => {
                     // The driver sends held audio before the finalise.
                     self.uplink.released();
@@ -1432,7 +1420,7 @@ impl Session {
             // A late or unknown answer: a server tool's is dropped silently (it was
             // cancelled); a client's is a protocol error.
             if kind == ToolKind::Client && self.count_invalid() {
-                self.send(ServerEvent::error(
+                self.send(Event::problem(
                     ErrorCode::InvalidMessage,
                     "no tool call with this call_id is waiting for a result",
                     false,
@@ -1625,7 +1613,7 @@ impl Session {
     /// that ends while a reply is in flight cuts it and waits for its outcome, so every
     /// request started is billed and the history keeps the order things were said in.
     fn end_of_turn(&mut self, turn_id: u64, text: String, end_of_speech: Option<Instant>) {
-        self.send(ServerEvent::TranscriptFinal {
+        self.send(Event::Heard {
             turn_id,
             text: text.clone(),
         });
@@ -1661,7 +1649,7 @@ impl Session {
         if !self.attached {
             return self.unanswered(turn_id, text);
         }
-        self.send(ServerEvent::ResponseStarted { turn_id });
+        self.send(Event::ReplyStarted { turn_id });
         self.reply = Some(Reply {
             turn_id,
             user_text: text,
@@ -1701,7 +1689,7 @@ impl Session {
         self.settle();
         let verdict = self.ledger.check(next);
         if let Verdict::Warn { spent, limit } = verdict {
-            self.send(ServerEvent::BudgetWarning {
+            self.send(Event::BudgetWarning {
                 spent_usd: crate::cost::to_usd(spent),
                 budget_usd: crate::cost::to_usd(limit),
             });
@@ -1734,13 +1722,13 @@ impl Session {
         self.turns
             .handle(turns::Input::ResponseFinished { turn_id }, &mut ignored);
         let outcome = if aborted {
-            self.send(ServerEvent::ResponseInterrupted { turn_id });
+            self.send(Event::Interrupted { turn_id });
             "interrupted"
         } else {
             match o.failure {
                 Some(ReplyFailure::ClientGone) => "client_gone",
                 Some(ReplyFailure::Provider(code)) => {
-                    self.send(ServerEvent::error(code, failure_message(code), false));
+                    self.send(Event::problem(code, failure_message(code), false));
                     "failed"
                 }
                 None => "completed",
@@ -1773,13 +1761,13 @@ impl Session {
             // before the client hears the turn is done.
             self.out.push_back(Output::Publish);
         }
-        self.send(ServerEvent::ResponseDone {
+        self.send(Event::ReplyDone {
             turn_id,
             interrupted,
-            latency_ms: latency,
+            latency,
         });
         let verdict = self.budget_verdict(0);
-        self.send(ServerEvent::Usage(self.ledger.usage()));
+        self.send(Event::Usage(self.ledger.usage()));
         match self.phase {
             Phase::Ending(reason) => return self.finish(reason),
             Phase::Ended => return,
@@ -1867,21 +1855,21 @@ impl Session {
             }
         }
         match reason {
-            EndReason::Draining => self.send(ServerEvent::SessionEnding {
+            EndReason::Draining => self.send(Event::Ending {
                 reason: EndingReason::Draining,
                 seconds_left: 0,
             }),
             EndReason::BudgetExhausted => {
-                self.send(ServerEvent::SessionEnding {
+                self.send(Event::Ending {
                     reason: EndingReason::Budget,
                     seconds_left: 0,
                 });
-                self.send(ServerEvent::Usage(self.ledger.usage()));
+                self.send(Event::Usage(self.ledger.usage()));
             }
             _ => {}
         }
         if let Some((code, message)) = reason.error() {
-            self.send(ServerEvent::error(code, message, true));
+            self.send(Event::problem(code, message, true));
         }
         self.out.push_back(Output::Finish(Finish {
             reason,

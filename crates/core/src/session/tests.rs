@@ -123,10 +123,10 @@ fn finish(out: &[Output]) -> Option<Finish> {
     })
 }
 
-fn events(out: &[Output]) -> Vec<&ServerEvent> {
+fn events(out: &[Output]) -> Vec<&Event> {
     out.iter()
         .filter_map(|o| match o {
-            Output::Send(e) => Some(e),
+            Output::Event(e) => Some(e),
             _ => None,
         })
         .collect()
@@ -138,7 +138,7 @@ fn has(out: &[Output], pred: impl Fn(&Output) -> bool) -> bool {
 
 fn error_code(out: &[Output]) -> Option<ErrorCode> {
     events(out).into_iter().find_map(|e| match e {
-        ServerEvent::Error { code, .. } => Some(*code),
+        Event::Problem { code, .. } => Some(*code),
         _ => None,
     })
 }
@@ -164,7 +164,7 @@ fn attach_announces_the_session_and_registers_its_token() {
     ));
     assert!(matches!(
         events(&out)[..],
-        [ServerEvent::SessionStarted { session_id, resume_token, .. }] if session_id == "s1" && resume_token == "t1"
+        [Event::Ready { session_id, resume_token, resumed_turns: None, .. }] if session_id == "s1" && resume_token == "t1"
     ));
     assert!(s.is_attached());
 }
@@ -197,7 +197,7 @@ fn a_turn_starts_a_reply_and_its_end_is_billed_and_recorded() {
     assert!(has(&out, |o| matches!(o, Output::Spend(d) if d.llm > 0)));
     assert!(events(&out).iter().any(|e| matches!(
         e,
-        ServerEvent::Usage(u) if u.llm_input_tokens == 100 && u.llm_output_tokens == 10
+        Event::Usage(u) if u.llm_input_tokens == 100 && u.llm_output_tokens == 10
     )));
     assert_eq!(h.s.history().count(), 2);
 }
@@ -216,7 +216,7 @@ fn barge_in_aborts_and_keeps_only_what_was_spoken() {
     o.llm.reported.output = None;
     o.llm.generated_chars = 40;
     let out = h.feed(Input::ReplyEnded(o));
-    assert!(events(&out).contains(&&ServerEvent::ResponseInterrupted { turn_id: 1 }));
+    assert!(events(&out).contains(&&Event::Interrupted { turn_id: 1 }));
     // Output measured from the generated text when the provider's count is not final.
     assert_eq!(h.s.ledger().usage().llm_output_tokens, 10);
     assert_eq!(h.s.history().last().unwrap().text, "Once upon");
@@ -264,12 +264,12 @@ fn detach_cuts_the_reply_and_waits_for_the_resume_window() {
     let out = h.attach(true, "t2");
     assert!(matches!(
         events(&out)[0],
-        ServerEvent::SessionResumed { session_id, turns: 1, resume_token, .. } if session_id == "s1" && resume_token == "t2"
+        Event::Ready { session_id, resumed_turns: Some(1), resume_token, .. } if session_id == "s1" && resume_token == "t2"
     ));
     assert!(
         events(&out)
             .iter()
-            .any(|e| matches!(e, ServerEvent::Usage(u) if u.llm_input_tokens == 100))
+            .any(|e| matches!(e, Event::Usage(u) if u.llm_input_tokens == 100))
     );
     // The cut reply had spoken nothing: only the person's words stay in the history.
     assert_eq!(h.s.history().count(), 1);
@@ -404,7 +404,7 @@ fn maximum_duration_warns_then_ends() {
         warned |= events(&out).iter().any(|e| {
             matches!(
                 e,
-                ServerEvent::SessionEnding {
+                Event::Ending {
                     reason: EndingReason::MaxDuration,
                     seconds_left: 60
                 }
@@ -505,7 +505,7 @@ fn budget_warns_once_then_stops_before_overspending() {
     assert!(
         events(&out)
             .iter()
-            .any(|e| matches!(e, ServerEvent::BudgetWarning { .. }))
+            .any(|e| matches!(e, Event::BudgetWarning { .. }))
     );
     // The next reply would pass the budget: refused before starting, session ends 4402.
     let out = h.say("two");
@@ -521,7 +521,7 @@ fn budget_warns_once_then_stops_before_overspending() {
     assert!(
         !events(&out)
             .iter()
-            .any(|e| matches!(e, ServerEvent::BudgetWarning { .. }))
+            .any(|e| matches!(e, Event::BudgetWarning { .. }))
     );
 }
 
@@ -823,7 +823,7 @@ fn drain_hands_over_with_scale_out_and_records_without() {
     assert_eq!(f.reason.close().0, close::GOING_AWAY);
     assert!(events(&out).iter().any(|e| matches!(
         e,
-        ServerEvent::SessionEnding {
+        Event::Ending {
             reason: EndingReason::Draining,
             ..
         }
@@ -834,7 +834,7 @@ fn drain_hands_over_with_scale_out_and_records_without() {
 fn a_typed_turn_is_answered_like_speech() {
     let mut h = Harness::new(config());
     let out = h.feed(Input::Text("  What time is it?  "));
-    assert!(events(&out).contains(&&ServerEvent::TranscriptFinal {
+    assert!(events(&out).contains(&&Event::Heard {
         turn_id: 1,
         text: "What time is it?".into()
     }));

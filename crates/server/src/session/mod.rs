@@ -54,6 +54,7 @@ pub use crate::handoff::Connection;
 use crate::metrics;
 use crate::registry::{ResumeEntry, SessionPermit};
 use crate::state::AppState;
+use crate::transport;
 use outbound::{OutboundTx, WriterExit, run_writer};
 use response::{Channels, Control, Progress, ResponseCtx, ToolRound, lock};
 use shared::{Answer, CLUSTER_QUEUE, ClusterOp, Shared, run_cluster_ops};
@@ -804,7 +805,7 @@ impl Driver {
     async fn drain_outputs(&mut self) -> Option<Finish> {
         while let Some(output) = self.machine.poll_output() {
             match output {
-                Output::Send(event) => self.emit(event),
+                Output::Event(event) => self.emit(transport::v1::events::server_event(event)),
                 Output::Ping => {
                     if let Some(link) = &self.link
                         && link.outbound.ping().is_err()

@@ -144,7 +144,7 @@ fn a_server_tool_runs_and_its_result_goes_back_to_the_model() {
     let done = events(&out)
         .into_iter()
         .find_map(|e| match e {
-            ServerEvent::ResponseDone { latency_ms, .. } => Some(latency_ms.clone()),
+            Event::ReplyDone { latency, .. } => Some(latency.clone()),
             _ => None,
         })
         .expect("response.done");

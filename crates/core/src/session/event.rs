@@ -1,0 +1,100 @@
+//! What the session tells the person's side, in the session's own terms. Each transport
+//! renders an [`Event`] on its wire (protocol v1 as JSON events, a phone call as `clear` and
+//! silence) or not at all; the machine never builds a wire message.
+//!
+//! The payloads still borrow some of protocol v1's plain types (limits, formats, error codes,
+//! usage, latency) until the machine has its own for each.
+
+use atlas_protocol::{AudioFormat, EndingReason, ErrorCode, LatencyBreakdown, Limits, Usage};
+
+/// Something for the attached client.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// The session is ready on this connection (new, or resumed after `resumed_turns` turns).
+    Ready {
+        /// Session id.
+        session_id: String,
+        /// The token that resumes the session after a dropped connection.
+        resume_token: String,
+        /// Turns completed before this connection, when it resumed the session.
+        resumed_turns: Option<u64>,
+        /// Limits in force.
+        limits: Limits,
+        /// Input audio format.
+        input_audio: AudioFormat,
+        /// Output audio format.
+        output_audio: AudioFormat,
+    },
+    /// The words of the turn in progress so far.
+    Hearing {
+        /// Text so far.
+        text: String,
+    },
+    /// A turn's words are final.
+    Heard {
+        /// The turn.
+        turn_id: u64,
+        /// The words.
+        text: String,
+    },
+    /// The assistant started its reply to a turn.
+    ReplyStarted {
+        /// The turn.
+        turn_id: u64,
+    },
+    /// A reply ended.
+    ReplyDone {
+        /// The turn.
+        turn_id: u64,
+        /// Whether it was cut short.
+        interrupted: bool,
+        /// Where its time went.
+        latency: LatencyBreakdown,
+    },
+    /// A reply was cut: whatever of its audio has not been played must not be.
+    Interrupted {
+        /// The turn.
+        turn_id: u64,
+    },
+    /// Usage and cost so far.
+    Usage(Usage),
+    /// Spend crossed the budget's warning fraction.
+    BudgetWarning {
+        /// Dollars spent.
+        spent_usd: f64,
+        /// The budget.
+        budget_usd: f64,
+    },
+    /// The session will end soon.
+    Ending {
+        /// Why.
+        reason: EndingReason,
+        /// Seconds until it does.
+        seconds_left: u64,
+    },
+    /// Something the client did or the session met went wrong.
+    Problem {
+        /// What.
+        code: ErrorCode,
+        /// A short message for people.
+        message: String,
+        /// The connection closes after it.
+        fatal: bool,
+    },
+    /// The answer to a ping, with its id.
+    Pong {
+        /// The ping's id, handed back unread.
+        id: Option<serde_json::Value>,
+    },
+}
+
+impl Event {
+    /// A [`Event::Problem`].
+    pub fn problem(code: ErrorCode, message: impl Into<String>, fatal: bool) -> Self {
+        Event::Problem {
+            code,
+            message: message.into(),
+            fatal,
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The session's events as protocol v1 JSON events.
+
+use atlas_core::session::Event;
+use atlas_protocol::ServerEvent;
+
+/// The v1 event for `event`.
+pub fn server_event(event: Event) -> ServerEvent {
+    match event {
+        Event::Ready {
+            session_id,
+            resume_token,
+            resumed_turns: None,
+            limits,
+            input_audio,
+            output_audio,
+        } => ServerEvent::SessionStarted {
+            session_id,
+            resume_token,
+            limits,
+            input_audio,
+            output_audio,
+        },
+        Event::Ready {
+            session_id,
+            resume_token,
+            resumed_turns: Some(turns),
+            limits,
+            input_audio,
+            output_audio,
+        } => ServerEvent::SessionResumed {
+            session_id,
+            resume_token,
+            limits,
+            input_audio,
+            output_audio,
+            turns,
+        },
+        Event::Hearing { text } => ServerEvent::TranscriptPartial { text },
+        Event::Heard { turn_id, text } => ServerEvent::TranscriptFinal { turn_id, text },
+        Event::ReplyStarted { turn_id } => ServerEvent::ResponseStarted { turn_id },
+        Event::ReplyDone {
+            turn_id,
+            interrupted,
+            latency,
+        } => ServerEvent::ResponseDone {
+            turn_id,
+            interrupted,
+            latency_ms: latency,
+        },
+        Event::Interrupted { turn_id } => ServerEvent::ResponseInterrupted { turn_id },
+        Event::Usage(usage) => ServerEvent::Usage(usage),
+        Event::BudgetWarning {
+            spent_usd,
+            budget_usd,
+        } => ServerEvent::BudgetWarning {
+            spent_usd,
+            budget_usd,
+        },
+        Event::Ending {
+            reason,
+            seconds_left,
+        } => ServerEvent::SessionEnding {
+            reason,
+            seconds_left,
+        },
+        Event::Problem {
+            code,
+            message,
+            fatal,
+        } => ServerEvent::Error {
+            code,
+            message,
+            fatal,
+        },
+        Event::Pong { id } => ServerEvent::Pong { id },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atlas_protocol::{AudioFormat, ErrorCode, Limits};
+
+    fn ready(resumed_turns: Option<u64>) -> Event {
+        Event::Ready {
+            session_id: "s".into(),
+            resume_token: "t".into(),
+            resumed_turns,
+            limits: Limits {
+                max_duration_s: 1,
+                budget_usd: None,
+                idle_timeout_s: 2,
+                resume_window_s: 3,
+            },
+            input_audio: AudioFormat::DEFAULT_INPUT,
+            output_audio: AudioFormat::DEFAULT_OUTPUT,
+        }
+    }
+
+    #[test]
+    fn a_new_and_a_resumed_session_are_told_apart_on_the_wire() {
+        assert!(matches!(
+            server_event(ready(None)),
+            ServerEvent::SessionStarted { .. }
+        ));
+        assert!(matches!(
+            server_event(ready(Some(4))),
+            ServerEvent::SessionResumed { turns: 4, .. }
+        ));
+        let json =
+            server_event(Event::problem(ErrorCode::RateLimited, "slow down", false)).to_json();
+        assert_eq!(
+            json,
+            r#"{"type":"error","code":"rate_limited","message":"slow down","fatal":false}"#
+        );
+        assert_eq!(
+            server_event(Event::Interrupted { turn_id: 3 }).to_json(),
+            r#"{"type":"response.interrupted","turn_id":3}"#
+        );
+    }
+}

@@ -315,15 +315,9 @@ mod tests {
         assert_eq!(ledger.check(0), Verdict::Exhausted);
     }
 
+    /// The reference deployment's prices (nova-3, claude-haiku-4-5, tts-1).
     fn prices() -> Prices {
-        Prices {
-            stt_per_minute: Some(4_300),
-            llm_input_per_mtok: Some(1_000_000),
-            llm_output_per_mtok: Some(5_000_000),
-            llm_cache_read_per_mtok: None,
-            llm_cache_write_per_mtok: None,
-            tts_per_mchar: Some(15_000_000),
-        }
+        crate::session::Config::reference().prices
     }
 
     #[test]

@@ -342,7 +342,24 @@ impl Log {
         }
     }
 
-    /// Reads until an event matching `want`, counting replies on the way.
+    /// The next item from the server before `deadline`, its events counted.
+    async fn next(
+        &mut self,
+        conn: &mut Connection,
+        what: &str,
+        deadline: Instant,
+    ) -> anyhow::Result<Incoming> {
+        let item = tokio::time::timeout_at(deadline, conn.incoming.recv())
+            .await
+            .map_err(|_| anyhow::anyhow!("no {what} within {STEP:?}"))?
+            .ok_or_else(|| anyhow::anyhow!("connection ended waiting for {what}"))?;
+        if let Incoming::Event { event, .. } = &item {
+            self.note(event);
+        }
+        Ok(item)
+    }
+
+    /// Reads until an event matching `want`.
     async fn until(
         &mut self,
         conn: &mut Connection,
@@ -351,41 +368,30 @@ impl Log {
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + STEP;
         loop {
-            let item = tokio::time::timeout_at(deadline, conn.incoming.recv())
-                .await
-                .map_err(|_| anyhow::anyhow!("no {what} within {STEP:?}"))?;
-            match item {
-                Some(Incoming::Event { event, .. }) => {
-                    self.note(&event);
-                    if let ServerEvent::Error { fatal: true, .. } = &event {
-                        anyhow::bail!("fatal error waiting for {what}: {event:?}");
-                    }
-                    if want(&event) {
-                        return Ok(());
-                    }
-                }
-                Some(Incoming::Audio { .. }) => {}
-                Some(Incoming::Closed { code, reason, .. }) => {
+            match self.next(conn, what, deadline).await? {
+                Incoming::Event {
+                    event: event @ ServerEvent::Error { fatal: true, .. },
+                    ..
+                } => anyhow::bail!("fatal error waiting for {what}: {event:?}"),
+                Incoming::Event { event, .. } if want(&event) => return Ok(()),
+                Incoming::Closed { code, reason, .. } => {
                     anyhow::bail!("closed ({code:?} {reason}) waiting for {what}")
                 }
-                None => anyhow::bail!("connection ended waiting for {what}"),
+                Incoming::Event { .. } | Incoming::Audio { .. } => {}
             }
         }
     }
 
     /// Reads until the first reply audio.
     async fn until_audio(&mut self, conn: &mut Connection) -> anyhow::Result<()> {
-        let deadline = Instant::now() + STEP;
+        let (what, deadline) = ("reply audio", Instant::now() + STEP);
         loop {
-            match tokio::time::timeout_at(deadline, conn.incoming.recv()).await {
-                Err(_) => anyhow::bail!("no reply audio within {STEP:?}"),
-                Ok(Some(Incoming::Audio { pcm, .. })) if !pcm.is_empty() => return Ok(()),
-                Ok(Some(Incoming::Event { event, .. })) => self.note(&event),
-                Ok(Some(Incoming::Audio { .. })) => {}
-                Ok(Some(Incoming::Closed { code, reason, .. })) => {
-                    anyhow::bail!("closed ({code:?} {reason}) waiting for reply audio")
+            match self.next(conn, what, deadline).await? {
+                Incoming::Audio { pcm, .. } if !pcm.is_empty() => return Ok(()),
+                Incoming::Closed { code, reason, .. } => {
+                    anyhow::bail!("closed ({code:?} {reason}) waiting for {what}")
                 }
-                Ok(None) => anyhow::bail!("connection ended waiting for reply audio"),
+                Incoming::Event { .. } | Incoming::Audio { .. } => {}
             }
         }
     }
@@ -393,13 +399,11 @@ impl Log {
     /// Reads until the server closes the connection.
     async fn until_closed(&mut self, conn: &mut Connection) -> anyhow::Result<()> {
         let deadline = Instant::now() + STEP;
-        loop {
-            match tokio::time::timeout_at(deadline, conn.incoming.recv()).await {
-                Err(_) => anyhow::bail!("not closed within {STEP:?} of session.end"),
-                Ok(Some(Incoming::Closed { .. }) | None) => return Ok(()),
-                Ok(Some(Incoming::Event { event, .. })) => self.note(&event),
-                Ok(Some(_)) => {}
-            }
-        }
+        while !matches!(
+            self.next(conn, "the close after session.end", deadline)
+                .await?,
+            Incoming::Closed { .. }
+        ) {}
+        Ok(())
     }
 }

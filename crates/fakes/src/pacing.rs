@@ -11,17 +11,23 @@ use crate::state::StreamBill;
 
 /// What a streaming body does at its next instant.
 pub(crate) enum Step {
-    /// Write these bytes.
-    Data(Bytes),
-    /// Write these bytes, which carry this many characters of generated text (billed).
-    Generated(Bytes, usize),
-    /// Write these bytes, the stream's last event, which reports this many output tokens.
-    Last(Bytes, u64),
+    /// Write these bytes (and bill what they carry).
+    Data(Bytes, Bill),
     /// Abort the response (the body yields an I/O error, so hyper tears the connection down
     /// without finishing the chunked encoding).
     Abort,
     /// Never produce anything again (until the client goes away or the fakes shut down).
     Stall,
+}
+
+/// What the bytes of a step carry for the stream's bill.
+pub(crate) enum Bill {
+    /// Nothing billable.
+    Nothing,
+    /// This many characters of generated text.
+    Generated(usize),
+    /// The stream's last event, reporting this many output tokens.
+    Last(u64),
 }
 
 /// A [`Step`] due at an instant.
@@ -34,7 +40,7 @@ impl Timed {
     pub(crate) fn data(at: Instant, data: impl Into<Bytes>) -> Self {
         Self {
             at,
-            step: Step::Data(data.into()),
+            step: Step::Data(data.into(), Bill::Nothing),
         }
     }
 
@@ -42,7 +48,7 @@ impl Timed {
     pub(crate) fn generated(at: Instant, data: impl Into<Bytes>, chars: usize) -> Self {
         Self {
             at,
-            step: Step::Generated(data.into(), chars),
+            step: Step::Data(data.into(), Bill::Generated(chars)),
         }
     }
 
@@ -50,7 +56,7 @@ impl Timed {
     pub(crate) fn last(at: Instant, data: impl Into<Bytes>, output_tokens: u64) -> Self {
         Self {
             at,
-            step: Step::Last(data.into(), output_tokens),
+            step: Step::Data(data.into(), Bill::Last(output_tokens)),
         }
     }
 }
@@ -74,16 +80,13 @@ where
                 _ = shutdown.cancelled() => return Some((Err(shutting_down()), (steps, shutdown, bill, true))),
             }
             match step {
-                Step::Data(data) => Some((Ok(data), (steps, shutdown, bill, false))),
-                Step::Generated(data, chars) => {
+                Step::Data(data, what) => {
                     if let Some(b) = &mut bill {
-                        b.generated(chars);
-                    }
-                    Some((Ok(data), (steps, shutdown, bill, false)))
-                }
-                Step::Last(data, tokens) => {
-                    if let Some(b) = &mut bill {
-                        b.finished(tokens);
+                        match what {
+                            Bill::Nothing => {}
+                            Bill::Generated(chars) => b.generated(chars),
+                            Bill::Last(tokens) => b.finished(tokens),
+                        }
                     }
                     Some((Ok(data), (steps, shutdown, bill, false)))
                 }

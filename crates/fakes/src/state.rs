@@ -125,32 +125,27 @@ pub(crate) struct Meter {
 impl Meter {
     /// A model request was accepted with a prompt of `input_tokens`.
     pub(crate) fn llm_request(&self, input_tokens: u64) {
-        self.llm_requests.fetch_add(1, Ordering::Relaxed);
-        self.llm_input_tokens
-            .fetch_add(input_tokens, Ordering::Relaxed);
+        Recorder::add(&self.llm_requests, 1);
+        Recorder::add(&self.llm_input_tokens, input_tokens);
     }
 
     /// A model stream ended: `output_tokens` billed; `cut` when the client left before the end.
     pub(crate) fn llm_output(&self, output_tokens: u64, cut: bool) {
-        self.llm_output_tokens
-            .fetch_add(output_tokens, Ordering::Relaxed);
-        self.llm_settled.fetch_add(1, Ordering::Relaxed);
-        if cut {
-            self.llm_cut.fetch_add(1, Ordering::Relaxed);
-        }
+        Recorder::add(&self.llm_output_tokens, output_tokens);
+        Recorder::add(&self.llm_settled, 1);
+        Recorder::add(&self.llm_cut, u64::from(cut));
     }
 
     /// A speech request was accepted with `chars` characters.
     pub(crate) fn tts_request(&self, chars: usize) {
-        self.tts_requests.fetch_add(1, Ordering::Relaxed);
-        self.tts_chars.fetch_add(chars as u64, Ordering::Relaxed);
+        Recorder::add(&self.tts_requests, 1);
+        Recorder::add(&self.tts_chars, chars as u64);
     }
 
     /// `bytes` of 16-bit mono audio at `rate` reached the recogniser.
     pub(crate) fn stt_audio(&self, bytes: usize, rate: u32) {
         let ns = (bytes as u128 / 2) * 1_000_000_000 / u128::from(rate.max(1));
-        self.stt_audio_ns
-            .fetch_add(u64::try_from(ns).unwrap_or(u64::MAX), Ordering::Relaxed);
+        Recorder::add(&self.stt_audio_ns, u64::try_from(ns).unwrap_or(u64::MAX));
     }
 
     pub(crate) fn snapshot(&self) -> Usage {

@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// How long a claim waits for its client's `session.start` (the start timeout and a margin).
-pub const CLAIM_TTL: Duration = Duration::from_secs(15);
+pub const CLAIM_TTL: Duration = Duration::from_secs(crate::session::START_TIMEOUT.as_secs() + 5);
 
 /// A Redis problem.
 #[derive(Debug, thiserror::Error)]
@@ -487,9 +487,7 @@ impl Cluster {
         if matches!(v, redis::Value::Int(-1)) {
             return Ok(Fenced::Stale);
         }
-        redis::from_redis_value(v)
-            .map(Fenced::Done)
-            .map_err(|e| ClusterError::Decode(e.to_string()))
+        redis::from_redis_value(v).map(Fenced::Done).map_err(decode)
     }
 
     /// Extends the session's lease (re-asserting its entry if the store lost it).
@@ -513,7 +511,7 @@ impl Cluster {
         owned: &Owned,
         state: &ResumeState,
     ) -> Result<Fenced<()>, ClusterError> {
-        let body = serde_json::to_string(state).map_err(|e| ClusterError::Decode(e.to_string()))?;
+        let body = serde_json::to_string(state).map_err(decode)?;
         let script = Self::fenced(PUBLISH);
         let mut inv = self.fenced_invocation(&script, owned);
         inv.arg(body);

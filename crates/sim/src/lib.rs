@@ -180,7 +180,6 @@ struct SimSession {
     record: Option<(u64, u32)>,
     /// Words the person said or typed, and words the assistant was heard to say.
     said: HashSet<String>,
-    heard_partial: bool,
 }
 
 /// The world.
@@ -196,8 +195,25 @@ pub struct World {
     next_token: u64,
     stats: Stats,
     db_has_nul: bool,
+    /// Print every output (`ATLAS_SIM_TRACE`).
+    trace: bool,
+    /// The most one request can cost: a full prompt, the longest reply and its speech.
+    worst_request: u64,
     /// Releases of ended sessions the store has not taken yet (retried, as the server does).
     releases: Vec<(u64, u64, usize)>,
+}
+
+/// The most one request can cost: a full prompt, the longest reply and its speech.
+fn worst_request() -> u64 {
+    let prices = config().prices;
+    prices.reply_estimate(20_000 + 100, MAX_TOKENS).unwrap_or(0)
+        + prices
+            .cost(&atlas_core::cost::Consumption {
+                tts_chars: 400,
+                ..Default::default()
+            })
+            .total
+            .unwrap_or(0)
 }
 
 fn config() -> Config {
@@ -234,6 +250,8 @@ impl World {
             next_token: 1,
             stats: Stats::default(),
             db_has_nul: false,
+            trace: std::env::var_os("ATLAS_SIM_TRACE").is_some(),
+            worst_request: worst_request(),
             releases: Vec::new(),
         }
     }
@@ -328,7 +346,6 @@ impl World {
             token: None,
             record: None,
             said: HashSet::new(),
-            heard_partial: false,
         });
         let s = self.sessions.len() - 1;
         let token = self.new_token();
@@ -370,7 +387,6 @@ impl World {
             ClientAct::Partial => {
                 let text = self.words(2);
                 self.remember_said(s, &text);
-                self.sessions[s].heard_partial = true;
                 self.feed(s, c, Input::Heard(Heard::Partial(&text)));
             }
             ClientAct::Final { speech_final } => {
@@ -534,10 +550,7 @@ impl World {
             .unwrap_or_else(|| unreachable!());
         r.produced = tokens;
         r.spoken = self.words(4);
-        let spoken = r.spoken.clone();
-        for w in spoken.split_whitespace() {
-            self.sessions[s].said.insert(w.to_owned());
-        }
+        self.remember_said(s, &r.spoken);
         let outcome = self.bill(s, c, &r, true);
         self.feed(s, c, Input::ReplyEnded(outcome));
     }
@@ -572,7 +585,7 @@ impl World {
     /// Carries out a copy's outputs the way the server's driver does.
     fn drain(&mut self, s: usize, c: usize) {
         while let Some(output) = self.sessions[s].copies[c].machine.poll_output() {
-            if std::env::var_os("ATLAS_SIM_TRACE").is_some() {
+            if self.trace {
                 eprintln!(
                     "[{} ms] session {} copy {c}: {output:?}",
                     self.now_ms, self.sessions[s].sid
@@ -609,10 +622,7 @@ impl World {
                             r.produced = self.rng.random_range(0..MAX_TOKENS / 2);
                             if r.produced > 0 {
                                 r.spoken = self.words(2);
-                                let spoken = r.spoken.clone();
-                                for w in spoken.split_whitespace() {
-                                    self.sessions[s].said.insert(w.to_owned());
-                                }
+                                self.remember_said(s, &r.spoken);
                             }
                             self.bill(s, c, &r, false)
                         }
@@ -718,7 +728,7 @@ impl World {
                         self.stats.records += 1;
                         // The recorder: every text passes the sanitising boundary.
                         let turns = &self.sessions[s].copies[c].turns;
-                        if turns.iter().any(|(_, t)| sanitized(t).contains('\0')) {
+                        if turns.iter().any(|(_, t)| stored(t).contains('\0')) {
                             self.db_has_nul = true;
                         }
                     }
@@ -854,18 +864,7 @@ impl World {
             })
         };
         let budget = from_usd(BUDGET_USD);
-        let worst = config()
-            .prices
-            .reply_estimate(20_000 + 100, MAX_TOKENS)
-            .unwrap_or(0)
-            + config()
-                .prices
-                .cost(&atlas_core::cost::Consumption {
-                    tts_chars: 400,
-                    ..Default::default()
-                })
-                .total
-                .unwrap_or(0);
+        let worst = self.worst_request;
         let mut live = 0;
         for s in &self.sessions {
             let mut owners = 0;
@@ -1000,9 +999,11 @@ impl World {
     }
 }
 
-/// The recorder's boundary: text bound for the database has no NUL.
-fn sanitized(text: &str) -> String {
-    text.replace('\0', "\u{FFFD}")
+/// A text as the recorder stores it: through the store's own sanitising boundary.
+fn stored(text: &str) -> String {
+    let mut text = text.to_owned();
+    atlas_store::sanitize_text(&mut text);
+    text
 }
 
 fn attach(resumed: bool, token: String, now: Instant) -> Input<'static> {

@@ -86,23 +86,42 @@ pub struct Config {
     pub tools: Option<ToolPolicy>,
 }
 
+/// Invalid frames tolerated before the connection is closed.
+pub const MAX_INVALID_FRAMES: u32 = 50;
+/// Seconds in a row over the frame-rate cap before the connection is closed.
+pub const MAX_FLOOD_SECONDS: u32 = 5;
+/// Consecutive recogniser failures before the session gives up.
+pub const MAX_RECOGNISER_FAILURES: u32 = 4;
+/// How long a replaced resume token still resumes the session when the client never shows
+/// it received the new one (its `session.resumed` was lost).
+pub const TOKEN_HANDOVER_GRACE: Duration = Duration::from_secs(30);
+
 impl Config {
-    /// The reference deployment's settings (the production defaults; nova-3,
-    /// claude-haiku-4-5 and tts-1 prices; a $5 session budget; no tools, no scale-out): the
-    /// base of the machine's tests and of the simulation.
+    /// The reference deployment's settings (the server's fixed limits and timer defaults;
+    /// nova-3, claude-haiku-4-5 and tts-1 prices; a $5 session budget; a short system prompt
+    /// and replies of at most 200 tokens; no tools, no scale-out): the base of the machine's
+    /// tests and of the simulation.
     pub fn reference() -> Self {
         const S: Duration = Duration::from_secs(1);
         const MS: Duration = Duration::from_millis(1);
+        let timers = TimerConfig {
+            heartbeat_interval: 30 * S,
+            heartbeat_timeout: 10 * S,
+            idle_timeout: 600 * S,
+            max_duration: 1800 * S,
+            max_duration_warning: 60 * S,
+            token_grace: 10 * S,
+            resume_window: 60 * S,
+        };
+        let budget_usd = 5.0;
         Config {
-            timers: TimerConfig {
-                heartbeat_interval: 30 * S,
-                heartbeat_timeout: 10 * S,
-                idle_timeout: 600 * S,
-                max_duration: 1800 * S,
-                max_duration_warning: 60 * S,
-                token_grace: 10 * S,
-                resume_window: 60 * S,
+            limits: Limits {
+                max_duration_s: timers.max_duration.as_secs(),
+                budget_usd: Some(budget_usd),
+                idle_timeout_s: timers.idle_timeout.as_secs(),
+                resume_window_s: timers.resume_window.as_secs(),
             },
+            timers,
             turns: TurnConfig::default(),
             history: HistoryLimits {
                 max_messages: 40,
@@ -116,28 +135,22 @@ impl Config {
                 llm_cache_write_per_mtok: None,
                 tts_per_mchar: Some(15_000_000),
             },
-            session_budget: Some(crate::cost::from_usd(5.0)),
+            session_budget: Some(crate::cost::from_usd(budget_usd)),
             budget_warn_fraction: 0.8,
             daily_budget: None,
             chunk_min_bytes: 100,
             chunk_max_bytes: 102_400,
             max_frames_per_s: 100,
-            max_invalid_frames: 50,
-            max_flood_seconds: 5,
-            max_recogniser_failures: 4,
+            max_invalid_frames: MAX_INVALID_FRAMES,
+            max_flood_seconds: MAX_FLOOD_SECONDS,
+            max_recogniser_failures: MAX_RECOGNISER_FAILURES,
             recogniser_batch: 100 * MS,
             system_prompt_chars: 100,
             llm_max_tokens: 200,
             checkpoint_interval: 60 * S,
-            token_handover_grace: 30 * S,
+            token_handover_grace: TOKEN_HANDOVER_GRACE,
             lease_ttl: None,
             tools: None,
-            limits: Limits {
-                max_duration_s: 1800,
-                budget_usd: Some(5.0),
-                idle_timeout_s: 600,
-                resume_window_s: 60,
-            },
         }
     }
 }
@@ -1627,9 +1640,8 @@ impl Session {
             end_of_speech,
         };
         if let Some(superseded) = self.waiting.replace(waiting) {
-            // Said or typed, then overtaken before its reply could start: heard, not answered.
-            self.history.push_user(&superseded.text);
-            self.log_unanswered(superseded.turn_id, superseded.text, "interrupted");
+            // Said or typed, then overtaken before its reply could start.
+            self.drop_waiting(superseded, "interrupted");
         }
     }
 
@@ -1671,6 +1683,13 @@ impl Session {
         self.turns
             .handle(turns::Input::ResponseFinished { turn_id }, &mut ignored);
         self.log_unanswered(turn_id, text, "refused");
+    }
+
+    /// A turn that waited for the reply before it and will not get its own: heard (in the
+    /// history, in the order said), recorded as not answered.
+    fn drop_waiting(&mut self, w: WaitingTurn, outcome: &'static str) {
+        self.history.push_user(&w.text);
+        self.log_unanswered(w.turn_id, w.text, outcome);
     }
 
     fn log_unanswered(&mut self, turn_id: u64, user_text: String, outcome: &'static str) {
@@ -1832,8 +1851,7 @@ impl Session {
     fn finish(&mut self, reason: EndReason) {
         self.phase = Phase::Ended;
         if let Some(w) = self.waiting.take() {
-            self.history.push_user(&w.text);
-            self.log_unanswered(w.turn_id, w.text, "refused");
+            self.drop_waiting(w, "refused");
         }
         let handover = reason == EndReason::Draining && self.lease.is_some();
         // A handed-over session stays resumable by its tokens on another instance.

@@ -32,8 +32,9 @@ use atlas_core::history::HistoryLimits;
 use atlas_core::resample::StreamResampler;
 use atlas_core::session::ledger::{LlmBill, ReportedTokens, SpendDelta};
 use atlas_core::session::{
-    Config as MachineConfig, Finish, Heard, Input, LeaseAnswer, Output, ReplyFailure, ReplyOutcome,
-    Session as Machine, ToolLog, ToolPolicy, TurnLog,
+    Config as MachineConfig, Finish, Heard, Input, LeaseAnswer, MAX_FLOOD_SECONDS,
+    MAX_INVALID_FRAMES, MAX_RECOGNISER_FAILURES, Output, ReplyFailure, ReplyOutcome,
+    Session as Machine, TOKEN_HANDOVER_GRACE, ToolLog, ToolPolicy, TurnLog,
 };
 use atlas_core::splitter::SplitterConfig;
 use atlas_core::timers::TimerConfig;
@@ -65,16 +66,7 @@ const OUTBOUND_CAPACITY: usize = 256;
 /// A single write slower than this marks a slow consumer.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time allowed for the first `session.start`.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// Invalid frames tolerated before the connection is closed with 1008.
-const MAX_INVALID_FRAMES: u32 = 50;
-/// Seconds in a row over the frame-rate cap before the connection is closed with 1008.
-const MAX_FLOOD_SECONDS: u32 = 5;
-/// Consecutive recogniser failures before the session gives up.
-const MAX_STT_FAILURES: u32 = 4;
-/// How long a replaced resume token still resumes the session when the client never shows
-/// it received the new one (its `session.resumed` was lost).
-const TOKEN_HANDOVER_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What an upgraded connection is for.
 pub enum Upgrade {
@@ -130,24 +122,21 @@ pub async fn handle_upgrade(
             return;
         }
     };
-    let claim = match &upgrade {
-        Upgrade::Resume(_, claim) => claim.clone(),
-        _ => None,
-    };
-    let conn = Connection {
+    let mut conn = Connection {
         stream,
         outbound,
         writer,
         start,
         identity,
-        claim,
+        claim: None,
     };
     match upgrade {
         Upgrade::New(permit, session_id, owned) => {
             run_session(state, conn, permit, session_id, owned, None).await
         }
         Upgrade::Adopt(permit, claim) => adopt(state, conn, permit, claim).await,
-        Upgrade::Resume(entry, _) => {
+        Upgrade::Resume(entry, claim) => {
+            conn.claim = claim;
             if let Err(mpsc::error::SendError(conn)) = entry.attach.send(conn).await {
                 let _ = conn.outbound.event(ServerEvent::error(
                     ErrorCode::ResumeFailed,
@@ -413,7 +402,7 @@ pub fn machine_config(state: &AppState) -> MachineConfig {
         max_frames_per_s: c.max_frames_per_s,
         max_invalid_frames: MAX_INVALID_FRAMES,
         max_flood_seconds: MAX_FLOOD_SECONDS,
-        max_recogniser_failures: MAX_STT_FAILURES,
+        max_recogniser_failures: MAX_RECOGNISER_FAILURES,
         recogniser_batch: Duration::from_millis(c.stt_batch_ms),
         system_prompt_chars: c.system_prompt.len(),
         llm_max_tokens: c.llm_max_tokens,

@@ -554,7 +554,25 @@ impl Cluster {
     }
 
     /// Frees the session's place; what remains is a tombstone with its epoch.
+    ///
+    /// Until the store takes it, an ended session's entry and tokens could give it a second
+    /// life on a resume, and its lease keeps a place of the user's: retried with backoff while
+    /// the store is unreachable (about 13 s in all), then the error is returned.
     pub async fn release(&self, owned: &Owned) -> Result<Fenced<()>, ClusterError> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.release_once(owned).await {
+                Err(e) if delay < Duration::from_secs(10) => {
+                    tracing::warn!(error = %e, "could not release the session; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn release_once(&self, owned: &Owned) -> Result<Fenced<()>, ClusterError> {
         let script = Self::fenced(RELEASE);
         let mut inv = self.fenced_invocation(&script, owned);
         inv.key(self.key(&["leases", &owned.user_id]))

@@ -90,21 +90,8 @@ pub async fn run_cluster_ops(
             ClusterOp::RetireToken(t) => {
                 log_fenced(cluster.retire_token(&me, &t).await, "retire token")
             }
-            ClusterOp::Release => {
-                // Until the store takes it, the ended session's entry and tokens could give it
-                // a second life on a resume: retried while the store is unreachable.
-                let mut delay = std::time::Duration::from_millis(100);
-                loop {
-                    match cluster.release(&me).await {
-                        Err(e) if delay < std::time::Duration::from_secs(10) => {
-                            warn!(error = %e, "could not release the session; retrying");
-                            tokio::time::sleep(delay).await;
-                            delay *= 2;
-                        }
-                        r => break log_fenced(r, "release"),
-                    }
-                }
-            }
+            // Retried while the store is unreachable (see `Cluster::release`).
+            ClusterOp::Release => log_fenced(cluster.release(&me).await, "release"),
             ClusterOp::Spend(micros) => match cluster.add_spend(&me, micros).await {
                 Ok(Fenced::Done(total)) => {
                     let _ = answers.send(Answer::DailySpent(total)).await;

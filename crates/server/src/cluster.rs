@@ -83,12 +83,13 @@ return 1
 // above every epoch and claim so far, valid for the handshake; the owner is not touched. A
 // lease that lapsed (its instance died) is taken back only under the user's limit.
 // KEYS: token. ARGV: user, max, lease ttl ms, instance, session ttl ms, key prefix, claim ttl ms.
-// Returns {0} unknown, {-1} no place, {1, session id, claim epoch, owner, state}.
+// Returns {0} unknown, {-1} no place, {1, session id, claim epoch, owner, 1 if a state was
+// published else 0}.
 const CLAIM: &str = r"
 local sid = redis.call('GET', KEYS[1])
 if not sid then return {0} end
 local hk = ARGV[6] .. ':session:' .. sid
-local h = redis.call('HMGET', hk, 'user', 'owner', 'state', 'epoch', 'claim')
+local h = redis.call('HMGET', hk, 'user', 'owner', 'epoch', 'claim')
 if not h[1] or h[1] ~= ARGV[1] then return {0} end
 local lk = ARGV[6] .. ':leases:' .. ARGV[1]
 redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
@@ -97,23 +98,26 @@ if not redis.call('ZSCORE', lk, sid) and redis.call('ZCARD', lk) >= tonumber(ARG
 end
 redis.call('ZADD', lk, now + tonumber(ARGV[3]), sid)
 redis.call('PEXPIRE', lk, tonumber(ARGV[3]) * 4)
-local claim = math.max(tonumber(h[4]) or 0, tonumber(h[5]) or 0) + 1
+local claim = math.max(tonumber(h[3]) or 0, tonumber(h[4]) or 0) + 1
 redis.call('HSET', hk, 'claim', claim, 'claimer', ARGV[4], 'claim_until', now + tonumber(ARGV[7]))
 redis.call('PEXPIRE', hk, ARGV[5])
-return {1, sid, claim, h[2] or '', h[3] or ''}
+local published = 0
+if redis.call('HSTRLEN', hk, 'state') > 0 then published = 1 end
+return {1, sid, claim, h[2] or '', published}
 ";
 
 // Resume, second step: the client completed its handshake; the claim (still the latest, not
 // expired) becomes the session's epoch and this instance its owner.
-// KEYS: session. ARGV: claim epoch, instance, session ttl ms.
-// Returns {0} lost (expired, overtaken, or the session ended), {1, state}.
+// KEYS: session. ARGV: claim epoch, instance, session ttl ms, '1' to return the state.
+// Returns {0} lost (expired, overtaken, or the session ended), {1, state or ''}.
 const COMMIT: &str = r"
-local h = redis.call('HMGET', KEYS[1], 'claim', 'claimer', 'claim_until', 'state')
+local h = redis.call('HMGET', KEYS[1], 'claim', 'claimer', 'claim_until')
 if not h[1] or h[1] ~= ARGV[1] or h[2] ~= ARGV[2] or tonumber(h[3]) < now then return {0} end
 redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'owner', ARGV[2])
 redis.call('HDEL', KEYS[1], 'claim', 'claimer', 'claim_until')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {1, h[4] or ''}
+if ARGV[4] ~= '1' then return {1, ''} end
+return {1, redis.call('HGET', KEYS[1], 'state') or ''}
 ";
 
 // A claim whose client went away before its handshake: the session stays with its owner.
@@ -404,7 +408,7 @@ impl Cluster {
             0 => Ok(Claim::Unknown),
             -1 => Ok(Claim::NoPlace),
             _ => {
-                let (session_id, epoch, owner, state): (String, u64, String, String) =
+                let (session_id, epoch, owner, published): (String, u64, String, i64) =
                     redis::from_redis_value(redis::Value::Array(rest)).map_err(decode)?;
                 Ok(Claim::Pending {
                     claim: Owned {
@@ -413,7 +417,7 @@ impl Cluster {
                         epoch,
                     },
                     owner,
-                    published: !state.is_empty(),
+                    published: published == 1,
                 })
             }
         }
@@ -426,6 +430,27 @@ impl Cluster {
         &self,
         claim: &Owned,
     ) -> Result<Option<Option<Box<ResumeState>>>, ClusterError> {
+        let Some(state) = self.commit_inner(claim, true).await? else {
+            return Ok(None);
+        };
+        if state.is_empty() {
+            return Ok(Some(None));
+        }
+        let state = serde_json::from_str(&state).map_err(decode)?;
+        Ok(Some(Some(Box::new(state))))
+    }
+
+    /// [`Cluster::commit`] for a session that runs on this instance already (its state is
+    /// here, not read back): whether the hand-over completed.
+    pub async fn commit_here(&self, claim: &Owned) -> Result<bool, ClusterError> {
+        Ok(self.commit_inner(claim, false).await?.is_some())
+    }
+
+    async fn commit_inner(
+        &self,
+        claim: &Owned,
+        with_state: bool,
+    ) -> Result<Option<String>, ClusterError> {
         let mut conn = self.conn.clone();
         let v: redis::Value = timed(
             Self::script(COMMIT)
@@ -433,6 +458,7 @@ impl Cluster {
                 .arg(claim.epoch)
                 .arg(&self.instance)
                 .arg(Self::ms(self.session_ttl))
+                .arg(if with_state { "1" } else { "0" })
                 .invoke_async(&mut conn),
         )
         .await?;
@@ -442,11 +468,7 @@ impl Cluster {
         }
         let (state,): (String,) =
             redis::from_redis_value(redis::Value::Array(rest)).map_err(decode)?;
-        if state.is_empty() {
-            return Ok(Some(None));
-        }
-        let state = serde_json::from_str(&state).map_err(decode)?;
-        Ok(Some(Some(Box::new(state))))
+        Ok(Some(state))
     }
 
     /// Gives a claim up (its client left before the handshake): the owner keeps the session.

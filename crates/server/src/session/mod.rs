@@ -600,8 +600,8 @@ impl Driver {
         {
             // The client's handshake is done: the hand-over completes now, or this connection
             // lost to a later claim (or the store cannot say) and the session goes on as it was.
-            let committed = match shared.cluster.commit(claim).await {
-                Ok(c) => c.is_some(),
+            let committed = match shared.cluster.commit_here(claim).await {
+                Ok(committed) => committed,
                 Err(e) => {
                     warn!(error = %e, "could not complete a resume's hand-over");
                     false

@@ -146,8 +146,10 @@ async fn a_resume_that_never_completes_leaves_the_session_with_its_owner() {
     let (early, _, _) = claim(&b, "t1", "u").await;
     let (late, _, _) = claim(&a, "t1", "u").await;
     assert!(late.epoch > early.epoch);
-    assert!(b.commit(&early).await.unwrap().is_none());
-    assert!(a.commit(&late).await.unwrap().is_some());
+    assert!(!b.commit_here(&early).await.unwrap());
+    // The owner's own resume: committed without reading the state back.
+    assert!(a.commit_here(&late).await.unwrap());
+    assert!(!a.commit_here(&late).await.unwrap(), "a claim commits once");
     // A session that ended while a claim was pending cannot be committed into a second life.
     let (pending, _, _) = claim(&b, "t1", "u").await;
     a.release(&late).await.unwrap();

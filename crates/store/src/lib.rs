@@ -261,7 +261,14 @@ impl Store {
             }
             let mut keep: Vec<usize> = newest.into_values().collect();
             keep.sort_unstable();
-            let batch: Vec<&Snapshot> = keep.iter().map(|&i| &snaps[i]).collect();
+            // Architecture invariant: every text bound for the database passes `sanitize`
+            // here ([`Snapshot::sanitized`]), once per record; the database never sees a NUL.
+            // Live records and spooled ones (written by any version) alike, so a NUL never gets
+            // a record refused and quarantined. A record with nothing to replace is borrowed as
+            // it is, not copied.
+            let storable: Vec<Cow<'_, Snapshot>> =
+                keep.iter().map(|&i| snaps[i].sanitized()).collect();
+            let batch: Vec<&Snapshot> = storable.iter().map(|s| &**s).collect();
             if batch.is_empty() {
                 return Ok(outcome);
             }
@@ -285,20 +292,14 @@ impl Store {
         })
     }
 
-    /// Writes `snaps` in one transaction: every write to the record tables goes through here.
-    ///
-    /// Architecture invariant: every text bound for the database passes `sanitize` here
-    /// ([`Snapshot::sanitized`]); the database never sees a NUL. Live records and spooled ones
-    /// (written by any version) alike, so a NUL never gets a record refused and quarantined.
-    /// A record with nothing to replace is borrowed as it is, not copied.
+    /// Writes `snaps`, already sanitised by [`Store::write_batch`], in one transaction: every
+    /// write to the record tables goes through here.
     async fn write_inner(&self, snaps: &[&Snapshot]) -> Result<(), StoreError> {
-        let storable: Vec<Cow<'_, Snapshot>> = snaps.iter().map(|s| s.sanitized()).collect();
-        let snaps: Vec<&Snapshot> = storable.iter().map(|s| &**s).collect();
         match self {
             #[cfg(feature = "sqlite")]
-            Store::Sqlite(p) => records::write_sqlite(p, &snaps).await,
+            Store::Sqlite(p) => records::write_sqlite(p, snaps).await,
             #[cfg(feature = "postgres")]
-            Store::Postgres(p) => records::write_postgres(p, &snaps).await,
+            Store::Postgres(p) => records::write_postgres(p, snaps).await,
         }
     }
 

@@ -3,9 +3,11 @@
 //! silence) or not at all; the machine never builds a wire message.
 //!
 //! The payloads still borrow some of protocol v1's plain types (limits, formats, error codes,
-//! usage, latency) until the machine has its own for each.
+//! latency) until the machine has its own for each.
 
-use atlas_protocol::{AudioFormat, EndingReason, ErrorCode, LatencyBreakdown, Limits, Usage};
+use atlas_protocol::{AudioFormat, ErrorCode, LatencyBreakdown, Limits};
+
+use super::ledger::Usage;
 
 /// Something for the attached client.
 #[derive(Clone, Debug, PartialEq)]
@@ -68,7 +70,7 @@ pub enum Event {
     /// The session will end soon.
     Ending {
         /// Why.
-        reason: EndingReason,
+        reason: Ending,
         /// Seconds until it does.
         seconds_left: u64,
     },
@@ -86,6 +88,17 @@ pub enum Event {
         /// The ping's id, handed back unread.
         id: Option<serde_json::Value>,
     },
+}
+
+/// Why the session will end soon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Its maximum duration is near.
+    MaxDuration,
+    /// The server is draining (resume elsewhere).
+    Draining,
+    /// The budget is spent.
+    Budget,
 }
 
 impl Event {

@@ -4,10 +4,23 @@
 //! here: the running cost (recomputed from totals, so it never drifts), the spend not yet
 //! added to the user's daily total, and the budget check before new work starts.
 
-use atlas_protocol::Usage;
-
-use crate::cost::{Budget, BudgetState, Consumption, Cost, Micros, Prices, to_usd};
+use crate::cost::{Budget, BudgetState, Consumption, Cost, Micros, Prices};
 pub use crate::cost::{CHARS_PER_TOKEN, estimate_tokens};
+
+/// What the session used so far, and its cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Usage {
+    /// The running cost; `None` when a model in use has no price.
+    pub cost: Option<Micros>,
+    /// Seconds of audio streamed to recognition.
+    pub stt_seconds: f64,
+    /// Model prompt tokens (cache reads and writes included).
+    pub llm_input_tokens: u64,
+    /// Model output tokens.
+    pub llm_output_tokens: u64,
+    /// Characters synthesised.
+    pub tts_chars: u64,
+}
 
 /// Token counts of one language-model request, as far as the provider reported them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -220,7 +233,7 @@ impl Ledger {
     pub fn usage(&self) -> Usage {
         let c = &self.consumption;
         Usage {
-            cost_usd: self.cost.total.map(to_usd),
+            cost: self.cost.total,
             stt_seconds: self.stt_seconds,
             llm_input_tokens: c.llm_input_tokens
                 + c.llm_cache_read_tokens

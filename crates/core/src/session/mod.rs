@@ -19,14 +19,14 @@
 mod event;
 pub mod ledger;
 
-pub use event::Event;
+pub use event::{Ending, Event};
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use atlas_protocol::{AudioFormat, EndingReason, ErrorCode, LatencyBreakdown, Limits, close};
+use atlas_protocol::{AudioFormat, ErrorCode, LatencyBreakdown, Limits, close};
 
 use crate::audio::{ChunkError, rms_dbfs_le, validate_chunk};
 use crate::cost::{Micros, Prices};
@@ -930,7 +930,7 @@ impl Session {
                     self.detach(now);
                 }
                 TimerAction::WarnMaxDuration { seconds_left } => self.send(Event::Ending {
-                    reason: EndingReason::MaxDuration,
+                    reason: Ending::MaxDuration,
                     seconds_left,
                 }),
                 TimerAction::End(end) => return self.end(end.into()),
@@ -1874,12 +1874,12 @@ impl Session {
         }
         match reason {
             EndReason::Draining => self.send(Event::Ending {
-                reason: EndingReason::Draining,
+                reason: Ending::Draining,
                 seconds_left: 0,
             }),
             EndReason::BudgetExhausted => {
                 self.send(Event::Ending {
-                    reason: EndingReason::Budget,
+                    reason: Ending::Budget,
                     seconds_left: 0,
                 });
                 self.send(Event::Usage(self.ledger.usage()));

@@ -405,7 +405,7 @@ fn maximum_duration_warns_then_ends() {
             matches!(
                 e,
                 Event::Ending {
-                    reason: EndingReason::MaxDuration,
+                    reason: Ending::MaxDuration,
                     seconds_left: 60
                 }
             )
@@ -824,7 +824,7 @@ fn drain_hands_over_with_scale_out_and_records_without() {
     assert!(events(&out).iter().any(|e| matches!(
         e,
         Event::Ending {
-            reason: EndingReason::Draining,
+            reason: Ending::Draining,
             ..
         }
     )));

@@ -1,7 +1,9 @@
 //! The session's events as protocol v1 JSON events.
 
-use atlas_core::session::Event;
-use atlas_protocol::ServerEvent;
+use atlas_core::cost::to_usd;
+use atlas_core::session::ledger::Usage;
+use atlas_core::session::{Ending, Event};
+use atlas_protocol::{EndingReason, ServerEvent};
 
 /// The v1 event for `event`.
 pub fn server_event(event: Event) -> ServerEvent {
@@ -48,7 +50,7 @@ pub fn server_event(event: Event) -> ServerEvent {
             latency_ms: latency,
         },
         Event::Interrupted { turn_id } => ServerEvent::ResponseInterrupted { turn_id },
-        Event::Usage(usage) => ServerEvent::Usage(usage),
+        Event::Usage(usage) => ServerEvent::Usage(usage_v1(usage)),
         Event::BudgetWarning {
             spent_usd,
             budget_usd,
@@ -60,7 +62,11 @@ pub fn server_event(event: Event) -> ServerEvent {
             reason,
             seconds_left,
         } => ServerEvent::SessionEnding {
-            reason,
+            reason: match reason {
+                Ending::MaxDuration => EndingReason::MaxDuration,
+                Ending::Draining => EndingReason::Draining,
+                Ending::Budget => EndingReason::Budget,
+            },
             seconds_left,
         },
         Event::Problem {
@@ -73,6 +79,17 @@ pub fn server_event(event: Event) -> ServerEvent {
             fatal,
         },
         Event::Pong { id } => ServerEvent::Pong { id },
+    }
+}
+
+/// Usage in v1's terms (cost in dollars).
+fn usage_v1(u: Usage) -> atlas_protocol::Usage {
+    atlas_protocol::Usage {
+        cost_usd: u.cost.map(to_usd),
+        stt_seconds: u.stt_seconds,
+        llm_input_tokens: u.llm_input_tokens,
+        llm_output_tokens: u.llm_output_tokens,
+        tts_chars: u.tts_chars,
     }
 }
 
@@ -116,6 +133,25 @@ mod tests {
         assert_eq!(
             server_event(Event::Interrupted { turn_id: 3 }).to_json(),
             r#"{"type":"response.interrupted","turn_id":3}"#
+        );
+        let usage = Usage {
+            cost: Some(1_250),
+            stt_seconds: 1.5,
+            llm_input_tokens: 2,
+            llm_output_tokens: 3,
+            tts_chars: 4,
+        };
+        assert_eq!(
+            server_event(Event::Usage(usage)).to_json(),
+            r#"{"type":"usage","cost_usd":0.00125,"stt_seconds":1.5,"llm_input_tokens":2,"llm_output_tokens":3,"tts_chars":4}"#
+        );
+        assert_eq!(
+            server_event(Event::Ending {
+                reason: Ending::Budget,
+                seconds_left: 0
+            })
+            .to_json(),
+            r#"{"type":"session.ending","reason":"budget","seconds_left":0}"#
         );
     }
 }

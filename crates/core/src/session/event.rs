@@ -86,9 +86,14 @@ pub enum Event {
     /// The answer to a ping, with its id.
     Pong {
         /// The ping's id, handed back unread.
-        id: Option<serde_json::Value>,
+        id: Option<Opaque>,
     },
 }
+
+/// Something of the client's the session hands back without reading it (a ping's id, in the
+/// transport's own encoding).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Opaque(pub Box<str>);
 
 /// Why the session will end soon.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -19,7 +19,7 @@
 mod event;
 pub mod ledger;
 
-pub use event::{Ending, Event};
+pub use event::{Ending, Event, Opaque};
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -373,7 +373,7 @@ pub enum Input<'a> {
     /// A typed user turn.
     Text(&'a str),
     /// Application ping with its opaque id.
-    Ping(Option<serde_json::Value>),
+    Ping(Option<Opaque>),
     /// `session.start` on a started session.
     StartAgain,
     /// End the session.

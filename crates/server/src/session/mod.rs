@@ -970,7 +970,7 @@ impl Driver {
                     // A typed turn: the machine answers it like a final transcript.
                     return self.feed(Input::Text(&text)).await;
                 }
-                Ok(ClientMessage::Ping { id }) => Input::Ping(id),
+                Ok(ClientMessage::Ping { id }) => Input::Ping(transport::v1::events::ping_id(id)),
                 Ok(ClientMessage::SessionEnd) => Input::End,
                 Ok(ClientMessage::ToolResult {
                     call_id,

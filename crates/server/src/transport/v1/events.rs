@@ -2,7 +2,7 @@
 
 use atlas_core::cost::to_usd;
 use atlas_core::session::ledger::Usage;
-use atlas_core::session::{Ending, Event};
+use atlas_core::session::{Ending, Event, Opaque};
 use atlas_protocol::{EndingReason, ServerEvent};
 
 /// The v1 event for `event`.
@@ -78,8 +78,15 @@ pub fn server_event(event: Event) -> ServerEvent {
             message,
             fatal,
         },
-        Event::Pong { id } => ServerEvent::Pong { id },
+        Event::Pong { id } => ServerEvent::Pong {
+            id: id.and_then(|o| serde_json::from_str(&o.0).ok()),
+        },
     }
+}
+
+/// A v1 ping id as the session keeps it (its JSON text).
+pub fn ping_id(id: Option<serde_json::Value>) -> Option<Opaque> {
+    id.map(|v| Opaque(v.to_string().into()))
 }
 
 /// Usage in v1's terms (cost in dollars).
@@ -133,6 +140,13 @@ mod tests {
         assert_eq!(
             server_event(Event::Interrupted { turn_id: 3 }).to_json(),
             r#"{"type":"response.interrupted","turn_id":3}"#
+        );
+        let id = serde_json::json!({"n": [1, "two"]});
+        assert_eq!(
+            server_event(Event::Pong {
+                id: ping_id(Some(id.clone()))
+            }),
+            ServerEvent::Pong { id: Some(id) }
         );
         let usage = Usage {
             cost: Some(1_250),

@@ -32,6 +32,8 @@ pub struct Latency {
     pub tts_first_audio: Option<Duration>,
     /// End of speech (or end of turn when speech end is unknown) → first audio sent.
     pub to_first_audio: Option<Duration>,
+    /// Time the turn waited for its tools (all rounds), when it called any.
+    pub tools: Option<Duration>,
 }
 
 fn between(a: Option<Instant>, b: Option<Instant>) -> Option<Duration> {
@@ -54,6 +56,7 @@ impl TurnTimings {
             llm_first_token: between(self.llm_request, self.llm_first_token),
             tts_first_audio: between(self.tts_request, self.tts_first_audio),
             to_first_audio: between(start, self.first_audio_sent),
+            tools: None,
         }
     }
 }

@@ -2,12 +2,13 @@
 //! renders an [`Event`] on its wire (protocol v1 as JSON events, a phone call as `clear` and
 //! silence) or not at all; the machine never builds a wire message.
 //!
-//! The payloads still borrow some of protocol v1's plain types (limits, formats, error codes,
-//! latency) until the machine has its own for each.
+//! The payloads still borrow some of protocol v1's plain types (limits, formats, error codes)
+//! until the machine has its own for each.
 
-use atlas_protocol::{AudioFormat, ErrorCode, LatencyBreakdown, Limits};
+use atlas_protocol::{AudioFormat, ErrorCode, Limits};
 
 use super::ledger::Usage;
+use crate::latency::Latency;
 
 /// Something for the attached client.
 #[derive(Clone, Debug, PartialEq)]
@@ -51,7 +52,7 @@ pub enum Event {
         /// Whether it was cut short.
         interrupted: bool,
         /// Where its time went.
-        latency: LatencyBreakdown,
+        latency: Latency,
     },
     /// A reply was cut: whatever of its audio has not been played must not be.
     Interrupted {

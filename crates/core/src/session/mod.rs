@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use atlas_protocol::{AudioFormat, ErrorCode, LatencyBreakdown, Limits, close};
+use atlas_protocol::{AudioFormat, ErrorCode, Limits, close};
 
 use crate::audio::{ChunkError, rms_dbfs_le, validate_chunk};
 use crate::cost::{Micros, Prices};
@@ -451,8 +451,8 @@ pub struct TurnLog {
     pub assistant_text: String,
     /// Cut off, failed or not answered.
     pub interrupted: bool,
-    /// Latency breakdown.
-    pub latency: LatencyBreakdown,
+    /// Where the turn's time went.
+    pub latency: Latency,
     /// Bounded outcome label: `completed`, `interrupted`, `failed`, `client_gone`, `refused`.
     pub outcome: &'static str,
 }
@@ -1698,7 +1698,7 @@ impl Session {
             user_text,
             assistant_text: String::new(),
             interrupted: true,
-            latency: LatencyBreakdown::default(),
+            latency: Latency::default(),
             outcome,
         }));
     }
@@ -1756,9 +1756,9 @@ impl Session {
         let interrupted = aborted || o.failure.is_some();
         self.ledger.add_reply(&o.llm, o.tts_chars);
         self.history.push_assistant(&o.spoken);
-        let mut latency = breakdown(o.latency);
+        let mut latency = o.latency;
         if reply.calls_made > 0 {
-            latency.tools = Some(reply.tool_time.as_millis() as u64);
+            latency.tools = Some(reply.tool_time);
         }
         let mut assistant_text = reply.said;
         if !o.spoken.is_empty() {
@@ -1772,7 +1772,7 @@ impl Session {
             user_text: reply.user_text,
             assistant_text,
             interrupted,
-            latency: latency.clone(),
+            latency,
             outcome,
         }));
         if self.phase == Phase::Live && self.lease.is_some() && self.attached {
@@ -1903,18 +1903,6 @@ fn failure_message(code: ErrorCode) -> &'static str {
         ErrorCode::TtsFailed => "speech synthesis failed; the reply was cut short",
         ErrorCode::EnginesBusy => "the local engines are busy; please try again in a moment",
         _ => "the reply failed",
-    }
-}
-
-/// A latency breakdown in milliseconds.
-pub fn breakdown(l: Latency) -> LatencyBreakdown {
-    let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
-    LatencyBreakdown {
-        end_of_speech_to_final: ms(l.end_of_speech_to_final),
-        llm_first_token: ms(l.llm_first_token),
-        tts_first_audio: ms(l.tts_first_audio),
-        to_first_audio: ms(l.to_first_audio),
-        tools: None,
     }
 }
 

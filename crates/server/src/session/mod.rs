@@ -1258,12 +1258,12 @@ impl Driver {
             ("first_audio", l.to_first_audio),
             ("tools", l.tools),
         ] {
-            if let Some(ms) = ms {
-                metrics::stage_latency(stage, Duration::from_millis(ms));
+            if let Some(d) = ms {
+                metrics::stage_latency(stage, d);
             }
         }
-        info!(turn_id = log.turn_id, outcome = log.outcome, spoken_chars = log.assistant_text.len(), latency_ms = ?log.latency, "turn done");
-        let ms = |v: Option<u64>| v.and_then(|v| i32::try_from(v).ok());
+        info!(turn_id = log.turn_id, outcome = log.outcome, spoken_chars = log.assistant_text.len(), latency = ?log.latency, "turn done");
+        let ms = |d: Option<Duration>| d.and_then(|d| i32::try_from(d.as_millis()).ok());
         self.turn_records.push(atlas_store::TurnRecord {
             session_id: self.record_id(),
             turn_index: i32::try_from(log.turn_id).unwrap_or(i32::MAX),

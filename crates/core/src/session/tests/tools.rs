@@ -140,15 +140,15 @@ fn a_server_tool_runs_and_its_result_goes_back_to_the_model() {
     let turn = turn_log(&out);
     assert_eq!(turn.outcome, "completed");
     assert_eq!(turn.assistant_text, "It shipped yesterday.");
-    assert_eq!(turn.latency.tools, Some(1000));
+    assert_eq!(turn.latency.tools, Some(Duration::from_secs(1)));
     let done = events(&out)
         .into_iter()
         .find_map(|e| match e {
-            Event::ReplyDone { latency, .. } => Some(latency.clone()),
+            Event::ReplyDone { latency, .. } => Some(*latency),
             _ => None,
         })
         .expect("response.done");
-    assert_eq!(done.tools, Some(1000));
+    assert_eq!(done.tools, Some(Duration::from_secs(1)));
     // The model's answer after the round is the turn's last assistant message.
     assert_eq!(h.s.history().last().unwrap().text, "It shipped yesterday.");
 }

@@ -1,9 +1,12 @@
 //! The session's events as protocol v1 JSON events.
 
+use std::time::Duration;
+
 use atlas_core::cost::to_usd;
+use atlas_core::latency::Latency;
 use atlas_core::session::ledger::Usage;
 use atlas_core::session::{Ending, Event, Opaque};
-use atlas_protocol::{EndingReason, ServerEvent};
+use atlas_protocol::{EndingReason, LatencyBreakdown, ServerEvent};
 
 /// The v1 event for `event`.
 pub fn server_event(event: Event) -> ServerEvent {
@@ -47,7 +50,7 @@ pub fn server_event(event: Event) -> ServerEvent {
         } => ServerEvent::ResponseDone {
             turn_id,
             interrupted,
-            latency_ms: latency,
+            latency_ms: breakdown(latency),
         },
         Event::Interrupted { turn_id } => ServerEvent::ResponseInterrupted { turn_id },
         Event::Usage(usage) => ServerEvent::Usage(usage_v1(usage)),
@@ -87,6 +90,18 @@ pub fn server_event(event: Event) -> ServerEvent {
 /// A v1 ping id as the session keeps it (its JSON text).
 pub fn ping_id(id: Option<serde_json::Value>) -> Option<Opaque> {
     id.map(|v| Opaque(v.to_string().into()))
+}
+
+/// A turn's latency in v1's terms (whole milliseconds).
+pub fn breakdown(l: Latency) -> LatencyBreakdown {
+    let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+    LatencyBreakdown {
+        end_of_speech_to_final: ms(l.end_of_speech_to_final),
+        llm_first_token: ms(l.llm_first_token),
+        tts_first_audio: ms(l.tts_first_audio),
+        to_first_audio: ms(l.to_first_audio),
+        tools: ms(l.tools),
+    }
 }
 
 /// Usage in v1's terms (cost in dollars).
@@ -147,6 +162,20 @@ mod tests {
                 id: ping_id(Some(id.clone()))
             }),
             ServerEvent::Pong { id: Some(id) }
+        );
+        let latency = Latency {
+            to_first_audio: Some(Duration::from_micros(700_900)),
+            tools: Some(Duration::from_millis(1_500)),
+            ..Latency::default()
+        };
+        assert_eq!(
+            server_event(Event::ReplyDone {
+                turn_id: 2,
+                interrupted: false,
+                latency
+            })
+            .to_json(),
+            r#"{"type":"response.done","turn_id":2,"interrupted":false,"latency_ms":{"to_first_audio":700,"tools":1500}}"#
         );
         let usage = Usage {
             cost: Some(1_250),

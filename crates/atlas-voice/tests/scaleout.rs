@@ -541,6 +541,34 @@ async fn lose_redis_data(prefix: &str) {
         .unwrap();
 }
 
+/// Waits (up to 10 s) until the state published for `session_id` under `prefix` holds `turns`
+/// turn records: what another instance resumes from.
+async fn until_published(prefix: &str, session_id: &str, turns: usize) {
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let began = Instant::now();
+    loop {
+        let state: Option<String> = redis::cmd("HGET")
+            .arg(format!("{prefix}:session:{session_id}"))
+            .arg("state")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let published = state
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v["turn_records"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if published >= turns {
+            return;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "{published} of {turns} turns published"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The final record of `session_id` in the SQLite file at `db`: (end reason, turns).
 async fn final_record(db: &std::path::Path, session_id: &str) -> Option<(String, i64)> {
     let url = format!("sqlite://{}", db.display());
@@ -628,7 +656,7 @@ async fn a_redis_that_loses_its_data_does_not_end_the_session_or_its_record() {
     ask(&mut pair.conn, 2).await;
     // It is resumable again (its token re-registered): on the other instance, with both turns.
     pair.conn.abort();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_published(&p, &session_id, 2).await;
     let (mut conn, event) = start(&pair.b.url(), "amnesia", Some(&resume_token))
         .await
         .expect("resumes after the data loss");

@@ -131,7 +131,8 @@ return 1
 ";
 
 // The fence every write passes. A higher epoch in the store is another owner: refused. A
-// missing entry is data Redis lost: the writer re-asserts it (`reasserted` = 1). A lower one
+// missing entry is data Redis lost: the writer re-asserts it (`reasserted` = 1) and marks it
+// `lost` until the next lease refresh reports it, whichever write came first. A lower one
 // is an older owner's re-assertion after such a loss: this writer's epoch replaces it.
 // ARGV: epoch, user, instance, session ttl ms; each script's own arguments follow.
 const FENCE: &str = r"
@@ -140,7 +141,7 @@ local mine = tonumber(ARGV[1])
 if stored and stored > mine then return -1 end
 local reasserted = 0
 if not stored then
-  redis.call('HSET', KEYS[1], 'user', ARGV[2], 'owner', ARGV[3], 'epoch', mine)
+  redis.call('HSET', KEYS[1], 'user', ARGV[2], 'owner', ARGV[3], 'epoch', mine, 'lost', 1)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   reasserted = 1
 elseif stored < mine then
@@ -158,6 +159,9 @@ end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[5])
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[6]) * 4)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+-- Whichever write re-created the entry, the refresh reports it (once), so the owner
+-- publishes its state and tokens again.
+if redis.call('HDEL', KEYS[1], 'lost') == 1 then reasserted = 1 end
 return 1 + reasserted
 ";
 
@@ -194,7 +198,7 @@ return total
 // KEYS: session, leases. ARGV: (fence), session id.
 const RELEASE: &str = r"
 redis.call('ZREM', KEYS[2], ARGV[5])
-redis.call('HDEL', KEYS[1], 'user', 'owner', 'state', 'claim', 'claimer', 'claim_until')
+redis.call('HDEL', KEYS[1], 'user', 'owner', 'state', 'claim', 'claimer', 'claim_until', 'lost')
 redis.call('HSET', KEYS[1], 'ended', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1

@@ -19,6 +19,9 @@ pub struct Entry {
     pub state: Option<usize>,
     /// Released: a tombstone keeping only the epoch.
     pub ended: bool,
+    /// Re-created by a write after the store lost it, not yet reported by a lease refresh
+    /// (whose owner must then publish its state and tokens again).
+    pub lost: bool,
 }
 
 /// A fenced write's answer.
@@ -78,6 +81,7 @@ impl Store {
                 claim: None,
                 state: None,
                 ended: false,
+                lost: false,
             },
         );
         true
@@ -157,6 +161,7 @@ impl Store {
                         claim: None,
                         state: None,
                         ended: false,
+                        lost: true,
                     },
                 );
                 Write::Reasserted
@@ -183,7 +188,12 @@ impl Store {
             return Refresh::NoPlace;
         }
         self.leases.insert(sid, now + ttl);
-        Refresh::Extended(w == Write::Reasserted)
+        // Whichever write re-created the entry, the refresh reports it (once).
+        let lost = self
+            .sessions
+            .get_mut(&sid)
+            .is_some_and(|e| std::mem::take(&mut e.lost));
+        Refresh::Extended(lost)
     }
 
     /// Frees the session's place; its entry becomes a tombstone with its epoch.
@@ -195,6 +205,7 @@ impl Store {
                 e.ended = true;
                 e.claim = None;
                 e.state = None;
+                e.lost = false;
             }
         }
         w

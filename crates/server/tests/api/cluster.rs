@@ -172,9 +172,19 @@ async fn an_owner_re_asserts_a_session_the_store_lost() {
         a.refresh(&owned).await.unwrap(),
         Fenced::Done(Refreshed::Extended)
     );
-    // Every other write re-asserts too instead of ending the session.
+    // Every other write re-asserts too instead of ending the session, and the next refresh
+    // still reports the loss (so the owner publishes its state and tokens again): a spend
+    // landing first must not hide it.
     lose_everything(&p).await;
     assert_eq!(a.add_spend(&owned, 5).await.unwrap(), Fenced::Done(5));
+    assert_eq!(
+        a.refresh(&owned).await.unwrap(),
+        Fenced::Done(Refreshed::Reasserted)
+    );
+    assert_eq!(
+        a.refresh(&owned).await.unwrap(),
+        Fenced::Done(Refreshed::Extended)
+    );
     assert_eq!(
         a.register_token(&owned, "t1").await.unwrap(),
         Fenced::Done(())

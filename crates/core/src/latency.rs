@@ -17,8 +17,6 @@ pub struct TurnTimings {
     pub tts_request: Option<Instant>,
     /// The first TTS audio arrived.
     pub tts_first_audio: Option<Instant>,
-    /// The first reply audio was handed to the client connection.
-    pub first_audio_sent: Option<Instant>,
 }
 
 /// Durations derived from [`TurnTimings`].
@@ -30,7 +28,8 @@ pub struct Latency {
     pub llm_first_token: Option<Duration>,
     /// First TTS request → first audio.
     pub tts_first_audio: Option<Duration>,
-    /// End of speech (or end of turn when speech end is unknown) → first audio sent.
+    /// End of speech (or the reply's start when speech end is unknown) → first audio sent
+    /// (the playout's measure, [`crate::session`]).
     pub to_first_audio: Option<Duration>,
     /// Time the turn waited for its tools (all rounds), when it called any.
     pub tools: Option<Duration>,
@@ -50,12 +49,11 @@ pub fn mark(slot: &mut Option<Instant>, at: Instant) {
 impl TurnTimings {
     /// The breakdown for this turn.
     pub fn latency(&self) -> Latency {
-        let start = self.end_of_speech.or(self.end_of_turn);
         Latency {
             end_of_speech_to_final: between(self.end_of_speech, self.end_of_turn),
             llm_first_token: between(self.llm_request, self.llm_first_token),
             tts_first_audio: between(self.tts_request, self.tts_first_audio),
-            to_first_audio: between(start, self.first_audio_sent),
+            to_first_audio: None,
             tools: None,
         }
     }
@@ -79,24 +77,21 @@ mod tests {
         mark(&mut t.llm_first_token, t0 + ms(999)); // second mark is ignored
         mark(&mut t.tts_request, t0 + ms(460));
         mark(&mut t.tts_first_audio, t0 + ms(660));
-        mark(&mut t.first_audio_sent, t0 + ms(662));
         let l = t.latency();
         assert_eq!(l.end_of_speech_to_final, Some(ms(150)));
         assert_eq!(l.llm_first_token, Some(ms(300)));
         assert_eq!(l.tts_first_audio, Some(ms(200)));
-        assert_eq!(l.to_first_audio, Some(ms(662)));
+        assert_eq!(l.to_first_audio, None);
     }
 
     #[test]
-    fn falls_back_to_end_of_turn() {
-        let t0 = Instant::now();
+    fn unknown_moments_give_no_durations() {
         let t = TurnTimings {
-            end_of_turn: Some(t0),
-            first_audio_sent: Some(t0 + Duration::from_millis(500)),
+            end_of_turn: Some(Instant::now()),
             ..Default::default()
         };
         let l = t.latency();
         assert_eq!(l.end_of_speech_to_final, None);
-        assert_eq!(l.to_first_audio, Some(Duration::from_millis(500)));
+        assert_eq!(l.llm_first_token, None);
     }
 }

@@ -9,7 +9,8 @@
 //! - [`cost`]: integer micro-dollar cost arithmetic and the budget rule.
 //! - [`audio`]: PCM helpers, chunk validation and the audio clock that maps stream positions
 //!   to arrival times.
-//! - [`pacing`]: keeps outgoing audio a bounded lead ahead of real-time playback.
+//! - [`playout`]: when reply audio goes out (a bounded lead ahead of playback, in few large
+//!   pieces) and which of its sentences were heard.
 //! - [`uplink`]: which client audio frames may wait to reach the recogniser in one message.
 //! - [`latency`]: per-turn timestamps and the latency breakdown derived from them.
 //! - [`timers`]: heartbeat, idle, maximum-duration, token-expiry and resume-window deadlines.
@@ -27,7 +28,7 @@ pub mod audio;
 pub mod cost;
 pub mod history;
 pub mod latency;
-pub mod pacing;
+pub mod playout;
 pub mod resample;
 pub mod session;
 pub mod splitter;

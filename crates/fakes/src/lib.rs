@@ -14,6 +14,13 @@
 //! * **OpenAI TTS** — `POST /v1/audio/speech` with `response_format:"pcm"`:
 //!   raw 24 kHz s16le mono speech-like audio, streamed and paced.
 //!
+//! The other way round, [`twilio`] is a fake **Twilio** that calls *us*: [`twilio::place_call`]
+//! posts the signed voice webhook to our server, reads the TwiML answer and, for
+//! `<Connect><Stream>`, opens the bidirectional Media Stream and plays the caller's side of
+//! it — `connected`, `start`, real-time μ-law `media`, `dtmf`, `stop` — while playing out the
+//! server's audio in real time, echoing its `mark`s once played and honouring `clear`. It is
+//! a client, not part of the [`Fakes`] server.
+//!
 //! Everything is served by one axum router on one listener, so a single
 //! [`Fakes`] instance stands in for all providers. Faults ([`Fault`]) can be
 //! queued per provider ([`Target`]) to exercise retry and failure paths, and
@@ -67,6 +74,7 @@
 //! * `tts.rs` — OpenAI `/v1/audio/speech` and the deterministic speech-like synthesiser.
 //! * `control.rs` — the `/_fakes/*` routes.
 //! * `util.rs` — small helpers (ids, time formatting, token estimates).
+//! * `twilio.rs` — the fake Twilio caller (webhook, TwiML, Media Stream, playout, μ-law).
 
 #![warn(missing_docs)]
 
@@ -78,6 +86,7 @@ pub mod proxy;
 mod state;
 mod stt;
 mod tts;
+pub mod twilio;
 mod util;
 
 use std::net::SocketAddr;

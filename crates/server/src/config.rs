@@ -189,7 +189,7 @@ pub struct Config {
     pub history_max_messages: usize,
     /// Conversation characters kept for the LLM (about four per token).
     pub history_max_chars: usize,
-    /// How far reply audio may run ahead of real-time playback, in ms.
+    /// The most reply audio sent ahead of real-time playback, in ms (the playout's high mark).
     pub playback_lead_ms: u64,
     /// Sentences synthesised ahead of the one playing.
     pub tts_prefetch: usize,
@@ -396,7 +396,7 @@ impl Default for Config {
             local_llm_nice: 10,
             history_max_messages: 40,
             history_max_chars: 24_000,
-            playback_lead_ms: 300,
+            playback_lead_ms: 400,
             tts_prefetch: 2,
             provider_timeout_s: 15,
             provider_idle_timeout_s: 15,

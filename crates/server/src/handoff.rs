@@ -8,7 +8,7 @@ use atlas_protocol::SessionStart;
 
 use crate::auth::Identity;
 use crate::cluster::Owned;
-use crate::session::outbound::{OutboundTx, WriterExit};
+use crate::transport::v1::writer::{OutboundTx, WriterExit};
 
 /// A client connection that completed the `session.start` handshake.
 pub struct Connection {

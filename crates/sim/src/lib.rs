@@ -6,8 +6,10 @@
 //! - [`store`]: the shared store's semantics (the Redis scripts), with data loss.
 //! - this module: the world — two instances running [`Session`] machines for one user's
 //!   sessions with the real machine configuration, a driver that carries out their outputs
-//!   the way the server's does (replies as provider requests with usage, aborts reported at
-//!   once, fenced shared-store writes, the recorder), random clients, and the invariants.
+//!   the way the server's does (replies as provider requests with usage whose speech is
+//!   synthesised twice as fast as real time and pushed while the machine wants it, aborts
+//!   reported at once, fenced shared-store writes, the recorder), random clients that play
+//!   the reply audio they receive in real time, and the invariants.
 //!
 //! A failing seed prints `cargo run -p atlas-sim --release -- --seed N`, which replays it;
 //! [`shrink`] cuts the failing schedule down to a short sequence of actions.
@@ -147,6 +149,39 @@ struct Request {
     input_tokens: u64,
     produced: u64,
     spoken: String,
+    /// When it started (ms).
+    started_ms: u64,
+    /// Speech synthesised and pushed so far (ms).
+    pushed_ms: u64,
+}
+
+/// Speech is synthesised this many times faster than real time.
+const SYNTHESIS_SPEED: u64 = 2;
+/// Each sentence of a reply is this long (ms).
+const SENTENCE_MS: u64 = 500;
+/// Reply audio is pushed in chunks this long (ms).
+const CHUNK_MS: u64 = 100;
+/// A reply's speech is at most this long (ms).
+const REPLY_MS: u64 = 3_000;
+
+/// The client's side of the reply audio: it plays what it receives in real time.
+#[derive(Clone, Debug, Default)]
+struct Listener {
+    turn_id: u64,
+    /// Bytes received for the turn.
+    received: u64,
+    /// When byte 0 would have played (ms), moved when the buffer ran dry.
+    clock: u64,
+    /// Bytes played when the turn was cut, if it was.
+    cut_at: Option<u64>,
+    /// The turn is over (its log was written): no more audio may come.
+    over: bool,
+}
+
+impl Listener {
+    fn played(&self, now_ms: u64, bytes_per_ms: u64) -> u64 {
+        (now_ms.saturating_sub(self.clock) * bytes_per_ms).min(self.received)
+    }
 }
 
 /// One instance's copy of a session.
@@ -164,6 +199,12 @@ struct Copy {
     lease_answers: Vec<(u64, LeaseAnswer, Instant)>,
     verifying: Option<u64>,
     turns: Vec<(u64, String)>,
+    /// The attached client's playback of the current reply.
+    listener: Listener,
+    /// The current reply's sentences, with the offset (bytes) where their audio ends.
+    sentences: Vec<(String, u64)>,
+    /// A broken playout rule seen while carrying out the outputs.
+    playout_violation: Option<String>,
 }
 
 /// One session across instances.
@@ -337,6 +378,9 @@ impl World {
             ended: false,
             lease_answers: Vec::new(),
             verifying: None,
+            listener: Listener::default(),
+            sentences: Vec::new(),
+            playout_violation: None,
             turns: Vec::new(),
         };
         self.sessions.push(SimSession {
@@ -523,6 +567,9 @@ impl World {
             ended: false,
             lease_answers: Vec::new(),
             verifying: None,
+            listener: Listener::default(),
+            sentences: Vec::new(),
+            playout_violation: None,
             turns,
         });
         self.stats.moves += 1;
@@ -551,8 +598,151 @@ impl World {
         r.produced = tokens;
         r.spoken = self.words(4);
         self.remember_said(s, &r.spoken);
+        // What the task still had on its way reaches the machine before its end: one more
+        // chunk, and the last sentence's end.
+        let now = self.now();
+        let bpm = bytes_per_ms(&self.sessions[s].copies[c].machine);
+        let chunk = vec![0u8; (CHUNK_MS * bpm) as usize];
+        let turn_id = r.turn_id;
+        self.feed(
+            s,
+            c,
+            Input::ReplyAudio {
+                turn_id,
+                pcm: &chunk,
+            },
+        );
+        r.pushed_ms += CHUNK_MS;
+        self.end_sentence(s, c, &r);
         let outcome = self.bill(s, c, &r, true);
-        self.feed(s, c, Input::ReplyEnded(outcome));
+        let copy = &mut self.sessions[s].copies[c];
+        copy.machine.handle(Input::ReplyEnded(outcome), now);
+        self.drain(s, c);
+    }
+
+    /// The reply in flight synthesises its speech twice as fast as real time, pushing it
+    /// while the machine wants it (a full playout holds synthesis back).
+    fn synthesise(&mut self, s: usize, c: usize) {
+        let Some(mut r) = self.sessions[s].copies[c].request.take() else {
+            return;
+        };
+        let bpm = bytes_per_ms(&self.sessions[s].copies[c].machine);
+        let chunk = vec![0u8; (CHUNK_MS * bpm) as usize];
+        let due = ((self.now_ms - r.started_ms) * SYNTHESIS_SPEED).min(REPLY_MS);
+        while r.pushed_ms + CHUNK_MS <= due
+            && self.sessions[s].copies[c].machine.wants_reply_audio()
+        {
+            let turn_id = r.turn_id;
+            self.feed(
+                s,
+                c,
+                Input::ReplyAudio {
+                    turn_id,
+                    pcm: &chunk,
+                },
+            );
+            r.pushed_ms += CHUNK_MS;
+            if r.pushed_ms % SENTENCE_MS == 0 {
+                self.end_sentence(s, c, &r);
+            }
+        }
+        self.sessions[s].copies[c].request = Some(r);
+    }
+
+    /// The sentence whose audio ends where the pushed audio does.
+    fn end_sentence(&mut self, s: usize, c: usize, r: &Request) {
+        let bpm = bytes_per_ms(&self.sessions[s].copies[c].machine);
+        let end = r.pushed_ms * bpm;
+        if self.sessions[s].copies[c]
+            .sentences
+            .last()
+            .is_some_and(|(_, e)| *e == end)
+        {
+            return;
+        }
+        let text = format!(
+            "r{}s{}",
+            r.turn_id,
+            self.sessions[s].copies[c].sentences.len()
+        );
+        self.remember_said(s, &text);
+        self.sessions[s].copies[c]
+            .sentences
+            .push((text.clone(), end));
+        self.feed(
+            s,
+            c,
+            Input::ReplySentence {
+                turn_id: r.turn_id,
+                round: Some(0),
+                text,
+            },
+        );
+    }
+
+    /// The attached client receives reply audio and plays it in real time.
+    fn hear(&mut self, s: usize, c: usize, turn_id: u64, len: u64) {
+        let bpm = bytes_per_ms(&self.sessions[s].copies[c].machine);
+        let lead = config().playout_lead.as_millis() as u64 * bpm;
+        let now_ms = self.now_ms;
+        let attached = self.sessions[s].attached == Some(c);
+        let copy = &mut self.sessions[s].copies[c];
+        let l = &mut copy.listener;
+        if l.turn_id != turn_id {
+            *l = Listener {
+                turn_id,
+                clock: now_ms,
+                ..Listener::default()
+            };
+        }
+        let broken = if !attached {
+            Some(format!("turn {turn_id}: audio with no client attached"))
+        } else if l.over || l.cut_at.is_some() {
+            Some(format!(
+                "turn {turn_id}: audio after the turn was cut or over"
+            ))
+        } else {
+            None
+        };
+        if l.played(now_ms, bpm) >= l.received {
+            // The buffer ran dry: this piece plays from now.
+            l.clock = now_ms - l.received / bpm;
+        }
+        l.received += len;
+        let ahead = l.received - l.played(now_ms, bpm);
+        let broken = broken.or_else(|| {
+            (ahead > lead + bpm).then(|| {
+                format!("turn {turn_id}: the client holds {ahead} bytes, over the lead {lead}")
+            })
+        });
+        if let Some(b) = broken {
+            copy.playout_violation.get_or_insert(b);
+        }
+    }
+
+    /// A turn's log: no more audio for it, and a cut turn keeps only what the client played.
+    fn turn_over(&mut self, s: usize, c: usize, log: &atlas_core::session::TurnLog) {
+        let bpm = bytes_per_ms(&self.sessions[s].copies[c].machine);
+        let copy = &mut self.sessions[s].copies[c];
+        if copy.listener.turn_id != log.turn_id {
+            return;
+        }
+        copy.listener.over = true;
+        let Some(played) = copy.listener.cut_at else {
+            return;
+        };
+        for w in log.assistant_text.split_whitespace() {
+            let unheard = copy
+                .sentences
+                .iter()
+                .any(|(text, end)| text == w && *end > played + bpm);
+            if unheard {
+                copy.playout_violation.get_or_insert(format!(
+                    "turn {}: {w:?} recorded as said, but the client had played {played} bytes",
+                    log.turn_id
+                ));
+            }
+        }
     }
 
     /// What the provider reports for a request, added to the copy's truth.
@@ -564,7 +754,6 @@ impl World {
         copy.truth.2 += tts;
         ReplyOutcome {
             turn_id: r.turn_id,
-            spoken: r.spoken.clone(),
             llm: LlmBill {
                 billable: true,
                 finished,
@@ -604,15 +793,26 @@ impl World {
                         "one reply at a time: turn {turn_id} started while another ran"
                     );
                     let input_tokens = self.rng.random_range(50..400);
-                    self.sessions[s].copies[c].request = Some(Request {
+                    let started_ms = self.now_ms;
+                    let copy = &mut self.sessions[s].copies[c];
+                    copy.sentences.clear();
+                    copy.request = Some(Request {
                         turn_id,
                         input_tokens,
                         produced: 0,
                         spoken: String::new(),
+                        started_ms,
+                        pushed_ms: 0,
                     });
                     self.stats.requests += 1;
                 }
                 Output::AbortReply { turn_id } => {
+                    let bpm = bytes_per_ms(&self.sessions[s].copies[c].machine);
+                    let now_ms = self.now_ms;
+                    let l = &mut self.sessions[s].copies[c].listener;
+                    if l.turn_id == turn_id && l.cut_at.is_none() {
+                        l.cut_at = Some(l.played(now_ms, bpm));
+                    }
                     // Aborted at once; the provider bills what it did so far.
                     let r = self.sessions[s].copies[c]
                         .request
@@ -628,7 +828,6 @@ impl World {
                         }
                         None => ReplyOutcome {
                             turn_id,
-                            spoken: String::new(),
                             llm: LlmBill::default(),
                             tts_chars: 0,
                             latency: Latency::default(),
@@ -697,12 +896,14 @@ impl World {
                         }
                     }
                 }
+                Output::Audio { turn_id, pcm } => self.hear(s, c, turn_id, pcm.len() as u64),
                 Output::Spend(delta) => {
                     if self.write(s, c) {
                         self.store.spend += delta.daily;
                     }
                 }
                 Output::Turn(log) => {
+                    self.turn_over(s, c, &log);
                     let text = format!("{}|{}", log.user_text, log.assistant_text);
                     self.sessions[s].copies[c].turns.push((log.turn_id, text));
                 }
@@ -814,6 +1015,7 @@ impl World {
                     let expiry = self.now() + Duration::from_secs(3600);
                     self.feed(s, c, Input::TokenRefreshed(Ok(expiry)));
                 }
+                self.synthesise(s, c);
                 let now = self.now();
                 if self.sessions[s].copies[c]
                     .machine
@@ -842,6 +1044,15 @@ impl World {
                         next = next.min((*due).max(self.now_ms + 1));
                     }
                     if let Some(t) = c.verifying {
+                        next = next.min(t.max(self.now_ms + 1));
+                    }
+                    if let Some(r) = &c.request
+                        && r.pushed_ms < REPLY_MS
+                        && c.machine.wants_reply_audio()
+                    {
+                        // The next chunk of speech synthesised (while the playout is full,
+                        // its own deadline wakes the world).
+                        let t = r.started_ms + (r.pushed_ms + CHUNK_MS) / SYNTHESIS_SPEED;
                         next = next.min(t.max(self.now_ms + 1));
                     }
                 }
@@ -893,6 +1104,12 @@ impl World {
                     return fail(
                         "spend within the budget and one request",
                         format!("session {} spent {spent} µ$", s.sid),
+                    );
+                }
+                if let Some(detail) = &c.playout_violation {
+                    return fail(
+                        "reply audio goes out paced, only in its turn, and only heard words count",
+                        format!("session {}: {detail}", s.sid),
                     );
                 }
                 if c.ended {
@@ -1004,6 +1221,11 @@ fn stored(text: &str) -> String {
     let mut text = text.to_owned();
     atlas_store::sanitize_text(&mut text);
     text
+}
+
+/// Bytes of reply audio per millisecond.
+fn bytes_per_ms(machine: &Session) -> u64 {
+    u64::from(machine.output_format().sample_rate) * 2 / 1000
 }
 
 fn attach(resumed: bool, token: String, now: Instant) -> Input<'static> {

@@ -45,7 +45,14 @@ pub enum Event {
         /// The turn.
         turn_id: u64,
     },
-    /// A reply ended.
+    /// Words of a reply as the model writes them (ahead of their audio).
+    ReplyText {
+        /// The turn.
+        turn_id: u64,
+        /// The words.
+        text: String,
+    },
+    /// A reply ended (all of its audio was sent, or it was cut).
     ReplyDone {
         /// The turn.
         turn_id: u64,

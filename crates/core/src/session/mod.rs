@@ -14,7 +14,9 @@
 //! - the timers: heartbeat, idle (only a person's activity counts), maximum duration, token
 //!   expiry, resume window, checkpoints and, with scale-out, the lease;
 //! - one [`Ledger`](ledger::Ledger): consumption → cost → session and daily budget;
-//! - turn-taking through [`Turns`] and the bounded [`History`].
+//! - turn-taking through [`Turns`] and the bounded [`History`];
+//! - the reply's playout ([`Playout`]): when each piece of its audio goes out, which of its
+//!   words were heard (only those enter the history), and dropping the rest on a barge-in.
 
 mod event;
 pub mod ledger;
@@ -32,6 +34,7 @@ use crate::audio::{ChunkError, rms_dbfs_le, validate_chunk};
 use crate::cost::{Micros, Prices};
 use crate::history::{History, HistoryLimits, Message, Role};
 use crate::latency::Latency;
+use crate::playout::Playout;
 use crate::timers::{SessionTimers, TimerAction, TimerConfig, TimerEnd};
 use crate::tools::{CheckedCall, ToolCall, ToolKind, ToolOutcome, ToolResult};
 use crate::turns::{self, Action, TurnConfig, Turns};
@@ -74,6 +77,8 @@ pub struct Config {
     pub system_prompt_chars: usize,
     /// Output token cap of a reply.
     pub llm_max_tokens: u32,
+    /// Most reply audio sent ahead of the listener's playback (see [`crate::playout`]).
+    pub playout_lead: Duration,
     /// Interval between record checkpoints.
     pub checkpoint_interval: Duration,
     /// How long a replaced resume token stays valid when the client never uses the new one.
@@ -147,6 +152,7 @@ impl Config {
             recogniser_batch: 100 * MS,
             system_prompt_chars: 100,
             llm_max_tokens: 200,
+            playout_lead: 400 * MS,
             checkpoint_interval: 60 * S,
             token_handover_grace: TOKEN_HANDOVER_GRACE,
             lease_ttl: None,
@@ -306,23 +312,21 @@ pub enum Heard<'a> {
 pub enum ReplyFailure {
     /// A provider failed (code for the client: `llm_failed`, `tts_failed`, `engines_busy`).
     Provider(ErrorCode),
-    /// The client stopped reading.
-    ClientGone,
 }
 
-/// What a reply achieved, reported by the driver when its task ended.
+/// What a reply's work cost and how it went, reported by the driver when its task ended (or
+/// was aborted). Its audio and words reached the machine on their way
+/// ([`Input::ReplyAudio`], [`Input::ReplySentence`]).
 #[derive(Clone, Debug)]
 pub struct ReplyOutcome {
     /// The turn.
     pub turn_id: u64,
-    /// Text whose audio was completely sent, after the turn's last tool round (the words
-    /// before a tool call were reported with it).
-    pub spoken: String,
     /// The language-model request's bill.
     pub llm: LlmBill,
     /// Characters sent to synthesis.
     pub tts_chars: u64,
-    /// Stage latencies.
+    /// Stage latencies up to the first synthesised audio (the machine adds the time to the
+    /// first audio sent).
     pub latency: Latency,
     /// Set when it stopped early on its own.
     pub failure: Option<ReplyFailure>,
@@ -398,6 +402,32 @@ pub enum Input<'a> {
     },
     /// A reply's task ended (finished, failed, or aborted on request).
     ReplyEnded(ReplyOutcome),
+    /// Words of the reply to `turn_id` as the model writes them.
+    ReplyText {
+        /// The turn.
+        turn_id: u64,
+        /// The words.
+        text: String,
+    },
+    /// Synthesised audio of the reply to `turn_id`, following what came before it, at the
+    /// output rate (16-bit little-endian, whole samples). Pushed while
+    /// [`Session::wants_reply_audio`] says so.
+    ReplyAudio {
+        /// The turn.
+        turn_id: u64,
+        /// The audio.
+        pcm: &'a [u8],
+    },
+    /// All audio of a sentence of the reply to `turn_id` was pushed.
+    ReplySentence {
+        /// The turn.
+        turn_id: u64,
+        /// The model request it came from (0, then one more after each tool round), or
+        /// `None` for words said while tools ran.
+        round: Option<u32>,
+        /// The sentence.
+        text: String,
+    },
     /// A lease refresh sent at `sent_at` was answered.
     Lease {
         /// The answer.
@@ -453,7 +483,7 @@ pub struct TurnLog {
     pub interrupted: bool,
     /// Where the turn's time went.
     pub latency: Latency,
-    /// Bounded outcome label: `completed`, `interrupted`, `failed`, `client_gone`, `refused`.
+    /// Bounded outcome label: `completed`, `interrupted`, `failed`, `refused`.
     pub outcome: &'static str,
 }
 
@@ -497,6 +527,14 @@ pub struct Finish {
 pub enum Output {
     /// Tell the attached client (each transport renders it on its wire).
     Event(Event),
+    /// Send reply audio of `turn_id` to the attached client now (16-bit little-endian PCM at
+    /// the output rate).
+    Audio {
+        /// The turn.
+        turn_id: u64,
+        /// The audio.
+        pcm: Bytes,
+    },
     /// Send a transport-level ping.
     Ping,
     /// Verify an access token from `auth.refresh` off the session's loop (answer with
@@ -646,6 +684,17 @@ struct Abuse {
 #[derive(Debug)]
 struct Reply {
     turn_id: u64,
+    /// When it started, and when the person stopped speaking, if known.
+    started: Instant,
+    end_of_speech: Option<Instant>,
+    /// When its first audio went out.
+    first_audio: Option<Instant>,
+    /// Its audio on the way to the listener.
+    playout: Playout,
+    /// Model requests that ended in tool calls so far.
+    rounds: u32,
+    /// The driver's report, held while its audio plays out.
+    outcome: Option<ReplyOutcome>,
     /// What the person said in the turn being answered.
     user_text: String,
     /// The machine asked for it to be aborted.
@@ -899,6 +948,9 @@ impl Session {
         if let Some((_, until)) = &self.previous_token {
             t = t.min(*until);
         }
+        if let Some(due) = self.reply.as_ref().and_then(|r| r.playout.next_due()) {
+            t = t.min(due);
+        }
         if let Some(round) = self.reply.as_ref().and_then(|r| r.round.as_ref()) {
             for c in round.calls.iter().filter(|c| c.result.is_none()) {
                 if let Some(deadline) = c.deadline {
@@ -915,6 +967,7 @@ impl Session {
             return;
         }
         self.now = now;
+        self.play(now);
         self.expire_tools(now);
         if self.uplink.expired(now) {
             self.out.push_back(Output::SendHeld);
@@ -1089,6 +1142,26 @@ impl Session {
                 }
             }
             Input::ReplyEnded(outcome) => self.reply_ended(outcome, now),
+            Input::ReplyText { turn_id, text } => {
+                if self.live_reply(turn_id).is_some() {
+                    self.send(Event::ReplyText { turn_id, text });
+                }
+            }
+            Input::ReplyAudio { turn_id, pcm } => {
+                if let Some(reply) = self.live_reply(turn_id) {
+                    reply.playout.push(pcm);
+                    self.play(now);
+                }
+            }
+            Input::ReplySentence {
+                turn_id,
+                round,
+                text,
+            } => {
+                if let Some(reply) = self.live_reply(turn_id) {
+                    reply.playout.end_sentence(round, text);
+                }
+            }
             Input::ToolCalls {
                 turn_id,
                 text,
@@ -1328,8 +1401,44 @@ impl Session {
             && !reply.aborted
         {
             reply.aborted = true;
+            // What the listener holds and has not played is thrown away on the
+            // `Interrupted` that follows.
+            reply.playout.stop(self.now);
             let turn_id = reply.turn_id;
             self.out.push_back(Output::AbortReply { turn_id });
+        }
+    }
+
+    /// The reply to `turn_id`, if it is in flight and not cut.
+    fn live_reply(&mut self, turn_id: u64) -> Option<&mut Reply> {
+        self.reply
+            .as_mut()
+            .filter(|r| r.turn_id == turn_id && !r.aborted)
+    }
+
+    /// Whether the driver may push more of the reply's audio ([`Input::ReplyAudio`]): the
+    /// playout holds less than its lead. Holding back is what paces synthesis.
+    pub fn wants_reply_audio(&self) -> bool {
+        self.reply
+            .as_ref()
+            .is_some_and(|r| !r.aborted && r.playout.wants_audio())
+    }
+
+    /// Sends the reply audio due at `now`; completes a reply whose task ended once all of
+    /// its audio is out.
+    fn play(&mut self, now: Instant) {
+        let Some(reply) = self.reply.as_mut().filter(|r| !r.aborted) else {
+            return;
+        };
+        let turn_id = reply.turn_id;
+        while let Some(pcm) = reply.playout.poll(now) {
+            reply.first_audio.get_or_insert(now);
+            self.out.push_back(Output::Audio { turn_id, pcm });
+        }
+        if reply.playout.is_drained()
+            && let Some(outcome) = reply.outcome.take()
+        {
+            self.reply_ended(outcome, now);
         }
     }
 
@@ -1354,6 +1463,7 @@ impl Session {
         else {
             return;
         };
+        reply.rounds += 1;
         let mut round = ToolRound {
             text,
             started: now,
@@ -1664,6 +1774,12 @@ impl Session {
         self.send(Event::ReplyStarted { turn_id });
         self.reply = Some(Reply {
             turn_id,
+            started: self.now,
+            end_of_speech,
+            first_audio: None,
+            playout: Playout::new(self.output.sample_rate, self.config.playout_lead),
+            rounds: 0,
+            outcome: None,
             user_text: text,
             aborted: false,
             calls_made: 0,
@@ -1729,14 +1845,32 @@ impl Session {
     }
 
     fn reply_ended(&mut self, o: ReplyOutcome, now: Instant) {
-        if self.reply.as_ref().is_some_and(|r| r.turn_id == o.turn_id) {
-            // Ended on its own while tools ran (the client went away, say).
-            self.cancel_tools("ended");
+        let Some(reply) = self.reply.as_mut().filter(|r| r.turn_id == o.turn_id) else {
+            return;
+        };
+        if !reply.aborted && !reply.playout.is_drained() {
+            // Its work is done and paid for now; its audio is still going out, and the turn
+            // ends when the last piece has (see `play`).
+            self.ledger.add_reply(&o.llm, o.tts_chars);
+            reply.outcome = Some(ReplyOutcome {
+                llm: LlmBill::default(),
+                tts_chars: 0,
+                ..o
+            });
+            return;
         }
-        let Some(reply) = self.reply.take_if(|r| r.turn_id == o.turn_id) else {
+        // Cut after its work was done: the report held is the one that counts (the driver's
+        // answer to the abort has nothing more).
+        let o = reply.outcome.take().unwrap_or(o);
+        // Ended on its own while tools ran (a provider failed, say).
+        self.cancel_tools("ended");
+        let Some(reply) = self.reply.take() else {
             return;
         };
         let (turn_id, aborted) = (reply.turn_id, reply.aborted);
+        // A reply that ended on its own was sent whole and plays whole; a cut one was heard
+        // as far as the playout had played it.
+        let spoken = reply.playout.heard(Some(reply.rounds), now, !aborted);
         let mut ignored = Vec::new();
         self.turns
             .handle(turns::Input::ResponseFinished { turn_id }, &mut ignored);
@@ -1745,7 +1879,6 @@ impl Session {
             "interrupted"
         } else {
             match o.failure {
-                Some(ReplyFailure::ClientGone) => "client_gone",
                 Some(ReplyFailure::Provider(code)) => {
                     self.send(Event::problem(code, failure_message(code), false));
                     "failed"
@@ -1755,17 +1888,20 @@ impl Session {
         };
         let interrupted = aborted || o.failure.is_some();
         self.ledger.add_reply(&o.llm, o.tts_chars);
-        self.history.push_assistant(&o.spoken);
+        self.history.push_assistant(&spoken);
         let mut latency = o.latency;
+        latency.to_first_audio = reply
+            .first_audio
+            .map(|at| at.saturating_duration_since(reply.end_of_speech.unwrap_or(reply.started)));
         if reply.calls_made > 0 {
             latency.tools = Some(reply.tool_time);
         }
         let mut assistant_text = reply.said;
-        if !o.spoken.is_empty() {
+        if !spoken.is_empty() {
             if !assistant_text.is_empty() {
                 assistant_text.push(' ');
             }
-            assistant_text.push_str(&o.spoken);
+            assistant_text.push_str(&spoken);
         }
         self.out.push_back(Output::Turn(TurnLog {
             turn_id,
@@ -1794,9 +1930,6 @@ impl Session {
         }
         if verdict == Verdict::Exhausted {
             return self.end(EndReason::BudgetExhausted);
-        }
-        if o.failure == Some(ReplyFailure::ClientGone) {
-            self.detach(now);
         }
         if let Some(next) = self.waiting.take() {
             self.start_reply(next.turn_id, next.text, next.end_of_speech);

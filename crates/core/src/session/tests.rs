@@ -5,6 +5,7 @@ use super::*;
 use crate::cost::from_usd;
 
 mod findings;
+mod playout;
 mod tools;
 
 const S: Duration = Duration::from_secs(1);
@@ -90,15 +91,36 @@ impl Harness {
         }))
     }
 
+    /// The reply to `turn_id` speaks `text`: 100 ms of audio, then the sentence's end.
+    fn speak(&mut self, turn_id: u64, text: &str) -> Vec<Output> {
+        if text.is_empty() {
+            return Vec::new();
+        }
+        let round = self.s.reply.as_ref().map_or(0, |r| r.rounds);
+        let mut out = self.feed(Input::ReplyAudio {
+            turn_id,
+            pcm: &[0; 4800],
+        });
+        out.extend(self.feed(Input::ReplySentence {
+            turn_id,
+            round: Some(round),
+            text: text.into(),
+        }));
+        out
+    }
+
+    /// The reply to `turn_id` speaks `spoken` and its task ends.
     fn reply_done(&mut self, turn_id: u64, spoken: &str, output_tokens: u64) -> Vec<Output> {
-        self.feed(Input::ReplyEnded(outcome(turn_id, spoken, output_tokens)))
+        let mut out = self.speak(turn_id, spoken);
+        out.extend(self.feed(Input::ReplyEnded(outcome(turn_id, spoken, output_tokens))));
+        out
     }
 }
 
+/// The report of a reply that generated and synthesised `spoken`.
 fn outcome(turn_id: u64, spoken: &str, output_tokens: u64) -> ReplyOutcome {
     ReplyOutcome {
         turn_id,
-        spoken: spoken.into(),
         llm: LlmBill {
             billable: true,
             finished: true,
@@ -206,6 +228,10 @@ fn a_turn_starts_a_reply_and_its_end_is_billed_and_recorded() {
 fn barge_in_aborts_and_keeps_only_what_was_spoken() {
     let mut h = Harness::new(config());
     h.say("Tell me a story");
+    h.speak(1, "Once upon");
+    // Its 100 ms have played; the next sentence's have not.
+    h.advance(150 * MS);
+    h.speak(1, "a time there was a princess.");
     let out = h.feed(Input::Heard(Heard::Partial("wait stop")));
     assert!(has(&out, |o| matches!(
         o,
@@ -229,7 +255,6 @@ fn a_reply_cut_before_its_first_token_still_pays_for_the_prompt() {
     h.feed(Input::Cancel);
     let out = h.feed(Input::ReplyEnded(ReplyOutcome {
         turn_id: 1,
-        spoken: String::new(),
         llm: LlmBill {
             billable: true,
             finished: false,

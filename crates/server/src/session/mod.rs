@@ -3,12 +3,10 @@
 //! # Layout
 //! - `mod.rs`: the loop — client frames, recogniser events, reply completion, shutdown —
 //!   feeding the sans-IO [`Turns`] machine and carrying out its actions.
-//! - `outbound.rs`: the single writer task and its bounded queue.
-//! - `response.rs`: one assistant reply (LLM → splitter → TTS → paced audio), its model
-//!   requests in rounds when the model calls tools.
+//! - `response.rs`: one assistant reply's work (LLM → splitter → TTS → resampled speech for
+//!   the machine's playout), its model requests in rounds when the model calls tools.
 //! - `stt_link.rs`: the recogniser connection with buffering and reconnection.
 
-pub mod outbound;
 pub mod response;
 pub mod shared;
 pub mod stt_link;
@@ -56,13 +54,18 @@ use crate::metrics;
 use crate::registry::{ResumeEntry, SessionPermit};
 use crate::state::AppState;
 use crate::transport;
-use outbound::{OutboundTx, WriterExit, run_writer};
-use response::{Channels, Control, Progress, ResponseCtx, ToolRound, lock};
+use crate::transport::v1::writer::{OutboundTx, WriterExit, run_writer};
+use response::{Channels, Control, Progress, ResponseCtx, Speech, ToolRound, lock};
 use shared::{Answer, CLUSTER_QUEUE, ClusterOp, Shared, run_cluster_ops};
 use stt_link::{LinkEvent, SttLink};
 
 /// Frames queued for one client.
 const OUTBOUND_CAPACITY: usize = 256;
+/// Text deltas of a reply waiting for the session loop.
+const TEXT_QUEUE: usize = 64;
+/// Pieces of a reply's speech waiting for the playout: with the playout's own buffer, how far
+/// synthesis may run ahead.
+const SPEECH_QUEUE: usize = 4;
 /// A single write slower than this marks a slow consumer.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time allowed for the first `session.start`.
@@ -294,6 +297,10 @@ struct ActiveResponse {
     control: mpsc::UnboundedSender<Control>,
     /// Its rounds that ended in tool calls.
     rounds: mpsc::Receiver<ToolRound>,
+    /// Its model's words.
+    text: mpsc::Receiver<String>,
+    /// Its speech, taken while the machine's playout wants it.
+    speech: mpsc::Receiver<Speech>,
 }
 
 /// What a reply in flight reported.
@@ -302,6 +309,10 @@ enum ResponseEvent {
     Finished(u64),
     /// Its model asked for tools.
     Round(u64, ToolRound),
+    /// Its model's words.
+    Text(u64, String),
+    /// Its speech.
+    Speech(u64, Speech),
 }
 
 /// The attached connection.
@@ -406,6 +417,7 @@ pub fn machine_config(state: &AppState) -> MachineConfig {
         recogniser_batch: Duration::from_millis(c.stt_batch_ms),
         system_prompt_chars: c.system_prompt.len(),
         llm_max_tokens: c.llm_max_tokens,
+        playout_lead: Duration::from_millis(c.playback_lead_ms),
         checkpoint_interval: Duration::from_secs(c.checkpoint_interval_s),
         token_handover_grace: TOKEN_HANDOVER_GRACE,
         lease_ttl: state.cluster.as_ref().map(|c| c.lease_ttl()),
@@ -736,9 +748,13 @@ impl Driver {
                     }
                 }
                 event = self.stt.next() => self.on_stt(event).await,
-                event = response_event(&mut self.response) => match event {
+                event = response_event(&mut self.response, self.machine.wants_reply_audio()) => match event {
                     ResponseEvent::Finished(turn_id) => self.on_response_finished(turn_id).await,
                     ResponseEvent::Round(turn_id, round) => self.on_tool_round(turn_id, round),
+                    ResponseEvent::Text(turn_id, text) => {
+                        self.machine.handle(Input::ReplyText { turn_id, text }, now());
+                    }
+                    ResponseEvent::Speech(turn_id, speech) => self.on_speech(turn_id, speech),
                 },
                 Some(answer) = self.answers_rx.recv() => self.on_answer(answer).await,
                 _ = &mut timer => {
@@ -795,6 +811,14 @@ impl Driver {
         while let Some(output) = self.machine.poll_output() {
             match output {
                 Output::Event(event) => self.emit(transport::v1::events::server_event(event)),
+                Output::Audio { pcm, .. } => {
+                    let rate = self.machine.output_format().sample_rate;
+                    if let Some(link) = &self.link
+                        && link.outbound.audio(pcm, rate).is_err()
+                    {
+                        self.link_broken = true;
+                    }
+                }
                 Output::Ping => {
                     if let Some(link) = &self.link
                         && link.outbound.ping().is_err()
@@ -1078,9 +1102,6 @@ impl Driver {
             return;
         }
         let request = self.llm_request(ToolChoice::Auto);
-        let Some(link) = &self.link else {
-            return;
-        };
         let config = &self.state.config;
         let mut progress = Progress {
             prompt_chars: response::prompt_chars(&request),
@@ -1096,16 +1117,18 @@ impl Driver {
             request,
             voice: self.voice.clone(),
             out_rate: self.machine.output_format().sample_rate,
-            outbound: link.outbound.clone(),
-            lead: Duration::from_millis(config.playback_lead_ms),
             prefetch: config.tts_prefetch,
             splitter: SplitterConfig::default(),
         };
         let (control_tx, control) = mpsc::unbounded_channel();
         let (rounds_tx, rounds) = mpsc::channel(1);
+        let (text_tx, text) = mpsc::channel(TEXT_QUEUE);
+        let (speech_tx, speech) = mpsc::channel(SPEECH_QUEUE);
         let channels = Channels {
             control,
             rounds: rounds_tx,
+            text: text_tx,
+            speech: speech_tx,
         };
         let handle = self
             .state
@@ -1117,7 +1140,22 @@ impl Driver {
             progress,
             control: control_tx,
             rounds,
+            text,
+            speech,
         });
+    }
+
+    /// A reply's speech reaches the machine's playout.
+    fn on_speech(&mut self, turn_id: u64, speech: Speech) {
+        let input = match &speech {
+            Speech::Audio(pcm) => Input::ReplyAudio { turn_id, pcm },
+            Speech::Sentence { round, text } => Input::ReplySentence {
+                turn_id,
+                round: *round,
+                text: text.clone(),
+            },
+        };
+        self.machine.handle(input, now());
     }
 
     fn control_reply(&mut self, turn_id: u64, control: Control) {
@@ -1228,13 +1266,19 @@ impl Driver {
     }
 
     async fn on_response_finished(&mut self, turn_id: u64) {
-        let Some(active) = self.response.take() else {
+        let Some(mut active) = self.response.take() else {
             return;
         };
+        // What it handed over before it ended reaches the machine first.
+        while let Ok(text) = active.text.try_recv() {
+            self.machine
+                .handle(Input::ReplyText { turn_id, text }, now());
+        }
+        while let Ok(speech) = active.speech.try_recv() {
+            self.on_speech(turn_id, speech);
+        }
         let outcome = settle(turn_id, &active.progress);
-        if let Some(f) = &lock(&active.progress).failure
-            && f.code != ErrorCode::SlowConsumer
-        {
+        if let Some(f) = &lock(&active.progress).failure {
             warn!(turn_id, code = f.code.as_str(), kind = f.label, detail = %f.detail, "reply failed");
             metrics::provider_error(
                 if f.code == ErrorCode::LlmFailed {
@@ -1435,7 +1479,6 @@ fn settle(turn_id: u64, progress: &std::sync::Mutex<Progress>) -> ReplyOutcome {
 fn outcome_of(turn_id: u64, p: &Progress) -> ReplyOutcome {
     ReplyOutcome {
         turn_id,
-        spoken: p.spoken.clone(),
         llm: LlmBill {
             billable: p.llm_sent && !p.llm_refused,
             finished: p.llm_done,
@@ -1445,13 +1488,7 @@ fn outcome_of(turn_id: u64, p: &Progress) -> ReplyOutcome {
         },
         tts_chars: p.tts_chars,
         latency: p.timings.latency(),
-        failure: p.failure.as_ref().map(|f| {
-            if f.code == ErrorCode::SlowConsumer {
-                ReplyFailure::ClientGone
-            } else {
-                ReplyFailure::Provider(f.code)
-            }
-        }),
+        failure: p.failure.as_ref().map(|f| ReplyFailure::Provider(f.code)),
     }
 }
 
@@ -1463,9 +1500,18 @@ fn new_resume_token() -> String {
     )
 }
 
-async fn response_event(response: &mut Option<ActiveResponse>) -> ResponseEvent {
+/// The next thing the reply in flight reports; its speech only while the machine's playout
+/// wants more (`wants_speech`), which holds synthesis back.
+async fn response_event(
+    response: &mut Option<ActiveResponse>,
+    wants_speech: bool,
+) -> ResponseEvent {
     match response {
         Some(active) => tokio::select! {
+            Some(text) = active.text.recv() => ResponseEvent::Text(active.turn_id, text),
+            Some(speech) = active.speech.recv(), if wants_speech => {
+                ResponseEvent::Speech(active.turn_id, speech)
+            }
             Some(round) = active.rounds.recv() => ResponseEvent::Round(active.turn_id, round),
             _ = &mut active.handle => ResponseEvent::Finished(active.turn_id),
         },

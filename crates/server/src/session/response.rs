@@ -1,38 +1,37 @@
-//! One assistant reply: LLM stream → splitter → TTS per sentence (the next sentence's request
-//! overlapping the current one's playback) → resampling → paced audio to the client.
+//! One assistant reply's work: LLM stream → splitter → TTS per sentence (the next sentence's
+//! request overlapping the current one's playback) → resampling → the session machine.
 //!
 //! The reply runs as one task made of three cooperating futures joined with `try_join!`:
 //! the LLM reader (one model request per round: a round that ends in tool calls is reported
 //! to the session, and the reader waits for the session's next request while the words
 //! before the calls go on playing), the TTS starter (which spawns one synthesis task per
-//! sentence, at most `prefetch` at a time) and the forwarder (which plays the sentences' audio
-//! strictly in order). Barge-in aborts the task: dropping it drops the LLM stream and the
-//! channels, so nothing in flight is awaited; a synthesis request already issued finishes its
-//! handshake on its own and then finds nobody listening (so every request a provider
-//! received is billed: see `synthesize`). Progress — the text whose audio was completely
-//! sent, usage, timestamps — lives in a shared [`Progress`] the session reads after the task
-//! has ended, closing the reply's bill.
+//! sentence, at most `prefetch` at a time) and the forwarder (which hands the sentences'
+//! audio to the session strictly in order, each sentence followed by its end). The session
+//! takes audio only while the machine's playout wants it, which is what holds synthesis
+//! back; the machine decides when the audio goes out and which words were heard.
+//!
+//! Barge-in aborts the task: dropping it drops the LLM stream and the channels, so nothing in
+//! flight is awaited; a synthesis request already issued finishes its handshake on its own and
+//! then finds nobody listening (so every request a provider received is billed: see
+//! `synthesize`). Usage and timestamps live in a shared [`Progress`] the session reads after
+//! the task has ended, closing the reply's bill.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 
-use atlas_core::audio::{pcm_from_le_bytes, pcm_to_le_bytes, samples_to_duration};
+use atlas_core::audio::{pcm_from_le_bytes, pcm_to_le_bytes};
 use atlas_core::latency::{TurnTimings, mark};
-use atlas_core::pacing::Pacer;
 use atlas_core::resample::StreamResampler;
 use atlas_core::splitter::{SentenceSplitter, SplitterConfig, speakable};
 use atlas_core::tools::ToolCall;
-use atlas_protocol::{ErrorCode, ServerEvent};
+use atlas_protocol::ErrorCode;
 use atlas_providers::ProviderError;
 use atlas_providers::llm::{ChatMessage, LlmEvent, LlmProvider, LlmRequest, LlmUsage};
 use atlas_providers::tts::{TtsProvider, TtsRequest};
-
-use super::outbound::OutboundTx;
 
 /// Everything a reply needs.
 pub struct ResponseCtx {
@@ -48,10 +47,6 @@ pub struct ResponseCtx {
     pub voice: Option<String>,
     /// Client's output sample rate.
     pub out_rate: u32,
-    /// Queue to the client.
-    pub outbound: OutboundTx,
-    /// Audio lead over real-time playback.
-    pub lead: Duration,
     /// Sentences synthesised at once.
     pub prefetch: usize,
     /// Splitting rules.
@@ -81,14 +76,20 @@ impl Failure {
             detail: e.to_string(),
         }
     }
+}
 
-    fn client_gone() -> Self {
-        Failure {
-            code: ErrorCode::SlowConsumer,
-            label: "client",
-            detail: "client queue closed or full".into(),
-        }
-    }
+/// The reply's speech, in order, for the session machine.
+#[derive(Debug)]
+pub enum Speech {
+    /// Audio at the client's output rate (16-bit little-endian, whole samples).
+    Audio(Bytes),
+    /// All audio of a sentence was handed over.
+    Sentence {
+        /// The model request it came from, or `None` for words said while tools ran.
+        round: Option<u32>,
+        /// The sentence.
+        text: String,
+    },
 }
 
 /// What the session tells a running reply.
@@ -122,9 +123,6 @@ pub struct Progress {
     pub timings: TurnTimings,
     /// Model requests that ended in tool calls so far.
     pub round: u32,
-    /// Text of the current round whose audio has been completely sent, sentence by sentence
-    /// (earlier rounds' words went to the session with their calls).
-    pub spoken: String,
     /// Text the model produced in the current round.
     pub generated: String,
     /// The current round's request was sent.
@@ -142,8 +140,6 @@ pub struct Progress {
     pub tts_chars: u64,
     /// The reply's bill was taken (it ended or was cut): no more requests are issued.
     pub settled: bool,
-    /// Audio sent to the client.
-    pub audio_sent: Duration,
     /// Set when the reply failed.
     pub failure: Option<Failure>,
 }
@@ -175,12 +171,16 @@ struct Job {
     _permit: OwnedSemaphorePermit,
 }
 
-/// The session's side of a running reply.
+/// The reply's links with its session.
 pub struct Channels {
     /// What the session tells the reply.
     pub control: mpsc::UnboundedReceiver<Control>,
     /// Rounds that ended in tool calls.
     pub rounds: mpsc::Sender<ToolRound>,
+    /// The model's words as they come.
+    pub text: mpsc::Sender<String>,
+    /// The speech, taken as the playout wants it.
+    pub speech: mpsc::Sender<Speech>,
 }
 
 /// Runs the reply to completion (or failure, recorded in `progress`).
@@ -197,10 +197,11 @@ async fn run_inner(
 ) -> Result<(), Failure> {
     let (sentence_tx, sentence_rx) = mpsc::channel::<Sentence>(32);
     let (job_tx, job_rx) = mpsc::channel::<Job>(ctx.prefetch);
+    let speech = channels.speech.clone();
     tokio::try_join!(
         read_llm(ctx, progress, channels, sentence_tx),
         start_tts(ctx, progress, sentence_rx, job_tx),
-        forward_audio(ctx, progress, job_rx),
+        forward_audio(ctx, job_rx, speech),
     )?;
     Ok(())
 }
@@ -237,12 +238,10 @@ async fn read_llm(
                         p.generated.push_str(&text);
                     }
                     splitter.push(&text, &mut ready);
-                    ctx.outbound
-                        .event(ServerEvent::ResponseTextDelta {
-                            turn_id: ctx.turn_id,
-                            text,
-                        })
-                        .map_err(|_| Failure::client_gone())?;
+                    if channels.text.send(text).await.is_err() {
+                        // The session dropped the reply.
+                        return Ok(());
+                    }
                     for s in ready.drain(..) {
                         if sentences.send((Some(round), s)).await.is_err() {
                             return Ok(());
@@ -268,7 +267,6 @@ async fn read_llm(
         let report = {
             let mut p = lock(progress);
             p.round += 1;
-            p.spoken.clear();
             p.llm_sent = false;
             ToolRound {
                 text: std::mem::take(&mut p.generated),
@@ -377,13 +375,12 @@ async fn synthesize(
     }
 }
 
-/// Largest audio frame sent to the client, in milliseconds.
-const MAX_FRAME_MS: u32 = 100;
-
+/// Hands the sentences' audio to the session in order, resampled to the client's rate, each
+/// followed by its end; returns when the session drops the reply.
 async fn forward_audio(
     ctx: &ResponseCtx,
-    progress: &Arc<Mutex<Progress>>,
     mut jobs: mpsc::Receiver<Job>,
+    speech: mpsc::Sender<Speech>,
 ) -> Result<(), Failure> {
     let in_rate = ctx.tts.sample_rate();
     let mut resampler = StreamResampler::new(in_rate, ctx.out_rate).map_err(|e| Failure {
@@ -391,8 +388,6 @@ async fn forward_audio(
         label: "resampler",
         detail: e.to_string(),
     })?;
-    let mut pacer = Pacer::new(ctx.lead);
-    let max_frame = (ctx.out_rate * MAX_FRAME_MS / 1000) as usize;
     let mut samples_in = Vec::new();
     let mut samples_out = Vec::new();
     let mut carry: Option<u8> = None;
@@ -415,46 +410,31 @@ async fn forward_audio(
                 carry = rest.last().copied();
             }
             resampler.process(&samples_in, &mut samples_out);
-            send_frames(ctx, progress, &mut pacer, &mut samples_out, max_frame).await?;
+            if !hand_over(&speech, &mut samples_out).await {
+                return Ok(());
+            }
         }
         carry = None;
         resampler.flush(&mut samples_out);
-        send_frames(ctx, progress, &mut pacer, &mut samples_out, max_frame).await?;
-        let mut p = lock(progress);
-        if job.round.is_some_and(|r| r == p.round) {
-            if !p.spoken.is_empty() {
-                p.spoken.push(' ');
-            }
-            p.spoken.push_str(&job.text);
+        let sentence = Speech::Sentence {
+            round: job.round,
+            text: job.text,
+        };
+        if !hand_over(&speech, &mut samples_out).await || speech.send(sentence).await.is_err() {
+            return Ok(());
         }
     }
     Ok(())
 }
 
-async fn send_frames(
-    ctx: &ResponseCtx,
-    progress: &Arc<Mutex<Progress>>,
-    pacer: &mut Pacer,
-    samples: &mut Vec<i16>,
-    max_frame: usize,
-) -> Result<(), Failure> {
-    for frame in samples.chunks(max_frame) {
-        let wait = pacer.delay(Instant::now().into_std());
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
-        let mut bytes = Vec::with_capacity(frame.len() * 2);
-        pcm_to_le_bytes(frame, &mut bytes);
-        ctx.outbound
-            .audio(ctx.turn_id, Bytes::from(bytes))
-            .await
-            .map_err(|_| Failure::client_gone())?;
-        let duration = samples_to_duration(frame.len() as u64, ctx.out_rate);
-        pacer.sent(duration);
-        let mut p = lock(progress);
-        mark(&mut p.timings.first_audio_sent, Instant::now().into_std());
-        p.audio_sent += duration;
+/// Hands `samples` to the session (waiting while its playout is full); false once the session
+/// dropped the reply.
+async fn hand_over(speech: &mpsc::Sender<Speech>, samples: &mut Vec<i16>) -> bool {
+    if samples.is_empty() {
+        return true;
     }
+    let mut bytes = Vec::with_capacity(samples.len() * 2);
+    pcm_to_le_bytes(samples, &mut bytes);
     samples.clear();
-    Ok(())
+    speech.send(Speech::Audio(Bytes::from(bytes))).await.is_ok()
 }

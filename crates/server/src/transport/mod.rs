@@ -4,4 +4,5 @@
 //!
 //! [`Event`]: atlas_core::session::Event
 
+pub mod twilio;
 pub mod v1;

@@ -28,6 +28,8 @@ fn started(out: &[Output]) -> Vec<(u64, Option<Instant>)> {
 fn cut_by(cut: impl FnOnce(&mut Harness) -> Vec<Output>) {
     let mut h = Harness::new(config());
     h.feed(Input::Text("Tell me a long story"));
+    h.speak(1, "Once upon a time");
+    h.advance(200 * MS);
     let out = cut(&mut h);
     assert!(has(&out, |o| matches!(
         o,

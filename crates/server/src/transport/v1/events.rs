@@ -43,6 +43,7 @@ pub fn server_event(event: Event) -> ServerEvent {
         Event::Hearing { text } => ServerEvent::TranscriptPartial { text },
         Event::Heard { turn_id, text } => ServerEvent::TranscriptFinal { turn_id, text },
         Event::ReplyStarted { turn_id } => ServerEvent::ResponseStarted { turn_id },
+        Event::ReplyText { turn_id, text } => ServerEvent::ResponseTextDelta { turn_id, text },
         Event::ReplyDone {
             turn_id,
             interrupted,

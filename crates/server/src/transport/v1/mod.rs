@@ -2,3 +2,4 @@
 //! binary PCM frames.
 
 pub mod events;
+pub mod writer;

@@ -1,9 +1,9 @@
-//! The single writer of a connection: serialises events, forwards audio, closes.
+//! The single writer of a protocol v1 connection: serialises events, writes audio frames,
+//! closes.
 //!
-//! Every frame to the client goes through one bounded queue drained by this task, which is
-//! therefore the one place that can guarantee ordering rules: after `response.interrupted`
-//! for a turn, no audio of that turn (or an earlier one) is written, even if it was queued
-//! before the interruption was decided.
+//! Every frame to the client goes through one bounded queue drained by this task, in the
+//! order the session machine decided it (the machine sends no audio of a turn after its
+//! `response.interrupted`), and frames waiting together are flushed together.
 
 use std::time::Duration;
 
@@ -19,13 +19,8 @@ use atlas_protocol::ServerEvent;
 pub enum Outbound {
     /// A JSON event.
     Event(ServerEvent),
-    /// Reply audio of `turn_id`.
-    Audio {
-        /// Turn the audio belongs to.
-        turn_id: u64,
-        /// PCM bytes at the client's output rate.
-        pcm: Bytes,
-    },
+    /// A frame of reply audio (PCM at the client's output rate, at most [`MAX_FRAME_MS`]).
+    Audio(Bytes),
     /// A WebSocket ping (heartbeat).
     Ping,
     /// Close the connection with this code and reason; nothing after it is written.
@@ -68,12 +63,22 @@ impl OutboundTx {
             })
     }
 
-    /// Queues audio, waiting for room (reply audio is paced, so waiting is bounded).
-    pub async fn audio(&self, turn_id: u64, pcm: Bytes) -> Result<(), SendError> {
-        self.tx
-            .send(Outbound::Audio { turn_id, pcm })
-            .await
-            .map_err(|_| SendError::Closed)
+    /// Queues a piece of reply audio as frames of at most [`MAX_FRAME_MS`] at `rate`, without
+    /// waiting (the playout paces it, so a full queue means a slow consumer).
+    pub fn audio(&self, pcm: Bytes, rate: u32) -> Result<(), SendError> {
+        let max = (rate * MAX_FRAME_MS / 1000).max(1) as usize * 2;
+        let mut offset = 0;
+        while offset < pcm.len() {
+            let end = (offset + max).min(pcm.len());
+            self.tx
+                .try_send(Outbound::Audio(pcm.slice(offset..end)))
+                .map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => SendError::Full,
+                    mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+                })?;
+            offset = end;
+        }
+        Ok(())
     }
 
     /// Queues a heartbeat ping.
@@ -110,6 +115,9 @@ pub enum WriterExit {
     Gone,
 }
 
+/// Largest audio frame protocol v1 sends, in milliseconds (docs/protocol.md, section 4.3).
+pub const MAX_FRAME_MS: u32 = 100;
+
 /// Most frames written before one flush.
 const MAX_BATCH: usize = 32;
 
@@ -126,22 +134,14 @@ pub async fn run_writer<S>(
 where
     S: Sink<Message> + Unpin,
 {
-    let mut last_interrupted = 0u64;
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         let mut batched = 0;
         while let Some(item) = next.take() {
             let frame = match item {
-                Outbound::Event(event) => {
-                    if let ServerEvent::ResponseInterrupted { turn_id } = &event {
-                        last_interrupted = last_interrupted.max(*turn_id);
-                    }
-                    Some(Message::Text(event.to_json().into()))
-                }
-                Outbound::Audio { turn_id, pcm } => {
-                    (turn_id > last_interrupted).then_some(Message::Binary(pcm))
-                }
-                Outbound::Ping => Some(Message::Ping(Bytes::new())),
+                Outbound::Event(event) => Message::Text(event.to_json().into()),
+                Outbound::Audio(pcm) => Message::Binary(pcm),
+                Outbound::Ping => Message::Ping(Bytes::new()),
                 Outbound::Close { code, reason } => {
                     let frame = Message::Close(Some(CloseFrame {
                         code,
@@ -153,12 +153,10 @@ where
                     return WriterExit::Closed;
                 }
             };
-            if let Some(frame) = frame {
-                match tokio::time::timeout(send_timeout, sink.feed(frame)).await {
-                    Ok(Ok(())) => batched += 1,
-                    Ok(Err(_)) => return WriterExit::Gone,
-                    Err(_) => return WriterExit::SlowConsumer,
-                }
+            match tokio::time::timeout(send_timeout, sink.feed(frame)).await {
+                Ok(Ok(())) => batched += 1,
+                Ok(Err(_)) => return WriterExit::Gone,
+                Err(_) => return WriterExit::SlowConsumer,
             }
             if batched < MAX_BATCH {
                 next = rx.try_recv().ok();
@@ -180,28 +178,24 @@ mod tests {
     use futures_util::StreamExt;
 
     #[tokio::test]
-    async fn drops_audio_of_interrupted_turns() {
+    async fn a_piece_of_audio_goes_out_as_frames_of_at_most_100_ms() {
         let (sink_tx, sink_rx) = futures::channel::mpsc::channel::<Message>(64);
         let (tx, rx) = mpsc::channel(16);
         let out = OutboundTx::new(tx);
-        out.audio(1, Bytes::from_static(b"a1")).await.unwrap();
-        out.event(ServerEvent::ResponseInterrupted { turn_id: 1 })
-            .unwrap();
-        out.audio(1, Bytes::from_static(b"late")).await.unwrap();
-        out.audio(2, Bytes::from_static(b"a2")).await.unwrap();
+        // 250 ms at 8 kHz: 100 + 100 + 50 ms, whole samples.
+        out.audio(Bytes::from(vec![7u8; 4000]), 8000).unwrap();
         out.close(1000, "bye").await;
         let exit = run_writer(sink_tx, rx, Duration::from_secs(1)).await;
         assert_eq!(exit, WriterExit::Closed);
         let frames: Vec<Message> = sink_rx.collect().await;
-        let binaries: Vec<&[u8]> = frames
+        let sizes: Vec<usize> = frames
             .iter()
             .filter_map(|m| match m {
-                Message::Binary(b) => Some(&b[..]),
+                Message::Binary(b) => Some(b.len()),
                 _ => None,
             })
             .collect();
-        assert_eq!(binaries, vec![&b"a1"[..], &b"a2"[..]]);
-        assert!(matches!(frames.last(), Some(Message::Close(Some(f))) if f.code == 1000));
+        assert_eq!(sizes, [1600, 1600, 800]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -211,7 +205,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(16);
         let out = OutboundTx::new(tx);
         for i in 0..5 {
-            out.audio(1, Bytes::from(vec![i; 4])).await.unwrap();
+            out.audio(Bytes::from(vec![i; 4]), 8000).unwrap();
         }
         let exit = run_writer(sink_tx, rx, Duration::from_secs(2)).await;
         assert_eq!(exit, WriterExit::SlowConsumer);
@@ -259,7 +253,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(64);
         let out = OutboundTx::new(tx);
         for i in 0..5u8 {
-            out.audio(1, Bytes::from(vec![i; 4])).await.unwrap();
+            out.audio(Bytes::from(vec![i; 4]), 8000).unwrap();
         }
         out.event(ServerEvent::Pong { id: None }).unwrap();
         let mut sink = Counting::default();
@@ -269,7 +263,7 @@ mod tests {
         });
         // Let the burst go out, then send a lone frame and close.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        out.audio(1, Bytes::from_static(b"alone")).await.unwrap();
+        out.audio(Bytes::from_static(b"alone!"), 8000).unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         out.close(1000, "bye").await;
         let (exit, sink) = writer.await.unwrap();
@@ -279,7 +273,7 @@ mod tests {
             .iter()
             .map(|m| match m {
                 Message::Binary(b) if b.len() == 4 => format!("a{}", b[0]),
-                Message::Binary(b) => String::from_utf8_lossy(b).into_owned(),
+                Message::Binary(b) => String::from_utf8_lossy(b).trim_end_matches('!').to_owned(),
                 Message::Text(_) => "event".into(),
                 Message::Close(_) => "close".into(),
                 _ => "other".into(),

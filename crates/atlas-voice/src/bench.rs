@@ -95,6 +95,8 @@ pub struct LoadtestArgs {
     database_url: Option<String>,
     #[command(flatten)]
     latencies: FakeLatencies,
+    #[command(flatten)]
+    phone: crate::phone::PhoneArgs,
 }
 
 /// A frame is *late* when it leaves the load generator more than this behind its schedule.
@@ -184,6 +186,11 @@ async fn start_webhook(delay: Duration) -> anyhow::Result<SocketAddr> {
 /// Runs the load test and prints the summary.
 pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
     let mut _keep = None;
+    let mut phone = args.phone.clone();
+    if phone.twilio_auth_token.is_empty() {
+        // Both ends of a spawned run, or a test deployment configured with the same.
+        phone.twilio_auth_token = "atlas-loadtest-twilio-auth-token".into();
+    }
     let (url, token) = if args.spawn {
         let mut fakes_config = args.latencies.config();
         if args.tool_ms.is_some() {
@@ -218,9 +225,24 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
             };
         }
         config.max_sessions_per_user = u32::MAX;
+        if phone.twilio {
+            config.twilio_auth_token =
+                Some(secrecy::SecretString::from(phone.twilio_auth_token.clone()));
+            config.twilio_numbers = vec![atlas_server::config::TwilioNumber {
+                number: phone.to.clone(),
+                user_id: "loadtest".into(),
+            }];
+        }
         // Every simulated client comes from 127.0.0.1.
         config.connect_rate_per_s = u32::MAX;
         config.connect_burst = u32::MAX;
+        if phone.twilio {
+            // The public URL is the listener's own: bind first, then tell the configuration.
+            let listener = std::net::TcpListener::bind(config.listen)?;
+            config.listen = listener.local_addr()?;
+            drop(listener);
+            config.public_url = Some(format!("http://{}", config.listen));
+        }
         let app = Application::build(config.clone()).await?;
         let addr = app.local_addr();
         let stop = app.shutdown_token();
@@ -262,6 +284,28 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
                 .context("--token is required without --spawn")?,
         )
     };
+    if phone.twilio {
+        let base = http_base(&url);
+        if args.spawn {
+            phone.public_url = base.clone();
+        }
+        let pid = args.server_pid.or(args.spawn.then(std::process::id));
+        let result = crate::phone::loadtest(
+            &base,
+            &phone,
+            args.sessions,
+            Duration::from_millis(args.ramp_ms),
+            &args.input,
+            pid,
+            args.json,
+        )
+        .await;
+        if let Some((fakes, stop)) = _keep {
+            stop.cancel();
+            fakes.shutdown().await;
+        }
+        return result;
+    }
     if let Some(n) = args.idle {
         let pid = args.server_pid.or(args.spawn.then(std::process::id));
         let result = idle(&url, &token, n, args.hold_s, pid).await;
@@ -585,7 +629,7 @@ fn counter_value(page: &str, name: &str) -> f64 {
         .sum()
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -606,7 +650,7 @@ struct Resources {
 }
 
 /// User + system CPU seconds of `pid`, from /proc.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];

@@ -47,6 +47,8 @@ pub struct CallArgs {
     /// answered with an error.
     #[arg(long)]
     tool_results: Option<PathBuf>,
+    #[command(flatten)]
+    phone: crate::phone::PhoneArgs,
 }
 
 async fn read_input(args: &CallArgs) -> anyhow::Result<(Vec<i16>, u32)> {
@@ -67,6 +69,16 @@ async fn read_input(args: &CallArgs) -> anyhow::Result<(Vec<i16>, u32)> {
 
 /// Runs one question-and-answer exchange.
 pub async fn run(args: CallArgs) -> anyhow::Result<()> {
+    if args.phone.twilio {
+        return crate::phone::call(
+            &args.url,
+            &args.phone,
+            &args.input,
+            &args.output,
+            Duration::from_secs(args.timeout_s),
+        )
+        .await;
+    }
     let tools = match &args.tool_results {
         Some(path) => {
             let text = std::fs::read_to_string(path)

@@ -9,6 +9,7 @@ mod health;
 mod llm_server;
 mod mix;
 mod models;
+mod phone;
 mod slowloris;
 
 use std::net::SocketAddr;

@@ -693,3 +693,69 @@ async fn a_local_openai_compatible_server_is_one_setting_away() {
     assert!(ends_a_sentence(&turn.reply), "reply {:?}", turn.reply);
     assert!(!turn.audio.is_empty(), "the reply was spoken");
 }
+
+/// A phone call on the local engines: the question as μ-law at 8 kHz through the fake Twilio,
+/// the answer played back as μ-law, and the answer transcribes back to words of the question's
+/// topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_call_on_the_local_engines_gets_an_answer_that_transcribes_back() {
+    use atlas_fakes::twilio::{CallConfig, place_call};
+    const AUTH: &str = "local-engines-twilio-token-0123456789";
+    const PUBLIC: &str = "https://voice.example.com";
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("atlas.toml");
+    std::fs::write(
+        &config,
+        "[[twilio_numbers]]\nnumber = \"+12025550199\"\nuser_id = \"caller\"\n",
+    )
+    .unwrap();
+    let prompt = "You are a helpful voice assistant. Answer the question directly in one short, \
+                  correct sentence. Example: Q: What is the capital of Spain? A: The capital of \
+                  Spain is Madrid.";
+    let server = serve(&[
+        ("ATLAS_LOCAL_SYSTEM_PROMPT", prompt),
+        ("ATLAS_TWILIO_AUTH_TOKEN", AUTH),
+        ("ATLAS_PUBLIC_URL", PUBLIC),
+        ("ATLAS_CONFIG", config.to_str().unwrap()),
+    ])
+    .expect("serve starts on the local engines");
+    // The question at 8 kHz, as a phone line carries it.
+    let question: Vec<i16> = spoken_question()
+        .chunks(2)
+        .map(|p| ((i32::from(p[0]) + i32::from(*p.get(1).unwrap_or(&p[0]))) / 2) as i16)
+        .collect();
+    let base = server
+        .url()
+        .replace("ws://", "http://")
+        .replace("/v1/voice", "");
+    let mut cfg = CallConfig::new(base, PUBLIC, AUTH);
+    cfg.to = "+12025550199".into();
+    cfg.audio = question;
+    cfg.trailing_silence = Duration::from_secs(25);
+    let report = place_call(cfg).await.expect("the call goes through");
+    assert_eq!(report.refused, None, "{}", report.twiml);
+    assert!(
+        report.protocol_errors.is_empty(),
+        "{:?}",
+        report.protocol_errors
+    );
+    assert!(
+        report.heard_duration() >= Duration::from_millis(500),
+        "heard {:?}",
+        report.heard_duration()
+    );
+    // What the caller heard, back at 16 kHz for the recogniser.
+    let heard: Vec<i16> = report.heard.iter().flat_map(|&s| [s, s]).collect();
+    let stt = LocalStt::new(
+        stt_worker(2).await,
+        "whisper-tiny.en",
+        EndpointConfig::default(),
+        None,
+    );
+    let back = stt.transcribe(&heard, Some("en".into())).await.unwrap();
+    let back = words(&back);
+    assert!(
+        back.len() >= 3,
+        "the answer on the phone came back as {back:?}"
+    );
+}

@@ -36,6 +36,10 @@ const SAMPLE_BYTES: u64 = 2;
 /// carry two frames.
 pub const PIECE: Duration = Duration::from_millis(200);
 
+/// Pieces are whole multiples of this (protocol v1's largest frame) whenever at least this
+/// much goes out, so that a transport cutting them into frames makes no fragments.
+pub const QUANTUM: Duration = Duration::from_millis(100);
+
 /// Audio of one reply on its way to the listener.
 #[derive(Debug)]
 pub struct Playout {
@@ -49,6 +53,8 @@ pub struct Playout {
     pending: BytesMut,
     /// Bytes sent so far.
     sent: u64,
+    /// [`QUANTUM`] in bytes.
+    quantum: u64,
     /// When byte 0 would have been played (moved forward whenever the buffer ran dry).
     clock: Option<Instant>,
     /// Playback the listener's side confirmed (bytes), whatever the clock says.
@@ -79,6 +85,8 @@ impl Playout {
             high: high_bytes,
             pending: BytesMut::new(),
             sent: 0,
+            // Never more than a piece, or a piece could never go out whole.
+            quantum: whole(bytes_in(QUANTUM, rate)).min(piece).max(SAMPLE_BYTES),
             clock: None,
             confirmed: 0,
             sentences: VecDeque::new(),
@@ -119,7 +127,13 @@ impl Playout {
         if ahead > self.low || (ahead > self.low / 2 && pending < room) {
             return None;
         }
-        let len = whole(room.min(pending));
+        let mut len = whole(room.min(pending));
+        if len >= self.quantum {
+            len -= len % self.quantum;
+        } else if len < pending {
+            // Less than a quantum fits: wait rather than send a fragment.
+            return None;
+        }
         if len == 0 {
             return None;
         }
@@ -392,6 +406,31 @@ mod tests {
         assert!(p.wants_audio());
         p.push(&audio(1));
         assert!(!p.wants_audio());
+    }
+
+    #[test]
+    fn a_lead_shorter_than_two_quanta_still_plays_everything() {
+        let t0 = Instant::now();
+        let mut p = Playout::new(RATE, ms(150));
+        p.push(&audio(1000));
+        let mut now = t0;
+        let mut sent = 0;
+        for _ in 0..100 {
+            while let Some(piece) = p.poll(now) {
+                sent += len_ms(&piece);
+            }
+            match p.next_due() {
+                Some(due) => {
+                    assert!(
+                        due > now || sent == 0,
+                        "due again at {due:?} with nothing sent"
+                    );
+                    now = due;
+                }
+                None => break,
+            }
+        }
+        assert_eq!(sent, 1000);
     }
 
     #[test]

@@ -92,6 +92,42 @@ impl From<AdmitError> for Refusal {
     }
 }
 
+/// Whether `user_id` could start a session now, without taking a place: the daily budget, the
+/// per-user limit and this instance's capacity (a phone call's webhook answers with this, and
+/// the call's stream is admitted for real moments later).
+pub async fn check(state: &AppState, user_id: &str) -> Result<(), Refusal> {
+    affordable(state, user_id).await?;
+    if state.registry.sessions_of(user_id) >= state.config.max_sessions_per_user {
+        return Err(Refusal::TooManySessions);
+    }
+    if state.registry.active() >= state.config.max_sessions {
+        return Err(Refusal::AtCapacity);
+    }
+    Ok(())
+}
+
+/// Refuses a session that could not afford even one reply today.
+async fn affordable(state: &AppState, user_id: &str) -> Result<(), Refusal> {
+    if let Some(daily) = state.config.user_daily_budget_usd {
+        let spent = match &state.cluster {
+            Some(cluster) => cluster.spent_today(user_id).await?,
+            None => state.registry.spent_today(user_id),
+        };
+        let one_reply = state
+            .prices
+            .reply_estimate(
+                state.config.system_prompt.len(),
+                u64::from(state.config.llm_max_tokens),
+            )
+            .unwrap_or(0);
+        let limit = atlas_core::cost::from_usd(daily);
+        if atlas_core::session::ledger::daily_exhausted(limit, spent, one_reply) {
+            return Err(Refusal::BudgetExhausted);
+        }
+    }
+    Ok(())
+}
+
 /// A resume. It takes no new place: the session kept its own while detached, so
 /// reconnecting never resets a limit.
 pub async fn resume(state: &AppState, token: &str, user_id: &str) -> Result<Upgrade, Refusal> {
@@ -135,24 +171,7 @@ pub async fn resume(state: &AppState, token: &str, user_id: &str) -> Result<Upgr
 
 /// A new session: under the user's limit (here, or across instances) and the daily budget.
 pub async fn admit(state: &AppState, user_id: &str) -> Result<Upgrade, Refusal> {
-    // Refuse a session that could not afford even one reply today.
-    if let Some(daily) = state.config.user_daily_budget_usd {
-        let spent = match &state.cluster {
-            Some(cluster) => cluster.spent_today(user_id).await?,
-            None => state.registry.spent_today(user_id),
-        };
-        let one_reply = state
-            .prices
-            .reply_estimate(
-                state.config.system_prompt.len(),
-                u64::from(state.config.llm_max_tokens),
-            )
-            .unwrap_or(0);
-        let limit = atlas_core::cost::from_usd(daily);
-        if atlas_core::session::ledger::daily_exhausted(limit, spent, one_reply) {
-            return Err(Refusal::BudgetExhausted);
-        }
-    }
+    affordable(state, user_id).await?;
     let permit = state.registry.admit(user_id)?;
     let session_id = uuid::Uuid::new_v4().to_string();
     // Across instances, the per-user limit is decided by one atomic script.

@@ -27,7 +27,7 @@ use crate::engines::Engines;
 use crate::error::ApiError;
 use crate::metrics;
 use crate::registry::Registry;
-use crate::session::handle_upgrade;
+use crate::transport::v1::accept as accept_v1;
 
 pub use crate::state::{AppState, Inner};
 
@@ -207,6 +207,16 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_page))
         .route(VOICE_PATH, get(voice))
+        .route(
+            crate::transport::twilio::webhook::VOICE_PATH,
+            axum::routing::post(crate::transport::twilio::webhook::voice).layer(
+                axum::extract::DefaultBodyLimit::max(crate::transport::twilio::webhook::MAX_BODY),
+            ),
+        )
+        .route(
+            crate::transport::twilio::webhook::STREAM_PATH,
+            get(crate::transport::twilio::webhook::stream),
+        )
         .layer(
             // Spans carry the path only: query strings may hold access tokens.
             TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
@@ -499,7 +509,5 @@ async fn voice(
         .write_buffer_size(64 * 1024)
         .max_message_size(max_message)
         .max_frame_size(max_message)
-        .on_upgrade(move |socket| {
-            sessions.track_future(handle_upgrade(socket, state, identity, kind))
-        }))
+        .on_upgrade(move |socket| sessions.track_future(accept_v1(socket, state, identity, kind))))
 }

@@ -46,7 +46,8 @@ use serde::{Deserialize, Serialize};
 const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// How long a claim waits for its client's `session.start` (the start timeout and a margin).
-pub const CLAIM_TTL: Duration = Duration::from_secs(crate::session::START_TIMEOUT.as_secs() + 5);
+pub const CLAIM_TTL: Duration =
+    Duration::from_secs(atlas_core::session::prestart::START_TIMEOUT.as_secs() + 5);
 
 /// A Redis problem.
 #[derive(Debug, thiserror::Error)]

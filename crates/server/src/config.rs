@@ -283,6 +283,28 @@ pub struct Config {
     pub tool_record_content: bool,
     /// Largest tool result passed to the model, in bytes; larger answers fail the call.
     pub tool_max_result_bytes: usize,
+    /// Twilio account's auth token: signs Twilio's webhooks (and, derived, the stream's
+    /// credential). Phone calls are off without it.
+    #[serde(serialize_with = "redact")]
+    pub twilio_auth_token: Option<SecretString>,
+    /// The public base URL Twilio reaches this server at (`https://voice.example.com`): the
+    /// webhook signature covers it, and the stream URL is built from it.
+    pub public_url: Option<String>,
+    /// Phone numbers answered, each for a user, declared as `[[twilio_numbers]]`.
+    pub twilio_numbers: Vec<TwilioNumber>,
+    /// Record callers' numbers in full (otherwise all but the last four digits are masked).
+    pub twilio_record_caller: bool,
+}
+
+/// A phone number calls are answered on, and the user whose sessions, limits and budgets
+/// they count against.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TwilioNumber {
+    /// The number in E.164 (`+14155550100`), as Twilio sends it in `To`.
+    pub number: String,
+    /// The user.
+    pub user_id: String,
 }
 
 /// Where a declared tool runs.
@@ -438,6 +460,10 @@ impl Default for Config {
             tool_acknowledgement: String::new(),
             tool_record_content: false,
             tool_max_result_bytes: 16 * 1024,
+            twilio_auth_token: None,
+            public_url: None,
+            twilio_numbers: Vec::new(),
+            twilio_record_caller: false,
         }
     }
 }
@@ -538,6 +564,7 @@ impl Config {
     /// Checks values and combinations, failing with a message naming the variable to fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |m: String| Err(ConfigError(m));
+        self.validate_twilio()?;
         if self.jwt_secret.is_none() && self.jwks_url.is_none() && !self.dev {
             return fail(
                 "set ATLAS_JWT_SECRET (your Supabase project's JWT secret) or ATLAS_JWKS_URL; \
@@ -751,6 +778,51 @@ impl Config {
     }
 
     /// Checks the declared tools (their schemas are compiled by the tool catalog at start).
+    fn validate_twilio(&self) -> Result<(), ConfigError> {
+        let fail = |m: String| Err(ConfigError(m));
+        if self.twilio_auth_token.is_none() {
+            if !self.twilio_numbers.is_empty() {
+                return fail("[[twilio_numbers]] needs ATLAS_TWILIO_AUTH_TOKEN".into());
+            }
+            return Ok(());
+        }
+        match self.public_url.as_deref().map(url::Url::parse) {
+            Some(Ok(u)) if u.scheme() == "https" && u.query().is_none() => {}
+            Some(Ok(u))
+                if u.scheme() == "http"
+                    && u.host_str()
+                        .is_some_and(|h| h == "127.0.0.1" || h == "localhost") => {}
+            _ => {
+                return fail(
+                    "ATLAS_TWILIO_AUTH_TOKEN needs ATLAS_PUBLIC_URL, the https:// base URL Twilio \
+                     reaches this server at (no query string)"
+                        .into(),
+                );
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for n in &self.twilio_numbers {
+            let digits = n.number.strip_prefix('+').unwrap_or("");
+            if digits.is_empty() || digits.len() > 15 || !digits.bytes().all(|b| b.is_ascii_digit())
+            {
+                return fail(format!(
+                    "twilio number {:?} is not in E.164 form (+ and up to 15 digits)",
+                    n.number
+                ));
+            }
+            if n.user_id.is_empty() || n.user_id.len() > 128 {
+                return fail(format!(
+                    "twilio number {}: user_id must be 1-128 characters",
+                    n.number
+                ));
+            }
+            if !seen.insert(&n.number) {
+                return fail(format!("twilio number {} is declared twice", n.number));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_tools(&self) -> Result<(), ConfigError> {
         let fail = |m: String| Err(ConfigError(m));
         if self.tools.is_empty() {

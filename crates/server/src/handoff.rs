@@ -1,25 +1,15 @@
 //! What passes between a connection that completed its handshake and the session it joins.
 
-use axum::extract::ws::WebSocket;
-use futures_util::stream::SplitStream;
-use tokio::task::JoinHandle;
-
-use atlas_protocol::SessionStart;
-
 use crate::auth::Identity;
 use crate::cluster::Owned;
-use crate::transport::v1::writer::{OutboundTx, WriterExit};
+use crate::transport::{Link, Start};
 
-/// A client connection that completed the `session.start` handshake.
+/// A client connection that completed its transport's handshake.
 pub struct Connection {
-    /// Frames from the client.
-    pub stream: SplitStream<WebSocket>,
-    /// Queue to the client.
-    pub outbound: OutboundTx,
-    /// The writer task draining that queue.
-    pub writer: JoinHandle<WriterExit>,
-    /// The client's `session.start`.
-    pub start: SessionStart,
+    /// The connection's reader and writer.
+    pub link: Link,
+    /// What it asked for.
+    pub start: Start,
     /// Who connected.
     pub identity: Identity,
     /// Scale-out: the pending claim this resume commits once attached.
@@ -30,6 +20,7 @@ impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
             .field("user_id", &self.identity.user_id)
+            .field("transport", &self.start.kind)
             .finish_non_exhaustive()
     }
 }

@@ -53,6 +53,19 @@ pub struct SessionRecord {
     pub client_name: Option<String>,
     /// Client version.
     pub client_version: Option<String>,
+    /// How the session was reached: `websocket` or `twilio`.
+    #[serde(default = "websocket")]
+    pub transport: String,
+    /// A phone call's id at the provider.
+    #[serde(default)]
+    pub call_sid: Option<String>,
+    /// A phone call's caller (masked unless the operator records numbers in full).
+    #[serde(default)]
+    pub caller: Option<String>,
+}
+
+fn websocket() -> String {
+    "websocket".into()
 }
 
 /// One row of `voice_turns`.
@@ -155,7 +168,7 @@ pub(crate) enum Val<'a> {
 // The statement plan shared by both backends: column lists, the values bound for each row in
 // column order, and the SQL built from them.
 
-const SESSION_COLUMNS: [&str; 24] = [
+const SESSION_COLUMNS: [&str; 27] = [
     "id",
     "user_id",
     "conversation_id",
@@ -178,6 +191,9 @@ const SESSION_COLUMNS: [&str; 24] = [
     "price_catalog_version",
     "client_name",
     "client_version",
+    "transport",
+    "call_sid",
+    "caller",
     "record_seq",
     "updated_at",
 ];
@@ -212,14 +228,14 @@ const TOOL_CALL_COLUMNS: [&str; 12] = [
     "created_at",
 ];
 
-/// Session rows per statement (24 parameters each).
+/// Session rows per statement (27 parameters each).
 pub(crate) const SESSION_ROWS: usize = 100;
 /// Turn rows per statement (12 parameters each).
 pub(crate) const TURN_ROWS: usize = 500;
 /// Tool-call rows per statement (12 parameters each).
 pub(crate) const TOOL_CALL_ROWS: usize = 500;
 
-pub(crate) fn session_values(snap: &Snapshot, now: DateTime<Utc>) -> [Val<'_>; 24] {
+pub(crate) fn session_values(snap: &Snapshot, now: DateTime<Utc>) -> [Val<'_>; 27] {
     let s = &snap.session;
     [
         Val::Id(s.id),
@@ -244,6 +260,9 @@ pub(crate) fn session_values(snap: &Snapshot, now: DateTime<Utc>) -> [Val<'_>; 2
         Val::OptText(s.price_catalog_version.as_deref()),
         Val::OptText(s.client_name.as_deref()),
         Val::OptText(s.client_version.as_deref()),
+        Val::Text(&s.transport),
+        Val::OptText(s.call_sid.as_deref()),
+        Val::OptText(s.caller.as_deref()),
         Val::Int(i64::try_from(snap.seq).unwrap_or(i64::MAX)),
         Val::Time(now),
     ]
@@ -557,10 +576,10 @@ mod tests {
         let pg = sessions_sql(Backend::Postgres, 2);
         let lite = sessions_sql(Backend::Sqlite, 2);
         assert!(
-            pg.contains("($25, $26,") && pg.ends_with("returning id"),
+            pg.contains("($28, $29,") && pg.ends_with("returning id"),
             "{pg}"
         );
-        assert!(lite.contains("(?25, ?26,") && lite.starts_with("insert into voice_sessions "));
+        assert!(lite.contains("(?28, ?29,") && lite.starts_with("insert into voice_sessions "));
         for sql in [&pg, &lite] {
             assert!(sql.contains("voice_sessions.record_seq < excluded.record_seq"));
             assert!(!sql.contains("id = excluded.id"));

@@ -90,8 +90,10 @@ macro_rules! text_fields {
 }
 
 text_fields!(SessionRecord {
-    text: [user_id],
+    text: [user_id, transport],
     optional: [
+        call_sid,
+        caller,
         conversation_id,
         end_reason,
         stt_model,
@@ -247,6 +249,9 @@ mod tests {
                 price_catalog_version: Some(t()),
                 client_name: Some(t()),
                 client_version: Some(t()),
+                transport: t(),
+                call_sid: Some(t()),
+                caller: Some(t()),
             },
             turns: vec![TurnRecord {
                 session_id: id,
@@ -322,7 +327,7 @@ mod tests {
             .unwrap()
             .matches("\\u0000")
             .count();
-        assert_eq!(nuls, 9 + 3 + 7, "every text field holds a NUL");
+        assert_eq!(nuls, 12 + 3 + 7, "every text field holds a NUL");
         let clean = raw.sanitized();
         assert!(matches!(clean, Cow::Owned(_)));
         assert!(!clean.needs_sanitizing());

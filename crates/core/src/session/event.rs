@@ -91,6 +91,26 @@ pub enum Event {
         /// The connection closes after it.
         fatal: bool,
     },
+    /// Run a tool of the client application.
+    ToolCall {
+        /// The turn.
+        turn_id: u64,
+        /// The call's id (its result names it).
+        call_id: String,
+        /// The tool.
+        name: String,
+        /// The arguments, a JSON object checked against the tool's schema (opaque here).
+        arguments: String,
+        /// How long the session waits for the result.
+        timeout: std::time::Duration,
+    },
+    /// The session stopped waiting for a client tool's result.
+    ToolCancelled {
+        /// The call.
+        call_id: String,
+        /// `timeout`, `interrupted` or `ended`.
+        reason: &'static str,
+    },
     /// The answer to a ping, with its id.
     Pong {
         /// The ping's id, handed back unread.

@@ -20,6 +20,7 @@
 
 mod event;
 pub mod ledger;
+pub mod prestart;
 
 pub use event::{Ending, Event, Opaque};
 
@@ -93,6 +94,8 @@ pub struct Config {
 
 /// Invalid frames tolerated before the connection is closed.
 pub const MAX_INVALID_FRAMES: u32 = 50;
+/// Keypad digits gathered before `#` at most.
+pub const MAX_KEYPAD_DIGITS: usize = 32;
 /// Seconds in a row over the frame-rate cap before the connection is closed.
 pub const MAX_FLOOD_SECONDS: u32 = 5;
 /// Consecutive recogniser failures before the session gives up.
@@ -402,6 +405,16 @@ pub enum Input<'a> {
     },
     /// A reply's task ended (finished, failed, or aborted on request).
     ReplyEnded(ReplyOutcome),
+    /// A key pressed on a phone's keypad (`0`–`9`, `*`, `#`, `A`–`D`).
+    Digit(char),
+    /// The listener's side confirms it played the reply to `turn_id` up to `offset` bytes of
+    /// its PCM, as a telephony provider does by echoing marks.
+    Played {
+        /// The turn.
+        turn_id: u64,
+        /// Bytes of its audio at the output rate.
+        offset: u64,
+    },
     /// Words of the reply to `turn_id` as the model writes them.
     ReplyText {
         /// The turn.
@@ -778,6 +791,8 @@ pub struct Session {
     now: Instant,
     next_checkpoint: Instant,
     lease: Option<Lease>,
+    /// Keypad digits pressed since the last `#`.
+    keypad: String,
     out: VecDeque<Output>,
     actions: Vec<Action>,
 }
@@ -829,6 +844,7 @@ impl Session {
             now,
             next_checkpoint: now + config.checkpoint_interval,
             lease,
+            keypad: String::new(),
             out: VecDeque::new(),
             actions: Vec::new(),
             config,
@@ -1142,6 +1158,12 @@ impl Session {
                 }
             }
             Input::ReplyEnded(outcome) => self.reply_ended(outcome, now),
+            Input::Digit(digit) => self.digit(digit, now),
+            Input::Played { turn_id, offset } => {
+                if let Some(reply) = self.live_reply(turn_id) {
+                    reply.playout.confirm(offset);
+                }
+            }
             Input::ReplyText { turn_id, text } => {
                 if self.live_reply(turn_id).is_some() {
                     self.send(Event::ReplyText { turn_id, text });
@@ -1199,6 +1221,8 @@ impl Session {
                 | Input::End
                 | Input::Refresh(_)
                 | Input::ToolResult { .. }
+                | Input::Digit(_)
+                | Input::Played { .. }
         )
     }
 
@@ -1406,6 +1430,30 @@ impl Session {
             reply.playout.stop(self.now);
             let turn_id = reply.turn_id;
             self.out.push_back(Output::AbortReply { turn_id });
+        }
+    }
+
+    /// A keypad digit: digits gather until `#`, which sends them as a typed turn
+    /// (`keypad: 1234`); `*` clears them. Past [`MAX_KEYPAD_DIGITS`] the oldest are dropped.
+    fn digit(&mut self, digit: char, now: Instant) {
+        if !matches!(digit, '0'..='9' | '*' | '#' | 'A'..='D') {
+            return;
+        }
+        self.timers.activity(now);
+        match digit {
+            '*' => self.keypad.clear(),
+            '#' => {
+                if !self.keypad.is_empty() {
+                    let text = format!("keypad: {}", std::mem::take(&mut self.keypad));
+                    self.turn(turns::Input::Text { text: &text });
+                }
+            }
+            d => {
+                if self.keypad.len() >= MAX_KEYPAD_DIGITS {
+                    self.keypad.remove(0);
+                }
+                self.keypad.push(d);
+            }
         }
     }
 

@@ -14,10 +14,7 @@ pub mod stt_link;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket};
 use bytes::Bytes;
-use futures_util::stream::SplitStream;
-use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -30,7 +27,7 @@ use atlas_core::history::HistoryLimits;
 use atlas_core::resample::StreamResampler;
 use atlas_core::session::ledger::{LlmBill, ReportedTokens, SpendDelta};
 use atlas_core::session::{
-    Config as MachineConfig, Finish, Heard, Input, LeaseAnswer, MAX_FLOOD_SECONDS,
+    Config as MachineConfig, Event, Finish, Heard, Input, LeaseAnswer, MAX_FLOOD_SECONDS,
     MAX_INVALID_FRAMES, MAX_RECOGNISER_FAILURES, Output, ReplyFailure, ReplyOutcome,
     Session as Machine, TOKEN_HANDOVER_GRACE, ToolLog, ToolPolicy, TurnLog,
 };
@@ -38,10 +35,7 @@ use atlas_core::splitter::SplitterConfig;
 use atlas_core::timers::TimerConfig;
 use atlas_core::tools::{CheckedCall, ToolCall, ToolKind};
 use atlas_core::turns::TurnConfig;
-use atlas_protocol::{
-    AudioFormat, ClientMessage, ErrorCode, Limits, ServerEvent, SessionStart, close,
-    parse_client_message,
-};
+use atlas_protocol::{ErrorCode, Limits, close};
 use atlas_providers::llm::{LlmRequest, ToolChoice};
 use atlas_providers::stt::{SttEvent, SttOptions};
 
@@ -53,23 +47,16 @@ pub use crate::handoff::Connection;
 use crate::metrics;
 use crate::registry::{ResumeEntry, SessionPermit};
 use crate::state::AppState;
-use crate::transport;
-use crate::transport::v1::writer::{OutboundTx, WriterExit, run_writer};
+use crate::transport::{Call, FromClient, Kind, Link, Start};
 use response::{Channels, Control, Progress, ResponseCtx, Speech, ToolRound, lock};
 use shared::{Answer, CLUSTER_QUEUE, ClusterOp, Shared, run_cluster_ops};
 use stt_link::{LinkEvent, SttLink};
 
-/// Frames queued for one client.
-const OUTBOUND_CAPACITY: usize = 256;
 /// Text deltas of a reply waiting for the session loop.
 const TEXT_QUEUE: usize = 64;
 /// Pieces of a reply's speech waiting for the playout: with the playout's own buffer, how far
 /// synthesis may run ahead.
 const SPEECH_QUEUE: usize = 4;
-/// A single write slower than this marks a slow consumer.
-const SEND_TIMEOUT: Duration = Duration::from_secs(5);
-/// Time allowed for the first `session.start`.
-pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What an upgraded connection is for.
 pub enum Upgrade {
@@ -83,56 +70,9 @@ pub enum Upgrade {
     Adopt(SessionPermit, Owned),
 }
 
-/// Serves one upgraded connection: the handshake, then either a new session (which runs
-/// here until it ends) or a hand-over to the session being resumed.
-pub async fn handle_upgrade(
-    socket: WebSocket,
-    state: AppState,
-    identity: Identity,
-    upgrade: Upgrade,
-) {
-    let (sink, mut stream) = socket.split();
-    let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
-    let writer = state.sessions.spawn(run_writer(sink, rx, SEND_TIMEOUT));
-    let outbound = OutboundTx::new(tx);
-    let start = match await_start(&state, &mut stream, &outbound).await {
-        Ok(start) => start,
-        Err(reason) => {
-            match reason {
-                EndReason::StartTimeout | EndReason::Policy => {
-                    outbound
-                        .close(close::POLICY, "no valid session.start")
-                        .await
-                }
-                EndReason::ClientEnded => outbound.close(close::NORMAL, "session ended").await,
-                _ => {}
-            }
-            drop(outbound);
-            let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-            match (&upgrade, &state.cluster) {
-                (Upgrade::New(_, _, owned), cluster) => {
-                    metrics::session_ended(reason.label());
-                    if let (Some(cluster), Some(owned)) = (cluster, owned) {
-                        let _ = cluster.release(owned).await;
-                    }
-                }
-                // The resume never completed: the session stays with its owner.
-                (Upgrade::Adopt(_, claim) | Upgrade::Resume(_, Some(claim)), Some(cluster)) => {
-                    let _ = cluster.abandon(claim).await;
-                }
-                _ => {}
-            }
-            return;
-        }
-    };
-    let mut conn = Connection {
-        stream,
-        outbound,
-        writer,
-        start,
-        identity,
-        claim: None,
-    };
+/// A connection whose handshake is done joins its session: a new one (which runs here until
+/// it ends), the session being resumed on this instance, or one another instance owned.
+pub async fn serve(state: AppState, mut conn: Connection, upgrade: Upgrade) {
     match upgrade {
         Upgrade::New(permit, session_id, owned) => {
             run_session(state, conn, permit, session_id, owned, None).await
@@ -141,14 +81,35 @@ pub async fn handle_upgrade(
         Upgrade::Resume(entry, claim) => {
             conn.claim = claim;
             if let Err(mpsc::error::SendError(conn)) = entry.attach.send(conn).await {
-                let _ = conn.outbound.event(ServerEvent::error(
+                let mut link = conn.link;
+                let _ = link.writer.event(Event::problem(
                     ErrorCode::ResumeFailed,
                     "the session has ended; start a new one",
                     true,
                 ));
-                conn.outbound.close(close::NORMAL, "session ended").await;
+                link.writer
+                    .queue()
+                    .close(close::NORMAL, "session ended")
+                    .await;
             }
         }
+    }
+}
+
+/// A connection that never completed its handshake gives back what admission gave it.
+pub async fn abandon(state: &AppState, upgrade: Upgrade, reason: EndReason) {
+    match (upgrade, &state.cluster) {
+        (Upgrade::New(_, _, owned), cluster) => {
+            metrics::session_ended(reason.label());
+            if let (Some(cluster), Some(owned)) = (cluster, owned) {
+                let _ = cluster.release(&owned).await;
+            }
+        }
+        // The resume never completed: the session stays with its owner.
+        (Upgrade::Adopt(_, claim) | Upgrade::Resume(_, Some(claim)), Some(cluster)) => {
+            let _ = cluster.abandon(&claim).await;
+        }
+        _ => {}
     }
 }
 
@@ -176,112 +137,6 @@ async fn adopt(state: AppState, conn: Connection, permit: SessionPermit, claim: 
             );
         }
     }
-}
-
-/// Waits for a valid `session.start`, answering anything else with a non-fatal error.
-async fn await_start<S>(
-    state: &AppState,
-    stream: &mut S,
-    outbound: &OutboundTx,
-) -> Result<SessionStart, EndReason>
-where
-    S: Stream<Item = Result<Message, axum::Error>> + Unpin,
-{
-    let deadline = Instant::now() + START_TIMEOUT;
-    let mut invalid = 0u32;
-    loop {
-        let msg = match tokio::time::timeout_at(deadline, stream.next()).await {
-            Err(_) => {
-                let _ = outbound.event(ServerEvent::error(
-                    ErrorCode::SessionNotStarted,
-                    "no session.start within 10 seconds",
-                    true,
-                ));
-                return Err(EndReason::StartTimeout);
-            }
-            Ok(None) | Ok(Some(Err(_))) => return Err(EndReason::Disconnected),
-            Ok(Some(Ok(m))) => m,
-        };
-        let error = match msg {
-            Message::Text(text) => match parse_client_message(text.as_str()) {
-                Ok(ClientMessage::SessionStart(start)) => match validate_start(state, &start) {
-                    Ok(()) => return Ok(start),
-                    Err(e) => e,
-                },
-                Ok(ClientMessage::Ping { id }) => {
-                    let _ = outbound.event(ServerEvent::Pong { id });
-                    continue;
-                }
-                Ok(ClientMessage::SessionEnd) => return Err(EndReason::ClientEnded),
-                Ok(other) => ServerEvent::error(
-                    ErrorCode::SessionNotStarted,
-                    format!("{} before session.start", other.type_name()),
-                    false,
-                ),
-                Err(e) => ServerEvent::error(e.code(), e.to_string(), false),
-            },
-            Message::Binary(_) => ServerEvent::error(
-                ErrorCode::SessionNotStarted,
-                "audio before session.start is discarded",
-                false,
-            ),
-            Message::Close(_) => return Err(EndReason::Disconnected),
-            Message::Ping(_) | Message::Pong(_) => continue,
-        };
-        invalid += 1;
-        if invalid > MAX_INVALID_FRAMES {
-            return Err(EndReason::Policy);
-        }
-        if outbound.event(error).is_err() {
-            return Err(EndReason::Disconnected);
-        }
-    }
-}
-
-fn validate_start(state: &AppState, start: &SessionStart) -> Result<(), ServerEvent> {
-    let unsupported = |what: &str, f: &AudioFormat| {
-        ServerEvent::error(
-            ErrorCode::UnsupportedAudioFormat,
-            format!(
-                "{what} sample rate {} is not supported (use 8000, 16000, 24000 or 48000)",
-                f.sample_rate
-            ),
-            false,
-        )
-    };
-    if !AudioFormat::SUPPORTED_RATES.contains(&start.input_audio.sample_rate) {
-        return Err(unsupported("input", &start.input_audio));
-    }
-    if !AudioFormat::SUPPORTED_RATES.contains(&start.output_audio.sample_rate) {
-        return Err(unsupported("output", &start.output_audio));
-    }
-    let invalid = |m: String| Err(ServerEvent::error(ErrorCode::InvalidMessage, m, false));
-    if let Some(voice) = &start.voice
-        && !state.engines.tts.has_voice(voice)
-    {
-        return invalid(format!("unknown voice {:?}", truncate(voice, 40)));
-    }
-    if let Some(lang) = &start.language
-        && (lang.is_empty()
-            || lang.len() > 35
-            || !lang.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
-    {
-        return invalid("language must be a BCP-47 tag such as en-US".into());
-    }
-    if start
-        .conversation_id
-        .as_ref()
-        .is_some_and(|c| c.len() > 128)
-    {
-        return invalid("conversation_id is longer than 128 characters".into());
-    }
-    if let Some(client) = &start.client
-        && (client.name.as_ref().is_some_and(|n| n.len() > 64)
-            || client.version.as_ref().is_some_and(|v| v.len() > 64))
-    {
-        return invalid("client name and version must be at most 64 characters".into());
-    }
-    Ok(())
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -315,15 +170,8 @@ enum ResponseEvent {
     Speech(u64, Speech),
 }
 
-/// The attached connection.
-struct Link {
-    stream: SplitStream<WebSocket>,
-    outbound: OutboundTx,
-    writer: JoinHandle<WriterExit>,
-}
-
 enum LinkInput {
-    Frame(Option<Result<Message, axum::Error>>),
+    Client(FromClient),
     WriterGone,
 }
 
@@ -332,8 +180,8 @@ async fn link_next(link: &mut Option<Link>) -> LinkInput {
     match link {
         None => std::future::pending().await,
         Some(l) => tokio::select! {
-            m = l.stream.next() => LinkInput::Frame(m),
-            _ = l.outbound.closed() => LinkInput::WriterGone,
+            m = l.reader.next() => LinkInput::Client(m),
+            _ = l.writer.queue().closed() => LinkInput::WriterGone,
         },
     }
 }
@@ -367,6 +215,10 @@ struct Driver {
     turn_records: Vec<atlas_store::TurnRecord>,
     conversation_id: Option<String>,
     client: Option<atlas_protocol::ClientInfo>,
+    /// How the session was reached.
+    kind: Kind,
+    /// The phone call, when the session is one.
+    call: Option<Call>,
     shared: Option<Shared>,
     answers_rx: mpsc::Receiver<Answer>,
     answers_tx: mpsc::Sender<Answer>,
@@ -534,6 +386,8 @@ impl Driver {
             turn_records: Vec::new(),
             conversation_id: first.start.conversation_id.clone(),
             client: first.start.client.clone(),
+            kind: first.start.kind,
+            call: first.start.call.clone(),
             shared,
             answers_rx,
             answers_tx,
@@ -576,9 +430,9 @@ impl Driver {
     }
 
     /// Sets up audio for a connection's `session.start` (a resume may change formats).
-    fn configure_media(&mut self, start: &SessionStart) {
+    fn configure_media(&mut self, start: &Start) {
         let config = &self.state.config;
-        let client_rate = start.input_audio.sample_rate;
+        let client_rate = start.input.sample_rate;
         let stt_rate = self.state.engines.stt.input_rate(client_rate);
         self.input_resampler = (stt_rate != client_rate)
             .then(|| StreamResampler::new(client_rate, stt_rate).ok())
@@ -639,27 +493,24 @@ impl Driver {
         }
         if let Some(old) = self.link.take() {
             info!("replacing the attached connection with a resumed one");
-            let outbound = old.outbound.clone();
+            let mut writer = old.writer;
             self.state.sessions.spawn(async move {
-                let _ = outbound.event(ServerEvent::error(
+                let _ = writer.event(Event::problem(
                     ErrorCode::Internal,
                     "this connection was replaced by a resumed one",
                     true,
                 ));
-                outbound
+                writer
+                    .queue()
                     .close(close::REPLACED, "replaced by a resumed connection")
                     .await;
             });
-            drop(old.writer);
+            drop(old.task);
         }
         self.configure_media(&conn.start);
         let expiry = expiry_instant(conn.identity.expires_at);
         self.identity = conn.identity;
-        self.link = Some(Link {
-            stream: conn.stream,
-            outbound: conn.outbound,
-            writer: conn.writer,
-        });
+        self.link = Some(conn.link);
         self.link_broken = false;
         self.permit.set_detached(false);
         if resumed {
@@ -670,8 +521,8 @@ impl Driver {
             resumed,
             token: new_resume_token(),
             token_expiry: expiry,
-            input: conn.start.input_audio,
-            output: conn.start.output_audio,
+            input: conn.start.input,
+            output: conn.start.output,
         })
         .await;
         // The recogniser connection opens with the first audio frame (buffered meanwhile), so
@@ -696,8 +547,8 @@ impl Driver {
         info!(why, "connection lost; waiting for a resume");
         // The writer drains what is queued (a close frame, say) and stops by itself once
         // every sender is gone; a dead socket ends it through the send timeout.
-        drop(link.outbound);
         drop(link.writer);
+        drop(link.task);
         self.permit.set_detached(true);
         self.machine.handle(Input::Detach, now());
     }
@@ -738,8 +589,8 @@ impl Driver {
                 biased;
                 _ = &mut cancelled, if !self.machine.is_ended() => self.feed(Input::Shutdown).await,
                 input = link_next(&mut self.link) => match input {
-                    LinkInput::Frame(Some(Ok(m))) => self.on_client(m).await,
-                    LinkInput::Frame(_) => self.detach("connection closed").await,
+                    LinkInput::Client(FromClient::Closed(why)) => self.detach(why).await,
+                    LinkInput::Client(m) => self.on_client(m).await,
                     LinkInput::WriterGone => self.detach("client stopped reading").await,
                 },
                 Some(conn) = self.attach_rx.recv() => {
@@ -810,18 +661,18 @@ impl Driver {
     async fn drain_outputs(&mut self) -> Option<Finish> {
         while let Some(output) = self.machine.poll_output() {
             match output {
-                Output::Event(event) => self.emit(transport::v1::events::server_event(event)),
-                Output::Audio { pcm, .. } => {
+                Output::Event(event) => self.emit(event),
+                Output::Audio { turn_id, pcm } => {
                     let rate = self.machine.output_format().sample_rate;
-                    if let Some(link) = &self.link
-                        && link.outbound.audio(pcm, rate).is_err()
+                    if let Some(link) = &mut self.link
+                        && link.writer.audio(turn_id, pcm, rate).is_err()
                     {
                         self.link_broken = true;
                     }
                 }
                 Output::Ping => {
                     if let Some(link) = &self.link
-                        && link.outbound.ping().is_err()
+                        && link.writer.ping().is_err()
                     {
                         self.link_broken = true;
                     }
@@ -863,10 +714,7 @@ impl Driver {
                             task.abort();
                         }
                     }
-                    ToolKind::Client => self.emit(ServerEvent::ToolCancelled {
-                        call_id,
-                        reason: reason.to_owned(),
-                    }),
+                    ToolKind::Client => self.emit(Event::ToolCancelled { call_id, reason }),
                 },
                 Output::Acknowledge { turn_id, text } => {
                     self.control_reply(turn_id, Control::Say(text));
@@ -921,9 +769,9 @@ impl Driver {
                 }
                 Output::CloseConnection(code, reason) => {
                     if let Some(link) = self.link.take() {
-                        link.outbound.close(code, reason).await;
-                        drop(link.outbound);
+                        link.writer.queue().close(code, reason).await;
                         drop(link.writer);
+                        drop(link.task);
                         self.permit.set_detached(true);
                     }
                 }
@@ -972,52 +820,38 @@ impl Driver {
     }
 
     /// Sends an event to the attached client, if any; a full queue marks a slow consumer.
-    fn emit(&mut self, event: ServerEvent) {
-        if let Some(link) = &self.link
-            && link.outbound.event(event).is_err()
+    fn emit(&mut self, event: Event) {
+        if let Some(link) = &mut self.link
+            && link.writer.event(event).is_err()
         {
             self.link_broken = true;
         }
     }
 
-    async fn on_client(&mut self, msg: Message) {
+    async fn on_client(&mut self, msg: FromClient) {
         let input = match msg {
-            Message::Pong(_) => Input::Pong,
-            Message::Ping(_) => return,
-            Message::Close(_) => return self.detach("client closed the connection").await,
-            Message::Binary(pcm) => Input::Audio(pcm),
-            Message::Text(text) => match parse_client_message(text.as_str()) {
-                Ok(ClientMessage::SessionStart(_)) => Input::StartAgain,
-                Ok(ClientMessage::InputCommit) => Input::Commit,
-                Ok(ClientMessage::ResponseCancel) => Input::Cancel,
-                Ok(ClientMessage::InputText { text }) => {
-                    // A typed turn: the machine answers it like a final transcript.
-                    return self.feed(Input::Text(&text)).await;
-                }
-                Ok(ClientMessage::Ping { id }) => Input::Ping(transport::v1::events::ping_id(id)),
-                Ok(ClientMessage::SessionEnd) => Input::End,
-                Ok(ClientMessage::ToolResult {
-                    call_id,
-                    result,
-                    error,
-                }) => {
-                    let result = match (result, error) {
-                        (Some(value), _) => Ok(value.to_string()),
-                        (None, error) => Err(error.unwrap_or_default()),
-                    };
-                    return self
-                        .feed(Input::ToolResult {
-                            call_id: &call_id,
-                            result,
-                        })
-                        .await;
-                }
-                Ok(ClientMessage::AuthRefresh { token }) => Input::Refresh(token),
-                Err(e) => {
-                    metrics::message_rejected(e.code().as_str());
-                    Input::Invalid(e.code(), e.to_string())
-                }
-            },
+            FromClient::Audio(pcm) => Input::Audio(pcm),
+            FromClient::Commit => Input::Commit,
+            FromClient::Cancel => Input::Cancel,
+            FromClient::Text(text) => return self.feed(Input::Text(&text)).await,
+            FromClient::Ping(id) => Input::Ping(id),
+            FromClient::StartAgain => Input::StartAgain,
+            FromClient::End => Input::End,
+            FromClient::ToolResult { call_id, result } => {
+                return self
+                    .feed(Input::ToolResult {
+                        call_id: &call_id,
+                        result,
+                    })
+                    .await;
+            }
+            FromClient::Refresh(token) => Input::Refresh(token),
+            FromClient::Invalid(code, message) => Input::Invalid(code, message),
+            FromClient::Pong => Input::Pong,
+            FromClient::Digit(digit) => Input::Digit(digit),
+            FromClient::Played { turn_id, offset } => Input::Played { turn_id, offset },
+            FromClient::Nothing => return,
+            FromClient::Closed(why) => return self.detach(why).await,
         };
         self.feed(input).await;
     }
@@ -1213,15 +1047,12 @@ impl Driver {
     fn call_tool(&mut self, turn_id: u64, call: ToolCall, kind: ToolKind, timeout: Duration) {
         match kind {
             ToolKind::Client => {
-                // Checked against the schema already: the arguments are a JSON object.
-                let arguments =
-                    serde_json::from_str(&call.arguments).unwrap_or_else(|_| serde_json::json!({}));
-                self.emit(ServerEvent::ToolCall {
+                self.emit(Event::ToolCall {
                     turn_id,
                     call_id: call.id,
                     name: call.name,
-                    arguments,
-                    timeout_ms: timeout.as_millis() as u64,
+                    arguments: call.arguments,
+                    timeout,
                 });
             }
             ToolKind::Server => {
@@ -1344,6 +1175,16 @@ impl Driver {
         });
     }
 
+    /// A caller's number as recorded: masked to its last four digits unless the operator
+    /// records numbers in full.
+    fn recorded_caller(&self, caller: &str) -> String {
+        if self.state.config.twilio_record_caller {
+            caller.to_owned()
+        } else {
+            crate::transport::twilio::mask_number(caller)
+        }
+    }
+
     fn record_id(&self) -> uuid::Uuid {
         uuid::Uuid::parse_str(self.machine.id()).unwrap_or_default()
     }
@@ -1384,6 +1225,9 @@ impl Driver {
                 price_catalog_version: Some(self.state.catalog_version.clone()),
                 client_name: self.client.as_ref().and_then(|c| c.name.clone()),
                 client_version: self.client.as_ref().and_then(|c| c.version.clone()),
+                transport: self.kind.label().to_owned(),
+                call_sid: self.call.as_ref().map(|c| c.call_sid.clone()),
+                caller: self.call.as_ref().map(|c| self.recorded_caller(&c.caller)),
             },
             turns: self.turn_records.clone(),
             tool_calls: self.tool_records.clone(),
@@ -1435,9 +1279,9 @@ impl Driver {
         metrics::session_ended(reason.label());
         if let Some(link) = self.link.take() {
             let (code, text) = reason.close();
-            link.outbound.close(code, text).await;
-            drop(link.outbound);
-            let _ = tokio::time::timeout(Duration::from_secs(2), link.writer).await;
+            link.writer.queue().close(code, text).await;
+            drop(link.writer);
+            let _ = tokio::time::timeout(Duration::from_secs(2), link.task).await;
         }
     }
 }
@@ -1451,10 +1295,13 @@ fn refuse_connection(
     close_code: u16,
 ) {
     tasks.spawn(async move {
-        let _ = conn.outbound.event(ServerEvent::error(code, message, true));
-        conn.outbound.close(close_code, "resume refused").await;
-        drop(conn.outbound);
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.writer).await;
+        let Link {
+            mut writer, task, ..
+        } = conn.link;
+        let _ = writer.event(Event::problem(code, message, true));
+        writer.queue().close(close_code, "resume refused").await;
+        drop(writer);
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     });
 }
 

@@ -44,6 +44,9 @@ fn snapshot(id: uuid::Uuid, seq: u64, ended: bool, turns: i32) -> Snapshot {
             price_catalog_version: Some("test".into()),
             client_name: None,
             client_version: None,
+            transport: "websocket".into(),
+            call_sid: None,
+            caller: None,
         },
         turns: (1..=turns)
             .map(|i| TurnRecord {

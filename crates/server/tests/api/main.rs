@@ -17,3 +17,4 @@ mod protocol;
 mod records;
 mod timers;
 mod tools;
+mod twilio;

@@ -250,6 +250,9 @@ pub fn snapshot(id: Uuid, user: &str, seq: u64, turns: i32) -> Snapshot {
             price_catalog_version: Some("test".into()),
             client_name: None,
             client_version: None,
+            transport: "websocket".into(),
+            call_sid: None,
+            caller: None,
         },
         turns: (1..=turns)
             .map(|i| TurnRecord {

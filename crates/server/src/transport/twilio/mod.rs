@@ -8,7 +8,12 @@
 //! `mark` to learn when playback reaches a point, and `clear` to cut playback short when the
 //! caller barges in.
 //!
-//! The pieces here are pure: no I/O, no clock, no configuration.
+//! The server's side, with I/O:
+//! - [`webhook`]: the voice webhook and the stream's upgrade.
+//! - [`stream`]: the stream's handshake, its messages in the session's terms, and the
+//!   session's output on it.
+//!
+//! The pieces they use are pure: no I/O, no clock, no configuration.
 //! - [`signature`]: `X-Twilio-Signature`, which proves the webhook request came from Twilio.
 //! - [`twiml`]: the webhook's answers, connect the call to the stream or refuse it.
 //! - [`credential`]: who the call belongs to, signed by us in the webhook's answer and brought
@@ -25,5 +30,35 @@
 pub mod credential;
 pub mod mulaw;
 pub mod signature;
+pub mod stream;
 pub mod twiml;
+pub mod webhook;
 pub mod wire;
+
+/// A phone number with all but its last four digits masked (`+14155550123` → `+*******0123`).
+pub fn mask_number(number: &str) -> String {
+    let digits = number.chars().filter(char::is_ascii_digit).count();
+    let mut seen = 0;
+    number
+        .chars()
+        .map(|c| {
+            if c.is_ascii_digit() {
+                seen += 1;
+                if seen + 4 <= digits { '*' } else { c }
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn numbers_keep_only_their_last_four_digits() {
+        assert_eq!(super::mask_number("+14155550123"), "+*******0123");
+        assert_eq!(super::mask_number("123"), "123");
+        assert_eq!(super::mask_number(""), "");
+        assert_eq!(super::mask_number("anonymous"), "anonymous");
+    }
+}

@@ -54,6 +54,24 @@ pub fn server_event(event: Event) -> ServerEvent {
             latency_ms: breakdown(latency),
         },
         Event::Interrupted { turn_id } => ServerEvent::ResponseInterrupted { turn_id },
+        Event::ToolCall {
+            turn_id,
+            call_id,
+            name,
+            arguments,
+            timeout,
+        } => ServerEvent::ToolCall {
+            turn_id,
+            call_id,
+            name,
+            // Checked against the schema already: the arguments are a JSON object.
+            arguments: serde_json::from_str(&arguments).unwrap_or_else(|_| serde_json::json!({})),
+            timeout_ms: timeout.as_millis() as u64,
+        },
+        Event::ToolCancelled { call_id, reason } => ServerEvent::ToolCancelled {
+            call_id,
+            reason: reason.to_owned(),
+        },
         Event::Usage(usage) => ServerEvent::Usage(usage_v1(usage)),
         Event::BudgetWarning {
             spent_usd,

@@ -1,9 +1,9 @@
-//! The single writer of a protocol v1 connection: serialises events, writes audio frames,
-//! closes.
+//! The single writer of a connection, whatever its transport: writes the frames the
+//! transport rendered, in order, and closes.
 //!
 //! Every frame to the client goes through one bounded queue drained by this task, in the
-//! order the session machine decided it (the machine sends no audio of a turn after its
-//! `response.interrupted`), and frames waiting together are flushed together.
+//! order the session machine decided it (the machine sends no audio of a turn after that
+//! turn was cut), and frames waiting together are flushed together.
 
 use std::time::Duration;
 
@@ -12,17 +12,29 @@ use bytes::Bytes;
 use futures_util::{Sink, SinkExt};
 use tokio::sync::mpsc;
 
-use atlas_protocol::ServerEvent;
+/// Frames queued for one client.
+pub const CAPACITY: usize = 256;
+/// A single write slower than this marks a slow consumer.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Starts the writer task for a connection's sending half; returns its queue and the task.
+pub fn spawn<S>(
+    tasks: &tokio_util::task::TaskTracker,
+    sink: S,
+) -> (OutboundTx, tokio::task::JoinHandle<WriterExit>)
+where
+    S: Sink<Message> + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(CAPACITY);
+    let task = tasks.spawn(run_writer(sink, rx, SEND_TIMEOUT));
+    (OutboundTx::new(tx), task)
+}
 
 /// Frames queued for the client.
 #[derive(Debug)]
 pub enum Outbound {
-    /// A JSON event.
-    Event(ServerEvent),
-    /// A frame of reply audio (PCM at the client's output rate, at most [`MAX_FRAME_MS`]).
-    Audio(Bytes),
-    /// A WebSocket ping (heartbeat).
-    Ping,
+    /// A WebSocket message, rendered by the transport.
+    Frame(Message),
     /// Close the connection with this code and reason; nothing after it is written.
     Close {
         /// WebSocket close code.
@@ -53,40 +65,20 @@ impl OutboundTx {
         OutboundTx { tx }
     }
 
-    /// Queues an event without waiting; a full queue means a slow consumer.
-    pub fn event(&self, event: ServerEvent) -> Result<(), SendError> {
+    /// Queues a frame without waiting; a full queue means a slow consumer (everything the
+    /// session sends is paced or small).
+    pub fn frame(&self, frame: Message) -> Result<(), SendError> {
         self.tx
-            .try_send(Outbound::Event(event))
+            .try_send(Outbound::Frame(frame))
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => SendError::Full,
                 mpsc::error::TrySendError::Closed(_) => SendError::Closed,
             })
     }
 
-    /// Queues a piece of reply audio as frames of at most [`MAX_FRAME_MS`] at `rate`, without
-    /// waiting (the playout paces it, so a full queue means a slow consumer).
-    pub fn audio(&self, pcm: Bytes, rate: u32) -> Result<(), SendError> {
-        let max = (rate * MAX_FRAME_MS / 1000).max(1) as usize * 2;
-        let mut offset = 0;
-        while offset < pcm.len() {
-            let end = (offset + max).min(pcm.len());
-            self.tx
-                .try_send(Outbound::Audio(pcm.slice(offset..end)))
-                .map_err(|e| match e {
-                    mpsc::error::TrySendError::Full(_) => SendError::Full,
-                    mpsc::error::TrySendError::Closed(_) => SendError::Closed,
-                })?;
-            offset = end;
-        }
-        Ok(())
-    }
-
-    /// Queues a heartbeat ping.
+    /// Queues a WebSocket ping (heartbeat).
     pub fn ping(&self) -> Result<(), SendError> {
-        self.tx.try_send(Outbound::Ping).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SendError::Full,
-            mpsc::error::TrySendError::Closed(_) => SendError::Closed,
-        })
+        self.frame(Message::Ping(Bytes::new()))
     }
 
     /// Queues the close frame (waits briefly for room).
@@ -115,9 +107,6 @@ pub enum WriterExit {
     Gone,
 }
 
-/// Largest audio frame protocol v1 sends, in milliseconds (docs/protocol.md, section 4.3).
-pub const MAX_FRAME_MS: u32 = 100;
-
 /// Most frames written before one flush.
 const MAX_BATCH: usize = 32;
 
@@ -139,9 +128,7 @@ where
         let mut batched = 0;
         while let Some(item) = next.take() {
             let frame = match item {
-                Outbound::Event(event) => Message::Text(event.to_json().into()),
-                Outbound::Audio(pcm) => Message::Binary(pcm),
-                Outbound::Ping => Message::Ping(Bytes::new()),
+                Outbound::Frame(frame) => frame,
                 Outbound::Close { code, reason } => {
                     let frame = Message::Close(Some(CloseFrame {
                         code,
@@ -177,25 +164,8 @@ mod tests {
     use super::*;
     use futures_util::StreamExt;
 
-    #[tokio::test]
-    async fn a_piece_of_audio_goes_out_as_frames_of_at_most_100_ms() {
-        let (sink_tx, sink_rx) = futures::channel::mpsc::channel::<Message>(64);
-        let (tx, rx) = mpsc::channel(16);
-        let out = OutboundTx::new(tx);
-        // 250 ms at 8 kHz: 100 + 100 + 50 ms, whole samples.
-        out.audio(Bytes::from(vec![7u8; 4000]), 8000).unwrap();
-        out.close(1000, "bye").await;
-        let exit = run_writer(sink_tx, rx, Duration::from_secs(1)).await;
-        assert_eq!(exit, WriterExit::Closed);
-        let frames: Vec<Message> = sink_rx.collect().await;
-        let sizes: Vec<usize> = frames
-            .iter()
-            .filter_map(|m| match m {
-                Message::Binary(b) => Some(b.len()),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(sizes, [1600, 1600, 800]);
+    fn audio(bytes: Vec<u8>) -> Message {
+        Message::Binary(Bytes::from(bytes))
     }
 
     #[tokio::test(start_paused = true)]
@@ -205,10 +175,25 @@ mod tests {
         let (tx, rx) = mpsc::channel(16);
         let out = OutboundTx::new(tx);
         for i in 0..5 {
-            out.audio(Bytes::from(vec![i; 4]), 8000).unwrap();
+            out.frame(audio(vec![i; 4])).unwrap();
         }
         let exit = run_writer(sink_tx, rx, Duration::from_secs(2)).await;
         assert_eq!(exit, WriterExit::SlowConsumer);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_written_after_the_close() {
+        let (sink_tx, sink_rx) = futures::channel::mpsc::channel::<Message>(64);
+        let (tx, rx) = mpsc::channel(16);
+        let out = OutboundTx::new(tx);
+        out.frame(audio(vec![1; 4])).unwrap();
+        out.close(1000, "bye").await;
+        out.frame(audio(vec![2; 4])).unwrap();
+        let exit = run_writer(sink_tx, rx, Duration::from_secs(1)).await;
+        assert_eq!(exit, WriterExit::Closed);
+        let frames: Vec<Message> = sink_rx.collect().await;
+        assert_eq!(frames.len(), 2);
+        assert!(matches!(frames.last(), Some(Message::Close(Some(f))) if f.code == 1000));
     }
 
     /// A sink that records frames and counts flushes.
@@ -253,9 +238,9 @@ mod tests {
         let (tx, rx) = mpsc::channel(64);
         let out = OutboundTx::new(tx);
         for i in 0..5u8 {
-            out.audio(Bytes::from(vec![i; 4]), 8000).unwrap();
+            out.frame(audio(vec![i; 4])).unwrap();
         }
-        out.event(ServerEvent::Pong { id: None }).unwrap();
+        out.frame(Message::Text("{}".into())).unwrap();
         let mut sink = Counting::default();
         let writer = tokio::spawn(async move {
             let exit = run_writer(&mut sink, rx, Duration::from_secs(1)).await;
@@ -263,7 +248,8 @@ mod tests {
         });
         // Let the burst go out, then send a lone frame and close.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        out.audio(Bytes::from_static(b"alone!"), 8000).unwrap();
+        out.frame(Message::Binary(Bytes::from_static(b"alone")))
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         out.close(1000, "bye").await;
         let (exit, sink) = writer.await.unwrap();
@@ -273,7 +259,7 @@ mod tests {
             .iter()
             .map(|m| match m {
                 Message::Binary(b) if b.len() == 4 => format!("a{}", b[0]),
-                Message::Binary(b) => String::from_utf8_lossy(b).trim_end_matches('!').to_owned(),
+                Message::Binary(b) => String::from_utf8_lossy(b).into_owned(),
                 Message::Text(_) => "event".into(),
                 Message::Close(_) => "close".into(),
                 _ => "other".into(),
@@ -291,10 +277,7 @@ mod tests {
     async fn full_queue_reports_slow_consumer() {
         let (tx, _rx) = mpsc::channel(1);
         let out = OutboundTx::new(tx);
-        out.event(ServerEvent::Pong { id: None }).unwrap();
-        assert_eq!(
-            out.event(ServerEvent::Pong { id: None }),
-            Err(SendError::Full)
-        );
+        out.ping().unwrap();
+        assert_eq!(out.ping(), Err(SendError::Full));
     }
 }

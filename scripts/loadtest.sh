@@ -7,6 +7,8 @@
 #        (defaults 1000 20 5; loopback only; stops by itself)
 # LOADTEST_PIN=1 runs the server on the first CPU and the fakes and the generator on the
 # others (taskset), so that a generator falling behind does not show up as server latency.
+# LOADTEST_TWILIO=1 places SESSIONS phone calls through the fake Twilio instead (signed
+# webhook, TwiML, a media stream of 20 ms mu-law frames at real-time pace; CHUNK_MS is unused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/atlas-voice/target}"
@@ -39,6 +41,12 @@ export ATLAS_LISTEN="127.0.0.1:$server_port" ATLAS_DEV=true \
   ATLAS_OPENAI_URL="http://127.0.0.1:$fakes_port/v1" \
   ATLAS_CONNECT_RATE_PER_S=1000000 ATLAS_CONNECT_BURST=1000000 \
   ATLAS_MAX_SESSIONS_PER_USER=100000 DATABASE_URL="sqlite://$data/atlas-voice.db"
+twilio_token=loadtest-twilio-auth-token-0123456789
+if [ -n "${LOADTEST_TWILIO:-}" ]; then
+  printf '[[twilio_numbers]]\nnumber = "+12025550199"\nuser_id = "loadtest"\n' >"$data/atlas.toml"
+  export ATLAS_CONFIG="$data/atlas.toml" ATLAS_TWILIO_AUTH_TOKEN="$twilio_token" \
+    ATLAS_PUBLIC_URL="http://127.0.0.1:$server_port"
+fi
 RUST_LOG=warn "${server_cpu[@]}" "$bin" serve >/dev/null &
 server_pid=$!
 trap 'kill "$server_pid" "$fakes_pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$data"' EXIT
@@ -46,6 +54,12 @@ for _ in $(seq 100); do
   curl -sf "http://127.0.0.1:$server_port/healthz" >/dev/null 2>&1 && break
   sleep 0.1
 done
+if [ -n "${LOADTEST_TWILIO:-}" ]; then
+  "${client_cpu[@]}" "$bin" loadtest --twilio --url "http://127.0.0.1:$server_port" \
+    --public-url "http://127.0.0.1:$server_port" --twilio-auth-token "$twilio_token" \
+    --sessions "$n" --ramp-ms "$ramp" --server-pid "$server_pid" --fakes-pid "$fakes_pid" "$@"
+  exit 0
+fi
 token=$("$bin" token --user loadtest)
 "${client_cpu[@]}" "$bin" loadtest --url "ws://127.0.0.1:$server_port/v1/voice" --token "$token" \
   --sessions "$n" --chunk-ms "$chunk" --ramp-ms "$ramp" \

@@ -281,6 +281,8 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
                 .context("--url is required without --spawn")?,
             args.token
                 .clone()
+                // A phone call carries no token.
+                .or_else(|| phone.twilio.then(String::new))
                 .context("--token is required without --spawn")?,
         )
     };

@@ -720,10 +720,7 @@ async fn a_phone_call_on_the_local_engines_gets_an_answer_that_transcribes_back(
     ])
     .expect("serve starts on the local engines");
     // The question at 8 kHz, as a phone line carries it.
-    let question: Vec<i16> = spoken_question()
-        .chunks(2)
-        .map(|p| ((i32::from(p[0]) + i32::from(*p.get(1).unwrap_or(&p[0]))) / 2) as i16)
-        .collect();
+    let question = atlas_testkit::phone_line(&spoken_question());
     let base = server
         .url()
         .replace("ws://", "http://")

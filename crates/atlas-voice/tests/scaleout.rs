@@ -31,6 +31,22 @@ fn spawn(fakes: &Fakes, redis: &str, prefix: &str, extra: &[(&str, &str)]) -> In
     .expect("the server starts")
 }
 
+/// Two instances sharing Redis under a fresh key prefix, both with `extra` settings.
+fn two_instances(fakes: &Fakes, extra: &[(&str, &str)]) -> (Instance, Instance) {
+    let p = prefix();
+    let a = spawn(fakes, REDIS, &p, extra);
+    let b = spawn(fakes, REDIS, &p, extra);
+    (a, b)
+}
+
+/// The next incoming item; panics if none comes within `timeout` or the connection ended.
+async fn next_item(conn: &mut Connection, timeout: Duration) -> Incoming {
+    tokio::time::timeout(timeout, conn.incoming.recv())
+        .await
+        .expect("an incoming item in time")
+        .expect("the connection is open")
+}
+
 fn prefix() -> String {
     format!("atlas-test-{}", uuid_like())
 }
@@ -64,11 +80,7 @@ async fn start(
         .await
         .unwrap();
     loop {
-        match tokio::time::timeout(Duration::from_secs(5), conn.incoming.recv())
-            .await
-            .unwrap()
-            .unwrap()
-        {
+        match next_item(&mut conn, Duration::from_secs(5)).await {
             Incoming::Event {
                 event: e @ (ServerEvent::SessionStarted { .. } | ServerEvent::SessionResumed { .. }),
                 ..
@@ -94,11 +106,7 @@ async fn ask(conn: &mut Connection, turn: u64) {
     let streaming =
         tokio::spawn(async move { stream_pcm(&sender, &question(), 16_000, 100, 4.0).await });
     loop {
-        match tokio::time::timeout(Duration::from_secs(20), conn.incoming.recv())
-            .await
-            .unwrap()
-            .unwrap()
-        {
+        match next_item(conn, Duration::from_secs(20)).await {
             Incoming::Event {
                 event: ServerEvent::ResponseDone { turn_id, .. },
                 ..
@@ -110,14 +118,30 @@ async fn ask(conn: &mut Connection, turn: u64) {
     streaming.abort();
 }
 
+/// Starts a session of `user` on `instance` and has one turn; returns the connection, the
+/// session id and the resume token.
+async fn session_with_one_turn(instance: &Instance, user: &str) -> (Connection, String, String) {
+    let (mut conn, started) = start(&instance.url(), user, None).await.unwrap();
+    let (session_id, resume_token) = ids(started);
+    ask(&mut conn, 1).await;
+    (conn, session_id, resume_token)
+}
+
+/// The messages of the last LLM request the fakes received.
+fn last_llm_messages(fakes: &Fakes) -> Vec<serde_json::Value> {
+    let recorded = fakes.recorded();
+    recorded.llm_requests.last().unwrap().1["messages"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
 const REDIS: &str = "redis://127.0.0.1:6379";
 
 #[tokio::test]
 async fn the_user_limit_holds_across_instances_and_a_crash_frees_places_within_the_lease() {
     let fakes = start_fakes(fast_fakes()).await;
-    let p = prefix();
-    let mut a = spawn(&fakes, REDIS, &p, &[]);
-    let b = spawn(&fakes, REDIS, &p, &[]);
+    let (mut a, b) = two_instances(&fakes, &[]);
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(start(&a.url(), "busy", None).await.expect("admitted on A"));
@@ -151,19 +175,8 @@ async fn the_user_limit_holds_across_instances_and_a_crash_frees_places_within_t
 #[tokio::test]
 async fn a_session_dropped_on_one_instance_resumes_on_the_other_with_its_history() {
     let fakes = start_fakes(fast_fakes()).await;
-    let p = prefix();
-    let a = spawn(&fakes, REDIS, &p, &[]);
-    let b = spawn(&fakes, REDIS, &p, &[]);
-    let (mut conn, started) = start(&a.url(), "traveller", None).await.unwrap();
-    let ServerEvent::SessionStarted {
-        session_id,
-        resume_token,
-        ..
-    } = started
-    else {
-        unreachable!()
-    };
-    ask(&mut conn, 1).await;
+    let (a, b) = two_instances(&fakes, &[]);
+    let (conn, session_id, resume_token) = session_with_one_turn(&a, "traveller").await;
     conn.abort();
     // B takes the session over once A has published it.
     let began = Instant::now();
@@ -180,11 +193,7 @@ async fn a_session_dropped_on_one_instance_resumes_on_the_other_with_its_history
     assert_eq!(resumed_id, session_id);
     assert_eq!(turns, 1);
     ask(&mut conn, 2).await;
-    let recorded = fakes.recorded();
-    let messages = recorded.llm_requests.last().unwrap().1["messages"]
-        .as_array()
-        .unwrap()
-        .clone();
+    let messages = last_llm_messages(&fakes);
     assert_eq!(messages.len(), 3, "the history came along: {messages:?}");
     assert_eq!(
         messages[0]["content"],
@@ -196,13 +205,11 @@ async fn a_session_dropped_on_one_instance_resumes_on_the_other_with_its_history
 #[tokio::test]
 async fn the_daily_budget_holds_across_instances() {
     let fakes = start_fakes(fast_fakes()).await;
-    let p = prefix();
     let budget = [
         ("ATLAS_USER_DAILY_BUDGET_USD", "0.008"),
         ("ATLAS_LLM_MAX_TOKENS", "100"),
     ];
-    let a = spawn(&fakes, REDIS, &p, &budget);
-    let b = spawn(&fakes, REDIS, &p, &budget);
+    let (a, b) = two_instances(&fakes, &budget);
     let (mut conn, _) = start(&a.url(), "spender", None).await.unwrap();
     ask(&mut conn, 1).await;
     conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
@@ -233,11 +240,7 @@ async fn without_redis_new_sessions_are_refused_and_live_ones_continue() {
         .await
         .unwrap();
     let pong = loop {
-        match tokio::time::timeout(Duration::from_secs(5), live.incoming.recv())
-            .await
-            .unwrap()
-            .unwrap()
-        {
+        match next_item(&mut live, Duration::from_secs(5)).await {
             Incoming::Event {
                 event: ServerEvent::Pong { .. },
                 ..
@@ -262,19 +265,8 @@ async fn without_redis_new_sessions_are_refused_and_live_ones_continue() {
 #[tokio::test]
 async fn a_draining_instance_hands_its_sessions_to_another() {
     let fakes = start_fakes(fast_fakes()).await;
-    let p = prefix();
-    let a = spawn(&fakes, REDIS, &p, &[]);
-    let b = spawn(&fakes, REDIS, &p, &[]);
-    let (mut conn, started) = start(&a.url(), "mover", None).await.unwrap();
-    let ServerEvent::SessionStarted {
-        session_id,
-        resume_token,
-        ..
-    } = started
-    else {
-        unreachable!()
-    };
-    ask(&mut conn, 1).await;
+    let (a, b) = two_instances(&fakes, &[]);
+    let (mut conn, session_id, resume_token) = session_with_one_turn(&a, "mover").await;
     // Deploy: A is told to stop.
     let status = Command::new("kill")
         .arg("-TERM")
@@ -283,10 +275,7 @@ async fn a_draining_instance_hands_its_sessions_to_another() {
         .unwrap();
     assert!(status.success());
     let close = loop {
-        let item = tokio::time::timeout(Duration::from_secs(10), conn.incoming.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let item = next_item(&mut conn, Duration::from_secs(10)).await;
         if let Incoming::Closed { code, .. } = item {
             break code;
         }
@@ -397,9 +386,7 @@ fn ids(started: ServerEvent) -> (String, String) {
 #[tokio::test]
 async fn racing_resumes_on_two_instances_yield_one_live_session() {
     let fakes = start_fakes(fast_fakes()).await;
-    let p = prefix();
-    let a = spawn(&fakes, REDIS, &p, &[]);
-    let b = spawn(&fakes, REDIS, &p, &[]);
+    let (a, b) = two_instances(&fakes, &[]);
     let (conn, started) = start(&a.url(), "racer", None).await.unwrap();
     let (session_id, resume_token) = ids(started);
     conn.abort();
@@ -427,12 +414,8 @@ async fn racing_resumes_on_two_instances_yield_one_live_session() {
 #[tokio::test]
 async fn a_session_survives_kill_9_of_its_instance() {
     let fakes = start_fakes(fast_fakes()).await;
-    let p = prefix();
-    let mut a = spawn(&fakes, REDIS, &p, &[]);
-    let b = spawn(&fakes, REDIS, &p, &[]);
-    let (mut conn, started) = start(&a.url(), "survivor", None).await.unwrap();
-    let (session_id, resume_token) = ids(started);
-    ask(&mut conn, 1).await;
+    let (mut a, b) = two_instances(&fakes, &[]);
+    let (_conn, session_id, resume_token) = session_with_one_turn(&a, "survivor").await;
     // The turn's state is replicated as the turn ends (queued before `response.done`); give
     // the write its round trip to Redis, then A dies without a word.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -458,11 +441,7 @@ async fn a_session_survives_kill_9_of_its_instance() {
     assert!(killed.elapsed() < Duration::from_secs(31));
     // Usage comes right after session.resumed: the first turn's tokens are still counted.
     let usage = loop {
-        match tokio::time::timeout(Duration::from_secs(5), conn.incoming.recv())
-            .await
-            .unwrap()
-            .unwrap()
-        {
+        match next_item(&mut conn, Duration::from_secs(5)).await {
             Incoming::Event {
                 event: ServerEvent::Usage(u),
                 ..
@@ -476,11 +455,7 @@ async fn a_session_survives_kill_9_of_its_instance() {
         "{usage:?}"
     );
     ask(&mut conn, 2).await;
-    let recorded = fakes.recorded();
-    let messages = recorded.llm_requests.last().unwrap().1["messages"]
-        .as_array()
-        .unwrap()
-        .clone();
+    let messages = last_llm_messages(&fakes);
     assert_eq!(messages.len(), 3, "the history survived: {messages:?}");
 }
 
@@ -625,9 +600,7 @@ async fn pair_with_one_turn(prefix: &str, user: &str) -> Pair {
     let url = format!("sqlite://{}", db.display());
     let a = spawn(&fakes, REDIS, prefix, &[("DATABASE_URL", &url)]);
     let b = spawn(&fakes, REDIS, prefix, &[("DATABASE_URL", &url)]);
-    let (mut conn, started) = start(&a.url(), user, None).await.unwrap();
-    let (session_id, resume_token) = ids(started);
-    ask(&mut conn, 1).await;
+    let (conn, session_id, resume_token) = session_with_one_turn(&a, user).await;
     Pair {
         _a: a,
         b,
@@ -690,6 +663,18 @@ async fn a_resume_that_never_completes_leaves_the_session_with_its_owner() {
     );
 }
 
+/// Runs `cmd` (`what`, for messages) to completion, checks that it succeeded and returns its
+/// output.
+fn run_ok(cmd: &mut Command, what: &str) -> std::process::Output {
+    let out = cmd.output().expect(what);
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A Redis server speaking only TLS on a free loopback port, with a certificate from a CA
 /// made for the test (openssl); stopped on drop.
 struct TlsRedis {
@@ -709,16 +694,9 @@ impl TlsRedis {
     fn start() -> TlsRedis {
         let dir = tempfile::tempdir().unwrap();
         let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(dir.path())
-                .output()
-                .expect("openssl");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let mut cmd = Command::new("openssl");
+            cmd.args(args).current_dir(dir.path());
+            run_ok(&mut cmd, &format!("openssl {args:?}"));
         };
         openssl(&[
             "req",
@@ -811,17 +789,11 @@ impl TlsRedis {
 
     /// Keys under `prefix`, read with redis-cli over TLS.
     fn keys(&self, prefix: &str) -> Vec<String> {
-        let out = Command::new("redis-cli")
-            .args(["--tls", "--cacert", &self.ca(), "-h", "127.0.0.1"])
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["--tls", "--cacert", &self.ca(), "-h", "127.0.0.1"])
             .args(["-p", &self.port.to_string(), "--scan", "--pattern"])
-            .arg(format!("{prefix}:*"))
-            .output()
-            .expect("redis-cli");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .arg(format!("{prefix}:*"));
+        let out = run_ok(&mut cmd, "redis-cli");
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(str::to_owned)

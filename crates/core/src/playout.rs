@@ -124,7 +124,9 @@ impl Playout {
         let ahead = self.sent - elapsed.min(self.sent);
         let room = self.high - ahead.min(self.high);
         let pending = self.pending.len() as u64;
-        if ahead > self.low || (ahead > self.low / 2 && pending < room) {
+        // A full piece goes at the low mark; less than that waits for more until half of it.
+        let piece = self.high - self.low;
+        if ahead > self.low || (ahead > self.low / 2 && pending < piece) {
             return None;
         }
         let mut len = whole(room.min(pending));
@@ -160,9 +162,11 @@ impl Playout {
         Some(clock + duration_ceil(self.sent.saturating_sub(mark), self.rate))
     }
 
-    /// Whether more audio may be pushed: less than the high mark waits to be sent.
+    /// Whether more audio may be pushed: less than a piece waits to be sent. Synthesis runs
+    /// at most a piece (plus what is on its way) ahead of what the listener holds, and a
+    /// driver that takes audio only when asked takes it in the same wake-up that sends a piece.
     pub fn wants_audio(&self) -> bool {
-        self.stopped.is_none() && (self.pending.len() as u64) < self.high
+        self.stopped.is_none() && (self.pending.len() as u64) < self.high - self.low
     }
 
     /// Whether everything pushed has been sent.
@@ -322,6 +326,18 @@ mod tests {
     }
 
     #[test]
+    fn a_late_wake_up_still_sends_the_waiting_piece() {
+        let t0 = Instant::now();
+        let mut p = Playout::new(RATE, ms(400));
+        p.push(&audio(400));
+        assert!(p.poll(t0).is_some());
+        p.push(&audio(200));
+        assert_eq!(p.next_due(), Some(t0 + ms(200)));
+        // Woken 30 ms late: the buffer is below the low mark, a whole piece waits.
+        assert_eq!(p.poll(t0 + ms(230)).map(|b| len_ms(&b)), Some(200));
+    }
+
+    #[test]
     fn a_gap_restarts_the_clock() {
         let t0 = Instant::now();
         let mut p = Playout::new(RATE, ms(400));
@@ -399,10 +415,10 @@ mod tests {
     }
 
     #[test]
-    fn the_buffer_wants_audio_until_it_holds_the_high_mark() {
+    fn the_buffer_wants_audio_until_it_holds_a_piece() {
         let mut p = Playout::new(RATE, ms(400));
         assert!(p.wants_audio());
-        p.push(&audio(399));
+        p.push(&audio(199));
         assert!(p.wants_audio());
         p.push(&audio(1));
         assert!(!p.wants_audio());

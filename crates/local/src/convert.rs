@@ -348,6 +348,32 @@ impl<W: Write> Emitter<'_, '_, W> {
         )?;
         self.put(&format!("{name}.bias"), &format!("{src}/bias"), WHOLE, F32)
     }
+
+    /// Writes rows `part.0` of `part.1` equal parts of the fused projection `src` as the
+    /// projection `name`: its weight and, when `bias`, its bias.
+    fn fused_part(
+        &mut self,
+        name: &str,
+        src: &str,
+        part: (usize, usize),
+        bias: bool,
+    ) -> Result<(), ConvertError> {
+        self.put(
+            &format!("{name}.weight"),
+            &format!("{src}/weight"),
+            Some(part),
+            F16,
+        )?;
+        if bias {
+            self.put(
+                &format!("{name}.bias"),
+                &format!("{src}/bias"),
+                Some(part),
+                F32,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 struct Writer<W: Write> {
@@ -492,36 +518,9 @@ pub fn ct2_to_ggml(
                 &format!("{c}/self_attention/layer_norm"),
             )?;
             let qkv = format!("{c}/self_attention/linear_0");
-            e.put(
-                &format!("{b}.attn.query.weight"),
-                &format!("{qkv}/weight"),
-                Some((0, 3)),
-                F16,
-            )?;
-            e.put(
-                &format!("{b}.attn.query.bias"),
-                &format!("{qkv}/bias"),
-                Some((0, 3)),
-                F32,
-            )?;
-            e.put(
-                &format!("{b}.attn.key.weight"),
-                &format!("{qkv}/weight"),
-                Some((1, 3)),
-                F16,
-            )?;
-            e.put(
-                &format!("{b}.attn.value.weight"),
-                &format!("{qkv}/weight"),
-                Some((2, 3)),
-                F16,
-            )?;
-            e.put(
-                &format!("{b}.attn.value.bias"),
-                &format!("{qkv}/bias"),
-                Some((2, 3)),
-                F32,
-            )?;
+            e.fused_part(&format!("{b}.attn.query"), &qkv, (0, 3), true)?;
+            e.fused_part(&format!("{b}.attn.key"), &qkv, (1, 3), false)?;
+            e.fused_part(&format!("{b}.attn.value"), &qkv, (2, 3), true)?;
             e.linear(
                 &format!("{b}.attn.out"),
                 &format!("{c}/self_attention/linear_1"),
@@ -531,24 +530,8 @@ pub fn ct2_to_ggml(
                 e.layer_norm(&format!("{b}.cross_attn_ln"), &format!("{a}/layer_norm"))?;
                 e.linear(&format!("{b}.cross_attn.query"), &format!("{a}/linear_0"))?;
                 let kv = format!("{a}/linear_1");
-                e.put(
-                    &format!("{b}.cross_attn.key.weight"),
-                    &format!("{kv}/weight"),
-                    Some((0, 2)),
-                    F16,
-                )?;
-                e.put(
-                    &format!("{b}.cross_attn.value.weight"),
-                    &format!("{kv}/weight"),
-                    Some((1, 2)),
-                    F16,
-                )?;
-                e.put(
-                    &format!("{b}.cross_attn.value.bias"),
-                    &format!("{kv}/bias"),
-                    Some((1, 2)),
-                    F32,
-                )?;
+                e.fused_part(&format!("{b}.cross_attn.key"), &kv, (0, 2), false)?;
+                e.fused_part(&format!("{b}.cross_attn.value"), &kv, (1, 2), true)?;
                 e.linear(&format!("{b}.cross_attn.out"), &format!("{a}/linear_2"))?;
             }
             e.layer_norm(&format!("{b}.mlp_ln"), &format!("{c}/ffn/layer_norm"))?;

@@ -153,14 +153,19 @@ fn read_len(input: &mut impl Read, max: usize, what: &str) -> io::Result<Option<
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    let len = u32::from_le_bytes(len) as usize;
+    checked_len(len, max, what).map(Some)
+}
+
+/// The length a frame part's 4-byte prefix gives, refused over `max`.
+fn checked_len(prefix: [u8; 4], max: usize, what: &str) -> io::Result<usize> {
+    let len = u32::from_le_bytes(prefix) as usize;
     if len > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{what} of {len} bytes is over the {max}-byte limit"),
         ));
     }
-    Ok(Some(len))
+    Ok(len)
 }
 
 /// Reads one frame; `None` at a clean end of input.
@@ -192,26 +197,14 @@ pub async fn read_frame_async<T: for<'de> Deserialize<'de>>(
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_HEADER {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "header over the limit",
-        ));
-    }
+    let len = checked_len(len, MAX_HEADER, "header")?;
     let mut header = vec![0u8; len];
     input.read_exact(&mut header).await?;
     let header = serde_json::from_slice(&header)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut len = [0u8; 4];
     input.read_exact(&mut len).await?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_PAYLOAD {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "payload over the limit",
-        ));
-    }
+    let len = checked_len(len, MAX_PAYLOAD, "payload")?;
     let mut payload = vec![0u8; len];
     input.read_exact(&mut payload).await?;
     Ok(Some((header, payload)))

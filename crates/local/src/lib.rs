@@ -13,6 +13,20 @@
 //! [`ipc`] over its standard input and output. That also keeps a crash in native inference
 //! code from taking the server down.
 
+/// The identity a local adapter reports to its provider trait: provider `local`, and the model
+/// in its `model` field. (Defined before the modules, which use it.)
+macro_rules! local_identity {
+    () => {
+        fn provider(&self) -> &'static str {
+            "local"
+        }
+
+        fn model(&self) -> &str {
+            &self.model
+        }
+    };
+}
+
 pub mod convert;
 pub mod ipc;
 pub mod llm;

@@ -58,13 +58,7 @@ impl LocalLlm {
 
 #[async_trait]
 impl LlmProvider for LocalLlm {
-    fn provider(&self) -> &'static str {
-        "local"
-    }
-
-    fn model(&self) -> &str {
-        &self.model
-    }
+    local_identity!();
 
     async fn stream(&self, request: LlmRequest) -> Result<LlmStream, ProviderError> {
         let d = &self.decoding;

@@ -44,13 +44,7 @@ impl PiperTts {
 
 #[async_trait]
 impl TtsProvider for PiperTts {
-    fn provider(&self) -> &'static str {
-        "local"
-    }
-
-    fn model(&self) -> &str {
-        &self.model
-    }
+    local_identity!();
 
     fn sample_rate(&self) -> u32 {
         PIPER_RATE

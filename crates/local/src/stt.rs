@@ -171,13 +171,7 @@ fn without_repeats(text: &str) -> String {
 
 #[async_trait]
 impl SttProvider for LocalStt {
-    fn provider(&self) -> &'static str {
-        "local"
-    }
-
-    fn model(&self) -> &str {
-        &self.model
-    }
+    local_identity!();
 
     fn input_rate(&self, _client_rate: u32) -> u32 {
         RATE

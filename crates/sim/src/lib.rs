@@ -601,18 +601,7 @@ impl World {
         // What the task still had on its way reaches the machine before its end: one more
         // chunk, and the last sentence's end.
         let now = self.now();
-        let bpm = bytes_per_ms(&self.sessions[s].copies[c].machine);
-        let chunk = vec![0u8; (CHUNK_MS * bpm) as usize];
-        let turn_id = r.turn_id;
-        self.feed(
-            s,
-            c,
-            Input::ReplyAudio {
-                turn_id,
-                pcm: &chunk,
-            },
-        );
-        r.pushed_ms += CHUNK_MS;
+        self.push_chunk(s, c, &mut r);
         self.end_sentence(s, c, &r);
         let outcome = self.bill(s, c, &r, true);
         let copy = &mut self.sessions[s].copies[c];
@@ -626,27 +615,32 @@ impl World {
         let Some(mut r) = self.sessions[s].copies[c].request.take() else {
             return;
         };
-        let bpm = bytes_per_ms(&self.sessions[s].copies[c].machine);
-        let chunk = vec![0u8; (CHUNK_MS * bpm) as usize];
         let due = ((self.now_ms - r.started_ms) * SYNTHESIS_SPEED).min(REPLY_MS);
         while r.pushed_ms + CHUNK_MS <= due
             && self.sessions[s].copies[c].machine.wants_reply_audio()
         {
-            let turn_id = r.turn_id;
-            self.feed(
-                s,
-                c,
-                Input::ReplyAudio {
-                    turn_id,
-                    pcm: &chunk,
-                },
-            );
-            r.pushed_ms += CHUNK_MS;
+            self.push_chunk(s, c, &mut r);
             if r.pushed_ms % SENTENCE_MS == 0 {
                 self.end_sentence(s, c, &r);
             }
         }
         self.sessions[s].copies[c].request = Some(r);
+    }
+
+    /// One chunk of the reply's speech reaches the machine.
+    fn push_chunk(&mut self, s: usize, c: usize, r: &mut Request) {
+        let bpm = bytes_per_ms(&self.sessions[s].copies[c].machine);
+        let chunk = vec![0u8; (CHUNK_MS * bpm) as usize];
+        let turn_id = r.turn_id;
+        self.feed(
+            s,
+            c,
+            Input::ReplyAudio {
+                turn_id,
+                pcm: &chunk,
+            },
+        );
+        r.pushed_ms += CHUNK_MS;
     }
 
     /// The sentence whose audio ends where the pushed audio does.

@@ -36,6 +36,15 @@ pub fn token_for(user: &str, ttl_s: u64) -> String {
 }
 
 /// Fakes with short latencies so tests finish quickly.
+/// 16 kHz speech as a phone line carries it: 8 kHz (a two-tap average, then every other
+/// sample).
+pub fn phone_line(samples: &[i16]) -> Vec<i16> {
+    samples
+        .chunks(2)
+        .map(|p| ((i32::from(p[0]) + i32::from(*p.get(1).unwrap_or(&p[0]))) / 2) as i16)
+        .collect()
+}
+
 pub fn fast_fakes() -> FakesConfig {
     let mut c = FakesConfig::default();
     c.llm.first_token = Duration::from_millis(80);

@@ -52,8 +52,6 @@ use response::{Channels, Control, Progress, ResponseCtx, Speech, ToolRound, lock
 use shared::{Answer, CLUSTER_QUEUE, ClusterOp, Shared, run_cluster_ops};
 use stt_link::{LinkEvent, SttLink};
 
-/// Text deltas of a reply waiting for the session loop.
-const TEXT_QUEUE: usize = 64;
 /// Pieces of a reply's speech waiting for the playout: with the playout's own buffer, how far
 /// synthesis may run ahead.
 const SPEECH_QUEUE: usize = 4;
@@ -153,7 +151,7 @@ struct ActiveResponse {
     /// Its rounds that ended in tool calls.
     rounds: mpsc::Receiver<ToolRound>,
     /// Its model's words.
-    text: mpsc::Receiver<String>,
+    text: mpsc::UnboundedReceiver<String>,
     /// Its speech, taken while the machine's playout wants it.
     speech: mpsc::Receiver<Speech>,
 }
@@ -563,6 +561,7 @@ impl Driver {
         let timer = tokio::time::sleep_until(far());
         tokio::pin!(timer);
         loop {
+            self.pull_speech();
             if let Some(finish) = self.drain_outputs().await {
                 return finish;
             }
@@ -956,7 +955,10 @@ impl Driver {
         };
         let (control_tx, control) = mpsc::unbounded_channel();
         let (rounds_tx, rounds) = mpsc::channel(1);
-        let (text_tx, text) = mpsc::channel(TEXT_QUEUE);
+        // Unbounded, so that reading the model's stream never waits for the loop: a provider
+        // bills what it generated, and text left unread when a reply is cut would be billed
+        // by the provider and not by the ledger. A reply's text is bounded by its token cap.
+        let (text_tx, text) = mpsc::unbounded_channel();
         let (speech_tx, speech) = mpsc::channel(SPEECH_QUEUE);
         let channels = Channels {
             control,
@@ -977,6 +979,21 @@ impl Driver {
             text,
             speech,
         });
+    }
+
+    /// Hands the playout the speech already waiting, as long as it wants more: in the same
+    /// wake-up that sent a piece, not one wake-up per chunk.
+    fn pull_speech(&mut self) {
+        while self.machine.wants_reply_audio() {
+            let Some(active) = &mut self.response else {
+                return;
+            };
+            let turn_id = active.turn_id;
+            let Ok(speech) = active.speech.try_recv() else {
+                return;
+            };
+            self.on_speech(turn_id, speech);
+        }
     }
 
     /// A reply's speech reaches the machine's playout.

@@ -178,7 +178,7 @@ pub struct Channels {
     /// Rounds that ended in tool calls.
     pub rounds: mpsc::Sender<ToolRound>,
     /// The model's words as they come.
-    pub text: mpsc::Sender<String>,
+    pub text: mpsc::UnboundedSender<String>,
     /// The speech, taken as the playout wants it.
     pub speech: mpsc::Sender<Speech>,
 }
@@ -195,7 +195,11 @@ async fn run_inner(
     progress: &Arc<Mutex<Progress>>,
     channels: Channels,
 ) -> Result<(), Failure> {
-    let (sentence_tx, sentence_rx) = mpsc::channel::<Sentence>(32);
+    // Unbounded (a reply's sentences are bounded by its token cap) so that the model's stream
+    // is read as fast as it comes, whatever playback is doing: a provider bills what it
+    // generated, and text it sent that we had not read when the reply was cut would be on its
+    // bill and not on ours.
+    let (sentence_tx, sentence_rx) = mpsc::unbounded_channel::<Sentence>();
     let (job_tx, job_rx) = mpsc::channel::<Job>(ctx.prefetch);
     let speech = channels.speech.clone();
     tokio::try_join!(
@@ -212,7 +216,7 @@ async fn read_llm(
     ctx: &ResponseCtx,
     progress: &Arc<Mutex<Progress>>,
     mut channels: Channels,
-    sentences: mpsc::Sender<Sentence>,
+    sentences: mpsc::UnboundedSender<Sentence>,
 ) -> Result<(), Failure> {
     let mut request = ctx.request.clone();
     let mut ready = Vec::new();
@@ -238,12 +242,12 @@ async fn read_llm(
                         p.generated.push_str(&text);
                     }
                     splitter.push(&text, &mut ready);
-                    if channels.text.send(text).await.is_err() {
+                    if channels.text.send(text).is_err() {
                         // The session dropped the reply.
                         return Ok(());
                     }
                     for s in ready.drain(..) {
-                        if sentences.send((Some(round), s)).await.is_err() {
+                        if sentences.send((Some(round), s)).is_err() {
                             return Ok(());
                         }
                     }
@@ -259,7 +263,7 @@ async fn read_llm(
         }
         // The round's last words are spoken now (while any tools run).
         if let Some(rest) = splitter.finish() {
-            let _ = sentences.send((Some(round), rest)).await;
+            let _ = sentences.send((Some(round), rest));
         }
         if calls.is_empty() {
             return Ok(());
@@ -282,7 +286,7 @@ async fn read_llm(
         request = loop {
             match channels.control.recv().await {
                 Some(Control::Say(text)) => {
-                    if sentences.send((None, text)).await.is_err() {
+                    if sentences.send((None, text)).is_err() {
                         return Ok(());
                     }
                 }
@@ -298,7 +302,7 @@ async fn read_llm(
 async fn start_tts(
     ctx: &ResponseCtx,
     progress: &Arc<Mutex<Progress>>,
-    mut sentences: mpsc::Receiver<Sentence>,
+    mut sentences: mpsc::UnboundedReceiver<Sentence>,
     jobs: mpsc::Sender<Job>,
 ) -> Result<(), Failure> {
     let permits = Arc::new(Semaphore::new(ctx.prefetch));

@@ -198,3 +198,22 @@ pub struct Link {
     /// The task writing the frames.
     pub task: JoinHandle<WriterExit>,
 }
+
+impl Link {
+    /// The connection, its handshake done, joins its session.
+    pub async fn join(
+        self,
+        state: crate::state::AppState,
+        start: Start,
+        identity: crate::auth::Identity,
+        upgrade: crate::session::Upgrade,
+    ) {
+        let conn = crate::session::Connection {
+            link: self,
+            start,
+            identity,
+            claim: None,
+        };
+        crate::session::serve(state, conn, upgrade).await;
+    }
+}

@@ -133,6 +133,13 @@ impl Db {
     }
 }
 
+/// A proxy in front of the local PostgreSQL, to stall or cut it.
+async fn postgres_proxy() -> Proxy {
+    Proxy::start(SocketAddr::from(([127, 0, 0, 1], 5432)))
+        .await
+        .unwrap()
+}
+
 async fn start_recorder(
     url: &str,
     spool: &Path,
@@ -279,9 +286,7 @@ async fn sqlite_queue_overflow_never_replaces_a_final_record() {
 #[tokio::test]
 async fn shutdown_with_a_stalled_database_loses_nothing() {
     let db = Db::postgres().await;
-    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 5432)))
-        .await
-        .unwrap();
+    let proxy = postgres_proxy().await;
     let dir = tempfile::tempdir().unwrap();
     let spool_dir = dir.path().join("spool");
     let (recorder, task, stop) = start_recorder(&db.url_via(proxy.addr), &spool_dir).await;
@@ -351,12 +356,27 @@ async fn readyz(app: &TestApp) -> (u16, serde_json::Value) {
     (resp.status().as_u16(), resp.json().await.unwrap())
 }
 
+/// The body of a GET.
+async fn get_text(url: String) -> String {
+    let resp = reqwest::get(url).await.unwrap();
+    resp.text().await.unwrap()
+}
+
+/// Starts a session for `user` and ends it at once; returns the connection, for the caller to
+/// keep open.
+async fn end_a_session(app: &TestApp, user: &str) -> atlas_client::Connection {
+    let (conn, _) = app.start(user, 24_000).await;
+    conn.sender
+        .send(&atlas_protocol::ClientMessage::SessionEnd)
+        .await
+        .unwrap();
+    conn
+}
+
 #[tokio::test]
 async fn readiness_rides_out_a_database_outage_while_the_spool_has_room() {
     let db = PgDb::new().await;
-    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], 5432)))
-        .await
-        .unwrap();
+    let proxy = postgres_proxy().await;
     let url = db.url_via(proxy.addr);
     let app = spawn_app_with(fast_fakes(), move |c| {
         c.database_url = url;
@@ -385,32 +405,19 @@ async fn readiness_rides_out_a_database_outage_while_the_spool_has_room() {
     proxy.cut();
     // A session ends while the database is down: its record is spooled, the instance stays
     // ready (the spool has room) and says the database is down.
-    let (conn, _) = app.start("u1", 24_000).await;
-    conn.sender
-        .send(&atlas_protocol::ClientMessage::SessionEnd)
-        .await
-        .unwrap();
+    let _u1 = end_a_session(&app, "u1").await;
     let down = until(10, || async {
         let (s, b) = readyz(&app).await;
         s == 200 && b["database"] == "down" && b["spooled_records"] == 1
     })
     .await;
     assert!(down, "{}", readyz(&app).await.1);
-    let metrics = reqwest::get(format!("http://{}/metrics", app.addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(format!("http://{}/metrics", app.addr)).await;
     // (The metrics registry is shared by every test in this process: names only.)
     assert!(metrics.contains("atlas_database_up"), "{metrics}");
     assert!(metrics.contains("atlas_spool_records"));
     // A second one fills the spool to its limit: now the instance is out of rotation.
-    let (conn, _) = app.start("u2", 24_000).await;
-    conn.sender
-        .send(&atlas_protocol::ClientMessage::SessionEnd)
-        .await
-        .unwrap();
+    let _u2 = end_a_session(&app, "u2").await;
     let full = until(10, || async { readyz(&app).await.0 == 503 }).await;
     let (_, body) = readyz(&app).await;
     assert!(full, "{body}");

@@ -18,6 +18,46 @@ async fn ask(conn: &mut atlas_client::Connection, turn: u64) -> Vec<Incoming> {
     items
 }
 
+/// Asks (see [`ask`]) and checks that the turn went through without an error.
+async fn ask_ok(conn: &mut atlas_client::Connection, turn: u64) -> Vec<Incoming> {
+    let items = ask(conn, turn).await;
+    assert!(
+        errors(&items).is_empty(),
+        "turn {turn}: {:#?}",
+        summary(&items)
+    );
+    items
+}
+
+/// Asks (see [`ask`]) and checks that the turn ended with one non-fatal `code` error.
+async fn ask_failing(
+    conn: &mut atlas_client::Connection,
+    turn: u64,
+    code: ErrorCode,
+) -> Vec<Incoming> {
+    let items = ask(conn, turn).await;
+    assert_eq!(
+        errors(&items),
+        vec![(code, false)],
+        "turn {turn}: {:#?}",
+        summary(&items)
+    );
+    items
+}
+
+/// Queues `times` answers with HTTP `status` (no `retry-after`) for `target`.
+fn inject_status(app: &TestApp, target: Target, status: u16, times: usize) {
+    for _ in 0..times {
+        app.fakes.inject(
+            target,
+            Fault::Status {
+                status,
+                retry_after_s: None,
+            },
+        );
+    }
+}
+
 fn done_interrupted(items: &[Incoming], turn: u64) -> bool {
     items.iter().any(|i| {
         matches!(event(i), Some(ServerEvent::ResponseDone { turn_id, interrupted: true, .. }) if *turn_id == turn)
@@ -34,16 +74,9 @@ async fn llm_429_with_retry_after_and_529_are_retried() {
             retry_after_s: Some(1),
         },
     );
-    app.fakes.inject(
-        Target::Anthropic,
-        Fault::Status {
-            status: 529,
-            retry_after_s: None,
-        },
-    );
+    inject_status(&app, Target::Anthropic, 529, 1);
     let (mut conn, _) = app.start("u", 24_000).await;
-    let items = ask(&mut conn, 1).await;
-    assert!(errors(&items).is_empty(), "{:#?}", summary(&items));
+    let items = ask_ok(&mut conn, 1).await;
     assert!(!done_interrupted(&items, 1));
     assert!(audio_bytes(&items) > 0);
     assert_eq!(
@@ -56,27 +89,12 @@ async fn llm_429_with_retry_after_and_529_are_retried() {
 #[tokio::test]
 async fn llm_failing_past_the_retries_gives_a_clear_error_and_the_session_goes_on() {
     let app = spawn_app().await;
-    for _ in 0..3 {
-        app.fakes.inject(
-            Target::Anthropic,
-            Fault::Status {
-                status: 500,
-                retry_after_s: None,
-            },
-        );
-    }
+    inject_status(&app, Target::Anthropic, 500, 3);
     let (mut conn, _) = app.start("u", 24_000).await;
-    let items = ask(&mut conn, 1).await;
-    assert_eq!(
-        errors(&items),
-        vec![(ErrorCode::LlmFailed, false)],
-        "{:#?}",
-        summary(&items)
-    );
+    let items = ask_failing(&mut conn, 1, ErrorCode::LlmFailed).await;
     assert!(done_interrupted(&items, 1));
     // The next turn works.
-    let items = ask(&mut conn, 2).await;
-    assert!(errors(&items).is_empty());
+    let items = ask_ok(&mut conn, 2).await;
     assert!(audio_bytes(&items) > 0);
 }
 
@@ -87,17 +105,10 @@ async fn llm_mid_stream_error_and_dropped_stream_end_the_turn_only() {
     app.fakes.inject(Target::Anthropic, Fault::DropMidStream);
     let (mut conn, _) = app.start("u", 24_000).await;
     for turn in 1..=2 {
-        let items = ask(&mut conn, turn).await;
-        assert_eq!(
-            errors(&items),
-            vec![(ErrorCode::LlmFailed, false)],
-            "turn {turn}: {:#?}",
-            summary(&items)
-        );
+        let items = ask_failing(&mut conn, turn, ErrorCode::LlmFailed).await;
         assert!(done_interrupted(&items, turn));
     }
-    let items = ask(&mut conn, 3).await;
-    assert!(errors(&items).is_empty());
+    let items = ask_ok(&mut conn, 3).await;
     assert!(!done_interrupted(&items, 3));
 }
 
@@ -106,16 +117,9 @@ async fn tts_stall_times_out_with_a_clear_error() {
     let app = spawn_app_with(fast_fakes(), |c| c.provider_idle_timeout_s = 1).await;
     app.fakes.inject(Target::OpenAiTts, Fault::Stall);
     let (mut conn, _) = app.start("u", 24_000).await;
-    let items = ask(&mut conn, 1).await;
-    assert_eq!(
-        errors(&items),
-        vec![(ErrorCode::TtsFailed, false)],
-        "{:#?}",
-        summary(&items)
-    );
+    let items = ask_failing(&mut conn, 1, ErrorCode::TtsFailed).await;
     assert!(done_interrupted(&items, 1));
-    let items = ask(&mut conn, 2).await;
-    assert!(errors(&items).is_empty());
+    ask_ok(&mut conn, 2).await;
 }
 
 #[tokio::test]
@@ -125,31 +129,10 @@ async fn tts_failure_mid_audio_and_http_error_end_the_turn_only() {
     let app = spawn_app_with(fast_fakes(), |c| c.tts_prefetch = 1).await;
     app.fakes.inject(Target::OpenAiTts, Fault::DropMidStream);
     let (mut conn, _) = app.start("u", 24_000).await;
-    let items = ask(&mut conn, 1).await;
-    assert_eq!(
-        errors(&items),
-        vec![(ErrorCode::TtsFailed, false)],
-        "{:#?}",
-        summary(&items)
-    );
-    for _ in 0..3 {
-        app.fakes.inject(
-            Target::OpenAiTts,
-            Fault::Status {
-                status: 503,
-                retry_after_s: None,
-            },
-        );
-    }
-    let items = ask(&mut conn, 2).await;
-    assert_eq!(
-        errors(&items),
-        vec![(ErrorCode::TtsFailed, false)],
-        "{:#?}",
-        summary(&items)
-    );
-    let items = ask(&mut conn, 3).await;
-    assert!(errors(&items).is_empty());
+    ask_failing(&mut conn, 1, ErrorCode::TtsFailed).await;
+    inject_status(&app, Target::OpenAiTts, 503, 3);
+    ask_failing(&mut conn, 2, ErrorCode::TtsFailed).await;
+    ask_ok(&mut conn, 3).await;
 }
 
 #[tokio::test]
@@ -178,15 +161,7 @@ async fn stt_drop_mid_utterance_reconnects_and_the_session_goes_on() {
 #[tokio::test]
 async fn stt_refusing_connections_ends_the_session_with_a_fatal_error() {
     let app = spawn_app().await;
-    for _ in 0..10 {
-        app.fakes.inject(
-            Target::Stt,
-            Fault::Status {
-                status: 503,
-                retry_after_s: None,
-            },
-        );
-    }
+    inject_status(&app, Target::Stt, 503, 10);
     let (mut conn, _) = app.start("u", 24_000).await;
     let question = with_silence(speech("question_16k.wav"), 6.0);
     let streaming = stream(&conn, question, 2.0);

@@ -19,6 +19,28 @@ async fn refusal(app: &TestApp, token: &str) -> (u16, String) {
     }
 }
 
+/// Starts a session on an open connection and waits for `session.started`.
+async fn start_session(conn: &mut atlas_client::Connection) {
+    conn.sender
+        .send(&start_message(16_000, 24_000))
+        .await
+        .unwrap();
+    collect_until(conn, Duration::from_secs(5), |i| {
+        matches!(event(i), Some(ServerEvent::SessionStarted { .. }))
+    })
+    .await;
+}
+
+/// Collects until the connection closes (within `timeout`).
+async fn until_closed(conn: &mut atlas_client::Connection, timeout: Duration) -> Vec<Incoming> {
+    collect_until(conn, timeout, |i| matches!(i, Incoming::Closed { .. })).await
+}
+
+/// Whether the last item is a close with this code.
+fn closed_with(items: &[Incoming], code: u16) -> bool {
+    matches!(items.last(), Some(Incoming::Closed { code: Some(c), .. }) if *c == code)
+}
+
 #[tokio::test]
 async fn bad_credentials_are_refused_before_the_upgrade_with_json_errors() {
     let app = spawn_app().await;
@@ -74,14 +96,7 @@ async fn tokens_travel_in_header_subprotocol_or_query_and_v1_is_selected() {
             Some("atlas-voice.v1"),
             "{carrier:?}"
         );
-        conn.sender
-            .send(&start_message(16_000, 24_000))
-            .await
-            .unwrap();
-        collect_until(&mut conn, Duration::from_secs(5), |i| {
-            matches!(event(i), Some(ServerEvent::SessionStarted { .. }))
-        })
-        .await;
+        start_session(&mut conn).await;
     }
 }
 
@@ -124,14 +139,7 @@ async fn bad_input_gets_non_fatal_errors_and_loses_nothing() {
     ))
     .await;
     expect_error(&mut conn, ErrorCode::InvalidMessage).await;
-    conn.sender
-        .send(&start_message(16_000, 24_000))
-        .await
-        .unwrap();
-    collect_until(&mut conn, Duration::from_secs(5), |i| {
-        matches!(event(i), Some(ServerEvent::SessionStarted { .. }))
-    })
-    .await;
+    start_session(&mut conn).await;
     // After it.
     let cases: Vec<(Message, ErrorCode)> = vec![
         (Message::text("{not json"), ErrorCode::InvalidMessage),
@@ -197,21 +205,8 @@ async fn persistent_abuse_closes_with_1008() {
             .await
             .unwrap();
     }
-    let items = collect_until(&mut conn, Duration::from_secs(5), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
-    assert!(
-        matches!(
-            items.last(),
-            Some(Incoming::Closed {
-                code: Some(1008),
-                ..
-            })
-        ),
-        "{:#?}",
-        summary(&items)
-    );
+    let items = until_closed(&mut conn, Duration::from_secs(5)).await;
+    assert!(closed_with(&items, 1008), "{:#?}", summary(&items));
 }
 
 #[tokio::test]
@@ -219,17 +214,8 @@ async fn session_end_closes_normally() {
     let app = spawn_app().await;
     let (mut conn, _) = app.start("u", 24_000).await;
     conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
-    let items = collect_until(&mut conn, Duration::from_secs(5), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
-    assert!(matches!(
-        items.last(),
-        Some(Incoming::Closed {
-            code: Some(1000),
-            ..
-        })
-    ));
+    let items = until_closed(&mut conn, Duration::from_secs(5)).await;
+    assert!(closed_with(&items, 1000), "{:#?}", summary(&items));
 }
 
 #[tokio::test]
@@ -240,10 +226,7 @@ async fn drain_tells_sessions_to_resume_elsewhere_and_stops_in_time() {
     let began = std::time::Instant::now();
     app.shutdown.cancel();
     for conn in [&mut a, &mut b] {
-        let items = collect_until(conn, Duration::from_secs(5), |i| {
-            matches!(i, Incoming::Closed { .. })
-        })
-        .await;
+        let items = until_closed(conn, Duration::from_secs(5)).await;
         assert!(items.iter().any(|i| matches!(
             event(i),
             Some(ServerEvent::SessionEnding {
@@ -251,17 +234,7 @@ async fn drain_tells_sessions_to_resume_elsewhere_and_stops_in_time() {
                 ..
             })
         )));
-        assert!(
-            matches!(
-                items.last(),
-                Some(Incoming::Closed {
-                    code: Some(1001),
-                    ..
-                })
-            ),
-            "{:#?}",
-            summary(&items)
-        );
+        assert!(closed_with(&items, 1001), "{:#?}", summary(&items));
     }
     let stopped = tokio::time::timeout(Duration::from_secs(6), app.server).await;
     assert!(matches!(stopped, Ok(Ok(Ok(())))));
@@ -310,20 +283,14 @@ async fn frame_floods_are_dropped_with_an_error_then_closed_with_1008() {
     let sender = conn.sender.clone();
     let flood = tokio::spawn(async move {
         for _ in 0..400 {
-            if sender
-                .send(&ClientMessage::Ping { id: None })
-                .await
-                .is_err()
-            {
+            let sent = sender.send(&ClientMessage::Ping { id: None }).await;
+            if sent.is_err() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
-    let items = collect_until(&mut conn, Duration::from_secs(12), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
+    let items = until_closed(&mut conn, Duration::from_secs(12)).await;
     flood.abort();
     assert!(
         items
@@ -331,13 +298,7 @@ async fn frame_floods_are_dropped_with_an_error_then_closed_with_1008() {
             .any(|i| error_of(i) == Some((ErrorCode::RateLimited, true)))
     );
     assert!(
-        matches!(
-            items.last(),
-            Some(Incoming::Closed {
-                code: Some(1008),
-                ..
-            })
-        ),
+        closed_with(&items, 1008),
         "{:#?}",
         summary(&items[items.len().saturating_sub(3)..])
     );
@@ -363,10 +324,10 @@ async fn a_client_that_never_reads_is_dropped_and_its_session_detached() {
     let mut request =
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(app.url())
             .unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", app.token("slow")).parse().unwrap(),
-    );
+    let bearer = format!("Bearer {}", app.token("slow"));
+    request
+        .headers_mut()
+        .insert("authorization", bearer.parse().unwrap());
     let (ws, _) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
     let (mut sink, _stream) = futures_util::StreamExt::split(ws);
     use futures_util::SinkExt;
@@ -421,12 +382,5 @@ async fn control_characters_in_recorded_strings_are_refused_at_start() {
         expect_error(&mut conn, ErrorCode::InvalidMessage).await;
     }
     // The connection is still usable: a clean start succeeds.
-    conn.sender
-        .send(&start_message(16_000, 24_000))
-        .await
-        .unwrap();
-    collect_until(&mut conn, Duration::from_secs(5), |i| {
-        matches!(event(i), Some(ServerEvent::SessionStarted { .. }))
-    })
-    .await;
+    start_session(&mut conn).await;
 }

@@ -36,13 +36,36 @@ fn call(app: &TestApp) -> CallConfig {
     cfg
 }
 
-/// The test question at 8 kHz (every other sample of the 16 kHz recording, after a
-/// two-tap average against aliasing).
+/// The test question as a phone line carries it.
 fn question_8k() -> Vec<i16> {
-    speech("question_16k.wav")
-        .chunks(2)
-        .map(|p| ((i32::from(p[0]) + i32::from(*p.get(1).unwrap_or(&p[0]))) / 2) as i16)
-        .collect()
+    atlas_testkit::phone_line(&speech("question_16k.wav"))
+}
+
+/// The webhook of a call to our number, signed with `signature` (or unsigned).
+async fn post_webhook(
+    app: &TestApp,
+    params: &[(String, String)],
+    signature: Option<String>,
+) -> reqwest::Response {
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .finish();
+    let mut request = reqwest::Client::new()
+        .post(format!("http://{}/v1/twilio/voice", app.addr))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body);
+    if let Some(s) = signature {
+        request = request.header("x-twilio-signature", s);
+    }
+    request.send().await.unwrap()
+}
+
+fn call_params(call_sid: &str) -> Vec<(String, String)> {
+    vec![
+        ("CallSid".to_owned(), call_sid.to_owned()),
+        ("From".to_owned(), "+12025550101".to_owned()),
+        ("To".to_owned(), NUMBER.to_owned()),
+    ]
 }
 
 async fn session_rows(app: &TestApp) -> Vec<(String, Option<String>, Option<String>)> {
@@ -129,29 +152,7 @@ async fn a_spoken_question_on_a_call_gets_a_spoken_answer_and_a_record() {
 #[tokio::test]
 async fn webhooks_without_a_valid_signature_are_refused() {
     let app = phone_app(|_| {}).await;
-    let url = format!("http://{}/v1/twilio/voice", app.addr);
-    let params = vec![
-        (
-            "CallSid".to_owned(),
-            "CA0123456789abcdef0123456789abcdef".to_owned(),
-        ),
-        ("From".to_owned(), "+12025550101".to_owned()),
-        ("To".to_owned(), NUMBER.to_owned()),
-    ];
-    let body = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(params.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .finish();
-    let client = reqwest::Client::new();
-    let post = |signature: Option<String>| {
-        let mut request = client
-            .post(&url)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(body.clone());
-        if let Some(s) = signature {
-            request = request.header("x-twilio-signature", s);
-        }
-        request.send()
-    };
+    let params = call_params("CA0123456789abcdef0123456789abcdef");
     let good = sign(AUTH_TOKEN, &format!("{PUBLIC}/v1/twilio/voice"), &params);
     let other_token = sign(
         "another-token",
@@ -169,10 +170,10 @@ async fn webhooks_without_a_valid_signature_are_refused() {
         Some(other_token),
         Some(other_url),
     ] {
-        let response = post(bad.clone()).await.unwrap();
+        let response = post_webhook(&app, &params, bad.clone()).await;
         assert_eq!(response.status(), 403, "{bad:?}");
     }
-    let response = post(Some(good)).await.unwrap();
+    let response = post_webhook(&app, &params, Some(good)).await;
     assert_eq!(response.status(), 200);
     let twiml = response.text().await.unwrap();
     assert!(twiml.contains("<Connect><Stream url=\"wss://voice.example.com/v1/twilio/stream\">"));
@@ -222,25 +223,10 @@ async fn stream_with(app: &TestApp, call_sid: &str, credential: &str) -> Vec<Mes
 
 /// The credential the webhook gives `call_sid`.
 async fn credential_for(app: &TestApp, call_sid: &str) -> String {
-    let params = vec![
-        ("CallSid".to_owned(), call_sid.to_owned()),
-        ("From".to_owned(), "+12025550101".to_owned()),
-        ("To".to_owned(), NUMBER.to_owned()),
-    ];
-    let body = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(params.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .finish();
-    let twiml = reqwest::Client::new()
-        .post(format!("http://{}/v1/twilio/voice", app.addr))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .header(
-            "x-twilio-signature",
-            sign(AUTH_TOKEN, &format!("{PUBLIC}/v1/twilio/voice"), &params),
-        )
-        .body(body)
-        .send()
+    let params = call_params(call_sid);
+    let signature = sign(AUTH_TOKEN, &format!("{PUBLIC}/v1/twilio/voice"), &params);
+    let twiml = post_webhook(app, &params, Some(signature))
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();

@@ -247,6 +247,26 @@ async fn postgres_checks_mirror_the_bounds() {
     checks_mirror_the_bounds(Db::postgres().await).await;
 }
 
+/// Runs `sql` (a count) as `role` with the claims of `sub`, in a transaction of its own; None
+/// when refused.
+async fn as_user(pool: &sqlx::PgPool, role: &str, sub: &str, sql: &str) -> Option<i64> {
+    let mut tx = pool.begin().await.unwrap();
+    let claims = format!(r#"{{"sub":"{sub}","role":"{role}"}}"#);
+    sqlx::query(&format!("set local role {role}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("select set_config('request.jwt.claims', $1, true)")
+        .bind(claims)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(&mut *tx)
+        .await
+        .ok()
+}
+
 #[tokio::test]
 async fn postgres_row_level_security_isolates_tool_calls() {
     let db = Db::postgres().await;
@@ -255,34 +275,26 @@ async fn postgres_row_level_security_isolates_tool_calls() {
         store.write(&session_with_calls(user, 1)).await.unwrap();
     }
     let pool = sqlx::PgPool::connect(&db.url()).await.unwrap();
-    // Runs `sql` as `role` with the claims of `sub`; None when refused.
-    let as_user = |role: &'static str, sub: &'static str, sql: &'static str| {
-        let pool = pool.clone();
-        async move {
-            let mut tx = pool.begin().await.unwrap();
-            sqlx::query(&format!("set local role {role}"))
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            sqlx::query("select set_config('request.jwt.claims', $1, true)")
-                .bind(format!(r#"{{"sub":"{sub}","role":"{role}"}}"#))
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            sqlx::query_scalar::<_, i64>(sql)
-                .fetch_one(&mut *tx)
-                .await
-                .ok()
-        }
-    };
     const COUNT: &str = "select count(*) from voice_tool_calls";
     const OTHERS: &str = "select count(*) from voice_tool_calls where user_id <> \
                           (select auth.uid())::text";
-    assert_eq!(as_user("authenticated", A, COUNT).await, Some(6), "A: own");
-    assert_eq!(as_user("authenticated", B, COUNT).await, Some(3), "B: own");
-    assert_eq!(as_user("authenticated", B, OTHERS).await, Some(0));
-    assert_eq!(as_user("anon", A, COUNT).await, None, "anon reads nothing");
-    assert_eq!(as_user("service_role", A, COUNT).await, Some(9));
+    assert_eq!(
+        as_user(&pool, "authenticated", A, COUNT).await,
+        Some(6),
+        "A: own"
+    );
+    assert_eq!(
+        as_user(&pool, "authenticated", B, COUNT).await,
+        Some(3),
+        "B: own"
+    );
+    assert_eq!(as_user(&pool, "authenticated", B, OTHERS).await, Some(0));
+    assert_eq!(
+        as_user(&pool, "anon", A, COUNT).await,
+        None,
+        "anon reads nothing"
+    );
+    assert_eq!(as_user(&pool, "service_role", A, COUNT).await, Some(9));
     // Users cannot write: not their own rows, not others'.
     for sql in [
         "with u as (update voice_tool_calls set outcome = 'ok' returning 1) select count(*) from u",
@@ -291,7 +303,7 @@ async fn postgres_row_level_security_isolates_tool_calls() {
          name, arguments_bytes, duration_ms, outcome) select session_id, 9, 'forged', user_id, \
          'x', 0, 0, 'ok' from voice_tool_calls limit 1 returning 1) select count(*) from i",
     ] {
-        assert_eq!(as_user("authenticated", A, sql).await, None, "{sql}");
+        assert_eq!(as_user(&pool, "authenticated", A, sql).await, None, "{sql}");
     }
     assert_eq!(db.count(COUNT).await, 9, "nothing was changed");
     pool.close().await;

@@ -28,7 +28,6 @@ use super::{credential, mulaw, wire};
 use crate::admission;
 use crate::auth::Identity;
 use crate::metrics;
-use crate::session::{self, Connection};
 use crate::state::AppState;
 use crate::transport::writer::{self, OutboundTx, SendError};
 use crate::transport::{Call, FromClient, Kind, Link, Reader, Start, Wire, Writer};
@@ -76,13 +75,7 @@ pub async fn accept(socket: WebSocket, state: AppState) {
         writer: Writer::new(outbound, Wire::Twilio(Renderer::new(stream_sid))),
         task,
     };
-    let conn = Connection {
-        link,
-        start,
-        identity,
-        claim: None,
-    };
-    session::serve(state, conn, upgrade).await;
+    link.join(state, start, identity, upgrade).await;
 }
 
 /// Reads up to the `start` message and checks it: the credential, for this call, and the

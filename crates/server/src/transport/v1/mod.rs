@@ -21,7 +21,7 @@ use atlas_protocol::close;
 use super::writer::{self, OutboundTx, SendError};
 use super::{Link, Reader, Wire, Writer};
 use crate::auth::Identity;
-use crate::session::{self, Connection, Upgrade};
+use crate::session::{self, Upgrade};
 use crate::state::AppState;
 
 /// Serves an upgraded v1 connection: the `session.start` handshake, then the session.
@@ -35,13 +35,7 @@ pub async fn accept(socket: WebSocket, state: AppState, identity: Identity, upgr
                 writer: Writer::new(outbound, Wire::V1),
                 task,
             };
-            let conn = Connection {
-                link,
-                start,
-                identity,
-                claim: None,
-            };
-            session::serve(state, conn, upgrade).await;
+            link.join(state, start, identity, upgrade).await;
         }
         Err(reason) => {
             match reason {

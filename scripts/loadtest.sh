@@ -45,7 +45,7 @@ twilio_token=loadtest-twilio-auth-token-0123456789
 if [ -n "${LOADTEST_TWILIO:-}" ]; then
   printf '[[twilio_numbers]]\nnumber = "+12025550199"\nuser_id = "loadtest"\n' >"$data/atlas.toml"
   export ATLAS_CONFIG="$data/atlas.toml" ATLAS_TWILIO_AUTH_TOKEN="$twilio_token" \
-    ATLAS_PUBLIC_URL="http://127.0.0.1:$server_port"
+    ATLAS_PUBLIC_URL=https://voice.example.com
 fi
 RUST_LOG=warn "${server_cpu[@]}" "$bin" serve >/dev/null &
 server_pid=$!
@@ -56,7 +56,7 @@ for _ in $(seq 100); do
 done
 if [ -n "${LOADTEST_TWILIO:-}" ]; then
   "${client_cpu[@]}" "$bin" loadtest --twilio --url "http://127.0.0.1:$server_port" \
-    --public-url "http://127.0.0.1:$server_port" --twilio-auth-token "$twilio_token" \
+    --public-url https://voice.example.com --twilio-auth-token "$twilio_token" \
     --sessions "$n" --ramp-ms "$ramp" --server-pid "$server_pid" --fakes-pid "$fakes_pid" "$@"
   exit 0
 fi

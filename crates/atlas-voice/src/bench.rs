@@ -237,11 +237,9 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
         config.connect_rate_per_s = u32::MAX;
         config.connect_burst = u32::MAX;
         if phone.twilio {
-            // The public URL is the listener's own: bind first, then tell the configuration.
-            let listener = std::net::TcpListener::bind(config.listen)?;
-            config.listen = listener.local_addr()?;
-            drop(listener);
-            config.public_url = Some(format!("http://{}", config.listen));
+            // Twilio connects only to wss:// URLs; the fake Twilio maps the public host to
+            // the address it calls.
+            config.public_url = Some(phone.public_url.clone());
         }
         let app = Application::build(config.clone()).await?;
         let addr = app.local_addr();
@@ -288,9 +286,6 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
     };
     if phone.twilio {
         let base = http_base(&url);
-        if args.spawn {
-            phone.public_url = base.clone();
-        }
         let pid = args.server_pid.or(args.spawn.then(std::process::id));
         let result = crate::phone::loadtest(
             &base,

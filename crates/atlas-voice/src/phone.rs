@@ -20,8 +20,8 @@ pub struct PhoneArgs {
     #[arg(long)]
     pub twilio: bool,
     /// The public base URL the server is configured with (`ATLAS_PUBLIC_URL`): webhooks are
-    /// signed over it.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    /// signed over it, and the fake Twilio maps its host to `--url`'s.
+    #[arg(long, default_value = "https://voice.example.com")]
     pub public_url: String,
     /// The auth token the server is configured with.
     #[arg(long, env = "ATLAS_TWILIO_AUTH_TOKEN", default_value = "")]
@@ -100,6 +100,9 @@ pub async fn loadtest(
     json_out: bool,
 ) -> anyhow::Result<()> {
     let audio = speech_8k(input)?;
+    // As for WebSocket sessions: from the moment the last speech sample left the caller's
+    // phone to the first reply audio playing.
+    let eos = atlas_client::speech_end(&audio, 8_000, -40.0).context("the input has no speech")?;
     let started = Instant::now();
     let cpu_before = server_pid.and_then(crate::bench::cpu_seconds);
     let mut tasks = tokio::task::JoinSet::new();
@@ -129,7 +132,7 @@ pub async fn loadtest(
     };
     let mut latency: Vec<Duration> = reports
         .iter()
-        .filter_map(|r| r.first_audio_after_speech_end)
+        .filter_map(|r| r.played.first().map(|s| s.start.saturating_sub(eos)))
         .collect();
     latency.sort();
     let unanswered = reports.len() - latency.len();

@@ -777,7 +777,8 @@ impl Config {
         Ok(())
     }
 
-    /// Checks the declared tools (their schemas are compiled by the tool catalog at start).
+    /// Checks the phone settings: a token needs an https public URL, numbers need a token, each
+    /// number is E.164, declared once, for a user.
     fn validate_twilio(&self) -> Result<(), ConfigError> {
         let fail = |m: String| Err(ConfigError(m));
         if self.twilio_auth_token.is_none() {
@@ -787,11 +788,8 @@ impl Config {
             return Ok(());
         }
         match self.public_url.as_deref().map(url::Url::parse) {
+            // Twilio connects media streams only to wss:// URLs.
             Some(Ok(u)) if u.scheme() == "https" && u.query().is_none() => {}
-            Some(Ok(u))
-                if u.scheme() == "http"
-                    && u.host_str()
-                        .is_some_and(|h| h == "127.0.0.1" || h == "localhost") => {}
             _ => {
                 return fail(
                     "ATLAS_TWILIO_AUTH_TOKEN needs ATLAS_PUBLIC_URL, the https:// base URL Twilio \
@@ -823,6 +821,7 @@ impl Config {
         Ok(())
     }
 
+    /// Checks the declared tools (their schemas are compiled by the tool catalog at start).
     fn validate_tools(&self) -> Result<(), ConfigError> {
         let fail = |m: String| Err(ConfigError(m));
         if self.tools.is_empty() {
@@ -1167,6 +1166,49 @@ parameters = { type = "object", required = ["page"], properties = { page = { typ
             ..dev()
         };
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn phone_settings_are_checked() {
+        let phone = |public_url: Option<&str>, number: &str| Config {
+            dev: true,
+            twilio_auth_token: Some(SecretString::from("token")),
+            public_url: public_url.map(str::to_owned),
+            twilio_numbers: vec![TwilioNumber {
+                number: number.into(),
+                user_id: "u".into(),
+            }],
+            ..Config::default()
+        };
+        assert!(
+            phone(Some("https://voice.example.com"), "+14155550100")
+                .validate()
+                .is_ok()
+        );
+        for (url, number, says) in [
+            (None, "+14155550100", "ATLAS_PUBLIC_URL"),
+            (
+                Some("http://voice.example.com"),
+                "+14155550100",
+                "ATLAS_PUBLIC_URL",
+            ),
+            (
+                Some("https://voice.example.com/?a=b"),
+                "+14155550100",
+                "ATLAS_PUBLIC_URL",
+            ),
+            (Some("https://voice.example.com"), "4155550100", "E.164"),
+            (Some("https://voice.example.com"), "+1415555010x", "E.164"),
+        ] {
+            let e = phone(url, number).validate().unwrap_err().to_string();
+            assert!(e.contains(says), "{url:?} {number}: {e}");
+        }
+        let numbers_without_token = Config {
+            twilio_auth_token: None,
+            ..phone(Some("https://voice.example.com"), "+14155550100")
+        };
+        let e = numbers_without_token.validate().unwrap_err().to_string();
+        assert!(e.contains("ATLAS_TWILIO_AUTH_TOKEN"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //!   the way the server's does (replies as provider requests with usage whose speech is
 //!   synthesised twice as fast as real time and pushed while the machine wants it, aborts
 //!   reported at once, fenced shared-store writes, the recorder), random clients that play
-//!   the reply audio they receive in real time, and the invariants.
+//!   the reply audio they receive in real time (half of them confirming what they played,
+//!   as a phone line does), and the invariants.
 //!
 //! A failing seed prints `cargo run -p atlas-sim --release -- --seed N`, which replays it;
 //! [`shrink`] cuts the failing schedule down to a short sequence of actions.
@@ -711,6 +712,19 @@ impl World {
         });
         if let Some(b) = broken {
             copy.playout_violation.get_or_insert(b);
+        }
+        // Clients of odd sessions are phones: they confirm what they have played, as Twilio
+        // echoes a mark once the audio before it has played.
+        let played = l.played(now_ms, bpm);
+        if attached && self.sessions[s].sid % 2 == 1 && played > 0 {
+            let now = self.now();
+            self.sessions[s].copies[c].machine.handle(
+                Input::Played {
+                    turn_id,
+                    offset: played,
+                },
+                now,
+            );
         }
     }
 

@@ -94,6 +94,8 @@ pub struct Config {
 
 /// Invalid frames tolerated before the connection is closed.
 pub const MAX_INVALID_FRAMES: u32 = 50;
+/// Longest tool-call id kept as the model sent it.
+pub const MAX_CALL_ID: usize = 128;
 /// Keypad digits gathered before `#` at most.
 pub const MAX_KEYPAD_DIGITS: usize = 32;
 /// Seconds in a row over the frame-rate cap before the connection is closed.
@@ -1518,7 +1520,14 @@ impl Session {
             calls: Vec::with_capacity(calls.len()),
         };
         let mut refused = Vec::new();
-        for CheckedCall { call, verdict } in calls {
+        let mut seen = std::collections::HashSet::with_capacity(calls.len());
+        for (i, CheckedCall { mut call, verdict }) in calls.into_iter().enumerate() {
+            // Results are matched to calls by id: a model that sends none, a repeated one or an
+            // oversized one gets ids of ours (the history carries them back to it).
+            if call.id.is_empty() || call.id.len() > MAX_CALL_ID || !seen.insert(call.id.clone()) {
+                call.id = format!("call_{turn_id}_{}_{i}", reply.rounds);
+                seen.insert(call.id.clone());
+            }
             let mut pending = PendingCall {
                 call,
                 kind: None,

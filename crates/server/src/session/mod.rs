@@ -1019,20 +1019,9 @@ impl Driver {
     /// The model asked for tools: check each call against the declared tools, then let the
     /// machine decide.
     fn on_tool_round(&mut self, turn_id: u64, round: ToolRound) {
-        let mut seen = std::collections::HashSet::new();
-        let taken = self.tool_records.len();
         let calls: Vec<CheckedCall> = round
             .calls
             .into_iter()
-            .enumerate()
-            .map(|(i, mut call)| {
-                // Results are matched to calls by id: a server that sends none, a repeated
-                // one or an oversized one gets ids of ours (the history carries them back).
-                if call.id.is_empty() || call.id.len() > 128 || !seen.insert(call.id.clone()) {
-                    call.id = format!("call_{turn_id}_{}", taken + i);
-                }
-                call
-            })
             .map(|call| match &self.state.tools {
                 Some(tools) => tools.check(call),
                 None => CheckedCall {

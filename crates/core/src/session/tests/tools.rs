@@ -444,3 +444,37 @@ fn a_resumed_session_keeps_its_tool_rounds() {
     assert_eq!(a, b);
     assert_eq!(b[1].tool_calls.len(), 1);
 }
+
+#[test]
+fn calls_without_a_usable_id_get_ids_of_their_own() {
+    let mut h = Harness::new(tool_config(4));
+    h.say("Where are my orders?");
+    let long = "x".repeat(MAX_CALL_ID + 1);
+    let out = calls_round(
+        &mut h,
+        "",
+        vec![
+            call("a", ToolKind::Server),
+            call("a", ToolKind::Server),
+            call("", ToolKind::Server),
+            call(&long, ToolKind::Server),
+        ],
+    );
+    let ids: Vec<String> = started_tools(&out).into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), 4);
+    assert_eq!(ids[0], "a");
+    let unique: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), 4, "{ids:?}");
+    assert!(
+        ids[1..].iter().all(|id| id.starts_with("call_1_")),
+        "{ids:?}"
+    );
+    // Each result reaches its own call.
+    for id in &ids {
+        finished(&mut h, id, Ok("{}"));
+    }
+    let (calls, results) = last_round(&h);
+    let call_ids: Vec<&str> = calls.iter().map(|c| c.id.as_str()).collect();
+    let result_ids: Vec<&str> = results.iter().map(|r| r.call_id.as_str()).collect();
+    assert_eq!(call_ids, result_ids);
+}

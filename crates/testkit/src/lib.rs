@@ -45,6 +45,29 @@ pub fn phone_line(samples: &[i16]) -> Vec<i16> {
         .collect()
 }
 
+/// Places a call with the fake Twilio and checks it was answered cleanly, with more than
+/// `at_least` of reply audio played.
+pub async fn answered_call(
+    cfg: atlas_fakes::twilio::CallConfig,
+    at_least: std::time::Duration,
+) -> atlas_fakes::twilio::CallReport {
+    let report = atlas_fakes::twilio::place_call(cfg)
+        .await
+        .expect("the call goes through");
+    assert_eq!(report.refused, None, "{}", report.twiml);
+    assert!(
+        report.protocol_errors.is_empty(),
+        "{:?}",
+        report.protocol_errors
+    );
+    assert!(
+        report.heard_duration() > at_least,
+        "heard {:?}",
+        report.heard_duration()
+    );
+    report
+}
+
 pub fn fast_fakes() -> FakesConfig {
     let mut c = FakesConfig::default();
     c.llm.first_token = Duration::from_millis(80);

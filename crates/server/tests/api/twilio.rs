@@ -107,19 +107,8 @@ async fn a_spoken_question_on_a_call_gets_a_spoken_answer_and_a_record() {
     let mut cfg = call(&app);
     cfg.audio = question_8k();
     cfg.trailing_silence = Duration::from_secs(6);
-    let report = place_call(cfg).await.expect("the call goes through");
-    assert_eq!(report.refused, None, "{}", report.twiml);
-    assert!(
-        report.protocol_errors.is_empty(),
-        "{:?}",
-        report.protocol_errors
-    );
     // The answer was played: more than a second of speech, with marks echoed after it.
-    assert!(
-        report.heard_duration() > Duration::from_secs(1),
-        "heard {:?}",
-        report.heard_duration()
-    );
+    let report = atlas_testkit::answered_call(cfg, Duration::from_secs(1)).await;
     assert!(report.media_messages > 0);
     assert!(
         report.marks_sent_back.iter().any(|m| !m.cleared),

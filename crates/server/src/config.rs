@@ -478,9 +478,10 @@ const UNPREFIXED: [&str; 5] = [
 ];
 
 /// Secrets that may be given as `<NAME>_FILE`.
-const SECRET_FILES: [(&str, &str); 5] = [
+const SECRET_FILES: [(&str, &str); 6] = [
     ("ATLAS_JWT_SECRET_FILE", "jwt_secret"),
     ("ATLAS_TOOL_WEBHOOK_SECRET_FILE", "tool_webhook_secret"),
+    ("ATLAS_TWILIO_AUTH_TOKEN_FILE", "twilio_auth_token"),
     ("DEEPGRAM_API_KEY_FILE", "deepgram_api_key"),
     ("ANTHROPIC_API_KEY_FILE", "anthropic_api_key"),
     ("OPENAI_API_KEY_FILE", "openai_api_key"),
@@ -540,7 +541,12 @@ impl Config {
         figment = figment
             .merge(
                 Env::prefixed("ATLAS_")
-                    .ignore(&["CONFIG", "JWT_SECRET_FILE", "TOOL_WEBHOOK_SECRET_FILE"])
+                    .ignore(&[
+                        "CONFIG",
+                        "JWT_SECRET_FILE",
+                        "TOOL_WEBHOOK_SECRET_FILE",
+                        "TWILIO_AUTH_TOKEN_FILE",
+                    ])
                     .lowercase(true),
             )
             .merge(Env::raw().only(&UNPREFIXED).lowercase(true));

@@ -180,6 +180,9 @@ impl Writer {
 
     /// A transport-level ping (heartbeat).
     pub fn ping(&self) -> Result<(), SendError> {
+        if let Wire::Twilio(r) = &self.wire {
+            r.pinged();
+        }
         self.tx.ping()
     }
 

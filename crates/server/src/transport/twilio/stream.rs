@@ -10,6 +10,8 @@
 //! playout no longer takes confirmations, so what counts as heard is what was played before
 //! the `clear`.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket};
@@ -70,9 +72,10 @@ pub async fn accept(socket: WebSocket, state: AppState) {
             return;
         }
     };
+    let liveness = Liveness::default();
     let link = Link {
-        reader: Reader::Twilio(StreamReader::new(stream)),
-        writer: Writer::new(outbound, Wire::Twilio(Renderer::new(stream_sid))),
+        reader: Reader::Twilio(StreamReader::new(stream, liveness.clone())),
+        writer: Writer::new(outbound, Wire::Twilio(Renderer::new(stream_sid, liveness))),
         task,
     };
     link.join(state, start, identity, upgrade).await;
@@ -157,17 +160,50 @@ fn started(secret: &[u8], start: wire::Start) -> Result<(Start, String, Identity
     Ok((start, details.stream_sid, identity))
 }
 
+/// The session's heartbeat on a call: a ping is answered by Twilio's pong, or by the next
+/// audio the call sends (a stream that keeps sending the caller's audio every 20 ms is alive,
+/// whether or not its end answers WebSocket pings).
+#[derive(Clone, Debug, Default)]
+pub struct Liveness(Arc<AtomicBool>);
+
+impl Liveness {
+    /// A ping went out.
+    fn pinged(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// What the session hears of `item`: a pong first when a ping is owed and `item` shows the
+    /// stream alive (then `item` itself next).
+    fn answer(&self, item: FromClient) -> (FromClient, Option<FromClient>) {
+        match item {
+            FromClient::Pong => {
+                self.0.store(false, Ordering::Relaxed);
+                (FromClient::Pong, None)
+            }
+            FromClient::Audio(_) if self.0.swap(false, Ordering::Relaxed) => {
+                (FromClient::Pong, Some(item))
+            }
+            item => (item, None),
+        }
+    }
+}
+
 /// A call's messages, in the session's terms.
 pub struct StreamReader {
     stream: SplitStream<WebSocket>,
+    liveness: Liveness,
+    /// What to hand over next, before reading on.
+    next: Option<FromClient>,
     mulaw: Vec<u8>,
     pcm: Vec<i16>,
 }
 
 impl StreamReader {
-    fn new(stream: SplitStream<WebSocket>) -> Self {
+    fn new(stream: SplitStream<WebSocket>, liveness: Liveness) -> Self {
         StreamReader {
             stream,
+            liveness,
+            next: None,
             mulaw: Vec::new(),
             pcm: Vec::new(),
         }
@@ -175,6 +211,16 @@ impl StreamReader {
 
     /// The next thing the call sent.
     pub async fn next(&mut self) -> FromClient {
+        if let Some(item) = self.next.take() {
+            return item;
+        }
+        let item = self.read().await;
+        let (now, then) = self.liveness.answer(item);
+        self.next = then;
+        now
+    }
+
+    async fn read(&mut self) -> FromClient {
         let message = match self.stream.next().await {
             Some(Ok(m)) => m,
             _ => return FromClient::Closed("call stream closed"),
@@ -242,6 +288,7 @@ fn parse_mark(name: &str) -> Option<(u64, u64)> {
 #[derive(Debug)]
 pub struct Renderer {
     stream_sid: String,
+    liveness: Liveness,
     /// The turn whose audio is playing, and the bytes of it sent so far.
     turn_id: u64,
     offset: u64,
@@ -250,14 +297,20 @@ pub struct Renderer {
 }
 
 impl Renderer {
-    fn new(stream_sid: String) -> Self {
+    fn new(stream_sid: String, liveness: Liveness) -> Self {
         Renderer {
             stream_sid,
+            liveness,
             turn_id: 0,
             offset: 0,
             samples: Vec::new(),
             mulaw: Vec::new(),
         }
+    }
+
+    /// A heartbeat ping is going out.
+    pub fn pinged(&self) {
+        self.liveness.pinged();
     }
 
     /// What a call makes of `event`: a cut reply clears what Twilio has buffered; the rest
@@ -293,6 +346,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_ping_is_answered_by_a_pong_or_by_the_next_audio() {
+        let live = Liveness::default();
+        let audio = || FromClient::Audio(Bytes::from_static(&[0; 320]));
+        // No ping owed: audio is audio.
+        assert!(matches!(live.answer(audio()), (FromClient::Audio(_), None)));
+        live.pinged();
+        // Owed: the next audio answers it, then goes to the session.
+        assert!(matches!(
+            live.answer(audio()),
+            (FromClient::Pong, Some(FromClient::Audio(_)))
+        ));
+        assert!(matches!(live.answer(audio()), (FromClient::Audio(_), None)));
+        // A real pong settles it too; other messages do not.
+        live.pinged();
+        assert!(matches!(
+            live.answer(FromClient::Digit('1')),
+            (FromClient::Digit('1'), None)
+        ));
+        assert!(matches!(
+            live.answer(FromClient::Pong),
+            (FromClient::Pong, None)
+        ));
+        assert!(matches!(live.answer(audio()), (FromClient::Audio(_), None)));
+    }
+
+    #[test]
     fn mark_names_carry_the_turn_and_the_offset() {
         assert_eq!(parse_mark(&mark_name(3, 16_000)), Some((3, 16_000)));
         assert_eq!(parse_mark("3"), None);
@@ -304,7 +383,7 @@ mod tests {
     async fn reply_audio_goes_out_as_mulaw_media_then_a_mark() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(8);
         let out = OutboundTx::new(tx);
-        let mut r = Renderer::new("MZ1".into());
+        let mut r = Renderer::new("MZ1".into(), Liveness::default());
         // 20 ms of silence at 8 kHz.
         r.audio(&out, 2, &[0u8; 320]).unwrap();
         r.audio(&out, 2, &[0u8; 320]).unwrap();

@@ -428,6 +428,17 @@ impl World {
                 }
                 self.remember_said(s, &text);
                 self.feed(s, c, Input::Text(&text));
+                if nul && self.sessions[s].sid % 2 == 1 {
+                    // A phone's keypad too: digits, then `#` sends them as a typed turn.
+                    let digits = format!("{}", self.sessions[s].sid % 1000);
+                    self.remember_said(s, &format!("keypad: {digits}"));
+                    for d in digits.chars().chain(['#']) {
+                        if self.sessions[s].copies[c].ended {
+                            break;
+                        }
+                        self.feed(s, c, Input::Digit(d));
+                    }
+                }
             }
             ClientAct::Partial => {
                 let text = self.words(2);

@@ -998,15 +998,20 @@ impl Driver {
 
     /// A reply's speech reaches the machine's playout.
     fn on_speech(&mut self, turn_id: u64, speech: Speech) {
-        let input = match &speech {
-            Speech::Audio(pcm) => Input::ReplyAudio { turn_id, pcm },
-            Speech::Sentence { round, text } => Input::ReplySentence {
-                turn_id,
-                round: *round,
-                text: text.clone(),
-            },
-        };
-        self.machine.handle(input, now());
+        let now = now();
+        match speech {
+            Speech::Audio(pcm) => self
+                .machine
+                .handle(Input::ReplyAudio { turn_id, pcm: &pcm }, now),
+            Speech::Sentence { round, text } => self.machine.handle(
+                Input::ReplySentence {
+                    turn_id,
+                    round,
+                    text,
+                },
+                now,
+            ),
+        }
     }
 
     fn control_reply(&mut self, turn_id: u64, control: Control) {

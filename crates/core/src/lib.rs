@@ -36,3 +36,4 @@ pub mod timers;
 pub mod tools;
 pub mod turns;
 pub mod uplink;
+pub mod vocab;

@@ -12,9 +12,10 @@ use std::time::Instant;
 pub struct TurnConfig {
     /// Phrases that, said alone while the assistant speaks, do not interrupt it.
     pub backchannels: Vec<String>,
-    /// Interrupt as soon as speech starts (for engines without streaming transcripts),
-    /// instead of waiting for the first words.
-    pub interrupt_on_speech_start: bool,
+    /// The recogniser sends interim transcripts. Without them (the local recogniser) the user
+    /// barges in as soon as speech starts; with them, once the first words are heard (so a
+    /// cough or a backchannel does not cut the reply).
+    pub partials: bool,
     /// Fewest letters a transcript needs before it can interrupt (filters noise blips).
     pub min_interrupt_chars: usize,
 }
@@ -29,7 +30,7 @@ impl Default for TurnConfig {
             .into_iter()
             .map(String::from)
             .collect(),
-            interrupt_on_speech_start: false,
+            partials: true,
             min_interrupt_chars: 2,
         }
     }
@@ -187,7 +188,7 @@ impl Turns {
                 self.end_turn(out);
             }
             Input::SpeechStarted => {
-                if self.config.interrupt_on_speech_start
+                if !self.config.partials
                     && let Some(turn_id) = self.responding.take()
                 {
                     out.push(Action::Interrupt { turn_id });
@@ -458,7 +459,7 @@ mod tests {
     fn vad_interrupts_when_configured() {
         let mut t = Turns::new(
             TurnConfig {
-                interrupt_on_speech_start: true,
+                partials: false,
                 ..TurnConfig::default()
             },
             0,

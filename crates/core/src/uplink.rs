@@ -137,6 +137,52 @@ impl Uplink {
     }
 }
 
+/// Most audio messages held for the recogniser while its connection is (re)connecting (about
+/// 5 s of 100 ms messages); beyond it the oldest are dropped.
+pub const BACKLOG_MESSAGES: usize = 50;
+/// First wait before reconnecting after a failure; it doubles with each failure in a row…
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// …up to this.
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
+
+/// When the connection to the recogniser may be opened again after it failed.
+#[derive(Debug, Clone, Default)]
+pub struct Reconnect {
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+impl Reconnect {
+    /// The connection failed or dropped at `now`. A full engine queue (`busy`) is not a broken
+    /// recogniser: it may reconnect at once and does not count as a failure.
+    pub fn lost(&mut self, busy: bool, now: Instant) {
+        if busy {
+            self.retry_at = None;
+            return;
+        }
+        self.failures += 1;
+        let backoff = FIRST_BACKOFF
+            .saturating_mul(1 << (self.failures - 1).min(4))
+            .min(MAX_BACKOFF);
+        self.retry_at = Some(now + backoff);
+    }
+
+    /// A result arrived: the link works.
+    pub fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Whether a connection may be opened at `now`.
+    pub fn may_connect(&self, now: Instant) -> bool {
+        self.retry_at.is_none_or(|t| now >= t)
+    }
+
+    /// Consecutive failures so far.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,5 +297,30 @@ mod tests {
         // Batches of speech in between: far fewer messages than frames.
         let speech = s.frames(50, -15.0);
         assert!(messages(&speech) <= 11, "{}", messages(&speech));
+    }
+
+    #[test]
+    fn reconnects_back_off_doubling_up_to_a_cap_and_busy_is_not_a_failure() {
+        let t0 = Instant::now();
+        let mut r = Reconnect::default();
+        assert!(r.may_connect(t0));
+        let mut waits = Vec::new();
+        let mut now = t0;
+        for _ in 0..7 {
+            r.lost(false, now);
+            let mut wait = Duration::ZERO;
+            while !r.may_connect(now + wait) {
+                wait += Duration::from_millis(50);
+            }
+            waits.push(wait.as_millis());
+            now += wait;
+        }
+        assert_eq!(waits, [500, 1000, 2000, 4000, 8000, 8000, 8000]);
+        assert_eq!(r.failures(), 7);
+        r.lost(true, now);
+        assert!(r.may_connect(now), "a busy engine is retried at once");
+        assert_eq!(r.failures(), 7);
+        r.succeeded();
+        assert_eq!(r.failures(), 0);
     }
 }

@@ -177,6 +177,10 @@ impl SttProvider for LocalStt {
         RATE
     }
 
+    fn partials(&self) -> bool {
+        self.partials.is_some()
+    }
+
     async fn connect(&self, options: SttOptions) -> Result<SttStream, ProviderError> {
         if options.sample_rate != RATE {
             return Err(ProviderError::Protocol(format!(

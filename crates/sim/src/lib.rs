@@ -30,9 +30,10 @@ use atlas_core::history::Role;
 use atlas_core::latency::Latency;
 use atlas_core::session::ledger::{LlmBill, ReportedTokens};
 use atlas_core::session::{
-    Carried, Config, Event, Heard, Input, LeaseAnswer, Output, ReplyOutcome, Session,
+    Attaching, Carried, Config, Event, Heard, Input, LeaseAnswer, Output, ReplyOutcome, Session,
+    VerifiedToken,
 };
-use atlas_protocol::{AudioFormat, Limits};
+use atlas_core::vocab::{AudioFormat, Limits};
 
 use store::{Refresh, Store, Write};
 
@@ -206,6 +207,10 @@ struct Copy {
     sentences: Vec<(String, u64)>,
     /// A broken playout rule seen while carrying out the outputs.
     playout_violation: Option<String>,
+    /// A connection the machine should have refused, if one was attached.
+    attach_violation: Option<String>,
+    /// An overtaken resume is being fed: the machine must refuse it.
+    expect_refusal: bool,
 }
 
 /// One session across instances.
@@ -382,6 +387,8 @@ impl World {
             listener: Listener::default(),
             sentences: Vec::new(),
             playout_violation: None,
+            attach_violation: None,
+            expect_refusal: false,
             turns: Vec::new(),
         };
         self.sessions.push(SimSession {
@@ -394,7 +401,7 @@ impl World {
         });
         let s = self.sessions.len() - 1;
         let token = self.new_token();
-        self.feed(s, 0, attach(false, token, self.now()));
+        self.feed(s, 0, Input::Attach(attaching(false, token, self.now())));
     }
 
     /// Feeds one input to a copy and carries out what it decides.
@@ -538,7 +545,34 @@ impl World {
             self.store.abandon(sid, epoch, instance);
             return;
         }
+        if (self.now_ms + sid) % 7 == 0 {
+            // A second resume of the same token claims the session before this one's
+            // handshake completes (and is lost itself): this one's commit must fail.
+            let _ = self.store.claim(
+                &token,
+                (instance + 1) % INSTANCES,
+                MAX_PER_USER,
+                LEASE_TTL,
+                CLAIM_TTL,
+                self.now_ms,
+            );
+        }
         let Some(state) = self.store.commit(sid, epoch, instance, self.now_ms) else {
+            if let Some(c) = local {
+                // A later claim overtook this one: the driver still asks, and the machine
+                // must refuse the connection and keep the one it has.
+                let overtaken = Attaching {
+                    overtaken: true,
+                    ..attaching(true, self.new_token(), self.now())
+                };
+                self.sessions[s].copies[c].expect_refusal = true;
+                self.feed(s, c, Input::Attach(overtaken));
+                let copy = &mut self.sessions[s].copies[c];
+                if std::mem::take(&mut copy.expect_refusal) {
+                    copy.attach_violation
+                        .get_or_insert("an overtaken resume was not refused".into());
+                }
+            }
             return;
         };
         let token = self.new_token();
@@ -552,7 +586,7 @@ impl World {
                 self.feed(s, old, Input::Detach);
             }
             self.sessions[s].attached = Some(c);
-            self.feed(s, c, attach(true, token, self.now()));
+            self.feed(s, c, Input::Attach(attaching(true, token, self.now())));
             return;
         }
         let Some(state) = state else {
@@ -582,6 +616,8 @@ impl World {
             listener: Listener::default(),
             sentences: Vec::new(),
             playout_violation: None,
+            attach_violation: None,
+            expect_refusal: false,
             turns,
         });
         self.stats.moves += 1;
@@ -592,7 +628,7 @@ impl World {
             self.feed(s, old, Input::Detach);
         }
         self.sessions[s].attached = Some(c);
-        self.feed(s, c, attach(true, token, self.now()));
+        self.feed(s, c, Input::Attach(attaching(true, token, self.now())));
     }
 
     fn finish_reply(&mut self, s: usize, tokens: u64) {
@@ -931,6 +967,18 @@ impl World {
                         self.sessions[s].attached = None;
                     }
                 }
+                Output::AttachConnection => {
+                    if self.sessions[s].copies[c].expect_refusal {
+                        self.sessions[s].copies[c]
+                            .attach_violation
+                            .get_or_insert("an overtaken resume was attached".into());
+                    }
+                    self.sessions[s].attached = Some(c);
+                }
+                // The connection that asked is not attached.
+                Output::RefuseConnection { .. } => {
+                    self.sessions[s].copies[c].expect_refusal = false;
+                }
                 Output::Finish(f) => {
                     let copy = &mut self.sessions[s].copies[c];
                     copy.ended = true;
@@ -1032,7 +1080,11 @@ impl World {
                 {
                     self.sessions[s].copies[c].verifying = None;
                     let expiry = self.now() + Duration::from_secs(3600);
-                    self.feed(s, c, Input::TokenRefreshed(Ok(expiry)));
+                    let token = VerifiedToken {
+                        user_id: "user".into(),
+                        expiry,
+                    };
+                    self.feed(s, c, Input::TokenRefreshed(Ok(token)));
                 }
                 self.synthesise(s, c);
                 let now = self.now();
@@ -1123,6 +1175,12 @@ impl World {
                     return fail(
                         "spend within the budget and one request",
                         format!("session {} spent {spent} µ$", s.sid),
+                    );
+                }
+                if let Some(detail) = &c.attach_violation {
+                    return fail(
+                        "a resume overtaken by a later one is refused",
+                        format!("session {}: {detail}", s.sid),
                     );
                 }
                 if let Some(detail) = &c.playout_violation {
@@ -1247,9 +1305,11 @@ fn bytes_per_ms(machine: &Session) -> u64 {
     u64::from(machine.output_format().sample_rate) * 2 / 1000
 }
 
-fn attach(resumed: bool, token: String, now: Instant) -> Input<'static> {
-    Input::Attach {
+fn attaching(resumed: bool, token: String, now: Instant) -> Attaching {
+    Attaching {
         resumed,
+        overtaken: false,
+        user_id: "user".into(),
         token,
         token_expiry: now + Duration::from_secs(3600),
         input: AudioFormat::DEFAULT_INPUT,

@@ -5,7 +5,7 @@
 //! The payloads still borrow some of protocol v1's plain types (limits, formats, error codes)
 //! until the machine has its own for each.
 
-use atlas_protocol::{AudioFormat, ErrorCode, Limits};
+use crate::vocab::{AudioFormat, ErrorCode, Limits};
 
 use super::ledger::Usage;
 use crate::latency::Latency;

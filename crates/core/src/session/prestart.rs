@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use atlas_protocol::{AudioFormat, ErrorCode};
+use crate::vocab::{AudioFormat, ErrorCode};
 
 use super::{EndReason, Event, MAX_INVALID_FRAMES};
 

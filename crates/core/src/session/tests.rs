@@ -39,13 +39,7 @@ impl Harness {
     }
 
     fn attach(&mut self, resumed: bool, token: &str) -> Vec<Output> {
-        self.feed(Input::Attach {
-            resumed,
-            token: token.into(),
-            token_expiry: self.start + 3600 * S,
-            input: AudioFormat::DEFAULT_INPUT,
-            output: AudioFormat::DEFAULT_OUTPUT,
-        })
+        self.feed(Input::Attach(attaching(self, resumed, token)))
     }
 
     fn feed(&mut self, input: Input<'_>) -> Vec<Output> {
@@ -117,6 +111,19 @@ impl Harness {
     }
 }
 
+/// The harness's user asking to attach with `token`.
+fn attaching(h: &Harness, resumed: bool, token: &str) -> Attaching {
+    Attaching {
+        resumed,
+        overtaken: false,
+        user_id: "user".into(),
+        token: token.into(),
+        token_expiry: h.start + 3600 * S,
+        input: AudioFormat::DEFAULT_INPUT,
+        output: AudioFormat::DEFAULT_OUTPUT,
+    }
+}
+
 /// The report of a reply that generated and synthesised `spoken`.
 fn outcome(turn_id: u64, spoken: &str, output_tokens: u64) -> ReplyOutcome {
     ReplyOutcome {
@@ -170,13 +177,15 @@ fn attach_announces_the_session_and_registers_its_token() {
     let now = Instant::now();
     let mut s = Session::new("s1".into(), config(), now, None);
     s.handle(
-        Input::Attach {
+        Input::Attach(Attaching {
             resumed: false,
+            overtaken: false,
+            user_id: "user".into(),
             token: "t1".into(),
             token_expiry: now + 3600 * S,
             input: AudioFormat::DEFAULT_INPUT,
             output: AudioFormat::DEFAULT_OUTPUT,
-        },
+        }),
         now,
     );
     let out: Vec<_> = std::iter::from_fn(|| s.poll_output()).collect();
@@ -317,8 +326,14 @@ fn the_resume_window_ends_a_detached_session() {
     );
     assert!(h.s.is_ended());
     assert_eq!(h.s.poll_timeout(), None);
-    // Nothing after the end.
-    assert!(h.attach(true, "t2").is_empty());
+    // Nothing after the end: a resume on its way is refused.
+    assert!(matches!(
+        h.attach(true, "t2").as_slice(),
+        [Output::RefuseConnection {
+            code: ErrorCode::ResumeFailed,
+            ..
+        }]
+    ));
 }
 
 #[test]
@@ -376,7 +391,6 @@ fn pings_do_not_keep_a_session_alive() {
     let (f, at) = ended.expect("the idle timeout ended the session");
     assert_eq!(f.reason, EndReason::IdleTimeout);
     assert!(at <= 3 * S + S / 2, "{at:?}");
-    assert_eq!(f.reason.close().0, close::IDLE_TIMEOUT);
 }
 
 #[test]
@@ -410,7 +424,7 @@ fn heartbeat_pings_and_a_missed_pong_detaches() {
     let out = h.advance(11 * S);
     assert!(has(&out, |o| matches!(
         o,
-        Output::CloseConnection(close::GOING_AWAY, _)
+        Output::CloseConnection(Closing::HeartbeatTimeout)
     )));
     assert!(!h.s.is_attached());
     assert!(!h.s.is_ended());
@@ -493,15 +507,88 @@ fn token_expiry_ends_unless_refreshed() {
     );
     assert_eq!(error_code(&out), Some(ErrorCode::TokenExpired));
 
-    let mut h = Harness::new(c);
+    let mut h = Harness::new(c.clone());
     h.advance(3500 * S);
     let later = h.start + 7200 * S;
-    h.feed(Input::TokenRefreshed(Ok(later)));
+    let out = h.feed(Input::TokenRefreshed(Ok(VerifiedToken {
+        user_id: "user".into(),
+        expiry: later,
+    })));
+    assert_eq!(error_code(&out), None);
     let out = h.advance(200 * S);
     assert!(finish(&out).is_none());
     let out = h.feed(Input::TokenRefreshed(Err("bad signature".into())));
     assert_eq!(error_code(&out), Some(ErrorCode::Unauthorized));
     assert!(finish(&out).is_none());
+
+    // A valid token of another user extends nothing: the session still ends on the first
+    // token's expiry.
+    let mut h = Harness::new(c);
+    h.advance(3500 * S);
+    let out = h.feed(Input::TokenRefreshed(Ok(VerifiedToken {
+        user_id: "someone else".into(),
+        expiry: h.start + 7200 * S,
+    })));
+    assert_eq!(error_code(&out), Some(ErrorCode::Unauthorized));
+    let out = h.advance(200 * S);
+    assert_eq!(
+        finish(&out).map(|f| f.reason),
+        Some(EndReason::TokenExpired)
+    );
+}
+
+#[test]
+fn a_resume_is_attached_in_place_of_the_connection_it_replaces_or_refused() {
+    let mut h = Harness::new(config());
+    // A second connection while one is attached: the first is told and closed, then the
+    // second attached.
+    let out = h.attach(true, "t2");
+    let closed = out
+        .iter()
+        .position(|o| matches!(o, Output::CloseConnection(Closing::Replaced)))
+        .expect("the replaced connection is closed");
+    let attached = out
+        .iter()
+        .position(|o| matches!(o, Output::AttachConnection))
+        .expect("the resume is attached");
+    assert!(closed < attached);
+    assert!(matches!(
+        &out[..closed],
+        [
+            ..,
+            Output::Event(Event::Problem {
+                code: ErrorCode::Internal,
+                fatal: true,
+                ..
+            })
+        ]
+    ));
+
+    // A resume whose hand-over a later one overtook is refused; the session goes on.
+    let mut overtaken = attaching(&h, true, "t3");
+    overtaken.overtaken = true;
+    let out = h.feed(Input::Attach(overtaken));
+    assert!(matches!(
+        out.as_slice(),
+        [Output::RefuseConnection {
+            code: ErrorCode::ResumeFailed,
+            closing: Closing::ResumeOvertaken,
+            ..
+        }]
+    ));
+    assert!(h.s.is_attached());
+
+    // Once the session ended, a resume is refused as well.
+    h.feed(Input::End);
+    let out = h.attach(true, "t4");
+    assert!(matches!(
+        out.as_slice(),
+        [Output::RefuseConnection {
+            code: ErrorCode::ResumeFailed,
+            closing: Closing::Ended(_),
+            ..
+        }]
+    ));
 }
 
 #[test]
@@ -538,7 +625,6 @@ fn budget_warns_once_then_stops_before_overspending() {
     let f = finish(&out).unwrap();
     assert_eq!(f.reason, EndReason::BudgetExhausted);
     assert!(f.record);
-    assert_eq!(f.reason.close().0, close::BUDGET_EXHAUSTED);
     assert!(has(
         &out,
         |o| matches!(o, Output::Turn(t) if t.outcome == "refused" && t.user_text == "two")
@@ -663,7 +749,6 @@ fn invalid_frames_get_errors_then_a_policy_close() {
     }
     let out = h.feed(Input::Invalid(ErrorCode::InvalidMessage, "bad".into()));
     assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::Policy));
-    assert_eq!(EndReason::Policy.close().0, close::POLICY);
 }
 
 #[test]
@@ -821,7 +906,6 @@ fn a_stale_owner_writes_nothing_more() {
             handover: false
         }
     );
-    assert_eq!(f.reason.close().0, close::REPLACED);
     assert!(!has(&out, |o| matches!(
         o,
         Output::Spend(_) | Output::Publish | Output::Checkpoint
@@ -845,7 +929,7 @@ fn drain_hands_over_with_scale_out_and_records_without() {
     let out = h.feed(Input::Shutdown);
     let f = finish(&out).unwrap();
     assert!(!f.handover && f.record);
-    assert_eq!(f.reason.close().0, close::GOING_AWAY);
+    assert_eq!(f.reason, EndReason::Draining);
     assert!(events(&out).iter().any(|e| matches!(
         e,
         Event::Ending {

@@ -78,6 +78,10 @@ pub trait SttProvider: Send + Sync + 'static {
     fn model(&self) -> &str;
     /// The sample rate to send for a client sending `client_rate` (resampled if different).
     fn input_rate(&self, client_rate: u32) -> u32;
+    /// Whether it sends interim transcripts ([`SttEvent::Partial`]) while the user speaks.
+    fn partials(&self) -> bool {
+        true
+    }
     /// Opens a stream.
     async fn connect(&self, options: SttOptions) -> Result<SttStream, ProviderError>;
 }

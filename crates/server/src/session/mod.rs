@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, warn};
+use tracing::{Instrument, info, warn};
 
 use atlas_core::audio::{AudioClock, pcm_from_le_bytes, pcm_to_le_bytes};
 use atlas_core::cost::{from_usd, to_usd};
@@ -27,15 +27,16 @@ use atlas_core::history::HistoryLimits;
 use atlas_core::resample::StreamResampler;
 use atlas_core::session::ledger::{LlmBill, ReportedTokens, SpendDelta};
 use atlas_core::session::{
-    Config as MachineConfig, Event, Finish, Heard, Input, LeaseAnswer, MAX_FLOOD_SECONDS,
-    MAX_INVALID_FRAMES, MAX_RECOGNISER_FAILURES, Output, ReplyFailure, ReplyOutcome,
-    Session as Machine, TOKEN_HANDOVER_GRACE, ToolLog, ToolPolicy, TurnLog,
+    Attaching, Closing, Config as MachineConfig, Event, Finish, Heard, Input, LeaseAnswer,
+    MAX_FLOOD_SECONDS, MAX_INVALID_FRAMES, MAX_RECOGNISER_FAILURES, Output, ReplyFailure,
+    ReplyOutcome, Session as Machine, TOKEN_HANDOVER_GRACE, ToolLog, ToolPolicy, TurnLog,
+    VerifiedToken,
 };
 use atlas_core::splitter::SplitterConfig;
 use atlas_core::timers::TimerConfig;
 use atlas_core::tools::{CheckedCall, ToolCall, ToolKind};
 use atlas_core::turns::TurnConfig;
-use atlas_protocol::{ErrorCode, Limits, close};
+use atlas_core::vocab::{ErrorCode, Limits};
 use atlas_providers::llm::{LlmRequest, ToolChoice};
 use atlas_providers::stt::{SttEvent, SttOptions};
 
@@ -86,8 +87,7 @@ pub async fn serve(state: AppState, mut conn: Connection, upgrade: Upgrade) {
                     true,
                 ));
                 link.writer
-                    .queue()
-                    .close(close::NORMAL, "session ended")
+                    .close(Closing::Ended(EndReason::Disconnected))
                     .await;
             }
         }
@@ -131,7 +131,7 @@ async fn adopt(state: AppState, conn: Connection, permit: SessionPermit, claim: 
                 conn,
                 ErrorCode::ResumeFailed,
                 "this session was resumed by another connection or has ended",
-                close::REPLACED,
+                Closing::ResumeOvertaken,
             );
         }
     }
@@ -191,6 +191,9 @@ struct Driver {
     machine: Machine,
     identity: Identity,
     permit: SessionPermit,
+    /// A connection asking to attach, while the machine decides ([`Input::Attach`]), and
+    /// whether it resumes.
+    arriving: Option<(Connection, bool)>,
     /// Connections resuming this session.
     attach_rx: mpsc::Receiver<Connection>,
     link: Option<Link>,
@@ -367,6 +370,7 @@ impl Driver {
             attach_rx,
             link: None,
             link_broken: false,
+            arriving: None,
             voice: None,
             stt: SttLink::new(
                 state.engines.stt.clone(),
@@ -458,12 +462,13 @@ impl Driver {
     /// scale-out, the ownership claimed for it is confirmed first: a connection whose claim
     /// was overtaken by a later one is refused.
     async fn attach(&mut self, conn: Connection, resumed: bool) -> Result<(), Finish> {
+        let mut overtaken = false;
         if resumed
             && let Some(shared) = &self.shared
             && let Some(claim) = &conn.claim
         {
             // The client's handshake is done: the hand-over completes now, or this connection
-            // lost to a later claim (or the store cannot say) and the session goes on as it was.
+            // lost to a later claim (or the store cannot say).
             let committed = match shared.cluster.commit_here(claim).await {
                 Ok(committed) => committed,
                 Err(e) => {
@@ -474,39 +479,36 @@ impl Driver {
             if committed {
                 let mut owned = shared.owned.lock().unwrap_or_else(|e| e.into_inner());
                 owned.epoch = owned.epoch.max(claim.epoch);
-            } else {
-                info!("a later claim owns the session; refusing this connection");
-                refuse_connection(
-                    &self.state.sessions,
-                    conn,
-                    ErrorCode::ResumeFailed,
-                    "this session was resumed by another connection",
-                    close::REPLACED,
-                );
-                return match self.drain_outputs().await {
-                    Some(f) => Err(f),
-                    None => Ok(()),
-                };
             }
+            overtaken = !committed;
         }
-        if let Some(old) = self.link.take() {
-            info!("replacing the attached connection with a resumed one");
-            let mut writer = old.writer;
-            self.state.sessions.spawn(async move {
-                let _ = writer.event(Event::problem(
-                    ErrorCode::Internal,
-                    "this connection was replaced by a resumed one",
-                    true,
-                ));
-                writer
-                    .queue()
-                    .close(close::REPLACED, "replaced by a resumed connection")
-                    .await;
-            });
-            drop(old.task);
+        let input = Input::Attach(Attaching {
+            resumed,
+            overtaken,
+            user_id: conn.identity.user_id.clone(),
+            token: new_resume_token(),
+            token_expiry: expiry_instant(conn.identity.expires_at),
+            input: conn.start.input,
+            output: conn.start.output,
+        });
+        self.arriving = Some((conn, resumed));
+        self.feed(input).await;
+        // The recogniser connection opens with the first audio frame (buffered meanwhile), so
+        // idle sessions hold no provider connection.
+        let finish = self.drain_outputs().await;
+        debug_assert!(self.arriving.is_none(), "the machine attaches or refuses");
+        match finish {
+            Some(f) => Err(f),
+            None => Ok(()),
         }
+    }
+
+    /// Carries out [`Output::AttachConnection`]: the arriving connection becomes the link.
+    fn attach_arriving(&mut self) {
+        let Some((conn, resumed)) = self.arriving.take() else {
+            return;
+        };
         self.configure_media(&conn.start);
-        let expiry = expiry_instant(conn.identity.expires_at);
         self.identity = conn.identity;
         self.link = Some(conn.link);
         self.link_broken = false;
@@ -514,20 +516,6 @@ impl Driver {
         if resumed {
             metrics::resumed();
             info!(turns = self.machine.last_turn(), "session resumed");
-        }
-        self.feed(Input::Attach {
-            resumed,
-            token: new_resume_token(),
-            token_expiry: expiry,
-            input: conn.start.input,
-            output: conn.start.output,
-        })
-        .await;
-        // The recogniser connection opens with the first audio frame (buffered meanwhile), so
-        // idle sessions hold no provider connection.
-        match self.drain_outputs().await {
-            Some(f) => Err(f),
-            None => Ok(()),
         }
     }
 
@@ -635,15 +623,10 @@ impl Driver {
                 info!("another claim owns the session now");
                 Input::OwnershipLost
             }
-            Answer::TokenRefreshed(Ok(identity)) if identity.user_id == self.identity.user_id => {
-                debug!("access token refreshed");
-                let expiry = expiry_instant(identity.expires_at);
-                self.identity = identity;
-                Input::TokenRefreshed(Ok(expiry))
-            }
-            Answer::TokenRefreshed(Ok(_)) => {
-                Input::TokenRefreshed(Err("the new token belongs to another user".to_owned()))
-            }
+            Answer::TokenRefreshed(Ok(identity)) => Input::TokenRefreshed(Ok(VerifiedToken {
+                expiry: expiry_instant(identity.expires_at),
+                user_id: identity.user_id,
+            })),
             Answer::TokenRefreshed(Err(message)) => Input::TokenRefreshed(Err(message)),
             Answer::ToolFinished(call_id, result) => {
                 if self.tool_tasks.remove(&call_id).is_none() {
@@ -766,12 +749,26 @@ impl Driver {
                         self.state.registry.remove_token(&token);
                     }
                 }
-                Output::CloseConnection(code, reason) => {
+                Output::CloseConnection(closing) => {
                     if let Some(link) = self.link.take() {
-                        link.writer.queue().close(code, reason).await;
-                        drop(link.writer);
-                        drop(link.task);
+                        info!(?closing, "closing the attached connection");
+                        // Closed off the loop: a connection that stopped reading holds
+                        // nothing up.
+                        self.state.sessions.spawn(async move {
+                            link.writer.close(closing).await;
+                        });
                         self.permit.set_detached(true);
+                    }
+                }
+                Output::AttachConnection => self.attach_arriving(),
+                Output::RefuseConnection {
+                    code,
+                    message,
+                    closing,
+                } => {
+                    if let Some((conn, _)) = self.arriving.take() {
+                        info!(?closing, "refusing a resumed connection");
+                        refuse_connection(&self.state.sessions, conn, code, message, closing);
                     }
                 }
                 Output::Finish(finish) => return Some(finish),
@@ -1256,7 +1253,7 @@ impl Driver {
                 conn,
                 ErrorCode::ResumeFailed,
                 "the session has ended; start a new one",
-                close::NORMAL,
+                Closing::Ended(EndReason::Disconnected),
             );
         }
         let reason = finish.reason;
@@ -1289,8 +1286,7 @@ impl Driver {
         }
         metrics::session_ended(reason.label());
         if let Some(link) = self.link.take() {
-            let (code, text) = reason.close();
-            link.writer.queue().close(code, text).await;
+            link.writer.close(Closing::Ended(reason)).await;
             drop(link.writer);
             let _ = tokio::time::timeout(Duration::from_secs(2), link.task).await;
         }
@@ -1303,14 +1299,14 @@ fn refuse_connection(
     conn: Connection,
     code: ErrorCode,
     message: &'static str,
-    close_code: u16,
+    closing: Closing,
 ) {
     tasks.spawn(async move {
         let Link {
             mut writer, task, ..
         } = conn.link;
         let _ = writer.event(Event::problem(code, message, true));
-        writer.queue().close(close_code, "resume refused").await;
+        writer.close(closing).await;
         drop(writer);
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     });
@@ -1377,11 +1373,10 @@ async fn response_event(
     }
 }
 
-/// Turn-taking settings for the configured recogniser: without interim transcripts (the
-/// local recogniser) the user barges in as soon as the voice detector hears speech.
+/// Turn-taking settings for the configured recogniser.
 fn turn_config(state: &AppState) -> TurnConfig {
     TurnConfig {
-        interrupt_on_speech_start: state.engines.stt.provider() == "local",
+        partials: state.engines.stt.partials(),
         ..TurnConfig::default()
     }
 }

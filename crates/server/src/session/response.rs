@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use atlas_core::audio::{pcm_from_le_bytes, pcm_to_le_bytes};
 use atlas_core::latency::{TurnTimings, mark};
+use atlas_core::playout::PIECE;
 use atlas_core::resample::StreamResampler;
 use atlas_core::splitter::{SentenceSplitter, SplitterConfig, speakable};
 use atlas_core::tools::ToolCall;
@@ -395,25 +396,21 @@ async fn forward_audio(
     let mut samples_in = Vec::new();
     let mut samples_out = Vec::new();
     let mut carry: Option<u8> = None;
+    // Audio that has already arrived goes to the session together, up to one playout piece:
+    // one message for the session loop instead of one per synthesis chunk, at no cost in
+    // latency (nothing waits for audio still to come).
+    let piece_samples = (ctx.out_rate as usize * PIECE.as_millis() as usize) / 1000;
     while let Some(mut job) = jobs.recv().await {
         while let Some(chunk) = job.audio.recv().await {
-            let chunk = chunk.map_err(|e| Failure::provider(ErrorCode::TtsFailed, &e))?;
-            samples_in.clear();
-            let mut rest = &chunk[..];
-            if let Some(low) = carry.take() {
-                match rest.split_first() {
-                    Some((&high, tail)) => {
-                        samples_in.push(i16::from_le_bytes([low, high]));
-                        rest = tail;
-                    }
-                    None => carry = Some(low),
+            let mut chunk = Some(chunk);
+            while let Some(next) = chunk.take() {
+                let next = next.map_err(|e| Failure::provider(ErrorCode::TtsFailed, &e))?;
+                decode(&next, &mut carry, &mut samples_in);
+                resampler.process(&samples_in, &mut samples_out);
+                if samples_out.len() < piece_samples {
+                    chunk = job.audio.try_recv().ok();
                 }
             }
-            pcm_from_le_bytes(rest, &mut samples_in);
-            if rest.len() % 2 == 1 {
-                carry = rest.last().copied();
-            }
-            resampler.process(&samples_in, &mut samples_out);
             if !hand_over(&speech, &mut samples_out).await {
                 return Ok(());
             }
@@ -429,6 +426,26 @@ async fn forward_audio(
         }
     }
     Ok(())
+}
+
+/// Decodes 16-bit little-endian PCM into `samples` (cleared first), carrying an odd byte over
+/// to the next chunk.
+fn decode(chunk: &[u8], carry: &mut Option<u8>, samples: &mut Vec<i16>) {
+    samples.clear();
+    let mut rest = chunk;
+    if let Some(low) = carry.take() {
+        match rest.split_first() {
+            Some((&high, tail)) => {
+                samples.push(i16::from_le_bytes([low, high]));
+                rest = tail;
+            }
+            None => *carry = Some(low),
+        }
+    }
+    pcm_from_le_bytes(rest, samples);
+    if rest.len() % 2 == 1 {
+        *carry = rest.last().copied();
+    }
 }
 
 /// Hands `samples` to the session (waiting while its playout is full); false once the session

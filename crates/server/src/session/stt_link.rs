@@ -6,11 +6,11 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
+use atlas_core::uplink::{BACKLOG_MESSAGES, Reconnect};
 use atlas_providers::ProviderError;
 use atlas_providers::stt::{SttCommand, SttEvent, SttOptions, SttProvider, SttStream};
 
@@ -33,9 +33,6 @@ pub enum LinkEvent {
     /// The connection failed or dropped; it will be retried on the next audio.
     Lost(ProviderError),
 }
-
-/// Most audio messages held while (re)connecting (about 5 s of 100 ms messages).
-const BACKLOG_MESSAGES: usize = 50;
 
 /// Audio on its way to the recogniser.
 struct Chunk {
@@ -60,10 +57,8 @@ pub struct SttLink {
     held_frames: u64,
     /// Session audio position of the first frame sent on the current connection.
     offset_s: Option<f64>,
-    /// Consecutive failures (reset by a successful result).
-    failures: u32,
-    /// No reconnect before this.
-    retry_at: Option<Instant>,
+    /// When it may connect again after failures (the rule is the core's).
+    reconnect: Reconnect,
     /// Frames dropped because the recogniser fell behind.
     pub dropped_frames: u64,
 }
@@ -80,8 +75,7 @@ impl SttLink {
             held_at: 0.0,
             held_frames: 0,
             offset_s: None,
-            failures: 0,
-            retry_at: None,
+            reconnect: Reconnect::default(),
             dropped_frames: 0,
         }
     }
@@ -94,7 +88,7 @@ impl SttLink {
 
     /// Consecutive failures so far.
     pub fn failures(&self) -> u32 {
-        self.failures
+        self.reconnect.failures()
     }
 
     /// Starts connecting now (at session start, to hide the handshake).
@@ -161,7 +155,9 @@ impl SttLink {
         } else {
             self.queue(chunk);
         }
-        if matches!(self.state, State::Idle) && self.retry_at.is_none_or(|t| Instant::now() >= t) {
+        if matches!(self.state, State::Idle)
+            && self.reconnect.may_connect(Instant::now().into_std())
+        {
             self.connect_now();
         }
     }
@@ -208,7 +204,7 @@ impl SttLink {
                 },
                 State::Open(stream) => match stream.events.recv().await {
                     Some(Ok(event)) => {
-                        self.failures = 0;
+                        self.reconnect.succeeded();
                         return LinkEvent::Event(self.map_times(event));
                     }
                     Some(Err(e)) => return self.lost(e),
@@ -224,14 +220,7 @@ impl SttLink {
     fn lost(&mut self, e: ProviderError) -> LinkEvent {
         self.state = State::Idle;
         self.offset_s = None;
-        if e.is_busy() {
-            // A full local queue is not a broken recogniser: reconnect at once.
-            self.retry_at = None;
-            return LinkEvent::Lost(e);
-        }
-        self.failures += 1;
-        let backoff = Duration::from_millis(250 * (1 << self.failures.min(5)));
-        self.retry_at = Some(Instant::now() + backoff);
+        self.reconnect.lost(e.is_busy(), Instant::now().into_std());
         LinkEvent::Lost(e)
     }
 

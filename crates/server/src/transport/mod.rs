@@ -17,8 +17,9 @@ use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
 use tokio::task::JoinHandle;
 
-use atlas_core::session::{Event, Opaque};
-use atlas_protocol::{AudioFormat, ClientInfo, ErrorCode};
+use atlas_core::session::{Closing, EndReason, Event, Opaque};
+use atlas_core::vocab::{AudioFormat, ErrorCode};
+use atlas_protocol::{ClientInfo, close};
 
 use writer::{OutboundTx, SendError, WriterExit};
 
@@ -190,6 +191,35 @@ impl Writer {
     pub fn queue(&self) -> &OutboundTx {
         &self.tx
     }
+
+    /// Closes the connection for `closing` (after what is queued).
+    pub async fn close(&self, closing: Closing) {
+        let (code, reason) = close_frame(closing);
+        self.tx.close(code, reason).await;
+    }
+}
+
+/// The WebSocket close code and reason for `closing`. Both transports are WebSockets; a
+/// Twilio media stream ends the call whatever the code.
+pub fn close_frame(closing: Closing) -> (u16, &'static str) {
+    match closing {
+        Closing::Ended(reason) => match reason {
+            EndReason::ClientEnded => (close::NORMAL, "session ended"),
+            EndReason::Draining => (close::GOING_AWAY, "server draining"),
+            EndReason::Policy | EndReason::StartTimeout => (close::POLICY, "policy violation"),
+            EndReason::ProviderFailed => (close::INTERNAL, "provider unavailable"),
+            EndReason::IdleTimeout => (close::IDLE_TIMEOUT, "idle timeout"),
+            EndReason::MaxDuration => (close::MAX_DURATION, "maximum duration reached"),
+            EndReason::BudgetExhausted => (close::BUDGET_EXHAUSTED, "budget exhausted"),
+            EndReason::TokenExpired => (close::TOKEN_EXPIRED, "token expired"),
+            EndReason::Moved => (close::REPLACED, "session continued elsewhere"),
+            EndReason::LeaseLost => (close::INTERNAL, "session lost its place"),
+            EndReason::ResumeExpired | EndReason::Disconnected => (close::NORMAL, "session ended"),
+        },
+        Closing::HeartbeatTimeout => (close::GOING_AWAY, "heartbeat timeout"),
+        Closing::Replaced => (close::REPLACED, "replaced by a resumed connection"),
+        Closing::ResumeOvertaken => (close::REPLACED, "resume refused"),
+    }
 }
 
 /// A connection a session is attached to.
@@ -218,5 +248,28 @@ impl Link {
             claim: None,
         };
         crate::session::serve(state, conn, upgrade).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_ending_has_its_documented_close_code() {
+        let code = |c| close_frame(c).0;
+        assert_eq!(code(Closing::Ended(EndReason::IdleTimeout)), 4408);
+        assert_eq!(code(Closing::Ended(EndReason::BudgetExhausted)), 4402);
+        assert_eq!(code(Closing::Ended(EndReason::Policy)), 1008);
+        assert_eq!(code(Closing::Ended(EndReason::StartTimeout)), 1008);
+        assert_eq!(code(Closing::Ended(EndReason::Moved)), 4409);
+        assert_eq!(code(Closing::Ended(EndReason::Draining)), 1001);
+        assert_eq!(code(Closing::Ended(EndReason::MaxDuration)), 4410);
+        assert_eq!(code(Closing::Ended(EndReason::TokenExpired)), 4401);
+        assert_eq!(code(Closing::Ended(EndReason::ProviderFailed)), 1011);
+        assert_eq!(code(Closing::Ended(EndReason::ClientEnded)), 1000);
+        assert_eq!(code(Closing::HeartbeatTimeout), 1001);
+        assert_eq!(code(Closing::Replaced), 4409);
+        assert_eq!(code(Closing::ResumeOvertaken), 4409);
     }
 }

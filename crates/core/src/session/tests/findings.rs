@@ -202,7 +202,10 @@ fn token_refreshes_go_through_the_frame_rate_limit_one_verification_at_a_time() 
     // One verification runs at a time; the rest of the first 100 wait as one (the latest).
     assert_eq!(verify, 1);
     assert_eq!(rejected, 900);
-    let out = h.feed(Input::TokenRefreshed(Ok(h.start + 7200 * S)));
+    let out = h.feed(Input::TokenRefreshed(Ok(VerifiedToken {
+        user_id: "user".into(),
+        expiry: h.start + 7200 * S,
+    })));
     assert_eq!(
         out.iter()
             .filter(|o| matches!(o, Output::VerifyToken(_)))
@@ -210,6 +213,9 @@ fn token_refreshes_go_through_the_frame_rate_limit_one_verification_at_a_time() 
         1,
         "the latest waiting token is verified next"
     );
-    let out = h.feed(Input::TokenRefreshed(Ok(h.start + 7200 * S)));
+    let out = h.feed(Input::TokenRefreshed(Ok(VerifiedToken {
+        user_id: "user".into(),
+        expiry: h.start + 7200 * S,
+    })));
     assert!(!has(&out, |o| matches!(o, Output::VerifyToken(_))));
 }

@@ -15,6 +15,10 @@ use tokio_util::sync::CancellationToken;
 use atlas_fakes::{Fakes, FakesConfig};
 use atlas_server::{Application, Config, auth};
 
+/// Fresh databases and sample records: the store's test support.
+pub use atlas_store::testing as store;
+pub use atlas_store::testing::{PgDb, postgres_admin_url};
+
 /// The HS256 secret every test server trusts.
 pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
 
@@ -238,78 +242,4 @@ pub fn serve(bin: &Path, env: &[(&str, String)]) -> Result<ServerProcess, String
         addr,
         _dir: dir,
     })
-}
-
-/// The PostgreSQL server the tests use (`ATLAS_TEST_POSTGRES_URL`, default the local one's
-/// `test` database).
-pub fn postgres_admin_url() -> String {
-    std::env::var("ATLAS_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-/// A fresh PostgreSQL database, dropped (with its connections) when this is dropped.
-#[derive(Debug)]
-pub struct PgDb {
-    /// The database's name.
-    pub name: String,
-}
-
-impl PgDb {
-    /// Creates the database.
-    pub async fn new() -> PgDb {
-        let name = format!("atlas_t_{}", uuid::Uuid::new_v4().simple());
-        let admin = atlas_store::Store::connect(&postgres_admin_url())
-            .await
-            .expect("the test PostgreSQL server");
-        admin
-            .execute_admin(&format!("create database {name}"))
-            .await
-            .expect("create database");
-        admin.close().await;
-        PgDb { name }
-    }
-
-    /// Its URL.
-    pub fn url(&self) -> String {
-        let mut u = url::Url::parse(&postgres_admin_url()).expect("a URL");
-        u.set_path(&format!("/{}", self.name));
-        u.to_string()
-    }
-
-    /// Its URL through another address (a proxy in front of the server, say).
-    pub fn url_via(&self, addr: SocketAddr) -> String {
-        let mut u = url::Url::parse(&self.url()).expect("a URL");
-        u.set_port(Some(addr.port())).expect("a port");
-        u.to_string()
-    }
-
-    /// Runs `sql` in it.
-    pub async fn sql(&self, sql: &str) {
-        let store = atlas_store::Store::connect(&self.url())
-            .await
-            .expect("connect");
-        store.execute_admin(sql).await.expect("statement");
-        store.close().await;
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime");
-            rt.block_on(async {
-                if let Ok(admin) = atlas_store::Store::connect(&postgres_admin_url()).await {
-                    let _ = admin
-                        .execute_admin(&format!("drop database if exists {name} with (force)"))
-                        .await;
-                    admin.close().await;
-                }
-            });
-        })
-        .join();
-    }
 }

@@ -149,20 +149,38 @@ pub async fn spawn_app_with(fakes: FakesConfig, tweak: impl FnOnce(&mut Config))
     }
 }
 
+/// A child process, killed (and reaped) when dropped; derefs to the [`Child`].
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// `atlas-voice serve` running as a child process (killed when dropped).
 pub struct ServerProcess {
     /// The process.
-    pub child: Child,
+    pub child: KillOnDrop,
     /// Where it listens.
     pub addr: SocketAddr,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl ServerProcess {
@@ -191,9 +209,19 @@ pub fn fake_providers(fakes: &Fakes) -> Vec<(&'static str, String)> {
 /// SQLite file and spool) plus `env`, and waits for it to listen. Its standard error is
 /// returned when it exits before listening.
 pub fn serve(bin: &Path, env: &[(&str, String)]) -> Result<ServerProcess, String> {
+    serve_with_args(bin, &[], env)
+}
+
+/// [`serve`] with more arguments after `serve` (`--fakes`, say).
+pub fn serve_with_args(
+    bin: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> Result<ServerProcess, String> {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut cmd = Command::new(bin);
     cmd.arg("serve")
+        .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("RUST_LOG", "warn")
@@ -238,7 +266,7 @@ pub fn serve(bin: &Path, env: &[(&str, String)]) -> Result<ServerProcess, String
         std::thread::spawn(move || for _ in BufReader::new(stderr).lines() {});
     }
     Ok(ServerProcess {
-        child,
+        child: KillOnDrop(child),
         addr,
         _dir: dir,
     })

@@ -48,6 +48,16 @@ async fn refreshed(c: &Cluster, owned: &Owned) -> Fenced<Refreshed> {
     c.refresh(owned).await.unwrap()
 }
 
+/// Checks that the next refresh of `owned` re-asserts it (reporting the loss) and the one
+/// after only extends it.
+async fn assert_reasserted_then_extended(c: &Cluster, owned: &Owned) {
+    assert_eq!(
+        refreshed(c, owned).await,
+        Fenced::Done(Refreshed::Reasserted)
+    );
+    assert_eq!(refreshed(c, owned).await, Fenced::Done(Refreshed::Extended));
+}
+
 async fn admit(c: &Cluster, user: &str, session: &str) -> Option<Owned> {
     c.admit(user, session).await.unwrap()
 }
@@ -174,27 +184,13 @@ async fn an_owner_re_asserts_a_session_the_store_lost() {
     let owned = admit_with_token(&a, "u", "s1", "t1").await;
     // Redis restarts empty: absence is not a sign of another owner.
     lose_everything(&p).await;
-    assert_eq!(
-        refreshed(&a, &owned).await,
-        Fenced::Done(Refreshed::Reasserted)
-    );
-    assert_eq!(
-        refreshed(&a, &owned).await,
-        Fenced::Done(Refreshed::Extended)
-    );
+    assert_reasserted_then_extended(&a, &owned).await;
     // Every other write re-asserts too instead of ending the session, and the next refresh
     // still reports the loss (so the owner publishes its state and tokens again): a spend
     // landing first must not hide it.
     lose_everything(&p).await;
     assert_eq!(a.add_spend(&owned, 5).await.unwrap(), Fenced::Done(5));
-    assert_eq!(
-        refreshed(&a, &owned).await,
-        Fenced::Done(Refreshed::Reasserted)
-    );
-    assert_eq!(
-        refreshed(&a, &owned).await,
-        Fenced::Done(Refreshed::Extended)
-    );
+    assert_reasserted_then_extended(&a, &owned).await;
     assert_eq!(
         a.register_token(&owned, "t1").await.unwrap(),
         Fenced::Done(())

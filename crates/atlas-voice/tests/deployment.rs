@@ -1,10 +1,10 @@
 //! The deployment files run as written: the Dockerfile's health check against a real server,
 //! Fly's release command against a real database, and the docs name the same commands.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+
+use atlas_testkit::ServerProcess;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -53,52 +53,10 @@ fn release_command() -> Vec<String> {
     value.split_whitespace().map(str::to_owned).collect()
 }
 
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_atlas-voice"))
-        .args(["serve", "--fakes"])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "warn")
-        .env("ATLAS_LISTEN", "127.0.0.1:0")
-        .env(
-            "DATABASE_URL",
-            format!("sqlite://{}/atlas.db", dir.path().display()),
-        )
-        .env("ATLAS_SPOOL_DIR", dir.path().join("spool"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("the server printed its address")
-            .unwrap();
-        if let Some(rest) = line.strip_prefix("atlas-voice listening on http://") {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Server {
-        child,
-        addr,
-        _dir: dir,
-    }
+/// `atlas-voice serve --fakes` on a loopback port.
+fn serve() -> ServerProcess {
+    let bin = Path::new(env!("CARGO_BIN_EXE_atlas-voice"));
+    atlas_testkit::serve_with_args(bin, &["--fakes"], &[]).expect("the server starts")
 }
 
 #[test]

@@ -103,6 +103,22 @@ fn words(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// `audio` (16 kHz) transcribed by the local recogniser: what it heard, how many of the
+/// [`words`] of `text` are in it, and of how many.
+async fn heard_back(audio: &[i16], text: &str) -> (String, usize, usize) {
+    let stt = LocalStt::new(
+        stt_worker(2).await,
+        "whisper-tiny.en",
+        EndpointConfig::default(),
+        None,
+    );
+    let back = stt.transcribe(audio, Some("en".into())).await.unwrap();
+    let said = words(text);
+    let heard = words(&back);
+    let found = said.iter().filter(|w| heard.contains(w)).count();
+    (back, found, said.len())
+}
+
 /// `atlas-voice serve` on the local engines with the pinned models, plus `extra`.
 fn serve(extra: &[(&str, &str)]) -> Result<ServerProcess, String> {
     let mut env = vec![("ATLAS_MODELS_DIR", models_dir().display().to_string())];
@@ -237,63 +253,34 @@ async fn a_spoken_question_gets_a_spoken_answer_that_transcribes_back_to_its_wor
 
     // Round trip: the reply audio, transcribed by the same local recogniser, gives back
     // the reply's words.
-    let stt = LocalStt::new(
-        stt_worker(2).await,
-        "whisper-tiny.en",
-        EndpointConfig::default(),
-        None,
-    );
-    let back = stt
-        .transcribe(&turn.audio, Some("en".into()))
-        .await
-        .unwrap();
-    let said = words(&turn.reply);
-    let heard = words(&back);
-    let found = said.iter().filter(|w| heard.contains(w)).count();
+    let (back, found, of) = heard_back(&turn.audio, &turn.reply).await;
     assert!(
-        found * 2 >= said.len() && found > 0,
-        "reply {:?} (to {:?}) came back as {:?} ({found} of {} words)",
+        found * 2 >= of && found > 0,
+        "reply {:?} (to {:?}) came back as {back:?} ({found} of {of} words)",
         turn.reply,
         turn.transcript,
-        back,
-        said.len()
     );
 }
 
 #[test]
 fn serve_without_models_says_which_command_fetches_them() {
     let empty = tempfile::tempdir().unwrap();
-    let err = serve(&[("ATLAS_MODELS_DIR", empty.path().to_str().unwrap())])
-        .err()
-        .expect("serve refuses to start");
-    assert!(
-        err.contains("atlas-voice models fetch whisper-tiny.en"),
-        "error was: {err}"
-    );
-    let err = serve(&[
-        ("ATLAS_MODELS_DIR", empty.path().to_str().unwrap()),
-        ("ATLAS_STT", "deepgram"),
-        ("DEEPGRAM_API_KEY", "k"),
-    ])
-    .err()
-    .expect("serve refuses to start");
-    assert!(
-        err.contains("atlas-voice models fetch smollm2"),
-        "error was: {err}"
-    );
-    let err = serve(&[
-        ("ATLAS_MODELS_DIR", empty.path().to_str().unwrap()),
+    // Each engine moved to the cloud in turn: the next missing model is named.
+    let cloud = [
         ("ATLAS_STT", "deepgram"),
         ("DEEPGRAM_API_KEY", "k"),
         ("ATLAS_LLM", "anthropic"),
         ("ANTHROPIC_API_KEY", "k"),
-    ])
-    .err()
-    .expect("serve refuses to start");
-    assert!(
-        err.contains("atlas-voice models fetch piper-joe"),
-        "error was: {err}"
-    );
+    ];
+    for (in_the_cloud, missing) in [(0, "whisper-tiny.en"), (2, "smollm2"), (4, "piper-joe")] {
+        let mut env = vec![("ATLAS_MODELS_DIR", empty.path().to_str().unwrap())];
+        env.extend_from_slice(&cloud[..in_the_cloud]);
+        let err = serve(&env).err().expect("serve refuses to start");
+        assert!(
+            err.contains(&format!("atlas-voice models fetch {missing}")),
+            "error was: {err}"
+        );
+    }
 }
 
 #[test]
@@ -469,6 +456,19 @@ fn to_16k(bytes: &[u8], rate: u32) -> Vec<i16> {
     out
 }
 
+/// Checks that `tts` refuses a voice it does not have, naming it.
+async fn assert_refuses_unknown_voice(tts: &impl TtsProvider) {
+    let err = tts
+        .synthesize(TtsRequest {
+            text: "hi".into(),
+            voice: Some("klingon".into()),
+        })
+        .await
+        .err()
+        .expect("unknown voice");
+    assert!(err.to_string().contains("klingon"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_neural_voice_says_the_words_and_refuses_unknown_voices() {
     use atlas_local::piper::{PIPER_RATE, PiperTts};
@@ -491,34 +491,13 @@ async fn the_neural_voice_says_the_words_and_refuses_unknown_voices() {
     assert!((2.0..9.0).contains(&seconds), "{seconds:.2} s of speech");
 
     // Transcribed back by the local recogniser, the audio gives the text's words.
-    let stt = LocalStt::new(
-        stt_worker(2).await,
-        "whisper-tiny.en",
-        EndpointConfig::default(),
-        None,
-    );
-    let back = stt
-        .transcribe(&to_16k(&bytes, PIPER_RATE), Some("en".into()))
-        .await
-        .unwrap();
-    let said = words(text);
-    let heard = words(&back);
-    let found = said.iter().filter(|w| heard.contains(w)).count();
+    let (back, found, of) = heard_back(&to_16k(&bytes, PIPER_RATE), text).await;
     assert!(
-        found * 4 >= said.len() * 3,
-        "{text:?} came back as {back:?} ({found} of {} words)",
-        said.len()
+        found * 4 >= of * 3,
+        "{text:?} came back as {back:?} ({found} of {of} words)"
     );
 
-    let err = tts
-        .synthesize(TtsRequest {
-            text: "hi".into(),
-            voice: Some("klingon".into()),
-        })
-        .await
-        .err()
-        .expect("unknown voice");
-    assert!(err.to_string().contains("klingon"), "{err}");
+    assert_refuses_unknown_voice(&tts).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -582,15 +561,7 @@ async fn espeak_speaks_and_refuses_unknown_voices() {
     let bytes: usize = chunks.iter().map(|c| c.len()).sum();
     let seconds = bytes as f64 / 2.0 / ESPEAK_RATE as f64;
     assert!((1.0..5.0).contains(&seconds), "{seconds:.2} s of speech");
-    let err = tts
-        .synthesize(TtsRequest {
-            text: "hi".into(),
-            voice: Some("klingon".into()),
-        })
-        .await
-        .err()
-        .expect("unknown voice");
-    assert!(err.to_string().contains("klingon"));
+    assert_refuses_unknown_voice(&tts).await;
     let err = Espeak::new("/nonexistent/espeak-ng", "en-us", 175, 1)
         .await
         .expect_err("missing program");
@@ -602,15 +573,8 @@ async fn espeak_speaks_and_refuses_unknown_voices() {
 
 /// `atlas-voice llm-server` on the pinned SmolLM2, on a free loopback port.
 struct LlmServer {
-    child: std::process::Child,
+    _child: atlas_testkit::KillOnDrop,
     base: String,
-}
-
-impl Drop for LlmServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn llm_server() -> LlmServer {
@@ -632,41 +596,34 @@ fn llm_server() -> LlmServer {
             break url.trim().to_string();
         }
     };
-    LlmServer { child, base }
+    LlmServer {
+        _child: atlas_testkit::KillOnDrop(child),
+        base,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_openai_compatible_server_is_one_setting_away() {
     let llm = llm_server();
-    let http = reqwest::Client::new();
     let url = format!("{}/chat/completions", llm.base);
+    let post = |body: serde_json::Value| reqwest::Client::new().post(&url).json(&body).send();
 
     // The endpoint itself: a plain answer, and a refusal in OpenAI's error shape.
-    let answer: serde_json::Value = http
-        .post(&url)
-        .json(&serde_json::json!({
-            "model": "any",
-            "messages": [{"role": "user", "content": "Say hello."}],
-            "max_tokens": 24,
-        }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = post(serde_json::json!({
+        "model": "any",
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 24,
+    }));
+    let answer: serde_json::Value = answer.await.unwrap().json().await.unwrap();
     let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(ends_a_sentence(text), "{answer}");
     assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() > 0);
-    let refused = http
-        .post(&url)
-        .json(&serde_json::json!({
-            "messages": [{"role": "user", "content": "x"}],
-            "tools": [{"type": "function", "function": {"name": "f"}}],
-        }))
-        .send()
-        .await
-        .unwrap();
+    let refused = post(serde_json::json!({
+        "messages": [{"role": "user", "content": "x"}],
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+    }))
+    .await
+    .unwrap();
     assert_eq!(refused.status(), 400);
     let body: serde_json::Value = refused.json().await.unwrap();
     assert!(body["error"]["message"].as_str().unwrap().contains("tools"));

@@ -3,7 +3,7 @@
 //! the other instance, the daily budget across instances, and Redis going away.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use atlas_client::{ClientError, ConnectOptions, Connection, Incoming, connect, stream_pcm, wav};
@@ -12,7 +12,7 @@ use atlas_fakes::proxy::Proxy;
 use atlas_protocol::{ClientMessage, ServerEvent, SessionStart};
 
 use atlas_testkit::{
-    ServerProcess as Instance, fake_providers, fast_fakes, serve, start_fakes, token,
+    KillOnDrop, ServerProcess as Instance, fake_providers, fast_fakes, serve, start_fakes, token,
 };
 
 fn spawn(fakes: &Fakes, redis: &str, prefix: &str, extra: &[(&str, &str)]) -> Instance {
@@ -678,16 +678,9 @@ fn run_ok(cmd: &mut Command, what: &str) -> std::process::Output {
 /// A Redis server speaking only TLS on a free loopback port, with a certificate from a CA
 /// made for the test (openssl); stopped on drop.
 struct TlsRedis {
-    child: Child,
+    _child: KillOnDrop,
     port: u16,
     dir: tempfile::TempDir,
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl TlsRedis {
@@ -767,7 +760,11 @@ impl TlsRedis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server");
-        let redis = TlsRedis { child, port, dir };
+        let redis = TlsRedis {
+            _child: KillOnDrop(child),
+            port,
+            dir,
+        };
         let began = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(

@@ -9,12 +9,15 @@
 //! - [`schema`]: live-schema introspection for `db diff`.
 //! - [`spool`]: the durable local spool and its replay.
 //! - [`Store`]: connecting and writing.
+//! - `testing` (tests, and the `testing` feature): fresh databases and sample records.
 
 pub mod migrate;
 pub mod records;
 pub mod sanitize;
 pub mod schema;
 pub mod spool;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::borrow::Cow;
 use std::str::FromStr;

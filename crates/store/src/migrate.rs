@@ -218,6 +218,17 @@ pub struct Applied {
     pub statements: Vec<String>,
 }
 
+impl Applied {
+    /// A ledger row as read: a missing name or statement list is empty.
+    fn from_row(version: String, statements: Option<Vec<String>>, name: Option<String>) -> Self {
+        Applied {
+            version,
+            name: name.unwrap_or_default(),
+            statements: statements.unwrap_or_default(),
+        }
+    }
+}
+
 const PG_LEDGER: [&str; 4] = [
     "create schema if not exists supabase_migrations",
     "create table if not exists supabase_migrations.schema_migrations (version text not null primary key)",
@@ -264,11 +275,7 @@ async fn applied_inner(store: &Store) -> Result<Vec<Applied>, StoreError> {
             .fetch_all(p)
             .await?;
             rows.into_iter()
-                .map(|(version, statements, name)| Applied {
-                    version,
-                    name: name.unwrap_or_default(),
-                    statements: statements.unwrap_or_default(),
-                })
+                .map(|(version, statements, name)| Applied::from_row(version, statements, name))
                 .collect()
         }
         #[cfg(feature = "sqlite")]
@@ -278,12 +285,10 @@ async fn applied_inner(store: &Store) -> Result<Vec<Applied>, StoreError> {
                     .fetch_all(p)
                     .await?;
             rows.into_iter()
-                .map(|(version, statements, name)| Applied {
-                    version,
-                    name: name.unwrap_or_default(),
-                    statements: statements
-                        .and_then(|s| serde_json::from_str(&s).ok())
-                        .unwrap_or_default(),
+                .map(|(version, statements, name)| {
+                    // The statements are kept as a JSON array.
+                    let statements = statements.and_then(|s| serde_json::from_str(&s).ok());
+                    Applied::from_row(version, statements, name)
                 })
                 .collect()
         }
@@ -370,30 +375,36 @@ fn apply<'a>(store: &'a Store, m: &'a Migration) -> BoxFuture<'a, Result<(), Sto
     Box::pin(apply_inner(store, m))
 }
 
+/// Runs `$m`'s statements, then `$ledger` (the query that records it in the ledger), in one
+/// transaction of `$pool`.
+macro_rules! apply_with_ledger {
+    ($pool:expr, $m:expr, $ledger:expr) => {{
+        let mut tx = $pool.begin().await?;
+        for s in &$m.statements {
+            sqlx::query(s).persistent(false).execute(&mut *tx).await?;
+        }
+        $ledger.execute(&mut *tx).await?;
+        tx.commit().await?;
+    }};
+}
+
 async fn apply_inner(store: &Store, m: &Migration) -> Result<(), StoreError> {
     match store {
         #[cfg(feature = "postgres")]
-        Store::Postgres(p) => {
-            let mut tx = p.begin().await?;
-            for s in &m.statements {
-                sqlx::query(s).persistent(false).execute(&mut *tx).await?;
-            }
+        Store::Postgres(p) => apply_with_ledger!(
+            p,
+            m,
             sqlx::query(
                 "insert into supabase_migrations.schema_migrations (version, statements, name) values ($1, $2, $3)",
             )
             .bind(&m.version)
             .bind(&m.statements)
             .bind(&m.name)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-        }
+        ),
         #[cfg(feature = "sqlite")]
-        Store::Sqlite(p) => {
-            let mut tx = p.begin().await?;
-            for s in &m.statements {
-                sqlx::query(s).persistent(false).execute(&mut *tx).await?;
-            }
+        Store::Sqlite(p) => apply_with_ledger!(
+            p,
+            m,
             sqlx::query(
                 "insert into atlas_schema_migrations (version, statements, name, applied_at) values (?1, ?2, ?3, ?4)",
             )
@@ -401,10 +412,7 @@ async fn apply_inner(store: &Store, m: &Migration) -> Result<(), StoreError> {
             .bind(serde_json::to_string(&m.statements).unwrap_or_default())
             .bind(&m.name)
             .bind(chrono::Utc::now().to_rfc3339())
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-        }
+        ),
     }
     Ok(())
 }

@@ -340,6 +340,25 @@ async fn index_def(
     }))
 }
 
+/// The definition `find` gives for `name` (`table.column` or `table.index`), with the name's
+/// two parts; `None` (the line is skipped) when the name has no dot, `find` finds nothing, or
+/// a part is not a plain identifier (safe to write into a migration).
+async fn definition<'n, T, F>(
+    name: &'n str,
+    find: impl FnOnce(&'n str, &'n str) -> F,
+) -> Result<Option<(&'n str, &'n str, T)>, StoreError>
+where
+    F: std::future::Future<Output = Result<Option<T>, StoreError>>,
+{
+    let Some((table, item)) = name.split_once('.') else {
+        return Ok(None);
+    };
+    let def = find(table, item).await?;
+    Ok(def
+        .filter(|_| is_ident(table) && is_ident(item))
+        .map(|d| (table, item, d)))
+}
+
 /// Turns the `+` lines of `diff(expected, live)` — columns and indexes added to existing
 /// tables by hand — into an idempotent migration pair; everything else is listed as skipped.
 pub fn pull<'a>(
@@ -353,16 +372,10 @@ pub fn pull<'a>(
         for line in diff(expected, live) {
             if let Some(rest) = line.strip_prefix("+ column ") {
                 let name = rest.split(' ').next().unwrap_or("");
-                let Some((table, column)) = name.split_once('.') else {
+                let found = definition(name, |t, c| column_def(store, t, c)).await?;
+                let Some((table, column, def)) = found else {
                     out.skipped.push(line);
                     continue;
-                };
-                let def = match column_def(store, table, column).await? {
-                    Some(d) if is_ident(table) && is_ident(column) => d,
-                    _ => {
-                        out.skipped.push(line);
-                        continue;
-                    }
                 };
                 let (pg_type, lite_type) = if from_pg {
                     (def.sql_type.clone(), sqlite_type(&def.sql_type).to_owned())
@@ -399,18 +412,11 @@ pub fn pull<'a>(
                 ));
                 out.pulled.push(line);
             } else if let Some(rest) = line.strip_prefix("+ index ") {
-                let Some((table, index)) = rest.split_once('.') else {
+                let found = definition(rest, |t, i| index_def(store, t, i)).await?;
+                let Some((table, index, (unique, method, cols))) = found else {
                     out.skipped.push(line);
                     continue;
                 };
-                let def = match index_def(store, table, index).await? {
-                    Some(d) if is_ident(table) && is_ident(index) => d,
-                    _ => {
-                        out.skipped.push(line);
-                        continue;
-                    }
-                };
-                let (unique, method, cols) = def;
                 let unique = if unique { "unique " } else { "" };
                 out.postgres.push(format!(
                     "create {unique}index if not exists {index} on public.{table} using {method} {cols}"

@@ -238,42 +238,7 @@ async fn write_atomically(dir: &Path, name: &str, body: &[u8]) -> Result<(), Sto
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn snap(seq: u64) -> Snapshot {
-        let now = chrono::Utc::now();
-        Snapshot {
-            seq,
-            session: crate::SessionRecord {
-                id: uuid::Uuid::nil(),
-                user_id: "u".into(),
-                conversation_id: None,
-                started_at: now,
-                ended_at: None,
-                duration_ms: 0,
-                end_reason: None,
-                turns: 0,
-                stt_seconds: 0.0,
-                llm_input_tokens: 0,
-                llm_output_tokens: 0,
-                tts_chars: 0,
-                stt_cost_micros: None,
-                llm_cost_micros: None,
-                tts_cost_micros: None,
-                total_cost_micros: None,
-                stt_model: None,
-                llm_model: None,
-                tts_model: None,
-                price_catalog_version: None,
-                client_name: None,
-                client_version: None,
-                transport: "websocket".into(),
-                call_sid: None,
-                caller: None,
-            },
-            turns: vec![],
-            tool_calls: vec![],
-        }
-    }
+    use crate::testing::snapshot;
 
     #[tokio::test]
     async fn concurrent_puts_of_one_session_each_land_whole() {
@@ -282,7 +247,9 @@ mod tests {
         let mut tasks = Vec::new();
         for seq in 1..=50 {
             let spool = spool.clone();
-            tasks.push(tokio::spawn(async move { spool.put(&snap(seq)).await }));
+            tasks.push(tokio::spawn(async move {
+                spool.put(&snapshot(uuid::Uuid::nil(), "u", seq, 0)).await
+            }));
         }
         for t in tasks {
             t.await.unwrap().unwrap();

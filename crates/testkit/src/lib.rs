@@ -15,6 +15,10 @@ use tokio_util::sync::CancellationToken;
 use atlas_fakes::{Fakes, FakesConfig};
 use atlas_server::{Application, Config, auth};
 
+/// Fresh databases and sample records: the store's test support.
+pub use atlas_store::testing as store;
+pub use atlas_store::testing::{PgDb, postgres_admin_url};
+
 /// The HS256 secret every test server trusts.
 pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
 
@@ -145,20 +149,38 @@ pub async fn spawn_app_with(fakes: FakesConfig, tweak: impl FnOnce(&mut Config))
     }
 }
 
+/// A child process, killed (and reaped) when dropped; derefs to the [`Child`].
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// `atlas-voice serve` running as a child process (killed when dropped).
 pub struct ServerProcess {
     /// The process.
-    pub child: Child,
+    pub child: KillOnDrop,
     /// Where it listens.
     pub addr: SocketAddr,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl ServerProcess {
@@ -187,9 +209,19 @@ pub fn fake_providers(fakes: &Fakes) -> Vec<(&'static str, String)> {
 /// SQLite file and spool) plus `env`, and waits for it to listen. Its standard error is
 /// returned when it exits before listening.
 pub fn serve(bin: &Path, env: &[(&str, String)]) -> Result<ServerProcess, String> {
+    serve_with_args(bin, &[], env)
+}
+
+/// [`serve`] with more arguments after `serve` (`--fakes`, say).
+pub fn serve_with_args(
+    bin: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> Result<ServerProcess, String> {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut cmd = Command::new(bin);
     cmd.arg("serve")
+        .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("RUST_LOG", "warn")
@@ -234,82 +266,8 @@ pub fn serve(bin: &Path, env: &[(&str, String)]) -> Result<ServerProcess, String
         std::thread::spawn(move || for _ in BufReader::new(stderr).lines() {});
     }
     Ok(ServerProcess {
-        child,
+        child: KillOnDrop(child),
         addr,
         _dir: dir,
     })
-}
-
-/// The PostgreSQL server the tests use (`ATLAS_TEST_POSTGRES_URL`, default the local one's
-/// `test` database).
-pub fn postgres_admin_url() -> String {
-    std::env::var("ATLAS_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-/// A fresh PostgreSQL database, dropped (with its connections) when this is dropped.
-#[derive(Debug)]
-pub struct PgDb {
-    /// The database's name.
-    pub name: String,
-}
-
-impl PgDb {
-    /// Creates the database.
-    pub async fn new() -> PgDb {
-        let name = format!("atlas_t_{}", uuid::Uuid::new_v4().simple());
-        let admin = atlas_store::Store::connect(&postgres_admin_url())
-            .await
-            .expect("the test PostgreSQL server");
-        admin
-            .execute_admin(&format!("create database {name}"))
-            .await
-            .expect("create database");
-        admin.close().await;
-        PgDb { name }
-    }
-
-    /// Its URL.
-    pub fn url(&self) -> String {
-        let mut u = url::Url::parse(&postgres_admin_url()).expect("a URL");
-        u.set_path(&format!("/{}", self.name));
-        u.to_string()
-    }
-
-    /// Its URL through another address (a proxy in front of the server, say).
-    pub fn url_via(&self, addr: SocketAddr) -> String {
-        let mut u = url::Url::parse(&self.url()).expect("a URL");
-        u.set_port(Some(addr.port())).expect("a port");
-        u.to_string()
-    }
-
-    /// Runs `sql` in it.
-    pub async fn sql(&self, sql: &str) {
-        let store = atlas_store::Store::connect(&self.url())
-            .await
-            .expect("connect");
-        store.execute_admin(sql).await.expect("statement");
-        store.close().await;
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime");
-            rt.block_on(async {
-                if let Ok(admin) = atlas_store::Store::connect(&postgres_admin_url()).await {
-                    let _ = admin
-                        .execute_admin(&format!("drop database if exists {name} with (force)"))
-                        .await;
-                    admin.close().await;
-                }
-            });
-        })
-        .join();
-    }
 }

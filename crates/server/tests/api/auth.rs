@@ -249,14 +249,7 @@ async fn development_tokens_never_carry_the_production_secret() {
     // Dev mode on loopback with the project's real secret configured (developing against
     // real accounts): /dev/token still signs with the development-only key.
     let dev = spawn_app_with(fast_fakes(), |c| c.dev = true).await;
-    let body: Value = reqwest::Client::new()
-        .post(format!("http://{}/dev/token", dev.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = dev.post_dev_token(None).await.json().await.unwrap();
     let token = body["token"].as_str().unwrap().to_owned();
     let mut validation = jsonwebtoken::Validation::new(Algorithm::HS256);
     validation.set_audience(&["authenticated"]);

@@ -130,24 +130,17 @@ impl Browser {
         }
     }
 
+    /// The element of the page with this id.
+    async fn element(&self, id: &str) -> fantoccini::elements::Element {
+        self.client.find(Locator::Id(id)).await.unwrap()
+    }
+
     async fn click(&self, id: &str) {
-        self.client
-            .find(Locator::Id(id))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        self.element(id).await.click().await.unwrap();
     }
 
     async fn text(&self, id: &str) -> String {
-        self.client
-            .find(Locator::Id(id))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.element(id).await.text().await.unwrap()
     }
 
     /// Starts a conversation and waits for its session.
@@ -292,16 +285,30 @@ async fn stop_then_start_begins_a_new_session_at_once() {
     browser.close().await;
 }
 
-#[tokio::test]
-async fn a_drain_without_redis_starts_a_fresh_session_on_the_other_instance() {
-    let a = spawn_app_with(fast_fakes(), |c| c.dev = true).await;
-    let b = spawn_app_with(fast_fakes(), |c| c.dev = true).await;
+/// A deploy under a page in session: two development instances A and B (`tweak` applied to
+/// both) behind a load balancer; the page starts a session on A, then the load balancer
+/// sends new connections to B and A drains. Returns the page, the state it had once its first
+/// session started, and the instances and load balancer (to keep them alive).
+async fn deploy_under_a_session(
+    tweak: impl Fn(&mut atlas_server::Config),
+) -> (Browser, Value, (TestApp, TestApp, Proxy)) {
+    let dev = |c: &mut atlas_server::Config| {
+        c.dev = true;
+        tweak(c);
+    };
+    let a = spawn_app_with(fast_fakes(), &dev).await;
+    let b = spawn_app_with(fast_fakes(), &dev).await;
     let lb = Proxy::start(a.addr).await.unwrap();
     let browser = Browser::open(&format!("http://{}/", lb.addr), silence()).await;
     let first = browser.start().await;
-    // Deploy: the load balancer sends new connections to B, and A drains.
     lb.set_upstream(b.addr);
     a.shutdown.cancel();
+    (browser, first, (a, b, lb))
+}
+
+#[tokio::test]
+async fn a_drain_without_redis_starts_a_fresh_session_on_the_other_instance() {
+    let (browser, first, _deployed) = deploy_under_a_session(|_| {}).await;
     let s = browser
         .wait_for(15, "a fresh session on B", |s| {
             strings(&s["sessions"]).len() == 2 && s["state"] == "listening"
@@ -317,18 +324,11 @@ async fn a_drain_without_redis_starts_a_fresh_session_on_the_other_instance() {
 #[tokio::test]
 async fn a_drain_with_redis_resumes_the_session_on_the_other_instance() {
     let prefix = format!("atlas-browser-{}", uuid::Uuid::new_v4());
-    let with_redis = |c: &mut atlas_server::Config| {
-        c.dev = true;
+    let (browser, first, _deployed) = deploy_under_a_session(|c| {
         c.redis_url = Some("redis://127.0.0.1:6379".into());
         c.redis_prefix = prefix.clone();
-    };
-    let a = spawn_app_with(fast_fakes(), with_redis).await;
-    let b = spawn_app_with(fast_fakes(), with_redis).await;
-    let lb = Proxy::start(a.addr).await.unwrap();
-    let browser = Browser::open(&format!("http://{}/", lb.addr), silence()).await;
-    let first = browser.start().await;
-    lb.set_upstream(b.addr);
-    a.shutdown.cancel();
+    })
+    .await;
     let s = browser
         .wait_for(15, "the session resumed on B", |s| {
             s["resumed"] == true && s["state"] == "listening"

@@ -17,6 +17,14 @@ fn expected_micros(u: &Usage) -> u64 {
     stt + llm + tts
 }
 
+/// Asks the spoken question; returns what came until the reply's usage event.
+async fn answered_with_usage(conn: &mut atlas_client::Connection) -> Vec<Incoming> {
+    ask(conn);
+    let mut items = collect_until(conn, Duration::from_secs(20), is_done(1)).await;
+    items.extend(until_usage(conn).await);
+    items
+}
+
 fn usages(items: &[Incoming]) -> Vec<Usage> {
     items
         .iter()
@@ -31,14 +39,7 @@ fn usages(items: &[Incoming]) -> Vec<Usage> {
 async fn usage_events_carry_the_catalog_cost_of_what_was_used() {
     let app = spawn_app().await;
     let (mut conn, _) = app.start("payer", 24_000).await;
-    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
-    let mut items = collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
-    items.extend(
-        collect_until(&mut conn, Duration::from_secs(5), |i| {
-            matches!(event(i), Some(ServerEvent::Usage(_)))
-        })
-        .await,
-    );
+    let items = answered_with_usage(&mut conn).await;
     let usage = usages(&items).pop().unwrap();
     assert!(usage.llm_input_tokens > 0 && usage.llm_output_tokens > 0 && usage.tts_chars > 0);
     let cost = usage.cost_usd.expect("every model is in the catalog");
@@ -109,30 +110,25 @@ async fn an_unpriced_model_with_a_budget_refuses_to_start_and_names_the_fix() {
     assert!(atlas_server::Application::build(config).await.is_ok());
 }
 
-#[tokio::test]
-async fn the_unpriced_opt_in_is_shown_in_readiness_and_metrics() {
-    let app = spawn_app_with(fast_fakes(), |c| {
+/// A server whose model has no price, allowed by the operator's opt-in.
+async fn with_an_unpriced_model() -> TestApp {
+    spawn_app_with(fast_fakes(), |c| {
         c.llm_model = "claude-unreleased".into();
         c.allow_unpriced = true;
     })
-    .await;
-    let body: serde_json::Value = reqwest::get(format!("http://{}/readyz", app.addr))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    .await
+}
+
+#[tokio::test]
+async fn the_unpriced_opt_in_is_shown_in_readiness_and_metrics() {
+    let app = with_an_unpriced_model().await;
+    let body = app.get_json("/readyz").await;
     assert_eq!(body["unpriced_models_allowed"], true, "{body}");
     assert_eq!(
         body["unpriced_models"],
         serde_json::json!(["llm anthropic/claude-unreleased"])
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", app.addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.get_text("/metrics").await;
     assert!(
         metrics.contains("atlas_unpriced_models_allowed"),
         "{metrics}"
@@ -141,20 +137,9 @@ async fn the_unpriced_opt_in_is_shown_in_readiness_and_metrics() {
 
 #[tokio::test]
 async fn an_unknown_model_makes_the_cost_unknown_not_zero() {
-    let app = spawn_app_with(fast_fakes(), |c| {
-        c.llm_model = "claude-unreleased".into();
-        c.allow_unpriced = true;
-    })
-    .await;
+    let app = with_an_unpriced_model().await;
     let (mut conn, _) = app.start("payer", 24_000).await;
-    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
-    let mut items = collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
-    items.extend(
-        collect_until(&mut conn, Duration::from_secs(5), |i| {
-            matches!(event(i), Some(ServerEvent::Usage(_)))
-        })
-        .await,
-    );
+    let items = answered_with_usage(&mut conn).await;
     assert_eq!(usages(&items).pop().unwrap().cost_usd, None);
 }
 
@@ -167,7 +152,7 @@ async fn a_tiny_budget_warns_then_ends_the_session_before_overspending() {
     })
     .await;
     let (mut conn, _) = app.start("thrifty", 24_000).await;
-    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
+    ask(&conn);
     let items = collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
     let warning = collect_until(&mut conn, Duration::from_secs(5), |i| {
         matches!(event(i), Some(ServerEvent::BudgetWarning { .. }))
@@ -188,11 +173,8 @@ async fn a_tiny_budget_warns_then_ends_the_session_before_overspending() {
             .any(|i| matches!(event(i), Some(ServerEvent::ResponseStarted { turn_id: 1 })))
     );
     // The next reply would exceed the budget: the session ends before it starts.
-    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
-    let items = collect_until(&mut conn, Duration::from_secs(20), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
+    ask(&conn);
+    let items = until_closed(&mut conn, Duration::from_secs(20)).await;
     assert!(
         !items
             .iter()
@@ -215,13 +197,7 @@ async fn a_tiny_budget_warns_then_ends_the_session_before_overspending() {
             ..
         })
     )));
-    assert!(matches!(
-        items.last(),
-        Some(Incoming::Closed {
-            code: Some(4402),
-            ..
-        })
-    ));
+    assert!(closed_with(&items, 4402));
     let spent = usages(&items).pop().and_then(|u| u.cost_usd).unwrap();
     assert!(spent <= 0.008, "never spends past the budget: {spent}");
     assert_eq!(
@@ -241,25 +217,12 @@ async fn the_daily_budget_holds_across_sessions() {
     })
     .await;
     let (mut conn, _) = app.start("daily", 24_000).await;
-    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
+    ask(&conn);
     collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
     // The second question in the same session would exceed the day's budget.
-    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
-    let items = collect_until(&mut conn, Duration::from_secs(20), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
-    assert!(
-        matches!(
-            items.last(),
-            Some(Incoming::Closed {
-                code: Some(4402),
-                ..
-            })
-        ),
-        "{:#?}",
-        summary(&items)
-    );
+    ask(&conn);
+    let items = until_closed(&mut conn, Duration::from_secs(20)).await;
+    assert!(closed_with(&items, 4402), "{:#?}", summary(&items));
     // A new session of the same user is refused before the upgrade; another user is not.
     match atlas_client::connect(&atlas_client::ConnectOptions::new(
         app.url(),
@@ -291,14 +254,7 @@ async fn a_chat_server_that_reports_no_usage_is_measured_instead() {
     })
     .await;
     let (mut conn, _) = app.start("payer", 24_000).await;
-    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
-    let mut items = collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
-    items.extend(
-        collect_until(&mut conn, Duration::from_secs(5), |i| {
-            matches!(event(i), Some(ServerEvent::Usage(_)))
-        })
-        .await,
-    );
+    let items = answered_with_usage(&mut conn).await;
     let recorded = app.fakes.recorded();
     assert_eq!(recorded.llm_requests[0].0, atlas_fakes::Target::OpenAiChat);
     assert!(recorded.llm_requests[0].1.get("stream_options").is_none());

@@ -110,11 +110,7 @@ async fn a_connection_cut_mid_reply_reconnects_and_resumes_with_history() {
         )
     })
     .await;
-    let recorded = app.fakes.recorded();
-    let messages = recorded.llm_requests.last().unwrap().1["messages"]
-        .as_array()
-        .unwrap()
-        .clone();
+    let messages = app.last_llm_messages();
     assert_eq!(messages.len(), 3, "{messages:?}");
     assert_eq!(messages[1]["role"], "assistant");
 }

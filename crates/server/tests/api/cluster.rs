@@ -43,8 +43,30 @@ async fn lapse(prefix: &str, user: &str, session: &str) {
         .unwrap();
 }
 
+/// What a refresh of `owned`'s lease did.
+async fn refreshed(c: &Cluster, owned: &Owned) -> Fenced<Refreshed> {
+    c.refresh(owned).await.unwrap()
+}
+
+/// Checks that the next refresh of `owned` re-asserts it (reporting the loss) and the one
+/// after only extends it.
+async fn assert_reasserted_then_extended(c: &Cluster, owned: &Owned) {
+    assert_eq!(
+        refreshed(c, owned).await,
+        Fenced::Done(Refreshed::Reasserted)
+    );
+    assert_eq!(refreshed(c, owned).await, Fenced::Done(Refreshed::Extended));
+}
+
 async fn admit(c: &Cluster, user: &str, session: &str) -> Option<Owned> {
     c.admit(user, session).await.unwrap()
+}
+
+/// Admits `session` of `user` and registers its resume `token`.
+async fn admit_with_token(c: &Cluster, user: &str, session: &str, token: &str) -> Owned {
+    let owned = admit(c, user, session).await.unwrap();
+    c.register_token(&owned, token).await.unwrap();
+    owned
 }
 
 /// Claims the session behind `token`, pending its handshake.
@@ -93,7 +115,7 @@ async fn a_committed_claim_fences_every_write_of_the_previous_owner() {
     assert_eq!((second.session_id.as_str(), second.epoch), ("s1", 2));
     // Pending: the owner is untouched until the client's handshake is done.
     assert_eq!(
-        a.refresh(&first).await.unwrap(),
+        refreshed(&a, &first).await,
         Fenced::Done(Refreshed::Extended)
     );
     assert_eq!(
@@ -101,14 +123,14 @@ async fn a_committed_claim_fences_every_write_of_the_previous_owner() {
         Some(true)
     );
     // Every write of the stale owner is refused.
-    assert_eq!(a.refresh(&first).await.unwrap(), Fenced::Stale);
+    assert_eq!(refreshed(&a, &first).await, Fenced::Stale);
     assert_eq!(a.add_spend(&first, 5).await.unwrap(), Fenced::Stale);
     assert_eq!(a.register_token(&first, "t9").await.unwrap(), Fenced::Stale);
     assert_eq!(a.retire_token(&first, "t1").await.unwrap(), Fenced::Stale);
     assert_eq!(a.release(&first).await.unwrap(), Fenced::Stale);
     // The new owner's go through.
     assert_eq!(
-        b.refresh(&second).await.unwrap(),
+        refreshed(&b, &second).await,
         Fenced::Done(Refreshed::Extended)
     );
     assert_eq!(b.add_spend(&second, 5).await.unwrap(), Fenced::Done(5));
@@ -116,13 +138,13 @@ async fn a_committed_claim_fences_every_write_of_the_previous_owner() {
     let (third, _, _) = claim(&a, "t1", "u").await;
     assert_eq!(third.epoch, 3);
     assert!(a.commit(&third).await.unwrap().is_some());
-    assert_eq!(b.refresh(&second).await.unwrap(), Fenced::Stale);
+    assert_eq!(refreshed(&b, &second).await, Fenced::Stale);
     assert_eq!(a.release(&third).await.unwrap(), Fenced::Done(()));
     assert!(matches!(a.claim("t1", "u").await.unwrap(), Claim::Unknown));
     // A stale owner that never learned meets the ended session's epoch, not an absence it
     // would re-assert as lost data (found by the simulation, seed 3).
-    assert_eq!(b.refresh(&second).await.unwrap(), Fenced::Stale);
-    assert_eq!(a.refresh(&first).await.unwrap(), Fenced::Stale);
+    assert_eq!(refreshed(&b, &second).await, Fenced::Stale);
+    assert_eq!(refreshed(&a, &first).await, Fenced::Stale);
 }
 
 #[tokio::test]
@@ -130,15 +152,14 @@ async fn a_resume_that_never_completes_leaves_the_session_with_its_owner() {
     let p = prefix();
     let a = cluster(&p, 3);
     let b = cluster(&p, 3);
-    let owned = admit(&a, "u", "s1").await.unwrap();
-    a.register_token(&owned, "t1").await.unwrap();
+    let owned = admit_with_token(&a, "u", "s1", "t1").await;
     // B accepts a resume upgrade, and the client is lost before its session.start.
     let (pending, _, _) = claim(&b, "t1", "u").await;
     b.abandon(&pending).await.unwrap();
     assert!(b.commit(&pending).await.unwrap().is_none(), "abandoned");
     // The owner never noticed: every write of its goes through.
     assert_eq!(
-        a.refresh(&owned).await.unwrap(),
+        refreshed(&a, &owned).await,
         Fenced::Done(Refreshed::Extended)
     );
     assert_eq!(a.add_spend(&owned, 5).await.unwrap(), Fenced::Done(5));
@@ -160,31 +181,16 @@ async fn a_resume_that_never_completes_leaves_the_session_with_its_owner() {
 async fn an_owner_re_asserts_a_session_the_store_lost() {
     let p = prefix();
     let a = cluster(&p, 3);
-    let owned = admit(&a, "u", "s1").await.unwrap();
-    a.register_token(&owned, "t1").await.unwrap();
+    let owned = admit_with_token(&a, "u", "s1", "t1").await;
     // Redis restarts empty: absence is not a sign of another owner.
     lose_everything(&p).await;
-    assert_eq!(
-        a.refresh(&owned).await.unwrap(),
-        Fenced::Done(Refreshed::Reasserted)
-    );
-    assert_eq!(
-        a.refresh(&owned).await.unwrap(),
-        Fenced::Done(Refreshed::Extended)
-    );
+    assert_reasserted_then_extended(&a, &owned).await;
     // Every other write re-asserts too instead of ending the session, and the next refresh
     // still reports the loss (so the owner publishes its state and tokens again): a spend
     // landing first must not hide it.
     lose_everything(&p).await;
     assert_eq!(a.add_spend(&owned, 5).await.unwrap(), Fenced::Done(5));
-    assert_eq!(
-        a.refresh(&owned).await.unwrap(),
-        Fenced::Done(Refreshed::Reasserted)
-    );
-    assert_eq!(
-        a.refresh(&owned).await.unwrap(),
-        Fenced::Done(Refreshed::Extended)
-    );
+    assert_reasserted_then_extended(&a, &owned).await;
     assert_eq!(
         a.register_token(&owned, "t1").await.unwrap(),
         Fenced::Done(())
@@ -194,15 +200,14 @@ async fn an_owner_re_asserts_a_session_the_store_lost() {
     let (claim, _, _) = claim(&a, "t1", "u").await;
     assert_eq!(claim.epoch, 2);
     assert!(a.commit(&claim).await.unwrap().is_some());
-    assert_eq!(a.refresh(&owned).await.unwrap(), Fenced::Stale);
+    assert_eq!(refreshed(&a, &owned).await, Fenced::Stale);
 }
 
 #[tokio::test]
 async fn tokens_resume_only_their_user_s_sessions() {
     let p = prefix();
     let a = cluster(&p, 3);
-    let owned = admit(&a, "alice", "s1").await.unwrap();
-    a.register_token(&owned, "t1").await.unwrap();
+    let owned = admit_with_token(&a, "alice", "s1", "t1").await;
     assert!(matches!(
         a.claim("t1", "mallory").await.unwrap(),
         Claim::Unknown
@@ -212,7 +217,7 @@ async fn tokens_resume_only_their_user_s_sessions() {
         Claim::Unknown
     ));
     assert_eq!(
-        a.refresh(&owned).await.unwrap(),
+        refreshed(&a, &owned).await,
         Fenced::Done(Refreshed::Extended)
     );
 }
@@ -221,8 +226,7 @@ async fn tokens_resume_only_their_user_s_sessions() {
 async fn a_lapsed_lease_is_taken_back_only_under_the_limit() {
     let p = prefix();
     let a = cluster(&p, 3);
-    let s1 = admit(&a, "u", "s1").await.unwrap();
-    a.register_token(&s1, "t1").await.unwrap();
+    let s1 = admit_with_token(&a, "u", "s1", "t1").await;
     admit(&a, "u", "s2").await.unwrap();
     admit(&a, "u", "s3").await.unwrap();
     assert!(admit(&a, "u", "s4").await.is_none(), "three places taken");
@@ -233,17 +237,11 @@ async fn a_lapsed_lease_is_taken_back_only_under_the_limit() {
         .await
         .expect("the lapsed place is free");
     // s1's late refresh must not make it a fourth session, and neither may a resume.
-    assert_eq!(
-        a.refresh(&s1).await.unwrap(),
-        Fenced::Done(Refreshed::NoPlace)
-    );
+    assert_eq!(refreshed(&a, &s1).await, Fenced::Done(Refreshed::NoPlace));
     assert!(matches!(a.claim("t1", "u").await.unwrap(), Claim::NoPlace));
     // Once a place is free again, a refresh takes it back.
     a.release(&s4).await.unwrap();
-    assert_eq!(
-        a.refresh(&s1).await.unwrap(),
-        Fenced::Done(Refreshed::Extended)
-    );
+    assert_eq!(refreshed(&a, &s1).await, Fenced::Done(Refreshed::Extended));
     assert!(admit(&a, "u", "s5").await.is_none());
 }
 

@@ -7,130 +7,29 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
 use atlas_server::recorder::Recorder;
+use atlas_store::Snapshot;
 use atlas_store::spool::Spool;
-use atlas_store::{SessionRecord, Snapshot, TurnRecord};
+use atlas_testkit::PgDb;
+use atlas_testkit::store::{self, TestDb as Db};
 
 use crate::helpers::*;
-use crate::records::PgDb;
 
+/// A session of one user with `turns` turns at sequence `seq`: its final record when `ended`,
+/// else a checkpoint of it still running.
 fn snapshot(id: uuid::Uuid, seq: u64, ended: bool, turns: i32) -> Snapshot {
-    let now = chrono::Utc::now();
-    Snapshot {
-        seq,
-        session: SessionRecord {
-            id,
-            user_id: "0b3a1c52-8d6e-4f61-9a4f-2f5f7d1e9c01".into(),
-            conversation_id: Some("conv".into()),
-            started_at: now,
-            ended_at: ended.then_some(now),
-            duration_ms: i64::from(turns) * 1000,
-            end_reason: ended.then(|| "client_ended".into()),
-            turns,
-            stt_seconds: f64::from(turns),
-            llm_input_tokens: 10,
-            llm_output_tokens: 10,
-            tts_chars: 10,
-            stt_cost_micros: Some(1),
-            llm_cost_micros: Some(1),
-            tts_cost_micros: Some(1),
-            total_cost_micros: Some(3),
-            stt_model: Some("nova-3".into()),
-            llm_model: Some("claude-haiku-4-5".into()),
-            tts_model: Some("tts-1".into()),
-            price_catalog_version: Some("test".into()),
-            client_name: None,
-            client_version: None,
-            transport: "websocket".into(),
-            call_sid: None,
-            caller: None,
-        },
-        turns: (1..=turns)
-            .map(|i| TurnRecord {
-                session_id: id,
-                turn_index: i,
-                user_id: "0b3a1c52-8d6e-4f61-9a4f-2f5f7d1e9c01".into(),
-                user_text: format!("question {i}"),
-                assistant_text: format!("answer {i}"),
-                interrupted: false,
-                eos_to_final_ms: Some(100),
-                llm_first_token_ms: None,
-                tts_first_audio_ms: None,
-                to_first_audio_ms: None,
-                tools_ms: None,
-                created_at: now,
-            })
-            .collect(),
-        tool_calls: vec![],
+    let mut snap = store::snapshot(id, "0b3a1c52-8d6e-4f61-9a4f-2f5f7d1e9c01", seq, turns);
+    let s = &mut snap.session;
+    s.conversation_id = Some("conv".into());
+    s.duration_ms = i64::from(turns) * 1000;
+    s.stt_seconds = f64::from(turns);
+    if !ended {
+        s.ended_at = None;
+        s.end_reason = None;
     }
-}
-
-/// A database under test: its URL for the recorder and a way to query it.
-enum Db {
-    Sqlite {
-        url: String,
-        _dir: tempfile::TempDir,
-    },
-    Postgres(PgDb),
-}
-
-impl Db {
-    fn sqlite() -> Db {
-        let dir = tempfile::tempdir().unwrap();
-        Db::Sqlite {
-            url: format!("sqlite://{}/atlas.db", dir.path().display()),
-            _dir: dir,
-        }
-    }
-
-    async fn postgres() -> Db {
-        Db::Postgres(PgDb::new().await)
-    }
-
-    fn url(&self) -> String {
-        match self {
-            Db::Sqlite { url: u, .. } => u.clone(),
-            Db::Postgres(db) => db.url(),
-        }
-    }
-
-    fn url_via(&self, addr: SocketAddr) -> String {
-        match self {
-            Db::Sqlite { url: u, .. } => u.clone(),
-            Db::Postgres(db) => db.url_via(addr),
-        }
-    }
-
-    /// (id, ended, turns column, turn rows) per session, sorted by id.
-    async fn sessions(&self) -> Vec<(String, bool, i64, i64)> {
-        const Q: &str = "select cast(s.id as text), s.ended_at is not null, s.turns, \
-                 (select count(*) from voice_turns t where t.session_id = s.id) \
-                 from voice_sessions s order by 1";
-        macro_rules! read {
-            ($pool:expr) => {{
-                let pool = $pool;
-                let rows = sqlx::query(Q).fetch_all(&pool).await.unwrap_or_default();
-                pool.close().await;
-                rows.iter()
-                    .map(|r| {
-                        (
-                            r.get::<String, _>(0),
-                            r.get::<bool, _>(1),
-                            i64::from(r.get::<i32, _>(2)),
-                            r.get::<i64, _>(3),
-                        )
-                    })
-                    .collect()
-            }};
-        }
-        match self {
-            Db::Sqlite { url, .. } => read!(sqlx::SqlitePool::connect(url).await.unwrap()),
-            Db::Postgres(db) => read!(sqlx::PgPool::connect(&db.url()).await.unwrap()),
-        }
-    }
+    snap
 }
 
 /// A proxy in front of the local PostgreSQL, to stall or cut it.
@@ -351,16 +250,8 @@ async fn shutdown_with_a_stalled_database_loses_nothing() {
 }
 
 async fn readyz(app: &TestApp) -> (u16, serde_json::Value) {
-    let resp = reqwest::get(format!("http://{}/readyz", app.addr))
-        .await
-        .unwrap();
+    let resp = app.get("/readyz").await;
     (resp.status().as_u16(), resp.json().await.unwrap())
-}
-
-/// The body of a GET.
-async fn get_text(url: String) -> String {
-    let resp = reqwest::get(url).await.unwrap();
-    resp.text().await.unwrap()
 }
 
 /// Starts a session for `user` and ends it at once; returns the connection, for the caller to
@@ -413,7 +304,7 @@ async fn readiness_rides_out_a_database_outage_while_the_spool_has_room() {
     })
     .await;
     assert!(down, "{}", readyz(&app).await.1);
-    let metrics = get_text(format!("http://{}/metrics", app.addr)).await;
+    let metrics = app.get_text("/metrics").await;
     // (The metrics registry is shared by every test in this process: names only.)
     assert!(metrics.contains("atlas_database_up"), "{metrics}");
     assert!(metrics.contains("atlas_spool_records"));

@@ -10,7 +10,6 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use atlas_client::Incoming;
 use atlas_protocol::{ClientMessage, SUBPROTOCOL, ServerEvent};
 
 use crate::helpers::*;
@@ -27,6 +26,14 @@ async fn wait_closed(mut socket: TcpStream, limit: Duration) -> Option<Duration>
             Ok(Ok(_)) => continue,
         }
     }
+}
+
+/// Checks that the server closes `socket` within three seconds (`what`: why it should).
+async fn assert_closed_within_3s(socket: TcpStream, what: &str) {
+    let took = wait_closed(socket, Duration::from_secs(5))
+        .await
+        .expect(what);
+    assert!(took < Duration::from_secs(3), "{what}: {took:?}");
 }
 
 /// A masked client frame (RFC 6455, section 5.2).
@@ -148,10 +155,7 @@ async fn a_keep_alive_connection_left_idle_is_closed() {
     let mut buf = [0u8; 256];
     let n = s.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-    let took = wait_closed(s, Duration::from_secs(5))
-        .await
-        .expect("closed after the response");
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert_closed_within_3s(s, "closed after the response").await;
 }
 
 #[tokio::test]
@@ -186,13 +190,7 @@ async fn a_pool_full_of_idle_sockets_does_not_lock_out_a_new_client() {
     );
     // The session gave its place back once authenticated: a plain request fits without
     // closing another.
-    let body = reqwest::get(format!("http://{}/healthz", app.addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(body, "ok");
+    assert_eq!(app.get_text("/healthz").await, "ok");
     // The newer idle sockets keep their places until their own timeout.
     for s in idle {
         assert!(
@@ -223,10 +221,7 @@ async fn a_fragmented_message_never_finished_ends_the_connection() {
         .write_all(&frame(false, 1, br#"{"type":"#))
         .await
         .unwrap();
-    let took = wait_closed(socket, Duration::from_secs(5))
-        .await
-        .expect("closed, long before the idle timeout");
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert_closed_within_3s(socket, "closed, long before the idle timeout").await;
     ping_pong(&mut live, 1).await;
 }
 
@@ -237,10 +232,7 @@ async fn a_frame_never_finished_ends_the_connection() {
     let whole = frame(true, 2, &[0u8; 3200]);
     // Announces 3,200 bytes, sends 100.
     socket.write_all(&whole[..108]).await.unwrap();
-    let took = wait_closed(socket, Duration::from_secs(5))
-        .await
-        .expect("closed");
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert_closed_within_3s(socket, "closed").await;
 }
 
 #[tokio::test]
@@ -256,9 +248,6 @@ async fn a_message_over_the_websocket_limit_ends_the_connection() {
         .send_raw(Message::Binary(Bytes::from(vec![0u8; limit + 2])))
         .await
         .unwrap();
-    let items = collect_until(&mut conn, Duration::from_secs(5), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
+    let items = until_closed(&mut conn, Duration::from_secs(5)).await;
     assert!(audio_bytes(&items) == 0);
 }

@@ -165,10 +165,7 @@ async fn stt_refusing_connections_ends_the_session_with_a_fatal_error() {
     let (mut conn, _) = app.start("u", 24_000).await;
     let question = with_silence(speech("question_16k.wav"), 6.0);
     let streaming = stream(&conn, question, 2.0);
-    let items = collect_until(&mut conn, Duration::from_secs(20), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
+    let items = until_closed(&mut conn, Duration::from_secs(20)).await;
     streaming.abort();
     let errs = errors(&items);
     assert!(
@@ -176,11 +173,5 @@ async fn stt_refusing_connections_ends_the_session_with_a_fatal_error() {
         "{errs:?}"
     );
     assert_eq!(errs.last(), Some(&(ErrorCode::SttFailed, true)));
-    assert!(matches!(
-        items.last(),
-        Some(Incoming::Closed {
-            code: Some(1011),
-            ..
-        })
-    ));
+    assert!(closed_with(&items, 1011));
 }

@@ -37,11 +37,7 @@ async fn fifty_simultaneous_attempts_admit_exactly_three() {
         .send(&start_message(16_000, 24_000))
         .await
         .unwrap();
-    first.sender.send(&ClientMessage::SessionEnd).await.unwrap();
-    collect_until(&mut first, Duration::from_secs(5), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
+    end_session(&mut first).await;
     let mut admitted_again = false;
     for _ in 0..50 {
         if attempt(&app, "greedy").await.is_ok() {
@@ -198,11 +194,7 @@ async fn a_dropped_session_resumes_with_its_history_usage_and_limits() {
     // The conversation continues with its history.
     stream(&conn, question, 4.0);
     collect_until(&mut conn, Duration::from_secs(20), is_done(2)).await;
-    let recorded = app.fakes.recorded();
-    let messages = recorded.llm_requests.last().unwrap().1["messages"]
-        .as_array()
-        .unwrap()
-        .clone();
+    let messages = app.last_llm_messages();
     assert_eq!(messages.len(), 3, "{messages:?}");
     assert_eq!(messages[1]["role"], "assistant");
 }
@@ -212,21 +204,8 @@ async fn a_resume_replaces_a_connection_still_attached_with_4409() {
     let app = spawn_app().await;
     let (mut old, id, token) = start_collecting(&app, "r").await;
     let mut new = resume(&app, "r", &token).await.unwrap();
-    let items = collect_until(&mut old, Duration::from_secs(5), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
-    assert!(
-        matches!(
-            items.last(),
-            Some(Incoming::Closed {
-                code: Some(4409),
-                ..
-            })
-        ),
-        "{:#?}",
-        summary(&items)
-    );
+    let items = until_closed(&mut old, Duration::from_secs(5)).await;
+    assert!(closed_with(&items, 4409), "{:#?}", summary(&items));
     let items = collect_until(&mut new, Duration::from_secs(5), |i| {
         matches!(event(i), Some(ServerEvent::SessionResumed { .. }))
     })
@@ -273,13 +252,9 @@ async fn a_reply_cut_by_a_drop_is_kept_only_as_far_as_it_was_spoken() {
         matches!(event(i), Some(ServerEvent::SessionResumed { .. }))
     })
     .await;
-    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
+    ask(&conn);
     collect_until(&mut conn, Duration::from_secs(20), is_done(2)).await;
-    let recorded = app.fakes.recorded();
-    let messages = recorded.llm_requests.last().unwrap().1["messages"]
-        .as_array()
-        .unwrap()
-        .clone();
+    let messages = app.last_llm_messages();
     assert_eq!(messages.len(), 3, "{messages:?}");
     let spoken = messages[1]["content"].as_str().unwrap();
     let full = "Sure, you asked: What is the weather like in Paris today?. This is a reply from the fake model. Is there anything else?";
@@ -336,29 +311,25 @@ async fn limited_count(app: &TestApp, header: &str, value: impl Fn(usize) -> Str
 
 #[tokio::test]
 async fn forged_forwarding_headers_do_not_bypass_the_per_address_limit() {
-    let limits = |c: &mut atlas_server::Config| {
-        c.connect_burst = 5;
-        c.connect_rate_per_s = 1;
+    // An instance allowing 5 attempts per address, reading the client's address from
+    // `header` when the request comes from one of `proxies`.
+    let behind = |header: &'static str, proxies: &'static str| {
+        spawn_app_with(fast_fakes(), move |c| {
+            c.connect_burst = 5;
+            c.connect_rate_per_s = 1;
+            c.client_ip_header = Some(header.into());
+            c.trusted_proxies = Some(proxies.into());
+        })
     };
     // The header is configured, but this client is not one of the trusted proxies: a new
     // forged address per attempt changes nothing.
-    let direct = spawn_app_with(fast_fakes(), |c| {
-        limits(c);
-        c.client_ip_header = Some("x-forwarded-for".into());
-        c.trusted_proxies = Some("192.0.2.1".into());
-    })
-    .await;
+    let direct = behind("x-forwarded-for", "192.0.2.1").await;
     let forged = |i| format!("203.0.113.{i}");
     assert_eq!(limited_count(&direct, "x-forwarded-for", forged).await, 5);
 
     // Behind a trusted proxy (here the test itself, on loopback) each forwarded client has
     // its own allowance…
-    let proxied = spawn_app_with(fast_fakes(), |c| {
-        limits(c);
-        c.client_ip_header = Some("x-forwarded-for".into());
-        c.trusted_proxies = Some("127.0.0.0/8".into());
-    })
-    .await;
+    let proxied = behind("x-forwarded-for", "127.0.0.0/8").await;
     assert_eq!(limited_count(&proxied, "x-forwarded-for", forged).await, 0);
     // …but a client that prepends forged entries is still the address the proxy saw.
     let prepended = |i| format!("203.0.113.{i}, 198.51.100.7");
@@ -368,12 +339,7 @@ async fn forged_forwarding_headers_do_not_bypass_the_per_address_limit() {
     );
 
     // Fly's header by name, IPv6 clients per /64.
-    let fly = spawn_app_with(fast_fakes(), |c| {
-        limits(c);
-        c.client_ip_header = Some("fly-client-ip".into());
-        c.trusted_proxies = Some("127.0.0.1, ::1".into());
-    })
-    .await;
+    let fly = behind("fly-client-ip", "127.0.0.1, ::1").await;
     let same_block = |i| format!("2001:db8:5:6::{i:x}");
     assert_eq!(limited_count(&fly, "fly-client-ip", same_block).await, 5);
     let other_blocks = |i| format!("2001:db8:7:{i:x}::1");

@@ -20,6 +20,11 @@ pub(crate) trait AppExt {
     async fn connect(&self, user: &str) -> Connection;
     async fn connect_with(&self, user: &str, carrier: TokenCarrier) -> Connection;
     async fn start(&self, user: &str, output_rate: u32) -> (Connection, String);
+    async fn get(&self, path: &str) -> reqwest::Response;
+    async fn get_text(&self, path: &str) -> String;
+    async fn get_json(&self, path: &str) -> serde_json::Value;
+    async fn post_dev_token(&self, body: Option<&serde_json::Value>) -> reqwest::Response;
+    fn last_llm_messages(&self) -> Vec<serde_json::Value>;
 }
 
 impl AppExt for TestApp {
@@ -56,6 +61,41 @@ impl AppExt for TestApp {
         };
         let id = session_id.clone();
         (conn, id)
+    }
+
+    /// A GET of `path`.
+    async fn get(&self, path: &str) -> reqwest::Response {
+        reqwest::get(format!("http://{}{path}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    /// The body of a GET of `path` (`/metrics`, say).
+    async fn get_text(&self, path: &str) -> String {
+        self.get(path).await.text().await.unwrap()
+    }
+
+    /// The JSON body of a GET of `path` (`/readyz`, say).
+    async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.get(path).await.json().await.unwrap()
+    }
+
+    /// `POST /dev/token`, with `body` as its JSON when given.
+    async fn post_dev_token(&self, body: Option<&serde_json::Value>) -> reqwest::Response {
+        let mut request = reqwest::Client::new().post(format!("http://{}/dev/token", self.addr));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// The messages of the last request the LLM fake received.
+    fn last_llm_messages(&self) -> Vec<serde_json::Value> {
+        let recorded = self.fakes.recorded();
+        recorded.llm_requests.last().unwrap().1["messages"]
+            .as_array()
+            .unwrap()
+            .clone()
     }
 }
 
@@ -169,6 +209,60 @@ pub fn errors(items: &[Incoming]) -> Vec<(atlas_protocol::ErrorCode, bool)> {
             _ => None,
         })
         .collect()
+}
+
+/// Streams the spoken test question, then a second of silence, at 4 × real time.
+pub fn ask(conn: &Connection) -> JoinHandle<()> {
+    stream(conn, with_silence(speech("question_16k.wav"), 1.0), 4.0)
+}
+
+/// Sends `text` as a typed turn.
+pub async fn type_text(conn: &Connection, text: &str) {
+    conn.sender
+        .send(&ClientMessage::InputText { text: text.into() })
+        .await
+        .unwrap();
+}
+
+/// Collects incoming items until the connection closes (included).
+pub async fn until_closed(conn: &mut Connection, timeout: Duration) -> Vec<Incoming> {
+    collect_until(conn, timeout, |i| matches!(i, Incoming::Closed { .. })).await
+}
+
+/// Collects incoming items until the next usage event (included).
+pub async fn until_usage(conn: &mut Connection) -> Vec<Incoming> {
+    collect_until(conn, Duration::from_secs(5), |i| {
+        matches!(event(i), Some(ServerEvent::Usage(_)))
+    })
+    .await
+}
+
+/// Sends `session.end` and collects until the close.
+pub async fn end_session(conn: &mut Connection) -> Vec<Incoming> {
+    conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
+    until_closed(conn, Duration::from_secs(5)).await
+}
+
+/// Sends a ping and checks that its pong comes back (not a close) within two seconds.
+pub async fn assert_answers_ping(conn: &mut Connection) {
+    conn.sender
+        .send(&ClientMessage::Ping { id: None })
+        .await
+        .unwrap();
+    let items = collect_until(conn, Duration::from_secs(2), |i| {
+        matches!(event(i), Some(ServerEvent::Pong { .. })) || matches!(i, Incoming::Closed { .. })
+    })
+    .await;
+    assert!(
+        matches!(items.last().and_then(event), Some(ServerEvent::Pong { .. })),
+        "{:#?}",
+        summary(&items)
+    );
+}
+
+/// Whether `items` end with the connection closed with `code`.
+pub fn closed_with(items: &[Incoming], code: u16) -> bool {
+    matches!(items.last(), Some(Incoming::Closed { code: Some(c), .. }) if *c == code)
 }
 
 /// Appends `secs` of silence.

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use atlas_client::{ConnectOptions, Incoming, TokenCarrier, connect};
+use atlas_client::{ConnectOptions, TokenCarrier, connect};
 use atlas_protocol::ClientMessage;
 
 use crate::helpers::*;
@@ -11,25 +11,15 @@ use crate::helpers::*;
 async fn metrics_count_sessions_audio_and_refusals_without_identities() {
     let app = spawn_app().await;
     let (mut conn, session_id) = app.start("metrics-user-42", 24_000).await;
-    let question = with_silence(speech("question_16k.wav"), 1.0);
-    stream(&conn, question, 4.0);
+    ask(&conn);
     collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
-    conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
-    collect_until(&mut conn, Duration::from_secs(5), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
+    end_session(&mut conn).await;
     // A refusal, with the token in the query string.
     let mut o = ConnectOptions::new(app.url(), "not-a-valid-token");
     o.carrier = TokenCarrier::Query;
     assert!(connect(&o).await.is_err());
 
-    let body = reqwest::get(format!("http://{}/metrics", app.addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = app.get_text("/metrics").await;
     for needle in [
         "atlas_audio_frames_in_total",
         "atlas_audio_bytes_out_total",
@@ -88,11 +78,7 @@ async fn tokens_never_reach_the_logs() {
         })
         .await
         .unwrap();
-    conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
-    collect_until(&mut conn, Duration::from_secs(5), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
+    end_session(&mut conn).await;
     let mut bad = ConnectOptions::new(
         app.url(),
         "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2VjcmV0LXNpZ25hdHVyZQ",
@@ -123,9 +109,7 @@ async fn tokens_never_reach_the_logs() {
 #[tokio::test]
 async fn the_page_is_served_and_dev_tokens_exist_only_in_dev_mode() {
     let prod = spawn_app().await;
-    let page = reqwest::get(format!("http://{}/", prod.addr))
-        .await
-        .unwrap();
+    let page = prod.get("/").await;
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("/app.js"));
     // The page and every module of the SDK it runs on, served byte for byte as they are in
@@ -142,9 +126,7 @@ async fn the_page_is_served_and_dev_tokens_exist_only_in_dev_mode() {
     }
     assert!(files.len() > 5, "{files:?}");
     for (url, file) in files {
-        let r = reqwest::get(format!("http://{}{url}", prod.addr))
-            .await
-            .unwrap();
+        let r = prod.get(&url).await;
         assert_eq!(r.status(), 200, "{url} is served");
         assert!(
             r.headers()["content-type"]
@@ -160,17 +142,10 @@ async fn the_page_is_served_and_dev_tokens_exist_only_in_dev_mode() {
         );
     }
     for missing in ["/sdk/nope.js", "/sdk/..%2Fapp.js", "/worklet.js"] {
-        let r = reqwest::get(format!("http://{}{missing}", prod.addr))
-            .await
-            .unwrap();
+        let r = prod.get(missing).await;
         assert_eq!(r.status(), 404, "{missing}");
     }
-    let client = reqwest::Client::new();
-    let refused = client
-        .post(format!("http://{}/dev/token", prod.addr))
-        .send()
-        .await
-        .unwrap();
+    let refused = prod.post_dev_token(None).await;
     assert_eq!(refused.status(), 404, "no development tokens in production");
 
     let dev = spawn_app_with(fast_fakes(), |c| {
@@ -178,14 +153,7 @@ async fn the_page_is_served_and_dev_tokens_exist_only_in_dev_mode() {
         c.dev_token_ttl_s = 120;
     })
     .await;
-    let body: serde_json::Value = client
-        .post(format!("http://{}/dev/token", dev.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: serde_json::Value = dev.post_dev_token(None).await.json().await.unwrap();
     let token = body["token"].as_str().unwrap();
     assert_eq!(body["expires_in"], 120);
     // The token it hands out opens a session.
@@ -196,12 +164,9 @@ async fn the_page_is_served_and_dev_tokens_exist_only_in_dev_mode() {
     );
     // A fresh token for the same user (the page's token refresh).
     let user = body["user_id"].as_str().unwrap();
-    let again: serde_json::Value = client
-        .post(format!("http://{}/dev/token", dev.addr))
-        .json(&serde_json::json!({ "user_id": user }))
-        .send()
+    let again: serde_json::Value = dev
+        .post_dev_token(Some(&serde_json::json!({ "user_id": user })))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -224,12 +189,7 @@ async fn the_page_is_served_and_dev_tokens_exist_only_in_dev_mode() {
         serde_json::json!({ "user_id": "x".repeat(10_000) }),
         serde_json::json!({ "user": "a" }),
     ] {
-        let r = client
-            .post(format!("http://{}/dev/token", dev.addr))
-            .json(&bad)
-            .send()
-            .await
-            .unwrap();
+        let r = dev.post_dev_token(Some(&bad)).await;
         assert_eq!(r.status(), 400, "{bad}");
     }
 }

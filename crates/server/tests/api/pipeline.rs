@@ -320,12 +320,7 @@ async fn a_typed_turn_after_a_spoken_one_reports_its_own_latency() {
     // word), then the person waits before typing.
     let _ = streaming.await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    conn.sender
-        .send(&atlas_protocol::ClientMessage::InputText {
-            text: "And tomorrow?".into(),
-        })
-        .await
-        .unwrap();
+    type_text(&conn, "And tomorrow?").await;
     let items = collect_until(&mut conn, Duration::from_secs(15), is_done(2)).await;
     let latency = items
         .iter()

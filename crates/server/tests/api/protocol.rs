@@ -31,16 +31,6 @@ async fn start_session(conn: &mut atlas_client::Connection) {
     .await;
 }
 
-/// Collects until the connection closes (within `timeout`).
-async fn until_closed(conn: &mut atlas_client::Connection, timeout: Duration) -> Vec<Incoming> {
-    collect_until(conn, timeout, |i| matches!(i, Incoming::Closed { .. })).await
-}
-
-/// Whether the last item is a close with this code.
-fn closed_with(items: &[Incoming], code: u16) -> bool {
-    matches!(items.last(), Some(Incoming::Closed { code: Some(c), .. }) if *c == code)
-}
-
 #[tokio::test]
 async fn bad_credentials_are_refused_before_the_upgrade_with_json_errors() {
     let app = spawn_app().await;
@@ -72,14 +62,8 @@ async fn bad_credentials_are_refused_before_the_upgrade_with_json_errors() {
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_message");
     // Health endpoints.
-    let health = reqwest::get(format!("http://{}/healthz", app.addr))
-        .await
-        .unwrap();
-    assert_eq!(health.status(), 200);
-    let ready = reqwest::get(format!("http://{}/readyz", app.addr))
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200);
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    assert_eq!(app.get("/readyz").await.status(), 200);
 }
 
 #[tokio::test]

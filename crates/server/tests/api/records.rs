@@ -8,18 +8,27 @@ use sqlx::Row;
 
 use atlas_client::Incoming;
 use atlas_protocol::{ClientMessage, ServerEvent, Usage};
-use atlas_store::{SessionRecord, Snapshot, Store};
+use atlas_store::Store;
+use atlas_testkit::store::snapshot;
 
 use crate::helpers::*;
 
 pub use atlas_testkit::PgDb;
+
+/// A fresh PostgreSQL database, and the server recording into it.
+async fn app_on_postgres() -> (PgDb, TestApp) {
+    let db = PgDb::new().await;
+    let url = db.url();
+    let app = spawn_app_with(fast_fakes(), move |c| c.database_url = url).await;
+    (db, app)
+}
 
 /// One question, one reply, then `session.end`; returns the last usage event and session id.
 async fn one_turn_session(app: &TestApp) -> (Usage, String) {
     let (mut conn, id) = app
         .start("0b3a1c52-8d6e-4f61-9a4f-2f5f7d1e9c01", 24_000)
         .await;
-    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
+    ask(&conn);
     collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
     let usage = usage_then_end(&mut conn).await;
     (usage, id)
@@ -27,18 +36,11 @@ async fn one_turn_session(app: &TestApp) -> (Usage, String) {
 
 /// The usage event that follows a reply; then `session.end` and the close.
 async fn usage_then_end(conn: &mut atlas_client::Connection) -> Usage {
-    let items = collect_until(conn, Duration::from_secs(5), |i| {
-        matches!(event(i), Some(ServerEvent::Usage(_)))
-    })
-    .await;
+    let items = until_usage(conn).await;
     let Some(ServerEvent::Usage(usage)) = items.last().and_then(event).cloned() else {
         unreachable!()
     };
-    conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
-    collect_until(conn, Duration::from_secs(5), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
+    end_session(conn).await;
     usage
 }
 
@@ -117,6 +119,21 @@ macro_rules! session_row {
     };
 }
 
+/// Waits for the session record in the pool `$pool` and checks that it is the only one;
+/// yields it.
+macro_rules! the_one_session_row {
+    ($pool:expr) => {{
+        let rows = eventually(5, || async {
+            let rows = sqlx::query(SESSION_QUERY).fetch_all($pool).await.ok()?;
+            (!rows.is_empty()).then_some(rows)
+        })
+        .await
+        .expect("a record");
+        assert_eq!(rows.len(), 1);
+        session_row!(rows[0])
+    }};
+}
+
 #[tokio::test]
 async fn sqlite_a_session_leaves_exactly_one_matching_record() {
     let app = spawn_app().await;
@@ -124,14 +141,7 @@ async fn sqlite_a_session_leaves_exactly_one_matching_record() {
     let pool = sqlx::SqlitePool::connect(&app.config.database_url)
         .await
         .unwrap();
-    let rows = eventually(5, || async {
-        let rows = sqlx::query(SESSION_QUERY).fetch_all(&pool).await.ok()?;
-        (!rows.is_empty()).then_some(rows)
-    })
-    .await
-    .expect("a record");
-    assert_eq!(rows.len(), 1);
-    assert_row_matches(&session_row!(rows[0]), &usage);
+    assert_row_matches(&the_one_session_row!(&pool), &usage);
     let turn =
         sqlx::query("select session_id, user_text, assistant_text, interrupted from voice_turns")
             .fetch_all(&pool)
@@ -149,19 +159,10 @@ async fn sqlite_a_session_leaves_exactly_one_matching_record() {
 
 #[tokio::test]
 async fn postgres_a_session_leaves_exactly_one_matching_record() {
-    let db = PgDb::new().await;
-    let url = db.url();
-    let app = spawn_app_with(fast_fakes(), move |c| c.database_url = url).await;
+    let (db, app) = app_on_postgres().await;
     let (usage, id) = one_turn_session(&app).await;
     let pool = sqlx::PgPool::connect(&db.url()).await.unwrap();
-    let rows = eventually(5, || async {
-        let rows = sqlx::query(SESSION_QUERY).fetch_all(&pool).await.ok()?;
-        (!rows.is_empty()).then_some(rows)
-    })
-    .await
-    .expect("a record");
-    assert_eq!(rows.len(), 1);
-    assert_row_matches(&session_row!(rows[0]), &usage);
+    assert_row_matches(&the_one_session_row!(&pool), &usage);
     let n: i64 = sqlx::query_scalar("select count(*) from voice_turns where session_id = $1::uuid")
         .bind(&id)
         .fetch_one(&pool)
@@ -182,15 +183,12 @@ async fn postgres_down_mid_session_spools_then_replays_exactly_once() {
     let (mut conn, _) = app
         .start("0b3a1c52-8d6e-4f61-9a4f-2f5f7d1e9c01", 24_000)
         .await;
-    stream(&conn, with_silence(speech("question_16k.wav"), 1.0), 4.0);
+    ask(&conn);
     collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
     // The database goes away mid-session.
     proxy.cut();
     conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
-    collect_until(&mut conn, Duration::from_secs(5), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
+    until_closed(&mut conn, Duration::from_secs(5)).await;
     let spool = app.config.spool_dir.clone();
     let spooled = eventually(10, || {
         let spool = spool.clone();
@@ -237,40 +235,16 @@ async fn postgres_down_mid_session_spools_then_replays_exactly_once() {
     pool.close().await;
 }
 
-fn record(user: &str) -> Snapshot {
-    let now = chrono::Utc::now();
-    Snapshot {
-        seq: 1,
-        session: SessionRecord {
-            id: uuid::Uuid::new_v4(),
-            user_id: user.into(),
-            conversation_id: None,
-            started_at: now,
-            ended_at: Some(now),
-            duration_ms: 1000,
-            end_reason: Some("client_ended".into()),
-            turns: 0,
-            stt_seconds: 1.0,
-            llm_input_tokens: 1,
-            llm_output_tokens: 1,
-            tts_chars: 1,
-            stt_cost_micros: Some(1),
-            llm_cost_micros: Some(1),
-            tts_cost_micros: Some(1),
-            total_cost_micros: Some(3),
-            stt_model: None,
-            llm_model: None,
-            tts_model: None,
-            price_catalog_version: None,
-            client_name: None,
-            client_version: None,
-            transport: "websocket".into(),
-            call_sid: None,
-            caller: None,
-        },
-        turns: vec![],
-        tool_calls: vec![],
-    }
+/// Runs `sql` as `role` in a transaction of its own, rolled back; the rows it changed, or the
+/// refusal.
+async fn update_as(pool: &sqlx::PgPool, role: &str, sql: &str) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(&format!("set local role {role}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let result = sqlx::query(sql).execute(&mut *tx).await;
+    result.map(|r| r.rows_affected())
 }
 
 #[tokio::test]
@@ -288,7 +262,10 @@ async fn postgres_row_level_security_isolates_users() {
     let a = "11111111-1111-4111-8111-111111111111";
     let b = "22222222-2222-4222-8222-222222222222";
     for user in [a, a, b] {
-        store.write(&record(user)).await.unwrap();
+        store
+            .write(&snapshot(uuid::Uuid::new_v4(), user, 1, 0))
+            .await
+            .unwrap();
     }
     let pool = sqlx::PgPool::connect(&db.url()).await.unwrap();
     let count_as = |role: &'static str, sub: &'static str| {
@@ -322,30 +299,15 @@ async fn postgres_row_level_security_isolates_users() {
     );
     assert_eq!(count_as("anon", a).await, None, "anon reads nothing");
     // Only the service role writes.
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("set local role authenticated")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let denied = sqlx::query("update voice_sessions set turns = 99")
-        .execute(&mut *tx)
-        .await;
+    let denied = update_as(
+        &pool,
+        "authenticated",
+        "update voice_sessions set turns = 99",
+    )
+    .await;
     assert!(denied.is_err(), "authenticated users cannot write");
-    drop(tx);
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("set local role service_role")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let updated = sqlx::query("update voice_sessions set turns = 5")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    assert_eq!(
-        updated.rows_affected(),
-        3,
-        "the service role writes every row"
-    );
+    let updated = update_as(&pool, "service_role", "update voice_sessions set turns = 5").await;
+    assert_eq!(updated.unwrap(), 3, "the service role writes every row");
     pool.close().await;
     store.close().await;
 }
@@ -443,12 +405,7 @@ async fn typed_turns_cutting_replies(app: &TestApp) -> (String, Usage) {
         .start("0b3a1c52-8d6e-4f61-9a4f-2f5f7d1e9c01", 24_000)
         .await;
     for turn in 1..=5u64 {
-        conn.sender
-            .send(&ClientMessage::InputText {
-                text: format!("Question number {turn}?"),
-            })
-            .await
-            .unwrap();
+        type_text(&conn, &format!("Question number {turn}?")).await;
         let until_text = move |i: &Incoming| matches!(event(i), Some(ServerEvent::ResponseTextDelta { turn_id, .. }) if *turn_id == turn);
         collect_until(&mut conn, Duration::from_secs(10), until_text).await;
     }
@@ -498,9 +455,7 @@ async fn sqlite_typed_turns_during_replies_bill_and_record_every_cut_reply() {
 
 #[tokio::test]
 async fn postgres_typed_turns_during_replies_bill_and_record_every_cut_reply() {
-    let db = PgDb::new().await;
-    let url = db.url();
-    let app = spawn_app_with(fast_fakes(), move |c| c.database_url = url).await;
+    let (db, app) = app_on_postgres().await;
     let (id, usage) = typed_turns_cutting_replies(&app).await;
     let turns = five_turns(&db.url(), &id).await;
     assert_every_cut_reply_billed(&app, &usage, &turns);

@@ -4,18 +4,13 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use secrecy::SecretString;
 use tokio_tungstenite::tungstenite::Message;
 
 use atlas_client::Incoming;
 use atlas_protocol::{ClientMessage, EndingReason, ErrorCode, ServerEvent};
-use atlas_server::auth;
+use atlas_testkit::token_for;
 
 use crate::helpers::*;
-
-fn closed_with(items: &[Incoming], code: u16) -> bool {
-    matches!(items.last(), Some(Incoming::Closed { code: Some(c), .. }) if *c == code)
-}
 
 fn fatal_error(items: &[Incoming], code: ErrorCode) -> bool {
     items.iter().any(
@@ -23,14 +18,19 @@ fn fatal_error(items: &[Incoming], code: ErrorCode) -> bool {
     )
 }
 
+/// A session of user `u` on a server configured by `tweak`.
+async fn session_with(
+    tweak: impl FnOnce(&mut atlas_server::Config),
+) -> (TestApp, atlas_client::Connection) {
+    let app = spawn_app_with(fast_fakes(), tweak).await;
+    let (conn, _) = app.start("u", 24_000).await;
+    (app, conn)
+}
+
 #[tokio::test]
 async fn idle_sessions_are_closed_with_4408() {
-    let app = spawn_app_with(fast_fakes(), |c| c.idle_timeout_s = 1).await;
-    let (mut conn, _) = app.start("u", 24_000).await;
-    let items = collect_until(&mut conn, Duration::from_secs(5), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
+    let (app, mut conn) = session_with(|c| c.idle_timeout_s = 1).await;
+    let items = until_closed(&mut conn, Duration::from_secs(5)).await;
     assert!(fatal_error(&items, ErrorCode::IdleTimeout));
     assert!(closed_with(&items, 4408), "{:#?}", summary(&items));
     // Nothing is kept: the user's place is free again.
@@ -40,8 +40,7 @@ async fn idle_sessions_are_closed_with_4408() {
 
 #[tokio::test]
 async fn activity_keeps_a_session_alive() {
-    let app = spawn_app_with(fast_fakes(), |c| c.idle_timeout_s = 1).await;
-    let (mut conn, _) = app.start("u", 24_000).await;
+    let (_app, mut conn) = session_with(|c| c.idle_timeout_s = 1).await;
     // A person with the microphone open: silence is still audio.
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -50,21 +49,12 @@ async fn activity_keeps_a_session_alive() {
             .await
             .unwrap();
     }
-    conn.sender
-        .send(&ClientMessage::Ping { id: None })
-        .await
-        .unwrap();
-    let items = collect_until(&mut conn, Duration::from_secs(2), |i| {
-        matches!(event(i), Some(ServerEvent::Pong { .. }))
-    })
-    .await;
-    assert!(!items.iter().any(|i| matches!(i, Incoming::Closed { .. })));
+    assert_answers_ping(&mut conn).await;
 }
 
 #[tokio::test]
 async fn pings_alone_do_not_keep_a_session_alive() {
-    let app = spawn_app_with(fast_fakes(), |c| c.idle_timeout_s = 2).await;
-    let (mut conn, _) = app.start("u", 24_000).await;
+    let (_app, mut conn) = session_with(|c| c.idle_timeout_s = 2).await;
     let started = tokio::time::Instant::now();
     let pinger = {
         let sender = conn.sender.clone();
@@ -81,10 +71,7 @@ async fn pings_alone_do_not_keep_a_session_alive() {
             }
         })
     };
-    let items = collect_until(&mut conn, Duration::from_secs(6), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
+    let items = until_closed(&mut conn, Duration::from_secs(6)).await;
     pinger.abort();
     assert!(fatal_error(&items, ErrorCode::IdleTimeout));
     assert!(closed_with(&items, 4408), "{:#?}", summary(&items));
@@ -93,16 +80,12 @@ async fn pings_alone_do_not_keep_a_session_alive() {
 
 #[tokio::test]
 async fn maximum_duration_warns_then_closes_with_4410() {
-    let app = spawn_app_with(fast_fakes(), |c| {
+    let (_app, mut conn) = session_with(|c| {
         c.max_duration_s = 2;
         c.max_duration_warning_s = 1;
     })
     .await;
-    let (mut conn, _) = app.start("u", 24_000).await;
-    let items = collect_until(&mut conn, Duration::from_secs(5), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
+    let items = until_closed(&mut conn, Duration::from_secs(5)).await;
     assert!(items.iter().any(|i| matches!(
         event(i),
         Some(ServerEvent::SessionEnding {
@@ -114,60 +97,40 @@ async fn maximum_duration_warns_then_closes_with_4410() {
     assert!(closed_with(&items, 4410), "{:#?}", summary(&items));
 }
 
-fn short_token(user: &str, ttl_s: u64) -> String {
-    auth::mint_token(
-        &SecretString::from(SECRET),
-        user,
-        "authenticated",
-        "authenticated",
-        ttl_s,
-    )
-    .unwrap()
+/// Connects with `token` and starts a session, without waiting for it to start.
+async fn start_with_token(app: &TestApp, token: String) -> atlas_client::Connection {
+    let conn = atlas_client::connect(&atlas_client::ConnectOptions::new(app.url(), token))
+        .await
+        .unwrap();
+    conn.sender
+        .send(&start_message(16_000, 24_000))
+        .await
+        .unwrap();
+    conn
 }
 
 #[tokio::test]
 async fn an_expired_token_closes_with_4401_unless_refreshed() {
     let app = spawn_app_with(fast_fakes(), |c| c.token_grace_s = 1).await;
     // Without refresh: closed at expiry + grace.
-    let mut conn = atlas_client::connect(&atlas_client::ConnectOptions::new(
-        app.url(),
-        short_token("u", 1),
-    ))
-    .await
-    .unwrap();
-    conn.sender
-        .send(&start_message(16_000, 24_000))
-        .await
-        .unwrap();
+    let mut conn = start_with_token(&app, token_for("u", 1)).await;
     let began = std::time::Instant::now();
-    let items = collect_until(&mut conn, Duration::from_secs(6), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
+    let items = until_closed(&mut conn, Duration::from_secs(6)).await;
     assert!(fatal_error(&items, ErrorCode::TokenExpired));
     assert!(closed_with(&items, 4401), "{:#?}", summary(&items));
     assert!(began.elapsed() >= Duration::from_millis(900));
     // With a refresh: still open after the first token's expiry.
-    let mut conn = atlas_client::connect(&atlas_client::ConnectOptions::new(
-        app.url(),
-        short_token("v", 1),
-    ))
-    .await
-    .unwrap();
-    conn.sender
-        .send(&start_message(16_000, 24_000))
-        .await
-        .unwrap();
+    let mut conn = start_with_token(&app, token_for("v", 1)).await;
     conn.sender
         .send(&ClientMessage::AuthRefresh {
-            token: short_token("v", 600),
+            token: token_for("v", 600),
         })
         .await
         .unwrap();
     // Someone else's token is refused without ending the session.
     conn.sender
         .send(&ClientMessage::AuthRefresh {
-            token: short_token("w", 600),
+            token: token_for("w", 600),
         })
         .await
         .unwrap();
@@ -184,19 +147,7 @@ async fn an_expired_token_closes_with_4401_unless_refreshed() {
         })
     )));
     tokio::time::sleep(Duration::from_secs(3)).await;
-    conn.sender
-        .send(&ClientMessage::Ping { id: None })
-        .await
-        .unwrap();
-    let items = collect_until(&mut conn, Duration::from_secs(2), |i| {
-        matches!(event(i), Some(ServerEvent::Pong { .. })) || matches!(i, Incoming::Closed { .. })
-    })
-    .await;
-    assert!(
-        matches!(items.last().and_then(event), Some(ServerEvent::Pong { .. })),
-        "{:#?}",
-        summary(&items)
-    );
+    assert_answers_ping(&mut conn).await;
 }
 
 #[tokio::test]
@@ -209,18 +160,7 @@ async fn a_client_that_answers_pings_stays_and_one_that_does_not_is_dropped() {
     // The client library reads continuously, so its WebSocket layer answers pings.
     let (mut good, _) = app.start("good", 24_000).await;
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    good.sender
-        .send(&ClientMessage::Ping { id: None })
-        .await
-        .unwrap();
-    let items = collect_until(&mut good, Duration::from_secs(2), |i| {
-        matches!(event(i), Some(ServerEvent::Pong { .. })) || matches!(i, Incoming::Closed { .. })
-    })
-    .await;
-    assert!(matches!(
-        items.last().and_then(event),
-        Some(ServerEvent::Pong { .. })
-    ));
+    assert_answers_ping(&mut good).await;
 
     // A raw client that never reads never answers pings.
     let mut request =

@@ -206,10 +206,7 @@ fn done(items: &[Incoming], turn: u64) -> (bool, atlas_protocol::LatencyBreakdow
 }
 
 async fn type_turn(conn: &mut atlas_client::Connection, text: &str, turn: u64) -> Vec<Incoming> {
-    conn.sender
-        .send(&ClientMessage::InputText { text: text.into() })
-        .await
-        .unwrap();
+    type_text(conn, text).await;
     collect_until(conn, Duration::from_secs(15), is_done(turn)).await
 }
 
@@ -231,6 +228,16 @@ async fn scripted_session(
     app.fakes.script(Target::Anthropic, calls(script));
     let (conn, _) = app.start(user, 24_000).await;
     (hook, app, conn)
+}
+
+/// [`scripted_session`] with one webhook tool, `lookup_order` (3 s timeout).
+async fn lookup_order_session(
+    user: &str,
+    tweak: impl FnOnce(&mut Config),
+    script: Vec<ScriptedCall>,
+) -> (Hook, TestApp, atlas_client::Connection) {
+    let declared = |hook: &Hook| vec![webhook("lookup_order", hook, 3000)];
+    scripted_session(user, declared, tweak, script).await
 }
 
 /// The second model request's body (the one carrying the tool results).
@@ -372,12 +379,7 @@ async fn a_client_tool_is_answered_by_the_client() {
         calls(vec![call("open_page", r#"{"page":"settings"}"#)]),
     );
     let (mut conn, _) = app.start("client-tools", 24_000).await;
-    conn.sender
-        .send(&ClientMessage::InputText {
-            text: "Open my settings".into(),
-        })
-        .await
-        .unwrap();
+    type_text(&conn, "Open my settings").await;
     let items = collect_until(&mut conn, Duration::from_secs(10), |i| {
         matches!(event(i), Some(ServerEvent::ToolCall { .. }))
     })
@@ -424,9 +426,8 @@ async fn a_client_tool_is_answered_by_the_client() {
 
 #[tokio::test]
 async fn parallel_calls_all_run_and_come_back_in_order() {
-    let (hook, app, mut conn) = scripted_session(
+    let (hook, app, mut conn) = lookup_order_session(
         "parallel",
-        |hook| vec![webhook("lookup_order", hook, 3000)],
         |_| {},
         vec![
             call("lookup_order", r#"{"order_id":"A1"}"#),
@@ -491,9 +492,8 @@ async fn a_tool_that_times_out_and_a_webhook_that_fails_are_told_to_the_model() 
 
 #[tokio::test]
 async fn arguments_failing_the_schema_never_reach_the_webhook() {
-    let (hook, app, mut conn) = scripted_session(
+    let (hook, app, mut conn) = lookup_order_session(
         "bad-arguments",
-        |hook| vec![webhook("lookup_order", hook, 3000)],
         |_| {},
         vec![call("lookup_order", r#"{"order_id":42}"#)],
     )
@@ -518,12 +518,7 @@ async fn barge_in_during_a_tool_wait_cuts_the_turn_at_once() {
         vec![call("slow_lookup", r#"{"order_id":"A1"}"#)],
     )
     .await;
-    conn.sender
-        .send(&ClientMessage::InputText {
-            text: "Where is my order?".into(),
-        })
-        .await
-        .unwrap();
+    type_text(&conn, "Where is my order?").await;
     // Wait until the webhook is running.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while hook.calls().is_empty() {
@@ -560,9 +555,8 @@ async fn barge_in_during_a_tool_wait_cuts_the_turn_at_once() {
 
 #[tokio::test]
 async fn calls_beyond_the_per_turn_limit_are_refused_and_the_model_answers_in_words() {
-    let (hook, app, mut conn) = scripted_session(
+    let (hook, app, mut conn) = lookup_order_session(
         "tool-limit",
-        |hook| vec![webhook("lookup_order", hook, 3000)],
         |c| c.tool_max_calls_per_turn = 2,
         vec![
             call("lookup_order", r#"{"order_id":"A1"}"#),
@@ -598,16 +592,8 @@ async fn a_tool_loop_ends_the_session_when_the_budget_is_spent() {
         );
     }
     let (mut conn, _) = app.start("tool-budget", 24_000).await;
-    conn.sender
-        .send(&ClientMessage::InputText {
-            text: "Keep looking".into(),
-        })
-        .await
-        .unwrap();
-    let items = collect_until(&mut conn, Duration::from_secs(20), |i| {
-        matches!(i, Incoming::Closed { .. })
-    })
-    .await;
+    type_text(&conn, "Keep looking").await;
+    let items = until_closed(&mut conn, Duration::from_secs(20)).await;
     let Some(Incoming::Closed { code, .. }) = items.last() else {
         unreachable!()
     };
@@ -657,11 +643,7 @@ async fn tool_calls_are_recorded_with_their_outcomes_and_content_only_when_kept(
         let (mut conn, session_id) = app.start("tool-records", 24_000).await;
         let items = type_turn(&mut conn, "Where is my order?", 1).await;
         let tools_ms = done(&items, 1).1.tools.unwrap();
-        conn.sender.send(&ClientMessage::SessionEnd).await.unwrap();
-        collect_until(&mut conn, Duration::from_secs(5), |i| {
-            matches!(i, Incoming::Closed { .. })
-        })
-        .await;
+        end_session(&mut conn).await;
         let pool = sqlx::SqlitePool::connect(&app.config.database_url)
             .await
             .unwrap();

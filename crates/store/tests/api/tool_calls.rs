@@ -62,15 +62,7 @@ async fn tool_calls_round_trip(db: Db) {
     store.close().await;
 }
 
-#[tokio::test]
-async fn sqlite_tool_calls_round_trip() {
-    tool_calls_round_trip(Db::sqlite()).await;
-}
-
-#[tokio::test]
-async fn postgres_tool_calls_round_trip() {
-    tool_calls_round_trip(Db::postgres().await).await;
-}
+on_both_backends!(tool_calls_round_trip);
 
 /// A tool call is replaced only by a newer snapshot of its session, like the session row and
 /// the turns: a stale snapshot (an older checkpoint replayed from the spool, or a stale owner's)
@@ -127,15 +119,7 @@ async fn a_stale_snapshot_never_replaces_a_newer_call(db: Db) {
     store.close().await;
 }
 
-#[tokio::test]
-async fn sqlite_a_stale_snapshot_never_replaces_a_newer_call() {
-    a_stale_snapshot_never_replaces_a_newer_call(Db::sqlite()).await;
-}
-
-#[tokio::test]
-async fn postgres_a_stale_snapshot_never_replaces_a_newer_call() {
-    a_stale_snapshot_never_replaces_a_newer_call(Db::postgres().await).await;
-}
+on_both_backends!(a_stale_snapshot_never_replaces_a_newer_call);
 
 /// A snapshot naming one call (or one turn) twice is written, not refused or retried forever:
 /// the later entry stands, as a later snapshot would replace the earlier row. (PostgreSQL
@@ -163,15 +147,7 @@ async fn a_call_named_twice_keeps_the_later_entry(db: Db) {
     store.close().await;
 }
 
-#[tokio::test]
-async fn sqlite_a_call_named_twice_keeps_the_later_entry() {
-    a_call_named_twice_keeps_the_later_entry(Db::sqlite()).await;
-}
-
-#[tokio::test]
-async fn postgres_a_call_named_twice_keeps_the_later_entry() {
-    a_call_named_twice_keeps_the_later_entry(Db::postgres().await).await;
-}
+on_both_backends!(a_call_named_twice_keeps_the_later_entry);
 
 /// The table's checks mirror the server's bounds: a row outside them is refused for good (the
 /// recorder quarantines such a record rather than retrying it), a row at the edge is kept.
@@ -237,15 +213,7 @@ async fn checks_mirror_the_bounds(db: Db) {
     store.close().await;
 }
 
-#[tokio::test]
-async fn sqlite_checks_mirror_the_bounds() {
-    checks_mirror_the_bounds(Db::sqlite()).await;
-}
-
-#[tokio::test]
-async fn postgres_checks_mirror_the_bounds() {
-    checks_mirror_the_bounds(Db::postgres().await).await;
-}
+on_both_backends!(checks_mirror_the_bounds);
 
 /// Runs `sql` (a count) as `role` with the claims of `sub`, in a transaction of its own; None
 /// when refused.
@@ -383,15 +351,7 @@ async fn migrating_from_the_previous_schema_keeps_the_data(db: Db) {
     store.close().await;
 }
 
-#[tokio::test]
-async fn sqlite_migrating_from_the_previous_schema_keeps_the_data() {
-    migrating_from_the_previous_schema_keeps_the_data(Db::sqlite()).await;
-}
-
-#[tokio::test]
-async fn postgres_migrating_from_the_previous_schema_keeps_the_data() {
-    migrating_from_the_previous_schema_keeps_the_data(Db::postgres().await).await;
-}
+on_both_backends!(migrating_from_the_previous_schema_keeps_the_data);
 
 /// The Postgres migration is idempotent as the lint requires: run again by hand (as
 /// `supabase db push` might after a partial apply), it changes nothing and fails nothing.

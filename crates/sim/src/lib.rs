@@ -545,7 +545,7 @@ impl World {
             self.store.abandon(sid, epoch, instance);
             return;
         }
-        if (self.now_ms + sid) % 7 == 0 {
+        if (self.now_ms + sid).is_multiple_of(7) {
             // A second resume of the same token claims the session before this one's
             // handshake completes (and is lost itself): this one's commit must fail.
             let _ = self.store.claim(

@@ -145,6 +145,8 @@ fn truncate(s: &str, max: usize) -> String {
 struct ActiveResponse {
     turn_id: u64,
     handle: JoinHandle<()>,
+    /// Cuts it (it stops at its next step, taking in what the model already sent).
+    cut: tokio_util::sync::CancellationToken,
     progress: Arc<Mutex<Progress>>,
     /// Tells the reply what to say and its next request.
     control: mpsc::UnboundedSender<Control>,
@@ -957,11 +959,13 @@ impl Driver {
         // by the provider and not by the ledger. A reply's text is bounded by its token cap.
         let (text_tx, text) = mpsc::unbounded_channel();
         let (speech_tx, speech) = mpsc::channel(SPEECH_QUEUE);
+        let cut = tokio_util::sync::CancellationToken::new();
         let channels = Channels {
             control,
             rounds: rounds_tx,
             text: text_tx,
             speech: speech_tx,
+            cut: cut.clone(),
         };
         let handle = self
             .state
@@ -970,6 +974,7 @@ impl Driver {
         self.response = Some(ActiveResponse {
             turn_id,
             handle,
+            cut,
             progress,
             control: control_tx,
             rounds,
@@ -1098,7 +1103,7 @@ impl Driver {
             self.machine.handle(Input::ReplyEnded(outcome), now());
             return;
         };
-        active.handle.abort();
+        active.cut.cancel();
         let _ = active.handle.await;
         let outcome = settle(turn_id, &active.progress);
         self.machine.handle(Input::ReplyEnded(outcome), now());

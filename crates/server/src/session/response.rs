@@ -19,9 +19,10 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use atlas_core::audio::{pcm_from_le_bytes, pcm_to_le_bytes};
 use atlas_core::latency::{TurnTimings, mark};
@@ -31,7 +32,7 @@ use atlas_core::splitter::{SentenceSplitter, SplitterConfig, speakable};
 use atlas_core::tools::ToolCall;
 use atlas_protocol::ErrorCode;
 use atlas_providers::ProviderError;
-use atlas_providers::llm::{ChatMessage, LlmEvent, LlmProvider, LlmRequest, LlmUsage};
+use atlas_providers::llm::{ChatMessage, LlmEvent, LlmProvider, LlmRequest, LlmStream, LlmUsage};
 use atlas_providers::tts::{TtsProvider, TtsRequest};
 
 /// Everything a reply needs.
@@ -182,11 +183,28 @@ pub struct Channels {
     pub text: mpsc::UnboundedSender<String>,
     /// The speech, taken as the playout wants it.
     pub speech: mpsc::Sender<Speech>,
+    /// Cancelled when the session cuts the reply: it stops at once, taking in first what the
+    /// model has already sent (see [`read_llm`]).
+    pub cut: CancellationToken,
+}
+
+/// How a reply stopped before its end.
+enum Stop {
+    /// It failed.
+    Failed(Failure),
+    /// The session cut it.
+    Cut,
+}
+
+impl From<Failure> for Stop {
+    fn from(f: Failure) -> Self {
+        Stop::Failed(f)
+    }
 }
 
 /// Runs the reply to completion (or failure, recorded in `progress`).
 pub async fn run(ctx: ResponseCtx, progress: Arc<Mutex<Progress>>, channels: Channels) {
-    if let Err(failure) = run_inner(&ctx, &progress, channels).await {
+    if let Err(Stop::Failed(failure)) = run_inner(&ctx, &progress, channels).await {
         lock(&progress).failure = Some(failure);
     }
 }
@@ -195,7 +213,7 @@ async fn run_inner(
     ctx: &ResponseCtx,
     progress: &Arc<Mutex<Progress>>,
     channels: Channels,
-) -> Result<(), Failure> {
+) -> Result<(), Stop> {
     // Unbounded (a reply's sentences are bounded by its token cap) so that the model's stream
     // is read as fast as it comes, whatever playback is doing: a provider bills what it
     // generated, and text it sent that we had not read when the reply was cut would be on its
@@ -203,10 +221,33 @@ async fn run_inner(
     let (sentence_tx, sentence_rx) = mpsc::unbounded_channel::<Sentence>();
     let (job_tx, job_rx) = mpsc::channel::<Job>(ctx.prefetch);
     let speech = channels.speech.clone();
+    let cut = channels.cut.clone();
+    // On a cut, the model's reader takes in what has arrived and stops; synthesis and speech
+    // stop too, once the reader is over (so the cut never ends the task before it).
+    let llm_over = CancellationToken::new();
+    let reader = async {
+        let _over = llm_over.clone().drop_guard();
+        read_llm(ctx, progress, channels, sentence_tx).await
+    };
+    let stopped = || async {
+        cut.cancelled().await;
+        llm_over.cancelled().await;
+        Stop::Cut
+    };
     tokio::try_join!(
-        read_llm(ctx, progress, channels, sentence_tx),
-        start_tts(ctx, progress, sentence_rx, job_tx),
-        forward_audio(ctx, job_rx, speech),
+        reader,
+        async {
+            tokio::select! {
+                r = start_tts(ctx, progress, sentence_rx, job_tx) => r.map_err(Stop::from),
+                stop = stopped() => Err(stop),
+            }
+        },
+        async {
+            tokio::select! {
+                r = forward_audio(ctx, job_rx, speech) => r.map_err(Stop::from),
+                stop = stopped() => Err(stop),
+            }
+        }
     )?;
     Ok(())
 }
@@ -218,9 +259,10 @@ async fn read_llm(
     progress: &Arc<Mutex<Progress>>,
     mut channels: Channels,
     sentences: mpsc::UnboundedSender<Sentence>,
-) -> Result<(), Failure> {
+) -> Result<(), Stop> {
     let mut request = ctx.request.clone();
     let mut ready = Vec::new();
+    let cut = channels.cut.clone();
     loop {
         let round = {
             let mut p = lock(progress);
@@ -228,13 +270,33 @@ async fn read_llm(
             p.llm_sent = true;
             p.round
         };
-        let mut stream = ctx.llm.stream(request).await.map_err(|e| {
+        // Billed from here on, as the provider bills every request it receives: so once
+        // issued, the request is sent whole even if the reply is cut meanwhile.
+        let llm = ctx.llm.clone();
+        let sending = tokio::spawn(async move { llm.stream(request).await });
+        let sent = tokio::select! {
+            biased;
+            _ = cut.cancelled() => return Err(Stop::Cut),
+            sent = sending => sent.unwrap_or_else(|e| Err(ProviderError::Protocol(e.to_string()))),
+        };
+        let mut stream = sent.map_err(|e| {
             lock(progress).llm_refused = true;
             Failure::provider(ErrorCode::LlmFailed, &e)
         })?;
         let mut splitter = SentenceSplitter::new(ctx.splitter.clone());
         let mut calls = Vec::new();
-        while let Some(item) = stream.next().await {
+        loop {
+            let item = tokio::select! {
+                biased;
+                _ = cut.cancelled() => {
+                    take_arrived(&mut stream, progress);
+                    return Err(Stop::Cut);
+                }
+                item = stream.next() => item,
+            };
+            let Some(item) = item else {
+                break;
+            };
             match item {
                 Ok(LlmEvent::Delta(text)) => {
                     {
@@ -259,7 +321,7 @@ async fn read_llm(
                     lock(progress).llm_done = true;
                     break;
                 }
-                Err(e) => return Err(Failure::provider(ErrorCode::LlmFailed, &e)),
+                Err(e) => return Err(Failure::provider(ErrorCode::LlmFailed, &e).into()),
             }
         }
         // The round's last words are spoken now (while any tools run).
@@ -281,11 +343,19 @@ async fn read_llm(
                 finished: std::mem::take(&mut p.llm_done),
             }
         };
-        if channels.rounds.send(report).await.is_err() {
+        let reported = tokio::select! {
+            _ = cut.cancelled() => return Err(Stop::Cut),
+            r = channels.rounds.send(report) => r,
+        };
+        if reported.is_err() {
             return Ok(());
         }
         request = loop {
-            match channels.control.recv().await {
+            let control = tokio::select! {
+                _ = cut.cancelled() => return Err(Stop::Cut),
+                c = channels.control.recv() => c,
+            };
+            match control {
                 Some(Control::Say(text)) => {
                     if sentences.send((None, text)).is_err() {
                         return Ok(());
@@ -297,6 +367,22 @@ async fn read_llm(
             }
         };
         lock(progress).prompt_chars = prompt_chars(&request);
+    }
+}
+
+/// Takes in what the model's stream has already delivered, without waiting for more: the
+/// provider bills the text it sent, so the ledger counts what reached the server before the
+/// stream is dropped.
+fn take_arrived(stream: &mut LlmStream, progress: &Mutex<Progress>) {
+    while let Some(Some(item)) = stream.next().now_or_never() {
+        let mut p = lock(progress);
+        match item {
+            Ok(LlmEvent::Delta(text)) => p.generated.push_str(&text),
+            Ok(LlmEvent::Usage(u)) => p.llm_usage = u,
+            Ok(LlmEvent::Done { .. }) => p.llm_done = true,
+            Ok(LlmEvent::ToolCall(_)) => {}
+            Err(_) => return,
+        }
     }
 }
 

@@ -485,8 +485,8 @@ impl Drop for Fakes {
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/listen", get(stt::listen))
-        .route("/v1/messages", post(llm::anthropic_messages))
-        .route("/v1/chat/completions", post(llm::openai_chat))
+        .route("/v1/messages", post(llm::chat::<llm::AnthropicMessages>))
+        .route("/v1/chat/completions", post(llm::chat::<llm::OpenAiChat>))
         .route("/v1/audio/speech", post(tts::speech))
         .route("/_fakes/faults", post(control::inject))
         .route("/_fakes/scripts", post(control::script))

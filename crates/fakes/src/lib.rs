@@ -238,10 +238,17 @@ impl ScriptedReply {
     pub fn call(name: impl Into<String>, arguments: impl Into<String>) -> Self {
         Self {
             text: String::new(),
-            tool_calls: vec![ScriptedCall {
-                name: name.into(),
-                arguments: arguments.into(),
-            }],
+            tool_calls: vec![ScriptedCall::new(name, arguments)],
+        }
+    }
+}
+
+impl ScriptedCall {
+    /// A call of tool `name` with `arguments` (streamed as they are).
+    pub fn new(name: impl Into<String>, arguments: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            arguments: arguments.into(),
         }
     }
 }

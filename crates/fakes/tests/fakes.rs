@@ -82,6 +82,88 @@ async fn sse_json(request: reqwest::RequestBuilder) -> Vec<Value> {
     sse_data(&request.text_body().await)
 }
 
+/// The error body of the 400 the fake answers `request` with; its message must contain
+/// `wanted`.
+async fn refusal(request: reqwest::RequestBuilder, wanted: &str) -> Value {
+    let response = request.sent().await;
+    assert_eq!(response.status(), 400, "{wanted}");
+    let v: Value = response.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains(wanted), "{message} lacks {wanted}");
+    v
+}
+
+/// The status of the answer to the control route `POST /_fakes/{route}` with `body` (any
+/// fake's port serves it).
+async fn post_control(fakes: &Fakes, route: &str, body: &Value) -> u16 {
+    let response = reqwest::Client::new()
+        .post(format!("{}/_fakes/{route}", fakes.anthropic_url()))
+        .json(body)
+        .sent()
+        .await;
+    response.status().as_u16()
+}
+
+/// Checks that the control route `POST /_fakes/{route}` takes `good` and refuses `bad` (400).
+async fn check_control_route(fakes: &Fakes, route: &str, good: &Value, bad: &Value) {
+    assert_eq!(post_control(fakes, route, good).await, 200);
+    assert_eq!(post_control(fakes, route, bad).await, 400);
+}
+
+/// The text of a streamed LLM answer (Anthropic text deltas or OpenAI content deltas) to
+/// `request`.
+async fn spoken(request: reqwest::RequestBuilder) -> String {
+    let data = sse_json(request).await;
+    data.iter()
+        .filter_map(|d| {
+            if d["type"] == "content_block_delta" {
+                Some(d["delta"]["text"].as_str().unwrap())
+            } else {
+                d["choices"][0]["delta"]["content"].as_str()
+            }
+        })
+        .collect()
+}
+
+/// Checks that the streamed LLM answer to `request` says `expected`.
+async fn assert_spoken(request: reqwest::RequestBuilder, expected: &str) {
+    assert_eq!(spoken(request).await, expected);
+}
+
+/// `good` with its third message (the tool results) replaced by the person's words.
+fn words_instead_of_results(good: &Value) -> Value {
+    let mut unanswered = good.clone();
+    unanswered["messages"][2] = json!({"role": "user", "content": "never mind"});
+    unanswered
+}
+
+/// `body` asking for a whole (non-streamed) answer.
+fn not_streamed(body: &Value) -> Value {
+    let mut plain = body.clone();
+    plain["stream"] = json!(false);
+    plain
+}
+
+/// An Anthropic request body: `fields` with the test model and a 256-token cap.
+fn claude(fields: Value) -> Value {
+    let mut body = json!({"model": "claude-test", "max_tokens": 256});
+    let Value::Object(fields) = fields else {
+        panic!("fields must be an object")
+    };
+    body.as_object_mut().unwrap().extend(fields);
+    body
+}
+
+/// An OpenAI chat request body: `fields` with the test model.
+fn gpt(fields: Value) -> Value {
+    let Value::Object(mut body) = fields else {
+        panic!("fields must be an object")
+    };
+    body.insert("model".into(), json!("gpt-test"));
+    Value::Object(body)
+}
+
 /// Fakes with a fast LLM, and a client.
 async fn llm_fakes() -> (Fakes, reqwest::Client) {
     let fakes = start(FakesConfig {
@@ -450,9 +532,7 @@ fn llm_request(
 #[tokio::test]
 async fn anthropic_stream_event_order_timing_and_usage() {
     let (fakes, client) = llm_fakes().await;
-    let body = json!({
-        "model": "claude-test",
-        "max_tokens": 256,
+    let body = claude(json!({
         "system": "Be brief.",
         "messages": [
             {"role": "user", "content": "Hi"},
@@ -460,7 +540,7 @@ async fn anthropic_stream_event_order_timing_and_usage() {
             {"role": "user", "content": [{"type": "text", "text": "Hello there"}]},
         ],
         "stream": true,
-    });
+    }));
     let started = Instant::now();
     let response = llm_request(&client, &fakes, Target::Anthropic, &body)
         .sent()
@@ -541,9 +621,7 @@ async fn anthropic_stream_event_order_timing_and_usage() {
     assert_eq!(message_delta["usage"]["output_tokens"], 4);
 
     // Non-streaming returns a Message.
-    let mut plain = body.clone();
-    plain["stream"] = json!(false);
-    let message: Value = llm_request(&client, &fakes, Target::Anthropic, &plain)
+    let message = llm_request(&client, &fakes, Target::Anthropic, &not_streamed(&body))
         .json_body()
         .await;
     assert_eq!(message["type"], "message");
@@ -590,36 +668,33 @@ async fn anthropic_errors_and_faults() {
         "authentication_error"
     );
 
-    let response = llm_request(
-        &client,
-        &fakes,
-        Target::Anthropic,
-        &json!({"model": "m", "messages": []}),
-    )
-    .sent()
-    .await;
-    assert_eq!(response.status(), 400);
+    assert_eq!(
+        llm_request(
+            &client,
+            &fakes,
+            Target::Anthropic,
+            &json!({"model": "m", "messages": []}),
+        )
+        .sent()
+        .await
+        .status(),
+        400
+    );
 
     fakes.inject(Target::Anthropic, status_fault(429, Some(1)));
     fakes.inject(Target::Anthropic, status_fault(529, None));
-    let response = llm_request(&client, &fakes, Target::Anthropic, &body)
-        .sent()
-        .await;
-    assert_eq!(response.status(), 429);
-    assert_eq!(response.headers()["retry-after"], "1");
-    assert_eq!(
-        error_of(&response.json().await.unwrap()),
-        "rate_limit_error"
-    );
-    let response = llm_request(&client, &fakes, Target::Anthropic, &body)
-        .sent()
-        .await;
-    assert_eq!(response.status(), 529);
-    assert!(!response.headers().contains_key("retry-after"));
-    assert_eq!(
-        error_of(&response.json().await.unwrap()),
-        "overloaded_error"
-    );
+    for (status, retry_after, error) in [
+        (429, Some("1"), "rate_limit_error"),
+        (529, None, "overloaded_error"),
+    ] {
+        let response = llm_request(&client, &fakes, Target::Anthropic, &body)
+            .sent()
+            .await;
+        assert_eq!(response.status(), status);
+        let header = response.headers().get("retry-after");
+        assert_eq!(header.map(|v| v.to_str().unwrap()), retry_after);
+        assert_eq!(error_of(&response.json().await.unwrap()), error);
+    }
     let response = llm_request(&client, &fakes, Target::Anthropic, &body)
         .sent()
         .await;
@@ -678,13 +753,12 @@ fn openai_data(text: &str) -> Vec<String> {
 #[tokio::test]
 async fn openai_stream_with_and_without_usage() {
     let (fakes, client) = llm_fakes().await;
-    let body = json!({
-        "model": "gpt-test",
+    let body = gpt(json!({
         "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
         "stream": true,
         "stream_options": {"include_usage": true},
         "max_completion_tokens": 200,
-    });
+    }));
     let response = llm_request(&client, &fakes, Target::OpenAiChat, &body)
         .sent()
         .await;
@@ -851,6 +925,21 @@ async fn openai_errors_and_faults() {
 // ---------------------------------------------------------------------------------------------
 // OpenAI TTS
 
+/// Fakes whose TTS starts after `first_byte_ms` and runs `speed` times real time, and a
+/// client.
+async fn tts_fakes(first_byte_ms: u64, speed: f64) -> (Fakes, reqwest::Client) {
+    let fakes = start(FakesConfig {
+        tts: TtsFakeConfig {
+            first_byte: Duration::from_millis(first_byte_ms),
+            speed,
+            ..TtsFakeConfig::default()
+        },
+        ..FakesConfig::default()
+    })
+    .await;
+    (fakes, reqwest::Client::new())
+}
+
 fn tts_request(client: &reqwest::Client, fakes: &Fakes, body: &Value) -> reqwest::RequestBuilder {
     client
         .post(format!("{}/audio/speech", fakes.openai_url()))
@@ -860,16 +949,7 @@ fn tts_request(client: &reqwest::Client, fakes: &Fakes, body: &Value) -> reqwest
 
 #[tokio::test]
 async fn tts_streams_paced_pcm_of_the_right_length() {
-    let fakes = start(FakesConfig {
-        tts: TtsFakeConfig {
-            first_byte: Duration::from_millis(50),
-            speed: 10.0,
-            ..TtsFakeConfig::default()
-        },
-        ..FakesConfig::default()
-    })
-    .await;
-    let client = reqwest::Client::new();
+    let (fakes, client) = tts_fakes(50, 10.0).await;
     let input = "Hello world, this is a test.";
     let body = json!({"model": "gpt-4o-mini-tts", "input": input, "voice": "alloy", "response_format": "pcm"});
     let started = Instant::now();
@@ -924,16 +1004,7 @@ async fn tts_streams_paced_pcm_of_the_right_length() {
 
 #[tokio::test]
 async fn tts_validation_and_faults() {
-    let fakes = start(FakesConfig {
-        tts: TtsFakeConfig {
-            first_byte: Duration::from_millis(10),
-            speed: 20.0,
-            ..TtsFakeConfig::default()
-        },
-        ..FakesConfig::default()
-    })
-    .await;
-    let client = reqwest::Client::new();
+    let (fakes, client) = tts_fakes(10, 20.0).await;
     let ok = json!({"model": "tts-1", "input": "Some words to say here.", "voice": "alloy", "response_format": "pcm"});
 
     let mut mp3 = ok.clone();
@@ -990,21 +1061,16 @@ async fn tts_validation_and_faults() {
 #[tokio::test]
 async fn control_routes_queue_faults_and_report_recordings() {
     let (fakes, client) = llm_fakes().await;
+
+    check_control_route(
+        &fakes,
+        "faults",
+        &json!({"target": "anthropic", "fault": {"kind": "status", "status": 500}}),
+        &json!({"target": "nope", "fault": {"kind": "stall"}}),
+    )
+    .await;
+
     let base = fakes.anthropic_url();
-
-    let response = client
-        .post(format!("{base}/_fakes/faults"))
-        .json(&json!({"target": "anthropic", "fault": {"kind": "status", "status": 500}}))
-        .sent()
-        .await;
-    assert_eq!(response.status(), 200);
-    let response = client
-        .post(format!("{base}/_fakes/faults"))
-        .json(&json!({"target": "nope", "fault": {"kind": "stall"}}))
-        .sent()
-        .await;
-    assert_eq!(response.status(), 400);
-
     let body = json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "q"}], "stream": true});
     let response = llm_request(&client, &fakes, Target::Anthropic, &body)
         .sent()
@@ -1243,14 +1309,12 @@ async fn anthropic_scripted_tool_calls_stream_as_tool_use_blocks() {
     fakes.script(Target::Anthropic, two_calls());
     // A refused request leaves the script for the retry.
     fakes.inject(Target::Anthropic, status_fault(429, None));
-    let body = json!({
-        "model": "claude-test",
-        "max_tokens": 256,
+    let body = claude(json!({
         "messages": [{"role": "user", "content": "Weather in Paris and Rome?"}],
         "tools": anthropic_tools(),
         "tool_choice": {"type": "auto"},
         "stream": true,
-    });
+    }));
     let refused = llm_request(&client, &fakes, Target::Anthropic, &body)
         .sent()
         .await;
@@ -1343,9 +1407,7 @@ async fn anthropic_scripted_tool_calls_stream_as_tool_use_blocks() {
     // Non-streaming: a Message with tool_use blocks (input as an object, `{}` when the
     // arguments are not one).
     fakes.script(Target::Anthropic, two_calls());
-    let mut plain = body.clone();
-    plain["stream"] = json!(false);
-    let message: Value = llm_request(&client, &fakes, Target::Anthropic, &plain)
+    let message = llm_request(&client, &fakes, Target::Anthropic, &not_streamed(&body))
         .json_body()
         .await;
     assert_eq!(message["stop_reason"], "tool_use");
@@ -1364,31 +1426,24 @@ async fn anthropic_scripted_tool_calls_stream_as_tool_use_blocks() {
 #[tokio::test]
 async fn openai_scripted_tool_calls_stream_as_tool_call_deltas() {
     let (fakes, client) = llm_fakes().await;
-    let control = fakes.anthropic_url();
     // Scripted over the control route this time: two calls and no words.
-    let response = client
-        .post(format!("{control}/_fakes/scripts"))
-        .json(&json!({"target": "open_ai_chat", "reply": {"tool_calls": [
+    check_control_route(
+        &fakes,
+        "scripts",
+        &json!({"target": "open_ai_chat", "reply": {"tool_calls": [
             {"name": "get_weather", "arguments": PARIS},
             {"name": "get_weather", "arguments": BROKEN},
-        ]}}))
-        .sent()
-        .await;
-    assert_eq!(response.status(), 200);
-    let response = client
-        .post(format!("{control}/_fakes/scripts"))
-        .json(&json!({"target": "open_ai_chat", "reply": {"tool_calls": "many"}}))
-        .sent()
-        .await;
-    assert_eq!(response.status(), 400);
-    let body = json!({
-        "model": "gpt-test",
+        ]}}),
+        &json!({"target": "open_ai_chat", "reply": {"tool_calls": "many"}}),
+    )
+    .await;
+    let body = gpt(json!({
         "messages": [{"role": "user", "content": "Weather in Paris and Rome?"}],
         "tools": openai_tools(),
         "tool_choice": "auto",
         "stream": true,
         "stream_options": {"include_usage": true},
-    });
+    }));
     let text = llm_request(&client, &fakes, Target::OpenAiChat, &body)
         .text_body()
         .await;
@@ -1461,9 +1516,14 @@ async fn tool_results_are_checked_and_the_first_is_spoken() {
     let (fakes, client) = llm_fakes().await;
 
     // Anthropic: results answer the calls of the message before, first thing.
-    let good = json!({
-        "model": "claude-test",
-        "max_tokens": 256,
+    let request = |body: &Value| llm_request(&client, &fakes, Target::Anthropic, body);
+    let refused = |body: Value, wanted: &'static str| {
+        let request = request(&body);
+        async move {
+            assert_eq!(refusal(request, wanted).await["type"], "error");
+        }
+    };
+    let good = claude(json!({
         "tools": anthropic_tools(),
         "messages": [
             {"role": "user", "content": "Weather in Paris?"},
@@ -1476,26 +1536,8 @@ async fn tool_results_are_checked_and_the_first_is_spoken() {
             ]},
         ],
         "stream": true,
-    });
-    let said: String = sse_json(llm_request(&client, &fakes, Target::Anthropic, &good))
-        .await
-        .iter()
-        .filter(|d| d["type"] == "content_block_delta")
-        .map(|d| d["delta"]["text"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(said, "Here is what I found: 21 C and sunny.");
-    let refused = |body: Value, wanted: &'static str| {
-        let request = llm_request(&client, &fakes, Target::Anthropic, &body);
-        async move {
-            let response = request.sent().await;
-            assert_eq!(response.status(), 400, "{wanted}");
-            let v: Value = response.json().await.unwrap();
-            assert_eq!(v["type"], "error");
-            assert_eq!(v["error"]["type"], "invalid_request_error");
-            let message = v["error"]["message"].as_str().unwrap();
-            assert!(message.contains(wanted), "{message} lacks {wanted}");
-        }
-    };
+    }));
+    assert_spoken(request(&good), "Here is what I found: 21 C and sunny.").await;
     // A result for a call that was never made, next to the right one.
     let mut stray = good.clone();
     stray["messages"][2]["content"]
@@ -1507,10 +1549,8 @@ async fn tool_results_are_checked_and_the_first_is_spoken() {
         "unexpected `tool_use_id` found in `tool_result` blocks: toolu_99",
     )
     .await;
-    let mut unanswered = good.clone();
-    unanswered["messages"][2] = json!({"role": "user", "content": "never mind"});
     refused(
-        unanswered,
+        words_instead_of_results(&good),
         "`tool_use` ids were found without `tool_result` blocks immediately after: toolu_01",
     )
     .await;
@@ -1537,9 +1577,15 @@ async fn tool_results_are_checked_and_the_first_is_spoken() {
         .remove("input_schema");
     refused(malformed, "tools.0.input_schema: Field required").await;
 
+    let request = |body: &Value| llm_request(&client, &fakes, Target::OpenAiChat, body);
+    let refused = |body: Value, param: &'static str, wanted: &'static str| {
+        let request = request(&body);
+        async move {
+            assert_eq!(refusal(request, wanted).await["error"]["param"], param);
+        }
+    };
     // OpenAI: one `tool` message per call, right after the assistant message.
-    let good = json!({
-        "model": "gpt-test",
+    let good = gpt(json!({
         "tools": openai_tools(),
         "messages": [
             {"role": "user", "content": "Weather in Paris?"},
@@ -1549,29 +1595,8 @@ async fn tool_results_are_checked_and_the_first_is_spoken() {
             {"role": "tool", "tool_call_id": "call_01", "content": "18 C and cloudy"},
         ],
         "stream": true,
-    });
-    let said: String = sse_json(llm_request(&client, &fakes, Target::OpenAiChat, &good))
-        .await
-        .iter()
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
-    assert_eq!(said, "Here is what I found: 18 C and cloudy.");
-    let refused = |body: Value, param: &'static str, wanted: &'static str| {
-        let request = llm_request(&client, &fakes, Target::OpenAiChat, &body);
-        async move {
-            let response = request.sent().await;
-            assert_eq!(response.status(), 400, "{wanted}");
-            let v: Value = response.json().await.unwrap();
-            assert_eq!(v["error"]["type"], "invalid_request_error");
-            assert_eq!(v["error"]["param"], param);
-            let message = v["error"]["message"].as_str().unwrap();
-            assert!(message.contains(wanted), "{message} lacks {wanted}");
-        }
-    };
+    }));
+    assert_spoken(request(&good), "Here is what I found: 18 C and cloudy.").await;
     let mut stray = good.clone();
     stray["messages"][2]["tool_call_id"] = json!("call_99");
     refused(
@@ -1588,10 +1613,8 @@ async fn tool_results_are_checked_and_the_first_is_spoken() {
         "must be a response to a preceeding message with 'tool_calls'",
     )
     .await;
-    let mut unanswered = good.clone();
-    unanswered["messages"][2] = json!({"role": "user", "content": "never mind"});
     refused(
-        unanswered,
+        words_instead_of_results(&good),
         "messages.[2].role",
         "did not have response messages: call_01",
     )
@@ -1651,10 +1674,9 @@ async fn the_tool_call_rule_answers_plain_questions_when_the_tool_is_declared() 
     .await;
     let client = reqwest::Client::new();
     let ask = |tools: Option<Value>, choice: Option<&str>| {
-        let mut body = json!({
-            "model": "gpt-test",
+        let mut body = gpt(json!({
             "messages": [{"role": "user", "content": "Weather?"}],
-        });
+        }));
         if let Some(tools) = tools {
             body["tools"] = tools;
         }
@@ -1690,13 +1712,11 @@ async fn the_tool_call_rule_answers_plain_questions_when_the_tool_is_declared() 
     }
 
     // Anthropic, streamed: the call, then after its result the spoken answer.
-    let mut body = json!({
-        "model": "claude-test",
-        "max_tokens": 256,
+    let mut body = claude(json!({
         "tools": anthropic_tools(),
         "messages": [{"role": "user", "content": "Weather?"}],
         "stream": true,
-    });
+    }));
     let data = sse_json(llm_request(&client, &fakes, Target::Anthropic, &body)).await;
     let start = data
         .iter()

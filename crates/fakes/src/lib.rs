@@ -495,8 +495,14 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/messages", post(llm::chat::<llm::AnthropicMessages>))
         .route("/v1/chat/completions", post(llm::chat::<llm::OpenAiChat>))
         .route("/v1/audio/speech", post(tts::speech))
-        .route("/_fakes/faults", post(control::inject))
-        .route("/_fakes/scripts", post(control::script))
+        .route(
+            "/_fakes/faults",
+            post(control::queue::<control::FaultRequest>),
+        )
+        .route(
+            "/_fakes/scripts",
+            post(control::queue::<control::ScriptRequest>),
+        )
         .route(
             "/_fakes/recorded",
             get(control::recorded).delete(control::clear),

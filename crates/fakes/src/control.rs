@@ -15,23 +15,43 @@ use crate::{Fault, ScriptedReply, Target};
 
 /// Body of `POST /_fakes/faults`.
 #[derive(serde::Deserialize)]
-struct FaultRequest {
+pub(crate) struct FaultRequest {
     target: Target,
     fault: Fault,
 }
 
-/// `POST /_fakes/faults`: queues a one-shot fault.
-pub(crate) async fn inject(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
-    queue(&body, |req: FaultRequest| {
-        shared.inject(req.target, req.fault)
-    })
+/// Body of `POST /_fakes/scripts`.
+#[derive(serde::Deserialize)]
+pub(crate) struct ScriptRequest {
+    target: Target,
+    reply: ScriptedReply,
 }
 
-/// Parses a control request and hands it to `apply`; 400 with the parse error otherwise.
-fn queue<T: serde::de::DeserializeOwned>(body: &[u8], apply: impl FnOnce(T)) -> Response {
-    match serde_json::from_slice::<T>(body) {
+/// A control request that queues something for a target.
+pub(crate) trait Queued: serde::de::DeserializeOwned {
+    /// Queues it.
+    fn queue(self, shared: &Shared);
+}
+
+impl Queued for FaultRequest {
+    fn queue(self, shared: &Shared) {
+        shared.inject(self.target, self.fault);
+    }
+}
+
+impl Queued for ScriptRequest {
+    fn queue(self, shared: &Shared) {
+        shared.script(self.target, self.reply);
+    }
+}
+
+/// `POST /_fakes/faults` ([`FaultRequest`]: queues a one-shot fault) and
+/// `POST /_fakes/scripts` ([`ScriptRequest`]: queues a scripted reply); 400 with the parse
+/// error when the body is not a `T`.
+pub(crate) async fn queue<T: Queued>(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    match serde_json::from_slice::<T>(&body) {
         Ok(req) => {
-            apply(req);
+            req.queue(&shared);
             Json(json!({"ok": true})).into_response()
         }
         Err(e) => (
@@ -40,20 +60,6 @@ fn queue<T: serde::de::DeserializeOwned>(body: &[u8], apply: impl FnOnce(T)) -> 
         )
             .into_response(),
     }
-}
-
-/// Body of `POST /_fakes/scripts`.
-#[derive(serde::Deserialize)]
-struct ScriptRequest {
-    target: Target,
-    reply: ScriptedReply,
-}
-
-/// `POST /_fakes/scripts`: queues a scripted reply.
-pub(crate) async fn script(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
-    queue(&body, |req: ScriptRequest| {
-        shared.script(req.target, req.reply)
-    })
 }
 
 /// `GET /_fakes/recorded`: what the fakes received, as JSON.

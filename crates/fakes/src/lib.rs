@@ -238,10 +238,17 @@ impl ScriptedReply {
     pub fn call(name: impl Into<String>, arguments: impl Into<String>) -> Self {
         Self {
             text: String::new(),
-            tool_calls: vec![ScriptedCall {
-                name: name.into(),
-                arguments: arguments.into(),
-            }],
+            tool_calls: vec![ScriptedCall::new(name, arguments)],
+        }
+    }
+}
+
+impl ScriptedCall {
+    /// A call of tool `name` with `arguments` (streamed as they are).
+    pub fn new(name: impl Into<String>, arguments: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            arguments: arguments.into(),
         }
     }
 }
@@ -485,11 +492,17 @@ impl Drop for Fakes {
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/listen", get(stt::listen))
-        .route("/v1/messages", post(llm::anthropic_messages))
-        .route("/v1/chat/completions", post(llm::openai_chat))
+        .route("/v1/messages", post(llm::chat::<llm::AnthropicMessages>))
+        .route("/v1/chat/completions", post(llm::chat::<llm::OpenAiChat>))
         .route("/v1/audio/speech", post(tts::speech))
-        .route("/_fakes/faults", post(control::inject))
-        .route("/_fakes/scripts", post(control::script))
+        .route(
+            "/_fakes/faults",
+            post(control::queue::<control::FaultRequest>),
+        )
+        .route(
+            "/_fakes/scripts",
+            post(control::queue::<control::ScriptRequest>),
+        )
         .route(
             "/_fakes/recorded",
             get(control::recorded).delete(control::clear),

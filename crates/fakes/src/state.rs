@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::stt::Transcript;
@@ -56,6 +57,22 @@ impl Shared {
             tracing::debug!(?target, ?fault, "fault applied");
         }
         fault
+    }
+
+    /// What an HTTP fake first does with a request to `target`: notes when it arrived, takes
+    /// the fault armed for `target`, and parses the body as JSON.
+    pub(crate) fn receive(
+        &self,
+        target: Target,
+        body: &[u8],
+    ) -> (
+        Instant,
+        Option<Fault>,
+        serde_json::Result<serde_json::Value>,
+    ) {
+        let started = Instant::now();
+        let fault = self.take_fault(target);
+        (started, fault, serde_json::from_slice(body))
     }
 }
 

@@ -646,19 +646,26 @@ impl Session {
         ) else {
             return;
         };
+        let message = self.utterance_final(&u, s1, [false, true, false]);
+        let due = (u.last_speech_end_wall + self.final_delay).max(now);
+        self.pending.push_back(PendingFinal { due, message });
+        self.check_utterance_end(out);
+    }
+
+    /// The final `Results` of utterance `u`, its window ending at `end` (`flags` as in
+    /// [`Session::results`]); arms the `UtteranceEnd` that follows it.
+    fn utterance_final(&mut self, u: &Utterance, end: u64, flags: [bool; 3]) -> String {
         let words = self.words(u.transcript);
         let message = self.results(
             words,
             (u.start, u.last_speech_end),
-            (self.window_start, s1),
-            [false, true, false],
+            (self.window_start, end),
+            flags,
         );
         let has_words = !words.is_empty();
-        self.window_start = s1;
-        let due = (u.last_speech_end_wall + self.final_delay).max(now);
-        self.pending.push_back(PendingFinal { due, message });
+        self.window_start = end;
         self.arm_utterance_end(has_words, u.last_speech_end);
-        self.check_utterance_end(out);
+        message
     }
 
     fn arm_utterance_end(&mut self, has_words: bool, last_word_end: u64) {
@@ -697,13 +704,18 @@ impl Session {
 
     /// `{"type":"Finalize"}`: flush everything now.
     pub(crate) fn finalize(&mut self, now: Instant) -> Vec<Action> {
-        let mut out = Vec::new();
+        self.flush_all(now, true).unwrap_or_default()
+    }
+
+    /// Flushes everything now (see `finalize_into`); `None` when the stream ended or stalls.
+    fn flush_all(&mut self, now: Instant, from_finalize: bool) -> Option<Vec<Action>> {
         if self.ended || self.fault == FaultMode::Stall {
-            return out;
+            return None;
         }
         self.last_activity = now;
-        self.finalize_into(true, &mut out);
-        out
+        let mut out = Vec::new();
+        self.finalize_into(from_finalize, &mut out);
+        Some(out)
     }
 
     fn finalize_into(&mut self, from_finalize: bool, out: &mut Vec<Action>) {
@@ -720,17 +732,8 @@ impl Session {
         );
         match vad {
             Vad::Speaking(u) => {
-                let words = self.words(u.transcript);
-                let message = self.results(
-                    words,
-                    (u.start, u.last_speech_end),
-                    (self.window_start, end),
-                    [false, false, from_finalize],
-                );
-                let has_words = !words.is_empty();
-                self.window_start = end;
+                let message = self.utterance_final(&u, end, [false, false, from_finalize]);
                 out.push(Action::Send(message));
-                self.arm_utterance_end(has_words, u.last_speech_end);
             }
             Vad::Idle { .. } => {
                 if from_finalize || end > self.window_start {
@@ -750,12 +753,9 @@ impl Session {
 
     /// `{"type":"CloseStream"}`: final results, `Metadata`, normal close.
     pub(crate) fn close_stream(&mut self, now: Instant) -> Vec<Action> {
-        let mut out = Vec::new();
-        if self.ended || self.fault == FaultMode::Stall {
-            return out;
-        }
-        self.last_activity = now;
-        self.finalize_into(false, &mut out);
+        let Some(mut out) = self.flush_all(now, false) else {
+            return Vec::new();
+        };
         out.push(Action::Send(self.metadata()));
         out.push(Action::Close(1000, ""));
         self.ended = true;
@@ -892,6 +892,15 @@ mod tests {
         ListenParams::parse(query).unwrap()
     }
 
+    /// A session over `transcripts` for the listen `query`, started at the returned instant.
+    fn session(transcripts: &[&str], query: &str, fault: Option<Fault>) -> (Session, Instant) {
+        let t0 = Instant::now();
+        (
+            Session::new(&shared(transcripts), params(query), fault, t0),
+            t0,
+        )
+    }
+
     /// Streams `audio` in 20 ms messages at real-time pace starting at `t0`; returns every
     /// message sent with its (simulated) send time in ms since `t0`.
     fn stream(session: &mut Session, audio: &[u8], t0: Instant) -> Vec<(u64, Value)> {
@@ -935,13 +944,10 @@ mod tests {
 
     #[test]
     fn utterance_lifecycle_and_timing() {
-        let shared = shared(&["Hello there, world!"]);
-        let t0 = Instant::now();
-        let mut s = Session::new(
-            &shared,
-            params("interim_results=true&vad_events=true&utterance_end_ms=1000&punctuate=true"),
+        let (mut s, t0) = session(
+            &["Hello there, world!"],
+            "interim_results=true&vad_events=true&utterance_end_ms=1000&punctuate=true",
             None,
-            t0,
         );
         let msgs = stream(&mut s, &speech_then_silence(), t0);
         let kinds: Vec<&str> = msgs
@@ -998,9 +1004,7 @@ mod tests {
 
     #[test]
     fn final_fires_from_timer_without_more_audio() {
-        let shared = shared(&["one two"]);
-        let t0 = Instant::now();
-        let mut s = Session::new(&shared, params(""), None, t0);
+        let (mut s, t0) = session(&["one two"], "", None);
         let mut audio = tone(500, 0.3);
         audio.extend(vec![0u8; 100 * 32]); // exactly silence_to_end
         let msgs = stream(&mut s, &audio, t0);
@@ -1021,9 +1025,7 @@ mod tests {
 
     #[test]
     fn finalize_flushes_and_transcripts_cycle() {
-        let shared = shared(&["first", "second"]);
-        let t0 = Instant::now();
-        let mut s = Session::new(&shared, params(""), None, t0);
+        let (mut s, t0) = session(&["first", "second"], "", None);
         stream(&mut s, &tone(400, 0.3), t0);
         let out = s.finalize(t0 + Duration::from_millis(500));
         let Action::Send(msg) = &out[0] else { panic!() };
@@ -1061,14 +1063,7 @@ mod tests {
 
     #[test]
     fn quiet_audio_is_not_speech_and_idle_times_out() {
-        let shared = shared(&["x"]);
-        let t0 = Instant::now();
-        let mut s = Session::new(
-            &shared,
-            params("vad_events=true&interim_results=true"),
-            None,
-            t0,
-        );
+        let (mut s, t0) = session(&["x"], "vad_events=true&interim_results=true", None);
         // -50 dBFS RMS tone: below the -40 dBFS threshold.
         assert!(stream(&mut s, &tone(1000, 0.0045), t0).is_empty());
         let deadline = s.next_deadline().unwrap();
@@ -1081,27 +1076,24 @@ mod tests {
 
     #[test]
     fn faults_fire_after_first_interim() {
-        let shared = shared(&["a b c"]);
-        let t0 = Instant::now();
-        let mut s = Session::new(
-            &shared,
-            params("interim_results=true"),
+        let (mut s, t0) = session(
+            &["a b c"],
+            "interim_results=true",
             Some(Fault::DropMidStream),
-            t0,
         );
         let msgs = stream(&mut s, &tone(1000, 0.3), t0);
         assert_eq!(msgs.len(), 2, "{msgs:?}");
         assert_eq!(msgs[0].1["is_final"], false);
         assert_eq!(msgs[1].1["action"], "Drop");
 
-        let mut s = Session::new(&shared, params(""), Some(Fault::MidStreamError), t0);
+        let (mut s, t0) = session(&["a b c"], "", Some(Fault::MidStreamError));
         let mut out = Vec::new();
         for chunk in tone(1000, 0.3).chunks(640) {
             out.extend(s.on_audio(chunk, t0));
         }
         assert_eq!(out, vec![Action::Close(1011, "DATA-0000")]);
 
-        let mut s = Session::new(&shared, params("vad_events=true"), Some(Fault::Stall), t0);
+        let (mut s, t0) = session(&["a b c"], "vad_events=true", Some(Fault::Stall));
         assert!(stream(&mut s, &speech_then_silence(), t0).is_empty());
         assert!(s.close_stream(t0).is_empty());
         assert!(s.next_deadline().is_none());
@@ -1109,9 +1101,7 @@ mod tests {
 
     #[test]
     fn odd_sized_messages_are_reassembled() {
-        let shared = shared(&["odd"]);
-        let t0 = Instant::now();
-        let mut s = Session::new(&shared, params("vad_events=true"), None, t0);
+        let (mut s, t0) = session(&["odd"], "vad_events=true", None);
         let audio = tone(300, 0.3);
         let mut started = false;
         for chunk in audio.chunks(333) {

@@ -35,9 +35,7 @@ pub(crate) async fn speech(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let started = Instant::now();
-    let fault = shared.take_fault(Target::OpenAiTts);
-    let parsed = serde_json::from_slice::<Value>(&body);
+    let (started, fault, parsed) = shared.receive(Target::OpenAiTts, &body);
     if let Some(input) = parsed
         .as_ref()
         .ok()

@@ -1711,6 +1711,14 @@ mod tests {
         }
     }
 
+    /// The names of the marks in the server's `log`, in order.
+    fn mark_names(log: &[Value]) -> Vec<&str> {
+        log.iter()
+            .filter(|m| m["event"] == "mark")
+            .filter_map(|m| m["mark"]["name"].as_str())
+            .collect()
+    }
+
     fn payload(message: &Value) -> Vec<u8> {
         BASE64
             .decode(message["media"]["payload"].as_str().unwrap())
@@ -1827,11 +1835,7 @@ mod tests {
             keys[0]["dtmf"],
             json!({"track": "inbound_track", "digit": "7"})
         );
-        let marks: Vec<&str> = log
-            .iter()
-            .filter(|m| m["event"] == "mark")
-            .filter_map(|m| m["mark"]["name"].as_str())
-            .collect();
+        let marks = mark_names(&log);
         assert_eq!(marks, ["one", "two"]);
         let stop = log.last().unwrap();
         assert_eq!(stop["event"], "stop");
@@ -1875,11 +1879,7 @@ mod tests {
             through_mulaw(&tone(16_000))[..report.heard.len()]
         );
         let log = server.log.lock().unwrap().clone();
-        let marks: Vec<&str> = log
-            .iter()
-            .filter(|m| m["event"] == "mark")
-            .filter_map(|m| m["mark"]["name"].as_str())
-            .collect();
+        let marks = mark_names(&log);
         assert_eq!(marks, ["long", "after-clear"]);
         assert_eq!(log.last().unwrap()["event"], "stop");
     }

@@ -31,6 +31,149 @@ async fn start(config: FakesConfig) -> Fakes {
     .unwrap()
 }
 
+/// Sending a request in a test (transport failures panic).
+trait SendExt {
+    /// The response.
+    async fn sent(self) -> reqwest::Response;
+    /// The response's body as text.
+    async fn text_body(self) -> String;
+    /// The response's body as JSON.
+    async fn json_body(self) -> Value;
+}
+
+impl SendExt for reqwest::RequestBuilder {
+    async fn sent(self) -> reqwest::Response {
+        self.send().await.unwrap()
+    }
+
+    async fn text_body(self) -> String {
+        self.sent().await.text().await.unwrap()
+    }
+
+    async fn json_body(self) -> Value {
+        self.sent().await.json().await.unwrap()
+    }
+}
+
+/// Sends a text message on `ws`.
+async fn send_text(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+}
+
+/// Sends `audio` in 20 ms messages until the fake stops taking them.
+async fn send_audio_until_refused(ws: &mut Ws, audio: &[u8]) {
+    for chunk in audio.chunks(640) {
+        if ws.send(Message::binary(chunk.to_vec())).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// A fault answering with `status` (and `retry-after`, when given).
+fn status_fault(status: u16, retry_after_s: Option<u64>) -> Fault {
+    Fault::Status {
+        status,
+        retry_after_s,
+    }
+}
+
+/// The JSON data of the SSE events of the response to `request` (without `[DONE]`).
+async fn sse_json(request: reqwest::RequestBuilder) -> Vec<Value> {
+    sse_data(&request.text_body().await)
+}
+
+/// The error body of the 400 the fake answers `request` with; its message must contain
+/// `wanted`.
+async fn refusal(request: reqwest::RequestBuilder, wanted: &str) -> Value {
+    let response = request.sent().await;
+    assert_eq!(response.status(), 400, "{wanted}");
+    let v: Value = response.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains(wanted), "{message} lacks {wanted}");
+    v
+}
+
+/// The status of the answer to the control route `POST /_fakes/{route}` with `body` (any
+/// fake's port serves it).
+async fn post_control(fakes: &Fakes, route: &str, body: &Value) -> u16 {
+    let response = reqwest::Client::new()
+        .post(format!("{}/_fakes/{route}", fakes.anthropic_url()))
+        .json(body)
+        .sent()
+        .await;
+    response.status().as_u16()
+}
+
+/// Checks that the control route `POST /_fakes/{route}` takes `good` and refuses `bad` (400).
+async fn check_control_route(fakes: &Fakes, route: &str, good: &Value, bad: &Value) {
+    assert_eq!(post_control(fakes, route, good).await, 200);
+    assert_eq!(post_control(fakes, route, bad).await, 400);
+}
+
+/// The text of a streamed LLM answer (Anthropic text deltas or OpenAI content deltas) to
+/// `request`.
+async fn spoken(request: reqwest::RequestBuilder) -> String {
+    let data = sse_json(request).await;
+    data.iter()
+        .filter_map(|d| {
+            if d["type"] == "content_block_delta" {
+                Some(d["delta"]["text"].as_str().unwrap())
+            } else {
+                d["choices"][0]["delta"]["content"].as_str()
+            }
+        })
+        .collect()
+}
+
+/// Checks that the streamed LLM answer to `request` says `expected`.
+async fn assert_spoken(request: reqwest::RequestBuilder, expected: &str) {
+    assert_eq!(spoken(request).await, expected);
+}
+
+/// `good` with its third message (the tool results) replaced by the person's words.
+fn words_instead_of_results(good: &Value) -> Value {
+    let mut unanswered = good.clone();
+    unanswered["messages"][2] = json!({"role": "user", "content": "never mind"});
+    unanswered
+}
+
+/// `body` asking for a whole (non-streamed) answer.
+fn not_streamed(body: &Value) -> Value {
+    let mut plain = body.clone();
+    plain["stream"] = json!(false);
+    plain
+}
+
+/// An Anthropic request body: `fields` with the test model and a 256-token cap.
+fn claude(fields: Value) -> Value {
+    let mut body = json!({"model": "claude-test", "max_tokens": 256});
+    let Value::Object(fields) = fields else {
+        panic!("fields must be an object")
+    };
+    body.as_object_mut().unwrap().extend(fields);
+    body
+}
+
+/// An OpenAI chat request body: `fields` with the test model.
+fn gpt(fields: Value) -> Value {
+    let Value::Object(mut body) = fields else {
+        panic!("fields must be an object")
+    };
+    body.insert("model".into(), json!("gpt-test"));
+    Value::Object(body)
+}
+
+/// Fakes with a fast LLM, and a client.
+async fn llm_fakes() -> (Fakes, reqwest::Client) {
+    let fakes = start(FakesConfig {
+        llm: fast_llm(),
+        ..FakesConfig::default()
+    })
+    .await;
+    (fakes, reqwest::Client::new())
+}
+
 fn fast_llm() -> LlmFakeConfig {
     LlmFakeConfig {
         first_token: Duration::from_millis(60),
@@ -231,12 +374,8 @@ async fn stt_finalize_keepalive_and_transcript_cycling() {
         for chunk in tone(500, 0.3).chunks(640) {
             ws.send(Message::binary(chunk.to_vec())).await.unwrap();
         }
-        ws.send(Message::text(r#"{"type":"KeepAlive"}"#))
-            .await
-            .unwrap();
-        ws.send(Message::text(r#"{"type":"Finalize"}"#))
-            .await
-            .unwrap();
+        send_text(&mut ws, r#"{"type":"KeepAlive"}"#).await;
+        send_text(&mut ws, r#"{"type":"Finalize"}"#).await;
         let result = next_json(&mut ws).await.unwrap();
         assert_eq!(result["type"], "Results");
         assert_eq!(result["is_final"], true);
@@ -244,12 +383,8 @@ async fn stt_finalize_keepalive_and_transcript_cycling() {
         assert_eq!(result["from_finalize"], true);
         assert_eq!(transcript(&result), transcript_expected);
     }
-    ws.send(Message::text(r#"{"type":"Unknown"}"#))
-        .await
-        .unwrap();
-    ws.send(Message::text(r#"{"type":"CloseStream"}"#))
-        .await
-        .unwrap();
+    send_text(&mut ws, r#"{"type":"Unknown"}"#).await;
+    send_text(&mut ws, r#"{"type":"CloseStream"}"#).await;
     let (messages, close) = read_to_end(&mut ws).await;
     assert_eq!(messages.last().unwrap()["type"], "Metadata");
     assert_eq!(close.map(|c| c.0), Some(1000));
@@ -281,13 +416,7 @@ async fn stt_refuses_bad_upgrades_in_deepgram_shape() {
     assert!(body["err_msg"].as_str().unwrap().contains("opus"));
     assert!(headers.contains_key("dg-error"));
 
-    fakes.inject(
-        Target::Stt,
-        Fault::Status {
-            status: 429,
-            retry_after_s: Some(2),
-        },
-    );
+    fakes.inject(Target::Stt, status_fault(429, Some(2)));
     let (status, headers, body) = refusal(connect_stt(&fakes, QUERY, KEY).await);
     assert_eq!(status, 429);
     assert_eq!(headers["retry-after"], "2");
@@ -313,11 +442,7 @@ async fn stt_faults_and_inactivity() {
     // DropMidStream: one interim, then the TCP connection goes away without a close frame.
     fakes.inject(Target::Stt, Fault::DropMidStream);
     let mut ws = connect_stt(&fakes, QUERY, KEY).await.unwrap();
-    for chunk in speech.chunks(640) {
-        if ws.send(Message::binary(chunk.to_vec())).await.is_err() {
-            break;
-        }
-    }
+    send_audio_until_refused(&mut ws, &speech).await;
     let (messages, close) = read_to_end(&mut ws).await;
     assert_eq!(close, None, "no close frame expected");
     let results: Vec<&Value> = messages.iter().filter(|m| m["type"] == "Results").collect();
@@ -327,11 +452,7 @@ async fn stt_faults_and_inactivity() {
     // MidStreamError: close 1011 DATA-0000 after the first interim.
     fakes.inject(Target::Stt, Fault::MidStreamError);
     let mut ws = connect_stt(&fakes, QUERY, KEY).await.unwrap();
-    for chunk in speech.chunks(640) {
-        if ws.send(Message::binary(chunk.to_vec())).await.is_err() {
-            break;
-        }
-    }
+    send_audio_until_refused(&mut ws, &speech).await;
     let (messages, close) = read_to_end(&mut ws).await;
     assert_eq!(close, Some((1011, "DATA-0000".to_owned())));
     assert_eq!(messages.last().unwrap()["is_final"], false);
@@ -348,9 +469,7 @@ async fn stt_faults_and_inactivity() {
     {
         ws.send(Message::binary(chunk.to_vec())).await.unwrap();
     }
-    ws.send(Message::text(r#"{"type":"CloseStream"}"#))
-        .await
-        .unwrap();
+    send_text(&mut ws, r#"{"type":"CloseStream"}"#).await;
     assert!(
         tokio::time::timeout(Duration::from_millis(700), ws.next())
             .await
@@ -390,29 +509,30 @@ fn parse_sse(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn anthropic_request(
+/// A request to the fake LLM `target` (Anthropic or OpenAI chat) with valid credentials.
+fn llm_request(
     client: &reqwest::Client,
     fakes: &Fakes,
+    target: Target,
     body: &Value,
 ) -> reqwest::RequestBuilder {
-    client
-        .post(format!("{}/v1/messages", fakes.anthropic_url()))
-        .header("x-api-key", KEY)
-        .header("anthropic-version", "2023-06-01")
-        .json(body)
+    let request = if target == Target::Anthropic {
+        client
+            .post(format!("{}/v1/messages", fakes.anthropic_url()))
+            .header("x-api-key", KEY)
+            .header("anthropic-version", "2023-06-01")
+    } else {
+        client
+            .post(format!("{}/chat/completions", fakes.openai_url()))
+            .bearer_auth(KEY)
+    };
+    request.json(body)
 }
 
 #[tokio::test]
 async fn anthropic_stream_event_order_timing_and_usage() {
-    let fakes = start(FakesConfig {
-        llm: fast_llm(),
-        ..FakesConfig::default()
-    })
-    .await;
-    let client = reqwest::Client::new();
-    let body = json!({
-        "model": "claude-test",
-        "max_tokens": 256,
+    let (fakes, client) = llm_fakes().await;
+    let body = claude(json!({
         "system": "Be brief.",
         "messages": [
             {"role": "user", "content": "Hi"},
@@ -420,12 +540,11 @@ async fn anthropic_stream_event_order_timing_and_usage() {
             {"role": "user", "content": [{"type": "text", "text": "Hello there"}]},
         ],
         "stream": true,
-    });
+    }));
     let started = Instant::now();
-    let response = anthropic_request(&client, &fakes, &body)
-        .send()
-        .await
-        .unwrap();
+    let response = llm_request(&client, &fakes, Target::Anthropic, &body)
+        .sent()
+        .await;
     assert_eq!(response.status(), 200);
     assert!(
         response.headers()["content-type"]
@@ -485,13 +604,9 @@ async fn anthropic_stream_event_order_timing_and_usage() {
     // max_tokens cuts the reply.
     let mut short = body.clone();
     short["max_tokens"] = json!(4);
-    let text = anthropic_request(&client, &fakes, &short)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = llm_request(&client, &fakes, Target::Anthropic, &short)
+        .text_body()
+        .await;
     let data: Vec<Value> = parse_sse(&text)
         .iter()
         .map(|(_, d)| serde_json::from_str(d).unwrap())
@@ -506,15 +621,9 @@ async fn anthropic_stream_event_order_timing_and_usage() {
     assert_eq!(message_delta["usage"]["output_tokens"], 4);
 
     // Non-streaming returns a Message.
-    let mut plain = body.clone();
-    plain["stream"] = json!(false);
-    let message: Value = anthropic_request(&client, &fakes, &plain)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let message = llm_request(&client, &fakes, Target::Anthropic, &not_streamed(&body))
+        .json_body()
+        .await;
     assert_eq!(message["type"], "message");
     assert!(
         message["content"][0]["text"]
@@ -531,12 +640,7 @@ async fn anthropic_stream_event_order_timing_and_usage() {
 
 #[tokio::test]
 async fn anthropic_errors_and_faults() {
-    let fakes = start(FakesConfig {
-        llm: fast_llm(),
-        ..FakesConfig::default()
-    })
-    .await;
-    let client = reqwest::Client::new();
+    let (fakes, client) = llm_fakes().await;
     let body = json!({"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "Hey"}], "stream": true});
     let error_of = |v: &Value| v["error"]["type"].as_str().unwrap().to_owned();
 
@@ -544,9 +648,8 @@ async fn anthropic_errors_and_faults() {
         .post(format!("{}/v1/messages", fakes.anthropic_url()))
         .header("x-api-key", KEY)
         .json(&body)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(response.status(), 400);
     let v: Value = response.json().await.unwrap();
     assert_eq!(v["type"], "error");
@@ -557,71 +660,52 @@ async fn anthropic_errors_and_faults() {
         .header("x-api-key", "nope")
         .header("anthropic-version", "2023-06-01")
         .json(&body)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(response.status(), 401);
     assert_eq!(
         error_of(&response.json().await.unwrap()),
         "authentication_error"
     );
 
-    let response = anthropic_request(&client, &fakes, &json!({"model": "m", "messages": []}))
-        .send()
+    assert_eq!(
+        llm_request(
+            &client,
+            &fakes,
+            Target::Anthropic,
+            &json!({"model": "m", "messages": []}),
+        )
+        .sent()
         .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
+        .status(),
+        400
+    );
 
-    fakes.inject(
-        Target::Anthropic,
-        Fault::Status {
-            status: 429,
-            retry_after_s: Some(1),
-        },
-    );
-    fakes.inject(
-        Target::Anthropic,
-        Fault::Status {
-            status: 529,
-            retry_after_s: None,
-        },
-    );
-    let response = anthropic_request(&client, &fakes, &body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 429);
-    assert_eq!(response.headers()["retry-after"], "1");
-    assert_eq!(
-        error_of(&response.json().await.unwrap()),
-        "rate_limit_error"
-    );
-    let response = anthropic_request(&client, &fakes, &body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 529);
-    assert!(!response.headers().contains_key("retry-after"));
-    assert_eq!(
-        error_of(&response.json().await.unwrap()),
-        "overloaded_error"
-    );
-    let response = anthropic_request(&client, &fakes, &body)
-        .send()
-        .await
-        .unwrap();
+    fakes.inject(Target::Anthropic, status_fault(429, Some(1)));
+    fakes.inject(Target::Anthropic, status_fault(529, None));
+    for (status, retry_after, error) in [
+        (429, Some("1"), "rate_limit_error"),
+        (529, None, "overloaded_error"),
+    ] {
+        let response = llm_request(&client, &fakes, Target::Anthropic, &body)
+            .sent()
+            .await;
+        assert_eq!(response.status(), status);
+        let header = response.headers().get("retry-after");
+        assert_eq!(header.map(|v| v.to_str().unwrap()), retry_after);
+        assert_eq!(error_of(&response.json().await.unwrap()), error);
+    }
+    let response = llm_request(&client, &fakes, Target::Anthropic, &body)
+        .sent()
+        .await;
     assert_eq!(response.status(), 200);
     assert!(response.text().await.unwrap().contains("message_stop"));
 
     // MidStreamError: three deltas, then an error event, no message_stop.
     fakes.inject(Target::Anthropic, Fault::MidStreamError);
-    let text = anthropic_request(&client, &fakes, &body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = llm_request(&client, &fakes, Target::Anthropic, &body)
+        .text_body()
+        .await;
     let events = parse_sse(&text);
     let names: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
     assert_eq!(
@@ -637,10 +721,9 @@ async fn anthropic_errors_and_faults() {
 
     // DropMidStream: the body breaks after three deltas.
     fakes.inject(Target::Anthropic, Fault::DropMidStream);
-    let response = anthropic_request(&client, &fakes, &body)
-        .send()
-        .await
-        .unwrap();
+    let response = llm_request(&client, &fakes, Target::Anthropic, &body)
+        .sent()
+        .await;
     assert_eq!(response.status(), 200);
     let mut text = String::new();
     let mut failed = false;
@@ -667,33 +750,18 @@ fn openai_data(text: &str) -> Vec<String> {
     parse_sse(text).into_iter().map(|(_, d)| d).collect()
 }
 
-fn openai_request(
-    client: &reqwest::Client,
-    fakes: &Fakes,
-    body: &Value,
-) -> reqwest::RequestBuilder {
-    client
-        .post(format!("{}/chat/completions", fakes.openai_url()))
-        .bearer_auth(KEY)
-        .json(body)
-}
-
 #[tokio::test]
 async fn openai_stream_with_and_without_usage() {
-    let fakes = start(FakesConfig {
-        llm: fast_llm(),
-        ..FakesConfig::default()
-    })
-    .await;
-    let client = reqwest::Client::new();
-    let body = json!({
-        "model": "gpt-test",
+    let (fakes, client) = llm_fakes().await;
+    let body = gpt(json!({
         "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
         "stream": true,
         "stream_options": {"include_usage": true},
         "max_completion_tokens": 200,
-    });
-    let response = openai_request(&client, &fakes, &body).send().await.unwrap();
+    }));
+    let response = llm_request(&client, &fakes, Target::OpenAiChat, &body)
+        .sent()
+        .await;
     assert_eq!(response.status(), 200);
     let data = openai_data(&response.text().await.unwrap());
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
@@ -734,13 +802,9 @@ async fn openai_stream_with_and_without_usage() {
         .remove("max_completion_tokens");
     no_usage["max_tokens"] = json!(3);
     let data = openai_data(
-        &openai_request(&client, &fakes, &no_usage)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
+        &llm_request(&client, &fakes, Target::OpenAiChat, &no_usage)
+            .text_body()
+            .await,
     );
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
     let chunks: Vec<Value> = data[..data.len() - 1]
@@ -755,17 +819,14 @@ async fn openai_stream_with_and_without_usage() {
     assert_eq!(chunks.len(), 1 + 3 + 1);
 
     // Non-streaming completion.
-    let completion: Value = openai_request(
+    let completion: Value = llm_request(
         &client,
         &fakes,
+        Target::OpenAiChat,
         &json!({"model": "gpt-test", "messages": [{"role": "user", "content": "Yo"}]}),
     )
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .json_body()
+    .await;
     assert_eq!(completion["object"], "chat.completion");
     assert_eq!(completion["choices"][0]["finish_reason"], "stop");
     assert!(
@@ -804,18 +865,21 @@ async fn openai_errors_and_faults() {
         .post(format!("{}/chat/completions", fakes.openai_url()))
         .bearer_auth("wrong")
         .json(&body)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(response.status(), 401);
     let v: Value = response.json().await.unwrap();
     assert_eq!(v["error"]["code"], "invalid_api_key");
     assert!(v["error"].as_object().unwrap().contains_key("param"));
 
-    let response = openai_request(&client, &fakes, &json!({"model": "gpt", "messages": []}))
-        .send()
-        .await
-        .unwrap();
+    let response = llm_request(
+        &client,
+        &fakes,
+        Target::OpenAiChat,
+        &json!({"model": "gpt", "messages": []}),
+    )
+    .sent()
+    .await;
     assert_eq!(response.status(), 400);
     let v: Value = response.json().await.unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error");
@@ -826,19 +890,14 @@ async fn openai_errors_and_faults() {
         .bearer_auth(KEY)
         .header("content-type", "application/json")
         .body("{not json")
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(response.status(), 400);
 
-    fakes.inject(
-        Target::OpenAiChat,
-        Fault::Status {
-            status: 503,
-            retry_after_s: Some(3),
-        },
-    );
-    let response = openai_request(&client, &fakes, &body).send().await.unwrap();
+    fakes.inject(Target::OpenAiChat, status_fault(503, Some(3)));
+    let response = llm_request(&client, &fakes, Target::OpenAiChat, &body)
+        .sent()
+        .await;
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "3");
     let v: Value = response.json().await.unwrap();
@@ -846,13 +905,9 @@ async fn openai_errors_and_faults() {
 
     fakes.inject(Target::OpenAiChat, Fault::MidStreamError);
     let data = openai_data(
-        &openai_request(&client, &fakes, &body)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
+        &llm_request(&client, &fakes, Target::OpenAiChat, &body)
+            .text_body()
+            .await,
     );
     // Role chunk, three tokens, then the error object; no [DONE].
     assert_eq!(data.len(), 5, "{data:?}");
@@ -861,12 +916,29 @@ async fn openai_errors_and_faults() {
     assert!(!data.iter().any(|d| d == "[DONE]"));
 
     fakes.inject(Target::OpenAiChat, Fault::DropMidStream);
-    let response = openai_request(&client, &fakes, &body).send().await.unwrap();
+    let response = llm_request(&client, &fakes, Target::OpenAiChat, &body)
+        .sent()
+        .await;
     assert!(response.text().await.is_err());
 }
 
 // ---------------------------------------------------------------------------------------------
 // OpenAI TTS
+
+/// Fakes whose TTS starts after `first_byte_ms` and runs `speed` times real time, and a
+/// client.
+async fn tts_fakes(first_byte_ms: u64, speed: f64) -> (Fakes, reqwest::Client) {
+    let fakes = start(FakesConfig {
+        tts: TtsFakeConfig {
+            first_byte: Duration::from_millis(first_byte_ms),
+            speed,
+            ..TtsFakeConfig::default()
+        },
+        ..FakesConfig::default()
+    })
+    .await;
+    (fakes, reqwest::Client::new())
+}
 
 fn tts_request(client: &reqwest::Client, fakes: &Fakes, body: &Value) -> reqwest::RequestBuilder {
     client
@@ -877,20 +949,11 @@ fn tts_request(client: &reqwest::Client, fakes: &Fakes, body: &Value) -> reqwest
 
 #[tokio::test]
 async fn tts_streams_paced_pcm_of_the_right_length() {
-    let fakes = start(FakesConfig {
-        tts: TtsFakeConfig {
-            first_byte: Duration::from_millis(50),
-            speed: 10.0,
-            ..TtsFakeConfig::default()
-        },
-        ..FakesConfig::default()
-    })
-    .await;
-    let client = reqwest::Client::new();
+    let (fakes, client) = tts_fakes(50, 10.0).await;
     let input = "Hello world, this is a test.";
     let body = json!({"model": "gpt-4o-mini-tts", "input": input, "voice": "alloy", "response_format": "pcm"});
     let started = Instant::now();
-    let response = tts_request(&client, &fakes, &body).send().await.unwrap();
+    let response = tts_request(&client, &fakes, &body).sent().await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "audio/pcm");
     let mut pcm = Vec::new();
@@ -926,9 +989,8 @@ async fn tts_streams_paced_pcm_of_the_right_length() {
     // The request's speed shortens the audio.
     let fast = json!({"model": "tts-1", "input": input, "voice": "alloy", "response_format": "pcm", "speed": 2.0});
     let bytes = tts_request(&client, &fakes, &fast)
-        .send()
+        .sent()
         .await
-        .unwrap()
         .bytes()
         .await
         .unwrap();
@@ -942,16 +1004,7 @@ async fn tts_streams_paced_pcm_of_the_right_length() {
 
 #[tokio::test]
 async fn tts_validation_and_faults() {
-    let fakes = start(FakesConfig {
-        tts: TtsFakeConfig {
-            first_byte: Duration::from_millis(10),
-            speed: 20.0,
-            ..TtsFakeConfig::default()
-        },
-        ..FakesConfig::default()
-    })
-    .await;
-    let client = reqwest::Client::new();
+    let (fakes, client) = tts_fakes(10, 20.0).await;
     let ok = json!({"model": "tts-1", "input": "Some words to say here.", "voice": "alloy", "response_format": "pcm"});
 
     let mut mp3 = ok.clone();
@@ -961,7 +1014,7 @@ async fn tts_validation_and_faults() {
     let mut long = ok.clone();
     long["input"] = json!("a".repeat(4097));
     for (body, param) in [(mp3, "response_format"), (empty, "input"), (long, "input")] {
-        let response = tts_request(&client, &fakes, &body).send().await.unwrap();
+        let response = tts_request(&client, &fakes, &body).sent().await;
         assert_eq!(response.status(), 400);
         let v: Value = response.json().await.unwrap();
         assert_eq!(v["error"]["param"], param);
@@ -971,26 +1024,19 @@ async fn tts_validation_and_faults() {
     let response = client
         .post(format!("{}/audio/speech", fakes.openai_url()))
         .json(&ok)
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert_eq!(response.status(), 401);
 
-    fakes.inject(
-        Target::OpenAiTts,
-        Fault::Status {
-            status: 500,
-            retry_after_s: None,
-        },
-    );
-    let response = tts_request(&client, &fakes, &ok).send().await.unwrap();
+    fakes.inject(Target::OpenAiTts, status_fault(500, None));
+    let response = tts_request(&client, &fakes, &ok).sent().await;
     assert_eq!(response.status(), 500);
     let v: Value = response.json().await.unwrap();
     assert_eq!(v["error"]["type"], "server_error");
 
     for fault in [Fault::DropMidStream, Fault::MidStreamError] {
         fakes.inject(Target::OpenAiTts, fault);
-        let response = tts_request(&client, &fakes, &ok).send().await.unwrap();
+        let response = tts_request(&client, &fakes, &ok).sent().await;
         assert_eq!(response.status(), 200);
         let mut received = 0;
         let mut failed = false;
@@ -1014,62 +1060,40 @@ async fn tts_validation_and_faults() {
 
 #[tokio::test]
 async fn control_routes_queue_faults_and_report_recordings() {
-    let fakes = start(FakesConfig {
-        llm: fast_llm(),
-        ..FakesConfig::default()
-    })
+    let (fakes, client) = llm_fakes().await;
+
+    check_control_route(
+        &fakes,
+        "faults",
+        &json!({"target": "anthropic", "fault": {"kind": "status", "status": 500}}),
+        &json!({"target": "nope", "fault": {"kind": "stall"}}),
+    )
     .await;
-    let client = reqwest::Client::new();
+
     let base = fakes.anthropic_url();
-
-    let response = client
-        .post(format!("{base}/_fakes/faults"))
-        .json(&json!({"target": "anthropic", "fault": {"kind": "status", "status": 500}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let response = client
-        .post(format!("{base}/_fakes/faults"))
-        .json(&json!({"target": "nope", "fault": {"kind": "stall"}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
-
     let body = json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "q"}], "stream": true});
-    let response = anthropic_request(&client, &fakes, &body)
-        .send()
-        .await
-        .unwrap();
+    let response = llm_request(&client, &fakes, Target::Anthropic, &body)
+        .sent()
+        .await;
     assert_eq!(response.status(), 500);
     let v: Value = response.json().await.unwrap();
     assert_eq!(v["error"]["type"], "api_error");
 
     let recorded: Value = client
         .get(format!("{base}/_fakes/recorded"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_body()
+        .await;
     assert_eq!(recorded["llm_requests"], json!([["anthropic", body]]));
     assert_eq!(recorded["stt_audio_bytes"], 0);
 
     let response = client
         .delete(format!("{base}/_fakes/recorded"))
-        .send()
-        .await
-        .unwrap();
+        .sent()
+        .await;
     assert!(response.status().is_success());
     assert!(fakes.recorded().llm_requests.is_empty());
 
-    let response = client
-        .get(format!("{base}/v2/unknown"))
-        .send()
-        .await
-        .unwrap();
+    let response = client.get(format!("{base}/v2/unknown")).sent().await;
     assert_eq!(response.status(), 404);
 }
 
@@ -1083,13 +1107,14 @@ async fn shutdown_ends_stalled_streams_and_sessions() {
 
     let body =
         json!({"model": "gpt", "messages": [{"role": "user", "content": "x"}], "stream": true});
-    let chat = openai_request(&client, &fakes, &body).send().await.unwrap();
+    let chat = llm_request(&client, &fakes, Target::OpenAiChat, &body)
+        .sent()
+        .await;
     assert_eq!(chat.status(), 200);
     let body = json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}], "stream": true});
-    let mut messages = anthropic_request(&client, &fakes, &body)
-        .send()
+    let mut messages = llm_request(&client, &fakes, Target::Anthropic, &body)
+        .sent()
         .await
-        .unwrap()
         .bytes_stream();
     let first = tokio::time::timeout(Duration::from_secs(2), messages.next())
         .await
@@ -1153,12 +1178,7 @@ async fn many_concurrent_sessions() {
                 .header("x-api-key", KEY)
                 .header("anthropic-version", "2023-06-01")
                 .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+                .text_body().await;
             assert!(text.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
         }));
     }
@@ -1170,9 +1190,7 @@ async fn many_concurrent_sessions() {
             for chunk in speech.chunks(640) {
                 ws.send(Message::binary(chunk.to_vec())).await.unwrap();
             }
-            ws.send(Message::text(r#"{"type":"CloseStream"}"#))
-                .await
-                .unwrap();
+            send_text(&mut ws, r#"{"type":"CloseStream"}"#).await;
             let (messages, close) = read_to_end(&mut ws).await;
             assert_eq!(close.map(|c| c.0), Some(1000));
             assert!(
@@ -1255,14 +1273,8 @@ fn two_calls() -> ScriptedReply {
     ScriptedReply {
         text: "Let me check.".into(),
         tool_calls: vec![
-            ScriptedCall {
-                name: "get_weather".into(),
-                arguments: PARIS.into(),
-            },
-            ScriptedCall {
-                name: "get_weather".into(),
-                arguments: BROKEN.into(),
-            },
+            ScriptedCall::new("get_weather", PARIS),
+            ScriptedCall::new("get_weather", BROKEN),
         ],
     }
 }
@@ -1293,38 +1305,23 @@ fn sse_data(text: &str) -> Vec<Value> {
 
 #[tokio::test]
 async fn anthropic_scripted_tool_calls_stream_as_tool_use_blocks() {
-    let fakes = start(FakesConfig {
-        llm: fast_llm(),
-        ..FakesConfig::default()
-    })
-    .await;
-    let client = reqwest::Client::new();
+    let (fakes, client) = llm_fakes().await;
     fakes.script(Target::Anthropic, two_calls());
     // A refused request leaves the script for the retry.
-    fakes.inject(
-        Target::Anthropic,
-        Fault::Status {
-            status: 429,
-            retry_after_s: None,
-        },
-    );
-    let body = json!({
-        "model": "claude-test",
-        "max_tokens": 256,
+    fakes.inject(Target::Anthropic, status_fault(429, None));
+    let body = claude(json!({
         "messages": [{"role": "user", "content": "Weather in Paris and Rome?"}],
         "tools": anthropic_tools(),
         "tool_choice": {"type": "auto"},
         "stream": true,
-    });
-    let refused = anthropic_request(&client, &fakes, &body)
-        .send()
-        .await
-        .unwrap();
+    }));
+    let refused = llm_request(&client, &fakes, Target::Anthropic, &body)
+        .sent()
+        .await;
     assert_eq!(refused.status(), 429);
-    let response = anthropic_request(&client, &fakes, &body)
-        .send()
-        .await
-        .unwrap();
+    let response = llm_request(&client, &fakes, Target::Anthropic, &body)
+        .sent()
+        .await;
     assert_eq!(response.status(), 200);
     let text = response.text().await.unwrap();
     let events = parse_sse(&text);
@@ -1399,14 +1396,7 @@ async fn anthropic_scripted_tool_calls_stream_as_tool_use_blocks() {
     assert_eq!(data[data.len() - 1]["type"], "message_stop");
 
     // The script is used up: the next reply is text again.
-    let text = anthropic_request(&client, &fakes, &body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let data = sse_data(&text);
+    let data = sse_json(llm_request(&client, &fakes, Target::Anthropic, &body)).await;
     assert!(
         !data
             .iter()
@@ -1417,15 +1407,9 @@ async fn anthropic_scripted_tool_calls_stream_as_tool_use_blocks() {
     // Non-streaming: a Message with tool_use blocks (input as an object, `{}` when the
     // arguments are not one).
     fakes.script(Target::Anthropic, two_calls());
-    let mut plain = body.clone();
-    plain["stream"] = json!(false);
-    let message: Value = anthropic_request(&client, &fakes, &plain)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let message = llm_request(&client, &fakes, Target::Anthropic, &not_streamed(&body))
+        .json_body()
+        .await;
     assert_eq!(message["stop_reason"], "tool_use");
     assert_eq!(
         message["content"][0],
@@ -1441,46 +1425,28 @@ async fn anthropic_scripted_tool_calls_stream_as_tool_use_blocks() {
 
 #[tokio::test]
 async fn openai_scripted_tool_calls_stream_as_tool_call_deltas() {
-    let fakes = start(FakesConfig {
-        llm: fast_llm(),
-        ..FakesConfig::default()
-    })
-    .await;
-    let client = reqwest::Client::new();
-    let control = fakes.anthropic_url();
+    let (fakes, client) = llm_fakes().await;
     // Scripted over the control route this time: two calls and no words.
-    let response = client
-        .post(format!("{control}/_fakes/scripts"))
-        .json(&json!({"target": "open_ai_chat", "reply": {"tool_calls": [
+    check_control_route(
+        &fakes,
+        "scripts",
+        &json!({"target": "open_ai_chat", "reply": {"tool_calls": [
             {"name": "get_weather", "arguments": PARIS},
             {"name": "get_weather", "arguments": BROKEN},
-        ]}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let response = client
-        .post(format!("{control}/_fakes/scripts"))
-        .json(&json!({"target": "open_ai_chat", "reply": {"tool_calls": "many"}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
-    let body = json!({
-        "model": "gpt-test",
+        ]}}),
+        &json!({"target": "open_ai_chat", "reply": {"tool_calls": "many"}}),
+    )
+    .await;
+    let body = gpt(json!({
         "messages": [{"role": "user", "content": "Weather in Paris and Rome?"}],
         "tools": openai_tools(),
         "tool_choice": "auto",
         "stream": true,
         "stream_options": {"include_usage": true},
-    });
-    let text = openai_request(&client, &fakes, &body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    }));
+    let text = llm_request(&client, &fakes, Target::OpenAiChat, &body)
+        .text_body()
+        .await;
     assert!(text.ends_with("data: [DONE]\n\n"));
     let chunks = sse_data(&text);
     let first = &chunks[0]["choices"][0]["delta"];
@@ -1532,13 +1498,9 @@ async fn openai_scripted_tool_calls_stream_as_tool_call_deltas() {
         ScriptedReply::call("get_weather", PARIS),
     );
     let plain = json!({"model": "gpt-test", "messages": body["messages"], "tools": openai_tools()});
-    let completion: Value = openai_request(&client, &fakes, &plain)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let completion: Value = llm_request(&client, &fakes, Target::OpenAiChat, &plain)
+        .json_body()
+        .await;
     let choice = &completion["choices"][0];
     assert_eq!(choice["finish_reason"], "tool_calls");
     assert!(choice["message"]["content"].is_null());
@@ -1551,17 +1513,17 @@ async fn openai_scripted_tool_calls_stream_as_tool_call_deltas() {
 
 #[tokio::test]
 async fn tool_results_are_checked_and_the_first_is_spoken() {
-    let fakes = start(FakesConfig {
-        llm: fast_llm(),
-        ..FakesConfig::default()
-    })
-    .await;
-    let client = reqwest::Client::new();
+    let (fakes, client) = llm_fakes().await;
 
     // Anthropic: results answer the calls of the message before, first thing.
-    let good = json!({
-        "model": "claude-test",
-        "max_tokens": 256,
+    let request = |body: &Value| llm_request(&client, &fakes, Target::Anthropic, body);
+    let refused = |body: Value, wanted: &'static str| {
+        let request = request(&body);
+        async move {
+            assert_eq!(refusal(request, wanted).await["type"], "error");
+        }
+    };
+    let good = claude(json!({
         "tools": anthropic_tools(),
         "messages": [
             {"role": "user", "content": "Weather in Paris?"},
@@ -1574,32 +1536,8 @@ async fn tool_results_are_checked_and_the_first_is_spoken() {
             ]},
         ],
         "stream": true,
-    });
-    let text = anthropic_request(&client, &fakes, &good)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let said: String = sse_data(&text)
-        .iter()
-        .filter(|d| d["type"] == "content_block_delta")
-        .map(|d| d["delta"]["text"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(said, "Here is what I found: 21 C and sunny.");
-    let refused = |body: Value, wanted: &'static str| {
-        let request = anthropic_request(&client, &fakes, &body);
-        async move {
-            let response = request.send().await.unwrap();
-            assert_eq!(response.status(), 400, "{wanted}");
-            let v: Value = response.json().await.unwrap();
-            assert_eq!(v["type"], "error");
-            assert_eq!(v["error"]["type"], "invalid_request_error");
-            let message = v["error"]["message"].as_str().unwrap();
-            assert!(message.contains(wanted), "{message} lacks {wanted}");
-        }
-    };
+    }));
+    assert_spoken(request(&good), "Here is what I found: 21 C and sunny.").await;
     // A result for a call that was never made, next to the right one.
     let mut stray = good.clone();
     stray["messages"][2]["content"]
@@ -1611,10 +1549,8 @@ async fn tool_results_are_checked_and_the_first_is_spoken() {
         "unexpected `tool_use_id` found in `tool_result` blocks: toolu_99",
     )
     .await;
-    let mut unanswered = good.clone();
-    unanswered["messages"][2] = json!({"role": "user", "content": "never mind"});
     refused(
-        unanswered,
+        words_instead_of_results(&good),
         "`tool_use` ids were found without `tool_result` blocks immediately after: toolu_01",
     )
     .await;
@@ -1641,9 +1577,15 @@ async fn tool_results_are_checked_and_the_first_is_spoken() {
         .remove("input_schema");
     refused(malformed, "tools.0.input_schema: Field required").await;
 
+    let request = |body: &Value| llm_request(&client, &fakes, Target::OpenAiChat, body);
+    let refused = |body: Value, param: &'static str, wanted: &'static str| {
+        let request = request(&body);
+        async move {
+            assert_eq!(refusal(request, wanted).await["error"]["param"], param);
+        }
+    };
     // OpenAI: one `tool` message per call, right after the assistant message.
-    let good = json!({
-        "model": "gpt-test",
+    let good = gpt(json!({
         "tools": openai_tools(),
         "messages": [
             {"role": "user", "content": "Weather in Paris?"},
@@ -1653,35 +1595,8 @@ async fn tool_results_are_checked_and_the_first_is_spoken() {
             {"role": "tool", "tool_call_id": "call_01", "content": "18 C and cloudy"},
         ],
         "stream": true,
-    });
-    let text = openai_request(&client, &fakes, &good)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let said: String = sse_data(&text)
-        .iter()
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
-    assert_eq!(said, "Here is what I found: 18 C and cloudy.");
-    let refused = |body: Value, param: &'static str, wanted: &'static str| {
-        let request = openai_request(&client, &fakes, &body);
-        async move {
-            let response = request.send().await.unwrap();
-            assert_eq!(response.status(), 400, "{wanted}");
-            let v: Value = response.json().await.unwrap();
-            assert_eq!(v["error"]["type"], "invalid_request_error");
-            assert_eq!(v["error"]["param"], param);
-            let message = v["error"]["message"].as_str().unwrap();
-            assert!(message.contains(wanted), "{message} lacks {wanted}");
-        }
-    };
+    }));
+    assert_spoken(request(&good), "Here is what I found: 18 C and cloudy.").await;
     let mut stray = good.clone();
     stray["messages"][2]["tool_call_id"] = json!("call_99");
     refused(
@@ -1698,10 +1613,8 @@ async fn tool_results_are_checked_and_the_first_is_spoken() {
         "must be a response to a preceeding message with 'tool_calls'",
     )
     .await;
-    let mut unanswered = good.clone();
-    unanswered["messages"][2] = json!({"role": "user", "content": "never mind"});
     refused(
-        unanswered,
+        words_instead_of_results(&good),
         "messages.[2].role",
         "did not have response messages: call_01",
     )
@@ -1761,19 +1674,18 @@ async fn the_tool_call_rule_answers_plain_questions_when_the_tool_is_declared() 
     .await;
     let client = reqwest::Client::new();
     let ask = |tools: Option<Value>, choice: Option<&str>| {
-        let mut body = json!({
-            "model": "gpt-test",
+        let mut body = gpt(json!({
             "messages": [{"role": "user", "content": "Weather?"}],
-        });
+        }));
         if let Some(tools) = tools {
             body["tools"] = tools;
         }
         if let Some(choice) = choice {
             body["tool_choice"] = json!(choice);
         }
-        let request = openai_request(&client, &fakes, &body);
+        let request = llm_request(&client, &fakes, Target::OpenAiChat, &body);
         async move {
-            let v: Value = request.send().await.unwrap().json().await.unwrap();
+            let v: Value = request.json_body().await;
             v["choices"][0].clone()
         }
     };
@@ -1800,21 +1712,12 @@ async fn the_tool_call_rule_answers_plain_questions_when_the_tool_is_declared() 
     }
 
     // Anthropic, streamed: the call, then after its result the spoken answer.
-    let mut body = json!({
-        "model": "claude-test",
-        "max_tokens": 256,
+    let mut body = claude(json!({
         "tools": anthropic_tools(),
         "messages": [{"role": "user", "content": "Weather?"}],
         "stream": true,
-    });
-    let text = anthropic_request(&client, &fakes, &body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let data = sse_data(&text);
+    }));
+    let data = sse_json(llm_request(&client, &fakes, Target::Anthropic, &body)).await;
     let start = data
         .iter()
         .find(|d| d["type"] == "content_block_start")
@@ -1828,14 +1731,7 @@ async fn the_tool_call_rule_answers_plain_questions_when_the_tool_is_declared() 
         {"role": "assistant", "content": [{"type": "tool_use", "id": id, "name": "get_weather", "input": {"city": "Paris"}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": id, "content": "{\"temp_c\":21}"}]},
     ]);
-    let text = anthropic_request(&client, &fakes, &body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let data = sse_data(&text);
+    let data = sse_json(llm_request(&client, &fakes, Target::Anthropic, &body)).await;
     let said: String = data
         .iter()
         .filter(|d| d["type"] == "content_block_delta")

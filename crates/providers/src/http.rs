@@ -117,6 +117,63 @@ impl HttpSettings {
     }
 }
 
+/// The endpoint an HTTP adapter posts its JSON requests to, and how: a client with the
+/// adapter's connect timeout, its timeouts and retry policy, and how to read its errors.
+pub(crate) struct Endpoint {
+    client: reqwest::Client,
+    url: String,
+    http: HttpSettings,
+    /// Names the call in logs (`anthropic.messages`).
+    what: &'static str,
+    /// Pulls the provider's (type, message) out of an error body.
+    parse_error: fn(&serde_json::Value) -> Option<(String, String)>,
+}
+
+impl Endpoint {
+    /// `path` under `base_url` (a trailing `/` on the base is ignored), called `what` in logs,
+    /// reached per `http`; `parse_error` reads the provider's error bodies.
+    pub(crate) fn new(
+        http: &HttpSettings,
+        base_url: &str,
+        path: &str,
+        what: &'static str,
+        parse_error: fn(&serde_json::Value) -> Option<(String, String)>,
+    ) -> Self {
+        Endpoint {
+            client: http.client(),
+            url: format!("{}{path}", base_url.trim_end_matches('/')),
+            http: http.clone(),
+            what,
+            parse_error,
+        }
+    }
+
+    /// Posts `body` as JSON, with the headers `headers` adds (credentials and the like),
+    /// retrying per [`HttpSettings::send_with_retry`]; returns the successful response's
+    /// body as a stream with the idle timeout.
+    pub(crate) async fn post_json(
+        &self,
+        body: &(impl serde::Serialize + Sync),
+        headers: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder + Sync,
+    ) -> Result<impl Stream<Item = Result<Bytes, ProviderError>> + Send + 'static, ProviderError>
+    {
+        let body = serde_json::to_vec(body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
+        let response = self
+            .http
+            .send_with_retry(
+                self.what,
+                || {
+                    headers(self.client.post(&self.url))
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                },
+                self.parse_error,
+            )
+            .await?;
+        Ok(body_with_idle_timeout(response, self.http.idle_timeout))
+    }
+}
+
 /// The error and its sources on one line (no URL query strings: reqwest strips none, so
 /// callers must not put secrets in URLs).
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
@@ -171,7 +228,7 @@ async fn status_error(
 
 /// The response body as a stream of chunks, failing with [`ProviderError::Timeout`] when no
 /// chunk arrives within `idle`.
-pub(crate) fn body_with_idle_timeout(
+fn body_with_idle_timeout(
     response: reqwest::Response,
     idle: Duration,
 ) -> impl Stream<Item = Result<Bytes, ProviderError>> + Send + 'static {

@@ -102,14 +102,8 @@ async fn tool_round_trip(fakes: &Fakes, llm: &dyn LlmProvider, target: Target, t
         ScriptedReply {
             text: "Let me check.".into(),
             tool_calls: vec![
-                ScriptedCall {
-                    name: "get_weather".into(),
-                    arguments: PARIS.into(),
-                },
-                ScriptedCall {
-                    name: "get_weather".into(),
-                    arguments: BROKEN.into(),
-                },
+                ScriptedCall::new("get_weather", PARIS),
+                ScriptedCall::new("get_weather", BROKEN),
             ],
         },
     );
@@ -161,20 +155,24 @@ async fn tool_round_trip(fakes: &Fakes, llm: &dyn LlmProvider, target: Target, t
     }
 }
 
+/// Runs [`tool_round_trip`] against the fake `target` with the adapter `llm` makes; returns
+/// the body the fake received for the answered round.
+async fn answered_round(
+    llm: fn(&Fakes) -> Arc<dyn LlmProvider>,
+    target: Target,
+    tool_stop: &str,
+) -> Value {
+    let fakes = fakes().await;
+    tool_round_trip(&fakes, llm(&fakes).as_ref(), target, tool_stop).await;
+    let (_, body) = fakes.recorded().llm_requests.swap_remove(1);
+    body
+}
+
 #[tokio::test]
 async fn anthropic_tool_round_trip() {
-    let fakes = fakes().await;
-    tool_round_trip(
-        &fakes,
-        anthropic(&fakes).as_ref(),
-        Target::Anthropic,
-        "tool_use",
-    )
-    .await;
     // What the fake received for the answered round: tool_use blocks back in the assistant
     // message, tool_result blocks (results first) in the next user message.
-    let recorded = fakes.recorded().llm_requests;
-    let (_, body) = &recorded[1];
+    let body = &answered_round(anthropic, Target::Anthropic, "tool_use").await;
     let calls = &body["messages"][1]["content"];
     assert_eq!(calls[0], json!({"type": "text", "text": "Let me check."}));
     assert_eq!(calls[1]["type"], "tool_use");
@@ -193,16 +191,7 @@ async fn anthropic_tool_round_trip() {
 
 #[tokio::test]
 async fn openai_tool_round_trip() {
-    let fakes = fakes().await;
-    tool_round_trip(
-        &fakes,
-        openai(&fakes).as_ref(),
-        Target::OpenAiChat,
-        "tool_calls",
-    )
-    .await;
-    let recorded = fakes.recorded().llm_requests;
-    let (_, body) = &recorded[1];
+    let body = &answered_round(openai, Target::OpenAiChat, "tool_calls").await;
     let messages = body["messages"].as_array().unwrap();
     let roles: Vec<&str> = messages
         .iter()

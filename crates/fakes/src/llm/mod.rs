@@ -18,7 +18,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 
 use self::tools::{Tools, Wire};
@@ -31,7 +31,7 @@ const FAULT_AFTER_TOKENS: usize = 3;
 
 /// What the two chat APIs have in common once validated.
 #[derive(Debug)]
-struct ChatRequest {
+pub(crate) struct ChatRequest {
     model: String,
     max_tokens: Option<u64>,
     stream: bool,
@@ -52,7 +52,7 @@ struct ChatRequest {
 
 /// A 400 with OpenAI's `param` / `code` detail (Anthropic uses only the message).
 #[derive(Debug)]
-pub(super) struct BadRequest {
+pub(crate) struct BadRequest {
     message: String,
     param: Option<String>,
     code: Option<&'static str>,
@@ -161,7 +161,7 @@ fn fragments(arguments: &str) -> Vec<String> {
 
 /// When each token of the reply is released: the text's tokens, then the calls' argument
 /// fragments, one step each.
-struct Plan {
+pub(crate) struct Plan {
     tokens: Vec<String>,
     /// Tokens actually emitted (`max_tokens` may cut the reply).
     emitted: usize,
@@ -254,16 +254,23 @@ impl Plan {
         }
     }
 
-    /// Pushes one step per emitted token (made by `delta`), or the fault step made by `fault`
-    /// after [`FAULT_AFTER_TOKENS`] tokens. Returns true when a fault was pushed (the stream
-    /// must end there).
+    /// Pushes one step per emitted token (made by `delta`), or the fault's step after
+    /// [`FAULT_AFTER_TOKENS`] tokens: an abort, or the in-band `error_event`. Returns true when
+    /// a fault was pushed (the stream must end there).
     fn push_tokens(
         &self,
         steps: &mut Vec<Timed>,
         fault: Option<MidFault>,
         delta: impl Fn(&str) -> String,
-        fault_step: impl Fn(MidFault, Instant) -> Timed,
+        error_event: &str,
     ) -> bool {
+        let fault_step = |f, at| match f {
+            MidFault::Drop => Timed {
+                at,
+                step: Step::Abort,
+            },
+            MidFault::Error => Timed::data(at, error_event.to_owned()),
+        };
         for i in 0..self.emitted {
             if i == FAULT_AFTER_TOKENS
                 && let Some(f) = fault
@@ -283,6 +290,15 @@ impl Plan {
             return true;
         }
         false
+    }
+
+    /// Pushes the stream's last step, `tail`, when the last token is due; it bills the output.
+    fn push_last(&self, steps: &mut Vec<Timed>, tail: String) {
+        steps.push(Timed::last(
+            self.end_at(),
+            tail,
+            self.output_tokens() as u64,
+        ));
     }
 
     /// Pushes the calls' steps: `start(call index, call)` with the call's first fragment (or
@@ -385,297 +401,396 @@ fn aborted_response(shared: &Shared, at: Instant) -> Response {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Anthropic
+// The endpoint
 
-/// `POST /v1/messages`.
-pub(crate) async fn anthropic_messages(
+/// What differs between the two chat APIs' endpoints; [`chat`] serves both.
+pub(crate) trait ChatApi: Send + Sync + 'static {
+    /// Which fake this is.
+    const TARGET: Target;
+    /// Prefix of the ids of the calls it makes (`toolu_`, `call_`).
+    const CALL_PREFIX: &'static str;
+    /// Status of a non-streamed answer failed by a [`Fault::MidStreamError`].
+    const FAULT_STATUS: u16;
+    /// The 400 message for a body that is not an object.
+    const NOT_AN_OBJECT: &'static str;
+    /// The 400 message for a body without `model`.
+    const NO_MODEL: &'static str;
+
+    /// The API's error response for `status`: `bad`'s detail, or the status's default.
+    fn error(status: u16, bad: Option<&BadRequest>, retry_after_s: Option<u64>) -> Response;
+    /// Checks the credentials (and any required header); `Some` is the refusal.
+    fn check_headers(shared: &Shared, headers: &HeaderMap) -> Option<Response>;
+    /// The 400 for a body that is not JSON.
+    fn unparsable(e: &serde_json::Error) -> BadRequest;
+    /// Validates the body's fields after `model`.
+    fn parse_fields(obj: &Map<String, Value>, model: &str) -> Result<ChatRequest, BadRequest>;
+    /// The streamed answer.
+    fn stream(shared: &Shared, req: &ChatRequest, plan: &Plan, fault: Option<Fault>) -> Response;
+    /// The non-streamed answer's response, once it is due.
+    fn completion(req: &ChatRequest, plan: &Plan) -> Response;
+}
+
+/// The Anthropic Messages API (`POST /v1/messages`).
+pub(crate) struct AnthropicMessages;
+
+/// The OpenAI Chat Completions API (`POST /v1/chat/completions`).
+pub(crate) struct OpenAiChat;
+
+/// `POST /v1/messages` and `POST /v1/chat/completions`, per `A`.
+pub(crate) async fn chat<A: ChatApi>(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let started = Instant::now();
-    let fault = shared.take_fault(Target::Anthropic);
-    let parsed = serde_json::from_slice::<Value>(&body);
+    let (started, fault, parsed) = shared.receive(A::TARGET, &body);
     if let Ok(v) = &parsed {
-        shared.recorder.llm_request(Target::Anthropic, v.clone());
+        shared.recorder.llm_request(A::TARGET, v.clone());
     }
     if let Some(Fault::Status {
         status,
         retry_after_s,
     }) = fault
     {
-        return errors::anthropic(status, None, retry_after_s);
+        return A::error(status, None, retry_after_s);
     }
-    if let Some(key) = &shared.config.api_key {
-        let given = headers.get("x-api-key").and_then(|v| v.to_str().ok());
-        if given != Some(key.as_str()) {
-            return errors::anthropic(401, Some("invalid x-api-key"), None);
-        }
+    if let Some(response) = A::check_headers(&shared, &headers) {
+        return response;
     }
-    if !headers.contains_key("anthropic-version") {
-        return errors::anthropic(400, Some("anthropic-version: header is required"), None);
-    }
-    let body = match parsed {
-        Ok(v) => v,
-        Err(e) => {
-            return errors::anthropic(
-                400,
-                Some(&format!("There was an error parsing the body: {e}")),
-                None,
-            );
-        }
-    };
-    let req = match parse_anthropic(&body) {
+    let req = match parsed
+        .map_err(|e| A::unparsable(&e))
+        .and_then(|body| parse::<A>(&body))
+    {
         Ok(req) => req,
-        Err(bad) => return errors::anthropic(400, Some(&bad.message), None),
+        Err(bad) => return A::error(400, Some(&bad), None),
     };
     // A scripted reply is used up only by a request that is answered.
-    let reply = Reply::choose(
-        &shared.config.llm,
-        &req,
-        shared.take_script(Target::Anthropic),
-    );
-    let plan = Plan::new(&shared.config.llm, &req, reply, "toolu_", started);
+    let reply = Reply::choose(&shared.config.llm, &req, shared.take_script(A::TARGET));
+    let plan = Plan::new(&shared.config.llm, &req, reply, A::CALL_PREFIX, started);
     if req.stream {
         shared.recorder.usage.llm_request(plan.input_tokens);
-        anthropic_stream(&shared, &req, &plan, fault)
+        A::stream(&shared, &req, &plan, fault)
     } else {
-        anthropic_message(&shared, &req, &plan, fault).await
+        complete::<A>(&shared, &req, &plan, fault).await
     }
 }
 
-fn parse_anthropic(v: &Value) -> Result<ChatRequest, BadRequest> {
+/// Validates a request body: an object naming its model, then the API's own rules.
+fn parse<A: ChatApi>(v: &Value) -> Result<ChatRequest, BadRequest> {
     let obj = v
         .as_object()
-        .ok_or_else(|| BadRequest::new("body: Input should be a valid dictionary"))?;
+        .ok_or_else(|| BadRequest::new(A::NOT_AN_OBJECT))?;
     let model = obj
         .get("model")
         .and_then(Value::as_str)
-        .ok_or_else(|| BadRequest::new("model: Field required"))?;
-    let max_tokens = match obj.get("max_tokens") {
-        None => return Err(BadRequest::new("max_tokens: Field required")),
-        Some(m) => m.as_u64().filter(|&m| m >= 1).ok_or_else(|| {
-            BadRequest::new("max_tokens: Input should be an integer greater than or equal to 1")
-        })?,
-    };
-    let messages = obj
-        .get("messages")
-        .and_then(Value::as_array)
-        .ok_or_else(|| BadRequest::new("messages: Field required"))?;
-    if messages.is_empty() {
-        return Err(BadRequest::new(
-            "messages: at least one message is required",
-        ));
-    }
-    let mut input_chars = 0;
-    match obj.get("system") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) => input_chars += s.chars().count(),
-        Some(Value::Array(blocks)) => {
-            input_chars += blocks_text(blocks, "system")?.chars().count();
-        }
-        Some(_) => {
-            return Err(BadRequest::new(
-                "system: Input should be a valid string or a list of text blocks",
-            ));
-        }
-    }
-    let tools = tools::anthropic_tools(obj)?;
-    let mut last_user = String::new();
-    let mut rounds = Vec::with_capacity(messages.len());
-    let mut last_results = Vec::new();
-    let mut ends_with_plain_user = false;
-    for (i, m) in messages.iter().enumerate() {
-        let role = m
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| BadRequest::new(format!("messages.{i}.role: Field required")))?;
-        if role != "user" && role != "assistant" {
-            return Err(BadRequest::new(format!(
-                "messages.{i}.role: Input should be 'user' or 'assistant'"
-            )));
-        }
-        let blocks = match m.get("content") {
-            Some(Value::String(s)) => tools::Blocks {
-                text: s.clone(),
-                ..Default::default()
-            },
-            Some(Value::Array(blocks)) => {
-                tools::anthropic_blocks(blocks, &format!("messages.{i}.content"))?
-            }
-            Some(_) => {
-                return Err(BadRequest::new(format!(
-                    "messages.{i}.content: Input should be a valid string or a list of content blocks"
-                )));
-            }
-            None => {
-                return Err(BadRequest::new(format!(
-                    "messages.{i}.content: Field required"
-                )));
-            }
-        };
-        input_chars += blocks.text.chars().count() + blocks.tool_chars;
-        last_results = blocks.result_texts;
-        ends_with_plain_user = role == "user" && last_results.is_empty();
-        if role == "user" {
-            last_user = blocks.text;
-        } else {
-            last_results.clear();
-        }
-        rounds.push(blocks.round);
-    }
-    tools::check_anthropic_rounds(&rounds, &tools)?;
-    Ok(ChatRequest {
-        model: model.to_owned(),
-        max_tokens: Some(max_tokens),
-        stream: obj.get("stream").and_then(Value::as_bool).unwrap_or(false),
-        include_usage: true,
-        input_chars,
-        last_user,
-        tools,
-        last_results,
-        ends_with_plain_user,
-    })
+        .ok_or_else(|| BadRequest::new(A::NO_MODEL))?;
+    A::parse_fields(obj, model)
 }
 
-/// Text of Anthropic content blocks (text blocks joined by a space).
-fn blocks_text(blocks: &[Value], path: &str) -> Result<String, BadRequest> {
-    tools::anthropic_blocks(blocks, path).map(|b| b.text)
-}
-
-fn anthropic_stream(
+/// The non-streamed answer, whole when the streamed one would have ended (or the fault's).
+async fn complete<A: ChatApi>(
     shared: &Shared,
     req: &ChatRequest,
     plan: &Plan,
     fault: Option<Fault>,
 ) -> Response {
-    let id = util::prefixed_id("msg_");
-    let now = Instant::now();
-    let message_start = sse_event(
-        "message_start",
-        &json!({
-            "type": "message_start",
-            "message": {
-                "id": id,
-                "type": "message",
-                "role": "assistant",
-                "model": req.model,
-                "content": [],
-                "stop_reason": null,
-                "stop_sequence": null,
-                "usage": {
-                    "input_tokens": plan.input_tokens,
-                    "cache_creation_input_tokens": 0,
-                    "cache_read_input_tokens": 0,
-                    "output_tokens": 1,
-                },
-            },
-        }),
-    );
-    let request_id = ("request-id", util::prefixed_id("req_"));
-    let mut steps = Vec::with_capacity(plan.emitted + 3);
-    if matches!(fault, Some(Fault::Stall)) {
-        steps.push(Timed::data(now, message_start));
-        steps.push(Timed {
-            at: now,
-            step: Step::Stall,
-        });
-        return sse_response(steps, shared, request_id);
+    match fault {
+        Some(Fault::Stall) => {
+            shared.shutdown.cancelled().await;
+            return A::error(500, None, None);
+        }
+        Some(Fault::MidStreamError) => return A::error(A::FAULT_STATUS, None, None),
+        Some(Fault::DropMidStream) => return aborted_response(shared, plan.first),
+        _ => {}
     }
-    // A reply of calls alone has no text block; the calls' blocks follow any text block.
-    let text_block = plan.calls.is_empty() || plan.emitted > 0;
-    let mut head = message_start;
-    if text_block {
-        head.push_str(&sse_event(
-            "content_block_start",
-            &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-        ));
+    if !sleep_until(shared, plan.end_at()).await {
+        return A::error(500, None, None);
     }
-    head.push_str(&sse_event("ping", &json!({"type": "ping"})));
-    steps.push(Timed::data(now, head));
+    shared.recorder.usage.llm_request(plan.input_tokens);
+    shared
+        .recorder
+        .usage
+        .llm_output(plan.output_tokens() as u64, false);
+    A::completion(req, plan)
+}
 
-    let faulted = plan.push_tokens(
-        &mut steps,
-        mid_fault(&fault),
-        |text| {
-            sse_event(
-                "content_block_delta",
-                &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
-            )
-        },
-        |f, at| match f {
-            MidFault::Drop => Timed {
-                at,
-                step: Step::Abort,
-            },
-            MidFault::Error => Timed::data(
-                at,
-                sse_event(
-                    "error",
-                    &json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
-                ),
-            ),
-        },
-    );
-    if !faulted {
-        let first_call = usize::from(text_block);
-        let block_stop = |index: usize| {
-            sse_event(
-                "content_block_stop",
-                &json!({"type": "content_block_stop", "index": index}),
-            )
-        };
-        let input_delta = |index: usize, partial: &str| {
-            sse_event(
-                "content_block_delta",
-                &json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": partial}}),
-            )
-        };
-        plan.push_calls(
-            &mut steps,
-            |k, call, first| {
-                let index = first_call + k;
-                // The block before this one ends first.
-                let mut out = if index > 0 {
-                    block_stop(index - 1)
-                } else {
-                    String::new()
-                };
-                out.push_str(&sse_event(
-                    "content_block_start",
-                    &json!({"type": "content_block_start", "index": index, "content_block": {
-                        "type": "tool_use", "id": call.id, "name": call.name, "input": {},
-                    }}),
-                ));
-                out.push_str(&input_delta(index, ""));
-                if let Some(piece) = first {
-                    out.push_str(&input_delta(index, piece));
-                }
-                out
-            },
-            |k, piece| input_delta(first_call + k, piece),
-        );
-        let last_block = (first_call + plan.calls.len()).saturating_sub(1);
-        let mut tail = block_stop(last_block);
-        tail.push_str(&sse_event(
-            "message_delta",
-            &json!({
-                "type": "message_delta",
-                "delta": {
-                    "stop_reason": plan.stop_reason(["max_tokens", "tool_use", "end_turn"]),
-                    "stop_sequence": null,
-                },
-                "usage": {"output_tokens": plan.output_tokens()},
-            }),
-        ));
-        tail.push_str(&sse_event("message_stop", &json!({"type": "message_stop"})));
-        steps.push(Timed::last(
-            plan.end_at(),
-            tail,
-            plan.output_tokens() as u64,
-        ));
+// ---------------------------------------------------------------------------------------------
+// Anthropic
+
+impl ChatApi for AnthropicMessages {
+    const TARGET: Target = Target::Anthropic;
+    const CALL_PREFIX: &'static str = "toolu_";
+    const FAULT_STATUS: u16 = 529;
+    const NOT_AN_OBJECT: &'static str = "body: Input should be a valid dictionary";
+    const NO_MODEL: &'static str = "model: Field required";
+
+    fn error(status: u16, bad: Option<&BadRequest>, retry_after_s: Option<u64>) -> Response {
+        errors::anthropic(status, bad.map(|b| b.message.as_str()), retry_after_s)
     }
-    sse_response(steps, shared, request_id)
+
+    fn check_headers(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
+        if let Some(key) = &shared.config.api_key {
+            let given = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+            if given != Some(key.as_str()) {
+                return Some(errors::anthropic(401, Some("invalid x-api-key"), None));
+            }
+        }
+        if !headers.contains_key("anthropic-version") {
+            return Some(errors::anthropic(
+                400,
+                Some("anthropic-version: header is required"),
+                None,
+            ));
+        }
+        None
+    }
+
+    fn unparsable(e: &serde_json::Error) -> BadRequest {
+        BadRequest::new(format!("There was an error parsing the body: {e}"))
+    }
+
+    fn parse_fields(obj: &Map<String, Value>, model: &str) -> Result<ChatRequest, BadRequest> {
+        let max_tokens = match obj.get("max_tokens") {
+            None => return Err(BadRequest::new("max_tokens: Field required")),
+            Some(m) => m.as_u64().filter(|&m| m >= 1).ok_or_else(|| {
+                BadRequest::new("max_tokens: Input should be an integer greater than or equal to 1")
+            })?,
+        };
+        let messages = obj
+            .get("messages")
+            .and_then(Value::as_array)
+            .ok_or_else(|| BadRequest::new("messages: Field required"))?;
+        if messages.is_empty() {
+            return Err(BadRequest::new(
+                "messages: at least one message is required",
+            ));
+        }
+        let mut input_chars = 0;
+        match obj.get("system") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) => input_chars += s.chars().count(),
+            Some(Value::Array(blocks)) => {
+                input_chars += blocks_text(blocks, "system")?.chars().count();
+            }
+            Some(_) => {
+                return Err(BadRequest::new(
+                    "system: Input should be a valid string or a list of text blocks",
+                ));
+            }
+        }
+        let tools = tools::anthropic_tools(obj)?;
+        let mut last_user = String::new();
+        let mut rounds = Vec::with_capacity(messages.len());
+        let mut last_results = Vec::new();
+        let mut ends_with_plain_user = false;
+        for (i, m) in messages.iter().enumerate() {
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| BadRequest::new(format!("messages.{i}.role: Field required")))?;
+            if role != "user" && role != "assistant" {
+                return Err(BadRequest::new(format!(
+                    "messages.{i}.role: Input should be 'user' or 'assistant'"
+                )));
+            }
+            let blocks = match m.get("content") {
+                Some(Value::String(s)) => tools::Blocks {
+                    text: s.clone(),
+                    ..Default::default()
+                },
+                Some(Value::Array(blocks)) => {
+                    tools::anthropic_blocks(blocks, &format!("messages.{i}.content"))?
+                }
+                Some(_) => {
+                    return Err(BadRequest::new(format!(
+                        "messages.{i}.content: Input should be a valid string or a list of content blocks"
+                    )));
+                }
+                None => {
+                    return Err(BadRequest::new(format!(
+                        "messages.{i}.content: Field required"
+                    )));
+                }
+            };
+            input_chars += blocks.text.chars().count() + blocks.tool_chars;
+            last_results = blocks.result_texts;
+            ends_with_plain_user = role == "user" && last_results.is_empty();
+            if role == "user" {
+                last_user = blocks.text;
+            } else {
+                last_results.clear();
+            }
+            rounds.push(blocks.round);
+        }
+        tools::check_anthropic_rounds(&rounds, &tools)?;
+        Ok(ChatRequest {
+            model: model.to_owned(),
+            max_tokens: Some(max_tokens),
+            stream: obj.get("stream").and_then(Value::as_bool).unwrap_or(false),
+            include_usage: true,
+            input_chars,
+            last_user,
+            tools,
+            last_results,
+            ends_with_plain_user,
+        })
+    }
+
+    fn stream(shared: &Shared, req: &ChatRequest, plan: &Plan, fault: Option<Fault>) -> Response {
+        let id = util::prefixed_id("msg_");
+        let now = Instant::now();
+        let message_start = sse_event(
+            "message_start",
+            &json!({
+                "type": "message_start",
+                "message": {
+                    "id": id,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": req.model,
+                    "content": [],
+                    "stop_reason": null,
+                    "stop_sequence": null,
+                    "usage": {
+                        "input_tokens": plan.input_tokens,
+                        "cache_creation_input_tokens": 0,
+                        "cache_read_input_tokens": 0,
+                        "output_tokens": 1,
+                    },
+                },
+            }),
+        );
+        let request_id = ("request-id", util::prefixed_id("req_"));
+        let mut steps = Vec::with_capacity(plan.emitted + 3);
+        if matches!(fault, Some(Fault::Stall)) {
+            steps.push(Timed::data(now, message_start));
+            steps.push(Timed {
+                at: now,
+                step: Step::Stall,
+            });
+            return sse_response(steps, shared, request_id);
+        }
+        // A reply of calls alone has no text block; the calls' blocks follow any text block.
+        let text_block = plan.calls.is_empty() || plan.emitted > 0;
+        let mut head = message_start;
+        if text_block {
+            head.push_str(&sse_event(
+                "content_block_start",
+                &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ));
+        }
+        head.push_str(&sse_event("ping", &json!({"type": "ping"})));
+        steps.push(Timed::data(now, head));
+
+        let faulted = plan.push_tokens(
+            &mut steps,
+            mid_fault(&fault),
+            |text| {
+                sse_event(
+                    "content_block_delta",
+                    &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+                )
+            },
+            &sse_event(
+                "error",
+                &json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+            ),
+        );
+        if !faulted {
+            let first_call = usize::from(text_block);
+            let block_stop = |index: usize| {
+                sse_event(
+                    "content_block_stop",
+                    &json!({"type": "content_block_stop", "index": index}),
+                )
+            };
+            let input_delta = |index: usize, partial: &str| {
+                sse_event(
+                    "content_block_delta",
+                    &json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": partial}}),
+                )
+            };
+            plan.push_calls(
+                &mut steps,
+                |k, call, first| {
+                    let index = first_call + k;
+                    // The block before this one ends first.
+                    let mut out = if index > 0 {
+                        block_stop(index - 1)
+                    } else {
+                        String::new()
+                    };
+                    out.push_str(&sse_event(
+                        "content_block_start",
+                        &json!({"type": "content_block_start", "index": index, "content_block": {
+                            "type": "tool_use", "id": call.id, "name": call.name, "input": {},
+                        }}),
+                    ));
+                    out.push_str(&input_delta(index, ""));
+                    if let Some(piece) = first {
+                        out.push_str(&input_delta(index, piece));
+                    }
+                    out
+                },
+                |k, piece| input_delta(first_call + k, piece),
+            );
+            let last_block = (first_call + plan.calls.len()).saturating_sub(1);
+            let mut tail = block_stop(last_block);
+            tail.push_str(&sse_event(
+                "message_delta",
+                &json!({
+                    "type": "message_delta",
+                    "delta": {
+                        "stop_reason": plan.stop_reason(["max_tokens", "tool_use", "end_turn"]),
+                        "stop_sequence": null,
+                    },
+                    "usage": {"output_tokens": plan.output_tokens()},
+                }),
+            ));
+            tail.push_str(&sse_event("message_stop", &json!({"type": "message_stop"})));
+            plan.push_last(&mut steps, tail);
+        }
+        sse_response(steps, shared, request_id)
+    }
+
+    fn completion(req: &ChatRequest, plan: &Plan) -> Response {
+        let mut content = Vec::with_capacity(plan.calls.len() + 1);
+        if plan.calls.is_empty() || plan.emitted > 0 {
+            content.push(json!({"type": "text", "text": plan.text()}));
+        }
+        // A non-streamed `input` is an object; arguments that are not one come back as `{}`.
+        content.extend(plan.calls.iter().map(|c| {
+            json!({"type": "tool_use", "id": c.id, "name": c.name, "input": input_object(&c.arguments)})
+        }));
+        let body = json!({
+            "id": util::prefixed_id("msg_"),
+            "type": "message",
+            "role": "assistant",
+            "model": req.model,
+            "content": content,
+            "stop_reason": plan.stop_reason(["max_tokens", "tool_use", "end_turn"]),
+            "stop_sequence": null,
+            "usage": {
+                "input_tokens": plan.input_tokens,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+                "output_tokens": plan.output_tokens(),
+            },
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&util::prefixed_id("req_")) {
+            headers.insert("request-id", v);
+        }
+        (headers, body.to_string()).into_response()
+    }
+}
+
+/// Text of Anthropic content blocks (text blocks joined by a space).
+fn blocks_text(blocks: &[Value], path: &str) -> Result<String, BadRequest> {
+    tools::anthropic_blocks(blocks, path).map(|b| b.text)
 }
 
 /// The arguments of a call as a JSON object (`{}` when they are not one).
@@ -686,125 +801,318 @@ fn input_object(arguments: &str) -> Value {
     }
 }
 
-async fn anthropic_message(
-    shared: &Shared,
-    req: &ChatRequest,
-    plan: &Plan,
-    fault: Option<Fault>,
-) -> Response {
-    match fault {
-        Some(Fault::Stall) => {
-            shared.shutdown.cancelled().await;
-            return errors::anthropic(500, None, None);
-        }
-        Some(Fault::MidStreamError) => return errors::anthropic(529, None, None),
-        Some(Fault::DropMidStream) => return aborted_response(shared, plan.first),
-        _ => {}
-    }
-    if !sleep_until(shared, plan.end_at()).await {
-        return errors::anthropic(500, None, None);
-    }
-    shared.recorder.usage.llm_request(plan.input_tokens);
-    shared
-        .recorder
-        .usage
-        .llm_output(plan.output_tokens() as u64, false);
-    let mut content = Vec::with_capacity(plan.calls.len() + 1);
-    if plan.calls.is_empty() || plan.emitted > 0 {
-        content.push(json!({"type": "text", "text": plan.text()}));
-    }
-    // A non-streamed `input` is an object; arguments that are not one come back as `{}`.
-    content.extend(plan.calls.iter().map(|c| {
-        json!({"type": "tool_use", "id": c.id, "name": c.name, "input": input_object(&c.arguments)})
-    }));
-    let body = json!({
-        "id": util::prefixed_id("msg_"),
-        "type": "message",
-        "role": "assistant",
-        "model": req.model,
-        "content": content,
-        "stop_reason": plan.stop_reason(["max_tokens", "tool_use", "end_turn"]),
-        "stop_sequence": null,
-        "usage": {
-            "input_tokens": plan.input_tokens,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
-            "output_tokens": plan.output_tokens(),
-        },
-    });
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Ok(v) = HeaderValue::from_str(&util::prefixed_id("req_")) {
-        headers.insert("request-id", v);
-    }
-    (headers, body.to_string()).into_response()
-}
-
 // ---------------------------------------------------------------------------------------------
 // OpenAI
 
-/// `POST /v1/chat/completions`.
-pub(crate) async fn openai_chat(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let started = Instant::now();
-    let fault = shared.take_fault(Target::OpenAiChat);
-    let parsed = serde_json::from_slice::<Value>(&body);
-    if let Ok(v) = &parsed {
-        shared.recorder.llm_request(Target::OpenAiChat, v.clone());
+impl ChatApi for OpenAiChat {
+    const TARGET: Target = Target::OpenAiChat;
+    const CALL_PREFIX: &'static str = "call_";
+    const FAULT_STATUS: u16 = 500;
+    const NOT_AN_OBJECT: &'static str = "Invalid request body: expected a JSON object.";
+    const NO_MODEL: &'static str = "you must provide a model parameter";
+
+    fn error(status: u16, bad: Option<&BadRequest>, retry_after_s: Option<u64>) -> Response {
+        errors::openai(
+            status,
+            bad.map(|b| b.message.as_str()),
+            bad.and_then(|b| b.param.as_deref()),
+            bad.and_then(|b| b.code),
+            retry_after_s,
+        )
     }
-    if let Some(Fault::Status {
-        status,
-        retry_after_s,
-    }) = fault
-    {
-        return errors::openai(status, None, None, None, retry_after_s);
+
+    fn check_headers(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
+        check_bearer(shared, headers)
     }
-    if let Some(response) = check_bearer(&shared, &headers) {
-        return response;
+
+    fn unparsable(e: &serde_json::Error) -> BadRequest {
+        BadRequest::new(format!(
+            "We could not parse the JSON body of your request. ({e})"
+        ))
     }
-    let body = match parsed {
-        Ok(v) => v,
-        Err(e) => {
-            return errors::openai(
-                400,
-                Some(&format!(
-                    "We could not parse the JSON body of your request. ({e})"
-                )),
-                None,
-                None,
-                None,
-            );
+
+    fn parse_fields(obj: &Map<String, Value>, model: &str) -> Result<ChatRequest, BadRequest> {
+        let messages = obj
+            .get("messages")
+            .and_then(Value::as_array)
+            .ok_or_else(|| {
+                BadRequest::new("Missing required parameter: 'messages'.")
+                    .param("messages")
+                    .code("missing_required_parameter")
+            })?;
+        if messages.is_empty() {
+            return Err(BadRequest::new(
+                "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+            )
+            .param("messages")
+            .code("empty_array"));
         }
-    };
-    let req = match parse_openai(&body) {
-        Ok(req) => req,
-        Err(bad) => {
-            return errors::openai(
-                400,
-                Some(&bad.message),
-                bad.param.as_deref(),
-                bad.code,
-                None,
-            );
+        let tools = tools::openai_tools(obj)?;
+        let mut input_chars = 0;
+        let mut last_user = String::new();
+        let mut wires = Vec::with_capacity(messages.len());
+        let mut texts = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
+                BadRequest::new(format!("Missing required parameter: 'messages[{i}].role'."))
+                    .param(format!("messages[{i}].role"))
+                    .code("missing_required_parameter")
+            })?;
+            if !matches!(
+                role,
+                "system" | "developer" | "user" | "assistant" | "tool" | "function"
+            ) {
+                return Err(BadRequest::new(format!(
+                    "Invalid value: '{role}'. Supported values are: 'system', 'developer', 'assistant', 'user', 'tool', and 'function'."
+                ))
+                .param(format!("messages[{i}].role"))
+                .code("invalid_value"));
+            }
+            let text = match m.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    let mut texts = Vec::new();
+                    for part in parts {
+                        if part.get("type").and_then(Value::as_str) == Some("text") {
+                            let text =
+                                part.get("text").and_then(Value::as_str).ok_or_else(|| {
+                                    BadRequest::new(format!(
+                                    "Missing required parameter: 'messages[{i}].content[].text'."
+                                ))
+                                .param(format!("messages[{i}].content"))
+                                .code("missing_required_parameter")
+                                })?;
+                            texts.push(text);
+                        }
+                    }
+                    texts.join(" ")
+                }
+                Some(Value::Null) | None if role == "assistant" => String::new(),
+                _ => {
+                    return Err(BadRequest::new(format!(
+                        "Missing required parameter: 'messages[{i}].content'."
+                    ))
+                    .param(format!("messages[{i}].content"))
+                    .code("missing_required_parameter"));
+                }
+            };
+            input_chars += text.chars().count();
+            wires.push(match role {
+                "assistant" => {
+                    let (ids, chars) = tools::openai_calls(m, i)?;
+                    input_chars += chars;
+                    Wire::Assistant(ids)
+                }
+                "tool" => {
+                    let id = m
+                        .get("tool_call_id")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| {
+                            BadRequest::new(format!(
+                                "Missing required parameter: 'messages[{i}].tool_call_id'."
+                            ))
+                            .param(format!("messages[{i}].tool_call_id"))
+                            .code("missing_required_parameter")
+                        })?;
+                    Wire::Tool(id.to_owned())
+                }
+                _ => Wire::Other,
+            });
+            texts.push(text.clone());
+            if role == "user" {
+                last_user = text;
+            }
         }
-    };
-    let reply = Reply::choose(
-        &shared.config.llm,
-        &req,
-        shared.take_script(Target::OpenAiChat),
-    );
-    let plan = Plan::new(&shared.config.llm, &req, reply, "call_", started);
-    if req.stream {
-        shared.recorder.usage.llm_request(plan.input_tokens);
-        openai_stream(&shared, &req, &plan, fault)
-    } else {
-        openai_completion(&shared, &req, &plan, fault).await
+        tools::check_openai_rounds(&wires)?;
+        // The results the last message carries: the tool messages at the end, or right before a
+        // last user message.
+        let last_role = |k: usize| messages[k].get("role").and_then(Value::as_str);
+        let n = messages.len();
+        let end = if last_role(n - 1) == Some("user") {
+            n - 1
+        } else {
+            n
+        };
+        let mut first_result = end;
+        while first_result > 0 && matches!(wires[first_result - 1], Wire::Tool(_)) {
+            first_result -= 1;
+        }
+        let last_results = texts[first_result..end].to_vec();
+        let ends_with_plain_user = last_role(n - 1) == Some("user") && last_results.is_empty();
+        let max_tokens = match obj
+            .get("max_completion_tokens")
+            .filter(|v| !v.is_null())
+            .map(|v| ("max_completion_tokens", v))
+            .or_else(|| {
+                obj.get("max_tokens")
+                    .filter(|v| !v.is_null())
+                    .map(|v| ("max_tokens", v))
+            }) {
+            None => None,
+            Some((name, v)) => Some(v.as_u64().filter(|&m| m >= 1).ok_or_else(|| {
+                BadRequest::new(format!(
+                    "Invalid '{name}': expected an integer greater than or equal to 1."
+                ))
+                .param(name)
+                .code("invalid_value")
+            })?),
+        };
+        let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let stream_options = obj.get("stream_options").filter(|v| !v.is_null());
+        if stream_options.is_some() && !stream {
+            return Err(BadRequest::new(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            )
+            .param("stream_options")
+            .code("invalid_value"));
+        }
+        let include_usage = stream_options
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok(ChatRequest {
+            model: model.to_owned(),
+            max_tokens,
+            stream,
+            include_usage,
+            input_chars,
+            last_user,
+            tools,
+            last_results,
+            ends_with_plain_user,
+        })
+    }
+
+    fn stream(shared: &Shared, req: &ChatRequest, plan: &Plan, fault: Option<Fault>) -> Response {
+        let id = util::prefixed_id("chatcmpl-");
+        let request_id = ("x-request-id", util::prefixed_id("req_"));
+        if matches!(fault, Some(Fault::Stall)) {
+            let steps = vec![Timed {
+                at: Instant::now(),
+                step: Step::Stall,
+            }];
+            return sse_response(steps, shared, request_id);
+        }
+        let created = util::unix_secs();
+        let include_usage = req.include_usage;
+        let chunk = |delta: Value, finish_reason: Value| {
+            let mut c = json!({
+                "id": id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": req.model,
+                "system_fingerprint": null,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}],
+            });
+            if include_usage {
+                c["usage"] = Value::Null;
+            }
+            format!("data: {c}\n\n")
+        };
+
+        let mut steps = Vec::with_capacity(plan.emitted + 3);
+        // A reply of calls alone starts with `content: null`, as in OpenAI's recorded streams.
+        let content = if plan.emitted == 0 && !plan.calls.is_empty() {
+            Value::Null
+        } else {
+            json!("")
+        };
+        steps.push(Timed::data(
+            plan.first,
+            chunk(
+                json!({"role": "assistant", "content": content, "refusal": null}),
+                Value::Null,
+            ),
+        ));
+        let faulted = plan.push_tokens(
+            &mut steps,
+            mid_fault(&fault),
+            |text| chunk(json!({"content": text}), Value::Null),
+            &format!(
+                "data: {}\n\n",
+                json!({"error": {
+                    "message": "The server had an error while processing your request. Sorry about that!",
+                    "type": "server_error",
+                    "param": null,
+                    "code": null,
+                }})
+            ),
+        );
+        if !faulted {
+            // Each call: its first fragment with `id`, `type` and `function.name`, then pieces of
+            // `function.arguments`, all under the call's `index`.
+            plan.push_calls(
+                &mut steps,
+                |k, call, first| {
+                    chunk(
+                        json!({"tool_calls": [{
+                            "index": k,
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": first.unwrap_or("")},
+                        }]}),
+                        Value::Null,
+                    )
+                },
+                |k, piece| {
+                    chunk(
+                        json!({"tool_calls": [{"index": k, "function": {"arguments": piece}}]}),
+                        Value::Null,
+                    )
+                },
+            );
+            let finish = plan.stop_reason(["length", "tool_calls", "stop"]);
+            let mut tail = chunk(json!({}), json!(finish));
+            if include_usage {
+                let usage = json!({
+                    "id": id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": req.model,
+                    "system_fingerprint": null,
+                    "choices": [],
+                    "usage": openai_usage(plan),
+                });
+                tail.push_str(&format!("data: {usage}\n\n"));
+            }
+            tail.push_str("data: [DONE]\n\n");
+            plan.push_last(&mut steps, tail);
+        }
+        sse_response(steps, shared, request_id)
+    }
+
+    fn completion(req: &ChatRequest, plan: &Plan) -> Response {
+        let mut message = json!({"role": "assistant", "content": plan.text(), "refusal": null});
+        if !plan.calls.is_empty() {
+            if plan.emitted == 0 {
+                message["content"] = Value::Null;
+            }
+            message["tool_calls"] = plan
+                .calls
+                .iter()
+                .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                .collect();
+        }
+        let body = json!({
+            "id": util::prefixed_id("chatcmpl-"),
+            "object": "chat.completion",
+            "created": util::unix_secs(),
+            "model": req.model,
+            "system_fingerprint": null,
+            "choices": [{
+                "index": 0,
+                "message": message,
+                "logprobs": null,
+                "finish_reason": plan.stop_reason(["length", "tool_calls", "stop"]),
+            }],
+            "usage": openai_usage(plan),
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        (headers, body.to_string()).into_response()
     }
 }
 
@@ -832,164 +1140,6 @@ pub(crate) fn check_bearer(shared: &Shared, headers: &HeaderMap) -> Option<Respo
     }
 }
 
-fn parse_openai(v: &Value) -> Result<ChatRequest, BadRequest> {
-    let obj = v
-        .as_object()
-        .ok_or_else(|| BadRequest::new("Invalid request body: expected a JSON object."))?;
-    let model = obj
-        .get("model")
-        .and_then(Value::as_str)
-        .ok_or_else(|| BadRequest::new("you must provide a model parameter"))?;
-    let messages = obj
-        .get("messages")
-        .and_then(Value::as_array)
-        .ok_or_else(|| {
-            BadRequest::new("Missing required parameter: 'messages'.")
-                .param("messages")
-                .code("missing_required_parameter")
-        })?;
-    if messages.is_empty() {
-        return Err(BadRequest::new(
-            "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
-        )
-        .param("messages")
-        .code("empty_array"));
-    }
-    let tools = tools::openai_tools(obj)?;
-    let mut input_chars = 0;
-    let mut last_user = String::new();
-    let mut wires = Vec::with_capacity(messages.len());
-    let mut texts = Vec::with_capacity(messages.len());
-    for (i, m) in messages.iter().enumerate() {
-        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
-            BadRequest::new(format!("Missing required parameter: 'messages[{i}].role'."))
-                .param(format!("messages[{i}].role"))
-                .code("missing_required_parameter")
-        })?;
-        if !matches!(
-            role,
-            "system" | "developer" | "user" | "assistant" | "tool" | "function"
-        ) {
-            return Err(BadRequest::new(format!(
-                "Invalid value: '{role}'. Supported values are: 'system', 'developer', 'assistant', 'user', 'tool', and 'function'."
-            ))
-            .param(format!("messages[{i}].role"))
-            .code("invalid_value"));
-        }
-        let text = match m.get("content") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(parts)) => {
-                let mut texts = Vec::new();
-                for part in parts {
-                    if part.get("type").and_then(Value::as_str) == Some("text") {
-                        let text = part.get("text").and_then(Value::as_str).ok_or_else(|| {
-                            BadRequest::new(format!(
-                                "Missing required parameter: 'messages[{i}].content[].text'."
-                            ))
-                            .param(format!("messages[{i}].content"))
-                            .code("missing_required_parameter")
-                        })?;
-                        texts.push(text);
-                    }
-                }
-                texts.join(" ")
-            }
-            Some(Value::Null) | None if role == "assistant" => String::new(),
-            _ => {
-                return Err(BadRequest::new(format!(
-                    "Missing required parameter: 'messages[{i}].content'."
-                ))
-                .param(format!("messages[{i}].content"))
-                .code("missing_required_parameter"));
-            }
-        };
-        input_chars += text.chars().count();
-        wires.push(match role {
-            "assistant" => {
-                let (ids, chars) = tools::openai_calls(m, i)?;
-                input_chars += chars;
-                Wire::Assistant(ids)
-            }
-            "tool" => {
-                let id = m
-                    .get("tool_call_id")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        BadRequest::new(format!(
-                            "Missing required parameter: 'messages[{i}].tool_call_id'."
-                        ))
-                        .param(format!("messages[{i}].tool_call_id"))
-                        .code("missing_required_parameter")
-                    })?;
-                Wire::Tool(id.to_owned())
-            }
-            _ => Wire::Other,
-        });
-        texts.push(text.clone());
-        if role == "user" {
-            last_user = text;
-        }
-    }
-    tools::check_openai_rounds(&wires)?;
-    // The results the last message carries: the tool messages at the end, or right before a
-    // last user message.
-    let last_role = |k: usize| messages[k].get("role").and_then(Value::as_str);
-    let n = messages.len();
-    let end = if last_role(n - 1) == Some("user") {
-        n - 1
-    } else {
-        n
-    };
-    let mut first_result = end;
-    while first_result > 0 && matches!(wires[first_result - 1], Wire::Tool(_)) {
-        first_result -= 1;
-    }
-    let last_results = texts[first_result..end].to_vec();
-    let ends_with_plain_user = last_role(n - 1) == Some("user") && last_results.is_empty();
-    let max_tokens = match obj
-        .get("max_completion_tokens")
-        .filter(|v| !v.is_null())
-        .map(|v| ("max_completion_tokens", v))
-        .or_else(|| {
-            obj.get("max_tokens")
-                .filter(|v| !v.is_null())
-                .map(|v| ("max_tokens", v))
-        }) {
-        None => None,
-        Some((name, v)) => Some(v.as_u64().filter(|&m| m >= 1).ok_or_else(|| {
-            BadRequest::new(format!(
-                "Invalid '{name}': expected an integer greater than or equal to 1."
-            ))
-            .param(name)
-            .code("invalid_value")
-        })?),
-    };
-    let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let stream_options = obj.get("stream_options").filter(|v| !v.is_null());
-    if stream_options.is_some() && !stream {
-        return Err(BadRequest::new(
-            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-        )
-        .param("stream_options")
-        .code("invalid_value"));
-    }
-    let include_usage = stream_options
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    Ok(ChatRequest {
-        model: model.to_owned(),
-        max_tokens,
-        stream,
-        include_usage,
-        input_chars,
-        last_user,
-        tools,
-        last_results,
-        ends_with_plain_user,
-    })
-}
-
 fn openai_usage(plan: &Plan) -> Value {
     let completion = plan.output_tokens() as u64;
     json!({
@@ -997,178 +1147,6 @@ fn openai_usage(plan: &Plan) -> Value {
         "completion_tokens": completion,
         "total_tokens": plan.input_tokens + completion,
     })
-}
-
-fn openai_stream(
-    shared: &Shared,
-    req: &ChatRequest,
-    plan: &Plan,
-    fault: Option<Fault>,
-) -> Response {
-    let id = util::prefixed_id("chatcmpl-");
-    let request_id = ("x-request-id", util::prefixed_id("req_"));
-    if matches!(fault, Some(Fault::Stall)) {
-        let steps = vec![Timed {
-            at: Instant::now(),
-            step: Step::Stall,
-        }];
-        return sse_response(steps, shared, request_id);
-    }
-    let created = util::unix_secs();
-    let include_usage = req.include_usage;
-    let chunk = |delta: Value, finish_reason: Value| {
-        let mut c = json!({
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": req.model,
-            "system_fingerprint": null,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}],
-        });
-        if include_usage {
-            c["usage"] = Value::Null;
-        }
-        format!("data: {c}\n\n")
-    };
-
-    let mut steps = Vec::with_capacity(plan.emitted + 3);
-    // A reply of calls alone starts with `content: null`, as in OpenAI's recorded streams.
-    let content = if plan.emitted == 0 && !plan.calls.is_empty() {
-        Value::Null
-    } else {
-        json!("")
-    };
-    steps.push(Timed::data(
-        plan.first,
-        chunk(
-            json!({"role": "assistant", "content": content, "refusal": null}),
-            Value::Null,
-        ),
-    ));
-    let faulted = plan.push_tokens(
-        &mut steps,
-        mid_fault(&fault),
-        |text| chunk(json!({"content": text}), Value::Null),
-        |f, at| match f {
-            MidFault::Drop => Timed {
-                at,
-                step: Step::Abort,
-            },
-            MidFault::Error => Timed::data(
-                at,
-                format!(
-                    "data: {}\n\n",
-                    json!({"error": {
-                        "message": "The server had an error while processing your request. Sorry about that!",
-                        "type": "server_error",
-                        "param": null,
-                        "code": null,
-                    }})
-                ),
-            ),
-        },
-    );
-    if !faulted {
-        // Each call: its first fragment with `id`, `type` and `function.name`, then pieces of
-        // `function.arguments`, all under the call's `index`.
-        plan.push_calls(
-            &mut steps,
-            |k, call, first| {
-                chunk(
-                    json!({"tool_calls": [{
-                        "index": k,
-                        "id": call.id,
-                        "type": "function",
-                        "function": {"name": call.name, "arguments": first.unwrap_or("")},
-                    }]}),
-                    Value::Null,
-                )
-            },
-            |k, piece| {
-                chunk(
-                    json!({"tool_calls": [{"index": k, "function": {"arguments": piece}}]}),
-                    Value::Null,
-                )
-            },
-        );
-        let finish = plan.stop_reason(["length", "tool_calls", "stop"]);
-        let mut tail = chunk(json!({}), json!(finish));
-        if include_usage {
-            let usage = json!({
-                "id": id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": req.model,
-                "system_fingerprint": null,
-                "choices": [],
-                "usage": openai_usage(plan),
-            });
-            tail.push_str(&format!("data: {usage}\n\n"));
-        }
-        tail.push_str("data: [DONE]\n\n");
-        steps.push(Timed::last(
-            plan.end_at(),
-            tail,
-            plan.output_tokens() as u64,
-        ));
-    }
-    sse_response(steps, shared, request_id)
-}
-
-async fn openai_completion(
-    shared: &Shared,
-    req: &ChatRequest,
-    plan: &Plan,
-    fault: Option<Fault>,
-) -> Response {
-    match fault {
-        Some(Fault::Stall) => {
-            shared.shutdown.cancelled().await;
-            return errors::openai(500, None, None, None, None);
-        }
-        Some(Fault::MidStreamError) => return errors::openai(500, None, None, None, None),
-        Some(Fault::DropMidStream) => return aborted_response(shared, plan.first),
-        _ => {}
-    }
-    if !sleep_until(shared, plan.end_at()).await {
-        return errors::openai(500, None, None, None, None);
-    }
-    shared.recorder.usage.llm_request(plan.input_tokens);
-    shared
-        .recorder
-        .usage
-        .llm_output(plan.output_tokens() as u64, false);
-    let mut message = json!({"role": "assistant", "content": plan.text(), "refusal": null});
-    if !plan.calls.is_empty() {
-        if plan.emitted == 0 {
-            message["content"] = Value::Null;
-        }
-        message["tool_calls"] = plan
-            .calls
-            .iter()
-            .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
-            .collect();
-    }
-    let body = json!({
-        "id": util::prefixed_id("chatcmpl-"),
-        "object": "chat.completion",
-        "created": util::unix_secs(),
-        "model": req.model,
-        "system_fingerprint": null,
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "logprobs": null,
-            "finish_reason": plan.stop_reason(["length", "tool_calls", "stop"]),
-        }],
-        "usage": openai_usage(plan),
-    });
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    (headers, body.to_string()).into_response()
 }
 
 #[cfg(test)]
@@ -1198,14 +1176,14 @@ mod tests {
             ],
             "stream": true,
         });
-        let req = parse_anthropic(&body).unwrap();
+        let req = parse::<AnthropicMessages>(&body).unwrap();
         assert_eq!(req.last_user, "second");
         assert_eq!(req.input_chars, 4 + 5 + 2 + 6);
         assert!(req.stream);
         assert_eq!(req.max_tokens, Some(100));
-        assert!(parse_anthropic(&json!({"model": "m", "messages": []})).is_err());
+        assert!(parse::<AnthropicMessages>(&json!({"model": "m", "messages": []})).is_err());
         assert!(
-            parse_anthropic(&json!({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}))
+            parse::<AnthropicMessages>(&json!({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}))
                 .is_err()
         );
     }
@@ -1219,13 +1197,13 @@ mod tests {
             "stream_options": {"include_usage": true},
             "max_completion_tokens": 7,
         });
-        let req = parse_openai(&body).unwrap();
+        let req = parse::<OpenAiChat>(&body).unwrap();
         assert_eq!(req.max_tokens, Some(7));
         assert!(req.include_usage);
         assert_eq!(req.input_chars, 6);
-        let bad = parse_openai(&json!({"model": "gpt", "messages": []})).unwrap_err();
+        let bad = parse::<OpenAiChat>(&json!({"model": "gpt", "messages": []})).unwrap_err();
         assert_eq!(bad.code, Some("empty_array"));
-        let bad = parse_openai(&json!({"model": "gpt", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": true}})).unwrap_err();
+        let bad = parse::<OpenAiChat>(&json!({"model": "gpt", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": true}})).unwrap_err();
         assert_eq!(bad.param.as_deref(), Some("stream_options"));
     }
 
@@ -1404,7 +1382,7 @@ mod tests {
                 ]},
             ],
         });
-        let req = parse_anthropic(&body).unwrap();
+        let req = parse::<AnthropicMessages>(&body).unwrap();
         assert_eq!(req.last_results, vec!["21 C"]);
         assert!(!req.ends_with_plain_user);
         assert_eq!(req.tools.names, vec!["get_weather"]);
@@ -1417,7 +1395,7 @@ mod tests {
                 1,
                 json!({"type": "tool_result", "tool_use_id": "toolu_9", "content": "?"}),
             );
-        let e = parse_anthropic(&stray).unwrap_err();
+        let e = parse::<AnthropicMessages>(&stray).unwrap_err();
         assert!(
             e.message.contains("unexpected `tool_use_id`"),
             "{}",
@@ -1425,7 +1403,7 @@ mod tests {
         );
         let mut untooled = body.clone();
         untooled.as_object_mut().unwrap().remove("tools");
-        let e = parse_anthropic(&untooled).unwrap_err();
+        let e = parse::<AnthropicMessages>(&untooled).unwrap_err();
         assert!(e.message.contains("must define tools"), "{}", e.message);
     }
 
@@ -1443,7 +1421,7 @@ mod tests {
                 {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
             ],
         });
-        let req = parse_openai(&body).unwrap();
+        let req = parse::<OpenAiChat>(&body).unwrap();
         assert_eq!(req.last_results, vec!["21 C"]);
         assert!(!req.ends_with_plain_user);
         let mut with_text = body.clone();
@@ -1451,20 +1429,21 @@ mod tests {
             .as_array_mut()
             .unwrap()
             .push(json!({"role": "user", "content": "and tomorrow?"}));
-        let req = parse_openai(&with_text).unwrap();
+        let req = parse::<OpenAiChat>(&with_text).unwrap();
         assert_eq!(req.last_results, vec!["21 C"]);
         assert_eq!(req.last_user, "and tomorrow?");
         let mut missing = body.clone();
         missing["messages"].as_array_mut().unwrap().pop();
-        let e = parse_openai(&missing).unwrap_err();
+        let e = parse::<OpenAiChat>(&missing).unwrap_err();
         assert!(
             e.message.contains("did not have response messages: call_1"),
             "{}",
             e.message
         );
-        let plain =
-            parse_openai(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
-                .unwrap();
+        let plain = parse::<OpenAiChat>(
+            &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .unwrap();
         assert!(plain.ends_with_plain_user);
         assert!(plain.last_results.is_empty());
     }

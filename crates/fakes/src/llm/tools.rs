@@ -307,6 +307,35 @@ pub(super) fn check_anthropic_rounds(rounds: &[Round], tools: &Tools) -> Result<
 // ---------------------------------------------------------------------------------------------
 // OpenAI
 
+/// OpenAI's 400 for the missing parameter `name` of the object at `path`.
+fn missing(path: &str, name: &str) -> BadRequest {
+    BadRequest::new(format!("Missing required parameter: '{path}.{name}'."))
+        .param(format!("{path}.{name}"))
+        .code("missing_required_parameter")
+}
+
+/// The string `name` of `object` (at `path`); OpenAI's 400 when it is missing (or not a
+/// string).
+fn required_str<'a>(object: &'a Value, path: &str, name: &str) -> Result<&'a str, BadRequest> {
+    object
+        .get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| missing(path, name))
+}
+
+/// Checks that the `type` of the tool or call at `path` is `function`.
+fn check_function_type(object: &Value, path: &str) -> Result<(), BadRequest> {
+    let kind = required_str(object, path, "type")?;
+    if kind != "function" {
+        return Err(BadRequest::new(format!(
+            "Invalid value: '{kind}'. Supported values are: 'function' and 'custom'."
+        ))
+        .param(format!("{path}.type"))
+        .code("invalid_value"));
+    }
+    Ok(())
+}
+
 /// `tools` and `tool_choice` of an OpenAI Chat Completions request.
 pub(super) fn openai_tools(obj: &Map<String, Value>) -> Result<Tools, BadRequest> {
     let mut names: Vec<String> = Vec::new();
@@ -321,30 +350,13 @@ pub(super) fn openai_tools(obj: &Map<String, Value>) -> Result<Tools, BadRequest
                 .code("empty_array"));
             }
             for (i, tool) in tools.iter().enumerate() {
-                let missing = |name: &str| {
-                    BadRequest::new(format!("Missing required parameter: 'tools[{i}].{name}'."))
-                        .param(format!("tools[{i}].{name}"))
-                        .code("missing_required_parameter")
-                };
-                let kind = tool
-                    .get("type")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| missing("type"))?;
-                if kind != "function" {
-                    return Err(BadRequest::new(format!(
-                        "Invalid value: '{kind}'. Supported values are: 'function' and 'custom'."
-                    ))
-                    .param(format!("tools[{i}].type"))
-                    .code("invalid_value"));
-                }
+                let path = format!("tools[{i}]");
+                check_function_type(tool, &path)?;
                 let function = tool
                     .get("function")
-                    .and_then(Value::as_object)
-                    .ok_or_else(|| missing("function"))?;
-                let name = function
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| missing("function.name"))?;
+                    .filter(|f| f.is_object())
+                    .ok_or_else(|| missing(&path, "function"))?;
+                let name = required_str(function, &format!("{path}.function"), "name")?;
                 if !valid_name(name) {
                     return Err(BadRequest::new(format!(
                         "Invalid 'tools[{i}].function.name': string does not match pattern. Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$'."
@@ -448,37 +460,15 @@ pub(super) fn openai_calls(message: &Value, i: usize) -> Result<(Vec<String>, us
     let mut ids = Vec::with_capacity(calls.len());
     let mut chars = 0;
     for (k, call) in calls.iter().enumerate() {
-        let missing = |name: &str| {
-            BadRequest::new(format!(
-                "Missing required parameter: 'messages[{i}].tool_calls[{k}].{name}'."
-            ))
-            .param(format!("messages[{i}].tool_calls[{k}].{name}"))
-            .code("missing_required_parameter")
-        };
-        let id = call
-            .get("id")
-            .and_then(Value::as_str)
-            .ok_or_else(|| missing("id"))?;
-        let kind = call
-            .get("type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| missing("type"))?;
-        if kind != "function" {
-            return Err(BadRequest::new(format!(
-                "Invalid value: '{kind}'. Supported values are: 'function' and 'custom'."
-            ))
-            .param(format!("messages[{i}].tool_calls[{k}].type"))
-            .code("invalid_value"));
-        }
-        let function = call.get("function").ok_or_else(|| missing("function"))?;
-        function
-            .get("name")
-            .and_then(Value::as_str)
-            .ok_or_else(|| missing("function.name"))?;
-        let arguments = function
-            .get("arguments")
-            .and_then(Value::as_str)
-            .ok_or_else(|| missing("function.arguments"))?;
+        let path = format!("messages[{i}].tool_calls[{k}]");
+        let id = required_str(call, &path, "id")?;
+        check_function_type(call, &path)?;
+        let function = call
+            .get("function")
+            .ok_or_else(|| missing(&path, "function"))?;
+        let function_path = format!("{path}.function");
+        required_str(function, &function_path, "name")?;
+        let arguments = required_str(function, &function_path, "arguments")?;
         chars += arguments.chars().count();
         ids.push(id.to_owned());
     }

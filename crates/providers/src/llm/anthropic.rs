@@ -17,18 +17,17 @@
 //! `tool_result` blocks"), so any text comes after the results.
 
 use async_trait::async_trait;
-use eventsource_stream::Eventsource;
-use futures_util::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
 
+use super::sse::SseParser;
 use super::{
     ChatMessage, ChatRole, LlmEvent, LlmProvider, LlmRequest, LlmStream, LlmUsage, ToolCall,
     ToolChoice, ToolSpec,
 };
-use crate::http::body_with_idle_timeout;
+use crate::http::Endpoint;
 use crate::{HttpSettings, ProviderError};
 
 /// The API version this adapter speaks.
@@ -50,20 +49,20 @@ pub struct AnthropicConfig {
 /// The Anthropic adapter.
 pub struct Anthropic {
     config: AnthropicConfig,
-    client: reqwest::Client,
-    url: String,
+    endpoint: Endpoint,
 }
 
 impl Anthropic {
     /// Builds the adapter (no network traffic).
     pub fn new(config: AnthropicConfig) -> Self {
-        let client = config.http.client();
-        let url = format!("{}/v1/messages", config.base_url.trim_end_matches('/'));
-        Anthropic {
-            config,
-            client,
-            url,
-        }
+        let endpoint = Endpoint::new(
+            &config.http,
+            &config.base_url,
+            "/v1/messages",
+            "anthropic.messages",
+            parse_error,
+        );
+        Anthropic { config, endpoint }
     }
 }
 
@@ -354,6 +353,17 @@ struct StreamState {
     calls: BTreeMap<u64, PendingCall>,
 }
 
+impl SseParser for StreamState {
+    const END: &'static str = "message_stop";
+
+    fn feed(&mut self, data: &str, out: &mut Vec<LlmEvent>) -> Result<bool, ProviderError> {
+        let event = map_event(data, self)?;
+        let done = matches!(event, Some(LlmEvent::Done { .. }));
+        out.extend(event);
+        Ok(done)
+    }
+}
+
 /// Turns one SSE event's data into stream items; `Ok(None)` for events that carry nothing.
 fn map_event(data: &str, state: &mut StreamState) -> Result<Option<LlmEvent>, ProviderError> {
     let event: Event = serde_json::from_str(data)
@@ -426,34 +436,6 @@ fn map_event(data: &str, state: &mut StreamState) -> Result<Option<LlmEvent>, Pr
     })
 }
 
-/// Maps a stream of SSE bytes to completion events (shared with the tests).
-pub(crate) fn events_from_sse<S>(bytes: S) -> LlmStream
-where
-    S: futures_util::Stream<Item = Result<bytes::Bytes, ProviderError>> + Send + 'static,
-{
-    Box::pin(async_stream::stream! {
-        let mut sse = std::pin::pin!(bytes.eventsource());
-        let mut state = StreamState::default();
-        while let Some(item) = sse.next().await {
-            let event = match item {
-                Ok(e) => e,
-                Err(eventsource_stream::EventStreamError::Transport(e)) => { yield Err(e); return; }
-                Err(e) => { yield Err(ProviderError::Protocol(e.to_string())); return; }
-            };
-            match map_event(&event.data, &mut state) {
-                Ok(Some(LlmEvent::Done { stop_reason })) => {
-                    yield Ok(LlmEvent::Done { stop_reason });
-                    return;
-                }
-                Ok(Some(e)) => yield Ok(e),
-                Ok(None) => {}
-                Err(e) => { yield Err(e); return; }
-            }
-        }
-        yield Err(ProviderError::Closed("stream ended before message_stop".into()));
-    })
-}
-
 #[async_trait]
 impl LlmProvider for Anthropic {
     fn provider(&self) -> &'static str {
@@ -466,95 +448,52 @@ impl LlmProvider for Anthropic {
 
     async fn stream(&self, request: LlmRequest) -> Result<LlmStream, ProviderError> {
         let body = body(&self.config.model, &request);
-        let body = serde_json::to_vec(&body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
-        let http = &self.config.http;
-        let response = http
-            .send_with_retry(
-                "anthropic.messages",
-                || {
-                    self.client
-                        .post(&self.url)
-                        .header("x-api-key", self.config.api_key.expose_secret())
-                        .header("anthropic-version", API_VERSION)
-                        .header("content-type", "application/json")
-                        .header("accept", "text/event-stream")
-                        .body(body.clone())
-                },
-                parse_error,
-            )
-            .await?;
-        Ok(events_from_sse(body_with_idle_timeout(
-            response,
-            http.idle_timeout,
-        )))
+        self.endpoint
+            .post_for_events::<StreamState>(&body, |post| {
+                post.header("x-api-key", self.config.api_key.expose_secret())
+                    .header("anthropic-version", API_VERSION)
+            })
+            .await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{collect, fixture_stream};
+    use crate::test_support::*;
 
     #[tokio::test]
     async fn documented_stream_in_any_chunking() {
-        for piece in [1, 7, 64, 4096] {
-            let items = collect(events_from_sse(fixture_stream(
-                "anthropic/stream_basic.sse",
-                piece,
-            )))
-            .await;
-            let items: Vec<LlmEvent> = items.into_iter().map(Result::unwrap).collect();
-            assert_eq!(
-                items,
-                vec![
-                    LlmEvent::Usage(LlmUsage {
-                        input_tokens: Some(11),
-                        output_tokens: Some(1),
-                        ..Default::default()
-                    }),
-                    LlmEvent::Delta("Hello".into()),
-                    LlmEvent::Delta(" there".into()),
-                    LlmEvent::Delta("!".into()),
-                    LlmEvent::Usage(LlmUsage {
-                        input_tokens: Some(11),
-                        output_tokens: Some(6),
-                        ..Default::default()
-                    }),
-                    LlmEvent::Done {
-                        stop_reason: Some("end_turn".into())
-                    },
-                ],
-                "chunked by {piece}"
-            );
-        }
+        assert_fixture_events::<StreamState>(
+            "anthropic/stream_basic.sse",
+            &[1, 7, 64, 4096],
+            &[
+                usage(11, 1),
+                LlmEvent::Delta("Hello".into()),
+                LlmEvent::Delta(" there".into()),
+                LlmEvent::Delta("!".into()),
+                usage(11, 6),
+                done("end_turn"),
+            ],
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn documented_mid_stream_error() {
-        let items = collect(events_from_sse(fixture_stream(
-            "anthropic/stream_error.sse",
-            13,
-        )))
-        .await;
+        let items = fixture_items::<StreamState>("anthropic/stream_error.sse", 13).await;
         let last = items.last().unwrap();
         assert!(
             matches!(last, Err(ProviderError::Stream { kind, .. }) if kind == "overloaded_error")
         );
-        let text: String = items
-            .iter()
-            .filter_map(|i| match i {
-                Ok(LlmEvent::Delta(t)) => Some(t.as_str()),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(text, "Hello there");
+        assert_eq!(text_of(&items), "Hello there");
     }
 
     #[tokio::test]
     async fn truncated_stream_is_an_error() {
         let data = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3}}}\n\n";
         let stream = futures_util::stream::iter(vec![Ok(bytes::Bytes::from_static(data))]);
-        let items = collect(events_from_sse(stream)).await;
+        let items = sse_items::<StreamState>(stream).await;
         assert!(matches!(items.last(), Some(Err(ProviderError::Closed(_)))));
     }
 
@@ -564,12 +503,7 @@ mod tests {
             ("error_429.json", "rate_limit_error"),
             ("error_529.json", "overloaded_error"),
         ] {
-            let body = std::fs::read(format!(
-                "{}/tests/fixtures/anthropic/{file}",
-                env!("CARGO_MANIFEST_DIR")
-            ))
-            .unwrap();
-            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let v = json_fixture(&format!("anthropic/{file}"));
             assert_eq!(parse_error(&v).unwrap().0, kind);
         }
     }
@@ -582,14 +516,7 @@ mod tests {
             &mut state,
         )
         .unwrap();
-        assert_eq!(
-            e,
-            Some(LlmEvent::Usage(LlmUsage {
-                input_tokens: Some(25),
-                output_tokens: Some(1),
-                ..Default::default()
-            }))
-        );
+        assert_eq!(e, Some(usage(25, 1)));
         let e = map_event(
             r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}"#,
             &mut state,
@@ -601,21 +528,9 @@ mod tests {
             &mut state,
         )
         .unwrap();
-        assert_eq!(
-            e,
-            Some(LlmEvent::Usage(LlmUsage {
-                input_tokens: Some(25),
-                output_tokens: Some(15),
-                ..Default::default()
-            }))
-        );
+        assert_eq!(e, Some(usage(25, 15)));
         let e = map_event(r#"{"type":"message_stop"}"#, &mut state).unwrap();
-        assert_eq!(
-            e,
-            Some(LlmEvent::Done {
-                stop_reason: Some("end_turn".into())
-            })
-        );
+        assert_eq!(e, Some(done("end_turn")));
         assert_eq!(map_event(r#"{"type":"ping"}"#, &mut state).unwrap(), None);
         assert_eq!(
             map_event(r#"{"type":"brand_new_event","x":1}"#, &mut state).unwrap(),
@@ -630,50 +545,38 @@ mod tests {
     }
 
     async fn events(path: &str, piece: usize) -> Vec<LlmEvent> {
-        let items = collect(events_from_sse(fixture_stream(path, piece))).await;
-        items.into_iter().map(Result::unwrap).collect()
-    }
-
-    fn call(id: &str, name: &str, arguments: &str) -> LlmEvent {
-        LlmEvent::ToolCall(ToolCall {
-            id: id.into(),
-            name: name.into(),
-            arguments: arguments.into(),
-        })
+        fixture_events::<StreamState>(path, piece).await
     }
 
     #[tokio::test]
     async fn documented_tool_use_stream_in_any_chunking() {
-        for piece in [1, 9, 100, 4096] {
-            assert_eq!(
-                events("anthropic/stream_tool_use.sse", piece).await,
-                vec![
-                    LlmEvent::Usage(LlmUsage {
-                        input_tokens: Some(377),
-                        output_tokens: Some(1),
-                        cache_read_input_tokens: Some(0),
-                        cache_creation_input_tokens: Some(0),
-                    }),
-                    LlmEvent::Delta("I".into()),
-                    LlmEvent::Delta("'ll check the current weather in Paris for you.".into()),
-                    call(
-                        "toolu_01NRLabsLyVHZPKxbKvkfSMn",
-                        "get_weather",
-                        r#"{"location": "Paris"}"#
-                    ),
-                    LlmEvent::Usage(LlmUsage {
-                        input_tokens: Some(377),
-                        output_tokens: Some(65),
-                        cache_read_input_tokens: Some(0),
-                        cache_creation_input_tokens: Some(0),
-                    }),
-                    LlmEvent::Done {
-                        stop_reason: Some("tool_use".into())
-                    },
-                ],
-                "chunked by {piece}"
-            );
-        }
+        assert_fixture_events::<StreamState>(
+            "anthropic/stream_tool_use.sse",
+            &[1, 9, 100, 4096],
+            &[
+                LlmEvent::Usage(LlmUsage {
+                    input_tokens: Some(377),
+                    output_tokens: Some(1),
+                    cache_read_input_tokens: Some(0),
+                    cache_creation_input_tokens: Some(0),
+                }),
+                LlmEvent::Delta("I".into()),
+                LlmEvent::Delta("'ll check the current weather in Paris for you.".into()),
+                call(
+                    "toolu_01NRLabsLyVHZPKxbKvkfSMn",
+                    "get_weather",
+                    r#"{"location": "Paris"}"#,
+                ),
+                LlmEvent::Usage(LlmUsage {
+                    input_tokens: Some(377),
+                    output_tokens: Some(65),
+                    cache_read_input_tokens: Some(0),
+                    cache_creation_input_tokens: Some(0),
+                }),
+                done("tool_use"),
+            ],
+        )
+        .await;
     }
 
     #[tokio::test]
@@ -700,12 +603,7 @@ mod tests {
         );
         // Both calls come before the end, which says why the message stopped.
         assert!(matches!(items[items.len() - 3], LlmEvent::ToolCall(_)));
-        assert_eq!(
-            items.last(),
-            Some(&LlmEvent::Done {
-                stop_reason: Some("tool_use".into())
-            })
-        );
+        assert_eq!(items.last(), Some(&done("tool_use")));
     }
 
     #[tokio::test]
@@ -713,12 +611,7 @@ mod tests {
         let items = events("anthropic/stream_tool_use_max_tokens.sse", 64).await;
         assert!(!items.iter().any(|e| matches!(e, LlmEvent::ToolCall(_))));
         assert!(items.iter().any(|e| matches!(e, LlmEvent::Delta(_))));
-        assert_eq!(
-            items.last(),
-            Some(&LlmEvent::Done {
-                stop_reason: Some("max_tokens".into())
-            })
-        );
+        assert_eq!(items.last(), Some(&done("max_tokens")));
     }
 
     #[test]
@@ -750,60 +643,12 @@ mod tests {
     }
 
     fn tool_round_request(tool_choice: ToolChoice) -> LlmRequest {
-        let calls = vec![
-            ToolCall {
-                id: "toolu_a".into(),
-                name: "get_weather".into(),
-                arguments: r#"{"city":"Paris"}"#.into(),
-            },
-            ToolCall {
-                id: "toolu_b".into(),
-                name: "get_weather".into(),
-                arguments: r#"{"city": "Ro"#.into(), // broken on purpose
-            },
-        ];
-        let results = vec![
-            super::super::ToolResult {
-                call_id: "toolu_a".into(),
-                content: r#"{"temp_c":21}"#.into(),
-                is_error: false,
-            },
-            super::super::ToolResult::error("toolu_b", "arguments are not valid JSON"),
-        ];
-        LlmRequest {
-            system: "Be brief.".into(),
-            messages: vec![
-                ChatMessage::user("Weather in Paris and Rome?"),
-                ChatMessage {
-                    tool_calls: calls,
-                    ..ChatMessage::assistant("Let me check.")
-                },
-                ChatMessage {
-                    tool_results: results,
-                    ..ChatMessage::user("")
-                },
-                ChatMessage {
-                    tool_calls: vec![ToolCall {
-                        id: "toolu_c".into(),
-                        name: "get_weather".into(),
-                        arguments: r#"{"city":"Rome"}"#.into(),
-                    }],
-                    ..ChatMessage::assistant("")
-                },
-                ChatMessage {
-                    tool_results: vec![super::super::ToolResult {
-                        call_id: "toolu_c".into(),
-                        content: r#"{"temp_c":25}"#.into(),
-                        is_error: false,
-                    }],
-                    ..ChatMessage::user("And tomorrow?")
-                },
-            ],
-            max_tokens: 300,
-            temperature: None,
-            tools: vec![spec("get_weather")].into(),
+        tool_rounds(
+            ["toolu_a", "toolu_b", "toolu_c"],
+            ["Let me check.", ""],
+            spec("get_weather"),
             tool_choice,
-        }
+        )
     }
 
     #[test]
@@ -855,13 +700,6 @@ mod tests {
             tool_choice: ToolChoice::None,
             ..Default::default()
         };
-        let v = serde_json::to_value(body("m", &request)).unwrap();
-        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        keys.sort_unstable();
-        assert_eq!(keys, vec!["max_tokens", "messages", "model", "stream"]);
-        assert_eq!(
-            v["messages"],
-            serde_json::json!([{"role": "user", "content": "hi"}])
-        );
+        assert_plain_body(&serde_json::to_value(body("m", &request)).unwrap());
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod anthropic;
 pub mod openai_compat;
+pub(crate) mod sse;
 
 use std::sync::Arc;
 

@@ -18,18 +18,17 @@
 //! message with 'tool_calls'" and an assistant message whose calls are not each answered).
 
 use async_trait::async_trait;
-use eventsource_stream::Eventsource;
-use futures_util::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use std::borrow::Cow;
 
+use super::sse::SseParser;
 use super::{
     ChatMessage, ChatRole, LlmEvent, LlmProvider, LlmRequest, LlmStream, LlmUsage, ToolCall,
     ToolChoice, ToolSpec,
 };
-use crate::http::body_with_idle_timeout;
+use crate::http::Endpoint;
 use crate::{HttpSettings, ProviderError};
 
 /// Settings of the OpenAI-compatible adapter.
@@ -53,20 +52,20 @@ pub struct OpenAiChatConfig {
 /// The OpenAI-compatible adapter.
 pub struct OpenAiChat {
     config: OpenAiChatConfig,
-    client: reqwest::Client,
-    url: String,
+    endpoint: Endpoint,
 }
 
 impl OpenAiChat {
     /// Builds the adapter (no network traffic).
     pub fn new(config: OpenAiChatConfig) -> Self {
-        let client = config.http.client();
-        let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
-        OpenAiChat {
-            config,
-            client,
-            url,
-        }
+        let endpoint = Endpoint::new(
+            &config.http,
+            &config.base_url,
+            "/chat/completions",
+            "openai.chat",
+            parse_error,
+        );
+        OpenAiChat { config, endpoint }
     }
 }
 
@@ -450,44 +449,24 @@ fn map_chunk(
     Ok(())
 }
 
-/// Maps a stream of SSE bytes to completion events.
-pub(crate) fn events_from_sse<S>(bytes: S) -> LlmStream
-where
-    S: futures_util::Stream<Item = Result<bytes::Bytes, ProviderError>> + Send + 'static,
-{
-    Box::pin(async_stream::stream! {
-        let mut sse = std::pin::pin!(bytes.eventsource());
-        let mut state = StreamState::default();
-        let mut items = Vec::new();
-        while let Some(item) = sse.next().await {
-            let event = match item {
-                Ok(e) => e,
-                Err(eventsource_stream::EventStreamError::Transport(e)) => { yield Err(e); return; }
-                Err(e) => { yield Err(ProviderError::Protocol(e.to_string())); return; }
-            };
-            let data = event.data.trim();
-            if data == "[DONE]" {
-                // Calls of a server that never sent a finish reason end with the stream.
-                state.take_calls(&mut items);
-                for e in items.drain(..) {
-                    yield Ok(e);
-                }
-                yield Ok(LlmEvent::Done { stop_reason: state.finish.take() });
-                return;
-            }
-            if data.is_empty() {
-                continue;
-            }
-            if let Err(e) = map_chunk(data, &mut state, &mut items) {
-                yield Err(e);
-                return;
-            }
-            for e in items.drain(..) {
-                yield Ok(e);
-            }
+impl SseParser for StreamState {
+    const END: &'static str = "[DONE]";
+
+    fn feed(&mut self, data: &str, out: &mut Vec<LlmEvent>) -> Result<bool, ProviderError> {
+        let data = data.trim();
+        if data == "[DONE]" {
+            // Calls of a server that never sent a finish reason end with the stream.
+            self.take_calls(out);
+            out.push(LlmEvent::Done {
+                stop_reason: self.finish.take(),
+            });
+            return Ok(true);
         }
-        yield Err(ProviderError::Closed("stream ended before [DONE]".into()));
-    })
+        if !data.is_empty() {
+            map_chunk(data, self, out)?;
+        }
+        Ok(false)
+    }
 }
 
 #[async_trait]
@@ -502,101 +481,44 @@ impl LlmProvider for OpenAiChat {
 
     async fn stream(&self, request: LlmRequest) -> Result<LlmStream, ProviderError> {
         let body = body(&self.config, &request);
-        let body = serde_json::to_vec(&body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
-        let http = &self.config.http;
-        let response = http
-            .send_with_retry(
-                "openai.chat",
-                || {
-                    let req = self
-                        .client
-                        .post(&self.url)
-                        .header("content-type", "application/json")
-                        .header("accept", "text/event-stream")
-                        .body(body.clone());
-                    match &self.config.api_key {
-                        Some(key) => req.bearer_auth(key.expose_secret()),
-                        None => req,
-                    }
-                },
-                parse_error,
-            )
-            .await?;
-        Ok(events_from_sse(body_with_idle_timeout(
-            response,
-            http.idle_timeout,
-        )))
+        self.endpoint
+            .post_for_events::<StreamState>(&body, |post| match &self.config.api_key {
+                Some(key) => post.bearer_auth(key.expose_secret()),
+                None => post,
+            })
+            .await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{collect, fixture_stream};
-
-    fn text_of(items: &[Result<LlmEvent, ProviderError>]) -> String {
-        items
-            .iter()
-            .filter_map(|i| match i {
-                Ok(LlmEvent::Delta(t)) => Some(t.as_str()),
-                _ => None,
-            })
-            .collect()
-    }
+    use crate::test_support::*;
 
     #[tokio::test]
     async fn documented_stream_with_usage() {
         for piece in [3, 100, 100_000] {
-            let items = collect(events_from_sse(fixture_stream(
-                "openai/chat_stream_with_usage.sse",
-                piece,
-            )))
-            .await;
+            let items =
+                fixture_items::<StreamState>("openai/chat_stream_with_usage.sse", piece).await;
             assert!(text_of(&items).starts_with("I'm unable to provide real-time updates"));
             assert!(text_of(&items).ends_with("local San Francisco news station."));
             let n = items.len();
-            assert_eq!(
-                items[n - 2].as_ref().unwrap(),
-                &LlmEvent::Usage(LlmUsage {
-                    input_tokens: Some(14),
-                    output_tokens: Some(47),
-                    ..Default::default()
-                })
-            );
-            assert_eq!(
-                items[n - 1].as_ref().unwrap(),
-                &LlmEvent::Done {
-                    stop_reason: Some("stop".into())
-                }
-            );
+            assert_eq!(items[n - 2].as_ref().unwrap(), &usage(14, 47));
+            assert_eq!(items[n - 1].as_ref().unwrap(), &done("stop"));
         }
     }
 
     #[tokio::test]
     async fn stream_without_usage() {
-        let items = collect(events_from_sse(fixture_stream(
-            "openai/chat_stream_no_usage.sse",
-            50,
-        )))
-        .await;
+        let items = fixture_items::<StreamState>("openai/chat_stream_no_usage.sse", 50).await;
         assert_eq!(text_of(&items), "My name is Neo Vim.");
         assert!(!items.iter().any(|i| matches!(i, Ok(LlmEvent::Usage(_)))));
-        assert_eq!(
-            items.last().unwrap().as_ref().unwrap(),
-            &LlmEvent::Done {
-                stop_reason: Some("stop".into())
-            }
-        );
+        assert_eq!(items.last().unwrap().as_ref().unwrap(), &done("stop"));
     }
 
     #[test]
     fn quota_429_is_not_retried() {
-        let body = std::fs::read(format!(
-            "{}/tests/fixtures/openai/error_429.json",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let v = json_fixture("openai/error_429.json");
         let (kind, message) = parse_error(&v).unwrap();
         assert_eq!(kind, "insufficient_quota");
         let e = ProviderError::Status {
@@ -659,55 +581,28 @@ mod tests {
         assert!(matches!(e, ProviderError::Stream { ref kind, .. } if kind == "server_error"));
     }
 
-    fn call(id: &str, name: &str, arguments: &str) -> LlmEvent {
-        LlmEvent::ToolCall(ToolCall {
-            id: id.into(),
-            name: name.into(),
-            arguments: arguments.into(),
-        })
-    }
-
     #[tokio::test]
     async fn documented_tool_call_stream_in_any_chunking() {
-        for piece in [5, 200, 100_000] {
-            let items = collect(events_from_sse(fixture_stream(
-                "openai/chat_stream_tool_call.sse",
-                piece,
-            )))
-            .await;
-            let items: Vec<LlmEvent> = items.into_iter().map(Result::unwrap).collect();
-            assert_eq!(
-                items,
-                vec![
-                    call(
-                        "call_c91SqDXlYFuETYv8mUHzz6pp",
-                        "GetWeatherArgs",
-                        r#"{"city":"Edinburgh","country":"UK","units":"c"}"#
-                    ),
-                    LlmEvent::Usage(LlmUsage {
-                        input_tokens: Some(76),
-                        output_tokens: Some(24),
-                        ..Default::default()
-                    }),
-                    LlmEvent::Done {
-                        stop_reason: Some("tool_calls".into())
-                    },
-                ],
-                "chunked by {piece}"
-            );
-        }
+        assert_fixture_events::<StreamState>(
+            "openai/chat_stream_tool_call.sse",
+            &[5, 200, 100_000],
+            &[
+                call(
+                    "call_c91SqDXlYFuETYv8mUHzz6pp",
+                    "GetWeatherArgs",
+                    r#"{"city":"Edinburgh","country":"UK","units":"c"}"#,
+                ),
+                usage(76, 24),
+                done("tool_calls"),
+            ],
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn documented_parallel_tool_calls() {
-        let items = collect(events_from_sse(fixture_stream(
-            "openai/chat_stream_tool_calls_parallel.sse",
-            333,
-        )))
-        .await;
-        let items: Vec<LlmEvent> = items.into_iter().map(Result::unwrap).collect();
         assert_eq!(
-            items,
+            fixture_events::<StreamState>("openai/chat_stream_tool_calls_parallel.sse", 333).await,
             vec![
                 call(
                     "call_JMW1whyEaYG438VE1OIflxA2",
@@ -719,14 +614,8 @@ mod tests {
                     "get_stock_price",
                     r#"{"ticker": "AAPL", "exchange": "NASDAQ"}"#
                 ),
-                LlmEvent::Usage(LlmUsage {
-                    input_tokens: Some(149),
-                    output_tokens: Some(60),
-                    ..Default::default()
-                }),
-                LlmEvent::Done {
-                    stop_reason: Some("tool_calls".into())
-                },
+                usage(149, 60),
+                done("tool_calls"),
             ]
         );
     }
@@ -807,7 +696,7 @@ mod tests {
         );
         let stream =
             futures_util::stream::iter(vec![Ok(bytes::Bytes::from_static(data.as_bytes()))]);
-        let items: Vec<LlmEvent> = collect(events_from_sse(stream))
+        let items: Vec<LlmEvent> = sse_items::<StreamState>(stream)
             .await
             .into_iter()
             .map(Result::unwrap)
@@ -834,64 +723,16 @@ mod tests {
 
     #[test]
     fn request_declares_tools_and_maps_the_tool_rounds() {
-        use super::super::{ToolResult, ToolSpec};
-        let request = LlmRequest {
-            system: "Be brief.".into(),
-            messages: vec![
-                ChatMessage::user("Weather in Paris and Rome?"),
-                ChatMessage {
-                    tool_calls: vec![
-                        ToolCall {
-                            id: "call_a".into(),
-                            name: "get_weather".into(),
-                            arguments: r#"{"city":"Paris"}"#.into(),
-                        },
-                        ToolCall {
-                            id: "call_b".into(),
-                            name: "get_weather".into(),
-                            arguments: r#"{"city": "Ro"#.into(), // broken on purpose
-                        },
-                    ],
-                    ..ChatMessage::assistant("")
-                },
-                ChatMessage {
-                    tool_results: vec![
-                        ToolResult {
-                            call_id: "call_a".into(),
-                            content: r#"{"temp_c":21}"#.into(),
-                            is_error: false,
-                        },
-                        ToolResult::error("call_b", "arguments are not valid JSON"),
-                    ],
-                    ..ChatMessage::user("")
-                },
-                ChatMessage {
-                    tool_calls: vec![ToolCall {
-                        id: "call_c".into(),
-                        name: "get_weather".into(),
-                        arguments: r#"{"city":"Rome"}"#.into(),
-                    }],
-                    ..ChatMessage::assistant("Trying again.")
-                },
-                ChatMessage {
-                    tool_results: vec![ToolResult {
-                        call_id: "call_c".into(),
-                        content: r#"{"temp_c":25}"#.into(),
-                        is_error: false,
-                    }],
-                    ..ChatMessage::user("And tomorrow?")
-                },
-            ],
-            max_tokens: 300,
-            temperature: None,
-            tools: vec![ToolSpec {
+        let request = tool_rounds(
+            ["call_a", "call_b", "call_c"],
+            ["", "Trying again."],
+            ToolSpec {
                 name: "get_weather".into(),
                 description: "Current weather".into(),
                 parameters: serde_json::json!({"type": "object", "properties": {"city": {"type": "string"}}}),
-            }]
-            .into(),
-            tool_choice: ToolChoice::Auto,
-        };
+            },
+            ToolChoice::Auto,
+        );
         let config = config(true);
         let v = serde_json::to_value(body(&config, &request)).unwrap();
         assert_eq!(
@@ -939,13 +780,6 @@ mod tests {
             ..Default::default()
         };
         let config = config(false);
-        let v = serde_json::to_value(body(&config, &request)).unwrap();
-        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        keys.sort_unstable();
-        assert_eq!(keys, vec!["max_tokens", "messages", "model", "stream"]);
-        assert_eq!(
-            v["messages"],
-            serde_json::json!([{"role": "user", "content": "hi"}])
-        );
+        assert_plain_body(&serde_json::to_value(body(&config, &request)).unwrap());
     }
 }

@@ -6,7 +6,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
 use super::{AudioStream, TtsProvider, TtsRequest};
-use crate::http::body_with_idle_timeout;
+use crate::http::Endpoint;
 use crate::{HttpSettings, ProviderError};
 
 /// Sample rate of OpenAI's `pcm` format.
@@ -36,20 +36,20 @@ pub struct OpenAiTtsConfig {
 /// The OpenAI speech adapter.
 pub struct OpenAiTts {
     config: OpenAiTtsConfig,
-    client: reqwest::Client,
-    url: String,
+    endpoint: Endpoint,
 }
 
 impl OpenAiTts {
     /// Builds the adapter (no network traffic).
     pub fn new(config: OpenAiTtsConfig) -> Self {
-        let client = config.http.client();
-        let url = format!("{}/audio/speech", config.base_url.trim_end_matches('/'));
-        OpenAiTts {
-            config,
-            client,
-            url,
-        }
+        let endpoint = Endpoint::new(
+            &config.http,
+            &config.base_url,
+            "/audio/speech",
+            "openai.speech",
+            parse_error,
+        );
+        OpenAiTts { config, endpoint }
     }
 }
 
@@ -97,24 +97,12 @@ impl TtsProvider for OpenAiTts {
             voice: request.voice.as_deref().unwrap_or(&self.config.voice),
             response_format: "pcm",
         };
-        let body = serde_json::to_vec(&body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
-        let http = &self.config.http;
-        let response = http
-            .send_with_retry(
-                "openai.speech",
-                || {
-                    self.client
-                        .post(&self.url)
-                        .bearer_auth(self.config.api_key.expose_secret())
-                        .header("content-type", "application/json")
-                        .body(body.clone())
-                },
-                parse_error,
-            )
+        let audio = self
+            .endpoint
+            .post_json(&body, |post| {
+                post.bearer_auth(self.config.api_key.expose_secret())
+            })
             .await?;
-        Ok(Box::pin(body_with_idle_timeout(
-            response,
-            http.idle_timeout,
-        )))
+        Ok(Box::pin(audio))
     }
 }

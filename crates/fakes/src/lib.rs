@@ -356,6 +356,10 @@ pub struct Usage {
     pub llm_requests: u64,
     /// Of those, streams the client left before their last event.
     pub llm_cut_requests: u64,
+    /// Output tokens of the last text event of each cut stream: text that may still have been
+    /// on its way when the client left (sent, billed, and never read — no provider reports
+    /// usage for a stream the client left, so no client can count it).
+    pub llm_cut_last_tokens: u64,
     /// Of those, streams still running (not billed yet).
     pub llm_open_streams: u64,
     /// Prompt tokens reported for every accepted request.

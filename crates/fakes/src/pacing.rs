@@ -26,6 +26,8 @@ pub(crate) enum Bill {
     Nothing,
     /// This many characters of generated text.
     Generated(usize),
+    /// An event reporting this many output tokens so far.
+    Reported(u64),
     /// The stream's last event, reporting this many output tokens.
     Last(u64),
 }
@@ -85,6 +87,7 @@ where
                         match what {
                             Bill::Nothing => {}
                             Bill::Generated(chars) => b.generated(chars),
+                            Bill::Reported(tokens) => b.reported(tokens),
                             Bill::Last(tokens) => b.finished(tokens),
                         }
                     }

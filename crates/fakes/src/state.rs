@@ -132,6 +132,7 @@ pub(crate) struct Meter {
     llm_requests: AtomicU64,
     llm_settled: AtomicU64,
     llm_cut: AtomicU64,
+    llm_cut_last_tokens: AtomicU64,
     llm_input_tokens: AtomicU64,
     llm_output_tokens: AtomicU64,
     tts_requests: AtomicU64,
@@ -146,11 +147,15 @@ impl Meter {
         Recorder::add(&self.llm_input_tokens, input_tokens);
     }
 
-    /// A model stream ended: `output_tokens` billed; `cut` when the client left before the end.
-    pub(crate) fn llm_output(&self, output_tokens: u64, cut: bool) {
+    /// A model stream ended: `output_tokens` billed; `cut` when the client left before the end,
+    /// its last text event then carrying `last_tokens`.
+    pub(crate) fn llm_output(&self, output_tokens: u64, cut: Option<u64>) {
         Recorder::add(&self.llm_output_tokens, output_tokens);
         Recorder::add(&self.llm_settled, 1);
-        Recorder::add(&self.llm_cut, u64::from(cut));
+        if let Some(last_tokens) = cut {
+            Recorder::add(&self.llm_cut, 1);
+            Recorder::add(&self.llm_cut_last_tokens, last_tokens);
+        }
     }
 
     /// A speech request was accepted with `chars` characters.
@@ -170,6 +175,7 @@ impl Meter {
         Usage {
             llm_requests: get(&self.llm_requests),
             llm_cut_requests: get(&self.llm_cut),
+            llm_cut_last_tokens: get(&self.llm_cut_last_tokens),
             llm_open_streams: get(&self.llm_requests).saturating_sub(get(&self.llm_settled)),
             llm_input_tokens: get(&self.llm_input_tokens),
             llm_output_tokens: get(&self.llm_output_tokens),
@@ -184,6 +190,7 @@ impl Meter {
             &self.llm_requests,
             &self.llm_settled,
             &self.llm_cut,
+            &self.llm_cut_last_tokens,
             &self.llm_input_tokens,
             &self.llm_output_tokens,
             &self.tts_requests,
@@ -197,11 +204,16 @@ impl Meter {
 
 /// The bill of one model stream, settled when the stream ends or is dropped: the reported
 /// output when its last event was sent, otherwise the text generated so far at
-/// [`estimate_tokens`](crate::util::estimate_tokens)'s rate (what a provider bills for a
-/// cancelled stream is its own count; the fakes' count is this one).
+/// [`estimate_tokens`](crate::util::estimate_tokens)'s rate, and never less than the output
+/// count an event already reported (what a provider bills for a cancelled stream is its own
+/// count; the fakes' count is this one).
 pub(crate) struct StreamBill {
     meter: Arc<Meter>,
     chars: usize,
+    /// Characters of the last text event.
+    last_chars: usize,
+    /// Output tokens an event reported so far (Anthropic's `message_start` says 1).
+    reported: u64,
     settled: bool,
 }
 
@@ -210,6 +222,8 @@ impl StreamBill {
         Self {
             meter,
             chars: 0,
+            last_chars: 0,
+            reported: 0,
             settled: false,
         }
     }
@@ -217,13 +231,19 @@ impl StreamBill {
     /// Text (or call arguments) of `chars` characters was sent.
     pub(crate) fn generated(&mut self, chars: usize) {
         self.chars += chars;
+        self.last_chars = chars;
+    }
+
+    /// An event reporting `output_tokens` so far was sent.
+    pub(crate) fn reported(&mut self, output_tokens: u64) {
+        self.reported = self.reported.max(output_tokens);
     }
 
     /// The stream's last event, reporting `output_tokens`, was sent.
     pub(crate) fn finished(&mut self, output_tokens: u64) {
         if !self.settled {
             self.settled = true;
-            self.meter.llm_output(output_tokens, false);
+            self.meter.llm_output(output_tokens, None);
         }
     }
 }
@@ -231,8 +251,10 @@ impl StreamBill {
 impl Drop for StreamBill {
     fn drop(&mut self) {
         if !self.settled {
+            let estimate = crate::util::estimate_tokens(self.chars);
+            let last = crate::util::estimate_tokens(self.last_chars);
             self.meter
-                .llm_output(crate::util::estimate_tokens(self.chars), true);
+                .llm_output(estimate.max(self.reported), Some(last));
         }
     }
 }
@@ -301,6 +323,7 @@ mod tests {
         meter.llm_request(10);
         meter.llm_request(20);
         meter.llm_request(30);
+        meter.llm_request(0);
         // Finished: the reported count, once.
         let mut whole = StreamBill::new(meter.clone());
         whole.generated(400);
@@ -312,16 +335,22 @@ mod tests {
         cut.generated(5);
         cut.generated(4);
         drop(cut);
+        // Cut after `message_start` reported one token, before any text: that token.
+        let mut early = StreamBill::new(meter.clone());
+        early.reported(1);
+        drop(early);
         let open = meter.snapshot();
         assert_eq!(open.llm_open_streams, 1);
         drop(StreamBill::new(meter.clone()));
         meter.stt_audio(32_000, 16_000);
         meter.tts_request(12);
         let u = meter.snapshot();
-        assert_eq!(u.llm_requests, 3);
+        assert_eq!(u.llm_requests, 4);
         assert_eq!(u.llm_input_tokens, 60);
-        assert_eq!(u.llm_output_tokens, 7 + 3);
-        assert_eq!(u.llm_cut_requests, 2);
+        assert_eq!(u.llm_output_tokens, 7 + 3 + 1);
+        assert_eq!(u.llm_cut_requests, 3);
+        // What may have been on its way when each was cut: its last text event.
+        assert_eq!(u.llm_cut_last_tokens, 1);
         assert_eq!(u.llm_open_streams, 0);
         assert_eq!((u.tts_requests, u.tts_chars), (1, 12));
         assert!((u.stt_audio_seconds - 1.0).abs() < 1e-9);

@@ -203,6 +203,13 @@ impl Ledger {
         self.budget.limit()
     }
 
+    /// Takes audio off the bill that was counted by [`Ledger::add_audio`] but never reached
+    /// the recogniser.
+    pub fn remove_audio(&mut self, seconds: f64) {
+        self.stt_seconds = (self.stt_seconds - seconds).max(0.0);
+        self.consumption.stt_ms = (self.stt_seconds * 1000.0) as u64;
+    }
+
     /// Adds audio streamed to recognition; returns true when the total crossed a whole
     /// second (recognition is billed while the user talks, so budgets are re-checked then).
     pub fn add_audio(&mut self, seconds: f64) -> bool {
@@ -326,6 +333,21 @@ mod tests {
         let mut ledger = Ledger::new(prices(), None, 0.8).with_daily_limit(Some(100));
         ledger.set_daily_spent(100);
         assert_eq!(ledger.check(0), Verdict::Exhausted);
+    }
+
+    #[test]
+    fn audio_the_recogniser_never_received_is_taken_off_the_bill() {
+        let mut ledger = Ledger::new(prices(), None, 0.8);
+        assert!(!ledger.add_audio(0.5));
+        assert!(ledger.add_audio(0.75));
+        ledger.remove_audio(0.25);
+        assert!((ledger.usage().stt_seconds - 1.0).abs() < 1e-9);
+        ledger.settle();
+        let one_second = ledger.cost().total;
+        ledger.remove_audio(5.0);
+        assert_eq!(ledger.usage().stt_seconds, 0.0);
+        ledger.settle();
+        assert!(ledger.cost().total < one_second);
     }
 
     /// The reference deployment's prices (nova-3, claude-haiku-4-5, tts-1).

@@ -421,6 +421,12 @@ pub enum Input<'a> {
     },
     /// A reply's task ended (finished, failed, or aborted on request).
     ReplyEnded(ReplyOutcome),
+    /// Audio forwarded to the recogniser that it will never receive (its queue was full, or
+    /// the backlog kept while reconnecting overflowed): the provider does not bill it.
+    RecognitionDropped {
+        /// Its length.
+        seconds: f64,
+    },
     /// A key pressed on a phone's keypad (`0`–`9`, `*`, `#`, `A`–`D`).
     Digit(char),
     /// The listener's side confirms it played the reply to `turn_id` up to `offset` bytes of
@@ -1143,6 +1149,7 @@ impl Session {
                     None => self.refresh.verifying = false,
                 }
             }
+            Input::RecognitionDropped { seconds } => self.ledger.remove_audio(seconds),
             Input::Heard(heard) => {
                 if matches!(
                     heard,

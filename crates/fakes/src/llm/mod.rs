@@ -22,7 +22,10 @@ use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 
 use self::tools::{Tools, Wire};
-use crate::pacing::{Step, Timed, paced_body};
+use crate::pacing::{Bill, Step, Timed, paced_body};
+
+/// Output tokens Anthropic's `message_start` reports (the real API says 1).
+const START_OUTPUT_TOKENS: u64 = 1;
 use crate::state::{Shared, StreamBill};
 use crate::{Fault, LlmFakeConfig, ScriptedCall, ScriptedReply, Target, errors, util};
 
@@ -509,7 +512,7 @@ async fn complete<A: ChatApi>(
     shared
         .recorder
         .usage
-        .llm_output(plan.output_tokens() as u64, false);
+        .llm_output(plan.output_tokens() as u64, None);
     A::completion(req, plan)
 }
 
@@ -654,7 +657,7 @@ impl ChatApi for AnthropicMessages {
                         "input_tokens": plan.input_tokens,
                         "cache_creation_input_tokens": 0,
                         "cache_read_input_tokens": 0,
-                        "output_tokens": 1,
+                        "output_tokens": START_OUTPUT_TOKENS,
                     },
                 },
             }),
@@ -662,7 +665,10 @@ impl ChatApi for AnthropicMessages {
         let request_id = ("request-id", util::prefixed_id("req_"));
         let mut steps = Vec::with_capacity(plan.emitted + 3);
         if matches!(fault, Some(Fault::Stall)) {
-            steps.push(Timed::data(now, message_start));
+            steps.push(Timed {
+                at: now,
+                step: Step::Data(message_start.into(), Bill::Reported(START_OUTPUT_TOKENS)),
+            });
             steps.push(Timed {
                 at: now,
                 step: Step::Stall,
@@ -679,7 +685,10 @@ impl ChatApi for AnthropicMessages {
             ));
         }
         head.push_str(&sse_event("ping", &json!({"type": "ping"})));
-        steps.push(Timed::data(now, head));
+        steps.push(Timed {
+            at: now,
+            step: Step::Data(head.into(), Bill::Reported(START_OUTPUT_TOKENS)),
+        });
 
         let faulted = plan.push_tokens(
             &mut steps,

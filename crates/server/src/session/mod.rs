@@ -874,6 +874,11 @@ impl Driver {
         if !forwarded.is_empty() {
             self.stt.send_audio(forwarded, position_s, hold);
         }
+        let dropped = self.stt.take_dropped_seconds();
+        if dropped > 0.0 {
+            self.machine
+                .handle(Input::RecognitionDropped { seconds: dropped }, now());
+        }
     }
 
     async fn on_stt(&mut self, event: LinkEvent) {

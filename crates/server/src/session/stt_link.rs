@@ -61,6 +61,8 @@ pub struct SttLink {
     reconnect: Reconnect,
     /// Frames dropped because the recogniser fell behind.
     pub dropped_frames: u64,
+    /// Seconds of audio dropped since [`SttLink::take_dropped_seconds`] last took them.
+    dropped_seconds: f64,
 }
 
 impl SttLink {
@@ -77,13 +79,20 @@ impl SttLink {
             offset_s: None,
             reconnect: Reconnect::default(),
             dropped_frames: 0,
+            dropped_seconds: 0.0,
         }
     }
 
-    /// Counts frames the recogniser will never hear.
-    fn dropped(&mut self, frames: u64) {
+    /// Counts audio the recogniser will never hear (and so never bills).
+    fn dropped(&mut self, frames: u64, bytes: usize) {
         self.dropped_frames += frames;
+        self.dropped_seconds += (bytes / 2) as f64 / f64::from(self.options.sample_rate.max(1));
         crate::metrics::AUDIO.frames_dropped.increment(frames);
+    }
+
+    /// Seconds of audio dropped since the last call: the session takes them off its bill.
+    pub fn take_dropped_seconds(&mut self) -> f64 {
+        std::mem::take(&mut self.dropped_seconds)
     }
 
     /// Consecutive failures so far.
@@ -139,10 +148,11 @@ impl SttLink {
     fn send(&mut self, chunk: Chunk) {
         if let State::Open(stream) = &mut self.state {
             self.offset_s.get_or_insert(chunk.position_s);
+            let bytes = chunk.pcm.len();
             match stream.commands.try_send(SttCommand::Audio(chunk.pcm)) {
                 Ok(()) => return,
                 Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                    self.dropped(chunk.frames);
+                    self.dropped(chunk.frames, bytes);
                     return;
                 }
                 Err(tokio::sync::mpsc::error::TrySendError::Closed(SttCommand::Audio(pcm))) => {
@@ -166,7 +176,7 @@ impl SttLink {
         if self.backlog.len() == BACKLOG_MESSAGES
             && let Some(oldest) = self.backlog.pop_front()
         {
-            self.dropped(oldest.frames);
+            self.dropped(oldest.frames, oldest.pcm.len());
         }
         self.backlog.push_back(chunk);
     }
@@ -228,12 +238,13 @@ impl SttLink {
         while let Some(chunk) = self.backlog.pop_front() {
             if let State::Open(stream) = &mut self.state {
                 self.offset_s.get_or_insert(chunk.position_s);
+                let bytes = chunk.pcm.len();
                 if stream
                     .commands
                     .try_send(SttCommand::Audio(chunk.pcm))
                     .is_err()
                 {
-                    self.dropped(chunk.frames);
+                    self.dropped(chunk.frames, bytes);
                 }
             }
         }

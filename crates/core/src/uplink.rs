@@ -4,14 +4,14 @@
 //! costs a write (a system call, and a message for the recogniser to read) 50 times a second
 //! per session — measured, the largest single cost of a session on the server
 //! (docs/benchmarks.md). Recognisers take larger messages (Deepgram recommends 20–250 ms), and
-//! most of a session's audio is not urgent: the middle of speech only feeds interim
-//! transcripts, and the quiet while the person listens feeds nothing. Two moments are urgent:
-//! the audio right after the person stops, whose length the recogniser's end-of-speech
-//! detection counts (the reply waits for it), and the first audio of new speech (barge-in).
+//! much of a session's audio is not urgent: the quiet while the person listens, or thinks,
+//! feeds no decision. Everything else is urgent: a recogniser acts on audio only once it has
+//! it, so any voiced frame held back — above all the last one of a turn — delays the end of the
+//! turn (and a barge-in) by as long as it waits.
 //!
-//! So a frame may wait for the next ones, up to `max_hold` of audio, except that
-//! - a frame whose level crosses between voice and quiet goes at once, with everything held
-//!   before it;
+//! So a frame may wait for the next ones, up to `max_hold` of audio, only when it is quiet and
+//! no end of speech is awaited:
+//! - a voiced frame goes at once, with everything held before it;
 //! - after speech, quiet frames go one by one until the recogniser has reported the end of
 //!   that speech (or two seconds of quiet have passed: no recogniser counts longer);
 //! - held audio never waits longer than `max_hold` of wall time (a client that stopped
@@ -45,8 +45,6 @@ pub struct Uplink {
     deadline: Option<Instant>,
     /// Level of the background, in dBFS.
     floor_dbfs: f32,
-    /// The last frame was voice.
-    voiced: bool,
     /// Voice was heard and the recogniser has not reported its end yet.
     awaiting_end: bool,
     /// Quiet audio since the last voice.
@@ -61,7 +59,6 @@ impl Uplink {
             held: Duration::ZERO,
             deadline: None,
             floor_dbfs: INITIAL_FLOOR_DBFS,
-            voiced: false,
             awaiting_end: false,
             quiet: Duration::ZERO,
         }
@@ -81,17 +78,17 @@ impl Uplink {
             self.released();
             return false;
         }
-        let voiced = self.is_voice(level_dbfs(), length);
-        let crossed = voiced != self.voiced;
-        self.voiced = voiced;
-        if voiced {
+        if self.is_voice(level_dbfs(), length) {
             self.awaiting_end = true;
             self.quiet = Duration::ZERO;
         } else {
             self.quiet += length;
             self.awaiting_end &= self.quiet < END_WATCH;
         }
-        let urgent = crossed || (!voiced && self.awaiting_end);
+        // Voice, and the quiet after it until the recogniser has reported its end, are what
+        // turn-taking decides on: they go at once (the last voiced frame of a turn never waits
+        // for the one after it).
+        let urgent = self.awaiting_end;
         if urgent || self.held + length >= self.max_hold {
             self.released();
             return false;
@@ -221,28 +218,24 @@ mod tests {
     }
 
     #[test]
-    fn steady_audio_goes_in_batches_of_the_hold() {
+    fn quiet_goes_in_batches_of_the_hold_and_voice_at_once() {
         let mut s = Stream::new(100);
         // Quiet before anyone spoke: four frames wait, the fifth completes 100 ms.
         assert_eq!(
             s.frames(10, SILENCE),
             [true, true, true, true, false, true, true, true, true, false]
         );
-        // Speech starts: its first frame goes at once (barge-in), then speech is batched.
-        let speech = s.frames(11, SPEECH);
-        assert!(!speech[0]);
-        assert_eq!(
-            &speech[1..],
-            [true, true, true, true, false, true, true, true, true, false]
-        );
+        // Speech: every frame goes as it comes, the first one with the quiet held before it
+        // (barge-in), the last one without waiting for what follows (the end of the turn).
+        s.frames(2, SILENCE);
+        assert_eq!(s.frames(11, SPEECH), [false; 11]);
     }
 
     #[test]
     fn the_end_of_speech_goes_frame_by_frame_until_the_recogniser_heard_it() {
         let mut s = Stream::new(100);
         s.frames(30, SPEECH);
-        // The first quiet frame goes at once with the speech held before it, and so does every
-        // quiet frame after it: the recogniser is counting that silence.
+        // Every quiet frame after speech goes at once: the recogniser is counting that silence.
         assert_eq!(s.frames(12, SILENCE), [false; 12]);
         s.uplink.end_heard();
         assert_eq!(s.frames(5, SILENCE), [true, true, true, true, false]);
@@ -294,9 +287,8 @@ mod tests {
         assert!(!s.frames(1, -15.0)[0]);
         s.frames(20, -15.0);
         assert_eq!(s.frames(3, -35.0), [false; 3]);
-        // Batches of speech in between: far fewer messages than frames.
-        let speech = s.frames(50, -15.0);
-        assert!(messages(&speech) <= 11, "{}", messages(&speech));
+        // Speech goes frame by frame.
+        assert_eq!(s.frames(50, -15.0), [false; 50]);
     }
 
     #[test]

@@ -128,9 +128,10 @@ pub struct FakesConfig {
 /// [`min_speech`](Self::min_speech) of consecutive speech and ends once
 /// [`silence_to_end`](Self::silence_to_end) of non-speech audio followed it. Its final
 /// `Results` (`is_final` and `speech_final` true) is sent at
-/// `max(now, wall_time(end of speech) + final_delay)`, where the wall time of a sample is
-/// estimated assuming each audio message arrives at the wall time of its last sample. For a
-/// real-time client the end of speech is therefore *detected* `silence_to_end` after it
+/// `max(now, wall_time(end of speech) + final_delay)`, where the wall time of a sample is the
+/// arrival of the message that carried it: audio a client holds back to batch it is heard late,
+/// as by any real recogniser. For a real-time client sending each frame as it is captured, the
+/// end of speech is therefore *detected* `silence_to_end` after it
 /// happened and the final is *sent* `final_delay` after it happened, so `silence_to_end` must
 /// be `<= final_delay` for the final to arrive exactly `final_delay` after the end of speech
 /// (otherwise it arrives `silence_to_end` after it).

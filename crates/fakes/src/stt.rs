@@ -6,8 +6,8 @@
 //!
 //! * audio (linear16 mono at `sample_rate`) is cut into 10 ms frames and classified as speech
 //!   when its RMS level is above the configured threshold;
-//! * an audio clock maps sample offsets to wall-clock estimates (a message is assumed to arrive
-//!   at the wall time of its last sample), so the end of speech has a wall time;
+//! * a sample's wall time is the arrival of the message that carried it (a recogniser can act
+//!   on audio only once it has it), so the end of speech has a wall time;
 //! * utterances produce `SpeechStarted` (with `vad_events=true`), interim `Results`
 //!   (with `interim_results=true`), a final `Results` at `end-of-speech + final_delay`, and an
 //!   `UtteranceEnd` (with `utterance_end_ms` and `interim_results=true`) once that much audio
@@ -491,7 +491,6 @@ impl Session {
         if self.fault == FaultMode::Stall {
             return out;
         }
-        let received = self.received_bytes / 2;
         let frame_bytes = self.frame as usize * 2;
         let mut carry = std::mem::take(&mut self.carry);
         carry.extend_from_slice(data);
@@ -502,10 +501,9 @@ impl Session {
             let s0 = self.processed;
             let s1 = s0 + self.frame;
             self.processed = s1;
-            // The message's last sample arrived now; earlier samples proportionally earlier.
-            let behind = Duration::from_secs_f64(self.secs(received.saturating_sub(s1)));
-            let wall = now.checked_sub(behind).unwrap_or(now);
-            self.on_frame(s0, s1, wall, level > self.threshold_dbfs, now, &mut out);
+            // Every sample of the message is heard now, when it arrived: a recogniser cannot
+            // act on audio before it has it (however early the client captured it).
+            self.on_frame(s0, s1, now, level > self.threshold_dbfs, now, &mut out);
         }
         carry.drain(..offset);
         if carry.capacity() > 64 * 1024 {
@@ -1021,6 +1019,40 @@ mod tests {
         let v: Value = serde_json::from_str(msg).unwrap();
         assert_eq!(v["speech_final"], true);
         assert_eq!(v["channel"]["alternatives"][0]["transcript"], "one two");
+    }
+
+    #[test]
+    fn audio_is_heard_when_its_message_arrives_not_before() {
+        // Speech ends at 600 ms; the client batches: a 50 ms message, then 100 ms ones, each
+        // sent when its last sample is captured, so the last voiced audio (580–600 ms) only
+        // arrives with the message sent at 650 ms. A recogniser cannot end the turn before it
+        // has that audio: the final is due 150 ms after 650 ms, not after 600 ms.
+        let (mut s, t0) = session(&["one two"], "", None);
+        let mut audio = vec![0u8; 300 * 32];
+        audio.extend(tone(300, 0.3));
+        audio.extend(vec![0u8; 500 * 32]);
+        let (first, rest) = audio.split_at(50 * 32);
+        let mut sent_at = 50;
+        let mut finals = Vec::new();
+        for chunk in std::iter::once(first).chain(rest.chunks(100 * 32)) {
+            let now = t0 + Duration::from_millis(sent_at);
+            for action in s.on_timer(now).into_iter().chain(s.on_audio(chunk, now)) {
+                if let Action::Send(m) = action
+                    && m.contains("speech_final\":true")
+                {
+                    finals.push(sent_at);
+                }
+            }
+            if let Some(due) = s.next_deadline() {
+                assert!(
+                    due >= t0 + Duration::from_millis(800),
+                    "final due at {due:?}"
+                );
+            }
+            sent_at += 100;
+        }
+        assert_eq!(finals.len(), 1, "{finals:?}");
+        assert!(finals[0] >= 800, "{finals:?}");
     }
 
     #[test]

@@ -257,8 +257,9 @@ async fn push_to_talk_commit_ends_the_turn_without_waiting_for_endpointing() {
     );
 }
 
-/// 20 ms frames reach the recogniser joined into fewer messages where nothing waits for them —
-/// every byte, in order, and the turn still ends — and one by one when batching is off.
+/// 20 ms frames reach the recogniser joined into fewer messages where nothing waits for them
+/// (quiet, with no end of speech awaited) — every byte, in order, and the turn still ends — and
+/// one by one when batching is off.
 #[tokio::test]
 async fn twenty_ms_frames_reach_the_recogniser_batched_and_whole() {
     for batch_ms in [100, 0] {
@@ -290,8 +291,10 @@ async fn twenty_ms_frames_reach_the_recogniser_batched_and_whole() {
         let recorded = app.fakes.recorded();
         assert_eq!(recorded.stt_audio_bytes, bytes, "batch {batch_ms} ms");
         if batch_ms > 0 {
+            // Speech and the quiet right after it go frame by frame; the quiet before it and
+            // after the recogniser's final goes in batches.
             assert!(
-                recorded.stt_audio_messages * 2 < frames,
+                recorded.stt_audio_messages * 10 < frames * 8,
                 "{} messages for {frames} frames",
                 recorded.stt_audio_messages
             );

@@ -11,11 +11,11 @@
 # webhook, TwiML, a media stream of 20 ms mu-law frames at real-time pace; CHUNK_MS is unused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/atlas-voice/target}"
 n="${1:-1000}"
 chunk="${2:-20}"
 ramp="${3:-5}"
 shift $(($# < 3 ? $# : 3))
+. scripts/lib/load.sh
 # LOADTEST_BIN runs a given build instead (A/B comparisons of two builds on the same machine).
 if [ -n "${LOADTEST_BIN:-}" ]; then
   bin="$LOADTEST_BIN"
@@ -34,13 +34,8 @@ server_port=18080
 data=$(mktemp -d)
 RUST_LOG=warn "${client_cpu[@]}" "$bin" fakes --listen "127.0.0.1:$fakes_port" >/dev/null &
 fakes_pid=$!
-export ATLAS_LISTEN="127.0.0.1:$server_port" ATLAS_DEV=true \
-  ATLAS_STT=deepgram ATLAS_LLM=anthropic ATLAS_TTS=openai \
-  DEEPGRAM_API_KEY=fake ANTHROPIC_API_KEY=fake OPENAI_API_KEY=fake \
-  ATLAS_DEEPGRAM_URL="ws://127.0.0.1:$fakes_port" ATLAS_ANTHROPIC_URL="http://127.0.0.1:$fakes_port" \
-  ATLAS_OPENAI_URL="http://127.0.0.1:$fakes_port/v1" \
-  ATLAS_CONNECT_RATE_PER_S=1000000 ATLAS_CONNECT_BURST=1000000 \
-  ATLAS_MAX_SESSIONS_PER_USER=100000 DATABASE_URL="sqlite://$data/atlas-voice.db"
+export_fake_providers "$fakes_port"
+export ATLAS_LISTEN="127.0.0.1:$server_port" DATABASE_URL="sqlite://$data/atlas-voice.db"
 twilio_token=loadtest-twilio-auth-token-0123456789
 if [ -n "${LOADTEST_TWILIO:-}" ]; then
   printf '[[twilio_numbers]]\nnumber = "+12025550199"\nuser_id = "loadtest"\n' >"$data/atlas.toml"

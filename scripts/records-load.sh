@@ -7,10 +7,10 @@
 #        needs PostgreSQL on 127.0.0.1:5432, user postgres; loopback only; stops by itself)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/atlas-voice/target}"
 n="${1:-200}"
 delay="${2:-50}"
 hold="${3:-20}"
+. scripts/lib/load.sh
 # ATLAS_VOICE_BIN=path/to/atlas-voice skips the build (e.g. a debug build made for the tests).
 if [ -z "${ATLAS_VOICE_BIN:-}" ]; then
   cargo build --release --locked -p atlas-voice >&2
@@ -26,13 +26,8 @@ psql -h 127.0.0.1 -U postgres -d postgres -qc "create database $db"
 RUST_LOG=warn "$bin" fakes --listen "127.0.0.1:$fakes_port" \
   --db-proxy "127.0.0.1:$proxy_port=127.0.0.1:5432" --db-delay-ms "$delay" >/dev/null &
 fakes_pid=$!
-export ATLAS_LISTEN="127.0.0.1:$server_port" ATLAS_DEV=true \
-  ATLAS_STT=deepgram ATLAS_LLM=anthropic ATLAS_TTS=openai \
-  DEEPGRAM_API_KEY=fake ANTHROPIC_API_KEY=fake OPENAI_API_KEY=fake \
-  ATLAS_DEEPGRAM_URL="ws://127.0.0.1:$fakes_port" ATLAS_ANTHROPIC_URL="http://127.0.0.1:$fakes_port" \
-  ATLAS_OPENAI_URL="http://127.0.0.1:$fakes_port/v1" \
-  ATLAS_CONNECT_RATE_PER_S=1000000 ATLAS_CONNECT_BURST=1000000 \
-  ATLAS_MAX_SESSIONS_PER_USER=100000 ATLAS_CHECKPOINT_INTERVAL_S=1 \
+export_fake_providers "$fakes_port"
+export ATLAS_LISTEN="127.0.0.1:$server_port" ATLAS_CHECKPOINT_INTERVAL_S=1 \
   ATLAS_IDLE_TIMEOUT_S=600 ATLAS_SPOOL_DIR="$data/spool" \
   DATABASE_URL="postgres://postgres@127.0.0.1:$proxy_port/$db"
 cleanup() {

@@ -13,22 +13,34 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# apt_install WHAT NEEDED PACKAGE...: as root on Debian, installs the packages (saying
+# `installing WHAT`); elsewhere prints NEEDED and stops.
+apt_install() {
+  local what="$1" needed="$2"
+  shift 2
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing $what"
+    if apt-get update -qq; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    fi
+  else
+    echo "$needed" >&2
+    exit 1
+  fi
+}
+
 # The integration tests use a real PostgreSQL (fresh database per test) on 127.0.0.1:5432
 # (override with ATLAS_TEST_POSTGRES_URL). Start the local cluster if it is not running.
 pg_up() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
 if [ -z "${ATLAS_TEST_POSTGRES_URL:-}" ] && ! pg_up; then
   if ! command -v pg_ctlcluster >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-      echo "== installing PostgreSQL"
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-      # Loopback connections without a password, as on the development machines.
-      for hba in /etc/postgresql/*/main/pg_hba.conf; do
-        sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
-      done
-    else
-      echo "PostgreSQL is needed on 127.0.0.1:5432 (or set ATLAS_TEST_POSTGRES_URL)" >&2
-      exit 1
-    fi
+    apt_install "PostgreSQL" \
+      "PostgreSQL is needed on 127.0.0.1:5432 (or set ATLAS_TEST_POSTGRES_URL)" \
+      postgresql
+    # Loopback connections without a password, as on the development machines.
+    for hba in /etc/postgresql/*/main/pg_hba.conf; do
+      sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+    done
   fi
   echo "== starting PostgreSQL"
   version=$(ls /etc/postgresql | sort -V | tail -n 1)
@@ -47,13 +59,9 @@ fi
 redis_up() { (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; }
 if ! redis_up; then
   if ! command -v redis-server >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-      echo "== installing Redis"
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-    else
-      echo "Redis is needed on 127.0.0.1:6379" >&2
-      exit 1
-    fi
+    apt_install "Redis" \
+      "Redis is needed on 127.0.0.1:6379" \
+      redis-server
   fi
   echo "== starting Redis"
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no >/dev/null
@@ -63,37 +71,25 @@ fi
 # The rediss:// test makes a CA and a server certificate with openssl and runs redis-server
 # with TLS on a port of its own.
 if ! command -v openssl >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing openssl and redis-tools"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl redis-tools >/dev/null
-  else
-    echo "the rediss:// test needs openssl and redis-cli" >&2
-    exit 1
-  fi
+  apt_install "openssl and redis-tools" \
+    "the rediss:// test needs openssl and redis-cli" \
+    openssl redis-tools
 fi
 
 # The web page is tested in Debian's headless Chromium driven through chromedriver.
 if ! command -v chromedriver >/dev/null 2>&1 || ! [ -x /usr/bin/chromium ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing chromium and chromium-driver"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
-  else
-    echo "the browser test needs Debian's chromium and chromium-driver" >&2
-    exit 1
-  fi
+  apt_install "chromium and chromium-driver" \
+    "the browser test needs Debian's chromium and chromium-driver" \
+    chromium chromium-driver
 fi
 
 # The browser SDK (clients/web): its one development dependency (TypeScript, pinned by
 # package-lock.json), the type check of its JSDoc and of the shipped declarations, and its
 # unit tests under node's own test runner. Node.js 18 or newer.
 if ! command -v npm >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing Node.js and npm"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
-  else
-    echo "the browser SDK's checks need Node.js 18+ and npm" >&2
-    exit 1
-  fi
+  apt_install "Node.js and npm" \
+    "the browser SDK's checks need Node.js 18+ and npm" \
+    nodejs npm
 fi
 echo "== clients/web: npm ci, type check, unit tests"
 (cd clients/web && npm ci --no-audit --no-fund --loglevel=error && npm run --silent check && npm test)

@@ -28,19 +28,19 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut threads = std::thread::available_parallelism().map_or(2, |n| n.get() as i32);
     let mut context = 2048;
     let mut sentences = 2;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--model" => model = Some(PathBuf::from(value()?)),
-            "--threads" => threads = value()?.parse()?,
-            "--context" => context = value()?.parse()?,
-            "--sentences" => sentences = value()?.parse()?,
-            other => bail!(
-                "unknown argument {other:?} (usage: atlas-voice-llm --model FILE [--threads N] [--context TOKENS] [--sentences N])"
-            ),
-        }
-    }
+    ipc::parse_options(
+        "atlas-voice-llm --model FILE [--threads N] [--context TOKENS] [--sentences N]",
+        |arg, value| {
+            match arg {
+                "--model" => model = Some(PathBuf::from(value()?)),
+                "--threads" => threads = value()?.parse()?,
+                "--context" => context = value()?.parse()?,
+                "--sentences" => sentences = value()?.parse()?,
+                _ => return Ok(false),
+            }
+            anyhow::Ok(true)
+        },
+    )?;
     Ok(Args {
         model: model.context("--model FILE is required")?,
         threads: threads.max(1),
@@ -213,12 +213,7 @@ impl Engine<'_> {
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    if !args.model.is_file() {
-        bail!(
-            "model file {} does not exist (run `atlas-voice models fetch`)",
-            args.model.display()
-        );
-    }
+    ipc::check_fetched("model", &args.model)?;
     let mut backend = LlamaBackend::init()?;
     backend.void_logs();
     let model = LlamaModel::load_from_file(&backend, &args.model, &LlamaModelParams::default())

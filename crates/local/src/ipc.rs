@@ -4,6 +4,7 @@
 //! payload (audio for transcription, empty otherwise). Both lengths are bounded.
 
 use std::io::{self, Read, Write};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -251,6 +252,40 @@ pub fn reply(reply: &Reply) -> io::Result<()> {
         _ => &[],
     };
     write_frame(&mut io::stdout().lock(), reply, payload)
+}
+
+/// Worker side: reads the command line's `--name value` options, handing each name to `set`
+/// with a way to take its value (a missing value is the error `NAME needs a value`). `set`
+/// returns `Ok(false)` for a name the worker does not take, which fails with `usage`.
+pub fn parse_options<E: From<io::Error>>(
+    usage: &str,
+    mut set: impl FnMut(&str, &mut dyn FnMut() -> io::Result<String>) -> Result<bool, E>,
+) -> Result<(), E> {
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| io::Error::other(format!("{arg} needs a value")))
+        };
+        if !set(&arg, &mut value)? {
+            return Err(
+                io::Error::other(format!("unknown argument {arg:?} (usage: {usage})")).into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Worker side: fails unless the `what` file at `path` (fetched by `atlas-voice models
+/// fetch`) is there.
+pub fn check_fetched(what: &str, path: &Path) -> io::Result<()> {
+    if path.is_file() {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "{what} file {} does not exist (run `atlas-voice models fetch`)",
+        path.display()
+    )))
 }
 
 /// Server side: a reply with its payload put back where it belongs.

@@ -226,50 +226,47 @@ mod tests {
         assert_eq!(g.finish(true), " It.");
     }
 
+    /// Runs a fresh gate of `sentences` (and no soft cap to speak of) over each case's pieces,
+    /// ended naturally or not, and checks what it spoke.
+    fn check(sentences: usize, cases: &[(&[&str], bool, &str)]) {
+        for (pieces, natural, expected) in cases {
+            let (spoken, _) = run(&mut gate(sentences, 100), pieces, *natural);
+            assert_eq!(spoken, *expected, "{pieces:?}");
+        }
+    }
+
     #[test]
     fn a_cut_at_the_cap_drops_the_unfinished_sentence() {
-        let mut g = gate(3, 100);
-        let (spoken, _) = run(
-            &mut g,
-            &[
-                "Try reading.",
-                " I'd recommend",
-                " \"The Hunger Games\"",
-                " by",
-            ],
-            false,
-        );
-        assert_eq!(spoken, "Try reading.");
+        let pieces: &[&str] = &[
+            "Try reading.",
+            " I'd recommend",
+            " \"The Hunger Games\"",
+            " by",
+        ];
+        check(3, &[(pieces, false, "Try reading.")]);
     }
 
     #[test]
     fn a_first_sentence_cut_at_the_cap_ends_at_its_last_clause() {
-        let mut g = gate(3, 100);
-        let (spoken, _) = run(
-            &mut g,
+        check(
+            3,
             &[
-                "Paris is the capital of France,",
-                " a city known for",
-                " its",
+                (
+                    &[
+                        "Paris is the capital of France,",
+                        " a city known for",
+                        " its",
+                    ],
+                    false,
+                    "Paris is the capital of France.",
+                ),
+                (
+                    &["Well,", " the answer is", " that"],
+                    false,
+                    "Well, the answer is that.",
+                ),
             ],
-            false,
         );
-        assert_eq!(spoken, "Paris is the capital of France.");
-        let mut g = gate(3, 100);
-        let (spoken, _) = run(&mut g, &["Well,", " the answer is", " that"], false);
-        assert_eq!(spoken, "Well, the answer is that.");
-    }
-
-    #[test]
-    fn the_soft_cap_stops_at_the_next_sentence_end() {
-        let mut g = gate(5, 3);
-        let (spoken, stopped) = run(
-            &mut g,
-            &["One", " two", " three", " four.", " Five.", " Six."],
-            true,
-        );
-        assert_eq!(spoken, "One two three four.");
-        assert!(stopped);
     }
 
     #[test]
@@ -283,26 +280,16 @@ mod tests {
 
     #[test]
     fn numbers_and_abbreviations_are_not_sentence_ends() {
-        let mut g = gate(1, 100);
-        let (spoken, _) = run(
-            &mut g,
-            &[
-                "It is 3.5 km from Dr. Smith's house, e.g. near St. Paul's.",
-                " Yes.",
-            ],
-            true,
+        let abbreviations = "It is 3.5 km from Dr. Smith's house, e.g. near St. Paul's.";
+        check(1, &[(&[abbreviations, " Yes."], true, abbreviations)]);
+        check(
+            2,
+            &[(
+                &["There are 120 minutes.", " That is 2 hours."],
+                true,
+                "There are 120 minutes. That is 2 hours.",
+            )],
         );
-        assert_eq!(
-            spoken,
-            "It is 3.5 km from Dr. Smith's house, e.g. near St. Paul's."
-        );
-        let mut g = gate(2, 100);
-        let (spoken, _) = run(
-            &mut g,
-            &["There are 120 minutes.", " That is 2 hours."],
-            true,
-        );
-        assert_eq!(spoken, "There are 120 minutes. That is 2 hours.");
         // A number at a sentence end is an end once the next sentence starts.
         let mut g = gate(1, 100);
         let (spoken, stopped) = run(&mut g, &["The answer is 120.", " Then", " more."], true);
@@ -311,45 +298,49 @@ mod tests {
 
     #[test]
     fn a_natural_end_without_a_mark_is_closed() {
-        let mut g = gate(2, 100);
-        assert_eq!(run(&mut g, &["Sure thing"], true).0, "Sure thing.");
-        let mut g = gate(2, 100);
-        assert_eq!(
-            run(&mut g, &["Hello there.", " Bye"], true).0,
-            "Hello there. Bye."
+        check(
+            2,
+            &[
+                (&["Sure thing"], true, "Sure thing."),
+                (&["Hello there.", " Bye"], true, "Hello there. Bye."),
+                (&["  ", "\n"], true, ""),
+            ],
         );
-        let mut g = gate(2, 100);
-        assert_eq!(run(&mut g, &["  ", "\n"], true).0, "");
     }
 
     #[test]
     fn list_lines_and_quotes_are_closed_as_sentences() {
-        let mut g = gate(2, 100);
-        let (spoken, _) = run(
-            &mut g,
+        check(
+            2,
             &[
-                "Try these:\n\n",
-                "* \"The Nightingale\" by Kristin Hannah\n",
-                "* More",
+                (
+                    &[
+                        "Try these:\n\n",
+                        "* \"The Nightingale\" by Kristin Hannah\n",
+                        "* More",
+                    ],
+                    true,
+                    "Try these:\n\n* \"The Nightingale\" by Kristin Hannah.\n* More.",
+                ),
+                (
+                    &["The answer is \"Awful Person\""],
+                    true,
+                    "The answer is \"Awful Person\".",
+                ),
+                (&["He said \"hi.\""], true, "He said \"hi.\""),
             ],
-            true,
         );
-        assert_eq!(
-            spoken,
-            "Try these:\n\n* \"The Nightingale\" by Kristin Hannah.\n* More."
-        );
-        let mut g = gate(2, 100);
-        let (spoken, _) = run(&mut g, &["The answer is \"Awful Person\""], true);
-        assert_eq!(spoken, "The answer is \"Awful Person\".");
-        let mut g = gate(2, 100);
-        let (spoken, _) = run(&mut g, &["He said \"hi.\""], true);
-        assert_eq!(spoken, "He said \"hi.\"");
     }
 
     #[test]
     fn a_line_break_after_a_sentence_ends_it_but_not_after_a_colon() {
-        let mut g = gate(1, 100);
-        let (spoken, _) = run(&mut g, &["Here are some:\n", "1. Rest.\n", "2. Eat."], true);
-        assert_eq!(spoken, "Here are some:\n1. Rest.");
+        check(
+            1,
+            &[(
+                &["Here are some:\n", "1. Rest.\n", "2. Eat."],
+                true,
+                "Here are some:\n1. Rest.",
+            )],
+        );
     }
 }

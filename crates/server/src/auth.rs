@@ -442,14 +442,7 @@ mod tests {
     async fn accepts_a_good_token_and_reads_sub() {
         let c = config();
         let a = Authenticator::new(&c);
-        let t = mint_token(
-            c.jwt_secret.as_ref().unwrap(),
-            "user-1",
-            "authenticated",
-            "authenticated",
-            60,
-        )
-        .unwrap();
+        let t = user_token(c.jwt_secret.as_ref().unwrap(), "user-1");
         assert_eq!(a.verify(&t).await.unwrap().user_id, "user-1");
     }
 
@@ -462,19 +455,12 @@ mod tests {
         assert_eq!(a.verify(&anon).await.unwrap_err(), AuthError::Forbidden);
         let wrong_aud = mint_token(secret, "u", "other", "authenticated", 60).unwrap();
         assert_eq!(a.verify(&wrong_aud).await.unwrap_err(), AuthError::Invalid);
-        let other_key = mint_token(
-            &SecretString::from("another-secret"),
-            "u",
-            "authenticated",
-            "authenticated",
-            60,
-        )
-        .unwrap();
+        let other_key = user_token(&SecretString::from("another-secret"), "u");
         assert_eq!(a.verify(&other_key).await.unwrap_err(), AuthError::Invalid);
         assert_eq!(a.verify("not.a.jwt").await.unwrap_err(), AuthError::Invalid);
-        let nul_sub = mint_token(secret, "u\0v", "authenticated", "authenticated", 60).unwrap();
+        let nul_sub = user_token(secret, "u\0v");
         assert_eq!(a.verify(&nul_sub).await.unwrap_err(), AuthError::Invalid);
-        let mut tampered = mint_token(secret, "u", "authenticated", "authenticated", 60).unwrap();
+        let mut tampered = user_token(secret, "u");
         // The last character carries signature bits; replace it with a different one (it
         // may already be an 'A').
         let last = tampered.pop();
@@ -482,15 +468,13 @@ mod tests {
         assert!(a.verify(&tampered).await.is_err());
     }
 
+    /// An authenticated user's token for `user`, valid for a minute, signed with `secret`.
+    fn user_token(secret: &SecretString, user: &str) -> String {
+        mint_token(secret, user, "authenticated", "authenticated", 60).unwrap()
+    }
+
     fn dev_token(user: &str) -> String {
-        mint_token(
-            &SecretString::from(DEV_JWT_SECRET),
-            user,
-            "authenticated",
-            "authenticated",
-            60,
-        )
-        .unwrap()
+        user_token(&SecretString::from(DEV_JWT_SECRET), user)
     }
 
     #[tokio::test]
@@ -518,14 +502,7 @@ mod tests {
         };
         let a = Authenticator::new(&dev);
         assert_eq!(a.verify(&dev_token("d")).await.unwrap().user_id, "d");
-        let real = mint_token(
-            dev.jwt_secret.as_ref().unwrap(),
-            "r",
-            "authenticated",
-            "authenticated",
-            60,
-        )
-        .unwrap();
+        let real = user_token(dev.jwt_secret.as_ref().unwrap(), "r");
         assert_eq!(a.verify(&real).await.unwrap().user_id, "r");
         // An expired development token is reported as expired, not as invalid.
         let expired = {

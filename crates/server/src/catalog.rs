@@ -221,20 +221,13 @@ mod tests {
     #[test]
     fn built_in_catalog_has_the_seed_prices() {
         let c = Catalog::load(None).unwrap();
-        let p = c.prices(&models(
-            "nova-3",
-            ("anthropic", "claude-3-haiku-20240307"),
-            "tts-1",
-        ));
+        let prices = |llm, tts| c.prices(&models("nova-3", ("anthropic", llm), tts));
+        let p = prices("claude-3-haiku-20240307", "tts-1");
         assert_eq!(p.stt_per_minute, Some(4_800));
         assert_eq!(p.llm_input_per_mtok, Some(250_000));
         assert_eq!(p.llm_output_per_mtok, Some(1_250_000));
         assert_eq!(p.tts_per_mchar, Some(15_000_000));
-        let p = c.prices(&models(
-            "nova-3",
-            ("anthropic", "claude-haiku-4-5"),
-            "tts-1-hd",
-        ));
+        let p = prices("claude-haiku-4-5", "tts-1-hd");
         assert_eq!(p.llm_input_per_mtok, Some(1_000_000));
         assert_eq!(p.tts_per_mchar, Some(30_000_000));
         assert!(!c.version().is_empty());

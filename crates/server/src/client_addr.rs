@@ -205,8 +205,12 @@ impl ConnectLimiter {
 mod tests {
     use super::*;
 
-    fn peer(ip: &str) -> SocketAddr {
-        SocketAddr::new(ip.parse().unwrap(), 40_000)
+    fn ip(address: &str) -> IpAddr {
+        address.parse().unwrap()
+    }
+
+    fn peer(address: &str) -> SocketAddr {
+        SocketAddr::new(ip(address), 40_000)
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -247,20 +251,11 @@ mod tests {
     fn headers_from_untrusted_peers_are_ignored() {
         let r = resolver("fly-client-ip", "172.16.0.0/12");
         let forged = headers(&[("fly-client-ip", "203.0.113.9")]);
-        assert_eq!(
-            r.resolve(&forged, peer("198.51.100.7")),
-            "198.51.100.7".parse::<IpAddr>().unwrap()
-        );
-        assert_eq!(
-            r.resolve(&forged, peer("172.16.3.4")),
-            "203.0.113.9".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(r.resolve(&forged, peer("198.51.100.7")), ip("198.51.100.7"));
+        assert_eq!(r.resolve(&forged, peer("172.16.3.4")), ip("203.0.113.9"));
         // Without a header configured, only the peer counts.
         let plain = ClientAddr::default();
-        assert_eq!(
-            plain.resolve(&forged, peer("172.16.3.4")),
-            "172.16.3.4".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(plain.resolve(&forged, peer("172.16.3.4")), ip("172.16.3.4"));
     }
 
     #[test]
@@ -270,52 +265,41 @@ mod tests {
             ("fly-client-ip", "203.0.113.9"),
             ("fly-client-ip", "203.0.113.10"),
         ]);
-        assert_eq!(
-            r.resolve(&twice, peer("172.16.3.4")),
-            "172.16.3.4".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(r.resolve(&twice, peer("172.16.3.4")), ip("172.16.3.4"));
         let list = headers(&[("fly-client-ip", "203.0.113.9, 1.2.3.4")]);
-        assert_eq!(
-            r.resolve(&list, peer("172.16.3.4")),
-            "172.16.3.4".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(r.resolve(&list, peer("172.16.3.4")), ip("172.16.3.4"));
     }
 
     #[test]
     fn x_forwarded_for_is_read_from_the_right() {
         let r = resolver("X-Forwarded-For", "10.0.0.0/8, 192.0.2.1");
-        // The client prepends a forged entry; the proxies appended the real one.
-        let h = headers(&[("x-forwarded-for", "1.1.1.1, 203.0.113.9, 192.0.2.1")]);
-        assert_eq!(
-            r.resolve(&h, peer("10.1.2.3")),
-            "203.0.113.9".parse::<IpAddr>().unwrap()
-        );
-        // Split over several header lines, the order still holds.
-        let h = headers(&[
-            ("x-forwarded-for", "1.1.1.1"),
-            ("x-forwarded-for", "203.0.113.9"),
-        ]);
-        assert_eq!(
-            r.resolve(&h, peer("10.1.2.3")),
-            "203.0.113.9".parse::<IpAddr>().unwrap()
-        );
-        // Garbage stops the walk at the last address known good.
-        let h = headers(&[("x-forwarded-for", "1.1.1.1, junk, 192.0.2.1")]);
-        assert_eq!(
-            r.resolve(&h, peer("10.1.2.3")),
-            "192.0.2.1".parse::<IpAddr>().unwrap()
-        );
+        let cases: [(&[&str], &str); 3] = [
+            // The client prepends a forged entry; the proxies appended the real one.
+            (&["1.1.1.1, 203.0.113.9, 192.0.2.1"], "203.0.113.9"),
+            // Split over several header lines, the order still holds.
+            (&["1.1.1.1", "203.0.113.9"], "203.0.113.9"),
+            // Garbage stops the walk at the last address known good.
+            (&["1.1.1.1, junk, 192.0.2.1"], "192.0.2.1"),
+        ];
+        for (lines, client) in cases {
+            let pairs: Vec<_> = lines.iter().map(|l| ("x-forwarded-for", *l)).collect();
+            assert_eq!(
+                r.resolve(&headers(&pairs), peer("10.1.2.3")),
+                ip(client),
+                "{lines:?}"
+            );
+        }
     }
 
     #[test]
     fn ipv6_is_limited_per_slash_64_and_mapped_ipv4_as_ipv4() {
         assert_eq!(
             limit_key("2001:db8:1:2:aaaa:bbbb:cccc:dddd".parse().unwrap()),
-            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+            ip("2001:db8:1:2::")
         );
         assert_eq!(
             limit_key("::ffff:198.51.100.7".parse().unwrap()),
-            "198.51.100.7".parse::<IpAddr>().unwrap()
+            ip("198.51.100.7")
         );
         let limiter = ConnectLimiter::new(ClientAddr::default(), 1, 3, 1000);
         let none = HeaderMap::new();

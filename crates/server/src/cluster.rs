@@ -490,42 +490,48 @@ impl Cluster {
         Ok(())
     }
 
-    /// A fenced script's invocation with the fence's arguments in place.
-    fn fenced_invocation<'a>(
+    /// Runs the fenced script `body`: the fence's arguments, then those `args` adds.
+    async fn run_fenced<T: redis::FromRedisValue>(
         &self,
-        script: &'a redis::Script,
+        body: &str,
         owned: &Owned,
-    ) -> redis::ScriptInvocation<'a> {
+        args: impl FnOnce(&mut redis::ScriptInvocation<'_>),
+    ) -> Result<Fenced<T>, ClusterError> {
+        let script = Self::fenced(body);
         let mut inv = script.prepare_invoke();
         inv.key(self.key(&["session", &owned.session_id]))
             .arg(owned.epoch)
             .arg(&owned.user_id)
             .arg(&self.instance)
             .arg(Self::ms(self.session_ttl));
-        inv
-    }
-
-    async fn run_fenced<T: redis::FromRedisValue>(
-        &self,
-        script: redis::ScriptInvocation<'_>,
-    ) -> Result<Fenced<T>, ClusterError> {
+        args(&mut inv);
         let mut conn = self.conn.clone();
-        let v: redis::Value = timed(script.invoke_async(&mut conn)).await?;
+        let v: redis::Value = timed(inv.invoke_async(&mut conn)).await?;
         if matches!(v, redis::Value::Int(-1)) {
             return Ok(Fenced::Stale);
         }
         redis::from_redis_value(v).map(Fenced::Done).map_err(decode)
     }
 
+    /// [`Self::run_fenced`] for a script whose answer only tells whether the fence held.
+    async fn run_fenced_unit(
+        &self,
+        body: &str,
+        owned: &Owned,
+        args: impl FnOnce(&mut redis::ScriptInvocation<'_>),
+    ) -> Result<Fenced<()>, ClusterError> {
+        Ok(self.run_fenced::<i64>(body, owned, args).await?.map(|_| ()))
+    }
+
     /// Extends the session's lease (re-asserting its entry if the store lost it).
     pub async fn refresh(&self, owned: &Owned) -> Result<Fenced<Refreshed>, ClusterError> {
-        let script = Self::fenced(REFRESH);
-        let mut inv = self.fenced_invocation(&script, owned);
-        inv.key(self.key(&["leases", &owned.user_id]))
-            .arg(&owned.session_id)
-            .arg(Self::ms(self.lease_ttl))
-            .arg(self.max_per_user);
-        Ok(self.run_fenced::<i64>(inv).await?.map(|v| match v {
+        let refreshed = self.run_fenced::<i64>(REFRESH, owned, |inv| {
+            inv.key(self.key(&["leases", &owned.user_id]))
+                .arg(&owned.session_id)
+                .arg(Self::ms(self.lease_ttl))
+                .arg(self.max_per_user);
+        });
+        Ok(refreshed.await?.map(|v| match v {
             1 => Refreshed::Extended,
             2 => Refreshed::Reasserted,
             _ => Refreshed::NoPlace,
@@ -539,10 +545,10 @@ impl Cluster {
         state: &ResumeState,
     ) -> Result<Fenced<()>, ClusterError> {
         let body = serde_json::to_string(state).map_err(decode)?;
-        let script = Self::fenced(PUBLISH);
-        let mut inv = self.fenced_invocation(&script, owned);
-        inv.arg(body);
-        Ok(self.run_fenced::<i64>(inv).await?.map(|_| ()))
+        self.run_fenced_unit(PUBLISH, owned, |inv| {
+            inv.arg(body);
+        })
+        .await
     }
 
     /// Makes `token` resume the session.
@@ -551,12 +557,12 @@ impl Cluster {
         owned: &Owned,
         token: &str,
     ) -> Result<Fenced<()>, ClusterError> {
-        let script = Self::fenced(REGISTER_TOKEN);
-        let mut inv = self.fenced_invocation(&script, owned);
-        inv.key(self.key(&["token", token]))
-            .arg(&owned.session_id)
-            .arg(Self::ms(self.token_ttl));
-        Ok(self.run_fenced::<i64>(inv).await?.map(|_| ()))
+        self.run_fenced_unit(REGISTER_TOKEN, owned, |inv| {
+            inv.key(self.key(&["token", token]))
+                .arg(&owned.session_id)
+                .arg(Self::ms(self.token_ttl));
+        })
+        .await
     }
 
     /// `token` no longer resumes the session.
@@ -565,19 +571,19 @@ impl Cluster {
         owned: &Owned,
         token: &str,
     ) -> Result<Fenced<()>, ClusterError> {
-        let script = Self::fenced(RETIRE_TOKEN);
-        let mut inv = self.fenced_invocation(&script, owned);
-        inv.key(self.key(&["token", token])).arg(&owned.session_id);
-        Ok(self.run_fenced::<i64>(inv).await?.map(|_| ()))
+        self.run_fenced_unit(RETIRE_TOKEN, owned, |inv| {
+            inv.key(self.key(&["token", token])).arg(&owned.session_id);
+        })
+        .await
     }
 
     /// Adds the session's spend to its user's day; returns the day's total.
     pub async fn add_spend(&self, owned: &Owned, micros: u64) -> Result<Fenced<u64>, ClusterError> {
-        let script = Self::fenced(ADD_SPEND);
-        let mut inv = self.fenced_invocation(&script, owned);
-        inv.key(self.key(&["spend", &owned.user_id, &Self::day()]))
-            .arg(micros);
-        self.run_fenced::<u64>(inv).await
+        self.run_fenced(ADD_SPEND, owned, |inv| {
+            inv.key(self.key(&["spend", &owned.user_id, &Self::day()]))
+                .arg(micros);
+        })
+        .await
     }
 
     /// Frees the session's place; what remains is a tombstone with its epoch.
@@ -600,11 +606,11 @@ impl Cluster {
     }
 
     async fn release_once(&self, owned: &Owned) -> Result<Fenced<()>, ClusterError> {
-        let script = Self::fenced(RELEASE);
-        let mut inv = self.fenced_invocation(&script, owned);
-        inv.key(self.key(&["leases", &owned.user_id]))
-            .arg(&owned.session_id);
-        Ok(self.run_fenced::<i64>(inv).await?.map(|_| ()))
+        self.run_fenced_unit(RELEASE, owned, |inv| {
+            inv.key(self.key(&["leases", &owned.user_id]))
+                .arg(&owned.session_id);
+        })
+        .await
     }
 
     fn day() -> String {

@@ -5,7 +5,7 @@
 use std::ffi::c_void;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use atlas_local::ipc::{self, Reply, Request};
 use whisper_rs::{FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters};
 
@@ -20,20 +20,21 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut model = None;
     let mut threads = std::thread::available_parallelism().map_or(2, |n| n.get() as i32);
     let mut audio_ctx = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--model" => model = args.next().map(PathBuf::from),
-            "--audio-ctx" => {
-                let v = args.next().context("--audio-ctx needs a value")?;
-                audio_ctx = if v == "auto" { None } else { Some(v.parse()?) };
+    ipc::parse_options(
+        "atlas-voice-stt --model FILE [--threads N] [--audio-ctx auto|0|N]",
+        |arg, value| {
+            match arg {
+                "--model" => model = value().ok().map(PathBuf::from),
+                "--audio-ctx" => {
+                    let v = value()?;
+                    audio_ctx = if v == "auto" { None } else { Some(v.parse()?) };
+                }
+                "--threads" => threads = value()?.parse()?,
+                _ => return Ok(false),
             }
-            "--threads" => threads = args.next().context("--threads needs a value")?.parse()?,
-            other => bail!(
-                "unknown argument {other:?} (usage: atlas-voice-stt --model FILE [--threads N] [--audio-ctx auto|0|N])"
-            ),
-        }
-    }
+            anyhow::Ok(true)
+        },
+    )?;
     Ok(Args {
         model: model.context("--model FILE is required")?,
         threads: threads.max(1),
@@ -60,12 +61,7 @@ unsafe extern "C" fn should_abort(data: *mut c_void) -> bool {
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    if !args.model.is_file() {
-        bail!(
-            "model file {} does not exist (run `atlas-voice models fetch`)",
-            args.model.display()
-        );
-    }
+    ipc::check_fetched("model", &args.model)?;
     // Route whisper.cpp's own logging away from standard output (it is the reply channel).
     whisper_rs::install_logging_hooks();
     let path = args.model.to_str().context("model path is not UTF-8")?;

@@ -23,20 +23,20 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut runtime = None;
     let mut threads = 1;
     let mut espeak = "espeak-ng".to_string();
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--model" => model = Some(PathBuf::from(value()?)),
-            "--runtime" => runtime = Some(PathBuf::from(value()?)),
-            "--threads" => threads = value()?.parse()?,
-            "--espeak" => espeak = value()?,
-            other => bail!(
-                "unknown argument {other:?} (usage: atlas-voice-tts --model VOICE.onnx \
-                 --runtime libonnxruntime.so [--threads N] [--espeak PROGRAM])"
-            ),
-        }
-    }
+    ipc::parse_options(
+        "atlas-voice-tts --model VOICE.onnx --runtime libonnxruntime.so [--threads N] \
+         [--espeak PROGRAM]",
+        |arg, value| {
+            match arg {
+                "--model" => model = Some(PathBuf::from(value()?)),
+                "--runtime" => runtime = Some(PathBuf::from(value()?)),
+                "--threads" => threads = value()?.parse()?,
+                "--espeak" => espeak = value()?,
+                _ => return Ok(false),
+            }
+            anyhow::Ok(true)
+        },
+    )?;
     Ok(Args {
         model: model.context("--model VOICE.onnx is required")?,
         runtime: runtime.context("--runtime LIBRARY is required")?,
@@ -91,14 +91,8 @@ fn sentences(text: &str) -> Vec<String> {
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    for (what, path) in [("voice", &args.model), ("ONNX Runtime", &args.runtime)] {
-        if !path.is_file() {
-            bail!(
-                "{what} file {} does not exist (run `atlas-voice models fetch`)",
-                path.display()
-            );
-        }
-    }
+    ipc::check_fetched("voice", &args.model)?;
+    ipc::check_fetched("ONNX Runtime", &args.runtime)?;
     let config_path = PathBuf::from(format!("{}.json", args.model.display()));
     let config: VoiceConfig =
         serde_json::from_slice(&std::fs::read(&config_path).with_context(|| {

@@ -278,23 +278,29 @@ mod tests {
 
     #[test]
     fn port_variants_respect_userinfo_ipv6_and_the_path() {
-        assert_eq!(
-            port_variants("https://a.example/p:1?q=:2#f"),
-            (Some("https://a.example:443/p:1?q=:2#f".into()), None)
-        );
-        assert_eq!(
-            port_variants("https://u:pw@a.example:8443?x"),
-            (None, Some("https://u:pw@a.example?x".into()))
-        );
-        assert_eq!(
-            port_variants("https://[::1]/hook"),
-            (Some("https://[::1]:443/hook".into()), None)
-        );
-        assert_eq!(
-            port_variants("https://[::1]:8443/hook"),
-            (None, Some("https://[::1]/hook".into()))
-        );
-        assert_eq!(port_variants("wss://a.example/hook"), (None, None));
-        assert_eq!(port_variants("not a url"), (None, None));
+        let cases = [
+            (
+                "https://a.example/p:1?q=:2#f",
+                (Some("https://a.example:443/p:1?q=:2#f"), None),
+            ),
+            (
+                "https://u:pw@a.example:8443?x",
+                (None, Some("https://u:pw@a.example?x")),
+            ),
+            ("https://[::1]/hook", (Some("https://[::1]:443/hook"), None)),
+            (
+                "https://[::1]:8443/hook",
+                (None, Some("https://[::1]/hook")),
+            ),
+            ("wss://a.example/hook", (None, None)),
+            ("not a url", (None, None)),
+        ];
+        for (url, (with_port, without_port)) in cases {
+            assert_eq!(
+                port_variants(url),
+                (with_port.map(String::from), without_port.map(String::from)),
+                "{url}"
+            );
+        }
     }
 }

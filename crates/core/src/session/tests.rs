@@ -4,6 +4,29 @@ use super::ledger::ReportedTokens;
 use super::*;
 use crate::cost::from_usd;
 
+/// The first of `$items` (outputs or events) that matches `$pat`, as `$e`.
+macro_rules! first {
+    ($items:expr, $pat:pat => $e:expr) => {
+        $items.into_iter().find_map(|o| match o {
+            $pat => Some($e),
+            _ => None,
+        })
+    };
+}
+
+/// Every one of `$items` (outputs or events) that matches `$pat`, as `$e`, in order.
+macro_rules! every {
+    ($items:expr, $pat:pat => $e:expr) => {
+        $items
+            .into_iter()
+            .filter_map(|o| match o {
+                $pat => Some($e),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+}
+
 mod findings;
 mod playout;
 mod tools;
@@ -78,10 +101,20 @@ impl Harness {
 
     /// Says `text` and ends the turn; returns the outputs.
     fn say(&mut self, text: &str) -> Vec<Output> {
+        self.hear_final(text, true, None)
+    }
+
+    /// The recogniser's final transcript of `text`.
+    fn hear_final(
+        &mut self,
+        text: &str,
+        speech_final: bool,
+        end_of_speech: Option<Instant>,
+    ) -> Vec<Output> {
         self.feed(Input::Heard(Heard::Final {
             text,
-            speech_final: true,
-            end_of_speech: None,
+            speech_final,
+            end_of_speech,
         }))
     }
 
@@ -146,19 +179,15 @@ fn outcome(turn_id: u64, spoken: &str, output_tokens: u64) -> ReplyOutcome {
 }
 
 fn finish(out: &[Output]) -> Option<Finish> {
-    out.iter().find_map(|o| match o {
-        Output::Finish(f) => Some(*f),
-        _ => None,
-    })
+    first!(out, Output::Finish(f) => *f)
 }
 
 fn events(out: &[Output]) -> Vec<&Event> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::Event(e) => Some(e),
-            _ => None,
-        })
-        .collect()
+    every!(out, Output::Event(e) => e)
+}
+
+fn turn_log(out: &[Output]) -> &TurnLog {
+    first!(out, Output::Turn(t) => t).expect("a turn log")
 }
 
 fn has(out: &[Output], pred: impl Fn(&Output) -> bool) -> bool {
@@ -166,10 +195,7 @@ fn has(out: &[Output], pred: impl Fn(&Output) -> bool) -> bool {
 }
 
 fn error_code(out: &[Output]) -> Option<ErrorCode> {
-    events(out).into_iter().find_map(|e| match e {
-        Event::Problem { code, .. } => Some(*code),
-        _ => None,
-    })
+    first!(events(out), Event::Problem { code, .. } => *code)
 }
 
 #[test]
@@ -210,13 +236,7 @@ fn a_turn_starts_a_reply_and_its_end_is_billed_and_recorded() {
     )));
     assert_eq!(h.s.history().count(), 1);
     let out = h.reply_done(1, "Sunny.", 10);
-    let turn = out
-        .iter()
-        .find_map(|o| match o {
-            Output::Turn(t) => Some(t.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let turn = turn_log(&out);
     assert_eq!(
         (
             turn.user_text.as_str(),
@@ -728,13 +748,7 @@ fn spend_is_reported_for_the_daily_total_once() {
     let mut h = Harness::new(config());
     h.say("one");
     let out = h.reply_done(1, "ok", 100);
-    let daily: u64 = out
-        .iter()
-        .filter_map(|o| match o {
-            Output::Spend(d) => Some(d.daily),
-            _ => None,
-        })
-        .sum();
+    let daily: u64 = every!(&out, Output::Spend(d) => d.daily).iter().sum();
     assert_eq!(daily, h.s.ledger().cost().total.unwrap());
 }
 

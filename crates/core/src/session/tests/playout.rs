@@ -8,19 +8,11 @@ fn audio(n: usize) -> Vec<u8> {
 }
 
 fn audio_out(out: &[Output]) -> Vec<usize> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::Audio { pcm, .. } => Some(pcm.len() / 48),
-            _ => None,
-        })
-        .collect()
+    every!(out, Output::Audio { pcm, .. } => pcm.len() / 48)
 }
 
 fn done(out: &[Output]) -> Option<Latency> {
-    events(out).into_iter().find_map(|e| match e {
-        Event::ReplyDone { latency, .. } => Some(*latency),
-        _ => None,
-    })
+    first!(events(out), Event::ReplyDone { latency, .. } => *latency)
 }
 
 /// Pushes `ms` of audio in 100 ms chunks while the machine wants it, then ends a sentence.
@@ -139,11 +131,7 @@ fn the_time_to_first_audio_is_measured_when_the_first_piece_goes_out() {
     let mut h = Harness::new(config());
     let spoke_until = h.now;
     h.advance(300 * MS);
-    h.feed(Input::Heard(Heard::Final {
-        text: "Hi",
-        speech_final: true,
-        end_of_speech: Some(spoke_until),
-    }));
+    h.hear_final("Hi", true, Some(spoke_until));
     h.advance(450 * MS);
     h.feed(Input::ReplyAudio {
         turn_id: 1,

@@ -47,39 +47,19 @@ fn calls_round(h: &mut Harness, text: &str, calls: Vec<CheckedCall>) -> Vec<Outp
 }
 
 fn started_tools(out: &[Output]) -> Vec<(String, ToolKind)> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::CallTool { call, kind, .. } => Some((call.id.clone(), *kind)),
-            _ => None,
-        })
-        .collect()
+    every!(out, Output::CallTool { call, kind, .. } => (call.id.clone(), *kind))
 }
 
 fn continued(out: &[Output]) -> Option<bool> {
-    out.iter().find_map(|o| match o {
-        Output::ContinueReply { tools_allowed, .. } => Some(*tools_allowed),
-        _ => None,
-    })
+    first!(out, Output::ContinueReply { tools_allowed, .. } => *tools_allowed)
 }
 
 fn logs(out: &[Output]) -> Vec<(String, ToolOutcome)> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::ToolLog(l) => Some((l.call_id.clone(), l.outcome)),
-            _ => None,
-        })
-        .collect()
+    every!(out, Output::ToolLog(l) => (l.call_id.clone(), l.outcome))
 }
 
 fn cancelled(out: &[Output]) -> Vec<(String, &'static str)> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::CancelTool {
-                call_id, reason, ..
-            } => Some((call_id.clone(), *reason)),
-            _ => None,
-        })
-        .collect()
+    every!(out, Output::CancelTool { call_id, reason, .. } => (call_id.clone(), *reason))
 }
 
 fn finished(h: &mut Harness, id: &str, result: Result<&str, &str>) -> Vec<Output> {
@@ -99,15 +79,6 @@ fn last_round(h: &Harness) -> (Vec<ToolCall>, Vec<ToolResult>) {
         messages[i].tool_calls.clone(),
         messages[i + 1].tool_results.clone(),
     )
-}
-
-fn turn_log(out: &[Output]) -> &TurnLog {
-    out.iter()
-        .find_map(|o| match o {
-            Output::Turn(t) => Some(t),
-            _ => None,
-        })
-        .expect("a turn log")
 }
 
 #[test]
@@ -413,13 +384,7 @@ fn content_is_recorded_only_when_the_operator_keeps_it() {
         h.say("Where is my order?");
         calls_round(&mut h, "", vec![call("c1", ToolKind::Server)]);
         let out = finished(&mut h, "c1", Ok("{\"ok\":1}"));
-        let log = out
-            .iter()
-            .find_map(|o| match o {
-                Output::ToolLog(l) => Some(l.clone()),
-                _ => None,
-            })
-            .unwrap();
+        let log = first!(&out, Output::ToolLog(l) => l).unwrap();
         assert_eq!(log.arguments_bytes, r#"{"order":"A1"}"#.len());
         assert_eq!(log.name, "lookup_order");
         assert_eq!(log.kind, Some(ToolKind::Server));

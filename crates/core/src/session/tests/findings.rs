@@ -18,10 +18,7 @@ fn cut_by(cut: impl FnOnce(&mut Harness) -> Vec<Output>) {
     h.speak(1, "Once upon a time");
     h.advance(200 * MS);
     let out = cut(&mut h);
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::AbortReply { turn_id: 1 }
-    )));
+    assert!(aborted(&out, 1));
     // One reply at a time: the next waits for the cut one's outcome.
     assert!(
         started(&out).is_empty(),

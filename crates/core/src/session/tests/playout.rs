@@ -77,10 +77,7 @@ fn a_cut_reply_keeps_only_the_sentences_played_and_sends_nothing_after_the_cut()
     });
     // Barge-in 250 ms in: the first sentence has played, the second has not.
     let out = h.feed(Input::Heard(Heard::Partial("wait")));
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::AbortReply { turn_id: 1 }
-    )));
+    assert!(aborted(&out, 1));
     assert!(!h.s.wants_reply_audio());
     // Audio still arriving from the aborted task is dropped.
     let out = h.feed(Input::ReplyAudio {
@@ -108,10 +105,7 @@ fn a_reply_cut_after_its_task_ended_is_billed_from_its_report() {
     assert_eq!(h.s.ledger().usage().llm_output_tokens, 40);
     h.advance(100 * MS);
     let out = h.feed(Input::Cancel);
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::AbortReply { turn_id: 1 }
-    )));
+    assert!(aborted(&out, 1));
     // The driver has no task left: its answer carries nothing; the held report counts.
     let out = h.feed(Input::ReplyEnded(ReplyOutcome {
         turn_id: 1,

@@ -85,10 +85,7 @@ fn last_round(h: &Harness) -> (Vec<ToolCall>, Vec<ToolResult>) {
 fn a_server_tool_runs_and_its_result_goes_back_to_the_model() {
     let mut h = Harness::new(tool_config(4));
     let out = h.say("Where is my order A1?");
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::StartReply { turn_id: 1, .. }
-    )));
+    assert!(started_reply(&out, 1));
     let out = calls_round(&mut h, "", vec![call("c1", ToolKind::Server)]);
     assert_eq!(started_tools(&out), [("c1".to_owned(), ToolKind::Server)]);
     // Nothing said before the call: the configured acknowledgement fills the wait.
@@ -291,10 +288,7 @@ fn barge_in_during_a_tool_wait_cancels_the_tools_and_the_turn() {
     let out = h.feed(Input::Cancel);
     assert_eq!(cancelled(&out), [("b".to_owned(), "interrupted")]);
     assert_eq!(logs(&out), [("b".to_owned(), ToolOutcome::Cancelled)]);
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::AbortReply { turn_id: 1 }
-    )));
+    assert!(aborted(&out, 1));
     assert_eq!(continued(&out), None);
     // The history stays valid for the provider: each call next to its result.
     let (calls, results) = last_round(&h);
@@ -316,12 +310,9 @@ fn ending_the_session_during_a_tool_wait_cancels_the_tools() {
     calls_round(&mut h, "", vec![call("a", ToolKind::Server)]);
     let out = h.feed(Input::End);
     assert_eq!(cancelled(&out), [("a".to_owned(), "ended")]);
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::AbortReply { turn_id: 1 }
-    )));
+    assert!(aborted(&out, 1));
     let out = h.feed(Input::ReplyEnded(outcome(1, "", 0)));
-    assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::ClientEnded));
+    assert_eq!(end_reason(&out), Some(EndReason::ClientEnded));
 }
 
 #[test]
@@ -342,14 +333,11 @@ fn a_tool_loop_stops_when_the_budget_is_spent() {
         });
         assert!(!first.is_empty(), "round {round}");
         let out = finished(&mut h, &id, Ok("{}"));
-        if has(&out, |o| matches!(o, Output::AbortReply { turn_id: 1 })) {
+        if aborted(&out, 1) {
             ended = Some(round);
             assert_eq!(continued(&out), None);
             let out = h.feed(Input::ReplyEnded(outcome(1, "", 0)));
-            assert_eq!(
-                finish(&out).map(|f| f.reason),
-                Some(EndReason::BudgetExhausted)
-            );
+            assert_eq!(end_reason(&out), Some(EndReason::BudgetExhausted));
             break;
         }
         assert_eq!(continued(&out), Some(true), "round {round}: {out:?}");

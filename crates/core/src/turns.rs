@@ -330,6 +330,13 @@ mod tests {
         })
     }
 
+    /// Turns whose first turn, `text`, is being answered.
+    fn replying(text: &str) -> Turns {
+        let mut t = Turns::new(TurnConfig::default(), 0);
+        run(&mut t, fin(text, true));
+        t
+    }
+
     const UTTERANCE_END: Input<'static> = Input::Heard(Heard::UtteranceEnd {
         end_of_speech: None,
     });
@@ -381,8 +388,7 @@ mod tests {
 
     #[test]
     fn speech_during_a_reply_interrupts_it() {
-        let mut t = Turns::new(TurnConfig::default(), 0);
-        run(&mut t, fin("Tell me a story", true));
+        let mut t = replying("Tell me a story");
         assert_eq!(
             run(&mut t, partial("wait stop")),
             vec![
@@ -397,8 +403,7 @@ mod tests {
 
     #[test]
     fn backchannels_do_not_interrupt() {
-        let mut t = Turns::new(TurnConfig::default(), 0);
-        run(&mut t, fin("Tell me a story", true));
+        let mut t = replying("Tell me a story");
         assert_eq!(
             run(&mut t, partial("mm-hm")),
             vec![Action::Partial("mm-hm".into())]
@@ -413,8 +418,7 @@ mod tests {
 
     #[test]
     fn noise_blips_do_not_interrupt() {
-        let mut t = Turns::new(TurnConfig::default(), 0);
-        run(&mut t, fin("Hi", true));
+        let mut t = replying("Hi");
         let out = run(&mut t, partial("a"));
         assert_eq!(out, vec![Action::Partial("a".into())]);
         assert_eq!(t.responding(), Some(1));

@@ -27,17 +27,21 @@ export function backoffDelay(policy, attempt) {
   return Math.min(policy.initialDelayMs * factor, policy.maxDelayMs);
 }
 
+/** Close codes after which the session is over, each with the reason the app is told. */
+/** @type {ReadonlyMap<number, string>} */
+const TERMINAL_REASONS = new Map([
+  [CloseCode.POLICY, "the server ended the session (protocol violation)"],
+  [CloseCode.INTERNAL, "the server could not continue the session"],
+  [CloseCode.TOKEN_EXPIRED, "the access token expired"],
+  [CloseCode.BUDGET_EXHAUSTED, "the budget is spent"],
+  [CloseCode.IDLE_TIMEOUT, "the session was idle for too long"],
+  [CloseCode.REPLACED, "the session continues on another connection"],
+  [CloseCode.MAX_DURATION, "the session reached its maximum duration"],
+]);
+
 /** Close codes after which the session is over and a new one must be the user's choice. */
 /** @type {readonly number[]} */
-export const TERMINAL_CLOSE_CODES = Object.freeze([
-  CloseCode.POLICY,
-  CloseCode.INTERNAL,
-  CloseCode.TOKEN_EXPIRED,
-  CloseCode.BUDGET_EXHAUSTED,
-  CloseCode.IDLE_TIMEOUT,
-  CloseCode.REPLACED,
-  CloseCode.MAX_DURATION,
-]);
+export const TERMINAL_CLOSE_CODES = Object.freeze([...TERMINAL_REASONS.keys()]);
 
 /**
  * What the client knew when a connection ended.
@@ -82,22 +86,5 @@ export function decideAfterClose(c) {
 
 /** @param {number} code */
 export function terminalReason(code) {
-  switch (code) {
-    case CloseCode.POLICY:
-      return "the server ended the session (protocol violation)";
-    case CloseCode.INTERNAL:
-      return "the server could not continue the session";
-    case CloseCode.TOKEN_EXPIRED:
-      return "the access token expired";
-    case CloseCode.BUDGET_EXHAUSTED:
-      return "the budget is spent";
-    case CloseCode.IDLE_TIMEOUT:
-      return "the session was idle for too long";
-    case CloseCode.REPLACED:
-      return "the session continues on another connection";
-    case CloseCode.MAX_DURATION:
-      return "the session reached its maximum duration";
-    default:
-      return `the connection closed (${code})`;
-  }
+  return TERMINAL_REASONS.get(code) ?? `the connection closed (${code})`;
 }

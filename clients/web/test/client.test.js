@@ -12,6 +12,20 @@ function client(world, extra = {}) {
   return { c, log };
 }
 
+/** A world and a client (options `extra`) whose session s1 (resume token r1) has started. */
+async function started(w = new World(), extra = {}) {
+  const { c, log } = client(w, extra);
+  await w.start("s1", "r1");
+  return { w, c, log };
+}
+
+/** The server drains: it announces the end and closes with 1001; the client waits 1 s. */
+async function drain(w) {
+  w.socket.event({ type: "session.ending", reason: "draining", seconds_left: 0 });
+  w.socket.drop(1001, "server draining");
+  await w.advance(1000);
+}
+
 const states = (log) => log.filter(([t]) => t === "state").map(([, s]) => s);
 
 test("connects with the bearer subprotocol, starts a session and listens", async () => {
@@ -68,9 +82,7 @@ test("disconnect right after connect() announces closed only", async () => {
 });
 
 test("a drop while the reply plays goes from speaking straight to reconnecting", async () => {
-  const w = new World();
-  const { log } = client(w);
-  await w.start();
+  const { w, log } = await started();
   w.socket.event({ type: "response.started", turn_id: 1 });
   w.socket.audio();
   w.socket.drop(1006);
@@ -81,9 +93,7 @@ test("a drop while the reply plays goes from speaking straight to reconnecting",
 });
 
 test("the state follows the turn: thinking, speaking, interrupted, listening", async () => {
-  const w = new World();
-  const { c, log } = client(w);
-  await w.start();
+  const { w, c, log } = await started();
   const s = w.socket;
   s.event({ type: "transcript.final", turn_id: 1, text: "hi" });
   assert.equal(c.state, "thinking");
@@ -110,9 +120,7 @@ test("the state follows the turn: thinking, speaking, interrupted, listening", a
 });
 
 test("non-fatal errors and budget warnings reach the app", async () => {
-  const w = new World();
-  const { c, log } = client(w);
-  await w.start();
+  const { w, c, log } = await started();
   w.socket.event({ type: "error", code: "engines_busy", message: "say it again", fatal: false });
   w.socket.event({ type: "budget.warning", spent_usd: 4, budget_usd: 5 });
   w.socket.event({ type: "no.such.event" });
@@ -144,9 +152,7 @@ test("disconnect ends the session and a new connect starts a fresh one at once",
 });
 
 test("a cut connection resumes with the latest resume token and a fresh access token", async () => {
-  const w = new World();
-  const { c, log } = client(w);
-  await w.start("s1", "r1");
+  const { w, c, log } = await started();
   w.socket.event({ type: "response.started", turn_id: 1 });
   w.socket.audio();
   const tokensBefore = w.tokens;
@@ -170,9 +176,7 @@ test("a cut connection resumes with the latest resume token and a fresh access t
 });
 
 test("disconnect while reconnecting cancels the pending attempt", async () => {
-  const w = new World();
-  const { c, log } = client(w);
-  await w.start();
+  const { w, c, log } = await started();
   w.socket.drop(1006);
   assert.equal(c.state, "reconnecting");
   c.disconnect();
@@ -196,9 +200,7 @@ test("disconnect while the token is being fetched opens nothing", async () => {
 });
 
 test("reconnecting gives up after the fifth attempt on the 1, 2, 4, 8, 16 s schedule", async () => {
-  const w = new World();
-  const { c, log } = client(w);
-  await w.start();
+  const { w, c, log } = await started();
   w.reachableAnswer = false; // the network is down
   const began = w.time;
   w.socket.drop(1006);
@@ -221,9 +223,7 @@ test("reconnecting gives up after the fifth attempt on the 1, 2, 4, 8, 16 s sche
 
 test("terminal close codes stop without a retry", async () => {
   for (const code of [1000, 1008, 1011, 4401, 4402, 4408, 4409, 4410]) {
-    const w = new World();
-    const { c, log } = client(w);
-    await w.start();
+    const { w, c, log } = await started();
     w.socket.drop(code, "");
     await w.advance(60_000);
     assert.equal(w.sockets.length, 1, `code ${code} is not retried`);
@@ -235,12 +235,8 @@ test("terminal close codes stop without a retry", async () => {
 });
 
 test("a drain resumes; refused (no Redis) it becomes a fresh session at once", async () => {
-  const w = new World();
-  const { c } = client(w);
-  await w.start("s1", "r1");
-  w.socket.event({ type: "session.ending", reason: "draining", seconds_left: 0 });
-  w.socket.drop(1001, "server draining");
-  await w.advance(1000);
+  const { w, c } = await started();
+  await drain(w);
   assert.equal(w.socket.url.searchParams.get("resume"), "r1", "tries to resume elsewhere");
   // The other instance does not know the session: HTTP 404, which a browser sees as 1006
   // before the handshake; the server does answer HTTP, so the resume was refused.
@@ -255,21 +251,15 @@ test("a drain resumes; refused (no Redis) it becomes a fresh session at once", a
 });
 
 test("a drain with Redis resumes on the other instance", async () => {
-  const w = new World();
-  const { c } = client(w);
-  await w.start("s1", "r1");
-  w.socket.event({ type: "session.ending", reason: "draining", seconds_left: 0 });
-  w.socket.drop(1001, "server draining");
-  await w.advance(1000);
+  const { w, c } = await started();
+  await drain(w);
   await w.start("s1", "r2", "session.resumed");
   assert.equal(c.sessionId, "s1");
   assert.equal(c.state, "listening");
 });
 
 test("a fatal resume_failed (the session ended meanwhile) starts a fresh session", async () => {
-  const w = new World();
-  const { c } = client(w);
-  await w.start("s1", "r1");
+  const { w, c } = await started();
   w.socket.drop(1006);
   await w.advance(1000);
   w.socket.accept();
@@ -283,9 +273,7 @@ test("a fatal resume_failed (the session ended meanwhile) starts a fresh session
 });
 
 test("past the resume window the client starts fresh instead of resuming", async () => {
-  const w = new World();
-  client(w);
-  await w.start("s1", "r1");
+  const { w } = await started();
   w.reachableAnswer = false;
   w.socket.drop(1006);
   for (const wait of [1000, 2000, 4000, 8000]) {
@@ -386,9 +374,7 @@ function flakyToken(w) {
 test("a getToken failing during a reconnect is retried on the backoff and the session resumes", async () => {
   const w = new World();
   const t = flakyToken(w);
-  const c = connect({ url: URL_, getToken: t.getToken, environment: w.env });
-  const log = record(c);
-  await w.start("s1", "r1");
+  const { c, log } = await started(w, { getToken: t.getToken });
   t.failures = 2;
   w.socket.drop(1006);
   await w.advance(1000); // attempt 1: getToken rejects
@@ -414,9 +400,7 @@ test("a getToken failing during a reconnect is retried on the backoff and the se
 test("a getToken failing on every reconnect attempt closes with get_token_failed", async () => {
   const w = new World();
   const t = flakyToken(w);
-  const c = connect({ url: URL_, getToken: t.getToken, environment: w.env });
-  const log = record(c);
-  await w.start("s1", "r1");
+  const { c, log } = await started(w, { getToken: t.getToken });
   t.failures = Infinity;
   const began = w.time;
   w.socket.drop(1006);
@@ -519,9 +503,7 @@ test("client tools: tool.call is delivered and answered with a result or an erro
 });
 
 test("switching the microphone replaces the capture; a failure is reported", async () => {
-  const w = new World();
-  const { c, log } = client(w);
-  await w.start();
+  const { w, c, log } = await started();
   await c.setInputDevice("usb-mic");
   assert.equal(w.mics.length, 2);
   assert.ok(w.mics[0].closed);
@@ -538,9 +520,7 @@ test("bad options are refused", () => {
 });
 
 test("a connection that goes silent is given up after 2.5 heartbeats and resumed", async () => {
-  const w = new World();
-  const { c } = client(w);
-  await w.start("s1", "r1");
+  const { w, c } = await started();
   await w.advance(60_000);
   assert.equal(w.sockets.length, 1, "pings answered: the connection stays");
   assert.ok(w.socket.messages().filter((m) => m.type === "ping").length >= 3);

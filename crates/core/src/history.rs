@@ -248,6 +248,23 @@ fn join(a: &str, b: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A history under these limits after the user and the assistant said `exchanges`.
+    fn exchanged(
+        max_messages: usize,
+        max_chars: usize,
+        exchanges: impl IntoIterator<Item = (String, String)>,
+    ) -> History {
+        let mut h = History::new(HistoryLimits {
+            max_messages,
+            max_chars,
+        });
+        for (user, assistant) in exchanges {
+            h.push_user(&user);
+            h.push_assistant(&assistant);
+        }
+        h
+    }
+
     fn roles(h: &History) -> Vec<Role> {
         h.messages().map(|m| m.role).collect()
     }
@@ -266,14 +283,11 @@ mod tests {
 
     #[test]
     fn trims_oldest_and_keeps_user_first() {
-        let mut h = History::new(HistoryLimits {
-            max_messages: 3,
-            max_chars: 1000,
-        });
-        for i in 0..5 {
-            h.push_user(&format!("question {i}"));
-            h.push_assistant(&format!("answer {i}"));
-        }
+        let h = exchanged(
+            3,
+            1000,
+            (0..5).map(|i| (format!("question {i}"), format!("answer {i}"))),
+        );
         assert!(h.len() <= 3);
         assert_eq!(h.messages().next().unwrap().role, Role::User);
         assert_eq!(h.messages().last().unwrap().text, "answer 4");
@@ -281,14 +295,7 @@ mod tests {
 
     #[test]
     fn trims_by_characters() {
-        let mut h = History::new(HistoryLimits {
-            max_messages: 100,
-            max_chars: 50,
-        });
-        for _ in 0..10 {
-            h.push_user(&"x".repeat(20));
-            h.push_assistant(&"y".repeat(20));
-        }
+        let h = exchanged(100, 50, (0..10).map(|_| ("x".repeat(20), "y".repeat(20))));
         let total: usize = h.messages().map(|m| m.text.len()).sum();
         assert!(total <= 50);
         assert_eq!(h.messages().next().unwrap().role, Role::User);

@@ -275,6 +275,24 @@ mod tests {
         piece.len() as u64 / 16
     }
 
+    /// A playout with a 400 ms lead given `n` ms of audio, its start sent at `t0`.
+    fn started(t0: Instant, n: u64) -> Playout {
+        let mut p = Playout::new(RATE, ms(400));
+        p.push(&audio(n));
+        assert!(p.poll(t0).is_some());
+        p
+    }
+
+    /// A playout with a 400 ms lead holding `sentences`: tag, text and length in ms.
+    fn holding(sentences: &[(Option<u32>, &str, u64)]) -> Playout {
+        let mut p = Playout::new(RATE, ms(400));
+        for &(tag, text, n) in sentences {
+            p.push(&audio(n));
+            p.end_sentence(tag, text.into());
+        }
+        p
+    }
+
     #[test]
     fn the_start_goes_out_at_once_then_pieces_refill_the_buffer() {
         let t0 = Instant::now();
@@ -328,9 +346,7 @@ mod tests {
     #[test]
     fn a_late_wake_up_still_sends_the_waiting_piece() {
         let t0 = Instant::now();
-        let mut p = Playout::new(RATE, ms(400));
-        p.push(&audio(400));
-        assert!(p.poll(t0).is_some());
+        let mut p = started(t0, 400);
         p.push(&audio(200));
         assert_eq!(p.next_due(), Some(t0 + ms(200)));
         // Woken 30 ms late: the buffer is below the low mark, a whole piece waits.
@@ -340,9 +356,7 @@ mod tests {
     #[test]
     fn a_gap_restarts_the_clock() {
         let t0 = Instant::now();
-        let mut p = Playout::new(RATE, ms(400));
-        p.push(&audio(100));
-        assert!(p.poll(t0).is_some());
+        let mut p = started(t0, 100);
         // One second later the buffer has long run dry: the next sentence goes out at once,
         // and playback is counted from then.
         p.push(&audio(600));
@@ -357,13 +371,11 @@ mod tests {
     #[test]
     fn only_sentences_played_by_the_clock_are_heard() {
         let t0 = Instant::now();
-        let mut p = Playout::new(RATE, ms(400));
-        p.push(&audio(300));
-        p.end_sentence(Some(0), "One.".into());
-        p.push(&audio(300));
-        p.end_sentence(Some(0), "Two.".into());
-        p.push(&audio(300));
-        p.end_sentence(None, "Just a moment.".into());
+        let mut p = holding(&[
+            (Some(0), "One.", 300),
+            (Some(0), "Two.", 300),
+            (None, "Just a moment.", 300),
+        ]);
         assert!(p.poll(t0).is_some());
         assert_eq!(p.heard(Some(0), t0 + ms(299), false), "");
         assert_eq!(p.heard(Some(0), t0 + ms(300), false), "One.");
@@ -379,11 +391,7 @@ mod tests {
     #[test]
     fn stopping_drops_what_was_not_sent_and_freezes_what_was_heard() {
         let t0 = Instant::now();
-        let mut p = Playout::new(RATE, ms(400));
-        p.push(&audio(200));
-        p.end_sentence(Some(0), "One.".into());
-        p.push(&audio(800));
-        p.end_sentence(Some(0), "Two.".into());
+        let mut p = holding(&[(Some(0), "One.", 200), (Some(0), "Two.", 800)]);
         assert!(p.poll(t0).is_some());
         // Cut 250 ms in: 400 ms were sent, 250 played.
         assert!(p.stop(t0 + ms(250)));
@@ -395,18 +403,14 @@ mod tests {
         assert_eq!(p.played(t0 + ms(5000)), 250 * 16);
         assert_eq!(p.heard(Some(0), t0 + ms(5000), false), "One.");
         // Stopped after everything played: nothing left at the listener's side.
-        let mut q = Playout::new(RATE, ms(400));
-        q.push(&audio(100));
-        assert!(q.poll(t0).is_some());
+        let mut q = started(t0, 100);
         assert!(!q.stop(t0 + ms(150)));
     }
 
     #[test]
     fn confirmed_playback_counts_beyond_the_clock_but_never_beyond_what_was_sent() {
         let t0 = Instant::now();
-        let mut p = Playout::new(RATE, ms(400));
-        p.push(&audio(300));
-        p.end_sentence(Some(0), "One.".into());
+        let mut p = holding(&[(Some(0), "One.", 300)]);
         assert!(p.poll(t0).is_some());
         p.confirm(300 * 16);
         assert_eq!(p.heard(Some(0), t0, false), "One.");

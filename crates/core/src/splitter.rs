@@ -156,13 +156,24 @@ pub fn speakable(text: &str) -> String {
 mod tests {
     use super::*;
 
-    fn split_all(deltas: &[&str]) -> Vec<String> {
+    /// Pushes `deltas` one by one: the sentences out after each push, and what `finish` gives.
+    fn pushed(deltas: &[&str]) -> (Vec<Vec<String>>, Option<String>) {
         let mut s = SentenceSplitter::new(SplitterConfig::default());
         let mut out = Vec::new();
-        for d in deltas {
-            s.push(d, &mut out);
-        }
-        out.extend(s.finish());
+        let steps = deltas
+            .iter()
+            .map(|d| {
+                s.push(d, &mut out);
+                out.clone()
+            })
+            .collect();
+        (steps, s.finish())
+    }
+
+    fn split_all(deltas: &[&str]) -> Vec<String> {
+        let (steps, rest) = pushed(deltas);
+        let mut out = steps.last().cloned().unwrap_or_default();
+        out.extend(rest);
         out
     }
 
@@ -203,34 +214,29 @@ mod tests {
 
     #[test]
     fn boundary_waits_for_whitespace() {
-        let mut s = SentenceSplitter::new(SplitterConfig::default());
-        let mut out = Vec::new();
-        s.push("It costs 3.", &mut out);
+        let (steps, rest) = pushed(&["It costs 3.", "5 euros, or 1,000 cents. Fine"]);
         assert!(
-            out.is_empty(),
+            steps[0].is_empty(),
             "must not cut before seeing what follows the dot"
         );
-        s.push("5 euros, or 1,000 cents. Fine", &mut out);
-        assert_eq!(out, vec!["It costs 3.5 euros,", "or 1,000 cents."]);
-        assert_eq!(s.finish().as_deref(), Some("Fine"));
+        assert_eq!(steps[1], vec!["It costs 3.5 euros,", "or 1,000 cents."]);
+        assert_eq!(rest.as_deref(), Some("Fine"));
     }
 
     #[test]
     fn cuts_at_the_end_of_the_buffer_when_unambiguous() {
-        let mut s = SentenceSplitter::new(SplitterConfig::default());
-        let mut out = Vec::new();
-        s.push("Sure,", &mut out);
-        assert_eq!(out, vec!["Sure,"]);
-        s.push(" it is 1,", &mut out);
+        let (steps, _) = pushed(&["Sure,", " it is 1,", "000 metres high. Dr.", " Who? Yes"]);
+        assert_eq!(steps[0], vec!["Sure,"]);
         assert_eq!(
-            out.len(),
+            steps[1].len(),
             1,
             "a comma after a digit may be a thousands separator"
         );
-        s.push("000 metres high. Dr.", &mut out);
-        assert_eq!(out, vec!["Sure,", "it is 1,000 metres high."]);
-        s.push(" Who? Yes", &mut out);
-        assert_eq!(out, vec!["Sure,", "it is 1,000 metres high.", "Dr. Who?"]);
+        assert_eq!(steps[2], vec!["Sure,", "it is 1,000 metres high."]);
+        assert_eq!(
+            steps[3],
+            vec!["Sure,", "it is 1,000 metres high.", "Dr. Who?"]
+        );
     }
 
     #[test]

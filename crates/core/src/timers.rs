@@ -212,6 +212,21 @@ mod tests {
         }
     }
 
+    /// Timers started at `t0` where only the maximum duration comes due: no idle timeout,
+    /// heartbeat or token expiry within 100,000 s.
+    fn max_duration_only(t0: Instant) -> SessionTimers {
+        let mut c = config();
+        c.idle_timeout = S(100_000);
+        c.heartbeat_interval = S(100_000);
+        SessionTimers::new(c, t0, t0 + S(100_000))
+    }
+
+    /// The maximum duration is the next deadline, at `at`, and ends the session then.
+    fn max_duration_ends_at(t: &mut SessionTimers, at: Instant) {
+        assert_eq!(t.next_deadline(), at);
+        assert_eq!(t.poll(at), Some(TimerAction::End(TimerEnd::MaxDuration)));
+    }
+
     fn drain(t: &mut SessionTimers, now: Instant) -> Vec<TimerAction> {
         std::iter::from_fn(|| t.poll(now)).take(10).collect()
     }
@@ -251,29 +266,19 @@ mod tests {
     #[test]
     fn max_duration_warns_then_ends() {
         let t0 = Instant::now();
-        let mut c = config();
-        c.idle_timeout = S(100_000);
-        c.heartbeat_interval = S(100_000);
-        let mut t = SessionTimers::new(c, t0, t0 + S(100_000));
+        let mut t = max_duration_only(t0);
         assert_eq!(t.next_deadline(), t0 + S(1740));
         assert_eq!(
             drain(&mut t, t0 + S(1740)),
             vec![TimerAction::WarnMaxDuration { seconds_left: 60 }]
         );
-        assert_eq!(t.next_deadline(), t0 + S(1800));
-        assert_eq!(
-            t.poll(t0 + S(1800)),
-            Some(TimerAction::End(TimerEnd::MaxDuration))
-        );
+        max_duration_ends_at(&mut t, t0 + S(1800));
     }
 
     #[test]
     fn a_moved_session_keeps_its_age() {
         let t0 = Instant::now() + S(10_000);
-        let mut c = config();
-        c.idle_timeout = S(100_000);
-        c.heartbeat_interval = S(100_000);
-        let mut t = SessionTimers::new(c, t0, t0 + S(100_000));
+        let mut t = max_duration_only(t0);
         t.started_earlier(S(1790));
         // Already inside the warning period: the new connection is warned at once.
         assert!(t.next_deadline() <= t0);
@@ -281,11 +286,7 @@ mod tests {
             t.poll(t0),
             Some(TimerAction::WarnMaxDuration { seconds_left: 10 })
         );
-        assert_eq!(t.next_deadline(), t0 + S(10));
-        assert_eq!(
-            t.poll(t0 + S(10)),
-            Some(TimerAction::End(TimerEnd::MaxDuration))
-        );
+        max_duration_ends_at(&mut t, t0 + S(10));
     }
 
     #[test]

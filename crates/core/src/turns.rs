@@ -36,14 +36,11 @@ impl Default for TurnConfig {
     }
 }
 
-/// What happened.
+/// Recognition signals: what the recogniser heard.
 #[derive(Clone, Copy, Debug)]
-pub enum Input<'a> {
+pub enum Heard<'a> {
     /// Interim transcript of the words not yet final.
-    Partial {
-        /// The interim text.
-        text: &'a str,
-    },
+    Partial(&'a str),
     /// Final transcript of a stretch of speech.
     Final {
         /// The final text (may be empty).
@@ -60,6 +57,13 @@ pub enum Input<'a> {
     },
     /// Voice activity began.
     SpeechStarted,
+}
+
+/// What happened.
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    /// A recognition signal.
+    Heard(Heard<'a>),
     /// Push-to-talk released (`input.commit`).
     Commit,
     /// The client asked to stop the reply (`response.cancel`).
@@ -148,7 +152,7 @@ impl Turns {
     /// Feeds one input; the resulting actions are appended to `out` in the order to perform them.
     pub fn handle(&mut self, input: Input<'_>, out: &mut Vec<Action>) {
         match input {
-            Input::Partial { text } => {
+            Input::Heard(Heard::Partial(text)) => {
                 let text = text.trim();
                 if text.is_empty() {
                     return;
@@ -158,11 +162,11 @@ impl Turns {
                 self.maybe_interrupt(text, out);
                 out.push(Action::Partial(self.display()));
             }
-            Input::Final {
+            Input::Heard(Heard::Final {
                 text,
                 speech_final,
                 end_of_speech,
-            } => {
+            }) => {
                 let text = text.trim();
                 self.partial.clear();
                 if !text.is_empty() {
@@ -179,7 +183,7 @@ impl Turns {
                     self.end_turn(out);
                 }
             }
-            Input::UtteranceEnd { end_of_speech } => {
+            Input::Heard(Heard::UtteranceEnd { end_of_speech }) => {
                 // Only for words still waiting: an UtteranceEnd that arrives after its turn
                 // ended must not date the next one.
                 if self.pending_eos.is_none() && !self.pending.is_empty() {
@@ -187,7 +191,7 @@ impl Turns {
                 }
                 self.end_turn(out);
             }
-            Input::SpeechStarted => {
+            Input::Heard(Heard::SpeechStarted) => {
                 if !self.config.partials
                     && let Some(turn_id) = self.responding.take()
                 {
@@ -314,34 +318,50 @@ mod tests {
         out
     }
 
+    fn partial(text: &str) -> Input<'_> {
+        Input::Heard(Heard::Partial(text))
+    }
+
     fn fin(text: &str, speech_final: bool) -> Input<'_> {
-        Input::Final {
+        Input::Heard(Heard::Final {
             text,
             speech_final,
             end_of_speech: None,
-        }
+        })
     }
+
+    /// Turns whose first turn, `text`, is being answered.
+    fn replying(text: &str) -> Turns {
+        let mut t = Turns::new(TurnConfig::default(), 0);
+        run(&mut t, fin(text, true));
+        t
+    }
+
+    const UTTERANCE_END: Input<'static> = Input::Heard(Heard::UtteranceEnd {
+        end_of_speech: None,
+    });
+    const SPEECH_STARTED: Input<'static> = Input::Heard(Heard::SpeechStarted);
 
     #[test]
     fn finals_accumulate_until_speech_final() {
         let mut t = Turns::new(TurnConfig::default(), 0);
         assert_eq!(
-            run(&mut t, Input::Partial { text: "what is" }),
+            run(&mut t, partial("what is")),
             vec![Action::Partial("what is".into())]
         );
         assert!(run(&mut t, fin("What is the weather", false)).is_empty());
         assert_eq!(
-            run(&mut t, Input::Partial { text: "in" }),
+            run(&mut t, partial("in")),
             vec![Action::Partial("What is the weather in".into())]
         );
         let eos = Instant::now();
         let out = run(
             &mut t,
-            Input::Final {
+            Input::Heard(Heard::Final {
                 text: "in Paris?",
                 speech_final: true,
                 end_of_speech: Some(eos),
-            },
+            }),
         );
         assert_eq!(
             out,
@@ -358,33 +378,19 @@ mod tests {
     fn utterance_end_closes_a_turn_without_speech_final() {
         let mut t = Turns::new(TurnConfig::default(), 0);
         run(&mut t, fin("Hello there", false));
-        let out = run(
-            &mut t,
-            Input::UtteranceEnd {
-                end_of_speech: None,
-            },
-        );
+        let out = run(&mut t, UTTERANCE_END);
         assert!(matches!(&out[..], [Action::EndOfTurn { turn_id: 1, .. }]));
         // A second UtteranceEnd with nothing pending does nothing.
-        assert!(
-            run(
-                &mut t,
-                Input::UtteranceEnd {
-                    end_of_speech: None
-                }
-            )
-            .is_empty()
-        );
+        assert!(run(&mut t, UTTERANCE_END).is_empty());
         // Empty speech_final with nothing pending does nothing.
         assert!(run(&mut t, fin("", true)).is_empty());
     }
 
     #[test]
     fn speech_during_a_reply_interrupts_it() {
-        let mut t = Turns::new(TurnConfig::default(), 0);
-        run(&mut t, fin("Tell me a story", true));
+        let mut t = replying("Tell me a story");
         assert_eq!(
-            run(&mut t, Input::Partial { text: "wait stop" }),
+            run(&mut t, partial("wait stop")),
             vec![
                 Action::Interrupt { turn_id: 1 },
                 Action::Partial("wait stop".into())
@@ -397,10 +403,9 @@ mod tests {
 
     #[test]
     fn backchannels_do_not_interrupt() {
-        let mut t = Turns::new(TurnConfig::default(), 0);
-        run(&mut t, fin("Tell me a story", true));
+        let mut t = replying("Tell me a story");
         assert_eq!(
-            run(&mut t, Input::Partial { text: "mm-hm" }),
+            run(&mut t, partial("mm-hm")),
             vec![Action::Partial("mm-hm".into())]
         );
         assert!(run(&mut t, fin("Mm-hm, okay.", true)).is_empty());
@@ -413,9 +418,8 @@ mod tests {
 
     #[test]
     fn noise_blips_do_not_interrupt() {
-        let mut t = Turns::new(TurnConfig::default(), 0);
-        run(&mut t, fin("Hi", true));
-        let out = run(&mut t, Input::Partial { text: "a" });
+        let mut t = replying("Hi");
+        let out = run(&mut t, partial("a"));
         assert_eq!(out, vec![Action::Partial("a".into())]);
         assert_eq!(t.responding(), Some(1));
     }
@@ -423,12 +427,7 @@ mod tests {
     #[test]
     fn push_to_talk_finalizes_then_ends_the_turn() {
         let mut t = Turns::new(TurnConfig::default(), 0);
-        run(
-            &mut t,
-            Input::Partial {
-                text: "book a table",
-            },
-        );
+        run(&mut t, partial("book a table"));
         assert_eq!(run(&mut t, Input::Commit), vec![Action::Finalize]);
         let out = run(&mut t, fin("Book a table.", false));
         assert!(
@@ -464,10 +463,10 @@ mod tests {
             },
             0,
         );
-        assert!(run(&mut t, Input::SpeechStarted).is_empty());
+        assert!(run(&mut t, SPEECH_STARTED).is_empty());
         run(&mut t, fin("Hello", true));
         assert_eq!(
-            run(&mut t, Input::SpeechStarted),
+            run(&mut t, SPEECH_STARTED),
             vec![Action::Interrupt { turn_id: 1 }]
         );
     }

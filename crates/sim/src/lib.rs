@@ -213,6 +213,35 @@ struct Copy {
     expect_refusal: bool,
 }
 
+impl Copy {
+    /// A fresh copy on `instance`: nothing in flight, nothing seen yet.
+    fn new(
+        instance: usize,
+        machine: Session,
+        epoch: u64,
+        base: (u64, u64, u64),
+        turns: Vec<(u64, String)>,
+    ) -> Self {
+        Copy {
+            instance,
+            machine,
+            epoch,
+            base,
+            truth: (0, 0, 0),
+            request: None,
+            ended: false,
+            lease_answers: Vec::new(),
+            verifying: None,
+            listener: Listener::default(),
+            sentences: Vec::new(),
+            playout_violation: None,
+            attach_violation: None,
+            expect_refusal: false,
+            turns,
+        }
+    }
+}
+
 /// One session across instances.
 struct SimSession {
     sid: u64,
@@ -374,23 +403,7 @@ impl World {
         }
         self.next_sid += 1;
         let machine = Session::new(sid.to_string(), config(), self.now(), None);
-        let copy = Copy {
-            instance,
-            machine,
-            epoch: 1,
-            base: (0, 0, 0),
-            truth: (0, 0, 0),
-            request: None,
-            ended: false,
-            lease_answers: Vec::new(),
-            verifying: None,
-            listener: Listener::default(),
-            sentences: Vec::new(),
-            playout_violation: None,
-            attach_violation: None,
-            expect_refusal: false,
-            turns: Vec::new(),
-        };
+        let copy = Copy::new(instance, machine, 1, (0, 0, 0), Vec::new());
         self.sessions.push(SimSession {
             sid,
             copies: vec![copy],
@@ -603,23 +616,9 @@ impl World {
             self.now(),
             Some((carried, Duration::ZERO)),
         );
-        self.sessions[s].copies.push(Copy {
-            instance,
-            machine,
-            epoch,
-            base: usage,
-            truth: (0, 0, 0),
-            request: None,
-            ended: false,
-            lease_answers: Vec::new(),
-            verifying: None,
-            listener: Listener::default(),
-            sentences: Vec::new(),
-            playout_violation: None,
-            attach_violation: None,
-            expect_refusal: false,
-            turns,
-        });
+        self.sessions[s]
+            .copies
+            .push(Copy::new(instance, machine, epoch, usage, turns));
         self.stats.moves += 1;
         let c = self.sessions[s].copies.len() - 1;
         if let Some(old) = self.sessions[s].attached {

@@ -22,6 +22,7 @@ mod event;
 pub mod ledger;
 pub mod prestart;
 
+pub use crate::turns::Heard;
 pub use event::{Ending, Event, Opaque};
 
 use std::collections::VecDeque;
@@ -270,29 +271,6 @@ impl From<TimerEnd> for EndReason {
             TimerEnd::ResumeWindowExpired => EndReason::ResumeExpired,
         }
     }
-}
-
-/// Recognition signals the machine reacts to.
-#[derive(Clone, Copy, Debug)]
-pub enum Heard<'a> {
-    /// Interim transcript.
-    Partial(&'a str),
-    /// Final transcript of a stretch of speech.
-    Final {
-        /// The text.
-        text: &'a str,
-        /// The recogniser says the utterance ended.
-        speech_final: bool,
-        /// When the person stopped speaking, if known.
-        end_of_speech: Option<Instant>,
-    },
-    /// A gap after the last word.
-    UtteranceEnd {
-        /// When the person stopped speaking, if known.
-        end_of_speech: Option<Instant>,
-    },
-    /// Voice activity began.
-    SpeechStarted,
 }
 
 /// Why a reply stopped early.
@@ -1160,23 +1138,7 @@ impl Session {
                 ) {
                     self.uplink.end_heard();
                 }
-                let input = match heard {
-                    Heard::Partial(text) => turns::Input::Partial { text },
-                    Heard::Final {
-                        text,
-                        speech_final,
-                        end_of_speech,
-                    } => turns::Input::Final {
-                        text,
-                        speech_final,
-                        end_of_speech,
-                    },
-                    Heard::UtteranceEnd { end_of_speech } => {
-                        turns::Input::UtteranceEnd { end_of_speech }
-                    }
-                    Heard::SpeechStarted => turns::Input::SpeechStarted,
-                };
-                self.turn(input);
+                self.turn(turns::Input::Heard(heard));
             }
             Input::RecogniserLost { busy: true, .. } => self.send(Event::problem(
                 ErrorCode::EnginesBusy,

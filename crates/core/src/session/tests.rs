@@ -4,6 +4,29 @@ use super::ledger::ReportedTokens;
 use super::*;
 use crate::cost::from_usd;
 
+/// The first of `$items` (outputs or events) that matches `$pat`, as `$e`.
+macro_rules! first {
+    ($items:expr, $pat:pat => $e:expr) => {
+        $items.into_iter().find_map(|o| match o {
+            $pat => Some($e),
+            _ => None,
+        })
+    };
+}
+
+/// Every one of `$items` (outputs or events) that matches `$pat`, as `$e`, in order.
+macro_rules! every {
+    ($items:expr, $pat:pat => $e:expr) => {
+        $items
+            .into_iter()
+            .filter_map(|o| match o {
+                $pat => Some($e),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+}
+
 mod findings;
 mod playout;
 mod tools;
@@ -13,6 +36,13 @@ const MS: Duration = Duration::from_millis(1);
 
 fn config() -> Config {
     Config::reference()
+}
+
+/// The reference configuration with an idle timeout of `timeout`.
+fn idle_after(timeout: Duration) -> Config {
+    let mut c = config();
+    c.timers.idle_timeout = timeout;
+    c
 }
 
 /// A session under test with its own clock.
@@ -78,10 +108,20 @@ impl Harness {
 
     /// Says `text` and ends the turn; returns the outputs.
     fn say(&mut self, text: &str) -> Vec<Output> {
+        self.hear_final(text, true, None)
+    }
+
+    /// The recogniser's final transcript of `text`.
+    fn hear_final(
+        &mut self,
+        text: &str,
+        speech_final: bool,
+        end_of_speech: Option<Instant>,
+    ) -> Vec<Output> {
         self.feed(Input::Heard(Heard::Final {
             text,
-            speech_final: true,
-            end_of_speech: None,
+            speech_final,
+            end_of_speech,
         }))
     }
 
@@ -109,6 +149,19 @@ impl Harness {
         out.extend(self.feed(Input::ReplyEnded(outcome(turn_id, spoken, output_tokens))));
         out
     }
+}
+
+/// A session whose reply to "Hello" is cut by `cut`: checks the reply was stopped, and
+/// returns the session and what the cut put out.
+fn reply_cut_by(
+    config: Config,
+    cut: impl FnOnce(&mut Harness) -> Vec<Output>,
+) -> (Harness, Vec<Output>) {
+    let mut h = Harness::new(config);
+    h.say("Hello");
+    let out = cut(&mut h);
+    assert!(aborted(&out, 1));
+    (h, out)
 }
 
 /// The harness's user asking to attach with `token`.
@@ -146,30 +199,44 @@ fn outcome(turn_id: u64, spoken: &str, output_tokens: u64) -> ReplyOutcome {
 }
 
 fn finish(out: &[Output]) -> Option<Finish> {
-    out.iter().find_map(|o| match o {
-        Output::Finish(f) => Some(*f),
-        _ => None,
-    })
+    first!(out, Output::Finish(f) => *f)
+}
+
+/// Why the session ended, if it did.
+fn end_reason(out: &[Output]) -> Option<EndReason> {
+    finish(out).map(|f| f.reason)
 }
 
 fn events(out: &[Output]) -> Vec<&Event> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::Event(e) => Some(e),
-            _ => None,
-        })
-        .collect()
+    every!(out, Output::Event(e) => e)
+}
+
+fn turn_log(out: &[Output]) -> &TurnLog {
+    first!(out, Output::Turn(t) => t).expect("a turn log")
 }
 
 fn has(out: &[Output], pred: impl Fn(&Output) -> bool) -> bool {
     out.iter().any(pred)
 }
 
+/// The machine stopped the reply to `turn_id`.
+fn aborted(out: &[Output], turn_id: u64) -> bool {
+    has(
+        out,
+        |o| matches!(o, Output::AbortReply { turn_id: t } if *t == turn_id),
+    )
+}
+
+/// The machine started the reply to `turn_id`.
+fn started_reply(out: &[Output], turn_id: u64) -> bool {
+    has(
+        out,
+        |o| matches!(o, Output::StartReply { turn_id: t, .. } if *t == turn_id),
+    )
+}
+
 fn error_code(out: &[Output]) -> Option<ErrorCode> {
-    events(out).into_iter().find_map(|e| match e {
-        Event::Problem { code, .. } => Some(*code),
-        _ => None,
-    })
+    first!(events(out), Event::Problem { code, .. } => *code)
 }
 
 #[test]
@@ -204,19 +271,10 @@ fn attach_announces_the_session_and_registers_its_token() {
 fn a_turn_starts_a_reply_and_its_end_is_billed_and_recorded() {
     let mut h = Harness::new(config());
     let out = h.say("What is the weather?");
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::StartReply { turn_id: 1, .. }
-    )));
+    assert!(started_reply(&out, 1));
     assert_eq!(h.s.history().count(), 1);
     let out = h.reply_done(1, "Sunny.", 10);
-    let turn = out
-        .iter()
-        .find_map(|o| match o {
-            Output::Turn(t) => Some(t.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let turn = turn_log(&out);
     assert_eq!(
         (
             turn.user_text.as_str(),
@@ -242,10 +300,7 @@ fn barge_in_aborts_and_keeps_only_what_was_spoken() {
     h.advance(150 * MS);
     h.speak(1, "a time there was a princess.");
     let out = h.feed(Input::Heard(Heard::Partial("wait stop")));
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::AbortReply { turn_id: 1 }
-    )));
+    assert!(aborted(&out, 1));
     let mut o = outcome(1, "Once upon", 0);
     o.llm.finished = false;
     o.llm.reported.output = None;
@@ -281,13 +336,7 @@ fn a_reply_cut_before_its_first_token_still_pays_for_the_prompt() {
 
 #[test]
 fn detach_cuts_the_reply_and_waits_for_the_resume_window() {
-    let mut h = Harness::new(config());
-    h.say("Hello");
-    let out = h.feed(Input::Detach);
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::AbortReply { turn_id: 1 }
-    )));
+    let (mut h, out) = reply_cut_by(config(), |h| h.feed(Input::Detach));
     assert!(has(&out, |o| matches!(o, Output::CloseRecogniser)));
     assert!(!h.s.is_attached());
     let out = h.feed(Input::ReplyEnded(outcome(1, "", 0)));
@@ -376,9 +425,7 @@ fn a_lost_session_resumed_is_retried_with_the_old_token_then_the_grace_ends_it()
 
 #[test]
 fn pings_do_not_keep_a_session_alive() {
-    let mut c = config();
-    c.timers.idle_timeout = 3 * S;
-    let mut h = Harness::new(c);
+    let mut h = Harness::new(idle_after(3 * S));
     let mut ended = None;
     for _ in 0..24 {
         let mut out = h.feed(Input::Ping(None));
@@ -395,9 +442,7 @@ fn pings_do_not_keep_a_session_alive() {
 
 #[test]
 fn audio_and_user_messages_are_activity() {
-    let mut c = config();
-    c.timers.idle_timeout = 3 * S;
-    let mut h = Harness::new(c);
+    let mut h = Harness::new(idle_after(3 * S));
     for _ in 0..10 {
         h.advance(2 * S);
         let out = h.audio();
@@ -409,7 +454,7 @@ fn audio_and_user_messages_are_activity() {
     assert!(finish(&h.feed(Input::Text("hi"))).is_none());
     h.reply_done(1, "Hello.", 2);
     let out = h.advance(4 * S);
-    assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::IdleTimeout));
+    assert_eq!(end_reason(&out), Some(EndReason::IdleTimeout));
 }
 
 #[test]
@@ -432,9 +477,7 @@ fn heartbeat_pings_and_a_missed_pong_detaches() {
 
 #[test]
 fn maximum_duration_warns_then_ends() {
-    let mut c = config();
-    c.timers.idle_timeout = 10_000 * S;
-    let mut h = Harness::new(c);
+    let mut h = Harness::new(idle_after(10_000 * S));
     let mut warned = false;
     let mut ended = None;
     for _ in 0..1800 {
@@ -481,30 +524,25 @@ fn a_continued_session_keeps_its_age() {
         ],
         ledger: LedgerState::default(),
     };
-    let mut c = config();
-    c.timers.idle_timeout = 10_000 * S;
+    let c = idle_after(10_000 * S);
     let mut s = Session::new("s1".into(), c, now, Some((carried, 1790 * S)));
     assert_eq!(s.last_turn(), 3);
     assert_eq!(s.history().count(), 2);
     s.handle_timeout(now + 10 * S);
     let out: Vec<_> = std::iter::from_fn(|| s.poll_output()).collect();
-    assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::MaxDuration));
+    assert_eq!(end_reason(&out), Some(EndReason::MaxDuration));
 }
 
 #[test]
 fn token_expiry_ends_unless_refreshed() {
-    let mut c = config();
-    c.timers.idle_timeout = 10_000 * S;
+    let mut c = idle_after(10_000 * S);
     c.timers.max_duration = 20_000 * S;
     let mut h = Harness::new(c.clone());
     // Expires at +3600 s, grace 10 s.
     let out = h.advance(3609 * S);
     assert!(finish(&out).is_none());
     let out = h.advance(2 * S);
-    assert_eq!(
-        finish(&out).map(|f| f.reason),
-        Some(EndReason::TokenExpired)
-    );
+    assert_eq!(end_reason(&out), Some(EndReason::TokenExpired));
     assert_eq!(error_code(&out), Some(ErrorCode::TokenExpired));
 
     let mut h = Harness::new(c.clone());
@@ -531,10 +569,7 @@ fn token_expiry_ends_unless_refreshed() {
     })));
     assert_eq!(error_code(&out), Some(ErrorCode::Unauthorized));
     let out = h.advance(200 * S);
-    assert_eq!(
-        finish(&out).map(|f| f.reason),
-        Some(EndReason::TokenExpired)
-    );
+    assert_eq!(end_reason(&out), Some(EndReason::TokenExpired));
 }
 
 #[test]
@@ -593,9 +628,7 @@ fn a_resume_is_attached_in_place_of_the_connection_it_replaces_or_refused() {
 
 #[test]
 fn checkpoints_come_on_schedule() {
-    let mut c = config();
-    c.timers.idle_timeout = 10_000 * S;
-    let mut h = Harness::new(c);
+    let mut h = Harness::new(idle_after(10_000 * S));
     let out = h.advance(181 * S);
     assert_eq!(
         out.iter()
@@ -717,10 +750,7 @@ fn the_daily_budget_spans_sessions() {
     let out = h.feed(Input::DailySpent(from_usd(0.999)));
     assert!(finish(&out).is_none());
     let out = h.say("hello");
-    assert_eq!(
-        finish(&out).map(|f| f.reason),
-        Some(EndReason::BudgetExhausted)
-    );
+    assert_eq!(end_reason(&out), Some(EndReason::BudgetExhausted));
 }
 
 #[test]
@@ -728,13 +758,7 @@ fn spend_is_reported_for_the_daily_total_once() {
     let mut h = Harness::new(config());
     h.say("one");
     let out = h.reply_done(1, "ok", 100);
-    let daily: u64 = out
-        .iter()
-        .filter_map(|o| match o {
-            Output::Spend(d) => Some(d.daily),
-            _ => None,
-        })
-        .sum();
+    let daily: u64 = every!(&out, Output::Spend(d) => d.daily).iter().sum();
     assert_eq!(daily, h.s.ledger().cost().total.unwrap());
 }
 
@@ -748,7 +772,7 @@ fn invalid_frames_get_errors_then_a_policy_close() {
         assert!(!has(&out, |o| matches!(o, Output::Forward { .. })));
     }
     let out = h.feed(Input::Invalid(ErrorCode::InvalidMessage, "bad".into()));
-    assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::Policy));
+    assert_eq!(end_reason(&out), Some(EndReason::Policy));
 }
 
 #[test]
@@ -781,7 +805,7 @@ fn session_end_gets_through_a_flood() {
         h.audio();
     }
     let out = h.feed(Input::End);
-    assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::ClientEnded));
+    assert_eq!(end_reason(&out), Some(EndReason::ClientEnded));
 }
 
 #[test]
@@ -803,21 +827,12 @@ fn recogniser_failures_end_the_session_after_four() {
         busy: false,
         failures: 4,
     });
-    assert_eq!(
-        finish(&out).map(|f| f.reason),
-        Some(EndReason::ProviderFailed)
-    );
+    assert_eq!(end_reason(&out), Some(EndReason::ProviderFailed));
 }
 
 #[test]
 fn ending_mid_reply_records_the_cut_reply_first() {
-    let mut h = Harness::new(config());
-    h.say("Hello");
-    let out = h.feed(Input::End);
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::AbortReply { turn_id: 1 }
-    )));
+    let (mut h, out) = reply_cut_by(config(), |h| h.feed(Input::End));
     assert_eq!(finish(&out), None);
     let out = h.feed(Input::ReplyEnded(outcome(1, "Hi", 1)));
     let turn_at = out.iter().position(|o| matches!(o, Output::Turn(_)));
@@ -827,9 +842,8 @@ fn ending_mid_reply_records_the_cut_reply_first() {
 }
 
 fn clustered() -> Config {
-    let mut c = config();
+    let mut c = idle_after(10_000 * S);
     c.lease_ttl = Some(15 * S);
-    c.timers.idle_timeout = 10_000 * S;
     c
 }
 
@@ -877,25 +891,25 @@ fn leases_are_refreshed_and_a_lapse_fails_closed() {
 }
 
 #[test]
-fn a_lapsed_lease_without_a_place_ends_the_session() {
-    let mut h = Harness::new(clustered());
-    h.advance(5 * S);
-    let out = h.feed(Input::Lease {
-        answer: LeaseAnswer::NoPlace,
-        sent_at: h.now,
-    });
-    assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::LeaseLost));
+fn a_lapsed_lease_without_a_place_or_a_stale_one_ends_the_session() {
+    // A stale lease answer ends it as moved, like a stale owner (below).
+    for (answer, reason) in [
+        (LeaseAnswer::NoPlace, EndReason::LeaseLost),
+        (LeaseAnswer::Stale, EndReason::Moved),
+    ] {
+        let mut h = Harness::new(clustered());
+        h.advance(5 * S);
+        let out = h.feed(Input::Lease {
+            answer,
+            sent_at: h.now,
+        });
+        assert_eq!(end_reason(&out), Some(reason), "{answer:?}");
+    }
 }
 
 #[test]
 fn a_stale_owner_writes_nothing_more() {
-    let mut h = Harness::new(clustered());
-    h.say("Hello");
-    let out = h.feed(Input::OwnershipLost);
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::AbortReply { turn_id: 1 }
-    )));
+    let (mut h, _) = reply_cut_by(clustered(), |h| h.feed(Input::OwnershipLost));
     let out = h.feed(Input::ReplyEnded(outcome(1, "Hi", 5)));
     let f = finish(&out).unwrap();
     assert_eq!(
@@ -910,14 +924,6 @@ fn a_stale_owner_writes_nothing_more() {
         o,
         Output::Spend(_) | Output::Publish | Output::Checkpoint
     )));
-    // A stale lease answer also ends it as moved.
-    let mut h = Harness::new(clustered());
-    h.advance(5 * S);
-    let out = h.feed(Input::Lease {
-        answer: LeaseAnswer::Stale,
-        sent_at: h.now,
-    });
-    assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::Moved));
 }
 
 #[test]
@@ -947,21 +953,12 @@ fn a_typed_turn_is_answered_like_speech() {
         turn_id: 1,
         text: "What time is it?".into()
     }));
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::StartReply { turn_id: 1, .. }
-    )));
+    assert!(started_reply(&out, 1));
     assert!(h.feed(Input::Text("   ")).is_empty());
 }
 
 #[test]
 fn a_replacing_connection_cuts_the_reply() {
-    let mut h = Harness::new(config());
-    h.say("Hello");
-    let out = h.attach(true, "t2");
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::AbortReply { turn_id: 1 }
-    )));
+    let (h, _) = reply_cut_by(config(), |h| h.attach(true, "t2"));
     assert!(h.s.is_attached());
 }

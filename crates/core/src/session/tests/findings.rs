@@ -3,24 +3,11 @@
 use super::*;
 
 fn turn_logs(out: &[Output]) -> Vec<TurnLog> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::Turn(t) => Some(t.clone()),
-            _ => None,
-        })
-        .collect()
+    every!(out, Output::Turn(t) => t.clone())
 }
 
 fn started(out: &[Output]) -> Vec<(u64, Option<Instant>)> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::StartReply {
-                turn_id,
-                end_of_speech,
-            } => Some((*turn_id, *end_of_speech)),
-            _ => None,
-        })
-        .collect()
+    every!(out, Output::StartReply { turn_id, end_of_speech } => (*turn_id, *end_of_speech))
 }
 
 /// A turn that cuts the reply in flight must not make the cut reply free: its outcome is
@@ -31,10 +18,7 @@ fn cut_by(cut: impl FnOnce(&mut Harness) -> Vec<Output>) {
     h.speak(1, "Once upon a time");
     h.advance(200 * MS);
     let out = cut(&mut h);
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::AbortReply { turn_id: 1 }
-    )));
+    assert!(aborted(&out, 1));
     // One reply at a time: the next waits for the cut one's outcome.
     assert!(
         started(&out).is_empty(),
@@ -70,11 +54,7 @@ fn a_typed_turn_during_a_reply_bills_the_cut_reply() {
 #[test]
 fn a_commit_during_a_reply_bills_the_cut_reply() {
     cut_by(|h| {
-        let mut out = h.feed(Input::Heard(Heard::Final {
-            text: "stop and tell me the time",
-            speech_final: false,
-            end_of_speech: None,
-        }));
+        let mut out = h.hear_final("stop and tell me the time", false, None);
         out.extend(h.feed(Input::Commit));
         out
     });
@@ -123,11 +103,7 @@ fn a_late_utterance_end_does_not_date_the_next_typed_turn() {
     let mut h = Harness::new(config());
     let spoke = h.now;
     h.now += 200 * MS;
-    h.feed(Input::Heard(Heard::Final {
-        text: "Hello there",
-        speech_final: true,
-        end_of_speech: Some(spoke),
-    }));
+    h.hear_final("Hello there", true, Some(spoke));
     h.reply_done(1, "Hi.", 2);
     // The recogniser's UtteranceEnd for the same utterance arrives after the turn ended.
     h.now += 800 * MS;
@@ -144,23 +120,11 @@ fn a_late_utterance_end_does_not_date_the_next_typed_turn() {
 fn a_turn_finalised_in_pieces_keeps_the_end_of_its_last_words() {
     let mut h = Harness::new(config());
     let t0 = h.now;
-    h.feed(Input::Heard(Heard::Final {
-        text: "What is the weather",
-        speech_final: false,
-        end_of_speech: Some(t0 + 1200 * MS),
-    }));
-    h.feed(Input::Heard(Heard::Final {
-        text: "like in Paris today?",
-        speech_final: false,
-        end_of_speech: Some(t0 + 2300 * MS),
-    }));
+    h.hear_final("What is the weather", false, Some(t0 + 1200 * MS));
+    h.hear_final("like in Paris today?", false, Some(t0 + 2300 * MS));
     h.now = t0 + 2900 * MS;
     // The endpoint arrives as an empty speech_final covering the silence.
-    let out = h.feed(Input::Heard(Heard::Final {
-        text: "",
-        speech_final: true,
-        end_of_speech: Some(t0 + 2800 * MS),
-    }));
+    let out = h.hear_final("", true, Some(t0 + 2800 * MS));
     assert_eq!(started(&out), vec![(1, Some(t0 + 2300 * MS))]);
 }
 
@@ -168,17 +132,9 @@ fn a_turn_finalised_in_pieces_keeps_the_end_of_its_last_words() {
 fn a_piece_without_timing_does_not_keep_an_earlier_pieces_end() {
     let mut h = Harness::new(config());
     let t0 = h.now;
-    h.feed(Input::Heard(Heard::Final {
-        text: "What is the weather",
-        speech_final: false,
-        end_of_speech: Some(t0 + 300 * MS),
-    }));
+    h.hear_final("What is the weather", false, Some(t0 + 300 * MS));
     h.now = t0 + 2900 * MS;
-    let out = h.feed(Input::Heard(Heard::Final {
-        text: "like in Paris today?",
-        speech_final: true,
-        end_of_speech: None,
-    }));
+    let out = h.hear_final("like in Paris today?", true, None);
     // Unknown rather than 2.6 s too early.
     assert_eq!(started(&out), vec![(1, None)]);
 }

@@ -8,34 +8,30 @@ fn audio(n: usize) -> Vec<u8> {
 }
 
 fn audio_out(out: &[Output]) -> Vec<usize> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::Audio { pcm, .. } => Some(pcm.len() / 48),
-            _ => None,
-        })
-        .collect()
+    every!(out, Output::Audio { pcm, .. } => pcm.len() / 48)
 }
 
 fn done(out: &[Output]) -> Option<Latency> {
-    events(out).into_iter().find_map(|e| match e {
-        Event::ReplyDone { latency, .. } => Some(*latency),
-        _ => None,
+    first!(events(out), Event::ReplyDone { latency, .. } => *latency)
+}
+
+/// The reply to turn 1 hands the machine `ms` of audio.
+fn play(h: &mut Harness, ms: usize) -> Vec<Output> {
+    h.feed(Input::ReplyAudio {
+        turn_id: 1,
+        pcm: &audio(ms),
     })
 }
 
 /// Pushes `ms` of audio in 100 ms chunks while the machine wants it, then ends a sentence.
 fn push_sentence(h: &mut Harness, text: &str, ms: usize) -> Vec<Output> {
     let mut out = Vec::new();
-    let chunk = audio(100);
     for _ in 0..ms / 100 {
         assert!(
             h.s.wants_reply_audio(),
             "the playout refused audio it should take"
         );
-        out.extend(h.feed(Input::ReplyAudio {
-            turn_id: 1,
-            pcm: &chunk,
-        }));
+        out.extend(play(h, 100));
     }
     out.extend(h.feed(Input::ReplySentence {
         turn_id: 1,
@@ -79,22 +75,13 @@ fn a_cut_reply_keeps_only_the_sentences_played_and_sends_nothing_after_the_cut()
     push_sentence(&mut h, "Once upon a time.", 200);
     push_sentence(&mut h, "There was a princess.", 200);
     h.advance(250 * MS);
-    h.feed(Input::ReplyAudio {
-        turn_id: 1,
-        pcm: &audio(100),
-    });
+    play(&mut h, 100);
     // Barge-in 250 ms in: the first sentence has played, the second has not.
     let out = h.feed(Input::Heard(Heard::Partial("wait")));
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::AbortReply { turn_id: 1 }
-    )));
+    assert!(aborted(&out, 1));
     assert!(!h.s.wants_reply_audio());
     // Audio still arriving from the aborted task is dropped.
-    let out = h.feed(Input::ReplyAudio {
-        turn_id: 1,
-        pcm: &audio(100),
-    });
+    let out = play(&mut h, 100);
     assert!(audio_out(&out).is_empty());
     let out = h.feed(Input::ReplyEnded(outcome(1, "", 9)));
     assert!(events(&out).contains(&&Event::Interrupted { turn_id: 1 }));
@@ -107,19 +94,13 @@ fn a_reply_cut_after_its_task_ended_is_billed_from_its_report() {
     let mut h = Harness::new(config());
     h.say("Tell me a story");
     push_sentence(&mut h, "A long sentence.", 400);
-    h.feed(Input::ReplyAudio {
-        turn_id: 1,
-        pcm: &audio(300),
-    });
+    play(&mut h, 300);
     // The task ended with 40 output tokens, billed at once; its audio plays on.
     h.feed(Input::ReplyEnded(outcome(1, "A long sentence.", 40)));
     assert_eq!(h.s.ledger().usage().llm_output_tokens, 40);
     h.advance(100 * MS);
     let out = h.feed(Input::Cancel);
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::AbortReply { turn_id: 1 }
-    )));
+    assert!(aborted(&out, 1));
     // The driver has no task left: its answer carries nothing; the held report counts.
     let out = h.feed(Input::ReplyEnded(ReplyOutcome {
         turn_id: 1,
@@ -139,29 +120,27 @@ fn the_time_to_first_audio_is_measured_when_the_first_piece_goes_out() {
     let mut h = Harness::new(config());
     let spoke_until = h.now;
     h.advance(300 * MS);
-    h.feed(Input::Heard(Heard::Final {
-        text: "Hi",
-        speech_final: true,
-        end_of_speech: Some(spoke_until),
-    }));
+    h.hear_final("Hi", true, Some(spoke_until));
     h.advance(450 * MS);
-    h.feed(Input::ReplyAudio {
-        turn_id: 1,
-        pcm: &audio(100),
-    });
+    play(&mut h, 100);
     let out = h.feed(Input::ReplyEnded(outcome(1, "Hello.", 2)));
     let latency = done(&out).unwrap();
     assert_eq!(latency.to_first_audio, Some(750 * MS));
+}
+
+/// The reply to `turn_id` hands the machine `text`.
+fn reply_text(h: &mut Harness, turn_id: u64, text: &str) -> Vec<Output> {
+    h.feed(Input::ReplyText {
+        turn_id,
+        text: text.into(),
+    })
 }
 
 #[test]
 fn reply_text_reaches_the_client_until_the_reply_is_cut() {
     let mut h = Harness::new(config());
     h.say("Hi");
-    let out = h.feed(Input::ReplyText {
-        turn_id: 1,
-        text: "Hel".into(),
-    });
+    let out = reply_text(&mut h, 1, "Hel");
     assert_eq!(
         events(&out),
         [&Event::ReplyText {
@@ -170,15 +149,9 @@ fn reply_text_reaches_the_client_until_the_reply_is_cut() {
         }]
     );
     h.feed(Input::Cancel);
-    let out = h.feed(Input::ReplyText {
-        turn_id: 1,
-        text: "lo".into(),
-    });
+    let out = reply_text(&mut h, 1, "lo");
     assert!(events(&out).is_empty());
     // A stale turn's text is ignored too.
-    let out = h.feed(Input::ReplyText {
-        turn_id: 7,
-        text: "x".into(),
-    });
+    let out = reply_text(&mut h, 7, "x");
     assert!(events(&out).is_empty());
 }

@@ -37,6 +37,20 @@ fn bill(output_tokens: u64) -> LlmBill {
     outcome(1, "", output_tokens).llm
 }
 
+/// A session with tools (`max_calls` a turn) whose user said `text`: the reply to turn 1
+/// is under way.
+fn asked(max_calls: u32, text: &str) -> Harness {
+    let mut h = Harness::new(tool_config(max_calls));
+    h.say(text);
+    h
+}
+
+/// The reply's model asks for the server tools `ids`, with nothing said first.
+fn server_round(h: &mut Harness, ids: &[&str]) -> Vec<Output> {
+    let calls = ids.iter().map(|id| call(id, ToolKind::Server)).collect();
+    calls_round(h, "", calls)
+}
+
 fn calls_round(h: &mut Harness, text: &str, calls: Vec<CheckedCall>) -> Vec<Output> {
     h.feed(Input::ToolCalls {
         turn_id: 1,
@@ -47,39 +61,19 @@ fn calls_round(h: &mut Harness, text: &str, calls: Vec<CheckedCall>) -> Vec<Outp
 }
 
 fn started_tools(out: &[Output]) -> Vec<(String, ToolKind)> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::CallTool { call, kind, .. } => Some((call.id.clone(), *kind)),
-            _ => None,
-        })
-        .collect()
+    every!(out, Output::CallTool { call, kind, .. } => (call.id.clone(), *kind))
 }
 
 fn continued(out: &[Output]) -> Option<bool> {
-    out.iter().find_map(|o| match o {
-        Output::ContinueReply { tools_allowed, .. } => Some(*tools_allowed),
-        _ => None,
-    })
+    first!(out, Output::ContinueReply { tools_allowed, .. } => *tools_allowed)
 }
 
 fn logs(out: &[Output]) -> Vec<(String, ToolOutcome)> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::ToolLog(l) => Some((l.call_id.clone(), l.outcome)),
-            _ => None,
-        })
-        .collect()
+    every!(out, Output::ToolLog(l) => (l.call_id.clone(), l.outcome))
 }
 
 fn cancelled(out: &[Output]) -> Vec<(String, &'static str)> {
-    out.iter()
-        .filter_map(|o| match o {
-            Output::CancelTool {
-                call_id, reason, ..
-            } => Some((call_id.clone(), *reason)),
-            _ => None,
-        })
-        .collect()
+    every!(out, Output::CancelTool { call_id, reason, .. } => (call_id.clone(), *reason))
 }
 
 fn finished(h: &mut Harness, id: &str, result: Result<&str, &str>) -> Vec<Output> {
@@ -101,24 +95,12 @@ fn last_round(h: &Harness) -> (Vec<ToolCall>, Vec<ToolResult>) {
     )
 }
 
-fn turn_log(out: &[Output]) -> &TurnLog {
-    out.iter()
-        .find_map(|o| match o {
-            Output::Turn(t) => Some(t),
-            _ => None,
-        })
-        .expect("a turn log")
-}
-
 #[test]
 fn a_server_tool_runs_and_its_result_goes_back_to_the_model() {
     let mut h = Harness::new(tool_config(4));
     let out = h.say("Where is my order A1?");
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::StartReply { turn_id: 1, .. }
-    )));
-    let out = calls_round(&mut h, "", vec![call("c1", ToolKind::Server)]);
+    assert!(started_reply(&out, 1));
+    let out = server_round(&mut h, &["c1"]);
     assert_eq!(started_tools(&out), [("c1".to_owned(), ToolKind::Server)]);
     // Nothing said before the call: the configured acknowledgement fills the wait.
     assert!(has(
@@ -155,8 +137,7 @@ fn a_server_tool_runs_and_its_result_goes_back_to_the_model() {
 
 #[test]
 fn every_round_trip_of_a_tool_turn_is_billed() {
-    let mut h = Harness::new(tool_config(4));
-    h.say("Where is my order?");
+    let mut h = asked(4, "Where is my order?");
     let before = h.s.ledger().consumption().llm_output_tokens;
     calls_round(&mut h, "Let me look.", vec![call("c1", ToolKind::Server)]);
     assert_eq!(h.s.ledger().consumption().llm_output_tokens, before + 20);
@@ -167,8 +148,7 @@ fn every_round_trip_of_a_tool_turn_is_billed() {
 
 #[test]
 fn words_before_a_call_are_kept_and_need_no_acknowledgement() {
-    let mut h = Harness::new(tool_config(4));
-    h.say("Book a table");
+    let mut h = asked(4, "Book a table");
     let out = calls_round(&mut h, "Let me check.", vec![call("c1", ToolKind::Server)]);
     assert!(!has(&out, |o| matches!(o, Output::Acknowledge { .. })));
     finished(&mut h, "c1", Ok("{}"));
@@ -178,8 +158,7 @@ fn words_before_a_call_are_kept_and_need_no_acknowledgement() {
 
 #[test]
 fn a_client_tool_is_answered_by_the_client_and_unknown_ids_are_refused() {
-    let mut h = Harness::new(tool_config(4));
-    h.say("Open the settings");
+    let mut h = asked(4, "Open the settings");
     let out = calls_round(&mut h, "", vec![call("c1", ToolKind::Client)]);
     assert_eq!(started_tools(&out), [("c1".to_owned(), ToolKind::Client)]);
 
@@ -206,13 +185,8 @@ fn a_client_tool_is_answered_by_the_client_and_unknown_ids_are_refused() {
 
 #[test]
 fn parallel_calls_continue_once_all_are_answered_in_the_models_order() {
-    let mut h = Harness::new(tool_config(4));
-    h.say("Weather in Paris and Rome?");
-    let out = calls_round(
-        &mut h,
-        "",
-        vec![call("a", ToolKind::Server), call("b", ToolKind::Server)],
-    );
+    let mut h = asked(4, "Weather in Paris and Rome?");
+    let out = server_round(&mut h, &["a", "b"]);
     assert_eq!(started_tools(&out).len(), 2);
     let out = finished(&mut h, "b", Ok(r#""rain""#));
     assert_eq!(continued(&out), None);
@@ -234,8 +208,7 @@ fn parallel_calls_continue_once_all_are_answered_in_the_models_order() {
 
 #[test]
 fn a_tool_that_does_not_answer_in_time_is_cancelled_and_reported_to_the_model() {
-    let mut h = Harness::new(tool_config(4));
-    h.say("Where is my order?");
+    let mut h = asked(4, "Where is my order?");
     calls_round(&mut h, "", vec![call("c1", ToolKind::Client)]);
     let out = h.advance(4 * S);
     assert_eq!(continued(&out), None);
@@ -260,8 +233,7 @@ fn a_tool_that_does_not_answer_in_time_is_cancelled_and_reported_to_the_model() 
 
 #[test]
 fn an_invalid_or_unknown_call_is_answered_as_an_error_and_never_run() {
-    let mut h = Harness::new(tool_config(4));
-    h.say("Where is my order?");
+    let mut h = asked(4, "Where is my order?");
     let out = calls_round(&mut h, "", vec![invalid("bad")]);
     assert!(started_tools(&out).is_empty());
     assert!(!has(&out, |o| matches!(o, Output::Acknowledge { .. })));
@@ -274,13 +246,8 @@ fn an_invalid_or_unknown_call_is_answered_as_an_error_and_never_run() {
 
 #[test]
 fn the_per_turn_limit_refuses_further_calls_and_then_allows_only_words() {
-    let mut h = Harness::new(tool_config(2));
-    h.say("Check everything");
-    let out = calls_round(
-        &mut h,
-        "",
-        vec![call("a", ToolKind::Server), call("b", ToolKind::Server)],
-    );
+    let mut h = asked(2, "Check everything");
+    let out = server_round(&mut h, &["a", "b"]);
     assert_eq!(started_tools(&out).len(), 2);
     finished(&mut h, "a", Ok("1"));
     let out = finished(&mut h, "b", Ok("2"));
@@ -309,8 +276,7 @@ fn the_per_turn_limit_refuses_further_calls_and_then_allows_only_words() {
 
 #[test]
 fn barge_in_during_a_tool_wait_cancels_the_tools_and_the_turn() {
-    let mut h = Harness::new(tool_config(4));
-    h.say("Where is my order?");
+    let mut h = asked(4, "Where is my order?");
     calls_round(
         &mut h,
         "",
@@ -320,10 +286,7 @@ fn barge_in_during_a_tool_wait_cancels_the_tools_and_the_turn() {
     let out = h.feed(Input::Cancel);
     assert_eq!(cancelled(&out), [("b".to_owned(), "interrupted")]);
     assert_eq!(logs(&out), [("b".to_owned(), ToolOutcome::Cancelled)]);
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::AbortReply { turn_id: 1 }
-    )));
+    assert!(aborted(&out, 1));
     assert_eq!(continued(&out), None);
     // The history stays valid for the provider: each call next to its result.
     let (calls, results) = last_round(&h);
@@ -340,17 +303,13 @@ fn barge_in_during_a_tool_wait_cancels_the_tools_and_the_turn() {
 
 #[test]
 fn ending_the_session_during_a_tool_wait_cancels_the_tools() {
-    let mut h = Harness::new(tool_config(4));
-    h.say("Where is my order?");
-    calls_round(&mut h, "", vec![call("a", ToolKind::Server)]);
+    let mut h = asked(4, "Where is my order?");
+    server_round(&mut h, &["a"]);
     let out = h.feed(Input::End);
     assert_eq!(cancelled(&out), [("a".to_owned(), "ended")]);
-    assert!(has(&out, |o| matches!(
-        o,
-        Output::AbortReply { turn_id: 1 }
-    )));
+    assert!(aborted(&out, 1));
     let out = h.feed(Input::ReplyEnded(outcome(1, "", 0)));
-    assert_eq!(finish(&out).map(|f| f.reason), Some(EndReason::ClientEnded));
+    assert_eq!(end_reason(&out), Some(EndReason::ClientEnded));
 }
 
 #[test]
@@ -371,14 +330,11 @@ fn a_tool_loop_stops_when_the_budget_is_spent() {
         });
         assert!(!first.is_empty(), "round {round}");
         let out = finished(&mut h, &id, Ok("{}"));
-        if has(&out, |o| matches!(o, Output::AbortReply { turn_id: 1 })) {
+        if aborted(&out, 1) {
             ended = Some(round);
             assert_eq!(continued(&out), None);
             let out = h.feed(Input::ReplyEnded(outcome(1, "", 0)));
-            assert_eq!(
-                finish(&out).map(|f| f.reason),
-                Some(EndReason::BudgetExhausted)
-            );
+            assert_eq!(end_reason(&out), Some(EndReason::BudgetExhausted));
             break;
         }
         assert_eq!(continued(&out), Some(true), "round {round}: {out:?}");
@@ -390,8 +346,7 @@ fn a_tool_loop_stops_when_the_budget_is_spent() {
 
 #[test]
 fn an_oversized_result_fails_the_call() {
-    let mut h = Harness::new(tool_config(4));
-    h.say("Where is my order?");
+    let mut h = asked(4, "Where is my order?");
     calls_round(&mut h, "", vec![call("c1", ToolKind::Client)]);
     let big = format!("\"{}\"", "x".repeat(2000));
     let out = h.feed(Input::ToolResult {
@@ -411,15 +366,9 @@ fn content_is_recorded_only_when_the_operator_keeps_it() {
         c.tools.as_mut().unwrap().record_content = keep;
         let mut h = Harness::new(c);
         h.say("Where is my order?");
-        calls_round(&mut h, "", vec![call("c1", ToolKind::Server)]);
+        server_round(&mut h, &["c1"]);
         let out = finished(&mut h, "c1", Ok("{\"ok\":1}"));
-        let log = out
-            .iter()
-            .find_map(|o| match o {
-                Output::ToolLog(l) => Some(l.clone()),
-                _ => None,
-            })
-            .unwrap();
+        let log = first!(&out, Output::ToolLog(l) => l).unwrap();
         assert_eq!(log.arguments_bytes, r#"{"order":"A1"}"#.len());
         assert_eq!(log.name, "lookup_order");
         assert_eq!(log.kind, Some(ToolKind::Server));
@@ -430,9 +379,8 @@ fn content_is_recorded_only_when_the_operator_keeps_it() {
 
 #[test]
 fn a_resumed_session_keeps_its_tool_rounds() {
-    let mut h = Harness::new(tool_config(4));
-    h.say("Where is my order?");
-    calls_round(&mut h, "", vec![call("c1", ToolKind::Server)]);
+    let mut h = asked(4, "Where is my order?");
+    server_round(&mut h, &["c1"]);
     finished(&mut h, "c1", Ok("{}"));
     h.reply_done(1, "Shipped.", 3);
     let carried = h.s.carried();
@@ -447,8 +395,7 @@ fn a_resumed_session_keeps_its_tool_rounds() {
 
 #[test]
 fn calls_without_a_usable_id_get_ids_of_their_own() {
-    let mut h = Harness::new(tool_config(4));
-    h.say("Where are my orders?");
+    let mut h = asked(4, "Where are my orders?");
     let long = "x".repeat(MAX_CALL_ID + 1);
     let out = calls_round(
         &mut h,

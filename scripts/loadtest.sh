@@ -7,6 +7,8 @@
 #        (defaults 1000 20 5; loopback only; stops by itself)
 # LOADTEST_PIN=1 runs the server on the first CPU and the fakes and the generator on the
 # others (taskset), so that a generator falling behind does not show up as server latency.
+# LOADTEST_FAKES_BIN runs the provider fakes from another build (A/B comparisons of servers
+# against the same fakes).
 # LOADTEST_TWILIO=1 places SESSIONS phone calls through the fake Twilio instead (signed
 # webhook, TwiML, a media stream of 20 ms mu-law frames at real-time pace; CHUNK_MS is unused).
 set -euo pipefail
@@ -32,7 +34,7 @@ fi
 fakes_port=19090
 server_port=18080
 data=$(mktemp -d)
-RUST_LOG=warn "${client_cpu[@]}" "$bin" fakes --listen "127.0.0.1:$fakes_port" >/dev/null &
+RUST_LOG=warn "${client_cpu[@]}" "${LOADTEST_FAKES_BIN:-$bin}" fakes --listen "127.0.0.1:$fakes_port" >/dev/null &
 fakes_pid=$!
 export_fake_providers "$fakes_port"
 export ATLAS_LISTEN="127.0.0.1:$server_port" DATABASE_URL="sqlite://$data/atlas-voice.db"

@@ -18,7 +18,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
@@ -466,52 +466,131 @@ async fn synthesize(
     }
 }
 
-/// Hands the sentences' audio to the session in order, resampled to the client's rate, each
-/// followed by its end; returns when the session drops the reply.
+/// Hands the sentences' audio to the session in order, at the client's rate, each followed by
+/// its end; returns when the session drops the reply.
 async fn forward_audio(
     ctx: &ResponseCtx,
     mut jobs: mpsc::Receiver<Job>,
     speech: mpsc::Sender<Speech>,
 ) -> Result<(), Failure> {
-    let in_rate = ctx.tts.sample_rate();
-    let mut resampler = StreamResampler::new(in_rate, ctx.out_rate).map_err(|e| Failure {
+    let mut pcm = ToClientRate::new(ctx.tts.sample_rate(), ctx.out_rate).map_err(|e| Failure {
         code: ErrorCode::Internal,
         label: "resampler",
         detail: e.to_string(),
     })?;
-    let mut samples_in = Vec::new();
-    let mut samples_out = Vec::new();
-    let mut carry: Option<u8> = None;
     // Audio that has already arrived goes to the session together, up to one playout piece:
     // one message for the session loop instead of one per synthesis chunk, at no cost in
     // latency (nothing waits for audio still to come).
-    let piece_samples = (ctx.out_rate as usize * PIECE.as_millis() as usize) / 1000;
+    let piece_bytes = (ctx.out_rate as usize * PIECE.as_millis() as usize) / 1000 * 2;
     while let Some(mut job) = jobs.recv().await {
         while let Some(chunk) = job.audio.recv().await {
             let mut chunk = Some(chunk);
             while let Some(next) = chunk.take() {
-                let next = next.map_err(|e| Failure::provider(ErrorCode::TtsFailed, &e))?;
-                decode(&next, &mut carry, &mut samples_in);
-                resampler.process(&samples_in, &mut samples_out);
-                if samples_out.len() < piece_samples {
+                pcm.push(&next.map_err(|e| Failure::provider(ErrorCode::TtsFailed, &e))?);
+                if pcm.ready_bytes() < piece_bytes {
                     chunk = job.audio.try_recv().ok();
                 }
             }
-            if !hand_over(&speech, &mut samples_out).await {
+            if !hand_over(&speech, pcm.take()).await {
                 return Ok(());
             }
         }
-        carry = None;
-        resampler.flush(&mut samples_out);
+        pcm.end();
         let sentence = Speech::Sentence {
             round: job.round,
             text: job.text,
         };
-        if !hand_over(&speech, &mut samples_out).await || speech.send(sentence).await.is_err() {
+        if !hand_over(&speech, pcm.take()).await || speech.send(sentence).await.is_err() {
             return Ok(());
         }
     }
     Ok(())
+}
+
+/// The synthesiser's 16-bit PCM at the client's rate: passed through as it came when the rates
+/// agree (no decoding, converting or re-encoding), resampled otherwise. Either way it hands
+/// out whole samples only.
+enum ToClientRate {
+    /// The rates agree.
+    Same(BytesMut),
+    /// Resampled.
+    Resampled {
+        resampler: Box<StreamResampler>,
+        /// The low byte of a sample split between two chunks.
+        carry: Option<u8>,
+        samples_in: Vec<i16>,
+        samples_out: Vec<i16>,
+    },
+}
+
+impl ToClientRate {
+    fn new(from: u32, to: u32) -> Result<Self, atlas_core::resample::ResampleError> {
+        if from == to {
+            return Ok(ToClientRate::Same(BytesMut::new()));
+        }
+        Ok(ToClientRate::Resampled {
+            resampler: Box::new(StreamResampler::new(from, to)?),
+            carry: None,
+            samples_in: Vec::new(),
+            samples_out: Vec::new(),
+        })
+    }
+
+    /// A chunk of the synthesiser's PCM (any length).
+    fn push(&mut self, chunk: &[u8]) {
+        match self {
+            ToClientRate::Same(pending) => pending.extend_from_slice(chunk),
+            ToClientRate::Resampled {
+                resampler,
+                carry,
+                samples_in,
+                samples_out,
+            } => {
+                decode(chunk, carry, samples_in);
+                resampler.process(samples_in, samples_out);
+            }
+        }
+    }
+
+    /// Bytes of whole samples ready.
+    fn ready_bytes(&self) -> usize {
+        match self {
+            ToClientRate::Same(pending) => pending.len() & !1,
+            ToClientRate::Resampled { samples_out, .. } => samples_out.len() * 2,
+        }
+    }
+
+    /// The whole samples ready, as little-endian bytes (empty when none).
+    fn take(&mut self) -> Bytes {
+        match self {
+            ToClientRate::Same(pending) => {
+                let whole = pending.len() & !1;
+                pending.split_to(whole).freeze()
+            }
+            ToClientRate::Resampled { samples_out, .. } => {
+                let mut bytes = Vec::with_capacity(samples_out.len() * 2);
+                pcm_to_le_bytes(samples_out, &mut bytes);
+                samples_out.clear();
+                Bytes::from(bytes)
+            }
+        }
+    }
+
+    /// The sentence's audio ended: the resampler's tail is ready; a lone byte is dropped.
+    fn end(&mut self) {
+        match self {
+            ToClientRate::Same(pending) => pending.truncate(pending.len() & !1),
+            ToClientRate::Resampled {
+                resampler,
+                carry,
+                samples_out,
+                ..
+            } => {
+                *carry = None;
+                resampler.flush(samples_out);
+            }
+        }
+    }
 }
 
 /// Decodes 16-bit little-endian PCM into `samples` (cleared first), carrying an odd byte over
@@ -534,14 +613,8 @@ fn decode(chunk: &[u8], carry: &mut Option<u8>, samples: &mut Vec<i16>) {
     }
 }
 
-/// Hands `samples` to the session (waiting while its playout is full); false once the session
+/// Hands `pcm` to the session (waiting while its playout is full); false once the session
 /// dropped the reply.
-async fn hand_over(speech: &mpsc::Sender<Speech>, samples: &mut Vec<i16>) -> bool {
-    if samples.is_empty() {
-        return true;
-    }
-    let mut bytes = Vec::with_capacity(samples.len() * 2);
-    pcm_to_le_bytes(samples, &mut bytes);
-    samples.clear();
-    speech.send(Speech::Audio(Bytes::from(bytes))).await.is_ok()
+async fn hand_over(speech: &mpsc::Sender<Speech>, pcm: Bytes) -> bool {
+    pcm.is_empty() || speech.send(Speech::Audio(pcm)).await.is_ok()
 }

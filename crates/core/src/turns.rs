@@ -12,9 +12,9 @@ use std::time::Instant;
 pub struct TurnConfig {
     /// Phrases that, said alone while the assistant speaks, do not interrupt it.
     pub backchannels: Vec<String>,
-    /// The recogniser sends interim transcripts. Without them (the local recogniser) the user
-    /// barges in as soon as speech starts; with them, once the first words are heard (so a
-    /// cough or a backchannel does not cut the reply).
+    /// The recogniser sends interim transcripts soon after speech starts. Without them (the
+    /// local recogniser) the user barges in as soon as speech starts; with them, once the
+    /// first words are heard (so a cough or a backchannel does not cut the reply).
     pub partials: bool,
     /// Fewest letters a transcript needs before it can interrupt (filters noise blips).
     pub min_interrupt_chars: usize,

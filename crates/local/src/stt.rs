@@ -178,7 +178,9 @@ impl SttProvider for LocalStt {
     }
 
     fn partials(&self) -> bool {
-        self.partials.is_some()
+        // Its partials come after `ATLAS_LOCAL_STT_PARTIAL_MS` of new speech plus an
+        // inference: too late to decide a barge-in by the words.
+        false
     }
 
     async fn connect(&self, options: SttOptions) -> Result<SttStream, ProviderError> {

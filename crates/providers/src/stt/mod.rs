@@ -78,7 +78,8 @@ pub trait SttProvider: Send + Sync + 'static {
     fn model(&self) -> &str;
     /// The sample rate to send for a client sending `client_rate` (resampled if different).
     fn input_rate(&self, client_rate: u32) -> u32;
-    /// Whether it sends interim transcripts ([`SttEvent::Partial`]) while the user speaks.
+    /// Whether it sends interim transcripts ([`SttEvent::Partial`]) soon enough after speech
+    /// starts (a few hundred milliseconds) for a barge-in to wait for the first words.
     fn partials(&self) -> bool {
         true
     }

@@ -435,13 +435,14 @@ impl Driver {
 
     /// Sets up audio for a connection's `session.start` (a resume may change formats).
     fn configure_media(&mut self, start: &Start) {
+        self.stt.close();
+        self.unbill_dropped_audio();
         let config = &self.state.config;
         let client_rate = start.input.sample_rate;
         let stt_rate = self.state.engines.stt.input_rate(client_rate);
         self.input_resampler = (stt_rate != client_rate)
             .then(|| StreamResampler::new(client_rate, stt_rate).ok())
             .flatten();
-        self.stt.close();
         self.stt = SttLink::new(
             self.state.engines.stt.clone(),
             SttOptions {
@@ -673,10 +674,16 @@ impl Driver {
                     );
                 }
                 Output::Forward { pcm, hold } => self.forward_audio(pcm, hold),
-                Output::SendHeld => self.stt.send_held(),
+                Output::SendHeld => {
+                    self.stt.send_held();
+                    self.unbill_dropped_audio();
+                }
                 Output::Rejected(reason) => metrics::chunk_rejected(reason),
                 Output::Finalize => self.stt.finalize(),
-                Output::CloseRecogniser => self.stt.close(),
+                Output::CloseRecogniser => {
+                    self.stt.close();
+                    self.unbill_dropped_audio();
+                }
                 Output::StartReply {
                     turn_id,
                     end_of_speech,
@@ -874,14 +881,21 @@ impl Driver {
         if !forwarded.is_empty() {
             self.stt.send_audio(forwarded, position_s, hold);
         }
-        let dropped = self.stt.take_dropped_seconds();
-        if dropped > 0.0 {
+        self.unbill_dropped_audio();
+    }
+
+    /// Audio the recogniser link dropped comes off the bill (the provider never got it).
+    fn unbill_dropped_audio(&mut self) {
+        let seconds = self.stt.take_dropped_seconds();
+        if seconds > 0.0 {
             self.machine
-                .handle(Input::RecognitionDropped { seconds: dropped }, now());
+                .handle(Input::RecognitionDropped { seconds }, now());
         }
     }
 
     async fn on_stt(&mut self, event: LinkEvent) {
+        // Audio held while connecting may have overflowed.
+        self.unbill_dropped_audio();
         match event {
             LinkEvent::Event(event) => {
                 let at = |s: Option<f64>| s.and_then(|s| self.clock.instant_at(s));
@@ -1100,16 +1114,20 @@ impl Driver {
         }
     }
 
-    /// Barge-in, cancel, detach or end: abort the reply at once and report what it achieved.
+    /// Barge-in, cancel, detach or end: cut the reply at once and report what it achieved.
     async fn abort_response(&mut self, turn_id: u64) {
-        let Some(active) = self.response.take_if(|r| r.turn_id == turn_id) else {
+        let Some(mut active) = self.response.take_if(|r| r.turn_id == turn_id) else {
             // Never started (no connection): nothing was spent.
             let outcome = outcome_of(turn_id, &Progress::default());
             self.machine.handle(Input::ReplyEnded(outcome), now());
             return;
         };
         active.cut.cancel();
-        let _ = active.handle.await;
+        let _ = (&mut active.handle).await;
+        // A round the loop had not taken yet is still the reply's to pay.
+        while let Ok(round) = active.rounds.try_recv() {
+            response::unreported(&active.progress, round);
+        }
         let outcome = settle(turn_id, &active.progress);
         self.machine.handle(Input::ReplyEnded(outcome), now());
     }
@@ -1257,7 +1275,12 @@ impl Driver {
         // No resume can reach this session any more; one already on its way is told so.
         self.attach_rx.close();
         self.state.registry.remove_session(self.machine.id());
+        let mut waiting: Vec<Connection> =
+            self.arriving.take().map(|(c, _)| c).into_iter().collect();
         while let Ok(conn) = self.attach_rx.try_recv() {
+            waiting.push(conn);
+        }
+        for conn in waiting {
             refuse_connection(
                 &self.state.sessions,
                 conn,

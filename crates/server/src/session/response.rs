@@ -10,11 +10,12 @@
 //! takes audio only while the machine's playout wants it, which is what holds synthesis
 //! back; the machine decides when the audio goes out and which words were heard.
 //!
-//! Barge-in aborts the task: dropping it drops the LLM stream and the channels, so nothing in
-//! flight is awaited; a synthesis request already issued finishes its handshake on its own and
-//! then finds nobody listening (so every request a provider received is billed: see
-//! `synthesize`). Usage and timestamps live in a shared [`Progress`] the session reads after
-//! the task has ended, closing the reply's bill.
+//! Barge-in cuts the reply ([`Channels::cut`]): the reader takes in the model's text that has
+//! already arrived and drops the stream, and the task stops at once without waiting for
+//! anything in flight; a model or synthesis request already issued finishes its handshake on
+//! its own and then finds nobody listening (so every request a provider received is billed:
+//! see `read_llm` and `synthesize`). Usage and timestamps live in a shared [`Progress`] the
+//! session reads after the task has ended, closing the reply's bill.
 
 use std::sync::{Arc, Mutex};
 
@@ -273,11 +274,21 @@ async fn read_llm(
         // Billed from here on, as the provider bills every request it receives: so once
         // issued, the request is sent whole even if the reply is cut meanwhile.
         let llm = ctx.llm.clone();
-        let sending = tokio::spawn(async move { llm.stream(request).await });
+        let mut sending = tokio::spawn(async move { llm.stream(request).await });
         let sent = tokio::select! {
             biased;
-            _ = cut.cancelled() => return Err(Stop::Cut),
-            sent = sending => sent.unwrap_or_else(|e| Err(ProviderError::Protocol(e.to_string()))),
+            _ = cut.cancelled() => {
+                // Connected just now: what came with the answer counts too.
+                if sending.is_finished()
+                    && let Ok(Ok(mut stream)) = sending.await
+                {
+                    take_arrived(&mut stream, progress);
+                }
+                return Err(Stop::Cut);
+            }
+            sent = &mut sending => {
+                sent.unwrap_or_else(|e| Err(ProviderError::Protocol(e.to_string())))
+            }
         };
         let mut stream = sent.map_err(|e| {
             lock(progress).llm_refused = true;
@@ -343,12 +354,16 @@ async fn read_llm(
                 finished: std::mem::take(&mut p.llm_done),
             }
         };
-        let reported = tokio::select! {
-            _ = cut.cancelled() => return Err(Stop::Cut),
-            r = channels.rounds.send(report) => r,
+        let room = tokio::select! {
+            _ = cut.cancelled() => {
+                unreported(progress, report);
+                return Err(Stop::Cut);
+            }
+            room = channels.rounds.reserve() => room,
         };
-        if reported.is_err() {
-            return Ok(());
+        match room {
+            Ok(room) => room.send(report),
+            Err(_) => return Ok(()),
         }
         request = loop {
             let control = tokio::select! {
@@ -362,12 +377,23 @@ async fn read_llm(
                     }
                 }
                 Some(Control::Continue(next)) => break next,
-                // The turn was cut: the task is being aborted.
+                // The session dropped the reply.
                 None => return Ok(()),
             }
         };
         lock(progress).prompt_chars = prompt_chars(&request);
     }
+}
+
+/// A round's request the session never took (the reply was cut first) goes back on the reply's
+/// bill.
+pub fn unreported(progress: &Mutex<Progress>, round: ToolRound) {
+    let mut p = lock(progress);
+    p.llm_sent = true;
+    p.generated = round.text;
+    p.llm_usage = round.usage;
+    p.llm_done = round.finished;
+    p.prompt_chars = round.prompt_chars;
 }
 
 /// Takes in what the model's stream has already delivered, without waiting for more: the

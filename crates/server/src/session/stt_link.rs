@@ -197,6 +197,10 @@ impl SttLink {
             let _ = stream.commands.try_send(SttCommand::Close);
         }
         self.state = State::Idle;
+        // Audio still waiting for a connection never reaches the recogniser.
+        while let Some(chunk) = self.backlog.pop_front() {
+            self.dropped(chunk.frames, chunk.pcm.len());
+        }
     }
 
     /// The next thing that happens on the link; pending forever while idle.

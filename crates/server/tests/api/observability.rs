@@ -193,3 +193,107 @@ async fn the_page_is_served_and_dev_tokens_exist_only_in_dev_mode() {
         assert_eq!(r.status(), 400, "{bad}");
     }
 }
+
+/// Every `atlas_…` metric a PromQL expression of the dashboard queries (with a histogram's
+/// `_bucket`, `_sum` or `_count` suffix, as `/metrics` names its series).
+fn dashboard_metrics(dashboard: &serde_json::Value) -> std::collections::BTreeSet<String> {
+    fn walk(v: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr" | "query", serde_json::Value::String(q)) => {
+                            let mut rest = q.as_str();
+                            while let Some(at) = rest.find("atlas_") {
+                                let name: String = rest[at..]
+                                    .chars()
+                                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                                    .collect();
+                                rest = &rest[at + name.len()..];
+                                out.insert(name);
+                            }
+                        }
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(dashboard, &mut out);
+    out
+}
+
+/// `deploy/grafana/atlas-voice.json` queries only metrics the server exports: after a spoken
+/// turn, a model that fails mid-stream and a refused connection, each of them has a series
+/// in `/metrics`.
+#[tokio::test]
+async fn the_grafana_dashboard_queries_only_exported_metrics() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/grafana/atlas-voice.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(dashboard["uid"], "atlas-voice");
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 8, "{} panels", panels.len());
+    for p in panels {
+        assert!(
+            !p["targets"].as_array().unwrap().is_empty(),
+            "{}",
+            p["title"]
+        );
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+    }
+    let queried = dashboard_metrics(&dashboard);
+    for needed in [
+        "atlas_sessions_active",
+        "atlas_turns_total",
+        "atlas_stage_latency_seconds_bucket",
+        "atlas_provider_errors_total",
+        "atlas_spend_microdollars_total",
+    ] {
+        assert!(queried.contains(needed), "the dashboard shows {needed}");
+    }
+
+    let app = spawn_app().await;
+    app.fakes.inject(
+        atlas_fakes::Target::Anthropic,
+        atlas_fakes::Fault::MidStreamError,
+    );
+    let (mut conn, _) = app.start("dashboard", 24_000).await;
+    for turn in 1..=2 {
+        ask(&conn);
+        collect_until(&mut conn, Duration::from_secs(20), is_done(turn)).await;
+    }
+    end_session(&mut conn).await;
+    let mut o = ConnectOptions::new(app.url(), "not-a-valid-token");
+    o.carrier = TokenCarrier::Query;
+    assert!(connect(&o).await.is_err());
+
+    // The record writer reports on the database once the session's final record is written.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = app.get_text("/metrics").await;
+        let exported: std::collections::BTreeSet<&str> = body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let missing: Vec<&String> = queried
+            .iter()
+            .filter(|name| !exported.contains(name.as_str()))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dashboard queries {missing:?}, which /metrics does not export:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

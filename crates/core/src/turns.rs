@@ -245,7 +245,8 @@ impl Turns {
             return;
         };
         let letters = text.chars().filter(|c| c.is_alphanumeric()).count();
-        if letters < self.config.min_interrupt_chars || self.is_backchannel(&self.display()) {
+        // Words still coming may complete a backchannel ("got" … "it"): not yet an interruption.
+        if letters < self.config.min_interrupt_chars || self.is_backchannel(&self.display(), true) {
             return;
         }
         self.responding = None;
@@ -260,7 +261,7 @@ impl Turns {
         let end_of_speech = self.pending_eos.take();
         self.partial.clear();
         if let Some(turn_id) = self.responding {
-            if self.is_backchannel(&text) {
+            if self.is_backchannel(&text, false) {
                 return; // "mm-hm" while the assistant talks: not a turn
             }
             self.responding = None;
@@ -275,8 +276,9 @@ impl Turns {
         });
     }
 
-    /// Whether `text` consists only of backchannel phrases.
-    fn is_backchannel(&self, text: &str) -> bool {
+    /// Whether `text` consists only of backchannel phrases; with `unfinished`, the last of them
+    /// may still be missing its last words (an interim transcript).
+    fn is_backchannel(&self, text: &str, unfinished: bool) -> bool {
         let ws = words(text);
         if ws.is_empty() {
             return false;
@@ -289,7 +291,12 @@ impl Turns {
                     continue 'outer;
                 }
             }
-            return false;
+            let rest = &ws[i..];
+            return unfinished
+                && self
+                    .backchannel_words
+                    .iter()
+                    .any(|phrase| phrase.len() > rest.len() && phrase.starts_with(rest));
         }
         true
     }
@@ -414,6 +421,31 @@ mod tests {
         run(&mut t, Input::ResponseFinished { turn_id: 1 });
         let out = run(&mut t, fin("Okay.", true));
         assert!(matches!(&out[..], [Action::EndOfTurn { turn_id: 2, .. }]));
+    }
+
+    #[test]
+    fn the_first_words_of_a_backchannel_wait_for_the_rest() {
+        // "got" may become "got it": no interruption yet…
+        let mut t = replying("Tell me a story");
+        assert_eq!(
+            run(&mut t, partial("got")),
+            vec![Action::Partial("got".into())]
+        );
+        assert!(run(&mut t, fin("Got it.", true)).is_empty());
+        assert_eq!(t.responding(), Some(1));
+        // …but words that leave every phrase behind interrupt at once.
+        let out = run(&mut t, partial("got to go"));
+        assert_eq!(out[0], Action::Interrupt { turn_id: 1 });
+        // A final that only begins a phrase is a turn: the speaker said no more.
+        let mut t = replying("Tell me a story");
+        let out = run(&mut t, fin("Got.", true));
+        assert!(matches!(
+            &out[..],
+            [
+                Action::Interrupt { turn_id: 1 },
+                Action::EndOfTurn { turn_id: 2, .. }
+            ]
+        ));
     }
 
     #[test]

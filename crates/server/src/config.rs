@@ -61,6 +61,11 @@ pub enum LogFormat {
 /// accepts it. It is public; a production secret must differ.
 pub const DEV_JWT_SECRET: &str = "atlas-voice-development-secret-do-not-use-in-production";
 
+/// Most backchannel phrases configured.
+pub const MAX_BACKCHANNELS: usize = 100;
+/// Longest backchannel phrase, in characters.
+pub const MAX_BACKCHANNEL_CHARS: usize = 40;
+
 /// The whole server configuration.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +140,9 @@ pub struct Config {
     pub tts_voice: String,
     /// Default language of the user's speech.
     pub stt_language: Option<String>,
+    /// Phrases that, said alone while the assistant speaks, do not interrupt it ("mm-hm",
+    /// "okay"); `None` keeps the built-in English list, an empty list turns the filter off.
+    pub backchannels: Option<Vec<String>>,
     /// Silence (ms) after which the recogniser ends an utterance.
     pub stt_endpointing_ms: u32,
     /// Gap (ms) after the last word that ends a turn even without endpointing.
@@ -390,6 +398,7 @@ impl Default for Config {
             tts_model: "tts-1".into(),
             tts_voice: "alloy".into(),
             stt_language: None,
+            backchannels: None,
             stt_endpointing_ms: 300,
             stt_utterance_end_ms: 1000,
             system_prompt:
@@ -697,6 +706,17 @@ impl Config {
             && !(b.is_finite() && b >= 0.0)
         {
             return fail("ATLAS_USER_DAILY_BUDGET_USD must be a non-negative number".into());
+        }
+        if let Some(phrases) = &self.backchannels
+            && (phrases.len() > MAX_BACKCHANNELS
+                || phrases
+                    .iter()
+                    .any(|p| p.trim().is_empty() || p.chars().count() > MAX_BACKCHANNEL_CHARS))
+        {
+            return fail(format!(
+                "ATLAS_BACKCHANNELS must hold at most {MAX_BACKCHANNELS} phrases of 1 to \
+                 {MAX_BACKCHANNEL_CHARS} characters"
+            ));
         }
         for (name, v) in [
             ("ATLAS_MAX_DURATION_S", self.max_duration_s),
@@ -1082,6 +1102,39 @@ mod tests {
         let mut slow = base();
         slow.tools[0].timeout_ms = 120_000;
         refused(slow, "timeout_ms");
+    }
+
+    #[test]
+    fn backchannels_come_from_the_config_file_and_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("atlas.toml");
+        std::fs::write(
+            &path,
+            "backchannels = [\"mm-hm\", \"d'accord\", \"ja genau\"]\n",
+        )
+        .unwrap();
+        let c = Config::load_unvalidated(Some(&path)).unwrap();
+        assert_eq!(
+            c.backchannels.as_deref(),
+            Some(&["mm-hm".to_owned(), "d'accord".into(), "ja genau".into()][..])
+        );
+        let with = |phrases: Vec<String>| Config {
+            dev: true,
+            backchannels: Some(phrases),
+            ..Config::default()
+        };
+        assert!(
+            with(vec![]).validate().is_ok(),
+            "an empty list turns the filter off"
+        );
+        for bad in [
+            vec![" ".to_owned()],
+            vec!["x".repeat(MAX_BACKCHANNEL_CHARS + 1)],
+            vec!["ok".to_owned(); MAX_BACKCHANNELS + 1],
+        ] {
+            let e = with(bad).validate().unwrap_err().to_string();
+            assert!(e.contains("ATLAS_BACKCHANNELS"), "{e}");
+        }
     }
 
     #[test]

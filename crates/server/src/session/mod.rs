@@ -1408,8 +1408,14 @@ async fn response_event(
 
 /// Turn-taking settings for the configured recogniser.
 fn turn_config(state: &AppState) -> TurnConfig {
+    let defaults = TurnConfig::default();
     TurnConfig {
         partials: state.engines.stt.partials(),
-        ..TurnConfig::default()
+        backchannels: state
+            .config
+            .backchannels
+            .clone()
+            .unwrap_or(defaults.backchannels),
+        ..defaults
     }
 }

@@ -232,6 +232,55 @@ async fn barge_in_stops_the_reply_and_keeps_only_what_was_spoken() {
     assert_eq!(messages[2]["content"], "Please tell me about Rome instead");
 }
 
+/// A phrase the operator lists as a backchannel (`ATLAS_BACKCHANNELS`), said alone while the
+/// assistant speaks, does not interrupt it; the same phrase unlisted does.
+#[tokio::test]
+async fn configured_backchannels_do_not_interrupt_the_reply() {
+    for listed in [true, false] {
+        let mut fakes = fast_fakes();
+        fakes.tts.ms_per_char = 60;
+        fakes.stt.transcripts = vec![
+            "What is the weather like in Paris today?".into(),
+            "ja genau".into(),
+        ];
+        let app = spawn_app_with(fakes, move |c| {
+            c.backchannels = Some(if listed {
+                vec!["mm-hm".into(), "ja genau".into()]
+            } else {
+                vec!["mm-hm".into()]
+            });
+        })
+        .await;
+        let (mut conn, _) = app.start("backchannel", 24_000).await;
+        let streaming = stream(&conn, with_silence(speech("question_16k.wav"), 0.5), 1.0);
+        let mut items = collect_until(&mut conn, Duration::from_secs(20), |i| {
+            matches!(i, Incoming::Audio { .. })
+        })
+        .await;
+        streaming.await.unwrap();
+        // While the reply plays, the user says the phrase.
+        let streaming = stream(&conn, with_silence(speech("interrupt_16k.wav"), 1.5), 1.0);
+        items.extend(collect_until(&mut conn, Duration::from_secs(30), is_done(1)).await);
+        streaming.await.unwrap();
+        let interrupted = items.iter().filter_map(event).any(|e| {
+            matches!(
+                e,
+                ServerEvent::ResponseDone {
+                    turn_id: 1,
+                    interrupted: true,
+                    ..
+                }
+            )
+        });
+        assert_eq!(
+            interrupted,
+            !listed,
+            "listed: {listed}: {:#?}",
+            summary(&items)
+        );
+    }
+}
+
 #[tokio::test]
 async fn push_to_talk_commit_ends_the_turn_without_waiting_for_endpointing() {
     // A very slow end-of-speech detection: only input.commit can end the turn quickly.

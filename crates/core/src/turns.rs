@@ -408,15 +408,22 @@ mod tests {
         assert!(matches!(&out[..], [Action::EndOfTurn { turn_id: 2, .. }]));
     }
 
-    #[test]
-    fn backchannels_do_not_interrupt() {
+    /// While a reply plays, `interim` then `final_text` are heard: the interim transcript is
+    /// only shown, the final is no turn, and the reply goes on.
+    fn ignored_while_replying(interim: &str, final_text: &str) -> Turns {
         let mut t = replying("Tell me a story");
         assert_eq!(
-            run(&mut t, partial("mm-hm")),
-            vec![Action::Partial("mm-hm".into())]
+            run(&mut t, partial(interim)),
+            vec![Action::Partial(interim.into())]
         );
-        assert!(run(&mut t, fin("Mm-hm, okay.", true)).is_empty());
+        assert!(run(&mut t, fin(final_text, true)).is_empty());
         assert_eq!(t.responding(), Some(1));
+        t
+    }
+
+    #[test]
+    fn backchannels_do_not_interrupt() {
+        let mut t = ignored_while_replying("mm-hm", "Mm-hm, okay.");
         // Once the reply is over, "okay" is a turn of its own.
         run(&mut t, Input::ResponseFinished { turn_id: 1 });
         let out = run(&mut t, fin("Okay.", true));
@@ -426,13 +433,7 @@ mod tests {
     #[test]
     fn the_first_words_of_a_backchannel_wait_for_the_rest() {
         // "got" may become "got it": no interruption yet…
-        let mut t = replying("Tell me a story");
-        assert_eq!(
-            run(&mut t, partial("got")),
-            vec![Action::Partial("got".into())]
-        );
-        assert!(run(&mut t, fin("Got it.", true)).is_empty());
-        assert_eq!(t.responding(), Some(1));
+        let mut t = ignored_while_replying("got", "Got it.");
         // …but words that leave every phrase behind interrupt at once.
         let out = run(&mut t, partial("got to go"));
         assert_eq!(out[0], Action::Interrupt { turn_id: 1 });

@@ -1104,16 +1104,17 @@ mod tests {
         refused(slow, "timeout_ms");
     }
 
-    #[test]
-    fn backchannels_come_from_the_config_file_and_are_bounded() {
+    /// The configuration loaded from a file holding `toml` (not validated).
+    fn from_file(toml: &str) -> Config {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("atlas.toml");
-        std::fs::write(
-            &path,
-            "backchannels = [\"mm-hm\", \"d'accord\", \"ja genau\"]\n",
-        )
-        .unwrap();
-        let c = Config::load_unvalidated(Some(&path)).unwrap();
+        std::fs::write(&path, toml).unwrap();
+        Config::load_unvalidated(Some(&path)).unwrap()
+    }
+
+    #[test]
+    fn backchannels_come_from_the_config_file_and_are_bounded() {
+        let c = from_file("backchannels = [\"mm-hm\", \"d'accord\", \"ja genau\"]\n");
         assert_eq!(
             c.backchannels.as_deref(),
             Some(&["mm-hm".to_owned(), "d'accord".into(), "ja genau".into()][..])
@@ -1139,10 +1140,7 @@ mod tests {
 
     #[test]
     fn tools_come_from_the_config_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("atlas.toml");
-        std::fs::write(
-            &path,
+        let c = from_file(
             r#"
 tool_acknowledgement = "One moment."
 
@@ -1152,9 +1150,7 @@ description = "Opens a page of the app."
 kind = "client"
 parameters = { type = "object", required = ["page"], properties = { page = { type = "string", enum = ["settings"] } } }
 "#,
-        )
-        .unwrap();
-        let c = Config::load_unvalidated(Some(&path)).unwrap();
+        );
         assert_eq!(c.tools.len(), 1);
         assert_eq!(c.tools[0].kind, ToolRunner::Client);
         assert_eq!(c.tools[0].timeout_ms, 5000);

@@ -503,7 +503,7 @@ impl Session {
             self.processed = s1;
             // Every sample of the message is heard now, when it arrived: a recogniser cannot
             // act on audio before it has it (however early the client captured it).
-            self.on_frame(s0, s1, now, level > self.threshold_dbfs, now, &mut out);
+            self.on_frame(s0, s1, level > self.threshold_dbfs, now, &mut out);
         }
         carry.drain(..offset);
         if carry.capacity() > 64 * 1024 {
@@ -516,15 +516,7 @@ impl Session {
         out
     }
 
-    fn on_frame(
-        &mut self,
-        s0: u64,
-        s1: u64,
-        wall: Instant,
-        speech: bool,
-        now: Instant,
-        out: &mut Vec<Action>,
-    ) {
+    fn on_frame(&mut self, s0: u64, s1: u64, speech: bool, now: Instant, out: &mut Vec<Action>) {
         let (interim_due, ended) = match &mut self.vad {
             Vad::Idle { run, candidate } => {
                 if speech {
@@ -534,7 +526,7 @@ impl Session {
                     *run += self.frame;
                     if *run >= self.min_speech {
                         let start = *candidate;
-                        self.start_utterance(start, s1, wall, out);
+                        self.start_utterance(start, s1, now, out);
                     }
                 } else {
                     *run = 0;
@@ -546,7 +538,7 @@ impl Session {
                 if speech {
                     u.silence_run = 0;
                     u.last_speech_end = s1;
-                    u.last_speech_end_wall = wall;
+                    u.last_speech_end_wall = now;
                 } else {
                     u.silence_run += self.frame;
                 }
@@ -571,7 +563,7 @@ impl Session {
         }
     }
 
-    fn start_utterance(&mut self, start: u64, s1: u64, wall: Instant, out: &mut Vec<Action>) {
+    fn start_utterance(&mut self, start: u64, s1: u64, now: Instant, out: &mut Vec<Action>) {
         let transcript = if self.transcripts.is_empty() {
             None
         } else {
@@ -584,7 +576,7 @@ impl Session {
         self.vad = Vad::Speaking(Utterance {
             start,
             last_speech_end: s1,
-            last_speech_end_wall: wall,
+            last_speech_end_wall: now,
             silence_run: 0,
             next_interim: start + self.interim_interval,
             transcript,

@@ -501,6 +501,48 @@ async fn the_neural_voice_says_the_words_and_refuses_unknown_voices() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eager_first_audio_sounds_whole_when_heard_back() {
+    use atlas_core::splitter::{SentenceSplitter, SplitterConfig};
+    use atlas_local::piper::{PIPER_RATE, PiperTts};
+    // A reply with no clause break early, streamed as a model streams it, cut as a reply's
+    // text is cut with the default eager setting (five words).
+    let text = "The tallest mountain on our planet is Mount Everest in Nepal.";
+    let mut splitter = SentenceSplitter::new(SplitterConfig {
+        eager_words: 5,
+        ..SplitterConfig::default()
+    });
+    let now = std::time::Instant::now();
+    let mut pieces = Vec::new();
+    for token in text.split_inclusive(' ') {
+        splitter.push(token, now, &mut pieces);
+    }
+    pieces.extend(splitter.finish());
+    assert_eq!(pieces[0], "The tallest mountain on our", "{pieces:?}");
+    assert_eq!(pieces.len(), 2, "{pieces:?}");
+
+    // Each piece synthesised on its own, played one after the other.
+    let tts = PiperTts::new(tts_worker().await, "piper-joe");
+    let mut bytes = Vec::new();
+    for piece in &pieces {
+        let stream = tts
+            .synthesize(TtsRequest {
+                text: piece.clone(),
+                voice: None,
+            })
+            .await
+            .unwrap();
+        let chunks: Vec<Bytes> = stream.map(|c| c.unwrap()).collect().await;
+        bytes.extend_from_slice(&chunks.concat());
+    }
+    let (back, found, of) = heard_back(&to_16k(&bytes, PIPER_RATE), text).await;
+    eprintln!("{pieces:?} heard back as {back:?}");
+    assert!(
+        found * 4 >= of * 3,
+        "{pieces:?} came back as {back:?} ({found} of {of} words)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_cut_by_the_token_cap_still_ends_on_a_complete_sentence() {
     let llm = llm_worker(2).await;
     for (max_tokens, soft_max_tokens) in [(12, 6), (24, 12), (64, 32)] {

@@ -58,7 +58,7 @@ fn splitting(c: &mut Criterion) {
             let mut s = SentenceSplitter::new(SplitterConfig::default());
             let mut out = Vec::new();
             for t in &tokens {
-                s.push(black_box(t), &mut out);
+                s.push(black_box(t), std::time::Instant::now(), &mut out);
             }
             out.extend(s.finish());
             out

@@ -1,10 +1,15 @@
 //! Cuts streamed LLM text into speakable pieces.
 //!
 //! The first piece of a reply is cut at the first clause boundary (a comma after "Sure,") so
-//! synthesis can start after a few tokens; later pieces are whole sentences, which sound more
-//! natural, unless a sentence runs long, when it is cut at a clause boundary or, failing that,
-//! at a space. A boundary counts only once the character after the punctuation is known to be
-//! whitespace, so "3.5" and "1,000" are never cut.
+//! synthesis can start after a few tokens, or, when no clause boundary comes early, at a word
+//! boundary: after [`SplitterConfig::eager_words`] words, or at the last whole word once the
+//! reply's first text is [`SplitterConfig::eager_after`] old (time is an input: [`SentenceSplitter::due`]
+//! says when to call [`SentenceSplitter::expire`]). Later pieces are whole sentences, which
+//! sound more natural, unless a sentence runs long, when it is cut at a clause boundary or,
+//! failing that, at a space. A boundary counts only once the character after the punctuation
+//! is known to be whitespace, so "3.5" and "1,000" are never cut.
+
+use std::time::{Duration, Instant};
 
 /// Where to cut.
 #[derive(Clone, Debug)]
@@ -15,6 +20,12 @@ pub struct SplitterConfig {
     pub clause_min_chars: usize,
     /// A piece longer than this is cut at the last space.
     pub max_chars: usize,
+    /// The first piece ends after this many whole words when no clause boundary came first
+    /// (0: it waits for a clause).
+    pub eager_words: usize,
+    /// The first piece ends at the last whole word once the first text is this old, when no
+    /// boundary came first (`None`: no deadline).
+    pub eager_after: Option<Duration>,
 }
 
 impl Default for SplitterConfig {
@@ -23,6 +34,8 @@ impl Default for SplitterConfig {
             first_clause_min_chars: 4,
             clause_min_chars: 80,
             max_chars: 240,
+            eager_words: 0,
+            eager_after: None,
         }
     }
 }
@@ -35,6 +48,8 @@ pub struct SentenceSplitter {
     buf: String,
     /// Pieces emitted so far.
     emitted: usize,
+    /// When the first text arrived.
+    first_text_at: Option<Instant>,
 }
 
 const ABBREVIATIONS: [&str; 13] = [
@@ -48,16 +63,49 @@ impl SentenceSplitter {
             config,
             buf: String::new(),
             emitted: 0,
+            first_text_at: None,
         }
     }
 
-    /// Adds streamed text and appends every completed piece to `out`.
-    pub fn push(&mut self, delta: &str, out: &mut Vec<String>) {
+    /// Adds text streamed at `now` and appends every completed piece to `out`.
+    pub fn push(&mut self, delta: &str, now: Instant, out: &mut Vec<String>) {
+        if self.first_text_at.is_none() && !delta.is_empty() {
+            self.first_text_at = Some(now);
+        }
         self.buf.push_str(delta);
         while let Some(end) = self.boundary() {
             let piece: String = self.buf.drain(..end).collect();
             self.emit(piece, out);
         }
+        self.expire(now, out);
+    }
+
+    /// When the first piece is due at a word boundary, if it is still waiting and has one:
+    /// call [`SentenceSplitter::expire`] then.
+    pub fn due(&self) -> Option<Instant> {
+        if self.emitted > 0 {
+            return None;
+        }
+        let due = self.first_text_at? + self.config.eager_after?;
+        self.last_word_end().map(|_| due)
+    }
+
+    /// Cuts the first piece at its last whole word if it is due by `now`.
+    pub fn expire(&mut self, now: Instant, out: &mut Vec<String>) {
+        if self.due().is_some_and(|due| due <= now)
+            && let Some(end) = self.last_word_end()
+        {
+            let piece: String = self.buf.drain(..end).collect();
+            self.emit(piece, out);
+        }
+    }
+
+    /// Byte index of the whitespace after the buffer's last whole word, if any.
+    fn last_word_end(&self) -> Option<usize> {
+        let start = self.buf.len() - self.buf.trim_start().len();
+        self.buf[start..]
+            .rfind(char::is_whitespace)
+            .map(|k| k + start)
     }
 
     /// Ends the reply: the remaining text, if it holds anything speakable.
@@ -83,6 +131,12 @@ impl SentenceSplitter {
         } else {
             self.config.clause_min_chars
         };
+        let eager_words = if self.emitted == 0 {
+            self.config.eager_words
+        } else {
+            0
+        };
+        let mut words = 0;
         let buf = self.buf.as_str();
         let mut chars = buf.char_indices().peekable();
         while let Some((i, c)) = chars.next() {
@@ -113,6 +167,12 @@ impl SentenceSplitter {
                 '!' | '?' | '…' => return Some(j),
                 ',' | ';' | ':' | '—' if len >= clause_min => return Some(j),
                 _ => {}
+            }
+            if !c.is_whitespace() {
+                words += 1;
+                if words == eager_words {
+                    return Some(j);
+                }
             }
         }
         if buf.len() > self.config.max_chars {
@@ -160,10 +220,11 @@ mod tests {
     fn pushed(deltas: &[&str]) -> (Vec<Vec<String>>, Option<String>) {
         let mut s = SentenceSplitter::new(SplitterConfig::default());
         let mut out = Vec::new();
+        let now = Instant::now();
         let steps = deltas
             .iter()
             .map(|d| {
-                s.push(d, &mut out);
+                s.push(d, now, &mut out);
                 out.clone()
             })
             .collect();
@@ -268,6 +329,76 @@ mod tests {
         let long = "é".repeat(500);
         let out = split_all(&[&long]);
         assert_eq!(out.concat().chars().count(), 500);
+    }
+
+    fn eager(words: usize, after_ms: Option<u64>) -> SentenceSplitter {
+        SentenceSplitter::new(SplitterConfig {
+            eager_words: words,
+            eager_after: after_ms.map(Duration::from_millis),
+            ..SplitterConfig::default()
+        })
+    }
+
+    #[test]
+    fn the_first_piece_ends_after_enough_whole_words_without_a_clause() {
+        let mut s = eager(4, None);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for d in ["The", " capital", " of", " France"] {
+            s.push(d, now, &mut out);
+        }
+        assert!(out.is_empty(), "the fourth word may still go on: {out:?}");
+        s.push(" is", now, &mut out);
+        assert_eq!(out, vec!["The capital of France"]);
+        // Later pieces are clause-sized or whole sentences again.
+        for d in [
+            " Paris", ",", " a", " city", " on", " the", " Seine.", " It has",
+        ] {
+            s.push(d, now, &mut out);
+        }
+        assert_eq!(out[1..], ["is Paris, a city on the Seine."]);
+        assert_eq!(s.finish().as_deref(), Some("It has"));
+    }
+
+    #[test]
+    fn a_clause_before_enough_words_still_ends_the_first_piece() {
+        let mut s = eager(4, None);
+        let mut out = Vec::new();
+        s.push(
+            "Sure, the capital of France is Paris.",
+            Instant::now(),
+            &mut out,
+        );
+        assert_eq!(out, vec!["Sure,", "the capital of France is Paris."]);
+    }
+
+    #[test]
+    fn the_first_piece_is_cut_at_the_last_whole_word_when_its_deadline_passes() {
+        let mut s = eager(0, Some(300));
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        s.push("Well", t0, &mut out);
+        assert_eq!(s.due(), None, "no whole word yet, nothing to cut");
+        s.push(" then", t0 + Duration::from_millis(100), &mut out);
+        assert_eq!(s.due(), Some(t0 + Duration::from_millis(300)));
+        s.expire(t0 + Duration::from_millis(299), &mut out);
+        assert!(out.is_empty());
+        s.expire(t0 + Duration::from_millis(300), &mut out);
+        assert_eq!(out, vec!["Well"], "a word still arriving stays: {out:?}");
+        assert_eq!(s.due(), None, "only the first piece has a deadline");
+        s.push(" we go", t0 + Duration::from_millis(900), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(s.finish().as_deref(), Some("then we go"));
+    }
+
+    #[test]
+    fn text_arriving_after_the_deadline_is_cut_as_it_comes() {
+        let mut s = eager(0, Some(300));
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        s.push("Hmm", t0, &mut out);
+        s.push(" let me", t0 + Duration::from_millis(500), &mut out);
+        assert_eq!(out, vec!["Hmm let"]);
     }
 
     #[test]

@@ -201,6 +201,12 @@ pub struct Config {
     pub playback_lead_ms: u64,
     /// Sentences synthesised ahead of the one playing.
     pub tts_prefetch: usize,
+    /// A reply's first piece goes to synthesis after this many whole words when no clause
+    /// boundary came first (0: it waits for a clause).
+    pub eager_first_words: usize,
+    /// ... or at its last whole word once the reply's first text is this old, in ms (0: no
+    /// deadline).
+    pub eager_first_ms: u64,
     /// Deadline for a provider's response headers, in seconds.
     pub provider_timeout_s: u64,
     /// Longest silence inside a provider stream, in seconds.
@@ -429,6 +435,8 @@ impl Default for Config {
             history_max_chars: 24_000,
             playback_lead_ms: 400,
             tts_prefetch: 2,
+            eager_first_words: 5,
+            eager_first_ms: 300,
             provider_timeout_s: 15,
             provider_idle_timeout_s: 15,
             provider_max_retries: 2,
@@ -773,6 +781,12 @@ impl Config {
         }
         if self.tts_prefetch == 0 || self.tts_prefetch > 8 {
             return fail("ATLAS_TTS_PREFETCH must be between 1 and 8".into());
+        }
+        if self.eager_first_words > 50 {
+            return fail("ATLAS_EAGER_FIRST_WORDS must be at most 50".into());
+        }
+        if self.eager_first_ms > 5_000 {
+            return fail("ATLAS_EAGER_FIRST_MS must be at most 5000".into());
         }
         if self.llm_max_tokens == 0 {
             return fail("ATLAS_LLM_MAX_TOKENS must be at least 1".into());
@@ -1301,6 +1315,26 @@ parameters = { type = "object", required = ["page"], properties = { page = { typ
                 .to_string()
                 .contains("ATLAS_DEEPGRAM_URL")
         );
+        for (c, name) in [
+            (
+                Config {
+                    eager_first_words: 51,
+                    ..Config::default()
+                },
+                "ATLAS_EAGER_FIRST_WORDS",
+            ),
+            (
+                Config {
+                    eager_first_ms: 5_001,
+                    ..Config::default()
+                },
+                "ATLAS_EAGER_FIRST_MS",
+            ),
+        ] {
+            let c = Config { dev: true, ..c };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+        }
     }
 
     #[test]

@@ -82,9 +82,10 @@ fn sentences(text: &str) -> Vec<String> {
         first_clause_min_chars: 120,
         clause_min_chars: 120,
         max_chars: 300,
+        ..SplitterConfig::default()
     });
     let mut out = Vec::new();
-    splitter.push(text, &mut out);
+    splitter.push(text, std::time::Instant::now(), &mut out);
     out.extend(splitter.finish());
     out
 }

@@ -969,7 +969,12 @@ impl Driver {
             voice: self.voice.clone(),
             out_rate: self.machine.output_format().sample_rate,
             prefetch: config.tts_prefetch,
-            splitter: SplitterConfig::default(),
+            splitter: SplitterConfig {
+                eager_words: config.eager_first_words,
+                eager_after: (config.eager_first_ms > 0)
+                    .then(|| Duration::from_millis(config.eager_first_ms)),
+                ..SplitterConfig::default()
+            },
         };
         let (control_tx, control) = mpsc::unbounded_channel();
         let (rounds_tx, rounds) = mpsc::channel(1);

@@ -297,6 +297,7 @@ async fn read_llm(
         let mut splitter = SentenceSplitter::new(ctx.splitter.clone());
         let mut calls = Vec::new();
         loop {
+            let due = splitter.due();
             let item = tokio::select! {
                 biased;
                 _ = cut.cancelled() => {
@@ -304,26 +305,33 @@ async fn read_llm(
                     return Err(Stop::Cut);
                 }
                 item = stream.next() => item,
+                // The first piece is due at a word boundary (eager first audio).
+                _ = sleep_until_due(due), if due.is_some() => {
+                    splitter.expire(Instant::now().into_std(), &mut ready);
+                    if !send_ready(&mut ready, &sentences, round) {
+                        return Ok(());
+                    }
+                    continue;
+                }
             };
             let Some(item) = item else {
                 break;
             };
             match item {
                 Ok(LlmEvent::Delta(text)) => {
+                    let now = Instant::now().into_std();
                     {
                         let mut p = lock(progress);
-                        mark(&mut p.timings.llm_first_token, Instant::now().into_std());
+                        mark(&mut p.timings.llm_first_token, now);
                         p.generated.push_str(&text);
                     }
-                    splitter.push(&text, &mut ready);
+                    splitter.push(&text, now, &mut ready);
                     if channels.text.send(text).is_err() {
                         // The session dropped the reply.
                         return Ok(());
                     }
-                    for s in ready.drain(..) {
-                        if sentences.send((Some(round), s)).is_err() {
-                            return Ok(());
-                        }
+                    if !send_ready(&mut ready, &sentences, round) {
+                        return Ok(());
                     }
                 }
                 Ok(LlmEvent::ToolCall(call)) => calls.push(call),
@@ -382,6 +390,25 @@ async fn read_llm(
             }
         };
         lock(progress).prompt_chars = prompt_chars(&request);
+    }
+}
+
+/// Hands the pieces cut so far to synthesis; false when the reply was dropped.
+fn send_ready(
+    ready: &mut Vec<String>,
+    sentences: &mpsc::UnboundedSender<Sentence>,
+    round: u32,
+) -> bool {
+    ready
+        .drain(..)
+        .all(|piece| sentences.send((Some(round), piece)).is_ok())
+}
+
+/// Sleeps until `due` (pending forever without one).
+async fn sleep_until_due(due: Option<std::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(Instant::from_std(due)).await,
+        None => std::future::pending().await,
     }
 }
 

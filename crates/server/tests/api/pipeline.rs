@@ -391,3 +391,24 @@ async fn a_typed_turn_after_a_spoken_one_reports_its_own_latency() {
     let first_audio = latency.to_first_audio.expect("first audio");
     assert!(first_audio < 2_500, "{latency:?}");
 }
+
+#[tokio::test]
+async fn eager_first_audio_synthesises_the_first_words_before_a_clause_comes() {
+    const REPLY: &str = "The capital of France is Paris and it lies on the Seine.";
+    for (words, first) in [(4, "The capital of France"), (0, REPLY)] {
+        let mut fakes = fast_fakes();
+        fakes.llm.reply = Some(REPLY.into());
+        let app = spawn_app_with(fakes, |c| {
+            c.eager_first_words = words;
+            c.eager_first_ms = 0;
+        })
+        .await;
+        let (mut conn, _) = app.start("eager", 24_000).await;
+        type_text(&conn, "What is the capital of France?").await;
+        let items = collect_until(&mut conn, Duration::from_secs(15), is_done(1)).await;
+        assert!(audio_bytes(&items) > 0, "{:#?}", summary(&items));
+        let inputs = app.fakes.recorded().tts_inputs;
+        assert_eq!(inputs[0], first, "eager after {words} words: {inputs:?}");
+        assert_eq!(inputs.join(" "), REPLY, "nothing lost or repeated");
+    }
+}

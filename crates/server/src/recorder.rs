@@ -2,7 +2,8 @@
 //!
 //! Snapshots get a sequence number when submitted and go through a bounded queue to one
 //! writer task, which writes whatever is queued in one transaction (only the newest snapshot
-//! of each session), or spools it when the database cannot take it. The database keeps a row
+//! of each session), at most one transaction per [`COMMIT_EVERY`] (group commit), or spools
+//! it when the database cannot take it. The database keeps a row
 //! unless the snapshot is newer, so nothing written out of order (spilled to the spool when
 //! the queue is full, replayed later) can replace a newer record.
 //!
@@ -98,6 +99,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const REPLAY_ROUND: usize = 1_000;
 /// Snapshots taken from the queue per write.
 const BATCH: usize = 256;
+/// Group commit: a write starts at most this long after the previous one started, taking
+/// what was queued meanwhile. A burst of records (many sessions ending or checkpointing
+/// together) costs one transaction, one fsync and one parse of each statement per interval
+/// instead of one per record; a record never waits longer than this.
+const COMMIT_EVERY: Duration = Duration::from_millis(50);
 /// At shutdown, how long the records left may wait for the database before they are spooled.
 pub const FLUSH_DB_BUDGET: Duration = Duration::from_secs(2);
 
@@ -245,6 +251,13 @@ async fn apply_migrations(store: &Store) -> Result<(), atlas_store::StoreError> 
     Ok(())
 }
 
+/// When a write of `queued` records may start, if not at once: [`COMMIT_EVERY`] after the
+/// previous write started, unless the batch is already full.
+fn write_due(last_write: Option<Instant>, queued: usize, now: Instant) -> Option<Instant> {
+    let due = last_write? + COMMIT_EVERY;
+    (queued < BATCH && now < due).then_some(due)
+}
+
 /// The writer task's state.
 struct Writer {
     store: Store,
@@ -262,6 +275,7 @@ struct Writer {
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Snapshot>, spills: TaskTracker) {
         let mut batch = Vec::with_capacity(BATCH);
+        let mut last_write: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -270,6 +284,16 @@ impl Writer {
                     if n == 0 {
                         break;
                     }
+                    if let Some(due) = write_due(last_write, batch.len(), Instant::now()) {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(due) => {}
+                            _ = self.shutdown.cancelled() => {}
+                        }
+                        while batch.len() < BATCH && let Ok(snap) = rx.try_recv() {
+                            batch.push(snap);
+                        }
+                    }
+                    last_write = Some(Instant::now());
                     self.deliver(std::mem::take(&mut batch)).await;
                     if Instant::now() >= self.next_attempt {
                         self.maintain().await;
@@ -487,6 +511,21 @@ mod tests {
         assert!(new_owner > stale_later_clock);
         assert!(fenced_seq(MAX_EPOCH + 5, 1) <= i64::MAX as u64);
         assert_eq!(fenced_seq(0, 42), 42);
+    }
+
+    #[test]
+    fn writes_are_grouped_at_most_one_per_interval() {
+        let t0 = Instant::now();
+        assert_eq!(write_due(None, 1, t0), None, "the first write starts at once");
+        let soon = t0 + Duration::from_millis(5);
+        assert_eq!(
+            write_due(Some(t0), 1, soon),
+            Some(t0 + COMMIT_EVERY),
+            "a record right after a write waits for the next interval"
+        );
+        assert_eq!(write_due(Some(t0), BATCH, soon), None, "a full batch goes at once");
+        assert_eq!(write_due(Some(t0), 1, t0 + COMMIT_EVERY), None);
+        assert_eq!(write_due(Some(t0), 3, t0 + 2 * COMMIT_EVERY), None);
     }
 
     #[test]

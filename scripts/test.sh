@@ -109,6 +109,8 @@ export ATLAS_MODELS_DIR="${ATLAS_MODELS_DIR:-$HOME/.cache/atlas-voice/models}"
 echo "== models ($ATLAS_MODELS_DIR)"
 cargo build --workspace --locked --bins
 "$CARGO_TARGET_DIR/debug/atlas-voice" models fetch
+# The end-of-turn model is not in the default set; its worker is tested too.
+"$CARGO_TARGET_DIR/debug/atlas-voice" models fetch smart-turn
 
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then

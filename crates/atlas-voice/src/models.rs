@@ -27,7 +27,7 @@ enum ModelsCommand {
     /// Without names: the default set (whisper-tiny.en, smollm2, piper-joe, onnxruntime).
     Fetch {
         /// Models to fetch (`whisper-tiny.en`, `whisper-base`, `smollm2`, `piper-joe`,
-        /// `onnxruntime`), or `all`.
+        /// `onnxruntime`, `smart-turn`), or `all`.
         names: Vec<String>,
     },
     /// Hash every model present and compare with the pinned checksums.

@@ -65,6 +65,12 @@ pub enum Request {
         /// Text to speak.
         text: String,
     },
+    /// Score whether the speech in the payload (16-bit little-endian mono PCM at 16 kHz, the
+    /// last 8 s count) is a finished turn.
+    ScoreTurn {
+        /// Request id.
+        id: u64,
+    },
     /// Stop request `id` (queued or running).
     Cancel {
         /// Request id.
@@ -116,6 +122,13 @@ pub enum Reply {
         /// The PCM, carried as the frame's payload (not in the JSON header).
         #[serde(skip)]
         pcm: Vec<u8>,
+    },
+    /// The end-of-turn model's score.
+    TurnScore {
+        /// Request id.
+        id: u64,
+        /// Probability that the turn is complete (0–1).
+        probability: f32,
     },
     /// The request failed.
     Failed {

@@ -7,6 +7,8 @@
 //!   process of their own, loaded once and shared by every session) with bounded queues.
 //! - [`stt`], [`llm`], [`tts`] (espeak-ng), [`piper`] (the neural voice): the provider
 //!   adapters the server uses; [`sentences`]: the complete-sentence rule for local replies.
+//! - [`smart_turn`]: the input of the learned end-of-turn model (Smart Turn v3.2), which the
+//!   turn worker scores.
 //!
 //! Whisper (whisper.cpp) and the language model (llama.cpp) each bundle their own copy of
 //! ggml; linked into one binary they clash, so each runs in its own worker binary and speaks
@@ -33,6 +35,7 @@ pub mod llm;
 pub mod models;
 pub mod piper;
 pub mod sentences;
+pub mod smart_turn;
 pub mod stt;
 pub mod tts;
 pub mod vad;

@@ -252,6 +252,27 @@ pub const COMPONENTS: &[Component] = &[
         output_size: 29_352_200,
         build: Build::Files,
     },
+    Component {
+        id: "smart-turn",
+        about: "Smart Turn v3.2 end-of-turn model, CPU ONNX (BSD-2-Clause), from the pipecat-ai \
+                wheel",
+        default: false,
+        wheels: &[Wheel {
+            spec: "pipecat-ai==1.14.0",
+            file: "pipecat_ai-1.14.0-py3-none-any.whl",
+            sha256: "0352f504b44e78bdf524e45af4bc759601c835b9b7dc195efe5e03384b974a44",
+            size: 12_109_725,
+            pip_args: &[],
+            members: &[Member {
+                path: "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx",
+                sha256: "2bb026316b14a660486a75b1733cd3fbab8c2fd0314dc9af7be49f8cca967e4f",
+            }],
+        }],
+        output: "smart-turn/smart-turn-v3.2-cpu.onnx",
+        output_sha256: "2bb026316b14a660486a75b1733cd3fbab8c2fd0314dc9af7be49f8cca967e4f",
+        output_size: 8_679_182,
+        build: Build::Copy,
+    },
 ];
 
 /// Looks a component up by id.

@@ -229,6 +229,7 @@ impl Worker {
                             | Reply::Delta { id, .. }
                             | Reply::Done { id, .. }
                             | Reply::Audio { id, .. }
+                            | Reply::TurnScore { id, .. }
                             | Reply::Failed { id, .. } => *id,
                             Reply::Ready { .. } => continue,
                         };
@@ -325,6 +326,7 @@ impl Ticket {
                     Reply::Transcript { .. }
                         | Reply::Done { .. }
                         | Reply::Audio { last: true, .. }
+                        | Reply::TurnScore { .. }
                         | Reply::Failed { .. }
                 ) {
                     self.finished = true;

@@ -516,14 +516,22 @@ mod tests {
     #[test]
     fn writes_are_grouped_at_most_one_per_interval() {
         let t0 = Instant::now();
-        assert_eq!(write_due(None, 1, t0), None, "the first write starts at once");
+        assert_eq!(
+            write_due(None, 1, t0),
+            None,
+            "the first write starts at once"
+        );
         let soon = t0 + Duration::from_millis(5);
         assert_eq!(
             write_due(Some(t0), 1, soon),
             Some(t0 + COMMIT_EVERY),
             "a record right after a write waits for the next interval"
         );
-        assert_eq!(write_due(Some(t0), BATCH, soon), None, "a full batch goes at once");
+        assert_eq!(
+            write_due(Some(t0), BATCH, soon),
+            None,
+            "a full batch goes at once"
+        );
         assert_eq!(write_due(Some(t0), 1, t0 + COMMIT_EVERY), None);
         assert_eq!(write_due(Some(t0), 3, t0 + 2 * COMMIT_EVERY), None);
     }

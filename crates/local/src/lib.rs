@@ -33,6 +33,8 @@ pub mod convert;
 pub mod ipc;
 pub mod llm;
 pub mod models;
+#[cfg(feature = "onnx")]
+pub mod onnx;
 pub mod piper;
 pub mod sentences;
 pub mod smart_turn;

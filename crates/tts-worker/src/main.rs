@@ -7,46 +7,34 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use atlas_core::splitter::{SentenceSplitter, SplitterConfig};
 use atlas_local::ipc::{self, Reply, Request};
+use atlas_local::onnx::{Onnx, OnnxOptions};
 use atlas_local::piper::{self, VoiceConfig};
-use ort::session::Session;
 use ort::value::Tensor;
 
 struct Args {
-    model: PathBuf,
-    runtime: PathBuf,
-    threads: usize,
+    onnx: OnnxOptions,
     espeak: String,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut model = None;
-    let mut runtime = None;
-    let mut threads = 1;
+    let mut onnx = OnnxOptions::default();
     let mut espeak = "espeak-ng".to_string();
     ipc::parse_options(
         "atlas-voice-tts --model VOICE.onnx --runtime libonnxruntime.so [--threads N] \
          [--espeak PROGRAM]",
         |arg, value| {
-            match arg {
-                "--model" => model = Some(PathBuf::from(value()?)),
-                "--runtime" => runtime = Some(PathBuf::from(value()?)),
-                "--threads" => threads = value()?.parse()?,
-                "--espeak" => espeak = value()?,
-                _ => return Ok(false),
+            if arg == "--espeak" {
+                espeak = value()?;
+                return Ok(true);
             }
-            anyhow::Ok(true)
+            onnx.take(arg, value)
         },
     )?;
-    Ok(Args {
-        model: model.context("--model VOICE.onnx is required")?,
-        runtime: runtime.context("--runtime LIBRARY is required")?,
-        threads: threads.max(1),
-        espeak,
-    })
+    Ok(Args { onnx, espeak })
 }
 
 struct Voice {
-    session: Session,
+    onnx: Onnx,
     config: VoiceConfig,
     espeak: String,
 }
@@ -62,7 +50,7 @@ impl Voice {
         }
         let n = ids.len() as i64;
         let scales = self.config.inference;
-        let outputs = self.session.run(ort::inputs![
+        let outputs = self.onnx.session.run(ort::inputs![
             "input" => Tensor::from_array((vec![1i64, n], ids))?,
             "input_lengths" => Tensor::from_array((vec![1i64], vec![n]))?,
             "scales" => Tensor::from_array((
@@ -92,9 +80,9 @@ fn sentences(text: &str) -> Vec<String> {
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    ipc::check_fetched("voice", &args.model)?;
-    ipc::check_fetched("ONNX Runtime", &args.runtime)?;
-    let config_path = PathBuf::from(format!("{}.json", args.model.display()));
+    let model = args.onnx.model()?.to_path_buf();
+    ipc::check_fetched("voice", &model)?;
+    let config_path = PathBuf::from(format!("{}.json", model.display()));
     let config: VoiceConfig =
         serde_json::from_slice(&std::fs::read(&config_path).with_context(|| {
             format!("reading the voice configuration {}", config_path.display())
@@ -114,19 +102,8 @@ fn main() -> anyhow::Result<()> {
             args.espeak
         )
     })?;
-    let environment = ort::init_from(&args.runtime)
-        .with_context(|| format!("loading ONNX Runtime from {}", args.runtime.display()))?
-        .with_name("atlas-voice-tts")
-        .build()?;
-    let session = Session::builder(&environment)?
-        .with_intra_threads(args.threads)
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .with_inter_threads(1)
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .commit_from_file(&args.model)
-        .with_context(|| format!("loading {}", args.model.display()))?;
     let mut voice = Voice {
-        session,
+        onnx: args.onnx.load("atlas-voice-tts", "voice")?,
         config,
         espeak: args.espeak.clone(),
     };
@@ -135,12 +112,9 @@ fn main() -> anyhow::Result<()> {
     ipc::reply(&Reply::Ready {
         model: format!(
             "piper {} ({} Hz, {} thread(s))",
-            args.model
-                .file_stem()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            voice.onnx.model_name(),
             piper::PIPER_RATE,
-            args.threads
+            voice.onnx.threads
         ),
     })?;
 

@@ -143,11 +143,16 @@ async fn session(server: &ServerProcess) -> Connection {
     conn
 }
 
-async fn tts_worker() -> Arc<Worker> {
+/// An ONNX Runtime worker (`program`) with `args`.
+async fn onnx_worker(
+    name: &'static str,
+    program: &str,
+    args: Vec<std::ffi::OsString>,
+) -> Arc<Worker> {
     Worker::start(WorkerConfig {
-        name: "speech synthesis",
-        program: worker_program("atlas-voice-tts"),
-        args: atlas_local::piper::worker_args(&models_dir()).unwrap(),
+        name,
+        program: worker_program(program),
+        args,
         queue: 2,
         start_timeout: Duration::from_secs(60),
         nice: 0,
@@ -156,17 +161,14 @@ async fn tts_worker() -> Arc<Worker> {
     .unwrap()
 }
 
+async fn tts_worker() -> Arc<Worker> {
+    let args = atlas_local::piper::worker_args(&models_dir()).unwrap();
+    onnx_worker("speech synthesis", "atlas-voice-tts", args).await
+}
+
 async fn turn_worker() -> Arc<Worker> {
-    Worker::start(WorkerConfig {
-        name: "end of turn",
-        program: worker_program("atlas-voice-turn"),
-        args: atlas_local::smart_turn::worker_args(&models_dir()).unwrap(),
-        queue: 2,
-        start_timeout: Duration::from_secs(60),
-        nice: 0,
-    })
-    .await
-    .unwrap()
+    let args = atlas_local::smart_turn::worker_args(&models_dir()).unwrap();
+    onnx_worker("end of turn", "atlas-voice-turn", args).await
 }
 
 #[derive(Default)]

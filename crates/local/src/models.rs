@@ -275,6 +275,23 @@ pub const COMPONENTS: &[Component] = &[
     },
 ];
 
+/// The arguments of an ONNX Runtime worker running component `id` (`what` names it in
+/// errors): the model and the runtime under `dir`, checked to be there.
+pub fn onnx_worker_args(
+    dir: &Path,
+    id: &'static str,
+    what: &'static str,
+) -> Result<Vec<std::ffi::OsString>, ModelError> {
+    let model = require(dir, id, what)?;
+    let runtime = require(dir, "onnxruntime", "ONNX Runtime")?;
+    Ok(vec![
+        "--model".into(),
+        model.into(),
+        "--runtime".into(),
+        runtime.into(),
+    ])
+}
+
 /// Looks a component up by id.
 pub fn component(id: &str) -> Result<&'static Component, ModelError> {
     COMPONENTS.iter().find(|c| c.id == id).ok_or_else(|| {

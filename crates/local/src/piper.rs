@@ -102,14 +102,7 @@ impl TtsProvider for PiperTts {
 pub fn worker_args(
     models_dir: &std::path::Path,
 ) -> Result<Vec<std::ffi::OsString>, crate::models::ModelError> {
-    let voice = crate::models::require(models_dir, "piper-joe", "the neural voice")?;
-    let runtime = crate::models::require(models_dir, "onnxruntime", "ONNX Runtime")?;
-    Ok(vec![
-        "--model".into(),
-        voice.into(),
-        "--runtime".into(),
-        runtime.into(),
-    ])
+    crate::models::onnx_worker_args(models_dir, "piper-joe", "the neural voice")
 }
 
 /// The parts of a Piper voice's configuration (`<voice>.onnx.json`) synthesis uses.

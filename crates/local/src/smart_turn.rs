@@ -77,14 +77,7 @@ impl SmartTurn {
 pub fn worker_args(
     models_dir: &std::path::Path,
 ) -> Result<Vec<std::ffi::OsString>, crate::models::ModelError> {
-    let model = crate::models::require(models_dir, "smart-turn", "the end-of-turn model")?;
-    let runtime = crate::models::require(models_dir, "onnxruntime", "ONNX Runtime")?;
-    Ok(vec![
-        "--model".into(),
-        model.into(),
-        "--runtime".into(),
-        runtime.into(),
-    ])
+    crate::models::onnx_worker_args(models_dir, "smart-turn", "the end-of-turn model")
 }
 
 const N_FFT: usize = 400;

@@ -124,8 +124,24 @@ impl SentenceSplitter {
         }
     }
 
-    /// Byte index just past the first boundary in the buffer, if any.
+    /// Byte index just past the first boundary in the buffer, if any: a piece never runs
+    /// past `max_chars` to reach punctuation; past that it is cut at the last space.
     fn boundary(&self) -> Option<usize> {
+        let found = self.punctuation_boundary();
+        let buf = self.buf.as_str();
+        let max = self.config.max_chars;
+        if buf.len() > max && found.is_none_or(|end| end > max) {
+            let cut = buf[..max]
+                .rfind(char::is_whitespace)
+                .filter(|&k| k > 0)
+                .unwrap_or_else(|| floor_char_boundary(buf, max));
+            return Some(cut.max(1));
+        }
+        found
+    }
+
+    /// Byte index just past the first clause, sentence or eager word boundary, if any.
+    fn punctuation_boundary(&self) -> Option<usize> {
         let clause_min = if self.emitted == 0 {
             self.config.first_clause_min_chars
         } else {
@@ -175,13 +191,6 @@ impl SentenceSplitter {
                 }
             }
         }
-        if buf.len() > self.config.max_chars {
-            let cut = buf[..self.config.max_chars]
-                .rfind(char::is_whitespace)
-                .filter(|&k| k > 0)
-                .unwrap_or_else(|| floor_char_boundary(buf, self.config.max_chars));
-            return Some(cut.max(1));
-        }
         None
     }
 }
@@ -198,8 +207,10 @@ fn ends_with_abbreviation(before_dot: &str) -> bool {
         .rsplit(|c: char| c.is_whitespace() || c == '(' || c == '"')
         .next()
         .unwrap_or("");
-    if word.chars().count() == 1 && word.chars().all(|c| c.is_uppercase()) {
-        return true; // an initial, as in "J. Smith"
+    if word.chars().count() == 1 && word.chars().all(char::is_alphabetic) {
+        // An initial, as in "J. Smith", or the start of one streamed in pieces ("e." of
+        // "e.g.", "i." of "i.e.").
+        return true;
     }
     let lower = word.to_lowercase();
     ABBREVIATIONS.contains(&lower.as_str())
@@ -399,6 +410,79 @@ mod tests {
         s.push("Hmm", t0, &mut out);
         s.push(" let me", t0 + Duration::from_millis(500), &mut out);
         assert_eq!(out, vec!["Hmm let"]);
+    }
+
+    /// A small deterministic generator for the invariant test (xorshift).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    #[test]
+    fn whatever_the_streaming_and_timing_nothing_is_lost_repeated_or_reordered() {
+        const WORDS: [&str; 12] = [
+            "Sure", "the", "capital", "3.5", "1,000", "Dr.", "e.g.", "J.", "Paris", "é", "is", "x",
+        ];
+        const AFTER: [&str; 8] = ["", "", "", ",", ".", "!", "?", ";"];
+        for seed in 1..3_000u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let text: Vec<String> = (0..rng.below(60) + 1)
+                .map(|_| {
+                    let word = WORDS[rng.below(WORDS.len() as u64) as usize];
+                    format!("{word}{}", AFTER[rng.below(AFTER.len() as u64) as usize])
+                })
+                .collect();
+            let text = text.join(" ");
+            let eager_words = rng.below(8) as usize;
+            let config = SplitterConfig {
+                eager_words,
+                eager_after: (rng.below(2) == 0).then(|| Duration::from_millis(rng.below(400))),
+                max_chars: 40 + rng.below(200) as usize,
+                ..SplitterConfig::default()
+            };
+            let max_chars = config.max_chars;
+            let mut splitter = SentenceSplitter::new(config);
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut out = Vec::new();
+            let mut rest = text.as_str();
+            while !rest.is_empty() {
+                // Tokens of 1 to 8 bytes on character boundaries, some time apart; the
+                // deadline checked at random moments in between.
+                let mut cut = (rng.below(8) as usize + 1).min(rest.len());
+                while !rest.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                splitter.push(&rest[..cut], now, &mut out);
+                rest = &rest[cut..];
+                now += Duration::from_millis(rng.below(120));
+                if rng.below(3) == 0 {
+                    splitter.expire(now, &mut out);
+                }
+            }
+            out.extend(splitter.finish());
+            let words = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+            let heard: Vec<String> = out.iter().flat_map(|p| words(p)).collect();
+            assert_eq!(heard, words(&text), "seed {seed}: {out:?}");
+            assert!(
+                out.iter().all(|p| p.chars().count() <= max_chars),
+                "seed {seed}: a piece over {max_chars} characters: {out:?}"
+            );
+            // Only the first piece is cut by words; with no deadline, after at most that many.
+            if eager_words > 0 && splitter.config.eager_after.is_none() {
+                assert!(words(&out[0]).len() <= eager_words, "seed {seed}: {out:?}");
+            }
+        }
     }
 
     #[test]

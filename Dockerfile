@@ -23,13 +23,16 @@ COPY clients/web/src clients/web/src
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p atlas-voice -p atlas-voice-stt -p atlas-voice-llm \
-       -p atlas-voice-tts \
+       -p atlas-voice-tts -p atlas-voice-turn \
     && mkdir /out && cp target/release/atlas-voice target/release/atlas-voice-stt \
-       target/release/atlas-voice-llm target/release/atlas-voice-tts /out/
+       target/release/atlas-voice-llm target/release/atlas-voice-tts \
+       target/release/atlas-voice-turn /out/
 
-# The default local models, sha256-checked (about 290 MB): only the local image has them.
+# The default local models and the end-of-turn model (ATLAS_TURN_POLICY=smart),
+# sha256-checked (about 300 MB): only the local image has them.
 FROM build AS models
-RUN /out/atlas-voice models fetch --dir /models
+RUN /out/atlas-voice models fetch --dir /models \
+    && /out/atlas-voice models fetch smart-turn --dir /models
 
 # What both images share: tini, CA certificates (provider APIs, Postgres and rediss:// over
 # TLS), the unprivileged user and the data directory.
@@ -54,8 +57,8 @@ HEALTHCHECK --interval=15s --timeout=3s CMD ["atlas-voice", "healthcheck"]
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["atlas-voice", "serve"]
 
-# The local engines: the whisper.cpp, llama.cpp and neural-voice workers, espeak-ng (the
-# voice's phonemes, and the fallback voice), ONNX Runtime and the models.
+# The local engines: the whisper.cpp, llama.cpp, neural-voice and end-of-turn workers,
+# espeak-ng (the voice's phonemes, and the fallback voice), ONNX Runtime and the models.
 FROM base AS local
 RUN apt-get update \
     && apt-get install -y --no-install-recommends espeak-ng \

@@ -10,12 +10,15 @@
 //! - Every prompt is synthesised with each voice (espeak-ng run as a program, and the Piper
 //!   neural voice in the synthesis worker), once per run, before any session starts (so the
 //!   synthesis does not compete with the server for the CPU), and resampled to each rate.
-//!   A `|` in a prompt's text becomes 400 ms of silence.
+//!   A `|` in a prompt's text becomes 400 ms of silence (or the prompt's `pause_ms`).
 //! - Each prompt × voice × rate runs in a fresh session, so no history leaks between prompts:
-//!   the audio is streamed at real-time pace in 20 ms chunks, followed by 1.5 s of silence,
+//!   the audio is streamed at real-time pace in 20 ms chunks, followed by 2.5 s of silence,
 //!   and the item ends at the `response.done` of the last turn (or at the timeout).
 //! - `--text` sends each prompt as a typed turn (`input.text`) instead: a quick loop for
 //!   working on the language model, without recognition.
+//! - `--until-final` ends each item at its first final transcript, without waiting for the
+//!   reply: a run that measures only turn-taking (with `tests/eval/turns.toml`, the labelled
+//!   set of finished questions and sentences with a pause mid-thought).
 //!
 //! # Metrics
 //! - WER: word-level Levenshtein distance between the prompt's words and all final
@@ -27,6 +30,10 @@
 //!   of `response.done`) and, measured here, the time from sending the chunk holding the last
 //!   speech sample to the first reply audio frame. Percentiles are nearest-rank
 //!   ([`percentile`]).
+//! - Turn-taking: an item is *cut off* when its first final transcript arrives before the
+//!   chunk holding its last speech sample was sent (the turn ended while the person had more
+//!   to say: at a pause mid-thought, in the labelled set); the *end-of-turn delay* is the time
+//!   from sending that chunk to the first final transcript, for items not cut off.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -54,10 +61,11 @@ use atlas_providers::tts::{TtsProvider, TtsRequest};
 const DEFAULT_PROMPTS: &str = "tests/eval/prompts.toml";
 /// The prompt set as built in, for runs outside the repository.
 const BUILTIN_PROMPTS: &str = include_str!("../../../tests/eval/prompts.toml");
-/// Silence in place of each `|` in a prompt.
+/// Silence in place of each `|` in a prompt, unless it says otherwise (`pause_ms`).
 const PAUSE: Duration = Duration::from_millis(400);
-/// Silence streamed after each prompt, so the recogniser hears the end of the turn.
-const TRAILING_SILENCE: Duration = Duration::from_millis(1500);
+/// Silence streamed after each prompt, so the recogniser hears the end of the turn (longer
+/// than the longest maximum silence of the `smart` turn policy one would measure).
+const TRAILING_SILENCE: Duration = Duration::from_millis(2500);
 /// Audio chunk length, as a browser microphone sends it.
 const CHUNK_MS: u32 = 20;
 /// Level above which a 10 ms frame counts as speech (as `loadtest` measures it).
@@ -123,6 +131,10 @@ pub struct EvalArgs {
     /// Also write every synthesised clip here as WAV (`<voice>-<rate>-<id>.wav`).
     #[arg(long, value_name = "DIR")]
     save_clips: Option<PathBuf>,
+    /// End each item at its first final transcript, without waiting for the reply (measures
+    /// turn-taking only).
+    #[arg(long)]
+    until_final: bool,
 }
 
 /// A voice that speaks the prompts.
@@ -169,9 +181,17 @@ pub struct Prompt {
     /// Acceptable answer words or numbers (any of them); empty when not checkable.
     #[serde(default)]
     pub expect: Vec<String>,
+    /// Silence at each `|`, in ms (400 when absent).
+    #[serde(default)]
+    pub pause_ms: Option<u64>,
 }
 
 impl Prompt {
+    /// The silence at each `|`.
+    pub fn pause(&self) -> Duration {
+        self.pause_ms.map_or(PAUSE, Duration::from_millis)
+    }
+
     /// The words as spoken (and as the recogniser should write them): without the `|`.
     pub fn spoken(&self) -> String {
         self.text
@@ -212,6 +232,14 @@ pub fn parse_prompts(text: &str) -> anyhow::Result<Vec<Prompt>> {
         anyhow::ensure!(
             p.expect.iter().all(|e| !normalize(e).is_empty()),
             "prompt {:?} has a blank expected answer",
+            p.id
+        );
+        anyhow::ensure!(
+            match p.pause_ms {
+                None => true,
+                Some(ms) => (50..=5_000).contains(&ms) && p.text.contains('|'),
+            },
+            "prompt {:?}: pause_ms must be 50–5000 and the text must have a `|`",
             p.id
         );
     }
@@ -459,16 +487,16 @@ fn loud_span(samples: &[i16], rate: u32, dbfs: f32) -> Option<(usize, usize)> {
     Some((first * frame, ((last + 1) * frame).min(samples.len())))
 }
 
-/// Joins separately synthesised segments with [`PAUSE`] between them, trimming each voice's
+/// Joins separately synthesised segments with `pause` between them, trimming each voice's
 /// own quiet padding at the joins (keeping 10 ms of it) so the pause is what it says.
-fn join_with_pauses(segments: Vec<Clip>) -> anyhow::Result<Clip> {
+fn join_with_pauses(segments: Vec<Clip>, pause: Duration) -> anyhow::Result<Clip> {
     let rate = segments.first().context("nothing to say")?.rate;
     anyhow::ensure!(
         segments.iter().all(|s| s.rate == rate),
         "segments at different rates"
     );
     let margin = (rate / 100) as usize;
-    let pause = (u64::from(rate) * PAUSE.as_millis() as u64 / 1000) as usize;
+    let pause = (u64::from(rate) * pause.as_millis() as u64 / 1000) as usize;
     let last = segments.len() - 1;
     let mut samples = Vec::new();
     for (i, seg) in segments.into_iter().enumerate() {
@@ -546,8 +574,8 @@ impl Synthesiser {
         Ok(Synthesiser { piper })
     }
 
-    /// `text` (a prompt's, with its `|` pauses) spoken by `voice`.
-    async fn speak(&self, voice: Voice, text: &str) -> anyhow::Result<Clip> {
+    /// `text` (a prompt's, with its `|` pauses of `pause`) spoken by `voice`.
+    async fn speak(&self, voice: Voice, text: &str, pause: Duration) -> anyhow::Result<Clip> {
         let mut segments = Vec::new();
         for part in text.split('|') {
             let part = part.trim();
@@ -556,7 +584,7 @@ impl Synthesiser {
                 Voice::Piper => self.piper(part).await?,
             });
         }
-        join_with_pauses(segments)
+        join_with_pauses(segments, pause)
     }
 
     async fn piper(&self, text: &str) -> anyhow::Result<Clip> {
@@ -640,6 +668,9 @@ struct Exchange {
     client_latency_ms: Option<f64>,
     /// Whether that reply was cut off.
     interrupted: bool,
+    /// From sending the chunk holding the last speech sample to the first final transcript,
+    /// ms (negative: the turn ended before the speech did).
+    final_ms: Option<f64>,
     /// No complete reply within the timeout.
     timed_out: bool,
     /// Errors the server reported, and why listening stopped early.
@@ -653,6 +684,7 @@ async fn exchange(
     rate: u32,
     input: &Input,
     timeout: Duration,
+    until_final: bool,
 ) -> anyhow::Result<Exchange> {
     let mut conn = connect(options).await?;
     let start = SessionStart {
@@ -721,6 +753,7 @@ async fn exchange(
     let mut done: Option<u64> = None;
     let mut replies: BTreeMap<u64, String> = BTreeMap::new();
     let mut audio_at: Vec<Instant> = Vec::new();
+    let mut first_final: Option<Instant> = None;
     let mut closed = false;
     let finished = |done: Option<u64>, latest: u64| done.is_some_and(|d| d >= latest);
     loop {
@@ -768,8 +801,12 @@ async fn exchange(
                     ServerEvent::TranscriptPartial { .. } => out.partials += 1,
                     ServerEvent::TranscriptFinal { turn_id, text } => {
                         out.finals.push(text);
+                        first_final.get_or_insert_with(Instant::now);
                         latest_turn = latest_turn.max(turn_id);
                         settle = None;
+                        if until_final {
+                            break;
+                        }
                     }
                     ServerEvent::ResponseStarted { turn_id } => {
                         out.turns += 1;
@@ -827,6 +864,22 @@ async fn exchange(
         }),
         Input::Text(_) => input_end,
     };
+    out.final_ms = first_final.and_then(|at| {
+        let sent = speech_sent.or_else(|| match input {
+            // Cut off before the feeder finished: when the speech will have been sent.
+            Input::Audio(clip) => {
+                let per_chunk = u64::from((clip.rate * CHUNK_MS / 1000).max(1));
+                let sent = clip.speech_end.div_ceil(per_chunk) * per_chunk;
+                Some(began + atlas_core::audio::samples_to_duration(sent, clip.rate))
+            }
+            Input::Text(_) => None,
+        })?;
+        Some(if at >= sent {
+            (at - sent).as_secs_f64() * 1000.0
+        } else {
+            -((sent - at).as_secs_f64() * 1000.0)
+        })
+    });
     out.client_latency_ms = speech_sent.and_then(|sent| {
         audio_at
             .iter()
@@ -983,6 +1036,12 @@ pub struct ItemRecord {
     pub timed_out: bool,
     /// Errors the server reported, or why the item did not run.
     pub errors: Vec<String>,
+    /// The silence at each `|`, ms (absent: no pause).
+    pub pause_ms: Option<u64>,
+    /// Last speech sample sent → first final transcript, ms (negative: before it).
+    pub final_ms: Option<f64>,
+    /// The turn ended before the speech did.
+    pub cut_off: bool,
 }
 
 /// The metrics of a set of items.
@@ -1029,6 +1088,17 @@ pub struct Summary {
     pub client_latency_p50_ms: Option<f64>,
     /// Measured at the client, p95, ms.
     pub client_latency_p95_ms: Option<f64>,
+    /// Items that ran with audio and a pause mid-thought.
+    pub paused: usize,
+    /// Items that ran with audio whose turn ended before the speech did.
+    pub cut_off: usize,
+    /// Of those, items with a pause mid-thought.
+    pub paused_cut_off: usize,
+    /// End-of-turn delay (last speech sample sent → first final) of items not cut off, p50,
+    /// ms.
+    pub end_of_turn_p50_ms: Option<f64>,
+    /// The same, p95, ms.
+    pub end_of_turn_p95_ms: Option<f64>,
 }
 
 /// The metrics of `items` under the name `group`.
@@ -1064,6 +1134,12 @@ pub fn summarize(group: &str, items: &[&ItemRecord]) -> Summary {
         (None, &server)
     };
     let share = |n: usize, of: usize| (of > 0).then(|| n as f64 / of as f64);
+    let spoken: Vec<&ItemRecord> = ran.iter().copied().filter(|i| i.voice.is_some()).collect();
+    let end_of_turn: Vec<f64> = spoken
+        .iter()
+        .filter(|i| !i.cut_off)
+        .filter_map(|i| i.final_ms)
+        .collect();
     Summary {
         group: group.to_owned(),
         items: items.len(),
@@ -1085,6 +1161,14 @@ pub fn summarize(group: &str, items: &[&ItemRecord]) -> Summary {
         latency_p95_ms: percentile(headline, 95.0),
         client_latency_p50_ms: percentile(&client, 50.0),
         client_latency_p95_ms: percentile(&client, 95.0),
+        paused: spoken.iter().filter(|i| i.pause_ms.is_some()).count(),
+        cut_off: spoken.iter().filter(|i| i.cut_off).count(),
+        paused_cut_off: spoken
+            .iter()
+            .filter(|i| i.cut_off && i.pause_ms.is_some())
+            .count(),
+        end_of_turn_p50_ms: percentile(&end_of_turn, 50.0),
+        end_of_turn_p95_ms: percentile(&end_of_turn, 95.0),
     }
 }
 
@@ -1134,6 +1218,28 @@ fn table(rows: &[Summary]) -> String {
             ms(r.latency_p95_ms),
             client
         ));
+    }
+    if rows
+        .iter()
+        .any(|r| r.end_of_turn_p50_ms.is_some() || r.cut_off > 0)
+    {
+        s.push_str(&format!(
+            "\n{:<12} {:>12} {:>16} {:>20}\n",
+            "group", "cut off", "paused cut off", "end of turn p50/p95"
+        ));
+        for r in rows {
+            s.push_str(&format!(
+                "{:<12} {:>12} {:>16} {:>20}\n",
+                r.group,
+                format!("{}/{}", r.cut_off, r.items - r.failed),
+                format!("{}/{}", r.paused_cut_off, r.paused),
+                format!(
+                    "{}/{} ms",
+                    ms(r.end_of_turn_p50_ms),
+                    ms(r.end_of_turn_p95_ms)
+                ),
+            ));
+        }
     }
     s
 }
@@ -1239,7 +1345,7 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<i32> {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let mut spoken: HashMap<(Voice, String), Clip> = HashMap::new();
+        let mut spoken: HashMap<(Voice, String, Duration), Clip> = HashMap::new();
         for &voice in &voices {
             println!(
                 "synthesising {} prompts with {}",
@@ -1247,10 +1353,10 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<i32> {
                 voice.name()
             );
             for p in &prompts {
-                let key = (voice, p.text.clone());
+                let key = (voice, p.text.clone(), p.pause());
                 if !spoken.contains_key(&key) {
                     let clip = synth
-                        .speak(voice, &p.text)
+                        .speak(voice, &p.text, p.pause())
                         .await
                         .with_context(|| format!("{} speaking {:?}", voice.name(), p.id))?;
                     spoken.insert(key.clone(), clip);
@@ -1262,7 +1368,7 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<i32> {
                         let path = dir.join(format!("{}-{}-{}.wav", voice.name(), rate, p.id));
                         wav::write(&path, &prepared.samples, rate)?;
                     }
-                    clips.insert((voice, p.text.clone(), rate), Arc::new(prepared));
+                    clips.insert((voice, p.id.clone(), rate), Arc::new(prepared));
                 }
             }
         }
@@ -1277,13 +1383,13 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<i32> {
     for group in &groups {
         for p in &prompts {
             let input = match group.voice {
-                Some(v) => Input::Audio(clips[&(v, p.text.clone(), group.rate)].clone()),
+                Some(v) => Input::Audio(clips[&(v, p.id.clone(), group.rate)].clone()),
                 None => Input::Text(p.spoken()),
             };
             let result = match tokens.get().await {
                 Ok(token) => {
                     let options = ConnectOptions::new(&args.url, token);
-                    exchange(&options, group.rate, &input, timeout).await
+                    exchange(&options, group.rate, &input, timeout, args.until_final).await
                 }
                 Err(e) => Err(e),
             };
@@ -1367,6 +1473,9 @@ fn score(group: Group, p: &Prompt, result: anyhow::Result<Exchange>) -> ItemReco
         interrupted: false,
         timed_out: false,
         errors: Vec::new(),
+        pause_ms: p.text.contains('|').then(|| p.pause().as_millis() as u64),
+        final_ms: None,
+        cut_off: false,
     };
     let x = match result {
         Ok(x) => x,
@@ -1394,6 +1503,8 @@ fn score(group: Group, p: &Prompt, result: anyhow::Result<Exchange>) -> ItemReco
     record.client_latency_ms = x.client_latency_ms;
     record.interrupted = x.interrupted;
     record.timed_out = x.timed_out;
+    record.final_ms = x.final_ms;
+    record.cut_off = x.final_ms.is_some_and(|ms| ms < 0.0);
     record.errors = x.errors;
     record.reply = reply;
     record
@@ -1423,6 +1534,12 @@ fn item_line(r: &ItemRecord) -> String {
     }
     if let Some(ms) = r.client_latency_ms {
         line.push_str(&format!(" (client {ms:.0} ms)"));
+    }
+    if let Some(ms) = r.final_ms {
+        line.push_str(&format!(" | final {ms:+.0} ms"));
+    }
+    if r.cut_off {
+        line.push_str(" | CUT OFF");
     }
     if r.timed_out {
         line.push_str(" | TIMEOUT");
@@ -1628,16 +1745,19 @@ mod tests {
         let rate = 1_000;
         let loud = |n: usize| vec![8_000i16; n];
         let padded = |n: usize| [vec![0; 100], loud(n), vec![0; 100]].concat();
-        let joined = join_with_pauses(vec![
-            Clip {
-                samples: padded(200),
-                rate,
-            },
-            Clip {
-                samples: padded(300),
-                rate,
-            },
-        ])
+        let joined = join_with_pauses(
+            vec![
+                Clip {
+                    samples: padded(200),
+                    rate,
+                },
+                Clip {
+                    samples: padded(300),
+                    rate,
+                },
+            ],
+            PAUSE,
+        )
         .unwrap();
         // Leading padding of the first and trailing of the last stay; the joins keep 10 ms.
         assert_eq!(joined.samples.len(), 100 + 200 + 10 + 400 + 10 + 300 + 100);
@@ -1702,6 +1822,9 @@ mod tests {
                 interrupted: false,
                 timed_out: false,
                 errors: vec![],
+                pause_ms: None,
+                final_ms: latency.map(|l| l as f64 - 700.0),
+                cut_off: false,
             };
         let items = [
             item("g", Some(true), "Paris.", Some(900)),
@@ -1717,5 +1840,43 @@ mod tests {
         assert_eq!(s.latency_p50_ms, Some(900.0));
         assert_eq!(s.latency_p95_ms, Some(1100.0));
         assert_eq!(s.client_latency_p50_ms, Some(920.0));
+        assert_eq!(s.end_of_turn_p50_ms, Some(200.0));
+        assert_eq!((s.cut_off, s.paused, s.paused_cut_off), (0, 0, 0));
+        // A paused item whose turn ended before its speech did is a cut-off, and its
+        // (negative) figure is no end-of-turn delay.
+        let cut = ItemRecord {
+            pause_ms: Some(700),
+            final_ms: Some(-650.0),
+            cut_off: true,
+            ..item("g", None, "Sure.", Some(500))
+        };
+        let whole = ItemRecord {
+            pause_ms: Some(700),
+            ..item("g", None, "Sure.", Some(1500))
+        };
+        let s = summarize("g", &[&cut, &whole]);
+        assert_eq!((s.cut_off, s.paused, s.paused_cut_off), (1, 2, 1));
+        assert_eq!(s.end_of_turn_p95_ms, Some(800.0));
+        assert!(table(&[s]).contains("1/2"));
+    }
+
+    #[test]
+    fn the_turn_taking_set_is_labelled() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/eval/turns.toml"),
+        )
+        .unwrap();
+        let items = parse_prompts(&text).expect("the turn-taking set parses");
+        assert!(items.len() >= 100, "{} items", items.len());
+        let paused: Vec<&Prompt> = items.iter().filter(|p| p.text.contains('|')).collect();
+        assert!(paused.len() >= 40, "{} with a pause", paused.len());
+        assert!(
+            items.len() - paused.len() >= 40,
+            "finished questions and sentences"
+        );
+        for p in &paused {
+            let ms = p.pause().as_millis();
+            assert!((600..=900).contains(&ms), "{}: a {ms} ms pause", p.id);
+        }
     }
 }

@@ -113,6 +113,38 @@ fn the_fly_release_command_applies_the_embedded_migrations() {
 }
 
 #[test]
+fn the_local_image_builds_and_carries_every_engine_worker() {
+    let dockerfile = read("Dockerfile");
+    let build = dockerfile
+        .split("RUN ")
+        .find(|r| r.contains("cargo build"))
+        .expect("the Dockerfile builds the binaries");
+    // Every worker package of the workspace: the server starts them by name.
+    let workers: Vec<String> = std::fs::read_dir(root().join("crates"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.unwrap().path().join("Cargo.toml")).ok())
+        .filter_map(|toml| {
+            let name = toml.lines().find_map(|l| l.strip_prefix("name = "))?;
+            let name = name.trim_matches('"');
+            name.starts_with("atlas-voice-").then(|| name.to_owned())
+        })
+        .collect();
+    assert!(workers.len() >= 4, "workers found: {workers:?}");
+    for worker in &workers {
+        assert!(
+            build.contains(&format!("-p {worker} ")) || build.contains(&format!("-p {worker}\n")),
+            "the image builds {worker}"
+        );
+        assert!(
+            build.contains(&format!("target/release/{worker} ")),
+            "the image copies {worker}"
+        );
+    }
+    // The end-of-turn model is fetched beside the default set.
+    assert!(dockerfile.contains("models fetch smart-turn --dir /models"));
+}
+
+#[test]
 fn the_docs_name_the_commands_and_targets_the_files_use() {
     let docs = read("docs/deployment.md");
     let dockerfile = read("Dockerfile");

@@ -4,8 +4,33 @@
 //! Inputs are recognition signals and client commands; outputs are [`Action`]s the caller
 //! carries out. The machine knows nothing of providers: cloud endpointing (Deepgram
 //! `speech_final` / `UtteranceEnd`), a local VAD and push-to-talk all arrive as [`Input`]s.
+//!
+//! # Turn policies
+//! Under [`TurnPolicy::Silence`] the recogniser's endpointing ends the turn: a fixed stretch
+//! of silence. Under [`TurnPolicy::Smart`] the same signal is only a *pause*: the machine asks
+//! for the end-of-turn model's judgement of the audio so far ([`Action::ScoreTurn`]) and ends
+//! the turn when the model says it is complete ([`Input::TurnScored`]) and no speech came
+//! since, or else once the person has been silent for the policy's maximum silence (a
+//! deadline, [`Turns::deadline`]). Speech that resumes cancels the pause: its score, late or
+//! not, decides nothing. A turn never ends while the recogniser reports speech going on.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How the end of the person's turn is decided.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TurnPolicy {
+    /// The recogniser's endpointing (a fixed silence) ends the turn.
+    Silence,
+    /// The recogniser's endpointing marks a pause; the end-of-turn model decides.
+    Smart {
+        /// A score at or above this ends the turn (the model's probability that it is
+        /// complete).
+        threshold: f32,
+        /// Silence after the end of speech that ends the turn whatever the model said (or
+        /// if it never answered).
+        max_silence: Duration,
+    },
+}
 
 /// Behaviour switches.
 #[derive(Clone, Debug)]
@@ -18,6 +43,8 @@ pub struct TurnConfig {
     pub partials: bool,
     /// Fewest letters a transcript needs before it can interrupt (filters noise blips).
     pub min_interrupt_chars: usize,
+    /// How the end of a turn is decided.
+    pub policy: TurnPolicy,
 }
 
 impl Default for TurnConfig {
@@ -32,6 +59,7 @@ impl Default for TurnConfig {
             .collect(),
             partials: true,
             min_interrupt_chars: 2,
+            policy: TurnPolicy::Silence,
         }
     }
 }
@@ -78,6 +106,13 @@ pub enum Input<'a> {
         /// The turn.
         turn_id: u64,
     },
+    /// The end-of-turn model's answer to [`Action::ScoreTurn`].
+    TurnScored {
+        /// The pause it was asked for.
+        pause: u64,
+        /// Its probability that the turn is complete.
+        probability: f32,
+    },
 }
 
 /// What the caller must do.
@@ -87,6 +122,12 @@ pub enum Action {
     Partial(String),
     /// Ask the recogniser to finalise what it has (push-to-talk).
     Finalize,
+    /// Ask the end-of-turn model whether the turn is complete, judging the audio heard up to
+    /// now; answer with [`Input::TurnScored`] for `pause`.
+    ScoreTurn {
+        /// The pause (a new number for each).
+        pause: u64,
+    },
     /// Stop the reply for `turn_id` at once.
     Interrupt {
         /// The turn being cut off.
@@ -121,6 +162,13 @@ pub struct Turns {
     last_turn: u64,
     /// The turn whose reply is in flight.
     responding: Option<u64>,
+    /// Under the smart policy, the pause being judged: its number and when its maximum
+    /// silence runs out.
+    pause: Option<(u64, Instant)>,
+    /// Number of the last pause.
+    last_pause: u64,
+    /// When the recogniser last reported speech starting.
+    speech_started: Option<Instant>,
 }
 
 impl Turns {
@@ -136,6 +184,21 @@ impl Turns {
             commit_requested: false,
             last_turn,
             responding: None,
+            pause: None,
+            last_pause: 0,
+            speech_started: None,
+        }
+    }
+
+    /// When the pause being judged ends the turn by its maximum silence, if one is.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.pause.map(|(_, deadline)| deadline)
+    }
+
+    /// Ends the turn if the pause's maximum silence has run out at `now`.
+    pub fn expire(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.deadline().is_some_and(|deadline| now >= deadline) {
+            self.end_turn(out);
         }
     }
 
@@ -149,14 +212,17 @@ impl Turns {
         self.last_turn
     }
 
-    /// Feeds one input; the resulting actions are appended to `out` in the order to perform them.
-    pub fn handle(&mut self, input: Input<'_>, out: &mut Vec<Action>) {
+    /// Feeds one input that happened at `now`; the resulting actions are appended to `out` in
+    /// the order to perform them.
+    pub fn handle(&mut self, input: Input<'_>, now: Instant, out: &mut Vec<Action>) {
         match input {
             Input::Heard(Heard::Partial(text)) => {
                 let text = text.trim();
                 if text.is_empty() {
                     return;
                 }
+                // Words again: the person goes on.
+                self.pause = None;
                 self.partial.clear();
                 self.partial.push_str(text);
                 self.maybe_interrupt(text, out);
@@ -177,10 +243,14 @@ impl Turns {
                     // The turn's speech ends with its latest words: a piece without timing
                     // makes the end unknown rather than leaving an earlier piece's end.
                     self.pending_eos = end_of_speech;
+                    // New words: a pause judged before them is not this one.
+                    self.pause = None;
                     self.maybe_interrupt(text, out);
                 }
-                if speech_final || std::mem::take(&mut self.commit_requested) {
+                if std::mem::take(&mut self.commit_requested) {
                     self.end_turn(out);
+                } else if speech_final {
+                    self.speech_ended(end_of_speech, now, out);
                 }
             }
             Input::Heard(Heard::UtteranceEnd { end_of_speech }) => {
@@ -189,9 +259,12 @@ impl Turns {
                 if self.pending_eos.is_none() && !self.pending.is_empty() {
                     self.pending_eos = end_of_speech;
                 }
-                self.end_turn(out);
+                self.speech_ended(end_of_speech, now, out);
             }
             Input::Heard(Heard::SpeechStarted) => {
+                // The person goes on (or a noise): the recogniser reports its end again.
+                self.pause = None;
+                self.speech_started = Some(now);
                 if !self.config.partials
                     && let Some(turn_id) = self.responding.take()
                 {
@@ -229,7 +302,42 @@ impl Turns {
                     self.responding = None;
                 }
             }
+            Input::TurnScored { pause, probability } => {
+                let TurnPolicy::Smart { threshold, .. } = self.config.policy else {
+                    return;
+                };
+                if self.pause.is_some_and(|(p, _)| p == pause) && probability >= threshold {
+                    self.end_turn(out);
+                }
+            }
         }
+    }
+
+    /// The recogniser reports the end of speech (endpointing): under the silence policy the
+    /// turn ends; under the smart policy a pause begins, unless one is already being judged
+    /// with no speech since.
+    fn speech_ended(
+        &mut self,
+        end_of_speech: Option<Instant>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let TurnPolicy::Smart { max_silence, .. } = self.config.policy else {
+            return self.end_turn(out);
+        };
+        let silent_since = end_of_speech.map_or(now, |eos| eos.min(now));
+        // A late transcript: the person spoke again after the speech it ends (a local
+        // recogniser transcribes while they go on). No pause: the recogniser will report the
+        // end of what they are saying now.
+        let resumed = self.speech_started.is_some_and(|t| t > silent_since);
+        if self.pending.is_empty() || self.pause.is_some() || resumed {
+            return;
+        }
+        self.last_pause += 1;
+        self.pause = Some((self.last_pause, silent_since + max_silence));
+        out.push(Action::ScoreTurn {
+            pause: self.last_pause,
+        });
     }
 
     fn display(&self) -> String {
@@ -254,6 +362,7 @@ impl Turns {
     }
 
     fn end_turn(&mut self, out: &mut Vec<Action>) {
+        self.pause = None;
         if self.pending.is_empty() {
             return;
         }
@@ -321,7 +430,7 @@ mod tests {
 
     fn run(t: &mut Turns, input: Input<'_>) -> Vec<Action> {
         let mut out = Vec::new();
-        t.handle(input, &mut out);
+        t.handle(input, Instant::now(), &mut out);
         out
     }
 
@@ -502,5 +611,161 @@ mod tests {
             run(&mut t, SPEECH_STARTED),
             vec![Action::Interrupt { turn_id: 1 }]
         );
+    }
+
+    fn smart() -> Turns {
+        Turns::new(
+            TurnConfig {
+                policy: TurnPolicy::Smart {
+                    threshold: 0.5,
+                    max_silence: Duration::from_millis(1500),
+                },
+                ..TurnConfig::default()
+            },
+            0,
+        )
+    }
+
+    fn at(t: &mut Turns, input: Input<'_>, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        t.handle(input, now, &mut out);
+        out
+    }
+
+    fn ended(out: &[Action]) -> Option<&str> {
+        out.iter().find_map(|a| match a {
+            Action::EndOfTurn { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+    }
+
+    fn scored(pause: u64, probability: f32) -> Input<'static> {
+        Input::TurnScored { pause, probability }
+    }
+
+    #[test]
+    fn under_the_smart_policy_endpointing_is_a_pause_the_model_judges() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut t = smart();
+        let final_at = |text, eos| {
+            Input::Heard(Heard::Final {
+                text,
+                speech_final: true,
+                end_of_speech: Some(eos),
+            })
+        };
+        // The endpoint asks for a score; the turn is not over yet.
+        let out = at(&mut t, final_at("I would like to", ms(1000)), ms(1200));
+        assert_eq!(out, vec![Action::ScoreTurn { pause: 1 }]);
+        assert_eq!(
+            t.deadline(),
+            Some(ms(2500)),
+            "max silence from the end of speech"
+        );
+        // A second endpoint signal for the same silence asks nothing more.
+        assert!(at(&mut t, UTTERANCE_END, ms(1250)).is_empty());
+        // The model thinks the person has more to say: nothing ends.
+        assert!(at(&mut t, scored(1, 0.2), ms(1260)).is_empty());
+        assert_eq!(t.responding(), None);
+        // They go on; the pause is void, and so is any late answer about it.
+        assert!(at(&mut t, SPEECH_STARTED, ms(1700)).is_empty());
+        assert_eq!(
+            t.deadline(),
+            None,
+            "no maximum silence while speech goes on"
+        );
+        assert!(at(&mut t, scored(1, 0.99), ms(1710)).is_empty());
+        let mut out = Vec::new();
+        t.expire(ms(5000), &mut out);
+        assert!(out.is_empty(), "no turn ends while the person speaks");
+        // The next endpoint is a new pause; a complete score ends the turn with all the words.
+        let out = at(&mut t, final_at("book a table.", ms(2400)), ms(2600));
+        assert_eq!(out, vec![Action::ScoreTurn { pause: 2 }]);
+        let out = at(&mut t, scored(2, 0.9), ms(2650));
+        assert_eq!(ended(&out), Some("I would like to book a table."));
+        assert_eq!(t.deadline(), None);
+        assert_eq!(t.responding(), Some(1));
+    }
+
+    #[test]
+    fn under_the_smart_policy_the_maximum_silence_ends_a_turn_the_model_doubts() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut t = smart();
+        at(&mut t, fin("So the thing is", true), ms(100));
+        at(&mut t, scored(1, 0.1), ms(150));
+        let mut out = Vec::new();
+        t.expire(ms(1599), &mut out);
+        assert!(out.is_empty());
+        t.expire(ms(1600), &mut out);
+        assert_eq!(ended(&out), Some("So the thing is"));
+        // A model that never answers: the maximum silence still ends the turn.
+        run(&mut t, Input::ResponseFinished { turn_id: 1 });
+        at(&mut t, fin("Hello?", true), ms(3000));
+        let mut out = Vec::new();
+        t.expire(ms(4500), &mut out);
+        assert_eq!(ended(&out), Some("Hello?"));
+        // A score for a pause that is over decides nothing.
+        assert!(at(&mut t, scored(2, 1.0), ms(4600)).is_empty());
+    }
+
+    #[test]
+    fn under_the_smart_policy_a_late_transcript_of_speech_that_went_on_is_no_pause() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut t = smart();
+        // Speech ends at 1.0 s and starts again at 1.5 s; the transcript of the first part
+        // arrives at 1.6 s, while the person is speaking.
+        at(&mut t, SPEECH_STARTED, ms(1_500));
+        let late = Input::Heard(Heard::Final {
+            text: "I would like to book a table for",
+            speech_final: true,
+            end_of_speech: Some(ms(1_000)),
+        });
+        assert!(at(&mut t, late, ms(1_600)).is_empty());
+        assert_eq!(
+            t.deadline(),
+            None,
+            "no maximum silence runs while they speak"
+        );
+        // The end of what they said next is the pause.
+        let next = Input::Heard(Heard::Final {
+            text: "four people tonight.",
+            speech_final: true,
+            end_of_speech: Some(ms(2_400)),
+        });
+        assert_eq!(
+            at(&mut t, next, ms(2_500)),
+            vec![Action::ScoreTurn { pause: 1 }]
+        );
+        assert_eq!(t.deadline(), Some(ms(3_900)));
+    }
+
+    #[test]
+    fn under_the_smart_policy_new_words_void_the_pause() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        for resume in [partial("and then"), fin("and then", false)] {
+            let mut t = smart();
+            at(&mut t, fin("Tell me", true), ms(0));
+            at(&mut t, resume, ms(300));
+            assert!(at(&mut t, scored(1, 1.0), ms(310)).is_empty());
+            assert_eq!(t.deadline(), None);
+        }
+        // Push-to-talk and typed turns end at once, whatever the policy.
+        let mut t = smart();
+        at(&mut t, fin("Book it", true), ms(0));
+        let out = at(&mut t, Input::Commit, ms(10));
+        assert_eq!(ended(&out), Some("Book it"));
+        assert_eq!(t.deadline(), None);
+    }
+
+    #[test]
+    fn scores_are_ignored_under_the_silence_policy() {
+        let mut t = Turns::new(TurnConfig::default(), 0);
+        run(&mut t, fin("Hi", false));
+        assert!(run(&mut t, scored(0, 1.0)).is_empty());
+        assert_eq!(t.deadline(), None);
     }
 }

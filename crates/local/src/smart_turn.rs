@@ -20,7 +20,9 @@
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use atlas_providers::ProviderError;
+use atlas_providers::turn::TurnProvider;
 use realfft::{RealFftPlanner, RealToComplex};
 
 use crate::ipc::{Reply, Request};
@@ -41,17 +43,26 @@ pub const COMPLETE_ABOVE: f32 = 0.5;
 #[derive(Debug, Clone)]
 pub struct SmartTurn {
     worker: Arc<Worker>,
+    model: String,
 }
 
 impl SmartTurn {
     /// An adapter over a started turn worker.
     pub fn new(worker: Arc<Worker>) -> Self {
-        SmartTurn { worker }
+        SmartTurn {
+            worker,
+            model: "smart-turn-v3.2".into(),
+        }
     }
+}
+
+#[async_trait]
+impl TurnProvider for SmartTurn {
+    local_identity!();
 
     /// The probability that `pcm` (16 kHz mono, the turn so far; only its last 8 s are sent)
     /// ends a finished turn.
-    pub async fn score(&self, pcm: &[i16]) -> Result<f32, ProviderError> {
+    async fn score(&self, pcm: &[i16]) -> Result<f32, ProviderError> {
         let tail = &pcm[pcm.len().saturating_sub(WINDOW_SAMPLES)..];
         let payload: Vec<u8> = tail.iter().flat_map(|s| s.to_le_bytes()).collect();
         let mut ticket = self

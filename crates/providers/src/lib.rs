@@ -5,6 +5,7 @@
 //! - [`llm`]: [`llm::LlmProvider`], the Anthropic Messages adapter (`llm/anthropic.rs`) and the
 //!   OpenAI-compatible Chat Completions adapter (`llm/openai_compat.rs`).
 //! - [`tts`]: [`tts::TtsProvider`] and the OpenAI speech adapter (`tts/openai.rs`).
+//! - [`turn`]: [`turn::TurnProvider`], the end-of-turn model's seam (its engine is local).
 //! - [`ProviderError`], [`HttpSettings`] and the retry policy shared by the HTTP adapters.
 //!
 //! # Invariants
@@ -17,6 +18,7 @@
 pub mod llm;
 pub mod stt;
 pub mod tts;
+pub mod turn;
 
 mod error;
 mod http;

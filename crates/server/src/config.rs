@@ -25,6 +25,17 @@ pub enum SttKind {
     Deepgram,
 }
 
+/// How the end of the person's turn is decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TurnPolicyKind {
+    /// The recogniser's endpointing (`ATLAS_STT_ENDPOINTING_MS` of silence) ends the turn.
+    Silence,
+    /// The recogniser's endpointing after `ATLAS_TURN_PAUSE_MS` marks a pause; the local
+    /// end-of-turn model decides, with `ATLAS_TURN_MAX_SILENCE_MS` as the fallback.
+    Smart,
+}
+
 /// Which language model to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -147,6 +158,17 @@ pub struct Config {
     pub stt_endpointing_ms: u32,
     /// Gap (ms) after the last word that ends a turn even without endpointing.
     pub stt_utterance_end_ms: u32,
+    /// How the end of a turn is decided: `silence` or `smart`.
+    pub turn_policy: TurnPolicyKind,
+    /// Under `smart`: silence (ms) after which the recogniser reports a pause and the
+    /// end-of-turn model is asked (the recogniser's endpointing).
+    pub turn_pause_ms: u32,
+    /// Under `smart`: silence (ms) after the end of speech that ends the turn whatever the
+    /// model said.
+    pub turn_max_silence_ms: u32,
+    /// Under `smart`: the model's probability of a finished turn at or above which the turn
+    /// ends.
+    pub turn_threshold: f32,
     /// System prompt (server configuration, never client input).
     pub system_prompt: String,
     /// Where `atlas-voice models fetch` put the local models.
@@ -407,6 +429,10 @@ impl Default for Config {
             backchannels: None,
             stt_endpointing_ms: 300,
             stt_utterance_end_ms: 1000,
+            turn_policy: TurnPolicyKind::Silence,
+            turn_pause_ms: 200,
+            turn_max_silence_ms: 1500,
+            turn_threshold: 0.5,
             system_prompt:
                 "You are a friendly voice assistant. Answer in one to three short spoken \
                 sentences. Use plain words: no lists, markdown, emoji or URLs."
@@ -788,6 +814,17 @@ impl Config {
         if self.eager_first_ms > 5_000 {
             return fail("ATLAS_EAGER_FIRST_MS must be at most 5000".into());
         }
+        if !(50..=2_000).contains(&self.turn_pause_ms) {
+            return fail("ATLAS_TURN_PAUSE_MS must be between 50 and 2000".into());
+        }
+        if self.turn_max_silence_ms < self.turn_pause_ms || self.turn_max_silence_ms > 10_000 {
+            return fail(
+                "ATLAS_TURN_MAX_SILENCE_MS must be between ATLAS_TURN_PAUSE_MS and 10000".into(),
+            );
+        }
+        if !(self.turn_threshold > 0.0 && self.turn_threshold < 1.0) {
+            return fail("ATLAS_TURN_THRESHOLD must be between 0 and 1 (exclusive)".into());
+        }
         if self.llm_max_tokens == 0 {
             return fail("ATLAS_LLM_MAX_TOKENS must be at least 1".into());
         }
@@ -986,6 +1023,26 @@ impl Config {
         self.deepgram_api_key = key();
         self.anthropic_api_key = key();
         self.openai_api_key = key();
+    }
+
+    /// Silence (ms) after which the recogniser reports the end of speech: the end of the turn
+    /// under the `silence` policy, a pause under `smart`.
+    pub fn recogniser_endpointing_ms(&self) -> u32 {
+        match self.turn_policy {
+            TurnPolicyKind::Silence => self.stt_endpointing_ms,
+            TurnPolicyKind::Smart => self.turn_pause_ms,
+        }
+    }
+
+    /// The session machine's turn policy.
+    pub fn session_turn_policy(&self) -> atlas_core::turns::TurnPolicy {
+        match self.turn_policy {
+            TurnPolicyKind::Silence => atlas_core::turns::TurnPolicy::Silence,
+            TurnPolicyKind::Smart => atlas_core::turns::TurnPolicy::Smart {
+                threshold: self.turn_threshold,
+                max_silence: Duration::from_millis(self.turn_max_silence_ms.into()),
+            },
+        }
     }
 
     /// Per-call timeouts and retries for the HTTP providers.
@@ -1329,6 +1386,27 @@ parameters = { type = "object", required = ["page"], properties = { page = { typ
                     ..Config::default()
                 },
                 "ATLAS_EAGER_FIRST_MS",
+            ),
+            (
+                Config {
+                    turn_pause_ms: 10,
+                    ..Config::default()
+                },
+                "ATLAS_TURN_PAUSE_MS",
+            ),
+            (
+                Config {
+                    turn_max_silence_ms: 100,
+                    ..Config::default()
+                },
+                "ATLAS_TURN_MAX_SILENCE_MS",
+            ),
+            (
+                Config {
+                    turn_threshold: f32::NAN,
+                    ..Config::default()
+                },
+                "ATLAS_TURN_THRESHOLD",
             ),
         ] {
             let c = Config { dev: true, ..c };

@@ -12,18 +12,20 @@ use atlas_providers::stt::SttProvider;
 use atlas_providers::stt::deepgram::{Deepgram, DeepgramConfig};
 use atlas_providers::tts::TtsProvider;
 use atlas_providers::tts::openai::{OpenAiTts, OpenAiTtsConfig};
+use atlas_providers::turn::TurnProvider;
 
 use atlas_local::llm::{Decoding, LocalLlm};
 use atlas_local::models;
 use atlas_local::piper::{self, PiperTts};
+use atlas_local::smart_turn::{self, SmartTurn};
 use atlas_local::stt::{LocalStt, PartialCadence};
 use atlas_local::tts::Espeak;
 use atlas_local::vad::EndpointConfig;
 use atlas_local::worker::{Worker, WorkerConfig};
 
-use crate::config::{Config, ConfigError, LlmKind, SttKind, TtsKind};
+use crate::config::{Config, ConfigError, LlmKind, SttKind, TtsKind, TurnPolicyKind};
 
-/// The three engines every session uses, shared by all sessions.
+/// The engines every session uses, shared by all sessions.
 #[derive(Clone)]
 pub struct Engines {
     /// Speech recogniser.
@@ -32,6 +34,8 @@ pub struct Engines {
     pub llm: Arc<dyn LlmProvider>,
     /// Speech synthesiser.
     pub tts: Arc<dyn TtsProvider>,
+    /// End-of-turn model (the `smart` turn policy only).
+    pub turn: Option<Arc<dyn TurnProvider>>,
 }
 
 fn key(k: &Option<SecretString>) -> SecretString {
@@ -49,7 +53,7 @@ impl Engines {
                 api_key: key(&config.deepgram_api_key),
                 model: config.stt_model.clone(),
                 language: config.stt_language.clone(),
-                endpointing_ms: config.stt_endpointing_ms,
+                endpointing_ms: config.recogniser_endpointing_ms(),
                 utterance_end_ms: config.stt_utterance_end_ms,
                 connect_timeout: Duration::from_secs(config.provider_timeout_s.min(10)),
                 keepalive_interval: Duration::from_secs(3),
@@ -80,7 +84,7 @@ impl Engines {
                 )
                 .await?;
                 let endpoint = EndpointConfig {
-                    end_silence_ms: config.stt_endpointing_ms.max(100),
+                    end_silence_ms: config.recogniser_endpointing_ms().max(50),
                     ..EndpointConfig::default()
                 };
                 let partials = (config.local_stt_partial_ms > 0).then_some(PartialCadence {
@@ -179,7 +183,31 @@ impl Engines {
                 Arc::new(PiperTts::new(worker, config.local_tts_model.clone()))
             }
         };
-        Ok(Engines { stt, llm, tts })
+        let turn: Option<Arc<dyn TurnProvider>> = match config.turn_policy {
+            TurnPolicyKind::Silence => None,
+            TurnPolicyKind::Smart => {
+                let args = smart_turn::worker_args(&config.models_dir)
+                    .map_err(|e| ConfigError(e.to_string()))?;
+                // One thread: a decision takes ~50 ms of one core, and the recogniser and the
+                // model need the others at the same moment.
+                let worker = start_worker(
+                    config,
+                    "end-of-turn",
+                    "atlas-voice-turn",
+                    args,
+                    &["--threads", "1"],
+                    0,
+                )
+                .await?;
+                Some(Arc::new(SmartTurn::new(worker)))
+            }
+        };
+        Ok(Engines {
+            stt,
+            llm,
+            tts,
+            turn,
+        })
     }
 }
 

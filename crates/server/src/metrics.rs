@@ -102,6 +102,13 @@ pub fn tool_call(kind: &'static str, outcome: &'static str, d: Duration) {
     histogram!("atlas_tool_call_seconds", "kind" => kind).record(d.as_secs_f64());
 }
 
+/// The end-of-turn model answered (or failed) after `d`.
+pub fn turn_scored(d: Duration, ok: bool) {
+    let outcome = if ok { "ok" } else { "failed" };
+    counter!("atlas_turn_decisions_total", "outcome" => outcome).increment(1);
+    histogram!("atlas_turn_decision_seconds").record(d.as_secs_f64());
+}
+
 /// A turn's reply ended.
 pub fn turn(outcome: &'static str) {
     counter!("atlas_turns_total", "outcome" => outcome).increment(1);

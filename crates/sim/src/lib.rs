@@ -12,6 +12,11 @@
 //!   the reply audio they receive in real time (half of them confirming what they played,
 //!   as a phone line does), and the invariants.
 //!
+//! Sessions with an even id decide the end of a turn with the `smart` policy: the world's
+//! end-of-turn model answers each pause after a random delay, complete or not, or never, and
+//! the turn invariants check that only a complete score on a live pause, the maximum silence,
+//! push-to-talk or a typed turn ends a turn, and that every pause ends.
+//!
 //! A failing seed prints `cargo run -p atlas-sim --release -- --seed N`, which replays it;
 //! [`shrink`] cuts the failing schedule down to a short sequence of actions.
 
@@ -33,6 +38,7 @@ use atlas_core::session::{
     Attaching, Carried, Config, Event, Heard, Input, LeaseAnswer, Output, ReplyOutcome, Session,
     VerifiedToken,
 };
+use atlas_core::turns::TurnPolicy;
 use atlas_core::vocab::{AudioFormat, Limits};
 
 use store::{Refresh, Store, Write};
@@ -52,6 +58,13 @@ const CLAIM_TTL: u64 = 15_000;
 const BUDGET_USD: f64 = 0.05;
 /// Output tokens a request may produce at most (the configured cap).
 const MAX_TOKENS: u64 = 200;
+/// The smart turn policy's maximum silence (ms).
+const MAX_SILENCE: u64 = 1_500;
+/// The smart turn policy's threshold.
+const THRESHOLD: f32 = 0.5;
+/// Words that alone, while a reply plays, are no turn (the machine's default backchannels
+/// among [`WORDS`]).
+const BACKCHANNELS: &[&str] = &["okay", "mm-hm"];
 
 /// One thing that happens. Parameters are interpreted against the world's state when the
 /// action runs, so a schedule with actions removed (shrinking) still runs.
@@ -211,6 +224,39 @@ struct Copy {
     attach_violation: Option<String>,
     /// An overtaken resume is being fed: the machine must refuse it.
     expect_refusal: bool,
+    /// The smart turn policy's side of the world, when the session uses it.
+    smart: Option<TurnWatch>,
+}
+
+/// What the world knows of a smart-policy session's turn: the pause the machine asked about,
+/// the model's answers on their way, and a broken turn rule.
+#[derive(Debug, Default)]
+struct TurnWatch {
+    /// The live pause: its number and the end of speech (ms) it followed. `None` once speech
+    /// resumed or the turn ended.
+    pause: Option<(u64, i64)>,
+    /// End of speech (ms, before the start when negative) of the recognition signal being
+    /// fed.
+    signal_eos: i64,
+    /// A finalise was asked (push-to-talk): the next final may end the turn.
+    commit: bool,
+    /// When speech last started (ms).
+    speech_started: Option<i64>,
+    /// Words heard in finals since the last turn ended.
+    pending: Vec<String>,
+    /// The model's answers on their way: (due ms, pause, probability).
+    answers: Vec<(u64, u64, f32)>,
+    /// A broken turn rule.
+    violation: Option<String>,
+}
+
+impl TurnWatch {
+    /// The words waiting are only backchannels: with a reply playing they end no turn.
+    fn only_backchannels(&self) -> bool {
+        self.pending
+            .iter()
+            .all(|w| BACKCHANNELS.contains(&w.as_str()))
+    }
 }
 
 impl Copy {
@@ -238,6 +284,7 @@ impl Copy {
             attach_violation: None,
             expect_refusal: false,
             turns,
+            smart: None,
         }
     }
 }
@@ -277,6 +324,11 @@ pub struct World {
     worst_request: u64,
     /// Releases of ended sessions the store has not taken yet (retried, as the server does).
     releases: Vec<(u64, u64, usize)>,
+    /// Even sessions use the smart turn policy.
+    smart_turns: bool,
+    /// The end-of-turn model's randomness (its own, so that the rest of the world draws the
+    /// same numbers with it or without it).
+    model_rng: StdRng,
 }
 
 /// The most one request can cost: a full prompt, the longest reply and its speech.
@@ -290,6 +342,18 @@ fn worst_request() -> u64 {
             })
             .total
             .unwrap_or(0)
+}
+
+/// The configuration of a session: the smart turn policy when `smart`.
+fn config_for(smart: bool) -> Config {
+    let mut config = config();
+    if smart {
+        config.turns.policy = TurnPolicy::Smart {
+            threshold: THRESHOLD,
+            max_silence: Duration::from_millis(MAX_SILENCE),
+        };
+    }
+    config
 }
 
 fn config() -> Config {
@@ -312,9 +376,12 @@ const WORDS: &[&str] = &[
 ];
 
 impl World {
-    /// A world for `seed` (its own randomness: provider usage, delays).
-    pub fn new(seed: u64) -> Self {
+    /// A world for `seed` (its own randomness: provider usage, delays); with `smart_turns`,
+    /// sessions with an even id use the smart turn policy.
+    pub fn new(seed: u64, smart_turns: bool) -> Self {
         World {
+            smart_turns,
+            model_rng: StdRng::seed_from_u64(seed ^ 0x007e_4d0f_7a12),
             rng: StdRng::seed_from_u64(seed ^ 0x05ee_d0fa_71a5),
             t0: Instant::now(),
             now_ms: 0,
@@ -334,6 +401,27 @@ impl World {
 
     fn now(&self) -> Instant {
         self.t0 + Duration::from_millis(self.now_ms)
+    }
+
+    fn is_smart(&self, sid: u64) -> bool {
+        self.smart_turns && sid.is_multiple_of(2)
+    }
+
+    /// A fresh copy of session `sid` on `instance`.
+    fn copy(
+        &self,
+        sid: u64,
+        instance: usize,
+        machine: Session,
+        epoch: u64,
+        base: (u64, u64, u64),
+        turns: Vec<(u64, String)>,
+    ) -> Copy {
+        let mut copy = Copy::new(instance, machine, epoch, base, turns);
+        if self.is_smart(sid) {
+            copy.smart = Some(TurnWatch::default());
+        }
+        copy
     }
 
     fn words(&mut self, n: usize) -> String {
@@ -402,8 +490,13 @@ impl World {
             return;
         }
         self.next_sid += 1;
-        let machine = Session::new(sid.to_string(), config(), self.now(), None);
-        let copy = Copy::new(instance, machine, 1, (0, 0, 0), Vec::new());
+        let machine = Session::new(
+            sid.to_string(),
+            config_for(self.is_smart(sid)),
+            self.now(),
+            None,
+        );
+        let copy = self.copy(sid, instance, machine, 1, (0, 0, 0), Vec::new());
         self.sessions.push(SimSession {
             sid,
             copies: vec![copy],
@@ -425,7 +518,62 @@ impl World {
         self.drain(s, c);
     }
 
+    /// A client acts; for a smart-policy session, its turn rules are checked around it.
     fn client(&mut self, s: usize, what: ClientAct) {
+        let watched = self.sessions[s]
+            .attached
+            .filter(|&c| !self.sessions[s].copies[c].ended)
+            .filter(|&c| self.sessions[s].copies[c].smart.is_some());
+        let Some(c) = watched else {
+            return self.client_act(s, what);
+        };
+        let now_ms = self.now_ms as i64;
+        let copy = &mut self.sessions[s].copies[c];
+        let last = copy.machine.last_turn();
+        let watch = copy.smart.as_mut().expect("watched");
+        let commit = watch.commit;
+        match what {
+            // Speech goes on: the pause is over, and so is its score.
+            ClientAct::Partial => watch.pause = None,
+            ClientAct::SpeechStarted => {
+                watch.pause = None;
+                watch.speech_started = Some(now_ms);
+            }
+            ClientAct::Final { .. } => {
+                watch.pause = None;
+                watch.signal_eos = now_ms - 150;
+            }
+            ClientAct::UtteranceEnd => watch.signal_eos = now_ms - 1000,
+            _ => {}
+        }
+        self.client_act(s, what);
+        let copy = &mut self.sessions[s].copies[c];
+        let ended = copy.machine.last_turn() > last;
+        let watch = copy.smart.as_mut().expect("watched");
+        let allowed = match what {
+            ClientAct::Text { .. } | ClientAct::Commit => true,
+            // Push-to-talk's finalise: the final that answers it ends the turn.
+            ClientAct::Final { .. } => commit,
+            ClientAct::Drop | ClientAct::End | ClientAct::Resume { .. } => true,
+            _ => false,
+        };
+        if ended && !allowed {
+            watch.violation.get_or_insert(format!(
+                "{what:?} ended turn {}: only a complete score on a live pause, the maximum \
+                 silence, push-to-talk or typing may",
+                last + 1
+            ));
+        }
+        if matches!(what, ClientAct::Final { .. }) {
+            watch.commit = false;
+        }
+        if ended {
+            watch.pause = None;
+            watch.pending.clear();
+        }
+    }
+
+    fn client_act(&mut self, s: usize, what: ClientAct) {
         let Some(c) = self.sessions[s].attached else {
             if let ClientAct::Resume { instance, complete } = what {
                 self.resume(s, instance as usize % INSTANCES, complete);
@@ -468,6 +616,11 @@ impl World {
             ClientAct::Final { speech_final } => {
                 let text = self.words(3);
                 self.remember_said(s, &text);
+                if let Some(watch) = &mut self.sessions[s].copies[c].smart {
+                    watch
+                        .pending
+                        .extend(text.split_whitespace().map(str::to_owned));
+                }
                 let eos = Some(self.now() - Duration::from_millis(150));
                 self.feed(
                     s,
@@ -612,13 +765,12 @@ impl World {
         };
         let machine = Session::new(
             sid.to_string(),
-            config(),
+            config_for(self.is_smart(sid)),
             self.now(),
             Some((carried, Duration::ZERO)),
         );
-        self.sessions[s]
-            .copies
-            .push(Copy::new(instance, machine, epoch, usage, turns));
+        let copy = self.copy(sid, instance, machine, epoch, usage, turns);
+        self.sessions[s].copies.push(copy);
         self.stats.moves += 1;
         let c = self.sessions[s].copies.len() - 1;
         if let Some(old) = self.sessions[s].attached {
@@ -1005,12 +1157,41 @@ impl World {
                         self.retry_releases();
                     }
                 }
+                Output::Finalize => {
+                    if let Some(watch) = &mut self.sessions[s].copies[c].smart {
+                        watch.commit = true;
+                    }
+                }
+                Output::ScoreTurn { pause } => {
+                    let now_ms = self.now_ms;
+                    // The model answers after a while, complete or not; now and then never.
+                    let answer = (self.model_rng.random_range(0..10) != 0).then(|| {
+                        (
+                            now_ms + self.model_rng.random_range(20..150),
+                            self.model_rng.random::<f32>(),
+                        )
+                    });
+                    let watch = self.sessions[s].copies[c]
+                        .smart
+                        .as_mut()
+                        .expect("only smart sessions judge pauses");
+                    if watch.speech_started.is_some_and(|t| t > watch.signal_eos) {
+                        watch.violation.get_or_insert(format!(
+                            "pause {pause} opened for speech that ended at {} ms, though speech \
+                             started again at {:?} ms",
+                            watch.signal_eos, watch.speech_started
+                        ));
+                    }
+                    watch.pause = Some((pause, watch.signal_eos));
+                    if let Some((due, probability)) = answer {
+                        watch.answers.push((due, pause, probability));
+                    }
+                }
                 Output::Event(_)
                 | Output::Ping
                 | Output::Forward { .. }
                 | Output::SendHeld
                 | Output::Rejected(_)
-                | Output::Finalize
                 | Output::CloseRecogniser
                 | Output::CallTool { .. }
                 | Output::CancelTool { .. }
@@ -1085,6 +1266,7 @@ impl World {
                     };
                     self.feed(s, c, Input::TokenRefreshed(Ok(token)));
                 }
+                self.answer_scores(s, c);
                 self.synthesise(s, c);
                 let now = self.now();
                 if self.sessions[s].copies[c]
@@ -1092,10 +1274,80 @@ impl World {
                     .poll_timeout()
                     .is_some_and(|t| t <= now)
                 {
+                    let last = self.sessions[s].copies[c].machine.last_turn();
                     self.sessions[s].copies[c].machine.handle_timeout(now);
                     self.drain(s, c);
+                    self.turn_by_clock(s, c, last);
                 }
             }
+        }
+    }
+
+    /// The end-of-turn model's answers that are due reach a smart-policy session.
+    fn answer_scores(&mut self, s: usize, c: usize) {
+        let now_ms = self.now_ms;
+        let Some(watch) = &mut self.sessions[s].copies[c].smart else {
+            return;
+        };
+        let (due, later): (Vec<_>, Vec<_>) =
+            watch.answers.drain(..).partition(|(t, ..)| *t <= now_ms);
+        watch.answers = later;
+        for (_, pause, probability) in due {
+            if self.sessions[s].copies[c].ended {
+                return;
+            }
+            let copy = &mut self.sessions[s].copies[c];
+            let last = copy.machine.last_turn();
+            let watch = copy.smart.as_ref().expect("smart");
+            let decisive = watch.pause.is_some_and(|(p, _)| p == pause) && probability >= THRESHOLD;
+            let backchannels = watch.only_backchannels();
+            self.feed(s, c, Input::TurnScored { pause, probability });
+            let copy = &mut self.sessions[s].copies[c];
+            let ended = copy.machine.last_turn() > last;
+            let watch = copy.smart.as_mut().expect("smart");
+            if ended && !decisive {
+                watch.violation.get_or_insert(format!(
+                    "a score of {probability:.2} for pause {pause} ended turn {} (live pause: \
+                     {:?})",
+                    last + 1,
+                    watch.pause
+                ));
+            }
+            if decisive && !ended && !backchannels {
+                watch.violation.get_or_insert(format!(
+                    "a complete score ({probability:.2}) for live pause {pause} did not end the turn"
+                ));
+            }
+            if decisive || ended {
+                watch.pause = None;
+                watch.pending.clear();
+            }
+        }
+    }
+
+    /// After the machine's timers ran at the current time: a turn they ended must have had
+    /// its maximum silence run out; a pause of backchannels alone may end without a turn.
+    fn turn_by_clock(&mut self, s: usize, c: usize, last: u64) {
+        let now_ms = self.now_ms as i64;
+        let copy = &mut self.sessions[s].copies[c];
+        let ended = copy.machine.last_turn() > last;
+        let Some(watch) = &mut copy.smart else {
+            return;
+        };
+        let silence_over = watch
+            .pause
+            .is_some_and(|(_, eos)| now_ms >= eos + MAX_SILENCE as i64);
+        if ended && !silence_over {
+            watch.violation.get_or_insert(format!(
+                "turn {} ended by the clock at {now_ms} ms before its maximum silence (pause \
+                 {:?})",
+                last + 1,
+                watch.pause
+            ));
+        }
+        if ended || (silence_over && watch.only_backchannels()) {
+            watch.pause = None;
+            watch.pending.clear();
         }
     }
 
@@ -1111,6 +1363,9 @@ impl World {
                         next = next.min(t.max(self.now_ms + 1));
                     }
                     for (due, ..) in &c.lease_answers {
+                        next = next.min((*due).max(self.now_ms + 1));
+                    }
+                    for (due, ..) in c.smart.iter().flat_map(|w| &w.answers) {
                         next = next.min((*due).max(self.now_ms + 1));
                     }
                     if let Some(t) = c.verifying {
@@ -1181,6 +1436,28 @@ impl World {
                         "a resume overtaken by a later one is refused",
                         format!("session {}: {detail}", s.sid),
                     );
+                }
+                if let Some(watch) = &c.smart {
+                    if let Some(detail) = &watch.violation {
+                        return fail(
+                            "under the smart policy a turn ends only by a complete score, the \
+                             maximum silence, push-to-talk or typing, never while speech goes on",
+                            format!("session {}: {detail}", s.sid),
+                        );
+                    }
+                    if !c.ended
+                        && let Some((pause, eos)) = watch.pause
+                        && self.now_ms as i64 > eos + MAX_SILENCE as i64
+                    {
+                        return fail(
+                            "every pause ends by its score or the maximum silence",
+                            format!(
+                                "session {}: pause {pause} after speech ending at {eos} ms still \
+                                 open at {} ms",
+                                s.sid, self.now_ms
+                            ),
+                        );
+                    }
                 }
                 if let Some(detail) = &c.playout_violation {
                     return fail(
@@ -1376,8 +1653,14 @@ pub fn schedule(seed: u64, len: usize) -> Vec<Action> {
 
 /// Runs a schedule; a panic (a broken assertion of the driver's contract) is a violation.
 pub fn run(seed: u64, actions: &[Action]) -> Result<Stats, Violation> {
+    run_with(seed, actions, true)
+}
+
+/// Runs a schedule; with `smart_turns`, sessions with an even id use the smart turn policy
+/// (without, the world of the seeds found before it existed).
+pub fn run_with(seed: u64, actions: &[Action], smart_turns: bool) -> Result<Stats, Violation> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        World::new(seed).run(actions)
+        World::new(seed, smart_turns).run(actions)
     }))
     .unwrap_or_else(|panic| {
         let detail = panic

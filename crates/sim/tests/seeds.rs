@@ -29,7 +29,18 @@ fn the_seeds_that_found_defects_replay_clean() {
     // 12: a stale owner cut off from Redis ends for its lapsed lease; only the last owner's
     //    record may stand (the store keeps the newest epoch).
     // 2122: a local resume must reach the instance's latest copy of the session.
+    // (These were found before sessions used the smart turn policy: they replay in that
+    // world.)
     for seed in [1, 3, 12, 2122] {
+        let schedule = atlas_sim::schedule(seed, atlas_sim::ACTIONS);
+        if let Err(v) = atlas_sim::run_with(seed, &schedule, false) {
+            panic!("seed {seed} failed {v}");
+        }
+    }
+    // 34: under the smart turn policy, a late transcript of speech that had already started
+    //     again opened a pause, whose maximum silence could end the turn while the person
+    //     spoke.
+    for seed in [34] {
         if let Err(v) = atlas_sim::run_seed(seed, atlas_sim::ACTIONS) {
             panic!("seed {seed} failed {v}");
         }

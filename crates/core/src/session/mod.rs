@@ -389,6 +389,13 @@ pub enum Input<'a> {
     TokenRefreshed(Result<VerifiedToken, String>),
     /// Recognition.
     Heard(Heard<'a>),
+    /// The end-of-turn model's answer to [`Output::ScoreTurn`].
+    TurnScored {
+        /// The pause it judged.
+        pause: u64,
+        /// Its probability that the turn is complete.
+        probability: f32,
+    },
     /// The recogniser connection failed (`busy`: the engine queue was full; `failures`: in a
     /// row).
     RecogniserLost {
@@ -567,6 +574,13 @@ pub enum Output {
     Rejected(&'static str),
     /// Ask the recogniser to finalise what it has (push-to-talk).
     Finalize,
+    /// Ask the end-of-turn model whether the person's turn is complete, judging the last
+    /// seconds of audio forwarded to the recogniser; answer with [`Input::TurnScored`] (or
+    /// not at all: the turn policy's maximum silence ends the turn anyway).
+    ScoreTurn {
+        /// The pause it judges.
+        pause: u64,
+    },
     /// Close the recogniser connection (detached or ending).
     CloseRecogniser,
     /// Start replying to `turn_id` with the current history.
@@ -971,6 +985,9 @@ impl Session {
         if let Some(held) = self.uplink.deadline() {
             t = t.min(held);
         }
+        if let Some(pause) = self.turns.deadline() {
+            t = t.min(pause);
+        }
         if let Some(lease) = &self.lease {
             t = t.min(lease.valid_until);
             if !lease.in_flight {
@@ -1003,6 +1020,11 @@ impl Session {
         self.expire_tools(now);
         if self.uplink.expired(now) {
             self.out.push_back(Output::SendHeld);
+        }
+        if self.turns.deadline().is_some_and(|d| now >= d) {
+            let mut actions = std::mem::take(&mut self.actions);
+            self.turns.expire(now, &mut actions);
+            self.turn_actions(actions);
         }
         while let Some(action) = self.timers.poll(now) {
             match action {
@@ -1139,6 +1161,9 @@ impl Session {
                     self.uplink.end_heard();
                 }
                 self.turn(turns::Input::Heard(heard));
+            }
+            Input::TurnScored { pause, probability } => {
+                self.turn(turns::Input::TurnScored { pause, probability })
             }
             Input::RecogniserLost { busy: true, .. } => self.send(Event::problem(
                 ErrorCode::EnginesBusy,
@@ -1421,7 +1446,12 @@ impl Session {
     /// Feeds the turn machine and acts on what it decides.
     fn turn(&mut self, input: turns::Input<'_>) {
         let mut actions = std::mem::take(&mut self.actions);
-        self.turns.handle(input, &mut actions);
+        self.turns.handle(input, self.now, &mut actions);
+        self.turn_actions(actions);
+    }
+
+    /// Carries out what turn-taking decided (`actions` is the reusable buffer, handed back).
+    fn turn_actions(&mut self, mut actions: Vec<Action>) {
         for action in actions.drain(..) {
             match action {
                 Action::Partial(text) => self.send(Event::Hearing { text }),
@@ -1430,6 +1460,7 @@ impl Session {
                     self.uplink.released();
                     self.out.push_back(Output::Finalize);
                 }
+                Action::ScoreTurn { pause } => self.out.push_back(Output::ScoreTurn { pause }),
                 Action::Interrupt { turn_id } => {
                     if self.reply.as_ref().is_some_and(|r| r.turn_id == turn_id) {
                         self.abort_reply();
@@ -1882,8 +1913,11 @@ impl Session {
 
     fn unanswered(&mut self, turn_id: u64, text: String) {
         let mut ignored = Vec::new();
-        self.turns
-            .handle(turns::Input::ResponseFinished { turn_id }, &mut ignored);
+        self.turns.handle(
+            turns::Input::ResponseFinished { turn_id },
+            self.now,
+            &mut ignored,
+        );
         self.log_unanswered(turn_id, text, "refused");
     }
 
@@ -1958,8 +1992,11 @@ impl Session {
         // as far as the playout had played it.
         let spoken = reply.playout.heard(Some(reply.rounds), now, !aborted);
         let mut ignored = Vec::new();
-        self.turns
-            .handle(turns::Input::ResponseFinished { turn_id }, &mut ignored);
+        self.turns.handle(
+            turns::Input::ResponseFinished { turn_id },
+            self.now,
+            &mut ignored,
+        );
         let outcome = if aborted {
             self.send(Event::Interrupted { turn_id });
             "interrupted"

@@ -626,6 +626,55 @@ fn a_resume_is_attached_in_place_of_the_connection_it_replaces_or_refused() {
     ));
 }
 
+/// The reference configuration with the smart turn policy (1.5 s of maximum silence).
+fn smart() -> Config {
+    let mut c = config();
+    c.turns.policy = crate::turns::TurnPolicy::Smart {
+        threshold: 0.5,
+        max_silence: 1500 * MS,
+    };
+    c
+}
+
+#[test]
+fn under_the_smart_policy_a_pause_is_judged_and_the_silence_is_the_fallback() {
+    let mut h = Harness::new(smart());
+    // The endpoint is a pause: the model is asked, nothing is answered yet.
+    let eos = h.now;
+    let out = h.hear_final("What is the capital of", true, Some(eos));
+    let pause = first!(&out, Output::ScoreTurn { pause } => *pause).expect("a score asked");
+    assert!(!started_reply(&out, 1));
+    // The model hears an unfinished thought: the machine waits, and its timer is the
+    // pause's maximum silence from the end of speech.
+    let out = h.feed(Input::TurnScored {
+        pause,
+        probability: 0.1,
+    });
+    assert!(!started_reply(&out, 1));
+    assert_eq!(h.s.poll_timeout(), Some(eos + 1500 * MS));
+    // The person goes on; the next pause is judged complete: the reply starts at once.
+    h.advance(400 * MS);
+    h.feed(Input::Heard(Heard::SpeechStarted));
+    let out = h.hear_final("France?", true, Some(h.now));
+    let next = first!(&out, Output::ScoreTurn { pause } => *pause).expect("a new pause");
+    assert_ne!(next, pause);
+    let out = h.feed(Input::TurnScored {
+        pause: next,
+        probability: 0.93,
+    });
+    assert!(started_reply(&out, 1));
+    assert_eq!(
+        first!(events(&out), Event::Heard { text, .. } => text.as_str()),
+        Some("What is the capital of France?")
+    );
+    // A pause the model never answers ends by the clock, and not before.
+    h.feed(Input::ReplyEnded(outcome(1, "Paris.", 5)));
+    let eos = h.now;
+    h.hear_final("Thanks", true, Some(eos));
+    assert!(!started_reply(&h.advance(1499 * MS), 2));
+    assert!(started_reply(&h.advance(MS), 2));
+}
+
 #[test]
 fn checkpoints_come_on_schedule() {
     let mut h = Harness::new(idle_after(10_000 * S));

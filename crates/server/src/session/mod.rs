@@ -6,10 +6,13 @@
 //! - `response.rs`: one assistant reply's work (LLM → splitter → TTS → resampled speech for
 //!   the machine's playout), its model requests in rounds when the model calls tools.
 //! - `stt_link.rs`: the recogniser connection with buffering and reconnection.
+//! - `turn_audio.rs`: the last seconds of the person's audio for the end-of-turn model, and
+//!   its decisions (the `smart` turn policy).
 
 pub mod response;
 pub mod shared;
 pub mod stt_link;
+pub mod turn_audio;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,6 +42,7 @@ use atlas_core::turns::TurnConfig;
 use atlas_core::vocab::{ErrorCode, Limits};
 use atlas_providers::llm::{LlmRequest, ToolChoice};
 use atlas_providers::stt::{SttEvent, SttOptions};
+use turn_audio::TurnAudio;
 
 pub use atlas_core::session::EndReason;
 
@@ -207,6 +211,8 @@ struct Driver {
     clock: AudioClock,
     /// Converts client audio to the recogniser's rate when they differ.
     input_resampler: Option<StreamResampler>,
+    /// The end-of-turn model's view of the audio (the `smart` turn policy).
+    turn_audio: Option<TurnAudio>,
     response: Option<ActiveResponse>,
     /// Server tools running, by call id.
     tool_tasks: std::collections::HashMap<String, tokio::task::AbortHandle>,
@@ -383,6 +389,7 @@ impl Driver {
             ),
             clock: AudioClock::new(16_000, 600),
             input_resampler: None,
+            turn_audio: None,
             response: None,
             tool_tasks: std::collections::HashMap::new(),
             tool_records: Vec::new(),
@@ -443,14 +450,19 @@ impl Driver {
         self.input_resampler = (stt_rate != client_rate)
             .then(|| StreamResampler::new(client_rate, stt_rate).ok())
             .flatten();
+        let forwarded_rate = if self.input_resampler.is_some() {
+            stt_rate
+        } else {
+            client_rate
+        };
+        self.turn_audio = self.state.engines.turn.clone().map(|model| {
+            let pause_s = f64::from(config.turn_pause_ms) / 1000.0;
+            TurnAudio::new(model, forwarded_rate, pause_s)
+        });
         self.stt = SttLink::new(
             self.state.engines.stt.clone(),
             SttOptions {
-                sample_rate: if self.input_resampler.is_some() {
-                    stt_rate
-                } else {
-                    client_rate
-                },
+                sample_rate: forwarded_rate,
                 language: start
                     .language
                     .clone()
@@ -631,6 +643,7 @@ impl Driver {
                 user_id: identity.user_id,
             })),
             Answer::TokenRefreshed(Err(message)) => Input::TokenRefreshed(Err(message)),
+            Answer::TurnScored(pause, probability) => Input::TurnScored { pause, probability },
             Answer::ToolFinished(call_id, result) => {
                 if self.tool_tasks.remove(&call_id).is_none() {
                     // Cancelled meanwhile.
@@ -646,7 +659,12 @@ impl Driver {
     async fn drain_outputs(&mut self) -> Option<Finish> {
         while let Some(output) = self.machine.poll_output() {
             match output {
-                Output::Event(event) => self.emit(event),
+                Output::Event(event) => {
+                    if let (Some(ear), Event::Heard { .. }) = (&mut self.turn_audio, &event) {
+                        ear.turn_ended();
+                    }
+                    self.emit(event)
+                }
                 Output::Audio { turn_id, pcm } => {
                     let rate = self.machine.output_format().sample_rate;
                     if let Some(link) = &mut self.link
@@ -680,6 +698,11 @@ impl Driver {
                 }
                 Output::Rejected(reason) => metrics::chunk_rejected(reason),
                 Output::Finalize => self.stt.finalize(),
+                Output::ScoreTurn { pause } => {
+                    if let Some(ear) = &mut self.turn_audio {
+                        ear.score(pause, &self.answers_tx);
+                    }
+                }
                 Output::CloseRecogniser => {
                     self.stt.close();
                     self.unbill_dropped_audio();
@@ -879,6 +902,9 @@ impl Driver {
             }
         };
         if !forwarded.is_empty() {
+            if let Some(ear) = &mut self.turn_audio {
+                ear.push(&forwarded);
+            }
             self.stt.send_audio(forwarded, position_s, hold);
         }
         self.unbill_dropped_audio();
@@ -899,6 +925,21 @@ impl Driver {
         match event {
             LinkEvent::Event(event) => {
                 let at = |s: Option<f64>| s.and_then(|s| self.clock.instant_at(s));
+                if let Some(ear) = &mut self.turn_audio {
+                    match event {
+                        SttEvent::Final {
+                            speech_end_s: Some(end),
+                            ..
+                        }
+                        | SttEvent::UtteranceEnd {
+                            last_word_end_s: Some(end),
+                        } => ear.speech_ended(end),
+                        SttEvent::SpeechStarted { at_s } => {
+                            ear.speech_started(at_s.unwrap_or_else(|| self.clock.total_seconds()))
+                        }
+                        _ => {}
+                    }
+                }
                 let heard = match &event {
                     SttEvent::Partial { text } => Heard::Partial(text),
                     SttEvent::Final {
@@ -1416,6 +1457,7 @@ fn turn_config(state: &AppState) -> TurnConfig {
     let defaults = TurnConfig::default();
     TurnConfig {
         partials: state.engines.stt.partials(),
+        policy: state.config.session_turn_policy(),
         backchannels: state
             .config
             .backchannels

@@ -26,6 +26,8 @@ pub enum Answer {
     Stale,
     /// A server tool's webhook answered (the result as JSON text, or why it failed).
     ToolFinished(String, Result<String, String>),
+    /// The end-of-turn model judged a pause: the probability that the turn is complete.
+    TurnScored(u64, f32),
 }
 
 /// Writes to the shared store for one session, carried out in order by one task.

@@ -9,6 +9,8 @@
 # others (taskset), so that a generator falling behind does not show up as server latency.
 # LOADTEST_FAKES_BIN runs the provider fakes from another build (A/B comparisons of servers
 # against the same fakes).
+# LOADTEST_METRICS=REGEX prints the server's /metrics lines matching REGEX after the run
+# (e.g. 'atlas_turn_decision' with ATLAS_TURN_POLICY=smart in the environment).
 # LOADTEST_TWILIO=1 places SESSIONS phone calls through the fake Twilio instead (signed
 # webhook, TwiML, a media stream of 20 ms mu-law frames at real-time pace; CHUNK_MS is unused).
 set -euo pipefail
@@ -61,3 +63,6 @@ token=$("$bin" token --user loadtest)
 "${client_cpu[@]}" "$bin" loadtest --url "ws://127.0.0.1:$server_port/v1/voice" --token "$token" \
   --sessions "$n" --chunk-ms "$chunk" --ramp-ms "$ramp" \
   --server-pid "$server_pid" --fakes-pid "$fakes_pid" "$@"
+if [ -n "${LOADTEST_METRICS:-}" ]; then
+  curl -s "http://127.0.0.1:$server_port/metrics" | grep -E "$LOADTEST_METRICS" >&2 || true
+fi

@@ -10,7 +10,8 @@
 //! - Every prompt is synthesised with each voice (espeak-ng run as a program, and the Piper
 //!   neural voice in the synthesis worker), once per run, before any session starts (so the
 //!   synthesis does not compete with the server for the CPU), and resampled to each rate.
-//!   A `|` in a prompt's text becomes 400 ms of silence (or the prompt's `pause_ms`).
+//!   A `|` in a prompt's text becomes 400 ms of silence (or the prompt's `pause_ms`), cut into
+//!   the sentence said in one go where the words before it end.
 //! - Each prompt × voice × rate runs in a fresh session, so no history leaks between prompts:
 //!   the audio is streamed at real-time pace in 20 ms chunks, followed by 2.5 s of silence,
 //!   and the item ends at the `response.done` of the last turn (or at the timeout).
@@ -70,8 +71,8 @@ const TRAILING_SILENCE: Duration = Duration::from_millis(2500);
 const CHUNK_MS: u32 = 20;
 /// Level above which a 10 ms frame counts as speech (as `loadtest` measures it).
 const SPEECH_DBFS: f32 = -40.0;
-/// Level below which a frame at the edge of a segment counts as the voice's own padding,
-/// trimmed where a pause joins two segments so the pause is the 400 ms it says.
+/// Level below which a frame after words said alone counts as the voice's own padding (where
+/// those words end, near which a pause is cut into the whole sentence).
 const PADDING_DBFS: f32 = -50.0;
 /// Rate of the reply audio asked for (the eval only measures when it arrives).
 const OUTPUT_RATE: u32 = 16_000;
@@ -487,34 +488,39 @@ fn loud_span(samples: &[i16], rate: u32, dbfs: f32) -> Option<(usize, usize)> {
     Some((first * frame, ((last + 1) * frame).min(samples.len())))
 }
 
-/// Joins separately synthesised segments with `pause` between them, trimming each voice's
-/// own quiet padding at the joins (keeping 10 ms of it) so the pause is what it says.
-fn join_with_pauses(segments: Vec<Clip>, pause: Duration) -> anyhow::Result<Clip> {
-    let rate = segments.first().context("nothing to say")?.rate;
-    anyhow::ensure!(
-        segments.iter().all(|s| s.rate == rate),
-        "segments at different rates"
-    );
-    let margin = (rate / 100) as usize;
-    let pause = (u64::from(rate) * pause.as_millis() as u64 / 1000) as usize;
-    let last = segments.len() - 1;
-    let mut samples = Vec::new();
-    for (i, seg) in segments.into_iter().enumerate() {
-        let (mut from, mut to) = (0, seg.samples.len());
-        if let Some((loud_from, loud_to)) = loud_span(&seg.samples, rate, PADDING_DBFS) {
-            if i > 0 {
-                from = loud_from.saturating_sub(margin);
-            }
-            if i < last {
-                to = (loud_to + margin).min(seg.samples.len());
-            }
-        }
-        if i > 0 {
-            samples.extend(std::iter::repeat_n(0i16, pause));
-        }
-        samples.extend_from_slice(&seg.samples[from..to]);
+/// The middle of the quietest 10 ms frame of `samples` whose start lies within `window`
+/// samples of `around`: where a pause is cut into a sentence said in one go.
+fn quietest_near(samples: &[i16], rate: u32, around: usize, window: usize) -> usize {
+    let frame = (rate / 100).max(1) as usize;
+    let from = around.saturating_sub(window);
+    let to = (around + window).min(samples.len().saturating_sub(frame));
+    (from..=to.max(from))
+        .step_by(frame / 2)
+        .min_by(|&a, &b| {
+            let level = |at: usize| {
+                atlas_core::audio::rms_dbfs(&samples[at..(at + frame).min(samples.len())])
+            };
+            level(a).total_cmp(&level(b))
+        })
+        .map_or(around, |at| (at + frame / 2).min(samples.len()))
+}
+
+/// `clip` with `pause` of silence inserted at each of `cuts` (sample positions).
+fn with_pauses_at(clip: &Clip, cuts: &[usize], pause: Duration) -> Clip {
+    let silence = (u64::from(clip.rate) * pause.as_millis() as u64 / 1000) as usize;
+    let mut samples = Vec::with_capacity(clip.samples.len() + cuts.len() * silence);
+    let mut from = 0;
+    for &cut in cuts {
+        let cut = cut.clamp(from, clip.samples.len());
+        samples.extend_from_slice(&clip.samples[from..cut]);
+        samples.extend(std::iter::repeat_n(0i16, silence));
+        from = cut;
     }
-    Ok(Clip { samples, rate })
+    samples.extend_from_slice(&clip.samples[from..]);
+    Clip {
+        samples,
+        rate: clip.rate,
+    }
 }
 
 /// Resamples `clip` to `rate`, appends the trailing silence and finds where speech ends.
@@ -574,17 +580,31 @@ impl Synthesiser {
         Ok(Synthesiser { piper })
     }
 
-    /// `text` (a prompt's, with its `|` pauses of `pause`) spoken by `voice`.
+    /// `text` (a prompt's, with its `|` pauses of `pause`) spoken by `voice`. The sentence is
+    /// said in one go and the silence cut into it, at the quietest moment near where the words
+    /// before each `|` end when said alone: said apart, those words would end with a finished
+    /// sentence's falling pitch, which is not how people pause mid-thought (and exactly what
+    /// an end-of-turn model listens for).
     async fn speak(&self, voice: Voice, text: &str, pause: Duration) -> anyhow::Result<Clip> {
-        let mut segments = Vec::new();
-        for part in text.split('|') {
-            let part = part.trim();
-            segments.push(match voice {
-                Voice::Espeak => espeak(part).await?,
-                Voice::Piper => self.piper(part).await?,
-            });
+        let parts: Vec<&str> = text.split('|').map(str::trim).collect();
+        let whole = self.say(voice, &parts.join(" ")).await?;
+        let mut cuts = Vec::new();
+        for k in 1..parts.len() {
+            let before = self.say(voice, &parts[..k].join(" ")).await?;
+            let end = loud_span(&before.samples, before.rate, PADDING_DBFS)
+                .map_or(before.samples.len(), |(_, end)| end);
+            let window = whole.rate as usize / 5;
+            let cut = quietest_near(&whole.samples, whole.rate, end, window);
+            cuts.push(cut.max(cuts.last().copied().unwrap_or(0)));
         }
-        join_with_pauses(segments, pause)
+        Ok(with_pauses_at(&whole, &cuts, pause))
+    }
+
+    async fn say(&self, voice: Voice, text: &str) -> anyhow::Result<Clip> {
+        match voice {
+            Voice::Espeak => espeak(text).await,
+            Voice::Piper => self.piper(text).await,
+        }
     }
 
     async fn piper(&self, text: &str) -> anyhow::Result<Clip> {
@@ -1741,28 +1761,23 @@ mod tests {
     }
 
     #[test]
-    fn pauses_are_four_hundred_ms_of_silence_between_trimmed_segments() {
+    fn a_pause_is_cut_into_the_sentence_at_its_quietest_moment_near_the_words_end() {
         let rate = 1_000;
-        let loud = |n: usize| vec![8_000i16; n];
-        let padded = |n: usize| [vec![0; 100], loud(n), vec![0; 100]].concat();
-        let joined = join_with_pauses(
-            vec![
-                Clip {
-                    samples: padded(200),
-                    rate,
-                },
-                Clip {
-                    samples: padded(300),
-                    rate,
-                },
-            ],
-            PAUSE,
-        )
-        .unwrap();
-        // Leading padding of the first and trailing of the last stay; the joins keep 10 ms.
-        assert_eq!(joined.samples.len(), 100 + 200 + 10 + 400 + 10 + 300 + 100);
-        let quiet = joined.samples[310..710].iter().all(|&s| s == 0);
-        assert!(quiet);
+        // Loud, a quiet gap at 300–320, loud again; the words before the pause end at 290
+        // when said alone.
+        let mut samples = vec![8_000i16; 600];
+        samples[300..320].fill(3);
+        let clip = Clip { samples, rate };
+        let cut = quietest_near(&clip.samples, rate, 290, 100);
+        assert!((300..=320).contains(&cut), "cut at {cut}");
+        let paused = with_pauses_at(&clip, &[cut], PAUSE);
+        assert_eq!(paused.samples.len(), 600 + 400);
+        assert!(paused.samples[cut..cut + 400].iter().all(|&s| s == 0));
+        assert_eq!(&paused.samples[..cut], &clip.samples[..cut]);
+        assert_eq!(&paused.samples[cut + 400..], &clip.samples[cut..]);
+        // Outside the window, the quiet gap is not found.
+        let far = quietest_near(&clip.samples, rate, 100, 50);
+        assert!(far < 200, "cut at {far}");
     }
 
     #[derive(clap::Parser)]

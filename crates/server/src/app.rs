@@ -188,6 +188,10 @@ impl Application {
                 "drain timeout reached with sessions still open"
             );
         }
+        // Sessions have ended: MCP connections close (stdio servers stop).
+        if let Some(hub) = state.tools.as_ref().and_then(|t| t.mcp()) {
+            hub.close();
+        }
         // Sessions have submitted their final records; let the recorder write them.
         self.recorder_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.recorder_task).await;
@@ -381,6 +385,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         "spool_max_records": records.spool_max_records,
         "unpriced_models_allowed": !unpriced.is_empty() && state.config.allow_unpriced,
         "unpriced_models": unpriced,
+        "mcp_servers": state.tools.as_ref().and_then(|t| t.mcp()).map(|h| h.health()),
     });
     let refuse = |code: ErrorCode, message: String| {
         let body = serde_json::json!({

@@ -15,6 +15,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+mod mcp;
+pub use mcp::{McpServerConfig, McpTransport};
+
 /// Which speech recogniser to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -319,6 +322,9 @@ pub struct Config {
     pub tool_record_content: bool,
     /// Largest tool result passed to the model, in bytes; larger answers fail the call.
     pub tool_max_result_bytes: usize,
+    /// Model Context Protocol servers whose tools the assistant may call, declared as
+    /// `[[mcp_servers]]` in the configuration file.
+    pub mcp_servers: Vec<McpServerConfig>,
     /// Twilio account's auth token: signs Twilio's webhooks (and, derived, the stream's
     /// credential). Phone calls are off without it.
     #[serde(serialize_with = "redact")]
@@ -384,6 +390,20 @@ fn default_tool_timeout_ms() -> u64 {
 
 fn empty_object_schema() -> serde_json::Value {
     serde_json::json!({"type": "object", "properties": {}})
+}
+
+/// An `https` URL, or an `http` one on a loopback address.
+fn https_or_loopback(url: &str) -> bool {
+    let loopback = |u: &url::Url| match u.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    };
+    match url::Url::parse(url) {
+        Ok(u) => u.scheme() == "https" || (u.scheme() == "http" && loopback(&u)),
+        Err(_) => false,
+    }
 }
 
 fn redact<S: serde::Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
@@ -503,6 +523,7 @@ impl Default for Config {
             tool_acknowledgement: String::new(),
             tool_record_content: false,
             tool_max_result_bytes: 16 * 1024,
+            mcp_servers: Vec::new(),
             twilio_auth_token: None,
             public_url: None,
             twilio_numbers: Vec::new(),
@@ -901,7 +922,7 @@ impl Config {
     /// Checks the declared tools (their schemas are compiled by the tool catalog at start).
     fn validate_tools(&self) -> Result<(), ConfigError> {
         let fail = |m: String| Err(ConfigError(m));
-        if self.tools.is_empty() {
+        if self.tools.is_empty() && self.mcp_servers.is_empty() {
             return Ok(());
         }
         if self.llm == LlmKind::Local {
@@ -964,22 +985,12 @@ impl Config {
                     return fail(format!("webhook tool {:?} needs a url", t.name));
                 }
                 (ToolRunner::Webhook, Some(url)) => {
-                    let loopback = |u: &url::Url| match u.host() {
-                        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-                        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-                        Some(url::Host::Domain(d)) => d == "localhost",
-                        None => false,
-                    };
-                    match url::Url::parse(url) {
-                        Ok(u) if u.scheme() == "https" => {}
-                        Ok(u) if u.scheme() == "http" && loopback(&u) => {}
-                        _ => {
-                            return fail(format!(
-                                "webhook tool {:?}: url must be https (http only on a loopback \
-                                 address), got {url:?}",
-                                t.name
-                            ));
-                        }
+                    if !https_or_loopback(url) {
+                        return fail(format!(
+                            "webhook tool {:?}: url must be https (http only on a loopback \
+                             address), got {url:?}",
+                            t.name
+                        ));
                     }
                     if self.tool_webhook_secret.is_none() {
                         return fail(format!(
@@ -1006,7 +1017,7 @@ impl Config {
         {
             return fail("ATLAS_TOOL_WEBHOOK_SECRET must be at least 32 characters".into());
         }
-        Ok(())
+        mcp::validate_all(&self.mcp_servers)
     }
 
     /// Uses the cloud adapters against the given base URLs (the provider fakes in development

@@ -34,6 +34,7 @@ pub mod edge;
 pub mod engines;
 pub mod error;
 pub mod handoff;
+pub mod mcp;
 pub mod metrics;
 pub mod recorder;
 pub mod registry;

@@ -102,6 +102,25 @@ pub fn tool_call(kind: &'static str, outcome: &'static str, d: Duration) {
     histogram!("atlas_tool_call_seconds", "kind" => kind).record(d.as_secs_f64());
 }
 
+/// An MCP server connected (`up`) or went down.
+pub fn mcp_server_up(server: &str, up: bool) {
+    gauge!("atlas_mcp_server_up", "server" => server.to_owned()).set(if up { 1.0 } else { 0.0 });
+}
+
+/// Tools offered from an MCP server.
+pub fn mcp_tools(server: &str, n: usize) {
+    gauge!("atlas_mcp_tools", "server" => server.to_owned()).set(n as f64);
+}
+
+/// A call to an MCP server's tool answered (`ok`: a result, even one the tool marked as an
+/// error) or failed after `d` (the server's own time plus the connection's).
+pub fn mcp_call(server: &str, ok: bool, d: Duration) {
+    let outcome = if ok { "ok" } else { "failed" };
+    counter!("atlas_mcp_calls_total", "server" => server.to_owned(), "outcome" => outcome)
+        .increment(1);
+    histogram!("atlas_mcp_call_seconds", "server" => server.to_owned()).record(d.as_secs_f64());
+}
+
 /// The end-of-turn model answered (or failed) after `d`.
 pub fn turn_scored(d: Duration, ok: bool) {
     let outcome = if ok { "ok" } else { "failed" };

@@ -1,5 +1,6 @@
 //! Tools the assistant may call: the declared catalog (schemas compiled once at start, every
-//! call checked against them before anything runs) and the signed webhook call of server tools.
+//! call checked against them before anything runs), the signed webhook call of server tools,
+//! and the tools of MCP servers ([`crate::mcp`]), checked and called the same way.
 //!
 //! A webhook call is `POST {url}` with the JSON body
 //! `{"tool", "call_id", "session_id", "user_id", "arguments"}` and two headers:
@@ -23,6 +24,7 @@ use atlas_core::tools::{CheckedCall, ToolCall, ToolKind};
 use atlas_providers::llm::ToolSpec;
 
 use crate::config::{Config, ConfigError, ToolRunner};
+use crate::mcp::McpHub;
 
 /// Header carrying the signing time (Unix seconds).
 pub const TIMESTAMP_HEADER: &str = "x-atlas-timestamp";
@@ -40,13 +42,17 @@ struct Declared {
     idempotent: bool,
 }
 
-/// The declared tools.
+/// The declared tools, and the tools of the MCP servers.
 pub struct Toolbox {
-    specs: Arc<[ToolSpec]>,
+    /// The declared tools' specs.
+    declared_specs: Arc<[ToolSpec]>,
     tools: HashMap<String, Declared>,
     client: reqwest::Client,
     secret: Option<SecretString>,
     max_result_bytes: usize,
+    mcp: Option<Arc<McpHub>>,
+    /// Declared and MCP specs together, for the MCP catalog of that generation.
+    offered: std::sync::Mutex<(u64, Arc<[ToolSpec]>)>,
 }
 
 impl std::fmt::Debug for Toolbox {
@@ -54,16 +60,21 @@ impl std::fmt::Debug for Toolbox {
         f.debug_struct("Toolbox")
             .field(
                 "tools",
-                &self.specs.iter().map(|s| &s.name).collect::<Vec<_>>(),
+                &self
+                    .specs()
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .collect::<Vec<_>>(),
             )
             .finish_non_exhaustive()
     }
 }
 
 impl Toolbox {
-    /// Compiles the declared tools (`None` when there are none).
+    /// Compiles the declared tools and starts connecting to the MCP servers (in the
+    /// background); `None` when there are neither.
     pub fn from_config(config: &Config) -> Result<Option<Arc<Toolbox>>, ConfigError> {
-        if config.tools.is_empty() {
+        if config.tools.is_empty() && config.mcp_servers.is_empty() {
             return Ok(None);
         }
         let mut tools = HashMap::new();
@@ -99,18 +110,55 @@ impl Toolbox {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| ConfigError(format!("webhook client: {e}")))?;
+        let mcp = if config.mcp_servers.is_empty() {
+            None
+        } else {
+            Some(McpHub::start(
+                &config.mcp_servers,
+                tools.keys().cloned().collect(),
+            )?)
+        };
+        let declared_specs: Arc<[ToolSpec]> = specs.into();
         Ok(Some(Arc::new(Toolbox {
-            specs: specs.into(),
+            offered: std::sync::Mutex::new((0, declared_specs.clone())),
+            declared_specs,
             tools,
             client,
             secret: config.tool_webhook_secret.clone(),
             max_result_bytes: config.tool_max_result_bytes,
+            mcp,
         })))
     }
 
-    /// The tools as declared to the model.
+    /// The tools offered to the model now: the declared ones, then the MCP servers' that are
+    /// up.
     pub fn specs(&self) -> Arc<[ToolSpec]> {
-        self.specs.clone()
+        let Some(hub) = &self.mcp else {
+            return self.declared_specs.clone();
+        };
+        let catalog = hub.catalog();
+        let mut offered = self.offered.lock().unwrap_or_else(|p| p.into_inner());
+        if offered.0 != catalog.generation {
+            let all: Vec<ToolSpec> = self
+                .declared_specs
+                .iter()
+                .cloned()
+                .chain(catalog.tools.iter().map(|t| t.spec.clone()))
+                .collect();
+            *offered = (catalog.generation, all.into());
+        }
+        offered.1.clone()
+    }
+
+    /// The MCP servers, if any are configured.
+    pub fn mcp(&self) -> Option<&Arc<McpHub>> {
+        self.mcp.as_ref()
+    }
+
+    /// The MCP server whose tool the model calls `name`, if it is one.
+    pub fn mcp_server_of(&self, name: &str) -> Option<Arc<str>> {
+        let catalog = self.mcp.as_ref()?.catalog();
+        catalog.get(name).map(|t| t.server_name().clone())
     }
 
     /// Checks a call against the declared tools: known name, arguments a JSON object that
@@ -121,33 +169,66 @@ impl Toolbox {
     }
 
     fn verdict(&self, call: &ToolCall) -> Result<(ToolKind, Duration), String> {
-        let Some(tool) = self.tools.get(&call.name) else {
-            let known: Vec<&str> = self.specs.iter().map(|s| s.name.as_str()).collect();
+        let (errors, kind, timeout) = if let Some(tool) = self.tools.get(&call.name) {
+            let arguments = parse_arguments(&call.arguments)?;
+            let errors: Vec<String> = tool
+                .validator
+                .iter_errors(&arguments)
+                .take(MAX_REPORTED_ERRORS)
+                .map(|e| e.to_string())
+                .collect();
+            (errors, tool.kind, tool.timeout)
+        } else if let Some(tool) = self
+            .mcp
+            .as_ref()
+            .and_then(|h| h.catalog().get(&call.name).cloned())
+        {
+            let arguments = parse_arguments(&call.arguments)?;
+            let errors = tool.violations(&arguments, MAX_REPORTED_ERRORS);
+            (errors, ToolKind::Server, tool.timeout())
+        } else {
+            let offered = self.specs();
+            let known: Vec<&str> = offered.iter().map(|s| s.name.as_str()).collect();
             return Err(format!(
                 "there is no tool named {:?}; the tools are: {}",
                 call.name.chars().take(64).collect::<String>(),
                 known.join(", ")
             ));
         };
-        let arguments = parse_arguments(&call.arguments)?;
-        let errors: Vec<String> = tool
-            .validator
-            .iter_errors(&arguments)
-            .take(MAX_REPORTED_ERRORS)
-            .map(|e| e.to_string())
-            .collect();
         if !errors.is_empty() {
             return Err(format!(
                 "the arguments do not match the tool's schema: {}",
                 errors.join("; ")
             ));
         }
-        Ok((tool.kind, tool.timeout))
+        Ok((kind, timeout))
+    }
+
+    /// Runs a server tool: a declared tool's webhook, or an MCP server's tool. `Ok` is the
+    /// result for the model, `Err` the reason it failed.
+    pub async fn call_server(
+        &self,
+        call: &ToolCall,
+        session_id: &str,
+        user_id: &str,
+    ) -> Result<String, String> {
+        if self.tools.contains_key(&call.name) {
+            return self.call_webhook(call, session_id, user_id).await;
+        }
+        let tool = self
+            .mcp
+            .as_ref()
+            .and_then(|h| h.catalog().get(&call.name).cloned())
+            .ok_or_else(|| "the tool is no longer offered".to_owned())?;
+        let serde_json::Value::Object(arguments) = parse_arguments(&call.arguments)? else {
+            return Err("the arguments must be a JSON object".into());
+        };
+        tool.call(arguments, self.max_result_bytes).await
     }
 
     /// Calls a server tool's webhook; `Ok` is the result as compact JSON text, `Err` the
     /// reason it failed, for the model.
-    pub async fn call_webhook(
+    async fn call_webhook(
         &self,
         call: &ToolCall,
         session_id: &str,

@@ -114,6 +114,9 @@ pub struct ToolCallRecord {
     pub name: String,
     /// `server` or `client`; `None` when the call was refused before running (unknown tool).
     pub kind: Option<String>,
+    /// The Model Context Protocol server that answered, for its tools (at most 24 characters).
+    #[serde(default)]
+    pub mcp_server: Option<String>,
     /// Size of the arguments as the model sent them, bytes.
     pub arguments_bytes: i32,
     /// Time from the call to its outcome, ms.
@@ -213,7 +216,7 @@ const TURN_COLUMNS: [&str; 12] = [
     "created_at",
 ];
 
-const TOOL_CALL_COLUMNS: [&str; 12] = [
+const TOOL_CALL_COLUMNS: [&str; 13] = [
     "session_id",
     "turn_index",
     "call_id",
@@ -226,13 +229,14 @@ const TOOL_CALL_COLUMNS: [&str; 12] = [
     "arguments",
     "result",
     "created_at",
+    "mcp_server",
 ];
 
 /// Session rows per statement (27 parameters each).
 pub(crate) const SESSION_ROWS: usize = 100;
 /// Turn rows per statement (12 parameters each).
 pub(crate) const TURN_ROWS: usize = 500;
-/// Tool-call rows per statement (12 parameters each).
+/// Tool-call rows per statement (13 parameters each).
 pub(crate) const TOOL_CALL_ROWS: usize = 500;
 
 pub(crate) fn session_values(snap: &Snapshot, now: DateTime<Utc>) -> [Val<'_>; 27] {
@@ -285,7 +289,7 @@ pub(crate) fn turn_values(t: &TurnRecord) -> [Val<'_>; 12] {
     ]
 }
 
-pub(crate) fn tool_call_values(c: &ToolCallRecord) -> [Val<'_>; 12] {
+pub(crate) fn tool_call_values(c: &ToolCallRecord) -> [Val<'_>; 13] {
     [
         Val::Id(c.session_id),
         Val::Int32(c.turn_index),
@@ -299,6 +303,7 @@ pub(crate) fn tool_call_values(c: &ToolCallRecord) -> [Val<'_>; 12] {
         Val::OptText(c.arguments.as_deref()),
         Val::OptText(c.result.as_deref()),
         Val::Time(c.created_at),
+        Val::OptText(c.mcp_server.as_deref()),
     ]
 }
 
@@ -590,7 +595,7 @@ mod tests {
         assert!(!t.contains("turn_index = excluded"));
         let c = tool_calls_sql(Backend::Sqlite, 2);
         assert!(c.starts_with("insert into voice_tool_calls (session_id, turn_index, call_id,"));
-        assert!(c.contains("(?13, ?14,") && c.contains("on conflict (session_id, call_id)"));
+        assert!(c.contains("(?14, ?15,") && c.contains("on conflict (session_id, call_id)"));
         assert!(c.contains("outcome = excluded.outcome"));
         assert!(!c.contains("call_id = excluded") && !c.contains("session_id = excluded"));
         assert!(tool_calls_sql(Backend::Postgres, 1).contains("into public.voice_tool_calls"));
@@ -635,6 +640,7 @@ mod tests {
             user_id: "u".into(),
             name: "lookup_order".into(),
             kind: Some("server".into()),
+            mcp_server: Some("time".into()),
             arguments_bytes: 17,
             duration_ms: 120,
             outcome: "ok".into(),

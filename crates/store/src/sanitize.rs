@@ -138,7 +138,7 @@ text_fields!(TurnRecord {
 
 text_fields!(ToolCallRecord {
     text: [call_id, user_id, name, outcome],
-    optional: [kind, arguments, result],
+    optional: [kind, mcp_server, arguments, result],
     other: [
         session_id,
         turn_index,
@@ -274,6 +274,7 @@ mod tests {
                 user_id: t(),
                 name: t(),
                 kind: Some(t()),
+                mcp_server: Some(t()),
                 arguments_bytes: 0,
                 duration_ms: 0,
                 outcome: t(),
@@ -327,7 +328,7 @@ mod tests {
             .unwrap()
             .matches("\\u0000")
             .count();
-        assert_eq!(nuls, 12 + 3 + 7, "every text field holds a NUL");
+        assert_eq!(nuls, 12 + 3 + 8, "every text field holds a NUL");
         let clean = raw.sanitized();
         assert!(matches!(clean, Cow::Owned(_)));
         assert!(!clean.needs_sanitizing());

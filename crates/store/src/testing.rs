@@ -190,7 +190,7 @@ impl TestDb {
     /// Every tool-call row, ordered by session and call id (as [`sorted`] orders records).
     pub async fn tool_calls(&self) -> Vec<ToolCallRecord> {
         const Q: &str = "select cast(session_id as text), turn_index, call_id, user_id, name, kind, \
-             arguments_bytes, duration_ms, outcome, arguments, result, created_at \
+             arguments_bytes, duration_ms, outcome, arguments, result, created_at, mcp_server \
              from voice_tool_calls";
         let calls = with_pool!(self, pool => {
             let rows = sqlx::query(Q).fetch_all(&pool).await.expect("tool calls");
@@ -202,6 +202,7 @@ impl TestDb {
                     user_id: r.get(3),
                     name: r.get(4),
                     kind: r.get(5),
+                    mcp_server: r.get(12),
                     arguments_bytes: r.get(6),
                     duration_ms: r.get(7),
                     outcome: r.get(8),
@@ -338,6 +339,7 @@ pub fn call(snap: &Snapshot, turn: i32, call_id: &str, outcome: &str) -> ToolCal
         user_id: snap.session.user_id.clone(),
         name: "lookup_order".into(),
         kind: Some("server".into()),
+        mcp_server: None,
         arguments_bytes: 18,
         duration_ms: 250,
         outcome: outcome.into(),

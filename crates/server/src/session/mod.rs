@@ -218,6 +218,8 @@ struct Driver {
     tool_tasks: std::collections::HashMap<String, tokio::task::AbortHandle>,
     /// Tool calls ended, for the record.
     tool_records: Vec<atlas_store::ToolCallRecord>,
+    /// The MCP server of each call to an MCP tool not yet recorded, by call id.
+    mcp_servers: std::collections::HashMap<String, Arc<str>>,
     /// Wall-clock start, for the record.
     started_wall: chrono::DateTime<chrono::Utc>,
     /// Completed turns, for the record.
@@ -393,6 +395,7 @@ impl Driver {
             response: None,
             tool_tasks: std::collections::HashMap::new(),
             tool_records: Vec::new(),
+            mcp_servers: std::collections::HashMap::new(),
             started_wall: chrono::Utc::now(),
             turn_records: Vec::new(),
             conversation_id: first.start.conversation_id.clone(),
@@ -1141,13 +1144,16 @@ impl Driver {
                 let session_id = self.machine.id().to_owned();
                 let user_id = self.identity.user_id.clone();
                 let call_id = call.id.clone();
+                if let Some(server) = tools.mcp_server_of(&call.name) {
+                    self.mcp_servers.insert(call_id.clone(), server);
+                }
                 let task = self.state.sessions.spawn(
                     async move {
                         // The machine cancels the call at its deadline; this bound only keeps
                         // a lost cancel from leaking the task.
                         let result = tokio::time::timeout(
                             timeout + Duration::from_secs(1),
-                            tools.call_webhook(&call, &session_id, &user_id),
+                            tools.call_server(&call, &session_id, &user_id),
                         )
                         .await
                         .unwrap_or_else(|_| Err("the tool did not answer in time".into()));
@@ -1241,6 +1247,7 @@ impl Driver {
         let kind = log.kind.map(ToolKind::label);
         metrics::tool_call(kind.unwrap_or("none"), log.outcome.label(), log.duration);
         info!(turn_id = log.turn_id, tool = %truncate(&log.name, 64), outcome = log.outcome.label(), duration_ms = log.duration.as_millis() as u64, "tool call");
+        let mcp_server = self.mcp_servers.remove(&log.call_id).map(|s| s.to_string());
         self.tool_records.push(atlas_store::ToolCallRecord {
             session_id: self.record_id(),
             turn_index: i32::try_from(log.turn_id).unwrap_or(i32::MAX),
@@ -1248,6 +1255,7 @@ impl Driver {
             user_id: self.identity.user_id.clone(),
             name: truncate(&log.name, 64),
             kind: kind.map(str::to_owned),
+            mcp_server,
             arguments_bytes: i32::try_from(log.arguments_bytes).unwrap_or(i32::MAX),
             duration_ms: i32::try_from(log.duration.as_millis()).unwrap_or(i32::MAX),
             outcome: log.outcome.label().to_owned(),

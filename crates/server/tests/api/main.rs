@@ -11,6 +11,7 @@ mod edge;
 mod faults;
 mod gateway;
 mod helpers;
+mod mcp;
 mod observability;
 mod pipeline;
 mod protocol;

@@ -258,7 +258,7 @@ async fn postgres_row_level_security_isolates_users() {
     )
     .await
     .unwrap();
-    assert_eq!(applied.len(), 6);
+    assert_eq!(applied.len(), 7);
     let a = "11111111-1111-4111-8111-111111111111";
     let b = "22222222-2222-4222-8222-222222222222";
     for user in [a, a, b] {
@@ -353,6 +353,7 @@ async fn postgres_db_status_lint_and_diff_report_each_state() {
             ("20261126000000".into(), State::Applied),
             ("20261202000000".into(), State::Applied),
             ("20261207000000".into(), State::Applied),
+            ("20261208000000".into(), State::Applied),
         ]
     );
     // Lint: the new migration is not idempotent.

@@ -156,28 +156,28 @@ fn client_tool(name: &str) -> ToolConfig {
 }
 
 /// Declares `tools` (signed with [`HOOK_SECRET`]).
-fn declare(tools: Vec<ToolConfig>) -> impl FnOnce(&mut Config) {
+pub(crate) fn declare(tools: Vec<ToolConfig>) -> impl FnOnce(&mut Config) {
     move |c: &mut Config| {
         c.tools = tools;
         c.tool_webhook_secret = Some(SecretString::from(HOOK_SECRET));
     }
 }
 
-fn call(name: &str, arguments: &str) -> ScriptedCall {
+pub(crate) fn call(name: &str, arguments: &str) -> ScriptedCall {
     ScriptedCall {
         name: name.into(),
         arguments: arguments.into(),
     }
 }
 
-fn calls(calls: Vec<ScriptedCall>) -> ScriptedReply {
+pub(crate) fn calls(calls: Vec<ScriptedCall>) -> ScriptedReply {
     ScriptedReply {
         text: String::new(),
         tool_calls: calls,
     }
 }
 
-fn reply_text(items: &[Incoming], turn: u64) -> String {
+pub(crate) fn reply_text(items: &[Incoming], turn: u64) -> String {
     items
         .iter()
         .filter_map(event)
@@ -190,7 +190,7 @@ fn reply_text(items: &[Incoming], turn: u64) -> String {
         .collect()
 }
 
-fn done(items: &[Incoming], turn: u64) -> (bool, atlas_protocol::LatencyBreakdown) {
+pub(crate) fn done(items: &[Incoming], turn: u64) -> (bool, atlas_protocol::LatencyBreakdown) {
     items
         .iter()
         .filter_map(event)
@@ -205,7 +205,11 @@ fn done(items: &[Incoming], turn: u64) -> (bool, atlas_protocol::LatencyBreakdow
         .unwrap_or_else(|| panic!("no response.done: {:#?}", summary(items)))
 }
 
-async fn type_turn(conn: &mut atlas_client::Connection, text: &str, turn: u64) -> Vec<Incoming> {
+pub(crate) async fn type_turn(
+    conn: &mut atlas_client::Connection,
+    text: &str,
+    turn: u64,
+) -> Vec<Incoming> {
     type_text(conn, text).await;
     collect_until(conn, Duration::from_secs(15), is_done(turn)).await
 }
@@ -241,7 +245,7 @@ async fn lookup_order_session(
 }
 
 /// The second model request's body (the one carrying the tool results).
-fn continued_request(app: &TestApp) -> Value {
+pub(crate) fn continued_request(app: &TestApp) -> Value {
     let recorded = app.fakes.recorded();
     assert!(
         recorded.llm_requests.len() >= 2,
@@ -252,7 +256,7 @@ fn continued_request(app: &TestApp) -> Value {
 }
 
 /// Anthropic: the `tool_result` blocks of the last user message.
-fn anthropic_results(request: &Value) -> Vec<Value> {
+pub(crate) fn anthropic_results(request: &Value) -> Vec<Value> {
     let messages = request["messages"].as_array().unwrap();
     let last = messages.last().unwrap();
     assert_eq!(last["role"], "user");
@@ -613,7 +617,7 @@ async fn a_tool_loop_ends_the_session_when_the_budget_is_spent() {
 }
 
 /// name, user_id, kind, arguments_bytes, turn_index, outcome, arguments, result
-type ToolCallRow = (
+pub(crate) type ToolCallRow = (
     String,
     String,
     Option<String>,

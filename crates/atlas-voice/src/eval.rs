@@ -43,6 +43,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use atlas_core::audio::{loud_span, quietest_near, with_silence_at};
 use clap::{Args, ValueEnum};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -474,51 +475,10 @@ fn parse_streamed_wav(bytes: &[u8]) -> anyhow::Result<Clip> {
     anyhow::bail!("no data chunk")
 }
 
-/// The 10 ms frames of `samples` at `rate` that are louder than `dbfs`: the first one and
-/// one past the last, in samples; `None` when all are quieter.
-fn loud_span(samples: &[i16], rate: u32, dbfs: f32) -> Option<(usize, usize)> {
-    let frame = (rate / 100).max(1) as usize;
-    let loud: Vec<usize> = samples
-        .chunks(frame)
-        .enumerate()
-        .filter(|(_, c)| atlas_core::audio::rms_dbfs(c) > dbfs)
-        .map(|(i, _)| i)
-        .collect();
-    let (first, last) = (*loud.first()?, *loud.last()?);
-    Some((first * frame, ((last + 1) * frame).min(samples.len())))
-}
-
-/// The middle of the quietest 10 ms frame of `samples` whose start lies within `window`
-/// samples of `around`: where a pause is cut into a sentence said in one go.
-fn quietest_near(samples: &[i16], rate: u32, around: usize, window: usize) -> usize {
-    let frame = (rate / 100).max(1) as usize;
-    let from = around.saturating_sub(window);
-    let to = (around + window).min(samples.len().saturating_sub(frame));
-    (from..=to.max(from))
-        .step_by(frame / 2)
-        .min_by(|&a, &b| {
-            let level = |at: usize| {
-                atlas_core::audio::rms_dbfs(&samples[at..(at + frame).min(samples.len())])
-            };
-            level(a).total_cmp(&level(b))
-        })
-        .map_or(around, |at| (at + frame / 2).min(samples.len()))
-}
-
 /// `clip` with `pause` of silence inserted at each of `cuts` (sample positions).
 fn with_pauses_at(clip: &Clip, cuts: &[usize], pause: Duration) -> Clip {
-    let silence = (u64::from(clip.rate) * pause.as_millis() as u64 / 1000) as usize;
-    let mut samples = Vec::with_capacity(clip.samples.len() + cuts.len() * silence);
-    let mut from = 0;
-    for &cut in cuts {
-        let cut = cut.clamp(from, clip.samples.len());
-        samples.extend_from_slice(&clip.samples[from..cut]);
-        samples.extend(std::iter::repeat_n(0i16, silence));
-        from = cut;
-    }
-    samples.extend_from_slice(&clip.samples[from..]);
     Clip {
-        samples,
+        samples: with_silence_at(&clip.samples, clip.rate, cuts, pause),
         rate: clip.rate,
     }
 }
@@ -1758,26 +1718,6 @@ mod tests {
         assert_eq!(clip.rate, 22_050);
         assert_eq!(clip.samples, [1, -2, 300]);
         assert!(parse_streamed_wav(b"not a wav at all").is_err());
-    }
-
-    #[test]
-    fn a_pause_is_cut_into_the_sentence_at_its_quietest_moment_near_the_words_end() {
-        let rate = 1_000;
-        // Loud, a quiet gap at 300–320, loud again; the words before the pause end at 290
-        // when said alone.
-        let mut samples = vec![8_000i16; 600];
-        samples[300..320].fill(3);
-        let clip = Clip { samples, rate };
-        let cut = quietest_near(&clip.samples, rate, 290, 100);
-        assert!((300..=320).contains(&cut), "cut at {cut}");
-        let paused = with_pauses_at(&clip, &[cut], PAUSE);
-        assert_eq!(paused.samples.len(), 600 + 400);
-        assert!(paused.samples[cut..cut + 400].iter().all(|&s| s == 0));
-        assert_eq!(&paused.samples[..cut], &clip.samples[..cut]);
-        assert_eq!(&paused.samples[cut + 400..], &clip.samples[cut..]);
-        // Outside the window, the quiet gap is not found.
-        let far = quietest_near(&clip.samples, rate, 100, 50);
-        assert!(far < 200, "cut at {far}");
     }
 
     #[derive(clap::Parser)]

@@ -178,6 +178,53 @@ impl AudioClock {
     }
 }
 
+/// The 10 ms frames of `samples` at `rate` that are louder than `dbfs`: the first one and
+/// one past the last, in samples; `None` when all are quieter.
+pub fn loud_span(samples: &[i16], rate: u32, dbfs: f32) -> Option<(usize, usize)> {
+    let frame = (rate / 100).max(1) as usize;
+    let loud: Vec<usize> = samples
+        .chunks(frame)
+        .enumerate()
+        .filter(|(_, c)| rms_dbfs(c) > dbfs)
+        .map(|(i, _)| i)
+        .collect();
+    let (first, last) = (*loud.first()?, *loud.last()?);
+    Some((first * frame, ((last + 1) * frame).min(samples.len())))
+}
+
+/// The middle of the quietest 10 ms frame of `samples` whose start lies within `window`
+/// samples of `around`: where a pause is cut into a sentence said in one go (said apart, the
+/// words before a pause end with a finished sentence's pitch, which is not how people pause
+/// mid-thought).
+pub fn quietest_near(samples: &[i16], rate: u32, around: usize, window: usize) -> usize {
+    let frame = (rate / 100).max(1) as usize;
+    let from = around.saturating_sub(window);
+    let to = (around + window).min(samples.len().saturating_sub(frame));
+    (from..=to.max(from))
+        .step_by(frame / 2)
+        .min_by(|&a, &b| {
+            let level = |at: usize| rms_dbfs(&samples[at..(at + frame).min(samples.len())]);
+            level(a).total_cmp(&level(b))
+        })
+        .map_or(around, |at| (at + frame / 2).min(samples.len()))
+}
+
+/// `samples` at `rate` with `pause` of silence inserted at each of `cuts` (sample positions,
+/// in order).
+pub fn with_silence_at(samples: &[i16], rate: u32, cuts: &[usize], pause: Duration) -> Vec<i16> {
+    let silence = (u64::from(rate) * pause.as_millis() as u64 / 1000) as usize;
+    let mut out = Vec::with_capacity(samples.len() + cuts.len() * silence);
+    let mut from = 0;
+    for &cut in cuts {
+        let cut = cut.clamp(from, samples.len());
+        out.extend_from_slice(&samples[from..cut]);
+        out.extend(std::iter::repeat_n(0i16, silence));
+        from = cut;
+    }
+    out.extend_from_slice(&samples[from..]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,5 +295,26 @@ mod tests {
         let at = clock.instant_at(1.1).unwrap();
         assert_eq!(at.duration_since(t0), Duration::from_millis(1100));
         assert!(clock.instant_at(f64::NAN).is_none());
+    }
+
+    #[test]
+    fn a_pause_is_cut_into_the_sentence_at_its_quietest_moment_near_the_words_end() {
+        let rate = 1_000;
+        // Loud, a quiet gap at 300–320, loud again; the words before the pause end at 290
+        // when said alone.
+        let mut samples = vec![8_000i16; 600];
+        samples[300..320].fill(3);
+        let cut = quietest_near(&samples, rate, 290, 100);
+        assert!((300..=320).contains(&cut), "cut at {cut}");
+        let paused = with_silence_at(&samples, rate, &[cut], Duration::from_millis(400));
+        assert_eq!(paused.len(), 600 + 400);
+        assert!(paused[cut..cut + 400].iter().all(|&s| s == 0));
+        assert_eq!(&paused[..cut], &samples[..cut]);
+        assert_eq!(&paused[cut + 400..], &samples[cut..]);
+        // Outside the window, the quiet gap is not found.
+        let far = quietest_near(&samples, rate, 100, 50);
+        assert!(far < 200, "cut at {far}");
+        assert_eq!(loud_span(&samples, rate, -20.0), Some((0, 600)));
+        assert_eq!(loud_span(&[0; 100], rate, -20.0), None);
     }
 }

@@ -379,14 +379,16 @@ async fn dev_token(State(state): State<AppState>, body: axum::body::Bytes) -> Re
 async fn readyz(State(state): State<AppState>) -> Response {
     let records = state.recorder.health();
     let unpriced = crate::catalog::unpriced(&state.models, &state.prices);
-    let details = serde_json::json!({
+    let mut details = serde_json::json!({
         "database": if records.database_up { "up" } else { "down" },
         "spooled_records": records.spooled_records,
         "spool_max_records": records.spool_max_records,
         "unpriced_models_allowed": !unpriced.is_empty() && state.config.allow_unpriced,
         "unpriced_models": unpriced,
-        "mcp_servers": state.tools.as_ref().and_then(|t| t.mcp()).map(|h| h.health()),
     });
+    if let Some(hub) = state.tools.as_ref().and_then(|t| t.mcp()) {
+        details["mcp_servers"] = hub.health().into();
+    }
     let refuse = |code: ErrorCode, message: String| {
         let body = serde_json::json!({
             "error": { "code": code, "message": message },

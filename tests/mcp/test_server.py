@@ -11,6 +11,7 @@ Environment:
     MCP_TEST_LOG    file that gets one line per event: `call NAME` for every
                     tools/call of a known tool (written before the tool runs),
                     `cancelled hang` when a hang call is cancelled.
+    MCP_TEST_TIMES  file that gets each tools/call's time in the server, in ms.
     MCP_TEST_TOKEN  http mode only: every request must carry
                     `Authorization: Bearer <token>`, otherwise 401.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 import anyio
@@ -74,11 +76,16 @@ async def bookkeeping(ctx: ServerRequestContext[Any, Any], call_next: CallNext) 
         key = "stdio" if ctx.request is None else (headers or {}).get("mcp-session-id")
         if key:  # the HTTP `initialize` POST has no session id yet; the next message has
             legacy_sessions[key] = ctx.session
+    started = time.perf_counter()
     if ctx.method == "tools/call" and ctx.params:
         name = ctx.params.get("name")
         if name in {t.name for t in await server.list_tools()}:
             log_event(f"call {name}")
     result = await call_next(ctx)
+    if ctx.method == "tools/call" and (times := os.environ.get("MCP_TEST_TIMES")):
+        # The server's own time per call, for the load measurement (scripts/mcp-load.sh).
+        with open(times, "a", encoding="utf-8") as f:
+            f.write(f"{(time.perf_counter() - started) * 1000:.2f}\n")
     if ctx.method == "initialize" and isinstance(result, dict):
         # MCPServer advertises tools.listChanged=false in the handshake era
         # (it only derives it for 2026-07-28, from subscriptions/listen), but

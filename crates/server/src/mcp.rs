@@ -634,7 +634,10 @@ async fn connect(
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(|e| e.to_string())?;
+            // The SDK's own bound on requests in flight (16 by default) would queue calls
+            // below the server's `max_concurrency`: the semaphore is the one bound.
             let config = StreamableHttpClientTransportConfig::with_uri(url.as_str())
+                .max_concurrent_requests(server.config.max_concurrency as usize)
                 .custom_headers(custom)
                 .max_json_response_size(MAX_MESSAGE_BYTES)
                 .max_sse_event_size(MAX_MESSAGE_BYTES);

@@ -98,8 +98,8 @@ echo "== clients/web: npm ci, type check, unit tests"
 scripts/setup-local.sh
 
 # The MCP tests run real MCP servers from PyPI (the official Python SDK's).
-ATLAS_TEST_MCP_PYTHON="$(scripts/setup-mcp.sh)"
-export ATLAS_TEST_MCP_PYTHON
+MCP_TEST_PYTHON="$(scripts/setup-mcp.sh)"
+export MCP_TEST_PYTHON
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 use atlas_fakes::{Fakes, FakesConfig};
 use atlas_server::config::{Config, DEV_JWT_SECRET, LogFormat};
@@ -153,13 +153,26 @@ struct TokenArgs {
 }
 
 fn init_logging(format: LogFormat) {
+    init_logging_with(format, None);
+}
+
+/// Logs to standard output in `format`; with `traces`, `tracing` spans are also exported as
+/// OpenTelemetry spans.
+fn init_logging_with(format: LogFormat, traces: Option<&atlas_server::telemetry::Tracing>) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
+    let fmt = tracing_subscriber::fmt::layer();
+    let fmt = match format {
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Text => fmt.boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(traces.map(|t| t.layer()))
+        .init();
 }
 
 /// mimalloc asks for transparent huge pages on its arenas; when it later returns memory and
@@ -276,7 +289,8 @@ pub fn wire_fakes(config: &mut Config, fakes: &Fakes) {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = Config::load_unvalidated(args.config.as_deref())?;
-    init_logging(config.log_format);
+    let traces = atlas_server::telemetry::Tracing::from_env()?;
+    init_logging_with(config.log_format, traces.as_ref());
     let fakes = if args.fakes {
         let fakes = Fakes::start(
             FakesConfig::default(),
@@ -317,6 +331,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     app.run_until_stopped().await?;
     if let Some(f) = fakes {
         f.shutdown().await;
+    }
+    if let Some(traces) = traces {
+        // The last spans leave before the process does (at most 5 s).
+        tokio::task::spawn_blocking(move || traces.shutdown()).await?;
     }
     Ok(())
 }

@@ -40,6 +40,7 @@ pub mod recorder;
 pub mod registry;
 pub mod session;
 pub mod state;
+pub mod telemetry;
 pub mod tools;
 pub mod transport;
 

@@ -505,6 +505,12 @@ pub struct TurnLog {
     pub latency: Latency,
     /// Bounded outcome label: `completed`, `interrupted`, `failed`, `refused`.
     pub outcome: &'static str,
+    /// When the person stopped speaking, if known; the latency figures count from it.
+    pub end_of_speech: Option<Instant>,
+    /// When the reply started (the model was asked), or the turn was refused.
+    pub started: Instant,
+    /// When the turn ended.
+    pub ended: Instant,
 }
 
 /// A tool call that ended, for the record.
@@ -1936,6 +1942,9 @@ impl Session {
             interrupted: true,
             latency: Latency::default(),
             outcome,
+            end_of_speech: None,
+            started: self.now,
+            ended: self.now,
         }));
     }
 
@@ -2033,6 +2042,9 @@ impl Session {
             interrupted,
             latency,
             outcome,
+            end_of_speech: reply.end_of_speech,
+            started: reply.started,
+            ended: now,
         }));
         if self.phase == Phase::Live && self.lease.is_some() && self.attached {
             // Replicated after every turn, so the session survives its instance; queued

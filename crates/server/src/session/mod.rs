@@ -141,7 +141,7 @@ async fn adopt(state: AppState, conn: Connection, permit: SessionPermit, claim: 
     }
 }
 
-fn truncate(s: &str, max: usize) -> String {
+pub(crate) fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
 }
 
@@ -1226,6 +1226,8 @@ impl Driver {
             }
         }
         info!(turn_id = log.turn_id, outcome = log.outcome, spoken_chars = log.assistant_text.len(), latency = ?log.latency, "turn done");
+        let llm = &self.state.engines.llm;
+        crate::telemetry::turn_spans(&log, (llm.provider(), llm.model()));
         let ms = |d: Option<Duration>| d.and_then(|d| i32::try_from(d.as_millis()).ok());
         self.turn_records.push(atlas_store::TurnRecord {
             session_id: self.record_id(),
@@ -1248,6 +1250,7 @@ impl Driver {
         metrics::tool_call(kind.unwrap_or("none"), log.outcome.label(), log.duration);
         info!(turn_id = log.turn_id, tool = %truncate(&log.name, 64), outcome = log.outcome.label(), duration_ms = log.duration.as_millis() as u64, "tool call");
         let mcp_server = self.mcp_servers.remove(&log.call_id).map(|s| s.to_string());
+        crate::telemetry::tool_span(&log, mcp_server.as_deref());
         self.tool_records.push(atlas_store::ToolCallRecord {
             session_id: self.record_id(),
             turn_index: i32::try_from(log.turn_id).unwrap_or(i32::MAX),

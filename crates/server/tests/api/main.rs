@@ -18,4 +18,5 @@ mod protocol;
 mod records;
 mod timers;
 mod tools;
+mod traces;
 mod twilio;

@@ -21,7 +21,7 @@ use crate::tools::{
 
 /// The Python with the MCP packages of `tests/mcp/requirements.txt`.
 fn python() -> PathBuf {
-    let path = std::env::var_os("ATLAS_TEST_MCP_PYTHON")
+    let path = std::env::var_os("MCP_TEST_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").expect("HOME"))
@@ -29,7 +29,7 @@ fn python() -> PathBuf {
         });
     assert!(
         path.exists(),
-        "{} is missing: run scripts/setup-mcp.sh (or set ATLAS_TEST_MCP_PYTHON)",
+        "{} is missing: run scripts/setup-mcp.sh (or set MCP_TEST_PYTHON)",
         path.display()
     );
     path

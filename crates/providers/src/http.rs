@@ -176,7 +176,7 @@ impl Endpoint {
 
 /// The error and its sources on one line (no URL query strings: reqwest strips none, so
 /// callers must not put secrets in URLs).
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

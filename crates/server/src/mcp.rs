@@ -190,16 +190,6 @@ fn render(result: CallToolResult, max_result_bytes: usize) -> Result<String, Str
 
 /// A server error in words for the model and the log (no Rust type names).
 fn describe(e: &ServiceError) -> String {
-    fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-        let mut s = e.to_string();
-        let mut next = e.source();
-        while let Some(cause) = next {
-            s.push_str(": ");
-            s.push_str(&cause.to_string());
-            next = cause.source();
-        }
-        s
-    }
     let text = match e {
         ServiceError::McpError(d) => {
             format!("the server answered error {}: {}", d.code.0, d.message)
@@ -207,7 +197,7 @@ fn describe(e: &ServiceError) -> String {
         ServiceError::TransportClosed => "the connection to the server closed".into(),
         ServiceError::TransportSend(t) => format!(
             "the server could not be reached: {}",
-            chain(t.error.as_ref())
+            atlas_providers::error_chain(t.error.as_ref())
         ),
         ServiceError::Cancelled { .. } => "the call was cancelled".into(),
         ServiceError::UnexpectedResponse => {

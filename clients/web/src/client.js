@@ -87,6 +87,7 @@ import { refreshDelayMs, tokenTimes } from "./token.js";
  * @property {string} [voice] synthesiser voice (the server's default when absent)
  * @property {string} [language] BCP-47 language of the user's speech
  * @property {string} [conversationId] the app's conversation id, recorded with the session
+ * @property {string} [traceparent] a W3C trace context: the session's trace continues the app's
  * @property {{ name?: string, version?: string }} [client] recorded with the session
  * @property {Partial<ReconnectPolicy>} [reconnect] backoff (1, 2, 4, 8, 16 s; 5 attempts)
  * @property {Partial<Environment>} [environment] replaces browser facilities (tests)
@@ -362,6 +363,7 @@ export class VoiceClient {
         ...(o.voice ? { voice: o.voice } : {}),
         ...(o.language ? { language: o.language } : {}),
         ...(o.conversationId ? { conversation_id: o.conversationId } : {}),
+        ...(o.traceparent ? { traceparent: o.traceparent } : {}),
         client: o.client ?? { name: "@atlas-voice/client", version: "0.1.0" },
       });
     };

@@ -97,6 +97,7 @@ export const CloseCode = Object.freeze({
  * @property {string} [voice]
  * @property {string} [language]
  * @property {string} [conversation_id]
+ * @property {string} [traceparent] W3C trace context continued by the session's trace
  * @property {{ name?: string, version?: string }} [client]
  */
 

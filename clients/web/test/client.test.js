@@ -49,6 +49,14 @@ test("connects with the bearer subprotocol, starts a session and listens", async
   assert.equal(s.sent.filter((m) => m instanceof ArrayBuffer).length, 1);
 });
 
+test("the app's conversation id and trace context go in session.start", async () => {
+  const traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+  const { w } = await started(new World(), { conversationId: "conv-1", traceparent });
+  const start = w.socket.messages()[0];
+  assert.equal(start.conversation_id, "conv-1");
+  assert.equal(start.traceparent, traceparent);
+});
+
 test("a listener attached right after connect() hears connecting, then listening", async () => {
   const w = new World();
   const c = connect({ url: URL_, getToken: () => w.token(), environment: w.env });

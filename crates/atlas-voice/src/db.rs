@@ -69,6 +69,19 @@ fn folder(root: &Path, backend: Backend) -> PathBuf {
 
 /// The file names (all of them, for lint) and migrations: from `root` when given, else the
 /// ones compiled into the binary.
+/// The database's live schema and the one its migrations produce.
+async fn live_and_expected(
+    url: String,
+    root: Option<&Path>,
+) -> anyhow::Result<(Store, Backend, schema::Schema, schema::Schema)> {
+    let backend = backend_of(&url)?;
+    let (_, ms) = load(root, backend)?;
+    let store = Store::connect(&url).await?;
+    let live = schema::introspect(&store).await?;
+    let expected = schema::expected(&url, &ms).await?;
+    Ok((store, backend, live, expected))
+}
+
 fn load(root: Option<&Path>, backend: Backend) -> anyhow::Result<(Vec<String>, Vec<Migration>)> {
     match root {
         Some(root) => Ok(migrate::load_dir(&folder(root, backend))?),
@@ -268,12 +281,7 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
             Ok(0)
         }
         DbCommand::Diff => {
-            let url = url()?;
-            let backend = backend_of(&url)?;
-            let (_, ms) = load(root, backend)?;
-            let store = Store::connect(&url).await?;
-            let live = schema::introspect(&store).await?;
-            let expected = schema::expected(&url, &ms).await?;
+            let (_, backend, live, expected) = live_and_expected(url()?, root).await?;
             let lines = schema::diff(&expected, &live);
             if args.json {
                 println!(
@@ -293,12 +301,7 @@ pub async fn run(args: DbArgs) -> anyhow::Result<i32> {
             }
         }
         DbCommand::Pull { name } => {
-            let url = url()?;
-            let backend = backend_of(&url)?;
-            let (_, ms) = load(root, backend)?;
-            let store = Store::connect(&url).await?;
-            let live = schema::introspect(&store).await?;
-            let expected = schema::expected(&url, &ms).await?;
+            let (store, _, live, expected) = live_and_expected(url()?, root).await?;
             let pull = schema::pull(&store, &expected, &live).await?;
             for s in &pull.skipped {
                 eprintln!("not pulled (write a migration by hand): {s}");

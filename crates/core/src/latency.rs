@@ -35,6 +35,20 @@ pub struct Latency {
     pub tools: Option<Duration>,
 }
 
+impl Latency {
+    /// Each figure under the name metrics and traces give its stage: `stt_final`,
+    /// `llm_first_token`, `tts_first_audio`, `first_audio`, `tools`.
+    pub fn stages(&self) -> [(&'static str, Option<Duration>); 5] {
+        [
+            ("stt_final", self.end_of_speech_to_final),
+            ("llm_first_token", self.llm_first_token),
+            ("tts_first_audio", self.tts_first_audio),
+            ("first_audio", self.to_first_audio),
+            ("tools", self.tools),
+        ]
+    }
+}
+
 fn between(a: Option<Instant>, b: Option<Instant>) -> Option<Duration> {
     Some(b?.saturating_duration_since(a?))
 }

@@ -233,6 +233,16 @@ impl Playout {
         text
     }
 
+    /// Length of the audio heard by `now`: all that was sent if `all_sent`, otherwise what
+    /// had played (see [`Playout::heard`]).
+    pub fn heard_for(&self, now: Instant, all_sent: bool) -> Duration {
+        if all_sent {
+            self.sent()
+        } else {
+            duration_of(self.played(now), self.rate)
+        }
+    }
+
     /// Audio sent so far.
     pub fn sent(&self) -> Duration {
         duration_of(self.sent, self.rate)

@@ -73,6 +73,17 @@ pub(crate) async fn clear(State(shared): State<Arc<Shared>>) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
+/// `POST /v1/traces`: an OTLP/HTTP trace collector that takes every export and keeps nothing,
+/// for load runs with traces on. The answer is an empty `ExportTraceServiceResponse` (in
+/// protobuf, no bytes: every span accepted).
+pub(crate) async fn traces(_body: Bytes) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
+        Bytes::new(),
+    )
+        .into_response()
+}
+
 /// Any other route.
 pub(crate) async fn not_found(uri: Uri) -> Response {
     (

@@ -14,6 +14,9 @@
 //! * **OpenAI TTS** — `POST /v1/audio/speech` with `response_format:"pcm"`:
 //!   raw 24 kHz s16le mono speech-like audio, streamed and paced.
 //!
+//! For load runs with traces on, `POST /v1/traces` is an OTLP/HTTP collector that takes every
+//! export and keeps nothing.
+//!
 //! The other way round, [`twilio`] is a fake **Twilio** that calls *us*: [`twilio::place_call`]
 //! posts the signed voice webhook to our server, reads the TwiML answer and, for
 //! `<Connect><Stream>`, opens the bidirectional Media Stream and plays the caller's side of
@@ -335,6 +338,8 @@ pub struct Recorded {
     pub tts_inputs: Vec<String>,
     /// Raw query strings of STT connection attempts, in arrival order.
     pub stt_connections: Vec<String>,
+    /// The `traceparent` headers requests carried (W3C trace context), in arrival order.
+    pub traceparents: Vec<(Target, String)>,
     /// `{"type":"KeepAlive"}` messages received.
     pub stt_keepalives: u64,
     /// `{"type":"Finalize"}` messages received.
@@ -500,6 +505,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/messages", post(llm::chat::<llm::AnthropicMessages>))
         .route("/v1/chat/completions", post(llm::chat::<llm::OpenAiChat>))
         .route("/v1/audio/speech", post(tts::speech))
+        .route("/v1/traces", post(control::traces))
         .route(
             "/_fakes/faults",
             post(control::queue::<control::FaultRequest>),

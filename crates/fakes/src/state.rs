@@ -64,6 +64,7 @@ impl Shared {
     pub(crate) fn receive(
         &self,
         target: Target,
+        headers: &axum::http::HeaderMap,
         body: &[u8],
     ) -> (
         Instant,
@@ -71,6 +72,7 @@ impl Shared {
         serde_json::Result<serde_json::Value>,
     ) {
         let started = Instant::now();
+        self.recorder.trace_context(target, headers);
         let fault = self.take_fault(target);
         (started, fault, serde_json::from_slice(body))
     }
@@ -108,6 +110,7 @@ struct Lists {
     llm_requests: VecDeque<(Target, serde_json::Value)>,
     tts_inputs: VecDeque<String>,
     stt_connections: VecDeque<String>,
+    traceparents: VecDeque<(Target, String)>,
 }
 
 /// Records requests with bounded memory (each list keeps the last [`RECORD_CAP`] entries).
@@ -279,6 +282,13 @@ impl Recorder {
         push_capped(&mut lock(&self.lists).stt_connections, query);
     }
 
+    /// Notes the W3C trace context a request to `target` carried, if any.
+    pub(crate) fn trace_context(&self, target: Target, headers: &axum::http::HeaderMap) {
+        if let Some(t) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+            push_capped(&mut lock(&self.lists).traceparents, (target, t.to_owned()));
+        }
+    }
+
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
@@ -289,6 +299,7 @@ impl Recorder {
             llm_requests: lists.llm_requests.iter().cloned().collect(),
             tts_inputs: lists.tts_inputs.iter().cloned().collect(),
             stt_connections: lists.stt_connections.iter().cloned().collect(),
+            traceparents: lists.traceparents.iter().cloned().collect(),
             stt_keepalives: self.stt_keepalives.load(Ordering::Relaxed),
             stt_finalizes: self.stt_finalizes.load(Ordering::Relaxed),
             stt_close_streams: self.stt_close_streams.load(Ordering::Relaxed),

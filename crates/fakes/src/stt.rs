@@ -146,6 +146,7 @@ pub(crate) async fn listen(
 ) -> Response {
     let raw = raw.unwrap_or_default();
     shared.recorder.stt_connection(raw.clone());
+    shared.recorder.trace_context(Target::Stt, &headers);
     let fault = shared.take_fault(Target::Stt);
     if let Some(Fault::Status {
         status,

@@ -35,7 +35,7 @@ pub(crate) async fn speech(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (started, fault, parsed) = shared.receive(Target::OpenAiTts, &body);
+    let (started, fault, parsed) = shared.receive(Target::OpenAiTts, &headers, &body);
     if let Some(input) = parsed
         .as_ref()
         .ok()

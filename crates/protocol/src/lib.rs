@@ -84,6 +84,10 @@ pub struct SessionStart {
     /// Client description (recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<ClientInfo>,
+    /// A W3C trace context (`00-{trace id}-{parent id}-{flags}`): the session's trace
+    /// continues the client's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 fn default_input() -> AudioFormat {
@@ -102,6 +106,7 @@ impl Default for SessionStart {
             language: None,
             conversation_id: None,
             client: None,
+            traceparent: None,
         }
     }
 }

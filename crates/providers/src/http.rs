@@ -164,6 +164,7 @@ impl Endpoint {
                 self.what,
                 || {
                     headers(self.client.post(&self.url))
+                        .headers(trace_headers())
                         .header("content-type", "application/json")
                         .body(body.clone())
                 },
@@ -172,6 +173,30 @@ impl Endpoint {
             .await?;
         Ok(body_with_idle_timeout(response, self.http.idle_timeout))
     }
+}
+
+/// The current span's trace context as HTTP headers (`traceparent`, `tracestate`), for a
+/// request leaving on the session's behalf; nothing when tracing is off.
+pub fn trace_headers() -> http::HeaderMap {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    struct Headers(http::HeaderMap);
+    impl opentelemetry::propagation::Injector for Headers {
+        fn set(&mut self, key: &str, value: String) {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(key.as_bytes()),
+                http::HeaderValue::from_str(&value),
+            ) {
+                self.0.insert(k, v);
+            }
+        }
+    }
+    let cx = tracing::Span::current().context();
+    let mut headers = Headers(http::HeaderMap::new());
+    if cx.span().span_context().is_valid() {
+        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut headers));
+    }
+    headers.0
 }
 
 /// The error and its sources on one line (no URL query strings: reqwest strips none, so

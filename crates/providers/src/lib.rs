@@ -24,7 +24,7 @@ mod error;
 mod http;
 
 pub use error::ProviderError;
-pub use http::{HttpSettings, error_chain};
+pub use http::{HttpSettings, error_chain, trace_headers};
 
 #[cfg(test)]
 pub(crate) mod test_support {

@@ -308,6 +308,9 @@ pub struct Config {
     pub drain_timeout_s: u64,
     /// `text` or `json`.
     pub log_format: LogFormat,
+    /// Put the turns' words and the user's id in trace spans (otherwise no text, and the
+    /// user as a hash of the id).
+    pub trace_content: bool,
     /// Tools the assistant may call, declared as `[[tools]]` in the configuration file.
     pub tools: Vec<ToolConfig>,
     /// Signs every webhook call (HMAC-SHA256); required when a webhook tool is declared.
@@ -517,6 +520,7 @@ impl Default for Config {
             audio_chunk_max_bytes: 102_400,
             drain_timeout_s: 30,
             log_format: LogFormat::Text,
+            trace_content: false,
             tools: Vec::new(),
             tool_webhook_secret: None,
             tool_max_calls_per_turn: 5,

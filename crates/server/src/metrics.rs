@@ -121,6 +121,13 @@ pub fn mcp_call(server: &str, ok: bool, d: Duration) {
     histogram!("atlas_mcp_call_seconds", "server" => server.to_owned()).record(d.as_secs_f64());
 }
 
+/// `n` spans left for the trace collector (`exported`), or were dropped: the queue to the
+/// exporter was full (`queue_full`) or the collector refused or did not answer
+/// (`export_failed`).
+pub fn trace_spans(outcome: &'static str, n: usize) {
+    counter!("atlas_trace_spans_total", "outcome" => outcome).increment(n as u64);
+}
+
 /// The end-of-turn model answered (or failed) after `d`.
 pub fn turn_scored(d: Duration, ok: bool) {
     let outcome = if ok { "ok" } else { "failed" };

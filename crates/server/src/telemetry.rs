@@ -7,22 +7,34 @@
 //! the SDK reads `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER[_ARG]`
 //! and `OTEL_BSP_*`. Spans are batched on the SDK's own thread through a bounded queue
 //! (`OTEL_BSP_MAX_QUEUE_SIZE`, 2,048 by default): a collector that is down or slow costs a
-//! session nothing, and spans beyond the queue are dropped.
+//! session nothing, and spans beyond the queue are dropped. The SDK counts none of this, so
+//! the queue is bounded here too ([`Bounded`], [`Counted`]): every span is counted in
+//! `atlas_trace_spans_total` as exported, dropped at a full queue, or lost in a failed export.
 //!
 //! The `tracing` spans join the trace ([`Tracing::layer`]): each session's `session` span is
-//! the session's span. Each turn adds a `voice.turn` span under it with a child per stage of
-//! the latency breakdown ([`turn_spans`]), built from the same instants and durations as the
+//! the session's span, the child of the client's trace when `session.start` carried a
+//! `traceparent` ([`continue_trace`]); provider requests carry the session's trace context
+//! onwards. Each turn adds a `voice.turn` span under it with a child per stage of the
+//! latency breakdown ([`turn_spans`]), built from the same instants and durations as the
 //! `latency_ms` the client receives and the `voice_turns` row, so the three agree. Spans
-//! carry no transcript or reply text and no user id.
+//! carry no transcript or reply text, and the user only as a hash, unless the operator
+//! enables content (`ATLAS_TRACE_CONTENT`).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::trace::{Span as _, SpanKind, TraceContextExt as _, Tracer as _};
-use opentelemetry::{KeyValue, global};
+use opentelemetry::{Context, KeyValue, global};
 use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig as _};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanData, SpanProcessor,
+};
+use sha2::Digest as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use atlas_core::session::{ToolLog, TurnLog};
@@ -64,12 +76,23 @@ impl Tracing {
                 "OTEL_EXPORTER_OTLP_PROTOCOL {other:?} is not supported: use http/protobuf or grpc"
             ),
         };
-        Tracing::install(transport, None).map(Some)
+        let max_queue = match std::env::var("OTEL_BSP_MAX_QUEUE_SIZE") {
+            Ok(v) => v.trim().parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                anyhow::anyhow!("OTEL_BSP_MAX_QUEUE_SIZE {v:?} is not a positive number")
+            })?,
+            Err(_) => DEFAULT_MAX_QUEUE,
+        };
+        Tracing::install(transport, None, max_queue).map(Some)
     }
 
-    /// Installs tracing to `endpoint` (the environment's when `None`). Must run inside the
-    /// Tokio runtime (gRPC connects lazily on it).
-    pub fn install(transport: Transport, endpoint: Option<&str>) -> anyhow::Result<Tracing> {
+    /// Installs tracing to `endpoint` (the environment's when `None`), holding at most
+    /// `max_queue` spans that wait for the collector. Must run inside the Tokio runtime (gRPC
+    /// connects lazily on it).
+    pub fn install(
+        transport: Transport,
+        endpoint: Option<&str>,
+        max_queue: usize,
+    ) -> anyhow::Result<Tracing> {
         let exporter = match transport {
             Transport::HttpProtobuf => {
                 let mut b = SpanExporter::builder()
@@ -95,8 +118,25 @@ impl Tracing {
         if !named {
             resource = resource.with_service_name("atlas-voice");
         }
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let exporter = Counted {
+            inner: exporter,
+            waiting: waiting.clone(),
+        };
+        let batch = BatchSpanProcessor::builder(exporter)
+            .with_batch_config(
+                BatchConfigBuilder::default()
+                    .with_max_queue_size(max_queue)
+                    .with_max_export_batch_size(max_queue.min(DEFAULT_MAX_BATCH))
+                    .build(),
+            )
+            .build();
         let provider = SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
+            .with_span_processor(Bounded {
+                inner: batch,
+                waiting,
+                max_queue,
+            })
             .with_resource(resource.build())
             .build();
         global::set_tracer_provider(provider.clone());
@@ -129,6 +169,143 @@ impl Tracing {
     }
 }
 
+/// The SDK's default bound on spans waiting for the collector (`OTEL_BSP_MAX_QUEUE_SIZE`).
+const DEFAULT_MAX_QUEUE: usize = 2_048;
+/// The SDK's default largest export (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`).
+const DEFAULT_MAX_BATCH: usize = 512;
+
+/// The batch processor behind a count of the spans it holds: a span that would exceed
+/// `max_queue` is dropped here, and counted, before the SDK's own queue (of the same size,
+/// which therefore never overflows) could drop it uncounted.
+#[derive(Debug)]
+struct Bounded {
+    inner: BatchSpanProcessor,
+    /// Spans handed to `inner` and not yet exported or lost ([`Counted`] settles them).
+    waiting: Arc<AtomicUsize>,
+    max_queue: usize,
+}
+
+impl SpanProcessor for Bounded {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            crate::metrics::trace_spans("queue_full", 1);
+            return;
+        }
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// The exporter, settling [`Bounded`]'s count for every batch it was given: exported, or
+/// lost when the collector refused it, failed or the export was abandoned.
+#[derive(Debug)]
+struct Counted<E> {
+    inner: E,
+    waiting: Arc<AtomicUsize>,
+}
+
+/// Settles a batch when dropped, so an abandoned export is counted too.
+struct Settle<'a> {
+    waiting: &'a AtomicUsize,
+    spans: usize,
+    exported: bool,
+}
+
+impl Drop for Settle<'_> {
+    fn drop(&mut self) {
+        self.waiting.fetch_sub(self.spans, Ordering::AcqRel);
+        let outcome = if self.exported {
+            "exported"
+        } else {
+            "export_failed"
+        };
+        crate::metrics::trace_spans(outcome, self.spans);
+    }
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for Counted<E>
+{
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let mut settle = Settle {
+            waiting: &self.waiting,
+            spans: batch.len(),
+            exported: false,
+        };
+        let result = self.inner.export(batch).await;
+        settle.exported = result.is_ok();
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// One `traceparent` value, read as the W3C propagator reads headers.
+struct Traceparent<'a>(&'a str);
+
+impl Extractor for Traceparent<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        (key == "traceparent").then_some(self.0)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent"]
+    }
+}
+
+/// Makes `span` (a session's, not yet entered) the child of the client's trace context.
+pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
+    let cx = global::get_text_map_propagator(|p| p.extract(&Traceparent(traceparent)));
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// Names the session's user on its span: a hash of the id (the same for the same user
+/// everywhere, so an operator who knows the id can find the sessions), or the id itself
+/// when the operator enables content.
+pub fn identify(span: &tracing::Span, user_id: &str, content: bool) {
+    if !span.context().span().span_context().is_valid() {
+        return;
+    }
+    if content {
+        span.set_attribute("user.id", user_id.to_owned());
+    } else {
+        let digest = sha2::Sha256::digest(user_id.as_bytes());
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        span.set_attribute("enduser.pseudo.id", hex);
+    }
+}
+
 /// `at` on the wall clock.
 fn wall(at: Instant, now: Instant, wall_now: SystemTime) -> SystemTime {
     match now.checked_duration_since(at) {
@@ -139,12 +316,20 @@ fn wall(at: Instant, now: Instant, wall_now: SystemTime) -> SystemTime {
 
 /// The turn's spans, under the current `tracing` span (the session's): `voice.turn` from the
 /// end of speech (or the reply's start) to the turn's end, and one child per figure of its
-/// latency breakdown, each lasting exactly that figure. Costs nothing when tracing is off.
-pub fn turn_spans(log: &TurnLog, model: (&'static str, &str)) {
+/// latency breakdown, each lasting exactly that figure, and `voice.playout` for the reply's
+/// audio as the listener heard it. The turn's words only when `content` is on. Costs nothing
+/// when tracing is off.
+pub fn turn_spans(
+    log: &TurnLog,
+    model: (&'static str, &str),
+    content: bool,
+    tools: &mut TurnTools,
+) {
     let parent = tracing::Span::current().context();
     if !parent.span().span_context().is_valid() {
         return;
     }
+    tools.ended = tools.ended.max(log.turn_id);
     let tracer = global::tracer(SCOPE);
     let (now, wall_now) = (Instant::now(), SystemTime::now());
     let at = |i: Instant| wall(i, now, wall_now);
@@ -155,19 +340,18 @@ pub fn turn_spans(log: &TurnLog, model: (&'static str, &str)) {
         KeyValue::new("voice.turn.id", log.turn_id as i64),
         KeyValue::new("voice.turn.outcome", log.outcome),
         KeyValue::new("voice.turn.interrupted", log.interrupted),
+        KeyValue::new("voice.turn.spoken", log.end_of_speech.is_some()),
     ];
-    for (name, figure) in [
-        (
-            "voice.latency.end_of_speech_to_final_ms",
-            l.end_of_speech_to_final,
-        ),
-        ("voice.latency.llm_first_token_ms", l.llm_first_token),
-        ("voice.latency.tts_first_audio_ms", l.tts_first_audio),
-        ("voice.latency.to_first_audio_ms", l.to_first_audio),
-        ("voice.latency.tools_ms", l.tools),
-    ] {
+    if content {
+        attributes.push(KeyValue::new("voice.user.text", log.user_text.clone()));
+        attributes.push(KeyValue::new(
+            "voice.assistant.text",
+            log.assistant_text.clone(),
+        ));
+    }
+    for (stage, figure) in l.stages() {
         if let Some(d) = figure {
-            attributes.push(KeyValue::new(name, ms(d)));
+            attributes.push(KeyValue::new(format!("voice.latency.{stage}_ms"), ms(d)));
         }
     }
     let turn = tracer
@@ -189,16 +373,23 @@ pub fn turn_spans(log: &TurnLog, model: (&'static str, &str)) {
         child("voice.stt", eos, d, Vec::new());
     }
     if let Some(d) = l.llm_first_token {
-        child(
-            "voice.llm",
-            log.started,
-            d,
-            vec![
-                KeyValue::new("gen_ai.operation.name", "chat"),
-                KeyValue::new("gen_ai.provider.name", model.0),
-                KeyValue::new("gen_ai.request.model", model.1.to_owned()),
-            ],
-        );
+        let mut attributes = vec![
+            KeyValue::new("gen_ai.operation.name", "chat"),
+            KeyValue::new("gen_ai.provider.name", model.0),
+            KeyValue::new("gen_ai.request.model", model.1.to_owned()),
+        ];
+        let t = &log.tokens;
+        for (name, count) in [
+            ("gen_ai.usage.input_tokens", t.input),
+            ("gen_ai.usage.output_tokens", t.output),
+            ("gen_ai.usage.cache_read.input_tokens", t.cache_read),
+            ("gen_ai.usage.cache_creation.input_tokens", t.cache_write),
+        ] {
+            if let Some(n) = count {
+                attributes.push(KeyValue::new(name, n as i64));
+            }
+        }
+        child("voice.llm", log.started, d, attributes);
     }
     if let (Some(first_audio), Some(d)) = (l.to_first_audio, l.tts_first_audio) {
         // Synthesis of the first piece ends with the first audio.
@@ -207,25 +398,80 @@ pub fn turn_spans(log: &TurnLog, model: (&'static str, &str)) {
             "voice.tts",
             heard.checked_sub(d).unwrap_or(anchor),
             d,
-            Vec::new(),
+            vec![KeyValue::new("voice.tts.characters", log.tts_chars as i64)],
         );
     }
-    if let Some(d) = l.tools {
-        child("voice.tools", log.started, d, Vec::new());
+    if let Some(first_audio) = log.first_audio {
+        child(
+            "voice.playout",
+            first_audio,
+            log.audio_heard,
+            vec![KeyValue::new("voice.playout.heard_ms", ms(log.audio_heard))],
+        );
     }
-    cx.span().end_with_timestamp(at(log.ended));
+    let calls: Vec<ToolTrace> = tools
+        .calls
+        .extract_if(.., |c| c.turn_id <= log.turn_id)
+        .collect();
+    if let Some(d) = l.tools {
+        // From the first call's request, as long as all rounds' waits together.
+        let first = calls
+            .iter()
+            .filter(|c| c.turn_id == log.turn_id)
+            .map(|c| c.started)
+            .min();
+        child("voice.tools", first.unwrap_or(log.started), d, Vec::new());
+    }
+    for call in calls {
+        let mut span = tracer
+            .span_builder("voice.tool")
+            .with_start_time(at(call.started))
+            .with_attributes(call.attributes)
+            .start_with_context(
+                &tracer,
+                if call.turn_id == log.turn_id {
+                    &cx
+                } else {
+                    &parent
+                },
+            );
+        span.end_with_timestamp(at(call.started + call.took));
+    }
+    // The turn lasts until its reply was heard, which may be after the reply was sent.
+    let heard_until = log.first_audio.map(|f| f + log.audio_heard);
+    cx.span()
+        .end_with_timestamp(at(heard_until.map_or(log.ended, |h| h.max(log.ended))));
 }
 
-/// A tool call's span, under the session's, ending now.
-pub fn tool_span(log: &ToolLog, mcp_server: Option<&str>) {
+/// Tool calls waiting for their turn to end, to be traced as its children.
+#[derive(Debug, Default)]
+pub struct TurnTools {
+    calls: Vec<ToolTrace>,
+    /// The last turn traced.
+    ended: u64,
+}
+
+/// Calls a turn holds at most; beyond it (or once the turn is traced) a call is traced under
+/// the session at once.
+const MAX_HELD_CALLS: usize = 64;
+
+#[derive(Debug)]
+struct ToolTrace {
+    turn_id: u64,
+    attributes: Vec<KeyValue>,
+    started: Instant,
+    took: Duration,
+}
+
+/// A tool call's span: held for its turn's span (see [`TurnTools`]).
+pub fn tool_span(log: &ToolLog, mcp_server: Option<&str>, tools: &mut TurnTools) {
     let parent = tracing::Span::current().context();
     if !parent.span().span_context().is_valid() {
         return;
     }
-    let tracer = global::tracer(SCOPE);
-    let end = SystemTime::now();
     let mut attributes = vec![
         KeyValue::new("voice.turn.id", log.turn_id as i64),
+        KeyValue::new("gen_ai.operation.name", "execute_tool"),
         KeyValue::new("gen_ai.tool.name", crate::session::truncate(&log.name, 64)),
         KeyValue::new("voice.tool.outcome", log.outcome.label()),
     ];
@@ -235,12 +481,25 @@ pub fn tool_span(log: &ToolLog, mcp_server: Option<&str>) {
     if let Some(server) = mcp_server {
         attributes.push(KeyValue::new("voice.tool.mcp_server", server.to_owned()));
     }
+    let call = ToolTrace {
+        turn_id: log.turn_id,
+        attributes,
+        started: log.started,
+        took: log.duration,
+    };
+    if log.turn_id > tools.ended && tools.calls.len() < MAX_HELD_CALLS {
+        tools.calls.push(call);
+        return;
+    }
+    let tracer = global::tracer(SCOPE);
+    let (now, wall_now) = (Instant::now(), SystemTime::now());
+    let start = wall(call.started, now, wall_now);
     let mut span = tracer
         .span_builder("voice.tool")
-        .with_start_time(end - log.duration)
-        .with_attributes(attributes)
+        .with_start_time(start)
+        .with_attributes(call.attributes)
         .start_with_context(&tracer, &parent);
-    span.end_with_timestamp(end);
+    span.end_with_timestamp(start + call.took);
 }
 
 #[cfg(test)]

@@ -260,6 +260,7 @@ impl Toolbox {
             let sent = self
                 .client
                 .post(url)
+                .headers(atlas_providers::trace_headers())
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .header(TIMESTAMP_HEADER, timestamp.to_string())
                 .header(SIGNATURE_HEADER, signature)

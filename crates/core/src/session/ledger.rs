@@ -35,6 +35,22 @@ pub struct ReportedTokens {
     pub cache_write: Option<u64>,
 }
 
+impl ReportedTokens {
+    /// Both counts together (a count is known if either is).
+    pub fn plus(self, other: ReportedTokens) -> ReportedTokens {
+        let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        };
+        ReportedTokens {
+            input: sum(self.input, other.input),
+            output: sum(self.output, other.output),
+            cache_read: sum(self.cache_read, other.cache_read),
+            cache_write: sum(self.cache_write, other.cache_write),
+        }
+    }
+}
+
 /// What one language-model request used, reported or measured.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LlmBill {

@@ -41,7 +41,7 @@ use crate::timers::{SessionTimers, TimerAction, TimerConfig, TimerEnd};
 use crate::tools::{CheckedCall, ToolCall, ToolKind, ToolOutcome, ToolResult};
 use crate::turns::{self, Action, TurnConfig, Turns};
 use crate::uplink::Uplink;
-use ledger::{Ledger, LedgerState, LlmBill, SpendDelta, Verdict};
+use ledger::{Ledger, LedgerState, LlmBill, ReportedTokens, SpendDelta, Verdict};
 
 /// Settings of every session on a server.
 #[derive(Clone, Debug)]
@@ -511,6 +511,16 @@ pub struct TurnLog {
     pub started: Instant,
     /// When the turn ended.
     pub ended: Instant,
+    /// Tokens billed for the turn's language-model requests (reported, or measured where
+    /// the provider did not say).
+    pub tokens: ReportedTokens,
+    /// Characters sent to synthesis.
+    pub tts_chars: u64,
+    /// When the reply's first audio was sent.
+    pub first_audio: Option<Instant>,
+    /// Length of the reply's audio the listener heard (all that was sent, for a reply that
+    /// ended on its own).
+    pub audio_heard: Duration,
 }
 
 /// A tool call that ended, for the record.
@@ -526,6 +536,8 @@ pub struct ToolLog {
     pub kind: Option<ToolKind>,
     /// Size of the arguments, in bytes.
     pub arguments_bytes: usize,
+    /// When the model's request for it was taken (its round started).
+    pub started: Instant,
     /// From the model's request to the answer.
     pub duration: Duration,
     /// How it ended.
@@ -751,6 +763,10 @@ struct Reply {
     said: String,
     /// Time spent waiting for tools, this turn.
     tool_time: Duration,
+    /// Tokens billed for its model requests so far.
+    tokens: ReportedTokens,
+    /// Characters billed for synthesis so far.
+    tts_chars: u64,
     acknowledged: bool,
     /// The tool calls being waited for.
     round: Option<ToolRound>,
@@ -1569,6 +1585,9 @@ impl Session {
     ) {
         // Every request the provider served is paid for, whatever happens next.
         self.ledger.add_reply(llm, 0);
+        if let Some(reply) = self.reply.as_mut().filter(|r| r.turn_id == turn_id) {
+            reply.tokens = reply.tokens.plus(llm.tokens());
+        }
         let (max_calls, acknowledgement) = self.config.tools.as_ref().map_or((0, None), |p| {
             (p.max_calls_per_turn, p.acknowledgement.clone())
         });
@@ -1786,6 +1805,7 @@ impl Session {
             name: c.call.name.clone(),
             kind: c.kind,
             arguments_bytes: c.call.arguments.len(),
+            started: round.started,
             duration: now.saturating_duration_since(round.started),
             outcome,
             arguments: record_content.then(|| c.call.arguments.clone()),
@@ -1908,6 +1928,8 @@ impl Session {
             calls_made: 0,
             said: String::new(),
             tool_time: Duration::ZERO,
+            tokens: ReportedTokens::default(),
+            tts_chars: 0,
             acknowledged: false,
             round: None,
         });
@@ -1945,6 +1967,10 @@ impl Session {
             end_of_speech: None,
             started: self.now,
             ended: self.now,
+            tokens: ReportedTokens::default(),
+            tts_chars: 0,
+            first_audio: None,
+            audio_heard: Duration::ZERO,
         }));
     }
 
@@ -1981,6 +2007,8 @@ impl Session {
             // Its work is done and paid for now; its audio is still going out, and the turn
             // ends when the last piece has (see `play`).
             self.ledger.add_reply(&o.llm, o.tts_chars);
+            reply.tokens = reply.tokens.plus(o.llm.tokens());
+            reply.tts_chars += o.tts_chars;
             reply.outcome = Some(ReplyOutcome {
                 llm: LlmBill::default(),
                 tts_chars: 0,
@@ -2045,6 +2073,10 @@ impl Session {
             end_of_speech: reply.end_of_speech,
             started: reply.started,
             ended: now,
+            tokens: reply.tokens.plus(o.llm.tokens()),
+            tts_chars: reply.tts_chars + o.tts_chars,
+            first_audio: reply.first_audio,
+            audio_heard: reply.playout.heard_for(now, !aborted),
         }));
         if self.phase == Phase::Live && self.lease.is_some() && self.attached {
             // Replicated after every turn, so the session survives its instance; queued

@@ -113,6 +113,8 @@ pub struct StartRequest<'a> {
     pub conversation_id: Option<&'a str>,
     /// The client's name and version.
     pub client: (Option<&'a str>, Option<&'a str>),
+    /// The client's W3C trace context.
+    pub traceparent: Option<&'a str>,
 }
 
 /// Whether a start can be served; the problem for the client if not.
@@ -149,7 +151,46 @@ pub fn check_start(start: &StartRequest<'_>) -> Result<(), (ErrorCode, String)> 
     if name.is_some_and(|n| n.len() > 64) || version.is_some_and(|v| v.len() > 64) {
         return invalid("client name and version must be at most 64 characters".into());
     }
+    if start.traceparent.is_some_and(|t| !is_traceparent(t)) {
+        return invalid(
+            "traceparent must be a W3C trace context: 00-{32 hex digits}-{16 hex digits}-{2 hex \
+             digits}, lowercase, ids not all zero"
+                .into(),
+        );
+    }
     Ok(())
+}
+
+/// Whether `t` is a W3C `traceparent` header value (Trace Context, level 1): version `00`
+/// exactly as specified; a later version (not `ff`) with the same four leading fields and
+/// perhaps more after a `-`.
+pub fn is_traceparent(t: &str) -> bool {
+    const LEN: usize = 55;
+    let hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    if !t.is_ascii()
+        || t.len() < LEN
+        || (t.len() > LEN && (t.starts_with("00") || t.as_bytes()[LEN] != b'-'))
+    {
+        return false;
+    }
+    let mut fields = t[..LEN].split('-');
+    match (fields.next(), fields.next(), fields.next(), fields.next()) {
+        (Some(version), Some(trace_id), Some(parent_id), Some(flags)) => {
+            version.len() == 2
+                && version != "ff"
+                && trace_id.len() == 32
+                && parent_id.len() == 16
+                && flags.len() == 2
+                && [version, trace_id, parent_id, flags].into_iter().all(hex)
+                && nonzero(trace_id)
+                && nonzero(parent_id)
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -215,6 +256,7 @@ mod tests {
             voice: None,
             language: None,
             conversation_id: None,
+            traceparent: None,
             client: (None, None),
         }
     }
@@ -255,5 +297,38 @@ mod tests {
             ..request()
         };
         assert_eq!(check_start(&known), Ok(()));
+    }
+
+    #[test]
+    fn a_traceparent_is_checked_against_the_w3c_format() {
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(is_traceparent(ok));
+        // A later version may append fields.
+        assert!(is_traceparent(
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-extra"
+        ));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-600f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00x",
+            "é0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(!is_traceparent(bad), "{bad:?}");
+        }
+        let start = |traceparent| StartRequest {
+            traceparent,
+            ..request()
+        };
+        assert!(check_start(&start(Some(ok))).is_ok());
+        let (code, message) = check_start(&start(Some("00-1-2-3"))).unwrap_err();
+        assert_eq!(code, ErrorCode::InvalidMessage);
+        assert!(message.starts_with("traceparent must be"), "{message}");
     }
 }

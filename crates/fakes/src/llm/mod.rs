@@ -445,7 +445,7 @@ pub(crate) async fn chat<A: ChatApi>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (started, fault, parsed) = shared.receive(A::TARGET, &body);
+    let (started, fault, parsed) = shared.receive(A::TARGET, &headers, &body);
     if let Ok(v) = &parsed {
         shared.recorder.llm_request(A::TARGET, v.clone());
     }

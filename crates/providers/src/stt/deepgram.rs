@@ -202,6 +202,7 @@ impl SttProvider for Deepgram {
             .parse()
             .map_err(|_| ProviderError::Connect("API key is not a valid header value".into()))?;
         request.headers_mut().insert("authorization", auth);
+        request.headers_mut().extend(crate::http::trace_headers());
         // Small buffers per connection (Deepgram's messages are small JSON); no write batching.
         let ws_config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(16 * 1024)

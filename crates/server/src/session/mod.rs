@@ -220,6 +220,8 @@ struct Driver {
     tool_records: Vec<atlas_store::ToolCallRecord>,
     /// The MCP server of each call to an MCP tool not yet recorded, by call id.
     mcp_servers: std::collections::HashMap<String, Arc<str>>,
+    /// Tool calls traced when their turn ends.
+    traced_tools: crate::telemetry::TurnTools,
     /// Wall-clock start, for the record.
     started_wall: chrono::DateTime<chrono::Utc>,
     /// Completed turns, for the record.
@@ -309,10 +311,18 @@ async fn run_session(
     moved: Option<ResumeState>,
 ) {
     let span = tracing::info_span!("session", session_id = %session_id);
+    if let Some(traceparent) = &first.start.traceparent {
+        crate::telemetry::continue_trace(&span, traceparent);
+    }
     async move {
         let resumed = moved.is_some();
         let mut driver = Driver::new(&state, session_id, &first, permit, owned, moved);
         info!(user_id = %driver.identity.user_id, resumed, "session started");
+        crate::telemetry::identify(
+            &tracing::Span::current(),
+            &driver.identity.user_id,
+            state.config.trace_content,
+        );
         let finish = match driver.attach(first, resumed).await {
             Ok(()) => driver.run().await,
             Err(f) => f,
@@ -396,6 +406,7 @@ impl Driver {
             tool_tasks: std::collections::HashMap::new(),
             tool_records: Vec::new(),
             mcp_servers: std::collections::HashMap::new(),
+            traced_tools: crate::telemetry::TurnTools::default(),
             started_wall: chrono::Utc::now(),
             turn_records: Vec::new(),
             conversation_id: first.start.conversation_id.clone(),
@@ -1213,21 +1224,20 @@ impl Driver {
 
     fn record_turn(&mut self, log: TurnLog) {
         metrics::turn(log.outcome);
-        let l = &log.latency;
-        for (stage, ms) in [
-            ("stt_final", l.end_of_speech_to_final),
-            ("llm_first_token", l.llm_first_token),
-            ("tts_first_audio", l.tts_first_audio),
-            ("first_audio", l.to_first_audio),
-            ("tools", l.tools),
-        ] {
+        for (stage, ms) in log.latency.stages() {
             if let Some(d) = ms {
                 metrics::stage_latency(stage, d);
             }
         }
         info!(turn_id = log.turn_id, outcome = log.outcome, spoken_chars = log.assistant_text.len(), latency = ?log.latency, "turn done");
         let llm = &self.state.engines.llm;
-        crate::telemetry::turn_spans(&log, (llm.provider(), llm.model()));
+        let content = self.state.config.trace_content;
+        crate::telemetry::turn_spans(
+            &log,
+            (llm.provider(), llm.model()),
+            content,
+            &mut self.traced_tools,
+        );
         let ms = |d: Option<Duration>| d.and_then(|d| i32::try_from(d.as_millis()).ok());
         self.turn_records.push(atlas_store::TurnRecord {
             session_id: self.record_id(),
@@ -1250,7 +1260,7 @@ impl Driver {
         metrics::tool_call(kind.unwrap_or("none"), log.outcome.label(), log.duration);
         info!(turn_id = log.turn_id, tool = %truncate(&log.name, 64), outcome = log.outcome.label(), duration_ms = log.duration.as_millis() as u64, "tool call");
         let mcp_server = self.mcp_servers.remove(&log.call_id).map(|s| s.to_string());
-        crate::telemetry::tool_span(&log, mcp_server.as_deref());
+        crate::telemetry::tool_span(&log, mcp_server.as_deref(), &mut self.traced_tools);
         self.tool_records.push(atlas_store::ToolCallRecord {
             session_id: self.record_id(),
             turn_index: i32::try_from(log.turn_id).unwrap_or(i32::MAX),

@@ -24,6 +24,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use atlas_core::audio::{pcm_from_le_bytes, pcm_to_le_bytes};
 use atlas_core::latency::{TurnTimings, mark};
@@ -274,7 +275,7 @@ async fn read_llm(
         // Billed from here on, as the provider bills every request it receives: so once
         // issued, the request is sent whole even if the reply is cut meanwhile.
         let llm = ctx.llm.clone();
-        let mut sending = tokio::spawn(async move { llm.stream(request).await });
+        let mut sending = tokio::spawn(async move { llm.stream(request).await }.in_current_span());
         let sent = tokio::select! {
             biased;
             _ = cut.cancelled() => {
@@ -457,12 +458,9 @@ async fn start_tts(
         };
         // Not aborted with the reply: an issued request runs until the provider answers, so
         // every request the provider receives is one the bill counted (see `synthesize`).
-        tokio::spawn(synthesize(
-            ctx.tts.clone(),
-            request,
-            audio_tx,
-            progress.clone(),
-        ));
+        tokio::spawn(
+            synthesize(ctx.tts.clone(), request, audio_tx, progress.clone()).in_current_span(),
+        );
         let job = Job {
             round,
             text,

@@ -68,6 +68,8 @@ pub struct Start {
     pub conversation_id: Option<String>,
     /// The client application.
     pub client: Option<ClientInfo>,
+    /// The client's W3C trace context, checked: the session's trace continues it.
+    pub traceparent: Option<String>,
     /// The phone call, for a call.
     pub call: Option<Call>,
 }

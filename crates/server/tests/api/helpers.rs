@@ -47,19 +47,7 @@ impl AppExt for TestApp {
     /// Connects and starts a session with the given output rate; returns the session id.
     async fn start(&self, user: &str, output_rate: u32) -> (Connection, String) {
         let mut conn = self.connect(user).await;
-        conn.sender
-            .send(&start_message(16_000, output_rate))
-            .await
-            .unwrap();
-        let items = collect_until(&mut conn, Duration::from_secs(5), |i| {
-            matches!(event(i), Some(ServerEvent::SessionStarted { .. }))
-        })
-        .await;
-        let Some(ServerEvent::SessionStarted { session_id, .. }) = items.last().and_then(event)
-        else {
-            unreachable!()
-        };
-        let id = session_id.clone();
+        let id = start_with(&mut conn, start_message(16_000, output_rate)).await;
         (conn, id)
     }
 
@@ -114,6 +102,47 @@ pub fn start_message(input_rate: u32, output_rate: u32) -> ClientMessage {
 }
 
 /// A speech fixture made with espeak-ng (see scripts/make-test-audio.sh), 16 kHz mono.
+/// Fakes for a barge-in: realistic synthesis length (60 ms per character), so the reply is
+/// still playing when the user speaks again, and the two things the user says.
+pub fn barge_in_fakes() -> atlas_fakes::FakesConfig {
+    let mut fakes = fast_fakes();
+    fakes.tts.ms_per_char = 60;
+    fakes.stt.transcripts = vec![
+        "What is the weather like in Paris today?".into(),
+        "Please tell me about Rome instead".into(),
+    ];
+    fakes
+}
+
+/// Sends `start` and waits for `session.started`; returns the session id.
+pub async fn start_with(conn: &mut Connection, start: ClientMessage) -> String {
+    conn.sender.send(&start).await.unwrap();
+    let items = collect_until(conn, Duration::from_secs(5), |i| {
+        matches!(event(i), Some(ServerEvent::SessionStarted { .. }))
+    })
+    .await;
+    match items.last().and_then(event) {
+        Some(ServerEvent::SessionStarted { session_id, .. }) => session_id.clone(),
+        _ => panic!("not started: {:#?}", summary(&items)),
+    }
+}
+
+/// The test question, then, once its reply is heard, the interruption phrase; collects until
+/// turn `until` is done.
+pub async fn question_then_interruption(conn: &mut Connection, until: u64) -> Vec<Incoming> {
+    let streaming = stream(conn, with_silence(speech("question_16k.wav"), 0.5), 1.0);
+    let mut items = collect_until(conn, Duration::from_secs(20), |i| {
+        matches!(i, Incoming::Audio { .. })
+    })
+    .await;
+    streaming.await.unwrap();
+    // The reply is playing; the user speaks again.
+    let streaming = stream(conn, with_silence(speech("interrupt_16k.wav"), 1.5), 1.0);
+    items.extend(collect_until(conn, Duration::from_secs(30), is_done(until)).await);
+    streaming.await.unwrap();
+    items
+}
+
 pub fn speech(name: &str) -> Vec<i16> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/audio")

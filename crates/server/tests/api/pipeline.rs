@@ -158,28 +158,9 @@ async fn spoken_question_gets_a_spoken_reply_at_each_requested_rate() {
 
 #[tokio::test]
 async fn barge_in_stops_the_reply_and_keeps_only_what_was_spoken() {
-    // Realistic TTS length (60 ms per character) so the reply is still playing when the user
-    // speaks again.
-    let mut fakes = fast_fakes();
-    fakes.tts.ms_per_char = 60;
-    fakes.stt.transcripts = vec![
-        "What is the weather like in Paris today?".into(),
-        "Please tell me about Rome instead".into(),
-    ];
-    let app = spawn_app_with(fakes, |_| {}).await;
+    let app = spawn_app_with(barge_in_fakes(), |_| {}).await;
     let (mut conn, _) = app.start("user-c", 24_000).await;
-    let question = with_silence(speech("question_16k.wav"), 0.5);
-    let streaming = stream(&conn, question, 1.0);
-    let mut items = collect_until(&mut conn, Duration::from_secs(20), |i| {
-        matches!(i, Incoming::Audio { .. })
-    })
-    .await;
-    streaming.await.unwrap();
-    // The reply is playing; the user speaks again.
-    let interruption = with_silence(speech("interrupt_16k.wav"), 1.5);
-    let streaming = stream(&conn, interruption, 1.0);
-    items.extend(collect_until(&mut conn, Duration::from_secs(30), is_done(2)).await);
-    streaming.abort();
+    let items = question_then_interruption(&mut conn, 2).await;
 
     let pos = |pred: &dyn Fn(&ServerEvent) -> bool| {
         items
@@ -252,16 +233,8 @@ async fn configured_backchannels_do_not_interrupt_the_reply() {
         })
         .await;
         let (mut conn, _) = app.start("backchannel", 24_000).await;
-        let streaming = stream(&conn, with_silence(speech("question_16k.wav"), 0.5), 1.0);
-        let mut items = collect_until(&mut conn, Duration::from_secs(20), |i| {
-            matches!(i, Incoming::Audio { .. })
-        })
-        .await;
-        streaming.await.unwrap();
         // While the reply plays, the user says the phrase.
-        let streaming = stream(&conn, with_silence(speech("interrupt_16k.wav"), 1.5), 1.0);
-        items.extend(collect_until(&mut conn, Duration::from_secs(30), is_done(1)).await);
-        streaming.await.unwrap();
+        let items = question_then_interruption(&mut conn, 1).await;
         let interrupted = items.iter().filter_map(event).any(|e| {
             matches!(
                 e,

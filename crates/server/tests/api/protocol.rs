@@ -368,3 +368,28 @@ async fn control_characters_in_recorded_strings_are_refused_at_start() {
     // The connection is still usable: a clean start succeeds.
     start_session(&mut conn).await;
 }
+
+#[tokio::test]
+async fn a_malformed_traceparent_is_refused_at_start_and_a_valid_one_starts() {
+    let app = spawn_app().await;
+    let mut conn = app.connect("u").await;
+    for bad in [
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    ] {
+        conn.sender
+            .send_raw(Message::text(format!(
+                r#"{{"type":"session.start","traceparent":"{bad}"}}"#
+            )))
+            .await
+            .unwrap();
+        expect_error(&mut conn, ErrorCode::InvalidMessage).await;
+    }
+    let start = atlas_protocol::SessionStart {
+        traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+        ..Default::default()
+    };
+    start_with(&mut conn, ClientMessage::SessionStart(start)).await;
+}

@@ -27,14 +27,16 @@ const HOOK_SECRET: &str = "webhook-test-secret-0123456789abcdef-xyz";
 
 /// One call the test webhook received.
 #[derive(Clone, Debug)]
-struct HookCall {
+pub(crate) struct HookCall {
     body: Value,
     /// The signature matched an HMAC-SHA256 computed here, and the timestamp is current.
     signed: bool,
+    /// The W3C trace context the call carried.
+    pub(crate) traceparent: Option<String>,
 }
 
 /// The operator's webhook endpoint: answers per tool name, records every call.
-struct Hook {
+pub(crate) struct Hook {
     addr: SocketAddr,
     calls: Arc<Mutex<Vec<HookCall>>>,
 }
@@ -55,7 +57,7 @@ impl Hook {
         format!("http://{}/hook", self.addr)
     }
 
-    fn calls(&self) -> Vec<HookCall> {
+    pub(crate) fn calls(&self) -> Vec<HookCall> {
         self.calls.lock().unwrap().clone()
     }
 }
@@ -95,6 +97,10 @@ async fn answer(
     calls.lock().unwrap().push(HookCall {
         body: body.clone(),
         signed,
+        traceparent: headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
     });
     if !signed {
         return (StatusCode::UNAUTHORIZED, "bad signature").into_response();
@@ -235,7 +241,7 @@ async fn scripted_session(
 }
 
 /// [`scripted_session`] with one webhook tool, `lookup_order` (3 s timeout).
-async fn lookup_order_session(
+pub(crate) async fn lookup_order_session(
     user: &str,
     tweak: impl FnOnce(&mut Config),
     script: Vec<ScriptedCall>,

@@ -142,8 +142,12 @@ fn every_round_trip_of_a_tool_turn_is_billed() {
     calls_round(&mut h, "Let me look.", vec![call("c1", ToolKind::Server)]);
     assert_eq!(h.s.ledger().consumption().llm_output_tokens, before + 20);
     finished(&mut h, "c1", Ok("{}"));
-    h.reply_done(1, "Done.", 7);
+    let out = h.reply_done(1, "Done.", 7);
     assert_eq!(h.s.ledger().consumption().llm_output_tokens, before + 27);
+    // The turn's record counts both requests, as billed.
+    let log = turn_log(&out);
+    assert_eq!((log.tokens.input, log.tokens.output), (Some(200), Some(27)));
+    assert_eq!(log.tts_chars, "Done.".len() as u64);
 }
 
 #[test]

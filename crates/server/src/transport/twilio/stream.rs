@@ -147,6 +147,7 @@ fn started(secret: &[u8], start: wire::Start) -> Result<(Start, String, Identity
         language: None,
         conversation_id: None,
         client: None,
+        traceparent: None,
         call: Some(Call {
             call_sid: details.call_sid,
             caller,

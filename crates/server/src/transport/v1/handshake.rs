@@ -94,6 +94,7 @@ fn check(state: &AppState, start: &SessionStart) -> Result<(), (ErrorCode, Strin
             client.and_then(|c| c.name.as_deref()),
             client.and_then(|c| c.version.as_deref()),
         ),
+        traceparent: start.traceparent.as_deref(),
     })
 }
 
@@ -106,6 +107,7 @@ fn start_of(s: SessionStart) -> Start {
         language: s.language,
         conversation_id: s.conversation_id,
         client: s.client,
+        traceparent: s.traceparent,
         call: None,
     }
 }

@@ -10,7 +10,10 @@
 # LOADTEST_FAKES_BIN runs the provider fakes from another build (A/B comparisons of servers
 # against the same fakes).
 # LOADTEST_METRICS=REGEX prints the server's /metrics lines matching REGEX after the run
-# (e.g. 'atlas_turn_decision' with ATLAS_TURN_POLICY=smart in the environment).
+# (e.g. 'atlas_turn_decision' with ATLAS_TURN_POLICY=smart in the environment), after
+# LOADTEST_METRICS_DELAY_S seconds (default 0; e.g. 6 for the trace exporter's 5 s batches,
+# with OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=http://127.0.0.1:19090/v1/traces: the fakes take
+# OTLP exports too).
 # LOADTEST_TWILIO=1 places SESSIONS phone calls through the fake Twilio instead (signed
 # webhook, TwiML, a media stream of 20 ms mu-law frames at real-time pace; CHUNK_MS is unused).
 set -euo pipefail
@@ -64,5 +67,6 @@ token=$("$bin" token --user loadtest)
   --sessions "$n" --chunk-ms "$chunk" --ramp-ms "$ramp" \
   --server-pid "$server_pid" --fakes-pid "$fakes_pid" "$@"
 if [ -n "${LOADTEST_METRICS:-}" ]; then
+  sleep "${LOADTEST_METRICS_DELAY_S:-0}"
   curl -s "http://127.0.0.1:$server_port/metrics" | grep -E "$LOADTEST_METRICS" >&2 || true
 fi

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
-use tracing_subscriber::{EnvFilter, Layer as _};
+use tracing_subscriber::EnvFilter;
 
 use atlas_fakes::{Fakes, FakesConfig};
 use atlas_server::config::{Config, DEV_JWT_SECRET, LogFormat};
@@ -156,23 +156,13 @@ fn init_logging(format: LogFormat) {
     init_logging_with(format, None);
 }
 
-/// Logs to standard output in `format`; with `traces`, `tracing` spans are also exported as
-/// OpenTelemetry spans.
+/// Logs to standard output in `format` at `RUST_LOG`'s levels; with `traces`, `tracing` spans
+/// are also exported as OpenTelemetry spans, whatever the log level.
 fn init_logging_with(format: LogFormat, traces: Option<&atlas_server::telemetry::Tracing>) {
-    use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn"));
-    let fmt = tracing_subscriber::fmt::layer();
-    let fmt = match format {
-        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
-        LogFormat::Text => fmt.boxed(),
-    };
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .with(traces.map(|t| t.layer()))
-        .init();
+    atlas_server::telemetry::subscriber(format, filter, traces).init();
 }
 
 /// mimalloc asks for transparent huge pages on its arenas; when it later returns memory and

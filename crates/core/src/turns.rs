@@ -13,6 +13,11 @@
 //! since, or else once the person has been silent for the policy's maximum silence (a
 //! deadline, [`Turns::deadline`]). Speech that resumes cancels the pause: its score, late or
 //! not, decides nothing. A turn never ends while the recogniser reports speech going on.
+//!
+//! A recogniser that cuts utterances itself and transcribes them afterwards (the local one)
+//! reports the cut first ([`Heard::SpeechEnded`]): the pause begins there, and the model
+//! judges it while the words are being transcribed. A decision reached before the words
+//! arrive waits for them: the turn ends with their final transcript, at once.
 
 use std::time::{Duration, Instant};
 
@@ -85,6 +90,11 @@ pub enum Heard<'a> {
     },
     /// Voice activity began.
     SpeechStarted,
+    /// The recogniser's own detector cut the utterance here; its final transcript follows.
+    SpeechEnded {
+        /// When the user stopped speaking, if the caller can tell.
+        end_of_speech: Option<Instant>,
+    },
 }
 
 /// What happened.
@@ -144,6 +154,23 @@ pub enum Action {
     },
 }
 
+/// A pause the end-of-turn model judges.
+#[derive(Clone, Copy, Debug)]
+struct Pause {
+    /// Its number.
+    id: u64,
+    /// When the speech before it ended.
+    since: Instant,
+    /// When its maximum silence runs out.
+    deadline: Instant,
+    /// Opened at the recogniser's cut: the final transcript of the speech before it has not
+    /// arrived yet.
+    awaiting_words: bool,
+    /// Decided (a complete score, or the maximum silence) while awaiting the words: the turn
+    /// ends when they arrive.
+    decided: bool,
+}
+
 /// Turn-taking state of one session.
 #[derive(Debug)]
 pub struct Turns {
@@ -162,9 +189,8 @@ pub struct Turns {
     last_turn: u64,
     /// The turn whose reply is in flight.
     responding: Option<u64>,
-    /// Under the smart policy, the pause being judged: its number and when its maximum
-    /// silence runs out.
-    pause: Option<(u64, Instant)>,
+    /// Under the smart policy, the pause being judged.
+    pause: Option<Pause>,
     /// Number of the last pause.
     last_pause: u64,
     /// When the recogniser last reported speech starting.
@@ -192,13 +218,21 @@ impl Turns {
 
     /// When the pause being judged ends the turn by its maximum silence, if one is.
     pub fn deadline(&self) -> Option<Instant> {
-        self.pause.map(|(_, deadline)| deadline)
+        self.pause.filter(|p| !p.decided).map(|p| p.deadline)
     }
 
     /// Ends the turn if the pause's maximum silence has run out at `now`.
     pub fn expire(&mut self, now: Instant, out: &mut Vec<Action>) {
         if self.deadline().is_some_and(|deadline| now >= deadline) {
-            self.end_turn(out);
+            self.decide(out);
+        }
+    }
+
+    /// The pause is decided: the turn ends now, or when the words before it arrive.
+    fn decide(&mut self, out: &mut Vec<Action>) {
+        match &mut self.pause {
+            Some(p) if p.awaiting_words => p.decided = true,
+            _ => self.end_turn(out),
         }
     }
 
@@ -243,9 +277,13 @@ impl Turns {
                     // The turn's speech ends with its latest words: a piece without timing
                     // makes the end unknown rather than leaving an earlier piece's end.
                     self.pending_eos = end_of_speech;
-                    // New words: a pause judged before them is not this one.
-                    self.pause = None;
+                    self.words_arrived(end_of_speech);
                     self.maybe_interrupt(text, out);
+                } else if let (Some(p), Some(eos)) = (&mut self.pause, end_of_speech)
+                    && eos == p.since
+                {
+                    // Nothing was said before the cut (a noise): no words to wait for.
+                    p.awaiting_words = false;
                 }
                 if std::mem::take(&mut self.commit_requested) {
                     self.end_turn(out);
@@ -260,6 +298,9 @@ impl Turns {
                     self.pending_eos = end_of_speech;
                 }
                 self.speech_ended(end_of_speech, now, out);
+            }
+            Input::Heard(Heard::SpeechEnded { end_of_speech }) => {
+                self.speech_cut(end_of_speech, now, out);
             }
             Input::Heard(Heard::SpeechStarted) => {
                 // The person goes on (or a noise): the recogniser reports its end again.
@@ -306,8 +347,8 @@ impl Turns {
                 let TurnPolicy::Smart { threshold, .. } = self.config.policy else {
                     return;
                 };
-                if self.pause.is_some_and(|(p, _)| p == pause) && probability >= threshold {
-                    self.end_turn(out);
+                if self.pause.is_some_and(|p| p.id == pause) && probability >= threshold {
+                    self.decide(out);
                 }
             }
         }
@@ -325,19 +366,74 @@ impl Turns {
         let TurnPolicy::Smart { max_silence, .. } = self.config.policy else {
             return self.end_turn(out);
         };
+        if let Some(p) = self.pause {
+            // Judged while the words were transcribed: they are here now.
+            if p.decided && !p.awaiting_words {
+                self.end_turn(out);
+            }
+            return;
+        }
         let silent_since = end_of_speech.map_or(now, |eos| eos.min(now));
         // A late transcript: the person spoke again after the speech it ends (a local
         // recogniser transcribes while they go on). No pause: the recogniser will report the
         // end of what they are saying now.
         let resumed = self.speech_started.is_some_and(|t| t > silent_since);
-        if self.pending.is_empty() || self.pause.is_some() || resumed {
+        if self.pending.is_empty() || resumed {
             return;
         }
+        self.open_pause(silent_since, max_silence, false, out);
+    }
+
+    /// The recogniser cut the utterance (its words follow): under the smart policy a pause
+    /// begins, judged while they are transcribed.
+    fn speech_cut(&mut self, end_of_speech: Option<Instant>, now: Instant, out: &mut Vec<Action>) {
+        let TurnPolicy::Smart { max_silence, .. } = self.config.policy else {
+            return;
+        };
+        let silent_since = end_of_speech.map_or(now, |eos| eos.min(now));
+        let resumed = self.speech_started.is_some_and(|t| t > silent_since);
+        if resumed || self.pause.is_some_and(|p| p.since >= silent_since) {
+            return;
+        }
+        self.open_pause(silent_since, max_silence, true, out);
+    }
+
+    fn open_pause(
+        &mut self,
+        since: Instant,
+        max_silence: Duration,
+        awaiting_words: bool,
+        out: &mut Vec<Action>,
+    ) {
         self.last_pause += 1;
-        self.pause = Some((self.last_pause, silent_since + max_silence));
+        self.pause = Some(Pause {
+            id: self.last_pause,
+            since,
+            deadline: since + max_silence,
+            awaiting_words,
+            decided: false,
+        });
         out.push(Action::ScoreTurn {
             pause: self.last_pause,
         });
+    }
+
+    /// Words of speech that ended at `end_of_speech` arrived: those spoken before the pause
+    /// being judged belong to it (the cut's transcript ends where the pause starts); later
+    /// ones, or ones of unknown timing, void it.
+    fn words_arrived(&mut self, end_of_speech: Option<Instant>) {
+        let Some(p) = &mut self.pause else {
+            return;
+        };
+        match end_of_speech {
+            // The cut's own words (the recogniser reports the same moment for both): a
+            // decision about the pause can end the turn now. Words even a millisecond later
+            // were spoken after the pause began.
+            Some(eos) if eos == p.since => p.awaiting_words = false,
+            // Words from before the cut, transcribed late: the pause stands.
+            Some(eos) if eos < p.since => {}
+            _ => self.pause = None,
+        }
     }
 
     fn display(&self) -> String {
@@ -759,6 +855,131 @@ mod tests {
         let out = at(&mut t, Input::Commit, ms(10));
         assert_eq!(ended(&out), Some("Book it"));
         assert_eq!(t.deadline(), None);
+    }
+
+    fn cut(eos: Instant) -> Input<'static> {
+        Input::Heard(Heard::SpeechEnded {
+            end_of_speech: Some(eos),
+        })
+    }
+
+    fn words(text: &str, eos: Instant) -> Input<'_> {
+        Input::Heard(Heard::Final {
+            text,
+            speech_final: true,
+            end_of_speech: Some(eos),
+        })
+    }
+
+    /// A smart-policy machine whose recogniser cut speech that ended at 1 s (reported at
+    /// 1.3 s), which opened pause 1; and its clock, in ms.
+    fn cut_at_one_second() -> (Turns, impl Fn(u64) -> Instant) {
+        let t0 = Instant::now();
+        let ms = move |n| t0 + Duration::from_millis(n);
+        let mut t = smart();
+        assert_eq!(
+            at(&mut t, cut(ms(1000)), ms(1300)),
+            vec![Action::ScoreTurn { pause: 1 }]
+        );
+        (t, ms)
+    }
+
+    #[test]
+    fn under_the_smart_policy_a_cut_is_judged_while_its_words_are_transcribed() {
+        // The model decides first: the turn ends the moment the words arrive.
+        let (mut t, ms) = cut_at_one_second();
+        assert_eq!(t.deadline(), Some(ms(2500)));
+        assert!(
+            at(&mut t, scored(1, 0.9), ms(1340)).is_empty(),
+            "no words yet"
+        );
+        assert_eq!(t.deadline(), None, "decided: no maximum silence runs");
+        let out = at(
+            &mut t,
+            words("What is the capital of France?", ms(1000)),
+            ms(1900),
+        );
+        assert_eq!(ended(&out), Some("What is the capital of France?"));
+        assert!(out.contains(&Action::EndOfTurn {
+            turn_id: 1,
+            text: "What is the capital of France?".into(),
+            end_of_speech: Some(ms(1000)),
+        }));
+        // The words first: the pause stands, and the score ends the turn.
+        run(&mut t, Input::ResponseFinished { turn_id: 1 });
+        assert_eq!(
+            at(&mut t, cut(ms(5000)), ms(5300)),
+            vec![Action::ScoreTurn { pause: 2 }]
+        );
+        assert!(at(&mut t, words("And of Spain?", ms(5000)), ms(5600)).is_empty());
+        assert!(at(&mut t, UTTERANCE_END, ms(5601)).is_empty());
+        let out = at(&mut t, scored(2, 0.8), ms(5650));
+        assert_eq!(ended(&out), Some("And of Spain?"));
+    }
+
+    #[test]
+    fn under_the_smart_policy_a_cut_waits_for_its_words_past_the_maximum_silence() {
+        let (mut t, ms) = cut_at_one_second();
+        assert!(at(&mut t, scored(1, 0.1), ms(1340)).is_empty());
+        let mut out = Vec::new();
+        t.expire(ms(2500), &mut out);
+        assert!(
+            out.is_empty(),
+            "the silence decided, but the words are not in yet"
+        );
+        assert_eq!(t.deadline(), None);
+        let out = at(&mut t, words("So the thing is", ms(1000)), ms(2700));
+        assert_eq!(ended(&out), Some("So the thing is"));
+        // A cut of noise: nothing to say, nothing ends, nothing waits.
+        run(&mut t, Input::ResponseFinished { turn_id: 1 });
+        at(&mut t, cut(ms(4000)), ms(4300));
+        at(&mut t, scored(2, 1.0), ms(4350));
+        assert!(at(&mut t, words("", ms(4000)), ms(4600)).is_empty());
+        assert_eq!(t.deadline(), None);
+        assert_eq!(t.last_turn(), 1);
+    }
+
+    #[test]
+    fn under_the_smart_policy_words_from_before_a_cut_keep_its_pause_and_later_ones_void_it() {
+        let (mut t, ms) = cut_at_one_second();
+        // An earlier utterance's transcript, late: the pause stands.
+        let earlier = Input::Heard(Heard::Final {
+            text: "I would like",
+            speech_final: false,
+            end_of_speech: Some(ms(400)),
+        });
+        assert!(at(&mut t, earlier, ms(1400)).is_empty());
+        assert_eq!(t.deadline(), Some(ms(2500)));
+        // Words spoken after the cut: it was no pause; the end of those words is the next.
+        let out = at(&mut t, words("a table for four.", ms(1800)), ms(2000));
+        assert_eq!(out, vec![Action::ScoreTurn { pause: 2 }]);
+        assert!(
+            at(&mut t, scored(1, 1.0), ms(2010)).is_empty(),
+            "pause 1 is over"
+        );
+        let out = at(&mut t, scored(2, 1.0), ms(2020));
+        assert_eq!(ended(&out), Some("I would like a table for four."));
+        // Speech starting again after a cut voids it too.
+        let (mut t, ms) = cut_at_one_second();
+        at(&mut t, SPEECH_STARTED, ms(1350));
+        assert_eq!(t.deadline(), None);
+        assert!(at(&mut t, scored(1, 1.0), ms(1400)).is_empty());
+        assert!(at(&mut t, words("Hello", ms(1000)), ms(1500)).is_empty());
+        assert_eq!(
+            t.last_turn(),
+            0,
+            "a late transcript while they speak is no pause"
+        );
+    }
+
+    #[test]
+    fn cuts_are_ignored_under_the_silence_policy() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut t = Turns::new(TurnConfig::default(), 0);
+        assert!(at(&mut t, cut(ms(1000)), ms(1300)).is_empty());
+        let out = at(&mut t, words("Hi there", ms(1000)), ms(1500));
+        assert_eq!(ended(&out), Some("Hi there"));
     }
 
     #[test]

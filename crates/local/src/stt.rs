@@ -5,7 +5,9 @@
 //! detector is sure (for barge-in); while the person goes on speaking, the growing utterance
 //! is re-decoded at a bounded cadence ([`PartialCadence`]) for `Partial` transcripts — only
 //! when the engine is idle, one at a time, and cancelled (stopped inside the worker) when the
-//! utterance ends; then one final transcript per utterance, followed by `UtteranceEnd`.
+//! utterance ends; at the cut `SpeechEnded` (so the end-of-turn model can judge the pause
+//! while Whisper transcribes), then one final transcript per utterance, followed by
+//! `UtteranceEnd`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -281,7 +283,15 @@ impl StreamTask {
                                         return;
                                     }
                                 }
-                                VadEvent::Utterance(utterance) => queue.push_back(Job { utterance, from_finalize: false }),
+                                VadEvent::Utterance(utterance) => {
+                                    // The cut first: an end-of-turn decision can start while
+                                    // Whisper transcribes.
+                                    let e = SttEvent::SpeechEnded { at_s: Some(seconds(utterance.speech_end)) };
+                                    if self.events.send(Ok(e)).await.is_err() {
+                                        return;
+                                    }
+                                    queue.push_back(Job { utterance, from_finalize: false });
+                                }
                             }
                         }
                         if running.is_none() && queue.is_empty() {

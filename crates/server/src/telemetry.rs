@@ -146,16 +146,19 @@ impl Tracing {
         Ok(Tracing { provider })
     }
 
-    /// The layer that makes `tracing` spans OpenTelemetry spans. Log events are not copied
-    /// into them: some name the user.
+    /// The layer that makes `tracing` spans at `info` and above OpenTelemetry spans, with a
+    /// filter of its own: the log level (`RUST_LOG`) must filter only the log's layer, or
+    /// `RUST_LOG=warn` would disable the session spans and with them every trace. Log events
+    /// are not copied into spans: some name the user.
     pub fn layer<S>(&self) -> impl tracing_subscriber::Layer<S> + use<S>
     where
         S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
         use tracing_subscriber::Layer as _;
+        use tracing_subscriber::filter::{FilterExt as _, LevelFilter, filter_fn};
         tracing_opentelemetry::layer()
             .with_tracer(self.provider.tracer(SCOPE))
-            .with_filter(tracing_subscriber::filter::filter_fn(|meta| meta.is_span()))
+            .with_filter(LevelFilter::INFO.and(filter_fn(|meta| meta.is_span())))
     }
 
     /// Exports what is queued (blocks up to 5 s: call it off the runtime's threads).
@@ -167,6 +170,25 @@ impl Tracing {
     pub fn shutdown(&self) {
         let _ = self.provider.shutdown();
     }
+}
+
+/// The process's subscriber: the log in `format`, filtered by `filter` (`RUST_LOG`), and with
+/// `traces` the trace layer beside it, which the log's filter does not touch.
+pub fn subscriber(
+    format: crate::config::LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+    traces: Option<&Tracing>,
+) -> impl tracing::Subscriber + Send + Sync + use<> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let fmt = tracing_subscriber::fmt::layer();
+    let fmt = match format {
+        crate::config::LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        crate::config::LogFormat::Text => fmt.boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(traces.map(|t| t.layer()))
 }
 
 /// The SDK's default bound on spans waiting for the collector (`OTEL_BSP_MAX_QUEUE_SIZE`).

@@ -62,6 +62,8 @@ const MAX_TOKENS: u64 = 200;
 const MAX_SILENCE: u64 = 1_500;
 /// The smart turn policy's threshold.
 const THRESHOLD: f32 = 0.5;
+/// The local recogniser cuts an utterance this long (ms) after its speech ended.
+const CUT_MS: i64 = 300;
 /// Words that alone, while a reply plays, are no turn (the machine's default backchannels
 /// among [`WORDS`]).
 const BACKCHANNELS: &[&str] = &["okay", "mm-hm"];
@@ -102,6 +104,8 @@ pub enum ClientAct {
     },
     UtteranceEnd,
     SpeechStarted,
+    /// The recogniser cut the utterance (the local recogniser): the next final transcribes it.
+    SpeechEnded,
     /// Push-to-talk released.
     Commit,
     /// Stop the reply.
@@ -232,14 +236,16 @@ struct Copy {
 /// the model's answers on their way, and a broken turn rule.
 #[derive(Debug, Default)]
 struct TurnWatch {
-    /// The live pause: its number and the end of speech (ms) it followed. `None` once speech
-    /// resumed or the turn ended.
-    pause: Option<(u64, i64)>,
+    /// The live pause. `None` once speech resumed or the turn ended.
+    pause: Option<WatchedPause>,
+    /// A recogniser's cut is being fed: a pause it opens awaits the cut's words.
+    cutting: bool,
     /// End of speech (ms, before the start when negative) of the recognition signal being
     /// fed.
     signal_eos: i64,
     /// A finalise was asked (push-to-talk): the next final may end the turn.
     commit: bool,
+
     /// When speech last started (ms).
     speech_started: Option<i64>,
     /// Words heard in finals since the last turn ended.
@@ -248,6 +254,19 @@ struct TurnWatch {
     answers: Vec<(u64, u64, f32)>,
     /// A broken turn rule.
     violation: Option<String>,
+}
+
+/// A pause the machine asked about, as the world sees it.
+#[derive(Clone, Copy, Debug)]
+struct WatchedPause {
+    id: u64,
+    /// The end of speech (ms) it followed.
+    since: i64,
+    /// Opened at a recogniser's cut whose final has not come yet.
+    awaiting: bool,
+    /// Decided (a complete score or the maximum silence) while awaiting: the final ends the
+    /// turn.
+    decided: bool,
 }
 
 impl TurnWatch {
@@ -303,6 +322,8 @@ struct SimSession {
     record: Option<(u64, u32)>,
     /// Words the person said or typed, and words the assistant was heard to say.
     said: HashSet<String>,
+    /// The end of speech (ms) of the recogniser's last cut, until a final transcribes it.
+    cut: Option<i64>,
 }
 
 /// The world.
@@ -401,6 +422,12 @@ impl World {
 
     fn now(&self) -> Instant {
         self.t0 + Duration::from_millis(self.now_ms)
+    }
+
+    /// The instant `ms` after the start (before it, when negative).
+    fn at_ms(&self, ms: i64) -> Instant {
+        let d = Duration::from_millis(ms.unsigned_abs());
+        if ms < 0 { self.t0 - d } else { self.t0 + d }
     }
 
     fn is_smart(&self, sid: u64) -> bool {
@@ -504,6 +531,7 @@ impl World {
             token: None,
             record: None,
             said: HashSet::new(),
+            cut: None,
         });
         let s = self.sessions.len() - 1;
         let token = self.new_token();
@@ -528,6 +556,7 @@ impl World {
             return self.client_act(s, what);
         };
         let now_ms = self.now_ms as i64;
+        let cut = self.sessions[s].cut;
         let copy = &mut self.sessions[s].copies[c];
         let last = copy.machine.last_turn();
         let watch = copy.smart.as_mut().expect("watched");
@@ -540,20 +569,43 @@ impl World {
                 watch.speech_started = Some(now_ms);
             }
             ClientAct::Final { .. } => {
-                watch.pause = None;
-                watch.signal_eos = now_ms - 150;
+                let eos = cut.unwrap_or(now_ms - 150);
+                // The cut's own words keep its pause; words from before it too; later ones
+                // void it.
+                match &mut watch.pause {
+                    Some(p) if eos == p.since => p.awaiting = false,
+                    Some(p) if eos < p.since => {}
+                    _ => watch.pause = None,
+                }
+                watch.signal_eos = eos;
             }
             ClientAct::UtteranceEnd => watch.signal_eos = now_ms - 1000,
+            ClientAct::SpeechEnded => {
+                watch.signal_eos = now_ms - CUT_MS;
+                watch.cutting = true;
+            }
             _ => {}
         }
+        // A decided pause whose words are in ends the turn at the next endpoint.
+        let words_in = |watch: &TurnWatch| {
+            watch.pause.is_some_and(|p| p.decided && !p.awaiting)
+                && matches!(
+                    what,
+                    ClientAct::Final { speech_final: true } | ClientAct::UtteranceEnd
+                )
+        };
+        let due = words_in(watch);
+        let backchannels = watch.only_backchannels();
         self.client_act(s, what);
         let copy = &mut self.sessions[s].copies[c];
         let ended = copy.machine.last_turn() > last;
         let watch = copy.smart.as_mut().expect("watched");
+        watch.cutting = false;
         let allowed = match what {
             ClientAct::Text { .. } | ClientAct::Commit => true,
             // Push-to-talk's finalise: the final that answers it ends the turn.
-            ClientAct::Final { .. } => commit,
+            ClientAct::Final { .. } => commit || due,
+            ClientAct::UtteranceEnd => due,
             ClientAct::Drop | ClientAct::End | ClientAct::Resume { .. } => true,
             _ => false,
         };
@@ -564,12 +616,26 @@ impl World {
                 last + 1
             ));
         }
+        if due && !ended && !backchannels && !watch.pending.is_empty() {
+            watch.violation.get_or_insert(format!(
+                "the words of decided pause {:?} arrived ({what:?}) and turn {} did not end",
+                watch.pause,
+                last + 1
+            ));
+        }
         if matches!(what, ClientAct::Final { .. }) {
             watch.commit = false;
         }
+        // Ending a turn (or finding only backchannels to end it with) is the pause's end: a
+        // decided pause's words, or push-to-talk's final.
+        if due || (commit && matches!(what, ClientAct::Final { .. })) {
+            watch.pause = None;
+        }
+        if ended || due {
+            watch.pending.clear();
+        }
         if ended {
             watch.pause = None;
-            watch.pending.clear();
         }
     }
 
@@ -621,7 +687,11 @@ impl World {
                         .pending
                         .extend(text.split_whitespace().map(str::to_owned));
                 }
-                let eos = Some(self.now() - Duration::from_millis(150));
+                let eos_ms = self.sessions[s]
+                    .cut
+                    .take()
+                    .unwrap_or(self.now_ms as i64 - 150);
+                let eos = Some(self.at_ms(eos_ms));
                 self.feed(
                     s,
                     c,
@@ -641,6 +711,16 @@ impl World {
                 );
             }
             ClientAct::SpeechStarted => self.feed(s, c, Input::Heard(Heard::SpeechStarted)),
+            ClientAct::SpeechEnded => {
+                let eos_ms = self.now_ms as i64 - CUT_MS;
+                self.sessions[s].cut = Some(eos_ms);
+                let eos = Some(self.at_ms(eos_ms));
+                self.feed(
+                    s,
+                    c,
+                    Input::Heard(Heard::SpeechEnded { end_of_speech: eos }),
+                );
+            }
             ClientAct::Commit => self.feed(s, c, Input::Commit),
             ClientAct::Cancel => self.feed(s, c, Input::Cancel),
             ClientAct::Refresh => self.feed(s, c, Input::Refresh("header.payload.sig".into())),
@@ -1182,7 +1262,12 @@ impl World {
                             watch.signal_eos, watch.speech_started
                         ));
                     }
-                    watch.pause = Some((pause, watch.signal_eos));
+                    watch.pause = Some(WatchedPause {
+                        id: pause,
+                        since: watch.signal_eos,
+                        awaiting: watch.cutting,
+                        decided: false,
+                    });
                     if let Some((due, probability)) = answer {
                         watch.answers.push((due, pause, probability));
                     }
@@ -1299,12 +1384,27 @@ impl World {
             let copy = &mut self.sessions[s].copies[c];
             let last = copy.machine.last_turn();
             let watch = copy.smart.as_ref().expect("smart");
-            let decisive = watch.pause.is_some_and(|(p, _)| p == pause) && probability >= THRESHOLD;
+            let decisive = watch.pause.is_some_and(|p| p.id == pause) && probability >= THRESHOLD;
+            // Decided before its words arrived: the turn waits for them.
+            let awaiting = watch.pause.is_some_and(|p| p.awaiting);
             let backchannels = watch.only_backchannels();
             self.feed(s, c, Input::TurnScored { pause, probability });
             let copy = &mut self.sessions[s].copies[c];
             let ended = copy.machine.last_turn() > last;
             let watch = copy.smart.as_mut().expect("smart");
+            if decisive && awaiting {
+                if ended {
+                    watch.violation.get_or_insert(format!(
+                        "a complete score for pause {pause} ended turn {} before the words \
+                         before the pause were transcribed",
+                        last + 1
+                    ));
+                }
+                if let Some(p) = &mut watch.pause {
+                    p.decided = true;
+                }
+                continue;
+            }
             if ended && !decisive {
                 watch.violation.get_or_insert(format!(
                     "a score of {probability:.2} for pause {pause} ended turn {} (live pause: \
@@ -1336,7 +1436,19 @@ impl World {
         };
         let silence_over = watch
             .pause
-            .is_some_and(|(_, eos)| now_ms >= eos + MAX_SILENCE as i64);
+            .is_some_and(|p| !p.decided && now_ms >= p.since + MAX_SILENCE as i64);
+        if silence_over && let Some(p) = watch.pause.as_mut().filter(|p| p.awaiting) {
+            // The silence decided; the turn waits for the words.
+            p.decided = true;
+            if ended {
+                watch.violation.get_or_insert(format!(
+                    "turn {} ended by the clock before the words before its pause were \
+                     transcribed",
+                    last + 1
+                ));
+            }
+            return;
+        }
         if ended && !silence_over {
             watch.violation.get_or_insert(format!(
                 "turn {} ended by the clock at {now_ms} ms before its maximum silence (pause \
@@ -1445,8 +1557,17 @@ impl World {
                             format!("session {}: {detail}", s.sid),
                         );
                     }
+                    // A pause of backchannels alone may end without a turn (push-to-talk
+                    // with only "mm-hm" to say, say).
+                    let backchannels = !watch.pending.is_empty() && watch.only_backchannels();
                     if !c.ended
-                        && let Some((pause, eos)) = watch.pause
+                        && !backchannels
+                        && let Some(WatchedPause {
+                            id: pause,
+                            since: eos,
+                            decided: false,
+                            ..
+                        }) = watch.pause
                         && self.now_ms as i64 > eos + MAX_SILENCE as i64
                     {
                         return fail(
@@ -1595,7 +1716,16 @@ fn attaching(resumed: bool, token: String, now: Instant) -> Attaching {
 
 /// The schedule a seed decides.
 pub fn schedule(seed: u64, len: usize) -> Vec<Action> {
+    schedule_with(seed, len, true)
+}
+
+/// The schedule a seed decides; with `cuts`, some finals are preceded by the recogniser's cut
+/// of their utterance and a while for transcribing it (without, the schedules of the seeds
+/// found before cuts existed).
+pub fn schedule_with(seed: u64, len: usize, cuts: bool) -> Vec<Action> {
     let mut rng = StdRng::seed_from_u64(seed);
+    // A second generator, so that adding cuts leaves the rest of each schedule as it was.
+    let mut cut_rng = StdRng::seed_from_u64(seed ^ 0x6375_7473);
     let mut actions = Vec::with_capacity(len);
     for _ in 0..len {
         let session = rng.random::<u8>();
@@ -1646,6 +1776,21 @@ pub fn schedule(seed: u64, len: usize) -> Vec<Action> {
                 },
             },
         };
+        if cuts
+            && let Action::Client {
+                session,
+                what: ClientAct::Final { .. },
+            } = action
+            && cut_rng.random_range(0..3) == 0
+        {
+            actions.push(Action::Client {
+                session,
+                what: ClientAct::SpeechEnded,
+            });
+            actions.push(Action::Advance {
+                ms: cut_rng.random_range(10..400),
+            });
+        }
         actions.push(action);
     }
     actions

@@ -57,6 +57,12 @@ pub enum SttEvent {
         /// Where, if the provider says.
         at_s: Option<f64>,
     },
+    /// The recogniser's own detector ended the utterance here, and its final transcript
+    /// follows (a recogniser that transcribes after cutting, like the local one).
+    SpeechEnded {
+        /// Where the speech ended.
+        at_s: Option<f64>,
+    },
 }
 
 /// An open recognition stream. Dropping `commands` closes it; `events` ends when the stream

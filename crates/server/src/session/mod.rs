@@ -947,7 +947,8 @@ impl Driver {
                         }
                         | SttEvent::UtteranceEnd {
                             last_word_end_s: Some(end),
-                        } => ear.speech_ended(end),
+                        }
+                        | SttEvent::SpeechEnded { at_s: Some(end) } => ear.speech_ended(end),
                         SttEvent::SpeechStarted { at_s } => {
                             ear.speech_started(at_s.unwrap_or_else(|| self.clock.total_seconds()))
                         }
@@ -970,6 +971,9 @@ impl Driver {
                         end_of_speech: at(*last_word_end_s),
                     },
                     SttEvent::SpeechStarted { .. } => Heard::SpeechStarted,
+                    SttEvent::SpeechEnded { at_s } => Heard::SpeechEnded {
+                        end_of_speech: at(*at_s),
+                    },
                 };
                 self.machine.handle(Input::Heard(heard), now());
             }

@@ -273,6 +273,7 @@ impl SttLink {
                 last_word_end_s: shift(last_word_end_s),
             },
             SttEvent::SpeechStarted { at_s } => SttEvent::SpeechStarted { at_s: shift(at_s) },
+            SttEvent::SpeechEnded { at_s } => SttEvent::SpeechEnded { at_s: shift(at_s) },
             partial @ SttEvent::Partial { .. } => partial,
         }
     }

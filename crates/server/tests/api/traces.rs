@@ -14,7 +14,6 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 use sha2::Digest as _;
-use tracing_subscriber::layer::SubscriberExt as _;
 
 use atlas_client::{Connection, Incoming};
 use atlas_fakes::Target;
@@ -91,8 +90,13 @@ struct Traced {
 async fn traced(mode: Collector, max_queue: usize) -> Traced {
     let (receiver, endpoint) = Receiver::start(mode).await;
     let tracing = Tracing::install(Transport::HttpProtobuf, Some(&endpoint), max_queue).unwrap();
-    let subscriber =
-        tracing::subscriber::set_default(tracing_subscriber::registry().with(tracing.layer()));
+    // The server's subscriber with RUST_LOG=warn, which turns the session spans off for the
+    // log: the traces must still have them.
+    let subscriber = tracing::subscriber::set_default(atlas_server::telemetry::subscriber(
+        atlas_server::config::LogFormat::Text,
+        tracing_subscriber::EnvFilter::new("warn"),
+        Some(&tracing),
+    ));
     Traced {
         receiver,
         tracing: Arc::new(tracing),

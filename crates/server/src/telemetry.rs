@@ -156,8 +156,13 @@ impl Tracing {
     {
         use tracing_subscriber::Layer as _;
         use tracing_subscriber::filter::{FilterExt as _, LevelFilter, filter_fn};
+        // A session's span is entered at every poll of its task: keeping busy and idle time
+        // (and thread and source location) on every enter cost as much CPU as exporting.
         tracing_opentelemetry::layer()
             .with_tracer(self.provider.tracer(SCOPE))
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_location(false)
             .with_filter(LevelFilter::INFO.and(filter_fn(|meta| meta.is_span())))
     }
 
@@ -316,7 +321,7 @@ pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
 /// everywhere, so an operator who knows the id can find the sessions), or the id itself
 /// when the operator enables content.
 pub fn identify(span: &tracing::Span, user_id: &str, content: bool) {
-    if !span.context().span().span_context().is_valid() {
+    if !recorded(&span.context()) {
         return;
     }
     if content {
@@ -326,6 +331,14 @@ pub fn identify(span: &tracing::Span, user_id: &str, content: bool) {
         let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
         span.set_attribute("enduser.pseudo.id", hex);
     }
+}
+
+/// Whether spans under `cx` are kept: tracing is on and the session's trace was sampled (a
+/// session left out by the sampler costs its turns nothing).
+fn recorded(cx: &Context) -> bool {
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid() && sc.is_sampled()
 }
 
 /// `at` on the wall clock.
@@ -348,7 +361,7 @@ pub fn turn_spans(
     tools: &mut TurnTools,
 ) {
     let parent = tracing::Span::current().context();
-    if !parent.span().span_context().is_valid() {
+    if !recorded(&parent) {
         return;
     }
     tools.ended = tools.ended.max(log.turn_id);
@@ -488,7 +501,7 @@ struct ToolTrace {
 /// A tool call's span: held for its turn's span (see [`TurnTools`]).
 pub fn tool_span(log: &ToolLog, mcp_server: Option<&str>, tools: &mut TurnTools) {
     let parent = tracing::Span::current().context();
-    if !parent.span().span_context().is_valid() {
+    if !recorded(&parent) {
         return;
     }
     let mut attributes = vec![

@@ -356,7 +356,8 @@ impl Turns {
 
     /// The recogniser reports the end of speech (endpointing): under the silence policy the
     /// turn ends; under the smart policy a pause begins, unless one is already being judged
-    /// with no speech since.
+    /// with no speech since (and if that one was decided while its words were transcribed,
+    /// they are in now: the turn ends).
     fn speech_ended(
         &mut self,
         end_of_speech: Option<Instant>,

@@ -18,6 +18,14 @@
 //! reports the cut first ([`Heard::SpeechEnded`]): the pause begins there, and the model
 //! judges it while the words are being transcribed. A decision reached before the words
 //! arrive waits for them: the turn ends with their final transcript, at once.
+//!
+//! # Drafts (preemptive replies)
+//! With [`TurnConfig::drafts`] above zero, final words that do not end the turn yet (a
+//! recogniser's `is_final` before its `speech_final`, or a pause the model is still judging)
+//! are offered as a *draft* ([`Action::Draft`]): the caller may start answering them before
+//! the turn ends, and keeps that work only if the turn ends with exactly those words. Words
+//! that come after a draft void it ([`Action::DropDraft`]); at most `drafts` are offered per
+//! turn.
 
 use std::time::{Duration, Instant};
 
@@ -50,6 +58,8 @@ pub struct TurnConfig {
     pub min_interrupt_chars: usize,
     /// How the end of a turn is decided.
     pub policy: TurnPolicy,
+    /// Drafts offered per turn at most (0: none; answers start when the turn ends).
+    pub drafts: u32,
 }
 
 impl Default for TurnConfig {
@@ -65,6 +75,7 @@ impl Default for TurnConfig {
             partials: true,
             min_interrupt_chars: 2,
             policy: TurnPolicy::Silence,
+            drafts: 0,
         }
     }
 }
@@ -143,6 +154,16 @@ pub enum Action {
         /// The turn being cut off.
         turn_id: u64,
     },
+    /// The words so far may be the whole turn: a reply to them may start now, to be kept if
+    /// the turn ends with exactly `text` (its [`Action::EndOfTurn`] will say so).
+    Draft {
+        /// The turn's words so far.
+        text: String,
+        /// When the user stopped speaking, if known.
+        end_of_speech: Option<Instant>,
+    },
+    /// The person went on after the last draft: it will not be the turn.
+    DropDraft,
     /// The user's turn is complete: reply to it.
     EndOfTurn {
         /// New turn number, from 1.
@@ -195,6 +216,10 @@ pub struct Turns {
     last_pause: u64,
     /// When the recogniser last reported speech starting.
     speech_started: Option<Instant>,
+    /// Drafts offered this turn.
+    drafts: u32,
+    /// The last draft offered still stands (no words came after it).
+    drafted: bool,
 }
 
 impl Turns {
@@ -213,6 +238,8 @@ impl Turns {
             pause: None,
             last_pause: 0,
             speech_started: None,
+            drafts: 0,
+            drafted: false,
         }
     }
 
@@ -257,6 +284,7 @@ impl Turns {
                 }
                 // Words again: the person goes on.
                 self.pause = None;
+                self.drop_draft(out);
                 self.partial.clear();
                 self.partial.push_str(text);
                 self.maybe_interrupt(text, out);
@@ -270,6 +298,8 @@ impl Turns {
                 let text = text.trim();
                 self.partial.clear();
                 if !text.is_empty() {
+                    // More words than the last draft held.
+                    self.drop_draft(out);
                     if !self.pending.is_empty() {
                         self.pending.push(' ');
                     }
@@ -285,10 +315,14 @@ impl Turns {
                     // Nothing was said before the cut (a noise): no words to wait for.
                     p.awaiting_words = false;
                 }
+                let turns = self.last_turn;
                 if std::mem::take(&mut self.commit_requested) {
                     self.end_turn(out);
                 } else if speech_final {
                     self.speech_ended(end_of_speech, now, out);
+                }
+                if !text.is_empty() && self.last_turn == turns {
+                    self.offer_draft(out);
                 }
             }
             Input::Heard(Heard::UtteranceEnd { end_of_speech }) => {
@@ -305,6 +339,7 @@ impl Turns {
             Input::Heard(Heard::SpeechStarted) => {
                 // The person goes on (or a noise): the recogniser reports its end again.
                 self.pause = None;
+                self.drop_draft(out);
                 self.speech_started = Some(now);
                 if !self.config.partials
                     && let Some(turn_id) = self.responding.take()
@@ -437,6 +472,28 @@ impl Turns {
         }
     }
 
+    /// Offers the words so far as a draft, within the turn's allowance.
+    fn offer_draft(&mut self, out: &mut Vec<Action>) {
+        // Not while a reply plays: it is answered first, and the words may be a backchannel.
+        if self.pending.is_empty() || self.responding.is_some() || self.drafts >= self.config.drafts
+        {
+            return;
+        }
+        self.drafts += 1;
+        self.drafted = true;
+        out.push(Action::Draft {
+            text: self.pending.clone(),
+            end_of_speech: self.pending_eos,
+        });
+    }
+
+    /// More is coming than the last draft held.
+    fn drop_draft(&mut self, out: &mut Vec<Action>) {
+        if std::mem::take(&mut self.drafted) {
+            out.push(Action::DropDraft);
+        }
+    }
+
     fn display(&self) -> String {
         match (self.pending.is_empty(), self.partial.is_empty()) {
             (true, _) => self.partial.clone(),
@@ -463,6 +520,8 @@ impl Turns {
         if self.pending.is_empty() {
             return;
         }
+        self.drafts = 0;
+        self.drafted = false;
         let text = std::mem::take(&mut self.pending);
         let end_of_speech = self.pending_eos.take();
         self.partial.clear();
@@ -707,6 +766,80 @@ mod tests {
         assert_eq!(
             run(&mut t, SPEECH_STARTED),
             vec![Action::Interrupt { turn_id: 1 }]
+        );
+    }
+
+    fn drafting(config: TurnConfig) -> Turns {
+        Turns::new(
+            TurnConfig {
+                drafts: 2,
+                ..config
+            },
+            0,
+        )
+    }
+
+    fn drafted(out: &[Action]) -> Option<&str> {
+        out.iter().find_map(|a| match a {
+            Action::Draft { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn stable_words_are_drafted_and_later_words_drop_the_draft() {
+        let mut t = drafting(TurnConfig::default());
+        assert_eq!(
+            drafted(&run(&mut t, fin("Book a table", false))),
+            Some("Book a table")
+        );
+        assert_eq!(
+            run(&mut t, partial("for")),
+            [
+                Action::DropDraft,
+                Action::Partial("Book a table for".into())
+            ]
+        );
+        // A final with more words drops and drafts anew; the endpoint ends the turn with them.
+        let out = run(&mut t, fin("for two", false));
+        assert_eq!(drafted(&out), Some("Book a table for two"));
+        assert!(
+            !out.contains(&Action::DropDraft),
+            "the partial dropped it already"
+        );
+        let out = run(&mut t, fin("", true));
+        assert!(
+            matches!(&out[..], [Action::EndOfTurn { text, .. }] if text == "Book a table for two")
+        );
+        // The allowance was two: a third offer this turn would not come; a new turn has its own.
+        run(&mut t, Input::ResponseFinished { turn_id: 1 });
+        assert_eq!(drafted(&run(&mut t, fin("Thanks", false))), Some("Thanks"));
+    }
+
+    #[test]
+    fn no_draft_while_a_reply_plays_or_when_the_words_end_the_turn() {
+        let mut t = drafting(TurnConfig::default());
+        let out = run(&mut t, fin("Hello", true));
+        assert_eq!(drafted(&out), None, "the turn ended: no draft");
+        // "mm-hm" while the reply plays: answered first, and maybe a backchannel.
+        assert_eq!(drafted(&run(&mut t, fin("mm-hm", false))), None);
+    }
+
+    #[test]
+    fn under_the_smart_policy_a_judged_pause_is_drafted() {
+        let mut t = drafting(TurnConfig {
+            policy: TurnPolicy::Smart {
+                threshold: 0.5,
+                max_silence: Duration::from_millis(1500),
+            },
+            ..TurnConfig::default()
+        });
+        let out = run(&mut t, fin("What is the weather", true));
+        assert!(out.contains(&Action::ScoreTurn { pause: 1 }));
+        assert_eq!(drafted(&out), Some("What is the weather"));
+        let out = run(&mut t, scored(1, 0.9));
+        assert!(
+            matches!(&out[..], [Action::EndOfTurn { text, .. }] if text == "What is the weather")
         );
     }
 

@@ -601,12 +601,20 @@ pub enum Output {
     },
     /// Close the recogniser connection (detached or ending).
     CloseRecogniser,
-    /// Start replying to `turn_id` with the current history.
+    /// Start replying to `turn_id` with the conversation so far ([`Session::prompt`]). A draft
+    /// (a reply to words that may not be the whole turn) starts the same way: until its turn
+    /// ends with its words the machine keeps its text and audio from the client.
     StartReply {
         /// The turn.
         turn_id: u64,
         /// When the person stopped speaking, if known.
         end_of_speech: Option<Instant>,
+    },
+    /// A draft reply (started before its turn ended) was settled: `kept` as the turn's reply,
+    /// or discarded (its work is billed all the same).
+    DraftSettled {
+        /// Kept.
+        kept: bool,
     },
     /// Abort the reply to `turn_id` at once and report its outcome ([`Input::ReplyEnded`]).
     AbortReply {
@@ -770,6 +778,13 @@ struct Reply {
     acknowledged: bool,
     /// The tool calls being waited for.
     round: Option<ToolRound>,
+    /// A draft: its turn has not ended yet (`user_text` is the words so far). Nothing of it
+    /// reaches the client and none of its tools run until the turn ends with its words.
+    draft: bool,
+    /// A draft's words, held until it is kept.
+    held_text: Vec<String>,
+    /// A draft's tool calls, held until it is kept.
+    parked: Option<(String, Vec<CheckedCall>)>,
 }
 
 /// A turn that ended while a cut reply had not yet reported its outcome: it starts once
@@ -836,6 +851,8 @@ pub struct Session {
     reply: Option<Reply>,
     /// The turn waiting for the cut reply's outcome.
     waiting: Option<WaitingTurn>,
+    /// Words to draft a reply to once the discarded draft before it has reported.
+    draft_wanted: Option<(String, Option<Instant>)>,
     /// Token refreshes: one is being verified; the latest of those sent meanwhile waits.
     refresh: Refresh,
     /// When the input being handled happened.
@@ -892,6 +909,7 @@ impl Session {
             output: AudioFormat::DEFAULT_OUTPUT,
             reply: None,
             waiting: None,
+            draft_wanted: None,
             refresh: Refresh::default(),
             now,
             next_checkpoint: now + config.checkpoint_interval,
@@ -952,9 +970,23 @@ impl Session {
         &self.id
     }
 
-    /// The conversation to send to the model.
+    /// The conversation as heard: the turns that ended and the replies as far as they were
+    /// heard.
     pub fn history(&self) -> impl ExactSizeIterator<Item = &Message> {
         self.history.messages()
+    }
+
+    /// The messages for the model's next request: the history and, while a draft is in
+    /// flight, its words as the person's last message.
+    pub fn prompt(&self) -> Vec<Message> {
+        match self.reply.as_ref().filter(|r| r.draft) {
+            Some(draft) => {
+                let mut history = self.history.clone();
+                history.push_user(&draft.user_text);
+                history.messages().cloned().collect()
+            }
+            None => self.history.messages().cloned().collect(),
+        }
     }
 
     /// The cost ledger.
@@ -1214,11 +1246,11 @@ impl Session {
                     reply.playout.confirm(offset);
                 }
             }
-            Input::ReplyText { turn_id, text } => {
-                if self.live_reply(turn_id).is_some() {
-                    self.send(Event::ReplyText { turn_id, text });
-                }
-            }
+            Input::ReplyText { turn_id, text } => match self.live_reply(turn_id) {
+                Some(reply) if reply.draft => reply.held_text.push(text),
+                Some(_) => self.send(Event::ReplyText { turn_id, text }),
+                None => {}
+            },
             Input::ReplyAudio { turn_id, pcm } => {
                 if let Some(reply) = self.live_reply(turn_id) {
                     reply.playout.push(pcm);
@@ -1488,6 +1520,14 @@ impl Session {
                         self.abort_reply();
                     }
                 }
+                Action::Draft {
+                    text,
+                    end_of_speech,
+                } => self.draft(text, end_of_speech),
+                Action::DropDraft => {
+                    self.draft_wanted = None;
+                    self.discard_draft();
+                }
                 Action::EndOfTurn {
                     turn_id,
                     text,
@@ -1509,6 +1549,9 @@ impl Session {
             && !reply.aborted
         {
             reply.aborted = true;
+            if reply.draft {
+                self.out.push_back(Output::DraftSettled { kept: false });
+            }
             // What the listener holds and has not played is thrown away on the
             // `Interrupted` that follows.
             reply.playout.stop(self.now);
@@ -1559,7 +1602,7 @@ impl Session {
     /// Sends the reply audio due at `now`; completes a reply whose task ended once all of
     /// its audio is out.
     fn play(&mut self, now: Instant) {
-        let Some(reply) = self.reply.as_mut().filter(|r| !r.aborted) else {
+        let Some(reply) = self.reply.as_mut().filter(|r| !r.aborted && !r.draft) else {
             return;
         };
         let turn_id = reply.turn_id;
@@ -1588,6 +1631,11 @@ impl Session {
         if let Some(reply) = self.reply.as_mut().filter(|r| r.turn_id == turn_id) {
             reply.tokens = reply.tokens.plus(llm.tokens());
         }
+        self.run_tools(turn_id, text, calls, now);
+    }
+
+    /// Runs the calls of a paid model request (a draft's wait until it is kept).
+    fn run_tools(&mut self, turn_id: u64, text: String, calls: Vec<CheckedCall>, now: Instant) {
         let (max_calls, acknowledgement) = self.config.tools.as_ref().map_or((0, None), |p| {
             (p.max_calls_per_turn, p.acknowledgement.clone())
         });
@@ -1598,6 +1646,11 @@ impl Session {
         else {
             return;
         };
+        if reply.draft {
+            // Tools act on the world: not for words that may not be the turn.
+            reply.parked = Some((text, calls));
+            return;
+        }
         reply.rounds += 1;
         let mut round = ToolRound {
             text,
@@ -1879,13 +1932,22 @@ impl Session {
     /// that ends while a reply is in flight cuts it and waits for its outcome, so every
     /// request started is billed and the history keeps the order things were said in.
     fn end_of_turn(&mut self, turn_id: u64, text: String, end_of_speech: Option<Instant>) {
+        self.draft_wanted = None;
         self.send(Event::Heard {
             turn_id,
             text: text.clone(),
         });
+        if self
+            .reply
+            .as_ref()
+            .is_some_and(|r| r.draft && !r.aborted && r.turn_id == turn_id && r.user_text == text)
+        {
+            return self.keep_draft(end_of_speech);
+        }
         if self.reply.is_none() {
             return self.start_reply(turn_id, text, end_of_speech);
         }
+        // A reply in flight, or a draft of other words: cut (discarded).
         self.abort_reply();
         let waiting = WaitingTurn {
             turn_id,
@@ -1901,12 +1963,7 @@ impl Session {
     fn start_reply(&mut self, turn_id: u64, text: String, end_of_speech: Option<Instant>) {
         self.history.push_user(&text);
         // Stop before starting work that would exceed the budget.
-        let prompt_chars = self.config.system_prompt_chars
-            + self.history.messages().map(|m| m.text.len()).sum::<usize>();
-        let estimate = self
-            .ledger
-            .reply_estimate(prompt_chars, u64::from(self.config.llm_max_tokens));
-        if self.budget_verdict(estimate) == Verdict::Exhausted {
+        if self.budget_verdict(self.reply_estimate(0)) == Verdict::Exhausted {
             // Heard but not answered: kept in the record.
             self.unanswered(turn_id, text);
             return self.end(EndReason::BudgetExhausted);
@@ -1915,6 +1972,26 @@ impl Session {
             return self.unanswered(turn_id, text);
         }
         self.send(Event::ReplyStarted { turn_id });
+        self.begin_reply(turn_id, text, end_of_speech, false);
+    }
+
+    /// The most a reply to the history, with `extra_chars` more of the person's words, can
+    /// cost.
+    fn reply_estimate(&self, extra_chars: usize) -> Micros {
+        let prompt_chars = self.config.system_prompt_chars
+            + extra_chars
+            + self.history.messages().map(|m| m.text.len()).sum::<usize>();
+        self.ledger
+            .reply_estimate(prompt_chars, u64::from(self.config.llm_max_tokens))
+    }
+
+    fn begin_reply(
+        &mut self,
+        turn_id: u64,
+        user_text: String,
+        end_of_speech: Option<Instant>,
+        draft: bool,
+    ) {
         self.reply = Some(Reply {
             turn_id,
             started: self.now,
@@ -1923,7 +2000,7 @@ impl Session {
             playout: Playout::new(self.output.sample_rate, self.config.playout_lead),
             rounds: 0,
             outcome: None,
-            user_text: text,
+            user_text,
             aborted: false,
             calls_made: 0,
             said: String::new(),
@@ -1932,11 +2009,79 @@ impl Session {
             tts_chars: 0,
             acknowledged: false,
             round: None,
+            draft,
+            held_text: Vec::new(),
+            parked: None,
         });
         self.out.push_back(Output::StartReply {
             turn_id,
             end_of_speech,
         });
+    }
+
+    /// The turn-taker offers the words so far as a draft: answer them now if nothing else is
+    /// in flight (a reply being cut is answered first; a draft of other words is discarded).
+    fn draft(&mut self, text: String, end_of_speech: Option<Instant>) {
+        match &self.reply {
+            None if self.waiting.is_none() => self.start_draft(text, end_of_speech),
+            Some(r) if r.draft && !r.aborted && r.user_text == text => {}
+            Some(r) if r.draft || (r.aborted && self.waiting.is_none()) => {
+                self.discard_draft();
+                self.draft_wanted = Some((text, end_of_speech));
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts a draft reply to the next turn, within the budget like any other reply.
+    fn start_draft(&mut self, text: String, end_of_speech: Option<Instant>) {
+        if !self.attached
+            || self.phase != Phase::Live
+            || self.budget_verdict(self.reply_estimate(text.len() + 1)) == Verdict::Exhausted
+        {
+            return;
+        }
+        let turn_id = self.turns.last_turn() + 1;
+        self.begin_reply(turn_id, text, end_of_speech, true);
+    }
+
+    /// Cuts the draft in flight, if there is one: its work is billed, none of it is heard.
+    fn discard_draft(&mut self) {
+        if self.reply.as_ref().is_some_and(|r| r.draft) {
+            self.abort_reply();
+        }
+    }
+
+    /// The turn ended with the draft's words: it becomes the turn's reply, and what it held
+    /// back goes out now.
+    fn keep_draft(&mut self, end_of_speech: Option<Instant>) {
+        let Some(reply) = self.reply.as_mut() else {
+            return;
+        };
+        reply.draft = false;
+        reply.end_of_speech = end_of_speech;
+        let turn_id = reply.turn_id;
+        let held = std::mem::take(&mut reply.held_text);
+        let parked = reply.parked.take();
+        self.history.push_user(&reply.user_text);
+        self.out.push_back(Output::DraftSettled { kept: true });
+        self.send(Event::ReplyStarted { turn_id });
+        for text in held {
+            self.send(Event::ReplyText { turn_id, text });
+        }
+        if let Some((text, calls)) = parked {
+            self.run_tools(turn_id, text, calls, self.now);
+        }
+        self.play(self.now);
+    }
+
+    /// What follows a reply that has reported: the turn that waited for it, or a draft.
+    fn next_reply(&mut self) {
+        if let Some(next) = self.waiting.take() {
+            self.start_reply(next.turn_id, next.text, next.end_of_speech);
+        } else if let Some((text, end_of_speech)) = self.draft_wanted.take() {
+            self.start_draft(text, end_of_speech);
+        }
     }
 
     fn unanswered(&mut self, turn_id: u64, text: String) {
@@ -2003,6 +2148,28 @@ impl Session {
         let Some(reply) = self.reply.as_mut().filter(|r| r.turn_id == o.turn_id) else {
             return;
         };
+        if reply.draft {
+            // Paid for whether it is kept or not.
+            self.ledger.add_reply(&o.llm, o.tts_chars);
+            if !reply.aborted {
+                // Done before its turn ended: it completes as it plays, if kept.
+                reply.tokens = reply.tokens.plus(o.llm.tokens());
+                reply.tts_chars += o.tts_chars;
+                reply.outcome = Some(ReplyOutcome {
+                    llm: LlmBill::default(),
+                    tts_chars: 0,
+                    ..o
+                });
+                return;
+            }
+            self.reply = None;
+            self.settle();
+            return match self.phase {
+                Phase::Ending(reason) => self.finish(reason),
+                Phase::Ended => {}
+                Phase::Live => self.next_reply(),
+            };
+        }
         if !reply.aborted && !reply.playout.is_drained() {
             // Its work is done and paid for now; its audio is still going out, and the turn
             // ends when the last piece has (see `play`).
@@ -2098,9 +2265,7 @@ impl Session {
         if verdict == Verdict::Exhausted {
             return self.end(EndReason::BudgetExhausted);
         }
-        if let Some(next) = self.waiting.take() {
-            self.start_reply(next.turn_id, next.text, next.end_of_speech);
-        }
+        self.next_reply();
     }
 
     fn lease_answered(&mut self, answer: LeaseAnswer, sent_at: Instant, now: Instant) {

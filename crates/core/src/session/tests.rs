@@ -27,6 +27,7 @@ macro_rules! every {
     };
 }
 
+mod drafts;
 mod findings;
 mod playout;
 mod tools;

@@ -8,7 +8,7 @@
 # LOADTEST_PIN=1 runs the server on the first CPU and the fakes and the generator on the
 # others (taskset), so that a generator falling behind does not show up as server latency.
 # LOADTEST_FAKES_BIN runs the provider fakes from another build (A/B comparisons of servers
-# against the same fakes).
+# against the same fakes); LOADTEST_FAKES_ARGS adds flags to them (`--stt-stable-ms 20`, say).
 # LOADTEST_METRICS=REGEX prints the server's /metrics lines matching REGEX after the run
 # (e.g. 'atlas_turn_decision' with ATLAS_TURN_POLICY=smart in the environment), after
 # LOADTEST_METRICS_DELAY_S seconds (default 0; e.g. 6 for the trace exporter's 5 s batches,
@@ -39,7 +39,8 @@ fi
 fakes_port=19090
 server_port=18080
 data=$(mktemp -d)
-RUST_LOG=warn "${client_cpu[@]}" "${LOADTEST_FAKES_BIN:-$bin}" fakes --listen "127.0.0.1:$fakes_port" >/dev/null &
+# shellcheck disable=SC2086 # LOADTEST_FAKES_ARGS is a list of flags
+RUST_LOG=warn "${client_cpu[@]}" "${LOADTEST_FAKES_BIN:-$bin}" fakes --listen "127.0.0.1:$fakes_port" ${LOADTEST_FAKES_ARGS:-} >/dev/null &
 fakes_pid=$!
 export_fake_providers "$fakes_port"
 export ATLAS_LISTEN="127.0.0.1:$server_port" DATABASE_URL="sqlite://$data/atlas-voice.db"

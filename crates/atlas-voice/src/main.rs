@@ -85,6 +85,10 @@ pub struct FakeLatencies {
     /// STT: end of speech → final transcript, ms.
     #[arg(long, default_value_t = 150)]
     pub stt_final_ms: u64,
+    /// STT: silence after the last word → an `is_final` transcript of the words so far, before
+    /// the final (`speech_final`) one, ms; unset: none.
+    #[arg(long)]
+    pub stt_stable_ms: Option<u64>,
     /// LLM: request → first token, ms.
     #[arg(long, default_value_t = 300)]
     pub llm_first_token_ms: u64,
@@ -108,6 +112,7 @@ impl FakeLatencies {
         let mut c = FakesConfig::default();
         c.stt.final_delay = Duration::from_millis(self.stt_final_ms);
         c.stt.silence_to_end = c.stt.silence_to_end.min(c.stt.final_delay);
+        c.stt.stable_after = self.stt_stable_ms.map(Duration::from_millis);
         c.llm.first_token = Duration::from_millis(self.llm_first_token_ms);
         c.llm.tokens_per_s = self.llm_tokens_per_s;
         c.tts.first_byte = Duration::from_millis(self.tts_first_byte_ms);

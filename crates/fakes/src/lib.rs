@@ -144,6 +144,14 @@ pub struct SttFakeConfig {
     pub final_delay: Duration,
     /// Amount of non-speech audio that ends an utterance. Default 100 ms; keep it `<= final_delay`.
     pub silence_to_end: Duration,
+    /// Non-speech audio after which the words spoken so far are stable: an `is_final`
+    /// (`speech_final: false`) `Results` carries them at once, and the `speech_final` one only
+    /// words spoken after it (as Deepgram finalises a stretch before its endpointing fires).
+    /// The words so far are the whole transcript, or, if it marks stretches with `|` ("What
+    /// is the | weather like?"), those up to the next mark: keep it longer than the gaps
+    /// inside the speech (60 ms for `tests/audio/question_16k.wav`), or a stable result would
+    /// carry words not spoken yet. `None` (default): one final `Results` per utterance.
+    pub stable_after: Option<Duration>,
     /// Audio time between interim (`is_final:false`) Results while an utterance goes on.
     /// Default 250 ms.
     pub interim_interval: Duration,
@@ -164,6 +172,7 @@ impl Default for SttFakeConfig {
         Self {
             final_delay: Duration::from_millis(150),
             silence_to_end: Duration::from_millis(100),
+            stable_after: None,
             interim_interval: Duration::from_millis(250),
             energy_threshold_dbfs: -40.0,
             min_speech: Duration::from_millis(60),

@@ -9,7 +9,9 @@
 //! * a sample's wall time is the arrival of the message that carried it (a recogniser can act
 //!   on audio only once it has it), so the end of speech has a wall time;
 //! * utterances produce `SpeechStarted` (with `vad_events=true`), interim `Results`
-//!   (with `interim_results=true`), a final `Results` at `end-of-speech + final_delay`, and an
+//!   (with `interim_results=true`), optionally an `is_final` `Results` of the words so far
+//!   once a short silence follows them (`stable_after`; the words it carries are not repeated),
+//!   a final `Results` at `end-of-speech + final_delay`, and an
 //!   `UtteranceEnd` (with `utterance_end_ms` and `interim_results=true`) once that much audio
 //!   followed the last word;
 //! * `Finalize`, `KeepAlive` and `CloseStream` behave as on Deepgram, and an idle connection is
@@ -38,9 +40,12 @@ const WORDS_PER_SEC: f64 = 2.5;
 /// Model version reported in results metadata.
 const MODEL_VERSION: &str = "2024-12-20.0";
 
-/// A configured transcript, pre-split into words.
+/// A configured transcript, pre-split into words. A `|` between words marks where a stable
+/// stretch ends (see [`crate::SttFakeConfig::stable_after`]); it is not a word.
 pub(crate) struct Transcript {
     words: Vec<Word>,
+    /// Word counts at the `|` marks, ascending.
+    marks: Vec<usize>,
 }
 
 /// A word as Deepgram reports it: `word` (lower case, no punctuation) and `punctuated_word`.
@@ -51,8 +56,21 @@ struct Word {
 
 impl Transcript {
     pub(crate) fn new(text: &str) -> Self {
-        let words = text
-            .split_whitespace()
+        let mut marks = Vec::new();
+        let mut count = 0;
+        for piece in text.split('|') {
+            count += Self::split(piece).count();
+            marks.push(count);
+        }
+        marks.pop();
+        Self {
+            words: Self::split(&text.replace('|', " ")).collect(),
+            marks,
+        }
+    }
+
+    fn split(text: &str) -> impl Iterator<Item = Word> + '_ {
+        text.split_whitespace()
             .map(|w| Word {
                 plain: w
                     .chars()
@@ -62,8 +80,6 @@ impl Transcript {
                 punctuated: w.to_owned(),
             })
             .filter(|w| !w.plain.is_empty())
-            .collect();
-        Self { words }
     }
 }
 
@@ -334,6 +350,10 @@ struct Utterance {
     next_interim: u64,
     /// Index into the transcripts (`None` when none are configured).
     transcript: Option<usize>,
+    /// Words of the transcript already sent in an `is_final` result.
+    finalised: usize,
+    /// The silence since `last_speech_end` has made the words so far stable (sent).
+    stable_sent: bool,
 }
 
 struct PendingFinal {
@@ -355,6 +375,7 @@ pub(crate) struct Session {
     frame: u64,
     min_speech: u64,
     silence_to_end: u64,
+    stable_after: Option<u64>,
     interim_interval: u64,
     utterance_end: Option<u64>,
     threshold_dbfs: f32,
@@ -414,6 +435,7 @@ impl Session {
             frame,
             min_speech: samples(config.min_speech),
             silence_to_end: samples(config.silence_to_end),
+            stable_after: config.stable_after.map(samples),
             interim_interval: samples(config.interim_interval).max(frame),
             utterance_end: params
                 .utterance_end_ms
@@ -518,7 +540,7 @@ impl Session {
     }
 
     fn on_frame(&mut self, s0: u64, s1: u64, speech: bool, now: Instant, out: &mut Vec<Action>) {
-        let (interim_due, ended) = match &mut self.vad {
+        let (interim_due, stable_due, ended) = match &mut self.vad {
             Vad::Idle { run, candidate } => {
                 if speech {
                     if *run == 0 {
@@ -540,6 +562,7 @@ impl Session {
                     u.silence_run = 0;
                     u.last_speech_end = s1;
                     u.last_speech_end_wall = now;
+                    u.stable_sent = false;
                 } else {
                     u.silence_run += self.frame;
                 }
@@ -547,8 +570,15 @@ impl Session {
                 if interim_due {
                     u.next_interim += self.interim_interval;
                 }
+                let stable_due = !u.stable_sent
+                    && u.silence_run > 0
+                    && self.stable_after.is_some_and(|n| u.silence_run >= n);
+                if stable_due {
+                    u.stable_sent = true;
+                }
                 (
                     interim_due,
+                    stable_due,
                     u.silence_run > 0 && u.silence_run >= self.silence_to_end,
                 )
             }
@@ -558,6 +588,9 @@ impl Session {
             if self.ended {
                 return;
             }
+        }
+        if stable_due && !ended {
+            self.stable(s1, out);
         }
         if ended {
             self.end_utterance(s1, now, out);
@@ -581,6 +614,8 @@ impl Session {
             silence_run: 0,
             next_interim: start + self.interim_interval,
             transcript,
+            finalised: 0,
+            stable_sent: false,
         });
         if self.params.vad_events {
             let msg =
@@ -605,8 +640,9 @@ impl Session {
             let words = self.words(u.transcript);
             let spoken = (self.secs(s1 - u.start) * WORDS_PER_SEC).floor() as usize;
             let shown = spoken.clamp(1.min(words.len()), words.len());
+            // An interim covers the words after the last `is_final` result.
             let msg = self.results(
-                &words[..shown],
+                &words[u.finalised.min(shown)..shown],
                 (u.start, s1),
                 (self.window_start, s1),
                 [true, false, false],
@@ -623,6 +659,40 @@ impl Session {
                 out.push(Action::Close(1011, "DATA-0000"));
             }
             FaultMode::None | FaultMode::Stall => {}
+        }
+    }
+
+    /// A short silence made the words spoken so far stable: an `is_final` result of those not
+    /// sent yet (up to the transcript's next `|` mark, or all of them), before the
+    /// endpointing's `speech_final`.
+    fn stable(&mut self, s1: u64, out: &mut Vec<Action>) {
+        let Vad::Speaking(u) = &self.vad else {
+            return;
+        };
+        let Some(t) = u.transcript.map(|i| &self.transcripts[i]) else {
+            return;
+        };
+        let words = &t.words;
+        // Up to the transcript's next mark, or all of it.
+        let upto = t
+            .marks
+            .iter()
+            .copied()
+            .find(|&m| m > u.finalised)
+            .unwrap_or(words.len());
+        if upto <= u.finalised {
+            return;
+        }
+        let msg = self.results(
+            &words[u.finalised..upto],
+            (u.start, u.last_speech_end),
+            (self.window_start, s1),
+            [false, false, false],
+        );
+        out.push(Action::Send(msg));
+        self.window_start = s1;
+        if let Vad::Speaking(u) = &mut self.vad {
+            u.finalised = upto;
         }
     }
 
@@ -647,8 +717,9 @@ impl Session {
     /// [`Session::results`]); arms the `UtteranceEnd` that follows it.
     fn utterance_final(&mut self, u: &Utterance, end: u64, flags: [bool; 3]) -> String {
         let words = self.words(u.transcript);
+        // The words an `is_final` result already carried are not repeated.
         let message = self.results(
-            words,
+            &words[u.finalised.min(words.len())..],
             (u.start, u.last_speech_end),
             (self.window_start, end),
             flags,
@@ -919,6 +990,90 @@ mod tests {
         audio.extend(tone(1000, 0.3));
         audio.extend(vec![0u8; 1500 * 32]);
         audio
+    }
+
+    /// A session whose words become stable after `stable_ms` of silence.
+    fn stable_session(transcript: &str, stable_ms: u64) -> (Session, Instant) {
+        let t0 = Instant::now();
+        let shared = Shared::new(FakesConfig {
+            stt: SttFakeConfig {
+                transcripts: vec![transcript.to_owned()],
+                stable_after: Some(Duration::from_millis(stable_ms)),
+                ..SttFakeConfig::default()
+            },
+            ..FakesConfig::default()
+        });
+        let params = params("interim_results=true&punctuate=true&utterance_end_ms=1000");
+        (Session::new(&shared, params, None, t0), t0)
+    }
+
+    fn finals(msgs: &[(u64, Value)]) -> Vec<(u64, String, bool)> {
+        msgs.iter()
+            .filter(|(_, m)| m["is_final"] == true)
+            .map(|(ms, m)| {
+                let text = m["channel"]["alternatives"][0]["transcript"]
+                    .as_str()
+                    .unwrap();
+                (*ms, text.to_owned(), m["speech_final"] == true)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_short_silence_makes_the_words_so_far_stable_before_the_endpoint() {
+        // 2.8 s of speech, then silence.
+        let (mut s, t0) = stable_session("What is the weather like in Paris?", 20);
+        let mut audio = vec![0u8; 300 * 32];
+        audio.extend(tone(2800, 0.3));
+        audio.extend(vec![0u8; 1500 * 32]);
+        let f = finals(&stream(&mut s, &audio, t0));
+        assert_eq!(f.len(), 2, "{f:?}");
+        // Speech ends at 3100 ms: the stable words after 20 ms of silence (in the message
+        // that brings it), the endpoint's final 150 ms after the end of speech with nothing
+        // new.
+        assert_eq!(
+            (f[0].1.as_str(), f[0].2),
+            ("What is the weather like in Paris?", false)
+        );
+        assert!((3120..=3140).contains(&f[0].0), "{f:?}");
+        assert_eq!((f[1].1.as_str(), f[1].2), ("", true));
+        assert!((3240..=3280).contains(&f[1].0), "{f:?}");
+    }
+
+    #[test]
+    fn words_after_a_stable_stretch_are_not_repeated() {
+        // 1.2 s of speech, 60 ms of silence, 1.6 s more, then silence.
+        let (mut s, t0) = stable_session("What is the | weather like in Paris?", 30);
+        let mut audio = tone(1200, 0.3);
+        audio.extend(vec![0u8; 60 * 32]);
+        audio.extend(tone(1600, 0.3));
+        audio.extend(vec![0u8; 1500 * 32]);
+        let msgs = stream(&mut s, &audio, t0);
+        let f = finals(&msgs);
+        assert_eq!(
+            f.iter()
+                .map(|(_, t, sf)| (t.as_str(), *sf))
+                .collect::<Vec<_>>(),
+            [
+                ("What is the", false),
+                ("weather like in Paris?", false),
+                ("", true)
+            ]
+        );
+        // Interim results after the stable stretch cover only the words after it.
+        let interims: Vec<&str> = msgs
+            .iter()
+            .filter(|(ms, m)| m["is_final"] == false && *ms > f[0].0)
+            .map(|(_, m)| {
+                m["channel"]["alternatives"][0]["transcript"]
+                    .as_str()
+                    .unwrap()
+            })
+            .collect();
+        assert!(
+            interims.iter().all(|t| !t.starts_with("What")),
+            "{interims:?}"
+        );
     }
 
     #[test]

@@ -172,6 +172,9 @@ pub struct Config {
     /// Under `smart`: the model's probability of a finished turn at or above which the turn
     /// ends.
     pub turn_threshold: f32,
+    /// Preemptive replies a turn may start before it ends, on words that are likely final (0:
+    /// none). A reply kept answers sooner; one discarded is billed like any other.
+    pub preemptive_replies: u32,
     /// System prompt (server configuration, never client input).
     pub system_prompt: String,
     /// Where `atlas-voice models fetch` put the local models.
@@ -456,6 +459,7 @@ impl Default for Config {
             turn_pause_ms: 200,
             turn_max_silence_ms: 1500,
             turn_threshold: 0.5,
+            preemptive_replies: 0,
             system_prompt:
                 "You are a friendly voice assistant. Answer in one to three short spoken \
                 sentences. Use plain words: no lists, markdown, emoji or URLs."
@@ -835,6 +839,9 @@ impl Config {
         }
         if self.eager_first_words > 50 {
             return fail("ATLAS_EAGER_FIRST_WORDS must be at most 50".into());
+        }
+        if self.preemptive_replies > 4 {
+            return fail("ATLAS_PREEMPTIVE_REPLIES must be at most 4".into());
         }
         if self.eager_first_ms > 5_000 {
             return fail("ATLAS_EAGER_FIRST_MS must be at most 5000".into());
@@ -1401,6 +1408,13 @@ parameters = { type = "object", required = ["page"], properties = { page = { typ
                     ..Config::default()
                 },
                 "ATLAS_EAGER_FIRST_MS",
+            ),
+            (
+                Config {
+                    preemptive_replies: 5,
+                    ..Config::default()
+                },
+                "ATLAS_PREEMPTIVE_REPLIES",
             ),
             (
                 Config {

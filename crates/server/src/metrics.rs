@@ -140,6 +140,12 @@ pub fn turn(outcome: &'static str) {
     counter!("atlas_turns_total", "outcome" => outcome).increment(1);
 }
 
+/// A preemptive reply was kept as its turn's reply, or discarded.
+pub fn preemptive_reply(kept: bool) {
+    let outcome = if kept { "kept" } else { "discarded" };
+    counter!("atlas_preemptive_replies_total", "outcome" => outcome).increment(1);
+}
+
 /// Session records that went to the spool instead of the database.
 pub fn records_spooled(n: usize) {
     counter!("atlas_records_spooled_total").increment(n as u64);

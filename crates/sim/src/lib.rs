@@ -17,6 +17,10 @@
 //! the turn invariants check that only a complete score on a live pause, the maximum silence,
 //! push-to-talk or a typed turn ends a turn, and that every pause ends.
 //!
+//! Sessions whose id is 2 or 3 modulo 4 draft replies (two a turn) to words that do not end
+//! the turn yet: nothing of a reply reaches the client before its turn is heard, a draft kept
+//! answers exactly the words heard, and a discarded one is billed like any request.
+//!
 //! A failing seed prints `cargo run -p atlas-sim --release -- --seed N`, which replays it;
 //! [`shrink`] cuts the failing schedule down to a short sequence of actions.
 
@@ -159,6 +163,26 @@ pub struct Stats {
     pub moves: u64,
     /// Sessions recorded.
     pub records: u64,
+    /// Draft replies kept and discarded.
+    pub drafts: (u64, u64),
+}
+
+/// What the world's sessions use beyond the basic machine (the seeds found before a feature
+/// existed replay in a world without it).
+#[derive(Clone, Copy, Debug)]
+pub struct Features {
+    /// Sessions with an even id use the smart turn policy.
+    pub smart_turns: bool,
+    /// Sessions with an id of 2 or 3 modulo 4 draft replies.
+    pub drafts: bool,
+}
+
+impl Features {
+    /// Everything.
+    pub const ALL: Features = Features {
+        smart_turns: true,
+        drafts: true,
+    };
 }
 
 /// A provider request in flight.
@@ -230,6 +254,12 @@ struct Copy {
     expect_refusal: bool,
     /// The smart turn policy's side of the world, when the session uses it.
     smart: Option<TurnWatch>,
+    /// The latest turn heard (`Heard`), and its words.
+    heard: (u64, String),
+    /// The turn and words of the latest reply started.
+    asked: (u64, String),
+    /// A broken draft rule seen while carrying out the outputs.
+    draft_violation: Option<String>,
 }
 
 /// What the world knows of a smart-policy session's turn: the pause the machine asked about,
@@ -304,6 +334,9 @@ impl Copy {
             expect_refusal: false,
             turns,
             smart: None,
+            heard: (0, String::new()),
+            asked: (0, String::new()),
+            draft_violation: None,
         }
     }
 }
@@ -345,8 +378,8 @@ pub struct World {
     worst_request: u64,
     /// Releases of ended sessions the store has not taken yet (retried, as the server does).
     releases: Vec<(u64, u64, usize)>,
-    /// Even sessions use the smart turn policy.
-    smart_turns: bool,
+    /// What the sessions use.
+    features: Features,
     /// The end-of-turn model's randomness (its own, so that the rest of the world draws the
     /// same numbers with it or without it).
     model_rng: StdRng,
@@ -365,9 +398,13 @@ fn worst_request() -> u64 {
             .unwrap_or(0)
 }
 
-/// The configuration of a session: the smart turn policy when `smart`.
-fn config_for(smart: bool) -> Config {
+/// The configuration of a session: the smart turn policy when `smart`, drafting when
+/// `drafts`.
+fn config_for(smart: bool, drafts: bool) -> Config {
     let mut config = config();
+    if drafts {
+        config.turns.drafts = 2;
+    }
     if smart {
         config.turns.policy = TurnPolicy::Smart {
             threshold: THRESHOLD,
@@ -397,11 +434,11 @@ const WORDS: &[&str] = &[
 ];
 
 impl World {
-    /// A world for `seed` (its own randomness: provider usage, delays); with `smart_turns`,
-    /// sessions with an even id use the smart turn policy.
-    pub fn new(seed: u64, smart_turns: bool) -> Self {
+    /// A world for `seed` (its own randomness: provider usage, delays) whose sessions use
+    /// `features`.
+    pub fn new(seed: u64, features: Features) -> Self {
         World {
-            smart_turns,
+            features,
             model_rng: StdRng::seed_from_u64(seed ^ 0x007e_4d0f_7a12),
             rng: StdRng::seed_from_u64(seed ^ 0x05ee_d0fa_71a5),
             t0: Instant::now(),
@@ -431,7 +468,12 @@ impl World {
     }
 
     fn is_smart(&self, sid: u64) -> bool {
-        self.smart_turns && sid.is_multiple_of(2)
+        self.features.smart_turns && sid.is_multiple_of(2)
+    }
+
+    /// The configuration of session `sid`.
+    fn config_of(&self, sid: u64) -> Config {
+        config_for(self.is_smart(sid), self.features.drafts && sid % 4 >= 2)
     }
 
     /// A fresh copy of session `sid` on `instance`.
@@ -517,12 +559,7 @@ impl World {
             return;
         }
         self.next_sid += 1;
-        let machine = Session::new(
-            sid.to_string(),
-            config_for(self.is_smart(sid)),
-            self.now(),
-            None,
-        );
+        let machine = Session::new(sid.to_string(), self.config_of(sid), self.now(), None);
         let copy = self.copy(sid, instance, machine, 1, (0, 0, 0), Vec::new());
         self.sessions.push(SimSession {
             sid,
@@ -845,7 +882,7 @@ impl World {
         };
         let machine = Session::new(
             sid.to_string(),
-            config_for(self.is_smart(sid)),
+            self.config_of(sid),
             self.now(),
             Some((carried, Duration::ZERO)),
         );
@@ -942,6 +979,15 @@ impl World {
         self.sessions[s].copies[c]
             .sentences
             .push((text.clone(), end));
+        // The model's words reach the machine as they are written.
+        self.feed(
+            s,
+            c,
+            Input::ReplyText {
+                turn_id: r.turn_id,
+                text: text.clone(),
+            },
+        );
         self.feed(
             s,
             c,
@@ -1081,6 +1127,15 @@ impl World {
                     let input_tokens = self.rng.random_range(50..400);
                     let started_ms = self.now_ms;
                     let copy = &mut self.sessions[s].copies[c];
+                    let asked = copy
+                        .machine
+                        .prompt()
+                        .iter()
+                        .rev()
+                        .find(|m| m.role == Role::User)
+                        .map(|m| m.text.clone())
+                        .unwrap_or_default();
+                    copy.asked = (turn_id, asked);
                     copy.sentences.clear();
                     copy.request = Some(Request {
                         turn_id,
@@ -1182,7 +1237,35 @@ impl World {
                         }
                     }
                 }
-                Output::Audio { turn_id, pcm } => self.hear(s, c, turn_id, pcm.len() as u64),
+                Output::Audio { turn_id, pcm } => {
+                    self.before_heard(s, c, turn_id, "audio");
+                    self.hear(s, c, turn_id, pcm.len() as u64);
+                }
+                Output::Event(Event::Heard { turn_id, text }) => {
+                    self.sessions[s].copies[c].heard = (turn_id, text);
+                }
+                Output::Event(Event::ReplyStarted { turn_id }) => {
+                    self.before_heard(s, c, turn_id, "response.started");
+                }
+                Output::Event(Event::ReplyText { turn_id, .. }) => {
+                    self.before_heard(s, c, turn_id, "response.text");
+                }
+                Output::DraftSettled { kept } => {
+                    let copy = &mut self.sessions[s].copies[c];
+                    if kept {
+                        self.stats.drafts.0 += 1;
+                        let (turn_id, text) = &copy.heard;
+                        let (asked_turn, asked) = &copy.asked;
+                        if asked_turn != turn_id || !asked.ends_with(text.as_str()) {
+                            copy.draft_violation.get_or_insert(format!(
+                                "turn {turn_id} heard as {text:?} kept the draft of turn \
+                                 {asked_turn} to {asked:?}"
+                            ));
+                        }
+                    } else {
+                        self.stats.drafts.1 += 1;
+                    }
+                }
                 Output::Spend(delta) => {
                     if self.write(s, c) {
                         self.store.spend += delta.daily;
@@ -1285,6 +1368,17 @@ impl World {
                 | Output::ToolLog(_)
                 | Output::Checkpoint => {}
             }
+        }
+    }
+
+    /// Something of the reply to `turn_id` reached the client: its turn must have been heard.
+    fn before_heard(&mut self, s: usize, c: usize, turn_id: u64, what: &str) {
+        let copy = &mut self.sessions[s].copies[c];
+        if turn_id > copy.heard.0 {
+            copy.draft_violation.get_or_insert(format!(
+                "{what} of turn {turn_id} before it was heard (last heard: {})",
+                copy.heard.0
+            ));
         }
     }
 
@@ -1580,6 +1674,13 @@ impl World {
                         );
                     }
                 }
+                if let Some(detail) = &c.draft_violation {
+                    return fail(
+                        "nothing of a reply reaches the client before its turn is heard, and a \
+                         draft is kept only for the words heard",
+                        format!("session {}: {detail}", s.sid),
+                    );
+                }
                 if let Some(detail) = &c.playout_violation {
                     return fail(
                         "reply audio goes out paced, only in its turn, and only heard words count",
@@ -1798,14 +1899,14 @@ pub fn schedule_with(seed: u64, len: usize, cuts: bool) -> Vec<Action> {
 
 /// Runs a schedule; a panic (a broken assertion of the driver's contract) is a violation.
 pub fn run(seed: u64, actions: &[Action]) -> Result<Stats, Violation> {
-    run_with(seed, actions, true)
+    run_with(seed, actions, Features::ALL)
 }
 
-/// Runs a schedule; with `smart_turns`, sessions with an even id use the smart turn policy
-/// (without, the world of the seeds found before it existed).
-pub fn run_with(seed: u64, actions: &[Action], smart_turns: bool) -> Result<Stats, Violation> {
+/// Runs a schedule in a world whose sessions use `features` (the seeds found before a
+/// feature existed replay without it).
+pub fn run_with(seed: u64, actions: &[Action], features: Features) -> Result<Stats, Violation> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        World::new(seed, smart_turns).run(actions)
+        World::new(seed, features).run(actions)
     }))
     .unwrap_or_else(|panic| {
         let detail = panic

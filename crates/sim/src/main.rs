@@ -37,6 +37,8 @@ fn main() -> std::process::ExitCode {
                 total.requests += stats.requests;
                 total.moves += stats.moves;
                 total.records += stats.records;
+                total.drafts.0 += stats.drafts.0;
+                total.drafts.1 += stats.drafts.1;
             }
             Err(v) => {
                 eprintln!("seed {seed} failed {v}");
@@ -60,12 +62,14 @@ fn main() -> std::process::ExitCode {
     }
     let secs = began.elapsed().as_secs_f64();
     println!(
-        "{count} seeds passed in {secs:.1} s ({:.0} seeds/s): {} machine inputs, {} provider requests, {} moves between instances, {} sessions recorded",
+        "{count} seeds passed in {secs:.1} s ({:.0} seeds/s): {} machine inputs, {} provider requests, {} moves between instances, {} sessions recorded, {} drafts kept and {} discarded",
         count as f64 / secs,
         total.inputs,
         total.requests,
         total.moves,
-        total.records
+        total.records,
+        total.drafts.0,
+        total.drafts.1
     );
     std::process::ExitCode::SUCCESS
 }

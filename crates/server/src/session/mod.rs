@@ -726,6 +726,7 @@ impl Driver {
                     end_of_speech,
                 } => self.start_response(turn_id, end_of_speech),
                 Output::AbortReply { turn_id } => self.abort_response(turn_id).await,
+                Output::DraftSettled { kept } => metrics::preemptive_reply(kept),
                 Output::CallTool {
                     turn_id,
                     call,
@@ -994,7 +995,7 @@ impl Driver {
         let config = &self.state.config;
         LlmRequest {
             system: config.system_prompt.clone(),
-            messages: self.machine.history().cloned().collect(),
+            messages: self.machine.prompt(),
             max_tokens: config.llm_max_tokens,
             temperature: None,
             tools: self
@@ -1483,6 +1484,7 @@ fn turn_config(state: &AppState) -> TurnConfig {
     TurnConfig {
         partials: state.engines.stt.partials(),
         policy: state.config.session_turn_policy(),
+        drafts: state.config.preemptive_replies,
         backchannels: state
             .config
             .backchannels

@@ -14,6 +14,7 @@ mod helpers;
 mod mcp;
 mod observability;
 mod pipeline;
+mod preemptive;
 mod protocol;
 mod records;
 mod timers;

@@ -1,0 +1,187 @@
+//! Preemptive replies over loopback (`ATLAS_PREEMPTIVE_REPLIES`): a reply started on a stable
+//! transcript is kept when the turn ends with its words, and discarded — billed, never heard —
+//! when it does not.
+
+use std::time::Duration;
+
+use atlas_fakes::FakesConfig;
+use atlas_protocol::{ServerEvent, Usage};
+
+use crate::helpers::*;
+
+const QUESTION: &str = "What is the weather like in Paris today?";
+
+/// A 220 Hz tone of `ms` (the fake recogniser hears speech by its level).
+fn tone(ms: usize) -> Vec<i16> {
+    (0..16 * ms)
+        .map(|i| ((i as f64 * std::f64::consts::TAU * 220.0 / 16_000.0).sin() * 8_000.0) as i16)
+        .collect()
+}
+
+fn silence(ms: usize) -> Vec<i16> {
+    vec![0; 16 * ms]
+}
+
+/// Fakes whose recogniser hears `transcript` and sends the words so far as `is_final` after
+/// 20 ms of silence (up to its next `|`), and its `speech_final` `final_ms` after the end of
+/// speech.
+fn stable_fakes(transcript: &str, final_ms: u64) -> FakesConfig {
+    let mut fakes = fast_fakes();
+    fakes.stt.stable_after = Some(Duration::from_millis(20));
+    fakes.stt.final_delay = Duration::from_millis(final_ms);
+    fakes.stt.transcripts = vec![transcript.into()];
+    fakes
+}
+
+/// The person's words in a recorded model request (its last user message).
+fn asked(body: &serde_json::Value) -> String {
+    let messages = body["messages"].as_array().expect("messages");
+    let last = messages
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "user")
+        .expect("a user message");
+    last["content"].as_str().expect("text content").to_owned()
+}
+
+fn position(items: &[atlas_client::Incoming], pred: impl Fn(&ServerEvent) -> bool) -> usize {
+    items
+        .iter()
+        .position(|i| event(i).is_some_and(&pred))
+        .unwrap_or_else(|| panic!("missing event in {:#?}", summary(items)))
+}
+
+fn last_usage(items: &[atlas_client::Incoming]) -> Usage {
+    items
+        .iter()
+        .rev()
+        .find_map(|i| match event(i) {
+            Some(ServerEvent::Usage(u)) => Some(u.clone()),
+            _ => None,
+        })
+        .expect("a usage event")
+}
+
+#[tokio::test]
+async fn a_reply_started_on_stable_words_is_kept_when_the_turn_ends_with_them() {
+    // The endpoint comes a whole second after the speech: long after the stable words.
+    let app = spawn_app_with(stable_fakes(QUESTION, 1_000), |c| c.preemptive_replies = 2).await;
+    let (mut conn, _) = app.start("early", 24_000).await;
+    let mut audio = tone(2_800);
+    audio.extend(silence(2_500));
+    let streaming = stream(&conn, audio, 1.0);
+    let fakes = &app.fakes;
+    let mut asked_before_the_turn_ended = None;
+    let mut done = is_done(1);
+    let mut items = collect_until(&mut conn, Duration::from_secs(20), |i| {
+        if let Some(ServerEvent::TranscriptFinal { .. }) = event(i) {
+            asked_before_the_turn_ended = Some(fakes.recorded().llm_requests.len());
+        }
+        done(i)
+    })
+    .await;
+    items.extend(until_usage(&mut conn).await);
+    streaming.abort();
+
+    assert_eq!(
+        asked_before_the_turn_ended,
+        Some(1),
+        "the model was asked before the turn ended"
+    );
+    let recorded = app.fakes.recorded();
+    assert_eq!(recorded.llm_requests.len(), 1, "kept, not asked again");
+    assert_eq!(asked(&recorded.llm_requests[0].1), QUESTION);
+    // The client sees an ordinary turn: its words, then the reply.
+    let heard = position(
+        &items,
+        |e| matches!(e, ServerEvent::TranscriptFinal { turn_id: 1, text } if text == QUESTION),
+    );
+    let started = position(&items, |e| {
+        matches!(e, ServerEvent::ResponseStarted { turn_id: 1 })
+    });
+    let first_audio = items
+        .iter()
+        .position(|i| matches!(i, atlas_client::Incoming::Audio { .. }))
+        .expect("reply audio");
+    assert!(
+        heard < started && started < first_audio,
+        "{:#?}",
+        summary(&items)
+    );
+    assert!(
+        !items
+            .iter()
+            .any(|i| matches!(event(i), Some(ServerEvent::ResponseInterrupted { .. })))
+    );
+    // Billed once, as the provider bills it.
+    let usage = last_usage(&items);
+    assert_eq!(usage.llm_input_tokens, recorded.usage.llm_input_tokens);
+    assert_eq!(usage.llm_output_tokens, recorded.usage.llm_output_tokens);
+    assert_eq!(usage.tts_chars, recorded.usage.tts_chars);
+    let metrics = app.get_text("/metrics").await;
+    assert!(
+        metrics.contains("atlas_preemptive_replies_total{outcome=\"kept\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_reply_to_words_the_person_went_on_from_is_discarded_and_billed() {
+    let transcript = "What is the | weather like in Paris today?";
+    let app = spawn_app_with(stable_fakes(transcript, 150), |c| c.preemptive_replies = 2).await;
+    let (mut conn, _) = app.start("early", 24_000).await;
+    // Three words, a 60 ms breath (stable words, a draft), then the rest.
+    let mut audio = tone(1_200);
+    audio.extend(silence(60));
+    audio.extend(tone(1_600));
+    audio.extend(silence(2_500));
+    let streaming = stream(&conn, audio, 1.0);
+    let mut items = collect_until(&mut conn, Duration::from_secs(20), is_done(1)).await;
+    items.extend(until_usage(&mut conn).await);
+    streaming.abort();
+
+    let recorded = app.fakes.recorded();
+    let questions: Vec<String> = recorded
+        .llm_requests
+        .iter()
+        .map(|(_, b)| asked(b))
+        .collect();
+    assert_eq!(
+        questions,
+        ["What is the", QUESTION],
+        "a draft on the first words (discarded when more came), then one on the whole question"
+    );
+    // The client sees one turn with the whole question and one reply, never the draft's.
+    let starts = items
+        .iter()
+        .filter(|i| matches!(event(i), Some(ServerEvent::ResponseStarted { .. })))
+        .count();
+    assert_eq!(starts, 1, "{:#?}", summary(&items));
+    position(
+        &items,
+        |e| matches!(e, ServerEvent::TranscriptFinal { turn_id: 1, text } if text == QUESTION),
+    );
+    assert!(
+        !items
+            .iter()
+            .any(|i| matches!(event(i), Some(ServerEvent::ResponseInterrupted { .. })))
+    );
+    // Both requests are paid for: the ledger holds what the provider bills (a stream cut
+    // while its last text was on its way may hold that text unread).
+    let usage = last_usage(&items);
+    assert_eq!(usage.llm_input_tokens, recorded.usage.llm_input_tokens);
+    assert!(
+        usage.llm_output_tokens <= recorded.usage.llm_output_tokens
+            && usage.llm_output_tokens + recorded.usage.llm_cut_last_tokens
+                >= recorded.usage.llm_output_tokens,
+        "{usage:?} vs {:?}",
+        recorded.usage
+    );
+    assert_eq!(usage.tts_chars, recorded.usage.tts_chars);
+    let metrics = app.get_text("/metrics").await;
+    assert!(
+        metrics.contains("atlas_preemptive_replies_total{outcome=\"discarded\"}")
+            && metrics.contains("atlas_preemptive_replies_total{outcome=\"kept\"}"),
+        "{metrics}"
+    );
+}

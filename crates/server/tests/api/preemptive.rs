@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use atlas_fakes::FakesConfig;
+use atlas_fakes::{FakesConfig, Recorded};
 use atlas_protocol::{ServerEvent, Usage};
 
 use crate::helpers::*;
@@ -51,15 +51,31 @@ fn position(items: &[atlas_client::Incoming], pred: impl Fn(&ServerEvent) -> boo
         .unwrap_or_else(|| panic!("missing event in {:#?}", summary(items)))
 }
 
-fn last_usage(items: &[atlas_client::Incoming]) -> Usage {
-    items
+/// The client's last usage event holds what the provider bills (a stream cut while its last
+/// text was on its way may leave that text unread and unbilled), and no reply was reported
+/// as interrupted.
+fn assert_billed_as_the_provider_bills(items: &[atlas_client::Incoming], recorded: &Recorded) {
+    assert!(
+        !items
+            .iter()
+            .any(|i| matches!(event(i), Some(ServerEvent::ResponseInterrupted { .. })))
+    );
+    let usage: Usage = items
         .iter()
         .rev()
         .find_map(|i| match event(i) {
             Some(ServerEvent::Usage(u)) => Some(u.clone()),
             _ => None,
         })
-        .expect("a usage event")
+        .expect("a usage event");
+    let billed = &recorded.usage;
+    assert_eq!(usage.llm_input_tokens, billed.llm_input_tokens);
+    assert!(
+        usage.llm_output_tokens <= billed.llm_output_tokens
+            && usage.llm_output_tokens + billed.llm_cut_last_tokens >= billed.llm_output_tokens,
+        "{usage:?} vs {billed:?}"
+    );
+    assert_eq!(usage.tts_chars, billed.tts_chars);
 }
 
 #[tokio::test]
@@ -108,16 +124,9 @@ async fn a_reply_started_on_stable_words_is_kept_when_the_turn_ends_with_them() 
         "{:#?}",
         summary(&items)
     );
-    assert!(
-        !items
-            .iter()
-            .any(|i| matches!(event(i), Some(ServerEvent::ResponseInterrupted { .. })))
-    );
     // Billed once, as the provider bills it.
-    let usage = last_usage(&items);
-    assert_eq!(usage.llm_input_tokens, recorded.usage.llm_input_tokens);
-    assert_eq!(usage.llm_output_tokens, recorded.usage.llm_output_tokens);
-    assert_eq!(usage.tts_chars, recorded.usage.tts_chars);
+    assert_billed_as_the_provider_bills(&items, &recorded);
+    assert_eq!(recorded.usage.llm_cut_requests, 0);
     let metrics = app.get_text("/metrics").await;
     assert!(
         metrics.contains("atlas_preemptive_replies_total{outcome=\"kept\"}"),
@@ -161,23 +170,8 @@ async fn a_reply_to_words_the_person_went_on_from_is_discarded_and_billed() {
         &items,
         |e| matches!(e, ServerEvent::TranscriptFinal { turn_id: 1, text } if text == QUESTION),
     );
-    assert!(
-        !items
-            .iter()
-            .any(|i| matches!(event(i), Some(ServerEvent::ResponseInterrupted { .. })))
-    );
-    // Both requests are paid for: the ledger holds what the provider bills (a stream cut
-    // while its last text was on its way may hold that text unread).
-    let usage = last_usage(&items);
-    assert_eq!(usage.llm_input_tokens, recorded.usage.llm_input_tokens);
-    assert!(
-        usage.llm_output_tokens <= recorded.usage.llm_output_tokens
-            && usage.llm_output_tokens + recorded.usage.llm_cut_last_tokens
-                >= recorded.usage.llm_output_tokens,
-        "{usage:?} vs {:?}",
-        recorded.usage
-    );
-    assert_eq!(usage.tts_chars, recorded.usage.tts_chars);
+    // Both requests are paid for.
+    assert_billed_as_the_provider_bills(&items, &recorded);
     let metrics = app.get_text("/metrics").await;
     assert!(
         metrics.contains("atlas_preemptive_replies_total{outcome=\"discarded\"}")

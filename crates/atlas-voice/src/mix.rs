@@ -274,10 +274,14 @@ async fn one_session(
     // A spoken question, and the same question again as soon as its reply is heard.
     let mut speech = samples.to_vec();
     speech.extend(std::iter::repeat_n(0i16, rate as usize * 3 / 2));
-    speak(&conn, speech.clone(), rate);
+    let microphone = speak(&conn, speech.clone(), rate);
     log.until_audio(&mut conn).await?;
     let first = log.last_turn;
-    speak(&conn, speech, rate);
+    // One microphone: the silence after the question gives way to the question again (two
+    // streams at once would interleave their frames, and the recogniser would hear the
+    // speech chopped by silence).
+    microphone.abort();
+    let _microphone = speak(&conn, speech, rate);
     log.until(
         &mut conn,
         "the reply after the barge-in",
@@ -324,12 +328,13 @@ async fn one_session(
     Ok(log.interrupted)
 }
 
-/// Streams `speech` at real-time pace in 20 ms frames from a task of its own.
-fn speak(conn: &Connection, speech: Vec<i16>, rate: u32) {
+/// Streams `speech` at real-time pace in 20 ms frames from a task of its own (abort it to
+/// stop the microphone).
+fn speak(conn: &Connection, speech: Vec<i16>, rate: u32) -> tokio::task::JoinHandle<()> {
     let sender = conn.sender.clone();
     tokio::spawn(async move {
         let _ = stream_pcm(&sender, &speech, rate, 20, 1.0).await;
-    });
+    })
 }
 
 /// What one session has seen so far.

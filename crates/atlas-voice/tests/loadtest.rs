@@ -90,8 +90,14 @@ fn a_run_against_nothing_fails_and_says_why() {
     assert!(stdout.contains("unknown (no /metrics)"), "{stdout}");
 }
 
-/// Runs the accounting check (`loadtest --spawn --mix`) and returns its JSON summary.
-fn accounting_check(sessions: usize, database_url: Option<&str>) -> serde_json::Value {
+/// Runs the accounting check (`loadtest --spawn --mix`) and returns its JSON summary; with
+/// `preemptive`, the server starts replies on stable words (the fake recogniser sends them
+/// 60 ms into the silence).
+fn accounting_check(
+    sessions: usize,
+    database_url: Option<&str>,
+    preemptive: bool,
+) -> serde_json::Value {
     let sessions = sessions.to_string();
     let mut args = vec![
         "loadtest",
@@ -108,9 +114,16 @@ fn accounting_check(sessions: usize, database_url: Option<&str>) -> serde_json::
     }
     let input = question();
     args.extend(["--input", &input]);
+    if preemptive {
+        args.extend(["--stt-stable-ms", "60"]);
+    }
     let out = Command::new(env!("CARGO_BIN_EXE_atlas-voice"))
         .args(&args)
         .env("RUST_LOG", "warn")
+        .env(
+            "ATLAS_PREEMPTIVE_REPLIES",
+            if preemptive { "2" } else { "0" },
+        )
         .output()
         .expect("runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -174,7 +187,13 @@ fn assert_agrees(v: &serde_json::Value, sessions: u64) {
 
 #[test]
 fn the_accounting_check_agrees_to_the_token_on_sqlite() {
-    let v = accounting_check(24, None);
+    let v = accounting_check(24, None, false);
+    assert_agrees(&v, 24);
+}
+
+#[test]
+fn the_accounting_check_agrees_to_the_token_with_preemptive_replies() {
+    let v = accounting_check(24, None, true);
     assert_agrees(&v, 24);
 }
 
@@ -182,7 +201,7 @@ fn the_accounting_check_agrees_to_the_token_on_sqlite() {
 async fn the_accounting_check_agrees_to_the_token_on_postgres() {
     let db = atlas_testkit::PgDb::new().await;
     let url = db.url();
-    let v = tokio::task::spawn_blocking(move || accounting_check(24, Some(&url)))
+    let v = tokio::task::spawn_blocking(move || accounting_check(24, Some(&url), false))
         .await
         .unwrap();
     assert_agrees(&v, 24);

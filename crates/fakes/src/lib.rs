@@ -144,14 +144,6 @@ pub struct SttFakeConfig {
     pub final_delay: Duration,
     /// Amount of non-speech audio that ends an utterance. Default 100 ms; keep it `<= final_delay`.
     pub silence_to_end: Duration,
-    /// Non-speech audio after which the words spoken so far are stable: an `is_final`
-    /// (`speech_final: false`) `Results` carries them at once, and the `speech_final` one only
-    /// words spoken after it (as Deepgram finalises a stretch before its endpointing fires).
-    /// The words so far are the whole transcript, or, if it marks stretches with `|` ("What
-    /// is the | weather like?"), those up to the next mark: keep it longer than the gaps
-    /// inside the speech (60 ms for `tests/audio/question_16k.wav`), or a stable result would
-    /// carry words not spoken yet. `None` (default): one final `Results` per utterance.
-    pub stable_after: Option<Duration>,
     /// Audio time between interim (`is_final:false`) Results while an utterance goes on.
     /// Default 250 ms.
     pub interim_interval: Duration,
@@ -165,6 +157,10 @@ pub struct SttFakeConfig {
     /// With no audio and no text message for this long the connection is closed with
     /// code 1011 and reason `NET-0001`, like Deepgram. Default 10 s.
     pub inactivity_timeout: Duration,
+    /// Non-speech audio after which an `is_final` `Results` (not `speech_final`) carries the
+    /// words so far — the whole transcript, or up to its next `|` — and the final only later
+    /// ones (`None`: one final per utterance). Keep it above the gaps inside the speech.
+    pub stable_after: Option<std::time::Duration>,
 }
 
 impl Default for SttFakeConfig {
@@ -172,12 +168,12 @@ impl Default for SttFakeConfig {
         Self {
             final_delay: Duration::from_millis(150),
             silence_to_end: Duration::from_millis(100),
-            stable_after: None,
             interim_interval: Duration::from_millis(250),
             energy_threshold_dbfs: -40.0,
             min_speech: Duration::from_millis(60),
             transcripts: vec!["What is the weather like in Paris today?".to_owned()],
             inactivity_timeout: Duration::from_secs(10),
+            stable_after: None,
         }
     }
 }

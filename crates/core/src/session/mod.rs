@@ -2148,31 +2148,9 @@ impl Session {
         let Some(reply) = self.reply.as_mut().filter(|r| r.turn_id == o.turn_id) else {
             return;
         };
-        if reply.draft {
-            // Paid for whether it is kept or not.
-            self.ledger.add_reply(&o.llm, o.tts_chars);
-            if !reply.aborted {
-                // Done before its turn ended: it completes as it plays, if kept.
-                reply.tokens = reply.tokens.plus(o.llm.tokens());
-                reply.tts_chars += o.tts_chars;
-                reply.outcome = Some(ReplyOutcome {
-                    llm: LlmBill::default(),
-                    tts_chars: 0,
-                    ..o
-                });
-                return;
-            }
-            self.reply = None;
-            self.settle();
-            return match self.phase {
-                Phase::Ending(reason) => self.finish(reason),
-                Phase::Ended => {}
-                Phase::Live => self.next_reply(),
-            };
-        }
-        if !reply.aborted && !reply.playout.is_drained() {
+        if !reply.aborted && (reply.draft || !reply.playout.is_drained()) {
             // Its work is done and paid for now; its audio is still going out, and the turn
-            // ends when the last piece has (see `play`).
+            // ends when the last piece has (see `play`) — for a draft, once it is kept.
             self.ledger.add_reply(&o.llm, o.tts_chars);
             reply.tokens = reply.tokens.plus(o.llm.tokens());
             reply.tts_chars += o.tts_chars;
@@ -2182,6 +2160,17 @@ impl Session {
                 ..o
             });
             return;
+        }
+        if reply.draft {
+            // Discarded: paid for, heard by no one.
+            self.ledger.add_reply(&o.llm, o.tts_chars);
+            self.reply = None;
+            self.settle();
+            return match self.phase {
+                Phase::Ending(reason) => self.finish(reason),
+                Phase::Ended => {}
+                Phase::Live => self.next_reply(),
+            };
         }
         // Cut after its work was done: the report held is the one that counts (the driver's
         // answer to the abort has nothing more).

@@ -216,6 +216,12 @@ fn turn_log(out: &[Output]) -> &TurnLog {
     first!(out, Output::Turn(t) => t).expect("a turn log")
 }
 
+/// The turn logged: what the person said, what the assistant said, and how it ended.
+fn logged(out: &[Output]) -> (&str, &str, &str) {
+    let turn = turn_log(out);
+    (&turn.user_text, &turn.assistant_text, turn.outcome)
+}
+
 fn has(out: &[Output], pred: impl Fn(&Output) -> bool) -> bool {
     out.iter().any(pred)
 }
@@ -275,13 +281,8 @@ fn a_turn_starts_a_reply_and_its_end_is_billed_and_recorded() {
     assert!(started_reply(&out, 1));
     assert_eq!(h.s.history().count(), 1);
     let out = h.reply_done(1, "Sunny.", 10);
-    let turn = turn_log(&out);
     assert_eq!(
-        (
-            turn.user_text.as_str(),
-            turn.assistant_text.as_str(),
-            turn.outcome
-        ),
+        logged(&out),
         ("What is the weather?", "Sunny.", "completed")
     );
     assert!(has(&out, |o| matches!(o, Output::Spend(d) if d.llm > 0)));

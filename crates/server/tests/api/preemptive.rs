@@ -51,6 +51,15 @@ fn position(items: &[atlas_client::Incoming], pred: impl Fn(&ServerEvent) -> boo
         .unwrap_or_else(|| panic!("missing event in {:#?}", summary(items)))
 }
 
+/// `/metrics` counts preemptive replies with each of `outcomes`.
+async fn assert_counted(app: &TestApp, outcomes: &[&str]) {
+    let metrics = app.get_text("/metrics").await;
+    for outcome in outcomes {
+        let series = format!("atlas_preemptive_replies_total{{outcome=\"{outcome}\"}}");
+        assert!(metrics.contains(&series), "no {series} in {metrics}");
+    }
+}
+
 /// The client's last usage event holds what the provider bills (a stream cut while its last
 /// text was on its way may leave that text unread and unbilled), and no reply was reported
 /// as interrupted.
@@ -127,11 +136,7 @@ async fn a_reply_started_on_stable_words_is_kept_when_the_turn_ends_with_them() 
     // Billed once, as the provider bills it.
     assert_billed_as_the_provider_bills(&items, &recorded);
     assert_eq!(recorded.usage.llm_cut_requests, 0);
-    let metrics = app.get_text("/metrics").await;
-    assert!(
-        metrics.contains("atlas_preemptive_replies_total{outcome=\"kept\"}"),
-        "{metrics}"
-    );
+    assert_counted(&app, &["kept"]).await;
 }
 
 #[tokio::test]
@@ -172,10 +177,33 @@ async fn a_reply_to_words_the_person_went_on_from_is_discarded_and_billed() {
     );
     // Both requests are paid for.
     assert_billed_as_the_provider_bills(&items, &recorded);
-    let metrics = app.get_text("/metrics").await;
+    assert_counted(&app, &["discarded", "kept"]).await;
+}
+
+#[tokio::test]
+async fn a_barge_in_on_a_kept_reply_cuts_it_and_is_answered() {
+    let mut fakes = barge_in_fakes();
+    fakes.stt.stable_after = Some(Duration::from_millis(60));
+    let app = spawn_app_with(fakes, |c| c.preemptive_replies = 2).await;
+    let (mut conn, _) = app.start("early", 24_000).await;
+    let items = question_then_interruption(&mut conn, 2).await;
     assert!(
-        metrics.contains("atlas_preemptive_replies_total{outcome=\"discarded\"}")
-            && metrics.contains("atlas_preemptive_replies_total{outcome=\"kept\"}"),
-        "{metrics}"
+        items.iter().any(|i| matches!(
+            event(i),
+            Some(ServerEvent::ResponseInterrupted { turn_id: 1 })
+        )),
+        "{:#?}",
+        summary(&items)
+    );
+    let questions: Vec<String> = app
+        .fakes
+        .recorded()
+        .llm_requests
+        .iter()
+        .map(|(_, b)| asked(b))
+        .collect();
+    assert_eq!(
+        questions.last().map(String::as_str),
+        Some("Please tell me about Rome instead")
     );
 }

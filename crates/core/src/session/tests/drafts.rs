@@ -100,13 +100,8 @@ fn a_draft_whose_words_end_the_turn_is_kept_and_what_it_held_goes_out_at_once() 
 
     let mut out = h.feed(Input::ReplyEnded(outcome(1, "Sunny.", 10)));
     out.extend(h.advance(S));
-    let turn = turn_log(&out);
     assert_eq!(
-        (
-            turn.user_text.as_str(),
-            turn.assistant_text.as_str(),
-            turn.outcome
-        ),
+        logged(&out),
         ("What is the weather?", "Sunny.", "completed")
     );
     let usage = h.s.ledger().usage();

@@ -33,6 +33,16 @@ fn stable_fakes(transcript: &str, final_ms: u64) -> FakesConfig {
     fakes
 }
 
+/// The person's words in each model request the fakes received, in order.
+fn questions(app: &TestApp) -> Vec<String> {
+    let recorded = app.fakes.recorded();
+    recorded
+        .llm_requests
+        .iter()
+        .map(|(_, b)| asked(b))
+        .collect()
+}
+
 /// The person's words in a recorded model request (its last user message).
 fn asked(body: &serde_json::Value) -> String {
     let messages = body["messages"].as_array().expect("messages");
@@ -155,13 +165,8 @@ async fn a_reply_to_words_the_person_went_on_from_is_discarded_and_billed() {
     streaming.abort();
 
     let recorded = app.fakes.recorded();
-    let questions: Vec<String> = recorded
-        .llm_requests
-        .iter()
-        .map(|(_, b)| asked(b))
-        .collect();
     assert_eq!(
-        questions,
+        questions(&app),
         ["What is the", QUESTION],
         "a draft on the first words (discarded when more came), then one on the whole question"
     );
@@ -187,23 +192,11 @@ async fn a_barge_in_on_a_kept_reply_cuts_it_and_is_answered() {
     let app = spawn_app_with(fakes, |c| c.preemptive_replies = 2).await;
     let (mut conn, _) = app.start("early", 24_000).await;
     let items = question_then_interruption(&mut conn, 2).await;
-    assert!(
-        items.iter().any(|i| matches!(
-            event(i),
-            Some(ServerEvent::ResponseInterrupted { turn_id: 1 })
-        )),
-        "{:#?}",
-        summary(&items)
-    );
-    let questions: Vec<String> = app
-        .fakes
-        .recorded()
-        .llm_requests
-        .iter()
-        .map(|(_, b)| asked(b))
-        .collect();
+    position(&items, |e| {
+        matches!(e, ServerEvent::ResponseInterrupted { turn_id: 1 })
+    });
     assert_eq!(
-        questions.last().map(String::as_str),
+        questions(&app).last().map(String::as_str),
         Some("Please tell me about Rome instead")
     );
 }

@@ -337,9 +337,9 @@ impl Turns {
                 self.speech_cut(end_of_speech, now, out);
             }
             Input::Heard(Heard::SpeechStarted) => {
-                // The person goes on (or a noise): the recogniser reports its end again.
+                // The person goes on (or a noise): the recogniser reports its end again. A
+                // draft stands until words come (a cough adds none).
                 self.pause = None;
-                self.drop_draft(out);
                 self.speech_started = Some(now);
                 if !self.config.partials
                     && let Some(turn_id) = self.responding.take()
@@ -814,6 +814,19 @@ mod tests {
         // The allowance was two: a third offer this turn would not come; a new turn has its own.
         run(&mut t, Input::ResponseFinished { turn_id: 1 });
         assert_eq!(drafted(&run(&mut t, fin("Thanks", false))), Some("Thanks"));
+    }
+
+    #[test]
+    fn a_noise_after_a_draft_keeps_it_until_words_come() {
+        let mut t = drafting(TurnConfig::default());
+        run(&mut t, fin("What time is it", false));
+        assert_eq!(
+            run(&mut t, SPEECH_STARTED),
+            [],
+            "a cough: no words, the draft stands"
+        );
+        let out = run(&mut t, fin("", true));
+        assert!(matches!(&out[..], [Action::EndOfTurn { text, .. }] if text == "What time is it"));
     }
 
     #[test]

@@ -2023,7 +2023,8 @@ impl Session {
     /// in flight (a reply being cut is answered first; a draft of other words is discarded).
     fn draft(&mut self, text: String, end_of_speech: Option<Instant>) {
         match &self.reply {
-            None if self.waiting.is_none() => self.start_draft(text, end_of_speech),
+            // (A turn waits only behind a reply in flight.)
+            None => self.start_draft(text, end_of_speech),
             Some(r) if r.draft && !r.aborted && r.user_text == text => {}
             Some(r) if r.draft || (r.aborted && self.waiting.is_none()) => {
                 self.discard_draft();

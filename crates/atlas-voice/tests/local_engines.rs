@@ -886,3 +886,136 @@ async fn a_phone_call_on_the_local_engines_gets_an_answer_that_transcribes_back(
         "the answer on the phone came back as {back:?}"
     );
 }
+
+/// What a loudspeaker client saw of the first turn and the few seconds after it.
+struct Loudspeaker {
+    /// `response.done` of turn 1 said it was interrupted.
+    interrupted: bool,
+    /// Turns the server started after the first.
+    more_turns: Vec<u64>,
+    /// Seconds of reply audio played (and heard back).
+    played: f64,
+    /// The reply's words, and the transcripts shown after the question's.
+    reply: String,
+    heard: Vec<String>,
+}
+
+/// A client on its loudspeaker without echo cancellation, on a server with `env`: it asks the
+/// spoken question, and from then on its microphone picks up exactly what it plays, 20 ms at
+/// a time in real time; it watches turn 1 and 4 s after it.
+async fn loudspeaker_session(env: &[(&str, &str)]) -> Loudspeaker {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    let server = serve(env).expect("serve starts on the local engines");
+    let mut conn = session(&server).await;
+    let room: Arc<Mutex<VecDeque<i16>>> = Arc::default();
+    let microphone = {
+        let (sender, room) = (conn.sender.clone(), room.clone());
+        tokio::spawn(async move {
+            let question = spoken_question();
+            let mut said = question.chunks(320);
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            // 60 s at most.
+            for _ in 0..3_000 {
+                tick.tick().await;
+                let frame: Vec<i16> = match said.next() {
+                    Some(chunk) => chunk.to_vec(),
+                    None => {
+                        let mut room = room.lock().unwrap();
+                        (0..320).map(|_| room.pop_front().unwrap_or(0)).collect()
+                    }
+                };
+                let bytes: Vec<u8> = frame.iter().flat_map(|s| s.to_le_bytes()).collect();
+                if sender.audio(Bytes::from(bytes)).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let mut seen = Loudspeaker {
+        interrupted: false,
+        more_turns: Vec::new(),
+        played: 0.0,
+        reply: String::new(),
+        heard: Vec::new(),
+    };
+    let mut until = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut done = false;
+    while let Ok(Some(incoming)) = tokio::time::timeout_at(until, conn.incoming.recv()).await {
+        match incoming {
+            Incoming::Audio { pcm, .. } => {
+                let samples: Vec<i16> = pcm
+                    .chunks_exact(2)
+                    .map(|c| i16::from_le_bytes([c[0], c[1]]))
+                    .collect();
+                seen.played += samples.len() as f64 / 16_000.0;
+                room.lock().unwrap().extend(samples);
+            }
+            Incoming::Event { event, .. } => match event {
+                ServerEvent::ResponseStarted { turn_id } if turn_id > 1 => {
+                    seen.more_turns.push(turn_id)
+                }
+                ServerEvent::ResponseTextDelta { turn_id: 1, text } => seen.reply.push_str(&text),
+                ServerEvent::TranscriptPartial { text }
+                | ServerEvent::TranscriptFinal { text, .. }
+                    if !seen.reply.is_empty() =>
+                {
+                    seen.heard.push(text)
+                }
+                ServerEvent::ResponseDone {
+                    turn_id: 1,
+                    interrupted,
+                    ..
+                } if !done => {
+                    done = true;
+                    seen.interrupted = interrupted;
+                    // What is still playing comes back, and is transcribed after it.
+                    until = tokio::time::Instant::now() + Duration::from_secs(4);
+                }
+                ServerEvent::Error { code, .. } => panic!("error {code:?}"),
+                _ => {}
+            },
+            Incoming::Closed { code, reason, .. } => panic!("closed {code:?}: {reason}"),
+        }
+    }
+    microphone.abort();
+    assert!(done, "turn 1 finished within a minute");
+    seen
+}
+
+/// The assistant's voice, played on a loudspeaker and picked up by the microphone, heard by
+/// the local recogniser: with the echo guard (`ATLAS_ECHO_WINDOW_MS`) the reply plays to its
+/// end and the echo makes no turn; without it, the same echo cuts the reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_assistants_voice_from_a_loudspeaker_does_not_interrupt_it() {
+    let prompt = "You are a helpful voice assistant. Answer the question directly in two short, \
+                  correct sentences. Example: Q: What is the capital of Spain? A: The capital \
+                  of Spain is Madrid. It is in the middle of the country.";
+    let env = |window| {
+        [
+            ("ATLAS_LOCAL_STT_PARTIAL_MS", "400"),
+            ("ATLAS_LOCAL_SYSTEM_PROMPT", prompt),
+            ("ATLAS_ECHO_WINDOW_MS", window),
+        ]
+    };
+    let guarded = loudspeaker_session(&env("1000")).await;
+    assert!(
+        !guarded.interrupted && guarded.more_turns.is_empty(),
+        "with the guard: interrupted {}, more turns {:?}; reply {:?}, heard {:?}",
+        guarded.interrupted,
+        guarded.more_turns,
+        guarded.reply,
+        guarded.heard
+    );
+    assert!(
+        guarded.played >= 1.0,
+        "{} s of reply played",
+        guarded.played
+    );
+    let unguarded = loudspeaker_session(&env("0")).await;
+    assert!(
+        unguarded.interrupted,
+        "without the guard the echo cuts the reply ({} s played, more turns {:?})",
+        unguarded.played, unguarded.more_turns
+    );
+}

@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //! - [`turns`]: the turn state machine — end of turn, barge-in, backchannels.
+//! - [`echo`]: telling the assistant's own voice, heard back through the microphone, from the
+//!   person.
 //! - [`history`]: the bounded conversation history sent to the LLM.
 //! - [`splitter`]: cuts streamed LLM text into clauses and sentences for speech synthesis.
 //! - [`resample`]: streaming sample-rate conversion of 16-bit PCM.
@@ -26,6 +28,7 @@
 
 pub mod audio;
 pub mod cost;
+pub mod echo;
 pub mod history;
 pub mod latency;
 pub mod playout;

@@ -26,8 +26,17 @@
 //! the turn ends, and keeps that work only if the turn ends with exactly those words. Words
 //! that come after a draft void it ([`Action::DropDraft`]); at most `drafts` are offered per
 //! turn.
+//!
+//! # Echo
+//! With [`TurnConfig::echo_window`] set, transcripts of the assistant's own words heard back
+//! through the person's microphone ([`Turns::said`] tells the machine what it says) are not
+//! the person's: an interim one neither interrupts nor shows, a final one adds no words. An
+//! interim transcript too short to tell waits for more words; a final one that short is the
+//! person's (see [`crate::echo`]).
 
 use std::time::{Duration, Instant};
+
+use crate::echo::{Echo, Verdict};
 
 /// How the end of the person's turn is decided.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -60,6 +69,9 @@ pub struct TurnConfig {
     pub policy: TurnPolicy,
     /// Drafts offered per turn at most (0: none; answers start when the turn ends).
     pub drafts: u32,
+    /// How long after the assistant stops speaking its words heard back are still taken for
+    /// an echo (zero: never; for clients that cancel their own echo).
+    pub echo_window: Duration,
 }
 
 impl Default for TurnConfig {
@@ -76,6 +88,7 @@ impl Default for TurnConfig {
             min_interrupt_chars: 2,
             policy: TurnPolicy::Silence,
             drafts: 0,
+            echo_window: Duration::ZERO,
         }
     }
 }
@@ -220,13 +233,17 @@ pub struct Turns {
     drafts: u32,
     /// The last draft offered still stands (no words came after it).
     drafted: bool,
+    /// What the assistant said lately, to tell its echo from the person.
+    echo: Echo,
 }
 
 impl Turns {
     /// A fresh state machine; `last_turn` lets a resumed session continue its numbering.
     pub fn new(config: TurnConfig, last_turn: u64) -> Self {
         let backchannel_words = config.backchannels.iter().map(|p| words(p)).collect();
+        let echo = Echo::new(config.echo_window);
         Turns {
+            echo,
             config,
             backchannel_words,
             pending: String::new(),
@@ -273,14 +290,38 @@ impl Turns {
         self.last_turn
     }
 
+    /// The assistant says `text` at `now` (its words go out to be spoken).
+    pub fn said(&mut self, text: &str, now: Instant) {
+        self.echo.said(text, now);
+    }
+
     /// Feeds one input that happened at `now`; the resulting actions are appended to `out` in
     /// the order to perform them.
     pub fn handle(&mut self, input: Input<'_>, now: Instant, out: &mut Vec<Action>) {
+        let responding = self.responding.is_some();
+        self.act(input, now, out);
+        if responding && self.responding.is_none() {
+            self.echo.stopped(now);
+        }
+    }
+
+    fn act(&mut self, input: Input<'_>, now: Instant, out: &mut Vec<Action>) {
         match input {
             Input::Heard(Heard::Partial(text)) => {
                 let text = text.trim();
                 if text.is_empty() {
                     return;
+                }
+                match self.echo.judge(text, now) {
+                    // The assistant's words heard back: as if nothing was heard.
+                    Verdict::Echo => return,
+                    // Too few words to tell from the echo: someone speaks (a pause is over),
+                    // but nothing shows or interrupts until more words come.
+                    Verdict::Unsure => {
+                        self.pause = None;
+                        return;
+                    }
+                    Verdict::Person => {}
                 }
                 // Words again: the person goes on.
                 self.pause = None;
@@ -295,7 +336,14 @@ impl Turns {
                 speech_final,
                 end_of_speech,
             }) => {
-                let text = text.trim();
+                let mut text = text.trim();
+                // Judged by when the words were spoken: a recogniser may transcribe the echo
+                // of a reply's last words a while after it ended.
+                let spoken = end_of_speech.map_or(now, |eos| eos.min(now));
+                if !text.is_empty() && self.echo.judge(text, spoken) == Verdict::Echo {
+                    // The assistant's own voice: heard as silence.
+                    text = "";
+                }
                 self.partial.clear();
                 if !text.is_empty() {
                     // More words than the last draft held.
@@ -693,6 +741,126 @@ mod tests {
         run(&mut t, Input::ResponseFinished { turn_id: 1 });
         let out = run(&mut t, fin("Okay.", true));
         assert!(matches!(&out[..], [Action::EndOfTurn { turn_id: 2, .. }]));
+    }
+
+    /// Turns answering "Tell me a story" with `reply`, at `now`, guarding against its echo.
+    fn saying(reply: &str, now: Instant) -> Turns {
+        let config = TurnConfig {
+            echo_window: Duration::from_secs(1),
+            ..TurnConfig::default()
+        };
+        let mut t = Turns::new(config, 0);
+        let mut out = Vec::new();
+        t.handle(fin("Tell me a story", true), now, &mut out);
+        t.said(reply, now);
+        t
+    }
+
+    #[test]
+    fn the_assistants_voice_heard_back_neither_interrupts_nor_speaks_for_the_person() {
+        let now = Instant::now();
+        let mut t = saying("Once upon a time there was a fox who lived", now);
+        // Its words, misheard and all: nothing shown, nothing cut, no turn.
+        assert!(at(&mut t, partial("once upon"), now).is_empty());
+        assert!(at(&mut t, partial("once upon a dime there"), now).is_empty());
+        assert!(at(&mut t, fin("Once upon a dime, there was.", true), now).is_empty());
+        assert_eq!(t.responding(), Some(1));
+        // The person's own words interrupt as ever, and only theirs make the turn.
+        let out = at(&mut t, partial("wait a moment"), now);
+        assert_eq!(out[0], Action::Interrupt { turn_id: 1 });
+        let out = at(&mut t, fin("Wait a moment.", true), now);
+        assert!(
+            matches!(&out[..], [Action::EndOfTurn { turn_id: 2, text, .. }] if text == "Wait a moment."),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_word_of_the_assistants_waits_for_its_final_and_then_is_the_persons() {
+        let now = Instant::now();
+        let mut t = saying("Would you like tea or coffee?", now);
+        assert!(at(&mut t, partial("coffee"), now).is_empty());
+        let out = at(&mut t, fin("Coffee.", true), now);
+        assert!(
+            matches!(
+                &out[..],
+                [
+                    Action::Interrupt { turn_id: 1 },
+                    Action::EndOfTurn { turn_id: 2, .. }
+                ]
+            ),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn the_echo_of_a_reply_just_over_is_no_turn_but_later_words_are() {
+        let now = Instant::now();
+        let mut t = saying("The capital of France is Paris.", now);
+        let over = now + Duration::from_secs(2);
+        at(&mut t, Input::ResponseFinished { turn_id: 1 }, over);
+        let echo = fin("The capital of France is Paris.", true);
+        // Its last words, transcribed as it ended: silence.
+        assert!(at(&mut t, echo, over + Duration::from_millis(900)).is_empty());
+        // Transcribed late (a local recogniser), but spoken within the window: silence too.
+        let late = Input::Heard(Heard::Final {
+            text: "The capital of France is Paris.",
+            speech_final: true,
+            end_of_speech: Some(over + Duration::from_millis(300)),
+        });
+        assert!(at(&mut t, late, over + Duration::from_millis(1_800)).is_empty());
+        // The same words said after the window are the person's.
+        let out = at(&mut t, echo, over + Duration::from_millis(1000));
+        assert!(
+            matches!(&out[..], [Action::EndOfTurn { turn_id: 2, .. }]),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn words_too_few_to_tell_from_the_echo_still_end_a_pause() {
+        let now = Instant::now();
+        let config = TurnConfig {
+            echo_window: Duration::from_secs(1),
+            policy: TurnPolicy::Smart {
+                threshold: 0.5,
+                max_silence: Duration::from_millis(1500),
+            },
+            ..TurnConfig::default()
+        };
+        let mut t = Turns::new(config, 0);
+        at(
+            &mut t,
+            Input::Text {
+                text: "Tell me a story",
+            },
+            now,
+        );
+        t.said("Once upon a time there was a fox", now);
+        // The person says something while the reply plays, and pauses.
+        let out = at(&mut t, fin("Hold on, I", true), now);
+        let [
+            Action::Interrupt { turn_id: 1 },
+            Action::ScoreTurn { pause },
+        ] = out[..]
+        else {
+            panic!("{out:?}");
+        };
+        // Two words: maybe the echo, maybe them going on. Speech goes on either way.
+        assert!(at(&mut t, partial("a time"), now).is_empty());
+        let scored = Input::TurnScored {
+            pause,
+            probability: 0.9,
+        };
+        assert!(at(&mut t, scored, now).is_empty(), "the pause was over");
+    }
+
+    #[test]
+    fn without_a_window_the_assistants_words_are_heard_like_any_other() {
+        let mut t = replying("Tell me a story");
+        t.said("Once upon a time there was a fox", Instant::now());
+        let out = run(&mut t, partial("once upon a time"));
+        assert_eq!(out[0], Action::Interrupt { turn_id: 1 });
     }
 
     #[test]

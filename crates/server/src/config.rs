@@ -175,6 +175,10 @@ pub struct Config {
     /// Preemptive replies a turn may start before it ends, on words that are likely final (0:
     /// none). A reply kept answers sooner; one discarded is billed like any other.
     pub preemptive_replies: u32,
+    /// How long (ms) after the assistant stops speaking a transcript of its own words is
+    /// still taken for its echo through the person's microphone, and ignored (0: never; for
+    /// clients that cancel their echo).
+    pub echo_window_ms: u32,
     /// System prompt (server configuration, never client input).
     pub system_prompt: String,
     /// Where `atlas-voice models fetch` put the local models.
@@ -460,6 +464,7 @@ impl Default for Config {
             turn_max_silence_ms: 1500,
             turn_threshold: 0.5,
             preemptive_replies: 0,
+            echo_window_ms: 0,
             system_prompt:
                 "You are a friendly voice assistant. Answer in one to three short spoken \
                 sentences. Use plain words: no lists, markdown, emoji or URLs."
@@ -842,6 +847,9 @@ impl Config {
         }
         if self.preemptive_replies > 4 {
             return fail("ATLAS_PREEMPTIVE_REPLIES must be at most 4".into());
+        }
+        if self.echo_window_ms > 5_000 {
+            return fail("ATLAS_ECHO_WINDOW_MS must be at most 5000".into());
         }
         if self.eager_first_ms > 5_000 {
             return fail("ATLAS_EAGER_FIRST_MS must be at most 5000".into());
@@ -1415,6 +1423,13 @@ parameters = { type = "object", required = ["page"], properties = { page = { typ
                     ..Config::default()
                 },
                 "ATLAS_PREEMPTIVE_REPLIES",
+            ),
+            (
+                Config {
+                    echo_window_ms: 5_001,
+                    ..Config::default()
+                },
+                "ATLAS_ECHO_WINDOW_MS",
             ),
             (
                 Config {

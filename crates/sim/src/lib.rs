@@ -35,6 +35,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use atlas_core::cost::from_usd;
+use atlas_core::echo;
 use atlas_core::history::Role;
 use atlas_core::latency::Latency;
 use atlas_core::session::ledger::{LlmBill, ReportedTokens};
@@ -71,6 +72,10 @@ const CUT_MS: i64 = 300;
 /// Words that alone, while a reply plays, are no turn (the machine's default backchannels
 /// among [`WORDS`]).
 const BACKCHANNELS: &[&str] = &["okay", "mm-hm"];
+/// The echo window of sessions that guard against echo (ms).
+const ECHO_WINDOW: u64 = 1_000;
+/// Echo comes back at most this long (ms) after the assistant went quiet.
+const ECHO_LATE: u64 = 600;
 
 /// One thing that happens. Parameters are interpreted against the world's state when the
 /// action runs, so a schedule with actions removed (shrinking) still runs.
@@ -165,6 +170,8 @@ pub struct Stats {
     pub records: u64,
     /// Draft replies kept and discarded.
     pub drafts: (u64, u64),
+    /// Transcripts of the assistant's own voice fed.
+    pub echoes: u64,
 }
 
 /// What the world's sessions use beyond the basic machine (the seeds found before a feature
@@ -175,6 +182,9 @@ pub struct Features {
     pub smart_turns: bool,
     /// Sessions with an id of 2 or 3 modulo 4 draft replies.
     pub drafts: bool,
+    /// Sessions with an id divisible by 3 guard against echo, and their clients hear the
+    /// assistant's words back through the microphone.
+    pub echo: bool,
 }
 
 impl Features {
@@ -182,6 +192,7 @@ impl Features {
     pub const ALL: Features = Features {
         smart_turns: true,
         drafts: true,
+        echo: true,
     };
 }
 
@@ -219,6 +230,8 @@ struct Listener {
     cut_at: Option<u64>,
     /// The turn is over (its log was written): no more audio may come.
     over: bool,
+    /// When it was cut or over (ms): its echo may still come back for a while.
+    quiet_ms: Option<u64>,
 }
 
 impl Listener {
@@ -260,6 +273,10 @@ struct Copy {
     asked: (u64, String),
     /// A broken draft rule seen while carrying out the outputs.
     draft_violation: Option<String>,
+    /// A finalise was asked and its final has not come (the final ends the turn).
+    finalizing: bool,
+    /// A broken echo rule seen while carrying out the outputs.
+    echo_violation: Option<String>,
 }
 
 /// What the world knows of a smart-policy session's turn: the pause the machine asked about,
@@ -337,6 +354,8 @@ impl Copy {
             heard: (0, String::new()),
             asked: (0, String::new()),
             draft_violation: None,
+            finalizing: false,
+            echo_violation: None,
         }
     }
 }
@@ -383,6 +402,10 @@ pub struct World {
     /// The end-of-turn model's randomness (its own, so that the rest of the world draws the
     /// same numbers with it or without it).
     model_rng: StdRng,
+    /// The echo's randomness (its own, likewise).
+    echo_rng: StdRng,
+    /// An echo is being fed: the machine must act on none of it.
+    echoing: bool,
 }
 
 /// The most one request can cost: a full prompt, the longest reply and its speech.
@@ -399,11 +422,14 @@ fn worst_request() -> u64 {
 }
 
 /// The configuration of a session: the smart turn policy when `smart`, drafting when
-/// `drafts`.
-fn config_for(smart: bool, drafts: bool) -> Config {
+/// `drafts`, guarding against echo when `echo`.
+fn config_for(smart: bool, drafts: bool, echo: bool) -> Config {
     let mut config = config();
     if drafts {
         config.turns.drafts = 2;
+    }
+    if echo {
+        config.turns.echo_window = Duration::from_millis(ECHO_WINDOW);
     }
     if smart {
         config.turns.policy = TurnPolicy::Smart {
@@ -440,6 +466,8 @@ impl World {
         World {
             features,
             model_rng: StdRng::seed_from_u64(seed ^ 0x007e_4d0f_7a12),
+            echo_rng: StdRng::seed_from_u64(seed ^ 0x0ec4_0ec4),
+            echoing: false,
             rng: StdRng::seed_from_u64(seed ^ 0x05ee_d0fa_71a5),
             t0: Instant::now(),
             now_ms: 0,
@@ -473,7 +501,15 @@ impl World {
 
     /// The configuration of session `sid`.
     fn config_of(&self, sid: u64) -> Config {
-        config_for(self.is_smart(sid), self.features.drafts && sid % 4 >= 2)
+        config_for(
+            self.is_smart(sid),
+            self.features.drafts && sid % 4 >= 2,
+            self.hears_echo(sid),
+        )
+    }
+
+    fn hears_echo(&self, sid: u64) -> bool {
+        self.features.echo && sid.is_multiple_of(3)
     }
 
     /// A fresh copy of session `sid` on `instance`.
@@ -527,6 +563,7 @@ impl World {
             Action::Client { session, what } => {
                 if !self.sessions.is_empty() {
                     let s = session as usize % self.sessions.len();
+                    self.echo(s);
                     self.client(s, what);
                 }
             }
@@ -717,6 +754,7 @@ impl World {
                 self.feed(s, c, Input::Heard(Heard::Partial(&text)));
             }
             ClientAct::Final { speech_final } => {
+                self.sessions[s].copies[c].finalizing = false;
                 let text = self.words(3);
                 self.remember_said(s, &text);
                 if let Some(watch) = &mut self.sessions[s].copies[c].smart {
@@ -778,6 +816,78 @@ impl World {
                 // A second connection with the token while the first is live.
                 self.resume(s, instance as usize % INSTANCES, complete);
             }
+        }
+    }
+
+    /// The microphone of a client on its loudspeaker hears the assistant: now and then,
+    /// while a reply plays or shortly after, the recogniser transcribes words it played,
+    /// maybe with one misheard. The machine must act on none of it.
+    fn echo(&mut self, s: usize) {
+        let Some(c) = self.sessions[s].attached else {
+            return;
+        };
+        let copy = &self.sessions[s].copies[c];
+        if !self.hears_echo(self.sessions[s].sid)
+            || copy.ended
+            || self.echo_rng.random_range(0..3) != 0
+        {
+            return;
+        }
+        let bpm = bytes_per_ms(&copy.machine);
+        let l = &copy.listener;
+        // Words of the reply being played (the sentences are those of the latest reply).
+        if l.turn_id == 0
+            || copy.asked.0 != l.turn_id
+            || l.quiet_ms.is_some_and(|q| self.now_ms >= q + ECHO_LATE)
+        {
+            return;
+        }
+        let played = l.cut_at.unwrap_or_else(|| l.played(self.now_ms, bpm));
+        let heard: Vec<String> = copy
+            .sentences
+            .iter()
+            .take_while(|(_, end)| *end <= played)
+            .map(|(text, _)| text.clone())
+            .collect();
+        let partial = self.echo_rng.random_bool(0.5);
+        let least = if partial { 1 } else { echo::MIN_ECHO_WORDS };
+        if heard.len() < least || (!partial && copy.finalizing) {
+            return;
+        }
+        let n = self
+            .echo_rng
+            .random_range(least..=heard.len().min(4).max(least));
+        let start = self.echo_rng.random_range(0..=heard.len() - n);
+        let mut words = heard[start..start + n].to_vec();
+        if n >= 3 && self.echo_rng.random_range(0..3) == 0 {
+            let i = self.echo_rng.random_range(0..n);
+            words[i] = "stop".into();
+        }
+        let text = words.join(" ");
+        let heard = if partial {
+            Heard::Partial(&text)
+        } else {
+            Heard::Final {
+                text: &text,
+                speech_final: false,
+                end_of_speech: Some(self.now() - Duration::from_millis(150)),
+            }
+        };
+        if partial && n < echo::MIN_ECHO_WORDS {
+            // Too few words to tell from the person's: speech goes on, the pause is over.
+            if let Some(watch) = &mut self.sessions[s].copies[c].smart {
+                watch.pause = None;
+            }
+        }
+        let last = self.sessions[s].copies[c].machine.last_turn();
+        self.stats.echoes += 1;
+        self.echoing = true;
+        self.feed(s, c, Input::Heard(heard));
+        self.echoing = false;
+        let copy = &mut self.sessions[s].copies[c];
+        if copy.machine.last_turn() != last {
+            copy.echo_violation
+                .get_or_insert(format!("the echo {text:?} ended turn {}", last + 1));
         }
     }
 
@@ -1060,6 +1170,7 @@ impl World {
             return;
         }
         copy.listener.over = true;
+        copy.listener.quiet_ms.get_or_insert(self.now_ms);
         let Some(played) = copy.listener.cut_at else {
             return;
         };
@@ -1112,6 +1223,21 @@ impl World {
                     self.now_ms, self.sessions[s].sid
                 );
             }
+            if self.echoing
+                && matches!(
+                    output,
+                    Output::AbortReply { .. }
+                        | Output::StartReply { .. }
+                        | Output::ScoreTurn { .. }
+                        | Output::Turn(_)
+                        | Output::DraftSettled { .. }
+                        | Output::Event(Event::Hearing { .. } | Event::Heard { .. })
+                )
+            {
+                self.sessions[s].copies[c]
+                    .echo_violation
+                    .get_or_insert(format!("the echo led to {output:?}"));
+            }
             match output {
                 Output::Event(Event::Ready { resume_token, .. })
                     if self.sessions[s].attached == Some(c) =>
@@ -1153,6 +1279,7 @@ impl World {
                     let l = &mut self.sessions[s].copies[c].listener;
                     if l.turn_id == turn_id && l.cut_at.is_none() {
                         l.cut_at = Some(l.played(now_ms, bpm));
+                        l.quiet_ms.get_or_insert(now_ms);
                     }
                     // Aborted at once; the provider bills what it did so far.
                     let r = self.sessions[s].copies[c]
@@ -1242,7 +1369,14 @@ impl World {
                     self.hear(s, c, turn_id, pcm.len() as u64);
                 }
                 Output::Event(Event::Heard { turn_id, text }) => {
-                    self.sessions[s].copies[c].heard = (turn_id, text);
+                    let copy = &mut self.sessions[s].copies[c];
+                    // People say none of the assistant's words (`r1s0`) in this world.
+                    if text.split_whitespace().any(assistants_word) {
+                        copy.echo_violation.get_or_insert(format!(
+                            "turn {turn_id} heard as {text:?}: the assistant's words"
+                        ));
+                    }
+                    copy.heard = (turn_id, text);
                 }
                 Output::Event(Event::ReplyStarted { turn_id }) => {
                     self.before_heard(s, c, turn_id, "response.started");
@@ -1321,6 +1455,7 @@ impl World {
                     }
                 }
                 Output::Finalize => {
+                    self.sessions[s].copies[c].finalizing = true;
                     if let Some(watch) = &mut self.sessions[s].copies[c].smart {
                         watch.commit = true;
                     }
@@ -1674,6 +1809,13 @@ impl World {
                         );
                     }
                 }
+                if let Some(detail) = &c.echo_violation {
+                    return fail(
+                        "the assistant's voice heard back interrupts nothing, shows nothing, \
+                         makes no turn and never becomes the person's words",
+                        format!("session {}: {detail}", s.sid),
+                    );
+                }
                 if let Some(detail) = &c.draft_violation {
                     return fail(
                         "nothing of a reply reaches the client before its turn is heard, and a \
@@ -1792,6 +1934,17 @@ impl World {
 }
 
 /// A text as the recorder stores it: through the store's own sanitising boundary.
+/// A word of the assistant's (`r{turn}s{sentence}`).
+fn assistants_word(word: &str) -> bool {
+    word.strip_prefix('r')
+        .and_then(|w| w.split_once('s'))
+        .is_some_and(|(t, n)| {
+            [t, n]
+                .iter()
+                .all(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        })
+}
+
 fn stored(text: &str) -> String {
     let mut text = text.to_owned();
     atlas_store::sanitize_text(&mut text);

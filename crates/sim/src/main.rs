@@ -39,6 +39,7 @@ fn main() -> std::process::ExitCode {
                 total.records += stats.records;
                 total.drafts.0 += stats.drafts.0;
                 total.drafts.1 += stats.drafts.1;
+                total.echoes += stats.echoes;
             }
             Err(v) => {
                 eprintln!("seed {seed} failed {v}");
@@ -62,14 +63,15 @@ fn main() -> std::process::ExitCode {
     }
     let secs = began.elapsed().as_secs_f64();
     println!(
-        "{count} seeds passed in {secs:.1} s ({:.0} seeds/s): {} machine inputs, {} provider requests, {} moves between instances, {} sessions recorded, {} drafts kept and {} discarded",
+        "{count} seeds passed in {secs:.1} s ({:.0} seeds/s): {} machine inputs, {} provider requests, {} moves between instances, {} sessions recorded, {} drafts kept and {} discarded, {} echoes heard",
         count as f64 / secs,
         total.inputs,
         total.requests,
         total.moves,
         total.records,
         total.drafts.0,
-        total.drafts.1
+        total.drafts.1,
+        total.echoes
     );
     std::process::ExitCode::SUCCESS
 }

@@ -34,9 +34,11 @@ fn the_seeds_that_found_defects_replay_clean() {
     let none = atlas_sim::Features {
         smart_turns: false,
         drafts: false,
+        echo: false,
     };
     let before_drafts = atlas_sim::Features {
         drafts: false,
+        echo: false,
         ..atlas_sim::Features::ALL
     };
     for seed in [1, 3, 12, 2122] {
@@ -65,5 +67,11 @@ fn the_seeds_that_found_defects_replay_clean() {
         if let Err(v) = atlas_sim::run_with(seed, &schedule, before_drafts) {
             panic!("seed {seed} failed {v}");
         }
+    }
+    // 1088: with the echo guard on, a person's words too few to tell from the echo were
+    //       ignored altogether, so the pause being judged stood though they spoke, and its
+    //       score ended the turn.
+    if let Err(v) = atlas_sim::run_seed(1088, atlas_sim::ACTIONS) {
+        panic!("seed 1088 failed {v}");
     }
 }

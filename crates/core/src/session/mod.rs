@@ -1248,7 +1248,10 @@ impl Session {
             }
             Input::ReplyText { turn_id, text } => match self.live_reply(turn_id) {
                 Some(reply) if reply.draft => reply.held_text.push(text),
-                Some(_) => self.send(Event::ReplyText { turn_id, text }),
+                Some(_) => {
+                    self.turns.said(&text, now);
+                    self.send(Event::ReplyText { turn_id, text });
+                }
                 None => {}
             },
             Input::ReplyAudio { turn_id, pcm } => {
@@ -2068,6 +2071,7 @@ impl Session {
         self.out.push_back(Output::DraftSettled { kept: true });
         self.send(Event::ReplyStarted { turn_id });
         for text in held {
+            self.turns.said(&text, self.now);
             self.send(Event::ReplyText { turn_id, text });
         }
         if let Some((text, calls)) = parked {

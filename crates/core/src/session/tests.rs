@@ -314,6 +314,40 @@ fn barge_in_aborts_and_keeps_only_what_was_spoken() {
     assert_eq!(h.s.history().last().unwrap().text, "Once upon");
 }
 
+/// The words the model writes are what the echo guard listens for: the reply's own voice
+/// heard back neither cuts it nor, once it is over, makes a turn; a kept draft's words count
+/// from when they go out.
+#[test]
+fn the_replys_own_words_heard_back_cut_nothing_and_make_no_turn() {
+    let mut c = config();
+    c.turns.echo_window = Duration::from_secs(1);
+    c.turns.drafts = 1;
+    let mut h = Harness::new(c);
+    h.hear_final("Tell me a story", false, Some(h.now));
+    h.feed(Input::ReplyText {
+        turn_id: 1,
+        text: "Once upon a time there was a fox.".into(),
+    });
+    // The turn ends with the draft's words: they go out, and may come back.
+    assert!(!started_reply(&h.hear_final("", true, None), 2));
+    h.speak(1, "Once upon a time there was a fox.");
+    let out = h.feed(Input::Heard(Heard::Partial("once upon a time there")));
+    assert!(out.is_empty(), "{out:?}");
+    h.advance(500 * MS);
+    h.feed(Input::ReplyEnded(outcome(
+        1,
+        "Once upon a time there was a fox.",
+        9,
+    )));
+    let out = h.hear_final("Once upon a time, there was a fox.", true, None);
+    assert!(!started_reply(&out, 2) && !aborted(&out, 1), "{out:?}");
+    assert_eq!(h.s.last_turn(), 1);
+    // Past the window, the same words are the person's.
+    h.advance(2_000 * MS);
+    let out = h.hear_final("Once upon a time, there was a fox.", true, None);
+    assert!(started_reply(&out, 2), "{out:?}");
+}
+
 #[test]
 fn a_reply_cut_before_its_first_token_still_pays_for_the_prompt() {
     let mut h = Harness::new(config());

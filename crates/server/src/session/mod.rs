@@ -1482,9 +1482,11 @@ async fn response_event(
 fn turn_config(state: &AppState) -> TurnConfig {
     let defaults = TurnConfig::default();
     TurnConfig {
-        partials: state.engines.stt.partials(),
+        // With the echo guard on, a barge-in waits for words: speech alone may be the echo.
+        partials: state.engines.stt.partials() || state.config.echo_window_ms > 0,
         policy: state.config.session_turn_policy(),
         drafts: state.config.preemptive_replies,
+        echo_window: Duration::from_millis(state.config.echo_window_ms.into()),
         backchannels: state
             .config
             .backchannels

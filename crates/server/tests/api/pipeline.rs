@@ -254,6 +254,72 @@ async fn configured_backchannels_do_not_interrupt_the_reply() {
     }
 }
 
+/// The assistant's own voice heard back through the microphone (a client on its loudspeaker,
+/// no echo cancellation): with `ATLAS_ECHO_WINDOW_MS` it neither interrupts the reply nor
+/// shows as the person's words nor makes a turn; without, it cuts the reply like anyone.
+#[tokio::test]
+async fn the_assistants_own_voice_heard_back_does_not_interrupt_it() {
+    let echo = "This is a reply from the fake model.";
+    for window_ms in [1_000, 0] {
+        let mut fakes = fast_fakes();
+        fakes.tts.ms_per_char = 60;
+        fakes.stt.transcripts = vec![
+            "What is the weather like in Paris today?".into(),
+            echo.into(),
+        ];
+        let app = spawn_app_with(fakes, move |c| c.echo_window_ms = window_ms).await;
+        let (mut conn, _) = app.start("loudspeaker", 24_000).await;
+        let items = question_then_interruption(&mut conn, 1).await;
+        let events: Vec<&ServerEvent> = items.iter().filter_map(event).collect();
+        let interrupted = events.iter().any(|e| {
+            matches!(
+                e,
+                ServerEvent::ResponseDone {
+                    turn_id: 1,
+                    interrupted: true,
+                    ..
+                }
+            )
+        });
+        // Anything shown as the person's words once the reply began is the echo.
+        let heard_echo = events
+            .iter()
+            .skip_while(|e| !matches!(e, ServerEvent::ResponseStarted { .. }))
+            .any(|e| {
+                matches!(
+                    e,
+                    ServerEvent::TranscriptPartial { .. } | ServerEvent::TranscriptFinal { .. }
+                )
+            });
+        let guarded = window_ms > 0;
+        assert_eq!(
+            interrupted,
+            !guarded,
+            "window {window_ms}: {:#?}",
+            summary(&items)
+        );
+        assert_eq!(
+            heard_echo,
+            !guarded,
+            "window {window_ms}: {:#?}",
+            summary(&items)
+        );
+        if guarded {
+            // The echo made no turn of its own: one request, one reply.
+            let rest = end_session(&mut conn).await;
+            assert!(
+                !rest
+                    .iter()
+                    .filter_map(event)
+                    .any(|e| matches!(e, ServerEvent::ResponseStarted { .. })),
+                "{:#?}",
+                summary(&rest)
+            );
+            assert_eq!(app.fakes.recorded().llm_requests.len(), 1);
+        }
+    }
+}
+
 #[tokio::test]
 async fn push_to_talk_commit_ends_the_turn_without_waiting_for_endpointing() {
     // A very slow end-of-speech detection: only input.commit can end the turn quickly.

@@ -39,6 +39,8 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use atlas_core::session::{ToolLog, TurnLog};
 
+use crate::session::response::{RequestTrace, Requested};
+
 /// The instrumentation scope of every span.
 pub const SCOPE: &str = "atlas-voice";
 
@@ -333,6 +335,11 @@ pub fn identify(span: &tracing::Span, user_id: &str, content: bool) {
     }
 }
 
+/// Whether the current session's spans are kept (see [`recorded`]).
+pub fn traced() -> bool {
+    recorded(&tracing::Span::current().context())
+}
+
 /// Whether spans under `cx` are kept: tracing is on and the session's trace was sampled (a
 /// session left out by the sampler costs its turns nothing).
 fn recorded(cx: &Context) -> bool {
@@ -352,13 +359,14 @@ fn wall(at: Instant, now: Instant, wall_now: SystemTime) -> SystemTime {
 /// The turn's spans, under the current `tracing` span (the session's): `voice.turn` from the
 /// end of speech (or the reply's start) to the turn's end, and one child per figure of its
 /// latency breakdown, each lasting exactly that figure, and `voice.playout` for the reply's
-/// audio as the listener heard it. The turn's words only when `content` is on. Costs nothing
-/// when tracing is off.
+/// audio as the listener heard it; under it too, each provider request the turn made and each
+/// tool call (held until now, see [`HeldSpans`]). The turn's words only when `content` is on.
+/// Costs nothing when tracing is off.
 pub fn turn_spans(
     log: &TurnLog,
     model: (&'static str, &str),
     content: bool,
-    tools: &mut TurnTools,
+    tools: &mut HeldSpans,
 ) {
     let parent = tracing::Span::current().context();
     if !recorded(&parent) {
@@ -444,6 +452,9 @@ pub fn turn_spans(
             vec![KeyValue::new("voice.playout.heard_ms", ms(log.audio_heard))],
         );
     }
+    for (_, request) in tools.requests.extract_if(.., |(t, _)| *t <= log.turn_id) {
+        request_span(&request, model, &tracer, &cx, at(log.ended), at);
+    }
     let calls: Vec<ToolTrace> = tools
         .calls
         .extract_if(.., |c| c.turn_id <= log.turn_id)
@@ -478,12 +489,85 @@ pub fn turn_spans(
         .end_with_timestamp(at(heard_until.map_or(log.ended, |h| h.max(log.ended))));
 }
 
-/// Tool calls waiting for their turn to end, to be traced as its children.
+/// One provider request's span under its turn's: a model request (`chat {model}`, from the
+/// request to the end of its answer, with the usage it reported and its time to first token)
+/// or a synthesis request (`voice.tts.request`: characters, time to first audio). One still
+/// going when its reply ended lasts until its turn ends (`turn_end`).
+fn request_span(
+    request: &RequestTrace,
+    model: (&'static str, &str),
+    tracer: &global::BoxedTracer,
+    cx: &Context,
+    turn_end: SystemTime,
+    at: impl Fn(Instant) -> SystemTime,
+) {
+    let first_ms = |first: Option<Instant>| {
+        first.map(|f| f.saturating_duration_since(request.started).as_millis() as i64)
+    };
+    let (name, mut attributes) = match &request.kind {
+        Requested::Model { round, usage } => {
+            let mut attributes = vec![
+                KeyValue::new("gen_ai.operation.name", "chat"),
+                KeyValue::new("gen_ai.provider.name", model.0),
+                KeyValue::new("gen_ai.request.model", model.1.to_owned()),
+                KeyValue::new("voice.llm.round", i64::from(*round)),
+            ];
+            for (name, count) in [
+                ("gen_ai.usage.input_tokens", usage.input_tokens),
+                ("gen_ai.usage.output_tokens", usage.output_tokens),
+            ] {
+                if let Some(n) = count {
+                    attributes.push(KeyValue::new(name, n as i64));
+                }
+            }
+            if let Some(ms) = first_ms(request.first) {
+                attributes.push(KeyValue::new("voice.llm.first_token_ms", ms));
+            }
+            (format!("chat {}", model.1), attributes)
+        }
+        Requested::Synthesis { chars } => {
+            let mut attributes = vec![KeyValue::new("voice.tts.characters", *chars as i64)];
+            if let Some(ms) = first_ms(request.first) {
+                attributes.push(KeyValue::new("voice.tts.first_audio_ms", ms));
+            }
+            ("voice.tts.request".to_owned(), attributes)
+        }
+    };
+    attributes.push(KeyValue::new(
+        "voice.request.complete",
+        request.ended.is_some(),
+    ));
+    let start = at(request.started);
+    let mut span = tracer
+        .span_builder(name)
+        .with_kind(SpanKind::Client)
+        .with_start_time(start)
+        .with_attributes(attributes)
+        .start_with_context(tracer, cx);
+    span.end_with_timestamp(request.ended.map_or(turn_end, &at).max(start));
+}
+
+/// Spans waiting for their turn to end, to be traced as its children: tool calls, and the
+/// provider requests of its reply.
 #[derive(Debug, Default)]
-pub struct TurnTools {
+pub struct HeldSpans {
     calls: Vec<ToolTrace>,
+    requests: Vec<(u64, RequestTrace)>,
     /// The last turn traced.
     ended: u64,
+}
+
+impl HeldSpans {
+    /// The provider requests of the reply to `turn_id` (a preemptive reply discarded counts
+    /// for the turn it was made for), within [`MAX_HELD_CALLS`] a turn.
+    pub fn requests(&mut self, turn_id: u64, requests: Vec<RequestTrace>) {
+        if turn_id <= self.ended {
+            return;
+        }
+        let room = MAX_HELD_CALLS.saturating_sub(self.requests.len());
+        self.requests
+            .extend(requests.into_iter().take(room).map(|r| (turn_id, r)));
+    }
 }
 
 /// Calls a turn holds at most; beyond it (or once the turn is traced) a call is traced under
@@ -498,8 +582,8 @@ struct ToolTrace {
     took: Duration,
 }
 
-/// A tool call's span: held for its turn's span (see [`TurnTools`]).
-pub fn tool_span(log: &ToolLog, mcp_server: Option<&str>, tools: &mut TurnTools) {
+/// A tool call's span: held for its turn's span (see [`HeldSpans`]).
+pub fn tool_span(log: &ToolLog, mcp_server: Option<&str>, tools: &mut HeldSpans) {
     let parent = tracing::Span::current().context();
     if !recorded(&parent) {
         return;

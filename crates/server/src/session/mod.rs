@@ -221,7 +221,7 @@ struct Driver {
     /// The MCP server of each call to an MCP tool not yet recorded, by call id.
     mcp_servers: std::collections::HashMap<String, Arc<str>>,
     /// Tool calls traced when their turn ends.
-    traced_tools: crate::telemetry::TurnTools,
+    held_spans: crate::telemetry::HeldSpans,
     /// Wall-clock start, for the record.
     started_wall: chrono::DateTime<chrono::Utc>,
     /// Completed turns, for the record.
@@ -406,7 +406,7 @@ impl Driver {
             tool_tasks: std::collections::HashMap::new(),
             tool_records: Vec::new(),
             mcp_servers: std::collections::HashMap::new(),
-            traced_tools: crate::telemetry::TurnTools::default(),
+            held_spans: crate::telemetry::HeldSpans::default(),
             started_wall: chrono::Utc::now(),
             turn_records: Vec::new(),
             conversation_id: first.start.conversation_id.clone(),
@@ -1016,6 +1016,7 @@ impl Driver {
         let config = &self.state.config;
         let mut progress = Progress {
             prompt_chars: response::prompt_chars(&request),
+            traces: crate::telemetry::traced().then(Vec::new),
             ..Progress::default()
         };
         progress.timings.end_of_speech = end_of_speech;
@@ -1196,7 +1197,7 @@ impl Driver {
         while let Ok(round) = active.rounds.try_recv() {
             response::unreported(&active.progress, round);
         }
-        let outcome = settle(turn_id, &active.progress);
+        let outcome = self.settle(turn_id, &active.progress);
         self.machine.handle(Input::ReplyEnded(outcome), now());
     }
 
@@ -1212,7 +1213,7 @@ impl Driver {
         while let Ok(speech) = active.speech.try_recv() {
             self.on_speech(turn_id, speech);
         }
-        let outcome = settle(turn_id, &active.progress);
+        let outcome = self.settle(turn_id, &active.progress);
         if let Some(f) = &lock(&active.progress).failure {
             warn!(turn_id, code = f.code.as_str(), kind = f.label, detail = %f.detail, "reply failed");
             metrics::provider_error(
@@ -1225,6 +1226,17 @@ impl Driver {
             );
         }
         self.feed(Input::ReplyEnded(outcome)).await;
+    }
+
+    /// What a reply achieved: its bill is closed here, so a synthesis request not issued yet
+    /// is never issued (see `response::synthesize`); its requests' spans wait for its turn's.
+    fn settle(&mut self, turn_id: u64, progress: &Mutex<Progress>) -> ReplyOutcome {
+        let mut p = lock(progress);
+        p.settled = true;
+        if let Some(requests) = p.traces.take() {
+            self.held_spans.requests(turn_id, requests);
+        }
+        outcome_of(turn_id, &p)
     }
 
     fn record_turn(&mut self, log: TurnLog) {
@@ -1241,7 +1253,7 @@ impl Driver {
             &log,
             (llm.provider(), llm.model()),
             content,
-            &mut self.traced_tools,
+            &mut self.held_spans,
         );
         let ms = |d: Option<Duration>| d.and_then(|d| i32::try_from(d.as_millis()).ok());
         self.turn_records.push(atlas_store::TurnRecord {
@@ -1265,7 +1277,7 @@ impl Driver {
         metrics::tool_call(kind.unwrap_or("none"), log.outcome.label(), log.duration);
         info!(turn_id = log.turn_id, tool = %truncate(&log.name, 64), outcome = log.outcome.label(), duration_ms = log.duration.as_millis() as u64, "tool call");
         let mcp_server = self.mcp_servers.remove(&log.call_id).map(|s| s.to_string());
-        crate::telemetry::tool_span(&log, mcp_server.as_deref(), &mut self.traced_tools);
+        crate::telemetry::tool_span(&log, mcp_server.as_deref(), &mut self.held_spans);
         self.tool_records.push(atlas_store::ToolCallRecord {
             session_id: self.record_id(),
             turn_index: i32::try_from(log.turn_id).unwrap_or(i32::MAX),
@@ -1424,14 +1436,6 @@ fn reported_tokens(u: &atlas_providers::llm::LlmUsage) -> ReportedTokens {
         cache_read: u.cache_read_input_tokens,
         cache_write: u.cache_creation_input_tokens,
     }
-}
-
-/// What a reply achieved: its bill is closed here, so a synthesis request not issued yet is
-/// never issued (see `response::synthesize`).
-fn settle(turn_id: u64, progress: &std::sync::Mutex<Progress>) -> ReplyOutcome {
-    let mut p = lock(progress);
-    p.settled = true;
-    outcome_of(turn_id, &p)
 }
 
 /// What a reply achieved, from its progress.

@@ -125,6 +125,9 @@ pub struct ToolRound {
 pub struct Progress {
     /// Stage timestamps.
     pub timings: TurnTimings,
+    /// Its provider requests, for their trace spans; `None` when the session is not traced
+    /// (then nothing is recorded).
+    pub traces: Option<Vec<RequestTrace>>,
     /// Model requests that ended in tool calls so far.
     pub round: u32,
     /// Text the model produced in the current round.
@@ -146,6 +149,52 @@ pub struct Progress {
     pub settled: bool,
     /// Set when the reply failed.
     pub failure: Option<Failure>,
+}
+
+/// Provider requests of one reply traced at most (a reply's requests are bounded by its
+/// tool rounds and sentences; past this they go untraced).
+const MAX_TRACED: usize = 64;
+
+/// One provider request of a reply, as its trace span shows it.
+#[derive(Debug)]
+pub struct RequestTrace {
+    /// What was asked.
+    pub kind: Requested,
+    /// When the request was issued.
+    pub started: std::time::Instant,
+    /// Its first token or first audio.
+    pub first: Option<std::time::Instant>,
+    /// When its answer ended (unset: cut, or still coming when the reply ended).
+    pub ended: Option<std::time::Instant>,
+}
+
+/// The kind of a traced request.
+#[derive(Debug)]
+pub enum Requested {
+    /// A model request: the reply's round (0, then one more after each tool round) and the
+    /// usage it reported.
+    Model { round: u32, usage: LlmUsage },
+    /// A synthesis request of this many characters.
+    Synthesis { chars: u64 },
+}
+
+impl Progress {
+    /// Starts tracing a request issued `now`, if the reply is traced; its handle.
+    fn trace(&mut self, kind: Requested, now: std::time::Instant) -> Option<usize> {
+        let traces = self.traces.as_mut().filter(|t| t.len() < MAX_TRACED)?;
+        traces.push(RequestTrace {
+            kind,
+            started: now,
+            first: None,
+            ended: None,
+        });
+        Some(traces.len() - 1)
+    }
+
+    /// The traced request `handle`, if there is one.
+    fn traced(&mut self, handle: Option<usize>) -> Option<&mut RequestTrace> {
+        self.traces.as_mut()?.get_mut(handle?)
+    }
 }
 
 /// Locks the progress, tolerating a poisoned mutex (the data stays usable).
@@ -266,11 +315,14 @@ async fn read_llm(
     let mut ready = Vec::new();
     let cut = channels.cut.clone();
     loop {
-        let round = {
+        let (round, traced) = {
             let mut p = lock(progress);
-            mark(&mut p.timings.llm_request, Instant::now().into_std());
+            let now = Instant::now().into_std();
+            mark(&mut p.timings.llm_request, now);
             p.llm_sent = true;
-            p.round
+            let round = p.round;
+            let usage = LlmUsage::default();
+            (round, p.trace(Requested::Model { round, usage }, now))
         };
         // Billed from here on, as the provider bills every request it receives: so once
         // issued, the request is sent whole even if the reply is cut meanwhile.
@@ -325,6 +377,9 @@ async fn read_llm(
                         let mut p = lock(progress);
                         mark(&mut p.timings.llm_first_token, now);
                         p.generated.push_str(&text);
+                        if let Some(t) = p.traced(traced) {
+                            t.first.get_or_insert(now);
+                        }
                     }
                     splitter.push(&text, now, &mut ready);
                     if channels.text.send(text).is_err() {
@@ -336,9 +391,23 @@ async fn read_llm(
                     }
                 }
                 Ok(LlmEvent::ToolCall(call)) => calls.push(call),
-                Ok(LlmEvent::Usage(u)) => lock(progress).llm_usage = u,
+                Ok(LlmEvent::Usage(u)) => {
+                    let mut p = lock(progress);
+                    p.llm_usage = u;
+                    if let Some(RequestTrace {
+                        kind: Requested::Model { usage, .. },
+                        ..
+                    }) = p.traced(traced)
+                    {
+                        *usage = u;
+                    }
+                }
                 Ok(LlmEvent::Done { .. }) => {
-                    lock(progress).llm_done = true;
+                    let mut p = lock(progress);
+                    p.llm_done = true;
+                    if let Some(t) = p.traced(traced) {
+                        t.ended = Some(Instant::now().into_std());
+                    }
                     break;
                 }
                 Err(e) => return Err(Failure::provider(ErrorCode::LlmFailed, &e).into()),
@@ -484,14 +553,16 @@ async fn synthesize(
     // issued only while the reply's bill is open, and once issued it is not dropped before the
     // provider answers, so what the provider received and what the bill counts are the same.
     let chars = request.text.chars().count() as u64;
-    {
+    let traced = {
         let mut p = lock(&progress);
         if p.settled {
             return;
         }
-        mark(&mut p.timings.tts_request, Instant::now().into_std());
+        let now = Instant::now().into_std();
+        mark(&mut p.timings.tts_request, now);
         p.tts_chars += chars;
-    }
+        p.trace(Requested::Synthesis { chars }, now)
+    };
     let mut stream = match tts.synthesize(request).await {
         Ok(s) => s,
         Err(e) => {
@@ -506,14 +577,19 @@ async fn synthesize(
     while let Some(chunk) = stream.next().await {
         let failed = chunk.is_err();
         if chunk.is_ok() {
-            mark(
-                &mut lock(&progress).timings.tts_first_audio,
-                Instant::now().into_std(),
-            );
+            let now = Instant::now().into_std();
+            let mut p = lock(&progress);
+            mark(&mut p.timings.tts_first_audio, now);
+            if let Some(t) = p.traced(traced) {
+                t.first.get_or_insert(now);
+            }
         }
         if audio.send(chunk).await.is_err() || failed {
             return;
         }
+    }
+    if let Some(t) = lock(&progress).traced(traced) {
+        t.ended = Some(Instant::now().into_std());
     }
 }
 

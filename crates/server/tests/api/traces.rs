@@ -328,6 +328,44 @@ async fn a_spoken_turn_continues_the_clients_trace_with_its_stages_as_the_client
     assert!(int(&llm, "gen_ai.usage.input_tokens") > 0);
     assert!(int(&llm, "gen_ai.usage.output_tokens") > 0);
     assert!(int(&tts, "voice.tts.characters") > 0);
+    // Each provider request is a span of its own in the turn: one model request, with the
+    // usage billed and its time to first token as the client was told; the synthesis
+    // requests, whose characters add up to the turn's, the first one's first audio as told.
+    let model = string(&llm, "gen_ai.request.model");
+    let chats = t.children(&turn, &format!("chat {model}"));
+    assert_eq!(chats.len(), 1, "one model request");
+    let chat = &chats[0];
+    assert_eq!(int(chat, "voice.llm.round"), 0);
+    for key in ["gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"] {
+        assert_eq!(int(chat, key), int(&llm, key), "{key}");
+    }
+    assert_close(
+        "time to first token",
+        int(chat, "voice.llm.first_token_ms") as f64,
+        latency.llm_first_token.unwrap(),
+    );
+    let mut syntheses = t.children(&turn, "voice.tts.request");
+    syntheses.sort_by_key(|s| s.start_time_unix_nano);
+    assert!(!syntheses.is_empty(), "synthesis requests traced");
+    assert_eq!(
+        syntheses
+            .iter()
+            .map(|s| int(s, "voice.tts.characters"))
+            .sum::<i64>(),
+        int(&tts, "voice.tts.characters")
+    );
+    assert_close(
+        "time to first audio",
+        int(&syntheses[0], "voice.tts.first_audio_ms") as f64,
+        latency.tts_first_audio.unwrap(),
+    );
+    for span in chats.iter().chain(&syntheses) {
+        assert!(within(span, &turn), "{} within the turn", span.name);
+        assert_eq!(
+            attribute(span, "voice.request.complete"),
+            Some(&Any::BoolValue(true))
+        );
+    }
 
     // The providers' requests carried the session's trace.
     let carried = app.fakes.recorded().traceparents;
@@ -410,6 +448,31 @@ async fn a_tool_turn_traces_each_call_inside_the_time_spent_on_tools() {
         "the call within voice.tools"
     );
     assert!(within(&call, &turn));
+    // Two model requests: the one that asked for the tool, and the one after its answer,
+    // which starts once the tools are done; together they are billed what the turn was.
+    let llm = t.child(&turn, "voice.llm");
+    let mut chats = t.children(
+        &turn,
+        &format!("chat {}", string(&llm, "gen_ai.request.model")),
+    );
+    chats.sort_by_key(|s| s.start_time_unix_nano);
+    assert_eq!(chats.len(), 2, "two model requests");
+    assert_eq!(
+        chats
+            .iter()
+            .map(|c| int(c, "voice.llm.round"))
+            .collect::<Vec<_>>(),
+        [0, 1]
+    );
+    assert!(chats[0].end_time_unix_nano <= call.start_time_unix_nano + 1_000_000);
+    assert!(chats[1].start_time_unix_nano + 1_000_000 >= tools.end_time_unix_nano);
+    for key in ["gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"] {
+        assert_eq!(
+            chats.iter().map(|c| int(c, key)).sum::<i64>(),
+            int(&llm, key),
+            "{key}"
+        );
+    }
     // The webhook was called within the session's trace.
     let calls = hook.calls();
     assert_eq!(calls.len(), 1);

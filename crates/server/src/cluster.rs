@@ -276,6 +276,10 @@ pub struct ResumeState {
     pub conversation_id: Option<String>,
     /// Client description.
     pub client: Option<atlas_protocol::ClientInfo>,
+    /// The session's trace span as a W3C `traceparent`, when it is traced: the next owner's
+    /// session span continues it, so a session is one trace wherever it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// The instance's handle on the shared state.

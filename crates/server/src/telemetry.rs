@@ -319,6 +319,18 @@ pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
     }
 }
 
+/// `span`'s trace context as a W3C `traceparent`, when it is traced (for
+/// [`continue_trace`] on another instance).
+pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut fields = std::collections::HashMap::new();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut fields));
+    fields.remove("traceparent")
+}
+
 /// Names the session's user on its span: a hash of the id (the same for the same user
 /// everywhere, so an operator who knows the id can find the sessions), or the id itself
 /// when the operator enables content.
@@ -379,6 +391,8 @@ pub fn turn_spans(
     let l = &log.latency;
     let ms = |d: Duration| d.as_millis() as i64;
     let anchor = log.end_of_speech.unwrap_or(log.started);
+    // When the turn was heard: its reply started then, or after waiting in the server.
+    let heard = log.started.checked_sub(log.queued).unwrap_or(log.started);
     let mut attributes = vec![
         KeyValue::new("voice.turn.id", log.turn_id as i64),
         KeyValue::new("voice.turn.outcome", log.outcome),
@@ -400,7 +414,7 @@ pub fn turn_spans(
     let turn = tracer
         .span_builder("voice.turn")
         .with_kind(SpanKind::Internal)
-        .with_start_time(at(anchor.min(log.started)))
+        .with_start_time(at(anchor.min(heard)))
         .with_attributes(attributes)
         .start_with_context(&tracer, &parent);
     let cx = parent.with_span(turn);
@@ -414,6 +428,9 @@ pub fn turn_spans(
     };
     if let (Some(eos), Some(d)) = (log.end_of_speech, l.end_of_speech_to_final) {
         child("voice.stt", eos, d, Vec::new());
+    }
+    if !log.queued.is_zero() {
+        child("voice.queued", heard, log.queued, Vec::new());
     }
     if let Some(d) = l.llm_first_token {
         let mut attributes = vec![

@@ -873,7 +873,8 @@ impl World {
                 end_of_speech: Some(self.now() - Duration::from_millis(150)),
             }
         };
-        if partial && n < echo::MIN_ECHO_WORDS {
+        // (An interim transcript's last word is not judged.)
+        if partial && n <= echo::MIN_ECHO_WORDS {
             // Too few words to tell from the person's: speech goes on, the pause is over.
             if let Some(watch) = &mut self.sessions[s].copies[c].smart {
                 watch.pause = None;
@@ -1089,13 +1090,13 @@ impl World {
         self.sessions[s].copies[c]
             .sentences
             .push((text.clone(), end));
-        // The model's words reach the machine as they are written.
+        // The model's words reach the machine as they are written, spaces and all.
         self.feed(
             s,
             c,
             Input::ReplyText {
                 turn_id: r.turn_id,
-                text: text.clone(),
+                text: format!("{text} "),
             },
         );
         self.feed(

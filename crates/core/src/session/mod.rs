@@ -521,6 +521,9 @@ pub struct TurnLog {
     /// Length of the reply's audio the listener heard (all that was sent, for a reply that
     /// ended on its own).
     pub audio_heard: Duration,
+    /// How long the turn, once heard, waited for the reply before it to report (a barge-in
+    /// waits for the reply it cut): time queued in the server, just before `started`.
+    pub queued: Duration,
 }
 
 /// A tool call that ended, for the record.
@@ -785,6 +788,8 @@ struct Reply {
     held_text: Vec<String>,
     /// A draft's tool calls, held until it is kept.
     parked: Option<(String, Vec<CheckedCall>)>,
+    /// How long its turn waited to start, once heard.
+    queued: Duration,
 }
 
 /// A turn that ended while a cut reply had not yet reported its outcome: it starts once
@@ -794,6 +799,8 @@ struct WaitingTurn {
     turn_id: u64,
     text: String,
     end_of_speech: Option<Instant>,
+    /// When it was heard.
+    heard: Instant,
 }
 
 #[derive(Debug)]
@@ -1956,6 +1963,7 @@ impl Session {
             turn_id,
             text,
             end_of_speech,
+            heard: self.now,
         };
         if let Some(superseded) = self.waiting.replace(waiting) {
             // Said or typed, then overtaken before its reply could start.
@@ -2015,6 +2023,7 @@ impl Session {
             draft,
             held_text: Vec::new(),
             parked: None,
+            queued: Duration::ZERO,
         });
         self.out.push_back(Output::StartReply {
             turn_id,
@@ -2084,6 +2093,9 @@ impl Session {
     fn next_reply(&mut self) {
         if let Some(next) = self.waiting.take() {
             self.start_reply(next.turn_id, next.text, next.end_of_speech);
+            if let Some(reply) = self.reply.as_mut().filter(|r| r.turn_id == next.turn_id) {
+                reply.queued = self.now.saturating_duration_since(next.heard);
+            }
         } else if let Some((text, end_of_speech)) = self.draft_wanted.take() {
             self.start_draft(text, end_of_speech);
         }
@@ -2121,6 +2133,7 @@ impl Session {
             tts_chars: 0,
             first_audio: None,
             audio_heard: Duration::ZERO,
+            queued: Duration::ZERO,
         }));
     }
 
@@ -2238,6 +2251,7 @@ impl Session {
             tts_chars: reply.tts_chars + o.tts_chars,
             first_audio: reply.first_audio,
             audio_heard: reply.playout.heard_for(now, !aborted),
+            queued: reply.queued,
         }));
         if self.phase == Phase::Live && self.lease.is_some() && self.attached {
             // Replicated after every turn, so the session survives its instance; queued

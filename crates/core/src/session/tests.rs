@@ -348,6 +348,28 @@ fn the_replys_own_words_heard_back_cut_nothing_and_make_no_turn() {
     assert!(started_reply(&out, 2), "{out:?}");
 }
 
+/// A turn that ends while the reply before it is being cut waits for that reply's report
+/// before its own starts: the wait is logged as time queued in the server.
+#[test]
+fn a_turn_waiting_for_the_reply_it_cut_logs_the_wait() {
+    let mut h = Harness::new(config());
+    h.say("Tell me a story");
+    h.speak(1, "Once upon a time.");
+    let out = h.say("No, tell me about Rome");
+    assert!(aborted(&out, 1) && !started_reply(&out, 2));
+    h.advance(30 * MS);
+    let out = h.feed(Input::ReplyEnded(outcome(1, "Once upon a time.", 5)));
+    assert!(
+        turn_log(&out).queued.is_zero(),
+        "the cut reply waited for nothing"
+    );
+    assert!(started_reply(&out, 2));
+    let mut out = h.reply_done(2, "Rome is old.", 4);
+    out.extend(h.advance(500 * MS));
+    assert_eq!(turn_log(&out).turn_id, 2);
+    assert_eq!(turn_log(&out).queued, 30 * MS);
+}
+
 #[test]
 fn a_reply_cut_before_its_first_token_still_pays_for_the_prompt() {
     let mut h = Harness::new(config());

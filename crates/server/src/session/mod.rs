@@ -311,7 +311,13 @@ async fn run_session(
     moved: Option<ResumeState>,
 ) {
     let span = tracing::info_span!("session", session_id = %session_id);
-    if let Some(traceparent) = &first.start.traceparent {
+    // A session moved from another instance continues its own trace; a new one, the
+    // client's.
+    let parent = moved
+        .as_ref()
+        .and_then(|m| m.trace.as_deref())
+        .or(first.start.traceparent.as_deref());
+    if let Some(traceparent) = parent {
         crate::telemetry::continue_trace(&span, traceparent);
     }
     async move {
@@ -451,6 +457,7 @@ impl Driver {
             tool_records: self.tool_records.clone(),
             conversation_id: self.conversation_id.clone(),
             client: self.client.clone(),
+            trace: crate::telemetry::traceparent(&tracing::Span::current()),
         }
     }
 

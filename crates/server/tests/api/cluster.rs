@@ -264,6 +264,7 @@ async fn the_scripts_answer_like_the_simulation_s_model() {
         tool_records: Vec::new(),
         conversation_id: None,
         client: None,
+        trace: None,
     };
     let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
     let mut next = move |n: u64| {

@@ -485,6 +485,140 @@ async fn a_tool_turn_traces_each_call_inside_the_time_spent_on_tools() {
     drop(app);
 }
 
+/// A typed turn that cuts a reply waits, once heard, until the cut reply has reported (its
+/// bill is in): that wait is the turn's `voice.queued` span, just before its model request.
+#[tokio::test]
+async fn a_turn_waiting_for_the_reply_it_cut_shows_the_wait_as_queued() {
+    let t = traced(Collector::Up, 2_048).await;
+    let app = spawn_app_with(barge_in_fakes(), |_| {}).await;
+    let (mut conn, session_id) = app.start("queue-user", 24_000).await;
+    type_text(&conn, "Tell me about Paris").await;
+    collect_until(&mut conn, Duration::from_secs(10), |i| {
+        matches!(i, Incoming::Audio { .. })
+    })
+    .await;
+    type_text(&conn, "Tell me about Rome instead").await;
+    collect_until(&mut conn, Duration::from_secs(20), is_done(2)).await;
+    end_session(&mut conn).await;
+    t.wait_for(&["session", "voice.turn", "voice.queued"]).await;
+
+    let session = t.session(&session_id);
+    let turns = t.children(&session, "voice.turn");
+    assert_eq!(turns.len(), 2, "two turns under the session");
+    assert!(
+        t.children(&turns[0], "voice.queued").is_empty(),
+        "turn 1 waited for nothing"
+    );
+    let queued = t.child(&turns[1], "voice.queued");
+    let llm = t.child(&turns[1], "voice.llm");
+    let chat = t.child(
+        &turns[1],
+        &format!("chat {}", string(&llm, "gen_ai.request.model")),
+    );
+    assert!(within(&queued, &turns[1]));
+    assert!(
+        queued.end_time_unix_nano <= chat.start_time_unix_nano,
+        "the wait ends before the model is asked"
+    );
+    assert!(queued.end_time_unix_nano > queued.start_time_unix_nano);
+}
+
+/// A session that moves to another instance (its connection drops, it resumes there) stays
+/// one trace: the new owner's session span continues the first one's, and its turns are
+/// under it.
+#[tokio::test]
+async fn a_session_moved_to_another_instance_stays_in_its_trace() {
+    let t = traced(Collector::Up, 2_048).await;
+    let prefix = format!("atlas-traces-{}", uuid::Uuid::new_v4());
+    let shared = |c: &mut atlas_server::Config| {
+        c.redis_url = Some("redis://127.0.0.1:6379".into());
+        c.redis_prefix = prefix.clone();
+    };
+    let a = spawn_app_with(fast_fakes(), &shared).await;
+    let b = spawn_app_with(fast_fakes(), &shared).await;
+    let mut conn = a.connect("moving-user").await;
+    let ClientMessage::SessionStart(mut start) = start_message(16_000, 24_000) else {
+        unreachable!()
+    };
+    start.traceparent = Some(format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"));
+    conn.sender
+        .send(&ClientMessage::SessionStart(start))
+        .await
+        .unwrap();
+    let items = collect_until(&mut conn, Duration::from_secs(5), |i| {
+        matches!(event(i), Some(ServerEvent::SessionStarted { .. }))
+    })
+    .await;
+    let Some(ServerEvent::SessionStarted {
+        session_id,
+        resume_token: token,
+        ..
+    }) = items.last().and_then(event).cloned()
+    else {
+        unreachable!()
+    };
+    type_turn(&mut conn, "What time does the museum open?", 1).await;
+    // The network drops; the client comes back through another instance.
+    conn.abort();
+    let mut options = atlas_client::ConnectOptions::new(b.url(), b.token("moving-user"));
+    options.resume = Some(token);
+    let mut conn = atlas_client::connect(&options).await.unwrap();
+    conn.sender
+        .send(&start_message(16_000, 24_000))
+        .await
+        .unwrap();
+    collect_until(&mut conn, Duration::from_secs(10), |i| {
+        matches!(event(i), Some(ServerEvent::SessionResumed { .. }))
+    })
+    .await;
+    type_turn(&mut conn, "And on Sundays?", 2).await;
+    end_session(&mut conn).await;
+    t.wait_for(&["session", "voice.turn"]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let sessions = loop {
+        let sessions: Vec<Span> = t
+            .receiver
+            .named("session")
+            .into_iter()
+            .filter(|s| texts(s).contains(&session_id))
+            .collect();
+        if sessions.len() == 2 || tokio::time::Instant::now() > deadline {
+            break sessions;
+        }
+        let tracing = t.tracing.clone();
+        tokio::task::spawn_blocking(move || tracing.flush())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(sessions.len(), 2, "a session span on each instance");
+    let (first, moved) = if sessions[0].parent_span_id == sessions[1].span_id {
+        (&sessions[1], &sessions[0])
+    } else {
+        (&sessions[0], &sessions[1])
+    };
+    assert_eq!(
+        hex(&first.parent_span_id),
+        CLIENT_SPAN,
+        "the first continues the client's"
+    );
+    assert_eq!(
+        moved.parent_span_id, first.span_id,
+        "the moved one continues the first"
+    );
+    for span in [first, moved] {
+        assert_eq!(hex(&span.trace_id), CLIENT_TRACE);
+    }
+    let turn_ids = |session: &Span| -> Vec<i64> {
+        t.children(session, "voice.turn")
+            .iter()
+            .map(|s| int(s, "voice.turn.id"))
+            .collect()
+    };
+    assert_eq!(turn_ids(first), [1]);
+    assert_eq!(turn_ids(moved), [2]);
+}
+
 #[tokio::test]
 async fn a_barge_in_ends_the_turn_with_what_was_heard() {
     let t = traced(Collector::Up, 2_048).await;

@@ -201,10 +201,11 @@ fn unlooped(heard: impl Iterator<Item = String>) -> Vec<String> {
     out
 }
 
-/// The words of `text`, lower-cased, without punctuation; hyphens split words.
-fn words(text: &str) -> impl Iterator<Item = impl Iterator<Item = char> + '_> + '_ {
+/// The words of `text`, lower-cased, without punctuation; hyphens split words (the one rule
+/// for comparing words, the turn machine's backchannels included).
+pub(crate) fn words(text: &str) -> impl Iterator<Item = impl Iterator<Item = char> + '_> + '_ {
     text.split(|c: char| c.is_whitespace() || c == '-')
-        .filter(|w| w.chars().any(char::is_alphanumeric))
+        .filter(|w| w.chars().any(|c| c.is_alphanumeric() || c == '\''))
         .map(|w| {
             w.chars()
                 .filter(|c| c.is_alphanumeric() || *c == '\'')

@@ -617,15 +617,7 @@ impl Turns {
 
 /// Lower-cased words with punctuation removed and hyphens treated as spaces.
 fn words(text: &str) -> Vec<String> {
-    text.split(|c: char| c.is_whitespace() || c == '-')
-        .map(|w| {
-            w.chars()
-                .filter(|c| c.is_alphanumeric() || *c == '\'')
-                .flat_map(char::to_lowercase)
-                .collect::<String>()
-        })
-        .filter(|w| !w.is_empty())
-        .collect()
+    crate::echo::words(text).map(String::from_iter).collect()
 }
 
 #[cfg(test)]

@@ -20,6 +20,9 @@
 //! - `--until-final` ends each item at its first final transcript, without waiting for the
 //!   reply: a run that measures only turn-taking (with `tests/eval/turns.toml`, the labelled
 //!   set of finished questions and sentences with a pause mid-thought).
+//! - `--barge-in` says each spoken prompt again as soon as its reply is heard, and measures
+//!   how long the reply takes to stop; the item's other figures are then of the reply to the
+//!   prompt said again.
 //!
 //! # Metrics
 //! - WER: word-level Levenshtein distance between the prompt's words and all final
@@ -35,6 +38,8 @@
 //!   chunk holding its last speech sample was sent (the turn ended while the person had more
 //!   to say: at a pause mid-thought, in the labelled set); the *end-of-turn delay* is the time
 //!   from sending that chunk to the first final transcript, for items not cut off.
+//! - Barge-in: from the moment the microphone captured the first sound of the prompt said
+//!   again to the `response.interrupted` of the reply it cut.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -50,7 +55,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-use atlas_client::{ConnectOptions, Incoming, connect, speech_end, stream_pcm, wav};
+use atlas_client::{ConnectOptions, Incoming, connect, speech_end, speech_start, stream_pcm, wav};
 use atlas_core::resample::StreamResampler;
 use atlas_local::piper::{self, PiperTts};
 use atlas_local::worker::{Worker, WorkerConfig};
@@ -137,6 +142,22 @@ pub struct EvalArgs {
     /// turn-taking only).
     #[arg(long)]
     until_final: bool,
+    /// Say each spoken prompt again as soon as its reply is heard, and measure how long the
+    /// reply takes to stop (the item's other figures are of the reply to the prompt said
+    /// again).
+    #[arg(long, conflicts_with_all = ["until_final", "text"])]
+    barge_in: bool,
+}
+
+/// When an item ends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listen {
+    /// At the reply's end.
+    Reply,
+    /// At the first final transcript.
+    UntilFinal,
+    /// At the end of the reply to the prompt said again over the first reply.
+    BargeIn,
 }
 
 /// A voice that speaks the prompts.
@@ -426,6 +447,8 @@ struct Prepared {
     rate: u32,
     /// Where the speech ends in `samples`, in samples.
     speech_end: u64,
+    /// Where the speech starts in `samples`.
+    speech_start: Duration,
 }
 
 /// The PCM of a WAV that espeak-ng streams to standard output: its size fields are
@@ -495,6 +518,7 @@ fn prepare(clip: &Clip, rate: u32) -> anyhow::Result<Prepared> {
         out
     };
     let end = speech_end(&samples, rate, SPEECH_DBFS).context("the clip has no speech")?;
+    let speech_start = speech_start(&samples, rate, SPEECH_DBFS).unwrap_or_default();
     let speech_end = (end.as_secs_f64() * f64::from(rate)).round() as u64;
     samples.extend(std::iter::repeat_n(
         0i16,
@@ -504,6 +528,7 @@ fn prepare(clip: &Clip, rate: u32) -> anyhow::Result<Prepared> {
         samples,
         rate,
         speech_end,
+        speech_start,
     })
 }
 
@@ -653,6 +678,8 @@ struct Exchange {
     final_ms: Option<f64>,
     /// No complete reply within the timeout.
     timed_out: bool,
+    /// The prompt said again's first sound → `response.interrupted` of the reply it cut, ms.
+    barge_in_ms: Option<f64>,
     /// Errors the server reported, and why listening stopped early.
     errors: Vec<String>,
 }
@@ -664,7 +691,7 @@ async fn exchange(
     rate: u32,
     input: &Input,
     timeout: Duration,
-    until_final: bool,
+    listen: Listen,
 ) -> anyhow::Result<Exchange> {
     let mut conn = connect(options).await?;
     let start = SessionStart {
@@ -710,15 +737,17 @@ async fn exchange(
 
     let mut out = Exchange::default();
     let began = Instant::now();
-    let (mut feeder, mut input_end, hard_deadline) = match input {
+    let speak = |clip: &Arc<Prepared>| {
+        let (sender, clip) = (conn.sender.clone(), clip.clone());
+        tokio::spawn(
+            async move { stream_pcm(&sender, &clip.samples, clip.rate, CHUNK_MS, 1.0).await },
+        )
+    };
+    let (mut feeder, mut input_end, mut hard_deadline) = match input {
         Input::Audio(clip) => {
-            let (sender, clip) = (conn.sender.clone(), clip.clone());
             let length =
                 atlas_core::audio::samples_to_duration(clip.samples.len() as u64, clip.rate);
-            let task = tokio::spawn(async move {
-                stream_pcm(&sender, &clip.samples, clip.rate, CHUNK_MS, 1.0).await
-            });
-            (Some(task), None, began + length + timeout)
+            (Some(speak(clip)), None, began + length + timeout)
         }
         Input::Text(text) => {
             conn.sender
@@ -734,6 +763,8 @@ async fn exchange(
     let mut replies: BTreeMap<u64, String> = BTreeMap::new();
     let mut audio_at: Vec<Instant> = Vec::new();
     let mut first_final: Option<Instant> = None;
+    // The prompt said again: when its first sound was captured, and the turn it cuts.
+    let mut barge: Option<(Instant, u64)> = None;
     let mut closed = false;
     let finished = |done: Option<u64>, latest: u64| done.is_some_and(|d| d >= latest);
     loop {
@@ -774,17 +805,37 @@ async fn exchange(
                     break;
                 }
                 Some(Incoming::Audio { pcm, at }) => {
+                    if listen == Listen::BargeIn
+                        && barge.is_none()
+                        && let Input::Audio(clip) = input
+                    {
+                        // One microphone: what is left of the trailing silence gives way.
+                        if let Some(task) = feeder.take() {
+                            task.abort();
+                        }
+                        feeder = Some(speak(clip));
+                        barge = Some((Instant::now() + clip.speech_start, latest_turn));
+                        (input_end, stream_start, settle) = (None, None, None);
+                        hard_deadline = Instant::now()
+                            + atlas_core::audio::samples_to_duration(
+                                clip.samples.len() as u64,
+                                clip.rate,
+                            )
+                            + timeout;
+                        audio_at.clear();
+                        continue;
+                    }
                     out.audio_bytes += pcm.len();
                     audio_at.push(at);
                 }
-                Some(Incoming::Event { event, .. }) => match event {
+                Some(Incoming::Event { event, at }) => match event {
                     ServerEvent::TranscriptPartial { .. } => out.partials += 1,
                     ServerEvent::TranscriptFinal { turn_id, text } => {
                         out.finals.push(text);
                         first_final.get_or_insert_with(Instant::now);
                         latest_turn = latest_turn.max(turn_id);
                         settle = None;
-                        if until_final {
+                        if listen == Listen::UntilFinal {
                             break;
                         }
                     }
@@ -795,6 +846,14 @@ async fn exchange(
                     }
                     ServerEvent::ResponseTextDelta { turn_id, text } => {
                         replies.entry(turn_id).or_default().push_str(&text);
+                    }
+                    ServerEvent::ResponseInterrupted { turn_id } => {
+                        if let Some((spoken, cut)) = barge
+                            && turn_id == cut
+                        {
+                            let ms = at.saturating_duration_since(spoken).as_secs_f64() * 1e3;
+                            out.barge_in_ms.get_or_insert(ms);
+                        }
                     }
                     ServerEvent::ResponseDone { turn_id, interrupted, latency_ms } => {
                         done = Some(turn_id);
@@ -1022,6 +1081,9 @@ pub struct ItemRecord {
     pub final_ms: Option<f64>,
     /// The turn ended before the speech did.
     pub cut_off: bool,
+    /// With `--barge-in`: the prompt said again's first sound → `response.interrupted` of
+    /// the reply it cut, ms (absent: the reply was not cut).
+    pub barge_in_ms: Option<f64>,
 }
 
 /// The metrics of a set of items.
@@ -1079,6 +1141,12 @@ pub struct Summary {
     pub end_of_turn_p50_ms: Option<f64>,
     /// The same, p95, ms.
     pub end_of_turn_p95_ms: Option<f64>,
+    /// Replies cut by the prompt said again (with `--barge-in`).
+    pub barge_ins: usize,
+    /// The prompt said again's first sound → `response.interrupted`, p50, ms.
+    pub barge_in_p50_ms: Option<f64>,
+    /// The same, p95, ms.
+    pub barge_in_p95_ms: Option<f64>,
 }
 
 /// The metrics of `items` under the name `group`.
@@ -1120,6 +1188,7 @@ pub fn summarize(group: &str, items: &[&ItemRecord]) -> Summary {
         .filter(|i| !i.cut_off)
         .filter_map(|i| i.final_ms)
         .collect();
+    let barge_ins: Vec<f64> = ran.iter().filter_map(|i| i.barge_in_ms).collect();
     Summary {
         group: group.to_owned(),
         items: items.len(),
@@ -1149,6 +1218,9 @@ pub fn summarize(group: &str, items: &[&ItemRecord]) -> Summary {
             .count(),
         end_of_turn_p50_ms: percentile(&end_of_turn, 50.0),
         end_of_turn_p95_ms: percentile(&end_of_turn, 95.0),
+        barge_ins: barge_ins.len(),
+        barge_in_p50_ms: percentile(&barge_ins, 50.0),
+        barge_in_p95_ms: percentile(&barge_ins, 95.0),
     }
 }
 
@@ -1218,6 +1290,20 @@ fn table(rows: &[Summary]) -> String {
                     ms(r.end_of_turn_p50_ms),
                     ms(r.end_of_turn_p95_ms)
                 ),
+            ));
+        }
+    }
+    if rows.iter().any(|r| r.barge_ins > 0) {
+        s.push_str(&format!(
+            "\n{:<12} {:>12} {:>34}\n",
+            "group", "barge-ins", "first sound → interrupted p50/p95"
+        ));
+        for r in rows {
+            s.push_str(&format!(
+                "{:<12} {:>12} {:>34}\n",
+                r.group,
+                format!("{}/{}", r.barge_ins, r.items - r.failed),
+                format!("{}/{} ms", ms(r.barge_in_p50_ms), ms(r.barge_in_p95_ms)),
             ));
         }
     }
@@ -1369,7 +1455,14 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<i32> {
             let result = match tokens.get().await {
                 Ok(token) => {
                     let options = ConnectOptions::new(&args.url, token);
-                    exchange(&options, group.rate, &input, timeout, args.until_final).await
+                    let listen = if args.until_final {
+                        Listen::UntilFinal
+                    } else if args.barge_in {
+                        Listen::BargeIn
+                    } else {
+                        Listen::Reply
+                    };
+                    exchange(&options, group.rate, &input, timeout, listen).await
                 }
                 Err(e) => Err(e),
             };
@@ -1456,6 +1549,7 @@ fn score(group: Group, p: &Prompt, result: anyhow::Result<Exchange>) -> ItemReco
         pause_ms: p.text.contains('|').then(|| p.pause().as_millis() as u64),
         final_ms: None,
         cut_off: false,
+        barge_in_ms: None,
     };
     let x = match result {
         Ok(x) => x,
@@ -1485,6 +1579,7 @@ fn score(group: Group, p: &Prompt, result: anyhow::Result<Exchange>) -> ItemReco
     record.timed_out = x.timed_out;
     record.final_ms = x.final_ms;
     record.cut_off = x.final_ms.is_some_and(|ms| ms < 0.0);
+    record.barge_in_ms = x.barge_in_ms;
     record.errors = x.errors;
     record.reply = reply;
     record
@@ -1746,6 +1841,13 @@ mod tests {
         assert_eq!(cli.args.limit, Some(3));
         assert!(cli.args.text);
         assert!(Cli::try_parse_from(["eval", "--voices", "robot"]).is_err());
+        assert!(
+            Cli::try_parse_from(["eval", "--barge-in"])
+                .unwrap()
+                .args
+                .barge_in
+        );
+        assert!(Cli::try_parse_from(["eval", "--barge-in", "--until-final"]).is_err());
     }
 
     #[test]
@@ -1780,6 +1882,7 @@ mod tests {
                 pause_ms: None,
                 final_ms: latency.map(|l| l as f64 - 700.0),
                 cut_off: false,
+                barge_in_ms: latency.map(|l| l as f64 / 10.0),
             };
         let items = [
             item("g", Some(true), "Paris.", Some(900)),
@@ -1797,6 +1900,12 @@ mod tests {
         assert_eq!(s.client_latency_p50_ms, Some(920.0));
         assert_eq!(s.end_of_turn_p50_ms, Some(200.0));
         assert_eq!((s.cut_off, s.paused, s.paused_cut_off), (0, 0, 0));
+        assert_eq!(s.barge_ins, 2);
+        assert_eq!(
+            (s.barge_in_p50_ms, s.barge_in_p95_ms),
+            (Some(90.0), Some(110.0))
+        );
+        assert!(table(std::slice::from_ref(&s)).contains("90/110 ms"));
         // A paused item whose turn ended before its speech did is a cut-off, and its
         // (negative) figure is no end-of-turn delay.
         let cut = ItemRecord {

@@ -82,9 +82,13 @@ pub async fn run(check: Check<'_>) -> anyhow::Result<()> {
     }
     let mut errors = Vec::new();
     let mut interrupted = 0u64;
+    let mut barge_ins = Vec::new();
     while let Some(r) = tasks.join_next().await {
         match r {
-            Ok(Ok(n)) => interrupted += n,
+            Ok(Ok(done)) => {
+                interrupted += done.interrupted;
+                barge_ins.push(done.barge_in.as_secs_f64() * 1e3);
+            }
             Ok(Err(e)) => errors.push(format!("{e:#}")),
             Err(e) => errors.push(e.to_string()),
         }
@@ -94,6 +98,7 @@ pub async fn run(check: Check<'_>) -> anyhow::Result<()> {
     store.close().await;
     let billed = fakes.recorded().usage;
     let disagreements = compare(sessions, &billed, &recorded);
+    let barge_in = |p| crate::eval::percentile(&barge_ins, p).unwrap_or(f64::NAN);
     if json {
         println!(
             "{}",
@@ -101,6 +106,7 @@ pub async fn run(check: Check<'_>) -> anyhow::Result<()> {
                 "sessions": sessions,
                 "session_errors": errors.len(),
                 "interrupted_replies": interrupted,
+                "barge_in_ms": {"p50": barge_in(50.0), "p95": barge_in(95.0), "max": barge_in(100.0)},
                 "elapsed_s": started.elapsed().as_secs_f64(),
                 "fakes": {
                     "llm_requests": billed.llm_requests,
@@ -132,6 +138,12 @@ pub async fn run(check: Check<'_>) -> anyhow::Result<()> {
             billed.llm_cut_requests,
             billed.llm_requests,
             errors.len()
+        );
+        println!(
+            "barge-in: the barging speech's first sound → response.interrupted at the client: p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms",
+            barge_in(50.0),
+            barge_in(95.0),
+            barge_in(100.0)
         );
         println!("                      providers (fakes)   ledger (records)");
         println!(
@@ -243,16 +255,26 @@ fn compare(sessions: usize, billed: &Usage, recorded: &UserUsage) -> Vec<String>
     out
 }
 
+/// What one session saw.
+struct Done {
+    /// Replies cut short.
+    interrupted: u64,
+    /// From the first sound of the spoken barge-in (when the microphone captured it) to
+    /// `response.interrupted` of the reply it cut.
+    barge_in: Duration,
+}
+
 /// One session: a spoken question, barged in on by speaking it again once its reply is heard;
 /// a typed question cut by another typed one once its reply's text arrives; then the end, after
-/// the last reply or during it. Returns how many replies were cut short.
+/// the last reply or during it.
 async fn one_session(
     url: &str,
     token: &str,
     samples: &[i16],
     rate: u32,
     ending: Ending,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<Done> {
+    let onset = atlas_client::speech_start(samples, rate, -40.0).context("no speech")?;
     let mut conn = connect(&ConnectOptions::new(url, token))
         .await
         .context("connecting")?;
@@ -265,7 +287,11 @@ async fn one_session(
             ..SessionStart::default()
         }))
         .await?;
-    let mut log = Log::default();
+    let mut log = Log {
+        interrupted: 0,
+        last_turn: 0,
+        at: Instant::now(),
+    };
     log.until(&mut conn, "session.started", |e| {
         matches!(e, ServerEvent::SessionStarted { .. })
     })
@@ -281,7 +307,15 @@ async fn one_session(
     // streams at once would interleave their frames, and the recogniser would hear the
     // speech chopped by silence).
     microphone.abort();
+    let spoken_at = Instant::now() + onset;
     let _microphone = speak(&conn, speech, rate);
+    log.until(
+        &mut conn,
+        "the barge-in",
+        |e| matches!(e, ServerEvent::ResponseInterrupted { turn_id } if *turn_id == first),
+    )
+    .await?;
+    let barge_in = log.at.saturating_duration_since(spoken_at);
     log.until(
         &mut conn,
         "the reply after the barge-in",
@@ -325,7 +359,10 @@ async fn one_session(
     }
     conn.sender.send(&ClientMessage::SessionEnd).await?;
     log.until_closed(&mut conn).await?;
-    Ok(log.interrupted)
+    Ok(Done {
+        interrupted: log.interrupted,
+        barge_in,
+    })
 }
 
 /// Streams `speech` at real-time pace in 20 ms frames from a task of its own (abort it to
@@ -338,12 +375,13 @@ fn speak(conn: &Connection, speech: Vec<i16>, rate: u32) -> tokio::task::JoinHan
 }
 
 /// What one session has seen so far.
-#[derive(Default)]
 struct Log {
     /// Replies cut short.
     interrupted: u64,
     /// The highest turn the server has started.
     last_turn: u64,
+    /// When the last event arrived.
+    at: Instant,
 }
 
 impl Log {
@@ -372,7 +410,8 @@ impl Log {
             .await
             .map_err(|_| anyhow::anyhow!("no {what} within {STEP:?}"))?
             .ok_or_else(|| anyhow::anyhow!("connection ended waiting for {what}"))?;
-        if let Incoming::Event { event, .. } = &item {
+        if let Incoming::Event { event, at } = &item {
+            self.at = *at;
             self.note(event);
         }
         Ok(item)

@@ -359,14 +359,56 @@ pub async fn stream_pcm(
 
 /// Where speech ends in `samples`: the end of the last 10 ms frame above `threshold_dbfs`.
 pub fn speech_end(samples: &[i16], rate: u32, threshold_dbfs: f32) -> Option<Duration> {
-    let frame = (rate / 100).max(1) as usize;
-    let last = samples
-        .chunks(frame)
-        .enumerate()
-        .rfind(|(_, c)| atlas_core::audio::rms_dbfs(c) > threshold_dbfs)
-        .map(|(i, _)| i)?;
+    let (frame, mut voiced) = voiced_frames(samples, rate, threshold_dbfs);
+    let last = voiced.next_back()?;
     Some(atlas_core::audio::samples_to_duration(
         ((last + 1) * frame).min(samples.len()) as u64,
         rate,
     ))
+}
+
+/// Where speech starts in `samples`: the start of the first 10 ms frame above
+/// `threshold_dbfs`.
+pub fn speech_start(samples: &[i16], rate: u32, threshold_dbfs: f32) -> Option<Duration> {
+    let (frame, mut voiced) = voiced_frames(samples, rate, threshold_dbfs);
+    let first = voiced.next()?;
+    Some(atlas_core::audio::samples_to_duration(
+        (first * frame) as u64,
+        rate,
+    ))
+}
+
+/// The length of a 10 ms frame at `rate`, and the indices of the frames above
+/// `threshold_dbfs`.
+fn voiced_frames(
+    samples: &[i16],
+    rate: u32,
+    threshold_dbfs: f32,
+) -> (usize, impl DoubleEndedIterator<Item = usize>) {
+    let frame = (rate / 100).max(1) as usize;
+    let voiced = samples
+        .chunks(frame)
+        .enumerate()
+        .filter(move |(_, c)| atlas_core::audio::rms_dbfs(c) > threshold_dbfs)
+        .map(|(i, _)| i);
+    (frame, voiced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn speech_starts_and_ends_with_the_loud_frames() {
+        // 100 ms of silence, 200 ms of a loud square wave, 55 ms of silence, at 16 kHz.
+        let mut samples = vec![0i16; 1_600];
+        samples.extend((0..3_200).map(|i| if i % 40 < 20 { 8_000 } else { -8_000 }));
+        samples.extend(vec![0i16; 880]);
+        let ms = Duration::from_millis;
+        assert_eq!(speech_start(&samples, 16_000, -40.0), Some(ms(100)));
+        assert_eq!(speech_end(&samples, 16_000, -40.0), Some(ms(300)));
+        let silence = vec![0i16; 1_600];
+        assert_eq!(speech_start(&silence, 16_000, -40.0), None);
+        assert_eq!(speech_end(&silence, 16_000, -40.0), None);
+    }
 }

@@ -12,7 +12,10 @@
 //! the turn when the model says it is complete ([`Input::TurnScored`]) and no speech came
 //! since, or else once the person has been silent for the policy's maximum silence (a
 //! deadline, [`Turns::deadline`]). Speech that resumes cancels the pause: its score, late or
-//! not, decides nothing. A turn never ends while the recogniser reports speech going on.
+//! not, decides nothing. A turn never ends while the recogniser reports speech going on. A
+//! pause the model cannot judge (it is busy or failed: [`Input::TurnUnjudged`]) is decided as
+//! the silence policy would: once the person has been silent for the policy's `unjudged`
+//! time, not its maximum silence.
 //!
 //! A recogniser that cuts utterances itself and transcribes them afterwards (the local one)
 //! reports the cut first ([`Heard::SpeechEnded`]): the pause begins there, and the model
@@ -51,6 +54,9 @@ pub enum TurnPolicy {
         /// Silence after the end of speech that ends the turn whatever the model said (or
         /// if it never answered).
         max_silence: Duration,
+        /// Silence after the end of speech that ends the turn when the model cannot judge
+        /// the pause: what the silence policy would have waited (at most `max_silence`).
+        unjudged: Duration,
     },
 }
 
@@ -146,6 +152,11 @@ pub enum Input<'a> {
         pause: u64,
         /// Its probability that the turn is complete.
         probability: f32,
+    },
+    /// The end-of-turn model will not answer [`Action::ScoreTurn`] (busy, or failed).
+    TurnUnjudged {
+        /// The pause it was asked for.
+        pause: u64,
     },
 }
 
@@ -432,6 +443,17 @@ impl Turns {
                 };
                 if self.pause.is_some_and(|p| p.id == pause) && probability >= threshold {
                     self.decide(out);
+                }
+            }
+            Input::TurnUnjudged { pause } => {
+                let TurnPolicy::Smart { unjudged, .. } = self.config.policy else {
+                    return;
+                };
+                if let Some(p) = &mut self.pause
+                    && p.id == pause
+                {
+                    p.deadline = p.deadline.min(p.since + unjudged);
+                    self.expire(now, out);
                 }
             }
         }
@@ -819,6 +841,7 @@ mod tests {
             policy: TurnPolicy::Smart {
                 threshold: 0.5,
                 max_silence: Duration::from_millis(1500),
+                unjudged: Duration::from_millis(300),
             },
             ..TurnConfig::default()
         };
@@ -1006,6 +1029,7 @@ mod tests {
             policy: TurnPolicy::Smart {
                 threshold: 0.5,
                 max_silence: Duration::from_millis(1500),
+                unjudged: Duration::from_millis(300),
             },
             ..TurnConfig::default()
         });
@@ -1024,6 +1048,7 @@ mod tests {
                 policy: TurnPolicy::Smart {
                     threshold: 0.5,
                     max_silence: Duration::from_millis(1500),
+                    unjudged: Duration::from_millis(300),
                 },
                 ..TurnConfig::default()
             },
@@ -1113,6 +1138,51 @@ mod tests {
         assert_eq!(ended(&out), Some("Hello?"));
         // A score for a pause that is over decides nothing.
         assert!(at(&mut t, scored(2, 1.0), ms(4600)).is_empty());
+    }
+
+    #[test]
+    fn under_the_smart_policy_a_pause_the_model_cannot_judge_ends_as_silence_would_end_it() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let unjudged = |pause| Input::TurnUnjudged { pause };
+        // Refused at once: the turn ends 300 ms after the end of speech, not 1,500 ms.
+        let mut t = smart();
+        at(&mut t, words("What time is it?", ms(1_000)), ms(1_200));
+        assert!(at(&mut t, unjudged(1), ms(1_210)).is_empty());
+        assert_eq!(t.deadline(), Some(ms(1_300)));
+        let mut out = Vec::new();
+        t.expire(ms(1_299), &mut out);
+        assert!(out.is_empty());
+        t.expire(ms(1_300), &mut out);
+        assert_eq!(ended(&out), Some("What time is it?"));
+        // Failed after that much silence: the turn ends at once.
+        let mut t = smart();
+        at(&mut t, words("What time is it?", ms(1_000)), ms(1_200));
+        assert_eq!(
+            ended(&at(&mut t, unjudged(1), ms(1_400))),
+            Some("What time is it?")
+        );
+        // Judged while its words are transcribed: the turn ends when they arrive.
+        let (mut t, ms) = cut_at_one_second();
+        assert!(
+            at(&mut t, unjudged(1), ms(1_310)).is_empty(),
+            "no words yet"
+        );
+        assert_eq!(t.deadline(), None, "decided");
+        assert_eq!(
+            ended(&at(&mut t, words("Hello there.", ms(1_000)), ms(1_700))),
+            Some("Hello there.")
+        );
+        // About a pause that is over, or once the person spoke again: nothing.
+        let mut t = smart();
+        at(&mut t, words("So the thing is", ms(1_000)), ms(1_200));
+        at(&mut t, SPEECH_STARTED, ms(1_250));
+        assert!(at(&mut t, unjudged(1), ms(1_400)).is_empty());
+        assert_eq!(t.deadline(), None);
+        assert!(at(&mut t, unjudged(7), ms(1_500)).is_empty());
+        // Under the silence policy there is no pause to judge.
+        let mut t = Turns::new(TurnConfig::default(), 0);
+        assert!(at(&mut t, unjudged(1), ms(0)).is_empty());
     }
 
     #[test]

@@ -1071,6 +1071,10 @@ impl Config {
             TurnPolicyKind::Smart => atlas_core::turns::TurnPolicy::Smart {
                 threshold: self.turn_threshold,
                 max_silence: Duration::from_millis(self.turn_max_silence_ms.into()),
+                // What the silence policy would wait, for a pause the model cannot judge.
+                unjudged: Duration::from_millis(
+                    self.stt_endpointing_ms.min(self.turn_max_silence_ms).into(),
+                ),
             },
         }
     }

@@ -11,17 +11,20 @@
 //! the queue is bounded here too ([`Bounded`], [`Counted`]): every span is counted in
 //! `atlas_trace_spans_total` as exported, dropped at a full queue, or lost in a failed export.
 //!
-//! The `tracing` spans join the trace ([`Tracing::layer`]): each session's `session` span is
-//! the session's span, the child of the client's trace when `session.start` carried a
-//! `traceparent` ([`continue_trace`]); provider requests carry the session's trace context
-//! onwards. Each turn adds a `voice.turn` span under it with a child per stage of the
+//! Sampling is decided once per session, when it starts ([`session_span`]), by the sampler
+//! the environment configures (`OTEL_TRACES_SAMPLER`; by default every session, or as the
+//! client's `traceparent` says). The `tracing` spans join the trace ([`Tracing::layer`]): a
+//! traced session's `session` span is the session's span, the child of the client's trace
+//! when `session.start` carried a `traceparent`; its provider requests carry its trace
+//! context onwards. A session the sampler leaves out has a span the trace layer never sees,
+//! so tracing costs it nothing. Each turn adds a `voice.turn` span under it with a child per stage of the
 //! latency breakdown ([`turn_spans`]), built from the same instants and durations as the
 //! `latency_ms` the client receives and the `voice_turns` row, so the three agree. Spans
 //! carry no transcript or reply text, and the user only as a hash, unless the operator
 //! enables content (`ATLAS_TRACE_CONTENT`).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::propagation::Extractor;
@@ -32,7 +35,8 @@ use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanData, SpanProcessor,
+    BatchConfigBuilder, BatchSpanProcessor, IdGenerator as _, RandomIdGenerator, Sampler,
+    SamplingDecision, SdkTracerProvider, ShouldSample, SpanData, SpanProcessor,
 };
 use sha2::Digest as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -43,6 +47,12 @@ use crate::session::response::{RequestTrace, Requested};
 
 /// The instrumentation scope of every span.
 pub const SCOPE: &str = "atlas-voice";
+
+/// The target of the spans of traced sessions: the trace layer sees no other.
+const TRACED: &str = "atlas_server::session::traced";
+
+/// Decides, when a session starts, whether it is traced; `None` while tracing is off.
+static HEAD: RwLock<Option<Box<dyn ShouldSample>>> = RwLock::new(None);
 
 /// How spans leave the process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,16 +94,18 @@ impl Tracing {
             })?,
             Err(_) => DEFAULT_MAX_QUEUE,
         };
-        Tracing::install(transport, None, max_queue).map(Some)
+        Tracing::install(transport, None, max_queue, None).map(Some)
     }
 
     /// Installs tracing to `endpoint` (the environment's when `None`), holding at most
-    /// `max_queue` spans that wait for the collector. Must run inside the Tokio runtime (gRPC
-    /// connects lazily on it).
+    /// `max_queue` spans that wait for the collector, and tracing the sessions `sampler`
+    /// keeps (the environment's `OTEL_TRACES_SAMPLER` when `None`). Must run inside the Tokio
+    /// runtime (gRPC connects lazily on it).
     pub fn install(
         transport: Transport,
         endpoint: Option<&str>,
         max_queue: usize,
+        sampler: Option<Sampler>,
     ) -> anyhow::Result<Tracing> {
         let exporter = match transport {
             Transport::HttpProtobuf => {
@@ -133,7 +145,14 @@ impl Tracing {
                     .build(),
             )
             .build();
+        let head: Box<dyn ShouldSample> = match sampler {
+            Some(s) => Box::new(s),
+            None => opentelemetry_sdk::trace::Config::default().sampler,
+        };
+        *HEAD.write().unwrap_or_else(PoisonError::into_inner) = Some(head);
         let provider = SdkTracerProvider::builder()
+            // The session's sampling was decided when it started: all its spans are kept.
+            .with_sampler(Sampler::AlwaysOn)
             .with_span_processor(Bounded {
                 inner: batch,
                 waiting,
@@ -148,8 +167,8 @@ impl Tracing {
         Ok(Tracing { provider })
     }
 
-    /// The layer that makes `tracing` spans at `info` and above OpenTelemetry spans, with a
-    /// filter of its own: the log level (`RUST_LOG`) must filter only the log's layer, or
+    /// The layer that makes the spans of traced sessions OpenTelemetry spans, with a filter
+    /// of its own: the log level (`RUST_LOG`) must filter only the log's layer, or
     /// `RUST_LOG=warn` would disable the session spans and with them every trace. Log events
     /// are not copied into spans: some name the user.
     pub fn layer<S>(&self) -> impl tracing_subscriber::Layer<S> + use<S>
@@ -157,15 +176,19 @@ impl Tracing {
         S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
         use tracing_subscriber::Layer as _;
-        use tracing_subscriber::filter::{FilterExt as _, LevelFilter, filter_fn};
         // A session's span is entered at every poll of its task: keeping busy and idle time
-        // (and thread and source location) on every enter cost as much CPU as exporting.
+        // (and thread and source location), or making its context current for
+        // OpenTelemetry's own API, on every enter costs more than exporting. Spans are
+        // parented and propagated through `tracing` alone.
         tracing_opentelemetry::layer()
             .with_tracer(self.provider.tracer(SCOPE))
             .with_tracked_inactivity(false)
+            .with_context_activation(false)
             .with_threads(false)
             .with_location(false)
-            .with_filter(LevelFilter::INFO.and(filter_fn(|meta| meta.is_span())))
+            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                meta.is_span() && meta.target() == TRACED
+            }))
     }
 
     /// Exports what is queued (blocks up to 5 s: call it off the runtime's threads).
@@ -311,16 +334,41 @@ impl Extractor for Traceparent<'_> {
     }
 }
 
-/// Makes `span` (a session's, not yet entered) the child of the client's trace context.
-pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
-    let cx = global::get_text_map_propagator(|p| p.extract(&Traceparent(traceparent)));
-    if cx.span().span_context().is_valid() {
+/// A session's span, under `parent` (a W3C `traceparent`: the client's, or the session's own
+/// on the instance it moved from) when that is valid. Whether the session is traced is
+/// decided here, once: a session the sampler leaves out gets a span the trace layer never
+/// sees (the span is entered at every poll of the session's task), whose work is not traced
+/// and carries no trace context onwards.
+pub fn session_span(session_id: &str, parent: Option<&str>) -> tracing::Span {
+    let parent = parent
+        .map(|p| global::get_text_map_propagator(|prop| prop.extract(&Traceparent(p))))
+        .filter(|cx| cx.span().span_context().is_valid());
+    if !sampled(parent.as_ref()) {
+        return tracing::info_span!(target: "atlas_server::session", "session", session_id = %session_id);
+    }
+    let span = tracing::info_span!(target: TRACED, "session", session_id = %session_id);
+    if let Some(cx) = parent {
         let _ = span.set_parent(cx);
     }
+    span
 }
 
-/// `span`'s trace context as a W3C `traceparent`, when it is traced (for
-/// [`continue_trace`] on another instance).
+/// Whether the sampler keeps a session under `parent` (never while tracing is off).
+fn sampled(parent: Option<&Context>) -> bool {
+    let head = HEAD.read().unwrap_or_else(PoisonError::into_inner);
+    let Some(sampler) = head.as_ref() else {
+        return false;
+    };
+    let trace_id = parent.map_or_else(
+        || RandomIdGenerator::default().new_trace_id(),
+        |cx| cx.span().span_context().trace_id(),
+    );
+    let result = sampler.should_sample(parent, trace_id, "session", &SpanKind::Internal, &[], &[]);
+    result.decision == SamplingDecision::RecordAndSample
+}
+
+/// `span`'s trace context as a W3C `traceparent`, when it is traced (for the session's span
+/// on another instance).
 pub fn traceparent(span: &tracing::Span) -> Option<String> {
     let cx = span.context();
     if !cx.span().span_context().is_valid() {

@@ -13,9 +13,10 @@
 //!   as a phone line does), and the invariants.
 //!
 //! Sessions with an even id decide the end of a turn with the `smart` policy: the world's
-//! end-of-turn model answers each pause after a random delay, complete or not, or never, and
-//! the turn invariants check that only a complete score on a live pause, the maximum silence,
-//! push-to-talk or a typed turn ends a turn, and that every pause ends.
+//! end-of-turn model answers each pause after a random delay, complete or not, or says at once
+//! that it cannot (busy), or never answers; the turn invariants check that only a complete
+//! score on a live pause, the maximum silence (the silence policy's time for a pause the model
+//! could not judge), push-to-talk or a typed turn ends a turn, and that every pause ends.
 //!
 //! Sessions whose id is 2 or 3 modulo 4 draft replies (two a turn) to words that do not end
 //! the turn yet: nothing of a reply reaches the client before its turn is heard, a draft kept
@@ -65,6 +66,8 @@ const BUDGET_USD: f64 = 0.05;
 const MAX_TOKENS: u64 = 200;
 /// The smart turn policy's maximum silence (ms).
 const MAX_SILENCE: u64 = 1_500;
+/// The smart turn policy's silence (ms) for a pause the model cannot judge.
+const UNJUDGED: u64 = 300;
 /// The smart turn policy's threshold.
 const THRESHOLD: f32 = 0.5;
 /// The local recogniser cuts an utterance this long (ms) after its speech ended.
@@ -297,8 +300,9 @@ struct TurnWatch {
     speech_started: Option<i64>,
     /// Words heard in finals since the last turn ended.
     pending: Vec<String>,
-    /// The model's answers on their way: (due ms, pause, probability).
-    answers: Vec<(u64, u64, f32)>,
+    /// The model's answers on their way: (due ms, pause, probability; `None`: it cannot
+    /// judge).
+    answers: Vec<(u64, u64, Option<f32>)>,
     /// A broken turn rule.
     violation: Option<String>,
 }
@@ -314,6 +318,9 @@ struct WatchedPause {
     /// Decided (a complete score or the maximum silence) while awaiting: the final ends the
     /// turn.
     decided: bool,
+    /// When its silence ends the turn (ms): the maximum silence, or sooner once the model
+    /// said it cannot judge it.
+    limit: i64,
 }
 
 impl TurnWatch {
@@ -435,6 +442,7 @@ fn config_for(smart: bool, drafts: bool, echo: bool) -> Config {
         config.turns.policy = TurnPolicy::Smart {
             threshold: THRESHOLD,
             max_silence: Duration::from_millis(MAX_SILENCE),
+            unjudged: Duration::from_millis(UNJUDGED),
         };
     }
     config
@@ -1463,13 +1471,16 @@ impl World {
                 }
                 Output::ScoreTurn { pause } => {
                     let now_ms = self.now_ms;
-                    // The model answers after a while, complete or not; now and then never.
-                    let answer = (self.model_rng.random_range(0..10) != 0).then(|| {
-                        (
+                    // The model answers after a while, complete or not; now and then it says
+                    // at once that it cannot (busy), or never answers.
+                    let answer = match self.model_rng.random_range(0..10) {
+                        0 => None,
+                        1 => Some((now_ms + self.model_rng.random_range(0..5), None)),
+                        _ => Some((
                             now_ms + self.model_rng.random_range(20..150),
-                            self.model_rng.random::<f32>(),
-                        )
-                    });
+                            Some(self.model_rng.random::<f32>()),
+                        )),
+                    };
                     let watch = self.sessions[s].copies[c]
                         .smart
                         .as_mut()
@@ -1486,6 +1497,7 @@ impl World {
                         since: watch.signal_eos,
                         awaiting: watch.cutting,
                         decided: false,
+                        limit: watch.signal_eos + MAX_SILENCE as i64,
                     });
                     if let Some((due, probability)) = answer {
                         watch.answers.push((due, pause, probability));
@@ -1613,6 +1625,16 @@ impl World {
             }
             let copy = &mut self.sessions[s].copies[c];
             let last = copy.machine.last_turn();
+            let Some(probability) = probability else {
+                // Cannot judge: the pause's silence is the silence policy's, and may be over.
+                let watch = copy.smart.as_mut().expect("smart");
+                if let Some(p) = watch.pause.as_mut().filter(|p| p.id == pause) {
+                    p.limit = p.limit.min(p.since + UNJUDGED as i64);
+                }
+                self.feed(s, c, Input::TurnUnjudged { pause });
+                self.turn_by_clock(s, c, last);
+                continue;
+            };
             let watch = copy.smart.as_ref().expect("smart");
             let decisive = watch.pause.is_some_and(|p| p.id == pause) && probability >= THRESHOLD;
             // Decided before its words arrived: the turn waits for them.
@@ -1664,9 +1686,7 @@ impl World {
         let Some(watch) = &mut copy.smart else {
             return;
         };
-        let silence_over = watch
-            .pause
-            .is_some_and(|p| !p.decided && now_ms >= p.since + MAX_SILENCE as i64);
+        let silence_over = watch.pause.is_some_and(|p| !p.decided && now_ms >= p.limit);
         if silence_over && let Some(p) = watch.pause.as_mut().filter(|p| p.awaiting) {
             // The silence decided; the turn waits for the words.
             p.decided = true;
@@ -1783,7 +1803,8 @@ impl World {
                     if let Some(detail) = &watch.violation {
                         return fail(
                             "under the smart policy a turn ends only by a complete score, the \
-                             maximum silence, push-to-talk or typing, never while speech goes on",
+                             maximum silence (the silence policy's time for a pause the model \
+                             cannot judge), push-to-talk or typing, never while speech goes on",
                             format!("session {}: {detail}", s.sid),
                         );
                     }
@@ -1796,9 +1817,10 @@ impl World {
                             id: pause,
                             since: eos,
                             decided: false,
+                            limit,
                             ..
                         }) = watch.pause
-                        && self.now_ms as i64 > eos + MAX_SILENCE as i64
+                        && self.now_ms as i64 > limit
                     {
                         return fail(
                             "every pause ends by its score or the maximum silence",

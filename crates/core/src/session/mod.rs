@@ -396,6 +396,12 @@ pub enum Input<'a> {
         /// Its probability that the turn is complete.
         probability: f32,
     },
+    /// The end-of-turn model will not answer [`Output::ScoreTurn`] (busy, or failed): the
+    /// pause ends as the silence policy would end it.
+    TurnUnjudged {
+        /// The pause it was asked about.
+        pause: u64,
+    },
     /// The recogniser connection failed (`busy`: the engine queue was full; `failures`: in a
     /// row).
     RecogniserLost {
@@ -596,8 +602,9 @@ pub enum Output {
     /// Ask the recogniser to finalise what it has (push-to-talk).
     Finalize,
     /// Ask the end-of-turn model whether the person's turn is complete, judging the last
-    /// seconds of audio forwarded to the recogniser; answer with [`Input::TurnScored`] (or
-    /// not at all: the turn policy's maximum silence ends the turn anyway).
+    /// seconds of audio forwarded to the recogniser; answer with [`Input::TurnScored`], or
+    /// [`Input::TurnUnjudged`] when the model will not answer (or not at all: the turn
+    /// policy's maximum silence ends the turn anyway).
     ScoreTurn {
         /// The pause it judges.
         pause: u64,
@@ -1223,6 +1230,7 @@ impl Session {
                 }
                 self.turn(turns::Input::Heard(heard));
             }
+            Input::TurnUnjudged { pause } => self.turn(turns::Input::TurnUnjudged { pause }),
             Input::TurnScored { pause, probability } => {
                 self.turn(turns::Input::TurnScored { pause, probability })
             }

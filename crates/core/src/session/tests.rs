@@ -690,6 +690,7 @@ fn smart() -> Config {
     c.turns.policy = crate::turns::TurnPolicy::Smart {
         threshold: 0.5,
         max_silence: 1500 * MS,
+        unjudged: 300 * MS,
     };
     c
 }
@@ -731,6 +732,13 @@ fn under_the_smart_policy_a_pause_is_judged_and_the_silence_is_the_fallback() {
     h.hear_final("Thanks", true, Some(eos));
     assert!(!started_reply(&h.advance(1499 * MS), 2));
     assert!(started_reply(&h.advance(MS), 2));
+    // One it cannot judge (busy) ends as the silence policy would have ended it.
+    h.feed(Input::ReplyEnded(outcome(2, "You're welcome.", 5)));
+    let out = h.hear_final("Bye", true, Some(h.now));
+    let pause = first!(&out, Output::ScoreTurn { pause } => *pause).expect("a score asked");
+    assert!(!started_reply(&h.feed(Input::TurnUnjudged { pause }), 3));
+    assert!(!started_reply(&h.advance(299 * MS), 3));
+    assert!(started_reply(&h.advance(MS), 3));
 }
 
 #[test]

@@ -310,16 +310,13 @@ async fn run_session(
     owned: Option<Owned>,
     moved: Option<ResumeState>,
 ) {
-    let span = tracing::info_span!("session", session_id = %session_id);
     // A session moved from another instance continues its own trace; a new one, the
     // client's.
     let parent = moved
         .as_ref()
         .and_then(|m| m.trace.as_deref())
         .or(first.start.traceparent.as_deref());
-    if let Some(traceparent) = parent {
-        crate::telemetry::continue_trace(&span, traceparent);
-    }
+    let span = crate::telemetry::session_span(&session_id, parent);
     async move {
         let resumed = moved.is_some();
         let mut driver = Driver::new(&state, session_id, &first, permit, owned, moved);
@@ -664,7 +661,10 @@ impl Driver {
                 user_id: identity.user_id,
             })),
             Answer::TokenRefreshed(Err(message)) => Input::TokenRefreshed(Err(message)),
-            Answer::TurnScored(pause, probability) => Input::TurnScored { pause, probability },
+            Answer::TurnScored(pause, Some(probability)) => {
+                Input::TurnScored { pause, probability }
+            }
+            Answer::TurnScored(pause, None) => Input::TurnUnjudged { pause },
             Answer::ToolFinished(call_id, result) => {
                 if self.tool_tasks.remove(&call_id).is_none() {
                     // Cancelled meanwhile.

@@ -26,8 +26,9 @@ pub enum Answer {
     Stale,
     /// A server tool's webhook answered (the result as JSON text, or why it failed).
     ToolFinished(String, Result<String, String>),
-    /// The end-of-turn model judged a pause: the probability that the turn is complete.
-    TurnScored(u64, f32),
+    /// The end-of-turn model judged a pause: the probability that the turn is complete
+    /// (`None`: it could not, being busy or broken).
+    TurnScored(u64, Option<f32>),
 }
 
 /// Writes to the shared store for one session, carried out in order by one task.

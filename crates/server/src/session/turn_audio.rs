@@ -124,7 +124,9 @@ impl TurnAudio {
     }
 
     /// Asks the model about the audio so far for `pause`; the answer comes back as
-    /// [`Answer::TurnScored`]. A decision still running for an earlier pause is dropped.
+    /// [`Answer::TurnScored`], also when the model could not judge it (a full queue refuses
+    /// at once: the pause then ends as the silence policy would end it). A decision still
+    /// running for an earlier pause is dropped.
     pub fn score(&mut self, pause: u64, answers: &mpsc::Sender<Answer>) {
         self.cancel();
         let audio = self.judged();
@@ -149,10 +151,14 @@ impl TurnAudio {
                         seconds = audio.len() as f64 / f64::from(TURN_RATE),
                         "end-of-turn model answered"
                     );
-                    let _ = answers.send(Answer::TurnScored(pause, probability)).await;
+                    let _ = answers
+                        .send(Answer::TurnScored(pause, Some(probability)))
+                        .await;
                 }
-                // The policy's maximum silence ends the turn without the model.
-                Err(e) => tracing::warn!(error = %e, "end-of-turn model failed"),
+                Err(e) => {
+                    tracing::debug!(pause, error = %e, "end-of-turn model did not judge");
+                    let _ = answers.send(Answer::TurnScored(pause, None)).await;
+                }
             }
         });
         self.scoring = Some(task.abort_handle());

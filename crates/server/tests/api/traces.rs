@@ -19,6 +19,7 @@ use atlas_client::{Connection, Incoming};
 use atlas_fakes::Target;
 use atlas_protocol::{ClientMessage, LatencyBreakdown, ServerEvent};
 use atlas_server::telemetry::{Tracing, Transport};
+use opentelemetry_sdk::trace::Sampler;
 
 use crate::helpers::*;
 use crate::tools::{call, done, lookup_order_session, type_turn};
@@ -87,9 +88,11 @@ struct Traced {
     _subscriber: tracing::subscriber::DefaultGuard,
 }
 
-async fn traced(mode: Collector, max_queue: usize) -> Traced {
+/// `sampler`: which sessions are traced (`None`: the environment's choice, every one here).
+async fn traced(mode: Collector, max_queue: usize, sampler: Option<Sampler>) -> Traced {
     let (receiver, endpoint) = Receiver::start(mode).await;
-    let tracing = Tracing::install(Transport::HttpProtobuf, Some(&endpoint), max_queue).unwrap();
+    let tracing =
+        Tracing::install(Transport::HttpProtobuf, Some(&endpoint), max_queue, sampler).unwrap();
     // The server's subscriber with RUST_LOG=warn, which turns the session spans off for the
     // log: the traces must still have them.
     let subscriber = tracing::subscriber::set_default(atlas_server::telemetry::subscriber(
@@ -252,7 +255,7 @@ async fn start_in_trace(app: &TestApp, user: &str) -> (Connection, String) {
 
 #[tokio::test]
 async fn a_spoken_turn_continues_the_clients_trace_with_its_stages_as_the_client_sees_them() {
-    let t = traced(Collector::Up, 2_048).await;
+    let t = traced(Collector::Up, 2_048, None).await;
     let app = spawn_app().await;
     let (mut conn, session_id) = start_in_trace(&app, "trace-user").await;
     let streaming = stream(&conn, with_silence(speech("question_16k.wav"), 1.5), 1.0);
@@ -384,8 +387,67 @@ async fn a_spoken_turn_continues_the_clients_trace_with_its_stages_as_the_client
 }
 
 #[tokio::test]
+async fn a_session_the_sampler_leaves_out_is_not_traced_and_carries_no_trace_onwards() {
+    // Traced only when the client's own trace is sampled.
+    let t = traced(
+        Collector::Up,
+        2_048,
+        Some(Sampler::ParentBased(Box::new(Sampler::AlwaysOff))),
+    )
+    .await;
+    let app = spawn_app().await;
+    let mut sessions = Vec::new();
+    for (user, flags) in [
+        ("kept", Some("01")),
+        ("root", None),
+        ("unsampled", Some("00")),
+    ] {
+        let mut conn = app.connect(user).await;
+        let ClientMessage::SessionStart(mut start) = start_message(16_000, 24_000) else {
+            unreachable!()
+        };
+        start.traceparent = flags.map(|f| format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-{f}"));
+        let id = start_with(&mut conn, ClientMessage::SessionStart(start)).await;
+        let items = type_turn(&mut conn, "What time does the museum open?", 1).await;
+        assert!(
+            latency_of(&items, 1).to_first_audio.is_some(),
+            "{user}: answered"
+        );
+        end_session(&mut conn).await;
+        sessions.push(id);
+    }
+    t.wait_for(&["session", "voice.turn"]).await;
+
+    let kept = t.session(&sessions[0]);
+    assert_eq!(hex(&kept.trace_id), CLIENT_TRACE);
+    let all = t.receiver.all();
+    let sessions_traced: Vec<_> = all.iter().filter(|s| s.name == "session").collect();
+    assert_eq!(sessions_traced.len(), 1, "only the sampled session");
+    assert!(
+        all.iter().all(|s| s.trace_id == kept.trace_id),
+        "every span is the kept session's: {:?}",
+        all.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    assert_eq!(t.children(&kept, "voice.turn").len(), 1);
+    // Only the kept session's requests carried a trace context: one model request and its
+    // syntheses.
+    let carried = app.fakes.recorded().traceparents;
+    let llm = carried
+        .iter()
+        .filter(|(target, _)| *target == Target::Anthropic)
+        .count();
+    assert_eq!(llm, 1, "{carried:?}");
+    for (target, traceparent) in &carried {
+        assert!(
+            traceparent.starts_with(&format!("00-{CLIENT_TRACE}-")) && traceparent.ends_with("-01"),
+            "{target:?}: {traceparent}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_typed_turn_starts_at_the_request_and_has_no_recognition() {
-    let t = traced(Collector::Up, 2_048).await;
+    let t = traced(Collector::Up, 2_048, None).await;
     let app = spawn_app().await;
     let (mut conn, session_id) = app.start("typing-user", 24_000).await;
     let items = type_turn(&mut conn, "What time does the museum open?", 1).await;
@@ -420,7 +482,7 @@ async fn a_typed_turn_starts_at_the_request_and_has_no_recognition() {
 
 #[tokio::test]
 async fn a_tool_turn_traces_each_call_inside_the_time_spent_on_tools() {
-    let t = traced(Collector::Up, 2_048).await;
+    let t = traced(Collector::Up, 2_048, None).await;
     let (hook, app, mut conn) = lookup_order_session(
         "tool-trace-user",
         |_| {},
@@ -489,7 +551,7 @@ async fn a_tool_turn_traces_each_call_inside_the_time_spent_on_tools() {
 /// bill is in): that wait is the turn's `voice.queued` span, just before its model request.
 #[tokio::test]
 async fn a_turn_waiting_for_the_reply_it_cut_shows_the_wait_as_queued() {
-    let t = traced(Collector::Up, 2_048).await;
+    let t = traced(Collector::Up, 2_048, None).await;
     let app = spawn_app_with(barge_in_fakes(), |_| {}).await;
     let (mut conn, session_id) = app.start("queue-user", 24_000).await;
     type_text(&conn, "Tell me about Paris").await;
@@ -528,7 +590,7 @@ async fn a_turn_waiting_for_the_reply_it_cut_shows_the_wait_as_queued() {
 /// under it.
 #[tokio::test]
 async fn a_session_moved_to_another_instance_stays_in_its_trace() {
-    let t = traced(Collector::Up, 2_048).await;
+    let t = traced(Collector::Up, 2_048, None).await;
     let prefix = format!("atlas-traces-{}", uuid::Uuid::new_v4());
     let shared = |c: &mut atlas_server::Config| {
         c.redis_url = Some("redis://127.0.0.1:6379".into());
@@ -621,7 +683,7 @@ async fn a_session_moved_to_another_instance_stays_in_its_trace() {
 
 #[tokio::test]
 async fn a_barge_in_ends_the_turn_with_what_was_heard() {
-    let t = traced(Collector::Up, 2_048).await;
+    let t = traced(Collector::Up, 2_048, None).await;
     let app = spawn_app_with(barge_in_fakes(), |_| {}).await;
     let (mut conn, session_id) = app.start("barge-user", 24_000).await;
     let items = question_then_interruption(&mut conn, 2).await;
@@ -673,7 +735,7 @@ async fn spans_counted(app: &TestApp, outcome: &str) -> u64 {
 
 /// Sessions whose collector fails: each turn is answered, and the spans lost are counted.
 async fn turns_despite(collector: Collector, max_queue: usize, lost_as: &str) -> Arc<Tracing> {
-    let t = traced(collector, max_queue).await;
+    let t = traced(collector, max_queue, None).await;
     let app = spawn_app().await;
     for user in ["collector-a", "collector-b"] {
         let (mut conn, _) = app.start(user, 24_000).await;

@@ -822,7 +822,11 @@ async fn exchange(
                                 clip.rate,
                             )
                             + timeout;
+                        // The item's figures are of the prompt said again.
                         audio_at.clear();
+                        out.audio_bytes = 0;
+                        out.finals.clear();
+                        first_final = None;
                         continue;
                     }
                     out.audio_bytes += pcm.len();

@@ -276,8 +276,9 @@ pub struct ResumeState {
     pub conversation_id: Option<String>,
     /// Client description.
     pub client: Option<atlas_protocol::ClientInfo>,
-    /// The session's trace span as a W3C `traceparent`, when it is traced: the next owner's
-    /// session span continues it, so a session is one trace wherever it runs.
+    /// The session's trace as a W3C `traceparent`, while tracing is on: the next owner's
+    /// session span continues it, so a session is one trace wherever it runs (and one the
+    /// sampler left out stays left out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
 }

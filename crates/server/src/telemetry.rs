@@ -186,9 +186,14 @@ impl Tracing {
             .with_context_activation(false)
             .with_threads(false)
             .with_location(false)
-            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-                meta.is_span() && meta.target() == TRACED
-            }))
+            .with_filter(
+                tracing_subscriber::filter::filter_fn(|meta| {
+                    meta.is_span() && meta.target() == TRACED
+                })
+                // Without a hint the subscriber's level would be `trace`, and every `debug`
+                // and `trace` callsite (and `log` record) in the process a runtime check.
+                .with_max_level_hint(tracing::Level::INFO),
+            )
     }
 
     /// Exports what is queued (blocks up to 5 s: call it off the runtime's threads).
@@ -334,37 +339,85 @@ impl Extractor for Traceparent<'_> {
     }
 }
 
+/// A session's span, and what it carries when it moves.
+pub struct SessionSpan {
+    /// The span the session's task runs in.
+    pub span: tracing::Span,
+    /// For a session the sampler left out (while tracing is on): its trace as a W3C
+    /// `traceparent` that says so, for the instance it may move to (a traced session's span
+    /// gives its own, [`traceparent`]).
+    pub left_out: Option<String>,
+}
+
 /// A session's span, under `parent` (a W3C `traceparent`: the client's, or the session's own
 /// on the instance it moved from) when that is valid. Whether the session is traced is
 /// decided here, once: a session the sampler leaves out gets a span the trace layer never
 /// sees (the span is entered at every poll of the session's task), whose work is not traced
 /// and carries no trace context onwards.
-pub fn session_span(session_id: &str, parent: Option<&str>) -> tracing::Span {
-    let parent = parent
-        .map(|p| global::get_text_map_propagator(|prop| prop.extract(&Traceparent(p))))
-        .filter(|cx| cx.span().span_context().is_valid());
-    if !sampled(parent.as_ref()) {
-        return tracing::info_span!(target: "atlas_server::session", "session", session_id = %session_id);
+pub fn session_span(session_id: &str, parent: Option<&str>) -> SessionSpan {
+    let parent = parent.and_then(context_of);
+    let head = HEAD.read().unwrap_or_else(PoisonError::into_inner);
+    let decision = head
+        .as_ref()
+        .map(|sampler| judge(sampler.as_ref(), parent.as_ref()));
+    drop(head);
+    match decision {
+        Some(Decision::Traced) => {
+            let span = tracing::info_span!(target: TRACED, "session", session_id = %session_id);
+            if let Some(cx) = parent {
+                let _ = span.set_parent(cx);
+            }
+            SessionSpan {
+                span,
+                left_out: None,
+            }
+        }
+        decision => SessionSpan {
+            span: tracing::info_span!(target: "atlas_server::session", "session", session_id = %session_id),
+            left_out: match decision {
+                Some(Decision::LeftOut(trace_id)) => Some(left_out(trace_id)),
+                _ => None,
+            },
+        },
     }
-    let span = tracing::info_span!(target: TRACED, "session", session_id = %session_id);
-    if let Some(cx) = parent {
-        let _ = span.set_parent(cx);
-    }
-    span
 }
 
-/// Whether the sampler keeps a session under `parent` (never while tracing is off).
-fn sampled(parent: Option<&Context>) -> bool {
-    let head = HEAD.read().unwrap_or_else(PoisonError::into_inner);
-    let Some(sampler) = head.as_ref() else {
-        return false;
-    };
+/// What the sampler decided for a session.
+#[derive(Debug, PartialEq)]
+enum Decision {
+    Traced,
+    /// Not traced; its trace's id (the parent's, or one made up for the decision).
+    LeftOut(opentelemetry::trace::TraceId),
+}
+
+/// Whether `sampler` keeps a session under `parent`.
+fn judge(sampler: &dyn ShouldSample, parent: Option<&Context>) -> Decision {
     let trace_id = parent.map_or_else(
         || RandomIdGenerator::default().new_trace_id(),
         |cx| cx.span().span_context().trace_id(),
     );
     let result = sampler.should_sample(parent, trace_id, "session", &SpanKind::Internal, &[], &[]);
-    result.decision == SamplingDecision::RecordAndSample
+    if result.decision == SamplingDecision::RecordAndSample {
+        Decision::Traced
+    } else {
+        Decision::LeftOut(trace_id)
+    }
+}
+
+/// A `traceparent` of trace `trace_id` that says it is not sampled.
+fn left_out(trace_id: opentelemetry::trace::TraceId) -> String {
+    format!(
+        "00-{trace_id}-{}-00",
+        RandomIdGenerator::default().new_span_id()
+    )
+}
+
+/// The trace context a W3C `traceparent` names, when it is valid.
+fn context_of(traceparent: &str) -> Option<Context> {
+    use opentelemetry::propagation::TextMapPropagator as _;
+    let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new()
+        .extract(&Traceparent(traceparent));
+    cx.span().span_context().is_valid().then_some(cx)
 }
 
 /// `span`'s trace context as a W3C `traceparent`, when it is traced (for the session's span
@@ -698,5 +751,34 @@ mod tests {
         assert_eq!(wall(now - s(3), now, wall_now), wall_now - s(3));
         assert_eq!(wall(now + s(2), now, wall_now), wall_now + s(2));
         assert_eq!(wall(now, now, wall_now), wall_now);
+    }
+
+    #[test]
+    fn a_session_left_out_is_left_out_again_where_it_moves() {
+        // Half the traces, by their id: a new random id on the next instance would give the
+        // session a second chance.
+        let sampler = Sampler::TraceIdRatioBased(0.5);
+        let (mut traced, mut left) = (0, 0);
+        for _ in 0..64 {
+            let Decision::LeftOut(trace_id) = judge(&sampler, None) else {
+                traced += 1;
+                continue;
+            };
+            left += 1;
+            let carried = context_of(&left_out(trace_id)).expect("a valid traceparent");
+            let sc = carried.span().span_context().clone();
+            assert_eq!(sc.trace_id(), trace_id);
+            assert!(!sc.is_sampled());
+            assert_eq!(judge(&sampler, Some(&carried)), Decision::LeftOut(trace_id));
+            // A parent-based sampler follows the flag.
+            let parent_based = Sampler::ParentBased(Box::new(Sampler::AlwaysOn));
+            assert_eq!(
+                judge(&parent_based, Some(&carried)),
+                Decision::LeftOut(trace_id)
+            );
+        }
+        assert!(traced > 0 && left > 0, "{traced} traced, {left} left out");
+        assert!(context_of("00-00000000000000000000000000000000-0000000000000000-01").is_none());
+        assert!(context_of("not a traceparent").is_none());
     }
 }

@@ -222,6 +222,9 @@ struct Driver {
     mcp_servers: std::collections::HashMap<String, Arc<str>>,
     /// Tool calls traced when their turn ends.
     held_spans: crate::telemetry::HeldSpans,
+    /// The trace of a session the sampler left out, carried when it moves (so the next
+    /// instance leaves it out too).
+    left_out_trace: Option<String>,
     /// Wall-clock start, for the record.
     started_wall: chrono::DateTime<chrono::Utc>,
     /// Completed turns, for the record.
@@ -316,10 +319,12 @@ async fn run_session(
         .as_ref()
         .and_then(|m| m.trace.as_deref())
         .or(first.start.traceparent.as_deref());
-    let span = crate::telemetry::session_span(&session_id, parent);
+    let crate::telemetry::SessionSpan { span, left_out } =
+        crate::telemetry::session_span(&session_id, parent);
     async move {
         let resumed = moved.is_some();
         let mut driver = Driver::new(&state, session_id, &first, permit, owned, moved);
+        driver.left_out_trace = left_out;
         info!(user_id = %driver.identity.user_id, resumed, "session started");
         crate::telemetry::identify(
             &tracing::Span::current(),
@@ -410,6 +415,7 @@ impl Driver {
             tool_records: Vec::new(),
             mcp_servers: std::collections::HashMap::new(),
             held_spans: crate::telemetry::HeldSpans::default(),
+            left_out_trace: None,
             started_wall: chrono::Utc::now(),
             turn_records: Vec::new(),
             conversation_id: first.start.conversation_id.clone(),
@@ -454,7 +460,8 @@ impl Driver {
             tool_records: self.tool_records.clone(),
             conversation_id: self.conversation_id.clone(),
             client: self.client.clone(),
-            trace: crate::telemetry::traceparent(&tracing::Span::current()),
+            trace: crate::telemetry::traceparent(&tracing::Span::current())
+                .or_else(|| self.left_out_trace.clone()),
         }
     }
 

@@ -17,7 +17,9 @@
 //! traced session's `session` span is the session's span, the child of the client's trace
 //! when `session.start` carried a `traceparent`; its provider requests carry its trace
 //! context onwards. A session the sampler leaves out has a span the trace layer never sees,
-//! so tracing costs it nothing. Each turn adds a `voice.turn` span under it with a child per stage of the
+//! so tracing costs it nothing.
+//!
+//! Each turn adds a `voice.turn` span under it with a child per stage of the
 //! latency breakdown ([`turn_spans`]), built from the same instants and durations as the
 //! `latency_ms` the client receives and the `voice_turns` row, so the three agree. Spans
 //! carry no transcript or reply text, and the user only as a hash, unless the operator
@@ -361,25 +363,19 @@ pub fn session_span(session_id: &str, parent: Option<&str>) -> SessionSpan {
         .as_ref()
         .map(|sampler| judge(sampler.as_ref(), parent.as_ref()));
     drop(head);
-    match decision {
+    let untraced = || tracing::info_span!(target: "atlas_server::session", "session", session_id = %session_id);
+    let (span, left_out) = match decision {
         Some(Decision::Traced) => {
             let span = tracing::info_span!(target: TRACED, "session", session_id = %session_id);
             if let Some(cx) = parent {
                 let _ = span.set_parent(cx);
             }
-            SessionSpan {
-                span,
-                left_out: None,
-            }
+            (span, None)
         }
-        decision => SessionSpan {
-            span: tracing::info_span!(target: "atlas_server::session", "session", session_id = %session_id),
-            left_out: match decision {
-                Some(Decision::LeftOut(trace_id)) => Some(left_out(trace_id)),
-                _ => None,
-            },
-        },
-    }
+        Some(Decision::LeftOut(trace_id)) => (untraced(), Some(left_out(trace_id))),
+        None => (untraced(), None),
+    };
+    SessionSpan { span, left_out }
 }
 
 /// What the sampler decided for a session.
